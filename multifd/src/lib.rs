@@ -1,0 +1,22 @@
+//! ferry-multifd: bulk pages over K parallel channels.
+//!
+//! Joins `transport` (channels, io_uring) and `ram` (blocks, bitmaps): a
+//! [`SenderPool`] of K threads, each with its own ring, turns the pages a
+//! pass must send into [`packet`]s and sends them straight from guest memory;
+//! a [`ReceiverPool`] checks every header and offset, then reads payloads
+//! straight into destination pages. Each pass ends with a sync on every
+//! channel, and the receiver applies nothing of pass k+1 before all of pass k
+//! has landed.
+
+mod error;
+pub mod packet;
+mod receiver;
+mod sender;
+mod stats;
+mod sync;
+
+pub use error::MultifdError;
+pub use packet::{PacketHeader, HEADER_LEN, MAX_PACKET_PAGES};
+pub use receiver::{ReceiverOptions, ReceiverPool};
+pub use sender::{SenderOptions, SenderPool};
+pub use stats::{Counters, Totals};

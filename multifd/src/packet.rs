@@ -1,0 +1,232 @@
+//! The multifd packet: what every multifd channel carries, back to back.
+//!
+//! A packet is a fixed 64-byte header, then `normal + zero` page offsets
+//! (8 bytes each; normal pages first), then the payload: the normal pages'
+//! bytes in offset order. Zero pages travel as offsets only. All integers are
+//! little-endian.
+//!
+//! | offset | size | field                                                   |
+//! |-------:|-----:|---------------------------------------------------------|
+//! |      0 |    4 | magic, the bytes `FMFD`                                 |
+//! |      4 |    2 | version (currently 1)                                   |
+//! |      6 |    2 | flags: 1 SYNC (end of a pass), 2 END (no more packets), 4 CHECKSUM (crc fields valid) |
+//! |      8 |    4 | block index, into the block list of the migration's setup |
+//! |     12 |    4 | normal pages N                                          |
+//! |     16 |    4 | zero pages Z (N + Z at most [`MAX_PACKET_PAGES`])        |
+//! |     20 |    4 | page size of the block, bytes                           |
+//! |     24 |    8 | sequence number, counting from 0 on each channel        |
+//! |     32 |    8 | payload length, bytes (N × page size)                   |
+//! |     40 |    8 | generation: the pass this packet belongs to (from 1)    |
+//! |     48 |    4 | crc32 of the payload                                    |
+//! |     52 |    4 | crc32 of header bytes 0..52 and the offsets             |
+//! |     56 |    8 | reserved, 0                                             |
+//!
+//! SYNC and END packets have N = Z = 0 and no payload. A receiver checks
+//! magic, version, flags, sequence, block index, page size, counts, payload
+//! length and every offset (page aligned, inside the block) before it reads
+//! a single payload byte.
+
+/// Bytes of the fixed header.
+pub const HEADER_LEN: usize = 64;
+/// Most pages (normal + zero) one packet may describe.
+pub const MAX_PACKET_PAGES: u32 = 4096;
+
+const MAGIC: [u8; 4] = *b"FMFD";
+const VERSION: u16 = 1;
+
+pub const FLAG_SYNC: u16 = 1;
+pub const FLAG_END: u16 = 2;
+pub const FLAG_CHECKSUM: u16 = 4;
+const KNOWN_FLAGS: u16 = FLAG_SYNC | FLAG_END | FLAG_CHECKSUM;
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PacketHeader {
+    pub flags: u16,
+    pub block: u32,
+    pub normal: u32,
+    pub zero: u32,
+    pub page_size: u32,
+    pub seq: u64,
+    pub payload_len: u64,
+    pub generation: u64,
+    pub payload_crc: u32,
+    pub header_crc: u32,
+}
+
+impl PacketHeader {
+    pub fn pages(&self) -> usize {
+        self.normal as usize + self.zero as usize
+    }
+    pub fn is_sync(&self) -> bool {
+        self.flags & FLAG_SYNC != 0
+    }
+    pub fn is_end(&self) -> bool {
+        self.flags & FLAG_END != 0
+    }
+    pub fn has_checksum(&self) -> bool {
+        self.flags & FLAG_CHECKSUM != 0
+    }
+
+    /// Writes the header; `header_crc` is taken as given (see [`PacketHeader::seal`]).
+    pub fn encode(&self, b: &mut [u8; HEADER_LEN]) {
+        b[0..4].copy_from_slice(&MAGIC);
+        b[4..6].copy_from_slice(&VERSION.to_le_bytes());
+        b[6..8].copy_from_slice(&self.flags.to_le_bytes());
+        b[8..12].copy_from_slice(&self.block.to_le_bytes());
+        b[12..16].copy_from_slice(&self.normal.to_le_bytes());
+        b[16..20].copy_from_slice(&self.zero.to_le_bytes());
+        b[20..24].copy_from_slice(&self.page_size.to_le_bytes());
+        b[24..32].copy_from_slice(&self.seq.to_le_bytes());
+        b[32..40].copy_from_slice(&self.payload_len.to_le_bytes());
+        b[40..48].copy_from_slice(&self.generation.to_le_bytes());
+        b[48..52].copy_from_slice(&self.payload_crc.to_le_bytes());
+        b[52..56].copy_from_slice(&self.header_crc.to_le_bytes());
+        b[56..64].fill(0);
+    }
+
+    /// Encodes the header with its header crc computed over bytes 0..52 and
+    /// `offsets` (when the CHECKSUM flag is set).
+    pub fn seal(&mut self, b: &mut [u8; HEADER_LEN], offsets: &[u64]) {
+        self.header_crc = 0;
+        self.encode(b);
+        if self.has_checksum() {
+            self.header_crc = header_crc(b, offsets);
+            b[52..56].copy_from_slice(&self.header_crc.to_le_bytes());
+        }
+    }
+
+    /// Parses and checks what can be checked without the block list.
+    pub fn decode(b: &[u8; HEADER_LEN]) -> Result<Self, String> {
+        if b[0..4] != MAGIC {
+            return Err(format!("bad magic {:02x?} (expected \"FMFD\")", &b[0..4]));
+        }
+        let u16_at = |o: usize| u16::from_le_bytes([b[o], b[o + 1]]);
+        let u32_at = |o: usize| u32::from_le_bytes(b[o..o + 4].try_into().unwrap());
+        let u64_at = |o: usize| u64::from_le_bytes(b[o..o + 8].try_into().unwrap());
+        let version = u16_at(4);
+        if version != VERSION {
+            return Err(format!("packet version {version}, expected {VERSION}"));
+        }
+        let h = Self {
+            flags: u16_at(6),
+            block: u32_at(8),
+            normal: u32_at(12),
+            zero: u32_at(16),
+            page_size: u32_at(20),
+            seq: u64_at(24),
+            payload_len: u64_at(32),
+            generation: u64_at(40),
+            payload_crc: u32_at(48),
+            header_crc: u32_at(52),
+        };
+        if h.flags & !KNOWN_FLAGS != 0 {
+            return Err(format!("unknown flags {:#x}", h.flags));
+        }
+        if (h.is_sync() || h.is_end()) && (h.pages() != 0 || h.payload_len != 0) {
+            return Err("a SYNC or END packet carries pages".into());
+        }
+        if h.normal as u64 + h.zero as u64 > u64::from(MAX_PACKET_PAGES) {
+            return Err(format!(
+                "{} + {} pages, more than the {} a packet may hold",
+                h.normal, h.zero, MAX_PACKET_PAGES
+            ));
+        }
+        if h.payload_len != u64::from(h.normal) * u64::from(h.page_size) {
+            return Err(format!(
+                "payload of {} bytes for {} pages of {} bytes",
+                h.payload_len, h.normal, h.page_size
+            ));
+        }
+        Ok(h)
+    }
+
+    /// Checks the header crc against the raw header bytes and the offsets.
+    pub fn header_crc_ok(&self, b: &[u8; HEADER_LEN], offsets: &[u64]) -> bool {
+        !self.has_checksum() || header_crc(b, offsets) == self.header_crc
+    }
+}
+
+fn header_crc(b: &[u8; HEADER_LEN], offsets: &[u64]) -> u32 {
+    let mut h = crc32fast::Hasher::new();
+    h.update(&b[0..52]);
+    h.update(offsets_as_bytes(offsets));
+    h.finalize()
+}
+
+/// The offsets as they travel: little-endian u64s (this is a little-endian
+/// host; see the compile-time check below).
+pub fn offsets_as_bytes(offsets: &[u64]) -> &[u8] {
+    // SAFETY: u64 has no padding and any byte pattern is a valid u8; the
+    // slice covers exactly the offsets' memory.
+    unsafe { std::slice::from_raw_parts(offsets.as_ptr().cast(), std::mem::size_of_val(offsets)) }
+}
+
+/// The offset array as received, mutable, for reading straight from the wire.
+pub fn offsets_as_bytes_mut(offsets: &mut [u64]) -> &mut [u8] {
+    // SAFETY: as above; every byte pattern is a valid u64.
+    unsafe {
+        std::slice::from_raw_parts_mut(offsets.as_mut_ptr().cast(), std::mem::size_of_val(offsets))
+    }
+}
+
+#[cfg(not(target_endian = "little"))]
+compile_error!("ferry's wire formats are little-endian and its data path sends u64 offsets as they lie in memory");
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn sample() -> PacketHeader {
+        PacketHeader {
+            flags: FLAG_CHECKSUM,
+            block: 2,
+            normal: 3,
+            zero: 1,
+            page_size: 4096,
+            seq: 9,
+            payload_len: 3 * 4096,
+            generation: 1,
+            payload_crc: 0xdead_beef,
+            header_crc: 0,
+        }
+    }
+
+    #[test]
+    fn round_trip_and_crc() {
+        let mut h = sample();
+        let mut b = [0u8; HEADER_LEN];
+        let offsets = [0u64, 4096, 8192, 65536];
+        h.seal(&mut b, &offsets);
+        let d = PacketHeader::decode(&b).unwrap();
+        assert_eq!(d, h);
+        assert!(d.header_crc_ok(&b, &offsets));
+        assert!(!d.header_crc_ok(&b, &[0, 4096, 8192, 69632]));
+    }
+
+    #[test]
+    fn inconsistent_headers_are_refused() {
+        let mut b = [0u8; HEADER_LEN];
+        let mut h = sample();
+        h.payload_len = 5;
+        h.encode(&mut b);
+        assert!(PacketHeader::decode(&b)
+            .unwrap_err()
+            .contains("payload of 5 bytes"));
+        let mut h = sample();
+        h.normal = MAX_PACKET_PAGES;
+        h.payload_len = u64::from(h.normal) * 4096;
+        h.encode(&mut b);
+        assert!(PacketHeader::decode(&b).unwrap_err().contains("more than"));
+        b[0] = b'X';
+        assert!(PacketHeader::decode(&b).unwrap_err().contains("bad magic"));
+    }
+
+    proptest! {
+        #[test]
+        fn decode_never_panics(bytes in proptest::collection::vec(any::<u8>(), HEADER_LEN)) {
+            let b: [u8; HEADER_LEN] = bytes.try_into().unwrap();
+            let _ = PacketHeader::decode(&b);
+        }
+    }
+}

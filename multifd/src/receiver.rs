@@ -1,0 +1,471 @@
+//! The receiver pool: K threads, one per multifd channel, each with its own
+//! io_uring, landing pages straight in destination memory.
+//!
+//! For every packet a thread reads the 64-byte header, then the offsets, and
+//! checks all of it (see [`crate::packet`]) before it reads one payload byte;
+//! the payload is then received directly into the destination pages with one
+//! `recvmsg` over an iovec per run of pages, with no staging buffer. Zero
+//! pages are written only if the page was received before (fresh memory is
+//! already zero). A SYNC makes the thread wait at the pool's barrier until
+//! every channel has finished the same pass.
+//!
+//! A payload that fails its checksum is not fatal at once: in a live pass the
+//! guest may have written the page while it was in flight, and then it is
+//! dirty and comes again. Such pages are remembered, forgotten when they
+//! arrive intact, and [`ReceiverPool::check_checksums`] fails if any remain.
+
+use std::collections::BTreeMap;
+use std::os::fd::RawFd;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+use ferry_ram::{GuestMemory, PageBitmap, RamBlock};
+use ferry_transport::uring::Ring;
+use ferry_transport::Channel;
+
+use crate::packet::{offsets_as_bytes_mut, PacketHeader, HEADER_LEN};
+use crate::sync::SyncBarrier;
+use crate::{Counters, MultifdError, Totals, MAX_PACKET_PAGES};
+
+#[derive(Clone, Debug)]
+pub struct ReceiverOptions {
+    /// The destination memory is freshly zeroed: a zero page that was never
+    /// received needs no write.
+    pub fresh_memory: bool,
+}
+
+impl Default for ReceiverOptions {
+    fn default() -> Self {
+        Self { fresh_memory: true }
+    }
+}
+
+/// Where a payload failed its checksum.
+#[derive(Clone, Debug)]
+struct Suspect {
+    channel: String,
+    seq: u64,
+}
+
+struct Shared {
+    memory: Arc<GuestMemory>,
+    /// Per block: pages that have landed at least once.
+    received: Vec<PageBitmap>,
+    barrier: SyncBarrier,
+    counters: Arc<Counters>,
+    channels: Vec<Arc<dyn Channel>>,
+    first_error: Mutex<Option<MultifdError>>,
+    /// (block, offset) of pages whose last copy failed its checksum.
+    suspects: Mutex<BTreeMap<(u32, u64), Suspect>>,
+    suspect_count: AtomicUsize,
+    opts: ReceiverOptions,
+    on_fail: Box<dyn Fn() + Send + Sync>,
+}
+
+impl Shared {
+    /// Records the first failure, stops every thread and every waiter.
+    fn fail(&self, e: MultifdError) {
+        let msg = e.to_string();
+        let mut first = self.first_error.lock().unwrap();
+        let is_first = first.is_none();
+        if is_first {
+            *first = Some(e);
+        }
+        drop(first);
+        self.barrier.stop(&msg);
+        for ch in &self.channels {
+            ch.shutdown();
+        }
+        if is_first {
+            (self.on_fail)();
+        }
+    }
+
+    fn take_error(&self) -> MultifdError {
+        let mut first = self.first_error.lock().unwrap();
+        first
+            .take()
+            .unwrap_or_else(|| MultifdError::Aborted("stopped after an earlier error".into()))
+    }
+}
+
+pub struct ReceiverPool {
+    shared: Arc<Shared>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl ReceiverPool {
+    /// Starts one thread per channel, writing into `memory`. `on_fail` is
+    /// called once, from the failing thread, when the pool first fails.
+    pub fn start(
+        channels: Vec<Box<dyn Channel>>,
+        memory: Arc<GuestMemory>,
+        opts: ReceiverOptions,
+        on_fail: impl Fn() + Send + Sync + 'static,
+    ) -> Result<Self, MultifdError> {
+        let channels: Vec<Arc<dyn Channel>> = channels.into_iter().map(Arc::from).collect();
+        if let Some(b) = memory.blocks().iter().find(|b| !b.is_writable()) {
+            return Err(MultifdError::Aborted(format!(
+                "destination block '{}' is read-only",
+                b.name()
+            )));
+        }
+        let mut fds = Vec::new();
+        for ch in &channels {
+            fds.push(ch.uring_fd().ok_or_else(|| MultifdError::NoDataPath {
+                channel: ch.label().into(),
+            })?);
+        }
+        let shared = Arc::new(Shared {
+            received: memory
+                .blocks()
+                .iter()
+                .map(|b| PageBitmap::new(b.pages(), false))
+                .collect(),
+            memory,
+            barrier: SyncBarrier::new(channels.len()),
+            counters: Arc::new(Counters::default()),
+            channels,
+            first_error: Mutex::new(None),
+            suspects: Mutex::new(BTreeMap::new()),
+            suspect_count: AtomicUsize::new(0),
+            opts,
+            on_fail: Box::new(on_fail),
+        });
+        let mut threads = Vec::new();
+        for (index, fd) in fds.into_iter().enumerate() {
+            let shared = shared.clone();
+            let t = std::thread::Builder::new()
+                .name(format!("ferry-recv-{index}"))
+                .spawn(move || {
+                    let ch = shared.channels[index].clone();
+                    if let Err(e) =
+                        ChannelReceiver::new(ch, fd, shared.clone()).and_then(|mut r| r.run())
+                    {
+                        shared.fail(e);
+                    }
+                })
+                .map_err(|e| MultifdError::Aborted(format!("cannot start receiver thread: {e}")))?;
+            threads.push(t);
+        }
+        Ok(Self { shared, threads })
+    }
+
+    pub fn counters(&self) -> &Arc<Counters> {
+        &self.shared.counters
+    }
+
+    /// Per block, the pages received at least once.
+    pub fn received(&self) -> &[PageBitmap] {
+        &self.shared.received
+    }
+
+    /// Waits until every channel has delivered all of pass `generation`.
+    pub fn wait_sync(&self, generation: u64) -> Result<(), MultifdError> {
+        self.shared
+            .barrier
+            .wait_completed(generation)
+            .map_err(|_| self.shared.take_error())
+    }
+
+    /// Fails if a page whose payload failed its checksum was never re-sent.
+    pub fn check_checksums(&self) -> Result<(), MultifdError> {
+        let suspects = self.shared.suspects.lock().unwrap();
+        match suspects.iter().next() {
+            None => Ok(()),
+            Some((&(block, offset), s)) => Err(MultifdError::Checksum {
+                channel: s.channel.clone(),
+                seq: s.seq,
+                block: self.shared.memory.blocks()[block as usize].name().into(),
+                offset,
+            }),
+        }
+    }
+
+    /// Waits for the END packet on every channel and joins the threads.
+    pub fn finish(mut self) -> Result<Totals, MultifdError> {
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+        if self.shared.first_error.lock().unwrap().is_some() {
+            return Err(self.shared.take_error());
+        }
+        Ok(self.shared.counters.snapshot())
+    }
+
+    /// Stops every thread: channels are shut down, waiters released.
+    pub fn abort(&self, why: &str) {
+        self.shared.fail(MultifdError::Aborted(why.into()));
+    }
+}
+
+impl Drop for ReceiverPool {
+    fn drop(&mut self) {
+        if !self.threads.is_empty() {
+            self.abort("receiver pool dropped");
+            for t in self.threads.drain(..) {
+                let _ = t.join();
+            }
+        }
+    }
+}
+
+struct ChannelReceiver {
+    channel: Arc<dyn Channel>,
+    fd: RawFd,
+    ring: Ring,
+    shared: Arc<Shared>,
+    seq: u64,
+    /// The pass being received (its SYNC not yet seen).
+    generation: u64,
+    offsets: Vec<u64>,
+    iov: Vec<libc::iovec>,
+}
+
+impl ChannelReceiver {
+    fn new(
+        channel: Arc<dyn Channel>,
+        fd: RawFd,
+        shared: Arc<Shared>,
+    ) -> Result<Self, MultifdError> {
+        let ring = Ring::new(4).map_err(|source| MultifdError::Transport {
+            channel: channel.label().into(),
+            source,
+        })?;
+        let max = MAX_PACKET_PAGES as usize;
+        Ok(Self {
+            channel,
+            fd,
+            ring,
+            shared,
+            seq: 0,
+            generation: 1,
+            offsets: Vec::with_capacity(max),
+            iov: Vec::with_capacity(max),
+        })
+    }
+
+    fn run(&mut self) -> Result<(), MultifdError> {
+        let mut raw = [0u8; HEADER_LEN];
+        loop {
+            let got = self.recv(&mut raw[..], "reading a packet header")?;
+            if got < HEADER_LEN {
+                let during = if got == 0 {
+                    format!(
+                        "after packet #{} without an END packet",
+                        self.seq.wrapping_sub(1)
+                    )
+                } else {
+                    format!("inside the header of packet #{}", self.seq)
+                };
+                return Err(self.closed(during));
+            }
+            let h = PacketHeader::decode(&raw).map_err(|why| self.bad(why))?;
+            if h.seq != self.seq {
+                return Err(self.bad(format!("sequence number {}, expected {}", h.seq, self.seq)));
+            }
+            if h.is_end() {
+                return Ok(());
+            }
+            if h.generation != self.generation {
+                return Err(self.bad(format!(
+                    "belongs to pass {}, but pass {} is being received",
+                    h.generation, self.generation
+                )));
+            }
+            if h.is_sync() {
+                if !h.header_crc_ok(&raw, &[]) {
+                    return Err(self.bad("header checksum mismatch".into()));
+                }
+                self.shared
+                    .barrier
+                    .arrive(h.generation)
+                    .map_err(MultifdError::Aborted)?;
+                self.generation += 1;
+            } else {
+                self.receive_pages(&h, &raw)?;
+            }
+            self.seq += 1;
+        }
+    }
+
+    fn receive_pages(
+        &mut self,
+        h: &PacketHeader,
+        raw: &[u8; HEADER_LEN],
+    ) -> Result<(), MultifdError> {
+        let shared = self.shared.clone();
+        let block = self.block_for(h, &shared.memory)?;
+        let pages = h.pages();
+        self.offsets.clear();
+        self.offsets.resize(pages, 0);
+        let mut offsets = std::mem::take(&mut self.offsets);
+        let got = self.recv(offsets_as_bytes_mut(&mut offsets), "reading page offsets");
+        self.offsets = offsets;
+        if got? < pages * 8 {
+            return Err(self.closed(format!("inside the offsets of packet #{}", self.seq)));
+        }
+        if !h.header_crc_ok(raw, &self.offsets) {
+            return Err(self.bad("header checksum mismatch (header or offsets corrupted)".into()));
+        }
+        let ps = u64::from(h.page_size);
+        for &off in &self.offsets {
+            if off % ps != 0 || off >= block.len() {
+                return Err(MultifdError::OffsetOutOfRange {
+                    channel: self.channel.label().into(),
+                    seq: self.seq,
+                    block: block.name().into(),
+                    offset: off,
+                    len: block.len(),
+                });
+            }
+        }
+        let normal = h.normal as usize;
+        self.iov.clear();
+        for &off in &self.offsets[..normal] {
+            push_run(&mut self.iov, block.host_addr(), off, ps);
+        }
+        let mut iov = std::mem::take(&mut self.iov);
+        let got = self
+            .ring
+            .recv_exact(self.fd, &mut iov)
+            .map_err(|e| self.io("reading a payload", e));
+        self.iov = iov;
+        if (got? as u64) < h.payload_len {
+            return Err(self.closed(format!("inside the payload of packet #{}", self.seq)));
+        }
+        if h.has_checksum() {
+            self.check_payload(h, block)?;
+        }
+        let received = &shared.received[h.block as usize];
+        for &off in &self.offsets[..normal] {
+            received.set(off / ps);
+        }
+        for &off in &self.offsets[normal..] {
+            let page = off / ps;
+            if received.test_and_set(page) || !shared.opts.fresh_memory {
+                block.zero_page(page);
+            }
+        }
+        shared.counters.add_packet(
+            h.normal.into(),
+            h.zero.into(),
+            ps,
+            HEADER_LEN as u64 + pages as u64 * 8 + h.payload_len,
+        );
+        Ok(())
+    }
+
+    fn block_for<'m>(
+        &self,
+        h: &PacketHeader,
+        memory: &'m GuestMemory,
+    ) -> Result<&'m RamBlock, MultifdError> {
+        let block = memory
+            .block(h.block as usize)
+            .ok_or_else(|| MultifdError::UnknownBlock {
+                channel: self.channel.label().into(),
+                seq: self.seq,
+                block: h.block,
+                blocks: memory.blocks().len(),
+            })?;
+        if h.page_size != block.page_size() {
+            return Err(self.bad(format!(
+                "page size {} for block '{}' of {}-byte pages",
+                h.page_size,
+                block.name(),
+                block.page_size()
+            )));
+        }
+        Ok(block)
+    }
+
+    /// Checks the payload that just landed; remembers or clears suspects.
+    fn check_payload(&self, h: &PacketHeader, block: &RamBlock) -> Result<(), MultifdError> {
+        let ps = u64::from(h.page_size);
+        let normal = &self.offsets[..h.normal as usize];
+        let mut crc = crc32fast::Hasher::new();
+        for &off in normal {
+            crc.update(block.page(off / ps));
+        }
+        let shared = &self.shared;
+        if crc.finalize() != h.payload_crc {
+            shared
+                .counters
+                .checksum_mismatches
+                .fetch_add(normal.len() as u64, Ordering::Relaxed);
+            let mut suspects = shared.suspects.lock().unwrap();
+            for &off in normal {
+                suspects.insert(
+                    (h.block, off),
+                    Suspect {
+                        channel: self.channel.label().into(),
+                        seq: self.seq,
+                    },
+                );
+            }
+            shared
+                .suspect_count
+                .store(suspects.len(), Ordering::Relaxed);
+        } else if shared.suspect_count.load(Ordering::Relaxed) > 0 {
+            let mut suspects = shared.suspects.lock().unwrap();
+            for &off in normal {
+                suspects.remove(&(h.block, off));
+            }
+            shared
+                .suspect_count
+                .store(suspects.len(), Ordering::Relaxed);
+        }
+        Ok(())
+    }
+
+    fn recv(&mut self, buf: &mut [u8], what: &'static str) -> Result<usize, MultifdError> {
+        let mut iov = [libc::iovec {
+            iov_base: buf.as_mut_ptr().cast(),
+            iov_len: buf.len(),
+        }];
+        self.ring
+            .recv_exact(self.fd, &mut iov)
+            .map_err(|e| self.io(what, e))
+    }
+
+    fn io(&self, what: &'static str, source: std::io::Error) -> MultifdError {
+        MultifdError::Io {
+            channel: self.channel.label().into(),
+            what,
+            source,
+        }
+    }
+    fn closed(&self, during: String) -> MultifdError {
+        MultifdError::Closed {
+            channel: self.channel.label().into(),
+            during,
+        }
+    }
+    fn bad(&self, why: String) -> MultifdError {
+        MultifdError::BadPacket {
+            channel: self.channel.label().into(),
+            seq: self.seq,
+            why,
+        }
+    }
+}
+
+/// Appends the page at `off` to an iovec list, merging adjacent pages.
+#[inline]
+fn push_run(iov: &mut Vec<libc::iovec>, base: *mut u8, off: u64, ps: u64) {
+    // SAFETY: the caller checked off + ps <= block length, so the address is
+    // inside the block's mapping.
+    let addr = unsafe { base.add(off as usize) };
+    if let Some(last) = iov.last_mut() {
+        if last.iov_base as usize + last.iov_len == addr as usize {
+            last.iov_len += ps as usize;
+            return;
+        }
+    }
+    iov.push(libc::iovec {
+        iov_base: addr.cast(),
+        iov_len: ps as usize,
+    });
+}

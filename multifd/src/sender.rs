@@ -1,0 +1,686 @@
+//! The sender pool: K threads, one per multifd channel, each with its own
+//! io_uring, moving the pages of each pass straight from guest memory.
+//!
+//! A pass hands every thread the same [`PassWork`]: one bitmap per block of
+//! the pages to send. Threads claim chunks of `packet_pages` pages with one
+//! atomic add, take (and so clear) the chunk's bitmap words *before* reading
+//! the pages, sort the pages into zero (offsets only) and normal (payload),
+//! and build one packet per chunk in a [`Slot`]: header, offsets and an iovec
+//! list that points at the guest pages themselves. Prepared packets go out as
+//! one linked chain of `sendmsg` operations (or zero-copy `sendmsg_zc`), so
+//! many sends are in flight while the thread prepares the next packets, and
+//! the stream stays in order. A pass ends with a SYNC packet on every channel.
+
+use std::os::fd::RawFd;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{mpsc, Arc};
+use std::thread::JoinHandle;
+
+use ferry_ram::{is_zero_page, set_bits, GuestMemory, PageBitmap, RamBlock};
+use ferry_transport::uring::{Completion, Ring};
+use ferry_transport::Channel;
+
+use crate::packet::{
+    offsets_as_bytes, PacketHeader, FLAG_CHECKSUM, FLAG_END, FLAG_SYNC, HEADER_LEN,
+};
+use crate::{Counters, MultifdError, Totals, MAX_PACKET_PAGES};
+
+#[derive(Clone, Debug)]
+pub struct SenderOptions {
+    /// Pages per packet (and per claimed chunk): a multiple of 64.
+    pub packet_pages: u32,
+    /// crc32 over each payload and header (the receiver checks them).
+    pub checksum: bool,
+    /// Send with `IORING_OP_SENDMSG_ZC`: the kernel reads guest pages in place.
+    pub zero_copy: bool,
+    /// Packets prepared or in flight per channel.
+    pub slots: usize,
+}
+
+impl Default for SenderOptions {
+    fn default() -> Self {
+        Self {
+            packet_pages: 128,
+            checksum: true,
+            zero_copy: false,
+            slots: 8,
+        }
+    }
+}
+
+/// The pages one pass must send, claimed a chunk at a time by all threads.
+pub struct PassWork {
+    generation: u64,
+    bitmaps: Arc<Vec<PageBitmap>>,
+    /// First chunk number of each block, and the total after the last.
+    chunk_starts: Vec<u64>,
+    words_per_chunk: usize,
+    next_chunk: AtomicU64,
+}
+
+impl PassWork {
+    fn new(generation: u64, bitmaps: Arc<Vec<PageBitmap>>, words_per_chunk: usize) -> Self {
+        let mut chunk_starts = vec![0];
+        for b in bitmaps.iter() {
+            let last = *chunk_starts.last().unwrap();
+            chunk_starts.push(last + b.words().div_ceil(words_per_chunk) as u64);
+        }
+        Self {
+            generation,
+            bitmaps,
+            chunk_starts,
+            words_per_chunk,
+            next_chunk: AtomicU64::new(0),
+        }
+    }
+
+    /// The next unclaimed chunk: (block index, first bitmap word).
+    fn claim(&self) -> Option<(usize, usize)> {
+        let c = self.next_chunk.fetch_add(1, Ordering::Relaxed);
+        let block = self
+            .chunk_starts
+            .partition_point(|&s| s <= c)
+            .checked_sub(1)?;
+        if block >= self.bitmaps.len() {
+            return None;
+        }
+        Some((
+            block,
+            (c - self.chunk_starts[block]) as usize * self.words_per_chunk,
+        ))
+    }
+}
+
+enum Command {
+    Pass(Arc<PassWork>),
+    Finish,
+}
+
+type Report = (usize, Result<(), MultifdError>);
+
+pub struct SenderPool {
+    commands: Vec<mpsc::Sender<Command>>,
+    reports: mpsc::Receiver<Report>,
+    threads: Vec<JoinHandle<()>>,
+    channels: Vec<Arc<dyn Channel>>,
+    counters: Arc<Counters>,
+    generation: u64,
+    words_per_chunk: usize,
+    zero_copy_note: Option<String>,
+}
+
+impl SenderPool {
+    /// Starts one thread per channel. Each channel must offer an io_uring fd.
+    pub fn start(
+        channels: Vec<Box<dyn Channel>>,
+        memory: Arc<GuestMemory>,
+        mut opts: SenderOptions,
+    ) -> Result<Self, MultifdError> {
+        if opts.packet_pages == 0
+            || opts.packet_pages % 64 != 0
+            || opts.packet_pages > MAX_PACKET_PAGES
+        {
+            return Err(MultifdError::Aborted(format!(
+                "packet size of {} pages: must be a multiple of 64 up to {MAX_PACKET_PAGES}",
+                opts.packet_pages
+            )));
+        }
+        opts.slots = opts.slots.clamp(2, 64);
+        let zero_copy_note = if opts.zero_copy {
+            zero_copy_limit_note(&opts, channels.len(), &memory)
+        } else {
+            None
+        };
+        if zero_copy_note.is_some() {
+            opts.zero_copy = false;
+        }
+        let counters = Arc::new(Counters::default());
+        let (report_tx, reports) = mpsc::channel();
+        let channels: Vec<Arc<dyn Channel>> = channels.into_iter().map(Arc::from).collect();
+        let mut commands = Vec::new();
+        let mut threads = Vec::new();
+        for (index, ch) in channels.iter().enumerate() {
+            let fd = ch.uring_fd().ok_or_else(|| MultifdError::NoDataPath {
+                channel: ch.label().into(),
+            })?;
+            let (tx, rx) = mpsc::channel();
+            commands.push(tx);
+            let (ch, memory, counters, opts, report_tx) = (
+                ch.clone(),
+                memory.clone(),
+                counters.clone(),
+                opts.clone(),
+                report_tx.clone(),
+            );
+            let t = std::thread::Builder::new()
+                .name(format!("ferry-send-{index}"))
+                .spawn(move || channel_thread(index, ch, fd, memory, counters, opts, rx, report_tx))
+                .map_err(|e| MultifdError::Aborted(format!("cannot start sender thread: {e}")))?;
+            threads.push(t);
+        }
+        let words_per_chunk = opts.packet_pages as usize / 64;
+        Ok(Self {
+            commands,
+            reports,
+            threads,
+            channels,
+            counters,
+            generation: 0,
+            words_per_chunk,
+            zero_copy_note,
+        })
+    }
+
+    pub fn counters(&self) -> &Arc<Counters> {
+        &self.counters
+    }
+
+    /// Why zero-copy was turned off, if it was asked for and could not be used.
+    pub fn zero_copy_note(&self) -> Option<&str> {
+        self.zero_copy_note.as_deref()
+    }
+
+    /// The generation the last pass had (0 before the first).
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    /// Sends every page set in `bitmaps` (one per block, in block order) and
+    /// a SYNC on every channel; returns when all channels have sent theirs.
+    pub fn send_pass(&mut self, bitmaps: Arc<Vec<PageBitmap>>) -> Result<(), MultifdError> {
+        self.generation += 1;
+        let work = Arc::new(PassWork::new(
+            self.generation,
+            bitmaps,
+            self.words_per_chunk,
+        ));
+        self.broadcast(|| Command::Pass(work.clone()))
+    }
+
+    /// Ends every channel with an END packet and joins the threads.
+    pub fn finish(mut self) -> Result<Totals, MultifdError> {
+        self.broadcast(|| Command::Finish)?;
+        self.commands.clear();
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+        Ok(self.counters.snapshot())
+    }
+
+    /// Shuts every channel down; threads in flight fail and exit.
+    pub fn abort(&self) {
+        for ch in &self.channels {
+            ch.shutdown();
+        }
+    }
+
+    fn broadcast(&mut self, cmd: impl Fn() -> Command) -> Result<(), MultifdError> {
+        for tx in &self.commands {
+            if tx.send(cmd()).is_err() {
+                return Err(MultifdError::Aborted("a sender thread has exited".into()));
+            }
+        }
+        let mut first_err = None;
+        for _ in 0..self.commands.len() {
+            match self.reports.recv() {
+                Ok((_, Ok(()))) => {}
+                Ok((_, Err(e))) => {
+                    if first_err.is_none() {
+                        self.abort();
+                        first_err = Some(e);
+                    }
+                }
+                Err(_) => {
+                    first_err
+                        .get_or_insert(MultifdError::Aborted("a sender thread has exited".into()));
+                    break;
+                }
+            }
+        }
+        first_err.map_or(Ok(()), Err)
+    }
+}
+
+impl Drop for SenderPool {
+    fn drop(&mut self) {
+        self.abort();
+        self.commands.clear();
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Zero-copy pins the pages of every send in flight. Without CAP_IPC_LOCK
+/// that counts against RLIMIT_MEMLOCK; if the pool could exceed it, say so
+/// and send with copies instead of failing mid-migration.
+fn zero_copy_limit_note(
+    opts: &SenderOptions,
+    channels: usize,
+    memory: &GuestMemory,
+) -> Option<String> {
+    let page = memory
+        .blocks()
+        .iter()
+        .map(RamBlock::page_size)
+        .max()
+        .unwrap_or(4096) as u64;
+    let need = channels as u64 * opts.slots as u64 * u64::from(opts.packet_pages) * page;
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        return None;
+    }
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes into the rlimit we pass.
+    let ok = unsafe { libc::getrlimit(libc::RLIMIT_MEMLOCK, &mut lim) } == 0;
+    (ok && lim.rlim_cur != libc::RLIM_INFINITY && lim.rlim_cur < need).then(|| {
+        format!(
+            "zero-copy would pin up to {} MiB but RLIMIT_MEMLOCK is {} MiB; sending with copies",
+            need >> 20,
+            lim.rlim_cur >> 20
+        )
+    })
+}
+
+#[allow(clippy::too_many_arguments)]
+fn channel_thread(
+    index: usize,
+    channel: Arc<dyn Channel>,
+    fd: RawFd,
+    memory: Arc<GuestMemory>,
+    counters: Arc<Counters>,
+    opts: SenderOptions,
+    commands: mpsc::Receiver<Command>,
+    reports: mpsc::Sender<Report>,
+) {
+    let mut sender = match ChannelSender::new(channel, fd, memory, counters, &opts) {
+        Ok(s) => s,
+        Err(e) => {
+            let _ = reports.send((index, Err(e)));
+            return;
+        }
+    };
+    while let Ok(cmd) = commands.recv() {
+        let (result, last) = match cmd {
+            Command::Pass(work) => (sender.run_pass(&work), false),
+            Command::Finish => (sender.send_marker(FLAG_END, 0), true),
+        };
+        let failed = result.is_err();
+        let _ = reports.send((index, result));
+        if failed || last {
+            break;
+        }
+    }
+    // Buffers of sends still in flight must outlive them.
+    sender.drain();
+}
+
+/// One packet being prepared or in flight. Slots live in a boxed slice and
+/// never move, so the pointers inside `msg` and `iov` stay valid.
+struct Slot {
+    header: [u8; HEADER_LEN],
+    /// Normal page offsets, then zero page offsets.
+    offsets: Vec<u64>,
+    /// header, offsets, then runs of contiguous normal pages.
+    iov: Vec<libc::iovec>,
+    msg: libc::msghdr,
+    normal: u64,
+    zero: u64,
+    page_size: u64,
+    wire: u64,
+    /// Completions still due before the slot is free: 1, or 2 with zero-copy.
+    awaiting: u8,
+}
+
+impl Slot {
+    fn new(max_pages: usize) -> Self {
+        Self {
+            header: [0; HEADER_LEN],
+            offsets: Vec::with_capacity(max_pages),
+            iov: Vec::with_capacity(max_pages + 2),
+            // SAFETY: a zeroed msghdr is a valid empty message.
+            msg: unsafe { std::mem::zeroed() },
+            normal: 0,
+            zero: 0,
+            page_size: 0,
+            wire: 0,
+            awaiting: 0,
+        }
+    }
+}
+
+struct ChannelSender {
+    channel: Arc<dyn Channel>,
+    fd: RawFd,
+    ring: Ring,
+    memory: Arc<GuestMemory>,
+    counters: Arc<Counters>,
+    slots: Box<[Slot]>,
+    free: Vec<usize>,
+    /// Prepared, waiting for the chain in flight to finish.
+    pending: Vec<usize>,
+    /// Sends of the current chain not yet completed.
+    chain_left: usize,
+    /// Operations whose completion or notification is still due.
+    outstanding: usize,
+    seq: u64,
+    checksum: bool,
+    zero_copy: bool,
+    packet_pages: usize,
+    /// Zero-page offsets of the packet being built.
+    zero_scratch: Vec<u64>,
+    error: Option<MultifdError>,
+}
+
+impl ChannelSender {
+    fn new(
+        channel: Arc<dyn Channel>,
+        fd: RawFd,
+        memory: Arc<GuestMemory>,
+        counters: Arc<Counters>,
+        opts: &SenderOptions,
+    ) -> Result<Self, MultifdError> {
+        let ring =
+            Ring::new((opts.slots * 2) as u32).map_err(|source| MultifdError::Transport {
+                channel: channel.label().into(),
+                source,
+            })?;
+        let zero_copy = opts.zero_copy && ring.supports_send_zc();
+        let max = opts.packet_pages as usize;
+        Ok(Self {
+            channel,
+            fd,
+            ring,
+            memory,
+            counters,
+            slots: (0..opts.slots).map(|_| Slot::new(max)).collect(),
+            free: (0..opts.slots).rev().collect(),
+            pending: Vec::new(),
+            chain_left: 0,
+            outstanding: 0,
+            seq: 0,
+            checksum: opts.checksum,
+            zero_copy,
+            packet_pages: max,
+            zero_scratch: Vec::with_capacity(max),
+            error: None,
+        })
+    }
+
+    /// Sends this channel's share of a pass, then its SYNC.
+    fn run_pass(&mut self, work: &PassWork) -> Result<(), MultifdError> {
+        let mut exhausted = false;
+        loop {
+            while !exhausted {
+                let Some(slot) = self.free.pop() else { break };
+                match work.claim() {
+                    Some((block, word)) => {
+                        if self.prepare_chunk(slot, work, block, word) {
+                            self.pending.push(slot);
+                            // Start sending at once if the stream is idle.
+                            self.submit_chain()?;
+                        } else {
+                            self.free.push(slot);
+                        }
+                    }
+                    None => {
+                        self.free.push(slot);
+                        exhausted = true;
+                    }
+                }
+            }
+            self.submit_chain()?;
+            if exhausted && self.pending.is_empty() && self.chain_left == 0 {
+                break;
+            }
+            let wait = self.free.is_empty() || exhausted;
+            self.reap(usize::from(wait))?;
+        }
+        self.send_marker(FLAG_SYNC, work.generation)
+    }
+
+    /// Sends a SYNC or END packet and waits until it is out.
+    fn send_marker(&mut self, flag: u16, generation: u64) -> Result<(), MultifdError> {
+        while self.free.is_empty() || self.chain_left > 0 {
+            self.submit_chain()?;
+            self.reap(1)?;
+        }
+        let slot = self.free.pop().unwrap();
+        let s = &mut self.slots[slot];
+        s.offsets.clear();
+        s.iov.clear();
+        let mut h = PacketHeader {
+            flags: flag,
+            generation,
+            seq: self.seq,
+            ..Default::default()
+        };
+        if self.checksum {
+            h.flags |= FLAG_CHECKSUM;
+        }
+        h.seal(&mut s.header, &[]);
+        s.iov.push(libc::iovec {
+            iov_base: s.header.as_mut_ptr().cast(),
+            iov_len: HEADER_LEN,
+        });
+        (s.normal, s.zero, s.page_size, s.wire) = (0, 0, 0, HEADER_LEN as u64);
+        self.seq += 1;
+        self.pending.push(slot);
+        self.submit_chain()?;
+        while self.chain_left > 0 {
+            self.reap(1)?;
+        }
+        Ok(())
+    }
+
+    /// Builds the packet for one chunk into `slot`. False if the chunk had
+    /// no pages to send.
+    fn prepare_chunk(
+        &mut self,
+        slot: usize,
+        work: &PassWork,
+        block_index: usize,
+        first_word: usize,
+    ) -> bool {
+        let block = &self.memory.blocks()[block_index];
+        let bitmap = &work.bitmaps[block_index];
+        let last_word = (first_word + work.words_per_chunk).min(bitmap.words());
+        let ps = block.page_size() as usize;
+        let s = &mut self.slots[slot];
+        s.offsets.clear();
+        s.iov.clear();
+        self.zero_scratch.clear();
+        s.iov.push(libc::iovec {
+            iov_base: s.header.as_mut_ptr().cast(),
+            iov_len: HEADER_LEN,
+        });
+        s.iov.push(libc::iovec {
+            iov_base: std::ptr::null_mut(),
+            iov_len: 0,
+        });
+        let mut crc = crc32fast::Hasher::new();
+        for w in first_word..last_word {
+            // Clean before read: a write after this point re-dirties the page.
+            let bits = bitmap.take_word(w);
+            for page in set_bits(bits, w as u64 * 64) {
+                let bytes = block.page(page);
+                let offset = page * ps as u64;
+                if is_zero_page(bytes) {
+                    self.zero_scratch.push(offset);
+                    continue;
+                }
+                if self.checksum {
+                    crc.update(bytes);
+                }
+                s.offsets.push(offset);
+                push_page(&mut s.iov, bytes);
+            }
+        }
+        let normal = s.offsets.len();
+        if normal + self.zero_scratch.len() == 0 {
+            return false;
+        }
+        s.offsets.extend_from_slice(&self.zero_scratch);
+        debug_assert!(s.offsets.len() <= self.packet_pages);
+        let mut h = PacketHeader {
+            flags: if self.checksum { FLAG_CHECKSUM } else { 0 },
+            block: block_index as u32,
+            normal: normal as u32,
+            zero: self.zero_scratch.len() as u32,
+            page_size: ps as u32,
+            seq: self.seq,
+            payload_len: (normal * ps) as u64,
+            generation: work.generation,
+            payload_crc: if self.checksum { crc.finalize() } else { 0 },
+            header_crc: 0,
+        };
+        h.seal(&mut s.header, &s.offsets);
+        let off = offsets_as_bytes(&s.offsets);
+        s.iov[1] = libc::iovec {
+            iov_base: off.as_ptr() as *mut _,
+            iov_len: off.len(),
+        };
+        s.normal = normal as u64;
+        s.zero = self.zero_scratch.len() as u64;
+        s.page_size = ps as u64;
+        s.wire = (HEADER_LEN + off.len() + normal * ps) as u64;
+        self.seq += 1;
+        true
+    }
+
+    /// Queues every prepared packet as one linked chain, if no chain is in flight.
+    fn submit_chain(&mut self) -> Result<(), MultifdError> {
+        if self.chain_left > 0 || self.pending.is_empty() {
+            return Ok(());
+        }
+        let n = self.pending.len();
+        for (i, &slot) in self.pending.iter().enumerate() {
+            let s = &mut self.slots[slot];
+            s.msg.msg_iov = s.iov.as_mut_ptr();
+            s.msg.msg_iovlen = s.iov.len();
+            s.awaiting = if self.zero_copy { 2 } else { 1 };
+            // SAFETY: the slot (header, offsets, iov, msg) stays put and
+            // untouched until `awaiting` reaches 0 in `reap`, and the guest
+            // pages it points at belong to `self.memory`, which outlives this
+            // thread; `drain` waits for every op before the slots are dropped.
+            unsafe {
+                self.ring
+                    .queue_sendmsg(self.fd, &s.msg, self.zero_copy, i + 1 < n, slot as u64)
+            }
+            .map_err(|source| MultifdError::Transport {
+                channel: self.channel.label().into(),
+                source,
+            })?;
+            self.outstanding += usize::from(s.awaiting);
+        }
+        self.chain_left = n;
+        self.pending.clear();
+        self.ring
+            .submit(0)
+            .map_err(|source| MultifdError::Transport {
+                channel: self.channel.label().into(),
+                source,
+            })
+    }
+
+    /// Waits for at least `want` completions and handles all that are ready.
+    fn reap(&mut self, want: usize) -> Result<(), MultifdError> {
+        self.ring
+            .submit(want.min(self.outstanding))
+            .map_err(|source| MultifdError::Transport {
+                channel: self.channel.label().into(),
+                source,
+            })?;
+        while let Some(c) = self.ring.pop() {
+            self.complete(c);
+        }
+        match self.error.take() {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
+    fn complete(&mut self, c: Completion) {
+        let slot = c.user_data as usize;
+        self.outstanding -= 1;
+        let s = &mut self.slots[slot];
+        if c.is_notification() {
+            self.counters
+                .zero_copy_sends
+                .fetch_add(1, Ordering::Relaxed);
+            if c.zero_copy_fell_back() {
+                self.counters
+                    .zero_copy_copied
+                    .fetch_add(1, Ordering::Relaxed);
+            }
+        } else {
+            self.chain_left -= 1;
+            if s.awaiting == 2 && !c.notification_follows() {
+                // The kernel sent no notification (the send failed early).
+                s.awaiting -= 1;
+                self.outstanding -= 1;
+            }
+            match c.bytes() {
+                Ok(n) if n as u64 == s.wire => {
+                    self.counters
+                        .add_packet(s.normal, s.zero, s.page_size, s.wire)
+                }
+                Ok(n) => {
+                    let msg = format!("{n} of {} bytes", s.wire);
+                    self.fail("short send", std::io::Error::other(msg))
+                }
+                Err(e) if e.raw_os_error() == Some(libc::ECANCELED) => {}
+                Err(e) => self.fail("sending a packet", e),
+            }
+        }
+        let s = &mut self.slots[slot];
+        s.awaiting -= 1;
+        if s.awaiting == 0 {
+            self.free.push(slot);
+        }
+    }
+
+    fn fail(&mut self, what: &'static str, source: std::io::Error) {
+        if self.error.is_none() {
+            self.channel.shutdown();
+            self.error = Some(MultifdError::Io {
+                channel: self.channel.label().into(),
+                what,
+                source,
+            });
+        }
+    }
+
+    /// Waits for every operation in flight (after a failure, the channel is
+    /// shut down so they end quickly).
+    fn drain(&mut self) {
+        while self.outstanding > 0 {
+            if self.ring.submit(1).is_err() {
+                self.channel.shutdown();
+            }
+            while let Some(c) = self.ring.pop() {
+                self.complete(c);
+            }
+        }
+    }
+}
+
+/// Appends a page to an iovec list, merging it with the previous entry when
+/// the two are adjacent in memory.
+#[inline]
+fn push_page(iov: &mut Vec<libc::iovec>, page: &[u8]) {
+    let pages_started = iov.len() > 2;
+    if let Some(last) = iov.last_mut().filter(|_| pages_started) {
+        if last.iov_base as usize + last.iov_len == page.as_ptr() as usize {
+            last.iov_len += page.len();
+            return;
+        }
+    }
+    iov.push(libc::iovec {
+        iov_base: page.as_ptr() as *mut _,
+        iov_len: page.len(),
+    });
+}

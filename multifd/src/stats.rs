@@ -1,0 +1,56 @@
+//! Counters the pools update as packets complete, readable at any time for
+//! progress bars, and their totals at the end.
+
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+
+#[derive(Default, Debug)]
+pub struct Counters {
+    pub pages_normal: AtomicU64,
+    pub pages_zero: AtomicU64,
+    /// Bytes of guest memory accounted for (normal + zero pages).
+    pub ram_bytes: AtomicU64,
+    /// Bytes on the wire: headers, offsets and payloads.
+    pub wire_bytes: AtomicU64,
+    pub packets: AtomicU64,
+    /// Zero-copy sends that completed, and how many of them the kernel copied anyway.
+    pub zero_copy_sends: AtomicU64,
+    pub zero_copy_copied: AtomicU64,
+    /// Pages whose payload failed its checksum (re-sent or not).
+    pub checksum_mismatches: AtomicU64,
+}
+
+impl Counters {
+    pub fn snapshot(&self) -> Totals {
+        Totals {
+            pages_normal: self.pages_normal.load(Relaxed),
+            pages_zero: self.pages_zero.load(Relaxed),
+            ram_bytes: self.ram_bytes.load(Relaxed),
+            wire_bytes: self.wire_bytes.load(Relaxed),
+            packets: self.packets.load(Relaxed),
+            zero_copy_sends: self.zero_copy_sends.load(Relaxed),
+            zero_copy_copied: self.zero_copy_copied.load(Relaxed),
+            checksum_mismatches: self.checksum_mismatches.load(Relaxed),
+        }
+    }
+    pub(crate) fn add_packet(&self, normal: u64, zero: u64, page_size: u64, wire: u64) {
+        self.pages_normal.fetch_add(normal, Relaxed);
+        self.pages_zero.fetch_add(zero, Relaxed);
+        self.ram_bytes
+            .fetch_add((normal + zero) * page_size, Relaxed);
+        self.wire_bytes.fetch_add(wire, Relaxed);
+        self.packets.fetch_add(1, Relaxed);
+    }
+}
+
+/// A point-in-time copy of [`Counters`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Totals {
+    pub pages_normal: u64,
+    pub pages_zero: u64,
+    pub ram_bytes: u64,
+    pub wire_bytes: u64,
+    pub packets: u64,
+    pub zero_copy_sends: u64,
+    pub zero_copy_copied: u64,
+    pub checksum_mismatches: u64,
+}

@@ -1,0 +1,120 @@
+//! The per-pass sync barrier and the shared stop signal of a pool.
+//!
+//! Every receiver thread that reads the SYNC packet of generation g arrives
+//! at the barrier and waits until all K channels have done so; only then
+//! does any of them read packets of generation g+1. So a stale copy of a
+//! page from a slow channel can never overwrite a newer one.
+
+use std::sync::{Condvar, Mutex};
+
+#[derive(Default)]
+struct State {
+    /// The highest generation all channels have passed.
+    completed: u64,
+    /// How many channels have arrived at `completed + 1`.
+    arrived: usize,
+    /// Set once anything fails; every waiter returns.
+    stopped: Option<String>,
+}
+
+pub(crate) struct SyncBarrier {
+    channels: usize,
+    state: Mutex<State>,
+    cv: Condvar,
+}
+
+impl SyncBarrier {
+    pub fn new(channels: usize) -> Self {
+        Self {
+            channels,
+            state: Mutex::default(),
+            cv: Condvar::new(),
+        }
+    }
+
+    /// Channel arrives at the sync of `generation` and waits for the others.
+    /// Returns the reason if the pool was stopped meanwhile.
+    pub fn arrive(&self, generation: u64) -> Result<(), String> {
+        let mut s = self.state.lock().unwrap();
+        if generation != s.completed + 1 {
+            return Err(format!(
+                "sync of generation {generation} while generation {} was due",
+                s.completed + 1
+            ));
+        }
+        s.arrived += 1;
+        if s.arrived == self.channels {
+            s.completed = generation;
+            s.arrived = 0;
+            self.cv.notify_all();
+            return Ok(());
+        }
+        while s.completed < generation && s.stopped.is_none() {
+            s = self.cv.wait(s).unwrap();
+        }
+        match &s.stopped {
+            Some(why) if s.completed < generation => Err(why.clone()),
+            _ => Ok(()),
+        }
+    }
+
+    /// Waits until every channel has passed the sync of `generation`.
+    pub fn wait_completed(&self, generation: u64) -> Result<(), String> {
+        let mut s = self.state.lock().unwrap();
+        while s.completed < generation {
+            if let Some(why) = &s.stopped {
+                return Err(why.clone());
+            }
+            s = self.cv.wait(s).unwrap();
+        }
+        Ok(())
+    }
+
+    #[cfg(test)]
+    pub fn completed(&self) -> u64 {
+        self.state.lock().unwrap().completed
+    }
+
+    /// Releases every waiter with `why`; the first reason is kept.
+    pub fn stop(&self, why: &str) {
+        let mut s = self.state.lock().unwrap();
+        s.stopped.get_or_insert_with(|| why.to_string());
+        self.cv.notify_all();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+
+    #[test]
+    fn nobody_passes_before_all_arrive() {
+        let b = Arc::new(SyncBarrier::new(3));
+        let hs: Vec<_> = (0..2)
+            .map(|_| {
+                let b = b.clone();
+                std::thread::spawn(move || b.arrive(1))
+            })
+            .collect();
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        assert_eq!(b.completed(), 0);
+        b.arrive(1).unwrap();
+        for h in hs {
+            h.join().unwrap().unwrap();
+        }
+        b.wait_completed(1).unwrap();
+        assert!(b.arrive(3).is_err());
+    }
+
+    #[test]
+    fn stop_releases_waiters() {
+        let b = Arc::new(SyncBarrier::new(2));
+        let b2 = b.clone();
+        let h = std::thread::spawn(move || b2.arrive(1));
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        b.stop("channel 1 failed");
+        assert_eq!(h.join().unwrap().unwrap_err(), "channel 1 failed");
+        assert!(b.wait_completed(1).is_err());
+    }
+}

@@ -1,0 +1,145 @@
+//! Page bitmaps: one bit a page, scanned and claimed a 64-bit word at a time.
+//!
+//! Used for "pages to send this pass" on a source and "pages received" on a
+//! destination. Words are atomics so many channel threads can claim disjoint
+//! runs, and a dirty-log sync can set bits while senders clear others.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+pub struct PageBitmap {
+    words: Vec<AtomicU64>,
+    pages: u64,
+}
+
+impl PageBitmap {
+    /// A bitmap of `pages` bits, all clear or all set.
+    pub fn new(pages: u64, all_set: bool) -> Self {
+        let n = pages.div_ceil(64) as usize;
+        let words = (0..n)
+            .map(|i| AtomicU64::new(if all_set { full_word(pages, i) } else { 0 }))
+            .collect();
+        Self { words, pages }
+    }
+
+    pub fn pages(&self) -> u64 {
+        self.pages
+    }
+    pub fn words(&self) -> usize {
+        self.words.len()
+    }
+
+    pub fn set(&self, page: u64) {
+        self.words[(page / 64) as usize].fetch_or(1 << (page % 64), Ordering::Relaxed);
+    }
+    pub fn clear(&self, page: u64) {
+        self.words[(page / 64) as usize].fetch_and(!(1 << (page % 64)), Ordering::Relaxed);
+    }
+    /// Sets the bit and says whether it was set before.
+    pub fn test_and_set(&self, page: u64) -> bool {
+        let bit = 1 << (page % 64);
+        self.words[(page / 64) as usize].fetch_or(bit, Ordering::Relaxed) & bit != 0
+    }
+    pub fn test(&self, page: u64) -> bool {
+        self.words[(page / 64) as usize].load(Ordering::Relaxed) & (1 << (page % 64)) != 0
+    }
+
+    /// Sets every bit (a full pass).
+    pub fn set_all(&self) {
+        for (i, w) in self.words.iter().enumerate() {
+            w.store(full_word(self.pages, i), Ordering::Relaxed);
+        }
+    }
+
+    /// Atomically takes word `index`: returns its bits and leaves it clear.
+    /// This is how a sender marks pages clean *before* it reads them.
+    pub fn take_word(&self, index: usize) -> u64 {
+        self.words[index].swap(0, Ordering::AcqRel)
+    }
+
+    /// ORs `bits` into word `index` (a dirty-log sync merging new writes).
+    pub fn or_word(&self, index: usize, bits: u64) {
+        self.words[index].fetch_or(bits, Ordering::Relaxed);
+    }
+
+    pub fn count(&self) -> u64 {
+        self.words
+            .iter()
+            .map(|w| u64::from(w.load(Ordering::Relaxed).count_ones()))
+            .sum()
+    }
+
+    /// Set bits in page order, scanning a word at a time.
+    pub fn iter_set(&self) -> impl Iterator<Item = u64> + '_ {
+        self.words.iter().enumerate().flat_map(|(i, w)| SetBits {
+            word: w.load(Ordering::Relaxed),
+            base: i as u64 * 64,
+        })
+    }
+}
+
+/// The bits of word `i` that stand for real pages (the last word may be short).
+fn full_word(pages: u64, i: usize) -> u64 {
+    let first = i as u64 * 64;
+    let n = (pages - first).min(64);
+    if n == 64 {
+        u64::MAX
+    } else {
+        (1u64 << n) - 1
+    }
+}
+
+/// The set bits of `word` as page numbers `base + bit`, lowest first.
+pub fn set_bits(word: u64, base: u64) -> SetBits {
+    SetBits { word, base }
+}
+
+/// Iterator behind [`set_bits`].
+pub struct SetBits {
+    word: u64,
+    base: u64,
+}
+
+impl Iterator for SetBits {
+    type Item = u64;
+    #[inline]
+    fn next(&mut self) -> Option<u64> {
+        if self.word == 0 {
+            return None;
+        }
+        let bit = self.word.trailing_zeros();
+        self.word &= self.word - 1;
+        Some(self.base + u64::from(bit))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn full_bitmap_has_exactly_its_pages() {
+        for pages in [1, 63, 64, 65, 200] {
+            let b = PageBitmap::new(pages, true);
+            assert_eq!(b.count(), pages);
+            assert_eq!(
+                b.iter_set().collect::<Vec<_>>(),
+                (0..pages).collect::<Vec<_>>()
+            );
+        }
+    }
+
+    #[test]
+    fn take_word_clears() {
+        let b = PageBitmap::new(130, false);
+        b.set(3);
+        b.set(64 + 5);
+        b.set(129);
+        assert_eq!(b.take_word(1), 1 << 5);
+        assert_eq!(b.take_word(1), 0);
+        assert_eq!(b.iter_set().collect::<Vec<_>>(), vec![3, 129]);
+        assert!(!b.test_and_set(7));
+        assert!(b.test_and_set(7));
+        b.clear(7);
+        assert!(!b.test(7));
+    }
+}

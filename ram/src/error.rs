@@ -1,0 +1,45 @@
+//! Errors of the ram crate.
+
+use std::path::PathBuf;
+
+#[derive(Debug, thiserror::Error)]
+pub enum RamError {
+    #[error("cannot open RAM file {path}: {source}")]
+    Open {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot map RAM block '{block}' ({len} bytes): {source}")]
+    Map {
+        block: String,
+        len: u64,
+        source: std::io::Error,
+    },
+    #[error(
+        "RAM block '{block}': length {len} is not a positive multiple of the page size {page_size}"
+    )]
+    BadLength {
+        block: String,
+        len: u64,
+        page_size: u32,
+    },
+    #[error(
+        "RAM block '{block}': page size {page_size} is not a power of two between 4 KiB and 1 GiB"
+    )]
+    BadPageSize { block: String, page_size: u32 },
+    #[error("RAM block name '{0}' is empty or longer than 255 bytes")]
+    BadName(String),
+    #[error("two RAM blocks are named '{0}'")]
+    DuplicateName(String),
+    #[error("RAM file {path} is {found} bytes; the guest needs {expected}")]
+    SizeMismatch {
+        path: PathBuf,
+        found: u64,
+        expected: u64,
+    },
+    #[error("writing dataset to {path}: {source}")]
+    Write {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}

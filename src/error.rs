@@ -1,0 +1,51 @@
+//! Errors of a migration, as the controller reports them.
+
+use ferry_multifd::MultifdError;
+use ferry_ram::RamError;
+use ferry_transport::TransportError;
+
+use crate::GuestError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum MigrationError {
+    #[error(transparent)]
+    Transport(#[from] TransportError),
+    #[error(transparent)]
+    Multifd(#[from] MultifdError),
+    #[error(transparent)]
+    Ram(#[from] RamError),
+    #[error(transparent)]
+    Guest(#[from] GuestError),
+    #[error("main channel: {0}")]
+    Protocol(String),
+    #[error("main channel: {what}: {source}")]
+    MainIo {
+        what: &'static str,
+        source: std::io::Error,
+    },
+    #[error("main channel: connection closed by the {peer} {during}")]
+    MainClosed {
+        peer: &'static str,
+        during: &'static str,
+    },
+    #[error("setup refused: {0}")]
+    Setup(String),
+    #[error("the destination failed: {0}")]
+    Destination(String),
+    #[error("incomplete migration: block '{block}' has {missing} page(s) that never arrived (first at offset {first:#x})")]
+    MissingPages {
+        block: String,
+        missing: u64,
+        first: u64,
+    },
+    #[error("invalid options: {0}")]
+    Options(String),
+}
+
+/// A failed migration: the error, and what the migration had done by then.
+#[derive(Debug, thiserror::Error)]
+#[error("{error}")]
+pub struct Failed {
+    pub error: MigrationError,
+    pub summary: crate::Summary,
+}

@@ -1,0 +1,140 @@
+//! Whole migrations over loopback TCP and unix sockets: the destination must
+//! hold exactly the source's bytes, zero pages included.
+
+mod common;
+
+use common::*;
+use ferry::{migrate_out, DestinationMemory, IncomingOptions, OutgoingOptions, Progress};
+use ferry_ram::pattern::Pattern;
+
+fn migrate(channels: u16, pattern: Pattern, zero_copy: bool, checksum: bool) {
+    let mem = memory(&[("ram", 64)], pattern, 11);
+    let (l, uri) = listener();
+    let dst = spawn_destination(l, IncomingOptions::default());
+    let mut opts = OutgoingOptions {
+        channels,
+        ..Default::default()
+    };
+    opts.sender.zero_copy = zero_copy;
+    opts.sender.checksum = checksum;
+    let sent = migrate_out(&image_guest(mem.clone()), &uri, &opts, &Progress::default())
+        .expect("source completes");
+    let got = dst.join().unwrap().expect("destination completes");
+    assert_eq!(
+        got.memory.digest(),
+        mem.digest(),
+        "destination holds the source's bytes"
+    );
+    assert_eq!(got.device_state, b"device state of the test guest");
+    assert_eq!(sent.ram_bytes, 64 * MIB);
+    assert_eq!(got.summary.ram_bytes, 64 * MIB);
+    assert_eq!(sent.pages_normal + sent.pages_zero, 64 * MIB / 4096);
+    assert_eq!(got.summary.pages_zero, sent.pages_zero);
+    if pattern == Pattern::Mixed {
+        assert_eq!(
+            sent.pages_zero,
+            64 * MIB / 4096 / 4,
+            "a quarter of mixed pages are zero"
+        );
+    }
+    assert!(sent.completed() && got.summary.completed());
+    assert_eq!(sent.session, got.summary.session);
+}
+
+#[test]
+fn one_channel_mixed() {
+    migrate(1, Pattern::Mixed, false, true);
+}
+
+#[test]
+fn two_channels_mixed() {
+    migrate(2, Pattern::Mixed, false, true);
+}
+
+#[test]
+fn four_channels_mixed() {
+    migrate(4, Pattern::Mixed, false, true);
+}
+
+#[test]
+fn four_channels_random_zero_copy() {
+    migrate(4, Pattern::Random, true, true);
+}
+
+#[test]
+fn two_channels_without_checksums() {
+    migrate(2, Pattern::Mixed, false, false);
+}
+
+#[test]
+fn all_zero_guest_moves_as_offsets_only() {
+    let mem = memory(&[("ram", 16)], Pattern::Zero, 0);
+    let (l, uri) = listener();
+    let dst = spawn_destination(l, IncomingOptions::default());
+    let sent = migrate_out(
+        &image_guest(mem.clone()),
+        &uri,
+        &OutgoingOptions::default(),
+        &Progress::default(),
+    )
+    .unwrap();
+    let got = dst.join().unwrap().unwrap();
+    assert_eq!(sent.pages_normal, 0);
+    assert!(
+        sent.multifd_bytes < MIB / 8,
+        "zero pages carry no payload: {} bytes",
+        sent.multifd_bytes
+    );
+    assert_eq!(got.memory.digest(), mem.digest());
+}
+
+#[test]
+fn several_blocks_over_a_unix_socket_into_provided_memory() {
+    let mem = memory(&[("pc.ram", 24), ("vga.vram", 8)], Pattern::Mixed, 3);
+    let dir = tempfile::tempdir().unwrap();
+    let uri: ferry::ChannelUri = format!("unix:{}", dir.path().join("m.sock").display())
+        .parse()
+        .unwrap();
+    let l = ferry::Listener::bind(&uri, ferry::SocketTuning::default()).unwrap();
+    // The destination's memory already holds other bytes: zero pages must be written.
+    let target = memory(&[("pc.ram", 24), ("vga.vram", 8)], Pattern::Random, 99);
+    let opts = IncomingOptions {
+        memory: DestinationMemory::Provided(target.clone()),
+        ..Default::default()
+    };
+    let dst = spawn_destination(l, opts);
+    migrate_out(
+        &image_guest(mem.clone()),
+        &uri,
+        &OutgoingOptions {
+            channels: 3,
+            ..Default::default()
+        },
+        &Progress::default(),
+    )
+    .unwrap();
+    dst.join().unwrap().unwrap();
+    assert_eq!(target.digest(), mem.digest());
+}
+
+#[test]
+fn destination_memory_in_a_file() {
+    let mem = memory(&[("ram", 16)], Pattern::Mixed, 5);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("dst.ram");
+    let (l, uri) = listener();
+    let opts = IncomingOptions {
+        memory: DestinationMemory::Files(path.clone()),
+        ..Default::default()
+    };
+    let dst = spawn_destination(l, opts);
+    migrate_out(
+        &image_guest(mem.clone()),
+        &uri,
+        &OutgoingOptions::default(),
+        &Progress::default(),
+    )
+    .unwrap();
+    drop(dst.join().unwrap().unwrap());
+    assert_eq!(std::fs::read(&path).unwrap(), mem.blocks()[0].bytes());
+}

@@ -1,0 +1,72 @@
+//! The `Channel` trait: one ordered, reliable byte stream of a migration.
+//!
+//! The controller and multifd only ever hold `Box<dyn Channel>`, so a new kind
+//! (TLS, RDMA, vsock) is one new type here. A kind that is a plain kernel
+//! socket exposes its fd through [`Channel::uring_fd`], and the data path then
+//! drives it with io_uring straight from guest memory; a kind that must frame
+//! bytes in user space (TLS) returns `None` and is driven through
+//! `read_exact`/`write_all`.
+
+use std::fmt;
+use std::io::{self, Read, Write};
+use std::net::Shutdown;
+use std::os::fd::{AsRawFd, RawFd};
+use std::time::Duration;
+
+use socket2::Socket;
+
+pub trait Channel: Send + Sync + fmt::Debug {
+    /// A name for messages: role, index and peer, e.g. `multifd[1] (tcp 127.0.0.1:5000)`.
+    fn label(&self) -> &str;
+    /// Renames the channel once its role is known.
+    fn set_label(&mut self, label: String);
+    fn read_exact(&self, buf: &mut [u8]) -> io::Result<()>;
+    fn write_all(&self, buf: &[u8]) -> io::Result<()>;
+    /// The socket the data path may drive with io_uring, if this kind allows it.
+    fn uring_fd(&self) -> Option<RawFd>;
+    /// Ends both directions; blocked readers and writers on any thread return.
+    fn shutdown(&self);
+    fn set_read_timeout(&self, timeout: Option<Duration>) -> io::Result<()>;
+}
+
+/// A TCP or unix stream socket.
+pub struct SocketChannel {
+    socket: Socket,
+    label: String,
+}
+
+impl SocketChannel {
+    pub fn new(socket: Socket, label: String) -> Self {
+        Self { socket, label }
+    }
+}
+
+impl fmt::Debug for SocketChannel {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "SocketChannel({})", self.label)
+    }
+}
+
+impl Channel for SocketChannel {
+    fn label(&self) -> &str {
+        &self.label
+    }
+    fn set_label(&mut self, label: String) {
+        self.label = label;
+    }
+    fn read_exact(&self, buf: &mut [u8]) -> io::Result<()> {
+        (&self.socket).read_exact(buf)
+    }
+    fn write_all(&self, buf: &[u8]) -> io::Result<()> {
+        (&self.socket).write_all(buf)
+    }
+    fn uring_fd(&self) -> Option<RawFd> {
+        Some(self.socket.as_raw_fd())
+    }
+    fn shutdown(&self) {
+        let _ = self.socket.shutdown(Shutdown::Both);
+    }
+    fn set_read_timeout(&self, timeout: Option<Duration>) -> io::Result<()> {
+        self.socket.set_read_timeout(timeout)
+    }
+}

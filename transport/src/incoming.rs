@@ -1,0 +1,154 @@
+//! The listening side of a session: accept connections, read each one's
+//! hello, and sort them into main + multifd[0..K] of ONE session, whatever
+//! order they arrive in.
+//!
+//! The main channel names the session. Channels that arrive before it wait.
+//! A connection that is not a ferry channel, speaks another version, or
+//! belongs to another session ends the accept with an error naming it (and
+//! a channel of another session is told why it was refused).
+
+use std::time::{Duration, Instant};
+
+use crate::handshake::{read_hello, send_reply};
+use crate::{Channel, ChannelHello, Listener, Role, SessionId, SocketChannel, TransportError};
+
+#[derive(Clone, Debug)]
+pub struct AcceptOptions {
+    /// How long a new connection may take to send its hello.
+    pub hello_timeout: Duration,
+    /// How long to wait for the first connection; `None` waits for ever.
+    pub first_timeout: Option<Duration>,
+    /// Once the first channel is in, how long the rest may take.
+    pub rest_timeout: Duration,
+}
+
+impl Default for AcceptOptions {
+    fn default() -> Self {
+        Self {
+            hello_timeout: Duration::from_secs(10),
+            first_timeout: None,
+            rest_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// All channels of one accepted session, each labelled with its role.
+pub struct IncomingSession {
+    pub session: SessionId,
+    pub main: SocketChannel,
+    pub multifd: Vec<SocketChannel>,
+}
+
+pub fn accept_session(
+    listener: &Listener,
+    opts: &AcceptOptions,
+) -> Result<IncomingSession, TransportError> {
+    let mut main: Option<(ChannelHello, SocketChannel)> = None;
+    let mut multifd: Vec<(ChannelHello, SocketChannel)> = Vec::new();
+    let mut deadline: Option<Instant> = None;
+    loop {
+        if let Some((hello, _)) = &main {
+            if multifd.len() == usize::from(hello.multifd_channels) {
+                break;
+            }
+        }
+        let timeout = match deadline {
+            None => opts.first_timeout,
+            Some(d) => Some(
+                d.saturating_duration_since(Instant::now())
+                    .max(Duration::from_millis(1)),
+            ),
+        };
+        let mut ch = listener.accept(timeout).map_err(|e| match (e, &main) {
+            (TransportError::Timeout { secs, .. }, Some((h, _))) if deadline.is_some() => {
+                TransportError::Timeout {
+                    what: format!(
+                        "the rest of session {}'s channels ({} of {} multifd channels arrived)",
+                        h.session,
+                        multifd.len(),
+                        h.multifd_channels
+                    ),
+                    secs,
+                }
+            }
+            (e, _) => e,
+        })?;
+        deadline.get_or_insert_with(|| Instant::now() + opts.rest_timeout);
+        let hello = read_hello(&ch, opts.hello_timeout)?;
+        let peer = ch
+            .label()
+            .trim_start_matches("connection from ")
+            .to_string();
+        ch.set_label(format!("{} ({peer})", hello.name()));
+        match hello.role {
+            Role::Main if main.is_some() => return Err(refuse(&ch, "a second main channel")),
+            Role::Main => main = Some((hello, ch)),
+            Role::Multifd => {
+                if multifd
+                    .iter()
+                    .any(|(h, _)| h.index == hello.index && h.session == hello.session)
+                {
+                    return Err(refuse(&ch, "a second channel with this index"));
+                }
+                multifd.push((hello, ch));
+            }
+            Role::Preempt => {
+                return Err(refuse(
+                    &ch,
+                    "a preempt channel, but postcopy is not supported yet",
+                ))
+            }
+        }
+        if let Some((mh, _)) = &main {
+            check_members(mh, &multifd)?;
+        }
+    }
+    let (mh, main) = main.expect("loop ends only with a main channel");
+    multifd.sort_by_key(|(h, _)| h.index);
+    for (_, ch) in &multifd {
+        send_reply(ch, None)?;
+    }
+    send_reply(&main, None)?;
+    Ok(IncomingSession {
+        session: mh.session,
+        main,
+        multifd: multifd.into_iter().map(|(_, c)| c).collect(),
+    })
+}
+
+/// Every multifd channel so far must belong to main's session and fit its count.
+fn check_members(
+    main: &ChannelHello,
+    multifd: &[(ChannelHello, SocketChannel)],
+) -> Result<(), TransportError> {
+    for (h, ch) in multifd {
+        if h.session != main.session {
+            let e = TransportError::ForeignSession {
+                channel: ch.label().into(),
+                found: h.session.to_string(),
+                expected: main.session.to_string(),
+            };
+            let _ = send_reply(ch, Some(&e.to_string()));
+            return Err(e);
+        }
+        if h.index >= main.multifd_channels || h.multifd_channels != main.multifd_channels {
+            return Err(refuse(
+                ch,
+                &format!(
+                    "index {} of {} channels, but main announced {}",
+                    h.index, h.multifd_channels, main.multifd_channels
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn refuse(ch: &SocketChannel, why: &str) -> TransportError {
+    let reason = format!("refused {}: {why}", ch.label());
+    let _ = send_reply(ch, Some(&reason));
+    TransportError::BadHello {
+        channel: ch.label().into(),
+        why: why.into(),
+    }
+}

@@ -1,0 +1,23 @@
+//! ferry-transport: how bytes move between two ferry processes.
+//!
+//! Owns channel URIs (`tcp:HOST:PORT`, `unix:PATH`), the [`Channel`] trait
+//! every channel kind implements, socket tuning (socket2), the handshake that
+//! opens each channel (magic, version, session id, role, index), the
+//! listener side that sorts channels arriving in any order into one session,
+//! and the io_uring driver each data-path thread owns. It knows nothing of
+//! pages or guests.
+
+mod channel;
+mod error;
+mod handshake;
+mod incoming;
+mod socket;
+mod uri;
+pub mod uring;
+
+pub use channel::{Channel, SocketChannel};
+pub use error::TransportError;
+pub use handshake::{ChannelHello, Role, SessionId, HELLO_LEN, PROTOCOL_VERSION};
+pub use incoming::{accept_session, AcceptOptions, IncomingSession};
+pub use socket::{await_accept, connect, connect_channel, Listener, SocketTuning};
+pub use uri::ChannelUri;

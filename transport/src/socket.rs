@@ -1,0 +1,215 @@
+//! Opening sockets: connect and listen for `tcp:` and `unix:` URIs, and the
+//! tuning applied to every migration socket (socket2).
+
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::time::Duration;
+
+use socket2::{Domain, SockAddr, Socket, TcpKeepalive, Type};
+
+use crate::handshake::{self, ChannelHello};
+use crate::{ChannelUri, SocketChannel, TransportError};
+
+/// Options set on each migration socket.
+#[derive(Clone, Debug)]
+pub struct SocketTuning {
+    /// SO_SNDBUF; `None` leaves the kernel's autotuning on.
+    pub send_buffer: Option<usize>,
+    /// SO_RCVBUF; `None` leaves the kernel's autotuning on.
+    pub recv_buffer: Option<usize>,
+    /// TCP_NODELAY: control messages leave at once.
+    pub nodelay: bool,
+    /// TCP keepalive idle time: a silent dead peer is noticed.
+    pub keepalive: Option<Duration>,
+    /// TCP_USER_TIMEOUT: unacknowledged data for this long ends the connection.
+    pub user_timeout: Option<Duration>,
+}
+
+impl Default for SocketTuning {
+    fn default() -> Self {
+        Self {
+            send_buffer: None,
+            recv_buffer: None,
+            nodelay: true,
+            keepalive: Some(Duration::from_secs(10)),
+            user_timeout: Some(Duration::from_secs(30)),
+        }
+    }
+}
+
+impl SocketTuning {
+    fn apply(&self, s: &Socket, is_tcp: bool) -> std::io::Result<()> {
+        if let Some(n) = self.send_buffer {
+            s.set_send_buffer_size(n)?;
+        }
+        if let Some(n) = self.recv_buffer {
+            s.set_recv_buffer_size(n)?;
+        }
+        if is_tcp {
+            s.set_tcp_nodelay(self.nodelay)?;
+            if let Some(t) = self.keepalive {
+                s.set_tcp_keepalive(&TcpKeepalive::new().with_time(t).with_interval(t))?;
+            }
+            s.set_tcp_user_timeout(self.user_timeout)?;
+        }
+        Ok(())
+    }
+}
+
+fn resolve(uri: &ChannelUri, text: &str) -> Result<(SockAddr, Domain, bool), TransportError> {
+    match uri {
+        ChannelUri::Tcp { host, port } => {
+            let addr: SocketAddr = (host.as_str(), *port)
+                .to_socket_addrs()
+                .map_err(|e| TransportError::BadUri {
+                    uri: text.into(),
+                    why: format!("cannot resolve host: {e}"),
+                })?
+                .next()
+                .ok_or_else(|| TransportError::BadUri {
+                    uri: text.into(),
+                    why: "host has no address".into(),
+                })?;
+            Ok((addr.into(), Domain::for_address(addr), true))
+        }
+        ChannelUri::Unix(path) => {
+            let addr = SockAddr::unix(path).map_err(|e| TransportError::BadUri {
+                uri: text.into(),
+                why: e.to_string(),
+            })?;
+            Ok((addr, Domain::UNIX, false))
+        }
+    }
+}
+
+/// Connects a raw socket to `uri` (no handshake).
+pub fn connect(uri: &ChannelUri, tuning: &SocketTuning) -> Result<SocketChannel, TransportError> {
+    let text = uri.to_string();
+    let (addr, domain, is_tcp) = resolve(uri, &text)?;
+    let err = |source| TransportError::Connect {
+        uri: text.clone(),
+        source,
+    };
+    let s = Socket::new(domain, Type::STREAM.cloexec(), None).map_err(err)?;
+    tuning.apply(&s, is_tcp).map_err(err)?;
+    s.connect_timeout(&addr, Duration::from_secs(10))
+        .map_err(err)?;
+    Ok(SocketChannel::new(s, text))
+}
+
+/// Connects to `uri` and sends the channel's hello. The receiver answers
+/// only once it has every channel of the session, so a sender opens all its
+/// channels first, then calls [`await_accept`] on each.
+pub fn connect_channel(
+    uri: &ChannelUri,
+    tuning: &SocketTuning,
+    hello: &ChannelHello,
+) -> Result<SocketChannel, TransportError> {
+    let mut ch = connect(uri, tuning)?;
+    crate::Channel::set_label(&mut ch, format!("{} ({uri})", hello.name()));
+    handshake::send_hello(&ch, hello)?;
+    Ok(ch)
+}
+
+/// Waits for the receiver's answer to a channel's hello; a refusal comes
+/// back as [`TransportError::Refused`] with the receiver's reason.
+pub fn await_accept(ch: &dyn crate::Channel, timeout: Duration) -> Result<(), TransportError> {
+    handshake::read_reply(ch, timeout)
+}
+
+/// A listening socket for one `tcp:` or `unix:` URI.
+pub struct Listener {
+    socket: Socket,
+    uri: ChannelUri,
+    tuning: SocketTuning,
+}
+
+impl Listener {
+    /// Binds and listens. `tcp:HOST:0` picks a free port; [`Listener::uri`]
+    /// then tells which. A stale `unix:` socket file is replaced.
+    pub fn bind(uri: &ChannelUri, tuning: SocketTuning) -> Result<Self, TransportError> {
+        let text = uri.to_string();
+        let (addr, domain, is_tcp) = resolve(uri, &text)?;
+        let err = |source| TransportError::Listen {
+            uri: text.clone(),
+            source,
+        };
+        if let ChannelUri::Unix(p) = uri {
+            if std::os::unix::net::UnixStream::connect(p).is_err() {
+                let _ = std::fs::remove_file(p);
+            }
+        }
+        let s = Socket::new(domain, Type::STREAM.cloexec(), None).map_err(err)?;
+        if is_tcp {
+            s.set_reuse_address(true).map_err(err)?;
+        }
+        s.bind(&addr).map_err(err)?;
+        s.listen(128).map_err(err)?;
+        let uri = match uri {
+            ChannelUri::Tcp { host, .. } => {
+                let port = s
+                    .local_addr()
+                    .ok()
+                    .and_then(|a| a.as_socket())
+                    .map_or(0, |a| a.port());
+                ChannelUri::Tcp {
+                    host: host.clone(),
+                    port,
+                }
+            }
+            other => other.clone(),
+        };
+        Ok(Self {
+            socket: s,
+            uri,
+            tuning,
+        })
+    }
+
+    pub fn uri(&self) -> &ChannelUri {
+        &self.uri
+    }
+
+    /// Waits for one connection, at most `timeout` if given.
+    pub fn accept(&self, timeout: Option<Duration>) -> Result<SocketChannel, TransportError> {
+        let text = self.uri.to_string();
+        self.socket
+            .set_read_timeout(timeout)
+            .map_err(|source| TransportError::Accept {
+                uri: text.clone(),
+                source,
+            })?;
+        let (s, peer) = self.socket.accept().map_err(|source| match source.kind() {
+            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => {
+                TransportError::Timeout {
+                    what: format!("a connection on {text}"),
+                    secs: timeout.unwrap_or_default().as_secs_f64(),
+                }
+            }
+            _ => TransportError::Accept {
+                uri: text.clone(),
+                source,
+            },
+        })?;
+        let is_tcp = matches!(self.uri, ChannelUri::Tcp { .. });
+        let peer = match peer.as_socket() {
+            Some(a) => format!("tcp {a}"),
+            None => format!("unix {}", text.trim_start_matches("unix:")),
+        };
+        self.tuning
+            .apply(&s, is_tcp)
+            .map_err(|source| TransportError::Io {
+                channel: peer.clone(),
+                what: "tuning socket",
+                source,
+            })?;
+        Ok(SocketChannel::new(s, format!("connection from {peer}")))
+    }
+}
+
+impl Drop for Listener {
+    fn drop(&mut self) {
+        if let ChannelUri::Unix(p) = &self.uri {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}
