@@ -47,5 +47,5 @@ pub enum MigrationError {
 #[error("{error}")]
 pub struct Failed {
     pub error: MigrationError,
-    pub summary: crate::Summary,
+    pub summary: Box<crate::Summary>,
 }

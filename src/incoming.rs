@@ -84,7 +84,10 @@ pub fn migrate_in(
             memory,
             device_state: state.device_state,
         }),
-        (Err(error), _) => Err(Failed { error, summary }),
+        (Err(error), _) => Err(Failed {
+            error,
+            summary: Box::new(summary),
+        }),
         (Ok(()), None) => unreachable!("a completed migration has memory"),
     }
 }

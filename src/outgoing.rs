@@ -77,7 +77,10 @@ pub fn migrate_out(
     progress.set_phase(summary.status);
     match result {
         Ok(()) => Ok(summary),
-        Err(error) => Err(Failed { error, summary }),
+        Err(error) => Err(Failed {
+            error,
+            summary: Box::new(summary),
+        }),
     }
 }
 

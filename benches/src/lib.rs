@@ -1,1 +1,463 @@
+//! ferry-bench: the end-to-end benchmark harness behind `ferry bench`, and
+//! (in `benches/datapath.rs`) criterion micro-benches of the data path.
+//!
+//! This crate owns how ferry is measured against its peers on one machine:
+//! making (or adopting) the dataset; running the real `ferry recv` and
+//! `ferry send` binaries over loopback TCP for each channel count and
+//! checking their digests; running QEMU's own multifd migration on the same
+//! bytes through a small QMP client, and `iperf3 -P K` for what the link
+//! carries; alternating the tools run by run so drift hits all of them alike;
+//! and reporting medians and ratios as a table, JSON and an SVG plot.
+//!
+//! It never links the controller: ferry is measured as a user runs it.
+//!
+//! Files: `run.rs` child processes and one ferry run; `qmp.rs` the QEMU
+//! peer; `iperf.rs` the iperf3 peer; `report.rs` medians, ratios and
+//! renderings; `sys.rs` the libc calls (rusage, statvfs); `error.rs` errors.
 
+mod error;
+mod iperf;
+mod qmp;
+mod report;
+mod run;
+mod sys;
+
+use std::collections::HashMap;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use ferry_ram::pattern::{write_file, Pattern};
+
+pub use error::BenchError;
+pub use report::{compute_ratios, median, BenchReport, Case, Ratio, Sample, Summary, Tool};
+
+use run::{display, FerryRun, RemoveOnDrop};
+
+/// The QEMU binary the peer runs.
+const QEMU_EXE: &str = "qemu-system-x86_64";
+const MIB: u64 = 1 << 20;
+
+/// What `ferry bench` should measure.
+#[derive(Clone, Debug)]
+pub struct BenchConfig {
+    /// The `ferry` binary to run (`recv` and `send`).
+    pub ferry_exe: PathBuf,
+    /// Bytes of guest RAM (the dataset's size), a multiple of 1 MiB; when
+    /// `dataset` is given, that file's size is used instead.
+    pub size: u64,
+    /// Channel counts to measure, e.g. `[1, 2, 4]`.
+    pub channels: Vec<u16>,
+    /// Runs per case; the report gives medians.
+    pub runs: usize,
+    /// Also run QEMU's multifd migration on the same dataset.
+    pub peer_qemu: bool,
+    /// Also run `iperf3 -P K` on loopback for each channel count.
+    pub peer_iperf: bool,
+    /// Use this file instead of generating one (it is never removed).
+    pub dataset: Option<PathBuf>,
+    /// Seed of the generated dataset (pattern `mixed`).
+    pub seed: u64,
+    /// Where the generated dataset goes (callers pass /dev/shm by default).
+    pub workdir: PathBuf,
+    /// Extra arguments for `ferry send`, e.g. `--zero-copy`, `--no-checksum`.
+    pub send_args: Vec<String>,
+}
+
+impl BenchConfig {
+    /// Defaults: 1 GiB, channels 1 and 2, 3 runs, no peers, seed 1, /dev/shm.
+    pub fn new(ferry_exe: impl Into<PathBuf>) -> Self {
+        Self {
+            ferry_exe: ferry_exe.into(),
+            size: 1 << 30,
+            channels: vec![1, 2],
+            runs: 3,
+            peer_qemu: false,
+            peer_iperf: false,
+            dataset: None,
+            seed: 1,
+            workdir: PathBuf::from("/dev/shm"),
+            send_args: Vec::new(),
+        }
+    }
+}
+
+fn human(size: u64) -> String {
+    if size >= 1 << 30 {
+        format!("{:.2} GiB", size as f64 / (1u64 << 30) as f64)
+    } else {
+        format!("{} MiB", size / MIB)
+    }
+}
+
+/// The channel counts, checked, duplicates dropped (first wins).
+fn channel_list(config: &BenchConfig) -> Result<Vec<u16>, BenchError> {
+    if config.channels.is_empty() {
+        return Err(BenchError::Config("no channel counts given".into()));
+    }
+    if config.channels.contains(&0) {
+        return Err(BenchError::Config("a channel count of 0".into()));
+    }
+    let mut out: Vec<u16> = Vec::new();
+    for &k in &config.channels {
+        if !out.contains(&k) {
+            out.push(k);
+        }
+    }
+    Ok(out)
+}
+
+/// Fails when the files to be written do not fit; files on one filesystem
+/// are added up. Each need is (what, directory, bytes).
+fn check_space(needs: &[(&str, &Path, u64)]) -> Result<(), BenchError> {
+    let mut by_fs: HashMap<u64, (Vec<&str>, &Path, u64)> = HashMap::new();
+    for &(what, dir, bytes) in needs {
+        let dev = std::fs::metadata(dir)
+            .map_err(|source| BenchError::Io {
+                what: "inspecting".into(),
+                path: dir.to_path_buf(),
+                source,
+            })?
+            .dev();
+        let e = by_fs.entry(dev).or_insert((Vec::new(), dir, 0));
+        e.0.push(what);
+        e.2 += bytes;
+    }
+    for (whats, dir, needed) in by_fs.into_values() {
+        let free = sys::free_bytes(dir).map_err(|source| BenchError::Io {
+            what: "reading the free space of".into(),
+            path: dir.to_path_buf(),
+            source,
+        })?;
+        if free < needed {
+            return Err(BenchError::NoSpace {
+                what: whats.join(" and "),
+                path: dir.to_path_buf(),
+                needed,
+                free,
+            });
+        }
+    }
+    Ok(())
+}
+
+fn fmt_sample(tool: &str, k: u16, run: usize, runs: usize, s: &Sample) -> String {
+    let cpu = s
+        .cpu_percent
+        .map_or_else(|| "-".into(), |c| format!("{c:.0}%"));
+    match s.gbps_ram {
+        Some(ram) => format!(
+            "{tool:<6} K={k} run {run}/{runs}: {:.3} s, {ram:.2} GB/s RAM, {:.2} GB/s wire, CPU {cpu}",
+            s.wall_s, s.gbps_wire
+        ),
+        None => format!(
+            "{tool:<6} K={k} run {run}/{runs}: {:.2} GB/s wire over {:.1} s, CPU {cpu}",
+            s.gbps_wire, s.wall_s
+        ),
+    }
+}
+
+/// Runs the benchmark: for each channel count, `runs` rounds of ferry, then
+/// QEMU, then iperf3 (the peers only when asked for and available), each
+/// round logged through `log`. Any failed ferry or peer run ends the bench
+/// with an error; a peer that cannot run here is skipped with a note.
+pub fn run(config: &BenchConfig, log: &mut dyn FnMut(&str)) -> Result<BenchReport, BenchError> {
+    let started_at_unix = sys::unix_now();
+    let channels = channel_list(config)?;
+    if config.runs == 0 {
+        return Err(BenchError::Config("runs must be at least 1".into()));
+    }
+    let mut notes = Vec::new();
+
+    // Which peers can run.
+    let mut qemu_version = None;
+    if config.peer_qemu {
+        match qmp::probe(QEMU_EXE) {
+            Ok(v) => qemu_version = Some(v),
+            Err(why) => {
+                let n = format!("qemu peer skipped: {why}");
+                log(&n);
+                notes.push(n);
+            }
+        }
+    }
+    let mut iperf_ok = false;
+    if config.peer_iperf {
+        match iperf::probe() {
+            Ok(v) => {
+                log(&format!("iperf3 peer: {v}"));
+                iperf_ok = true;
+            }
+            Err(why) => {
+                let n = format!("iperf3 peer skipped: {why}");
+                log(&n);
+                notes.push(n);
+            }
+        }
+    }
+
+    // The dataset's size: the given file's, or the configured one.
+    let size = match &config.dataset {
+        Some(path) => {
+            let len = std::fs::metadata(path)
+                .map_err(|source| BenchError::Io {
+                    what: "reading the dataset".into(),
+                    path: path.clone(),
+                    source,
+                })?
+                .len();
+            if len == 0 {
+                return Err(BenchError::Config(format!(
+                    "the dataset {} is empty",
+                    display(path)
+                )));
+            }
+            log(&format!("dataset: {} ({len} bytes)", display(path)));
+            len
+        }
+        None => {
+            if config.size == 0 || config.size % MIB != 0 {
+                return Err(BenchError::Config(format!(
+                    "size {} is not a positive multiple of 1 MiB",
+                    config.size
+                )));
+            }
+            config.size
+        }
+    };
+    if qemu_version.is_some() && size % MIB != 0 {
+        let n = format!("qemu peer skipped: the dataset's size {size} is not a multiple of 1 MiB");
+        log(&n);
+        notes.push(n);
+        qemu_version = None;
+    }
+    let shm = Path::new("/dev/shm");
+    let mut needs = Vec::new();
+    if config.dataset.is_none() {
+        std::fs::create_dir_all(&config.workdir).map_err(|source| BenchError::Io {
+            what: "creating the work directory".into(),
+            path: config.workdir.clone(),
+            source,
+        })?;
+        needs.push(("the dataset", config.workdir.as_path(), size));
+    }
+    if qemu_version.is_some() {
+        needs.push(("QEMU's copy of the dataset", shm, size));
+    }
+    check_space(&needs)?;
+
+    // Adopted, or generated and removed on the way out (error or not).
+    let (dataset, _generated) = match &config.dataset {
+        Some(path) => (path.clone(), None),
+        None => {
+            let path = config
+                .workdir
+                .join(format!("ferry-bench-{}.ram", std::process::id()));
+            let guard = RemoveOnDrop(path.clone());
+            log(&format!(
+                "dataset: generating {} (mixed, seed {}) at {}",
+                human(size),
+                config.seed,
+                display(&path)
+            ));
+            let t = Instant::now();
+            write_file(&path, size, Pattern::Mixed, config.seed)?;
+            log(&format!(
+                "dataset: generated in {:.2} s",
+                t.elapsed().as_secs_f64()
+            ));
+            (path, Some(guard))
+        }
+    };
+
+    let qemu = match &qemu_version {
+        Some(v) => {
+            log(&format!(
+                "qemu peer: QEMU {v}; copying the dataset to {}",
+                display(&qmp::QemuPeer::copy_path())
+            ));
+            Some(qmp::QemuPeer::prepare(QEMU_EXE, &dataset, size)?)
+        }
+        None => None,
+    };
+
+    let mut cases = Vec::new();
+    for &k in &channels {
+        let (mut f, mut q, mut i) = (Vec::new(), Vec::new(), Vec::new());
+        for r in 1..=config.runs {
+            let s = run::ferry_once(&FerryRun {
+                exe: &config.ferry_exe,
+                dataset: &dataset,
+                size,
+                channels: k,
+                send_args: &config.send_args,
+            })?;
+            log(&fmt_sample("ferry", k, r, config.runs, &s));
+            f.push(s);
+            if let Some(peer) = &qemu {
+                let s = peer.run_once(k)?;
+                log(&fmt_sample("qemu", k, r, config.runs, &s));
+                q.push(s);
+            }
+            if iperf_ok {
+                let s = iperf::run_once(k)?;
+                log(&fmt_sample("iperf3", k, r, config.runs, &s));
+                i.push(s);
+            }
+        }
+        cases.push(Case::new(Tool::Ferry, k, f));
+        if qemu.is_some() {
+            cases.push(Case::new(Tool::Qemu, k, q));
+        }
+        if iperf_ok {
+            cases.push(Case::new(Tool::Iperf3, k, i));
+        }
+    }
+    drop(qemu);
+
+    Ok(BenchReport {
+        size,
+        dataset: display(&dataset),
+        dataset_generated: config.dataset.is_none(),
+        seed: config.seed,
+        runs: config.runs,
+        channels,
+        send_args: config.send_args.clone(),
+        cpus: std::thread::available_parallelism().map_or(1, |n| n.get()),
+        qemu_version,
+        started_at_unix,
+        finished_at_unix: sys::unix_now(),
+        ratios: compute_ratios(&cases),
+        cases,
+        notes,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn config_is_checked() {
+        let mut c = BenchConfig::new("/no/such/ferry");
+        c.channels = vec![];
+        assert!(matches!(run(&c, &mut |_| {}), Err(BenchError::Config(_))));
+        c.channels = vec![1, 0];
+        assert!(matches!(run(&c, &mut |_| {}), Err(BenchError::Config(_))));
+        c.channels = vec![2, 1, 2];
+        assert_eq!(channel_list(&c).ok(), Some(vec![2, 1]));
+        c.runs = 0;
+        assert!(matches!(run(&c, &mut |_| {}), Err(BenchError::Config(_))));
+        c.runs = 1;
+        c.size = MIB + 1;
+        assert!(matches!(run(&c, &mut |_| {}), Err(BenchError::Config(_))));
+    }
+
+    #[test]
+    fn space_is_checked_per_filesystem() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        assert!(check_space(&[("a", dir.path(), 1), ("b", dir.path(), 1)]).is_ok());
+        let e = check_space(&[
+            ("a", dir.path(), u64::MAX / 2),
+            ("b", dir.path(), u64::MAX / 2),
+        ]);
+        match e {
+            Err(BenchError::NoSpace { what, .. }) => assert_eq!(what, "a and b"),
+            other => panic!("expected NoSpace, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn generated_dataset_is_removed_after_a_failed_run() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut c = BenchConfig::new("/no/such/ferry");
+        c.size = MIB;
+        c.workdir = dir.path().to_path_buf();
+        c.channels = vec![1];
+        let mut lines = Vec::new();
+        let e = run(&c, &mut |l| lines.push(l.to_string()));
+        assert!(matches!(e, Err(BenchError::Spawn { .. })), "{e:?}");
+        assert!(lines
+            .iter()
+            .any(|l| l.starts_with("dataset: generating 1 MiB")));
+        let left: Vec<_> = std::fs::read_dir(dir.path()).expect("read_dir").collect();
+        assert!(left.is_empty(), "dataset left behind: {left:?}");
+    }
+
+    /// The whole bench on 64 MiB with both peers, against the release
+    /// binary (or $FERRY_EXE): `cargo test -p ferry-bench -- --ignored`.
+    #[test]
+    #[ignore]
+    fn real_bench_64_mib() {
+        let exe = std::env::var_os("FERRY_EXE").map_or_else(
+            || Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/release/ferry"),
+            PathBuf::from,
+        );
+        if !exe.exists() {
+            eprintln!("skipped: no ferry binary at {}", exe.display());
+            return;
+        }
+        let dir = tempfile::tempdir_in("/dev/shm").expect("tempdir");
+        let mut c = BenchConfig::new(exe);
+        c.size = 64 << 20;
+        c.runs = 2;
+        c.peer_qemu = true;
+        c.peer_iperf = true;
+        c.workdir = dir.path().to_path_buf();
+        let report = run(&c, &mut |l| eprintln!("{l}")).expect("bench");
+        eprintln!("{}", report.table());
+        let svg = dir.path().join("bench.svg");
+        report.plot_svg(&svg).expect("plot");
+        let json = report.to_json();
+        assert_eq!(json["cases"][0]["tool"], "ferry");
+        assert!(report
+            .ratios
+            .iter()
+            .all(|r| r.ferry_over_qemu_wall.is_some()
+                || report
+                    .notes
+                    .iter()
+                    .any(|n| n.starts_with("qemu peer skipped"))));
+        let left: Vec<_> = std::fs::read_dir(dir.path())
+            .expect("read_dir")
+            .filter_map(Result::ok)
+            .map(|e| e.file_name())
+            .collect();
+        assert_eq!(
+            left,
+            vec![std::ffi::OsString::from("bench.svg")],
+            "dataset left behind"
+        );
+    }
+
+    /// A bad `ferry send` argument fails the bench quickly with both sides'
+    /// stories: `cargo test -p ferry-bench -- --ignored`.
+    #[test]
+    #[ignore]
+    fn real_ferry_failure_is_reported() {
+        let exe = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/release/ferry");
+        if !exe.exists() {
+            eprintln!("skipped: no ferry binary at {}", exe.display());
+            return;
+        }
+        let dir = tempfile::tempdir_in("/dev/shm").expect("tempdir");
+        let mut c = BenchConfig::new(exe);
+        c.size = 4 << 20;
+        c.runs = 1;
+        c.channels = vec![2];
+        c.workdir = dir.path().to_path_buf();
+        c.send_args = vec!["--no-such-option".into()];
+        let start = Instant::now();
+        let e = run(&c, &mut |_| {})
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        eprintln!("{e}");
+        assert!(
+            e.contains("ferry send: exit status: 2, printed no JSON report"),
+            "{e}"
+        );
+        assert!(e.contains("ferry recv: signal: 9"), "{e}");
+        assert!(start.elapsed().as_secs() < 20);
+    }
+}

@@ -153,6 +153,18 @@ fn header_crc(b: &[u8; HEADER_LEN], offsets: &[u64]) -> u32 {
     h.finalize()
 }
 
+/// crc32 of a payload given as the iovecs over its pages, in order: the
+/// same value whether adjacent pages were merged into runs or not.
+pub fn payload_crc(runs: &[libc::iovec]) -> u32 {
+    let mut crc = crc32fast::Hasher::new();
+    for run in runs {
+        // SAFETY: every iovec of a payload points at `iov_len` readable
+        // bytes of a guest RAM block that outlives this call.
+        crc.update(unsafe { std::slice::from_raw_parts(run.iov_base.cast::<u8>(), run.iov_len) });
+    }
+    crc.finalize()
+}
+
 /// The offsets as they travel: little-endian u64s (this is a little-endian
 /// host; see the compile-time check below).
 pub fn offsets_as_bytes(offsets: &[u64]) -> &[u8] {

@@ -336,7 +336,8 @@ impl ChannelReceiver {
             return Err(self.closed(format!("inside the payload of packet #{}", self.seq)));
         }
         if h.has_checksum() {
-            self.check_payload(h, block)?;
+            self.rebuild_payload_iov(h, block);
+            self.check_payload(h)?;
         }
         let received = &shared.received[h.block as usize];
         for &off in &self.offsets[..normal] {
@@ -381,16 +382,24 @@ impl ChannelReceiver {
         Ok(block)
     }
 
-    /// Checks the payload that just landed; remembers or clears suspects.
-    fn check_payload(&self, h: &PacketHeader, block: &RamBlock) -> Result<(), MultifdError> {
-        let ps = u64::from(h.page_size);
-        let normal = &self.offsets[..h.normal as usize];
-        let mut crc = crc32fast::Hasher::new();
-        for &off in normal {
-            crc.update(block.page(off / ps));
+    /// The iovecs over the payload's pages again (`recv_exact` consumed them).
+    fn rebuild_payload_iov(&mut self, h: &PacketHeader, block: &RamBlock) {
+        self.iov.clear();
+        for &off in &self.offsets[..h.normal as usize] {
+            push_run(
+                &mut self.iov,
+                block.host_addr(),
+                off,
+                u64::from(h.page_size),
+            );
         }
+    }
+
+    /// Checks the payload that just landed; remembers or clears suspects.
+    fn check_payload(&self, h: &PacketHeader) -> Result<(), MultifdError> {
+        let normal = &self.offsets[..h.normal as usize];
         let shared = &self.shared;
-        if crc.finalize() != h.payload_crc {
+        if crate::packet::payload_crc(&self.iov) != h.payload_crc {
             shared
                 .counters
                 .checksum_mismatches

@@ -501,7 +501,6 @@ impl ChannelSender {
             iov_base: std::ptr::null_mut(),
             iov_len: 0,
         });
-        let mut crc = crc32fast::Hasher::new();
         for w in first_word..last_word {
             // Clean before read: a write after this point re-dirties the page.
             let bits = bitmap.take_word(w);
@@ -511,9 +510,6 @@ impl ChannelSender {
                 if is_zero_page(bytes) {
                     self.zero_scratch.push(offset);
                     continue;
-                }
-                if self.checksum {
-                    crc.update(bytes);
                 }
                 s.offsets.push(offset);
                 push_page(&mut s.iov, bytes);
@@ -534,7 +530,11 @@ impl ChannelSender {
             seq: self.seq,
             payload_len: (normal * ps) as u64,
             generation: work.generation,
-            payload_crc: if self.checksum { crc.finalize() } else { 0 },
+            payload_crc: if self.checksum {
+                crate::packet::payload_crc(&s.iov[2..])
+            } else {
+                0
+            },
             header_crc: 0,
         };
         h.seal(&mut s.header, &s.offsets);

@@ -50,3 +50,14 @@ pub fn spawn_destination(
 ) -> JoinHandle<Result<IncomingOutcome, Failed>> {
     std::thread::spawn(move || migrate_in(&l, &opts, &Progress::default()))
 }
+
+/// Runs `f` on its own thread and fails the test if it takes longer than
+/// `secs`: a hang is a failure, not a stuck CI run.
+pub fn within<T: Send + 'static>(secs: u64, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(f());
+    });
+    rx.recv_timeout(std::time::Duration::from_secs(secs))
+        .unwrap_or_else(|_| panic!("did not finish within {secs} s"))
+}

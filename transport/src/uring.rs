@@ -64,7 +64,7 @@ impl Ring {
     pub fn new(entries: u32) -> Result<Self, TransportError> {
         let ring = IoUring::builder()
             .setup_single_issuer()
-            .setup_coop_taskrun()
+            .setup_defer_taskrun()
             .build(entries)
             .or_else(|_| IoUring::new(entries))
             .map_err(|source| TransportError::Uring {

@@ -1,0 +1,648 @@
+//! The benchmark report: per-run samples, medians per (tool, channels), the
+//! ferry/peer ratios, and the three renderings a person or a machine reads:
+//! a text table, JSON, and an SVG plot.
+//!
+//! Rates are GB/s in SI units (10^9 bytes per second). "RAM" rates divide the
+//! dataset size by the wall time; "wire" rates divide the bytes put on the
+//! wire by the same wall time.
+
+use std::fmt::Write as _;
+use std::path::Path;
+
+use plotters::prelude::*;
+use serde::Serialize;
+
+use crate::BenchError;
+
+/// Which program a case measures.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Tool {
+    /// `ferry send` → `ferry recv` over loopback TCP.
+    Ferry,
+    /// QEMU's own (multifd) migration of a paused KVM guest holding the dataset.
+    Qemu,
+    /// `iperf3 -P K` over loopback: what the link carries with K streams.
+    Iperf3,
+}
+
+impl Tool {
+    pub fn name(self) -> &'static str {
+        match self {
+            Tool::Ferry => "ferry",
+            Tool::Qemu => "qemu",
+            Tool::Iperf3 => "iperf3",
+        }
+    }
+}
+
+/// One measured run.
+#[derive(Clone, Debug, Serialize)]
+pub struct Sample {
+    /// ferry and QEMU: seconds from the start of the migration until the
+    /// destination held every page. iperf3: the test's duration.
+    pub wall_s: f64,
+    /// Bytes of guest RAM moved (the dataset size); 0 for iperf3.
+    pub ram_bytes: u64,
+    /// Bytes put on the wire (ferry: sender's `wire_bytes`; QEMU:
+    /// `ram.transferred`; iperf3: bytes received).
+    pub wire_bytes: u64,
+    /// `ram_bytes / wall_s` in GB/s; None for iperf3.
+    pub gbps_ram: Option<f64>,
+    /// `wire_bytes / wall_s` in GB/s.
+    pub gbps_wire: f64,
+    /// User + system CPU seconds of the tool's processes (both ends) over
+    /// their whole lives, from getrusage(RUSAGE_CHILDREN).
+    pub cpu_s: Option<f64>,
+    /// Wall seconds from spawning the first of those processes to reaping the last.
+    pub lifetime_s: Option<f64>,
+    /// `100 × cpu_s / lifetime_s`: up to 100 × cores.
+    pub cpu_percent: Option<f64>,
+    /// Tool-specific figures: ferry's two JSON reports, QEMU's query-migrate,
+    /// iperf3's summary.
+    pub detail: serde_json::Value,
+}
+
+impl Sample {
+    /// Fills in the derived rates and CPU share from the raw figures.
+    pub fn new(
+        wall_s: f64,
+        ram_bytes: u64,
+        wire_bytes: u64,
+        cpu: Option<(f64, f64)>,
+        detail: serde_json::Value,
+    ) -> Self {
+        let rate = |bytes: u64| {
+            if wall_s > 0.0 {
+                bytes as f64 / wall_s / 1e9
+            } else {
+                0.0
+            }
+        };
+        let (cpu_s, lifetime_s) = match cpu {
+            Some((c, l)) => (Some(c), Some(l)),
+            None => (None, None),
+        };
+        let cpu_percent = cpu.and_then(|(c, l)| (l > 0.0).then(|| 100.0 * c / l));
+        Self {
+            wall_s,
+            ram_bytes,
+            wire_bytes,
+            gbps_ram: (ram_bytes > 0).then(|| rate(ram_bytes)),
+            gbps_wire: rate(wire_bytes),
+            cpu_s,
+            lifetime_s,
+            cpu_percent,
+            detail,
+        }
+    }
+}
+
+/// Medians (and the spread of the wall time) over a case's samples.
+#[derive(Clone, Debug, Serialize)]
+pub struct Summary {
+    pub runs: usize,
+    pub wall_s: f64,
+    pub wall_min_s: f64,
+    pub wall_max_s: f64,
+    pub gbps_ram: Option<f64>,
+    pub gbps_wire: f64,
+    pub cpu_percent: Option<f64>,
+}
+
+impl Summary {
+    /// None when there are no samples.
+    pub fn of(samples: &[Sample]) -> Option<Self> {
+        let walls: Vec<f64> = samples.iter().map(|s| s.wall_s).collect();
+        let wall_s = median(&walls)?;
+        let finite = walls.iter().copied().filter(|w| w.is_finite());
+        let wall_min_s = finite.clone().fold(f64::INFINITY, f64::min);
+        let wall_max_s = finite.fold(f64::NEG_INFINITY, f64::max);
+        let ram: Vec<f64> = samples.iter().filter_map(|s| s.gbps_ram).collect();
+        let wire: Vec<f64> = samples.iter().map(|s| s.gbps_wire).collect();
+        let cpu: Vec<f64> = samples.iter().filter_map(|s| s.cpu_percent).collect();
+        Some(Self {
+            runs: samples.len(),
+            wall_s,
+            wall_min_s,
+            wall_max_s,
+            gbps_ram: median(&ram),
+            gbps_wire: median(&wire).unwrap_or(0.0),
+            cpu_percent: median(&cpu),
+        })
+    }
+}
+
+/// Every run of one tool at one channel count.
+#[derive(Clone, Debug, Serialize)]
+pub struct Case {
+    pub tool: Tool,
+    pub channels: u16,
+    pub summary: Option<Summary>,
+    pub samples: Vec<Sample>,
+}
+
+impl Case {
+    pub fn new(tool: Tool, channels: u16, samples: Vec<Sample>) -> Self {
+        Self {
+            tool,
+            channels,
+            summary: Summary::of(&samples),
+            samples,
+        }
+    }
+}
+
+/// ferry against its peers at one channel count, from the medians.
+#[derive(Clone, Debug, Serialize)]
+pub struct Ratio {
+    pub channels: u16,
+    /// ferry's median wall time / QEMU's: below 1 means ferry is faster.
+    pub ferry_over_qemu_wall: Option<f64>,
+    /// ferry's median wire rate / iperf3's: the share of the link ferry uses.
+    pub ferry_wire_over_iperf3: Option<f64>,
+}
+
+/// The ratios for every channel count that has a ferry case.
+pub fn compute_ratios(cases: &[Case]) -> Vec<Ratio> {
+    let summary = |tool: Tool, k: u16| {
+        cases
+            .iter()
+            .find(|c| c.tool == tool && c.channels == k)
+            .and_then(|c| c.summary.as_ref())
+    };
+    let mut out = Vec::new();
+    for case in cases.iter().filter(|c| c.tool == Tool::Ferry) {
+        let k = case.channels;
+        let Some(ferry) = summary(Tool::Ferry, k) else {
+            continue;
+        };
+        let qemu = summary(Tool::Qemu, k);
+        let iperf = summary(Tool::Iperf3, k);
+        out.push(Ratio {
+            channels: k,
+            ferry_over_qemu_wall: qemu
+                .filter(|q| q.wall_s > 0.0)
+                .map(|q| ferry.wall_s / q.wall_s),
+            ferry_wire_over_iperf3: iperf
+                .filter(|i| i.gbps_wire > 0.0)
+                .map(|i| ferry.gbps_wire / i.gbps_wire),
+        });
+    }
+    out
+}
+
+/// The median of the finite values (mean of the middle two for an even
+/// count); None when there are none.
+pub fn median(values: &[f64]) -> Option<f64> {
+    let mut v: Vec<f64> = values.iter().copied().filter(|x| x.is_finite()).collect();
+    if v.is_empty() {
+        return None;
+    }
+    v.sort_by(f64::total_cmp);
+    let mid = v.len() / 2;
+    Some(if v.len() % 2 == 1 {
+        v[mid]
+    } else {
+        (v[mid - 1] + v[mid]) / 2.0
+    })
+}
+
+/// One plotted line: label, colour, and (channels, GB/s) points.
+type Line = (String, RGBColor, Vec<(i32, f64)>);
+
+/// What `ferry bench` measured, with enough context to compare runs later.
+#[derive(Clone, Debug, Serialize)]
+pub struct BenchReport {
+    /// Dataset size, bytes.
+    pub size: u64,
+    /// The dataset file (removed after the run when it was generated).
+    pub dataset: String,
+    pub dataset_generated: bool,
+    pub seed: u64,
+    pub runs: usize,
+    pub channels: Vec<u16>,
+    pub send_args: Vec<String>,
+    /// CPUs this process may use.
+    pub cpus: usize,
+    /// `qemu-system-x86_64 --version`'s version, when the QEMU peer ran.
+    pub qemu_version: Option<String>,
+    pub started_at_unix: f64,
+    pub finished_at_unix: f64,
+    /// One per (channel count, tool), channel counts in the order asked,
+    /// ferry before qemu before iperf3.
+    pub cases: Vec<Case>,
+    pub ratios: Vec<Ratio>,
+    /// Peers skipped and why, and anything else worth knowing.
+    pub notes: Vec<String>,
+}
+
+fn fmt_opt(v: Option<f64>, decimals: usize) -> String {
+    v.filter(|x| x.is_finite())
+        .map_or_else(|| "-".into(), |x| format!("{x:.decimals$}"))
+}
+
+fn human_bytes(b: u64) -> String {
+    const GIB: f64 = (1u64 << 30) as f64;
+    const MIB: f64 = (1u64 << 20) as f64;
+    let f = b as f64;
+    if f >= GIB {
+        format!("{:.2} GiB", f / GIB)
+    } else {
+        format!("{:.0} MiB", f / MIB)
+    }
+}
+
+impl BenchReport {
+    /// A human table: one row per (tool, channels) with the median wall time,
+    /// its min/max, GB/s of guest RAM, GB/s on the wire and CPU%; then the
+    /// ratios per channel count; then the notes.
+    pub fn table(&self) -> String {
+        let mut s = String::new();
+        let extra = if self.send_args.is_empty() {
+            String::new()
+        } else {
+            format!(", ferry send {}", self.send_args.join(" "))
+        };
+        let _ = writeln!(
+            s,
+            "ferry bench: {} dataset (seed {}), {} run(s) per case, medians{extra}",
+            human_bytes(self.size),
+            self.seed,
+            self.runs
+        );
+        let _ = writeln!(
+            s,
+            "{:<7} {:>3} {:>8} {:>8} {:>8} {:>9} {:>10} {:>6}",
+            "tool", "ch", "wall s", "min s", "max s", "GB/s RAM", "GB/s wire", "CPU%"
+        );
+        for case in &self.cases {
+            let Some(m) = &case.summary else {
+                let _ = writeln!(s, "{:<7} {:>3}  (no runs)", case.tool.name(), case.channels);
+                continue;
+            };
+            // iperf3's wall time is just its fixed test length: not comparable.
+            let timed = case.tool != Tool::Iperf3;
+            let wall = |v: f64| fmt_opt(timed.then_some(v), 3);
+            let _ = writeln!(
+                s,
+                "{:<7} {:>3} {:>8} {:>8} {:>8} {:>9} {:>10} {:>6}",
+                case.tool.name(),
+                case.channels,
+                wall(m.wall_s),
+                wall(m.wall_min_s),
+                wall(m.wall_max_s),
+                fmt_opt(m.gbps_ram, 2),
+                fmt_opt(Some(m.gbps_wire), 2),
+                fmt_opt(m.cpu_percent, 0),
+            );
+        }
+        let useful: Vec<&Ratio> = self
+            .ratios
+            .iter()
+            .filter(|r| r.ferry_over_qemu_wall.is_some() || r.ferry_wire_over_iperf3.is_some())
+            .collect();
+        if !useful.is_empty() {
+            let _ = writeln!(s, "\nratios (from medians)");
+            let _ = writeln!(
+                s,
+                "{:>3} {:>16} {:>20}",
+                "ch", "ferry/qemu wall", "ferry wire/iperf3"
+            );
+            for r in useful {
+                let speed = match r.ferry_over_qemu_wall {
+                    Some(x) if x > 0.0 && x.is_finite() => {
+                        format!("{x:.2} ({:.2}x)", 1.0 / x)
+                    }
+                    _ => "-".into(),
+                };
+                let _ = writeln!(
+                    s,
+                    "{:>3} {:>16} {:>20}",
+                    r.channels,
+                    speed,
+                    fmt_opt(r.ferry_wire_over_iperf3, 2)
+                );
+            }
+            let _ = writeln!(
+                s,
+                "(ferry/qemu wall < 1: ferry is faster; (Nx) is ferry's speed-up)"
+            );
+        }
+        if !self.notes.is_empty() {
+            let _ = writeln!(s, "\nnotes:");
+            for n in &self.notes {
+                let _ = writeln!(s, "- {n}");
+            }
+        }
+        s
+    }
+
+    /// The whole report as JSON (the same shape as its `Serialize`).
+    pub fn to_json(&self) -> serde_json::Value {
+        serde_json::to_value(self).unwrap_or_else(
+            |e| serde_json::json!({ "error": format!("cannot serialise the report: {e}") }),
+        )
+    }
+
+    /// The points of each plotted line.
+    fn series(&self) -> Vec<Line> {
+        let qemu = match &self.qemu_version {
+            Some(v) => format!("QEMU {v} multifd: GB/s of guest RAM"),
+            None => "QEMU multifd: GB/s of guest RAM".into(),
+        };
+        let lines = [
+            (
+                Tool::Ferry,
+                "ferry: GB/s of guest RAM".to_string(),
+                RGBColor(0x1f, 0x77, 0xb4),
+            ),
+            (Tool::Qemu, qemu, RGBColor(0xd6, 0x27, 0x28)),
+            (
+                Tool::Iperf3,
+                "iperf3 -P K: GB/s on the wire".to_string(),
+                RGBColor(0x55, 0x55, 0x55),
+            ),
+        ];
+        let mut out = Vec::new();
+        for (tool, label, colour) in lines {
+            let mut pts: Vec<(i32, f64)> = self
+                .cases
+                .iter()
+                .filter(|c| c.tool == tool)
+                .filter_map(|c| {
+                    let m = c.summary.as_ref()?;
+                    let y = if tool == Tool::Iperf3 {
+                        Some(m.gbps_wire)
+                    } else {
+                        m.gbps_ram
+                    }?;
+                    y.is_finite().then_some((i32::from(c.channels), y))
+                })
+                .collect();
+            pts.sort_by_key(|p| p.0);
+            if !pts.is_empty() {
+                out.push((label, colour, pts));
+            }
+        }
+        out
+    }
+
+    /// Writes an SVG plot of GB/s against the channel count: one line per
+    /// tool (ferry and QEMU: guest RAM; iperf3: the wire), each point labelled.
+    pub fn plot_svg(&self, path: &Path) -> Result<(), BenchError> {
+        let err = |e: &dyn std::fmt::Display| BenchError::Plot {
+            path: path.to_path_buf(),
+            msg: e.to_string(),
+        };
+        let series = self.series();
+        let xs = series.iter().flat_map(|s| s.2.iter().map(|p| p.0));
+        let (xmin, xmax) = xs.fold((i32::MAX, i32::MIN), |(lo, hi), x| (lo.min(x), hi.max(x)));
+        let (xmin, xmax) = if xmin > xmax { (1, 1) } else { (xmin, xmax) };
+        let ymax = series
+            .iter()
+            .flat_map(|s| s.2.iter().map(|p| p.1))
+            .fold(0.0f64, f64::max);
+        let ymax = if ymax > 0.0 { ymax * 1.25 } else { 1.0 };
+        let title = format!(
+            "ferry bench: {} dataset, median of {} run(s)",
+            human_bytes(self.size),
+            self.runs
+        );
+
+        let root = SVGBackend::new(path, (960, 560)).into_drawing_area();
+        root.fill(&WHITE).map_err(|e| err(&e))?;
+        let mut chart = ChartBuilder::on(&root)
+            .caption(title, ("sans-serif", 24))
+            .margin(20)
+            .x_label_area_size(50)
+            .y_label_area_size(70)
+            .build_cartesian_2d((xmin - 1)..(xmax + 1), 0f64..ymax)
+            .map_err(|e| err(&e))?;
+        let x_labels = usize::try_from(xmax - xmin + 3).unwrap_or(3).min(20);
+        // Only the measured range is labelled, not the padding either side.
+        let x_label = move |x: &i32| {
+            if (xmin..=xmax).contains(x) {
+                x.to_string()
+            } else {
+                String::new()
+            }
+        };
+        chart
+            .configure_mesh()
+            .x_desc("channels (K)")
+            .y_desc("GB/s (10^9 bytes/s)")
+            .x_labels(x_labels)
+            .y_labels(8)
+            .x_label_formatter(&x_label)
+            .y_label_formatter(&|y| format!("{y:.1}"))
+            .label_style(("sans-serif", 15))
+            .axis_desc_style(("sans-serif", 17))
+            .light_line_style(WHITE.mix(0.0))
+            .draw()
+            .map_err(|e| err(&e))?;
+        for (label, colour, pts) in series {
+            chart
+                .draw_series(LineSeries::new(pts.clone(), colour.stroke_width(3)))
+                .map_err(|e| err(&e))?
+                .label(label)
+                .legend(move |(x, y)| {
+                    PathElement::new(vec![(x, y), (x + 24, y)], colour.stroke_width(3))
+                });
+            chart
+                .draw_series(pts.iter().map(|&p| Circle::new(p, 5, colour.filled())))
+                .map_err(|e| err(&e))?;
+            chart
+                .draw_series(pts.iter().map(|&(x, y)| {
+                    EmptyElement::at((x, y))
+                        + Text::new(
+                            format!("{y:.2}"),
+                            (7, -20),
+                            ("sans-serif", 14).into_font().color(&colour),
+                        )
+                }))
+                .map_err(|e| err(&e))?;
+        }
+        chart
+            .configure_series_labels()
+            .position(SeriesLabelPosition::UpperLeft)
+            .background_style(WHITE.mix(0.9))
+            .border_style(BLACK)
+            .label_font(("sans-serif", 15))
+            .draw()
+            .map_err(|e| err(&e))?;
+        root.present().map_err(|e| err(&e))?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample(wall: f64, cpu: f64) -> Sample {
+        Sample::new(
+            wall,
+            1 << 30,
+            800 << 20,
+            Some((cpu * wall / 100.0, wall)),
+            serde_json::Value::Null,
+        )
+    }
+
+    fn iperf(gbps: f64) -> Sample {
+        Sample::new(3.0, 0, (gbps * 3e9) as u64, None, serde_json::Value::Null)
+    }
+
+    pub(crate) fn hand_report() -> BenchReport {
+        let cases = vec![
+            Case::new(
+                Tool::Ferry,
+                1,
+                vec![sample(1.0, 90.0), sample(1.2, 100.0), sample(0.8, 80.0)],
+            ),
+            Case::new(
+                Tool::Qemu,
+                1,
+                vec![sample(2.0, 60.0), sample(2.2, 70.0), sample(1.8, 50.0)],
+            ),
+            Case::new(Tool::Iperf3, 1, vec![iperf(4.0), iperf(5.0), iperf(6.0)]),
+            Case::new(
+                Tool::Ferry,
+                2,
+                vec![sample(0.5, 150.0), sample(0.6, 160.0), sample(0.4, 170.0)],
+            ),
+            Case::new(
+                Tool::Qemu,
+                2,
+                vec![sample(1.0, 120.0), sample(1.0, 130.0), sample(1.0, 110.0)],
+            ),
+            Case::new(Tool::Iperf3, 2, vec![iperf(6.0), iperf(6.0), iperf(6.0)]),
+        ];
+        BenchReport {
+            size: 1 << 30,
+            dataset: "/dev/shm/x.ram".into(),
+            dataset_generated: true,
+            seed: 7,
+            runs: 3,
+            channels: vec![1, 2],
+            send_args: vec!["--no-checksum".into()],
+            cpus: 2,
+            qemu_version: Some("10.0.2".into()),
+            started_at_unix: 1.7e9,
+            finished_at_unix: 1.7e9 + 30.0,
+            ratios: compute_ratios(&cases),
+            cases,
+            notes: vec!["a note".into()],
+        }
+    }
+
+    #[test]
+    fn median_of_odd_even_empty_and_nan() {
+        assert_eq!(median(&[3.0, 1.0, 2.0]), Some(2.0));
+        assert_eq!(median(&[4.0, 1.0, 3.0, 2.0]), Some(2.5));
+        assert_eq!(median(&[5.0]), Some(5.0));
+        assert_eq!(median(&[]), None);
+        assert_eq!(median(&[f64::NAN]), None);
+        assert_eq!(median(&[f64::NAN, 1.0, 9.0, 5.0]), Some(5.0));
+    }
+
+    #[test]
+    fn summary_and_ratios() {
+        let r = hand_report();
+        let f1 = r.cases[0].summary.as_ref().expect("ferry summary");
+        assert_eq!(f1.runs, 3);
+        assert!((f1.wall_s - 1.0).abs() < 1e-9);
+        assert!((f1.wall_min_s - 0.8).abs() < 1e-9);
+        assert!((f1.wall_max_s - 1.2).abs() < 1e-9);
+        assert!((f1.cpu_percent.unwrap_or(0.0) - 90.0).abs() < 1e-6);
+        let gib = (1u64 << 30) as f64 / 1e9;
+        assert!((f1.gbps_ram.unwrap_or(0.0) - gib).abs() < 1e-9);
+        assert_eq!(r.ratios.len(), 2);
+        assert!((r.ratios[0].ferry_over_qemu_wall.unwrap_or(0.0) - 0.5).abs() < 1e-9);
+        let wire = (800u64 << 20) as f64 / 1e9;
+        assert!((r.ratios[0].ferry_wire_over_iperf3.unwrap_or(0.0) - wire / 5.0).abs() < 1e-6);
+        assert!((r.ratios[1].ferry_over_qemu_wall.unwrap_or(0.0) - 0.5).abs() < 1e-9);
+        // iperf3 has no RAM rate.
+        assert!(r.cases[2]
+            .summary
+            .as_ref()
+            .is_some_and(|s| s.gbps_ram.is_none()));
+    }
+
+    #[test]
+    fn ratios_absent_without_peers() {
+        let cases = vec![Case::new(Tool::Ferry, 4, vec![sample(1.0, 50.0)])];
+        let r = compute_ratios(&cases);
+        assert_eq!(r.len(), 1);
+        assert!(r[0].ferry_over_qemu_wall.is_none() && r[0].ferry_wire_over_iperf3.is_none());
+    }
+
+    #[test]
+    fn table_renders_rows_ratios_and_notes() {
+        let t = hand_report().table();
+        println!("{t}");
+        assert!(t.contains("1.00 GiB dataset (seed 7), 3 run(s)"));
+        assert!(t.contains("--no-checksum"));
+        let ferry1 = t
+            .lines()
+            .find(|l| l.starts_with("ferry") && l.split_whitespace().nth(1) == Some("1"))
+            .expect("ferry row");
+        assert_eq!(
+            ferry1.split_whitespace().collect::<Vec<_>>(),
+            ["ferry", "1", "1.000", "0.800", "1.200", "1.07", "0.84", "90"]
+        );
+        let iperf2 = t
+            .lines()
+            .find(|l| l.starts_with("iperf3") && l.split_whitespace().nth(1) == Some("2"))
+            .expect("iperf3 row");
+        assert_eq!(
+            iperf2.split_whitespace().collect::<Vec<_>>(),
+            ["iperf3", "2", "-", "-", "-", "-", "6.00", "-"]
+        );
+        assert!(t.contains("ratios"));
+        assert!(t.contains("0.50 (2.00x)"));
+        assert!(t.contains("- a note"));
+    }
+
+    #[test]
+    fn json_has_cases_ratios_and_notes() {
+        let j = hand_report().to_json();
+        assert_eq!(j["size"], 1u64 << 30);
+        assert_eq!(j["cases"].as_array().map(Vec::len), Some(6));
+        assert_eq!(j["cases"][0]["tool"], "ferry");
+        assert_eq!(j["cases"][2]["tool"], "iperf3");
+        assert_eq!(j["cases"][0]["summary"]["runs"], 3);
+        assert_eq!(j["cases"][0]["samples"].as_array().map(Vec::len), Some(3));
+        assert_eq!(j["ratios"][1]["channels"], 2);
+        assert!(j["ratios"][0]["ferry_over_qemu_wall"].as_f64().is_some());
+        assert_eq!(j["notes"][0], "a note");
+        assert_eq!(j["qemu_version"], "10.0.2");
+    }
+
+    #[test]
+    fn svg_plot_is_written() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("bench.svg");
+        hand_report().plot_svg(&path).expect("plot");
+        let svg = std::fs::read_to_string(&path).expect("read svg");
+        assert!(svg.contains("<svg"));
+        assert!(svg.contains("ferry: GB/s of guest RAM"));
+        assert!(svg.contains("QEMU 10.0.2 multifd"));
+        assert!(svg.contains("iperf3 -P K"));
+        assert!(svg.contains("channels (K)"));
+    }
+
+    #[test]
+    fn svg_plot_of_empty_report_and_bad_path() {
+        let mut r = hand_report();
+        r.cases.clear();
+        r.ratios.clear();
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("empty.svg");
+        r.plot_svg(&path).expect("empty plot");
+        assert!(std::fs::read_to_string(&path).is_ok_and(|s| s.contains("<svg")));
+        let bad = dir.path().join("no/such/dir/x.svg");
+        assert!(matches!(r.plot_svg(&bad), Err(BenchError::Plot { .. })));
+    }
+}

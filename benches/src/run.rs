@@ -1,0 +1,588 @@
+//! Child processes and one ferry run.
+//!
+//! [`Proc`] wraps a child whose stdout and stderr are drained by threads (so
+//! a chatty child never blocks on a full pipe) and which is killed and reaped
+//! if dropped while still running. [`ferry_once`] runs `ferry recv` and
+//! `ferry send` over loopback TCP and turns their two JSON reports into a
+//! [`Sample`], checking status and digests.
+
+use std::io::{BufRead, BufReader, Read};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStderr, ChildStdout, Command, ExitStatus, Stdio};
+use std::sync::mpsc::{self, RecvTimeoutError, Sender};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use crate::sys::{children_cpu_s, tail, unix_now};
+use crate::{BenchError, Sample};
+
+/// How long `ferry recv` may take to print its listening line.
+pub(crate) const LISTEN_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long one ferry process may run on once the other has failed.
+const FAILURE_GRACE: Duration = Duration::from_secs(5);
+/// How many stderr lines a [`Proc`] keeps (the last ones).
+const STDERR_KEEP: usize = 400;
+/// Lines of stderr quoted in an error.
+pub(crate) const TAIL_LINES: usize = 20;
+
+/// A time limit for one migration of `size` bytes: generous, so that only a
+/// hang trips it (a minute plus 10 MB/s).
+pub(crate) fn run_timeout(size: u64) -> Duration {
+    Duration::from_secs(60 + size / 10_000_000)
+}
+
+/// A running child with drained pipes; killed and reaped on drop.
+pub(crate) struct Proc {
+    pub(crate) name: String,
+    child: Child,
+    status: Option<ExitStatus>,
+    stdout: Option<JoinHandle<String>>,
+    stderr: Option<JoinHandle<()>>,
+    stderr_lines: Arc<Mutex<Vec<String>>>,
+}
+
+/// What a finished [`Proc`] left behind.
+pub(crate) struct Finished {
+    pub(crate) status: ExitStatus,
+    pub(crate) stdout: String,
+    pub(crate) stderr: String,
+}
+
+impl Proc {
+    /// Spawns `cmd` with stdin closed and stdout/stderr piped. Every stderr
+    /// line is also sent to `lines` when given.
+    pub(crate) fn spawn(
+        name: &str,
+        mut cmd: Command,
+        lines: Option<Sender<String>>,
+    ) -> Result<Self, BenchError> {
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = cmd.spawn().map_err(|source| BenchError::Spawn {
+            process: name.into(),
+            exe: cmd.get_program().to_string_lossy().into_owned(),
+            source,
+        })?;
+        let stdout = child.stdout.take().map(drain_stdout);
+        let stderr_lines = Arc::new(Mutex::new(Vec::new()));
+        let stderr = child
+            .stderr
+            .take()
+            .map(|e| drain_stderr(e, Arc::clone(&stderr_lines), lines));
+        Ok(Self {
+            name: name.into(),
+            child,
+            status: None,
+            stdout,
+            stderr,
+            stderr_lines,
+        })
+    }
+
+    /// The exit status if the child has exited (reaping it).
+    pub(crate) fn try_wait(&mut self) -> Result<Option<ExitStatus>, BenchError> {
+        if self.status.is_none() {
+            self.status = self
+                .child
+                .try_wait()
+                .map_err(|source| BenchError::Process {
+                    process: self.name.clone(),
+                    source,
+                })?;
+        }
+        Ok(self.status)
+    }
+
+    /// Kills the child if it still runs, and reaps it.
+    pub(crate) fn kill(&mut self) {
+        if self.status.is_none() {
+            let _ = self.child.kill();
+            self.status = self.child.wait().ok();
+        }
+    }
+
+    /// The stderr lines seen so far (the last [`STDERR_KEEP`]).
+    pub(crate) fn stderr_so_far(&self) -> String {
+        self.stderr_lines
+            .lock()
+            .map(|l| l.join("\n"))
+            .unwrap_or_default()
+    }
+
+    /// Waits for the child to exit (it must be about to: call after
+    /// [`wait_all`]), then collects its output.
+    pub(crate) fn finish(mut self) -> Result<Finished, BenchError> {
+        let status = match self.status {
+            Some(s) => s,
+            None => self.child.wait().map_err(|source| BenchError::Process {
+                process: self.name.clone(),
+                source,
+            })?,
+        };
+        self.status = Some(status);
+        let stdout = self
+            .stdout
+            .take()
+            .and_then(|h| h.join().ok())
+            .unwrap_or_default();
+        if let Some(h) = self.stderr.take() {
+            let _ = h.join();
+        }
+        Ok(Finished {
+            status,
+            stdout,
+            stderr: self.stderr_so_far(),
+        })
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn drain_stdout(mut out: ChildStdout) -> JoinHandle<String> {
+    std::thread::spawn(move || {
+        let mut buf = Vec::new();
+        let _ = out.read_to_end(&mut buf);
+        String::from_utf8_lossy(&buf).into_owned()
+    })
+}
+
+fn drain_stderr(
+    err: ChildStderr,
+    keep: Arc<Mutex<Vec<String>>>,
+    lines: Option<Sender<String>>,
+) -> JoinHandle<()> {
+    std::thread::spawn(move || {
+        let mut reader = BufReader::new(err);
+        let mut buf = Vec::new();
+        loop {
+            buf.clear();
+            match reader.read_until(b'\n', &mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {}
+            }
+            let line = String::from_utf8_lossy(&buf).trim_end().to_string();
+            if let Ok(mut k) = keep.lock() {
+                if k.len() >= STDERR_KEEP {
+                    k.remove(0);
+                }
+                k.push(line.clone());
+            }
+            if let Some(tx) = &lines {
+                let _ = tx.send(line);
+            }
+        }
+    })
+}
+
+/// Polls until every process has exited; past `deadline` kills them all and
+/// fails with a timeout naming `what`. Returns when the last one was reaped.
+pub(crate) fn wait_all(
+    procs: &mut [&mut Proc],
+    deadline: Instant,
+    what: &str,
+    timeout: Duration,
+) -> Result<Instant, BenchError> {
+    wait_all_with_grace(procs, deadline, what, timeout, None)
+}
+
+/// [`wait_all`], except that once one process has exited with a failure the
+/// others get only `grace` more: then they are killed and this returns
+/// normally, so the caller reports the failure rather than a timeout (a
+/// `ferry recv` never reached by a failed `ferry send` would wait for ever).
+pub(crate) fn wait_all_with_grace(
+    procs: &mut [&mut Proc],
+    deadline: Instant,
+    what: &str,
+    timeout: Duration,
+    grace: Option<Duration>,
+) -> Result<Instant, BenchError> {
+    let mut cut_off: Option<Instant> = None;
+    loop {
+        let mut running = false;
+        for p in procs.iter_mut() {
+            match p.try_wait()? {
+                None => running = true,
+                Some(status) if !status.success() && cut_off.is_none() => {
+                    cut_off = grace.map(|g| Instant::now() + g);
+                }
+                Some(_) => {}
+            }
+        }
+        if !running {
+            return Ok(Instant::now());
+        }
+        if cut_off.is_some_and(|c| Instant::now() >= c) {
+            for p in procs.iter_mut() {
+                p.kill();
+            }
+            return Ok(Instant::now());
+        }
+        if Instant::now() >= deadline {
+            let mut detail = Vec::new();
+            for p in procs.iter_mut() {
+                let was_running = p.try_wait()?.is_none();
+                p.kill();
+                detail.push(format!(
+                    "{}{}; stderr tail:\n{}",
+                    p.name,
+                    if was_running {
+                        " was still running"
+                    } else {
+                        " had exited"
+                    },
+                    tail(&p.stderr_so_far(), TAIL_LINES)
+                ));
+            }
+            return Err(BenchError::Timeout {
+                what: what.into(),
+                secs: timeout.as_secs(),
+                detail: detail.join("\n"),
+            });
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+/// The one JSON object a ferry process prints on stdout: tries the whole
+/// text, then each line that looks like an object, last first.
+pub(crate) fn parse_json_object(stdout: &str) -> Option<Value> {
+    let mut stream = serde_json::Deserializer::from_str(stdout.trim()).into_iter::<Value>();
+    let mut last = None;
+    for v in stream.by_ref() {
+        match v {
+            Ok(v @ Value::Object(_)) => last = Some(v),
+            Ok(_) => {}
+            Err(_) => {
+                last = None;
+                break;
+            }
+        }
+    }
+    last.or_else(|| {
+        stdout
+            .lines()
+            .rev()
+            .filter(|l| l.trim_start().starts_with('{'))
+            .find_map(|l| {
+                serde_json::from_str::<Value>(l.trim())
+                    .ok()
+                    .filter(Value::is_object)
+            })
+    })
+}
+
+/// What one ferry run is asked to do.
+pub(crate) struct FerryRun<'a> {
+    pub(crate) exe: &'a Path,
+    pub(crate) dataset: &'a Path,
+    pub(crate) size: u64,
+    pub(crate) channels: u16,
+    pub(crate) send_args: &'a [String],
+}
+
+/// One side's report, checked; `Err` holds a description of the failure.
+fn check_side(name: &str, fin: &Finished) -> Result<Value, String> {
+    let stderr = tail(&fin.stderr, TAIL_LINES);
+    let Some(json) = parse_json_object(&fin.stdout) else {
+        let stdout = if fin.stdout.trim().is_empty() {
+            String::new()
+        } else {
+            format!("; stdout tail:\n{}", tail(&fin.stdout, 5))
+        };
+        return Err(format!(
+            "{name}: {}, printed no JSON report{stdout}\n{name} stderr tail:\n{stderr}",
+            fin.status
+        ));
+    };
+    let status = json["status"].as_str().unwrap_or("(no status)");
+    if status != "completed" || !fin.status.success() {
+        let error = json["error"].as_str().unwrap_or("(no error text)");
+        return Err(format!(
+            "{name}: {}, status \"{status}\": {error}\n{name} stderr tail:\n{stderr}",
+            fin.status
+        ));
+    }
+    Ok(json)
+}
+
+/// Runs `ferry recv` then `ferry send`, waits for both, and measures the
+/// wall time from just before `send` was spawned until the receiver's
+/// `finished_at_unix`.
+pub(crate) fn ferry_once(run: &FerryRun<'_>) -> Result<Sample, BenchError> {
+    let cpu_err = |source| BenchError::Process {
+        process: "getrusage".into(),
+        source,
+    };
+    let timeout = run_timeout(run.size);
+    let cpu0 = children_cpu_s().map_err(cpu_err)?;
+    let born = Instant::now();
+
+    let mut cmd = Command::new(run.exe);
+    cmd.args(["recv", "--listen", "tcp:127.0.0.1:0", "--json"]);
+    let (tx, rx) = mpsc::channel();
+    let mut recv = Proc::spawn("ferry recv", cmd, Some(tx))?;
+
+    let listen_deadline = Instant::now() + LISTEN_TIMEOUT;
+    let uri = loop {
+        let left = listen_deadline.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(line) => {
+                if let Some(uri) = line.trim().strip_prefix("ferry: listening on ") {
+                    break uri.trim().to_string();
+                }
+            }
+            Err(RecvTimeoutError::Timeout) => {
+                recv.kill();
+                return Err(BenchError::ListenTimeout {
+                    secs: LISTEN_TIMEOUT.as_secs(),
+                    stderr: tail(&recv.stderr_so_far(), TAIL_LINES),
+                });
+            }
+            Err(RecvTimeoutError::Disconnected) => {
+                // stderr closed: recv is exiting; give it a moment to do so.
+                let grace = Duration::from_secs(5);
+                wait_all(
+                    &mut [&mut recv],
+                    Instant::now() + grace,
+                    "ferry recv",
+                    grace,
+                )?;
+                let fin = recv.finish()?;
+                return Err(BenchError::RecvExitedEarly {
+                    status: fin.status.to_string(),
+                    stderr: tail(&fin.stderr, TAIL_LINES),
+                });
+            }
+        }
+    };
+    drop(rx);
+
+    let t0 = unix_now();
+    let mut cmd = Command::new(run.exe);
+    cmd.arg("send")
+        .arg("--ram")
+        .arg(run.dataset)
+        .args([
+            "--to",
+            &uri,
+            "--channels",
+            &run.channels.to_string(),
+            "--json",
+        ])
+        .args(run.send_args);
+    let mut send = Proc::spawn("ferry send", cmd, None)?;
+
+    let what = format!("ferry run with {} channel(s)", run.channels);
+    let died = wait_all_with_grace(
+        &mut [&mut recv, &mut send],
+        born + timeout,
+        &what,
+        timeout,
+        Some(FAILURE_GRACE),
+    )?;
+    let cpu1 = children_cpu_s().map_err(cpu_err)?;
+    let lifetime = died.duration_since(born).as_secs_f64();
+
+    let recv = recv.finish()?;
+    let send = send.finish()?;
+    let sent = check_side("ferry send", &send);
+    let held = check_side("ferry recv", &recv);
+    let (sent, held) = match (sent, held) {
+        (Ok(s), Ok(h)) => (s, h),
+        (s, h) => {
+            return Err(BenchError::FerryFailed {
+                channels: run.channels,
+                failures: [s.err(), h.err()].into_iter().flatten().collect(),
+            })
+        }
+    };
+    let digest = |v: &Value| v["digest"].as_str().unwrap_or("").to_string();
+    let (d_sent, d_held) = (digest(&sent), digest(&held));
+    if d_sent.is_empty() || d_sent != d_held {
+        return Err(BenchError::DigestMismatch {
+            channels: run.channels,
+            sent: if d_sent.is_empty() {
+                "(none)".into()
+            } else {
+                d_sent
+            },
+            held: if d_held.is_empty() {
+                "(none)".into()
+            } else {
+                d_held
+            },
+        });
+    }
+    let Some(finished) = held["finished_at_unix"].as_f64() else {
+        return Err(BenchError::FerryFailed {
+            channels: run.channels,
+            failures: vec!["ferry recv: its JSON report has no numeric finished_at_unix".into()],
+        });
+    };
+    let wall = finished - t0;
+    if wall.is_nan() || wall <= 0.0 {
+        return Err(BenchError::FerryFailed {
+            channels: run.channels,
+            failures: vec![format!(
+                "ferry recv finished at {finished:.6}, not after the send was started ({t0:.6})"
+            )],
+        });
+    }
+    let wire = sent["wire_bytes"].as_u64().unwrap_or(0);
+    let detail = serde_json::json!({ "t0_unix": t0, "send": sent, "recv": held });
+    Ok(Sample::new(
+        wall,
+        run.size,
+        wire,
+        Some(((cpu1 - cpu0).max(0.0), lifetime)),
+        detail,
+    ))
+}
+
+/// Path helper for messages.
+pub(crate) fn display(p: &Path) -> String {
+    p.display().to_string()
+}
+
+/// A file removed when this guard is dropped (a generated dataset, QEMU's copy).
+pub(crate) struct RemoveOnDrop(pub(crate) PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn json_object_from_plain_pretty_and_noisy_stdout() {
+        let one = r#"{"status":"completed","digest":"ab"}"#;
+        assert_eq!(parse_json_object(one).expect("plain")["digest"], "ab");
+        let pretty = "{\n  \"status\": \"failed\",\n  \"error\": \"boom\"\n}\n";
+        assert_eq!(parse_json_object(pretty).expect("pretty")["error"], "boom");
+        let noisy = "warming up\n{\"status\":\"completed\"}\n";
+        assert_eq!(
+            parse_json_object(noisy).expect("noisy")["status"],
+            "completed"
+        );
+        assert!(parse_json_object("").is_none());
+        assert!(parse_json_object("no json here").is_none());
+    }
+
+    #[test]
+    fn proc_drains_and_reports_stderr() {
+        let mut cmd = Command::new("sh");
+        cmd.args([
+            "-c",
+            "echo out; echo e1 >&2; echo 'ferry: listening on tcp:1.2.3.4:5' >&2; exit 3",
+        ]);
+        let (tx, rx) = mpsc::channel();
+        let mut p = Proc::spawn("sh", cmd, Some(tx)).expect("spawn sh");
+        let first = rx.recv_timeout(Duration::from_secs(10)).expect("line");
+        assert_eq!(first, "e1");
+        let t = Duration::from_secs(10);
+        wait_all(&mut [&mut p], Instant::now() + t, "sh", t).expect("wait");
+        let fin = p.finish().expect("finish");
+        assert_eq!(fin.status.code(), Some(3));
+        assert_eq!(fin.stdout.trim(), "out");
+        assert!(fin.stderr.contains("listening on tcp:1.2.3.4:5"));
+    }
+
+    #[test]
+    fn wait_all_times_out_and_kills() {
+        let mut cmd = Command::new("sleep");
+        cmd.arg("30");
+        let mut p = Proc::spawn("sleep", cmd, None).expect("spawn sleep");
+        let t = Duration::from_millis(50);
+        let e = wait_all(&mut [&mut p], Instant::now() + t, "sleeper", t);
+        assert!(matches!(e, Err(BenchError::Timeout { .. })));
+        assert!(p.try_wait().is_ok_and(|s| s.is_some()));
+    }
+
+    #[test]
+    fn missing_executable_is_a_spawn_error() {
+        let run = FerryRun {
+            exe: Path::new("/no/such/ferry"),
+            dataset: Path::new("/dev/null"),
+            size: 1 << 20,
+            channels: 1,
+            send_args: &[],
+        };
+        let e = ferry_once(&run)
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(e.contains("cannot start ferry recv"), "{e}");
+    }
+
+    #[test]
+    fn fake_ferry_end_to_end() {
+        // A shell script standing in for the ferry binary: recv prints the
+        // listening line and a report; send prints its report.
+        let dir = tempfile::tempdir().expect("tempdir");
+        let exe = dir.path().join("ferry");
+        let script = r#"#!/bin/sh
+case "$1" in
+recv)
+  echo "ferry: listening on tcp:127.0.0.1:45678" >&2
+  sleep 0.2
+  now=$(date +%s.%N)
+  echo "{\"status\":\"completed\",\"digest\":\"d1\",\"ram_bytes\":1048576,\"wire_bytes\":1000000,\"finished_at_unix\":$now}"
+  ;;
+send)
+  echo "{\"status\":\"completed\",\"digest\":\"d1\",\"ram_bytes\":1048576,\"wire_bytes\":900000,\"args\":\"$*\"}"
+  ;;
+esac
+"#;
+        std::fs::write(&exe, script).expect("write script");
+        let mut perm = std::fs::metadata(&exe).expect("meta").permissions();
+        std::os::unix::fs::PermissionsExt::set_mode(&mut perm, 0o755);
+        std::fs::set_permissions(&exe, perm).expect("chmod");
+        let args = vec!["--no-checksum".to_string()];
+        let run = FerryRun {
+            exe: &exe,
+            dataset: Path::new("/dev/shm/x.ram"),
+            size: 1 << 20,
+            channels: 2,
+            send_args: &args,
+        };
+        let s = ferry_once(&run).expect("fake run");
+        assert!(s.wall_s > 0.1 && s.wall_s < 10.0, "{}", s.wall_s);
+        assert_eq!(s.wire_bytes, 900_000);
+        assert!(s.cpu_percent.is_some());
+        let a = s.detail["send"]["args"].as_str().unwrap_or("");
+        assert!(
+            a.contains(
+                "--ram /dev/shm/x.ram --to tcp:127.0.0.1:45678 --channels 2 --json --no-checksum"
+            ),
+            "{a}"
+        );
+    }
+
+    #[test]
+    fn a_failure_cuts_the_wait_short() {
+        let mut sleeper = Command::new("sleep");
+        sleeper.arg("30");
+        let mut a = Proc::spawn("sleep", sleeper, None).expect("spawn sleep");
+        let mut fail = Command::new("sh");
+        fail.args(["-c", "exit 1"]);
+        let mut b = Proc::spawn("false", fail, None).expect("spawn sh");
+        let t = Duration::from_secs(20);
+        let start = Instant::now();
+        let grace = Some(Duration::from_millis(100));
+        wait_all_with_grace(&mut [&mut a, &mut b], start + t, "pair", t, grace).expect("wait");
+        assert!(start.elapsed() < Duration::from_secs(5));
+        assert!(a.try_wait().is_ok_and(|s| s.is_some_and(|s| !s.success())));
+    }
+}

@@ -1,0 +1,89 @@
+//! Small system helpers: CPU time of reaped children (getrusage), free space
+//! on a filesystem (statvfs), wall-clock Unix time, and text tails.
+//!
+//! The only `unsafe` of the crate lives here, around the two libc calls.
+
+use std::ffi::CString;
+use std::io;
+use std::mem::MaybeUninit;
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+/// User + system CPU seconds of every child this process has reaped so far
+/// (`getrusage(RUSAGE_CHILDREN)`). The difference of two readings taken
+/// around a run is the CPU its processes used, once they have been waited for.
+pub(crate) fn children_cpu_s() -> io::Result<f64> {
+    let mut ru = MaybeUninit::<libc::rusage>::zeroed();
+    // SAFETY: `ru` points to writable memory the size of a `rusage`, which
+    // getrusage fills; RUSAGE_CHILDREN is a valid `who`.
+    let rc = unsafe { libc::getrusage(libc::RUSAGE_CHILDREN, ru.as_mut_ptr()) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: getrusage succeeded, so the struct is initialised (and an
+    // all-zero `rusage`, plain integers, was valid to begin with).
+    let ru = unsafe { ru.assume_init() };
+    let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    Ok(tv(ru.ru_utime) + tv(ru.ru_stime))
+}
+
+/// Bytes an unprivileged writer may still put on the filesystem holding `path`.
+pub(crate) fn free_bytes(path: &Path) -> io::Result<u64> {
+    let c = CString::new(path.as_os_str().as_bytes())
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+    let mut st = MaybeUninit::<libc::statvfs>::zeroed();
+    // SAFETY: `c` is a NUL-terminated path that outlives the call; `st`
+    // points to writable memory the size of a `statvfs`, which statvfs fills.
+    let rc = unsafe { libc::statvfs(c.as_ptr(), st.as_mut_ptr()) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: statvfs succeeded, so the struct is initialised (all-zero was
+    // already a valid value of this plain-integer struct).
+    let st = unsafe { st.assume_init() };
+    // The field types differ between targets (u32 on some 32-bit ones).
+    #[allow(clippy::useless_conversion)]
+    Ok(u64::from(st.f_bavail).saturating_mul(u64::from(st.f_frsize)))
+}
+
+/// Now, as f64 seconds since the Unix epoch (the unit of ferry's
+/// `started_at_unix` / `finished_at_unix`).
+pub(crate) fn unix_now() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
+}
+
+/// The last `n` non-empty lines of `text`, each indented for an error message.
+pub(crate) fn tail(text: &str, n: usize) -> String {
+    let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+    if lines.is_empty() {
+        return "  (empty)".into();
+    }
+    let start = lines.len().saturating_sub(n);
+    lines[start..]
+        .iter()
+        .map(|l| format!("  {l}"))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tail_keeps_last_lines() {
+        assert_eq!(tail("a\nb\n\nc\n", 2), "  b\n  c");
+        assert_eq!(tail("", 3), "  (empty)");
+    }
+
+    #[test]
+    fn cpu_and_space_readings_work() {
+        assert!(children_cpu_s().is_ok_and(|s| s >= 0.0));
+        assert!(free_bytes(Path::new("/")).is_ok());
+        assert!(free_bytes(Path::new("/no/such/dir")).is_err());
+        assert!(unix_now() > 1.6e9);
+    }
+}

@@ -1,0 +1,533 @@
+//! Bad input and faults on the wire: each must end the migration with an
+//! error that names the channel (and block and offset where they apply),
+//! never a panic, a hang, or a write outside guest memory.
+//!
+//! The source here is driven by hand over real sockets: real handshakes and
+//! setup, then exactly the bytes each test wants on the multifd channel.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::*;
+use ferry::protocol::{Message, Setup, CAP_CHECKSUM};
+use ferry::{
+    migrate_out, AcceptOptions, DestinationMemory, IncomingOptions, OutgoingOptions, Progress,
+};
+use ferry_multifd::packet::{offsets_as_bytes, payload_crc, FLAG_CHECKSUM, FLAG_END, FLAG_SYNC};
+use ferry_multifd::{PacketHeader, SenderOptions, SenderPool, HEADER_LEN, MAX_PACKET_PAGES};
+use ferry_ram::pattern::Pattern;
+use ferry_ram::{BlockSpec, PageBitmap};
+use ferry_transport::{
+    await_accept, connect, connect_channel, Channel, ChannelHello, ChannelUri, Role, SessionId,
+};
+
+/// A source driven by hand: session open and SETUP acknowledged.
+struct RawSource {
+    main: ferry_transport::SocketChannel,
+    multifd: Vec<ferry_transport::SocketChannel>,
+}
+
+fn hello(session: SessionId, role: Role, index: u16, channels: u16) -> ChannelHello {
+    ChannelHello {
+        session,
+        role,
+        index,
+        multifd_channels: channels,
+    }
+}
+
+fn raw_source(uri: &ChannelUri, channels: u16, blocks: Vec<BlockSpec>) -> RawSource {
+    let session = SessionId::random();
+    let tuning = Default::default();
+    let main = connect_channel(uri, &tuning, &hello(session, Role::Main, 0, channels)).unwrap();
+    let multifd: Vec<_> = (0..channels)
+        .map(|i| {
+            connect_channel(uri, &tuning, &hello(session, Role::Multifd, i, channels)).unwrap()
+        })
+        .collect();
+    await_accept(&main, Duration::from_secs(5)).unwrap();
+    for ch in &multifd {
+        await_accept(ch, Duration::from_secs(5)).unwrap();
+    }
+    let setup = Setup {
+        capabilities: CAP_CHECKSUM,
+        multifd_channels: channels,
+        packet_pages: 128,
+        blocks,
+    };
+    Message::Setup(setup).write(&main).unwrap();
+    assert_eq!(
+        Message::read(&main, "destination").unwrap().0,
+        Message::SetupAck
+    );
+    RawSource { main, multifd }
+}
+
+/// Header (sealed with its crc), offsets and payload of one packet, as bytes.
+fn packet(mut h: PacketHeader, offsets: &[u64], payload: &[u8]) -> Vec<u8> {
+    let mut b = [0u8; HEADER_LEN];
+    h.seal(&mut b, offsets);
+    let mut out = b.to_vec();
+    out.extend_from_slice(offsets_as_bytes(offsets));
+    out.extend_from_slice(payload);
+    out
+}
+
+fn data_header(seq: u64, normal: u32, zero: u32) -> PacketHeader {
+    PacketHeader {
+        flags: FLAG_CHECKSUM,
+        normal,
+        zero,
+        page_size: 4096,
+        seq,
+        payload_len: u64::from(normal) * 4096,
+        generation: 1,
+        ..Default::default()
+    }
+}
+
+fn marker(flag: u16, seq: u64, generation: u64) -> Vec<u8> {
+    packet(
+        PacketHeader {
+            flags: flag | FLAG_CHECKSUM,
+            seq,
+            generation,
+            ..Default::default()
+        },
+        &[],
+        &[],
+    )
+}
+
+fn crc_of(bytes: &[u8]) -> u32 {
+    payload_crc(&[libc::iovec {
+        iov_base: bytes.as_ptr() as *mut _,
+        iov_len: bytes.len(),
+    }])
+}
+
+/// A destination writing into `target` (provided memory), on its own thread.
+fn destination_into(
+    target: &Arc<ferry::GuestMemory>,
+) -> (
+    std::thread::JoinHandle<Result<ferry::IncomingOutcome, ferry::Failed>>,
+    ChannelUri,
+) {
+    let (l, uri) = listener();
+    let opts = IncomingOptions {
+        memory: DestinationMemory::Provided(target.clone()),
+        ..Default::default()
+    };
+    (spawn_destination(l, opts), uri)
+}
+
+/// The destination's error text, which it must also have sent in SHUT.
+fn destination_error(
+    dst: std::thread::JoinHandle<Result<ferry::IncomingOutcome, ferry::Failed>>,
+    main: &dyn Channel,
+) -> String {
+    let err = dst
+        .join()
+        .unwrap()
+        .err()
+        .expect("the destination fails")
+        .to_string();
+    match Message::read(main, "destination") {
+        Ok((Message::Shut { error: Some(e) }, _)) => {
+            assert_eq!(e, err, "SHUT carries the destination's error")
+        }
+        other => panic!("expected SHUT with an error, got {other:?}"),
+    }
+    err
+}
+
+#[test]
+fn offset_past_the_block_is_refused_before_any_write() {
+    within(30, || {
+        let target = memory(&[("ram", 4)], Pattern::Random, 1);
+        let before = target.digest();
+        let (dst, uri) = destination_into(&target);
+        let src = raw_source(&uri, 1, target.specs());
+        let page = vec![0xAAu8; 4096];
+        let mut h = data_header(0, 1, 0);
+        h.payload_crc = crc_of(&page);
+        src.multifd[0]
+            .write_all(&packet(h, &[4 << 20], &page))
+            .unwrap();
+        let err = destination_error(dst, &src.main);
+        assert!(
+            err.contains("multifd[0]") && err.contains("block 'ram'") && err.contains("0x400000"),
+            "{err}"
+        );
+        assert_eq!(target.digest(), before, "nothing was written");
+    });
+}
+
+#[test]
+fn unaligned_offset_is_refused() {
+    within(30, || {
+        let target = memory(&[("ram", 4)], Pattern::Random, 1);
+        let before = target.digest();
+        let (dst, uri) = destination_into(&target);
+        let src = raw_source(&uri, 1, target.specs());
+        let page = vec![1u8; 4096];
+        let mut h = data_header(0, 1, 0);
+        h.payload_crc = crc_of(&page);
+        src.multifd[0]
+            .write_all(&packet(h, &[4096 + 17], &page))
+            .unwrap();
+        let err = destination_error(dst, &src.main);
+        assert!(
+            err.contains("multifd[0]")
+                && err.contains("0x1011")
+                && err.contains("not page aligned"),
+            "{err}"
+        );
+        assert_eq!(target.digest(), before);
+    });
+}
+
+#[test]
+fn page_count_past_the_limit_is_refused() {
+    within(30, || {
+        let target = memory(&[("ram", 4)], Pattern::Zero, 1);
+        let (dst, uri) = destination_into(&target);
+        let src = raw_source(&uri, 1, target.specs());
+        let h = data_header(0, 0, MAX_PACKET_PAGES + 1);
+        let mut b = [0u8; HEADER_LEN];
+        h.encode(&mut b);
+        src.multifd[0].write_all(&b).unwrap();
+        let err = destination_error(dst, &src.main);
+        assert!(
+            err.contains("multifd[0]") && err.contains("packet #0") && err.contains("more than"),
+            "{err}"
+        );
+    });
+}
+
+#[test]
+fn unknown_block_index_is_refused() {
+    within(30, || {
+        let target = memory(&[("ram", 4)], Pattern::Zero, 1);
+        let (dst, uri) = destination_into(&target);
+        let src = raw_source(&uri, 1, target.specs());
+        let mut h = data_header(0, 0, 1);
+        h.block = 5;
+        src.multifd[0].write_all(&packet(h, &[0], &[])).unwrap();
+        let err = destination_error(dst, &src.main);
+        assert!(
+            err.contains("multifd[0]") && err.contains("block #5") && err.contains("1 block"),
+            "{err}"
+        );
+    });
+}
+
+#[test]
+fn block_name_unknown_to_the_receiver_fails_setup_on_both_sides() {
+    within(30, || {
+        let target = memory(&[("pc.ram", 4)], Pattern::Zero, 1);
+        let (dst, uri) = destination_into(&target);
+        let source_mem = memory(&[("vram", 4)], Pattern::Mixed, 1);
+        let failed = migrate_out(
+            &image_guest(source_mem),
+            &uri,
+            &OutgoingOptions::default(),
+            &Progress::default(),
+        )
+        .expect_err("the source fails");
+        let dst_err = dst
+            .join()
+            .unwrap()
+            .err()
+            .expect("the destination fails")
+            .to_string();
+        for e in [failed.to_string(), dst_err] {
+            assert!(
+                e.contains("block 'vram' is unknown to the receiver (it has: pc.ram)"),
+                "{e}"
+            );
+        }
+        assert_eq!(failed.summary.status, "failed");
+    });
+}
+
+#[test]
+fn payload_with_a_flipped_byte_fails_at_completion_naming_block_and_offset() {
+    within(30, || {
+        let target = memory(&[("ram", 4)], Pattern::Zero, 1);
+        let (dst, uri) = destination_into(&target);
+        let src = raw_source(&uri, 1, target.specs());
+        let mut page = vec![7u8; 4096];
+        let mut h = data_header(0, 1, 0);
+        h.payload_crc = crc_of(&page);
+        page[100] ^= 0x10; // flipped in transit
+        let ch = &src.multifd[0];
+        ch.write_all(&packet(h, &[8192], &page)).unwrap();
+        ch.write_all(&marker(FLAG_SYNC, 1, 1)).unwrap();
+        ch.write_all(&marker(FLAG_END, 2, 0)).unwrap();
+        for m in [
+            Message::PassEnd { generation: 1 },
+            Message::DeviceState(vec![1]),
+            Message::Complete { generation: 1 },
+        ] {
+            m.write(&src.main).unwrap();
+        }
+        let err = destination_error(dst, &src.main);
+        assert!(
+            err.contains("multifd[0]")
+                && err.contains("checksum mismatch in block 'ram' at offset 0x2000"),
+            "{err}"
+        );
+    });
+}
+
+#[test]
+fn a_corrupted_page_sent_again_in_a_later_pass_is_forgiven() {
+    within(30, || {
+        let target = memory(&[("ram", 1)], Pattern::Zero, 1);
+        let (dst, uri) = destination_into(&target);
+        let src = raw_source(&uri, 1, target.specs());
+        let pages = (1 << 20) / 4096;
+        let good = vec![9u8; 4096];
+        let mut bad = good.clone();
+        bad[0] = 0;
+        let ch = &src.multifd[0];
+        // Pass 1: every page as zero, but page 3 with a payload that fails its check.
+        let zeros: Vec<u64> = (0..pages).filter(|&p| p != 3).map(|p| p * 4096).collect();
+        ch.write_all(&packet(data_header(0, 0, zeros.len() as u32), &zeros, &[]))
+            .unwrap();
+        let mut h = data_header(1, 1, 0);
+        h.payload_crc = crc_of(&good);
+        ch.write_all(&packet(h, &[3 * 4096], &bad)).unwrap();
+        ch.write_all(&marker(FLAG_SYNC, 2, 1)).unwrap();
+        // Pass 2 sends page 3 again, intact.
+        let mut h = data_header(3, 1, 0);
+        h.generation = 2;
+        h.payload_crc = crc_of(&good);
+        ch.write_all(&packet(h, &[3 * 4096], &good)).unwrap();
+        ch.write_all(&marker(FLAG_SYNC, 4, 2)).unwrap();
+        ch.write_all(&marker(FLAG_END, 5, 0)).unwrap();
+        for m in [
+            Message::PassEnd { generation: 1 },
+            Message::PassEnd { generation: 2 },
+            Message::DeviceState(vec![]),
+            Message::Complete { generation: 2 },
+        ] {
+            m.write(&src.main).unwrap();
+        }
+        let got = dst
+            .join()
+            .unwrap()
+            .expect("completes: the bad page was re-sent");
+        assert_eq!(got.summary.checksum_mismatches, 1);
+        assert_eq!(target.blocks()[0].page(3), &good[..]);
+        assert_eq!(
+            Message::read(&src.main, "destination").unwrap().0,
+            Message::Shut { error: None }
+        );
+    });
+}
+
+#[test]
+fn source_vanishing_mid_payload_is_reported() {
+    within(30, || {
+        let target = memory(&[("ram", 4)], Pattern::Zero, 1);
+        let (dst, uri) = destination_into(&target);
+        let src = raw_source(&uri, 2, target.specs());
+        let pages = vec![5u8; 8 * 4096];
+        let offsets: Vec<u64> = (0..8).map(|p| p * 4096).collect();
+        let mut h = data_header(0, 8, 0);
+        h.payload_crc = crc_of(&pages);
+        let bytes = packet(h, &offsets, &pages);
+        src.multifd[1].write_all(&bytes[..bytes.len() / 2]).unwrap();
+        std::thread::sleep(Duration::from_millis(50));
+        drop(src); // the source process dies: every socket closes
+        let err = dst
+            .join()
+            .unwrap()
+            .err()
+            .expect("the destination fails")
+            .to_string();
+        assert!(err.contains("connection closed"), "{err}");
+        assert!(!err.contains("completed"));
+    });
+}
+
+#[test]
+fn channel_from_another_session_is_refused_and_named() {
+    within(30, || {
+        let (l, uri) = listener();
+        let dst = spawn_destination(l, IncomingOptions::default());
+        let ours = SessionId::random();
+        let theirs = SessionId::random();
+        let tuning = Default::default();
+        let _main = connect_channel(&uri, &tuning, &hello(ours, Role::Main, 0, 2)).unwrap();
+        let _m0 = connect_channel(&uri, &tuning, &hello(ours, Role::Multifd, 0, 2)).unwrap();
+        let stray = connect_channel(&uri, &tuning, &hello(theirs, Role::Multifd, 1, 2)).unwrap();
+        let refused = await_accept(&stray, Duration::from_secs(5))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            refused.contains("refused") && refused.contains(&theirs.to_string()),
+            "{refused}"
+        );
+        let err = dst
+            .join()
+            .unwrap()
+            .err()
+            .expect("the destination fails")
+            .to_string();
+        assert!(
+            err.contains("multifd[1]")
+                && err.contains(&theirs.to_string())
+                && err.contains(&ours.to_string()),
+            "{err}"
+        );
+    });
+}
+
+#[test]
+fn non_ferry_clients_at_the_listener_are_named() {
+    let cases: [(&str, Vec<u8>); 2] = [
+        (
+            "an HTTP request",
+            b"GET / HTTP/1.1\r\nHost: localhost\r\nUser-Agent: curl/8\r\nAccept: */*\r\n\r\n"
+                .to_vec(),
+        ),
+        (
+            "not a ferry channel",
+            (0..200u32)
+                .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+                .collect(),
+        ),
+    ];
+    for (expect, bytes) in cases {
+        within(30, move || {
+            let (l, uri) = listener();
+            let dst = spawn_destination(l, IncomingOptions::default());
+            let c = connect(&uri, &Default::default()).unwrap();
+            c.write_all(&bytes).unwrap();
+            let err = dst
+                .join()
+                .unwrap()
+                .err()
+                .expect("the destination fails")
+                .to_string();
+            assert!(
+                err.contains(expect) && err.contains("connection from"),
+                "{err}"
+            );
+        });
+    }
+}
+
+#[test]
+fn silent_client_times_out_instead_of_hanging() {
+    within(30, || {
+        let (l, uri) = listener();
+        let opts = IncomingOptions {
+            accept: AcceptOptions {
+                hello_timeout: Duration::from_millis(300),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let dst = spawn_destination(l, opts);
+        let c = connect(&uri, &Default::default()).unwrap();
+        c.write_all(b"FER").unwrap();
+        let err = dst
+            .join()
+            .unwrap()
+            .err()
+            .expect("the destination fails")
+            .to_string();
+        assert!(
+            err.contains("timed out") && err.contains("handshake"),
+            "{err}"
+        );
+    });
+}
+
+#[test]
+fn connection_refused_is_reported_by_the_source() {
+    within(30, || {
+        let (l, uri) = listener();
+        drop(l); // nothing listens there any more
+        let mem = memory(&[("ram", 1)], Pattern::Zero, 0);
+        let failed = migrate_out(
+            &image_guest(mem),
+            &uri,
+            &OutgoingOptions::default(),
+            &Progress::default(),
+        )
+        .expect_err("fails");
+        let e = failed.to_string();
+        assert!(
+            e.contains("cannot connect to tcp:127.0.0.1") && e.contains("refused"),
+            "{e}"
+        );
+        assert_eq!(failed.summary.status, "failed");
+    });
+}
+
+#[test]
+fn channels_connecting_in_reverse_order_work() {
+    within(60, || {
+        let mem = memory(&[("ram", 64)], Pattern::Mixed, 21);
+        let (l, uri) = listener();
+        let dst = spawn_destination(l, IncomingOptions::default());
+        let session = SessionId::random();
+        let tuning = Default::default();
+        let k = 4u16;
+        // multifd[3], [2], [1], [0], and main last.
+        let mut multifd: Vec<_> = (0..k)
+            .rev()
+            .map(|i| connect_channel(&uri, &tuning, &hello(session, Role::Multifd, i, k)).unwrap())
+            .collect();
+        let main = connect_channel(&uri, &tuning, &hello(session, Role::Main, 0, k)).unwrap();
+        for ch in &multifd {
+            await_accept(ch, Duration::from_secs(5)).unwrap();
+        }
+        await_accept(&main, Duration::from_secs(5)).unwrap();
+        multifd.reverse();
+        let setup = Setup {
+            capabilities: CAP_CHECKSUM,
+            multifd_channels: k,
+            packet_pages: 128,
+            blocks: mem.specs(),
+        };
+        Message::Setup(setup).write(&main).unwrap();
+        assert_eq!(
+            Message::read(&main, "destination").unwrap().0,
+            Message::SetupAck
+        );
+        let boxed = multifd
+            .into_iter()
+            .map(|c| Box::new(c) as Box<dyn Channel>)
+            .collect();
+        let mut pool = SenderPool::start(boxed, mem.clone(), SenderOptions::default()).unwrap();
+        let all = Arc::new(
+            mem.blocks()
+                .iter()
+                .map(|b| PageBitmap::new(b.pages(), true))
+                .collect::<Vec<_>>(),
+        );
+        pool.send_pass(all).unwrap();
+        for m in [
+            Message::PassEnd { generation: 1 },
+            Message::DeviceState(b"dev".to_vec()),
+            Message::Complete { generation: 1 },
+        ] {
+            m.write(&main).unwrap();
+        }
+        pool.finish().unwrap();
+        assert_eq!(
+            Message::read(&main, "destination").unwrap().0,
+            Message::Shut { error: None }
+        );
+        let got = dst.join().unwrap().unwrap();
+        assert_eq!(got.memory.digest(), mem.digest());
+    });
+}

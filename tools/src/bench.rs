@@ -1,0 +1,94 @@
+//! `ferry bench`: ferry against its peers on this machine, in one run.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::Args;
+use ferry_bench::{run as run_bench, BenchConfig};
+
+use crate::units::parse_size;
+
+/// Measure migration bandwidth: ferry (sender and receiver as two processes
+/// over loopback) for each channel count, with QEMU 10 multifd and iperf3 on
+/// the same dataset and link side by side when asked.
+///
+/// Reports medians of --runs runs: wall time from starting `send` until the
+/// receiver holds every page (digests checked on both sides), GB/s of guest
+/// RAM and on the wire, CPU% of both processes, and ratios against the peers.
+#[derive(Args)]
+pub struct BenchArgs {
+    /// Guest RAM size (a `mixed` dataset of this size is generated in --workdir).
+    #[arg(long, default_value = "2G", value_parser = parse_size)]
+    size: u64,
+    /// Channel counts to measure, comma separated.
+    #[arg(long, default_value = "1,2,4", value_delimiter = ',')]
+    channels: Vec<u16>,
+    /// Runs per case; the report gives medians.
+    #[arg(long, default_value_t = 3)]
+    runs: usize,
+    /// Peers to measure alongside: `qemu` (QEMU >= 9 multifd, needs /dev/kvm), `iperf3` (loopback, -P K).
+    #[arg(long, value_delimiter = ',')]
+    peer: Vec<String>,
+    /// Use this dataset file instead of generating one.
+    #[arg(long)]
+    dataset: Option<PathBuf>,
+    /// Seed of the generated dataset.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Where to generate the dataset (tmpfs keeps the disk out of the measurement).
+    #[arg(long, default_value = "/dev/shm")]
+    workdir: PathBuf,
+    /// Print the report as JSON.
+    #[arg(long)]
+    json: bool,
+    /// Also draw the results as an SVG plot to this file.
+    #[arg(long)]
+    plot: Option<PathBuf>,
+    /// Pass --zero-copy to `ferry send`.
+    #[arg(long)]
+    zero_copy: bool,
+    /// Pass --no-checksum to `ferry send`.
+    #[arg(long)]
+    no_checksum: bool,
+}
+
+pub fn run(a: BenchArgs) -> anyhow::Result<bool> {
+    for p in &a.peer {
+        anyhow::ensure!(
+            p == "qemu" || p == "iperf3",
+            "unknown peer '{p}' (expected qemu or iperf3)"
+        );
+    }
+    let mut send_args = Vec::new();
+    if a.zero_copy {
+        send_args.push("--zero-copy".to_string());
+    }
+    if a.no_checksum {
+        send_args.push("--no-checksum".to_string());
+    }
+    let config = BenchConfig {
+        ferry_exe: std::env::current_exe().context("locating the ferry binary")?,
+        size: a.size,
+        channels: a.channels.clone(),
+        runs: a.runs.max(1),
+        peer_qemu: a.peer.iter().any(|p| p == "qemu"),
+        peer_iperf: a.peer.iter().any(|p| p == "iperf3"),
+        dataset: a.dataset.clone(),
+        seed: a.seed,
+        workdir: a.workdir.clone(),
+        send_args,
+    };
+    let report = run_bench(&config, &mut |line| eprintln!("ferry bench: {line}"))?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&report.to_json())?);
+    } else {
+        println!("{}", report.table());
+    }
+    if let Some(p) = &a.plot {
+        report
+            .plot_svg(p)
+            .with_context(|| format!("writing plot {}", p.display()))?;
+        eprintln!("ferry bench: plot written to {}", p.display());
+    }
+    Ok(true)
+}

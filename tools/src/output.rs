@@ -1,0 +1,116 @@
+//! What `send`, `recv` and `demo` print: a progress bar while a migration
+//! runs, then a human summary or one JSON object.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use ferry::{Progress, Summary};
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+
+use crate::units::bytes;
+
+/// Prints the end of a migration: JSON on stdout, or text on stderr.
+pub fn print_summary(tool: &str, s: &Summary, json: bool) {
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string(s).expect("a summary serializes")
+        );
+        return;
+    }
+    if let Some(e) = &s.error {
+        eprintln!("ferry {tool}: failed after {:.3} s: {e}", s.seconds);
+        return;
+    }
+    eprintln!(
+        "ferry {tool}: completed in {:.3} s: {} of guest RAM over {} channel(s), session {}",
+        s.seconds,
+        bytes(s.ram_bytes),
+        s.channels,
+        s.session
+    );
+    eprintln!(
+        "  pages: {} normal, {} zero; wire: {} ({:.2} GB/s); guest RAM {:.2} GB/s",
+        s.pages_normal,
+        s.pages_zero,
+        bytes(s.wire_bytes),
+        s.gbps_wire,
+        s.gbps_ram
+    );
+    eprintln!(
+        "  checksums: {}; device state: {} bytes",
+        if s.checksum {
+            format!("on, {} mismatched page(s)", s.checksum_mismatches)
+        } else {
+            "off".into()
+        },
+        s.device_state_bytes
+    );
+    if let Some(zc) = &s.zero_copy {
+        eprintln!(
+            "  zero-copy: {} sends, {} copied by the kernel{}",
+            zc.sends,
+            zc.copied,
+            zc.note
+                .as_deref()
+                .map(|n| format!(" ({n})"))
+                .unwrap_or_default()
+        );
+    }
+    if let Some(d) = &s.digest {
+        eprintln!("  digest of guest RAM: {d}");
+    }
+}
+
+/// A progress bar on stderr fed from a migration's [`Progress`]; hidden when
+/// stderr is not a terminal or `enabled` is false.
+pub struct ProgressView {
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl ProgressView {
+    pub fn start(progress: Arc<Progress>, enabled: bool) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread = enabled.then(|| {
+            let stop = stop.clone();
+            std::thread::spawn(move || draw(&progress, &stop))
+        });
+        Self { stop, thread }
+    }
+}
+
+impl Drop for ProgressView {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn draw(progress: &Progress, stop: &AtomicBool) {
+    let bar = ProgressBar::with_draw_target(Some(0), ProgressDrawTarget::stderr_with_hz(10));
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{spinner} {msg:>12} [{bar:30}] {bytes}/{total_bytes} {binary_bytes_per_sec} eta {eta}",
+        )
+        .expect("valid template")
+        .progress_chars("=> "),
+    );
+    let t0 = Instant::now();
+    while !stop.load(Ordering::Relaxed) {
+        let total = progress.total_ram_bytes();
+        if total > 0 {
+            bar.set_length(total);
+        }
+        let t = progress.totals();
+        bar.set_position(t.ram_bytes);
+        let wire = t.wire_bytes as f64 / t0.elapsed().as_secs_f64().max(1e-3) / 1e9;
+        bar.set_message(format!("{} {:.2} GB/s wire", progress.phase(), wire));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    bar.finish_and_clear();
+}

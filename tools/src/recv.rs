@@ -1,0 +1,81 @@
+//! `ferry recv`: accept one incoming migration and hold the guest's memory.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Args;
+use ferry::{
+    migrate_in, AcceptOptions, ChannelUri, DestinationMemory, IncomingOptions, Listener, Progress,
+    SocketTuning,
+};
+
+use crate::output::print_summary;
+use crate::units::parse_size;
+
+/// Accept one incoming migration on a listening socket.
+///
+/// Prints `ferry: listening on URI` on stderr once ready (with the real port
+/// when PORT is 0). Any connection that is not a channel of the migration
+/// (another program, another session) ends the migration with an error.
+/// The result is `completed` only when every page and the device state have
+/// landed and every checksum held.
+#[derive(Args)]
+pub struct RecvArgs {
+    /// Where to listen: tcp:HOST:PORT (PORT 0 picks a free one) or unix:PATH.
+    #[arg(long)]
+    listen: String,
+    /// Keep the received RAM in this file (created or truncated; sparse where
+    /// pages are zero). Default: anonymous memory.
+    #[arg(long)]
+    ram_out: Option<PathBuf>,
+    /// Write the received device state to this file.
+    #[arg(long)]
+    device_state_out: Option<PathBuf>,
+    /// Print one JSON object with the result instead of text.
+    #[arg(long)]
+    json: bool,
+    /// Give up if no source connects within this many seconds (default: wait for ever).
+    #[arg(long)]
+    timeout: Option<f64>,
+    /// Socket receive buffer size (SO_RCVBUF), e.g. 4M; default: kernel autotuning.
+    #[arg(long, value_parser = parse_size)]
+    socket_buffer: Option<u64>,
+}
+
+pub fn run(a: RecvArgs) -> anyhow::Result<bool> {
+    let uri: ChannelUri = a.listen.parse()?;
+    let tuning = SocketTuning {
+        recv_buffer: a.socket_buffer.map(|n| n as usize),
+        ..Default::default()
+    };
+    let listener = Listener::bind(&uri, tuning)?;
+    eprintln!("ferry: listening on {}", listener.uri());
+    let opts = IncomingOptions {
+        memory: a
+            .ram_out
+            .clone()
+            .map_or(DestinationMemory::Anonymous, DestinationMemory::Files),
+        accept: AcceptOptions {
+            first_timeout: a.timeout.map(Duration::from_secs_f64),
+            ..Default::default()
+        },
+    };
+    let progress = Arc::new(Progress::default());
+    match migrate_in(&listener, &opts, &progress) {
+        Ok(mut outcome) => {
+            outcome.summary.digest = Some(outcome.memory.digest().to_string());
+            if let Some(p) = &a.device_state_out {
+                std::fs::write(p, &outcome.device_state)
+                    .with_context(|| format!("writing {}", p.display()))?;
+            }
+            print_summary("recv", &outcome.summary, a.json);
+            Ok(true)
+        }
+        Err(f) => {
+            print_summary("recv", &f.summary, a.json);
+            Ok(false)
+        }
+    }
+}

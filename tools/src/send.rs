@@ -1,0 +1,95 @@
+//! `ferry send`: migrate an image guest (a file's bytes as RAM) to a
+//! destination where `ferry recv` listens.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::Context;
+use clap::Args;
+use ferry::{
+    migrate_out, ChannelUri, Guest, ImageGuest, OutgoingOptions, Progress, SenderOptions,
+    SocketTuning,
+};
+
+use crate::output::{print_summary, ProgressView};
+use crate::units::parse_size;
+
+/// Migrate a guest whose RAM is a file's bytes (the image guest) to a destination.
+///
+/// Opens a main channel and K multifd channels to the destination, sends the
+/// memory layout, every page (zero pages as offsets only) and the device
+/// state, and waits for the destination to confirm that everything landed.
+#[derive(Args)]
+pub struct SendArgs {
+    /// File whose bytes are the guest's RAM (e.g. made by `ferry gen`); its
+    /// size must be a multiple of 4 KiB.
+    #[arg(long)]
+    ram: PathBuf,
+    /// Where `ferry recv` listens: tcp:HOST:PORT or unix:PATH.
+    #[arg(long)]
+    to: String,
+    /// Number of parallel multifd channels (one thread and one io_uring each).
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..=256))]
+    channels: u16,
+    /// Print one JSON object with the result instead of text and a progress bar.
+    #[arg(long)]
+    json: bool,
+    /// Send with io_uring zero-copy (SENDMSG_ZC); copies the kernel still
+    /// makes are counted and reported (loopback always copies).
+    #[arg(long)]
+    zero_copy: bool,
+    /// Do not compute crc32 checksums over packets (the receiver then cannot
+    /// detect corrupted payloads).
+    #[arg(long)]
+    no_checksum: bool,
+    /// Pages per packet, a multiple of 64 (128 pages = 512 KiB of 4 KiB pages).
+    #[arg(long, default_value_t = 128)]
+    packet_pages: u32,
+    /// Packets prepared or in flight per channel.
+    #[arg(long, default_value_t = 8)]
+    inflight: usize,
+    /// File holding the guest's device state (default: a short text describing the image).
+    #[arg(long)]
+    device_state: Option<PathBuf>,
+    /// Socket send buffer size (SO_SNDBUF), e.g. 4M; default: kernel autotuning.
+    #[arg(long, value_parser = parse_size)]
+    socket_buffer: Option<u64>,
+}
+
+pub fn run(a: SendArgs) -> anyhow::Result<bool> {
+    let uri: ChannelUri = a.to.parse()?;
+    let device_state = match &a.device_state {
+        Some(p) => Some(
+            std::fs::read(p).with_context(|| format!("reading device state {}", p.display()))?,
+        ),
+        None => None,
+    };
+    let guest = ImageGuest::open(&a.ram, device_state)?;
+    let opts = OutgoingOptions {
+        channels: a.channels,
+        sender: SenderOptions {
+            packet_pages: a.packet_pages,
+            checksum: !a.no_checksum,
+            zero_copy: a.zero_copy,
+            slots: a.inflight,
+        },
+        tuning: SocketTuning {
+            send_buffer: a.socket_buffer.map(|n| n as usize),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let progress = Arc::new(Progress::default());
+    let view = ProgressView::start(progress.clone(), !a.json);
+    let result = migrate_out(&guest, &uri, &opts, &progress);
+    drop(view);
+    let (mut summary, ok) = match result {
+        Ok(s) => (s, true),
+        Err(f) => (*f.summary, false),
+    };
+    if ok {
+        summary.digest = Some(guest.memory().digest().to_string());
+    }
+    print_summary("send", &summary, a.json);
+    Ok(ok)
+}
