@@ -184,15 +184,13 @@ fn receive(
     summary.wire_bytes += Message::SetupAck.write(&*main)?;
 
     progress.set_phase("receiving");
-    let result = follow_main(&pool, &inbox, summary, out);
-    if let Err(e) = result {
-        pool.abort(&e.to_string());
-        return Err(e);
-    }
-    check_all_received(&memory, pool.received())?;
-    let totals = pool.finish()?;
-    summary.add_totals(&totals);
-    Ok(())
+    let counters = pool.counters().clone();
+    let result = follow_main(&pool, &inbox, summary, out)
+        .and_then(|()| check_all_received(&memory, pool.received()))
+        .and_then(|()| pool.finish().map_err(MigrationError::from).map(drop));
+    // What landed, whether or not the migration completed.
+    summary.add_totals(&counters.snapshot());
+    result
 }
 
 /// Every page of every block must have landed at least once.

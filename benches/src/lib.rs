@@ -60,6 +60,10 @@ pub struct BenchConfig {
     pub seed: u64,
     /// Where the generated dataset goes (callers pass /dev/shm by default).
     pub workdir: PathBuf,
+    /// Before each measured run, touch and release enough memory that every
+    /// tool's destination starts from the same (warm) memory state; see
+    /// `sys::warm_free_memory`.
+    pub warm_memory: bool,
     /// Extra arguments for `ferry send`, e.g. `--zero-copy`, `--no-checksum`.
     pub send_args: Vec<String>,
 }
@@ -74,6 +78,7 @@ impl BenchConfig {
             runs: 3,
             peer_qemu: false,
             peer_iperf: false,
+            warm_memory: true,
             dataset: None,
             seed: 1,
             workdir: PathBuf::from("/dev/shm"),
@@ -281,10 +286,34 @@ pub fn run(config: &BenchConfig, log: &mut dyn FnMut(&str)) -> Result<BenchRepor
         None => None,
     };
 
+    // Enough for a destination's RAM and the source's page-table and socket
+    // churn, within what the machine has free.
+    let warm = config.warm_memory.then(|| {
+        let want = 2 * size + (1 << 30);
+        let have = sys::mem_available().unwrap_or(0) * 3 / 4;
+        want.min(have) as usize
+    });
+    if let Some(bytes) = warm {
+        notes.push(format!(
+            "before each run the harness touched and released {} of memory, so that every tool's \
+             destination starts from memory the host has backed (this VM backs memory lazily; \
+             cold first touch costs about 1.5 s per GiB)",
+            human(bytes as u64)
+        ));
+    }
+    let settle = |log: &mut dyn FnMut(&str)| {
+        if let Some(bytes) = warm {
+            if let Err(e) = sys::warm_free_memory(bytes) {
+                log(&format!("warming memory failed ({e}); measuring as is"));
+            }
+        }
+    };
+
     let mut cases = Vec::new();
     for &k in &channels {
         let (mut f, mut q, mut i) = (Vec::new(), Vec::new(), Vec::new());
         for r in 1..=config.runs {
+            settle(log);
             let s = run::ferry_once(&FerryRun {
                 exe: &config.ferry_exe,
                 dataset: &dataset,
@@ -295,6 +324,7 @@ pub fn run(config: &BenchConfig, log: &mut dyn FnMut(&str)) -> Result<BenchRepor
             log(&fmt_sample("ferry", k, r, config.runs, &s));
             f.push(s);
             if let Some(peer) = &qemu {
+                settle(log);
                 let s = peer.run_once(k)?;
                 log(&fmt_sample("qemu", k, r, config.runs, &s));
                 q.push(s);

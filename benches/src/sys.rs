@@ -87,3 +87,48 @@ mod tests {
         assert!(unix_now() > 1.6e9);
     }
 }
+
+/// Touches `bytes` of fresh anonymous memory (in transparent huge pages, as
+/// ferry's and QEMU's destinations allocate it) and releases it again.
+///
+/// This machine is a VM whose memory the host backs lazily and takes back a
+/// few seconds after the guest frees it: the first touch of such memory
+/// costs ~1.5 s per GiB, memory freed a moment ago costs ~50 ms per GiB.
+/// Calling this just before each measured run puts every tool's destination
+/// in the same state, so the figures compare the tools, not the host.
+pub(crate) fn warm_free_memory(bytes: usize) -> io::Result<()> {
+    // SAFETY: an anonymous private mapping with no address hint; the result
+    // is checked against MAP_FAILED before use.
+    let p = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            bytes,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+            -1,
+            0,
+        )
+    };
+    if p == libc::MAP_FAILED {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: p..p+bytes is the mapping made above, writable and ours alone
+    // until the munmap below; madvise only hints at huge pages.
+    unsafe {
+        libc::madvise(p, bytes, libc::MADV_HUGEPAGE);
+        let base = p.cast::<u8>();
+        for off in (0..bytes).step_by(4096) {
+            base.add(off).write_volatile(1);
+        }
+        libc::munmap(p, bytes);
+    }
+    Ok(())
+}
+
+/// Bytes of memory the kernel reports as available (MemAvailable).
+pub(crate) fn mem_available() -> Option<u64> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = info.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}

@@ -265,6 +265,9 @@ impl ChannelReceiver {
             if h.seq != self.seq {
                 return Err(self.bad(format!("sequence number {}, expected {}", h.seq, self.seq)));
             }
+            if h.is_sync() || h.is_end() {
+                self.shared.counters.add_packet(0, 0, 0, HEADER_LEN as u64);
+            }
             if h.is_end() {
                 return Ok(());
             }

@@ -44,6 +44,12 @@ pub struct BenchArgs {
     /// Also draw the results as an SVG plot to this file.
     #[arg(long)]
     plot: Option<PathBuf>,
+    /// Do not warm memory before each run. By default the harness touches
+    /// and releases memory just before every run (ferry's and QEMU's alike)
+    /// so that each destination starts from memory the host has backed; in
+    /// a VM that backs memory lazily, cold first touches otherwise dominate.
+    #[arg(long)]
+    cold_memory: bool,
     /// Pass --zero-copy to `ferry send`.
     #[arg(long)]
     zero_copy: bool,
@@ -77,6 +83,7 @@ pub fn run(a: BenchArgs) -> anyhow::Result<bool> {
         seed: a.seed,
         workdir: a.workdir.clone(),
         send_args,
+        warm_memory: !a.cold_memory,
     };
     let report = run_bench(&config, &mut |line| eprintln!("ferry bench: {line}"))?;
     if a.json {

@@ -11,6 +11,28 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 use crate::units::bytes;
 
+/// An error and its causes, each cause added only if the text so far does
+/// not already say it (ferry's typed errors quote their source).
+pub fn error_chain(e: &anyhow::Error) -> String {
+    let mut text = e.to_string();
+    for cause in e.chain().skip(1) {
+        let c = cause.to_string();
+        if !text.contains(&c) {
+            text = format!("{text}: {c}");
+        }
+    }
+    text
+}
+
+/// For `--json` runs that fail before a migration starts (bad URI, missing
+/// file): still one JSON object on stdout, with the error.
+pub fn print_early_failure(e: &anyhow::Error) {
+    println!(
+        "{}",
+        serde_json::json!({ "status": "failed", "error": error_chain(e) })
+    );
+}
+
 /// Prints the end of a migration: JSON on stdout, or text on stderr.
 pub fn print_summary(tool: &str, s: &Summary, json: bool) {
     if json {

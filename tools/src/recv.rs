@@ -45,6 +45,18 @@ pub struct RecvArgs {
 }
 
 pub fn run(a: RecvArgs) -> anyhow::Result<bool> {
+    let json = a.json;
+    match migrate(a) {
+        Err(e) if json => {
+            crate::output::print_early_failure(&e);
+            eprintln!("ferry recv: error: {}", crate::output::error_chain(&e));
+            Ok(false)
+        }
+        other => other,
+    }
+}
+
+fn migrate(a: RecvArgs) -> anyhow::Result<bool> {
     let uri: ChannelUri = a.listen.parse()?;
     let tuning = SocketTuning {
         recv_buffer: a.socket_buffer.map(|n| n as usize),

@@ -57,6 +57,18 @@ pub struct SendArgs {
 }
 
 pub fn run(a: SendArgs) -> anyhow::Result<bool> {
+    let json = a.json;
+    match migrate(a) {
+        Err(e) if json => {
+            crate::output::print_early_failure(&e);
+            eprintln!("ferry send: error: {}", crate::output::error_chain(&e));
+            Ok(false)
+        }
+        other => other,
+    }
+}
+
+fn migrate(a: SendArgs) -> anyhow::Result<bool> {
     let uri: ChannelUri = a.to.parse()?;
     let device_state = match &a.device_state {
         Some(p) => Some(
