@@ -69,25 +69,6 @@ pub(crate) fn tail(text: &str, n: usize) -> String {
         .join("\n")
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn tail_keeps_last_lines() {
-        assert_eq!(tail("a\nb\n\nc\n", 2), "  b\n  c");
-        assert_eq!(tail("", 3), "  (empty)");
-    }
-
-    #[test]
-    fn cpu_and_space_readings_work() {
-        assert!(children_cpu_s().is_ok_and(|s| s >= 0.0));
-        assert!(free_bytes(Path::new("/")).is_ok());
-        assert!(free_bytes(Path::new("/no/such/dir")).is_err());
-        assert!(unix_now() > 1.6e9);
-    }
-}
-
 /// Touches `bytes` of fresh anonymous memory (in transparent huge pages, as
 /// ferry's and QEMU's destinations allocate it) and releases it again.
 ///
@@ -131,4 +112,23 @@ pub(crate) fn mem_available() -> Option<u64> {
     let line = info.lines().find(|l| l.starts_with("MemAvailable:"))?;
     let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kib * 1024)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tail_keeps_last_lines() {
+        assert_eq!(tail("a\nb\n\nc\n", 2), "  b\n  c");
+        assert_eq!(tail("", 3), "  (empty)");
+    }
+
+    #[test]
+    fn cpu_and_space_readings_work() {
+        assert!(children_cpu_s().is_ok_and(|s| s >= 0.0));
+        assert!(free_bytes(Path::new("/")).is_ok());
+        assert!(free_bytes(Path::new("/no/such/dir")).is_err());
+        assert!(unix_now() > 1.6e9);
+    }
 }
