@@ -78,7 +78,9 @@ fn free_port() -> Result<u16, BenchError> {
 }
 
 /// One `iperf3 -P streams` test over loopback.
-pub(crate) fn run_once(streams: u16) -> Result<Sample, BenchError> {
+/// One `iperf3 -P streams` run; `congestion` is passed as `-C` so the
+/// link is measured with the same TCP congestion control ferry uses.
+pub(crate) fn run_once(streams: u16, congestion: Option<&str>) -> Result<Sample, BenchError> {
     let fail = |msg: String| BenchError::Iperf { streams, msg };
     let cpu_err = |source| BenchError::Process {
         process: "getrusage".into(),
@@ -97,6 +99,9 @@ pub(crate) fn run_once(streams: u16) -> Result<Sample, BenchError> {
         let mut cmd = Command::new(EXE);
         cmd.args(["-c", "127.0.0.1", "-p", &port, "-P", &streams.to_string()])
             .args(["-t", &SECONDS.to_string(), "-J"]);
+        if let Some(cc) = congestion {
+            cmd.args(["-C", cc]);
+        }
         let mut client = Proc::spawn("iperf3 client", cmd, None)?;
         let limit = Duration::from_secs(u64::from(SECONDS) + 30);
         wait_all(
@@ -215,7 +220,7 @@ mod tests {
             eprintln!("skipped: {why}");
             return;
         }
-        let s = run_once(2).expect("iperf3 run");
+        let s = run_once(2, None).expect("iperf3 run");
         eprintln!("iperf3 -P 2: {s:?}");
         assert!(s.gbps_wire > 0.0 && s.gbps_ram.is_none());
     }

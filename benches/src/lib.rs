@@ -64,6 +64,9 @@ pub struct BenchConfig {
     /// tool's destination starts from the same (warm) memory state; see
     /// `sys::warm_free_memory`.
     pub warm_memory: bool,
+    /// TCP congestion control for ferry's sockets and iperf3's (`-C`);
+    /// `None` keeps the system's. QEMU always uses the system's.
+    pub congestion: Option<String>,
     /// Extra arguments for `ferry send`, e.g. `--zero-copy`, `--no-checksum`.
     pub send_args: Vec<String>,
 }
@@ -79,6 +82,7 @@ impl BenchConfig {
             peer_qemu: false,
             peer_iperf: false,
             warm_memory: true,
+            congestion: Some("cubic".into()),
             dataset: None,
             seed: 1,
             workdir: PathBuf::from("/dev/shm"),
@@ -309,6 +313,13 @@ pub fn run(config: &BenchConfig, log: &mut dyn FnMut(&str)) -> Result<BenchRepor
         }
     };
 
+    notes.push(format!(
+        "TCP congestion control: {} for ferry and iperf3; QEMU uses the system's ({})",
+        config.congestion.as_deref().unwrap_or("the system's"),
+        std::fs::read_to_string("/proc/sys/net/ipv4/tcp_congestion_control")
+            .map_or("unknown".into(), |s| s.trim().to_string())
+    ));
+
     let mut cases = Vec::new();
     for &k in &channels {
         let (mut f, mut q, mut i) = (Vec::new(), Vec::new(), Vec::new());
@@ -320,6 +331,7 @@ pub fn run(config: &BenchConfig, log: &mut dyn FnMut(&str)) -> Result<BenchRepor
                 size,
                 channels: k,
                 send_args: &config.send_args,
+                congestion: config.congestion.as_deref(),
             })?;
             log(&fmt_sample("ferry", k, r, config.runs, &s));
             f.push(s);
@@ -330,7 +342,7 @@ pub fn run(config: &BenchConfig, log: &mut dyn FnMut(&str)) -> Result<BenchRepor
                 q.push(s);
             }
             if iperf_ok {
-                let s = iperf::run_once(k)?;
+                let s = iperf::run_once(k, config.congestion.as_deref())?;
                 log(&fmt_sample("iperf3", k, r, config.runs, &s));
                 i.push(s);
             }

@@ -286,6 +286,8 @@ pub(crate) struct FerryRun<'a> {
     pub(crate) size: u64,
     pub(crate) channels: u16,
     pub(crate) send_args: &'a [String],
+    /// TCP congestion control for both ends (`None`: the system's).
+    pub(crate) congestion: Option<&'a str>,
 }
 
 /// One side's report, checked; `Err` holds a description of the failure.
@@ -327,6 +329,7 @@ pub(crate) fn ferry_once(run: &FerryRun<'_>) -> Result<Sample, BenchError> {
 
     let mut cmd = Command::new(run.exe);
     cmd.args(["recv", "--listen", "tcp:127.0.0.1:0", "--json"]);
+    cmd.args(["--tcp-congestion", run.congestion.unwrap_or("system")]);
     let (tx, rx) = mpsc::channel();
     let mut recv = Proc::spawn("ferry recv", cmd, Some(tx))?;
 
@@ -377,6 +380,7 @@ pub(crate) fn ferry_once(run: &FerryRun<'_>) -> Result<Sample, BenchError> {
             &run.channels.to_string(),
             "--json",
         ])
+        .args(["--tcp-congestion", run.congestion.unwrap_or("system")])
         .args(run.send_args);
     let mut send = Proc::spawn("ferry send", cmd, None)?;
 
@@ -518,6 +522,7 @@ mod tests {
             size: 1 << 20,
             channels: 1,
             send_args: &[],
+            congestion: None,
         };
         let e = ferry_once(&run)
             .err()
@@ -556,6 +561,7 @@ esac
             size: 1 << 20,
             channels: 2,
             send_args: &args,
+            congestion: None,
         };
         let s = ferry_once(&run).expect("fake run");
         assert!(s.wall_s > 0.1 && s.wall_s < 10.0, "{}", s.wall_s);
@@ -564,7 +570,8 @@ esac
         let a = s.detail["send"]["args"].as_str().unwrap_or("");
         assert!(
             a.contains(
-                "--ram /dev/shm/x.ram --to tcp:127.0.0.1:45678 --channels 2 --json --no-checksum"
+                "--ram /dev/shm/x.ram --to tcp:127.0.0.1:45678 --channels 2 --json \
+                 --tcp-congestion system --no-checksum"
             ),
             "{a}"
         );

@@ -50,6 +50,10 @@ pub struct BenchArgs {
     /// a VM that backs memory lazily, cold first touches otherwise dominate.
     #[arg(long)]
     cold_memory: bool,
+    /// TCP congestion control for ferry's and iperf3's sockets, or `system`.
+    /// QEMU cannot choose and always uses the system's.
+    #[arg(long, default_value = "cubic")]
+    tcp_congestion: String,
     /// Pass --zero-copy to `ferry send`.
     #[arg(long)]
     zero_copy: bool,
@@ -84,6 +88,7 @@ pub fn run(a: BenchArgs) -> anyhow::Result<bool> {
         workdir: a.workdir.clone(),
         send_args,
         warm_memory: !a.cold_memory,
+        congestion: crate::units::congestion(&a.tcp_congestion),
     };
     let report = run_bench(&config, &mut |line| eprintln!("ferry bench: {line}"))?;
     if a.json {

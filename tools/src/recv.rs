@@ -42,6 +42,11 @@ pub struct RecvArgs {
     /// Socket receive buffer size (SO_RCVBUF), e.g. 4M; default: kernel autotuning.
     #[arg(long, value_parser = parse_size)]
     socket_buffer: Option<u64>,
+    /// TCP congestion control for the migration's sockets, or `system` for
+    /// the machine's default. cubic suits loopback and LANs; a pacing
+    /// algorithm (bbr) spends CPU on timers there.
+    #[arg(long, default_value = "cubic")]
+    tcp_congestion: String,
 }
 
 pub fn run(a: RecvArgs) -> anyhow::Result<bool> {
@@ -60,10 +65,13 @@ fn migrate(a: RecvArgs) -> anyhow::Result<bool> {
     let uri: ChannelUri = a.listen.parse()?;
     let tuning = SocketTuning {
         recv_buffer: a.socket_buffer.map(|n| n as usize),
+        congestion: crate::units::congestion(&a.tcp_congestion),
         ..Default::default()
     };
     let listener = Listener::bind(&uri, tuning)?;
-    eprintln!("ferry: listening on {}", listener.uri());
+    // One write, so a script reading stderr never sees half the line.
+    let ready = format!("ferry: listening on {}\n", listener.uri());
+    let _ = std::io::Write::write_all(&mut std::io::stderr(), ready.as_bytes());
     let opts = IncomingOptions {
         memory: a
             .ram_out

@@ -54,6 +54,11 @@ pub struct SendArgs {
     /// Socket send buffer size (SO_SNDBUF), e.g. 4M; default: kernel autotuning.
     #[arg(long, value_parser = parse_size)]
     socket_buffer: Option<u64>,
+    /// TCP congestion control for the migration's sockets, or `system` for
+    /// the machine's default. cubic suits loopback and LANs; a pacing
+    /// algorithm (bbr) spends CPU on timers there.
+    #[arg(long, default_value = "cubic")]
+    tcp_congestion: String,
 }
 
 pub fn run(a: SendArgs) -> anyhow::Result<bool> {
@@ -87,6 +92,7 @@ fn migrate(a: SendArgs) -> anyhow::Result<bool> {
         },
         tuning: SocketTuning {
             send_buffer: a.socket_buffer.map(|n| n as usize),
+            congestion: crate::units::congestion(&a.tcp_congestion),
             ..Default::default()
         },
         ..Default::default()

@@ -28,6 +28,11 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         .ok_or_else(|| format!("'{s}' is too large"))
 }
 
+/// A `--tcp-congestion` value: an algorithm's name, or `system` (None).
+pub fn congestion(name: &str) -> Option<String> {
+    (name != "system").then(|| name.to_string())
+}
+
 /// `1.50 GiB`, `64.0 MiB`, `512 B`.
 pub fn bytes(n: u64) -> String {
     const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];

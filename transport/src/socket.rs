@@ -22,6 +22,11 @@ pub struct SocketTuning {
     pub keepalive: Option<Duration>,
     /// TCP_USER_TIMEOUT: unacknowledged data for this long ends the connection.
     pub user_timeout: Option<Duration>,
+    /// TCP_CONGESTION for this socket; `None` keeps the system's default.
+    /// ferry picks `cubic`: migration runs over loopback and LANs, where a
+    /// pacing algorithm such as BBR costs CPU (a timer per packet) and buys
+    /// nothing. If the kernel refuses the name, the default stays.
+    pub congestion: Option<String>,
 }
 
 impl Default for SocketTuning {
@@ -32,6 +37,7 @@ impl Default for SocketTuning {
             nodelay: true,
             keepalive: Some(Duration::from_secs(10)),
             user_timeout: Some(Duration::from_secs(30)),
+            congestion: Some("cubic".into()),
         }
     }
 }
@@ -50,6 +56,13 @@ impl SocketTuning {
                 s.set_tcp_keepalive(&TcpKeepalive::new().with_time(t).with_interval(t))?;
             }
             s.set_tcp_user_timeout(self.user_timeout)?;
+            if let Some(cc) = &self.congestion {
+                if let Err(e) = s.set_tcp_congestion(cc.as_bytes()) {
+                    tracing::warn!(
+                        "TCP congestion control '{cc}' refused ({e}); keeping the system's"
+                    );
+                }
+            }
         }
         Ok(())
     }
