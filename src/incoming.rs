@@ -222,7 +222,7 @@ fn follow_main(
             .map_err(|_| MigrationError::Protocol("main channel reader stopped".into()))?;
         let (msg, n) = match event {
             Event::Main(m) => m?,
-            Event::MultifdFailed => return Err(pool.wait_sync(u64::MAX).unwrap_err().into()),
+            Event::MultifdFailed => return Err(pool.error().into()),
         };
         summary.wire_bytes += n;
         match msg {

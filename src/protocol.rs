@@ -203,7 +203,11 @@ impl Message {
                     error: (flag != 0).then_some(text),
                 }
             }
-            _ => unreachable!("type checked in read"),
+            _ => {
+                return Err(MigrationError::Protocol(format!(
+                    "unknown message type {kind}"
+                )))
+            }
         };
         if !matches!(m, Self::DeviceState(_) | Self::Shut { .. }) && r.at != b.len() {
             return Err(MigrationError::Protocol(format!(

@@ -169,6 +169,11 @@ impl ReceiverPool {
             .map_err(|_| self.shared.take_error())
     }
 
+    /// The error that stopped the pool (call after `on_fail` fired).
+    pub fn error(&self) -> MultifdError {
+        self.shared.take_error()
+    }
+
     /// Fails if a page whose payload failed its checksum was never re-sent.
     pub fn check_checksums(&self) -> Result<(), MultifdError> {
         let suspects = self.shared.suspects.lock().unwrap();

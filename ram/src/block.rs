@@ -163,11 +163,6 @@ impl RamBlock {
             unsafe { std::ptr::write_bytes(p, 0, self.page_size as usize) };
         }
     }
-
-    /// Asks the kernel to populate the whole mapping now (read faults).
-    pub fn prefault(&self) {
-        let _ = self.map.advise(memmap2::Advice::WillNeed);
-    }
 }
 
 fn advise_hugepages(map: &MmapRaw) {
