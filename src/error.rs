@@ -20,7 +20,7 @@ pub enum MigrationError {
     Protocol(String),
     #[error("main channel: {what}: {source}")]
     MainIo {
-        what: &'static str,
+        what: String,
         source: std::io::Error,
     },
     #[error("main channel: connection closed by the {peer} {during}")]

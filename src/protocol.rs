@@ -69,14 +69,7 @@ impl Message {
     }
 
     pub fn name(&self) -> &'static str {
-        match self {
-            Self::Setup(_) => "SETUP",
-            Self::PassEnd { .. } => "PASS_END",
-            Self::DeviceState(_) => "DEVICE_STATE",
-            Self::Complete { .. } => "COMPLETE",
-            Self::SetupAck => "SETUP_ACK",
-            Self::Shut { .. } => "SHUT",
-        }
+        kind_name(self.kind())
     }
 
     fn body(&self) -> Vec<u8> {
@@ -120,7 +113,7 @@ impl Message {
         frame.extend_from_slice(&body);
         ch.write_all(&frame)
             .map_err(|source| MigrationError::MainIo {
-                what: write_what(self),
+                what: format!("sending {}", self.name()),
                 source,
             })?;
         Ok(frame.len() as u64)
@@ -133,17 +126,10 @@ impl Message {
         ch.read_exact(&mut frame).map_err(|e| read_error(e, peer))?;
         let kind = u16::from_le_bytes([frame[0], frame[1]]);
         let len = u32::from_le_bytes(frame[4..8].try_into().unwrap());
-        let limit = match kind {
-            1 => MAX_SETUP,
-            2 | 4 => 8,
-            3 => MAX_DEVICE_STATE,
-            101 => 0,
-            102 => MAX_SHUT,
-            _ => {
-                return Err(MigrationError::Protocol(format!(
-                    "unknown message type {kind} (a non-ferry peer?)"
-                )))
-            }
+        let Some(&(_, _, limit)) = KINDS.iter().find(|k| k.0 == kind) else {
+            return Err(MigrationError::Protocol(format!(
+                "unknown message type {kind} (a non-ferry peer?)"
+            )));
         };
         if len > limit {
             return Err(MigrationError::Protocol(format!(
@@ -220,26 +206,22 @@ impl Message {
     }
 }
 
-fn kind_name(kind: u16) -> &'static str {
-    match kind {
-        1 => "SETUP",
-        2 => "PASS_END",
-        3 => "DEVICE_STATE",
-        4 => "COMPLETE",
-        101 => "SETUP_ACK",
-        _ => "SHUT",
-    }
-}
+/// Every message type: its number on the wire, its name, and the most
+/// bytes its body may have.
+const KINDS: [(u16, &str, u32); 6] = [
+    (1, "SETUP", MAX_SETUP),
+    (2, "PASS_END", 8),
+    (3, "DEVICE_STATE", MAX_DEVICE_STATE),
+    (4, "COMPLETE", 8),
+    (101, "SETUP_ACK", 0),
+    (102, "SHUT", MAX_SHUT),
+];
 
-fn write_what(m: &Message) -> &'static str {
-    match m {
-        Message::Setup(_) => "sending SETUP",
-        Message::PassEnd { .. } => "sending PASS_END",
-        Message::DeviceState(_) => "sending the device state",
-        Message::Complete { .. } => "sending COMPLETE",
-        Message::SetupAck => "sending SETUP_ACK",
-        Message::Shut { .. } => "sending SHUT",
-    }
+fn kind_name(kind: u16) -> &'static str {
+    KINDS
+        .iter()
+        .find(|k| k.0 == kind)
+        .map_or("unknown", |k| k.1)
 }
 
 fn read_error(e: std::io::Error, peer: &'static str) -> MigrationError {
@@ -250,7 +232,7 @@ fn read_error(e: std::io::Error, peer: &'static str) -> MigrationError {
         }
     } else {
         MigrationError::MainIo {
-            what: "reading a message",
+            what: "reading a message".into(),
             source: e,
         }
     }
