@@ -436,8 +436,8 @@ impl ChannelSender {
             if exhausted && self.pending.is_empty() && self.chain_left == 0 {
                 break;
             }
-            let wait = self.free.is_empty() || exhausted;
-            self.reap(usize::from(wait))?;
+            // Every slot is busy or the pass is claimed: wait for a send.
+            self.reap(1)?;
         }
         self.send_marker(FLAG_SYNC, work.generation)
     }
