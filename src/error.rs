@@ -38,6 +38,8 @@ pub enum MigrationError {
         missing: u64,
         first: u64,
     },
+    #[error("cannot start the {0} thread: {1}")]
+    Thread(&'static str, std::io::Error),
     #[error("invalid options: {0}")]
     Options(String),
 }

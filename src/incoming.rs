@@ -180,7 +180,7 @@ fn receive(
         let _ = on_fail.send(Event::MultifdFailed);
     })?;
     progress.attach(pool.counters().clone());
-    spawn_main_reader(main.clone(), events);
+    spawn_main_reader(main.clone(), events)?;
     summary.wire_bytes += Message::SetupAck.write(&*main)?;
 
     progress.set_phase("receiving");
@@ -256,7 +256,10 @@ fn follow_main(
 }
 
 /// Reads source → destination messages on their own thread until COMPLETE.
-fn spawn_main_reader(main: Arc<dyn Channel>, events: mpsc::Sender<Event>) {
+fn spawn_main_reader(
+    main: Arc<dyn Channel>,
+    events: mpsc::Sender<Event>,
+) -> Result<(), MigrationError> {
     std::thread::Builder::new()
         .name("ferry-main-reader".into())
         .spawn(move || loop {
@@ -269,7 +272,8 @@ fn spawn_main_reader(main: Arc<dyn Channel>, events: mpsc::Sender<Event>) {
                 break;
             }
         })
-        .expect("spawning the main-channel reader");
+        .map_err(|e| MigrationError::Thread("main-channel reader", e))?;
+    Ok(())
 }
 
 /// Builds (or checks) the destination memory for the source's layout.

@@ -103,7 +103,7 @@ fn run(
     let (main, multifd) = open_session(uri, opts, session)?;
     summary.wire_bytes += (ferry_transport::HELLO_LEN as u64 + 8) * (u64::from(opts.channels) + 1);
     let main: Arc<dyn Channel> = Arc::new(main);
-    let return_path = spawn_return_path(main.clone());
+    let return_path = spawn_return_path(main.clone())?;
 
     progress.set_phase("setup");
     let setup = Setup {
@@ -220,7 +220,7 @@ fn open_session(
 type ReturnPath = Receiver<Result<Message, MigrationError>>;
 
 /// Reads the return path on its own thread until SHUT or an error.
-fn spawn_return_path(main: Arc<dyn Channel>) -> ReturnPath {
+fn spawn_return_path(main: Arc<dyn Channel>) -> Result<ReturnPath, MigrationError> {
     let (tx, rx) = mpsc::channel();
     std::thread::Builder::new()
         .name("ferry-return-path".into())
@@ -231,8 +231,8 @@ fn spawn_return_path(main: Arc<dyn Channel>) -> ReturnPath {
                 break;
             }
         })
-        .expect("spawning the return-path thread");
-    rx
+        .map_err(|e| MigrationError::Thread("return-path", e))?;
+    Ok(rx)
 }
 
 fn recv_timeout(rp: &ReturnPath, timeout: Duration, what: &str) -> Result<Message, MigrationError> {
