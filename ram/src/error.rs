@@ -31,15 +31,6 @@ pub enum RamError {
     BadName(String),
     #[error("two RAM blocks are named '{0}'")]
     DuplicateName(String),
-    #[error("RAM file {path} is {found} bytes; the guest needs {expected}")]
-    SizeMismatch {
-        path: PathBuf,
-        found: u64,
-        expected: u64,
-    },
-    #[error("writing dataset to {path}: {source}")]
-    Write {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    #[error("dataset {path}: size {size} is not a positive multiple of 1 MiB")]
+    DatasetSize { path: PathBuf, size: u64 },
 }

@@ -75,10 +75,9 @@ fn fill_piece(piece: &mut [u8], index: u64, pattern: Pattern, seed: u64) {
 /// all cores. `size` must be a multiple of 1 MiB.
 pub fn write_file(path: &Path, size: u64, pattern: Pattern, seed: u64) -> Result<(), RamError> {
     if size == 0 || size % PIECE as u64 != 0 {
-        return Err(RamError::BadLength {
-            block: path.display().to_string(),
-            len: size,
-            page_size: PIECE as u32,
+        return Err(RamError::DatasetSize {
+            path: path.into(),
+            size,
         });
     }
     let block = RamBlock::file("dataset", path, PAGE as u32, true, Some(size))?;

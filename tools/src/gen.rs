@@ -3,7 +3,6 @@
 use std::path::PathBuf;
 use std::time::Instant;
 
-use anyhow::Context;
 use clap::Args;
 use ferry_ram::pattern::{write_file, Pattern};
 
@@ -32,8 +31,7 @@ pub struct GenArgs {
 
 pub fn run(a: GenArgs) -> anyhow::Result<bool> {
     let t = Instant::now();
-    write_file(&a.output, a.size, a.pattern, a.seed)
-        .with_context(|| format!("ferry gen -o {}", a.output.display()))?;
+    write_file(&a.output, a.size, a.pattern, a.seed)?;
     eprintln!(
         "ferry gen: wrote {} ({:?}, seed {}) to {} in {:.2} s",
         bytes(a.size),

@@ -25,12 +25,23 @@ pub fn error_chain(e: &anyhow::Error) -> String {
 }
 
 /// For `--json` runs that fail before a migration starts (bad URI, missing
-/// file): still one JSON object on stdout, with the error.
-pub fn print_early_failure(e: &anyhow::Error) {
-    println!(
-        "{}",
-        serde_json::json!({ "status": "failed", "error": error_chain(e) })
-    );
+/// file): still one JSON object on stdout with the error, and exit status 1.
+pub fn json_on_early_failure(
+    tool: &str,
+    json: bool,
+    result: anyhow::Result<bool>,
+) -> anyhow::Result<bool> {
+    match result {
+        Err(e) if json => {
+            println!(
+                "{}",
+                serde_json::json!({ "status": "failed", "error": error_chain(&e) })
+            );
+            eprintln!("ferry {tool}: error: {}", error_chain(&e));
+            Ok(false)
+        }
+        other => other,
+    }
 }
 
 /// Prints the end of a migration: JSON on stdout, or text on stderr.

@@ -51,14 +51,7 @@ pub struct RecvArgs {
 
 pub fn run(a: RecvArgs) -> anyhow::Result<bool> {
     let json = a.json;
-    match migrate(a) {
-        Err(e) if json => {
-            crate::output::print_early_failure(&e);
-            eprintln!("ferry recv: error: {}", crate::output::error_chain(&e));
-            Ok(false)
-        }
-        other => other,
-    }
+    crate::output::json_on_early_failure("recv", json, migrate(a))
 }
 
 fn migrate(a: RecvArgs) -> anyhow::Result<bool> {

@@ -63,14 +63,7 @@ pub struct SendArgs {
 
 pub fn run(a: SendArgs) -> anyhow::Result<bool> {
     let json = a.json;
-    match migrate(a) {
-        Err(e) if json => {
-            crate::output::print_early_failure(&e);
-            eprintln!("ferry send: error: {}", crate::output::error_chain(&e));
-            Ok(false)
-        }
-        other => other,
-    }
+    crate::output::json_on_early_failure("send", json, migrate(a))
 }
 
 fn migrate(a: SendArgs) -> anyhow::Result<bool> {
