@@ -225,7 +225,9 @@ struct ChannelReceiver {
     /// The pass being received (its SYNC not yet seen).
     generation: u64,
     offsets: Vec<u64>,
+    /// The payload's destination runs, and a copy `recv_exact` may consume.
     iov: Vec<libc::iovec>,
+    scratch_iov: Vec<libc::iovec>,
 }
 
 impl ChannelReceiver {
@@ -248,6 +250,7 @@ impl ChannelReceiver {
             generation: 1,
             offsets: Vec::with_capacity(max),
             iov: Vec::with_capacity(max),
+            scratch_iov: Vec::with_capacity(max),
         })
     }
 
@@ -334,17 +337,18 @@ impl ChannelReceiver {
         for &off in &self.offsets[..normal] {
             push_run(&mut self.iov, block.host_addr(), off, ps);
         }
-        let mut iov = std::mem::take(&mut self.iov);
+        // recv_exact consumes the list it is given; keep `iov` for the checksum.
+        self.scratch_iov.clone_from(&self.iov);
+        let mut scratch = std::mem::take(&mut self.scratch_iov);
         let got = self
             .ring
-            .recv_exact(self.fd, &mut iov)
+            .recv_exact(self.fd, &mut scratch)
             .map_err(|e| self.io("reading a payload", e));
-        self.iov = iov;
+        self.scratch_iov = scratch;
         if (got? as u64) < h.payload_len {
             return Err(self.closed(format!("inside the payload of packet #{}", self.seq)));
         }
         if h.has_checksum() {
-            self.rebuild_payload_iov(h, block);
             self.check_payload(h)?;
         }
         let received = &shared.received[h.block as usize];
@@ -388,19 +392,6 @@ impl ChannelReceiver {
             )));
         }
         Ok(block)
-    }
-
-    /// The iovecs over the payload's pages again (`recv_exact` consumed them).
-    fn rebuild_payload_iov(&mut self, h: &PacketHeader, block: &RamBlock) {
-        self.iov.clear();
-        for &off in &self.offsets[..h.normal as usize] {
-            push_run(
-                &mut self.iov,
-                block.host_addr(),
-                off,
-                u64::from(h.page_size),
-            );
-        }
     }
 
     /// Checks the payload that just landed; remembers or clears suspects.
