@@ -24,6 +24,6 @@ pub use incoming::{migrate_in, DestinationMemory, IncomingOptions, IncomingOutco
 pub use outgoing::{migrate_out, OutgoingOptions};
 pub use summary::{Progress, Role, Summary};
 
-pub use ferry_multifd::{ReceiverOptions, SenderOptions};
+pub use ferry_multifd::{ReceiverOptions, SendPath, SenderOptions};
 pub use ferry_ram::{BlockSpec, Digest, GuestMemory, RamBlock};
 pub use ferry_transport::{AcceptOptions, ChannelUri, Listener, SocketTuning};

@@ -17,7 +17,7 @@ use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use ferry_multifd::{SenderOptions, SenderPool};
+use ferry_multifd::{SendPath, SenderOptions, SenderPool};
 use ferry_ram::{Digest, PageBitmap};
 use ferry_transport::{
     await_accept, connect_channel, Channel, ChannelHello, ChannelUri, Role, SessionId, SocketTuning,
@@ -130,10 +130,12 @@ fn run(
 
     let mut pool = SenderPool::start(multifd, memory.clone(), opts.sender.clone())?;
     progress.attach(pool.counters().clone());
-    summary.zero_copy = opts.sender.zero_copy.then(|| ZeroCopyReport {
+    summary.send_path = pool.path().name();
+    summary.send_path_note = pool.path_note().map(String::from);
+    summary.zero_copy = (opts.sender.path == SendPath::ZeroCopy).then(|| ZeroCopyReport {
         requested: true,
-        used: pool.zero_copy_note().is_none(),
-        note: pool.zero_copy_note().map(String::from),
+        used: pool.path() == SendPath::ZeroCopy,
+        note: pool.path_note().map(String::from),
         ..Default::default()
     });
 

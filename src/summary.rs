@@ -90,6 +90,12 @@ pub struct Summary {
     pub device_state_digest: Option<String>,
     pub checksum: bool,
     pub checksum_mismatches: u64,
+    /// Source only: how packets reached the sockets (`splice`, `copy`,
+    /// `zero-copy`), and why the path asked for was not used, if it was not.
+    #[serde(skip_serializing_if = "str::is_empty")]
+    pub send_path: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub send_path_note: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub zero_copy: Option<ZeroCopyReport>,
     /// Wall-clock time (Unix seconds) the migration started and ended on this side.

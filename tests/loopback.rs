@@ -4,10 +4,10 @@
 mod common;
 
 use common::*;
-use ferry::{migrate_out, DestinationMemory, IncomingOptions, OutgoingOptions, Progress};
+use ferry::{migrate_out, DestinationMemory, IncomingOptions, OutgoingOptions, Progress, SendPath};
 use ferry_ram::pattern::Pattern;
 
-fn migrate(channels: u16, pattern: Pattern, zero_copy: bool, checksum: bool) {
+fn migrate(channels: u16, pattern: Pattern, path: SendPath, checksum: bool) {
     let mem = memory(&[("ram", 64)], pattern, 11);
     let (l, uri) = listener();
     let dst = spawn_destination(l, IncomingOptions::default());
@@ -15,7 +15,7 @@ fn migrate(channels: u16, pattern: Pattern, zero_copy: bool, checksum: bool) {
         channels,
         ..Default::default()
     };
-    opts.sender.zero_copy = zero_copy;
+    opts.sender.path = path;
     opts.sender.checksum = checksum;
     let sent = migrate_out(&image_guest(mem.clone()), &uri, &opts, &Progress::default())
         .expect("source completes");
@@ -39,31 +39,37 @@ fn migrate(channels: u16, pattern: Pattern, zero_copy: bool, checksum: bool) {
     }
     assert!(sent.completed() && got.summary.completed());
     assert_eq!(sent.session, got.summary.session);
+    assert_eq!(sent.send_path, path.name(), "{:?}", sent.send_path_note);
 }
 
 #[test]
 fn one_channel_mixed() {
-    migrate(1, Pattern::Mixed, false, true);
+    migrate(1, Pattern::Mixed, SendPath::Splice, true);
 }
 
 #[test]
 fn two_channels_mixed() {
-    migrate(2, Pattern::Mixed, false, true);
+    migrate(2, Pattern::Mixed, SendPath::Splice, true);
 }
 
 #[test]
 fn four_channels_mixed() {
-    migrate(4, Pattern::Mixed, false, true);
+    migrate(4, Pattern::Mixed, SendPath::Splice, true);
 }
 
 #[test]
 fn four_channels_random_zero_copy() {
-    migrate(4, Pattern::Random, true, true);
+    migrate(4, Pattern::Random, SendPath::ZeroCopy, true);
+}
+
+#[test]
+fn two_channels_copied_by_io_uring_sendmsg() {
+    migrate(2, Pattern::Mixed, SendPath::Copy, true);
 }
 
 #[test]
 fn two_channels_without_checksums() {
-    migrate(2, Pattern::Mixed, false, false);
+    migrate(2, Pattern::Mixed, SendPath::Splice, false);
 }
 
 #[test]

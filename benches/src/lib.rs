@@ -67,7 +67,7 @@ pub struct BenchConfig {
     /// TCP congestion control for ferry's sockets and iperf3's (`-C`);
     /// `None` keeps the system's. QEMU always uses the system's.
     pub congestion: Option<String>,
-    /// Extra arguments for `ferry send`, e.g. `--zero-copy`, `--no-checksum`.
+    /// Extra arguments for `ferry send`, e.g. `--send-path copy`, `--no-checksum`.
     pub send_args: Vec<String>,
 }
 

@@ -2,7 +2,8 @@
 //!
 //! Joins `transport` (channels, io_uring) and `ram` (blocks, bitmaps): a
 //! [`SenderPool`] of K threads, each with its own ring, turns the pages a
-//! pass must send into [`packet`]s and sends them straight from guest memory;
+//! pass must send into [`packet`]s and sends them straight from guest memory
+//! (by page reference through a pipe, or by io_uring `sendmsg`);
 //! a [`ReceiverPool`] checks every header and offset, then reads payloads
 //! straight into destination pages. Each pass ends with a sync on every
 //! channel, and the receiver applies nothing of pass k+1 before all of pass k
@@ -18,5 +19,5 @@ mod sync;
 pub use error::MultifdError;
 pub use packet::{PacketHeader, HEADER_LEN, MAX_PACKET_PAGES};
 pub use receiver::{ReceiverOptions, ReceiverPool};
-pub use sender::{SenderOptions, SenderPool};
+pub use sender::{SendPath, SenderOptions, SenderPool};
 pub use stats::{Counters, Totals};

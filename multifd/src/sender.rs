@@ -6,10 +6,20 @@
 //! atomic add, take (and so clear) the chunk's bitmap words *before* reading
 //! the pages, sort the pages into zero (offsets only) and normal (payload),
 //! and build one packet per chunk in a [`Slot`]: header, offsets and an iovec
-//! list that points at the guest pages themselves. Prepared packets go out as
-//! one linked chain of `sendmsg` operations (or zero-copy `sendmsg_zc`), so
-//! many sends are in flight while the thread prepares the next packets, and
-//! the stream stays in order. A pass ends with a SYNC packet on every channel.
+//! list that points at the guest pages themselves. How a packet then reaches
+//! the socket is the [`SendPath`]:
+//! - `Splice` (the default): the header is copied into a pipe, the pages are
+//!   put in it by reference (`vmsplice`) and the pipe is spliced into the
+//!   socket, so the sender never copies a page (over loopback the receiver's
+//!   copy is the only one). One packet at a time: splice through io_uring is
+//!   always punted to a kernel worker thread and `vmsplice` has no io_uring
+//!   opcode, so the blocking calls are cheaper on the channel's own thread.
+//! - `Copy` / `ZeroCopy`: prepared packets go out through the channel's
+//!   io_uring as one linked chain of `sendmsg` (or `sendmsg_zc`) operations,
+//!   so many sends are in flight while the thread prepares the next ones.
+//!
+//! Either way the stream stays in order, and a pass ends with a SYNC packet
+//! on every channel.
 
 use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -17,6 +27,7 @@ use std::sync::{mpsc, Arc};
 use std::thread::JoinHandle;
 
 use ferry_ram::{is_zero_page, set_bits, GuestMemory, PageBitmap, RamBlock};
+use ferry_transport::splice::{SplicePipe, WANTED_PIPE_BYTES};
 use ferry_transport::uring::{Completion, Ring};
 use ferry_transport::Channel;
 
@@ -31,10 +42,36 @@ pub struct SenderOptions {
     pub packet_pages: u32,
     /// crc32 over each payload and header (the receiver checks them).
     pub checksum: bool,
-    /// Send with `IORING_OP_SENDMSG_ZC`: the kernel reads guest pages in place.
-    pub zero_copy: bool,
-    /// Packets prepared or in flight per channel.
+    /// How packets reach the socket.
+    pub path: SendPath,
+    /// Packets prepared or in flight per channel (io_uring paths).
     pub slots: usize,
+}
+
+/// How a sender thread hands its packets to the socket.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum SendPath {
+    /// `vmsplice` + `splice`: the socket takes references to the guest
+    /// pages; the sender copies nothing. A page rewritten before it leaves
+    /// goes out with its new bytes (its checksum then fails, and the page,
+    /// being dirty, is sent again).
+    #[default]
+    Splice,
+    /// io_uring `sendmsg`: the kernel copies the pages into socket buffers.
+    Copy,
+    /// io_uring `sendmsg_zc` (MSG_ZEROCOPY): pages are pinned until the
+    /// kernel's notification; loopback copies them anyway.
+    ZeroCopy,
+}
+
+impl SendPath {
+    pub fn name(self) -> &'static str {
+        match self {
+            SendPath::Splice => "splice",
+            SendPath::Copy => "copy",
+            SendPath::ZeroCopy => "zero-copy",
+        }
+    }
 }
 
 impl Default for SenderOptions {
@@ -42,7 +79,7 @@ impl Default for SenderOptions {
         Self {
             packet_pages: 128,
             checksum: true,
-            zero_copy: false,
+            path: SendPath::Splice,
             slots: 8,
         }
     }
@@ -106,7 +143,8 @@ pub struct SenderPool {
     counters: Arc<Counters>,
     generation: u64,
     words_per_chunk: usize,
-    zero_copy_note: Option<String>,
+    path: SendPath,
+    path_note: Option<String>,
 }
 
 impl SenderPool {
@@ -126,13 +164,15 @@ impl SenderPool {
             )));
         }
         opts.slots = opts.slots.clamp(2, 64);
-        let zero_copy_note = if opts.zero_copy {
-            zero_copy_limit_note(&opts, channels.len(), &memory)
-        } else {
-            None
+        let path_note = match opts.path {
+            SendPath::ZeroCopy => zero_copy_limit_note(&opts, channels.len(), &memory),
+            SendPath::Splice => SplicePipe::new(WANTED_PIPE_BYTES)
+                .err()
+                .map(|e| format!("cannot create a splice pipe ({e}); sending with copies")),
+            SendPath::Copy => None,
         };
-        if zero_copy_note.is_some() {
-            opts.zero_copy = false;
+        if path_note.is_some() {
+            opts.path = SendPath::Copy;
         }
         let counters = Arc::new(Counters::default());
         let (report_tx, reports) = mpsc::channel();
@@ -167,7 +207,8 @@ impl SenderPool {
             counters,
             generation: 0,
             words_per_chunk,
-            zero_copy_note,
+            path: opts.path,
+            path_note,
         })
     }
 
@@ -175,9 +216,15 @@ impl SenderPool {
         &self.counters
     }
 
-    /// Why zero-copy was turned off, if it was asked for and could not be used.
-    pub fn zero_copy_note(&self) -> Option<&str> {
-        self.zero_copy_note.as_deref()
+    /// The path the threads use: the one asked for, or `Copy` if that was
+    /// not possible here.
+    pub fn path(&self) -> SendPath {
+        self.path
+    }
+
+    /// Why the path asked for is not used, if it is not.
+    pub fn path_note(&self) -> Option<&str> {
+        self.path_note.as_deref()
     }
 
     /// The generation the last pass had (0 before the first).
@@ -372,6 +419,8 @@ struct ChannelSender {
     packet_pages: usize,
     /// Zero-page offsets of the packet being built.
     zero_scratch: Vec<u64>,
+    /// The by-reference path, when chosen.
+    pipe: Option<SplicePipe>,
     error: Option<MultifdError>,
 }
 
@@ -388,8 +437,18 @@ impl ChannelSender {
                 channel: channel.label().into(),
                 source,
             })?;
-        let zero_copy = opts.zero_copy && ring.supports_send_zc();
+        let zero_copy = opts.path == SendPath::ZeroCopy && ring.supports_send_zc();
         let max = opts.packet_pages as usize;
+        let pipe = if opts.path == SendPath::Splice {
+            let p = SplicePipe::new(WANTED_PIPE_BYTES).map_err(|source| MultifdError::Io {
+                channel: channel.label().into(),
+                what: "creating the splice pipe",
+                source,
+            })?;
+            Some(p)
+        } else {
+            None
+        };
         Ok(Self {
             channel,
             fd,
@@ -406,12 +465,16 @@ impl ChannelSender {
             zero_copy,
             packet_pages: max,
             zero_scratch: Vec::with_capacity(max),
+            pipe,
             error: None,
         })
     }
 
     /// Sends this channel's share of a pass, then its SYNC.
     fn run_pass(&mut self, work: &PassWork) -> Result<(), MultifdError> {
+        if self.pipe.is_some() {
+            return self.run_pass_spliced(work);
+        }
         let mut exhausted = false;
         loop {
             while !exhausted {
@@ -440,6 +503,54 @@ impl ChannelSender {
             self.reap(1)?;
         }
         self.send_marker(FLAG_SYNC, work.generation)
+    }
+
+    /// The by-reference path: one packet at a time, each handed to the
+    /// socket in full before the next is built.
+    fn run_pass_spliced(&mut self, work: &PassWork) -> Result<(), MultifdError> {
+        let slot = self.free.pop().expect("an idle channel has free slots");
+        let mut result = Ok(());
+        while let Some((block, word)) = work.claim() {
+            if self.prepare_chunk(slot, work, block, word) {
+                if let Err(e) = self.splice_slot(slot) {
+                    result = Err(e);
+                    break;
+                }
+            }
+        }
+        self.free.push(slot);
+        result?;
+        self.send_marker(FLAG_SYNC, work.generation)
+    }
+
+    fn splice_slot(&mut self, slot: usize) -> Result<(), MultifdError> {
+        let s = &mut self.slots[slot];
+        let pipe = self.pipe.as_mut().expect("splice path");
+        let (head, pages) = s.iov.split_at_mut(2);
+        // SAFETY: the pages belong to `self.memory`, mapped for the whole
+        // migration; a page the guest rewrites meanwhile is dirty again and
+        // is re-sent, and its checksum mismatch is forgiven then.
+        let sent = unsafe { pipe.send(self.fd, head, pages) };
+        match sent {
+            Ok(n) if n == s.wire => {
+                self.counters
+                    .add_packet(s.normal, s.zero, s.page_size, s.wire);
+                Ok(())
+            }
+            Ok(n) => Err(MultifdError::Io {
+                channel: self.channel.label().into(),
+                what: "short splice",
+                source: std::io::Error::other(format!("{n} of {} bytes", s.wire)),
+            }),
+            Err(source) => {
+                self.channel.shutdown();
+                Err(MultifdError::Io {
+                    channel: self.channel.label().into(),
+                    what: "splicing a packet",
+                    source,
+                })
+            }
+        }
     }
 
     /// Sends a SYNC or END packet and waits until it is out.

@@ -54,9 +54,9 @@ pub struct BenchArgs {
     /// QEMU cannot choose and always uses the system's.
     #[arg(long, default_value = "cubic")]
     tcp_congestion: String,
-    /// Pass --zero-copy to `ferry send`.
+    /// Pass `--send-path PATH` to `ferry send` (splice, copy or zero-copy).
     #[arg(long)]
-    zero_copy: bool,
+    send_path: Option<String>,
     /// Pass --no-checksum to `ferry send`.
     #[arg(long)]
     no_checksum: bool,
@@ -70,8 +70,8 @@ pub fn run(a: BenchArgs) -> anyhow::Result<bool> {
         );
     }
     let mut send_args = Vec::new();
-    if a.zero_copy {
-        send_args.push("--zero-copy".to_string());
+    if let Some(p) = &a.send_path {
+        send_args.extend(["--send-path".to_string(), p.clone()]);
     }
     if a.no_checksum {
         send_args.push("--no-checksum".to_string());

@@ -81,6 +81,16 @@ pub fn print_summary(tool: &str, s: &Summary, json: bool) {
         },
         s.device_state_bytes
     );
+    if !s.send_path.is_empty() {
+        eprintln!(
+            "  send path: {}{}",
+            s.send_path,
+            s.send_path_note
+                .as_deref()
+                .map(|n| format!(" ({n})"))
+                .unwrap_or_default()
+        );
+    }
     if let Some(zc) = &s.zero_copy {
         eprintln!(
             "  zero-copy: {} sends, {} copied by the kernel{}",

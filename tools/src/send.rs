@@ -7,7 +7,7 @@ use std::sync::Arc;
 use anyhow::Context;
 use clap::Args;
 use ferry::{
-    migrate_out, ChannelUri, Guest, ImageGuest, OutgoingOptions, Progress, SenderOptions,
+    migrate_out, ChannelUri, Guest, ImageGuest, OutgoingOptions, Progress, SendPath, SenderOptions,
     SocketTuning,
 };
 
@@ -34,9 +34,16 @@ pub struct SendArgs {
     /// Print one JSON object with the result instead of text and a progress bar.
     #[arg(long)]
     json: bool,
-    /// Send with io_uring zero-copy (SENDMSG_ZC); copies the kernel still
+    /// How packets reach the sockets. `splice`: the socket takes references
+    /// to the guest pages through a pipe (vmsplice + splice), the sender
+    /// copies nothing. `copy`: io_uring sendmsg, the kernel copies pages into
+    /// socket buffers. `zero-copy`: io_uring sendmsg_zc (MSG_ZEROCOPY), pages
+    /// pinned until the kernel is done with them; the copies the kernel still
     /// makes are counted and reported (loopback always copies).
-    #[arg(long)]
+    #[arg(long, value_enum, default_value_t = PathArg::Splice)]
+    send_path: PathArg,
+    /// Shorthand for `--send-path zero-copy`.
+    #[arg(long, conflicts_with = "send_path")]
     zero_copy: bool,
     /// Do not compute crc32 checksums over packets (the receiver then cannot
     /// detect corrupted payloads).
@@ -80,7 +87,11 @@ fn migrate(a: SendArgs) -> anyhow::Result<bool> {
         sender: SenderOptions {
             packet_pages: a.packet_pages,
             checksum: !a.no_checksum,
-            zero_copy: a.zero_copy,
+            path: if a.zero_copy {
+                SendPath::ZeroCopy
+            } else {
+                a.send_path.into()
+            },
             slots: a.inflight,
         },
         tuning: SocketTuning {
@@ -103,4 +114,21 @@ fn migrate(a: SendArgs) -> anyhow::Result<bool> {
     }
     print_summary("send", &summary, a.json);
     Ok(ok)
+}
+
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+enum PathArg {
+    Splice,
+    Copy,
+    ZeroCopy,
+}
+
+impl From<PathArg> for SendPath {
+    fn from(p: PathArg) -> Self {
+        match p {
+            PathArg::Splice => SendPath::Splice,
+            PathArg::Copy => SendPath::Copy,
+            PathArg::ZeroCopy => SendPath::ZeroCopy,
+        }
+    }
 }

@@ -12,6 +12,7 @@ mod error;
 mod handshake;
 mod incoming;
 mod socket;
+pub mod splice;
 mod uri;
 pub mod uring;
 
