@@ -9,6 +9,7 @@
 //! has landed.
 
 mod error;
+mod pacing;
 pub mod packet;
 mod receiver;
 mod sender;
@@ -16,6 +17,7 @@ mod stats;
 mod sync;
 
 pub use error::MultifdError;
+pub use pacing::PassControl;
 pub use packet::{PacketHeader, HEADER_LEN, MAX_PACKET_PAGES};
 pub use receiver::{ReceiverOptions, ReceiverPool};
 pub use sender::{SenderOptions, SenderPool};

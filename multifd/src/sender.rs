@@ -23,7 +23,7 @@ use ferry_transport::Channel;
 use crate::packet::{
     offsets_as_bytes, PacketHeader, FLAG_CHECKSUM, FLAG_END, FLAG_SYNC, HEADER_LEN,
 };
-use crate::{Counters, MultifdError, Totals, MAX_PACKET_PAGES};
+use crate::{Counters, MultifdError, PassControl, Totals, MAX_PACKET_PAGES};
 
 #[derive(Clone, Debug)]
 pub struct SenderOptions {
@@ -51,6 +51,7 @@ impl Default for SenderOptions {
 /// The pages one pass must send, claimed a chunk at a time by all threads.
 pub struct PassWork {
     generation: u64,
+    control: Arc<PassControl>,
     bitmaps: Arc<Vec<PageBitmap>>,
     /// First chunk number of each block, and the total after the last.
     chunk_starts: Vec<u64>,
@@ -59,7 +60,12 @@ pub struct PassWork {
 }
 
 impl PassWork {
-    fn new(generation: u64, bitmaps: Arc<Vec<PageBitmap>>, words_per_chunk: usize) -> Self {
+    fn new(
+        generation: u64,
+        control: Arc<PassControl>,
+        bitmaps: Arc<Vec<PageBitmap>>,
+        words_per_chunk: usize,
+    ) -> Self {
         let mut chunk_starts = vec![0];
         for b in bitmaps.iter() {
             let last = *chunk_starts.last().unwrap();
@@ -67,6 +73,7 @@ impl PassWork {
         }
         Self {
             generation,
+            control,
             bitmaps,
             chunk_starts,
             words_per_chunk,
@@ -76,6 +83,9 @@ impl PassWork {
 
     /// The next unclaimed chunk: (block index, first bitmap word).
     fn claim(&self) -> Option<(usize, usize)> {
+        if self.control.is_interrupted() {
+            return None;
+        }
         let c = self.next_chunk.fetch_add(1, Ordering::Relaxed);
         let block = self
             .chunk_starts
@@ -104,6 +114,7 @@ pub struct SenderPool {
     threads: Vec<JoinHandle<()>>,
     channels: Vec<Arc<dyn Channel>>,
     counters: Arc<Counters>,
+    control: Arc<PassControl>,
     generation: u64,
     words_per_chunk: usize,
     zero_copy_note: Option<String>,
@@ -165,6 +176,7 @@ impl SenderPool {
             threads,
             channels,
             counters,
+            control: Arc::new(PassControl::default()),
             generation: 0,
             words_per_chunk,
             zero_copy_note,
@@ -180,6 +192,11 @@ impl SenderPool {
         self.zero_copy_note.as_deref()
     }
 
+    /// Interrupts passes and limits their rate, from any thread.
+    pub fn control(&self) -> &Arc<PassControl> {
+        &self.control
+    }
+
     /// The generation the last pass had (0 before the first).
     pub fn generation(&self) -> u64 {
         self.generation
@@ -191,6 +208,7 @@ impl SenderPool {
         self.generation += 1;
         let work = Arc::new(PassWork::new(
             self.generation,
+            self.control.clone(),
             bitmaps,
             self.words_per_chunk,
         ));
@@ -419,6 +437,7 @@ impl ChannelSender {
                 match work.claim() {
                     Some((block, word)) => {
                         if self.prepare_chunk(slot, work, block, word) {
+                            work.control.consume(self.slots[slot].wire);
                             self.pending.push(slot);
                             // Start sending at once if the stream is idle.
                             self.submit_chain()?;
