@@ -51,6 +51,8 @@ impl Default for SenderOptions {
 /// The pages one pass must send, claimed a chunk at a time by all threads.
 pub struct PassWork {
     generation: u64,
+    /// The guest runs during this pass: pages may change while in flight.
+    live: bool,
     control: Arc<PassControl>,
     bitmaps: Arc<Vec<PageBitmap>>,
     /// First chunk number of each block, and the total after the last.
@@ -62,6 +64,7 @@ pub struct PassWork {
 impl PassWork {
     fn new(
         generation: u64,
+        live: bool,
         control: Arc<PassControl>,
         bitmaps: Arc<Vec<PageBitmap>>,
         words_per_chunk: usize,
@@ -73,6 +76,7 @@ impl PassWork {
         }
         Self {
             generation,
+            live,
             control,
             bitmaps,
             chunk_starts,
@@ -205,9 +209,23 @@ impl SenderPool {
     /// Sends every page set in `bitmaps` (one per block, in block order) and
     /// a SYNC on every channel; returns when all channels have sent theirs.
     pub fn send_pass(&mut self, bitmaps: Arc<Vec<PageBitmap>>) -> Result<(), MultifdError> {
+        self.run(bitmaps, false)
+    }
+
+    /// Like [`SenderPool::send_pass`], while the guest runs. With checksums
+    /// on, each packet's payload is checked again once the kernel has it:
+    /// if a page changed after its checksum was taken, the receiver will see
+    /// a mismatch for the whole packet, so every page of that packet is set
+    /// again in `bitmaps` and goes in the next pass.
+    pub fn send_live_pass(&mut self, bitmaps: Arc<Vec<PageBitmap>>) -> Result<(), MultifdError> {
+        self.run(bitmaps, true)
+    }
+
+    fn run(&mut self, bitmaps: Arc<Vec<PageBitmap>>, live: bool) -> Result<(), MultifdError> {
         self.generation += 1;
         let work = Arc::new(PassWork::new(
             self.generation,
+            live,
             self.control.clone(),
             bitmaps,
             self.words_per_chunk,
@@ -216,7 +234,7 @@ impl SenderPool {
     }
 
     /// Ends every channel with an END packet and joins the threads.
-    pub fn finish(mut self) -> Result<Totals, MultifdError> {
+    pub fn finish(&mut self) -> Result<Totals, MultifdError> {
         self.broadcast(|| Command::Finish)?;
         self.commands.clear();
         for t in self.threads.drain(..) {
@@ -229,6 +247,17 @@ impl SenderPool {
     pub fn abort(&self) {
         for ch in &self.channels {
             ch.shutdown();
+        }
+    }
+
+    /// A function that shuts every channel down, callable from any thread
+    /// (a cancel that must not wait for sends stuck on a dead link).
+    pub fn aborter(&self) -> impl Fn() + Send + Sync + 'static {
+        let channels = self.channels.clone();
+        move || {
+            for ch in &channels {
+                ch.shutdown();
+            }
         }
     }
 
@@ -303,6 +332,26 @@ fn zero_copy_limit_note(
     })
 }
 
+/// A live packet the kernel has finished with: if its pages no longer match
+/// the checksum it carried, the receiver will reject all of them, so all
+/// go again in the next pass.
+fn recheck_payload(
+    s: &Slot,
+    (bitmaps, block, crc): (Arc<Vec<PageBitmap>>, usize, u32),
+    counters: &Counters,
+) {
+    if s.normal == 0 || crate::packet::payload_crc(&s.iov[2..]) == crc {
+        return;
+    }
+    let ps = s.page_size.max(1);
+    for &off in &s.offsets[..s.normal as usize] {
+        bitmaps[block].set(off / ps);
+    }
+    counters
+        .pages_changed_in_flight
+        .fetch_add(s.normal, Ordering::Relaxed);
+}
+
 #[allow(clippy::too_many_arguments)]
 fn channel_thread(
     index: usize,
@@ -351,6 +400,9 @@ struct Slot {
     wire: u64,
     /// Completions still due before the slot is free: 1, or 2 with zero-copy.
     awaiting: u8,
+    /// In a live pass: the pass's bitmaps, the block and the payload crc,
+    /// to check once the kernel is done with the pages.
+    verify: Option<(Arc<Vec<PageBitmap>>, usize, u32)>,
 }
 
 impl Slot {
@@ -366,6 +418,7 @@ impl Slot {
             page_size: 0,
             wire: 0,
             awaiting: 0,
+            verify: None,
         }
     }
 }
@@ -556,6 +609,8 @@ impl ChannelSender {
             },
             header_crc: 0,
         };
+        s.verify = (work.live && self.checksum)
+            .then(|| (work.bitmaps.clone(), block_index, h.payload_crc));
         h.seal(&mut s.header, &s.offsets);
         let off = offsets_as_bytes(&s.offsets);
         s.iov[1] = libc::iovec {
@@ -658,6 +713,9 @@ impl ChannelSender {
         let s = &mut self.slots[slot];
         s.awaiting -= 1;
         if s.awaiting == 0 {
+            if let Some(v) = s.verify.take() {
+                recheck_payload(s, v, &self.counters);
+            }
             self.free.push(slot);
         }
     }

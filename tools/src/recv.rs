@@ -74,6 +74,7 @@ fn migrate(a: RecvArgs) -> anyhow::Result<bool> {
             first_timeout: a.timeout.map(Duration::from_secs_f64),
             ..Default::default()
         },
+        ..Default::default()
     };
     let progress = Arc::new(Progress::default());
     match migrate_in(&listener, &opts, &progress) {
