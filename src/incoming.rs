@@ -263,6 +263,7 @@ fn start_guest(
     guest.resources().activate()?;
     guest.resume()?;
     let resumed_at = crate::outgoing::unix_nanos();
+    summary.guest_running = guest.is_running();
     out.guest = Some(guest);
     summary.wire_bytes += Message::Resumed {
         unix_nanos: resumed_at,

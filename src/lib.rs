@@ -27,12 +27,13 @@ pub mod summary;
 pub mod synthetic;
 
 pub use activation::Resources;
+pub use control::{ControlError, ControlServer};
 pub use error::{Failed, MigrationError};
 pub use guest::{default_guest_builder, Guest, GuestBuilder, GuestError, ImageGuest};
 pub use incoming::{migrate_in, DestinationMemory, IncomingOptions, IncomingOutcome};
 pub use outgoing::{migrate_out, OutgoingOptions};
 pub use state::{Event, Parameters, PassFigures, Progress, Status};
-pub use summary::{Role, Summary};
+pub use summary::{Role, Summary, Workload};
 pub use synthetic::{DirtyPattern, SyntheticConfig, SyntheticGuest, TrackerKind};
 
 pub use ferry_multifd::{ReceiverOptions, SenderOptions};

@@ -302,9 +302,11 @@ impl Progress {
 
     /// Asks the migration to stop: status cancelling, the pass in flight
     /// ends early, and the controller cleans up to cancelled. False if the
-    /// migration has already ended.
+    /// migration has already ended, or is in the device phase, where the
+    /// destination may already be taking over.
     pub fn cancel(&self) -> bool {
-        if self.status().is_final() {
+        let s = self.status();
+        if s.is_final() || s == Status::Device {
             return false;
         }
         self.cancel.store(true, Ordering::SeqCst);

@@ -14,6 +14,16 @@ pub enum Role {
     Destination,
 }
 
+/// A synthetic guest's writes before the switchover and after running on
+/// the destination for a while.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Workload {
+    pub writes_at_switchover: u64,
+    pub writes_after: u64,
+    pub seconds: f64,
+    pub continued: bool,
+}
+
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct ZeroCopyReport {
     pub requested: bool,
@@ -62,6 +72,12 @@ pub struct Summary {
     pub destination_resumed_at_unix: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub dirty_tracker: Option<String>,
+    /// Whether this side's guest runs at the end (a source after a failed
+    /// or cancelled migration; a destination after a completed one).
+    pub guest_running: bool,
+    /// Destination with `--run-after`: the workload continued there.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub workload: Option<Workload>,
     /// The highest auto-converge throttle applied.
     pub throttle_percent: u8,
     /// Bytes on multifd channels while the guest ran, and while paused.

@@ -159,25 +159,47 @@ impl Done {
         self.status.code()
     }
 
-    /// The one JSON object the command printed on stdout.
+    /// The summary JSON object: the last line on stdout. Every line before
+    /// it must be an event (`--json` streams them while the run goes on).
     fn json(&self) -> Value {
         let lines: Vec<&str> = self
             .stdout
             .lines()
             .filter(|l| !l.trim().is_empty())
             .collect();
-        assert_eq!(
-            lines.len(),
-            1,
-            "{}: expected exactly one JSON line on stdout, got:\n{}\nstderr:\n{}",
-            self.name,
-            self.stdout,
-            self.stderr
+        let Some((last, events)) = lines.split_last() else {
+            panic!("{}: nothing on stdout; stderr:\n{}", self.name, self.stderr);
+        };
+        for e in events {
+            let v: Value = serde_json::from_str(e)
+                .unwrap_or_else(|err| panic!("{}: event line is not JSON ({err}): {e}", self.name));
+            assert!(
+                v["event"].is_string(),
+                "{}: not an event before the summary: {v}",
+                self.name
+            );
+        }
+        let v: Value = serde_json::from_str(last)
+            .unwrap_or_else(|e| panic!("{}: stdout is not JSON ({e}): {last}", self.name));
+        assert!(
+            v.is_object() && v.get("event").is_none(),
+            "{}: not a summary object: {v}",
+            self.name
         );
-        let v: Value = serde_json::from_str(lines[0])
-            .unwrap_or_else(|e| panic!("{}: stdout is not JSON ({e}): {}", self.name, lines[0]));
-        assert!(v.is_object(), "{}: not a JSON object: {v}", self.name);
         v
+    }
+
+    /// The events printed before the summary.
+    fn events(&self) -> Vec<Value> {
+        let lines: Vec<&str> = self
+            .stdout
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .collect();
+        lines[..lines.len().saturating_sub(1)]
+            .iter()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
     }
 
     /// Exit 0 and a completed JSON summary with a digest.
