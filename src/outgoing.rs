@@ -112,6 +112,7 @@ pub fn migrate_out(
         let _ = log.stop();
     }
     let cancelled = matches!(result, Err(MigrationError::Cancelled(_)));
+    summary.guest_running = guest.is_running();
     summary.finish(
         started,
         result.as_ref().err().map(ToString::to_string),
@@ -188,11 +189,13 @@ impl Source<'_> {
         let result = self
             .precopy(&mut s)
             .and_then(|pending| self.switchover(&mut s, pending));
-        self.ended.store(true, Ordering::SeqCst);
         if result.is_err() && self.progress.cancel_requested() {
-            // Tell the destination to discard; best effort, the link may be gone.
+            // End the channels cleanly (a dead link is cut by the cancel's
+            // grace timer), then tell the destination to discard.
+            let _ = s.pool.finish();
             let _ = Message::Cancel.write(&*s.main);
         }
+        self.ended.store(true, Ordering::SeqCst);
         if result.is_err() {
             s.main.shutdown();
         }
