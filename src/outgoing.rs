@@ -105,9 +105,17 @@ pub fn migrate_out(
     if result.is_err() && progress.cancel_requested() {
         result = Err(MigrationError::Cancelled(String::new()));
     }
-    if let Err(e) = &result {
+    if let Err(e) = &mut result {
+        if let Some(why) = restore_source(guest, was_running) {
+            *e = MigrationError::SourceNotResumed {
+                error: Box::new(std::mem::replace(
+                    e,
+                    MigrationError::Cancelled(String::new()),
+                )),
+                why,
+            };
+        }
         progress.set_error(&e.to_string());
-        restore_source(guest, was_running);
     } else if let Some(log) = guest.dirty_log() {
         let _ = log.stop();
     }
@@ -134,8 +142,11 @@ pub fn migrate_out(
 }
 
 /// The one cleanup path of a source whose migration did not complete: the
-/// guest goes on as if nothing happened.
-fn restore_source(guest: &dyn Guest, was_running: bool) {
+/// guest goes on as if nothing happened. The one exception: if its shared
+/// resources cannot be taken back (the destination already runs the guest
+/// and holds them), resuming would give the guest two owners, so it stays
+/// paused; the reason is returned.
+fn restore_source(guest: &dyn Guest, was_running: bool) -> Option<String> {
     guest.set_throttle(0);
     if let Some(log) = guest.dirty_log() {
         if let Err(e) = log.stop() {
@@ -143,13 +154,14 @@ fn restore_source(guest: &dyn Guest, was_running: bool) {
         }
     }
     if let Err(e) = guest.resources().activate() {
-        tracing::error!("reactivating the source's resources after a failed migration: {e}");
+        return Some(e.to_string());
     }
     if was_running && !guest.is_running() {
         if let Err(e) = guest.resume() {
-            tracing::error!("resuming the source guest after a failed migration: {e}");
+            return Some(e.to_string());
         }
     }
+    None
 }
 
 struct Source<'a> {
@@ -398,9 +410,6 @@ impl Source<'_> {
         if let Some(zc) = self.summary.zero_copy.as_mut() {
             (zc.sends, zc.copied) = (totals.zero_copy_sends, totals.zero_copy_copied);
         }
-        // Memory is frozen: its digest costs no downtime while the destination loads.
-        self.summary.switchover_digest =
-            Some(Digest::of_guest(&self.memory, &device_state).to_string());
 
         self.progress.set_phase("completing");
         let timeout = self.opts.completion_timeout;
@@ -415,10 +424,16 @@ impl Source<'_> {
             other => return Err(unexpected("RESUMED", &other)),
         }
         match recv_timeout(&s.return_path, timeout, "the destination's SHUT")? {
-            Message::Shut { error: None } => Ok(()),
-            Message::Shut { error: Some(e) } => Err(MigrationError::Destination(e)),
-            other => Err(unexpected("SHUT", &other)),
+            Message::Shut { error: None } => {}
+            Message::Shut { error: Some(e) } => return Err(MigrationError::Destination(e)),
+            other => return Err(unexpected("SHUT", &other)),
         }
+        // The guest stays paused here, so memory is still as it was at
+        // switchover; hashing now costs no downtime (and no CPU the
+        // destination needed to resume).
+        self.summary.switchover_digest =
+            Some(Digest::of_guest(&self.memory, &device_state).to_string());
+        Ok(())
     }
 
     /// Sends the pages set in `pending` and PASS_END; measures the pass.

@@ -354,3 +354,48 @@ fn a_guest_faster_than_the_link_converges_only_with_auto_converge() {
         assert!(!guest.is_running());
     });
 }
+
+#[test]
+fn a_source_whose_resources_were_taken_over_is_not_resumed() {
+    within(120, || {
+        let dir = tempfile::tempdir().unwrap();
+        let lock = dir.path().join("disk.lock");
+        let guest = Arc::new(synthetic_with_lock(&lock, 2 * MIB));
+        let (l, uri) = listener();
+        // A destination that takes the lock, then fails to start its guest
+        // while something there keeps holding the lock.
+        let holder = Arc::new(std::sync::Mutex::new(None));
+        let (dst_lock, dst_holder) = (lock.clone(), holder.clone());
+        let opts = IncomingOptions {
+            build_guest: Arc::new(move |_memory, _state| {
+                let r = Resources::new(std::slice::from_ref(&dst_lock), true)?;
+                *dst_holder.lock().unwrap() = Some(r);
+                Err(ferry::GuestError::Control("refusing to start".into()))
+            }),
+            ..Default::default()
+        };
+        let dst = spawn_destination(l, opts);
+        let progress = Arc::new(Progress::with_parameters(Parameters {
+            downtime_limit: Duration::from_secs(2),
+            ..Default::default()
+        }));
+        let failed = spawn_source(guest.clone(), uri, progress)
+            .join()
+            .unwrap()
+            .unwrap_err();
+        assert!(dst.join().unwrap().is_err());
+        let e = failed.error.to_string();
+        assert!(
+            e.contains("refusing to start") && e.contains("stays paused"),
+            "{e}"
+        );
+        assert!(
+            !guest.is_running(),
+            "two owners would corrupt the shared disk"
+        );
+        assert!(!guest.resources().is_active());
+        // Once the other owner lets go, the source can take its resources back.
+        holder.lock().unwrap().take();
+        assert!(guest.resources().activate().unwrap());
+    });
+}
