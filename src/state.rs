@@ -60,7 +60,8 @@ pub struct Parameters {
     /// Bytes per second to assume for the switchover decision instead of
     /// the measured bandwidth (0: use the measured one).
     pub avail_switchover_bandwidth: u64,
-    /// Throttle the guest when passes stop shrinking.
+    /// Throttle the guest after each pass in which it dirtied more than half
+    /// of the bytes the pass sent (passes are not shrinking fast enough).
     pub auto_converge: bool,
     pub throttle_initial: u8,
     pub throttle_increment: u8,
