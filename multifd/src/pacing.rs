@@ -3,8 +3,9 @@
 //!
 //! Every thread of a [`crate::SenderPool`] shares one [`PassControl`]. The
 //! rate limit works like QEMU's: time is cut into 100 ms windows and a
-//! window may carry `rate / 10` bytes; a sender that has used the window's
-//! share sleeps until the next window. An interrupted pass claims no more
+//! window may carry `rate / 10` bytes; once the window's share is used,
+//! senders wait for the next window before they read more pages (bytes
+//! beyond a window's share are owed by the next ones). An interrupted pass claims no more
 //! chunks, so each channel ends it with its SYNC as usual and the stream
 //! stays well formed for a clean CANCEL on the main channel.
 
@@ -63,9 +64,19 @@ impl PassControl {
         self.max_bandwidth.load(Ordering::Relaxed)
     }
 
-    /// Accounts `bytes` just prepared for sending and sleeps while the
-    /// current window's share is used up (or until interrupted).
-    pub(crate) fn consume(&self, bytes: u64) {
+    /// Accounts `bytes` just prepared for sending.
+    pub(crate) fn account(&self, bytes: u64) {
+        if self.max_bandwidth() == 0 {
+            return;
+        }
+        let mut w = self.window.lock().unwrap();
+        self.roll(&mut w);
+        w.bytes += bytes;
+    }
+
+    /// Sleeps while the current window's share is used up (or until
+    /// interrupted); returns at once without a limit.
+    pub(crate) fn wait_turn(&self) {
         let rate = self.max_bandwidth();
         if rate == 0 {
             return;
@@ -73,20 +84,29 @@ impl PassControl {
         let per_window = (rate / 10).max(1);
         let wait = {
             let mut w = self.window.lock().unwrap();
-            let now = Instant::now();
-            if now.duration_since(w.started) >= WINDOW {
-                w.started = now;
-                w.bytes = 0;
-            }
-            w.bytes += bytes;
+            self.roll(&mut w);
             if w.bytes < per_window {
                 return;
             }
-            // The share is used: whoever sleeps opens the next window.
+            // Bytes beyond this window's share are owed by the next ones.
             let until = w.started + WINDOW * (w.bytes / per_window) as u32;
-            until.saturating_duration_since(now)
+            until.saturating_duration_since(Instant::now())
         };
         self.sleep_unless_interrupted(wait);
+    }
+
+    /// Opens a new window when the current one is over, carrying over
+    /// what was sent beyond its share.
+    fn roll(&self, w: &mut Window) {
+        let now = Instant::now();
+        let elapsed = now.duration_since(w.started);
+        if elapsed < WINDOW {
+            return;
+        }
+        let per_window = (self.max_bandwidth() / 10).max(1);
+        let windows = (elapsed.as_nanos() / WINDOW.as_nanos()) as u64;
+        w.bytes = w.bytes.saturating_sub(per_window.saturating_mul(windows));
+        w.started = now;
     }
 
     fn sleep_unless_interrupted(&self, mut wait: Duration) {
@@ -107,7 +127,8 @@ mod tests {
     fn no_limit_never_sleeps_and_interrupt_sticks() {
         let c = PassControl::default();
         for _ in 0..1000 {
-            c.consume(1 << 20);
+            c.wait_turn();
+            c.account(1 << 20);
         }
         assert_eq!(
             c.window.lock().unwrap().bytes,
@@ -125,8 +146,10 @@ mod tests {
         c.set_max_bandwidth(10 << 20); // 1 MiB per 100 ms window
         let t = Instant::now();
         for _ in 0..3 {
-            c.consume(1 << 20);
+            c.wait_turn();
+            c.account(1 << 20);
         }
+        c.wait_turn();
         // Three windows' worth of bytes cannot pass in less than two windows.
         assert!(t.elapsed() >= WINDOW * 2, "{:?}", t.elapsed());
     }

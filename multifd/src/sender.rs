@@ -21,8 +21,12 @@ use ferry_transport::uring::{Completion, Ring};
 use ferry_transport::Channel;
 
 use crate::packet::{
-    offsets_as_bytes, PacketHeader, FLAG_CHECKSUM, FLAG_END, FLAG_SYNC, HEADER_LEN,
+    offsets_as_bytes, page_crc, page_crcs_as_bytes, PacketHeader, FLAG_CHECKSUM, FLAG_END,
+    FLAG_PAGE_CRCS, FLAG_SYNC, HEADER_LEN,
 };
+
+/// A packet's iovecs: header, offsets, page crcs, then the payload's runs.
+const PAYLOAD_IOV: usize = 3;
 use crate::{Counters, MultifdError, PassControl, Totals, MAX_PACKET_PAGES};
 
 #[derive(Clone, Debug)]
@@ -332,24 +336,27 @@ fn zero_copy_limit_note(
     })
 }
 
-/// A live packet the kernel has finished with: if its pages no longer match
-/// the checksum it carried, the receiver will reject all of them, so all
-/// go again in the next pass.
-fn recheck_payload(
+/// A live packet the kernel has finished with: each page that no longer
+/// matches the crc it carried fails its check at the receiver, so it goes
+/// again in the next pass.
+fn recheck_pages(
     s: &Slot,
-    (bitmaps, block, crc): (Arc<Vec<PageBitmap>>, usize, u32),
+    (bitmaps, block): (Arc<Vec<PageBitmap>>, usize),
+    memory: &GuestMemory,
     counters: &Counters,
 ) {
-    if s.normal == 0 || crate::packet::payload_crc(&s.iov[2..]) == crc {
-        return;
-    }
+    let Some(b) = memory.block(block) else { return };
     let ps = s.page_size.max(1);
-    for &off in &s.offsets[..s.normal as usize] {
-        bitmaps[block].set(off / ps);
+    let mut changed = 0;
+    for (&off, &crc) in s.offsets[..s.normal as usize].iter().zip(&s.page_crcs) {
+        if page_crc(b.page(off / ps)) != crc {
+            bitmaps[block].set(off / ps);
+            changed += 1;
+        }
     }
     counters
         .pages_changed_in_flight
-        .fetch_add(s.normal, Ordering::Relaxed);
+        .fetch_add(changed, Ordering::Relaxed);
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -400,9 +407,11 @@ struct Slot {
     wire: u64,
     /// Completions still due before the slot is free: 1, or 2 with zero-copy.
     awaiting: u8,
-    /// In a live pass: the pass's bitmaps, the block and the payload crc,
-    /// to check once the kernel is done with the pages.
-    verify: Option<(Arc<Vec<PageBitmap>>, usize, u32)>,
+    /// Live passes: one crc per normal page.
+    page_crcs: Vec<u32>,
+    /// In a live pass: the pass's bitmaps and the block, to check the pages
+    /// against `page_crcs` once the kernel is done with them.
+    verify: Option<(Arc<Vec<PageBitmap>>, usize)>,
 }
 
 impl Slot {
@@ -410,7 +419,7 @@ impl Slot {
         Self {
             header: [0; HEADER_LEN],
             offsets: Vec::with_capacity(max_pages),
-            iov: Vec::with_capacity(max_pages + 2),
+            iov: Vec::with_capacity(max_pages + PAYLOAD_IOV),
             // SAFETY: a zeroed msghdr is a valid empty message.
             msg: unsafe { std::mem::zeroed() },
             normal: 0,
@@ -418,6 +427,7 @@ impl Slot {
             page_size: 0,
             wire: 0,
             awaiting: 0,
+            page_crcs: Vec::with_capacity(max_pages),
             verify: None,
         }
     }
@@ -487,10 +497,13 @@ impl ChannelSender {
         loop {
             while !exhausted {
                 let Some(slot) = self.free.pop() else { break };
+                // Wait for the rate limit before reading pages, not after:
+                // pages read long before they are sent change more often.
+                work.control.wait_turn();
                 match work.claim() {
                     Some((block, word)) => {
                         if self.prepare_chunk(slot, work, block, word) {
-                            work.control.consume(self.slots[slot].wire);
+                            work.control.account(self.slots[slot].wire);
                             self.pending.push(slot);
                             // Start sending at once if the stream is idle.
                             self.submit_chain()?;
@@ -562,17 +575,22 @@ impl ChannelSender {
         let last_word = (first_word + work.words_per_chunk).min(bitmap.words());
         let ps = block.page_size() as usize;
         let s = &mut self.slots[slot];
+        let per_page = work.live && self.checksum;
         s.offsets.clear();
         s.iov.clear();
+        s.page_crcs.clear();
         self.zero_scratch.clear();
         s.iov.push(libc::iovec {
             iov_base: s.header.as_mut_ptr().cast(),
             iov_len: HEADER_LEN,
         });
-        s.iov.push(libc::iovec {
-            iov_base: std::ptr::null_mut(),
-            iov_len: 0,
-        });
+        for _ in 1..PAYLOAD_IOV {
+            // Offsets and page crcs, filled in below.
+            s.iov.push(libc::iovec {
+                iov_base: std::ptr::null_mut(),
+                iov_len: 0,
+            });
+        }
         for w in first_word..last_word {
             // Clean before read: a write after this point re-dirties the page.
             let bits = bitmap.take_word(w);
@@ -584,6 +602,9 @@ impl ChannelSender {
                     continue;
                 }
                 s.offsets.push(offset);
+                if per_page {
+                    s.page_crcs.push(page_crc(bytes));
+                }
                 push_page(&mut s.iov, bytes);
             }
         }
@@ -593,8 +614,13 @@ impl ChannelSender {
         }
         s.offsets.extend_from_slice(&self.zero_scratch);
         debug_assert!(s.offsets.len() <= self.packet_pages);
+        let flags = match (self.checksum, per_page) {
+            (false, _) => 0,
+            (true, false) => FLAG_CHECKSUM,
+            (true, true) => FLAG_CHECKSUM | FLAG_PAGE_CRCS,
+        };
         let mut h = PacketHeader {
-            flags: if self.checksum { FLAG_CHECKSUM } else { 0 },
+            flags,
             block: block_index as u32,
             normal: normal as u32,
             zero: self.zero_scratch.len() as u32,
@@ -602,25 +628,29 @@ impl ChannelSender {
             seq: self.seq,
             payload_len: (normal * ps) as u64,
             generation: work.generation,
-            payload_crc: if self.checksum {
-                crate::packet::payload_crc(&s.iov[2..])
+            payload_crc: if self.checksum && !per_page {
+                crate::packet::payload_crc(&s.iov[PAYLOAD_IOV..])
             } else {
                 0
             },
             header_crc: 0,
         };
-        s.verify = (work.live && self.checksum)
-            .then(|| (work.bitmaps.clone(), block_index, h.payload_crc));
-        h.seal(&mut s.header, &s.offsets);
+        s.verify = per_page.then(|| (work.bitmaps.clone(), block_index));
+        h.seal_with_page_crcs(&mut s.header, &s.offsets, &s.page_crcs);
         let off = offsets_as_bytes(&s.offsets);
         s.iov[1] = libc::iovec {
             iov_base: off.as_ptr() as *mut _,
             iov_len: off.len(),
         };
+        let crcs = page_crcs_as_bytes(&s.page_crcs);
+        s.iov[2] = libc::iovec {
+            iov_base: crcs.as_ptr() as *mut _,
+            iov_len: crcs.len(),
+        };
         s.normal = normal as u64;
         s.zero = self.zero_scratch.len() as u64;
         s.page_size = ps as u64;
-        s.wire = (HEADER_LEN + off.len() + normal * ps) as u64;
+        s.wire = (HEADER_LEN + off.len() + crcs.len() + normal * ps) as u64;
         self.seq += 1;
         true
     }
@@ -714,7 +744,7 @@ impl ChannelSender {
         s.awaiting -= 1;
         if s.awaiting == 0 {
             if let Some(v) = s.verify.take() {
-                recheck_payload(s, v, &self.counters);
+                recheck_pages(s, v, &self.memory, &self.counters);
             }
             self.free.push(slot);
         }
@@ -749,7 +779,7 @@ impl ChannelSender {
 /// the two are adjacent in memory.
 #[inline]
 fn push_page(iov: &mut Vec<libc::iovec>, page: &[u8]) {
-    let pages_started = iov.len() > 2;
+    let pages_started = iov.len() > PAYLOAD_IOV;
     if let Some(last) = iov.last_mut().filter(|_| pages_started) {
         if last.iov_base as usize + last.iov_len == page.as_ptr() as usize {
             last.iov_len += page.len();
