@@ -482,7 +482,9 @@ impl Source<'_> {
         pending: &[PageBitmap],
     ) -> Result<u64, MigrationError> {
         let Some(l) = log else { return Ok(0) };
+        let t = Instant::now();
         let dirty = l.sync(pending)?;
+        self.summary.dirty_sync_ms += t.elapsed().as_secs_f64() * 1e3;
         self.summary.dirty_sync_count += 1;
         self.progress.update_figures(|f| f.dirty_sync_count += 1);
         Ok(dirty)

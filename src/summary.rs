@@ -57,6 +57,8 @@ pub struct Summary {
     pub passes: u64,
     /// Dirty-log syncs (one per pass after the first, plus the final one).
     pub dirty_sync_count: u64,
+    /// Source: time spent reading (and re-arming) the dirty log, in total.
+    pub dirty_sync_ms: f64,
     /// Source: from pausing the guest until the destination said it runs.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub downtime_ms: Option<f64>,
