@@ -256,12 +256,15 @@ fn start_guest(
     out: &mut Received,
 ) -> Result<(), MigrationError> {
     progress.set_phase("resuming");
+    let t = Instant::now();
     if opts.digest_before_resume {
         summary.switchover_digest = Some(Digest::of_guest(&memory, &out.device_state).to_string());
+        summary.digest_ms = Some(t.elapsed().as_secs_f64() * 1e3);
     }
     let guest = (opts.build_guest)(memory, &out.device_state)?;
     guest.resources().activate()?;
     guest.resume()?;
+    summary.resume_ms = Some(t.elapsed().as_secs_f64() * 1e3);
     let resumed_at = crate::outgoing::unix_nanos();
     summary.guest_running = guest.is_running();
     out.guest = Some(guest);

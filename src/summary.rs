@@ -69,6 +69,12 @@ pub struct Summary {
     /// on the source at switchover, on the destination before it resumes.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub switchover_digest: Option<String>,
+    /// Destination: from all pages landed to the guest running (digest,
+    /// guest built, resources taken, resumed), and the digest's share.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub resume_ms: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub digest_ms: Option<f64>,
     /// Source: when the destination's guest started running (its clock).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub destination_resumed_at_unix: Option<f64>,
