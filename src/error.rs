@@ -42,6 +42,20 @@ pub enum MigrationError {
     Thread(&'static str, std::io::Error),
     #[error("invalid options: {0}")]
     Options(String),
+    #[error("{error}; the source guest stays paused: {why}")]
+    SourceNotResumed {
+        error: Box<MigrationError>,
+        why: String,
+    },
+    #[error("migration cancelled{0}")]
+    Cancelled(String),
+    #[error("did not converge after {passes} passes: {remaining} bytes still dirty, the switchover allows {threshold} (downtime limit {limit_ms} ms)")]
+    NotConverged {
+        passes: u64,
+        remaining: u64,
+        threshold: u64,
+        limit_ms: u64,
+    },
 }
 
 /// A failed migration: the error, and what the migration had done by then.

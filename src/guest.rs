@@ -1,11 +1,15 @@
 //! The guest: whatever ferry migrates. A VMM implements [`Guest`] over its
-//! own memory and devices; ferry ships the [`ImageGuest`], whose RAM is a
-//! file's bytes (a paused VM's RAM file, or a dataset from `ferry gen`).
+//! own memory, dirty log, vCPUs, devices and shared resources; ferry ships
+//! the [`ImageGuest`] (a file's bytes as RAM, never running) and the
+//! [`crate::SyntheticGuest`] (memory that worker threads keep writing).
 
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 
-use ferry_ram::{GuestMemory, RamError, DEFAULT_PAGE_SIZE};
+use ferry_ram::{DirtyLog, GuestMemory, RamError, DEFAULT_PAGE_SIZE};
+
+use crate::Resources;
 
 #[derive(Debug, thiserror::Error)]
 pub enum GuestError {
@@ -15,25 +19,67 @@ pub enum GuestError {
     DeviceState(String),
     #[error("guest control: {0}")]
     Control(String),
+    #[error("shared resources: {0}")]
+    Resource(String),
 }
 
 /// What the controller needs of a guest.
 pub trait Guest: Send + Sync {
     /// The guest's RAM blocks.
     fn memory(&self) -> &Arc<GuestMemory>;
-    /// Stops the guest (its vCPUs) so memory no longer changes.
+    /// Which pages the guest wrote since the last sync. `None`: the guest
+    /// never writes its memory, so one pass moves it all.
+    fn dirty_log(&self) -> Option<&dyn DirtyLog>;
+    /// Stops the guest (its vCPUs); when this returns, memory no longer changes.
     fn pause(&self) -> Result<(), GuestError>;
     /// Lets the guest run again: on the source after a failed or cancelled
     /// migration, on the destination after a completed one.
     fn resume(&self) -> Result<(), GuestError>;
-    /// The guest's device state, opaque to ferry.
+    fn is_running(&self) -> bool;
+    /// The guest's device state, opaque to ferry. Called while paused.
     fn save_device_state(&self) -> Result<Vec<u8>, GuestError>;
+    /// Loads a device state saved by `save_device_state` (on the
+    /// destination, before resume).
+    fn load_device_state(&self, state: &[u8]) -> Result<(), GuestError>;
+    /// Slows the guest's vCPUs by `percent` (auto-converge); 0 lifts it.
+    fn set_throttle(&self, percent: u8);
+    /// The shared resources and whether this side owns them.
+    fn resources(&self) -> &Resources;
 }
 
-/// A guest that is only memory: a file's bytes, never running.
+/// Builds the destination's guest from received memory and device state;
+/// the guest comes back paused, its resources inactive.
+pub type GuestBuilder =
+    Arc<dyn Fn(Arc<GuestMemory>, &[u8]) -> Result<Box<dyn Guest>, GuestError> + Send + Sync>;
+
+/// The default destination guest: a synthetic guest if the device state is
+/// one's, else an image guest holding the memory and the state.
+pub fn default_guest_builder() -> GuestBuilder {
+    Arc::new(|memory, state| {
+        if crate::synthetic::is_synthetic_state(state) {
+            let g = crate::SyntheticGuest::from_device_state(
+                memory,
+                state,
+                crate::TrackerKind::Bitmap,
+                Resources::none(false),
+            )?;
+            Ok(Box::new(g) as Box<dyn Guest>)
+        } else {
+            let g =
+                ImageGuest::from_memory(memory, Vec::new()).with_resources(Resources::none(false));
+            g.pause()?;
+            g.load_device_state(state)?;
+            Ok(Box::new(g) as Box<dyn Guest>)
+        }
+    })
+}
+
+/// A guest that is only memory: a file's bytes, never writing them.
 pub struct ImageGuest {
     memory: Arc<GuestMemory>,
-    device_state: Vec<u8>,
+    device_state: Mutex<Vec<u8>>,
+    running: AtomicBool,
+    resources: Resources,
 }
 
 /// The name of an image guest's single RAM block.
@@ -57,18 +103,23 @@ impl ImageGuest {
             )
             .into_bytes()
         });
-        Ok(Self {
-            memory,
-            device_state,
-        })
+        Ok(Self::from_memory(memory, device_state))
     }
 
-    /// An image guest over memory the caller built.
+    /// A running image guest over memory the caller built, owning no
+    /// shared resources until [`ImageGuest::with_resources`].
     pub fn from_memory(memory: Arc<GuestMemory>, device_state: Vec<u8>) -> Self {
         Self {
             memory,
-            device_state,
+            device_state: Mutex::new(device_state),
+            running: AtomicBool::new(true),
+            resources: Resources::none(true),
         }
+    }
+
+    pub fn with_resources(mut self, resources: Resources) -> Self {
+        self.resources = resources;
+        self
     }
 }
 
@@ -76,13 +127,29 @@ impl Guest for ImageGuest {
     fn memory(&self) -> &Arc<GuestMemory> {
         &self.memory
     }
+    fn dirty_log(&self) -> Option<&dyn DirtyLog> {
+        None
+    }
     fn pause(&self) -> Result<(), GuestError> {
+        self.running.store(false, Ordering::Release);
         Ok(())
     }
     fn resume(&self) -> Result<(), GuestError> {
+        self.running.store(true, Ordering::Release);
         Ok(())
     }
+    fn is_running(&self) -> bool {
+        self.running.load(Ordering::Acquire)
+    }
     fn save_device_state(&self) -> Result<Vec<u8>, GuestError> {
-        Ok(self.device_state.clone())
+        Ok(self.device_state.lock().unwrap().clone())
+    }
+    fn load_device_state(&self, state: &[u8]) -> Result<(), GuestError> {
+        *self.device_state.lock().unwrap() = state.to_vec();
+        Ok(())
+    }
+    fn set_throttle(&self, _percent: u8) {}
+    fn resources(&self) -> &Resources {
+        &self.resources
     }
 }

@@ -5,18 +5,24 @@
 //!    memory we were given matches it), start the receiver pool, answer
 //!    SETUP_ACK;
 //! 3. follow the main channel: PASS_END waits for that pass to land on every
-//!    channel, DEVICE_STATE is kept, COMPLETE ends the stream;
+//!    channel (after the first, SWITCHOVER_ACK tells the source it may switch
+//!    over), DEVICE_STATE is kept, COMPLETE ends the stream, CANCEL discards;
 //! 4. check that every page arrived and no page is left with a bad checksum,
-//!    then answer SHUT (success) on the return path.
+//!    take the digest of memory and device state, build the guest from them,
+//!    activate its resources and resume it, then answer RESUMED and SHUT
+//!    (success) on the return path.
 //!
 //! On any failure the destination answers SHUT with the error text, so the
-//! source can report it, and returns the error: it never reports success for
+//! source can report it, and returns the error: it never starts a guest from
 //! an incomplete migration.
 
 use std::path::PathBuf;
 use std::sync::mpsc;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
+
+use crate::state::Status;
+use crate::{Guest, GuestBuilder};
 
 use ferry_multifd::{ReceiverOptions, ReceiverPool};
 use ferry_ram::{Digest, GuestMemory, PageBitmap};
@@ -42,6 +48,12 @@ pub enum DestinationMemory {
 pub struct IncomingOptions {
     pub memory: DestinationMemory,
     pub accept: AcceptOptions,
+    /// Builds the guest that resumes here (default: synthetic or image,
+    /// from the device state).
+    pub build_guest: GuestBuilder,
+    /// Take the digest of memory and device state before resuming (it
+    /// then counts in the downtime).
+    pub digest_before_resume: bool,
 }
 
 impl Default for IncomingOptions {
@@ -49,15 +61,19 @@ impl Default for IncomingOptions {
         Self {
             memory: DestinationMemory::Anonymous,
             accept: AcceptOptions::default(),
+            build_guest: crate::default_guest_builder(),
+            digest_before_resume: true,
         }
     }
 }
 
-/// A completed incoming migration: the guest's memory and device state.
+/// A completed incoming migration: the guest's memory and device state,
+/// and the guest itself, running.
 pub struct IncomingOutcome {
     pub summary: Summary,
     pub memory: Arc<GuestMemory>,
     pub device_state: Vec<u8>,
+    pub guest: Box<dyn Guest>,
 }
 
 /// Accepts one migration on `listener` and receives it.
@@ -69,7 +85,7 @@ pub fn migrate_in(
     let mut summary = Summary::new(Role::Destination, listener.uri().to_string());
     let mut started = Instant::now();
     let mut state = Received::default();
-    let result = run(
+    let mut result = run(
         listener,
         opts,
         progress,
@@ -77,18 +93,45 @@ pub fn migrate_in(
         &mut started,
         &mut state,
     );
-    summary.finish(started, result.as_ref().err().map(ToString::to_string));
-    match (result, state.memory) {
-        (Ok(()), Some(memory)) => Ok(IncomingOutcome {
+    let outcome = match (&result, state.memory, state.guest) {
+        (Ok(()), Some(memory), Some(guest)) => Some((memory, guest)),
+        (Ok(()), _, _) => {
+            result = Err(MigrationError::Protocol(
+                "the migration ended without memory or guest".into(),
+            ));
+            None
+        }
+        _ => None,
+    };
+    let cancelled = matches!(result, Err(MigrationError::Cancelled(_)));
+    summary.finish(
+        started,
+        result.as_ref().err().map(ToString::to_string),
+        cancelled,
+    );
+    if let Err(e) = &result {
+        progress.set_error(&e.to_string());
+    }
+    progress.set_status(match (&result, cancelled) {
+        (Ok(()), _) => Status::Completed,
+        (Err(_), true) => Status::Cancelled,
+        (Err(_), false) => Status::Failed,
+    });
+    match (result, outcome) {
+        (Ok(()), Some((memory, guest))) => Ok(IncomingOutcome {
             summary,
             memory,
             device_state: state.device_state,
+            guest,
         }),
         (Err(error), _) => Err(Failed {
             error,
             summary: Box::new(summary),
         }),
-        (Ok(()), None) => unreachable!("a completed migration has memory"),
+        (Ok(()), None) => Err(Failed {
+            error: MigrationError::Protocol("the migration ended without a guest".into()),
+            summary: Box::new(summary),
+        }),
     }
 }
 
@@ -96,11 +139,13 @@ pub fn migrate_in(
 struct Received {
     memory: Option<Arc<GuestMemory>>,
     device_state: Vec<u8>,
+    guest: Option<Box<dyn Guest>>,
 }
 
 enum Event {
     Main(Result<(Message, u64), MigrationError>),
     MultifdFailed,
+    Cancelled,
 }
 
 fn run(
@@ -114,6 +159,7 @@ fn run(
     progress.set_phase("waiting for the source");
     let session = accept_session(listener, &opts.accept)?;
     *started = Instant::now();
+    progress.set_status(Status::Setup);
     summary.session = session.session.to_string();
     summary.channels = session.multifd.len() as u16;
     summary.wire_bytes +=
@@ -175,6 +221,10 @@ fn receive(
     let ropts = ReceiverOptions {
         fresh_memory: !matches!(opts.memory, DestinationMemory::Provided(_)),
     };
+    let on_cancel = Mutex::new(events.clone());
+    progress.on_cancel(move || {
+        let _ = on_cancel.lock().unwrap().send(Event::Cancelled);
+    });
     let on_fail = events.clone();
     let pool = ReceiverPool::start(multifd, memory.clone(), ropts, move || {
         let _ = on_fail.send(Event::MultifdFailed);
@@ -183,14 +233,46 @@ fn receive(
     spawn_main_reader(main.clone(), events)?;
     summary.wire_bytes += Message::SetupAck.write(&*main)?;
 
+    progress.set_status(Status::Active);
     progress.set_phase("receiving");
     let counters = pool.counters().clone();
-    let result = follow_main(&pool, &inbox, summary, out)
+    let result = follow_main(&pool, &main, &inbox, progress, summary, out)
         .and_then(|()| check_all_received(&memory, pool.received()))
         .and_then(|()| pool.finish().map_err(MigrationError::from).map(drop));
     // What landed, whether or not the migration completed.
     summary.add_totals(&counters.snapshot());
-    result
+    result?;
+    start_guest(&main, memory, opts, progress, summary, out)
+}
+
+/// Everything landed: digest, build the guest, give it its resources and
+/// let it run, then tell the source when it started (downtime ends).
+fn start_guest(
+    main: &Arc<dyn Channel>,
+    memory: Arc<GuestMemory>,
+    opts: &IncomingOptions,
+    progress: &Progress,
+    summary: &mut Summary,
+    out: &mut Received,
+) -> Result<(), MigrationError> {
+    progress.set_phase("resuming");
+    let t = Instant::now();
+    if opts.digest_before_resume {
+        summary.switchover_digest = Some(Digest::of_guest(&memory, &out.device_state).to_string());
+        summary.digest_ms = Some(t.elapsed().as_secs_f64() * 1e3);
+    }
+    let guest = (opts.build_guest)(memory, &out.device_state)?;
+    guest.resources().activate()?;
+    guest.resume()?;
+    summary.resume_ms = Some(t.elapsed().as_secs_f64() * 1e3);
+    let resumed_at = crate::outgoing::unix_nanos();
+    summary.guest_running = guest.is_running();
+    out.guest = Some(guest);
+    summary.wire_bytes += Message::Resumed {
+        unix_nanos: resumed_at,
+    }
+    .write(&**main)?;
+    Ok(())
 }
 
 /// Every page of every block must have landed at least once.
@@ -212,10 +294,13 @@ fn check_all_received(memory: &GuestMemory, received: &[PageBitmap]) -> Result<(
 /// Follows the main channel until COMPLETE, the data path in step with it.
 fn follow_main(
     pool: &ReceiverPool,
+    main: &Arc<dyn Channel>,
     inbox: &mpsc::Receiver<Event>,
+    progress: &Progress,
     summary: &mut Summary,
     out: &mut Received,
 ) -> Result<(), MigrationError> {
+    let mut acked = false;
     loop {
         let event = inbox
             .recv()
@@ -223,14 +308,28 @@ fn follow_main(
         let (msg, n) = match event {
             Event::Main(m) => m?,
             Event::MultifdFailed => return Err(pool.error().into()),
+            Event::Cancelled => {
+                pool.abort("cancelled on the destination");
+                return Err(MigrationError::Cancelled(" on the destination".into()));
+            }
         };
         summary.wire_bytes += n;
         match msg {
             Message::PassEnd { generation } => {
                 pool.wait_sync(generation)?;
                 summary.passes = generation;
+                if !acked {
+                    // The first full pass is here: the source may switch over.
+                    summary.wire_bytes += Message::SwitchoverAck.write(&**main)?;
+                    acked = true;
+                }
+            }
+            Message::Cancel => {
+                pool.abort("cancelled by the source");
+                return Err(MigrationError::Cancelled(" by the source".into()));
             }
             Message::DeviceState(d) => {
+                progress.set_status(Status::Device);
                 summary.device_state_bytes = d.len() as u64;
                 summary.device_state_digest = Some(Digest::of_bytes(&d).to_string());
                 out.device_state = d;

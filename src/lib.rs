@@ -6,23 +6,35 @@
 //! pools, sends the device state and finishes with a completion handshake on
 //! the main channel, whose reverse direction is the return path.
 //!
-//! - [`guest`]: the [`Guest`] trait a VMM implements, and the image guest.
+//! - [`guest`]: the [`Guest`] trait a VMM implements, and the image guest;
+//!   [`synthetic`]: a live guest whose vCPU threads keep writing memory;
+//!   `activation`: who owns the guest's shared resources.
+//! - [`state`]: a migration's status, parameters and live figures, shared
+//!   with [`control`], the QMP-shaped control socket.
 //! - [`protocol`]: the main channel's messages and their wire format.
 //! - [`outgoing`] / [`incoming`]: the two sides of a migration.
 //! - [`summary`]: what a finished (or failed) migration reports.
 
+mod activation;
+pub mod control;
 mod error;
 pub mod guest;
 pub mod incoming;
 pub mod outgoing;
 pub mod protocol;
+pub mod state;
 pub mod summary;
+pub mod synthetic;
 
+pub use activation::Resources;
+pub use control::{ControlError, ControlServer};
 pub use error::{Failed, MigrationError};
-pub use guest::{Guest, GuestError, ImageGuest};
+pub use guest::{default_guest_builder, Guest, GuestBuilder, GuestError, ImageGuest};
 pub use incoming::{migrate_in, DestinationMemory, IncomingOptions, IncomingOutcome};
 pub use outgoing::{migrate_out, OutgoingOptions};
-pub use summary::{Progress, Role, Summary};
+pub use state::{Event, Parameters, PassFigures, Progress, Status};
+pub use summary::{Role, Summary, Workload};
+pub use synthetic::{DirtyPattern, SyntheticConfig, SyntheticGuest, TrackerKind};
 
 pub use ferry_multifd::{ReceiverOptions, SendPath, SenderOptions};
 pub use ferry_ram::{BlockSpec, Digest, GuestMemory, RamBlock};

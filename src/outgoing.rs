@@ -1,29 +1,41 @@
-//! The source side of a migration.
+//! The source side of a migration (seed 004's migration thread).
 //!
-//! 1. open the session: main channel, then K multifd channels, each with its
-//!    hello; then wait for the destination to accept them all;
-//! 2. send SETUP (blocks, page size, capabilities) and wait for SETUP_ACK on
-//!    the return path;
-//! 3. pause the guest and send one pass of every page through the sender
-//!    pool, then PASS_END, the device state and COMPLETE;
-//! 4. wait for the destination's SHUT: it says whether every page and the
-//!    device state landed.
+//! 1. setup: open the session (main channel, then K multifd channels, each
+//!    with its hello), send SETUP, wait for SETUP_ACK on the return path;
+//! 2. active: start the dirty log, send pass 1 (every page) while the guest
+//!    runs, then passes of the pages dirtied meanwhile. After each pass the
+//!    bandwidth is measured and the switchover threshold is
+//!    `bandwidth × downtime-limit` (or the user's avail-switchover-bandwidth);
+//!    when the dirty bytes left fit under it and the destination has sent
+//!    SWITCHOVER_ACK, precopy ends. Auto-converge throttles the guest after
+//!    each pass in which it dirtied more than half of what the pass sent
+//!    (seed 004's trigger): 20%, then +10% a pass, up to 99%;
+//! 3. pause the guest; pre-switchover waits for `continue` if asked to;
+//! 4. device: inactivate shared resources, send the final pass (the log's
+//!    last pages), the device state and COMPLETE; the digest of memory and
+//!    device state is taken while the destination loads;
+//! 5. the destination answers RESUMED (its guest runs: downtime ends) and
+//!    SHUT.
 //!
-//! Any failure leaves the source guest running (it is resumed) and its
-//! memory untouched; if the destination explains why it failed, that
-//! explanation is the error reported.
+//! Cancel (from the control socket) ends the pass in flight early and tells
+//! the destination with CANCEL. Whatever ends a migration other than
+//! success goes through one cleanup path: throttle lifted, dirty log
+//! stopped, resources reactivated, the guest resumed if it was running;
+//! its memory is only ever read.
 
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, TryRecvError};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use ferry_multifd::{SendPath, SenderOptions, SenderPool};
-use ferry_ram::{Digest, PageBitmap};
+use ferry_ram::{Digest, DirtyLog, GuestMemory, PageBitmap};
 use ferry_transport::{
     await_accept, connect_channel, Channel, ChannelHello, ChannelUri, Role, SessionId, SocketTuning,
 };
 
 use crate::protocol::{Message, Setup, CAP_CHECKSUM};
+use crate::state::{Event, Status};
 use crate::summary::ZeroCopyReport;
 use crate::{Failed, Guest, MigrationError, Progress, Role as SummaryRole, Summary};
 
@@ -51,7 +63,15 @@ impl Default for OutgoingOptions {
     }
 }
 
-/// Migrates `guest` to the destination listening at `uri`.
+/// How long a cancelled pass may take to end on its own before its
+/// channels are shut down (a dead link never drains).
+const CANCEL_GRACE: Duration = Duration::from_secs(3);
+/// How often waits look at the cancel flag.
+const POLL: Duration = Duration::from_millis(50);
+
+/// Migrates `guest` to the destination listening at `uri`. The migration's
+/// parameters (downtime limit, rate limit, auto-converge...) are those of
+/// `progress`, which also carries its status, figures and cancel requests.
 pub fn migrate_out(
     guest: &dyn Guest,
     uri: &ChannelUri,
@@ -62,19 +82,63 @@ pub fn migrate_out(
     let mut summary = Summary::new(SummaryRole::Source, uri.to_string());
     summary.channels = opts.channels;
     summary.checksum = opts.sender.checksum;
-    progress.total_ram_bytes.store(
-        guest.memory().total_bytes(),
-        std::sync::atomic::Ordering::Relaxed,
-    );
-    let result = run(guest, uri, opts, progress, &mut summary);
-    if result.is_err() {
-        // The source guest keeps running whatever happened.
-        if let Err(e) = guest.resume() {
-            tracing::error!("resuming the source guest after a failed migration: {e}");
-        }
+    let memory = guest.memory().clone();
+    progress
+        .total_ram_bytes
+        .store(memory.total_bytes(), Ordering::Relaxed);
+    if let Some(b) = memory.blocks().first() {
+        progress
+            .page_size
+            .store(u64::from(b.page_size()), Ordering::Relaxed);
     }
-    summary.finish(started, result.as_ref().err().map(ToString::to_string));
+    progress.set_status(Status::Setup);
+    let was_running = guest.is_running();
+    let mut source = Source {
+        guest,
+        uri,
+        ended: Arc::new(AtomicBool::new(false)),
+        memory,
+        opts,
+        progress,
+        summary: &mut summary,
+    };
+    let mut result = source.run();
+    if result.is_err() && progress.cancel_requested() {
+        result = Err(MigrationError::Cancelled(String::new()));
+    }
+    if let Err(e) = &mut result {
+        if let Some(why) = restore_source(guest, was_running) {
+            *e = MigrationError::SourceNotResumed {
+                error: Box::new(std::mem::replace(
+                    e,
+                    MigrationError::Cancelled(String::new()),
+                )),
+                why,
+            };
+        }
+        progress.set_error(&e.to_string());
+    } else if let Some(log) = guest.dirty_log() {
+        let _ = log.stop();
+    }
+    let cancelled = matches!(result, Err(MigrationError::Cancelled(_)));
+    summary.guest_running = guest.is_running();
+    if result.is_err() && summary.multifd_bytes == 0 {
+        // What moved before the end.
+        summary.add_totals(&progress.totals());
+        let f = progress.figures();
+        (summary.passes, summary.precopy_bytes) = (f.pass, f.precopy_bytes);
+    }
+    summary.finish(
+        started,
+        result.as_ref().err().map(ToString::to_string),
+        cancelled,
+    );
     progress.set_phase(summary.status);
+    progress.set_status(match (&result, cancelled) {
+        (Ok(()), _) => Status::Completed,
+        (Err(_), true) => Status::Cancelled,
+        (Err(_), false) => Status::Failed,
+    });
     match result {
         Ok(()) => Ok(summary),
         Err(error) => Err(Failed {
@@ -84,110 +148,421 @@ pub fn migrate_out(
     }
 }
 
-fn run(
-    guest: &dyn Guest,
-    uri: &ChannelUri,
-    opts: &OutgoingOptions,
-    progress: &Progress,
-    summary: &mut Summary,
-) -> Result<(), MigrationError> {
-    if opts.channels == 0 {
-        return Err(MigrationError::Options(
-            "at least one multifd channel is needed".into(),
-        ));
+/// The one cleanup path of a source whose migration did not complete: the
+/// guest goes on as if nothing happened. The one exception: if its shared
+/// resources cannot be taken back (the destination already runs the guest
+/// and holds them), resuming would give the guest two owners, so it stays
+/// paused; the reason is returned.
+fn restore_source(guest: &dyn Guest, was_running: bool) -> Option<String> {
+    guest.set_throttle(0);
+    if let Some(log) = guest.dirty_log() {
+        if let Err(e) = log.stop() {
+            tracing::error!("stopping the dirty log after a failed migration: {e}");
+        }
     }
-    let memory = guest.memory().clone();
-    progress.set_phase("connecting");
-    let session = SessionId::random();
-    summary.session = session.to_string();
-    let (main, multifd) = open_session(uri, opts, session)?;
-    summary.wire_bytes += (ferry_transport::HELLO_LEN as u64 + 8) * (u64::from(opts.channels) + 1);
-    let main: Arc<dyn Channel> = Arc::new(main);
-    let return_path = spawn_return_path(main.clone())?;
+    if let Err(e) = guest.resources().activate() {
+        return Some(e.to_string());
+    }
+    if was_running && !guest.is_running() {
+        if let Err(e) = guest.resume() {
+            return Some(e.to_string());
+        }
+    }
+    None
+}
 
-    progress.set_phase("setup");
-    let setup = Setup {
-        capabilities: if opts.sender.checksum {
-            CAP_CHECKSUM
-        } else {
-            0
-        },
-        multifd_channels: opts.channels,
-        packet_pages: opts.sender.packet_pages,
-        blocks: memory.specs(),
-    };
-    summary.wire_bytes += Message::Setup(setup).write(&*main)?;
-    match recv_timeout(&return_path, opts.setup_timeout, "SETUP_ACK")? {
-        Message::SetupAck => {}
-        Message::Shut { error: Some(e) } => return Err(MigrationError::Setup(e)),
-        other => {
-            return Err(MigrationError::Protocol(format!(
-                "expected SETUP_ACK, got {}",
-                other.name()
-            )))
+struct Source<'a> {
+    guest: &'a dyn Guest,
+    uri: &'a ChannelUri,
+    memory: Arc<GuestMemory>,
+    opts: &'a OutgoingOptions,
+    progress: &'a Progress,
+    summary: &'a mut Summary,
+    /// Set when the migration has ended, so a late cancel aborts nothing.
+    ended: Arc<AtomicBool>,
+}
+
+/// The open session: main channel, its return path and the sender pool.
+struct Session {
+    main: Arc<dyn Channel>,
+    return_path: ReturnPath,
+    pool: SenderPool,
+    switchover_acked: bool,
+}
+
+/// What one pass moved, and how long it took.
+struct PassResult {
+    bytes: u64,
+    pages: u64,
+    seconds: f64,
+}
+
+impl Source<'_> {
+    fn run(&mut self) -> Result<(), MigrationError> {
+        if self.opts.channels == 0 {
+            return Err(MigrationError::Options(
+                "at least one multifd channel is needed".into(),
+            ));
+        }
+        let mut s = self.setup()?;
+        let result = self
+            .precopy(&mut s)
+            .and_then(|pending| self.switchover(&mut s, pending));
+        if result.is_err() && self.progress.cancel_requested() {
+            // End the channels cleanly (a dead link is cut by the cancel's
+            // grace timer), then tell the destination to discard.
+            let _ = s.pool.finish();
+            let _ = Message::Cancel.write(&*s.main);
+        }
+        self.ended.store(true, Ordering::SeqCst);
+        if result.is_err() {
+            s.main.shutdown();
+        }
+        result
+    }
+
+    fn setup(&mut self) -> Result<Session, MigrationError> {
+        let opts = self.opts;
+        self.progress.set_phase("connecting");
+        let session = SessionId::random();
+        self.summary.session = session.to_string();
+        let (main, multifd) = open_session(self.uri, opts, session)?;
+        self.summary.wire_bytes +=
+            (ferry_transport::HELLO_LEN as u64 + 8) * (u64::from(opts.channels) + 1);
+        let main: Arc<dyn Channel> = Arc::new(main);
+        let return_path = spawn_return_path(main.clone())?;
+
+        self.progress.set_phase("setup");
+        let setup = Setup {
+            capabilities: if opts.sender.checksum {
+                CAP_CHECKSUM
+            } else {
+                0
+            },
+            multifd_channels: opts.channels,
+            packet_pages: opts.sender.packet_pages,
+            blocks: self.memory.specs(),
+        };
+        self.summary.wire_bytes += Message::Setup(setup).write(&*main)?;
+        match self.wait_reply(&return_path, opts.setup_timeout, "SETUP_ACK")? {
+            Message::SetupAck => {}
+            Message::Shut { error: Some(e) } => return Err(MigrationError::Setup(e)),
+            other => return Err(unexpected("SETUP_ACK", &other)),
+        }
+
+        let pool = SenderPool::start(multifd, self.memory.clone(), opts.sender.clone())?;
+        self.progress.attach(pool.counters().clone());
+        self.progress.attach_pass_control(pool.control().clone());
+        let abort = Arc::new(pool.aborter());
+        let ended = self.ended.clone();
+        self.progress.on_cancel(move || {
+            let (abort, ended) = (abort.clone(), ended.clone());
+            // A pass stuck on a dead link never ends on its own.
+            let _ = std::thread::Builder::new()
+                .name("ferry-cancel".into())
+                .spawn(move || {
+                    let t = Instant::now();
+                    while t.elapsed() < CANCEL_GRACE {
+                        if ended.load(Ordering::SeqCst) {
+                            return;
+                        }
+                        std::thread::sleep(POLL);
+                    }
+                    abort();
+                });
+        });
+        self.summary.send_path = pool.path().name();
+        self.summary.send_path_note = pool.path_note().map(String::from);
+        self.summary.zero_copy = (opts.sender.path == SendPath::ZeroCopy).then(|| ZeroCopyReport {
+            requested: true,
+            used: pool.path() == SendPath::ZeroCopy,
+            note: pool.path_note().map(String::from),
+            ..Default::default()
+        });
+        Ok(Session {
+            main,
+            return_path,
+            pool,
+            switchover_acked: false,
+        })
+    }
+
+    /// Passes while the guest runs, until what is left fits the downtime
+    /// limit. Returns the dirty pages left for the final pass.
+    fn precopy(&mut self, s: &mut Session) -> Result<Arc<Vec<PageBitmap>>, MigrationError> {
+        self.progress.set_status(Status::Active);
+        self.progress.set_phase("active");
+        let log = self.guest.dirty_log();
+        self.summary.dirty_tracker = log.map(|l| l.name().to_string());
+        if let Some(l) = log {
+            l.start()?;
+        }
+        let pending = Arc::new(
+            self.memory
+                .blocks()
+                .iter()
+                .map(|b| PageBitmap::new(b.pages(), true))
+                .collect::<Vec<_>>(),
+        );
+        let page_size = self.progress.page_size.load(Ordering::Relaxed);
+        let mut last_sync = Instant::now();
+        let mut throttle = 0u8;
+        loop {
+            self.check_return_path(s)?;
+            let pass = self.send_pass(s, &pending, log.is_some())?;
+            let dirty = self.sync_log(log, &pending)?;
+            let since_sync = last_sync.elapsed().as_secs_f64().max(1e-6);
+            last_sync = Instant::now();
+            let remaining = pending.iter().map(PageBitmap::count).sum::<u64>() * page_size;
+            let params = self.progress.parameters();
+            let measured = pass.bytes as f64 / pass.seconds.max(1e-6);
+            let switchover_bw = if params.avail_switchover_bandwidth > 0 {
+                params.avail_switchover_bandwidth as f64
+            } else {
+                measured
+            };
+            let threshold = switchover_bw * params.downtime_limit.as_secs_f64();
+            let expected_ms = remaining as f64 / switchover_bw.max(1.0) * 1e3;
+            // QEMU's trigger: the guest dirtied more than half of what the
+            // pass could send, so passes are not shrinking fast enough.
+            let dirty_bytes = dirty * page_size;
+            if params.auto_converge && log.is_some() && dirty_bytes > pass.bytes / 2 {
+                throttle = next_throttle(throttle, &params);
+                self.guest.set_throttle(throttle);
+                self.summary.throttle_percent = self.summary.throttle_percent.max(throttle);
+            }
+            let figures = self.progress.update_figures(|f| {
+                f.pass = s.pool.generation();
+                f.remaining_bytes = remaining;
+                f.bandwidth = measured;
+                f.pages_per_second = pass.pages as f64 / pass.seconds.max(1e-6);
+                f.dirty_pages_rate = dirty as f64 / since_sync;
+                f.expected_downtime_ms = expected_ms;
+                f.throttle_percent = throttle;
+                f.precopy_bytes += pass.bytes;
+            });
+            self.progress.publish(Event::Pass(figures));
+            tracing::debug!(
+                pass = s.pool.generation(),
+                remaining,
+                threshold,
+                measured,
+                dirty,
+                "pass done"
+            );
+            if (remaining as f64) <= threshold || log.is_none() {
+                if !s.switchover_acked {
+                    self.wait_switchover_ack(s)?;
+                    if log.is_some() {
+                        continue;
+                    }
+                }
+                self.summary.expected_downtime_ms = Some(expected_ms);
+                return Ok(pending);
+            }
+            if params.max_passes > 0 && s.pool.generation() >= params.max_passes {
+                return Err(MigrationError::NotConverged {
+                    passes: s.pool.generation(),
+                    remaining,
+                    threshold: threshold as u64,
+                    limit_ms: params.downtime_limit.as_millis() as u64,
+                });
+            }
         }
     }
 
-    let mut pool = SenderPool::start(multifd, memory.clone(), opts.sender.clone())?;
-    progress.attach(pool.counters().clone());
-    summary.send_path = pool.path().name();
-    summary.send_path_note = pool.path_note().map(String::from);
-    summary.zero_copy = (opts.sender.path == SendPath::ZeroCopy).then(|| ZeroCopyReport {
-        requested: true,
-        used: pool.path() == SendPath::ZeroCopy,
-        note: pool.path_note().map(String::from),
-        ..Default::default()
-    });
+    /// Pause, (pre-switchover), device: the final pass, device state,
+    /// COMPLETE; then the destination's RESUMED and SHUT.
+    fn switchover(
+        &mut self,
+        s: &mut Session,
+        pending: Arc<Vec<PageBitmap>>,
+    ) -> Result<(), MigrationError> {
+        let paused_at = Instant::now();
+        self.guest.pause()?;
+        if self.progress.parameters().pause_before_switchover {
+            self.progress.set_status(Status::PreSwitchover);
+            self.progress.set_phase("pre-switchover");
+            if !self.progress.wait_for_continue() {
+                return Err(MigrationError::Cancelled(" in pre-switchover".into()));
+            }
+        }
+        self.check_cancel()?;
+        self.progress.set_status(Status::Device);
+        self.progress.set_phase("device");
+        self.guest.resources().inactivate()?;
+        // The final pass runs at full speed (seed 004 lifts the rate limit).
+        s.pool.control().set_max_bandwidth(0);
+        let log = self.guest.dirty_log();
+        self.sync_log(log, &pending)?;
+        let last = self.send_pass(s, &pending, false)?;
+        self.progress.update_figures(|f| {
+            f.downtime_bytes = last.bytes;
+            f.remaining_bytes = 0;
+        });
+        self.summary.precopy_bytes = self.progress.figures().precopy_bytes;
+        self.summary.downtime_bytes = last.bytes;
+        self.summary.passes = s.pool.generation();
 
-    guest.pause()?;
-    progress.set_phase("sending");
-    let all_pages = Arc::new(
-        memory
-            .blocks()
-            .iter()
-            .map(|b| PageBitmap::new(b.pages(), true))
-            .collect::<Vec<_>>(),
-    );
-    let sent = pool.send_pass(all_pages);
-    if let Err(e) = sent {
-        return Err(destination_reason(&return_path).unwrap_or(e.into()));
-    }
-    summary.passes = pool.generation();
-    summary.wire_bytes += Message::PassEnd {
-        generation: pool.generation(),
-    }
-    .write(&*main)?;
+        let device_state = self.guest.save_device_state()?;
+        self.summary.device_state_bytes = device_state.len() as u64;
+        self.summary.device_state_digest = Some(Digest::of_bytes(&device_state).to_string());
+        self.summary.wire_bytes += Message::DeviceState(device_state.clone()).write(&*s.main)?;
+        self.summary.wire_bytes += Message::Complete {
+            generation: s.pool.generation(),
+        }
+        .write(&*s.main)?;
+        let totals = match s.pool.finish() {
+            Ok(t) => t,
+            Err(e) => return Err(destination_reason(&s.return_path).unwrap_or(e.into())),
+        };
+        self.summary.add_totals(&totals);
+        if let Some(zc) = self.summary.zero_copy.as_mut() {
+            (zc.sends, zc.copied) = (totals.zero_copy_sends, totals.zero_copy_copied);
+        }
 
-    progress.set_phase("device state");
-    let device_state = guest.save_device_state()?;
-    summary.device_state_bytes = device_state.len() as u64;
-    summary.device_state_digest = Some(Digest::of_bytes(&device_state).to_string());
-    summary.wire_bytes += Message::DeviceState(device_state).write(&*main)?;
-    summary.wire_bytes += Message::Complete {
-        generation: pool.generation(),
-    }
-    .write(&*main)?;
-    let totals = pool
-        .finish()
-        .map_err(|e| destination_reason(&return_path).unwrap_or(e.into()))?;
-    summary.add_totals(&totals);
-    if let Some(zc) = summary.zero_copy.as_mut() {
-        (zc.sends, zc.copied) = (totals.zero_copy_sends, totals.zero_copy_copied);
+        self.progress.set_phase("completing");
+        let timeout = self.opts.completion_timeout;
+        match recv_timeout(&s.return_path, timeout, "the destination's RESUMED")? {
+            Message::Resumed { unix_nanos } => {
+                let downtime = paused_at.elapsed();
+                self.progress.set_downtime(downtime);
+                self.summary.downtime_ms = Some(downtime.as_secs_f64() * 1e3);
+                self.summary.destination_resumed_at_unix = Some(unix_nanos as f64 / 1e9);
+            }
+            Message::Shut { error: Some(e) } => return Err(MigrationError::Destination(e)),
+            other => return Err(unexpected("RESUMED", &other)),
+        }
+        match recv_timeout(&s.return_path, timeout, "the destination's SHUT")? {
+            Message::Shut { error: None } => {}
+            Message::Shut { error: Some(e) } => return Err(MigrationError::Destination(e)),
+            other => return Err(unexpected("SHUT", &other)),
+        }
+        // The guest stays paused here, so memory is still as it was at
+        // switchover; hashing now costs no downtime (and no CPU the
+        // destination needed to resume).
+        self.summary.switchover_digest =
+            Some(Digest::of_guest(&self.memory, &device_state).to_string());
+        Ok(())
     }
 
-    progress.set_phase("completing");
-    match recv_timeout(
-        &return_path,
-        opts.completion_timeout,
-        "the destination's SHUT",
-    )? {
-        Message::Shut { error: None } => Ok(()),
-        Message::Shut { error: Some(e) } => Err(MigrationError::Destination(e)),
-        other => Err(MigrationError::Protocol(format!(
-            "expected SHUT, got {}",
-            other.name()
-        ))),
+    /// Sends the pages set in `pending` and PASS_END; measures the pass.
+    fn send_pass(
+        &mut self,
+        s: &mut Session,
+        pending: &Arc<Vec<PageBitmap>>,
+        live: bool,
+    ) -> Result<PassResult, MigrationError> {
+        self.check_cancel()?;
+        let before = s.pool.counters().snapshot();
+        let t0 = Instant::now();
+        let sent = if live {
+            s.pool.send_live_pass(pending.clone())
+        } else {
+            s.pool.send_pass(pending.clone())
+        };
+        if let Err(e) = sent {
+            return Err(destination_reason(&s.return_path).unwrap_or(e.into()));
+        }
+        self.summary.wire_bytes += Message::PassEnd {
+            generation: s.pool.generation(),
+        }
+        .write(&*s.main)?;
+        self.check_cancel()?;
+        let after = s.pool.counters().snapshot();
+        Ok(PassResult {
+            bytes: after.wire_bytes - before.wire_bytes,
+            pages: (after.pages_normal + after.pages_zero)
+                - (before.pages_normal + before.pages_zero),
+            seconds: t0.elapsed().as_secs_f64(),
+        })
     }
+
+    fn sync_log(
+        &mut self,
+        log: Option<&dyn DirtyLog>,
+        pending: &[PageBitmap],
+    ) -> Result<u64, MigrationError> {
+        let Some(l) = log else { return Ok(0) };
+        let t = Instant::now();
+        let dirty = l.sync(pending)?;
+        self.summary.dirty_sync_ms += t.elapsed().as_secs_f64() * 1e3;
+        self.summary.dirty_sync_count += 1;
+        self.progress.update_figures(|f| f.dirty_sync_count += 1);
+        Ok(dirty)
+    }
+
+    fn check_cancel(&self) -> Result<(), MigrationError> {
+        if self.progress.cancel_requested() {
+            return Err(MigrationError::Cancelled(String::new()));
+        }
+        Ok(())
+    }
+
+    /// Takes what the destination said between passes, without waiting.
+    fn check_return_path(&self, s: &mut Session) -> Result<(), MigrationError> {
+        loop {
+            match s.return_path.try_recv() {
+                Ok(Ok(Message::SwitchoverAck)) => s.switchover_acked = true,
+                Ok(Ok(Message::Shut { error: Some(e) })) => {
+                    return Err(MigrationError::Destination(e))
+                }
+                Ok(Ok(other)) => return Err(unexpected("SWITCHOVER_ACK", &other)),
+                Ok(Err(e)) => return Err(e),
+                Err(TryRecvError::Empty) => return Ok(()),
+                Err(TryRecvError::Disconnected) => {
+                    return Err(MigrationError::MainClosed {
+                        peer: "destination",
+                        during: "before the migration ended",
+                    })
+                }
+            }
+        }
+    }
+
+    fn wait_switchover_ack(&self, s: &mut Session) -> Result<(), MigrationError> {
+        match self.wait_reply(&s.return_path, self.opts.setup_timeout, "SWITCHOVER_ACK")? {
+            Message::SwitchoverAck => {
+                s.switchover_acked = true;
+                Ok(())
+            }
+            Message::Shut { error: Some(e) } => Err(MigrationError::Destination(e)),
+            other => Err(unexpected("SWITCHOVER_ACK", &other)),
+        }
+    }
+
+    /// Waits for the next return-path message, giving up on cancel.
+    fn wait_reply(
+        &self,
+        rp: &ReturnPath,
+        timeout: Duration,
+        what: &str,
+    ) -> Result<Message, MigrationError> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            self.check_cancel()?;
+            let left = deadline.saturating_duration_since(Instant::now());
+            match recv_timeout(rp, left.min(POLL), what) {
+                Err(MigrationError::Protocol(_)) if !left.is_zero() => continue,
+                other => return other,
+            }
+        }
+    }
+}
+
+/// The throttle after a pass that failed to shrink what is left (QEMU's
+/// cpu-throttle-initial, then + cpu-throttle-increment, up to the max).
+fn next_throttle(current: u8, p: &crate::Parameters) -> u8 {
+    let next = if current == 0 {
+        p.throttle_initial
+    } else {
+        current.saturating_add(p.throttle_increment)
+    };
+    next.min(p.throttle_max).min(99)
+}
+
+fn unexpected(expected: &str, got: &Message) -> MigrationError {
+    MigrationError::Protocol(format!("expected {expected}, got {}", got.name()))
 }
 
 /// Connects main and the multifd channels, then waits until the
@@ -228,7 +603,10 @@ fn spawn_return_path(main: Arc<dyn Channel>) -> Result<ReturnPath, MigrationErro
         .name("ferry-return-path".into())
         .spawn(move || loop {
             let m = Message::read(&*main, "destination").map(|(m, _)| m);
-            let last = !matches!(m, Ok(Message::SetupAck));
+            let last = !matches!(
+                m,
+                Ok(Message::SetupAck | Message::SwitchoverAck | Message::Resumed { .. })
+            );
             if tx.send(m).is_err() || last {
                 break;
             }
@@ -254,8 +632,20 @@ fn recv_timeout(rp: &ReturnPath, timeout: Duration, what: &str) -> Result<Messag
 /// After a local data-path failure: the destination's own account of what
 /// went wrong, if it sends one promptly (it usually caused the failure).
 fn destination_reason(rp: &ReturnPath) -> Option<MigrationError> {
-    match rp.recv_timeout(Duration::from_secs(2)) {
-        Ok(Ok(Message::Shut { error: Some(e) })) => Some(MigrationError::Destination(e)),
-        _ => None,
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while let Ok(m) = rp.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+        match m {
+            Ok(Message::Shut { error: Some(e) }) => return Some(MigrationError::Destination(e)),
+            Ok(Message::SwitchoverAck) => continue,
+            _ => return None,
+        }
     }
+    None
+}
+
+/// Now (Unix time, nanoseconds).
+pub(crate) fn unix_nanos() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64)
 }

@@ -19,12 +19,18 @@
 //!   pass's SYNC. 8 bytes.
 //! - `3 DEVICE_STATE`: the guest's opaque device state. At most 256 MiB.
 //! - `4 COMPLETE`: `u64` generation of the final pass; nothing more follows.
+//! - `5 CANCEL`: empty; the source cancelled the migration: the destination
+//!   discards what it received and never starts the guest.
 //!
 //! Destination → source (the return path):
 //! - `101 SETUP_ACK`: empty; the destination has built the layout and its
 //!   receivers are running.
 //! - `102 SHUT`: `u32` error flag (0: the migration completed on the
 //!   destination), then the UTF-8 error text. Sent once, at the end.
+//! - `103 SWITCHOVER_ACK`: empty; the destination has the first full pass
+//!   and agrees to a switchover (the source waits for it before pausing).
+//! - `104 RESUMED`: `u64` Unix time in nanoseconds when the destination's
+//!   guest started running; the source's downtime ends when it arrives.
 
 use ferry_ram::BlockSpec;
 use ferry_transport::Channel;
@@ -52,8 +58,11 @@ pub enum Message {
     PassEnd { generation: u64 },
     DeviceState(Vec<u8>),
     Complete { generation: u64 },
+    Cancel,
     SetupAck,
     Shut { error: Option<String> },
+    SwitchoverAck,
+    Resumed { unix_nanos: u64 },
 }
 
 impl Message {
@@ -63,8 +72,11 @@ impl Message {
             Self::PassEnd { .. } => 2,
             Self::DeviceState(_) => 3,
             Self::Complete { .. } => 4,
+            Self::Cancel => 5,
             Self::SetupAck => 101,
             Self::Shut { .. } => 102,
+            Self::SwitchoverAck => 103,
+            Self::Resumed { .. } => 104,
         }
     }
 
@@ -90,8 +102,9 @@ impl Message {
             Self::PassEnd { generation } | Self::Complete { generation } => {
                 b.extend_from_slice(&generation.to_le_bytes())
             }
+            Self::Resumed { unix_nanos } => b.extend_from_slice(&unix_nanos.to_le_bytes()),
             Self::DeviceState(d) => b.extend_from_slice(d),
-            Self::SetupAck => {}
+            Self::SetupAck | Self::Cancel | Self::SwitchoverAck => {}
             Self::Shut { error } => {
                 b.extend_from_slice(&u32::from(error.is_some()).to_le_bytes());
                 if let Some(e) = error {
@@ -181,7 +194,12 @@ impl Message {
             4 => Self::Complete {
                 generation: r.u64()?,
             },
+            5 => Self::Cancel,
             101 => Self::SetupAck,
+            103 => Self::SwitchoverAck,
+            104 => Self::Resumed {
+                unix_nanos: r.u64()?,
+            },
             102 => {
                 let flag = r.u32()?;
                 let text = String::from_utf8_lossy(&b[4..]).into_owned();
@@ -208,13 +226,16 @@ impl Message {
 
 /// Every message type: its number on the wire, its name, and the most
 /// bytes its body may have.
-const KINDS: [(u16, &str, u32); 6] = [
+const KINDS: [(u16, &str, u32); 9] = [
     (1, "SETUP", MAX_SETUP),
     (2, "PASS_END", 8),
     (3, "DEVICE_STATE", MAX_DEVICE_STATE),
     (4, "COMPLETE", 8),
+    (5, "CANCEL", 0),
     (101, "SETUP_ACK", 0),
     (102, "SHUT", MAX_SHUT),
+    (103, "SWITCHOVER_ACK", 0),
+    (104, "RESUMED", 8),
 ];
 
 fn kind_name(kind: u16) -> &'static str {
@@ -316,6 +337,11 @@ mod tests {
             Message::PassEnd { generation: 3 },
             Message::DeviceState(vec![1, 2, 3]),
             Message::Complete { generation: 1 },
+            Message::Cancel,
+            Message::SwitchoverAck,
+            Message::Resumed {
+                unix_nanos: 1 << 60,
+            },
             Message::SetupAck,
             Message::Shut { error: None },
             Message::Shut {

@@ -1,11 +1,9 @@
-//! What a migration reports while it runs ([`Progress`]) and when it ends
-//! ([`Summary`], printed by `ferry send/recv` as text or JSON).
+//! What a migration reports when it ends ([`Summary`], printed by
+//! `ferry send/recv` as text or JSON); while it runs, see [`crate::Progress`].
 
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
-use ferry_multifd::{Counters, Totals};
+use ferry_multifd::Totals;
 use serde::Serialize;
 
 #[derive(Clone, Copy, Debug, Serialize, PartialEq, Eq, Default)]
@@ -16,35 +14,14 @@ pub enum Role {
     Destination,
 }
 
-/// Live figures of a running migration, for progress bars.
-#[derive(Default)]
-pub struct Progress {
-    /// Bytes of guest RAM the migration covers.
-    pub total_ram_bytes: AtomicU64,
-    counters: OnceLock<Arc<Counters>>,
-    phase: Mutex<&'static str>,
-}
-
-impl Progress {
-    pub fn set_phase(&self, phase: &'static str) {
-        *self.phase.lock().unwrap() = phase;
-    }
-    pub fn phase(&self) -> &'static str {
-        *self.phase.lock().unwrap()
-    }
-    pub(crate) fn attach(&self, counters: Arc<Counters>) {
-        let _ = self.counters.set(counters);
-    }
-    /// What the data path has moved so far.
-    pub fn totals(&self) -> Totals {
-        self.counters
-            .get()
-            .map(|c| c.snapshot())
-            .unwrap_or_default()
-    }
-    pub fn total_ram_bytes(&self) -> u64 {
-        self.total_ram_bytes.load(Ordering::Relaxed)
-    }
+/// A synthetic guest's writes before the switchover and after running on
+/// the destination for a while.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Workload {
+    pub writes_at_switchover: u64,
+    pub writes_after: u64,
+    pub seconds: f64,
+    pub continued: bool,
 }
 
 #[derive(Clone, Debug, Default, Serialize)]
@@ -61,7 +38,7 @@ pub struct ZeroCopyReport {
 /// The end of a migration, on either side.
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct Summary {
-    /// "completed" or "failed".
+    /// "completed", "failed" or "cancelled".
     pub status: &'static str,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
@@ -78,6 +55,42 @@ pub struct Summary {
     pub pages_zero: u64,
     pub packets: u64,
     pub passes: u64,
+    /// Dirty-log syncs (one per pass after the first, plus the final one).
+    pub dirty_sync_count: u64,
+    /// Source: time spent reading (and re-arming) the dirty log, in total.
+    pub dirty_sync_ms: f64,
+    /// Source: from pausing the guest until the destination said it runs.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub downtime_ms: Option<f64>,
+    /// Source: the expected downtime when it decided to switch over.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub expected_downtime_ms: Option<f64>,
+    /// Digest of guest memory and device state together (`Digest::of_guest`):
+    /// on the source at switchover, on the destination before it resumes.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub switchover_digest: Option<String>,
+    /// Destination: from all pages landed to the guest running (digest,
+    /// guest built, resources taken, resumed), and the digest's share.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub resume_ms: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub digest_ms: Option<f64>,
+    /// Source: when the destination's guest started running (its clock).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub destination_resumed_at_unix: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dirty_tracker: Option<String>,
+    /// Whether this side's guest runs at the end (a source after a failed
+    /// or cancelled migration; a destination after a completed one).
+    pub guest_running: bool,
+    /// Destination with `--run-after`: the workload continued there.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub workload: Option<Workload>,
+    /// The highest auto-converge throttle applied.
+    pub throttle_percent: u8,
+    /// Bytes on multifd channels while the guest ran, and while paused.
+    pub precopy_bytes: u64,
+    pub downtime_bytes: u64,
     pub seconds: f64,
     pub gbps_ram: f64,
     pub gbps_wire: f64,
@@ -96,6 +109,8 @@ pub struct Summary {
     pub send_path: &'static str,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub send_path_note: Option<String>,
+    /// Source: pages of live packets that changed while in flight (sent again).
+    pub pages_changed_in_flight: u64,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub zero_copy: Option<ZeroCopyReport>,
     /// Wall-clock time (Unix seconds) the migration started and ended on this side.
@@ -122,18 +137,19 @@ impl Summary {
         self.pages_zero = t.pages_zero;
         self.packets = t.packets;
         self.checksum_mismatches = t.checksum_mismatches;
+        self.pages_changed_in_flight = t.pages_changed_in_flight;
     }
 
-    pub(crate) fn finish(&mut self, started: Instant, error: Option<String>) {
+    pub(crate) fn finish(&mut self, started: Instant, error: Option<String>, cancelled: bool) {
         self.seconds = started.elapsed().as_secs_f64();
         self.finished_at_unix = unix_now();
         let s = self.seconds.max(1e-9);
         self.gbps_ram = self.ram_bytes as f64 / s / 1e9;
         self.gbps_wire = self.wire_bytes as f64 / s / 1e9;
-        self.status = if error.is_none() {
-            "completed"
-        } else {
-            "failed"
+        self.status = match (&error, cancelled) {
+            (None, _) => "completed",
+            (Some(_), true) => "cancelled",
+            (Some(_), false) => "failed",
         };
         self.error = error;
     }

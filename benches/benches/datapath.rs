@@ -1,6 +1,6 @@
 //! Criterion micro-benches of ferry's data-path building blocks: zero-page
-//! detection, dirty-bitmap scanning, payload checksums and packet-header
-//! decoding. Sizes are small and measurement times short, so the whole
+//! detection, dirty-bitmap scanning, payload checksums, packet-header
+//! decoding and the two dirty logs (a page written then synced). Sizes are small and measurement times short, so the whole
 //! target runs in well under a minute (`cargo bench -p ferry-bench`).
 
 use std::hint::black_box;
@@ -9,7 +9,7 @@ use std::time::Duration;
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use ferry_multifd::{PacketHeader, HEADER_LEN};
 use ferry_ram::pattern::{fill, Pattern};
-use ferry_ram::{is_zero_page, PageBitmap};
+use ferry_ram::{is_zero_page, BitmapLog, BlockSpec, DirtyLog, GuestMemory, PageBitmap, UffdLog};
 
 const PAGE: usize = 4096;
 
@@ -83,12 +83,62 @@ fn header_decode(c: &mut Criterion) {
     });
 }
 
+/// The cost a dirty log adds per written page: every page of 64 MiB is
+/// written once (for uffd, each first write after a sync is a kernel
+/// write-protect fault) and the log is then synced (for uffd, a PAGEMAP_SCAN
+/// that re-arms them); and a sync of the same memory with nothing dirty.
+fn dirty_logs(c: &mut Criterion) {
+    const LEN: u64 = 64 << 20;
+    let memory = GuestMemory::anonymous_base_pages(&[BlockSpec {
+        name: "ram".into(),
+        len: LEN,
+        page_size: PAGE as u32,
+    }])
+    .unwrap();
+    let block = &memory.blocks()[0];
+    let pages = block.pages();
+    let pass = vec![PageBitmap::new(pages, false)];
+    let mut g = c.benchmark_group("dirty log 64MiB");
+    g.throughput(Throughput::Elements(pages));
+    let logs: Vec<Box<dyn DirtyLog>> = match UffdLog::new(&memory) {
+        Ok(u) => vec![Box::new(BitmapLog::new(&memory)), Box::new(u)],
+        Err(e) => {
+            eprintln!("uffd dirty log unavailable: {e}");
+            vec![Box::new(BitmapLog::new(&memory))]
+        }
+    };
+    for log in logs {
+        log.start().unwrap();
+        g.bench_function(
+            format!("{}: write every page, then sync", log.name()),
+            |b| {
+                b.iter(|| {
+                    for p in 0..pages {
+                        // SAFETY: page p is inside the writable block; the word
+                        // at its start is aligned.
+                        unsafe {
+                            std::ptr::write_volatile(block.page_addr(p).unwrap().cast::<u64>(), p)
+                        };
+                        log.mark(0, p);
+                    }
+                    black_box(log.sync(&pass).unwrap())
+                })
+            },
+        );
+        g.bench_function(format!("{}: sync, nothing dirty", log.name()), |b| {
+            b.iter(|| black_box(log.sync(&pass).unwrap()))
+        });
+        log.stop().unwrap();
+    }
+    g.finish();
+}
+
 criterion_group! {
     name = datapath;
     config = Criterion::default()
         .warm_up_time(Duration::from_millis(500))
         .measurement_time(Duration::from_millis(1500))
         .sample_size(50);
-    targets = zero_pages, bitmap_scan, checksum, header_decode
+    targets = zero_pages, bitmap_scan, checksum, header_decode, dirty_logs
 }
 criterion_main!(datapath);

@@ -10,6 +10,7 @@
 //! has landed.
 
 mod error;
+mod pacing;
 pub mod packet;
 mod receiver;
 mod sender;
@@ -17,6 +18,7 @@ mod stats;
 mod sync;
 
 pub use error::MultifdError;
+pub use pacing::PassControl;
 pub use packet::{PacketHeader, HEADER_LEN, MAX_PACKET_PAGES};
 pub use receiver::{ReceiverOptions, ReceiverPool};
 pub use sender::{SendPath, SenderOptions, SenderPool};

@@ -1,15 +1,19 @@
 //! The multifd packet: what every multifd channel carries, back to back.
 //!
 //! A packet is a fixed 64-byte header, then `normal + zero` page offsets
-//! (8 bytes each; normal pages first), then the payload: the normal pages'
+//! (8 bytes each; normal pages first), then — with the PAGE_CRCS flag — one
+//! crc32 per normal page (4 bytes each), then the payload: the normal pages'
 //! bytes in offset order. Zero pages travel as offsets only. All integers are
 //! little-endian.
+//!
+//! Live passes carry per-page crcs: a page the guest writes while it is in
+//! flight fails its own check only, and only that page must come again.
 //!
 //! | offset | size | field                                                   |
 //! |-------:|-----:|---------------------------------------------------------|
 //! |      0 |    4 | magic, the bytes `FMFD`                                 |
 //! |      4 |    2 | version (currently 1)                                   |
-//! |      6 |    2 | flags: 1 SYNC (end of a pass), 2 END (no more packets), 4 CHECKSUM (crc fields valid) |
+//! |      6 |    2 | flags: 1 SYNC (end of a pass), 2 END (no more packets), 4 CHECKSUM (crc fields valid), 8 PAGE_CRCS (per-page crcs follow the offsets; needs CHECKSUM) |
 //! |      8 |    4 | block index, into the block list of the migration's setup |
 //! |     12 |    4 | normal pages N                                          |
 //! |     16 |    4 | zero pages Z (N + Z at most [`MAX_PACKET_PAGES`])        |
@@ -17,8 +21,8 @@
 //! |     24 |    8 | sequence number, counting from 0 on each channel        |
 //! |     32 |    8 | payload length, bytes (N × page size)                   |
 //! |     40 |    8 | generation: the pass this packet belongs to (from 1)    |
-//! |     48 |    4 | crc32 of the payload                                    |
-//! |     52 |    4 | crc32 of header bytes 0..52 and the offsets             |
+//! |     48 |    4 | crc32 of the payload (0 with PAGE_CRCS)                 |
+//! |     52 |    4 | crc32 of header bytes 0..52, the offsets and page crcs  |
 //! |     56 |    8 | reserved, 0                                             |
 //!
 //! SYNC and END packets have N = Z = 0 and no payload. A receiver checks
@@ -37,7 +41,8 @@ const VERSION: u16 = 1;
 pub const FLAG_SYNC: u16 = 1;
 pub const FLAG_END: u16 = 2;
 pub const FLAG_CHECKSUM: u16 = 4;
-const KNOWN_FLAGS: u16 = FLAG_SYNC | FLAG_END | FLAG_CHECKSUM;
+pub const FLAG_PAGE_CRCS: u16 = 8;
+const KNOWN_FLAGS: u16 = FLAG_SYNC | FLAG_END | FLAG_CHECKSUM | FLAG_PAGE_CRCS;
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct PacketHeader {
@@ -66,6 +71,9 @@ impl PacketHeader {
     pub fn has_checksum(&self) -> bool {
         self.flags & FLAG_CHECKSUM != 0
     }
+    pub fn has_page_crcs(&self) -> bool {
+        self.flags & FLAG_PAGE_CRCS != 0
+    }
 
     /// Writes the header; `header_crc` is taken as given (see [`PacketHeader::seal`]).
     pub fn encode(&self, b: &mut [u8; HEADER_LEN]) {
@@ -87,10 +95,20 @@ impl PacketHeader {
     /// Encodes the header with its header crc computed over bytes 0..52 and
     /// `offsets` (when the CHECKSUM flag is set).
     pub fn seal(&mut self, b: &mut [u8; HEADER_LEN], offsets: &[u64]) {
+        self.seal_with_page_crcs(b, offsets, &[]);
+    }
+
+    /// Like [`PacketHeader::seal`], the header crc also covering `page_crcs`.
+    pub fn seal_with_page_crcs(
+        &mut self,
+        b: &mut [u8; HEADER_LEN],
+        offsets: &[u64],
+        page_crcs: &[u32],
+    ) {
         self.header_crc = 0;
         self.encode(b);
         if self.has_checksum() {
-            self.header_crc = header_crc(b, offsets);
+            self.header_crc = header_crc(b, offsets, page_crcs);
             b[52..56].copy_from_slice(&self.header_crc.to_le_bytes());
         }
     }
@@ -122,6 +140,9 @@ impl PacketHeader {
         if h.flags & !KNOWN_FLAGS != 0 {
             return Err(format!("unknown flags {:#x}", h.flags));
         }
+        if h.has_page_crcs() && !h.has_checksum() {
+            return Err("per-page crcs without the CHECKSUM flag".into());
+        }
         if (h.is_sync() || h.is_end()) && (h.pages() != 0 || h.payload_len != 0) {
             return Err("a SYNC or END packet carries pages".into());
         }
@@ -142,15 +163,44 @@ impl PacketHeader {
 
     /// Checks the header crc against the raw header bytes and the offsets.
     pub fn header_crc_ok(&self, b: &[u8; HEADER_LEN], offsets: &[u64]) -> bool {
-        !self.has_checksum() || header_crc(b, offsets) == self.header_crc
+        self.header_crc_ok_with(b, offsets, &[])
+    }
+
+    /// Checks the header crc over the header, the offsets and the page crcs.
+    pub fn header_crc_ok_with(
+        &self,
+        b: &[u8; HEADER_LEN],
+        offsets: &[u64],
+        page_crcs: &[u32],
+    ) -> bool {
+        !self.has_checksum() || header_crc(b, offsets, page_crcs) == self.header_crc
     }
 }
 
-fn header_crc(b: &[u8; HEADER_LEN], offsets: &[u64]) -> u32 {
+fn header_crc(b: &[u8; HEADER_LEN], offsets: &[u64], page_crcs: &[u32]) -> u32 {
     let mut h = crc32fast::Hasher::new();
     h.update(&b[0..52]);
     h.update(offsets_as_bytes(offsets));
+    h.update(page_crcs_as_bytes(page_crcs));
     h.finalize()
+}
+
+/// crc32 of one page.
+pub fn page_crc(page: &[u8]) -> u32 {
+    crc32fast::hash(page)
+}
+
+/// Per-page crcs as they travel: little-endian u32s.
+pub fn page_crcs_as_bytes(crcs: &[u32]) -> &[u8] {
+    // SAFETY: u32 has no padding and any byte pattern is a valid u8; the
+    // slice covers exactly the crcs' memory.
+    unsafe { std::slice::from_raw_parts(crcs.as_ptr().cast(), std::mem::size_of_val(crcs)) }
+}
+
+/// The page crc array as received, mutable, for reading from the wire.
+pub fn page_crcs_as_bytes_mut(crcs: &mut [u32]) -> &mut [u8] {
+    // SAFETY: as above; every byte pattern is a valid u32.
+    unsafe { std::slice::from_raw_parts_mut(crcs.as_mut_ptr().cast(), std::mem::size_of_val(crcs)) }
 }
 
 /// crc32 of a payload given as the iovecs over its pages, in order: the
@@ -232,6 +282,24 @@ mod tests {
         assert!(PacketHeader::decode(&b).unwrap_err().contains("more than"));
         b[0] = b'X';
         assert!(PacketHeader::decode(&b).unwrap_err().contains("bad magic"));
+    }
+
+    #[test]
+    fn page_crcs_are_covered_and_need_the_checksum_flag() {
+        let mut b = [0u8; HEADER_LEN];
+        let mut h = sample();
+        h.flags = FLAG_CHECKSUM | FLAG_PAGE_CRCS;
+        let offsets = [0u64, 4096, 8192, 65536];
+        let crcs = [1u32, 2, 3];
+        h.seal_with_page_crcs(&mut b, &offsets, &crcs);
+        let d = PacketHeader::decode(&b).unwrap();
+        assert!(d.has_page_crcs());
+        assert!(d.header_crc_ok_with(&b, &offsets, &crcs));
+        assert!(!d.header_crc_ok_with(&b, &offsets, &[1, 2, 4]));
+        h.flags = FLAG_PAGE_CRCS;
+        h.encode(&mut b);
+        assert!(PacketHeader::decode(&b).unwrap_err().contains("CHECKSUM"));
+        assert_eq!(page_crc(&[0u8; 4096]), crc32fast::hash(&[0u8; 4096]));
     }
 
     proptest! {

@@ -24,7 +24,9 @@ use ferry_ram::{GuestMemory, PageBitmap, RamBlock};
 use ferry_transport::uring::Ring;
 use ferry_transport::Channel;
 
-use crate::packet::{offsets_as_bytes_mut, PacketHeader, HEADER_LEN};
+use crate::packet::{
+    offsets_as_bytes_mut, page_crc, page_crcs_as_bytes_mut, PacketHeader, HEADER_LEN,
+};
 use crate::sync::SyncBarrier;
 use crate::{Counters, MultifdError, Totals, MAX_PACKET_PAGES};
 
@@ -225,6 +227,8 @@ struct ChannelReceiver {
     /// The pass being received (its SYNC not yet seen).
     generation: u64,
     offsets: Vec<u64>,
+    /// Per-page crcs of the packet being received (live passes).
+    page_crcs: Vec<u32>,
     /// The payload's destination runs, and a copy `recv_exact` may consume.
     iov: Vec<libc::iovec>,
     scratch_iov: Vec<libc::iovec>,
@@ -249,6 +253,7 @@ impl ChannelReceiver {
             seq: 0,
             generation: 1,
             offsets: Vec::with_capacity(max),
+            page_crcs: Vec::with_capacity(max),
             iov: Vec::with_capacity(max),
             scratch_iov: Vec::with_capacity(max),
         })
@@ -317,7 +322,17 @@ impl ChannelReceiver {
         if got? < pages * 8 {
             return Err(self.closed(format!("inside the offsets of packet #{}", self.seq)));
         }
-        if !h.header_crc_ok(raw, &self.offsets) {
+        self.page_crcs.clear();
+        if h.has_page_crcs() {
+            self.page_crcs.resize(h.normal as usize, 0);
+            let mut crcs = std::mem::take(&mut self.page_crcs);
+            let got = self.recv(page_crcs_as_bytes_mut(&mut crcs), "reading page crcs");
+            self.page_crcs = crcs;
+            if got? < h.normal as usize * 4 {
+                return Err(self.closed(format!("inside the page crcs of packet #{}", self.seq)));
+            }
+        }
+        if !h.header_crc_ok_with(raw, &self.offsets, &self.page_crcs) {
             return Err(self.bad("header checksum mismatch (header or offsets corrupted)".into()));
         }
         let ps = u64::from(h.page_size);
@@ -396,6 +411,10 @@ impl ChannelReceiver {
 
     /// Checks the payload that just landed; remembers or clears suspects.
     fn check_payload(&self, h: &PacketHeader) -> Result<(), MultifdError> {
+        if h.has_page_crcs() {
+            self.check_pages(h);
+            return Ok(());
+        }
         let normal = &self.offsets[..h.normal as usize];
         let shared = &self.shared;
         if crate::packet::payload_crc(&self.iov) != h.payload_crc {
@@ -426,6 +445,46 @@ impl ChannelReceiver {
                 .store(suspects.len(), Ordering::Relaxed);
         }
         Ok(())
+    }
+
+    /// Checks each page of a packet with per-page crcs: only the pages that
+    /// fail become suspects; the ones that pass are forgiven.
+    fn check_pages(&self, h: &PacketHeader) {
+        let shared = &self.shared;
+        let Some(block) = shared.memory.block(h.block as usize) else {
+            return;
+        };
+        let ps = u64::from(h.page_size);
+        let normal = &self.offsets[..h.normal as usize];
+        let bad: Vec<u64> = normal
+            .iter()
+            .zip(&self.page_crcs)
+            .filter(|&(&off, &crc)| page_crc(block.page(off / ps)) != crc)
+            .map(|(&off, _)| off)
+            .collect();
+        if bad.is_empty() && shared.suspect_count.load(Ordering::Relaxed) == 0 {
+            return;
+        }
+        shared
+            .counters
+            .checksum_mismatches
+            .fetch_add(bad.len() as u64, Ordering::Relaxed);
+        let mut suspects = shared.suspects.lock().unwrap();
+        for &off in normal {
+            suspects.remove(&(h.block, off));
+        }
+        for off in bad {
+            suspects.insert(
+                (h.block, off),
+                Suspect {
+                    channel: self.channel.label().into(),
+                    seq: self.seq,
+                },
+            );
+        }
+        shared
+            .suspect_count
+            .store(suspects.len(), Ordering::Relaxed);
     }
 
     fn recv(&mut self, buf: &mut [u8], what: &'static str) -> Result<usize, MultifdError> {

@@ -32,9 +32,13 @@ use ferry_transport::uring::{Completion, Ring};
 use ferry_transport::Channel;
 
 use crate::packet::{
-    offsets_as_bytes, PacketHeader, FLAG_CHECKSUM, FLAG_END, FLAG_SYNC, HEADER_LEN,
+    offsets_as_bytes, page_crc, page_crcs_as_bytes, PacketHeader, FLAG_CHECKSUM, FLAG_END,
+    FLAG_PAGE_CRCS, FLAG_SYNC, HEADER_LEN,
 };
-use crate::{Counters, MultifdError, Totals, MAX_PACKET_PAGES};
+
+/// A packet's iovecs: header, offsets, page crcs, then the payload's runs.
+const PAYLOAD_IOV: usize = 3;
+use crate::{Counters, MultifdError, PassControl, Totals, MAX_PACKET_PAGES};
 
 #[derive(Clone, Debug)]
 pub struct SenderOptions {
@@ -88,6 +92,9 @@ impl Default for SenderOptions {
 /// The pages one pass must send, claimed a chunk at a time by all threads.
 pub struct PassWork {
     generation: u64,
+    /// The guest runs during this pass: pages may change while in flight.
+    live: bool,
+    control: Arc<PassControl>,
     bitmaps: Arc<Vec<PageBitmap>>,
     /// First chunk number of each block, and the total after the last.
     chunk_starts: Vec<u64>,
@@ -96,7 +103,13 @@ pub struct PassWork {
 }
 
 impl PassWork {
-    fn new(generation: u64, bitmaps: Arc<Vec<PageBitmap>>, words_per_chunk: usize) -> Self {
+    fn new(
+        generation: u64,
+        live: bool,
+        control: Arc<PassControl>,
+        bitmaps: Arc<Vec<PageBitmap>>,
+        words_per_chunk: usize,
+    ) -> Self {
         let mut chunk_starts = vec![0];
         for b in bitmaps.iter() {
             let last = *chunk_starts.last().unwrap();
@@ -104,6 +117,8 @@ impl PassWork {
         }
         Self {
             generation,
+            live,
+            control,
             bitmaps,
             chunk_starts,
             words_per_chunk,
@@ -113,6 +128,9 @@ impl PassWork {
 
     /// The next unclaimed chunk: (block index, first bitmap word).
     fn claim(&self) -> Option<(usize, usize)> {
+        if self.control.is_interrupted() {
+            return None;
+        }
         let c = self.next_chunk.fetch_add(1, Ordering::Relaxed);
         let block = self
             .chunk_starts
@@ -141,6 +159,7 @@ pub struct SenderPool {
     threads: Vec<JoinHandle<()>>,
     channels: Vec<Arc<dyn Channel>>,
     counters: Arc<Counters>,
+    control: Arc<PassControl>,
     generation: u64,
     words_per_chunk: usize,
     path: SendPath,
@@ -205,6 +224,7 @@ impl SenderPool {
             threads,
             channels,
             counters,
+            control: Arc::new(PassControl::default()),
             generation: 0,
             words_per_chunk,
             path: opts.path,
@@ -227,6 +247,11 @@ impl SenderPool {
         self.path_note.as_deref()
     }
 
+    /// Interrupts passes and limits their rate, from any thread.
+    pub fn control(&self) -> &Arc<PassControl> {
+        &self.control
+    }
+
     /// The generation the last pass had (0 before the first).
     pub fn generation(&self) -> u64 {
         self.generation
@@ -235,9 +260,24 @@ impl SenderPool {
     /// Sends every page set in `bitmaps` (one per block, in block order) and
     /// a SYNC on every channel; returns when all channels have sent theirs.
     pub fn send_pass(&mut self, bitmaps: Arc<Vec<PageBitmap>>) -> Result<(), MultifdError> {
+        self.run(bitmaps, false)
+    }
+
+    /// Like [`SenderPool::send_pass`], while the guest runs. With checksums
+    /// on, each packet's payload is checked again once the kernel has it:
+    /// if a page changed after its checksum was taken, the receiver will see
+    /// a mismatch for the whole packet, so every page of that packet is set
+    /// again in `bitmaps` and goes in the next pass.
+    pub fn send_live_pass(&mut self, bitmaps: Arc<Vec<PageBitmap>>) -> Result<(), MultifdError> {
+        self.run(bitmaps, true)
+    }
+
+    fn run(&mut self, bitmaps: Arc<Vec<PageBitmap>>, live: bool) -> Result<(), MultifdError> {
         self.generation += 1;
         let work = Arc::new(PassWork::new(
             self.generation,
+            live,
+            self.control.clone(),
             bitmaps,
             self.words_per_chunk,
         ));
@@ -245,7 +285,7 @@ impl SenderPool {
     }
 
     /// Ends every channel with an END packet and joins the threads.
-    pub fn finish(mut self) -> Result<Totals, MultifdError> {
+    pub fn finish(&mut self) -> Result<Totals, MultifdError> {
         self.broadcast(|| Command::Finish)?;
         self.commands.clear();
         for t in self.threads.drain(..) {
@@ -258,6 +298,17 @@ impl SenderPool {
     pub fn abort(&self) {
         for ch in &self.channels {
             ch.shutdown();
+        }
+    }
+
+    /// A function that shuts every channel down, callable from any thread
+    /// (a cancel that must not wait for sends stuck on a dead link).
+    pub fn aborter(&self) -> impl Fn() + Send + Sync + 'static {
+        let channels = self.channels.clone();
+        move || {
+            for ch in &channels {
+                ch.shutdown();
+            }
         }
     }
 
@@ -332,6 +383,29 @@ fn zero_copy_limit_note(
     })
 }
 
+/// A live packet the kernel has finished with: each page that no longer
+/// matches the crc it carried fails its check at the receiver, so it goes
+/// again in the next pass.
+fn recheck_pages(
+    s: &Slot,
+    (bitmaps, block): (Arc<Vec<PageBitmap>>, usize),
+    memory: &GuestMemory,
+    counters: &Counters,
+) {
+    let Some(b) = memory.block(block) else { return };
+    let ps = s.page_size.max(1);
+    let mut changed = 0;
+    for (&off, &crc) in s.offsets[..s.normal as usize].iter().zip(&s.page_crcs) {
+        if page_crc(b.page(off / ps)) != crc {
+            bitmaps[block].set(off / ps);
+            changed += 1;
+        }
+    }
+    counters
+        .pages_changed_in_flight
+        .fetch_add(changed, Ordering::Relaxed);
+}
+
 #[allow(clippy::too_many_arguments)]
 fn channel_thread(
     index: usize,
@@ -380,6 +454,11 @@ struct Slot {
     wire: u64,
     /// Completions still due before the slot is free: 1, or 2 with zero-copy.
     awaiting: u8,
+    /// Live passes: one crc per normal page.
+    page_crcs: Vec<u32>,
+    /// In a live pass: the pass's bitmaps and the block, to check the pages
+    /// against `page_crcs` once the kernel is done with them.
+    verify: Option<(Arc<Vec<PageBitmap>>, usize)>,
 }
 
 impl Slot {
@@ -387,7 +466,7 @@ impl Slot {
         Self {
             header: [0; HEADER_LEN],
             offsets: Vec::with_capacity(max_pages),
-            iov: Vec::with_capacity(max_pages + 2),
+            iov: Vec::with_capacity(max_pages + PAYLOAD_IOV),
             // SAFETY: a zeroed msghdr is a valid empty message.
             msg: unsafe { std::mem::zeroed() },
             normal: 0,
@@ -395,6 +474,8 @@ impl Slot {
             page_size: 0,
             wire: 0,
             awaiting: 0,
+            page_crcs: Vec::with_capacity(max_pages),
+            verify: None,
         }
     }
 }
@@ -479,9 +560,13 @@ impl ChannelSender {
         loop {
             while !exhausted {
                 let Some(slot) = self.free.pop() else { break };
+                // Wait for the rate limit before reading pages, not after:
+                // pages read long before they are sent change more often.
+                work.control.wait_turn();
                 match work.claim() {
                     Some((block, word)) => {
                         if self.prepare_chunk(slot, work, block, word) {
+                            work.control.account(self.slots[slot].wire);
                             self.pending.push(slot);
                             // Start sending at once if the stream is idle.
                             self.submit_chain()?;
@@ -510,12 +595,25 @@ impl ChannelSender {
     fn run_pass_spliced(&mut self, work: &PassWork) -> Result<(), MultifdError> {
         let slot = self.free.pop().expect("an idle channel has free slots");
         let mut result = Ok(());
-        while let Some((block, word)) = work.claim() {
-            if self.prepare_chunk(slot, work, block, word) {
-                if let Err(e) = self.splice_slot(slot) {
-                    result = Err(e);
-                    break;
-                }
+        loop {
+            // Wait for the rate limit before reading pages (see `run_pass`).
+            work.control.wait_turn();
+            let Some((block, word)) = work.claim() else {
+                break;
+            };
+            if !self.prepare_chunk(slot, work, block, word) {
+                continue;
+            }
+            work.control.account(self.slots[slot].wire);
+            if let Err(e) = self.splice_slot(slot) {
+                result = Err(e);
+                break;
+            }
+            let s = &mut self.slots[slot];
+            if let Some(v) = s.verify.take() {
+                // The socket may still refer to the pages; a page written
+                // after this check is dirty in the log and goes again anyway.
+                recheck_pages(s, v, &self.memory, &self.counters);
             }
         }
         self.free.push(slot);
@@ -526,7 +624,7 @@ impl ChannelSender {
     fn splice_slot(&mut self, slot: usize) -> Result<(), MultifdError> {
         let s = &mut self.slots[slot];
         let pipe = self.pipe.as_mut().expect("splice path");
-        let (head, pages) = s.iov.split_at_mut(2);
+        let (head, pages) = s.iov.split_at_mut(PAYLOAD_IOV);
         // SAFETY: the pages belong to `self.memory`, mapped for the whole
         // migration; a page the guest rewrites meanwhile is dirty again and
         // is re-sent, and its checksum mismatch is forgiven then.
@@ -601,17 +699,22 @@ impl ChannelSender {
         let last_word = (first_word + work.words_per_chunk).min(bitmap.words());
         let ps = block.page_size() as usize;
         let s = &mut self.slots[slot];
+        let per_page = work.live && self.checksum;
         s.offsets.clear();
         s.iov.clear();
+        s.page_crcs.clear();
         self.zero_scratch.clear();
         s.iov.push(libc::iovec {
             iov_base: s.header.as_mut_ptr().cast(),
             iov_len: HEADER_LEN,
         });
-        s.iov.push(libc::iovec {
-            iov_base: std::ptr::null_mut(),
-            iov_len: 0,
-        });
+        for _ in 1..PAYLOAD_IOV {
+            // Offsets and page crcs, filled in below.
+            s.iov.push(libc::iovec {
+                iov_base: std::ptr::null_mut(),
+                iov_len: 0,
+            });
+        }
         for w in first_word..last_word {
             // Clean before read: a write after this point re-dirties the page.
             let bits = bitmap.take_word(w);
@@ -623,6 +726,9 @@ impl ChannelSender {
                     continue;
                 }
                 s.offsets.push(offset);
+                if per_page {
+                    s.page_crcs.push(page_crc(bytes));
+                }
                 push_page(&mut s.iov, bytes);
             }
         }
@@ -632,8 +738,13 @@ impl ChannelSender {
         }
         s.offsets.extend_from_slice(&self.zero_scratch);
         debug_assert!(s.offsets.len() <= self.packet_pages);
+        let flags = match (self.checksum, per_page) {
+            (false, _) => 0,
+            (true, false) => FLAG_CHECKSUM,
+            (true, true) => FLAG_CHECKSUM | FLAG_PAGE_CRCS,
+        };
         let mut h = PacketHeader {
-            flags: if self.checksum { FLAG_CHECKSUM } else { 0 },
+            flags,
             block: block_index as u32,
             normal: normal as u32,
             zero: self.zero_scratch.len() as u32,
@@ -641,23 +752,29 @@ impl ChannelSender {
             seq: self.seq,
             payload_len: (normal * ps) as u64,
             generation: work.generation,
-            payload_crc: if self.checksum {
-                crate::packet::payload_crc(&s.iov[2..])
+            payload_crc: if self.checksum && !per_page {
+                crate::packet::payload_crc(&s.iov[PAYLOAD_IOV..])
             } else {
                 0
             },
             header_crc: 0,
         };
-        h.seal(&mut s.header, &s.offsets);
+        s.verify = per_page.then(|| (work.bitmaps.clone(), block_index));
+        h.seal_with_page_crcs(&mut s.header, &s.offsets, &s.page_crcs);
         let off = offsets_as_bytes(&s.offsets);
         s.iov[1] = libc::iovec {
             iov_base: off.as_ptr() as *mut _,
             iov_len: off.len(),
         };
+        let crcs = page_crcs_as_bytes(&s.page_crcs);
+        s.iov[2] = libc::iovec {
+            iov_base: crcs.as_ptr() as *mut _,
+            iov_len: crcs.len(),
+        };
         s.normal = normal as u64;
         s.zero = self.zero_scratch.len() as u64;
         s.page_size = ps as u64;
-        s.wire = (HEADER_LEN + off.len() + normal * ps) as u64;
+        s.wire = (HEADER_LEN + off.len() + crcs.len() + normal * ps) as u64;
         self.seq += 1;
         true
     }
@@ -750,6 +867,9 @@ impl ChannelSender {
         let s = &mut self.slots[slot];
         s.awaiting -= 1;
         if s.awaiting == 0 {
+            if let Some(v) = s.verify.take() {
+                recheck_pages(s, v, &self.memory, &self.counters);
+            }
             self.free.push(slot);
         }
     }
@@ -783,7 +903,7 @@ impl ChannelSender {
 /// the two are adjacent in memory.
 #[inline]
 fn push_page(iov: &mut Vec<libc::iovec>, page: &[u8]) {
-    let pages_started = iov.len() > 2;
+    let pages_started = iov.len() > PAYLOAD_IOV;
     if let Some(last) = iov.last_mut().filter(|_| pages_started) {
         if last.iov_base as usize + last.iov_len == page.as_ptr() as usize {
             last.iov_len += page.len();

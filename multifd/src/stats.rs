@@ -17,6 +17,8 @@ pub struct Counters {
     pub zero_copy_copied: AtomicU64,
     /// Pages whose payload failed its checksum (re-sent or not).
     pub checksum_mismatches: AtomicU64,
+    /// Sender: pages of live packets that changed while in flight (sent again).
+    pub pages_changed_in_flight: AtomicU64,
 }
 
 impl Counters {
@@ -30,6 +32,7 @@ impl Counters {
             zero_copy_sends: self.zero_copy_sends.load(Relaxed),
             zero_copy_copied: self.zero_copy_copied.load(Relaxed),
             checksum_mismatches: self.checksum_mismatches.load(Relaxed),
+            pages_changed_in_flight: self.pages_changed_in_flight.load(Relaxed),
         }
     }
     pub(crate) fn add_packet(&self, normal: u64, zero: u64, page_size: u64, wire: u64) {
@@ -53,4 +56,5 @@ pub struct Totals {
     pub zero_copy_sends: u64,
     pub zero_copy_copied: u64,
     pub checksum_mismatches: u64,
+    pub pages_changed_in_flight: u64,
 }

@@ -43,6 +43,23 @@ impl PageBitmap {
         self.words[(page / 64) as usize].load(Ordering::Relaxed) & (1 << (page % 64)) != 0
     }
 
+    /// Sets pages `first..end` (clamped to the bitmap), a word at a time.
+    pub fn set_range(&self, first: u64, end: u64) {
+        let end = end.min(self.pages);
+        let mut p = first;
+        while p < end {
+            let bit = p % 64;
+            let n = (end - p).min(64 - bit);
+            let mask = if n == 64 {
+                u64::MAX
+            } else {
+                ((1u64 << n) - 1) << bit
+            };
+            self.words[(p / 64) as usize].fetch_or(mask, Ordering::Relaxed);
+            p += n;
+        }
+    }
+
     /// Sets every bit (a full pass).
     pub fn set_all(&self) {
         for (i, w) in self.words.iter().enumerate() {
@@ -124,6 +141,18 @@ mod tests {
             assert_eq!(
                 b.iter_set().collect::<Vec<_>>(),
                 (0..pages).collect::<Vec<_>>()
+            );
+        }
+    }
+
+    #[test]
+    fn set_range_sets_exactly_the_range() {
+        for (first, end) in [(0, 1), (3, 64), (60, 200), (64, 128), (0, 300)] {
+            let b = PageBitmap::new(200, false);
+            b.set_range(first, end);
+            assert_eq!(
+                b.iter_set().collect::<Vec<_>>(),
+                (first..end.min(200)).collect::<Vec<_>>()
             );
         }
     }

@@ -31,6 +31,14 @@ impl RamBlock {
     /// arrive. Transparent huge pages are requested where the kernel offers
     /// them: fewer faults while payloads land.
     pub fn anonymous(name: &str, len: u64, page_size: u32) -> Result<Self, RamError> {
+        let b = Self::anonymous_base_pages(name, len, page_size)?;
+        advise(&b.map, libc::MADV_HUGEPAGE);
+        Ok(b)
+    }
+
+    /// A zero-filled anonymous block that never uses transparent huge pages
+    /// (a write-protect dirty log then reports single pages, not 2 MiB).
+    pub fn anonymous_base_pages(name: &str, len: u64, page_size: u32) -> Result<Self, RamError> {
         check_shape(name, len, page_size)?;
         let map = MmapOptions::new()
             .len(len as usize)
@@ -41,7 +49,7 @@ impl RamBlock {
                 source,
             })?;
         let raw = MmapRaw::from(map);
-        advise_hugepages(&raw);
+        advise(&raw, libc::MADV_NOHUGEPAGE);
         Ok(Self {
             name: name.into(),
             page_size,
@@ -165,11 +173,11 @@ impl RamBlock {
     }
 }
 
-fn advise_hugepages(map: &MmapRaw) {
-    // SAFETY: madvise on our own anonymous mapping with a hint that does not
-    // change its contents; failure (no THP) is harmless and ignored.
+fn advise(map: &MmapRaw, advice: libc::c_int) {
+    // SAFETY: madvise on our own anonymous mapping with a huge-page hint that
+    // does not change its contents; failure (no THP) is harmless and ignored.
     unsafe {
-        libc::madvise(map.as_mut_ptr().cast(), map.len(), libc::MADV_HUGEPAGE);
+        libc::madvise(map.as_mut_ptr().cast(), map.len(), advice);
     }
 }
 

@@ -39,6 +39,15 @@ impl Digest {
         top.update(bytes);
         Digest(top.digest128())
     }
+
+    /// One digest for a guest's memory and device state together: what
+    /// the source had at switchover and the destination holds before resume.
+    pub fn of_guest(memory: &GuestMemory, device_state: &[u8]) -> Self {
+        let mut top = Xxh3::new();
+        top.update(&Self::of_memory(memory).0.to_le_bytes());
+        top.update(&Self::of_bytes(device_state).0.to_le_bytes());
+        Digest(top.digest128())
+    }
 }
 
 fn chunk_hashes(bytes: &[u8], threads: usize) -> Vec<u64> {

@@ -31,6 +31,13 @@ pub enum RamError {
     BadName(String),
     #[error("two RAM blocks are named '{0}'")]
     DuplicateName(String),
+    #[error("{tracker} dirty log{}: {what}: {source}", if block.is_empty() { String::new() } else { format!(", block '{block}'") })]
+    DirtyLog {
+        tracker: &'static str,
+        block: String,
+        what: String,
+        source: std::io::Error,
+    },
     #[error("dataset {path}: size {size} is not a positive multiple of 1 MiB")]
     DatasetSize { path: PathBuf, size: u64 },
 }

@@ -1,21 +1,26 @@
 //! ferry-ram: a guest's memory as ferry sees it.
 //!
 //! Owns the RAM blocks (memory mapped with `memmap2`, anonymous or backed by a
-//! file), the page bitmaps that say which pages to move, fast zero-page
+//! file), the page bitmaps that say which pages to move, the dirty logs of a running
+//! guest (a writer-marked bitmap, and userfaultfd write-protect), fast zero-page
 //! detection, the digest that proves both sides hold the same bytes, and the
 //! deterministic datasets `ferry gen` writes. It knows nothing of sockets.
 
 mod bitmap;
 mod block;
 mod digest;
+mod dirty;
 mod error;
 mod memory;
 pub mod pattern;
+mod uffd;
 mod zero;
 
 pub use bitmap::{set_bits, PageBitmap};
 pub use block::{RamBlock, DEFAULT_PAGE_SIZE};
 pub use digest::{Digest, DIGEST_CHUNK};
+pub use dirty::{BitmapLog, DirtyLog};
 pub use error::RamError;
 pub use memory::{BlockSpec, GuestMemory};
+pub use uffd::UffdLog;
 pub use zero::is_zero_page;

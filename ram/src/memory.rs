@@ -37,6 +37,17 @@ impl GuestMemory {
         )
     }
 
+    /// Like [`GuestMemory::anonymous`], in base pages only (no transparent
+    /// huge pages): what a kernel dirty log needs to track 4 KiB pages.
+    pub fn anonymous_base_pages(specs: &[BlockSpec]) -> Result<Self, RamError> {
+        Self::new(
+            specs
+                .iter()
+                .map(|s| RamBlock::anonymous_base_pages(&s.name, s.len, s.page_size))
+                .collect::<Result<_, _>>()?,
+        )
+    }
+
     /// One block whose bytes are the file's (an image guest's RAM).
     pub fn from_file(
         name: &str,

@@ -1,11 +1,13 @@
 //! `ferry`: move a guest's memory to another host over many channels.
 //!
 //! Subcommands: `gen` (datasets), `send` / `recv` (the two ends of a
-//! migration), `demo` (both ends over loopback, in one process) and `bench`
-//! (ferry against QEMU and iperf3). Each prints a human summary, or one JSON
+//! migration), `ctl` (the control socket of a running send or recv), `demo`
+//! (both ends over loopback, in one process) and `bench` (ferry against
+//! QEMU and iperf3). Each prints a human summary, or one JSON
 //! object with `--json`; the exit status is 0 only for a completed run.
 
 mod bench;
+mod ctl;
 mod demo;
 mod gen;
 mod output;
@@ -39,6 +41,7 @@ enum Command {
     Recv(recv::RecvArgs),
     Demo(demo::DemoArgs),
     Bench(bench::BenchArgs),
+    Ctl(ctl::CtlArgs),
 }
 
 fn main() -> ExitCode {
@@ -53,6 +56,7 @@ fn main() -> ExitCode {
         Command::Recv(a) => recv::run(a),
         Command::Demo(a) => demo::run(a),
         Command::Bench(a) => bench::run(a),
+        Command::Ctl(a) => ctl::run(a),
     };
     match result {
         Ok(true) => ExitCode::SUCCESS,

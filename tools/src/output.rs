@@ -1,12 +1,13 @@
 //! What `send`, `recv` and `demo` print: a progress bar while a migration
-//! runs, then a human summary or one JSON object.
+//! runs (or JSON event lines with `--json`), then a human summary or the
+//! summary JSON object, always the last line.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use ferry::{Progress, Summary};
+use ferry::{Progress, Status, Summary};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 use crate::units::bytes;
@@ -102,8 +103,59 @@ pub fn print_summary(tool: &str, s: &Summary, json: bool) {
                 .unwrap_or_default()
         );
     }
+    if s.passes > 1 || s.downtime_ms.is_some() {
+        eprintln!(
+            "  live: {} passes, {} dirty-log syncs{}{}{}",
+            s.passes,
+            s.dirty_sync_count,
+            s.downtime_ms
+                .map(|d| format!(", downtime {d:.1} ms"))
+                .unwrap_or_default(),
+            s.dirty_tracker
+                .as_deref()
+                .map(|t| format!(", tracker {t}"))
+                .unwrap_or_default(),
+            if s.throttle_percent > 0 {
+                format!(", throttle up to {}%", s.throttle_percent)
+            } else {
+                String::new()
+            }
+        );
+    }
+    if let Some(d) = &s.switchover_digest {
+        eprintln!("  digest of memory and device state at switchover: {d}");
+    }
     if let Some(d) = &s.digest {
         eprintln!("  digest of guest RAM: {d}");
+    }
+}
+
+/// With `--json`: prints each event of a migration as one JSON line on
+/// stdout while it runs.
+pub struct EventPrinter {
+    stop: Arc<AtomicBool>,
+    thread: JoinHandle<()>,
+}
+
+impl EventPrinter {
+    pub fn start(progress: &Progress) -> Self {
+        let events = progress.subscribe();
+        let stop = Arc::new(AtomicBool::new(false));
+        let s = stop.clone();
+        let thread = std::thread::spawn(move || loop {
+            match events.recv_timeout(Duration::from_millis(50)) {
+                Ok(e) => println!("{}", e.to_json()),
+                Err(_) if s.load(Ordering::SeqCst) => break,
+                Err(_) => {}
+            }
+        });
+        Self { stop, thread }
+    }
+
+    /// Prints the events still queued, then stops (the migration has ended).
+    pub fn finish(self) {
+        self.stop.store(true, Ordering::SeqCst);
+        let _ = self.thread.join();
     }
 }
 
@@ -137,11 +189,9 @@ impl Drop for ProgressView {
 fn draw(progress: &Progress, stop: &AtomicBool) {
     let bar = ProgressBar::with_draw_target(Some(0), ProgressDrawTarget::stderr_with_hz(10));
     bar.set_style(
-        ProgressStyle::with_template(
-            "{spinner} {msg:>12} [{bar:30}] {bytes}/{total_bytes} {binary_bytes_per_sec} eta {eta}",
-        )
-        .expect("valid template")
-        .progress_chars("=> "),
+        ProgressStyle::with_template("{spinner} [{bar:24}] {bytes}/{total_bytes} {msg}")
+            .expect("valid template")
+            .progress_chars("=> "),
     );
     let t0 = Instant::now();
     while !stop.load(Ordering::Relaxed) {
@@ -150,10 +200,42 @@ fn draw(progress: &Progress, stop: &AtomicBool) {
             bar.set_length(total);
         }
         let t = progress.totals();
-        bar.set_position(t.ram_bytes);
-        let wire = t.wire_bytes as f64 / t0.elapsed().as_secs_f64().max(1e-3) / 1e9;
-        bar.set_message(format!("{} {:.2} GB/s wire", progress.phase(), wire));
+        let f = progress.figures();
+        if f.pass == 0 {
+            // Pass 1 moves every page: the bar is its progress.
+            bar.set_position(t.ram_bytes.min(total));
+            let wire = t.wire_bytes as f64 / t0.elapsed().as_secs_f64().max(1e-3) / 1e9;
+            bar.set_message(format!("{} {:.2} GB/s wire", progress.phase(), wire));
+        } else {
+            bar.set_position(total.saturating_sub(f.remaining_bytes));
+            bar.set_message(live_line(progress, &f, t.wire_bytes));
+        }
         std::thread::sleep(Duration::from_millis(50));
     }
     bar.finish_and_clear();
+}
+
+/// Pass, transferred, remaining, throughput, dirty rate, expected downtime.
+fn live_line(progress: &Progress, f: &ferry::PassFigures, wire: u64) -> String {
+    let page = progress.page_size.load(Ordering::Relaxed);
+    let status = progress.status();
+    format!(
+        "{} pass {} sent {} left {} {:.0} MB/s dirty {:.0} MB/s exp. downtime {:.0} ms{}",
+        if status == Status::Active {
+            "active"
+        } else {
+            status.as_str()
+        },
+        f.pass + 1,
+        bytes(wire),
+        bytes(f.remaining_bytes),
+        f.bandwidth / 1e6,
+        f.dirty_pages_rate * page as f64 / 1e6,
+        f.expected_downtime_ms,
+        if f.throttle_percent > 0 {
+            format!(" throttle {}%", f.throttle_percent)
+        } else {
+            String::new()
+        }
+    )
 }

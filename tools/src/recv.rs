@@ -1,4 +1,5 @@
-//! `ferry recv`: accept one incoming migration and hold the guest's memory.
+//! `ferry recv`: accept one incoming migration, hold the guest's memory and
+//! run the guest (a synthetic guest continues its workload here).
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -7,11 +8,12 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::Args;
 use ferry::{
-    migrate_in, AcceptOptions, ChannelUri, DestinationMemory, IncomingOptions, Listener, Progress,
-    SocketTuning,
+    default_guest_builder, migrate_in, AcceptOptions, ChannelUri, ControlServer, DestinationMemory,
+    Guest, GuestBuilder, IncomingOptions, Listener, Progress, Resources, SocketTuning, Summary,
+    SyntheticGuest, TrackerKind, Workload,
 };
 
-use crate::output::print_summary;
+use crate::output::{print_summary, EventPrinter};
 use crate::units::parse_size;
 
 /// Accept one incoming migration on a listening socket.
@@ -20,7 +22,7 @@ use crate::units::parse_size;
 /// when PORT is 0). Any connection that is not a channel of the migration
 /// (another program, another session) ends the migration with an error.
 /// The result is `completed` only when every page and the device state have
-/// landed and every checksum held.
+/// landed and every checksum held; only then does the guest run here.
 #[derive(Args)]
 pub struct RecvArgs {
     /// Where to listen: tcp:HOST:PORT (PORT 0 picks a free one) or unix:PATH.
@@ -33,9 +35,25 @@ pub struct RecvArgs {
     /// Write the received device state to this file.
     #[arg(long)]
     device_state_out: Option<PathBuf>,
-    /// Print one JSON object with the result instead of text.
+    /// Print JSON: events as they happen (one object a line), then the
+    /// summary object last, instead of text.
     #[arg(long)]
     json: bool,
+    /// Open a control socket (QMP-shaped JSON lines) here; see `ferry ctl`.
+    #[arg(long)]
+    control: Option<PathBuf>,
+    /// Keep a migrated synthetic guest running this many seconds, then
+    /// report how far its workload went on from where the source stopped.
+    #[arg(long)]
+    run_after: Option<f64>,
+    /// Lock files standing for the guest's shared resources: taken when the
+    /// guest starts here (fails if the source still holds them). Repeatable.
+    #[arg(long)]
+    lock: Vec<PathBuf>,
+    /// Do not take the digest of memory and device state before resuming
+    /// (it counts in the downtime: about 0.1 s per GiB).
+    #[arg(long)]
+    no_digest: bool,
     /// Give up if no source connects within this many seconds (default: wait for ever).
     #[arg(long)]
     timeout: Option<f64>,
@@ -74,16 +92,36 @@ fn migrate(a: RecvArgs) -> anyhow::Result<bool> {
             first_timeout: a.timeout.map(Duration::from_secs_f64),
             ..Default::default()
         },
+        build_guest: guest_builder(&a.lock),
+        digest_before_resume: !a.no_digest,
     };
     let progress = Arc::new(Progress::default());
-    match migrate_in(&listener, &opts, &progress) {
+    let control = match &a.control {
+        Some(p) => Some(ControlServer::start(p, progress.clone())?),
+        None => None,
+    };
+    let events = a.json.then(|| EventPrinter::start(&progress));
+    let result = migrate_in(&listener, &opts, &progress);
+    if let Some(e) = events {
+        e.finish();
+    }
+    drop(control);
+    match result {
         Ok(mut outcome) => {
-            outcome.summary.digest = Some(outcome.memory.digest().to_string());
             if let Some(p) = &a.device_state_out {
                 std::fs::write(p, &outcome.device_state)
                     .with_context(|| format!("writing {}", p.display()))?;
             }
+            if let Some(secs) = a.run_after {
+                outcome.summary.workload =
+                    run_workload(&*outcome.guest, &outcome.device_state, secs)?;
+            }
+            outcome.guest.pause()?;
+            outcome.summary.digest = Some(outcome.memory.digest().to_string());
             print_summary("recv", &outcome.summary, a.json);
+            if let Some(w) = outcome.summary.workload.as_ref().filter(|_| !a.json) {
+                print_workload(w, &outcome.summary);
+            }
             Ok(true)
         }
         Err(f) => {
@@ -91,4 +129,68 @@ fn migrate(a: RecvArgs) -> anyhow::Result<bool> {
             Ok(false)
         }
     }
+}
+
+/// The default guests, owning `locks` once they resume.
+fn guest_builder(locks: &[PathBuf]) -> GuestBuilder {
+    if locks.is_empty() {
+        return default_guest_builder();
+    }
+    let locks = locks.to_vec();
+    Arc::new(move |memory, state| {
+        if ferry::synthetic::is_synthetic_state(state) {
+            let g = SyntheticGuest::from_device_state(
+                memory,
+                state,
+                TrackerKind::Bitmap,
+                Resources::new(&locks, false)?,
+            )?;
+            Ok(Box::new(g) as Box<dyn Guest>)
+        } else {
+            let g = ferry::ImageGuest::from_memory(memory, Vec::new())
+                .with_resources(Resources::new(&locks, false)?);
+            g.pause()?;
+            g.load_device_state(state)?;
+            Ok(Box::new(g) as Box<dyn Guest>)
+        }
+    })
+}
+
+/// Lets the guest run `secs` seconds; for a synthetic guest, compares its
+/// write counters with those it arrived with.
+fn run_workload(guest: &dyn Guest, arrived: &[u8], secs: f64) -> anyhow::Result<Option<Workload>> {
+    if !ferry::synthetic::is_synthetic_state(arrived) {
+        std::thread::sleep(Duration::from_secs_f64(secs));
+        return Ok(None);
+    }
+    std::thread::sleep(Duration::from_secs_f64(secs));
+    guest.pause()?;
+    let writes = |state: &[u8]| -> anyhow::Result<u64> {
+        let v: serde_json::Value = serde_json::from_slice(state)?;
+        Ok(v["vcpus"]
+            .as_array()
+            .map_or(0, |a| a.iter().filter_map(|c| c["writes"].as_u64()).sum()))
+    };
+    let before = writes(arrived)?;
+    let after = writes(&guest.save_device_state()?)?;
+    Ok(Some(Workload {
+        writes_at_switchover: before,
+        writes_after: after,
+        seconds: secs,
+        continued: after > before,
+    }))
+}
+
+fn print_workload(w: &Workload, _s: &Summary) {
+    eprintln!(
+        "  workload: {} writes at switchover, {} after {:.1} s here: {}",
+        w.writes_at_switchover,
+        w.writes_after,
+        w.seconds,
+        if w.continued {
+            "continued"
+        } else {
+            "did NOT continue"
+        }
+    );
 }

@@ -159,25 +159,47 @@ impl Done {
         self.status.code()
     }
 
-    /// The one JSON object the command printed on stdout.
+    /// The summary JSON object: the last line on stdout. Every line before
+    /// it must be an event (`--json` streams them while the run goes on).
     fn json(&self) -> Value {
         let lines: Vec<&str> = self
             .stdout
             .lines()
             .filter(|l| !l.trim().is_empty())
             .collect();
-        assert_eq!(
-            lines.len(),
-            1,
-            "{}: expected exactly one JSON line on stdout, got:\n{}\nstderr:\n{}",
-            self.name,
-            self.stdout,
-            self.stderr
+        let Some((last, events)) = lines.split_last() else {
+            panic!("{}: nothing on stdout; stderr:\n{}", self.name, self.stderr);
+        };
+        for e in events {
+            let v: Value = serde_json::from_str(e)
+                .unwrap_or_else(|err| panic!("{}: event line is not JSON ({err}): {e}", self.name));
+            assert!(
+                v["event"].is_string(),
+                "{}: not an event before the summary: {v}",
+                self.name
+            );
+        }
+        let v: Value = serde_json::from_str(last)
+            .unwrap_or_else(|e| panic!("{}: stdout is not JSON ({e}): {last}", self.name));
+        assert!(
+            v.is_object() && v.get("event").is_none(),
+            "{}: not a summary object: {v}",
+            self.name
         );
-        let v: Value = serde_json::from_str(lines[0])
-            .unwrap_or_else(|e| panic!("{}: stdout is not JSON ({e}): {}", self.name, lines[0]));
-        assert!(v.is_object(), "{}: not a JSON object: {v}", self.name);
         v
+    }
+
+    /// The events printed before the summary.
+    fn events(&self) -> Vec<Value> {
+        let lines: Vec<&str> = self
+            .stdout
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .collect();
+        lines[..lines.len().saturating_sub(1)]
+            .iter()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
     }
 
     /// Exit 0 and a completed JSON summary with a digest.
@@ -765,4 +787,193 @@ fn send_with_a_missing_ram_file_fails_naming_it() {
         "{}",
         d.stderr
     );
+}
+
+// ---------------------------------------------------------------------------
+// Live migrations of the synthetic guest, and the control socket
+// ---------------------------------------------------------------------------
+
+fn start_send_synthetic(port: u16, extra: &[&str]) -> Proc {
+    let to = format!("tcp:127.0.0.1:{port}");
+    let mut args = vec![
+        "send",
+        "--guest",
+        "synthetic",
+        "--size",
+        "32M",
+        "--to",
+        &to,
+        "--json",
+    ];
+    args.extend_from_slice(extra);
+    Proc::spawn("ferry send (synthetic)", &args)
+}
+
+/// `ferry ctl SOCKET ARGS...`: exit status and the reply.
+fn ctl(socket: &Path, args: &[&str]) -> (Option<i32>, Value) {
+    let mut all = vec!["ctl", socket.to_str().unwrap()];
+    all.extend_from_slice(args);
+    let d = run(&all);
+    let v = serde_json::from_str(d.stdout.trim()).unwrap_or(Value::Null);
+    (d.code(), v)
+}
+
+/// Polls query-migrate until `want` holds for its reply (the socket may not
+/// exist yet); fails the test after the deadline.
+fn wait_for_query(socket: &Path, want: impl Fn(&Value) -> bool) -> Value {
+    let t = Instant::now();
+    loop {
+        if socket.exists() {
+            let (code, v) = ctl(socket, &["query"]);
+            if code == Some(0) && want(&v["return"]) {
+                return v["return"].clone();
+            }
+        }
+        assert!(
+            t.elapsed() < DEADLINE,
+            "query-migrate never showed the wanted state"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn live_synthetic_guest_moves_exactly_with_both_trackers_and_runs_on() {
+    for tracker in ["bitmap", "uffd"] {
+        let (recv, port) = start_recv(&["--run-after", "0.3"]);
+        let send = start_send_synthetic(
+            port,
+            &[
+                "--dirty-rate",
+                "16M",
+                "--dirty-pattern",
+                "hotset:25",
+                "--dirty-tracker",
+                tracker,
+                "--downtime-limit",
+                "2000",
+            ],
+        )
+        .wait(DEADLINE);
+        let recv = recv.wait(DEADLINE);
+        let (s, r) = (send.completed(), recv.completed());
+        assert_eq!(s["dirty_tracker"], tracker);
+        assert!(s["switchover_digest"].is_string(), "{s}");
+        assert_eq!(
+            s["switchover_digest"], r["switchover_digest"],
+            "{tracker}: memory and device state at switchover equal the destination's before resume"
+        );
+        assert!(s["downtime_ms"].as_f64().is_some(), "{s}");
+        assert!(s["passes"].as_u64().unwrap() >= 2 && s["dirty_sync_count"].as_u64().unwrap() >= 2);
+        assert_eq!(r["workload"]["continued"], true, "{r}");
+        assert!(
+            r["workload"]["writes_after"].as_u64() > r["workload"]["writes_at_switchover"].as_u64()
+        );
+        let statuses: Vec<Value> = send
+            .events()
+            .iter()
+            .filter(|e| e["event"] == "MIGRATION")
+            .map(|e| e["data"]["status"].clone())
+            .collect();
+        assert_eq!(statuses, ["setup", "active", "device", "completed"]);
+        assert!(send.events().iter().any(|e| e["event"] == "MIGRATION_PASS"));
+    }
+}
+
+#[test]
+fn a_killed_destination_fails_the_source_which_keeps_running() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("send.sock");
+    let (recv, port) = start_recv(&[]);
+    let send = start_send_synthetic(
+        port,
+        &["--max-bandwidth", "2M", "--control", sock.to_str().unwrap()],
+    );
+    wait_for_query(&sock, |q| {
+        q["status"] == "active" && q["ram"]["transferred"].as_u64() > Some(0)
+    });
+    recv.kill();
+    let send = send.wait(DEADLINE);
+    let (v, err) = send.failed();
+    assert_eq!(
+        v["guest_running"], true,
+        "the source guest keeps running: {v}"
+    );
+    assert!(!err.contains("cancelled"), "{err}");
+    let last = send.events().last().cloned().unwrap();
+    assert_eq!(last["data"]["status"], "failed");
+}
+
+#[test]
+fn ctl_set_continue_and_malformed_requests_on_a_paused_switchover() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("send.sock");
+    let rsock = dir.path().join("recv.sock");
+    let (recv, port) = start_recv(&["--control", rsock.to_str().unwrap()]);
+    let send = start_send_synthetic(
+        port,
+        &[
+            "--pause-before-switchover",
+            "--control",
+            sock.to_str().unwrap(),
+        ],
+    );
+    let q = wait_for_query(&sock, |q| q["status"] == "pre-switchover");
+    assert!(q["ram"]["dirty-sync-count"].as_u64() >= Some(1), "{q}");
+    let (code, v) = ctl(&rsock, &["query"]);
+    assert_eq!(
+        (code, v["return"]["status"].as_str()),
+        (Some(0), Some("active"))
+    );
+
+    let (code, v) = ctl(&sock, &["raw", "{\"execute\":"]);
+    assert_eq!(code, Some(1));
+    assert!(
+        v["error"]["desc"].as_str().unwrap().contains("malformed"),
+        "{v}"
+    );
+    let (code, v) = ctl(&sock, &["set", "downtime-limit=soon"]);
+    assert_eq!(code, Some(1), "{v}");
+    let (code, _) = ctl(&sock, &["set", "downtime-limit=1000", "max-bandwidth=0"]);
+    assert_eq!(code, Some(0));
+    let (_, v) = ctl(&sock, &["params"]);
+    assert_eq!(v["return"]["downtime-limit"], 1000);
+    let (code, v) = ctl(&sock, &["continue"]);
+    assert_eq!((code, &v), (Some(0), &serde_json::json!({"return": {}})));
+    let (s, r) = (send.wait(DEADLINE), recv.wait(DEADLINE));
+    let (s, r) = (s.completed(), r.completed());
+    assert_eq!(s["switchover_digest"], r["switchover_digest"]);
+}
+
+#[test]
+fn ctl_cancel_keeps_the_source_running_and_the_destination_discards() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("send.sock");
+    let (recv, port) = start_recv(&[]);
+    let send = start_send_synthetic(
+        port,
+        &["--max-bandwidth", "1M", "--control", sock.to_str().unwrap()],
+    );
+    wait_for_query(&sock, |q| q["status"] == "active");
+    let (code, _) = ctl(&sock, &["cancel"]);
+    assert_eq!(code, Some(0));
+    let (s, r) = (send.wait(DEADLINE), recv.wait(DEADLINE));
+    let v = s.json();
+    assert_eq!(
+        (s.code(), v["status"].as_str()),
+        (Some(1), Some("cancelled")),
+        "{v}"
+    );
+    assert_eq!(v["guest_running"], true);
+    let rv = r.json();
+    assert_eq!(
+        (r.code(), rv["status"].as_str()),
+        (Some(1), Some("cancelled")),
+        "{rv}"
+    );
+    assert!(rv["error"]
+        .as_str()
+        .unwrap()
+        .contains("cancelled by the source"));
+    assert_eq!(rv["guest_running"], false);
 }

@@ -64,8 +64,7 @@ impl SplicePipe {
 
     /// Sends `copied` then `referenced` to `socket`, in order, and returns
     /// when all of it has been handed to the socket. `copied` is copied into
-    /// the pipe (it must fit in half the pipe); `referenced` goes by page
-    /// reference.
+    /// the pipe; `referenced` goes by page reference.
     ///
     /// # Safety
     /// Every iovec in `referenced` must describe readable memory that stays
@@ -78,30 +77,8 @@ impl SplicePipe {
         copied: &[libc::iovec],
         referenced: &mut [libc::iovec],
     ) -> io::Result<u64> {
-        let head: usize = copied.iter().map(|v| v.iov_len).sum();
-        if head > self.capacity / 2 {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                format!(
-                    "{head} header bytes do not fit a {} byte pipe",
-                    self.capacity
-                ),
-            ));
-        }
-        let mut in_pipe = 0usize;
-        if head > 0 {
-            // SAFETY: the iovecs are the caller's readable buffers; writev copies them.
-            let n = unsafe {
-                libc::writev(self.write.as_raw_fd(), copied.as_ptr(), copied.len() as i32)
-            };
-            if n < 0 {
-                return Err(io::Error::last_os_error());
-            }
-            // The pipe was empty and the header fits: a pipe write of at most
-            // half its capacity is never short.
-            in_pipe = n as usize;
-        }
-        let mut total = in_pipe as u64;
+        let mut in_pipe = self.copy_in(socket, copied)?;
+        let mut total: u64 = copied.iter().map(|v| v.iov_len as u64).sum();
         let mut rest = referenced;
         while !rest.is_empty() || in_pipe > 0 {
             if !rest.is_empty() {
@@ -119,6 +96,46 @@ impl SplicePipe {
             in_pipe -= self.drain_to(socket, in_pipe, more)?;
         }
         Ok(total)
+    }
+
+    /// Copies `bufs` into the (empty) pipe; returns the bytes left in it.
+    /// Whatever does not fit in half the pipe is passed on to the socket in
+    /// pieces first, so a write never waits for a pipe only we drain.
+    fn copy_in(&mut self, socket: RawFd, bufs: &[libc::iovec]) -> io::Result<usize> {
+        let half = self.capacity / 2;
+        let total: usize = bufs.iter().map(|v| v.iov_len).sum();
+        if total <= half {
+            // SAFETY: the iovecs are the caller's readable buffers; writev
+            // copies them. The pipe is empty and they fit, so it is not short.
+            let n =
+                unsafe { libc::writev(self.write.as_raw_fd(), bufs.as_ptr(), bufs.len() as i32) };
+            return if n < 0 {
+                Err(io::Error::last_os_error())
+            } else {
+                Ok(n as usize)
+            };
+        }
+        let mut in_pipe = 0;
+        for v in bufs {
+            // SAFETY: the caller's iovec describes a readable buffer.
+            let mut rest =
+                unsafe { std::slice::from_raw_parts(v.iov_base as *const u8, v.iov_len) };
+            while !rest.is_empty() {
+                let take = rest.len().min(half);
+                if in_pipe + take > half {
+                    in_pipe -= self.drain_to(socket, in_pipe, true)?;
+                }
+                // SAFETY: writes `take` bytes of a live slice; at most half
+                // the pipe is in use, so the write fits and does not block.
+                let n = unsafe { libc::write(self.write.as_raw_fd(), rest.as_ptr().cast(), take) };
+                if n < 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                in_pipe += n as usize;
+                rest = &rest[n as usize..];
+            }
+        }
+        Ok(in_pipe)
     }
 
     /// Puts references to as much of `iov` as fits into the pipe.
@@ -205,9 +222,17 @@ mod tests {
 
     #[test]
     fn sends_header_and_pages_in_order() {
+        send_through(64 << 10, b"HEAD".to_vec());
+    }
+
+    #[test]
+    fn a_header_larger_than_the_pipe_goes_in_pieces() {
+        send_through(64 << 10, (0..200_000u32).map(|i| (i % 7) as u8).collect());
+    }
+
+    fn send_through(pipe_bytes: usize, header: Vec<u8>) {
         let (a, mut b) = UnixStream::pair().unwrap();
-        let mut pipe = SplicePipe::new(64 << 10).unwrap();
-        let header = *b"HEAD";
+        let mut pipe = SplicePipe::new(pipe_bytes).unwrap();
         let pages: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
         let reader = std::thread::spawn(move || {
             let mut got = Vec::new();
@@ -227,10 +252,11 @@ mod tests {
             .collect();
         // SAFETY: `pages` outlives the reader, which consumes everything.
         let n = unsafe { pipe.send(a.as_raw_fd(), &copied, &mut referenced) }.unwrap();
-        assert_eq!(n, 4 + 300_000);
+        let h = header.len();
+        assert_eq!(n as usize, h + 300_000);
         drop(a);
         let got = reader.join().unwrap();
-        assert_eq!(&got[..4], b"HEAD");
-        assert!(got[4..] == pages[..], "payload differs");
+        assert!(got[..h] == header[..], "header differs");
+        assert!(got[h..] == pages[..], "payload differs");
     }
 }

@@ -1,0 +1,420 @@
+//! One migration's live state, shared by the controller, the control socket
+//! and progress displays: its status (seed 004's state machine), the
+//! parameters a user may change while it runs, the figures `query-migrate`
+//! reports, cancel and continue requests, and event subscribers.
+//!
+//! Status transitions on the source: setup → active → (pre-switchover) →
+//! device → completed; any of them → failed, or → cancelling → cancelled.
+//! The destination goes setup → active → device → completed / failed /
+//! cancelled.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{mpsc, Arc, Condvar, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use ferry_multifd::{Counters, PassControl, Totals};
+use serde::Serialize;
+use serde_json::{json, Value};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Status {
+    #[default]
+    None,
+    Setup,
+    Active,
+    PreSwitchover,
+    Device,
+    Completed,
+    Failed,
+    Cancelling,
+    Cancelled,
+}
+
+impl Status {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::None => "none",
+            Self::Setup => "setup",
+            Self::Active => "active",
+            Self::PreSwitchover => "pre-switchover",
+            Self::Device => "device",
+            Self::Completed => "completed",
+            Self::Failed => "failed",
+            Self::Cancelling => "cancelling",
+            Self::Cancelled => "cancelled",
+        }
+    }
+    pub fn is_final(self) -> bool {
+        matches!(self, Self::Completed | Self::Failed | Self::Cancelled)
+    }
+}
+
+/// What a user may set before or during a migration.
+#[derive(Clone, Debug)]
+pub struct Parameters {
+    /// The longest the guest may stay paused for the final pass.
+    pub downtime_limit: Duration,
+    /// Bytes per second the passes may use (0: no limit).
+    pub max_bandwidth: u64,
+    /// Bytes per second to assume for the switchover decision instead of
+    /// the measured bandwidth (0: use the measured one).
+    pub avail_switchover_bandwidth: u64,
+    /// Throttle the guest after each pass in which it dirtied more than half
+    /// of the bytes the pass sent (passes are not shrinking fast enough).
+    pub auto_converge: bool,
+    pub throttle_initial: u8,
+    pub throttle_increment: u8,
+    pub throttle_max: u8,
+    /// Wait in pre-switchover (guest paused) until `migrate-continue`.
+    pub pause_before_switchover: bool,
+    /// Give up after this many passes without converging (0: never).
+    pub max_passes: u64,
+}
+
+impl Default for Parameters {
+    fn default() -> Self {
+        Self {
+            downtime_limit: Duration::from_millis(300),
+            max_bandwidth: 0,
+            avail_switchover_bandwidth: 0,
+            auto_converge: false,
+            throttle_initial: 20,
+            throttle_increment: 10,
+            throttle_max: 99,
+            pause_before_switchover: false,
+            max_passes: 0,
+        }
+    }
+}
+
+/// Figures of the passes so far (seed 004's migration_update_counters).
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct PassFigures {
+    pub pass: u64,
+    pub dirty_sync_count: u64,
+    /// Dirty bytes left after the last sync.
+    pub remaining_bytes: u64,
+    /// Bytes per second the last pass moved (multifd wire bytes).
+    pub bandwidth: f64,
+    /// Pages the guest dirtied per second, measured between syncs.
+    pub dirty_pages_rate: f64,
+    pub pages_per_second: f64,
+    pub expected_downtime_ms: f64,
+    pub throttle_percent: u8,
+    /// Wire bytes sent while the guest ran, and while it was paused.
+    pub precopy_bytes: u64,
+    pub downtime_bytes: u64,
+}
+
+/// What subscribers (control socket clients, `--json`) are told.
+#[derive(Clone, Debug)]
+pub enum Event {
+    Status(Status),
+    Pass(PassFigures),
+}
+
+impl Event {
+    /// The event in QMP's shape.
+    pub fn to_json(&self) -> Value {
+        let (name, data) = match self {
+            Self::Status(s) => ("MIGRATION", json!({ "status": s.as_str() })),
+            Self::Pass(p) => (
+                "MIGRATION_PASS",
+                json!({ "pass": p.pass, "remaining": p.remaining_bytes,
+                "bandwidth": p.bandwidth as u64, "dirty-pages-rate": p.dirty_pages_rate as u64,
+                "expected-downtime": p.expected_downtime_ms as u64, "cpu-throttle-percentage": p.throttle_percent }),
+            ),
+        };
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        json!({ "event": name, "data": data,
+                "timestamp": { "seconds": now.as_secs(), "microseconds": now.subsec_micros() } })
+    }
+}
+
+struct Timing {
+    started: Option<Instant>,
+    setup_ms: u64,
+    total_ms: Option<u64>,
+    downtime_ms: Option<f64>,
+}
+
+/// The live view and control handle of one migration.
+pub struct Progress {
+    /// Bytes of guest RAM the migration covers.
+    pub total_ram_bytes: AtomicU64,
+    pub page_size: AtomicU64,
+    counters: OnceLock<Arc<Counters>>,
+    pass_control: OnceLock<Arc<PassControl>>,
+    phase: Mutex<&'static str>,
+    status: Mutex<Status>,
+    status_cv: Condvar,
+    params: Mutex<Parameters>,
+    figures: Mutex<PassFigures>,
+    timing: Mutex<Timing>,
+    error: Mutex<Option<String>>,
+    cancel: AtomicBool,
+    resume_requested: AtomicBool,
+    cancel_hooks: Mutex<Vec<Box<dyn Fn() + Send>>>,
+    subscribers: Mutex<Vec<mpsc::Sender<Event>>>,
+}
+
+impl Default for Progress {
+    fn default() -> Self {
+        Self {
+            total_ram_bytes: AtomicU64::new(0),
+            page_size: AtomicU64::new(4096),
+            counters: OnceLock::new(),
+            pass_control: OnceLock::new(),
+            phase: Mutex::new(""),
+            status: Mutex::new(Status::None),
+            status_cv: Condvar::new(),
+            params: Mutex::new(Parameters::default()),
+            figures: Mutex::new(PassFigures::default()),
+            timing: Mutex::new(Timing {
+                started: None,
+                setup_ms: 0,
+                total_ms: None,
+                downtime_ms: None,
+            }),
+            error: Mutex::new(None),
+            cancel: AtomicBool::new(false),
+            resume_requested: AtomicBool::new(false),
+            cancel_hooks: Mutex::new(Vec::new()),
+            subscribers: Mutex::new(Vec::new()),
+        }
+    }
+}
+
+impl Progress {
+    /// A handle whose parameters start as `params`.
+    pub fn with_parameters(params: Parameters) -> Self {
+        let p = Self::default();
+        *p.params.lock().unwrap() = params;
+        p
+    }
+
+    pub fn set_phase(&self, phase: &'static str) {
+        *self.phase.lock().unwrap() = phase;
+    }
+    pub fn phase(&self) -> &'static str {
+        *self.phase.lock().unwrap()
+    }
+    pub(crate) fn attach(&self, counters: Arc<Counters>) {
+        let _ = self.counters.set(counters);
+    }
+    pub(crate) fn attach_pass_control(&self, control: Arc<PassControl>) {
+        control.set_max_bandwidth(self.parameters().max_bandwidth);
+        let _ = self.pass_control.set(control);
+    }
+    /// What the data path has moved so far.
+    pub fn totals(&self) -> Totals {
+        self.counters
+            .get()
+            .map(|c| c.snapshot())
+            .unwrap_or_default()
+    }
+    pub fn total_ram_bytes(&self) -> u64 {
+        self.total_ram_bytes.load(Ordering::Relaxed)
+    }
+
+    pub fn status(&self) -> Status {
+        *self.status.lock().unwrap()
+    }
+
+    /// Moves to `to` and tells subscribers. A final status is never left,
+    /// and once cancelling only a final status may follow.
+    pub(crate) fn set_status(&self, to: Status) {
+        let mut s = self.status.lock().unwrap();
+        if s.is_final() || *s == to || (*s == Status::Cancelling && !to.is_final()) {
+            return;
+        }
+        *s = to;
+        drop(s);
+        self.status_cv.notify_all();
+        let mut t = self.timing.lock().unwrap();
+        match to {
+            Status::Setup => t.started = Some(Instant::now()),
+            Status::Active if t.setup_ms == 0 => {
+                t.setup_ms = t.started.map_or(0, |s| s.elapsed().as_millis() as u64)
+            }
+            _ if to.is_final() => t.total_ms = t.started.map(|s| s.elapsed().as_millis() as u64),
+            _ => {}
+        }
+        drop(t);
+        self.publish(Event::Status(to));
+    }
+
+    pub(crate) fn set_error(&self, e: &str) {
+        self.error.lock().unwrap().get_or_insert_with(|| e.into());
+    }
+
+    pub(crate) fn set_downtime(&self, d: Duration) {
+        self.timing.lock().unwrap().downtime_ms = Some(d.as_secs_f64() * 1e3);
+    }
+
+    pub fn downtime(&self) -> Option<Duration> {
+        self.timing
+            .lock()
+            .unwrap()
+            .downtime_ms
+            .map(|ms| Duration::from_secs_f64(ms / 1e3))
+    }
+
+    pub(crate) fn update_figures(&self, f: impl FnOnce(&mut PassFigures)) -> PassFigures {
+        let mut g = self.figures.lock().unwrap();
+        f(&mut g);
+        g.clone()
+    }
+
+    pub fn figures(&self) -> PassFigures {
+        self.figures.lock().unwrap().clone()
+    }
+
+    pub(crate) fn publish(&self, e: Event) {
+        self.subscribers
+            .lock()
+            .unwrap()
+            .retain(|s| s.send(e.clone()).is_ok());
+    }
+
+    /// Events from now on, until the receiver is dropped.
+    pub fn subscribe(&self) -> mpsc::Receiver<Event> {
+        let (tx, rx) = mpsc::channel();
+        self.subscribers.lock().unwrap().push(tx);
+        rx
+    }
+
+    pub fn parameters(&self) -> Parameters {
+        self.params.lock().unwrap().clone()
+    }
+
+    /// Changes parameters while the migration runs; the rate limit applies
+    /// to the pass in flight.
+    pub fn set_parameters(&self, f: impl FnOnce(&mut Parameters)) {
+        let mut p = self.params.lock().unwrap();
+        f(&mut p);
+        if let Some(c) = self.pass_control.get() {
+            c.set_max_bandwidth(p.max_bandwidth);
+        }
+    }
+
+    /// Asks the migration to stop: status cancelling, the pass in flight
+    /// ends early, and the controller cleans up to cancelled. False if the
+    /// migration has already ended, or is in the device phase, where the
+    /// destination may already be taking over.
+    pub fn cancel(&self) -> bool {
+        let s = self.status();
+        if s.is_final() || s == Status::Device {
+            return false;
+        }
+        self.cancel.store(true, Ordering::SeqCst);
+        self.set_status(Status::Cancelling);
+        if let Some(c) = self.pass_control.get() {
+            c.interrupt();
+        }
+        for hook in self.cancel_hooks.lock().unwrap().iter() {
+            hook();
+        }
+        self.status_cv.notify_all();
+        true
+    }
+
+    pub fn cancel_requested(&self) -> bool {
+        self.cancel.load(Ordering::SeqCst)
+    }
+
+    pub(crate) fn on_cancel(&self, hook: impl Fn() + Send + 'static) {
+        self.cancel_hooks.lock().unwrap().push(Box::new(hook));
+        if self.cancel_requested() {
+            // Asked before the hook existed: run it now.
+            if let Some(h) = self.cancel_hooks.lock().unwrap().last() {
+                h();
+            }
+        }
+    }
+
+    /// `migrate-continue`: leaves pre-switchover. Error text if the
+    /// migration is not waiting there.
+    pub fn continue_from(&self, state: &str) -> Result<(), String> {
+        let s = self.status();
+        if s.as_str() != state || s != Status::PreSwitchover {
+            return Err(format!(
+                "migration is in state '{}', not '{state}'",
+                s.as_str()
+            ));
+        }
+        self.resume_requested.store(true, Ordering::SeqCst);
+        self.status_cv.notify_all();
+        Ok(())
+    }
+
+    /// Waits in pre-switchover until continued (true) or cancelled (false).
+    pub(crate) fn wait_for_continue(&self) -> bool {
+        let mut s = self.status.lock().unwrap();
+        loop {
+            if self.cancel_requested() {
+                return false;
+            }
+            if self.resume_requested.swap(false, Ordering::SeqCst) {
+                return true;
+            }
+            s = self
+                .status_cv
+                .wait_timeout(s, Duration::from_millis(100))
+                .unwrap()
+                .0;
+        }
+    }
+
+    /// What `query-migrate` answers (the fields of seed 004's
+    /// populate_time_info and populate_ram_info).
+    pub fn query(&self) -> Value {
+        let status = self.status();
+        let t = self.totals();
+        let f = self.figures();
+        let timing = self.timing.lock().unwrap();
+        let page_size = self.page_size.load(Ordering::Relaxed);
+        let total_time = timing
+            .total_ms
+            .or_else(|| timing.started.map(|s| s.elapsed().as_millis() as u64))
+            .unwrap_or(0);
+        let mut info = json!({
+            "status": status.as_str(),
+            "setup-time": timing.setup_ms,
+            "total-time": total_time,
+            "ram": {
+                "transferred": t.wire_bytes,
+                "total": self.total_ram_bytes(),
+                "duplicate": t.pages_zero,
+                "normal": t.pages_normal,
+                "normal-bytes": t.pages_normal * page_size,
+                "mbps": f.bandwidth * 8.0 / 1e6,
+                "pages-per-second": f.pages_per_second as u64,
+                "dirty-sync-count": f.dirty_sync_count,
+                "page-size": page_size,
+                "multifd-bytes": t.wire_bytes,
+                "precopy-bytes": f.precopy_bytes,
+                "downtime-bytes": f.downtime_bytes,
+                "postcopy-bytes": 0,
+            },
+        });
+        match timing.downtime_ms {
+            Some(d) => info["downtime"] = json!(d.round() as u64),
+            None => info["expected-downtime"] = json!(f.expected_downtime_ms.round() as u64),
+        }
+        if status != Status::Completed {
+            info["ram"]["remaining"] = json!(f.remaining_bytes);
+            info["ram"]["dirty-pages-rate"] = json!(f.dirty_pages_rate as u64);
+        }
+        if f.throttle_percent > 0 {
+            info["cpu-throttle-percentage"] = json!(f.throttle_percent);
+        }
+        if let Some(e) = self.error.lock().unwrap().as_ref() {
+            info["error-desc"] = json!(e);
+        }
+        info
+    }
+}
