@@ -245,7 +245,11 @@ impl Source<'_> {
             blocks: self.memory.specs(),
         };
         self.summary.wire_bytes += Message::Setup(setup).write(&*main)?;
-        match self.wait_reply(&return_path, opts.setup_timeout, "SETUP_ACK")? {
+        let reply = self.wait_reply(&return_path, opts.setup_timeout, "SETUP_ACK");
+        if reply.is_err() && self.progress.cancel_requested() {
+            let _ = Message::Cancel.write(&*main);
+        }
+        match reply? {
             Message::SetupAck => {}
             Message::Shut { error: Some(e) } => return Err(MigrationError::Setup(e)),
             other => return Err(unexpected("SETUP_ACK", &other)),
