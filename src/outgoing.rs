@@ -25,7 +25,7 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, TryRecvError};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use ferry_multifd::{SendPath, SenderOptions, SenderPool};
@@ -230,7 +230,8 @@ impl Source<'_> {
         self.summary.wire_bytes +=
             (ferry_transport::HELLO_LEN as u64 + 8) * (u64::from(opts.channels) + 1);
         let main: Arc<dyn Channel> = Arc::new(main);
-        let return_path = spawn_return_path(main.clone())?;
+        let on_destination_failure = Arc::new(OnceLock::new());
+        let return_path = spawn_return_path(main.clone(), on_destination_failure.clone())?;
 
         self.progress.set_phase("setup");
         let setup = Setup {
@@ -244,7 +245,11 @@ impl Source<'_> {
             blocks: self.memory.specs(),
         };
         self.summary.wire_bytes += Message::Setup(setup).write(&*main)?;
-        match self.wait_reply(&return_path, opts.setup_timeout, "SETUP_ACK")? {
+        let reply = self.wait_reply(&return_path, opts.setup_timeout, "SETUP_ACK");
+        if reply.is_err() && self.progress.cancel_requested() {
+            let _ = Message::Cancel.write(&*main);
+        }
+        match reply? {
             Message::SetupAck => {}
             Message::Shut { error: Some(e) } => return Err(MigrationError::Setup(e)),
             other => return Err(unexpected("SETUP_ACK", &other)),
@@ -254,6 +259,14 @@ impl Source<'_> {
         self.progress.attach(pool.counters().clone());
         self.progress.attach_pass_control(pool.control().clone());
         let abort = Arc::new(pool.aborter());
+        {
+            // A destination that gives up mid-pass stops the pass at once.
+            let (abort, control) = (abort.clone(), pool.control().clone());
+            let _ = on_destination_failure.set(Box::new(move || {
+                control.interrupt();
+                abort();
+            }) as StopHook);
+        }
         let ended = self.ended.clone();
         self.progress.on_cancel(move || {
             let (abort, ended) = (abort.clone(), ended.clone());
@@ -596,18 +609,33 @@ fn open_session(
 
 type ReturnPath = Receiver<Result<Message, MigrationError>>;
 
-/// Reads the return path on its own thread until SHUT or an error.
-fn spawn_return_path(main: Arc<dyn Channel>) -> Result<ReturnPath, MigrationError> {
+/// Stops the data path when the destination has failed.
+type StopHook = Box<dyn Fn() + Send + Sync>;
+
+/// Reads the return path on its own thread until SHUT or an error. A SHUT
+/// with an error, or a broken return path, runs `on_failure` (once set):
+/// the source need not finish a pass the destination no longer reads.
+fn spawn_return_path(
+    main: Arc<dyn Channel>,
+    on_failure: Arc<OnceLock<StopHook>>,
+) -> Result<ReturnPath, MigrationError> {
     let (tx, rx) = mpsc::channel();
     std::thread::Builder::new()
         .name("ferry-return-path".into())
         .spawn(move || loop {
             let m = Message::read(&*main, "destination").map(|(m, _)| m);
+            let failed = matches!(m, Err(_) | Ok(Message::Shut { error: Some(_) }));
             let last = !matches!(
                 m,
                 Ok(Message::SetupAck | Message::SwitchoverAck | Message::Resumed { .. })
             );
-            if tx.send(m).is_err() || last {
+            let gone = tx.send(m).is_err();
+            if failed {
+                if let Some(stop) = on_failure.get() {
+                    stop();
+                }
+            }
+            if gone || last {
                 break;
             }
         })

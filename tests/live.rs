@@ -399,3 +399,44 @@ fn a_source_whose_resources_were_taken_over_is_not_resumed() {
         assert!(guest.resources().activate().unwrap());
     });
 }
+
+#[test]
+fn a_cancel_on_the_destination_fails_the_source_which_runs_on() {
+    within(120, || {
+        let guest = Arc::new(synthetic(
+            16,
+            2 * MIB,
+            DirtyPattern::Random,
+            TrackerKind::Bitmap,
+        ));
+        let (l, uri) = listener();
+        let dst_progress = Arc::new(Progress::default());
+        let dst = {
+            let p = dst_progress.clone();
+            std::thread::spawn(move || ferry::migrate_in(&l, &IncomingOptions::default(), &p))
+        };
+        let progress = Arc::new(Progress::with_parameters(Parameters {
+            max_bandwidth: MIB,
+            ..Default::default()
+        }));
+        let src = spawn_source(guest.clone(), uri, progress.clone());
+        wait_until(|| {
+            dst_progress.status() == Status::Active && dst_progress.totals().ram_bytes > 0
+        });
+        assert!(dst_progress.cancel());
+        let got = dst.join().unwrap().err().expect("the destination discards");
+        assert_eq!(got.summary.status, "cancelled");
+        assert_eq!(dst_progress.status(), Status::Cancelled);
+        let failed = src.join().unwrap().unwrap_err();
+        assert_eq!(failed.summary.status, "failed", "{}", failed.error);
+        assert!(
+            failed
+                .error
+                .to_string()
+                .contains("cancelled on the destination"),
+            "{}",
+            failed.error
+        );
+        assert!(guest.is_running());
+    });
+}

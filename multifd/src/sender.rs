@@ -324,6 +324,9 @@ impl SenderPool {
                 Ok((_, Ok(()))) => {}
                 Ok((_, Err(e))) => {
                     if first_err.is_none() {
+                        // The pool is dead: wake threads waiting for the
+                        // rate limit, and cut the other channels.
+                        self.control.interrupt();
                         self.abort();
                         first_err = Some(e);
                     }
