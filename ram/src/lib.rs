@@ -3,12 +3,14 @@
 //! Owns the RAM blocks (memory mapped with `memmap2`, anonymous or backed by a
 //! file), the page bitmaps that say which pages to move, fast zero-page
 //! detection, the digest that proves both sides hold the same bytes, and the
-//! deterministic datasets `ferry gen` writes. It knows nothing of sockets.
+//! deterministic datasets `ferry gen` writes, and the layout of a saved
+//! guest's file ([`mapped`]). It knows nothing of sockets.
 
 mod bitmap;
 mod block;
 mod digest;
 mod error;
+pub mod mapped;
 mod memory;
 pub mod pattern;
 mod zero;
