@@ -10,20 +10,27 @@
 //! - [`protocol`]: the main channel's messages and their wire format.
 //! - [`outgoing`] / [`incoming`]: the two sides of a migration.
 //! - [`summary`]: what a finished (or failed) migration reports.
+//! - [`snapshot`]: saving a guest to a file and restoring it (file mode).
 
 mod error;
 pub mod guest;
 pub mod incoming;
 pub mod outgoing;
 pub mod protocol;
+pub mod snapshot;
 pub mod summary;
 
 pub use error::{Failed, MigrationError};
 pub use guest::{Guest, GuestError, ImageGuest};
 pub use incoming::{migrate_in, DestinationMemory, IncomingOptions, IncomingOutcome};
 pub use outgoing::{migrate_out, OutgoingOptions};
+pub use snapshot::{
+    restore_from_file, save_to_file, FileFailed, FileSummary, RestoreTarget, Restored, SaveOptions,
+    SnapshotError,
+};
 pub use summary::{Progress, Role, Summary};
 
+pub use ferry_multifd::file::FileOptions;
 pub use ferry_multifd::{ReceiverOptions, SenderOptions};
 pub use ferry_ram::{BlockSpec, Digest, GuestMemory, RamBlock};
 pub use ferry_transport::{AcceptOptions, ChannelUri, Listener, SocketTuning};
