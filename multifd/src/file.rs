@@ -38,6 +38,11 @@ pub struct FileOptions {
     pub direct_io: bool,
     /// Reads or writes in flight per thread.
     pub queue_depth: usize,
+    /// Saving: the shortest run of zero pages left as a hole in the file.
+    /// Shorter runs between non-zero pages are written (as the zeros they
+    /// are) so writes stay large; their bitmap bits stay clear either way.
+    /// A page size (or less) leaves every zero page a hole.
+    pub hole_min: u64,
 }
 
 impl Default for FileOptions {
@@ -46,6 +51,7 @@ impl Default for FileOptions {
             channels: 2,
             direct_io: false,
             queue_depth: 64,
+            hole_min: 0,
         }
     }
 }
@@ -94,7 +100,7 @@ impl DataFile {
                 file: open(0).map_err(io_err)?,
                 direct: false,
                 note: Some(format!(
-                    "the file system of {} refuses O_DIRECT (tmpfs does); used buffered I/O",
+                    "the file system of {} refuses O_DIRECT (tmpfs did before Linux 6.6); used buffered I/O",
                     path.display()
                 )),
             }),
@@ -133,6 +139,7 @@ pub fn write_pages(
         counters,
         bitmaps: shared_words(layout, |b| b.bitmap_len() / 8),
         checksums: shared_words(layout, |b| b.regions(layout.region_size)),
+        hole_min: opts.hole_min,
     };
     run_threads(&save, layout, data, opts)?;
     Ok(WrittenPages {
@@ -245,6 +252,7 @@ struct Save<'a> {
     counters: &'a Counters,
     bitmaps: Vec<Vec<AtomicU64>>,
     checksums: Vec<Vec<AtomicU64>>,
+    hole_min: u64,
 }
 
 impl Direction for Save<'_> {
@@ -256,17 +264,18 @@ impl Direction for Save<'_> {
         let ps = b.page_size() as usize;
         let bytes = &b.bytes()[first as usize * ps..end as usize * ps];
         self.checksums[block][region as usize].store(region_checksum(bytes), Relaxed);
-        let mut zero = 0;
+        let max_gap = (self.hole_min / ps as u64).saturating_sub(1);
+        let mut present = 0;
         for (i, page) in bytes.chunks_exact(ps).enumerate() {
-            let index = first + i as u64;
             if is_zero_page(page) {
-                zero += 1;
                 continue;
             }
+            let index = first + i as u64;
             self.bitmaps[block][(index / 64) as usize].fetch_or(1 << (index % 64), Relaxed);
-            push_page(runs, index);
+            push_page(runs, index, max_gap);
+            present += 1;
         }
-        count_zero_pages(self.counters, zero, ps as u64);
+        count_pages(self.counters, present, end - first - present);
     }
 
     unsafe fn queue(
@@ -315,15 +324,15 @@ impl Direction for Restore<'_> {
         let b = &self.memory.blocks()[block];
         let (first, end) = region_pages(b, self.layout.region_size, region);
         let words = &self.bitmaps[block];
-        let mut zero = 0;
+        let max_gap = READ_ACROSS_GAP / u64::from(b.page_size());
+        let mut present = 0;
         for index in first..end {
-            if words[(index / 64) as usize] & (1 << (index % 64)) == 0 {
-                zero += 1;
-            } else {
-                push_page(runs, index);
+            if words[(index / 64) as usize] & (1 << (index % 64)) != 0 {
+                push_page(runs, index, max_gap);
+                present += 1;
             }
         }
-        count_zero_pages(self.counters, zero, u64::from(b.page_size()));
+        count_pages(self.counters, present, end - first - present);
     }
 
     unsafe fn queue(
@@ -378,10 +387,13 @@ fn region_pages(block: &RamBlock, region_size: u32, region: u64) -> (u64, u64) {
     (first, (first + per).min(block.pages()))
 }
 
-/// Adds page `index` to the last run if it follows it, else starts a run.
-fn push_page(runs: &mut Vec<Run>, index: u64) {
+/// Adds page `index` to the last run if at most `max_gap` pages lie between
+/// them (the run then covers the gap too), else starts a run.
+fn push_page(runs: &mut Vec<Run>, index: u64, max_gap: u64) {
     match runs.last_mut() {
-        Some(r) if r.first_page + r.pages == index => r.pages += 1,
+        Some(r) if r.first_page + r.pages + max_gap >= index => {
+            r.pages = index + 1 - r.first_page;
+        }
         _ => runs.push(Run {
             first_page: index,
             pages: 1,
@@ -389,9 +401,21 @@ fn push_page(runs: &mut Vec<Run>, index: u64) {
     }
 }
 
-fn count_zero_pages(c: &Counters, pages: u64, page_size: u64) {
-    c.pages_zero.fetch_add(pages, Relaxed);
-    c.ram_bytes.fetch_add(pages * page_size, Relaxed);
+fn count_pages(c: &Counters, present: u64, zero: u64) {
+    c.pages_normal.fetch_add(present, Relaxed);
+    c.pages_zero.fetch_add(zero, Relaxed);
+}
+
+/// Restoring reads across a gap of absent pages up to this long rather than
+/// splitting the read: an absent page reads as zeros from the file (a hole,
+/// or zeros written there), the memory under it is zero already, and the
+/// region's checksum proves the result. Fewer, larger reads.
+const READ_ACROSS_GAP: u64 = 256 << 10;
+
+/// Bytes of memory region `region` of `block` covers.
+fn region_len(block: &RamBlock, region_size: u32, region: u64) -> u64 {
+    let (first, end) = region_pages(block, region_size, region);
+    (end - first) * u64::from(block.page_size())
 }
 
 fn ring_err(path: &Path, source: ferry_transport::TransportError) -> MultifdError {
@@ -565,8 +589,7 @@ fn open_region<D: Direction>(
     runs.clear();
     d.prepare(block, region, runs);
     if runs.is_empty() {
-        d.region_done(block, region)?;
-        return Ok(true);
+        return close_region(d, block, region).map(|()| true);
     }
     let b = &d.memory().blocks()[block];
     let ps = u64::from(b.page_size());
@@ -583,8 +606,6 @@ fn open_region<D: Direction>(
         });
     }
     f.open.push((block, region, runs.len() as u32));
-    let pages: u64 = runs.iter().map(|r| r.pages).sum();
-    d.counters().pages_normal.fetch_add(pages, Relaxed);
     Ok(true)
 }
 
@@ -621,9 +642,7 @@ fn complete<D: Direction>(
         Ok(n) => n.min(op.len as usize) as u32,
         Err(e) => return Err(io_err(e)),
     };
-    let c = d.counters();
-    c.ram_bytes.fetch_add(u64::from(done), Relaxed);
-    c.wire_bytes.fetch_add(u64::from(done), Relaxed);
+    d.counters().wire_bytes.fetch_add(u64::from(done), Relaxed);
     if done < op.len {
         f.pending.push_front(Op {
             // SAFETY: done < len, so the address stays inside the same run.
@@ -646,7 +665,16 @@ fn complete<D: Direction>(
     f.open[i].2 -= 1;
     if f.open[i].2 == 0 {
         f.open.swap_remove(i);
-        d.region_done(op.block, op.region)?;
+        close_region(d, op.block, op.region)?;
     }
+    Ok(())
+}
+
+/// Every transfer of a region has landed: check it (restoring) and count it.
+fn close_region<D: Direction>(d: &D, block: usize, region: u64) -> Result<(), MultifdError> {
+    d.region_done(block, region)?;
+    let b = &d.memory().blocks()[block];
+    let len = region_len(b, d.layout().region_size, region);
+    d.counters().ram_bytes.fetch_add(len, Relaxed);
     Ok(())
 }

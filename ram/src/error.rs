@@ -60,13 +60,14 @@ pub enum RamError {
         block: String,
         what: String,
     },
-    #[error("{path}: block '{block}': {what} at offset {offset:#x} ({len} bytes) lies outside the file's data area (header ends at its start, file is {file_len} bytes)")]
+    #[error("{path}: block '{block}': {what} at offset {offset:#x} ({len} bytes) lies outside the file (data may lie from {floor:#x}, after the block table, to {file_len:#x})")]
     OutsideFile {
         path: PathBuf,
         block: String,
         what: &'static str,
         offset: u64,
         len: u64,
+        floor: u64,
         file_len: u64,
     },
     #[error("{path}: block '{block}': the {what} at offset {offset:#x} does not match its checksum: corrupted")]

@@ -644,6 +644,7 @@ fn check_range(
             what,
             offset,
             len,
+            floor,
             file_len,
         });
     }

@@ -60,6 +60,7 @@ fn restore(a: RestoreArgs) -> anyhow::Result<bool> {
         channels: a.channels,
         direct_io: a.direct_io,
         queue_depth: a.queue_depth,
+        ..Default::default()
     };
     let progress = Arc::new(Progress::default());
     let view = ProgressView::start_for(progress.clone(), !a.json, "file");

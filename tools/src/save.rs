@@ -9,6 +9,7 @@ use clap::Args;
 use ferry::{save_to_file, FileOptions, ImageGuest, Progress, SaveOptions};
 
 use crate::output::{print_file_summary, ProgressView};
+use crate::units::parse_size;
 
 /// Save a guest whose RAM is a file's bytes to a saved-guest file.
 ///
@@ -36,6 +37,11 @@ pub struct SaveArgs {
     /// Writes in flight per thread.
     #[arg(long, default_value_t = 64)]
     queue_depth: usize,
+    /// Shortest run of zero pages left as a hole (e.g. 4K, 1M). Shorter
+    /// zero runs between data are written as zeros to keep writes large; no
+    /// zero page is ever marked present. 4K: every zero page is a hole.
+    #[arg(long, default_value = "4K", value_parser = parse_size)]
+    hole_min: u64,
     /// Do not fsync the file at the end (the save is then not durable when reported).
     #[arg(long)]
     no_sync: bool,
@@ -75,6 +81,7 @@ fn save(a: SaveArgs) -> anyhow::Result<bool> {
             channels: a.channels,
             direct_io: a.direct_io,
             queue_depth: a.queue_depth,
+            hole_min: a.hole_min,
         },
         sync: !a.no_sync,
     };
