@@ -3,8 +3,9 @@
 //! Owns the RAM blocks (memory mapped with `memmap2`, anonymous or backed by a
 //! file), the page bitmaps that say which pages to move, fast zero-page
 //! detection, the digest that proves both sides hold the same bytes, and the
-//! deterministic datasets `ferry gen` writes, and the layout of a saved
-//! guest's file ([`mapped`]). It knows nothing of sockets.
+//! deterministic datasets `ferry gen` writes, the layout of a saved guest's
+//! file ([`mapped`]) and userfaultfd helpers ([`uffd`]). It knows nothing of
+//! sockets.
 
 mod bitmap;
 mod block;
@@ -13,6 +14,7 @@ mod error;
 pub mod mapped;
 mod memory;
 pub mod pattern;
+pub mod uffd;
 mod zero;
 
 pub use bitmap::{set_bits, PageBitmap};

@@ -1,0 +1,264 @@
+//! userfaultfd helpers (missing mode): register guest memory so its first
+//! touches come to us as messages, and fill pages in atomically.
+//!
+//! Owns the few kernel structures and ioctls ferry uses (from
+//! `linux/userfaultfd.h`; the libc crate does not carry them): the API
+//! handshake, REGISTER (missing mode), COPY, ZEROPAGE, WAKE and reading
+//! page-fault messages. Closing the descriptor unregisters everything and
+//! lets any thread still waiting on a fault continue with a zero page.
+
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+
+const UFFD_API: u64 = 0xAA;
+const UFFD_USER_MODE_ONLY: libc::c_int = 1;
+const UFFD_EVENT_PAGEFAULT: u8 = 0x12;
+const UFFDIO_REGISTER_MODE_MISSING: u64 = 1;
+
+/// `_IOWR(0xAA, nr, size)`.
+const fn iowr(nr: u64, size: usize) -> u64 {
+    (3 << 30) | ((size as u64) << 16) | (0xAA << 8) | nr
+}
+const UFFDIO_API: u64 = iowr(0x3F, std::mem::size_of::<UffdioApi>());
+const UFFDIO_REGISTER: u64 = iowr(0x00, std::mem::size_of::<UffdioRegister>());
+const UFFDIO_WAKE: u64 = (2 << 30) | (16 << 16) | (0xAA << 8) | 0x02; // _IOR, uffdio_range
+const UFFDIO_COPY: u64 = iowr(0x03, std::mem::size_of::<UffdioCopy>());
+const UFFDIO_ZEROPAGE: u64 = iowr(0x04, std::mem::size_of::<UffdioZeropage>());
+
+#[repr(C)]
+struct UffdioApi {
+    api: u64,
+    features: u64,
+    ioctls: u64,
+}
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct UffdioRange {
+    start: u64,
+    len: u64,
+}
+#[repr(C)]
+struct UffdioRegister {
+    range: UffdioRange,
+    mode: u64,
+    ioctls: u64,
+}
+#[repr(C)]
+struct UffdioCopy {
+    dst: u64,
+    src: u64,
+    len: u64,
+    mode: u64,
+    copy: i64,
+}
+#[repr(C)]
+struct UffdioZeropage {
+    range: UffdioRange,
+    mode: u64,
+    zeropage: i64,
+}
+/// `struct uffd_msg`: 32 bytes; for a page fault, the address is at 16.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct UffdMsg {
+    event: u8,
+    _reserved: [u8; 7],
+    flags: u64,
+    address: u64,
+    _feat: u64,
+}
+
+/// A userfaultfd in missing mode, non-blocking.
+pub struct Userfault {
+    fd: OwnedFd,
+}
+
+impl Userfault {
+    /// Opens a userfaultfd. Without the privilege for kernel-mode faults
+    /// (`vm.unprivileged_userfaultfd` = 0), falls back to user-mode-only.
+    pub fn open() -> io::Result<Self> {
+        let flags = libc::O_CLOEXEC | libc::O_NONBLOCK;
+        // SAFETY: userfaultfd takes only flags and returns a new descriptor or -1.
+        let mut fd = unsafe { libc::syscall(libc::SYS_userfaultfd, flags) };
+        if fd < 0 {
+            // SAFETY: as above.
+            fd = unsafe { libc::syscall(libc::SYS_userfaultfd, flags | UFFD_USER_MODE_ONLY) };
+        }
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: fd is a descriptor we just created and nothing else owns.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd as libc::c_int) };
+        let mut api = UffdioApi {
+            api: UFFD_API,
+            features: 0,
+            ioctls: 0,
+        };
+        // SAFETY: UFFDIO_API reads and writes one uffdio_api, which `api` is.
+        if unsafe { libc::ioctl(fd.as_raw_fd(), UFFDIO_API as _, &mut api) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(Self { fd })
+    }
+
+    /// Registers `[start, start + len)` (page aligned, mapped anonymous
+    /// memory) for missing-page faults.
+    pub fn register(&self, start: *mut u8, len: u64) -> io::Result<()> {
+        let mut reg = UffdioRegister {
+            range: UffdioRange {
+                start: start as u64,
+                len,
+            },
+            mode: UFFDIO_REGISTER_MODE_MISSING,
+            ioctls: 0,
+        };
+        // SAFETY: UFFDIO_REGISTER reads and writes one uffdio_register; the
+        // kernel checks the range is mapped and refuses it otherwise.
+        if unsafe { libc::ioctl(self.fd.as_raw_fd(), UFFDIO_REGISTER as _, &mut reg) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    /// Fills the missing pages `[dst, dst + len)` atomically with `src`, and
+    /// wakes threads waiting on them.
+    ///
+    /// # Safety
+    /// `dst..dst + len` must lie in a registered range; `src` must be
+    /// readable for `len` bytes.
+    pub unsafe fn copy(&self, dst: *mut u8, src: *const u8, len: u64) -> io::Result<()> {
+        let mut c = UffdioCopy {
+            dst: dst as u64,
+            src: src as u64,
+            len,
+            mode: 0,
+            copy: 0,
+        };
+        // SAFETY: UFFDIO_COPY reads and writes one uffdio_copy; the caller
+        // vouches for both ranges.
+        if unsafe { libc::ioctl(self.fd.as_raw_fd(), UFFDIO_COPY as _, &mut c) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    /// Maps zero pages over the missing pages `[dst, dst + len)` and wakes waiters.
+    pub fn zero(&self, dst: *mut u8, len: u64) -> io::Result<()> {
+        let mut z = UffdioZeropage {
+            range: UffdioRange {
+                start: dst as u64,
+                len,
+            },
+            mode: 0,
+            zeropage: 0,
+        };
+        // SAFETY: UFFDIO_ZEROPAGE reads and writes one uffdio_zeropage; the
+        // kernel refuses ranges that are not registered with this descriptor.
+        if unsafe { libc::ioctl(self.fd.as_raw_fd(), UFFDIO_ZEROPAGE as _, &mut z) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    /// Wakes threads waiting on faults in `[start, start + len)` (pages
+    /// already filled by someone else).
+    pub fn wake(&self, start: *mut u8, len: u64) -> io::Result<()> {
+        let mut r = UffdioRange {
+            start: start as u64,
+            len,
+        };
+        // SAFETY: UFFDIO_WAKE reads one uffdio_range.
+        if unsafe { libc::ioctl(self.fd.as_raw_fd(), UFFDIO_WAKE as _, &mut r) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    /// Waits up to `timeout_ms` for page faults and returns their addresses
+    /// (other events are ignored).
+    pub fn faults(&self, timeout_ms: i32, out: &mut Vec<u64>) -> io::Result<()> {
+        out.clear();
+        let mut p = libc::pollfd {
+            fd: self.fd.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd.
+        if unsafe { libc::poll(&mut p, 1, timeout_ms) } < 0 {
+            let e = io::Error::last_os_error();
+            return if e.kind() == io::ErrorKind::Interrupted {
+                Ok(())
+            } else {
+                Err(e)
+            };
+        }
+        let mut msgs = [UffdMsg {
+            event: 0,
+            _reserved: [0; 7],
+            flags: 0,
+            address: 0,
+            _feat: 0,
+        }; 32];
+        // SAFETY: reads at most size_of_val(msgs) bytes into our array of
+        // plain-data messages.
+        let n = unsafe {
+            libc::read(
+                self.fd.as_raw_fd(),
+                msgs.as_mut_ptr().cast(),
+                std::mem::size_of_val(&msgs),
+            )
+        };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            return if e.kind() == io::ErrorKind::WouldBlock {
+                Ok(())
+            } else {
+                Err(e)
+            };
+        }
+        let count = n as usize / std::mem::size_of::<UffdMsg>();
+        out.extend(
+            msgs[..count]
+                .iter()
+                .filter(|m| m.event == UFFD_EVENT_PAGEFAULT)
+                .map(|m| m.address),
+        );
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layouts_match_the_kernel() {
+        assert_eq!(std::mem::size_of::<UffdMsg>(), 32);
+        assert_eq!(UFFDIO_API, 0xC018_AA3F);
+        assert_eq!(UFFDIO_REGISTER, 0xC020_AA00);
+        assert_eq!(UFFDIO_COPY, 0xC028_AA03);
+        assert_eq!(UFFDIO_ZEROPAGE, 0xC020_AA04);
+        assert_eq!(UFFDIO_WAKE, 0x8010_AA02);
+    }
+
+    #[test]
+    fn a_first_touch_is_served_by_the_handler() {
+        let uffd = Userfault::open().expect("userfaultfd (Linux >= 5.11 for user-mode-only)");
+        let block = crate::RamBlock::anonymous("t", 4 * 4096, 4096).unwrap();
+        uffd.register(block.host_addr(), block.len()).unwrap();
+        let addr = block.host_addr() as usize;
+        let toucher = std::thread::spawn(move || {
+            // SAFETY: page 2 of the block, which outlives this thread (joined below).
+            unsafe { std::ptr::read_volatile((addr + 2 * 4096 + 10) as *const u8) }
+        });
+        let mut faults = Vec::new();
+        while faults.is_empty() {
+            uffd.faults(1000, &mut faults).unwrap();
+        }
+        assert_eq!(faults[0] & !4095, addr as u64 + 2 * 4096);
+        let src = vec![7u8; 4096];
+        // SAFETY: page 2 is registered and missing; src is 4096 readable bytes.
+        unsafe { uffd.copy((addr + 2 * 4096) as *mut u8, src.as_ptr(), 4096) }.unwrap();
+        assert_eq!(toucher.join().unwrap(), 7);
+    }
+}
