@@ -25,8 +25,8 @@ pub use guest::{Guest, GuestError, ImageGuest};
 pub use incoming::{migrate_in, DestinationMemory, IncomingOptions, IncomingOutcome};
 pub use outgoing::{migrate_out, OutgoingOptions};
 pub use snapshot::{
-    restore_from_file, save_to_file, FileFailed, FileSummary, RestoreTarget, Restored, SaveOptions,
-    SnapshotError,
+    restore_from_file, restore_lazy, save_to_file, FileFailed, FileSummary, LazyReport,
+    LazyRestored, LazyRestoring, RestoreTarget, Restored, SaveOptions, SnapshotError,
 };
 pub use summary::{Progress, Role, Summary};
 

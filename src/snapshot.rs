@@ -16,6 +16,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use ferry_multifd::file::{read_pages, write_pages, DataFile, FileOptions};
+use ferry_multifd::lazy::LazyRestore;
 use ferry_multifd::{Counters, MultifdError};
 use ferry_ram::mapped::{write_metadata, FileLayout};
 use ferry_ram::{Digest, GuestMemory, RamError};
@@ -73,6 +74,9 @@ pub struct FileSummary {
     pub device_state_bytes: u64,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub device_state_digest: Option<String>,
+    /// For a lazy restore: how the memory became whole.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lazy: Option<LazyReport>,
     pub started_at_unix: f64,
     pub finished_at_unix: f64,
 }
@@ -111,6 +115,22 @@ impl FileSummary {
     pub fn completed(&self) -> bool {
         self.status == "completed"
     }
+}
+
+/// How a lazy restore went.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct LazyReport {
+    /// From the start of the restore until the guest's memory could be used.
+    pub ready_ms: f64,
+    /// From the start of the restore until the guest's first write finished
+    /// (filled in by whoever runs the guest).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub first_write_ms: Option<f64>,
+    /// Regions loaded because the guest touched them first, and by the prefetch.
+    pub fault_regions: u64,
+    pub prefetched_regions: u64,
+    /// The longest a fault waited for its region.
+    pub max_fault_ms: f64,
 }
 
 /// A failed save or restore: the error and what had been done by then.
@@ -342,4 +362,146 @@ fn ram_file_paths(specs: &[ferry_ram::BlockSpec], path: &Path) -> Vec<PathBuf> {
         return vec![path.to_path_buf()];
     }
     specs.iter().map(|s| path.with_extension(&s.name)).collect()
+}
+
+/// A lazy restore under way: the guest's memory is usable now; pages it
+/// touches first are loaded on demand while the rest is prefetched.
+pub struct LazyRestoring {
+    lazy: LazyRestore,
+    device_state: Vec<u8>,
+    summary: FileSummary,
+    started: Instant,
+    counters: Arc<Counters>,
+}
+
+/// A finished lazy restore.
+pub struct LazyRestored {
+    pub memory: Arc<GuestMemory>,
+    pub device_state: Vec<u8>,
+    pub summary: FileSummary,
+}
+
+/// Starts a lazy restore of `path`: checks the header, tables and device
+/// state, maps the guest's memory with every page missing and returns as
+/// soon as it can be touched. `opts.channels` prefetch threads fill it.
+pub fn restore_lazy(
+    path: &Path,
+    opts: &FileOptions,
+    progress: &Progress,
+) -> Result<LazyRestoring, FileFailed> {
+    let started = Instant::now();
+    let counters = Arc::new(Counters::default());
+    progress.attach(counters.clone());
+    let mut summary = FileSummary::new(path, opts);
+    let begun = (|| {
+        let file = File::open(path).map_err(|source| SnapshotError::Io {
+            path: path.into(),
+            what: "opening the saved guest",
+            source,
+        })?;
+        let layout = FileLayout::read(&file, path)?;
+        progress
+            .total_ram_bytes
+            .store(layout.total_ram(), Ordering::Relaxed);
+        let mut bitmaps = Vec::new();
+        let mut checksums = Vec::new();
+        for i in 0..layout.blocks.len() {
+            bitmaps.push(layout.read_bitmap(&file, path, i)?);
+            checksums.push(layout.read_checksums(&file, path, i)?);
+        }
+        let device_state = layout.read_device_state(&file, path)?;
+        summary.file_len = layout.file_len;
+        summary.file_disk_bytes = file.metadata().map_or(0, |m| m.blocks() * 512);
+        let data = DataFile::open(path, false, opts.direct_io)?;
+        summary.direct_io = data.direct;
+        summary.note = data.note.clone();
+        progress.set_phase("lazy");
+        let lazy = LazyRestore::start(
+            layout,
+            bitmaps,
+            checksums,
+            data,
+            path,
+            opts.channels,
+            counters.clone(),
+        )?;
+        Ok::<_, SnapshotError>((lazy, device_state))
+    })();
+    match begun {
+        Ok((lazy, device_state)) => {
+            summary.lazy = Some(LazyReport {
+                ready_ms: started.elapsed().as_secs_f64() * 1e3,
+                ..Default::default()
+            });
+            Ok(LazyRestoring {
+                lazy,
+                device_state,
+                summary,
+                started,
+                counters,
+            })
+        }
+        Err(error) => {
+            summary.finish(started, &counters, Some(error.to_string()));
+            Err(FileFailed {
+                error,
+                summary: Box::new(summary),
+            })
+        }
+    }
+}
+
+impl LazyRestoring {
+    /// The guest's memory; usable at once.
+    pub fn memory(&self) -> &Arc<GuestMemory> {
+        self.lazy.memory()
+    }
+    pub fn device_state(&self) -> &[u8] {
+        &self.device_state
+    }
+    /// When the restore started (for measuring the guest's first write).
+    pub fn started(&self) -> Instant {
+        self.started
+    }
+    /// Regions in place so far, and in all.
+    pub fn progress(&self) -> (u64, u64) {
+        self.lazy.progress()
+    }
+
+    /// Waits until every page is in place and checked. `first_write_ms` is
+    /// what the guest measured, if it wrote.
+    pub fn finish(self, first_write_ms: Option<f64>) -> Result<LazyRestored, FileFailed> {
+        let Self {
+            lazy,
+            device_state,
+            mut summary,
+            started,
+            counters,
+        } = self;
+        let memory = lazy.memory().clone();
+        let result = lazy.finish();
+        let error = result.as_ref().err().map(ToString::to_string);
+        if let (Some(report), Ok(stats)) = (summary.lazy.as_mut(), &result) {
+            report.first_write_ms = first_write_ms;
+            report.fault_regions = stats.fault_regions;
+            report.prefetched_regions = stats.prefetched_regions;
+            report.max_fault_ms = stats.max_fault_us as f64 / 1e3;
+        }
+        summary.finish(started, &counters, error);
+        match result {
+            Ok(_) => {
+                summary.device_state_bytes = device_state.len() as u64;
+                summary.device_state_digest = Some(Digest::of_bytes(&device_state).to_string());
+                Ok(LazyRestored {
+                    memory,
+                    device_state,
+                    summary,
+                })
+            }
+            Err(e) => Err(FileFailed {
+                error: e.into(),
+                summary: Box::new(summary),
+            }),
+        }
+    }
 }

@@ -142,3 +142,80 @@ fn damage_is_a_typed_error_and_no_memory_comes_back() {
         SnapshotError::Ram(RamError::Truncated { .. })
     ));
 }
+
+#[test]
+fn lazy_restore_serves_touches_and_ends_byte_identical() {
+    let dir = disk_dir();
+    let mem = guest_memory();
+    let guest = image_guest(mem.clone());
+    let path = dir.path().join("g.ferry");
+    save_to_file(&guest, &path, &SaveOptions::default(), &Progress::default()).unwrap();
+    for channels in [1, 3] {
+        let restoring =
+            ferry::restore_lazy(&path, &options(channels, false, 0), &Progress::default()).unwrap();
+        let m = restoring.memory().clone();
+        // Touch the last page of every block, and pages all over, while the
+        // prefetch runs: each read must see the saved bytes.
+        let original = mem.clone();
+        let toucher = std::thread::spawn(move || {
+            for (a, b) in original.blocks().iter().zip(m.blocks()).rev() {
+                for page in [b.pages() - 1, b.pages() / 2, 0] {
+                    assert!(
+                        b.page(page) == a.page(page),
+                        "block '{}' page {page}",
+                        a.name()
+                    );
+                }
+            }
+        });
+        toucher.join().unwrap();
+        let r = restoring.finish(None).unwrap();
+        for (a, b) in mem.blocks().iter().zip(r.memory.blocks()) {
+            assert!(a.bytes() == b.bytes(), "block '{}' differs", a.name());
+        }
+        let lazy = r.summary.lazy.unwrap();
+        // One region size for the file: 2 MiB, the largest page size here.
+        let regions: u64 = mem.blocks().iter().map(|b| b.len().div_ceil(2 * MIB)).sum();
+        assert_eq!(lazy.fault_regions + lazy.prefetched_regions, regions);
+        assert_eq!(r.summary.ram_bytes, mem.total_bytes());
+    }
+}
+
+#[test]
+fn lazy_restore_of_a_damaged_file_fails_without_hanging_the_guest() {
+    let dir = disk_dir();
+    let guest = image_guest(guest_memory());
+    let path = dir.path().join("g.ferry");
+    save_to_file(&guest, &path, &SaveOptions::default(), &Progress::default()).unwrap();
+    let layout = ferry_ram::mapped::FileLayout::read(&File::open(&path).unwrap(), &path).unwrap();
+    // A byte in the last MiB of the "ram" block, which the toucher reads first.
+    let at = layout.blocks[0].pages_offset + 20 * MIB - 4096 + 1;
+    let f = File::options().read(true).write(true).open(&path).unwrap();
+    let mut b = [0u8];
+    f.read_exact_at(&mut b, at).unwrap();
+    f.write_all_at(&[!b[0]], at).unwrap();
+    let err = common::within(30, move || {
+        let restoring =
+            ferry::restore_lazy(&path, &options(2, false, 0), &Progress::default()).unwrap();
+        let m = restoring.memory().clone();
+        let toucher = std::thread::spawn(move || {
+            let ram = &m.blocks()[0];
+            std::hint::black_box(ram.page(ram.pages() - 1)[1]);
+        });
+        toucher.join().unwrap();
+        restoring
+            .finish(None)
+            .err()
+            .expect("damage must fail a lazy restore")
+    });
+    assert!(err.summary.digest.is_none());
+    match err.error {
+        SnapshotError::Multifd(MultifdError::FileChecksum { block, offset, .. }) => {
+            assert_eq!(block, "ram");
+            // Regions are 2 MiB in this file (the "huge" block's page size).
+            assert_eq!(layout.region_size as u64, 2 * MIB);
+            assert_eq!(offset, 18 * MIB);
+        }
+        other => panic!("wrong error: {other}"),
+    }
+}

@@ -9,10 +9,12 @@
 //! has landed.
 //!
 //! [`file`] is file mode: the same K threads with their own rings write a
-//! guest's pages at fixed offsets of a saved-guest file, or read them back.
+//! guest's pages at fixed offsets of a saved-guest file, or read them back;
+//! [`lazy`] restores such a file on demand with userfaultfd.
 
 mod error;
 pub mod file;
+pub mod lazy;
 pub mod packet;
 mod receiver;
 mod sender;

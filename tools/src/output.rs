@@ -132,6 +132,17 @@ pub fn print_file_summary(tool: &str, s: &FileSummary, json: bool) {
         eprintln!("  note: {n}");
     }
     eprintln!("  device state: {} bytes", s.device_state_bytes);
+    if let Some(l) = &s.lazy {
+        eprintln!(
+            "  lazy: memory usable after {:.2} ms, first write done after {}; {} region(s) loaded on fault (longest {:.2} ms), {} prefetched",
+            l.ready_ms,
+            l.first_write_ms
+                .map_or("-".into(), |ms| format!("{ms:.2} ms")),
+            l.fault_regions,
+            l.max_fault_ms,
+            l.prefetched_regions
+        );
+    }
     if let Some(d) = &s.digest {
         eprintln!("  digest of guest RAM: {d}");
     }

@@ -6,7 +6,12 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use clap::Args;
-use ferry::{restore_from_file, FileOptions, Progress, RestoreTarget};
+use std::time::Instant;
+
+use ferry::{
+    restore_from_file, restore_lazy, FileFailed, FileOptions, GuestMemory, LazyRestored, Progress,
+    RestoreTarget,
+};
 
 use crate::output::{print_file_summary, ProgressView};
 use crate::save::file_uri;
@@ -40,6 +45,16 @@ pub struct RestoreArgs {
     /// Reads in flight per thread.
     #[arg(long, default_value_t = 64)]
     queue_depth: usize,
+    /// Start at once and load pages on first touch (userfaultfd) while the
+    /// rest is prefetched by --channels threads. The image guest does not
+    /// run, so a built-in toucher plays the guest: it writes to --touch
+    /// pages spread over memory (last page first, rewriting what it reads)
+    /// and reports when its first write finished.
+    #[arg(long, conflicts_with = "ram_out")]
+    lazy: bool,
+    /// With --lazy: pages the toucher writes while the prefetch runs.
+    #[arg(long, default_value_t = 256, requires = "lazy")]
+    touch: u64,
     /// Print one JSON object with the result instead of text and a progress bar.
     #[arg(long)]
     json: bool,
@@ -64,6 +79,11 @@ fn restore(a: RestoreArgs) -> anyhow::Result<bool> {
     };
     let progress = Arc::new(Progress::default());
     let view = ProgressView::start_for(progress.clone(), !a.json, "file");
+    if a.lazy {
+        let result = lazy(&path, &opts, &progress, a.touch);
+        drop(view);
+        return report_lazy(result, &a);
+    }
     let result = restore_from_file(&path, &target, &opts, &progress);
     drop(view);
     match result {
@@ -81,4 +101,78 @@ fn restore(a: RestoreArgs) -> anyhow::Result<bool> {
             Ok(false)
         }
     }
+}
+
+/// A lazy restore with the toucher as its guest.
+fn lazy(
+    path: &std::path::Path,
+    opts: &FileOptions,
+    progress: &Progress,
+    touch: u64,
+) -> Result<LazyRestored, FileFailed> {
+    let restoring = restore_lazy(path, opts, progress)?;
+    let memory = restoring.memory().clone();
+    let started = restoring.started();
+    let toucher = std::thread::spawn(move || touch_pages(&memory, started, touch));
+    let first_write_ms = toucher.join().ok().flatten();
+    restoring.finish(first_write_ms)
+}
+
+fn report_lazy(result: Result<LazyRestored, FileFailed>, a: &RestoreArgs) -> anyhow::Result<bool> {
+    match result {
+        Ok(mut r) => {
+            r.summary.digest = Some(r.memory.digest().to_string());
+            if let Some(p) = &a.device_state_out {
+                std::fs::write(p, &r.device_state)
+                    .with_context(|| format!("writing {}", p.display()))?;
+            }
+            print_file_summary("restore", &r.summary, a.json);
+            Ok(true)
+        }
+        Err(f) => {
+            print_file_summary("restore", &f.summary, a.json);
+            Ok(false)
+        }
+    }
+}
+
+/// Plays a guest on lazily restored memory: rewrites one byte of each of
+/// `pages` pages with the value it reads (the memory's contents do not
+/// change), the last page of the last block first, then pages spread over
+/// all of memory. Returns the milliseconds from `started` until the first
+/// write finished.
+fn touch_pages(memory: &GuestMemory, started: Instant, pages: u64) -> Option<f64> {
+    let total = memory.total_pages();
+    let mut first = None;
+    for k in 0..pages.min(total) {
+        let n = if k == 0 {
+            total - 1
+        } else {
+            k.wrapping_mul(0x9E37_79B9_7F4A_7C15) % total
+        };
+        let addr = page_addr(memory, n)?;
+        // SAFETY: addr is the start of a page inside one of the guest's
+        // blocks, which `memory` keeps mapped; the read faults the page in
+        // (userfaultfd) before the write, and writing back the byte just
+        // read leaves the contents unchanged.
+        unsafe {
+            let v = std::ptr::read_volatile(addr);
+            std::ptr::write_volatile(addr, v);
+        }
+        if first.is_none() {
+            first = Some(started.elapsed().as_secs_f64() * 1e3);
+        }
+    }
+    first
+}
+
+/// The address of page `n` counted over all blocks in order.
+fn page_addr(memory: &GuestMemory, mut n: u64) -> Option<*mut u8> {
+    for b in memory.blocks() {
+        if n < b.pages() {
+            return b.page_addr(n);
+        }
+        n -= b.pages();
+    }
+    None
 }

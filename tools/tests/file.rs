@@ -532,3 +532,31 @@ fn save_refuses_a_bad_target_and_leaves_nothing() {
     assert_eq!(json(&d)["status"], "failed");
     assert!(!target.exists());
 }
+
+#[test]
+fn lazy_restore_reports_its_first_write_and_the_saved_digest() {
+    let dir = disk_dir();
+    let (_ram, sav) = saved(dir.path(), 32, &[]);
+    let to = format!("file:{}", s(&sav));
+    let saved = json(&ferry(dir.path(), &["inspect", s(&sav), "--json"]));
+    assert_eq!(saved["status"], "completed");
+    let verify = json(&ferry(dir.path(), &["verify", s(&sav), "--json"]));
+    for extra in [&[][..], &["--direct-io", "--channels", "1"][..]] {
+        let mut args = vec![
+            "restore", "--from", &to, "--lazy", "--touch", "64", "--json",
+        ];
+        args.extend_from_slice(extra);
+        let d = ferry(dir.path(), &args);
+        assert!(d.ok, "{}\n{}", d.stdout, d.stderr);
+        let v = json(&d);
+        assert_eq!(v["status"], "completed");
+        assert_eq!(v["digest"], verify["digest"]);
+        assert!(v["lazy"]["first_write_ms"].as_f64().unwrap() > 0.0, "{v}");
+        assert_eq!(v["ram_bytes"], 32 * MIB);
+    }
+    let d = ferry(
+        dir.path(),
+        &["restore", "--from", &to, "--lazy", "--ram-out", "/tmp/x"],
+    );
+    assert!(!d.ok);
+}
