@@ -5,8 +5,10 @@
 //! before reading pages into fresh memory — and reports a [`FileSummary`].
 //!
 //! A save is durable when it reports success (the file is synced unless the
-//! caller asks otherwise). A failed save removes its file; a failed restore
-//! removes the RAM file it created and hands back no memory.
+//! caller asks otherwise). It writes beside the target and renames the
+//! finished file into place, so a failed save leaves no file of its own and
+//! any older file at the target intact; a failed restore removes the RAM
+//! file it created and hands back no memory.
 
 use std::fs::File;
 use std::os::unix::fs::MetadataExt;
@@ -172,9 +174,11 @@ pub fn save_to_file(
         .total_ram_bytes
         .store(guest.memory().total_bytes(), Ordering::Relaxed);
     let mut summary = FileSummary::new(path, &opts.file);
-    let result = save(guest, path, opts, &counters, progress, &mut summary);
+    let partial = partial_path(path);
+    let result = save(guest, &partial, opts, &counters, progress, &mut summary)
+        .and_then(|()| replace(&partial, path, opts.sync));
     if result.is_err() {
-        let _ = std::fs::remove_file(path);
+        let _ = std::fs::remove_file(&partial);
         if let Err(e) = guest.resume() {
             tracing::error!("resuming the guest after a failed save: {e}");
         }
@@ -192,6 +196,38 @@ pub fn save_to_file(
             summary: Box::new(summary),
         }),
     }
+}
+
+/// Where a save writes before it is complete: beside the target, so the
+/// final rename is atomic and a failed save leaves any older file intact.
+fn partial_path(path: &Path) -> PathBuf {
+    let name = path
+        .file_name()
+        .map_or_else(|| "guest".into(), |n| n.to_string_lossy().into_owned());
+    path.with_file_name(format!(".{name}.partial-{}", std::process::id()))
+}
+
+/// Puts the finished file at `path` (replacing what was there) and, with
+/// `sync`, makes the rename durable too.
+fn replace(partial: &Path, path: &Path, sync: bool) -> Result<(), SnapshotError> {
+    let io = |what| {
+        move |source| SnapshotError::Io {
+            path: path.into(),
+            what,
+            source,
+        }
+    };
+    std::fs::rename(partial, path).map_err(io("renaming the finished file into place"))?;
+    if sync {
+        let dir = match path.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d,
+            _ => Path::new("."),
+        };
+        File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(io("syncing the directory"))?;
+    }
+    Ok(())
 }
 
 fn save(

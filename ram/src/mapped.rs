@@ -48,12 +48,21 @@
 //! | 304    | 8    | checksums_checksum | xxh3-64 of the checksum table                           |
 //! | 312    | 8    | pages_present      | set bits in the bitmap                                  |
 //!
-//! Only pages whose bit is set are written; every other page (a zero page)
-//! is a hole in a sparse file and restores as zeros. Region r of a block
-//! covers its memory bytes `[r × region_size, (r + 1) × region_size)` (the
-//! last may be short) *as restored*, zero pages included, so a flipped byte
-//! in a present page is found, and so is a wrong bitmap bit. The file's size
-//! depends only on the layout, never on how many passes rewrote pages.
+//! A page's bit is set exactly when the page is not all zeros. A page whose
+//! bit is clear restores as zeros and its place in the file must read as
+//! zeros: a hole (the default: zero pages are never written, the file is
+//! sparse), or zeros a writer chose to write so that its writes stay large
+//! (`ferry save --hole-min`). Readers may therefore read across such pages.
+//! Region r of a block covers its memory bytes
+//! `[r × region_size, (r + 1) × region_size)` (the last may be short) *as
+//! restored*, zero pages included, so a flipped byte anywhere in the pages
+//! area is found, and so is a wrong bitmap bit.
+//!
+//! The file's size depends only on the layout, never on how many passes
+//! rewrote pages: a later pass rewrites a page in its place (zeros, or a
+//! punched hole, for a page that became zero), updates its bit, and
+//! recomputes the checksum of every region it touched; the header is
+//! written last, marked complete, only when the final pass is in.
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;

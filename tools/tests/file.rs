@@ -560,3 +560,28 @@ fn lazy_restore_reports_its_first_write_and_the_saved_digest() {
     );
     assert!(!d.ok);
 }
+
+#[test]
+fn saving_over_a_file_replaces_it_and_leaves_no_partial_file() {
+    let dir = disk_dir();
+    let (ram, sav) = saved(dir.path(), 2, &[]);
+    fs::write(&ram, vec![0x11; 3 << 20]).unwrap();
+    let to = format!("file:{}", s(&sav));
+    let d = ferry(
+        dir.path(),
+        &["save", "--ram", s(&ram), "--to", &to, "--json"],
+    );
+    assert!(d.ok, "{}", d.stderr);
+    let v = json(&d);
+    assert_eq!(v["ram_bytes"], 3 * MIB);
+    assert_eq!(
+        json(&ferry(dir.path(), &["verify", s(&sav), "--json"]))["digest"],
+        v["digest"]
+    );
+    let partial: Vec<_> = fs::read_dir(dir.path())
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().contains("partial"))
+        .collect();
+    assert!(partial.is_empty(), "{partial:?}");
+}
