@@ -22,7 +22,7 @@ usage: file-bench.py --dataset /dev/shm/x.ram --dir /work/fftmp [--runs 3]
                      [--channels 2] [--modes dense,sparse] [--json out.json]
 """
 
-import argparse, json, os, re, statistics, subprocess, sys, time
+import argparse, json, mmap, os, re, statistics, subprocess, sys, time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 FERRY = os.path.join(HERE, "..", "target", "release", "ferry")
@@ -31,10 +31,15 @@ MODES = {"dense": ["--hole-min", "1M"], "sparse": ["--hole-min", "4K"]}
 
 
 def warm_memory(nbytes):
-    buf = bytearray(nbytes)
+    """Touches and frees nbytes of anonymous memory in huge pages, as
+    `ferry bench` does (benches/src/sys.rs warm_free_memory): this VM's host
+    backs fresh memory lazily (~1.5 s/GiB), memory freed a moment ago is cheap."""
+    m = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    if hasattr(mmap, "MADV_HUGEPAGE"):
+        m.madvise(mmap.MADV_HUGEPAGE)
     for i in range(0, nbytes, 4096):
-        buf[i] = 1
-    del buf
+        m[i] = 1
+    m.close()
 
 
 def rm(path):
