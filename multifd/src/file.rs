@@ -537,7 +537,10 @@ fn channel_thread<D: Direction>(
             break;
         }
         if let Err(e) = f.ring.submit(1) {
-            // Nothing more can be reaped; the ring's drop waits for the kernel.
+            // io_uring_enter itself failed, so nothing more can be reaped.
+            // Dropping the ring cancels what is in flight; a direct read
+            // still holds its pages pinned, and a buffered one copies into
+            // this process's mappings or fails, so no memory is reused under it.
             return Err(ring_err(d.path(), e));
         }
         while let Some(c) = f.ring.pop() {
