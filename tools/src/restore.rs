@@ -28,8 +28,9 @@ pub struct RestoreArgs {
     /// The saved guest: file:PATH.
     #[arg(long)]
     from: String,
-    /// Keep the restored RAM in this file (created or truncated; sparse where
-    /// pages are zero; removed if the restore fails). Default: anonymous memory.
+    /// Keep the restored RAM in this file (created or truncated; runs of
+    /// zero pages of 256 KiB or more stay holes; removed if the restore
+    /// fails). Default: anonymous memory.
     #[arg(long)]
     ram_out: Option<PathBuf>,
     /// Write the restored device state to this file.
