@@ -681,3 +681,47 @@ fn close_region<D: Direction>(d: &D, block: usize, region: u64) -> Result<(), Mu
     d.counters().ram_bytes.fetch_add(len, Relaxed);
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ferry_ram::BlockSpec;
+
+    fn pages(runs: &[Run]) -> Vec<(u64, u64)> {
+        runs.iter().map(|r| (r.first_page, r.pages)).collect()
+    }
+
+    #[test]
+    fn runs_join_across_gaps_no_longer_than_allowed() {
+        let mut strict = Vec::new();
+        let mut gap1 = Vec::new();
+        for i in [0, 1, 2, 4, 5, 8] {
+            push_page(&mut strict, i, 0);
+            push_page(&mut gap1, i, 1);
+        }
+        assert_eq!(pages(&strict), [(0, 3), (4, 2), (8, 1)]);
+        // A one-page gap (page 3) is covered; a two-page gap (6, 7) is not.
+        assert_eq!(pages(&gap1), [(0, 6), (8, 1)]);
+    }
+
+    #[test]
+    fn every_region_of_every_block_is_claimed_once() {
+        let specs = [
+            BlockSpec {
+                name: "a".into(),
+                len: 3 << 20,
+                page_size: 4096,
+            },
+            BlockSpec {
+                name: "b".into(),
+                len: (1 << 20) + 4096,
+                page_size: 4096,
+            },
+        ];
+        let layout = FileLayout::plan(&specs, 0).unwrap();
+        let r = Regions::new(&layout);
+        let claimed: Vec<_> = std::iter::from_fn(|| r.claim()).collect();
+        assert_eq!(claimed, [(0, 0), (0, 1), (0, 2), (1, 0), (1, 1)]);
+        assert_eq!(r.claim(), None);
+    }
+}
