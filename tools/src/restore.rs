@@ -151,15 +151,8 @@ fn touch_pages(memory: &GuestMemory, started: Instant, pages: u64) -> Option<f64
         } else {
             k.wrapping_mul(0x9E37_79B9_7F4A_7C15) % total
         };
-        let addr = page_addr(memory, n)?;
-        // SAFETY: addr is the start of a page inside one of the guest's
-        // blocks, which `memory` keeps mapped; the read faults the page in
-        // (userfaultfd) before the write, and writing back the byte just
-        // read leaves the contents unchanged.
-        unsafe {
-            let v = std::ptr::read_volatile(addr);
-            std::ptr::write_volatile(addr, v);
-        }
+        let (block, page) = block_page(memory, n)?;
+        block.rewrite_first_byte(page);
         if first.is_none() {
             first = Some(started.elapsed().as_secs_f64() * 1e3);
         }
@@ -167,11 +160,11 @@ fn touch_pages(memory: &GuestMemory, started: Instant, pages: u64) -> Option<f64
     first
 }
 
-/// The address of page `n` counted over all blocks in order.
-fn page_addr(memory: &GuestMemory, mut n: u64) -> Option<*mut u8> {
+/// Page `n` counted over all blocks in order: its block and index there.
+fn block_page(memory: &GuestMemory, mut n: u64) -> Option<(&ferry::RamBlock, u64)> {
     for b in memory.blocks() {
         if n < b.pages() {
-            return b.page_addr(n);
+            return Some((b, n));
         }
         n -= b.pages();
     }
