@@ -14,6 +14,7 @@
 //! - [`protocol`]: the main channel's messages and their wire format.
 //! - [`outgoing`] / [`incoming`]: the two sides of a migration.
 //! - [`summary`]: what a finished (or failed) migration reports.
+//! - [`snapshot`]: saving a guest to a file and restoring it (file mode).
 
 mod activation;
 pub mod control;
@@ -22,6 +23,7 @@ pub mod guest;
 pub mod incoming;
 pub mod outgoing;
 pub mod protocol;
+pub mod snapshot;
 pub mod state;
 pub mod summary;
 pub mod synthetic;
@@ -32,10 +34,15 @@ pub use error::{Failed, MigrationError};
 pub use guest::{default_guest_builder, Guest, GuestBuilder, GuestError, ImageGuest};
 pub use incoming::{migrate_in, DestinationMemory, IncomingOptions, IncomingOutcome};
 pub use outgoing::{migrate_out, OutgoingOptions};
+pub use snapshot::{
+    restore_from_file, restore_lazy, save_to_file, FileFailed, FileSummary, LazyReport,
+    LazyRestored, LazyRestoring, RestoreTarget, Restored, SaveOptions, SnapshotError,
+};
 pub use state::{Event, Parameters, PassFigures, Progress, Status};
 pub use summary::{Role, Summary, Workload};
 pub use synthetic::{DirtyPattern, SyntheticConfig, SyntheticGuest, TrackerKind};
 
+pub use ferry_multifd::file::FileOptions;
 pub use ferry_multifd::{ReceiverOptions, SendPath, SenderOptions};
 pub use ferry_ram::{BlockSpec, Digest, GuestMemory, RamBlock};
 pub use ferry_transport::{AcceptOptions, ChannelUri, Listener, SocketTuning};

@@ -8,8 +8,14 @@
 //! straight into destination pages. Each pass ends with a sync on every
 //! channel, and the receiver applies nothing of pass k+1 before all of pass k
 //! has landed.
+//!
+//! [`file`] is file mode: the same K threads with their own rings write a
+//! guest's pages at fixed offsets of a saved-guest file, or read them back;
+//! [`lazy`] restores such a file on demand with userfaultfd.
 
 mod error;
+pub mod file;
+pub mod lazy;
 mod pacing;
 pub mod packet;
 mod receiver;

@@ -162,6 +162,21 @@ impl RamBlock {
         &self.bytes()[start..start + ps]
     }
 
+    /// Reads the first byte of page `index` and writes it back: a write the
+    /// guest makes that leaves memory as it was (how a test toucher plays a
+    /// guest on lazily restored memory). Only for writable blocks.
+    pub fn rewrite_first_byte(&self, index: u64) {
+        assert!(self.writable, "block '{}' is read-only", self.name);
+        if let Some(p) = self.page_addr(index) {
+            // SAFETY: p is the start of a page inside a writable mapping of
+            // this block; one byte is read and the same value stored back.
+            unsafe {
+                let v = std::ptr::read_volatile(p);
+                std::ptr::write_volatile(p, v);
+            }
+        }
+    }
+
     /// Fills page `index` with zeros. Only for writable blocks.
     pub fn zero_page(&self, index: u64) {
         assert!(self.writable, "block '{}' is read-only", self.name);

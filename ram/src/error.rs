@@ -40,4 +40,59 @@ pub enum RamError {
     },
     #[error("dataset {path}: size {size} is not a positive multiple of 1 MiB")]
     DatasetSize { path: PathBuf, size: u64 },
+    #[error("{path}: truncated: the file is {len} bytes, but {what} needs {need}")]
+    Truncated {
+        path: PathBuf,
+        len: u64,
+        need: u64,
+        what: String,
+    },
+    #[error(
+        "{path}: not a ferry saved guest (magic \"{found}\" at offset 0, expected \"FERRYSAV\")"
+    )]
+    BadMagic { path: PathBuf, found: String },
+    #[error(
+        "{path}: file format version {found} at offset 0x8, this ferry reads version {expected}"
+    )]
+    BadVersion {
+        path: PathBuf,
+        found: u32,
+        expected: u32,
+    },
+    #[error("{path}: the header checksum (offset 0x38) does not match the header and block table: corrupted header")]
+    HeaderChecksum { path: PathBuf },
+    #[error("{path}: block '{block}': {what}")]
+    BadField {
+        path: PathBuf,
+        block: String,
+        what: String,
+    },
+    #[error("{path}: block '{block}': {what} at offset {offset:#x} ({len} bytes) lies outside the file (data may lie from {floor:#x}, after the block table, to {file_len:#x})")]
+    OutsideFile {
+        path: PathBuf,
+        block: String,
+        what: &'static str,
+        offset: u64,
+        len: u64,
+        floor: u64,
+        file_len: u64,
+    },
+    #[error("{path}: block '{block}': the {what} at offset {offset:#x} does not match its checksum: corrupted")]
+    TableChecksum {
+        path: PathBuf,
+        block: String,
+        what: &'static str,
+        offset: u64,
+    },
+    #[error("{path}: {what}")]
+    Corrupt { path: PathBuf, what: String },
+    #[error("{path}: {what} at offset {offset:#x}: {source}")]
+    FileIo {
+        path: PathBuf,
+        what: String,
+        offset: u64,
+        source: std::io::Error,
+    },
+    #[error("cannot lay out a saved guest: {0}")]
+    Layout(String),
 }

@@ -4,16 +4,20 @@
 //! file), the page bitmaps that say which pages to move, the dirty logs of a running
 //! guest (a writer-marked bitmap, and userfaultfd write-protect), fast zero-page
 //! detection, the digest that proves both sides hold the same bytes, and the
-//! deterministic datasets `ferry gen` writes. It knows nothing of sockets.
+//! deterministic datasets `ferry gen` writes, the layout of a saved guest's
+//! file ([`mapped`]) and userfaultfd helpers ([`uffd`]). It knows nothing of
+//! sockets.
 
 mod bitmap;
 mod block;
 mod digest;
 mod dirty;
 mod error;
+pub mod mapped;
 mod memory;
 pub mod pattern;
-mod uffd;
+pub mod uffd;
+mod uffd_wp;
 mod zero;
 
 pub use bitmap::{set_bits, PageBitmap};
@@ -22,5 +26,5 @@ pub use digest::{Digest, DIGEST_CHUNK};
 pub use dirty::{BitmapLog, DirtyLog};
 pub use error::RamError;
 pub use memory::{BlockSpec, GuestMemory};
-pub use uffd::UffdLog;
+pub use uffd_wp::UffdLog;
 pub use zero::is_zero_page;

@@ -1,36 +1,29 @@
-//! The kernel dirty log: userfaultfd write-protect in async mode, read back
-//! and re-armed with the PAGEMAP_SCAN ioctl (Linux 6.7 or newer).
+//! userfaultfd helpers (missing mode): register guest memory so its first
+//! touches come to us as messages, and fill pages in atomically.
 //!
-//! Every block is registered with a userfaultfd in write-protect mode with
-//! `UFFD_FEATURE_WP_ASYNC`: a write to a protected page is resolved by the
-//! kernel itself (no fault message, no handler thread) by lifting the
-//! protection, which PAGEMAP_SCAN reports as `PAGE_IS_WRITTEN`. A sync scans
-//! each block for written pages with `PM_SCAN_WP_MATCHING`, which protects
-//! them again in the same walk, so a write after the scan is caught by the
-//! next one. The writer needs no hooks at all.
-//!
-//! The C headers here predate PAGEMAP_SCAN and libc has no userfaultfd
-//! types, so the structures and numbers below are transcribed from the
-//! kernel's uapi `linux/userfaultfd.h` and `linux/fs.h`.
+//! Owns the few kernel structures and ioctls ferry uses (from
+//! `linux/userfaultfd.h`; the libc crate does not carry them): the API
+//! handshake, REGISTER (missing mode), COPY, ZEROPAGE, WAKE and reading
+//! page-fault messages. Closing the descriptor unregisters everything and
+//! lets any thread still waiting on a fault continue with a zero page.
 
-use std::fs::File;
+use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::sync::Mutex;
 
-use crate::{DirtyLog, GuestMemory, PageBitmap, RamError};
-
-// linux/userfaultfd.h
 const UFFD_API: u64 = 0xAA;
-const UFFD_FEATURE_WP_UNPOPULATED: u64 = 1 << 13;
-const UFFD_FEATURE_WP_ASYNC: u64 = 1 << 15;
-const UFFDIO_REGISTER_MODE_WP: u64 = 1 << 1;
-const UFFDIO_WRITEPROTECT_MODE_WP: u64 = 1 << 0;
-/// _IOWR(0xAA, 0x3F, struct uffdio_api)
-const UFFDIO_API: libc::c_ulong = 0xC018_AA3F;
-/// _IOWR(0xAA, 0x00, struct uffdio_register)
-const UFFDIO_REGISTER: libc::c_ulong = 0xC020_AA00;
-/// _IOWR(0xAA, 0x06, struct uffdio_writeprotect)
-const UFFDIO_WRITEPROTECT: libc::c_ulong = 0xC018_AA06;
+const UFFD_USER_MODE_ONLY: libc::c_int = 1;
+const UFFD_EVENT_PAGEFAULT: u8 = 0x12;
+const UFFDIO_REGISTER_MODE_MISSING: u64 = 1;
+
+/// `_IOWR(0xAA, nr, size)`.
+const fn iowr(nr: u64, size: usize) -> u64 {
+    (3 << 30) | ((size as u64) << 16) | (0xAA << 8) | nr
+}
+const UFFDIO_API: u64 = iowr(0x3F, std::mem::size_of::<UffdioApi>());
+const UFFDIO_REGISTER: u64 = iowr(0x00, std::mem::size_of::<UffdioRegister>());
+const UFFDIO_WAKE: u64 = (2 << 30) | (16 << 16) | (0xAA << 8) | 0x02; // _IOR, uffdio_range
+const UFFDIO_COPY: u64 = iowr(0x03, std::mem::size_of::<UffdioCopy>());
+const UFFDIO_ZEROPAGE: u64 = iowr(0x04, std::mem::size_of::<UffdioZeropage>());
 
 #[repr(C)]
 struct UffdioApi {
@@ -38,334 +31,234 @@ struct UffdioApi {
     features: u64,
     ioctls: u64,
 }
-
 #[repr(C)]
 #[derive(Clone, Copy)]
 struct UffdioRange {
     start: u64,
     len: u64,
 }
-
 #[repr(C)]
 struct UffdioRegister {
     range: UffdioRange,
     mode: u64,
     ioctls: u64,
 }
-
 #[repr(C)]
-struct UffdioWriteprotect {
+struct UffdioCopy {
+    dst: u64,
+    src: u64,
+    len: u64,
+    mode: u64,
+    copy: i64,
+}
+#[repr(C)]
+struct UffdioZeropage {
     range: UffdioRange,
     mode: u64,
+    zeropage: i64,
 }
-
-// linux/fs.h
-const PAGE_IS_WRITTEN: u64 = 1 << 1;
-const PM_SCAN_WP_MATCHING: u64 = 1 << 0;
-const PM_SCAN_CHECK_WPASYNC: u64 = 1 << 1;
-/// _IOWR('f', 16, struct pm_scan_arg)
-const PAGEMAP_SCAN: libc::c_ulong = 0xC060_6610;
-
+/// `struct uffd_msg`: 32 bytes; for a page fault, the address is at 16.
 #[repr(C)]
-#[derive(Default)]
-struct PmScanArg {
-    size: u64,
+#[derive(Clone, Copy)]
+struct UffdMsg {
+    event: u8,
+    _reserved: [u8; 7],
     flags: u64,
-    start: u64,
-    end: u64,
-    walk_end: u64,
-    vec: u64,
-    vec_len: u64,
-    max_pages: u64,
-    category_inverted: u64,
-    category_mask: u64,
-    category_anyof_mask: u64,
-    return_mask: u64,
+    address: u64,
+    _feat: u64,
 }
 
-#[repr(C)]
-#[derive(Clone, Copy, Default)]
-struct PageRegion {
-    start: u64,
-    end: u64,
-    categories: u64,
+/// A userfaultfd in missing mode, non-blocking.
+pub struct Userfault {
+    fd: OwnedFd,
 }
 
-/// Regions one scan call may return before it is called again.
-const REGIONS_PER_SCAN: usize = 4096;
-
-/// A block's address range as the kernel sees it.
-struct Range {
-    name: String,
-    start: u64,
-    len: u64,
-    page_size: u64,
-}
-
-pub struct UffdLog {
-    uffd: OwnedFd,
-    pagemap: File,
-    ranges: Vec<Range>,
-    regions: Mutex<Vec<PageRegion>>,
-}
-
-impl UffdLog {
-    /// Opens a userfaultfd with async write-protect and registers every
-    /// block of `memory` with it. A clear error where the kernel lacks
-    /// userfaultfd, async write-protect or PAGEMAP_SCAN.
-    pub fn new(memory: &GuestMemory) -> Result<Self, RamError> {
-        let uffd = open_userfaultfd()?;
+impl Userfault {
+    /// Opens a userfaultfd. Without the privilege for kernel-mode faults
+    /// (`vm.unprivileged_userfaultfd` = 0), falls back to user-mode-only.
+    pub fn open() -> io::Result<Self> {
+        let flags = libc::O_CLOEXEC | libc::O_NONBLOCK;
+        // SAFETY: userfaultfd takes only flags and returns a new descriptor or -1.
+        let mut fd = unsafe { libc::syscall(libc::SYS_userfaultfd, flags) };
+        if fd < 0 {
+            // SAFETY: as above.
+            fd = unsafe { libc::syscall(libc::SYS_userfaultfd, flags | UFFD_USER_MODE_ONLY) };
+        }
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: fd is a descriptor we just created and nothing else owns.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd as libc::c_int) };
         let mut api = UffdioApi {
             api: UFFD_API,
-            features: UFFD_FEATURE_WP_ASYNC | UFFD_FEATURE_WP_UNPOPULATED,
+            features: 0,
             ioctls: 0,
         };
-        // SAFETY: UFFDIO_API reads and writes the uffdio_api we own, whose
-        // layout matches the kernel's.
-        if unsafe { libc::ioctl(uffd.as_raw_fd(), UFFDIO_API, &mut api) } != 0 {
-            return Err(unsupported(
-                "userfaultfd refuses UFFD_FEATURE_WP_ASYNC (Linux 6.7 or newer is needed)",
-                std::io::Error::last_os_error(),
-            ));
+        // SAFETY: UFFDIO_API reads and writes one uffdio_api, which `api` is.
+        if unsafe { libc::ioctl(fd.as_raw_fd(), UFFDIO_API as _, &mut api) } < 0 {
+            return Err(io::Error::last_os_error());
         }
-        let pagemap = File::open("/proc/self/pagemap").map_err(|e| RamError::DirtyLog {
-            tracker: "uffd",
-            block: String::new(),
-            what: "opening /proc/self/pagemap".into(),
-            source: e,
-        })?;
-        let ranges: Vec<Range> = memory
-            .blocks()
-            .iter()
-            .map(|b| Range {
-                name: b.name().into(),
-                start: b.host_addr() as u64,
-                len: b.len(),
-                page_size: u64::from(b.page_size()),
-            })
-            .collect();
-        let log = Self {
-            uffd,
-            pagemap,
-            ranges,
-            regions: Mutex::new(vec![PageRegion::default(); REGIONS_PER_SCAN]),
-        };
-        for r in &log.ranges {
-            log.register(r)?;
-        }
-        log.probe_scan()?;
-        Ok(log)
+        Ok(Self { fd })
     }
 
-    fn register(&self, r: &Range) -> Result<(), RamError> {
+    /// Registers `[start, start + len)` (page aligned, mapped anonymous
+    /// memory) for missing-page faults.
+    pub fn register(&self, start: *mut u8, len: u64) -> io::Result<()> {
         let mut reg = UffdioRegister {
             range: UffdioRange {
-                start: r.start,
-                len: r.len,
+                start: start as u64,
+                len,
             },
-            mode: UFFDIO_REGISTER_MODE_WP,
+            mode: UFFDIO_REGISTER_MODE_MISSING,
             ioctls: 0,
         };
-        // SAFETY: UFFDIO_REGISTER reads the range (a block mapping we own
-        // for as long as this log lives) and writes back `ioctls`.
-        if unsafe { libc::ioctl(self.uffd.as_raw_fd(), UFFDIO_REGISTER, &mut reg) } != 0 {
-            return Err(self.error(r, "registering write-protect mode"));
+        // SAFETY: UFFDIO_REGISTER reads and writes one uffdio_register; the
+        // kernel checks the range is mapped and refuses it otherwise.
+        if unsafe { libc::ioctl(self.fd.as_raw_fd(), UFFDIO_REGISTER as _, &mut reg) } < 0 {
+            return Err(io::Error::last_os_error());
         }
         Ok(())
     }
 
-    /// Protects (`protect`) or unprotects every page of block `r`.
-    fn write_protect(&self, r: &Range, protect: bool) -> Result<(), RamError> {
-        let mut wp = UffdioWriteprotect {
+    /// Fills the missing pages `[dst, dst + len)` atomically with `src`, and
+    /// wakes threads waiting on them.
+    ///
+    /// # Safety
+    /// `dst..dst + len` must lie in a registered range; `src` must be
+    /// readable for `len` bytes.
+    pub unsafe fn copy(&self, dst: *mut u8, src: *const u8, len: u64) -> io::Result<()> {
+        let mut c = UffdioCopy {
+            dst: dst as u64,
+            src: src as u64,
+            len,
+            mode: 0,
+            copy: 0,
+        };
+        // SAFETY: UFFDIO_COPY reads and writes one uffdio_copy; the caller
+        // vouches for both ranges.
+        if unsafe { libc::ioctl(self.fd.as_raw_fd(), UFFDIO_COPY as _, &mut c) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    /// Maps zero pages over the missing pages `[dst, dst + len)` and wakes waiters.
+    pub fn zero(&self, dst: *mut u8, len: u64) -> io::Result<()> {
+        let mut z = UffdioZeropage {
             range: UffdioRange {
-                start: r.start,
-                len: r.len,
+                start: dst as u64,
+                len,
             },
-            mode: if protect {
-                UFFDIO_WRITEPROTECT_MODE_WP
+            mode: 0,
+            zeropage: 0,
+        };
+        // SAFETY: UFFDIO_ZEROPAGE reads and writes one uffdio_zeropage; the
+        // kernel refuses ranges that are not registered with this descriptor.
+        if unsafe { libc::ioctl(self.fd.as_raw_fd(), UFFDIO_ZEROPAGE as _, &mut z) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    /// Wakes threads waiting on faults in `[start, start + len)` (pages
+    /// already filled by someone else).
+    pub fn wake(&self, start: *mut u8, len: u64) -> io::Result<()> {
+        let mut r = UffdioRange {
+            start: start as u64,
+            len,
+        };
+        // SAFETY: UFFDIO_WAKE reads one uffdio_range.
+        if unsafe { libc::ioctl(self.fd.as_raw_fd(), UFFDIO_WAKE as _, &mut r) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    /// Waits up to `timeout_ms` for page faults and returns their addresses
+    /// (other events are ignored).
+    pub fn faults(&self, timeout_ms: i32, out: &mut Vec<u64>) -> io::Result<()> {
+        out.clear();
+        let mut p = libc::pollfd {
+            fd: self.fd.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd.
+        if unsafe { libc::poll(&mut p, 1, timeout_ms) } < 0 {
+            let e = io::Error::last_os_error();
+            return if e.kind() == io::ErrorKind::Interrupted {
+                Ok(())
             } else {
-                0
-            },
+                Err(e)
+            };
+        }
+        let mut msgs = [UffdMsg {
+            event: 0,
+            _reserved: [0; 7],
+            flags: 0,
+            address: 0,
+            _feat: 0,
+        }; 32];
+        // SAFETY: reads at most size_of_val(msgs) bytes into our array of
+        // plain-data messages.
+        let n = unsafe {
+            libc::read(
+                self.fd.as_raw_fd(),
+                msgs.as_mut_ptr().cast(),
+                std::mem::size_of_val(&msgs),
+            )
         };
-        // SAFETY: UFFDIO_WRITEPROTECT reads the struct we own; the range is
-        // a registered block mapping.
-        if unsafe { libc::ioctl(self.uffd.as_raw_fd(), UFFDIO_WRITEPROTECT, &mut wp) } != 0 {
-            return Err(self.error(r, "UFFDIO_WRITEPROTECT"));
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            return if e.kind() == io::ErrorKind::WouldBlock {
+                Ok(())
+            } else {
+                Err(e)
+            };
         }
+        let count = n as usize / std::mem::size_of::<UffdMsg>();
+        out.extend(
+            msgs[..count]
+                .iter()
+                .filter(|m| m.event == UFFD_EVENT_PAGEFAULT)
+                .map(|m| m.address),
+        );
         Ok(())
-    }
-
-    /// A read-only scan of the first page, so a kernel without
-    /// PAGEMAP_SCAN is refused here and not in the middle of a migration.
-    fn probe_scan(&self) -> Result<(), RamError> {
-        let Some(r) = self.ranges.first() else {
-            return Ok(());
-        };
-        let mut regions = self.regions.lock().unwrap();
-        let mut arg = scan_arg(r.start, r.start + r.page_size, 0, &mut regions);
-        // SAFETY: PAGEMAP_SCAN reads `arg` and writes at most `vec_len`
-        // regions into the vector it points to, which we hold locked.
-        if unsafe { libc::ioctl(self.pagemap.as_raw_fd(), PAGEMAP_SCAN, &mut arg) } < 0 {
-            return Err(unsupported(
-                "the kernel lacks the PAGEMAP_SCAN ioctl (Linux 6.7 or newer is needed)",
-                std::io::Error::last_os_error(),
-            ));
-        }
-        Ok(())
-    }
-
-    /// Scans block `r` for written pages, protects them again and sets
-    /// them in `into`. Returns how many pages were written.
-    fn scan_block(&self, r: &Range, into: &PageBitmap) -> Result<u64, RamError> {
-        let mut regions = self.regions.lock().unwrap();
-        let end = r.start + r.len;
-        let mut at = r.start;
-        let mut dirty = 0;
-        while at < end {
-            let mut arg = scan_arg(
-                at,
-                end,
-                PM_SCAN_WP_MATCHING | PM_SCAN_CHECK_WPASYNC,
-                &mut regions,
-            );
-            // SAFETY: as in probe_scan; the range lies inside a registered
-            // block mapping.
-            let n = unsafe { libc::ioctl(self.pagemap.as_raw_fd(), PAGEMAP_SCAN, &mut arg) };
-            if n < 0 {
-                return Err(self.error(r, "PAGEMAP_SCAN"));
-            }
-            for reg in &regions[..(n as usize).min(REGIONS_PER_SCAN)] {
-                let (first, last) = (reg.start.max(r.start), reg.end.min(end));
-                if first >= last {
-                    continue;
-                }
-                let p0 = (first - r.start) / r.page_size;
-                let p1 = (last - r.start).div_ceil(r.page_size);
-                into.set_range(p0, p1);
-                dirty += p1 - p0;
-            }
-            if arg.walk_end <= at {
-                return Err(RamError::DirtyLog {
-                    tracker: "uffd",
-                    block: r.name.clone(),
-                    what: format!("PAGEMAP_SCAN made no progress at {:#x}", at - r.start),
-                    source: std::io::Error::other("scan stalled"),
-                });
-            }
-            at = arg.walk_end;
-        }
-        Ok(dirty)
-    }
-
-    fn error(&self, r: &Range, what: &str) -> RamError {
-        RamError::DirtyLog {
-            tracker: "uffd",
-            block: r.name.clone(),
-            what: what.into(),
-            source: std::io::Error::last_os_error(),
-        }
-    }
-}
-
-impl DirtyLog for UffdLog {
-    fn name(&self) -> &'static str {
-        "uffd"
-    }
-
-    fn start(&self) -> Result<(), RamError> {
-        for r in &self.ranges {
-            self.write_protect(r, true)?;
-        }
-        Ok(())
-    }
-
-    fn sync(&self, into: &[PageBitmap]) -> Result<u64, RamError> {
-        let mut dirty = 0;
-        for (r, bits) in self.ranges.iter().zip(into) {
-            dirty += self.scan_block(r, bits)?;
-        }
-        Ok(dirty)
-    }
-
-    fn stop(&self) -> Result<(), RamError> {
-        for r in &self.ranges {
-            self.write_protect(r, false)?;
-        }
-        Ok(())
-    }
-
-    fn mark(&self, _block: usize, _page: u64) {}
-}
-
-fn scan_arg(start: u64, end: u64, flags: u64, regions: &mut [PageRegion]) -> PmScanArg {
-    PmScanArg {
-        size: std::mem::size_of::<PmScanArg>() as u64,
-        flags,
-        start,
-        end,
-        vec: regions.as_mut_ptr() as u64,
-        vec_len: regions.len() as u64,
-        category_mask: PAGE_IS_WRITTEN,
-        return_mask: PAGE_IS_WRITTEN,
-        ..Default::default()
-    }
-}
-
-fn open_userfaultfd() -> Result<OwnedFd, RamError> {
-    // SAFETY: the userfaultfd syscall takes flags only and returns a new fd
-    // (or -1), which we own from here on.
-    let fd = unsafe { libc::syscall(libc::SYS_userfaultfd, libc::O_CLOEXEC | libc::O_NONBLOCK) };
-    if fd < 0 {
-        return Err(unsupported(
-            "cannot open a userfaultfd (is vm.unprivileged_userfaultfd 0 and the process unprivileged?)",
-            std::io::Error::last_os_error(),
-        ));
-    }
-    // SAFETY: fd is a fresh descriptor nobody else owns.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
-}
-
-fn unsupported(what: &str, source: std::io::Error) -> RamError {
-    RamError::DirtyLog {
-        tracker: "uffd",
-        block: String::new(),
-        what: what.into(),
-        source,
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::BlockSpec;
 
     #[test]
-    fn written_pages_are_reported_once_and_rearmed() {
-        let mem = GuestMemory::anonymous_base_pages(&[BlockSpec {
-            name: "ram".into(),
-            len: 4 << 20,
-            page_size: 4096,
-        }])
-        .unwrap();
-        let log = UffdLog::new(&mem).expect("this kernel supports uffd async write-protect");
-        log.start().unwrap();
-        let block = &mem.blocks()[0];
-        let written = [0u64, 1, 77, 512, 1023];
-        for &p in &written {
-            // SAFETY: page p is inside the writable block.
-            unsafe { *block.page_addr(p).unwrap() = 1 };
+    fn layouts_match_the_kernel() {
+        assert_eq!(std::mem::size_of::<UffdMsg>(), 32);
+        assert_eq!(UFFDIO_API, 0xC018_AA3F);
+        assert_eq!(UFFDIO_REGISTER, 0xC020_AA00);
+        assert_eq!(UFFDIO_COPY, 0xC028_AA03);
+        assert_eq!(UFFDIO_ZEROPAGE, 0xC020_AA04);
+        assert_eq!(UFFDIO_WAKE, 0x8010_AA02);
+    }
+
+    #[test]
+    fn a_first_touch_is_served_by_the_handler() {
+        let uffd = Userfault::open().expect("userfaultfd (Linux >= 5.11 for user-mode-only)");
+        let block = crate::RamBlock::anonymous("t", 4 * 4096, 4096).unwrap();
+        uffd.register(block.host_addr(), block.len()).unwrap();
+        let addr = block.host_addr() as usize;
+        let toucher = std::thread::spawn(move || {
+            // SAFETY: page 2 of the block, which outlives this thread (joined below).
+            unsafe { std::ptr::read_volatile((addr + 2 * 4096 + 10) as *const u8) }
+        });
+        let mut faults = Vec::new();
+        while faults.is_empty() {
+            uffd.faults(1000, &mut faults).unwrap();
         }
-        let pass = vec![PageBitmap::new(block.pages(), false)];
-        assert_eq!(log.sync(&pass).unwrap(), written.len() as u64);
-        assert_eq!(pass[0].iter_set().collect::<Vec<_>>(), written);
-        let again = vec![PageBitmap::new(block.pages(), false)];
-        assert_eq!(log.sync(&again).unwrap(), 0, "the scan re-armed them");
-        // SAFETY: as above.
-        unsafe { *block.page_addr(77).unwrap() = 2 };
-        assert_eq!(log.sync(&again).unwrap(), 1);
-        assert!(again[0].test(77));
-        log.stop().unwrap();
-        // SAFETY: as above.
-        unsafe { *block.page_addr(5).unwrap() = 2 };
+        assert_eq!(faults[0] & !4095, addr as u64 + 2 * 4096);
+        let src = vec![7u8; 4096];
+        // SAFETY: page 2 is registered and missing; src is 4096 readable bytes.
+        unsafe { uffd.copy((addr + 2 * 4096) as *mut u8, src.as_ptr(), 4096) }.unwrap();
+        assert_eq!(toucher.join().unwrap(), 7);
     }
 }

@@ -1,17 +1,21 @@
 //! `ferry`: move a guest's memory to another host over many channels.
 //!
 //! Subcommands: `gen` (datasets), `send` / `recv` (the two ends of a
-//! migration), `ctl` (the control socket of a running send or recv), `demo`
-//! (both ends over loopback, in one process) and `bench` (ferry against
-//! QEMU and iperf3). Each prints a human summary, or one JSON
+//! migration), `ctl` (the control socket of a running send or recv), `save` /
+//! `restore` / `inspect` / `verify` (a guest in a file), `demo` (both ends
+//! over loopback, in one process) and `bench` (ferry against QEMU and
+//! iperf3). Each prints a human summary, or one JSON
 //! object with `--json`; the exit status is 0 only for a completed run.
 
 mod bench;
 mod ctl;
 mod demo;
 mod gen;
+mod inspect;
 mod output;
 mod recv;
+mod restore;
+mod save;
 mod send;
 mod units;
 
@@ -27,6 +31,7 @@ use clap::{Parser, Subcommand};
     long_about = "ferry moves the memory and device state of a guest to another process or host over \
                   K parallel channels (multifd), sending straight from guest memory with io_uring.\n\n\
                   Start `ferry recv` on the destination, then `ferry send` on the source. \
+                  `ferry save` / `ferry restore` put a guest in a file and back. \
                   `ferry demo` runs both ends over loopback; `ferry bench` measures ferry against QEMU and iperf3."
 )]
 struct Cli {
@@ -39,6 +44,10 @@ enum Command {
     Gen(gen::GenArgs),
     Send(send::SendArgs),
     Recv(recv::RecvArgs),
+    Save(save::SaveArgs),
+    Restore(restore::RestoreArgs),
+    Inspect(inspect::InspectArgs),
+    Verify(inspect::VerifyArgs),
     Demo(demo::DemoArgs),
     Bench(bench::BenchArgs),
     Ctl(ctl::CtlArgs),
@@ -54,6 +63,10 @@ fn main() -> ExitCode {
         Command::Gen(a) => gen::run(a),
         Command::Send(a) => send::run(a),
         Command::Recv(a) => recv::run(a),
+        Command::Save(a) => save::run(a),
+        Command::Restore(a) => restore::run(a),
+        Command::Inspect(a) => inspect::inspect(a),
+        Command::Verify(a) => inspect::verify(a),
         Command::Demo(a) => demo::run(a),
         Command::Bench(a) => bench::run(a),
         Command::Ctl(a) => ctl::run(a),

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use ferry::{Progress, Status, Summary};
+use ferry::{FileSummary, Progress, Status, Summary};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 use crate::units::bytes;
@@ -159,6 +159,57 @@ impl EventPrinter {
     }
 }
 
+/// Prints the end of a save, restore or verify: JSON on stdout, or text on stderr.
+pub fn print_file_summary(tool: &str, s: &FileSummary, json: bool) {
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string(s).expect("a summary serializes")
+        );
+        return;
+    }
+    if let Some(e) = &s.error {
+        eprintln!("ferry {tool}: failed after {:.3} s: {e}", s.seconds);
+        return;
+    }
+    eprintln!(
+        "ferry {tool}: completed in {:.3} s: {} of guest RAM ({:.2} GB/s), {} of page data in {} ({:.2} GB/s), {} thread(s)",
+        s.seconds,
+        bytes(s.ram_bytes),
+        s.gbps,
+        bytes(s.file_bytes),
+        s.path,
+        s.gbps_file,
+        s.channels
+    );
+    eprintln!(
+        "  pages: {} present, {} zero (holes); file {} bytes, {} on disk; O_DIRECT: {}",
+        s.pages_normal,
+        s.pages_zero,
+        s.file_len,
+        bytes(s.file_disk_bytes),
+        if s.direct_io { "on" } else { "off" }
+    );
+    if let Some(n) = &s.note {
+        eprintln!("  note: {n}");
+    }
+    eprintln!("  device state: {} bytes", s.device_state_bytes);
+    if let Some(l) = &s.lazy {
+        eprintln!(
+            "  lazy: memory usable after {:.2} ms, first write done after {}; {} region(s) loaded on fault (longest {:.2} ms), {} prefetched",
+            l.ready_ms,
+            l.first_write_ms
+                .map_or("-".into(), |ms| format!("{ms:.2} ms")),
+            l.fault_regions,
+            l.max_fault_ms,
+            l.prefetched_regions
+        );
+    }
+    if let Some(d) = &s.digest {
+        eprintln!("  digest of guest RAM: {d}");
+    }
+}
+
 /// A progress bar on stderr fed from a migration's [`Progress`]; hidden when
 /// stderr is not a terminal or `enabled` is false.
 pub struct ProgressView {
@@ -168,10 +219,15 @@ pub struct ProgressView {
 
 impl ProgressView {
     pub fn start(progress: Arc<Progress>, enabled: bool) -> Self {
+        Self::start_for(progress, enabled, "wire")
+    }
+
+    /// As [`ProgressView::start`], naming the bytes moved `what` ("wire", "file").
+    pub fn start_for(progress: Arc<Progress>, enabled: bool, what: &'static str) -> Self {
         let stop = Arc::new(AtomicBool::new(false));
         let thread = enabled.then(|| {
             let stop = stop.clone();
-            std::thread::spawn(move || draw(&progress, &stop))
+            std::thread::spawn(move || draw(&progress, &stop, what))
         });
         Self { stop, thread }
     }
@@ -186,7 +242,7 @@ impl Drop for ProgressView {
     }
 }
 
-fn draw(progress: &Progress, stop: &AtomicBool) {
+fn draw(progress: &Progress, stop: &AtomicBool, what: &str) {
     let bar = ProgressBar::with_draw_target(Some(0), ProgressDrawTarget::stderr_with_hz(10));
     bar.set_style(
         ProgressStyle::with_template("{spinner} [{bar:24}] {bytes}/{total_bytes} {msg}")
@@ -205,7 +261,7 @@ fn draw(progress: &Progress, stop: &AtomicBool) {
             // Pass 1 moves every page: the bar is its progress.
             bar.set_position(t.ram_bytes.min(total));
             let wire = t.wire_bytes as f64 / t0.elapsed().as_secs_f64().max(1e-3) / 1e9;
-            bar.set_message(format!("{} {:.2} GB/s wire", progress.phase(), wire));
+            bar.set_message(format!("{} {:.2} GB/s {what}", progress.phase(), wire));
         } else {
             bar.set_position(total.saturating_sub(f.remaining_bytes));
             bar.set_message(live_line(progress, &f, t.wire_bytes));

@@ -5,7 +5,8 @@
 //! - ordered socket sends of whole `msghdr`s (gather lists over guest pages),
 //!   copied or zero-copy (`IORING_OP_SENDMSG_ZC`), queued as linked chains so
 //!   several sends are in flight on one stream without reordering;
-//! - "receive exactly these iovecs" (`MSG_WAITALL`), for headers and payloads.
+//! - "receive exactly these iovecs" (`MSG_WAITALL`), for headers and payloads;
+//! - reads and writes at fixed file offsets, for file mode.
 //!
 //! Sends use `MSG_WAITALL`, so the kernel finishes a short send itself and a
 //! completion's result is either the whole length or an error.
@@ -188,6 +189,61 @@ impl Ring {
             advance(iov, &mut first, n);
         }
         Ok(got)
+    }
+}
+
+/// File operations at fixed offsets, for file mode (save and restore).
+impl Ring {
+    /// Queues a write of `len` bytes from `buf` to `fd` at file `offset`.
+    /// The completion's result is the byte count written (which may be
+    /// short) or an error.
+    ///
+    /// # Safety
+    /// `buf..buf + len` must stay valid and unchanged until this write's
+    /// completion is popped; with O_DIRECT it must also meet the file's
+    /// alignment rules.
+    pub unsafe fn queue_write_at(
+        &mut self,
+        fd: RawFd,
+        buf: *const u8,
+        len: u32,
+        offset: u64,
+        user_data: u64,
+    ) -> Result<(), TransportError> {
+        let entry = opcode::Write::new(types::Fd(fd), buf, len)
+            .offset(offset)
+            .build()
+            .user_data(user_data);
+        // SAFETY: the caller keeps the buffer alive as documented.
+        unsafe { self.ring.submission().push(&entry) }.map_err(|_| TransportError::Uring {
+            what: "queueing a write",
+            source: io::Error::other("submission queue full"),
+        })
+    }
+
+    /// Queues a read of `len` bytes from `fd` at file `offset` into `buf`.
+    ///
+    /// # Safety
+    /// `buf..buf + len` must be writable memory nothing else reads or writes
+    /// until this read's completion is popped; with O_DIRECT it must also
+    /// meet the file's alignment rules.
+    pub unsafe fn queue_read_at(
+        &mut self,
+        fd: RawFd,
+        buf: *mut u8,
+        len: u32,
+        offset: u64,
+        user_data: u64,
+    ) -> Result<(), TransportError> {
+        let entry = opcode::Read::new(types::Fd(fd), buf, len)
+            .offset(offset)
+            .build()
+            .user_data(user_data);
+        // SAFETY: the caller keeps the buffer alive and unshared as documented.
+        unsafe { self.ring.submission().push(&entry) }.map_err(|_| TransportError::Uring {
+            what: "queueing a read",
+            source: io::Error::other("submission queue full"),
+        })
     }
 }
 

@@ -1,0 +1,727 @@
+//! File mode: K threads, each with its own io_uring, move a guest's pages
+//! between memory and fixed offsets of a saved-guest file (the layout in
+//! `ferry_ram::mapped`): page i of a block always lives at
+//! `pages_offset + i × page_size`, so threads never coordinate on the file.
+//!
+//! Work is cut into checksum regions (1 MiB of a block); threads claim them
+//! with one atomic add. Saving a region scans it for zero pages (never
+//! written: they stay holes), sets the bitmap bits of the others, checksums
+//! the region and queues one write per run of non-zero pages, straight from
+//! guest memory. Restoring a region queues one read per run of present pages
+//! straight into place and, once they have all landed, checks the region's
+//! checksum. Many operations are in flight per ring; short transfers are
+//! resubmitted for the rest; on any error every thread stops claiming work
+//! and waits for what it has in flight before returning.
+//!
+//! Passes can rewrite pages in place later: a page's place never moves and
+//! a region's checksum is recomputed whenever the region is written again.
+
+use std::collections::VecDeque;
+use std::fs::File;
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+
+use ferry_ram::mapped::{region_checksum, FileLayout};
+use ferry_ram::{is_zero_page, GuestMemory, RamBlock};
+use ferry_transport::uring::Ring;
+
+use crate::{Counters, MultifdError};
+
+/// How file mode runs.
+#[derive(Clone, Debug)]
+pub struct FileOptions {
+    /// Threads, each with its own ring.
+    pub channels: u16,
+    /// Open the file with O_DIRECT (falls back to buffered I/O if refused).
+    pub direct_io: bool,
+    /// Reads or writes in flight per thread.
+    pub queue_depth: usize,
+    /// Saving: the shortest run of zero pages left as a hole in the file.
+    /// Shorter runs between non-zero pages are written (as the zeros they
+    /// are) so writes stay large; their bitmap bits stay clear either way.
+    /// A page size (or less) leaves every zero page a hole.
+    pub hole_min: u64,
+}
+
+impl Default for FileOptions {
+    fn default() -> Self {
+        Self {
+            channels: 2,
+            direct_io: false,
+            queue_depth: 64,
+            hole_min: 0,
+        }
+    }
+}
+
+/// The file descriptor page data moves through.
+pub struct DataFile {
+    file: File,
+    /// O_DIRECT is in effect.
+    pub direct: bool,
+    /// Why O_DIRECT was asked for and not used.
+    pub note: Option<String>,
+}
+
+impl DataFile {
+    /// Opens `path` (which exists) for page I/O, with O_DIRECT if asked and
+    /// the file system allows it.
+    pub fn open(path: &Path, write: bool, direct: bool) -> Result<Self, MultifdError> {
+        let open = |flags: i32| {
+            File::options()
+                .read(true)
+                .write(write)
+                .custom_flags(flags)
+                .open(path)
+        };
+        let io_err = |source| MultifdError::FileIo {
+            path: path.into(),
+            block: "-".into(),
+            offset: 0,
+            what: "opening for page I/O",
+            source,
+        };
+        if !direct {
+            return Ok(Self {
+                file: open(0).map_err(io_err)?,
+                direct: false,
+                note: None,
+            });
+        }
+        match open(libc::O_DIRECT) {
+            Ok(file) => Ok(Self {
+                file,
+                direct: true,
+                note: None,
+            }),
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => Ok(Self {
+                file: open(0).map_err(io_err)?,
+                direct: false,
+                note: Some(format!(
+                    "the file system of {} refuses O_DIRECT (tmpfs did before Linux 6.6); used buffered I/O",
+                    path.display()
+                )),
+            }),
+            Err(e) => Err(io_err(e)),
+        }
+    }
+
+    pub fn file(&self) -> &File {
+        &self.file
+    }
+}
+
+/// What a save found while writing pages, per block in block order.
+pub struct WrittenPages {
+    /// Bit i set: page i was written (it is not all zeros).
+    pub bitmaps: Vec<Vec<u64>>,
+    /// One checksum per region of memory.
+    pub checksums: Vec<Vec<u64>>,
+}
+
+/// Writes every non-zero page of `memory` to its place in `data`, which is
+/// laid out as `layout` says, with `opts.channels` threads.
+pub fn write_pages(
+    memory: &GuestMemory,
+    layout: &FileLayout,
+    data: &DataFile,
+    path: &Path,
+    opts: &FileOptions,
+    counters: &Counters,
+) -> Result<WrittenPages, MultifdError> {
+    check_memory_matches(memory, layout, path)?;
+    let save = Save {
+        memory,
+        layout,
+        path,
+        counters,
+        bitmaps: shared_words(layout, |b| b.bitmap_len() / 8),
+        checksums: shared_words(layout, |b| b.regions(layout.region_size)),
+        hole_min: opts.hole_min,
+    };
+    run_threads(&save, layout, data, opts)?;
+    Ok(WrittenPages {
+        bitmaps: unshare(save.bitmaps),
+        checksums: unshare(save.checksums),
+    })
+}
+
+/// Reads every present page of the file into `memory` (zeroed memory with
+/// the file's layout) and checks every region's checksum.
+#[allow(clippy::too_many_arguments)]
+pub fn read_pages(
+    memory: &GuestMemory,
+    layout: &FileLayout,
+    bitmaps: &[Vec<u64>],
+    checksums: &[Vec<u64>],
+    data: &DataFile,
+    path: &Path,
+    opts: &FileOptions,
+    counters: &Counters,
+) -> Result<(), MultifdError> {
+    check_memory_matches(memory, layout, path)?;
+    let restore = Restore {
+        memory,
+        layout,
+        path,
+        counters,
+        bitmaps,
+        checksums,
+    };
+    run_threads(&restore, layout, data, opts)
+}
+
+fn check_memory_matches(
+    memory: &GuestMemory,
+    layout: &FileLayout,
+    path: &Path,
+) -> Result<(), MultifdError> {
+    if memory.specs() != layout.specs() {
+        return Err(MultifdError::Aborted(format!(
+            "{}: the memory's blocks do not match the file's layout",
+            path.display()
+        )));
+    }
+    Ok(())
+}
+
+fn shared_words(
+    layout: &FileLayout,
+    words: impl Fn(&ferry_ram::mapped::BlockLayout) -> u64,
+) -> Vec<Vec<AtomicU64>> {
+    layout
+        .blocks
+        .iter()
+        .map(|b| (0..words(b)).map(|_| AtomicU64::new(0)).collect())
+        .collect()
+}
+
+fn unshare(v: Vec<Vec<AtomicU64>>) -> Vec<Vec<u64>> {
+    v.into_iter()
+        .map(|w| w.into_iter().map(AtomicU64::into_inner).collect())
+        .collect()
+}
+
+/// A run of pages of one block to move in one operation.
+#[derive(Clone, Copy)]
+struct Run {
+    first_page: u64,
+    pages: u64,
+}
+
+/// One read or write in flight: `len` bytes at memory `addr` and file `offset`.
+#[derive(Clone, Copy)]
+struct Op {
+    block: usize,
+    region: u64,
+    addr: *mut u8,
+    len: u32,
+    offset: u64,
+}
+
+/// What differs between saving and restoring.
+trait Direction: Sync {
+    const WHAT: &'static str;
+    /// The runs of region `region` of block `block` to move.
+    fn prepare(&self, block: usize, region: u64, runs: &mut Vec<Run>);
+    /// Queues `op` on the ring.
+    ///
+    /// # Safety
+    /// `op` must describe memory inside one of the guest's blocks.
+    unsafe fn queue(
+        &self,
+        ring: &mut Ring,
+        fd: RawFd,
+        op: &Op,
+        tag: u64,
+    ) -> Result<(), MultifdError>;
+    /// Every operation of the region has completed.
+    fn region_done(&self, block: usize, region: u64) -> Result<(), MultifdError>;
+    fn counters(&self) -> &Counters;
+    fn memory(&self) -> &GuestMemory;
+    fn layout(&self) -> &FileLayout;
+    fn path(&self) -> &Path;
+}
+
+struct Save<'a> {
+    memory: &'a GuestMemory,
+    layout: &'a FileLayout,
+    path: &'a Path,
+    counters: &'a Counters,
+    bitmaps: Vec<Vec<AtomicU64>>,
+    checksums: Vec<Vec<AtomicU64>>,
+    hole_min: u64,
+}
+
+impl Direction for Save<'_> {
+    const WHAT: &'static str = "writing pages";
+
+    fn prepare(&self, block: usize, region: u64, runs: &mut Vec<Run>) {
+        let b = &self.memory.blocks()[block];
+        let (first, end) = region_pages(b, self.layout.region_size, region);
+        let ps = b.page_size() as usize;
+        let bytes = &b.bytes()[first as usize * ps..end as usize * ps];
+        self.checksums[block][region as usize].store(region_checksum(bytes), Relaxed);
+        let max_gap = (self.hole_min / ps as u64).saturating_sub(1);
+        let mut present = 0;
+        for (i, page) in bytes.chunks_exact(ps).enumerate() {
+            if is_zero_page(page) {
+                continue;
+            }
+            let index = first + i as u64;
+            self.bitmaps[block][(index / 64) as usize].fetch_or(1 << (index % 64), Relaxed);
+            push_page(runs, index, max_gap);
+            present += 1;
+        }
+        count_pages(self.counters, present, end - first - present);
+    }
+
+    unsafe fn queue(
+        &self,
+        ring: &mut Ring,
+        fd: RawFd,
+        op: &Op,
+        tag: u64,
+    ) -> Result<(), MultifdError> {
+        // SAFETY: op lies inside a block of the guest memory, which outlives
+        // the pool, and the source guest does not unmap it meanwhile.
+        unsafe { ring.queue_write_at(fd, op.addr, op.len, op.offset, tag) }
+            .map_err(|source| ring_err(self.path, source))
+    }
+
+    fn region_done(&self, _block: usize, _region: u64) -> Result<(), MultifdError> {
+        Ok(())
+    }
+    fn counters(&self) -> &Counters {
+        self.counters
+    }
+    fn memory(&self) -> &GuestMemory {
+        self.memory
+    }
+    fn layout(&self) -> &FileLayout {
+        self.layout
+    }
+    fn path(&self) -> &Path {
+        self.path
+    }
+}
+
+struct Restore<'a> {
+    memory: &'a GuestMemory,
+    layout: &'a FileLayout,
+    path: &'a Path,
+    counters: &'a Counters,
+    bitmaps: &'a [Vec<u64>],
+    checksums: &'a [Vec<u64>],
+}
+
+impl Direction for Restore<'_> {
+    const WHAT: &'static str = "reading pages";
+
+    fn prepare(&self, block: usize, region: u64, runs: &mut Vec<Run>) {
+        let b = &self.memory.blocks()[block];
+        let (first, end) = region_pages(b, self.layout.region_size, region);
+        let words = &self.bitmaps[block];
+        let max_gap = READ_ACROSS_GAP / u64::from(b.page_size());
+        let mut present = 0;
+        for index in first..end {
+            if words[(index / 64) as usize] & (1 << (index % 64)) != 0 {
+                push_page(runs, index, max_gap);
+                present += 1;
+            }
+        }
+        count_pages(self.counters, present, end - first - present);
+    }
+
+    unsafe fn queue(
+        &self,
+        ring: &mut Ring,
+        fd: RawFd,
+        op: &Op,
+        tag: u64,
+    ) -> Result<(), MultifdError> {
+        // SAFETY: op lies inside a writable block of the destination memory,
+        // which outlives the pool; each page belongs to exactly one region and
+        // one thread, so nothing else touches it until the read completes.
+        unsafe { ring.queue_read_at(fd, op.addr, op.len, op.offset, tag) }
+            .map_err(|source| ring_err(self.path, source))
+    }
+
+    fn region_done(&self, block: usize, region: u64) -> Result<(), MultifdError> {
+        let b = &self.memory.blocks()[block];
+        let (first, end) = region_pages(b, self.layout.region_size, region);
+        let ps = b.page_size() as usize;
+        let bytes = &b.bytes()[first as usize * ps..end as usize * ps];
+        if region_checksum(bytes) == self.checksums[block][region as usize] {
+            return Ok(());
+        }
+        let offset = first * ps as u64;
+        Err(MultifdError::FileChecksum {
+            path: self.path.into(),
+            block: b.name().into(),
+            offset,
+            len: bytes.len() as u64,
+            file_offset: self.layout.blocks[block].pages_offset + offset,
+        })
+    }
+    fn counters(&self) -> &Counters {
+        self.counters
+    }
+    fn memory(&self) -> &GuestMemory {
+        self.memory
+    }
+    fn layout(&self) -> &FileLayout {
+        self.layout
+    }
+    fn path(&self) -> &Path {
+        self.path
+    }
+}
+
+/// Pages `[first, end)` of `block` that region `region` covers.
+fn region_pages(block: &RamBlock, region_size: u32, region: u64) -> (u64, u64) {
+    let per = u64::from(region_size / block.page_size());
+    let first = region * per;
+    (first, (first + per).min(block.pages()))
+}
+
+/// Adds page `index` to the last run if at most `max_gap` pages lie between
+/// them (the run then covers the gap too), else starts a run.
+fn push_page(runs: &mut Vec<Run>, index: u64, max_gap: u64) {
+    match runs.last_mut() {
+        Some(r) if r.first_page + r.pages + max_gap >= index => {
+            r.pages = index + 1 - r.first_page;
+        }
+        _ => runs.push(Run {
+            first_page: index,
+            pages: 1,
+        }),
+    }
+}
+
+fn count_pages(c: &Counters, present: u64, zero: u64) {
+    c.pages_normal.fetch_add(present, Relaxed);
+    c.pages_zero.fetch_add(zero, Relaxed);
+}
+
+/// Restoring reads across a gap of absent pages up to this long rather than
+/// splitting the read: an absent page reads as zeros from the file (a hole,
+/// or zeros written there), the memory under it is zero already, and the
+/// region's checksum proves the result. Fewer, larger reads.
+const READ_ACROSS_GAP: u64 = 256 << 10;
+
+/// Bytes of memory region `region` of `block` covers.
+fn region_len(block: &RamBlock, region_size: u32, region: u64) -> u64 {
+    let (first, end) = region_pages(block, region_size, region);
+    (end - first) * u64::from(block.page_size())
+}
+
+fn ring_err(path: &Path, source: ferry_transport::TransportError) -> MultifdError {
+    MultifdError::Transport {
+        channel: format!("file {}", path.display()),
+        source,
+    }
+}
+
+/// Hands out (block, region) pairs across all blocks, once each.
+struct Regions {
+    /// First global region number of each block, and the total after the last.
+    starts: Vec<u64>,
+    next: AtomicU64,
+}
+
+impl Regions {
+    fn new(layout: &FileLayout) -> Self {
+        let mut starts = vec![0];
+        for b in &layout.blocks {
+            let last = *starts.last().expect("starts with 0");
+            starts.push(last + b.regions(layout.region_size));
+        }
+        Self {
+            starts,
+            next: AtomicU64::new(0),
+        }
+    }
+
+    fn claim(&self) -> Option<(usize, u64)> {
+        let n = self.next.fetch_add(1, Relaxed);
+        let block = self.starts.partition_point(|&s| s <= n).checked_sub(1)?;
+        (block + 1 < self.starts.len()).then(|| (block, n - self.starts[block]))
+    }
+}
+
+fn run_threads<D: Direction>(
+    d: &D,
+    layout: &FileLayout,
+    data: &DataFile,
+    opts: &FileOptions,
+) -> Result<(), MultifdError> {
+    let regions = Regions::new(layout);
+    let abort = AtomicBool::new(false);
+    let fd = data.file.as_raw_fd();
+    let depth = opts.queue_depth.clamp(1, 1024);
+    let results: Vec<Result<(), MultifdError>> = std::thread::scope(|s| {
+        let mut handles = Vec::new();
+        for i in 0..opts.channels.max(1) {
+            let (regions, abort) = (&regions, &abort);
+            let spawned = std::thread::Builder::new()
+                .name(format!("ferry-file-{i}"))
+                .spawn_scoped(s, move || {
+                    let r = channel_thread(d, regions, fd, depth, abort);
+                    if r.is_err() {
+                        abort.store(true, Relaxed);
+                    }
+                    r
+                });
+            match spawned {
+                Ok(h) => handles.push(h),
+                Err(e) => {
+                    abort.store(true, Relaxed);
+                    handles.clear();
+                    return vec![Err(MultifdError::Aborted(format!(
+                        "cannot start file thread: {e}"
+                    )))];
+                }
+            }
+        }
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err(MultifdError::Aborted("a file thread panicked".into())))
+            })
+            .collect()
+    });
+    results.into_iter().find(Result::is_err).unwrap_or(Ok(()))
+}
+
+/// One thread's ring: operations in flight and the regions they belong to.
+struct Flight {
+    ring: Ring,
+    /// Operations in flight, by the tag their completion carries.
+    slots: Vec<Option<Op>>,
+    free: Vec<usize>,
+    /// Operations ready to queue (new runs, or the rest of a short transfer).
+    pending: VecDeque<Op>,
+    /// Regions with operations not yet completed: (block, region, remaining).
+    open: Vec<(usize, u64, u32)>,
+    in_flight: usize,
+}
+
+fn channel_thread<D: Direction>(
+    d: &D,
+    regions: &Regions,
+    fd: RawFd,
+    depth: usize,
+    abort: &AtomicBool,
+) -> Result<(), MultifdError> {
+    let ring =
+        Ring::new(depth.next_power_of_two() as u32).map_err(|source| ring_err(d.path(), source))?;
+    let mut f = Flight {
+        ring,
+        slots: vec![None; depth],
+        free: (0..depth).rev().collect(),
+        pending: VecDeque::new(),
+        open: Vec::new(),
+        in_flight: 0,
+    };
+    let mut runs = Vec::new();
+    let mut result = Ok(());
+    loop {
+        if result.is_ok() && !abort.load(Relaxed) {
+            result = fill(d, regions, fd, &mut f, &mut runs);
+        }
+        if f.in_flight == 0 {
+            break;
+        }
+        if let Err(e) = f.ring.submit(1) {
+            // io_uring_enter itself failed, so nothing more can be reaped.
+            // Dropping the ring cancels what is in flight; a direct read
+            // still holds its pages pinned, and a buffered one copies into
+            // this process's mappings or fails, so no memory is reused under it.
+            return Err(ring_err(d.path(), e));
+        }
+        while let Some(c) = f.ring.pop() {
+            let r = complete(d, &mut f, c.user_data as usize, c.bytes());
+            if result.is_ok() {
+                result = r;
+            }
+        }
+    }
+    result
+}
+
+/// Queues operations until `depth` are in flight or no work is left.
+fn fill<D: Direction>(
+    d: &D,
+    regions: &Regions,
+    fd: RawFd,
+    f: &mut Flight,
+    runs: &mut Vec<Run>,
+) -> Result<(), MultifdError> {
+    while let Some(&slot) = f.free.last() {
+        if f.pending.is_empty() && !open_region(d, regions, f, runs)? {
+            break;
+        }
+        let Some(op) = f.pending.pop_front() else {
+            continue;
+        };
+        // SAFETY: every Op is built by open_region from a block's page run
+        // (or is the unfinished tail of one), so it lies inside guest memory.
+        unsafe { d.queue(&mut f.ring, fd, &op, slot as u64)? };
+        f.free.pop();
+        f.slots[slot] = Some(op);
+        f.in_flight += 1;
+    }
+    Ok(())
+}
+
+/// Claims the next region and queues its runs as pending operations.
+/// Returns false when no region is left.
+fn open_region<D: Direction>(
+    d: &D,
+    regions: &Regions,
+    f: &mut Flight,
+    runs: &mut Vec<Run>,
+) -> Result<bool, MultifdError> {
+    let Some((block, region)) = regions.claim() else {
+        return Ok(false);
+    };
+    runs.clear();
+    d.prepare(block, region, runs);
+    if runs.is_empty() {
+        return close_region(d, block, region).map(|()| true);
+    }
+    let b = &d.memory().blocks()[block];
+    let ps = u64::from(b.page_size());
+    let base = d.layout().blocks[block].pages_offset;
+    for run in runs.iter() {
+        f.pending.push_back(Op {
+            block,
+            region,
+            addr: b
+                .page_addr(run.first_page)
+                .expect("runs lie inside the block"),
+            len: (run.pages * ps) as u32,
+            offset: base + run.first_page * ps,
+        });
+    }
+    f.open.push((block, region, runs.len() as u32));
+    Ok(true)
+}
+
+/// Accounts for one completion: a short transfer queues its rest, a
+/// finished one may close its region.
+fn complete<D: Direction>(
+    d: &D,
+    f: &mut Flight,
+    slot: usize,
+    result: std::io::Result<usize>,
+) -> Result<(), MultifdError> {
+    let Some(op) = f.slots.get_mut(slot).and_then(Option::take) else {
+        return Err(MultifdError::Aborted(format!(
+            "io_uring completed an unknown operation #{slot}"
+        )));
+    };
+    f.free.push(slot);
+    f.in_flight -= 1;
+    let block = &d.memory().blocks()[op.block];
+    let io_err = |source| MultifdError::FileIo {
+        path: d.path().into(),
+        block: block.name().into(),
+        offset: op.offset,
+        what: D::WHAT,
+        source,
+    };
+    let done = match result {
+        Ok(0) => {
+            return Err(io_err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                "no progress (end of file or no space)",
+            )))
+        }
+        Ok(n) => n.min(op.len as usize) as u32,
+        Err(e) => return Err(io_err(e)),
+    };
+    d.counters().wire_bytes.fetch_add(u64::from(done), Relaxed);
+    if done < op.len {
+        f.pending.push_front(Op {
+            // SAFETY: done < len, so the address stays inside the same run.
+            addr: unsafe { op.addr.add(done as usize) },
+            len: op.len - done,
+            offset: op.offset + u64::from(done),
+            ..op
+        });
+        return Ok(());
+    }
+    let Some(i) = f
+        .open
+        .iter()
+        .position(|&(b, r, _)| b == op.block && r == op.region)
+    else {
+        return Err(MultifdError::Aborted(
+            "completion for a closed region".into(),
+        ));
+    };
+    f.open[i].2 -= 1;
+    if f.open[i].2 == 0 {
+        f.open.swap_remove(i);
+        close_region(d, op.block, op.region)?;
+    }
+    Ok(())
+}
+
+/// Every transfer of a region has landed: check it (restoring) and count it.
+fn close_region<D: Direction>(d: &D, block: usize, region: u64) -> Result<(), MultifdError> {
+    d.region_done(block, region)?;
+    let b = &d.memory().blocks()[block];
+    let len = region_len(b, d.layout().region_size, region);
+    d.counters().ram_bytes.fetch_add(len, Relaxed);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ferry_ram::BlockSpec;
+
+    fn pages(runs: &[Run]) -> Vec<(u64, u64)> {
+        runs.iter().map(|r| (r.first_page, r.pages)).collect()
+    }
+
+    #[test]
+    fn runs_join_across_gaps_no_longer_than_allowed() {
+        let mut strict = Vec::new();
+        let mut gap1 = Vec::new();
+        for i in [0, 1, 2, 4, 5, 8] {
+            push_page(&mut strict, i, 0);
+            push_page(&mut gap1, i, 1);
+        }
+        assert_eq!(pages(&strict), [(0, 3), (4, 2), (8, 1)]);
+        // A one-page gap (page 3) is covered; a two-page gap (6, 7) is not.
+        assert_eq!(pages(&gap1), [(0, 6), (8, 1)]);
+    }
+
+    #[test]
+    fn every_region_of_every_block_is_claimed_once() {
+        let specs = [
+            BlockSpec {
+                name: "a".into(),
+                len: 3 << 20,
+                page_size: 4096,
+            },
+            BlockSpec {
+                name: "b".into(),
+                len: (1 << 20) + 4096,
+                page_size: 4096,
+            },
+        ];
+        let layout = FileLayout::plan(&specs, 0).unwrap();
+        let r = Regions::new(&layout);
+        let claimed: Vec<_> = std::iter::from_fn(|| r.claim()).collect();
+        assert_eq!(claimed, [(0, 0), (0, 1), (0, 2), (1, 0), (1, 1)]);
+        assert_eq!(r.claim(), None);
+    }
+}

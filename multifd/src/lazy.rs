@@ -1,0 +1,451 @@
+//! Lazy restore: the guest's memory exists at once, empty and registered
+//! with userfaultfd (missing mode); a first touch of any page stops the
+//! toucher until a fault thread has loaded that page's region from the
+//! saved file, while K prefetch threads load every other region in order.
+//!
+//! The unit of loading is the checksum region (1 MiB of a block): it is
+//! read into a staging buffer (present pages; zero pages are zeros), its
+//! checksum checked, and only then placed in guest memory in one atomic
+//! UFFDIO_COPY, so the guest never sees unchecked bytes. Each region has a
+//! state (absent, loading, loaded) claimed with one compare-and-swap, so
+//! exactly one thread loads it; a fault on a region another thread is
+//! loading is woken by that thread's copy.
+//!
+//! On any error (a bad checksum, a failed read) loading stops and the
+//! userfaultfd is closed, which lets any waiting toucher continue on zero
+//! pages; the restore then reports the error and its memory must not be used.
+
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Instant;
+
+use ferry_ram::mapped::{region_checksum, FileLayout};
+use ferry_ram::uffd::Userfault;
+use ferry_ram::GuestMemory;
+
+use crate::file::DataFile;
+use crate::{Counters, MultifdError};
+
+const ABSENT: u8 = 0;
+const LOADING: u8 = 1;
+const LOADED: u8 = 2;
+
+/// What a lazy restore did, once every region is in place.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct LazyStats {
+    /// Regions loaded because the guest touched them first.
+    pub fault_regions: u64,
+    /// Regions loaded by the background prefetch.
+    pub prefetched_regions: u64,
+    /// Longest wait of a fault for its region, in microseconds.
+    pub max_fault_us: u64,
+}
+
+struct Shared {
+    memory: Arc<GuestMemory>,
+    layout: FileLayout,
+    bitmaps: Vec<Vec<u64>>,
+    checksums: Vec<Vec<u64>>,
+    data: DataFile,
+    path: PathBuf,
+    /// Closed (dropped) on error or when every region is loaded.
+    uffd: Mutex<Option<Arc<Userfault>>>,
+    /// Per block, per region: ABSENT, LOADING or LOADED.
+    states: Vec<Vec<AtomicU8>>,
+    /// Next region (global number) for the prefetchers.
+    next: AtomicU64,
+    /// First global region number of each block.
+    starts: Vec<u64>,
+    loaded: AtomicU64,
+    regions: u64,
+    stop: AtomicBool,
+    error: Mutex<Option<MultifdError>>,
+    counters: Arc<Counters>,
+    fault_regions: AtomicU64,
+    prefetched_regions: AtomicU64,
+    max_fault_us: AtomicU64,
+}
+
+/// A running lazy restore.
+pub struct LazyRestore {
+    shared: Arc<Shared>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl LazyRestore {
+    /// Creates the guest's memory (anonymous, every page missing), registers
+    /// it, and starts one fault thread and `prefetchers` prefetch threads.
+    /// The memory may be used as soon as this returns.
+    pub fn start(
+        layout: FileLayout,
+        bitmaps: Vec<Vec<u64>>,
+        checksums: Vec<Vec<u64>>,
+        data: DataFile,
+        path: &Path,
+        prefetchers: u16,
+        counters: Arc<Counters>,
+    ) -> Result<Self, MultifdError> {
+        let uffd_err = |what: &'static str| {
+            let path = path.to_path_buf();
+            move |source| MultifdError::FileIo {
+                path,
+                block: "-".into(),
+                offset: 0,
+                what,
+                source,
+            }
+        };
+        let memory = Arc::new(
+            GuestMemory::anonymous(&layout.specs())
+                .map_err(|e| MultifdError::Aborted(e.to_string()))?,
+        );
+        let uffd = Userfault::open().map_err(uffd_err("opening a userfaultfd"))?;
+        for b in memory.blocks() {
+            uffd.register(b.host_addr(), b.len())
+                .map_err(uffd_err("registering memory with userfaultfd"))?;
+        }
+        let mut starts = vec![0];
+        let mut states = Vec::new();
+        for b in &layout.blocks {
+            let n = b.regions(layout.region_size);
+            starts.push(starts.last().expect("starts with 0") + n);
+            states.push((0..n).map(|_| AtomicU8::new(ABSENT)).collect());
+        }
+        let regions = *starts.last().expect("starts with 0");
+        let shared = Arc::new(Shared {
+            memory,
+            layout,
+            bitmaps,
+            checksums,
+            data,
+            path: path.to_path_buf(),
+            uffd: Mutex::new(Some(Arc::new(uffd))),
+            states,
+            next: AtomicU64::new(0),
+            starts,
+            loaded: AtomicU64::new(0),
+            regions,
+            stop: AtomicBool::new(false),
+            error: Mutex::new(None),
+            counters,
+            fault_regions: AtomicU64::new(0),
+            prefetched_regions: AtomicU64::new(0),
+            max_fault_us: AtomicU64::new(0),
+        });
+        let mut lazy = Self {
+            shared: shared.clone(),
+            threads: Vec::new(),
+        };
+        let spawn = |name: String, f: Box<dyn FnOnce() + Send>| {
+            std::thread::Builder::new()
+                .name(name)
+                .spawn(f)
+                .map_err(|e| {
+                    MultifdError::Aborted(format!("cannot start a lazy-restore thread: {e}"))
+                })
+        };
+        let s = shared.clone();
+        lazy.threads.push(spawn(
+            "ferry-faults".into(),
+            Box::new(move || fault_thread(&s)),
+        )?);
+        for i in 0..prefetchers.max(1) {
+            let s = shared.clone();
+            lazy.threads.push(spawn(
+                format!("ferry-prefetch-{i}"),
+                Box::new(move || prefetch_thread(&s)),
+            )?);
+        }
+        Ok(lazy)
+    }
+
+    /// The guest's memory: usable now; a page not yet loaded is loaded on touch.
+    pub fn memory(&self) -> &Arc<GuestMemory> {
+        &self.shared.memory
+    }
+
+    /// Regions in place so far, and in all.
+    pub fn progress(&self) -> (u64, u64) {
+        (
+            self.shared.loaded.load(Ordering::Relaxed),
+            self.shared.regions,
+        )
+    }
+
+    /// Waits until every region is loaded (or loading failed), then
+    /// unregisters the memory.
+    pub fn finish(mut self) -> Result<LazyStats, MultifdError> {
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+        let s = &self.shared;
+        close_uffd(s);
+        if let Some(e) = s.error.lock().expect("error lock").take() {
+            return Err(e);
+        }
+        Ok(LazyStats {
+            fault_regions: s.fault_regions.load(Ordering::Relaxed),
+            prefetched_regions: s.prefetched_regions.load(Ordering::Relaxed),
+            max_fault_us: s.max_fault_us.load(Ordering::Relaxed),
+        })
+    }
+}
+
+impl Drop for LazyRestore {
+    fn drop(&mut self) {
+        self.shared.stop.store(true, Ordering::Relaxed);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+        close_uffd(&self.shared);
+    }
+}
+
+fn close_uffd(s: &Shared) {
+    s.uffd.lock().expect("uffd lock").take();
+}
+
+fn uffd(s: &Shared) -> Option<Arc<Userfault>> {
+    s.uffd.lock().expect("uffd lock").clone()
+}
+
+/// Records the first error, stops every thread and lets waiting touchers go.
+fn fail(s: &Shared, e: MultifdError) {
+    let mut slot = s.error.lock().expect("error lock");
+    if slot.is_none() {
+        *slot = Some(e);
+    }
+    drop(slot);
+    s.stop.store(true, Ordering::Relaxed);
+    close_uffd(s);
+}
+
+fn prefetch_thread(s: &Shared) {
+    let Some(mut staging) = Staging::new(s) else {
+        return;
+    };
+    let staging = staging.bytes();
+    while !s.stop.load(Ordering::Relaxed) {
+        let n = s.next.fetch_add(1, Ordering::Relaxed);
+        let Some(block) = s.starts.partition_point(|&x| x <= n).checked_sub(1) else {
+            break;
+        };
+        if block + 1 >= s.starts.len() {
+            break;
+        }
+        let region = n - s.starts[block];
+        if claim(s, block, region) {
+            match load_region(s, block, region, staging) {
+                Ok(()) => {
+                    s.prefetched_regions.fetch_add(1, Ordering::Relaxed);
+                }
+                Err(e) => fail(s, e),
+            }
+        }
+    }
+}
+
+fn fault_thread(s: &Shared) {
+    let Some(mut staging) = Staging::new(s) else {
+        return;
+    };
+    let staging = staging.bytes();
+    let mut faults = Vec::new();
+    while !s.stop.load(Ordering::Relaxed) {
+        let Some(u) = uffd(s) else { break };
+        if let Err(e) = u.faults(20, &mut faults) {
+            fail(
+                s,
+                MultifdError::FileIo {
+                    path: s.path.clone(),
+                    block: "-".into(),
+                    offset: 0,
+                    what: "reading userfaultfd messages",
+                    source: e,
+                },
+            );
+            break;
+        }
+        for &addr in &faults {
+            let t = Instant::now();
+            if let Err(e) = serve_fault(s, &u, addr, staging) {
+                fail(s, e);
+                break;
+            }
+            let us = t.elapsed().as_micros() as u64;
+            s.max_fault_us.fetch_max(us, Ordering::Relaxed);
+        }
+    }
+}
+
+/// Loads the region holding `addr` unless another thread is, or has.
+fn serve_fault(
+    s: &Shared,
+    u: &Userfault,
+    addr: u64,
+    staging: &mut [u8],
+) -> Result<(), MultifdError> {
+    let Some((block, region)) = region_of(s, addr) else {
+        return Err(MultifdError::Aborted(format!(
+            "userfaultfd reported a fault at {addr:#x}, outside guest memory"
+        )));
+    };
+    if claim(s, block, region) {
+        load_region(s, block, region, staging)?;
+        s.fault_regions.fetch_add(1, Ordering::Relaxed);
+    } else if s.states[block][region as usize].load(Ordering::Acquire) == LOADED {
+        // Filled just before the fault was queued: make sure the toucher runs.
+        let b = &s.memory.blocks()[block];
+        let page = (addr & !(u64::from(b.page_size()) - 1)) as *mut u8;
+        let _ = u.wake(page, u64::from(b.page_size()));
+    }
+    // LOADING: the loader's copy wakes the toucher.
+    Ok(())
+}
+
+/// A thread's region-sized buffer, page aligned (for O_DIRECT reads).
+struct Staging(ferry_ram::RamBlock);
+
+impl Staging {
+    fn new(s: &Shared) -> Option<Self> {
+        match ferry_ram::RamBlock::anonymous("staging", u64::from(s.layout.region_size), 4096) {
+            Ok(b) => Some(Self(b)),
+            Err(e) => {
+                fail(s, MultifdError::Aborted(format!("staging buffer: {e}")));
+                None
+            }
+        }
+    }
+    fn bytes(&mut self) -> &mut [u8] {
+        // SAFETY: the mapping is len bytes, writable, owned by this thread's
+        // Staging and borrowed mutably through it alone.
+        unsafe { std::slice::from_raw_parts_mut(self.0.host_addr(), self.0.len() as usize) }
+    }
+}
+
+fn region_of(s: &Shared, addr: u64) -> Option<(usize, u64)> {
+    s.memory.blocks().iter().enumerate().find_map(|(i, b)| {
+        let start = b.host_addr() as u64;
+        (addr >= start && addr < start + b.len())
+            .then(|| (i, (addr - start) / u64::from(s.layout.region_size)))
+    })
+}
+
+fn claim(s: &Shared, block: usize, region: u64) -> bool {
+    s.states[block][region as usize]
+        .compare_exchange(ABSENT, LOADING, Ordering::AcqRel, Ordering::Acquire)
+        .is_ok()
+}
+
+/// Reads region `region` of `block` into `staging`, checks it, and places
+/// it in guest memory in one copy.
+fn load_region(
+    s: &Shared,
+    block: usize,
+    region: u64,
+    staging: &mut [u8],
+) -> Result<(), MultifdError> {
+    let b = &s.memory.blocks()[block];
+    let lb = &s.layout.blocks[block];
+    let ps = u64::from(b.page_size());
+    let per = u64::from(s.layout.region_size) / ps;
+    let first = region * per;
+    let end = (first + per).min(b.pages());
+    let len = ((end - first) * ps) as usize;
+    let buf = &mut staging[..len];
+    buf.fill(0);
+    let words = &s.bitmaps[block];
+    let present = |i: u64| words[(i / 64) as usize] & (1 << (i % 64)) != 0;
+    let (Some(lo), Some(hi)) = (
+        (first..end).find(|&i| present(i)),
+        (first..end).rev().find(|&i| present(i)),
+    ) else {
+        return place(s, block, region, first, buf, true);
+    };
+    // One read from the first to the last present page: pages between that
+    // are absent read as zeros (holes, or zeros written) and the checksum
+    // below proves it.
+    let from = ((lo - first) * ps) as usize;
+    let to = ((hi + 1 - first) * ps) as usize;
+    let offset = lb.page_file_offset(lo);
+    s.data
+        .file()
+        .read_exact_at(&mut buf[from..to], offset)
+        .map_err(|source| MultifdError::FileIo {
+            path: s.path.clone(),
+            block: b.name().into(),
+            offset,
+            what: "reading pages",
+            source,
+        })?;
+    s.counters
+        .wire_bytes
+        .fetch_add((to - from) as u64, Ordering::Relaxed);
+    place(s, block, region, first, buf, false)
+}
+
+/// Checks `buf` against the region's checksum and copies it into place.
+fn place(
+    s: &Shared,
+    block: usize,
+    region: u64,
+    first: u64,
+    buf: &[u8],
+    all_zero: bool,
+) -> Result<(), MultifdError> {
+    let b = &s.memory.blocks()[block];
+    let offset = first * u64::from(b.page_size());
+    if region_checksum(buf) != s.checksums[block][region as usize] {
+        return Err(MultifdError::FileChecksum {
+            path: s.path.clone(),
+            block: b.name().into(),
+            offset,
+            len: buf.len() as u64,
+            file_offset: s.layout.blocks[block].pages_offset + offset,
+        });
+    }
+    let Some(u) = uffd(s) else {
+        return Err(MultifdError::Aborted("lazy restore stopped".into()));
+    };
+    let dst = b.page_addr(first).expect("region starts inside its block");
+    let placed = if all_zero {
+        u.zero(dst, buf.len() as u64)
+    } else {
+        // SAFETY: dst..dst+len is the region's memory inside a registered
+        // block, missing until this copy (we hold the region's LOADING
+        // claim); buf is len readable bytes.
+        unsafe { u.copy(dst, buf.as_ptr(), buf.len() as u64) }
+    };
+    placed.map_err(|source| MultifdError::FileIo {
+        path: s.path.clone(),
+        block: b.name().into(),
+        offset,
+        what: "placing a region with userfaultfd",
+        source,
+    })?;
+    s.states[block][region as usize].store(LOADED, Ordering::Release);
+    let pages = buf.len() as u64 / u64::from(b.page_size());
+    let present = count_present(&s.bitmaps[block], first, pages);
+    s.counters
+        .pages_normal
+        .fetch_add(present, Ordering::Relaxed);
+    s.counters
+        .pages_zero
+        .fetch_add(pages - present, Ordering::Relaxed);
+    s.counters
+        .ram_bytes
+        .fetch_add(buf.len() as u64, Ordering::Relaxed);
+    if s.loaded.fetch_add(1, Ordering::AcqRel) + 1 == s.regions {
+        s.stop.store(true, Ordering::Relaxed);
+    }
+    Ok(())
+}
+
+fn count_present(words: &[u64], first: u64, pages: u64) -> u64 {
+    (first..first + pages)
+        .filter(|&i| words[(i / 64) as usize] & (1 << (i % 64)) != 0)
+        .count() as u64
+}

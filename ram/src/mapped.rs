@@ -1,0 +1,786 @@
+//! The saved-guest file: ferry's "mapped-ram" layout, where every page of
+//! every RAM block has a fixed place in the file.
+//!
+//! Owns the layout (where each block's bitmap, checksums and pages go), the
+//! encoding of the header and block table, and the checks a file must pass
+//! before anything in it is used. The parallel writers and readers live in
+//! `ferry-multifd` (file mode); this module never touches page data in bulk.
+//!
+//! # Layout
+//!
+//! All integers are little-endian. Offsets are bytes from the start of the file.
+//!
+//! ```text
+//! 0                  file header (64 bytes)
+//! 64                 block table: one 320-byte entry per RAM block
+//! (4 KiB aligned)    per block: page bitmap, then the region checksum table
+//! (1 MiB aligned)    per block: its pages; page i at pages_offset + i × page_size
+//! (1 MiB aligned)    device state (opaque bytes)
+//! ```
+//!
+//! File header, 64 bytes:
+//!
+//! | offset | size | field                  | meaning                                              |
+//! |--------|------|------------------------|------------------------------------------------------|
+//! | 0      | 8    | magic                  | `FERRYSAV`                                           |
+//! | 8      | 4    | version                | 1                                                    |
+//! | 12     | 4    | flags                  | bit 0: complete (the header is written last)         |
+//! | 16     | 4    | block_count            | RAM blocks, 1..=1024                                 |
+//! | 20     | 4    | region_size            | bytes of a block's memory per checksum (power of two)|
+//! | 24     | 8    | file_len               | length of the whole file                             |
+//! | 32     | 8    | device_state_offset    | where the device state starts                        |
+//! | 40     | 8    | device_state_len       | its length                                           |
+//! | 48     | 8    | device_state_checksum  | xxh3-64 of the device state                          |
+//! | 56     | 8    | header_checksum        | xxh3-64 of bytes 0..56 and the whole block table     |
+//!
+//! Block table entry, 320 bytes:
+//!
+//! | offset | size | field              | meaning                                                 |
+//! |--------|------|--------------------|---------------------------------------------------------|
+//! | 0      | 4    | name_len           | 1..=255                                                 |
+//! | 4      | 256  | name               | UTF-8, zero padded                                      |
+//! | 260    | 4    | page_size          | power of two, 4 KiB..=1 GiB, divides region_size        |
+//! | 264    | 8    | len                | block length, a multiple of page_size                   |
+//! | 272    | 8    | pages_offset       | 1 MiB aligned; page i at pages_offset + i × page_size   |
+//! | 280    | 8    | bitmap_offset      | ⌈pages / 64⌉ × 8 bytes; bit i set = page i is in the file |
+//! | 288    | 8    | bitmap_checksum    | xxh3-64 of the bitmap                                   |
+//! | 296    | 8    | checksums_offset   | ⌈len / region_size⌉ × 8 bytes: one xxh3-64 per region   |
+//! | 304    | 8    | checksums_checksum | xxh3-64 of the checksum table                           |
+//! | 312    | 8    | pages_present      | set bits in the bitmap                                  |
+//!
+//! A page's bit is set exactly when the page is not all zeros. A page whose
+//! bit is clear restores as zeros and its place in the file must read as
+//! zeros: a hole (the default: zero pages are never written, the file is
+//! sparse), or zeros a writer chose to write so that its writes stay large
+//! (`ferry save --hole-min`). Readers may therefore read across such pages.
+//! Region r of a block covers its memory bytes
+//! `[r × region_size, (r + 1) × region_size)` (the last may be short) *as
+//! restored*, zero pages included, so a flipped byte anywhere in the pages
+//! area is found, and so is a wrong bitmap bit.
+//!
+//! The file's size depends only on the layout, never on how many passes
+//! rewrote pages: a later pass rewrites a page in its place (zeros, or a
+//! punched hole, for a page that became zero), updates its bit, and
+//! recomputes the checksum of every region it touched; the header is
+//! written last, marked complete, only when the final pass is in.
+
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use xxhash_rust::xxh3::{xxh3_64, Xxh3};
+
+use crate::{BlockSpec, RamError};
+
+pub const MAGIC: [u8; 8] = *b"FERRYSAV";
+pub const VERSION: u32 = 1;
+pub const FILE_HEADER_LEN: u64 = 64;
+pub const BLOCK_ENTRY_LEN: u64 = 320;
+/// Every block's pages start on this boundary (and the device state too).
+pub const PAGES_ALIGN: u64 = 1 << 20;
+/// Bitmaps and checksum tables start on this boundary.
+pub const META_ALIGN: u64 = 4096;
+/// Bytes of memory covered by one checksum unless a page is larger.
+pub const DEFAULT_REGION_SIZE: u32 = 1 << 20;
+pub const MAX_BLOCKS: u32 = 1024;
+/// The header's `flags` bit saying the writer finished.
+pub const FLAG_COMPLETE: u32 = 1;
+const NAME_MAX: usize = 255;
+
+/// Where one RAM block lives in the file.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BlockLayout {
+    pub name: String,
+    pub len: u64,
+    pub page_size: u32,
+    pub pages_offset: u64,
+    pub bitmap_offset: u64,
+    pub bitmap_checksum: u64,
+    pub checksums_offset: u64,
+    pub checksums_checksum: u64,
+    pub pages_present: u64,
+}
+
+impl BlockLayout {
+    pub fn pages(&self) -> u64 {
+        self.len / u64::from(self.page_size)
+    }
+    pub fn bitmap_len(&self) -> u64 {
+        self.pages().div_ceil(64) * 8
+    }
+    pub fn regions(&self, region_size: u32) -> u64 {
+        self.len.div_ceil(u64::from(region_size))
+    }
+    pub fn checksums_len(&self, region_size: u32) -> u64 {
+        self.regions(region_size) * 8
+    }
+    /// File offset of page `index` (which the caller keeps below `pages()`).
+    pub fn page_file_offset(&self, index: u64) -> u64 {
+        self.pages_offset + index * u64::from(self.page_size)
+    }
+    pub fn spec(&self) -> BlockSpec {
+        BlockSpec {
+            name: self.name.clone(),
+            len: self.len,
+            page_size: self.page_size,
+        }
+    }
+}
+
+/// The whole file's layout: what the header and block table say.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FileLayout {
+    pub flags: u32,
+    pub region_size: u32,
+    pub file_len: u64,
+    pub device_state_offset: u64,
+    pub device_state_len: u64,
+    pub device_state_checksum: u64,
+    pub blocks: Vec<BlockLayout>,
+}
+
+fn align_up(x: u64, a: u64) -> u64 {
+    x.div_ceil(a) * a
+}
+
+/// The checksum of one region of restored memory (or of a table).
+pub fn region_checksum(bytes: &[u8]) -> u64 {
+    xxh3_64(bytes)
+}
+
+impl FileLayout {
+    /// Places the blocks of `specs` and a device state of `device_state_len`
+    /// bytes. Checksums, bitmap facts and the complete flag are filled in by
+    /// the writer once it knows them.
+    pub fn plan(specs: &[BlockSpec], device_state_len: u64) -> Result<Self, RamError> {
+        if specs.is_empty() || specs.len() > MAX_BLOCKS as usize {
+            return Err(RamError::Layout(format!(
+                "a saved guest holds 1 to {MAX_BLOCKS} RAM blocks, not {}",
+                specs.len()
+            )));
+        }
+        let max_page = specs.iter().map(|s| s.page_size).max().unwrap_or(4096);
+        let region_size = DEFAULT_REGION_SIZE.max(max_page);
+        let mut cursor = align_up(
+            FILE_HEADER_LEN + BLOCK_ENTRY_LEN * specs.len() as u64,
+            META_ALIGN,
+        );
+        let mut blocks: Vec<BlockLayout> = specs
+            .iter()
+            .map(|s| BlockLayout {
+                name: s.name.clone(),
+                len: s.len,
+                page_size: s.page_size,
+                pages_offset: 0,
+                bitmap_offset: 0,
+                bitmap_checksum: 0,
+                checksums_offset: 0,
+                checksums_checksum: 0,
+                pages_present: 0,
+            })
+            .collect();
+        for b in &mut blocks {
+            if b.name.is_empty() || b.name.len() > NAME_MAX {
+                return Err(RamError::BadName(b.name.clone()));
+            }
+            b.bitmap_offset = cursor;
+            cursor = align_up(cursor + b.bitmap_len(), META_ALIGN);
+            b.checksums_offset = cursor;
+            cursor = align_up(cursor + b.checksums_len(region_size), META_ALIGN);
+        }
+        cursor = align_up(cursor, PAGES_ALIGN);
+        for b in &mut blocks {
+            b.pages_offset = cursor;
+            cursor = align_up(cursor + b.len, PAGES_ALIGN);
+        }
+        Ok(Self {
+            flags: 0,
+            region_size,
+            file_len: cursor + device_state_len,
+            device_state_offset: cursor,
+            device_state_len,
+            device_state_checksum: 0,
+            blocks,
+        })
+    }
+
+    pub fn is_complete(&self) -> bool {
+        self.flags & FLAG_COMPLETE != 0
+    }
+
+    /// Bytes of the header and block table.
+    pub fn table_len(&self) -> u64 {
+        FILE_HEADER_LEN + BLOCK_ENTRY_LEN * self.blocks.len() as u64
+    }
+
+    pub fn specs(&self) -> Vec<BlockSpec> {
+        self.blocks.iter().map(BlockLayout::spec).collect()
+    }
+
+    pub fn total_ram(&self) -> u64 {
+        self.blocks.iter().map(|b| b.len).sum()
+    }
+
+    pub fn pages_present(&self) -> u64 {
+        self.blocks.iter().map(|b| b.pages_present).sum()
+    }
+
+    /// The header and block table as they go at offset 0, checksum included.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(self.table_len() as usize);
+        out.extend_from_slice(&MAGIC);
+        out.extend_from_slice(&VERSION.to_le_bytes());
+        out.extend_from_slice(&self.flags.to_le_bytes());
+        out.extend_from_slice(&(self.blocks.len() as u32).to_le_bytes());
+        out.extend_from_slice(&self.region_size.to_le_bytes());
+        out.extend_from_slice(&self.file_len.to_le_bytes());
+        out.extend_from_slice(&self.device_state_offset.to_le_bytes());
+        out.extend_from_slice(&self.device_state_len.to_le_bytes());
+        out.extend_from_slice(&self.device_state_checksum.to_le_bytes());
+        out.extend_from_slice(&[0; 8]);
+        for b in &self.blocks {
+            encode_entry(b, &mut out);
+        }
+        let sum = header_checksum(&out);
+        out[56..64].copy_from_slice(&sum.to_le_bytes());
+        out
+    }
+
+    /// Reads and checks the header and block table of `file`, whose name
+    /// `path` is used in errors. Every offset and length is checked against
+    /// the file's real size before anything is returned.
+    pub fn read(file: &File, path: &Path) -> Result<Self, RamError> {
+        let actual = file
+            .metadata()
+            .map_err(|source| io_err(path, "reading the size of", 0, source))?
+            .len();
+        if actual < FILE_HEADER_LEN {
+            return Err(RamError::Truncated {
+                path: path.into(),
+                len: actual,
+                need: FILE_HEADER_LEN,
+                what: "the file header".into(),
+            });
+        }
+        let mut head = vec![0u8; FILE_HEADER_LEN as usize];
+        read_at(file, path, &mut head, 0, "the file header")?;
+        let fixed = Fixed::decode(&head, path)?;
+        let table_len = FILE_HEADER_LEN + BLOCK_ENTRY_LEN * u64::from(fixed.block_count);
+        if actual < table_len {
+            return Err(RamError::Truncated {
+                path: path.into(),
+                len: actual,
+                need: table_len,
+                what: format!("the block table of {} block(s)", fixed.block_count),
+            });
+        }
+        head.resize(table_len as usize, 0);
+        read_at(
+            file,
+            path,
+            &mut head[FILE_HEADER_LEN as usize..],
+            FILE_HEADER_LEN,
+            "the block table",
+        )?;
+        let stored = u64::from_le_bytes(head[56..64].try_into().expect("8 bytes"));
+        if header_checksum(&head) != stored {
+            return Err(RamError::HeaderChecksum { path: path.into() });
+        }
+        let blocks = head[FILE_HEADER_LEN as usize..]
+            .chunks_exact(BLOCK_ENTRY_LEN as usize)
+            .enumerate()
+            .map(|(i, e)| decode_entry(e, i, path))
+            .collect::<Result<Vec<_>, _>>()?;
+        let layout = Self {
+            flags: fixed.flags,
+            region_size: fixed.region_size,
+            file_len: fixed.file_len,
+            device_state_offset: fixed.device_state_offset,
+            device_state_len: fixed.device_state_len,
+            device_state_checksum: fixed.device_state_checksum,
+            blocks,
+        };
+        layout.check(path, actual)?;
+        Ok(layout)
+    }
+
+    /// Every rule a file must follow, against its real length `actual`.
+    fn check(&self, path: &Path, actual: u64) -> Result<(), RamError> {
+        if actual < self.file_len {
+            return Err(RamError::Truncated {
+                path: path.into(),
+                len: actual,
+                need: self.file_len,
+                what: "the length its header gives".into(),
+            });
+        }
+        if actual > self.file_len {
+            return Err(RamError::Corrupt {
+                path: path.into(),
+                what: format!(
+                    "the file is {actual} bytes but its header says {} (trailing bytes)",
+                    self.file_len
+                ),
+            });
+        }
+        if !self.is_complete() {
+            return Err(RamError::Corrupt {
+                path: path.into(),
+                what: "the save never finished (header not marked complete)".into(),
+            });
+        }
+        let floor = self.table_len();
+        let within = |block: &str, what: &'static str, offset: u64, len: u64| {
+            check_range(path, block, what, offset, len, floor, self.file_len)
+        };
+        for (i, b) in self.blocks.iter().enumerate() {
+            if self.blocks[..i].iter().any(|o| o.name == b.name) {
+                return Err(RamError::DuplicateName(b.name.clone()));
+            }
+            if self.region_size % b.page_size != 0 {
+                return Err(RamError::BadField {
+                    path: path.into(),
+                    block: b.name.clone(),
+                    what: format!(
+                        "page size {} does not divide the region size {}",
+                        b.page_size, self.region_size
+                    ),
+                });
+            }
+            if b.pages_offset % PAGES_ALIGN != 0 {
+                return Err(RamError::BadField {
+                    path: path.into(),
+                    block: b.name.clone(),
+                    what: format!("pages offset {:#x} is not 1 MiB aligned", b.pages_offset),
+                });
+            }
+            if b.pages_present > b.pages() {
+                return Err(RamError::BadField {
+                    path: path.into(),
+                    block: b.name.clone(),
+                    what: format!(
+                        "{} pages present but the block has only {}",
+                        b.pages_present,
+                        b.pages()
+                    ),
+                });
+            }
+            within(&b.name, "bitmap", b.bitmap_offset, b.bitmap_len())?;
+            within(
+                &b.name,
+                "checksum table",
+                b.checksums_offset,
+                b.checksums_len(self.region_size),
+            )?;
+            within(&b.name, "pages", b.pages_offset, b.len)?;
+        }
+        within(
+            "-",
+            "device state",
+            self.device_state_offset,
+            self.device_state_len,
+        )
+    }
+
+    /// Block `index`'s bitmap of present pages as 64-bit words, checked
+    /// against its checksum and its count of present pages.
+    pub fn read_bitmap(
+        &self,
+        file: &File,
+        path: &Path,
+        index: usize,
+    ) -> Result<Vec<u64>, RamError> {
+        let b = &self.blocks[index];
+        let bytes = self.read_table(file, path, b, "bitmap", b.bitmap_offset, b.bitmap_len())?;
+        if region_checksum(&bytes) != b.bitmap_checksum {
+            return Err(RamError::TableChecksum {
+                path: path.into(),
+                block: b.name.clone(),
+                what: "bitmap",
+                offset: b.bitmap_offset,
+            });
+        }
+        let words = words_of(&bytes);
+        let set: u64 = words.iter().map(|w| u64::from(w.count_ones())).sum();
+        let tail_ok = tail_bits_clear(&words, b.pages());
+        if set != b.pages_present || !tail_ok {
+            return Err(RamError::BadField {
+                path: path.into(),
+                block: b.name.clone(),
+                what: format!(
+                    "bitmap at offset {:#x} marks {set} pages (header: {}){}",
+                    b.bitmap_offset,
+                    b.pages_present,
+                    if tail_ok {
+                        ""
+                    } else {
+                        ", some past the end of the block"
+                    }
+                ),
+            });
+        }
+        Ok(words)
+    }
+
+    /// Block `index`'s region checksums, checked against their own checksum.
+    pub fn read_checksums(
+        &self,
+        file: &File,
+        path: &Path,
+        index: usize,
+    ) -> Result<Vec<u64>, RamError> {
+        let b = &self.blocks[index];
+        let len = b.checksums_len(self.region_size);
+        let bytes = self.read_table(file, path, b, "checksum table", b.checksums_offset, len)?;
+        if region_checksum(&bytes) != b.checksums_checksum {
+            return Err(RamError::TableChecksum {
+                path: path.into(),
+                block: b.name.clone(),
+                what: "checksum table",
+                offset: b.checksums_offset,
+            });
+        }
+        Ok(words_of(&bytes))
+    }
+
+    /// The device state, checked against its checksum.
+    pub fn read_device_state(&self, file: &File, path: &Path) -> Result<Vec<u8>, RamError> {
+        let mut bytes = vec![0u8; self.device_state_len as usize];
+        read_at(
+            file,
+            path,
+            &mut bytes,
+            self.device_state_offset,
+            "the device state",
+        )?;
+        if region_checksum(&bytes) != self.device_state_checksum {
+            return Err(RamError::TableChecksum {
+                path: path.into(),
+                block: "-".into(),
+                what: "device state",
+                offset: self.device_state_offset,
+            });
+        }
+        Ok(bytes)
+    }
+
+    fn read_table(
+        &self,
+        file: &File,
+        path: &Path,
+        b: &BlockLayout,
+        what: &'static str,
+        offset: u64,
+        len: u64,
+    ) -> Result<Vec<u8>, RamError> {
+        let mut bytes = vec![0u8; len as usize];
+        read_at(file, path, &mut bytes, offset, what).map_err(|e| match e {
+            RamError::FileIo { source, .. } => RamError::FileIo {
+                path: path.into(),
+                what: format!("reading the {what} of block '{}'", b.name),
+                offset,
+                source,
+            },
+            other => other,
+        })?;
+        Ok(bytes)
+    }
+}
+
+/// Writes the metadata a finished save needs: each block's bitmap and
+/// checksum table, the device state, and last the header marked complete,
+/// so a file whose writer died midway is never taken for a whole one.
+/// `layout`'s checksums and present counts are filled in here.
+pub fn write_metadata(
+    file: &File,
+    path: &Path,
+    layout: &mut FileLayout,
+    bitmaps: &[Vec<u64>],
+    checksums: &[Vec<u64>],
+    device_state: &[u8],
+) -> Result<(), RamError> {
+    assert_eq!(bitmaps.len(), layout.blocks.len());
+    assert_eq!(checksums.len(), layout.blocks.len());
+    assert_eq!(device_state.len() as u64, layout.device_state_len);
+    for ((b, bits), sums) in layout.blocks.iter_mut().zip(bitmaps).zip(checksums) {
+        let bitmap = bytes_of(bits);
+        let table = bytes_of(sums);
+        b.bitmap_checksum = region_checksum(&bitmap);
+        b.checksums_checksum = region_checksum(&table);
+        b.pages_present = bits.iter().map(|w| u64::from(w.count_ones())).sum();
+        write_at(file, path, &bitmap, b.bitmap_offset, "a bitmap")?;
+        write_at(file, path, &table, b.checksums_offset, "a checksum table")?;
+    }
+    layout.device_state_checksum = region_checksum(device_state);
+    write_at(
+        file,
+        path,
+        device_state,
+        layout.device_state_offset,
+        "the device state",
+    )?;
+    layout.flags |= FLAG_COMPLETE;
+    write_at(file, path, &layout.encode(), 0, "the header")
+}
+
+/// The fixed part of the header, decoded and checked in isolation.
+struct Fixed {
+    flags: u32,
+    block_count: u32,
+    region_size: u32,
+    file_len: u64,
+    device_state_offset: u64,
+    device_state_len: u64,
+    device_state_checksum: u64,
+}
+
+impl Fixed {
+    fn decode(h: &[u8], path: &Path) -> Result<Self, RamError> {
+        if h[0..8] != MAGIC {
+            return Err(RamError::BadMagic {
+                path: path.into(),
+                found: String::from_utf8_lossy(&h[0..8]).escape_debug().to_string(),
+            });
+        }
+        let version = le32(h, 8);
+        if version != VERSION {
+            return Err(RamError::BadVersion {
+                path: path.into(),
+                found: version,
+                expected: VERSION,
+            });
+        }
+        let block_count = le32(h, 16);
+        if block_count == 0 || block_count > MAX_BLOCKS {
+            return Err(RamError::Corrupt {
+                path: path.into(),
+                what: format!(
+                    "header at offset 0x10 gives {block_count} blocks (1 to {MAX_BLOCKS} allowed)"
+                ),
+            });
+        }
+        let region_size = le32(h, 20);
+        if !region_size.is_power_of_two() || !(4096..=1 << 30).contains(&region_size) {
+            return Err(RamError::Corrupt {
+                path: path.into(),
+                what: format!("header at offset 0x14 gives region size {region_size}, not a power of two from 4 KiB to 1 GiB"),
+            });
+        }
+        Ok(Self {
+            flags: le32(h, 12),
+            block_count,
+            region_size,
+            file_len: le64(h, 24),
+            device_state_offset: le64(h, 32),
+            device_state_len: le64(h, 40),
+            device_state_checksum: le64(h, 48),
+        })
+    }
+}
+
+fn encode_entry(b: &BlockLayout, out: &mut Vec<u8>) {
+    let mut name = [0u8; 256];
+    name[..b.name.len()].copy_from_slice(b.name.as_bytes());
+    out.extend_from_slice(&(b.name.len() as u32).to_le_bytes());
+    out.extend_from_slice(&name);
+    out.extend_from_slice(&b.page_size.to_le_bytes());
+    for v in [
+        b.len,
+        b.pages_offset,
+        b.bitmap_offset,
+        b.bitmap_checksum,
+        b.checksums_offset,
+        b.checksums_checksum,
+        b.pages_present,
+    ] {
+        out.extend_from_slice(&v.to_le_bytes());
+    }
+}
+
+fn decode_entry(e: &[u8], index: usize, path: &Path) -> Result<BlockLayout, RamError> {
+    let entry_offset = FILE_HEADER_LEN + index as u64 * BLOCK_ENTRY_LEN;
+    let bad = |block: String, what: String| RamError::BadField {
+        path: path.into(),
+        block,
+        what: format!("{what} (block table entry at offset {entry_offset:#x})"),
+    };
+    let name_len = le32(e, 0) as usize;
+    if name_len == 0 || name_len > NAME_MAX {
+        return Err(bad(format!("#{index}"), format!("name length {name_len}")));
+    }
+    let name = std::str::from_utf8(&e[4..4 + name_len])
+        .map_err(|_| bad(format!("#{index}"), "name is not UTF-8".into()))?
+        .to_string();
+    let page_size = le32(e, 260);
+    if !page_size.is_power_of_two() || !(4096..=1 << 30).contains(&page_size) {
+        return Err(bad(name, format!("page size {page_size}")));
+    }
+    let len = le64(e, 264);
+    if len == 0 || len % u64::from(page_size) != 0 {
+        return Err(bad(
+            name,
+            format!("length {len} is not a positive multiple of the page size {page_size}"),
+        ));
+    }
+    Ok(BlockLayout {
+        name,
+        len,
+        page_size,
+        pages_offset: le64(e, 272),
+        bitmap_offset: le64(e, 280),
+        bitmap_checksum: le64(e, 288),
+        checksums_offset: le64(e, 296),
+        checksums_checksum: le64(e, 304),
+        pages_present: le64(e, 312),
+    })
+}
+
+/// `[offset, offset + len)` must lie after the block table and inside the file.
+fn check_range(
+    path: &Path,
+    block: &str,
+    what: &'static str,
+    offset: u64,
+    len: u64,
+    floor: u64,
+    file_len: u64,
+) -> Result<(), RamError> {
+    let end = offset.checked_add(len);
+    if offset < floor || end.map_or(true, |e| e > file_len) {
+        return Err(RamError::OutsideFile {
+            path: path.into(),
+            block: block.into(),
+            what,
+            offset,
+            len,
+            floor,
+            file_len,
+        });
+    }
+    Ok(())
+}
+
+fn header_checksum(header_and_table: &[u8]) -> u64 {
+    let mut h = Xxh3::new();
+    h.update(&header_and_table[..56]);
+    h.update(&header_and_table[FILE_HEADER_LEN as usize..]);
+    h.digest()
+}
+
+fn tail_bits_clear(words: &[u64], pages: u64) -> bool {
+    let used = pages % 64;
+    used == 0 || words.last().map_or(true, |w| w >> used == 0)
+}
+
+fn le32(b: &[u8], at: usize) -> u32 {
+    u32::from_le_bytes(b[at..at + 4].try_into().expect("4 bytes"))
+}
+fn le64(b: &[u8], at: usize) -> u64 {
+    u64::from_le_bytes(b[at..at + 8].try_into().expect("8 bytes"))
+}
+
+fn words_of(bytes: &[u8]) -> Vec<u64> {
+    bytes
+        .chunks_exact(8)
+        .map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes")))
+        .collect()
+}
+
+fn bytes_of(words: &[u64]) -> Vec<u8> {
+    words.iter().flat_map(|w| w.to_le_bytes()).collect()
+}
+
+fn io_err(path: &Path, what: &str, offset: u64, source: std::io::Error) -> RamError {
+    RamError::FileIo {
+        path: PathBuf::from(path),
+        what: what.into(),
+        offset,
+        source,
+    }
+}
+
+fn read_at(
+    file: &File,
+    path: &Path,
+    buf: &mut [u8],
+    offset: u64,
+    what: &str,
+) -> Result<(), RamError> {
+    file.read_exact_at(buf, offset)
+        .map_err(|source| io_err(path, &format!("reading {what}"), offset, source))
+}
+
+fn write_at(file: &File, path: &Path, buf: &[u8], offset: u64, what: &str) -> Result<(), RamError> {
+    file.write_all_at(buf, offset)
+        .map_err(|source| io_err(path, &format!("writing {what}"), offset, source))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn specs() -> Vec<BlockSpec> {
+        vec![
+            BlockSpec {
+                name: "ram".into(),
+                len: 3 << 20,
+                page_size: 4096,
+            },
+            BlockSpec {
+                name: "vram".into(),
+                len: 64 * 4096 + 4096,
+                page_size: 4096,
+            },
+        ]
+    }
+
+    #[test]
+    fn plan_aligns_pages_and_places_everything_inside_the_file() {
+        let l = FileLayout::plan(&specs(), 100).unwrap();
+        assert_eq!(l.region_size, DEFAULT_REGION_SIZE);
+        for b in &l.blocks {
+            assert_eq!(b.pages_offset % PAGES_ALIGN, 0);
+            assert_eq!(b.bitmap_offset % META_ALIGN, 0);
+            assert!(b.bitmap_offset >= l.table_len());
+            assert!(b.checksums_offset >= b.bitmap_offset + b.bitmap_len());
+            assert!(b.pages_offset >= b.checksums_offset + b.checksums_len(l.region_size));
+        }
+        assert!(l.blocks[1].pages_offset >= l.blocks[0].pages_offset + l.blocks[0].len);
+        assert_eq!(l.blocks[1].bitmap_len(), 16);
+        assert_eq!(l.device_state_offset % PAGES_ALIGN, 0);
+        assert_eq!(l.file_len, l.device_state_offset + 100);
+        assert_eq!(l.encode().len() as u64, l.table_len());
+    }
+
+    #[test]
+    fn metadata_round_trips_through_a_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("g.ferry");
+        let mut l = FileLayout::plan(&specs(), 5).unwrap();
+        let f = File::options()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)
+            .unwrap();
+        f.set_len(l.file_len).unwrap();
+        let bitmaps = vec![vec![0b1011, 0, 0], vec![u64::MAX, 1]];
+        let sums = vec![vec![1, 2, 3], vec![9]];
+        write_metadata(&f, &path, &mut l, &bitmaps, &sums, b"state").unwrap();
+        let r = FileLayout::read(&f, &path).unwrap();
+        assert_eq!(r, l);
+        assert_eq!(r.blocks[0].pages_present, 3);
+        assert_eq!(r.blocks[1].pages_present, 65);
+        assert_eq!(r.read_bitmap(&f, &path, 1).unwrap(), bitmaps[1]);
+        assert_eq!(r.read_checksums(&f, &path, 0).unwrap(), sums[0]);
+        assert_eq!(r.read_device_state(&f, &path).unwrap(), b"state");
+    }
+
+    #[test]
+    fn bitmap_bits_past_the_block_are_refused() {
+        assert!(tail_bits_clear(&[u64::MAX, 1], 65));
+        assert!(!tail_bits_clear(&[u64::MAX, 2], 65));
+        assert!(tail_bits_clear(&[u64::MAX], 64));
+    }
+}

@@ -1,0 +1,154 @@
+//! `ferry inspect` (what a saved-guest file holds and where) and `ferry
+//! verify` (read it all back and check every checksum).
+
+use std::fs::File;
+use std::os::unix::fs::MetadataExt;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::Context;
+use clap::Args;
+use ferry::{restore_from_file, FileOptions, Progress, RestoreTarget};
+use ferry_ram::mapped::FileLayout;
+use serde_json::json;
+
+use crate::output::{print_file_summary, ProgressView};
+use crate::units::bytes;
+
+/// Show the layout of a saved-guest file: its blocks, where their bitmaps,
+/// checksums and pages are, how many pages are present, the device state.
+///
+/// The header and block table are checked (and each block's bitmap, to
+/// count its pages) but page data is not read; `ferry verify` does that.
+#[derive(Args)]
+pub struct InspectArgs {
+    /// The saved-guest file.
+    path: PathBuf,
+    /// Print one JSON object instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn inspect(a: InspectArgs) -> anyhow::Result<bool> {
+    let json = a.json;
+    crate::output::json_on_early_failure("inspect", json, show(a))
+}
+
+fn show(a: InspectArgs) -> anyhow::Result<bool> {
+    let file = File::open(&a.path).with_context(|| format!("opening {}", a.path.display()))?;
+    let layout = FileLayout::read(&file, &a.path)?;
+    for i in 0..layout.blocks.len() {
+        layout.read_bitmap(&file, &a.path, i)?;
+    }
+    let disk = file.metadata().map(|m| m.blocks() * 512).unwrap_or(0);
+    if a.json {
+        let blocks: Vec<_> = layout
+            .blocks
+            .iter()
+            .map(|b| {
+                json!({
+                    "name": b.name, "len": b.len, "page_size": b.page_size,
+                    "pages": b.pages(), "pages_present": b.pages_present,
+                    "pages_offset": b.pages_offset, "bitmap_offset": b.bitmap_offset,
+                    "bitmap_len": b.bitmap_len(), "checksums_offset": b.checksums_offset,
+                    "checksums_len": b.checksums_len(layout.region_size),
+                })
+            })
+            .collect();
+        println!(
+            "{}",
+            json!({
+                "status": "completed", "path": a.path.display().to_string(),
+                "version": ferry_ram::mapped::VERSION, "complete": layout.is_complete(),
+                "file_len": layout.file_len, "file_disk_bytes": disk,
+                "region_size": layout.region_size, "ram_bytes": layout.total_ram(),
+                "pages_present": layout.pages_present(),
+                "device_state_offset": layout.device_state_offset,
+                "device_state_bytes": layout.device_state_len,
+                "blocks": blocks,
+            })
+        );
+        return Ok(true);
+    }
+    println!(
+        "{}: ferry saved guest, format version {}, {} of RAM in {} block(s)",
+        a.path.display(),
+        ferry_ram::mapped::VERSION,
+        bytes(layout.total_ram()),
+        layout.blocks.len()
+    );
+    println!(
+        "  file: {} bytes ({} on disk: zero pages are holes); one checksum per {} of memory",
+        layout.file_len,
+        bytes(disk),
+        bytes(u64::from(layout.region_size))
+    );
+    for b in &layout.blocks {
+        println!(
+            "  block '{}': {} ({} pages of {}), {} present ({} zero)",
+            b.name,
+            bytes(b.len),
+            b.pages(),
+            bytes(u64::from(b.page_size)),
+            b.pages_present,
+            b.pages() - b.pages_present
+        );
+        println!(
+            "    bitmap at {:#x} ({} bytes), checksums at {:#x} ({} bytes), pages at {:#x}..{:#x}",
+            b.bitmap_offset,
+            b.bitmap_len(),
+            b.checksums_offset,
+            b.checksums_len(layout.region_size),
+            b.pages_offset,
+            b.pages_offset + b.len
+        );
+    }
+    println!(
+        "  device state: {} bytes at {:#x}",
+        layout.device_state_len, layout.device_state_offset
+    );
+    Ok(true)
+}
+
+/// Check every checksum of a saved-guest file: header, bitmaps, checksum
+/// tables, device state and every 1 MiB region of page data.
+///
+/// Reads the file as `ferry restore` does, into memory that is then
+/// dropped, and prints the digest of the memory it holds (equal to the
+/// save's). Exit status 0 only if everything checked.
+#[derive(Args)]
+pub struct VerifyArgs {
+    /// The saved-guest file.
+    path: PathBuf,
+    /// Threads reading in parallel.
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..=256))]
+    channels: u16,
+    /// Print one JSON object instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn verify(a: VerifyArgs) -> anyhow::Result<bool> {
+    let opts = FileOptions {
+        channels: a.channels,
+        ..Default::default()
+    };
+    let progress = Arc::new(Progress::default());
+    let view = ProgressView::start_for(progress.clone(), !a.json, "file");
+    let result = restore_from_file(&a.path, &RestoreTarget::Anonymous, &opts, &progress);
+    drop(view);
+    match result {
+        Ok(mut r) => {
+            r.summary.digest = Some(r.memory.digest().to_string());
+            print_file_summary("verify", &r.summary, a.json);
+            if !a.json {
+                eprintln!("ferry verify: OK: every checksum holds");
+            }
+            Ok(true)
+        }
+        Err(f) => {
+            print_file_summary("verify", &f.summary, a.json);
+            Ok(false)
+        }
+    }
+}

@@ -1,0 +1,172 @@
+//! `ferry restore`: read a saved-guest file back into memory, many threads
+//! reading pages straight into place, every checksum checked.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::Context;
+use clap::Args;
+use std::time::Instant;
+
+use ferry::{
+    restore_from_file, restore_lazy, FileFailed, FileOptions, GuestMemory, LazyRestored, Progress,
+    RestoreTarget,
+};
+
+use crate::output::{print_file_summary, ProgressView};
+use crate::save::file_uri;
+
+/// Restore a guest saved by `ferry save`.
+///
+/// Checks the header, every block's bitmap and checksum table and the device
+/// state before reading any page; then K threads, each with its own
+/// io_uring, read the present pages straight into fresh memory and check
+/// each 1 MiB region's checksum as it lands. The result is `completed` only
+/// if everything checked; the digest printed then equals the save's.
+#[derive(Args)]
+pub struct RestoreArgs {
+    /// The saved guest: file:PATH.
+    #[arg(long)]
+    from: String,
+    /// Keep the restored RAM in this file (created or truncated; runs of
+    /// zero pages of 256 KiB or more stay holes; removed if the restore
+    /// fails). Default: anonymous memory.
+    #[arg(long)]
+    ram_out: Option<PathBuf>,
+    /// Write the restored device state to this file.
+    #[arg(long)]
+    device_state_out: Option<PathBuf>,
+    /// Threads reading in parallel, each with its own io_uring.
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..=256))]
+    channels: u16,
+    /// Read pages with O_DIRECT (bypassing the page cache); falls back to
+    /// buffered reads, with a note, where the file system refuses it.
+    #[arg(long)]
+    direct_io: bool,
+    /// Reads in flight per thread.
+    #[arg(long, default_value_t = 64)]
+    queue_depth: usize,
+    /// Start at once and load pages on first touch (userfaultfd) while the
+    /// rest is prefetched by --channels threads. The image guest does not
+    /// run, so a built-in toucher plays the guest: it writes to --touch
+    /// pages spread over memory (last page first, rewriting what it reads)
+    /// and reports when its first write finished.
+    #[arg(long, conflicts_with = "ram_out")]
+    lazy: bool,
+    /// With --lazy: pages the toucher writes while the prefetch runs.
+    #[arg(long, default_value_t = 256, requires = "lazy")]
+    touch: u64,
+    /// Print one JSON object with the result instead of text and a progress bar.
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn run(a: RestoreArgs) -> anyhow::Result<bool> {
+    let json = a.json;
+    crate::output::json_on_early_failure("restore", json, restore(a))
+}
+
+fn restore(a: RestoreArgs) -> anyhow::Result<bool> {
+    let path = file_uri(&a.from)?;
+    let target = a
+        .ram_out
+        .clone()
+        .map_or(RestoreTarget::Anonymous, RestoreTarget::Files);
+    let opts = FileOptions {
+        channels: a.channels,
+        direct_io: a.direct_io,
+        queue_depth: a.queue_depth,
+        ..Default::default()
+    };
+    let progress = Arc::new(Progress::default());
+    let view = ProgressView::start_for(progress.clone(), !a.json, "file");
+    if a.lazy {
+        let result = lazy(&path, &opts, &progress, a.touch);
+        drop(view);
+        return report_lazy(result, &a);
+    }
+    let result = restore_from_file(&path, &target, &opts, &progress);
+    drop(view);
+    match result {
+        Ok(mut r) => {
+            r.summary.digest = Some(r.memory.digest().to_string());
+            if let Some(p) = &a.device_state_out {
+                std::fs::write(p, &r.device_state)
+                    .with_context(|| format!("writing {}", p.display()))?;
+            }
+            print_file_summary("restore", &r.summary, a.json);
+            Ok(true)
+        }
+        Err(f) => {
+            print_file_summary("restore", &f.summary, a.json);
+            Ok(false)
+        }
+    }
+}
+
+/// A lazy restore with the toucher as its guest.
+fn lazy(
+    path: &std::path::Path,
+    opts: &FileOptions,
+    progress: &Progress,
+    touch: u64,
+) -> Result<LazyRestored, FileFailed> {
+    let restoring = restore_lazy(path, opts, progress)?;
+    let memory = restoring.memory().clone();
+    let started = restoring.started();
+    let toucher = std::thread::spawn(move || touch_pages(&memory, started, touch));
+    let first_write_ms = toucher.join().ok().flatten();
+    restoring.finish(first_write_ms)
+}
+
+fn report_lazy(result: Result<LazyRestored, FileFailed>, a: &RestoreArgs) -> anyhow::Result<bool> {
+    match result {
+        Ok(mut r) => {
+            r.summary.digest = Some(r.memory.digest().to_string());
+            if let Some(p) = &a.device_state_out {
+                std::fs::write(p, &r.device_state)
+                    .with_context(|| format!("writing {}", p.display()))?;
+            }
+            print_file_summary("restore", &r.summary, a.json);
+            Ok(true)
+        }
+        Err(f) => {
+            print_file_summary("restore", &f.summary, a.json);
+            Ok(false)
+        }
+    }
+}
+
+/// Plays a guest on lazily restored memory: rewrites one byte of each of
+/// `pages` pages with the value it reads (the memory's contents do not
+/// change), the last page of the last block first, then pages spread over
+/// all of memory. Returns the milliseconds from `started` until the first
+/// write finished.
+fn touch_pages(memory: &GuestMemory, started: Instant, pages: u64) -> Option<f64> {
+    let total = memory.total_pages();
+    let mut first = None;
+    for k in 0..pages.min(total) {
+        let n = if k == 0 {
+            total - 1
+        } else {
+            k.wrapping_mul(0x9E37_79B9_7F4A_7C15) % total
+        };
+        let (block, page) = block_page(memory, n)?;
+        block.rewrite_first_byte(page);
+        if first.is_none() {
+            first = Some(started.elapsed().as_secs_f64() * 1e3);
+        }
+    }
+    first
+}
+
+/// Page `n` counted over all blocks in order: its block and index there.
+fn block_page(memory: &GuestMemory, mut n: u64) -> Option<(&ferry::RamBlock, u64)> {
+    for b in memory.blocks() {
+        if n < b.pages() {
+            return Some((b, n));
+        }
+        n -= b.pages();
+    }
+    None
+}
