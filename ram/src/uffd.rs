@@ -14,6 +14,7 @@ const UFFD_API: u64 = 0xAA;
 const UFFD_USER_MODE_ONLY: libc::c_int = 1;
 const UFFD_EVENT_PAGEFAULT: u8 = 0x12;
 const UFFDIO_REGISTER_MODE_MISSING: u64 = 1;
+pub(crate) const UFFDIO_REGISTER_MODE_WP: u64 = 1 << 1;
 
 /// `_IOWR(0xAA, nr, size)`.
 const fn iowr(nr: u64, size: usize) -> u64 {
@@ -77,6 +78,12 @@ impl Userfault {
     /// Opens a userfaultfd. Without the privilege for kernel-mode faults
     /// (`vm.unprivileged_userfaultfd` = 0), falls back to user-mode-only.
     pub fn open() -> io::Result<Self> {
+        Self::open_with_features(0)
+    }
+
+    /// Opens a userfaultfd asking for `features` (UFFD_FEATURE_* bits); an
+    /// error if the kernel does not offer them all.
+    pub(crate) fn open_with_features(features: u64) -> io::Result<Self> {
         let flags = libc::O_CLOEXEC | libc::O_NONBLOCK;
         // SAFETY: userfaultfd takes only flags and returns a new descriptor or -1.
         let mut fd = unsafe { libc::syscall(libc::SYS_userfaultfd, flags) };
@@ -91,7 +98,7 @@ impl Userfault {
         let fd = unsafe { OwnedFd::from_raw_fd(fd as libc::c_int) };
         let mut api = UffdioApi {
             api: UFFD_API,
-            features: 0,
+            features,
             ioctls: 0,
         };
         // SAFETY: UFFDIO_API reads and writes one uffdio_api, which `api` is.
@@ -101,15 +108,22 @@ impl Userfault {
         Ok(Self { fd })
     }
 
+    /// The descriptor, for ioctls this module does not wrap.
+    pub(crate) fn raw_fd(&self) -> std::os::fd::RawFd {
+        self.fd.as_raw_fd()
+    }
+
     /// Registers `[start, start + len)` (page aligned, mapped anonymous
     /// memory) for missing-page faults.
     pub fn register(&self, start: *mut u8, len: u64) -> io::Result<()> {
+        self.register_mode(start as u64, len, UFFDIO_REGISTER_MODE_MISSING)
+    }
+
+    /// Registers `[start, start + len)` in `mode` (UFFDIO_REGISTER_MODE_*).
+    pub(crate) fn register_mode(&self, start: u64, len: u64, mode: u64) -> io::Result<()> {
         let mut reg = UffdioRegister {
-            range: UffdioRange {
-                start: start as u64,
-                len,
-            },
-            mode: UFFDIO_REGISTER_MODE_MISSING,
+            range: UffdioRange { start, len },
+            mode,
             ioctls: 0,
         };
         // SAFETY: UFFDIO_REGISTER reads and writes one uffdio_register; the

@@ -14,43 +14,24 @@
 //! kernel's uapi `linux/userfaultfd.h` and `linux/fs.h`.
 
 use std::fs::File;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::AsRawFd;
 use std::sync::Mutex;
 
+use crate::uffd::{Userfault, UFFDIO_REGISTER_MODE_WP};
 use crate::{DirtyLog, GuestMemory, PageBitmap, RamError};
 
-// linux/userfaultfd.h
-const UFFD_API: u64 = 0xAA;
+// linux/userfaultfd.h (opening and registering live in `crate::uffd`)
 const UFFD_FEATURE_WP_UNPOPULATED: u64 = 1 << 13;
 const UFFD_FEATURE_WP_ASYNC: u64 = 1 << 15;
-const UFFDIO_REGISTER_MODE_WP: u64 = 1 << 1;
 const UFFDIO_WRITEPROTECT_MODE_WP: u64 = 1 << 0;
-/// _IOWR(0xAA, 0x3F, struct uffdio_api)
-const UFFDIO_API: libc::c_ulong = 0xC018_AA3F;
-/// _IOWR(0xAA, 0x00, struct uffdio_register)
-const UFFDIO_REGISTER: libc::c_ulong = 0xC020_AA00;
 /// _IOWR(0xAA, 0x06, struct uffdio_writeprotect)
 const UFFDIO_WRITEPROTECT: libc::c_ulong = 0xC018_AA06;
-
-#[repr(C)]
-struct UffdioApi {
-    api: u64,
-    features: u64,
-    ioctls: u64,
-}
 
 #[repr(C)]
 #[derive(Clone, Copy)]
 struct UffdioRange {
     start: u64,
     len: u64,
-}
-
-#[repr(C)]
-struct UffdioRegister {
-    range: UffdioRange,
-    mode: u64,
-    ioctls: u64,
 }
 
 #[repr(C)]
@@ -103,7 +84,7 @@ struct Range {
 }
 
 pub struct UffdLog {
-    uffd: OwnedFd,
+    uffd: Userfault,
     pagemap: File,
     ranges: Vec<Range>,
     regions: Mutex<Vec<PageRegion>>,
@@ -114,20 +95,15 @@ impl UffdLog {
     /// block of `memory` with it. A clear error where the kernel lacks
     /// userfaultfd, async write-protect or PAGEMAP_SCAN.
     pub fn new(memory: &GuestMemory) -> Result<Self, RamError> {
-        let uffd = open_userfaultfd()?;
-        let mut api = UffdioApi {
-            api: UFFD_API,
-            features: UFFD_FEATURE_WP_ASYNC | UFFD_FEATURE_WP_UNPOPULATED,
-            ioctls: 0,
-        };
-        // SAFETY: UFFDIO_API reads and writes the uffdio_api we own, whose
-        // layout matches the kernel's.
-        if unsafe { libc::ioctl(uffd.as_raw_fd(), UFFDIO_API, &mut api) } != 0 {
-            return Err(unsupported(
-                "userfaultfd refuses UFFD_FEATURE_WP_ASYNC (Linux 6.7 or newer is needed)",
-                std::io::Error::last_os_error(),
-            ));
-        }
+        let uffd =
+            Userfault::open_with_features(UFFD_FEATURE_WP_ASYNC | UFFD_FEATURE_WP_UNPOPULATED)
+                .map_err(|e| {
+                    unsupported(
+                "cannot open a userfaultfd with UFFD_FEATURE_WP_ASYNC (Linux 6.7 or newer is \
+                 needed; an unprivileged process also needs vm.unprivileged_userfaultfd = 1)",
+                e,
+            )
+                })?;
         let pagemap = File::open("/proc/self/pagemap").map_err(|e| RamError::DirtyLog {
             tracker: "uffd",
             block: String::new(),
@@ -158,20 +134,9 @@ impl UffdLog {
     }
 
     fn register(&self, r: &Range) -> Result<(), RamError> {
-        let mut reg = UffdioRegister {
-            range: UffdioRange {
-                start: r.start,
-                len: r.len,
-            },
-            mode: UFFDIO_REGISTER_MODE_WP,
-            ioctls: 0,
-        };
-        // SAFETY: UFFDIO_REGISTER reads the range (a block mapping we own
-        // for as long as this log lives) and writes back `ioctls`.
-        if unsafe { libc::ioctl(self.uffd.as_raw_fd(), UFFDIO_REGISTER, &mut reg) } != 0 {
-            return Err(self.error(r, "registering write-protect mode"));
-        }
-        Ok(())
+        self.uffd
+            .register_mode(r.start, r.len, UFFDIO_REGISTER_MODE_WP)
+            .map_err(|_| self.error(r, "registering write-protect mode"))
     }
 
     /// Protects (`protect`) or unprotects every page of block `r`.
@@ -189,7 +154,7 @@ impl UffdLog {
         };
         // SAFETY: UFFDIO_WRITEPROTECT reads the struct we own; the range is
         // a registered block mapping.
-        if unsafe { libc::ioctl(self.uffd.as_raw_fd(), UFFDIO_WRITEPROTECT, &mut wp) } != 0 {
+        if unsafe { libc::ioctl(self.uffd.raw_fd(), UFFDIO_WRITEPROTECT, &mut wp) } != 0 {
             return Err(self.error(r, "UFFDIO_WRITEPROTECT"));
         }
         Ok(())
@@ -309,20 +274,6 @@ fn scan_arg(start: u64, end: u64, flags: u64, regions: &mut [PageRegion]) -> PmS
         return_mask: PAGE_IS_WRITTEN,
         ..Default::default()
     }
-}
-
-fn open_userfaultfd() -> Result<OwnedFd, RamError> {
-    // SAFETY: the userfaultfd syscall takes flags only and returns a new fd
-    // (or -1), which we own from here on.
-    let fd = unsafe { libc::syscall(libc::SYS_userfaultfd, libc::O_CLOEXEC | libc::O_NONBLOCK) };
-    if fd < 0 {
-        return Err(unsupported(
-            "cannot open a userfaultfd (is vm.unprivileged_userfaultfd 0 and the process unprivileged?)",
-            std::io::Error::last_os_error(),
-        ));
-    }
-    // SAFETY: fd is a fresh descriptor nobody else owns.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
 }
 
 fn unsupported(what: &str, source: std::io::Error) -> RamError {
