@@ -26,4 +26,6 @@ pub use summary::{Progress, Role, Summary};
 
 pub use ferry_multifd::{ReceiverOptions, SendPath, SenderOptions};
 pub use ferry_ram::{BlockSpec, Digest, GuestMemory, RamBlock};
-pub use ferry_transport::{AcceptOptions, ChannelUri, Listener, SocketTuning};
+pub use ferry_transport::{
+    AcceptOptions, ChannelUri, Listener, SocketTuning, TlsClient, TlsServer,
+};

@@ -20,10 +20,11 @@ use std::time::{Duration, Instant};
 use ferry_multifd::{SendPath, SenderOptions, SenderPool};
 use ferry_ram::{Digest, PageBitmap};
 use ferry_transport::{
-    await_accept, connect_channel, Channel, ChannelHello, ChannelUri, Role, SessionId, SocketTuning,
+    await_accept, connect_channel_secure, Channel, ChannelHello, ChannelUri, Role, SessionId,
+    SocketTuning, TlsClient,
 };
 
-use crate::protocol::{Message, Setup, CAP_CHECKSUM};
+use crate::protocol::{Message, Setup, CAP_CHECKSUM, CAP_ZSTD};
 use crate::summary::ZeroCopyReport;
 use crate::{Failed, Guest, MigrationError, Progress, Role as SummaryRole, Summary};
 
@@ -37,6 +38,8 @@ pub struct OutgoingOptions {
     pub setup_timeout: Duration,
     /// How long to wait for the destination's final word after COMPLETE.
     pub completion_timeout: Duration,
+    /// TLS on every channel, with these credentials.
+    pub tls: Option<Arc<TlsClient>>,
 }
 
 impl Default for OutgoingOptions {
@@ -47,6 +50,7 @@ impl Default for OutgoingOptions {
             tuning: SocketTuning::default(),
             setup_timeout: Duration::from_secs(30),
             completion_timeout: Duration::from_secs(120),
+            tls: None,
         }
     }
 }
@@ -62,6 +66,8 @@ pub fn migrate_out(
     let mut summary = Summary::new(SummaryRole::Source, uri.to_string());
     summary.channels = opts.channels;
     summary.checksum = opts.sender.checksum;
+    summary.tls = opts.tls.is_some();
+    summary.compression = opts.sender.compress.map(|l| format!("zstd:{l}"));
     progress.total_ram_bytes.store(
         guest.memory().total_bytes(),
         std::sync::atomic::Ordering::Relaxed,
@@ -96,14 +102,38 @@ fn run(
             "at least one multifd channel is needed".into(),
         ));
     }
-    let memory = guest.memory().clone();
     progress.set_phase("connecting");
     let session = SessionId::random();
     summary.session = session.to_string();
     let (main, multifd) = open_session(uri, opts, session)?;
     summary.wire_bytes += (ferry_transport::HELLO_LEN as u64 + 8) * (u64::from(opts.channels) + 1);
-    let main: Arc<dyn Channel> = Arc::new(main);
+    let main: Arc<dyn Channel> = Arc::from(main);
     let return_path = spawn_return_path(main.clone())?;
+    let result = run_session(
+        guest,
+        main.as_ref(),
+        multifd,
+        &return_path,
+        opts,
+        progress,
+        summary,
+    );
+    // End the main channel cleanly (TLS: close_notify); the destination
+    // may already have closed its side, so this is best effort.
+    let _ = main.finish();
+    result
+}
+
+fn run_session(
+    guest: &dyn Guest,
+    main: &dyn Channel,
+    multifd: Vec<Box<dyn Channel>>,
+    return_path: &ReturnPath,
+    opts: &OutgoingOptions,
+    progress: &Progress,
+    summary: &mut Summary,
+) -> Result<(), MigrationError> {
+    let memory = guest.memory().clone();
 
     progress.set_phase("setup");
     let setup = Setup {
@@ -111,13 +141,17 @@ fn run(
             CAP_CHECKSUM
         } else {
             0
+        } | if opts.sender.compress.is_some() {
+            CAP_ZSTD
+        } else {
+            0
         },
         multifd_channels: opts.channels,
         packet_pages: opts.sender.packet_pages,
         blocks: memory.specs(),
     };
-    summary.wire_bytes += Message::Setup(setup).write(&*main)?;
-    match recv_timeout(&return_path, opts.setup_timeout, "SETUP_ACK")? {
+    summary.wire_bytes += Message::Setup(setup).write(main)?;
+    match recv_timeout(return_path, opts.setup_timeout, "SETUP_ACK")? {
         Message::SetupAck => {}
         Message::Shut { error: Some(e) } => return Err(MigrationError::Setup(e)),
         other => {
@@ -150,26 +184,26 @@ fn run(
     );
     let sent = pool.send_pass(all_pages);
     if let Err(e) = sent {
-        return Err(destination_reason(&return_path).unwrap_or(e.into()));
+        return Err(destination_reason(return_path).unwrap_or(e.into()));
     }
     summary.passes = pool.generation();
     summary.wire_bytes += Message::PassEnd {
         generation: pool.generation(),
     }
-    .write(&*main)?;
+    .write(main)?;
 
     progress.set_phase("device state");
     let device_state = guest.save_device_state()?;
     summary.device_state_bytes = device_state.len() as u64;
     summary.device_state_digest = Some(Digest::of_bytes(&device_state).to_string());
-    summary.wire_bytes += Message::DeviceState(device_state).write(&*main)?;
+    summary.wire_bytes += Message::DeviceState(device_state).write(main)?;
     summary.wire_bytes += Message::Complete {
         generation: pool.generation(),
     }
-    .write(&*main)?;
+    .write(main)?;
     let totals = pool
         .finish()
-        .map_err(|e| destination_reason(&return_path).unwrap_or(e.into()))?;
+        .map_err(|e| destination_reason(return_path).unwrap_or(e.into()))?;
     summary.add_totals(&totals);
     if let Some(zc) = summary.zero_copy.as_mut() {
         (zc.sends, zc.copied) = (totals.zero_copy_sends, totals.zero_copy_copied);
@@ -177,7 +211,7 @@ fn run(
 
     progress.set_phase("completing");
     match recv_timeout(
-        &return_path,
+        return_path,
         opts.completion_timeout,
         "the destination's SHUT",
     )? {
@@ -190,33 +224,48 @@ fn run(
     }
 }
 
+type Channels = Vec<Box<dyn Channel>>;
+
 /// Connects main and the multifd channels, then waits until the
 /// destination has accepted every one of them.
 fn open_session(
     uri: &ChannelUri,
     opts: &OutgoingOptions,
     session: SessionId,
-) -> Result<(ferry_transport::SocketChannel, Vec<Box<dyn Channel>>), MigrationError> {
+) -> Result<(Box<dyn Channel>, Channels), MigrationError> {
     let hello = |role, index| ChannelHello {
         session,
         role,
         index,
         multifd_channels: opts.channels,
     };
-    let main = connect_channel(uri, &opts.tuning, &hello(Role::Main, 0))?;
+    let tls = opts.tls.as_deref();
+    let main = connect_channel_secure(uri, &opts.tuning, &hello(Role::Main, 0), tls)?;
     let mut multifd: Vec<Box<dyn Channel>> = Vec::new();
     for i in 0..opts.channels {
-        multifd.push(Box::new(connect_channel(
-            uri,
-            &opts.tuning,
-            &hello(Role::Multifd, i),
-        )?));
+        match connect_channel_secure(uri, &opts.tuning, &hello(Role::Multifd, i), tls) {
+            Ok(ch) => multifd.push(ch),
+            // With TLS 1.3 a server that refuses our certificate says so
+            // only after our side of the handshake is done: its alert
+            // waits on the main channel and explains this failure.
+            Err(e) => return Err(pending_refusal(main.as_ref()).unwrap_or(e).into()),
+        }
     }
-    await_accept(&main, opts.setup_timeout)?;
+    await_accept(main.as_ref(), opts.setup_timeout)?;
     for ch in &multifd {
         await_accept(ch.as_ref(), opts.setup_timeout)?;
     }
     Ok((main, multifd))
+}
+
+/// What the destination said on a channel it refused, if it said anything
+/// (a TLS alert, a refusal) within a moment.
+fn pending_refusal(ch: &dyn Channel) -> Option<ferry_transport::TransportError> {
+    match await_accept(ch, Duration::from_millis(500)) {
+        Err(e @ ferry_transport::TransportError::Io { .. })
+        | Err(e @ ferry_transport::TransportError::Refused { .. }) => Some(e),
+        _ => None,
+    }
 }
 
 type ReturnPath = Receiver<Result<Message, MigrationError>>;

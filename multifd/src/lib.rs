@@ -9,6 +9,7 @@
 //! channel, and the receiver applies nothing of pass k+1 before all of pass k
 //! has landed.
 
+mod compress;
 mod error;
 pub mod packet;
 mod receiver;
@@ -16,6 +17,7 @@ mod sender;
 mod stats;
 mod sync;
 
+pub use compress::{Compressor, Decompressor};
 pub use error::MultifdError;
 pub use packet::{PacketHeader, HEADER_LEN, MAX_PACKET_PAGES};
 pub use receiver::{ReceiverOptions, ReceiverPool};

@@ -9,19 +9,21 @@
 //! |-------:|-----:|---------------------------------------------------------|
 //! |      0 |    4 | magic, the bytes `FMFD`                                 |
 //! |      4 |    2 | version (currently 1)                                   |
-//! |      6 |    2 | flags: 1 SYNC (end of a pass), 2 END (no more packets), 4 CHECKSUM (crc fields valid) |
+//! |      6 |    2 | flags: 1 SYNC (end of a pass), 2 END (no more packets), 4 CHECKSUM (crc fields valid), 8 COMPRESSED (payload is one zstd frame) |
 //! |      8 |    4 | block index, into the block list of the migration's setup |
 //! |     12 |    4 | normal pages N                                          |
 //! |     16 |    4 | zero pages Z (N + Z at most [`MAX_PACKET_PAGES`])        |
 //! |     20 |    4 | page size of the block, bytes                           |
 //! |     24 |    8 | sequence number, counting from 0 on each channel        |
-//! |     32 |    8 | payload length, bytes (N × page size)                   |
+//! |     32 |    8 | payload length on the wire, bytes: N × page size, or with COMPRESSED the zstd frame's length (1 to N × page size − 1) |
 //! |     40 |    8 | generation: the pass this packet belongs to (from 1)    |
-//! |     48 |    4 | crc32 of the payload                                    |
+//! |     48 |    4 | crc32 of the payload (of the pages, uncompressed)       |
 //! |     52 |    4 | crc32 of header bytes 0..52 and the offsets             |
 //! |     56 |    8 | reserved, 0                                             |
 //!
-//! SYNC and END packets have N = Z = 0 and no payload. A receiver checks
+//! SYNC and END packets have N = Z = 0 and no payload. A COMPRESSED payload
+//! decodes to exactly N × page size bytes, the pages in offset order; a
+//! packet whose frame would not be smaller than that goes raw. A receiver checks
 //! magic, version, flags, sequence, block index, page size, counts, payload
 //! length and every offset (page aligned, inside the block) before it reads
 //! a single payload byte.
@@ -37,7 +39,8 @@ const VERSION: u16 = 1;
 pub const FLAG_SYNC: u16 = 1;
 pub const FLAG_END: u16 = 2;
 pub const FLAG_CHECKSUM: u16 = 4;
-const KNOWN_FLAGS: u16 = FLAG_SYNC | FLAG_END | FLAG_CHECKSUM;
+pub const FLAG_COMPRESSED: u16 = 8;
+const KNOWN_FLAGS: u16 = FLAG_SYNC | FLAG_END | FLAG_CHECKSUM | FLAG_COMPRESSED;
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct PacketHeader {
@@ -65,6 +68,13 @@ impl PacketHeader {
     }
     pub fn has_checksum(&self) -> bool {
         self.flags & FLAG_CHECKSUM != 0
+    }
+    pub fn is_compressed(&self) -> bool {
+        self.flags & FLAG_COMPRESSED != 0
+    }
+    /// Bytes the payload's pages hold (uncompressed).
+    pub fn pages_len(&self) -> u64 {
+        u64::from(self.normal) * u64::from(self.page_size)
     }
 
     /// Writes the header; `header_crc` is taken as given (see [`PacketHeader::seal`]).
@@ -131,7 +141,14 @@ impl PacketHeader {
                 h.normal, h.zero, MAX_PACKET_PAGES
             ));
         }
-        if h.payload_len != u64::from(h.normal) * u64::from(h.page_size) {
+        if h.is_compressed() {
+            if h.payload_len == 0 || h.payload_len >= h.pages_len() {
+                return Err(format!(
+                    "compressed payload of {} bytes for {} pages of {} bytes (must be smaller, and not empty)",
+                    h.payload_len, h.normal, h.page_size
+                ));
+            }
+        } else if h.payload_len != h.pages_len() {
             return Err(format!(
                 "payload of {} bytes for {} pages of {} bytes",
                 h.payload_len, h.normal, h.page_size

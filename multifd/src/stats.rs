@@ -17,6 +17,12 @@ pub struct Counters {
     pub zero_copy_copied: AtomicU64,
     /// Pages whose payload failed its checksum (re-sent or not).
     pub checksum_mismatches: AtomicU64,
+    /// Payload bytes of normal pages, and what they took on the wire
+    /// (less when compressed).
+    pub payload_raw: AtomicU64,
+    pub payload_wire: AtomicU64,
+    /// Packets whose payload travelled compressed.
+    pub compressed_packets: AtomicU64,
 }
 
 impl Counters {
@@ -30,6 +36,9 @@ impl Counters {
             zero_copy_sends: self.zero_copy_sends.load(Relaxed),
             zero_copy_copied: self.zero_copy_copied.load(Relaxed),
             checksum_mismatches: self.checksum_mismatches.load(Relaxed),
+            payload_raw: self.payload_raw.load(Relaxed),
+            payload_wire: self.payload_wire.load(Relaxed),
+            compressed_packets: self.compressed_packets.load(Relaxed),
         }
     }
     pub(crate) fn add_packet(&self, normal: u64, zero: u64, page_size: u64, wire: u64) {
@@ -39,6 +48,13 @@ impl Counters {
             .fetch_add((normal + zero) * page_size, Relaxed);
         self.wire_bytes.fetch_add(wire, Relaxed);
         self.packets.fetch_add(1, Relaxed);
+    }
+    pub(crate) fn add_payload(&self, raw: u64, wire: u64) {
+        self.payload_raw.fetch_add(raw, Relaxed);
+        self.payload_wire.fetch_add(wire, Relaxed);
+        if wire < raw {
+            self.compressed_packets.fetch_add(1, Relaxed);
+        }
     }
 }
 
@@ -53,4 +69,18 @@ pub struct Totals {
     pub zero_copy_sends: u64,
     pub zero_copy_copied: u64,
     pub checksum_mismatches: u64,
+    pub payload_raw: u64,
+    pub payload_wire: u64,
+    pub compressed_packets: u64,
+}
+
+impl Totals {
+    /// Payload bytes per byte on the wire (1.0 without compression).
+    pub fn compression_ratio(&self) -> f64 {
+        if self.payload_wire == 0 {
+            1.0
+        } else {
+            self.payload_raw as f64 / self.payload_wire as f64
+        }
+    }
 }

@@ -2,10 +2,12 @@
 //!
 //! Subcommands: `gen` (datasets), `send` / `recv` (the two ends of a
 //! migration), `demo` (both ends over loopback, in one process) and `bench`
-//! (ferry against QEMU and iperf3). Each prints a human summary, or one JSON
+//! (ferry against QEMU and iperf3), `certs` (TLS credentials for
+//! `--tls-dir`). Each prints a human summary, or one JSON
 //! object with `--json`; the exit status is 0 only for a completed run.
 
 mod bench;
+mod certs;
 mod demo;
 mod gen;
 mod output;
@@ -39,6 +41,7 @@ enum Command {
     Recv(recv::RecvArgs),
     Demo(demo::DemoArgs),
     Bench(bench::BenchArgs),
+    Certs(certs::CertsArgs),
 }
 
 fn main() -> ExitCode {
@@ -53,6 +56,7 @@ fn main() -> ExitCode {
         Command::Recv(a) => recv::run(a),
         Command::Demo(a) => demo::run(a),
         Command::Bench(a) => bench::run(a),
+        Command::Certs(a) => certs::run(a),
     };
     match result {
         Ok(true) => ExitCode::SUCCESS,

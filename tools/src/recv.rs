@@ -8,7 +8,7 @@ use anyhow::Context;
 use clap::Args;
 use ferry::{
     migrate_in, AcceptOptions, ChannelUri, DestinationMemory, IncomingOptions, Listener, Progress,
-    SocketTuning,
+    SocketTuning, TlsServer,
 };
 
 use crate::output::print_summary;
@@ -47,6 +47,17 @@ pub struct RecvArgs {
     /// algorithm (bbr) spends CPU on timers there.
     #[arg(long, default_value = "cubic")]
     tcp_congestion: String,
+    /// TLS on every channel, with credentials from this directory in QEMU's
+    /// layout: server-cert.pem + server-key.pem (this side's certificate)
+    /// and ca-cert.pem (the CA every sender's client certificate must be
+    /// signed by; senders without one are refused). `ferry certs` makes a set.
+    #[arg(long)]
+    tls_dir: Option<PathBuf>,
+    /// Insist on a compression setting: `zstd` refuses a sender that does
+    /// not compress, `none` one that does. Default: take what the sender
+    /// announces.
+    #[arg(long, value_parser = ["zstd", "none"])]
+    compress: Option<String>,
 }
 
 pub fn run(a: RecvArgs) -> anyhow::Result<bool> {
@@ -61,7 +72,10 @@ fn migrate(a: RecvArgs) -> anyhow::Result<bool> {
         congestion: crate::units::congestion(&a.tcp_congestion),
         ..Default::default()
     };
-    let listener = Listener::bind(&uri, tuning)?;
+    let mut listener = Listener::bind(&uri, tuning)?;
+    if let Some(d) = &a.tls_dir {
+        listener = listener.with_tls(Arc::new(TlsServer::load(d)?));
+    }
     // One write, so a script reading stderr never sees half the line.
     let ready = format!("ferry: listening on {}\n", listener.uri());
     let _ = std::io::Write::write_all(&mut std::io::stderr(), ready.as_bytes());
@@ -74,6 +88,7 @@ fn migrate(a: RecvArgs) -> anyhow::Result<bool> {
             first_timeout: a.timeout.map(Duration::from_secs_f64),
             ..Default::default()
         },
+        compression: a.compress.as_deref().map(|c| c == "zstd"),
     };
     let progress = Arc::new(Progress::default());
     match migrate_in(&listener, &opts, &progress) {
