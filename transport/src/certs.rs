@@ -69,8 +69,13 @@ pub fn generate(dir: &Path, req: &CertRequest) -> Result<(), TransportError> {
 
     let ca_key = KeyPair::generate().map_err(rc)?;
     let mut ca = CertificateParams::new(Vec::<String>::new()).map_err(rc)?;
+    // A name of its own, so a certificate from another ferry CA is told
+    // apart by issuer name (unknown issuer), not only by its signature.
+    let mut id = [0u8; 6];
+    getrandom::fill(&mut id).map_err(|e| err(dir, e))?;
+    let id: String = id.iter().map(|b| format!("{b:02x}")).collect();
     ca.distinguished_name
-        .push(DnType::CommonName, "ferry migration CA");
+        .push(DnType::CommonName, format!("ferry migration CA {id}"));
     ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
     ca.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
     ca.not_before = now - time::Duration::hours(1);

@@ -331,6 +331,11 @@ pub fn describe(e: &rustls::Error) -> String {
         E::InvalidCertificate(C::UnknownIssuer) => {
             "the peer's certificate is not signed by our CA (ca-cert.pem): unknown issuer".into()
         }
+        E::InvalidCertificate(C::BadSignature) => {
+            "the peer's certificate is not signed by our CA (ca-cert.pem): its signature \
+             does not verify"
+                .into()
+        }
         E::InvalidCertificate(C::Expired | C::ExpiredContext { .. }) => {
             "the peer's certificate has expired".into()
         }
