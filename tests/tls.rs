@@ -148,16 +148,14 @@ fn failing_with(
             tls,
             ..Default::default()
         };
-        let src = migrate_out(&image_guest(mem), &uri, &opts, &Progress::default())
-            .err()
-            .expect("the source fails")
-            .to_string();
-        let dst = dst
-            .join()
-            .unwrap()
-            .err()
-            .expect("the destination fails")
-            .to_string();
+        let src = match migrate_out(&image_guest(mem), &uri, &opts, &Progress::default()) {
+            Ok(_) => panic!("the source completed"),
+            Err(e) => e.to_string(),
+        };
+        let dst = match dst.join().unwrap() {
+            Ok(_) => panic!("the destination completed"),
+            Err(e) => e.to_string(),
+        };
         eprintln!("source: {src}\ndestination: {dst}");
         (src, dst)
     })
