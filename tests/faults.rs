@@ -561,6 +561,7 @@ fn compressed_payload_of_the_wrong_size_is_refused_inside_its_pages() {
         let (frame, raw) = frame_of(2);
         let mut h = data_header(0, 3, 0);
         h.flags |= FLAG_COMPRESSED;
+        h.compressed_pages = h.normal;
         h.payload_len = frame.len() as u64;
         h.payload_crc = crc_of(&raw);
         let offsets = [5 * 4096, 6 * 4096, 7 * 4096];
@@ -596,6 +597,8 @@ fn compressed_payload_that_is_garbage_or_too_long_is_refused() {
             let payload = if garbage { vec![0x5a; 1000] } else { frame };
             let mut h = data_header(0, pages as u32, 0);
             h.flags |= FLAG_COMPRESSED;
+            h.compressed_pages = h.normal;
+            h.compressed_pages = h.normal;
             h.payload_len = payload.len() as u64;
             let offsets: Vec<u64> = (0..pages as u64).map(|p| p * 4096).collect();
             src.multifd[0]
@@ -620,6 +623,7 @@ fn compressed_packet_without_compression_in_setup_is_refused() {
         let (frame, raw) = frame_of(2);
         let mut h = data_header(0, 2, 0);
         h.flags |= FLAG_COMPRESSED;
+        h.compressed_pages = h.normal;
         h.payload_len = frame.len() as u64;
         h.payload_crc = crc_of(&raw);
         src.multifd[0]

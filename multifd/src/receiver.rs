@@ -355,30 +355,26 @@ impl ChannelReceiver {
             }
         }
         let normal = h.normal as usize;
+        // The zstd frame's pages (the first C) and the raw ones make
+        // separate runs, never merged across the boundary.
+        let framed = h.compressed_pages as usize;
         self.iov.clear();
-        for &off in &self.offsets[..normal] {
-            push_run(&mut self.iov, block.host_addr(), off, ps);
+        for &off in &self.offsets[..framed] {
+            push_run(&mut self.iov, block.host_addr(), off, ps, 0);
+        }
+        let split = self.iov.len();
+        for &off in &self.offsets[framed..normal] {
+            push_run(&mut self.iov, block.host_addr(), off, ps, split);
         }
         if h.is_compressed() {
             if !shared.opts.compressed {
                 return Err(self
                     .bad("payload is compressed, but the setup announced no compression".into()));
             }
-            self.receive_compressed(h, block.name())?;
-        } else if self.channel.tls().is_some() {
-            self.receive_sealed(h)?;
+            self.receive_compressed(h, block.name(), split)?;
+            self.receive_raw(h, split)?;
         } else {
-            // recv_exact consumes the list it is given; keep `iov` for the checksum.
-            self.scratch_iov.clone_from(&self.iov);
-            let mut scratch = std::mem::take(&mut self.scratch_iov);
-            let got = self
-                .ring
-                .recv_exact(self.fd, &mut scratch)
-                .map_err(|e| self.io("reading a payload", e));
-            self.scratch_iov = scratch;
-            if (got? as u64) < h.payload_len {
-                return Err(self.closed(format!("inside the payload of packet #{}", self.seq)));
-            }
+            self.receive_raw(h, 0)?;
         }
         shared.counters.add_payload(h.pages_len(), h.payload_len);
         if h.has_checksum() {
@@ -474,9 +470,33 @@ impl ChannelReceiver {
             .collect()
     }
 
+    /// The raw payload runs from `first` on, straight into the pages.
+    fn receive_raw(&mut self, h: &PacketHeader, first: usize) -> Result<(), MultifdError> {
+        if self.channel.tls().is_some() {
+            return self.receive_sealed(h, first);
+        }
+        // recv_exact consumes the list it is given; keep `iov` for the checksum.
+        self.scratch_iov.clear();
+        self.scratch_iov.extend_from_slice(&self.iov[first..]);
+        if self.scratch_iov.is_empty() {
+            return Ok(());
+        }
+        let want: usize = self.scratch_iov.iter().map(|v| v.iov_len).sum();
+        let mut scratch = std::mem::take(&mut self.scratch_iov);
+        let got = self
+            .ring
+            .recv_exact(self.fd, &mut scratch)
+            .map_err(|e| self.io("reading a payload", e));
+        self.scratch_iov = scratch;
+        if got? < want {
+            return Err(self.closed(format!("inside the payload of packet #{}", self.seq)));
+        }
+        Ok(())
+    }
+
     /// A TLS payload: decrypted plaintext goes straight into the page runs.
-    fn receive_sealed(&mut self, h: &PacketHeader) -> Result<(), MultifdError> {
-        for run in self.runs() {
+    fn receive_sealed(&mut self, h: &PacketHeader, first: usize) -> Result<(), MultifdError> {
+        for run in self.runs().into_iter().skip(first) {
             if self.recv(run, "reading a payload")? < run.len() {
                 return Err(self.closed(format!(
                     "inside the payload of packet #{} ({} bytes)",
@@ -488,7 +508,12 @@ impl ChannelReceiver {
     }
 
     /// A zstd frame: received in pieces, decoded straight into the page runs.
-    fn receive_compressed(&mut self, h: &PacketHeader, block: &str) -> Result<(), MultifdError> {
+    fn receive_compressed(
+        &mut self,
+        h: &PacketHeader,
+        block: &str,
+        split: usize,
+    ) -> Result<(), MultifdError> {
         let zerr = |me: &Self, why: String| MultifdError::Decompress {
             channel: me.channel.label().into(),
             seq: me.seq,
@@ -501,11 +526,12 @@ impl ChannelReceiver {
             self.zscratch.resize(ZCHUNK, 0);
         }
         let mut runs = self.runs();
+        runs.truncate(split);
         let mut d = self.decompressor.take().expect("made above");
         let mut z = std::mem::take(&mut self.zscratch);
         let result = (|| {
             d.begin().map_err(|e| zerr(self, e.to_string()))?;
-            let mut left = h.payload_len as usize;
+            let mut left = h.frame_len() as usize;
             while left > 0 {
                 let n = left.min(z.len());
                 if self.recv(&mut z[..n], "reading a compressed payload")? < n {
@@ -578,11 +604,12 @@ impl ChannelReceiver {
 
 /// Appends the page at `off` to an iovec list, merging adjacent pages.
 #[inline]
-fn push_run(iov: &mut Vec<libc::iovec>, base: *mut u8, off: u64, ps: u64) {
+fn push_run(iov: &mut Vec<libc::iovec>, base: *mut u8, off: u64, ps: u64, first: usize) {
     // SAFETY: the caller checked off + ps <= block length, so the address is
     // inside the block's mapping.
     let addr = unsafe { base.add(off as usize) };
-    if let Some(last) = iov.last_mut() {
+    let merge = iov.len() > first;
+    if let Some(last) = iov.last_mut().filter(|_| merge) {
         if last.iov_base as usize + last.iov_len == addr as usize {
             last.iov_len += ps as usize;
             return;

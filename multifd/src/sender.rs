@@ -466,6 +466,8 @@ struct ChannelSender {
     packet_pages: usize,
     /// Zero-page offsets of the packet being built.
     zero_scratch: Vec<u64>,
+    /// With compression: offsets of random-looking pages (sent raw).
+    raw_scratch: Vec<u64>,
     /// The by-reference path, when chosen.
     pipe: Option<SplicePipe>,
     /// zstd context, when compressing.
@@ -523,6 +525,7 @@ impl ChannelSender {
             zero_copy,
             packet_pages: max,
             zero_scratch: Vec::with_capacity(max),
+            raw_scratch: Vec::with_capacity(max),
             pipe,
             error: None,
         })
@@ -709,6 +712,8 @@ impl ChannelSender {
         s.offsets.clear();
         s.iov.clear();
         self.zero_scratch.clear();
+        self.raw_scratch.clear();
+        let sort = self.compressor.is_some();
         s.iov.push(libc::iovec {
             iov_base: s.header.as_mut_ptr().cast(),
             iov_len: HEADER_LEN,
@@ -727,10 +732,22 @@ impl ChannelSender {
                     self.zero_scratch.push(offset);
                     continue;
                 }
+                if sort && !looks_compressible(bytes) {
+                    self.raw_scratch.push(offset);
+                    continue;
+                }
                 s.offsets.push(offset);
-                push_page(&mut s.iov, bytes);
+                push_page(&mut s.iov, bytes, 2);
             }
         }
+        // With compression: the compressible-looking pages first (they go
+        // into the zstd frame), then the random-looking ones (raw).
+        let compressible = s.offsets.len();
+        let split = s.iov.len();
+        for &offset in &self.raw_scratch {
+            push_page(&mut s.iov, block.page(offset / ps as u64), split);
+        }
+        s.offsets.extend_from_slice(&self.raw_scratch);
         let normal = s.offsets.len();
         if normal + self.zero_scratch.len() == 0 {
             return Ok(false);
@@ -752,10 +769,11 @@ impl ChannelSender {
                 0
             },
             header_crc: 0,
+            compressed_pages: 0,
         };
         s.payload_raw = h.payload_len;
-        if let Some(c) = self.compressor.as_mut().filter(|_| normal > 0) {
-            let runs: Vec<&[u8]> = s.iov[2..]
+        if let Some(c) = self.compressor.as_mut().filter(|_| compressible > 0) {
+            let runs: Vec<&[u8]> = s.iov[2..split]
                 .iter()
                 // SAFETY: the runs point at guest pages of `self.memory`.
                 .map(|v| unsafe { std::slice::from_raw_parts(v.iov_base.cast::<u8>(), v.iov_len) })
@@ -769,12 +787,15 @@ impl ChannelSender {
                 s.zbuf.clear();
                 s.zbuf.extend_from_slice(frame);
                 h.flags |= FLAG_COMPRESSED;
-                h.payload_len = s.zbuf.len() as u64;
-                s.iov.truncate(2);
-                s.iov.push(libc::iovec {
-                    iov_base: s.zbuf.as_mut_ptr().cast(),
-                    iov_len: s.zbuf.len(),
-                });
+                h.compressed_pages = compressible as u32;
+                h.payload_len = (s.zbuf.len() + (normal - compressible) * ps) as u64;
+                s.iov.splice(
+                    2..split,
+                    [libc::iovec {
+                        iov_base: s.zbuf.as_mut_ptr().cast(),
+                        iov_len: s.zbuf.len(),
+                    }],
+                );
             }
         }
         s.payload_wire = h.payload_len;
@@ -911,11 +932,24 @@ impl ChannelSender {
     }
 }
 
-/// Appends a page to an iovec list, merging it with the previous entry when
-/// the two are adjacent in memory.
+/// Whether a page is worth giving to zstd: 64 bytes sampled across it take
+/// few distinct values (text, tables, low-entropy data). Random-looking
+/// pages (about 56 distinct of 64) go raw, saving zstd's time on them.
 #[inline]
-fn push_page(iov: &mut Vec<libc::iovec>, page: &[u8]) {
-    let pages_started = iov.len() > 2;
+fn looks_compressible(page: &[u8]) -> bool {
+    let mut seen = [0u64; 4];
+    let step = (page.len() / 64).max(1);
+    for &b in page.iter().step_by(step) {
+        seen[usize::from(b >> 6)] |= 1 << (b & 63);
+    }
+    seen.iter().map(|w| w.count_ones()).sum::<u32>() <= 40
+}
+
+/// Appends a page to an iovec list, merging it with the previous entry when
+/// the two are adjacent in memory and that entry is at index `first` or later.
+#[inline]
+fn push_page(iov: &mut Vec<libc::iovec>, page: &[u8], first: usize) {
+    let pages_started = iov.len() > first;
     if let Some(last) = iov.last_mut().filter(|_| pages_started) {
         if last.iov_base as usize + last.iov_len == page.as_ptr() as usize {
             last.iov_len += page.len();
