@@ -279,6 +279,43 @@ mod tests {
         assert!(PacketHeader::decode(&b).unwrap_err().contains("bad magic"));
     }
 
+    #[test]
+    fn compressed_headers_are_checked() {
+        let mut b = [0u8; HEADER_LEN];
+        let mut h = sample();
+        h.flags |= FLAG_COMPRESSED;
+        // 3 normal pages, the first 2 in a 100-byte frame, the third raw.
+        h.compressed_pages = 2;
+        h.payload_len = 100 + 4096;
+        h.seal(&mut b, &[0, 4096, 8192, 65536]);
+        let d = PacketHeader::decode(&b).unwrap();
+        assert_eq!((d.compressed_pages, d.frame_len()), (2, 100));
+        assert!(d.header_crc_ok(&b, &[0, 4096, 8192, 65536]));
+        // The count is covered by the header crc.
+        b[56] = 3;
+        assert!(!PacketHeader::decode(&b)
+            .unwrap()
+            .header_crc_ok(&b, &[0, 4096, 8192, 65536]));
+        for (c, len, why) in [
+            (0, 100, "0 compressed pages"),
+            (4, 100, "4 compressed pages"),
+            (2, 4096, "must be smaller"),
+            (2, 3 * 4096, "must be smaller"),
+        ] {
+            h.compressed_pages = c;
+            h.payload_len = len;
+            h.encode(&mut b);
+            let e = PacketHeader::decode(&b).unwrap_err();
+            assert!(e.contains(why), "{c} {len}: {e}");
+        }
+        let mut h = sample();
+        h.compressed_pages = 1;
+        h.encode(&mut b);
+        assert!(PacketHeader::decode(&b)
+            .unwrap_err()
+            .contains("without the COMPRESSED flag"));
+    }
+
     proptest! {
         #[test]
         fn decode_never_panics(bytes in proptest::collection::vec(any::<u8>(), HEADER_LEN)) {

@@ -716,7 +716,15 @@ fn help_of_every_command_exits_0_and_lists_its_options() {
         ),
         (
             &["bench", "--help"],
-            &["--size", "--channels", "--runs", "--peer", "--json"],
+            &[
+                "--size",
+                "--channels",
+                "--runs",
+                "--peer",
+                "--json",
+                "--tls-dir",
+                "--compress",
+            ],
         ),
         (&["demo", "--help"], &["--size", "--channels", "--json"]),
     ];
