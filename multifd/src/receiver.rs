@@ -457,17 +457,11 @@ impl ChannelReceiver {
         Ok(())
     }
 
-    /// The destination runs of the current packet as slices.
-    fn runs(&self) -> Vec<&'static mut [u8]> {
-        self.iov
-            .iter()
-            // SAFETY: every run was built by `push_run` from offsets checked
-            // to lie inside the block's mapping, which outlives this thread;
-            // runs never overlap (offsets are merged only when adjacent, and
-            // a repeated offset only makes two runs over the same page, which
-            // are written one after the other, never at once).
-            .map(|v| unsafe { std::slice::from_raw_parts_mut(v.iov_base.cast::<u8>(), v.iov_len) })
-            .collect()
+    /// The destination runs `range` of the current packet as slices. The
+    /// caller must have checked that these runs do not overlap (the zstd
+    /// frame's pages are in strictly increasing order).
+    fn runs(&self, range: std::ops::Range<usize>) -> Vec<&'static mut [u8]> {
+        self.iov[range].iter().map(|v| run_slice(*v)).collect()
     }
 
     /// The raw payload runs from `first` on, straight into the pages.
@@ -496,7 +490,9 @@ impl ChannelReceiver {
 
     /// A TLS payload: decrypted plaintext goes straight into the page runs.
     fn receive_sealed(&mut self, h: &PacketHeader, first: usize) -> Result<(), MultifdError> {
-        for run in self.runs().into_iter().skip(first) {
+        for i in first..self.iov.len() {
+            // One run at a time: a page named twice is written twice, in turn.
+            let run = run_slice(self.iov[i]);
             if self.recv(run, "reading a payload")? < run.len() {
                 return Err(self.closed(format!(
                     "inside the payload of packet #{} ({} bytes)",
@@ -525,8 +521,13 @@ impl ChannelReceiver {
             self.decompressor = Some(d);
             self.zscratch.resize(ZCHUNK, 0);
         }
-        let mut runs = self.runs();
-        runs.truncate(split);
+        let framed = &self.offsets[..h.compressed_pages as usize];
+        if framed.windows(2).any(|w| w[0] >= w[1]) {
+            return Err(
+                self.bad("the compressed pages' offsets are not in increasing order".into())
+            );
+        }
+        let mut runs = self.runs(0..split);
         let mut d = self.decompressor.take().expect("made above");
         let mut z = std::mem::take(&mut self.zscratch);
         let result = (|| {
@@ -600,6 +601,14 @@ impl ChannelReceiver {
             why,
         }
     }
+}
+
+/// A payload run as a slice of destination memory.
+fn run_slice(v: libc::iovec) -> &'static mut [u8] {
+    // SAFETY: every run was built by `push_run` from offsets checked to lie
+    // inside the block's mapping, which outlives the receiver threads; the
+    // callers never hold two slices over the same page at once.
+    unsafe { std::slice::from_raw_parts_mut(v.iov_base.cast::<u8>(), v.iov_len) }
 }
 
 /// Appends the page at `off` to an iovec list, merging adjacent pages.
