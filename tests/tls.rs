@@ -406,3 +406,28 @@ fn clean_end_and_cut_connection_are_told_apart() {
         });
     }
 }
+
+/// Over a unix socket the name checked is `localhost`.
+#[test]
+fn tls_over_a_unix_socket() {
+    within(30, || {
+        let dir = cert_dir();
+        let sock = dir.path().join("ferry.sock");
+        let uri: ChannelUri = format!("unix:{}", sock.display()).parse().unwrap();
+        let l = Listener::bind(&uri, SocketTuning::default())
+            .unwrap()
+            .with_tls(Arc::new(TlsServer::load(dir.path()).unwrap()));
+        let mem = memory(&[("ram", 8)], Pattern::Mixed, 3);
+        let dst = spawn_destination(l, IncomingOptions::default());
+        let opts = OutgoingOptions {
+            channels: 2,
+            tls: Some(client(dir.path(), None)),
+            ..Default::default()
+        };
+        let sent = migrate_out(&image_guest(mem.clone()), &uri, &opts, &Progress::default())
+            .expect("source completes");
+        let got = dst.join().unwrap().expect("destination completes");
+        assert!(sent.tls && got.summary.tls);
+        assert_eq!(got.memory.digest(), mem.digest());
+    });
+}
