@@ -431,3 +431,28 @@ fn tls_over_a_unix_socket() {
         assert_eq!(got.memory.digest(), mem.digest());
     });
 }
+
+/// Missing or mismatched credential files are named.
+#[test]
+fn credential_errors_name_the_file() {
+    let d = cert_dir();
+    let e = TlsServer::load(&d.path().join("nowhere"))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("ca-cert.pem"), "{e}");
+    std::fs::remove_file(d.path().join("server-key.pem")).unwrap();
+    let e = TlsServer::load(d.path()).unwrap_err().to_string();
+    assert!(e.contains("server-key.pem"), "{e}");
+    std::fs::remove_file(d.path().join("client-key.pem")).unwrap();
+    let e = TlsClient::load(d.path(), None).unwrap_err().to_string();
+    assert!(e.contains("client-key.pem") && e.contains("missing"), "{e}");
+    // A key that does not belong to the certificate.
+    let other = cert_dir();
+    std::fs::copy(
+        other.path().join("client-key.pem"),
+        d.path().join("client-key.pem"),
+    )
+    .unwrap();
+    let e = TlsClient::load(d.path(), None).unwrap_err().to_string();
+    assert!(e.contains("client-key.pem"), "{e}");
+}
