@@ -547,7 +547,7 @@ fn channels_connecting_in_reverse_order_work() {
 fn frame_of(pages: usize) -> (Vec<u8>, Vec<u8>) {
     let raw: Vec<u8> = (0..pages * 4096).map(|i| (i % 13) as u8).collect();
     let mut c = ferry_multifd::Compressor::new(1).unwrap();
-    let frame = c.compress(&[&raw], 4096).unwrap().unwrap().to_vec();
+    let frame = c.compress(&[&raw]).unwrap().unwrap().to_vec();
     (frame, raw)
 }
 

@@ -26,11 +26,10 @@ impl Compressor {
         })
     }
 
-    /// Compresses the runs (in order) into one frame, ending a zstd block
-    /// after every `page` bytes so each page gets entropy tables of its own
-    /// (a low-entropy page between random ones still shrinks). `None` if the
-    /// frame would not be smaller than the runs together.
-    pub fn compress(&mut self, runs: &[&[u8]], page: usize) -> io::Result<Option<&[u8]>> {
+    /// Compresses the runs (in order) into one frame. `None` if the frame
+    /// would not be smaller than the runs together. (Ending a zstd block at
+    /// every page was measured: 10% slower, the same ratio.)
+    pub fn compress(&mut self, runs: &[&[u8]]) -> io::Result<Option<&[u8]>> {
         let limit: usize = runs.iter().map(|r| r.len()).sum();
         if limit == 0 {
             return Ok(None);
@@ -41,20 +40,12 @@ impl Compressor {
         self.enc.reinit()?;
         self.enc.set_pledged_src_size(Some(limit as u64))?;
         let mut ob = OutBuffer::around(&mut self.out[..limit]);
-        let page = page.max(1);
         for run in runs {
-            for piece in run.chunks(page) {
-                let mut ib = InBuffer::around(piece);
-                while ib.pos() < piece.len() {
-                    self.enc.run(&mut ib, &mut ob)?;
-                    if ob.pos() == limit {
-                        return Ok(None);
-                    }
-                }
-                while self.enc.flush(&mut ob)? != 0 {
-                    if ob.pos() == limit {
-                        return Ok(None);
-                    }
+            let mut ib = InBuffer::around(run);
+            while ib.pos() < run.len() {
+                self.enc.run(&mut ib, &mut ob)?;
+                if ob.pos() == limit {
+                    return Ok(None);
                 }
             }
         }
@@ -177,7 +168,7 @@ mod tests {
         let a: Vec<u8> = (0..8192u32).map(|i| (i % 7) as u8).collect();
         let b = vec![3u8; 4096];
         let mut c = Compressor::new(1).unwrap();
-        let frame = c.compress(&[&a, &b], 4096).unwrap().unwrap().to_vec();
+        let frame = c.compress(&[&a, &b]).unwrap().unwrap().to_vec();
         assert!(frame.len() < a.len() + b.len());
         let mut d = Decompressor::new().unwrap();
         let (mut x, mut y) = (vec![0u8; 8192], vec![0u8; 4096]);
@@ -222,7 +213,7 @@ mod tests {
             .collect();
         assert!(Compressor::new(1)
             .unwrap()
-            .compress(&[&r], 4096)
+            .compress(&[&r])
             .unwrap()
             .is_none());
     }

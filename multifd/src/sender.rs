@@ -778,7 +778,7 @@ impl ChannelSender {
                 // SAFETY: the runs point at guest pages of `self.memory`.
                 .map(|v| unsafe { std::slice::from_raw_parts(v.iov_base.cast::<u8>(), v.iov_len) })
                 .collect();
-            let frame = c.compress(&runs, ps).map_err(|source| MultifdError::Io {
+            let frame = c.compress(&runs).map_err(|source| MultifdError::Io {
                 channel: self.channel.label().into(),
                 what: "compressing a payload (zstd)",
                 source,
