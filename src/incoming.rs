@@ -28,7 +28,7 @@ use ferry_multifd::{ReceiverOptions, ReceiverPool};
 use ferry_ram::{Digest, GuestMemory, PageBitmap};
 use ferry_transport::{accept_session, AcceptOptions, Channel, Listener};
 
-use crate::protocol::{Message, Setup, CAP_CHECKSUM};
+use crate::protocol::{Message, Setup, CAP_CHECKSUM, CAP_ZSTD};
 use crate::{Failed, MigrationError, Progress, Role, Summary};
 
 /// Where the destination's guest memory comes from.
@@ -54,6 +54,10 @@ pub struct IncomingOptions {
     /// Take the digest of memory and device state before resuming (it
     /// then counts in the downtime).
     pub digest_before_resume: bool,
+    /// Compression this destination insists on: `Some(true)` refuses a
+    /// source that does not compress, `Some(false)` one that does; `None`
+    /// takes what the source announces.
+    pub compression: Option<bool>,
 }
 
 impl Default for IncomingOptions {
@@ -63,6 +67,7 @@ impl Default for IncomingOptions {
             accept: AcceptOptions::default(),
             build_guest: crate::default_guest_builder(),
             digest_before_resume: true,
+            compression: None,
         }
     }
 }
@@ -164,7 +169,8 @@ fn run(
     summary.channels = session.multifd.len() as u16;
     summary.wire_bytes +=
         (ferry_transport::HELLO_LEN as u64 + 8) * (session.multifd.len() as u64 + 1);
-    let main: Arc<dyn Channel> = Arc::new(session.main);
+    summary.tls = listener.is_tls();
+    let main: Arc<dyn Channel> = Arc::from(session.main);
     let result = receive(main.clone(), session.multifd, opts, progress, summary, out);
     let shut = Message::Shut {
         error: result.as_ref().err().map(ToString::to_string),
@@ -174,13 +180,15 @@ fn run(
         Err(e) if result.is_ok() => return Err(e),
         Err(_) => {}
     }
+    // End cleanly (TLS: close_notify); the source may be gone already.
+    let _ = main.finish();
     main.shutdown();
     result
 }
 
 fn receive(
     main: Arc<dyn Channel>,
-    multifd: Vec<ferry_transport::SocketChannel>,
+    multifd: Vec<Box<dyn Channel>>,
     opts: &IncomingOptions,
     progress: &Progress,
     summary: &mut Summary,
@@ -207,6 +215,23 @@ fn receive(
         )));
     }
     summary.checksum = setup.capabilities & CAP_CHECKSUM != 0;
+    let compressed = setup.capabilities & CAP_ZSTD != 0;
+    match opts.compression {
+        Some(true) if !compressed => {
+            return Err(MigrationError::Setup(
+                "this receiver requires zstd compression (--compress zstd), the source sends uncompressed"
+                    .into(),
+            ))
+        }
+        Some(false) if compressed => {
+            return Err(MigrationError::Setup(
+                "the source compresses with zstd, but this receiver was started with --compress none"
+                    .into(),
+            ))
+        }
+        _ => {}
+    }
+    summary.compression = compressed.then(|| "zstd".to_string());
     let memory = build_memory(&setup, &opts.memory)?;
     progress
         .total_ram_bytes
@@ -214,12 +239,9 @@ fn receive(
     out.memory = Some(memory.clone());
 
     let (events, inbox) = mpsc::channel();
-    let multifd: Vec<Box<dyn Channel>> = multifd
-        .into_iter()
-        .map(|c| Box::new(c) as Box<dyn Channel>)
-        .collect();
     let ropts = ReceiverOptions {
         fresh_memory: !matches!(opts.memory, DestinationMemory::Provided(_)),
+        compressed,
     };
     let on_cancel = Mutex::new(events.clone());
     progress.on_cancel(move || {

@@ -45,4 +45,6 @@ pub use synthetic::{DirtyPattern, SyntheticConfig, SyntheticGuest, TrackerKind};
 pub use ferry_multifd::file::FileOptions;
 pub use ferry_multifd::{ReceiverOptions, SendPath, SenderOptions};
 pub use ferry_ram::{BlockSpec, Digest, GuestMemory, RamBlock};
-pub use ferry_transport::{AcceptOptions, ChannelUri, Listener, SocketTuning};
+pub use ferry_transport::{
+    AcceptOptions, ChannelUri, Listener, SocketTuning, TlsClient, TlsServer,
+};

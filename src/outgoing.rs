@@ -31,10 +31,11 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use ferry_multifd::{SendPath, SenderOptions, SenderPool};
 use ferry_ram::{Digest, DirtyLog, GuestMemory, PageBitmap};
 use ferry_transport::{
-    await_accept, connect_channel, Channel, ChannelHello, ChannelUri, Role, SessionId, SocketTuning,
+    await_accept, connect_channel_secure, Channel, ChannelHello, ChannelUri, Role, SessionId,
+    SocketTuning, TlsClient,
 };
 
-use crate::protocol::{Message, Setup, CAP_CHECKSUM};
+use crate::protocol::{Message, Setup, CAP_CHECKSUM, CAP_ZSTD};
 use crate::state::{Event, Status};
 use crate::summary::ZeroCopyReport;
 use crate::{Failed, Guest, MigrationError, Progress, Role as SummaryRole, Summary};
@@ -49,6 +50,8 @@ pub struct OutgoingOptions {
     pub setup_timeout: Duration,
     /// How long to wait for the destination's final word after COMPLETE.
     pub completion_timeout: Duration,
+    /// TLS on every channel, with these credentials.
+    pub tls: Option<Arc<TlsClient>>,
 }
 
 impl Default for OutgoingOptions {
@@ -59,6 +62,7 @@ impl Default for OutgoingOptions {
             tuning: SocketTuning::default(),
             setup_timeout: Duration::from_secs(30),
             completion_timeout: Duration::from_secs(120),
+            tls: None,
         }
     }
 }
@@ -82,6 +86,8 @@ pub fn migrate_out(
     let mut summary = Summary::new(SummaryRole::Source, uri.to_string());
     summary.channels = opts.channels;
     summary.checksum = opts.sender.checksum;
+    summary.tls = opts.tls.is_some();
+    summary.compression = opts.sender.compress.map(|l| format!("zstd:{l}"));
     let memory = guest.memory().clone();
     progress
         .total_ram_bytes
@@ -217,6 +223,10 @@ impl Source<'_> {
         self.ended.store(true, Ordering::SeqCst);
         if result.is_err() {
             s.main.shutdown();
+        } else {
+            // End the main channel cleanly (TLS: close_notify); the
+            // destination may already have closed its side: best effort.
+            let _ = s.main.finish();
         }
         result
     }
@@ -229,7 +239,7 @@ impl Source<'_> {
         let (main, multifd) = open_session(self.uri, opts, session)?;
         self.summary.wire_bytes +=
             (ferry_transport::HELLO_LEN as u64 + 8) * (u64::from(opts.channels) + 1);
-        let main: Arc<dyn Channel> = Arc::new(main);
+        let main: Arc<dyn Channel> = Arc::from(main);
         let on_destination_failure = Arc::new(OnceLock::new());
         let return_path = spawn_return_path(main.clone(), on_destination_failure.clone())?;
 
@@ -237,6 +247,10 @@ impl Source<'_> {
         let setup = Setup {
             capabilities: if opts.sender.checksum {
                 CAP_CHECKSUM
+            } else {
+                0
+            } | if opts.sender.compress.is_some() {
+                CAP_ZSTD
             } else {
                 0
             },
@@ -578,33 +592,48 @@ fn unexpected(expected: &str, got: &Message) -> MigrationError {
     MigrationError::Protocol(format!("expected {expected}, got {}", got.name()))
 }
 
+type Channels = Vec<Box<dyn Channel>>;
+
 /// Connects main and the multifd channels, then waits until the
 /// destination has accepted every one of them.
 fn open_session(
     uri: &ChannelUri,
     opts: &OutgoingOptions,
     session: SessionId,
-) -> Result<(ferry_transport::SocketChannel, Vec<Box<dyn Channel>>), MigrationError> {
+) -> Result<(Box<dyn Channel>, Channels), MigrationError> {
     let hello = |role, index| ChannelHello {
         session,
         role,
         index,
         multifd_channels: opts.channels,
     };
-    let main = connect_channel(uri, &opts.tuning, &hello(Role::Main, 0))?;
+    let tls = opts.tls.as_deref();
+    let main = connect_channel_secure(uri, &opts.tuning, &hello(Role::Main, 0), tls)?;
     let mut multifd: Vec<Box<dyn Channel>> = Vec::new();
     for i in 0..opts.channels {
-        multifd.push(Box::new(connect_channel(
-            uri,
-            &opts.tuning,
-            &hello(Role::Multifd, i),
-        )?));
+        match connect_channel_secure(uri, &opts.tuning, &hello(Role::Multifd, i), tls) {
+            Ok(ch) => multifd.push(ch),
+            // With TLS 1.3 a server that refuses our certificate says so
+            // only after our side of the handshake is done: its alert
+            // waits on the main channel and explains this failure.
+            Err(e) => return Err(pending_refusal(main.as_ref()).unwrap_or(e).into()),
+        }
     }
-    await_accept(&main, opts.setup_timeout)?;
+    await_accept(main.as_ref(), opts.setup_timeout)?;
     for ch in &multifd {
         await_accept(ch.as_ref(), opts.setup_timeout)?;
     }
     Ok((main, multifd))
+}
+
+/// What the destination said on a channel it refused, if it said anything
+/// (a TLS alert, a refusal) within a moment.
+fn pending_refusal(ch: &dyn Channel) -> Option<ferry_transport::TransportError> {
+    match await_accept(ch, Duration::from_millis(500)) {
+        Err(e @ ferry_transport::TransportError::Io { .. })
+        | Err(e @ ferry_transport::TransportError::Refused { .. }) => Some(e),
+        _ => None,
+    }
 }
 
 type ReturnPath = Receiver<Result<Message, MigrationError>>;

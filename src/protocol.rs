@@ -11,7 +11,8 @@
 //! |      8 |    N | body                                             |
 //!
 //! Source → destination:
-//! - `1 SETUP`: `u8` capability flags (bit 0: packets carry checksums),
+//! - `1 SETUP`: `u8` capability flags (bit 0: packets carry checksums;
+//!   bit 1: payloads may be zstd-compressed),
 //!   `u16` multifd channels, `u32` pages per packet, `u16` block count B, then
 //!   B times: `u8` name length L, L bytes of UTF-8 name, `u64` length in
 //!   bytes, `u32` page size. At most 1 MiB.
@@ -43,6 +44,7 @@ pub const MAX_DEVICE_STATE: u32 = 256 << 20;
 const MAX_SHUT: u32 = 64 << 10;
 
 pub const CAP_CHECKSUM: u8 = 1;
+pub const CAP_ZSTD: u8 = 2;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Setup {

@@ -103,6 +103,16 @@ pub struct Summary {
     pub device_state_digest: Option<String>,
     pub checksum: bool,
     pub checksum_mismatches: u64,
+    /// Every channel ran over TLS.
+    pub tls: bool,
+    /// `zstd:LEVEL` on the source, `zstd` on the destination, when payloads
+    /// may be compressed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub compression: Option<String>,
+    /// Page payload bytes per payload byte on the wire (1.0 uncompressed).
+    pub compression_ratio: f64,
+    /// Packets whose payload travelled compressed.
+    pub compressed_packets: u64,
     /// Source only: how packets reached the sockets (`splice`, `copy`,
     /// `zero-copy`), and why the path asked for was not used, if it was not.
     #[serde(skip_serializing_if = "str::is_empty")]
@@ -138,6 +148,8 @@ impl Summary {
         self.packets = t.packets;
         self.checksum_mismatches = t.checksum_mismatches;
         self.pages_changed_in_flight = t.pages_changed_in_flight;
+        self.compression_ratio = t.compression_ratio();
+        self.compressed_packets = t.compressed_packets;
     }
 
     pub(crate) fn finish(&mut self, started: Instant, error: Option<String>, cancelled: bool) {

@@ -58,6 +58,22 @@ impl Client {
     fn query(&mut self) -> Value {
         self.execute("query-migrate", json!({}))["return"].clone()
     }
+    /// Reads events until one MIGRATION event with `status` has arrived
+    /// (it may follow the replies that already show the new status; the
+    /// test's deadline bounds the wait).
+    fn await_status_event(&mut self, status: &str) {
+        let seen = |events: &[Value]| {
+            events
+                .iter()
+                .any(|e| e["event"] == "MIGRATION" && e["data"]["status"] == status)
+        };
+        while !seen(&self.events) {
+            let v = self.line();
+            if v.get("event").is_some() {
+                self.events.push(v);
+            }
+        }
+    }
 }
 
 fn wait_until(mut cond: impl FnMut() -> bool) {
@@ -200,6 +216,7 @@ fn every_command_over_the_socket_during_a_live_migration() {
         assert_eq!(c.query()["status"], "completed");
 
         // Events arrived on the connection in order.
+        c.await_status_event("completed");
         let statuses: Vec<String> = c
             .events
             .iter()

@@ -11,11 +11,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::*;
-use ferry::protocol::{Message, Setup, CAP_CHECKSUM};
+use ferry::protocol::{Message, Setup, CAP_CHECKSUM, CAP_ZSTD};
 use ferry::{
     migrate_out, AcceptOptions, DestinationMemory, IncomingOptions, OutgoingOptions, Progress,
 };
-use ferry_multifd::packet::{offsets_as_bytes, payload_crc, FLAG_CHECKSUM, FLAG_END, FLAG_SYNC};
+use ferry_multifd::packet::{
+    offsets_as_bytes, payload_crc, FLAG_CHECKSUM, FLAG_COMPRESSED, FLAG_END, FLAG_SYNC,
+};
 use ferry_multifd::{PacketHeader, SenderOptions, SenderPool, HEADER_LEN, MAX_PACKET_PAGES};
 use ferry_ram::pattern::Pattern;
 use ferry_ram::{BlockSpec, PageBitmap};
@@ -39,6 +41,15 @@ fn hello(session: SessionId, role: Role, index: u16, channels: u16) -> ChannelHe
 }
 
 fn raw_source(uri: &ChannelUri, channels: u16, blocks: Vec<BlockSpec>) -> RawSource {
+    raw_source_with(uri, channels, blocks, CAP_CHECKSUM)
+}
+
+fn raw_source_with(
+    uri: &ChannelUri,
+    channels: u16,
+    blocks: Vec<BlockSpec>,
+    capabilities: u8,
+) -> RawSource {
     let session = SessionId::random();
     let tuning = Default::default();
     let main = connect_channel(uri, &tuning, &hello(session, Role::Main, 0, channels)).unwrap();
@@ -52,7 +63,7 @@ fn raw_source(uri: &ChannelUri, channels: u16, blocks: Vec<BlockSpec>) -> RawSou
         await_accept(ch, Duration::from_secs(5)).unwrap();
     }
     let setup = Setup {
-        capabilities: CAP_CHECKSUM,
+        capabilities,
         multifd_channels: channels,
         packet_pages: 128,
         blocks,
@@ -537,5 +548,96 @@ fn channels_connecting_in_reverse_order_work() {
         assert_eq!(final_word(&main).unwrap(), Message::Shut { error: None });
         let got = dst.join().unwrap().unwrap();
         assert_eq!(got.memory.digest(), mem.digest());
+    });
+}
+
+/// A zstd frame of `pages` pages of low-entropy bytes, and those bytes.
+fn frame_of(pages: usize) -> (Vec<u8>, Vec<u8>) {
+    let raw: Vec<u8> = (0..pages * 4096).map(|i| (i % 13) as u8).collect();
+    let mut c = ferry_multifd::Compressor::new(1).unwrap();
+    let frame = c.compress(&[&raw]).unwrap().unwrap().to_vec();
+    (frame, raw)
+}
+
+#[test]
+fn compressed_payload_of_the_wrong_size_is_refused_inside_its_pages() {
+    within(30, || {
+        let target = memory(&[("ram", 4)], Pattern::Random, 1);
+        let (dst, uri) = destination_into(&target);
+        let src = raw_source_with(&uri, 1, target.specs(), CAP_CHECKSUM | CAP_ZSTD);
+        // A frame of 2 pages where the header promises 3 (pages 5, 6, 7).
+        let (frame, raw) = frame_of(2);
+        let mut h = data_header(0, 3, 0);
+        h.flags |= FLAG_COMPRESSED;
+        h.compressed_pages = h.normal;
+        h.payload_len = frame.len() as u64;
+        h.payload_crc = crc_of(&raw);
+        let offsets = [5 * 4096, 6 * 4096, 7 * 4096];
+        let before: Vec<u8> = target.blocks()[0].page(4).to_vec();
+        let after: Vec<u8> = target.blocks()[0].page(8).to_vec();
+        src.multifd[0]
+            .write_all(&packet(h, &offsets, &frame))
+            .unwrap();
+        let err = destination_error(dst, &src.main);
+        assert!(
+            err.contains("multifd[0]")
+                && err.contains("packet #0")
+                && err.contains("block 'ram'")
+                && err.contains("decodes to 8192 bytes, but the packet's pages hold 12288"),
+            "{err}"
+        );
+        // Only the packet's own pages may have been written.
+        assert_eq!(target.blocks()[0].page(4), &before[..]);
+        assert_eq!(target.blocks()[0].page(8), &after[..]);
+    });
+}
+
+#[test]
+fn compressed_payload_that_is_garbage_or_too_long_is_refused() {
+    for (pages, garbage) in [(1usize, false), (2, true)] {
+        within(30, move || {
+            let target = memory(&[("ram", 4)], Pattern::Random, 1);
+            let (dst, uri) = destination_into(&target);
+            let src = raw_source_with(&uri, 1, target.specs(), CAP_CHECKSUM | CAP_ZSTD);
+            // Too long: a frame of 3 pages (a few hundred bytes) for a
+            // 1-page packet. Garbage: bytes that are not zstd at all.
+            let (frame, _) = frame_of(3);
+            let payload = if garbage { vec![0x5a; 1000] } else { frame };
+            let mut h = data_header(0, pages as u32, 0);
+            h.flags |= FLAG_COMPRESSED;
+            h.compressed_pages = h.normal;
+            h.compressed_pages = h.normal;
+            h.payload_len = payload.len() as u64;
+            let offsets: Vec<u64> = (0..pages as u64).map(|p| p * 4096).collect();
+            src.multifd[0]
+                .write_all(&packet(h, &offsets, &payload))
+                .unwrap();
+            let err = destination_error(dst, &src.main);
+            let want = if garbage { "corrupt zstd data" } else { "more" };
+            assert!(
+                err.contains("multifd[0]") && err.contains("block 'ram'") && err.contains(want),
+                "{err}"
+            );
+        });
+    }
+}
+
+#[test]
+fn compressed_packet_without_compression_in_setup_is_refused() {
+    within(30, || {
+        let target = memory(&[("ram", 4)], Pattern::Random, 1);
+        let (dst, uri) = destination_into(&target);
+        let src = raw_source(&uri, 1, target.specs());
+        let (frame, raw) = frame_of(2);
+        let mut h = data_header(0, 2, 0);
+        h.flags |= FLAG_COMPRESSED;
+        h.compressed_pages = h.normal;
+        h.payload_len = frame.len() as u64;
+        h.payload_crc = crc_of(&raw);
+        src.multifd[0]
+            .write_all(&packet(h, &[0, 4096], &frame))
+            .unwrap();
+        let err = destination_error(dst, &src.main);
+        assert!(err.contains("setup announced no compression"), "{err}");
     });
 }

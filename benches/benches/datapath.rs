@@ -70,6 +70,7 @@ fn header_decode(c: &mut Criterion) {
         generation: 1,
         payload_crc: 0x1234_5678,
         header_crc: 0x9abc_def0,
+        compressed_pages: 0,
     };
     let mut bytes = [0u8; HEADER_LEN];
     header.encode(&mut bytes);

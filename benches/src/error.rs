@@ -11,6 +11,9 @@ pub enum BenchError {
     #[error("invalid bench configuration: {0}")]
     Config(String),
 
+    #[error("network link setup: {0}")]
+    Setup(String),
+
     #[error("cannot start {process} ({exe}): {source}")]
     Spawn {
         process: String,

@@ -12,11 +12,13 @@
 //! It never links the controller: ferry is measured as a user runs it.
 //!
 //! Files: `run.rs` child processes and one ferry run; `qmp.rs` the QEMU
-//! peer; `iperf.rs` the iperf3 peer; `report.rs` medians, ratios and
+//! peer; `iperf.rs` the iperf3 peer; `netns.rs` a shaped veth link between
+//! two network namespaces; `report.rs` medians, ratios and
 //! renderings; `sys.rs` the libc calls (rusage, statvfs); `error.rs` errors.
 
 mod error;
 mod iperf;
+pub mod netns;
 mod qmp;
 mod report;
 mod run;
@@ -69,6 +71,12 @@ pub struct BenchConfig {
     pub congestion: Option<String>,
     /// Extra arguments for `ferry send`, e.g. `--send-path copy`, `--no-checksum`.
     pub send_args: Vec<String>,
+    /// TLS on every channel of both ferry and QEMU, with this x509 directory
+    /// (QEMU's layout; `ferry certs --host localhost 127.0.0.1` makes one).
+    pub tls_dir: Option<PathBuf>,
+    /// zstd per packet at this level for ferry, and multifd zstd for QEMU
+    /// (QEMU's levels start at 0; lower ones are clamped).
+    pub zstd_level: Option<i32>,
 }
 
 impl BenchConfig {
@@ -87,6 +95,8 @@ impl BenchConfig {
             seed: 1,
             workdir: PathBuf::from("/dev/shm"),
             send_args: Vec::new(),
+            tls_dir: None,
+            zstd_level: None,
         }
     }
 }
@@ -285,13 +295,26 @@ pub fn run(config: &BenchConfig, log: &mut dyn FnMut(&str)) -> Result<BenchRepor
                 "qemu peer: QEMU {v}; copying the dataset to {}",
                 display(&qmp::QemuPeer::copy_path())
             ));
-            Some(qmp::QemuPeer::prepare(QEMU_EXE, &dataset, size)?)
+            let mut peer = qmp::QemuPeer::prepare(QEMU_EXE, &dataset, size)?;
+            peer.tls_dir = config.tls_dir.clone();
+            peer.zstd_level = config.zstd_level;
+            Some(peer)
         }
         None => None,
     };
 
     // Enough for a destination's RAM and the source's page-table and socket
     // churn, within what the machine has free.
+    let mut send_args = config.send_args.clone();
+    let mut recv_args = Vec::new();
+    if let Some(d) = &config.tls_dir {
+        for a in [&mut send_args, &mut recv_args] {
+            a.extend(["--tls-dir".to_string(), d.display().to_string()]);
+        }
+    }
+    if let Some(l) = config.zstd_level {
+        send_args.extend(["--compress".to_string(), format!("zstd:{l}")]);
+    }
     let warm = config.warm_memory.then(|| {
         let want = 2 * size + (1 << 30);
         let have = sys::mem_available().unwrap_or(0) * 3 / 4;
@@ -330,7 +353,8 @@ pub fn run(config: &BenchConfig, log: &mut dyn FnMut(&str)) -> Result<BenchRepor
                 dataset: &dataset,
                 size,
                 channels: k,
-                send_args: &config.send_args,
+                send_args: &send_args,
+                recv_args: &recv_args,
                 congestion: config.congestion.as_deref(),
             })?;
             log(&fmt_sample("ferry", k, r, config.runs, &s));

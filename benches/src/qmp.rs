@@ -218,6 +218,10 @@ pub(crate) struct QemuPeer {
     exe: String,
     copy: RemoveOnDrop,
     size: u64,
+    /// TLS credentials (QEMU's x509 directory) for both QEMUs.
+    pub(crate) tls_dir: Option<PathBuf>,
+    /// multifd zstd at this level (QEMU takes 0 to 20).
+    pub(crate) zstd_level: Option<i32>,
 }
 
 impl QemuPeer {
@@ -242,6 +246,8 @@ impl QemuPeer {
             exe: exe.into(),
             copy,
             size,
+            tls_dir: None,
+            zstd_level: None,
         })
     }
 
@@ -284,6 +290,18 @@ impl QemuPeer {
             }
         }
         let mem = format!("{}M", self.size >> 20);
+        let tls = |endpoint: &str| -> Vec<String> {
+            match &self.tls_dir {
+                Some(d) => vec![
+                    "-object".into(),
+                    format!(
+                        "tls-creds-x509,id=tls0,dir={},endpoint={endpoint}",
+                        d.display()
+                    ),
+                ],
+                None => Vec::new(),
+            }
+        };
         let src_args = [
             "-m".to_string(),
             mem.clone(),
@@ -308,6 +326,8 @@ impl QemuPeer {
         };
         let cpu0 = children_cpu_s().map_err(cpu_err)?;
         let born = Instant::now();
+        let src_args = [&src_args[..], &tls("client")].concat();
+        let dst_args = [&dst_args[..], &tls("server")].concat();
         let mut src = Proc::spawn("qemu (source)", self.command(&src_qmp, &src_args), None)?;
         let mut dst = Proc::spawn(
             "qemu (destination)",
@@ -375,13 +395,24 @@ impl QemuPeer {
     ) -> Result<(f64, Value), BenchError> {
         let mut qs = Qmp::connect(src_qmp, "source", &mut || exited(src, "source"))?;
         let mut qd = Qmp::connect(dst_qmp, "destination", &mut || exited(dst, "destination"))?;
-        let caps = json!({ "capabilities": [{ "capability": "multifd", "state": channels > 1 }] });
+        let multifd = channels > 1 || self.zstd_level.is_some();
+        let caps = json!({ "capabilities": [{ "capability": "multifd", "state": multifd }] });
         qd.cmd("migrate-set-capabilities", caps.clone())?;
-        if channels > 1 {
-            qd.cmd(
-                "migrate-set-parameters",
-                json!({ "multifd-channels": channels }),
-            )?;
+        // Parameters both sides must agree on: TLS and compression.
+        let mut shared = json!({});
+        if multifd {
+            shared["multifd-channels"] = json!(channels);
+        }
+        if self.tls_dir.is_some() {
+            shared["tls-creds"] = json!("tls0");
+            shared["tls-hostname"] = json!("127.0.0.1");
+        }
+        if let Some(level) = self.zstd_level {
+            shared["multifd-compression"] = json!("zstd");
+            shared["multifd-zstd-level"] = json!(level.clamp(0, 20));
+        }
+        if shared.as_object().is_some_and(|o| !o.is_empty()) {
+            qd.cmd("migrate-set-parameters", shared.clone())?;
         }
         qd.cmd("migrate-incoming", json!({ "uri": "tcp:127.0.0.1:0" }))?;
         let port = listening_port(&qd.cmd("query-migrate", json!({}))?).ok_or_else(|| {
@@ -391,10 +422,9 @@ impl QemuPeer {
             }
         })?;
         qs.cmd("migrate-set-capabilities", caps)?;
-        let mut params = json!({ "max-bandwidth": 1u64 << 40, "downtime-limit": 2000 });
-        if channels > 1 {
-            params["multifd-channels"] = json!(channels);
-        }
+        let mut params = shared;
+        params["max-bandwidth"] = json!(1u64 << 40);
+        params["downtime-limit"] = json!(2000);
         qs.cmd("migrate-set-parameters", params)?;
 
         let timeout = run_timeout(self.size);

@@ -286,6 +286,8 @@ pub(crate) struct FerryRun<'a> {
     pub(crate) size: u64,
     pub(crate) channels: u16,
     pub(crate) send_args: &'a [String],
+    /// Extra arguments for `ferry recv` (e.g. `--tls-dir DIR`).
+    pub(crate) recv_args: &'a [String],
     /// TCP congestion control for both ends (`None`: the system's).
     pub(crate) congestion: Option<&'a str>,
 }
@@ -330,6 +332,7 @@ pub(crate) fn ferry_once(run: &FerryRun<'_>) -> Result<Sample, BenchError> {
     let mut cmd = Command::new(run.exe);
     cmd.args(["recv", "--listen", "tcp:127.0.0.1:0", "--json"]);
     cmd.args(["--tcp-congestion", run.congestion.unwrap_or("system")]);
+    cmd.args(run.recv_args);
     let (tx, rx) = mpsc::channel();
     let mut recv = Proc::spawn("ferry recv", cmd, Some(tx))?;
 
@@ -522,6 +525,7 @@ mod tests {
             size: 1 << 20,
             channels: 1,
             send_args: &[],
+            recv_args: &[],
             congestion: None,
         };
         let e = ferry_once(&run)
@@ -561,6 +565,7 @@ esac
             size: 1 << 20,
             channels: 2,
             send_args: &args,
+            recv_args: &[],
             congestion: None,
         };
         let s = ferry_once(&run).expect("fake run");

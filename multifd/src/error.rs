@@ -45,6 +45,13 @@ pub enum MultifdError {
         block: String,
         offset: u64,
     },
+    #[error("{channel}: packet #{seq}: compressed payload for block '{block}': {why}")]
+    Decompress {
+        channel: String,
+        seq: u64,
+        block: String,
+        why: String,
+    },
     #[error("{channel}: this channel kind has no io_uring data path")]
     NoDataPath { channel: String },
     #[error("{channel}: {source}")]

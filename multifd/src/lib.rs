@@ -13,6 +13,7 @@
 //! guest's pages at fixed offsets of a saved-guest file, or read them back;
 //! [`lazy`] restores such a file on demand with userfaultfd.
 
+mod compress;
 mod error;
 pub mod file;
 pub mod lazy;
@@ -23,6 +24,7 @@ mod sender;
 mod stats;
 mod sync;
 
+pub use compress::{Compressor, Decompressor};
 pub use error::MultifdError;
 pub use pacing::PassControl;
 pub use packet::{PacketHeader, HEADER_LEN, MAX_PACKET_PAGES};

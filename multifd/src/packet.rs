@@ -13,19 +13,24 @@
 //! |-------:|-----:|---------------------------------------------------------|
 //! |      0 |    4 | magic, the bytes `FMFD`                                 |
 //! |      4 |    2 | version (currently 1)                                   |
-//! |      6 |    2 | flags: 1 SYNC (end of a pass), 2 END (no more packets), 4 CHECKSUM (crc fields valid), 8 PAGE_CRCS (per-page crcs follow the offsets; needs CHECKSUM) |
+//! |      6 |    2 | flags: 1 SYNC (end of a pass), 2 END (no more packets), 4 CHECKSUM (crc fields valid), 8 PAGE_CRCS (per-page crcs follow the offsets; needs CHECKSUM), 16 COMPRESSED (the first C pages travel as one zstd frame) |
 //! |      8 |    4 | block index, into the block list of the migration's setup |
 //! |     12 |    4 | normal pages N                                          |
 //! |     16 |    4 | zero pages Z (N + Z at most [`MAX_PACKET_PAGES`])        |
 //! |     20 |    4 | page size of the block, bytes                           |
 //! |     24 |    8 | sequence number, counting from 0 on each channel        |
-//! |     32 |    8 | payload length, bytes (N × page size)                   |
+//! |     32 |    8 | payload length on the wire, bytes: N × page size; with COMPRESSED the zstd frame's length F plus (N − C) × page size, where 1 ≤ F < C × page size |
 //! |     40 |    8 | generation: the pass this packet belongs to (from 1)    |
-//! |     48 |    4 | crc32 of the payload (0 with PAGE_CRCS)                 |
-//! |     52 |    4 | crc32 of header bytes 0..52, the offsets and page crcs  |
-//! |     56 |    8 | reserved, 0                                             |
+//! |     48 |    4 | crc32 of the payload (of the pages, uncompressed; 0 with PAGE_CRCS) |
+//! |     52 |    4 | crc32 of header bytes 0..52, 56..64, the offsets and the page crcs |
+//! |     56 |    4 | with COMPRESSED: C, the normal pages (1 ≤ C ≤ N) whose bytes the zstd frame holds; else 0 |
+//! |     60 |    4 | reserved, 0                                             |
 //!
-//! SYNC and END packets have N = Z = 0 and no payload. A receiver checks
+//! SYNC and END packets have N = Z = 0 and no payload. A COMPRESSED payload
+//! is the zstd frame of the first C normal pages (it must decode to exactly
+//! C × page size bytes), then the other N − C normal pages raw. The sender
+//! puts the pages that look compressible first and sends random-looking
+//! ones raw; a packet whose frame would not be smaller goes all raw. A receiver checks
 //! magic, version, flags, sequence, block index, page size, counts, payload
 //! length and every offset (page aligned, inside the block) before it reads
 //! a single payload byte.
@@ -42,7 +47,8 @@ pub const FLAG_SYNC: u16 = 1;
 pub const FLAG_END: u16 = 2;
 pub const FLAG_CHECKSUM: u16 = 4;
 pub const FLAG_PAGE_CRCS: u16 = 8;
-const KNOWN_FLAGS: u16 = FLAG_SYNC | FLAG_END | FLAG_CHECKSUM | FLAG_PAGE_CRCS;
+pub const FLAG_COMPRESSED: u16 = 16;
+const KNOWN_FLAGS: u16 = FLAG_SYNC | FLAG_END | FLAG_CHECKSUM | FLAG_PAGE_CRCS | FLAG_COMPRESSED;
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct PacketHeader {
@@ -56,6 +62,8 @@ pub struct PacketHeader {
     pub generation: u64,
     pub payload_crc: u32,
     pub header_crc: u32,
+    /// With COMPRESSED: normal pages inside the zstd frame (C).
+    pub compressed_pages: u32,
 }
 
 impl PacketHeader {
@@ -74,6 +82,18 @@ impl PacketHeader {
     pub fn has_page_crcs(&self) -> bool {
         self.flags & FLAG_PAGE_CRCS != 0
     }
+    pub fn is_compressed(&self) -> bool {
+        self.flags & FLAG_COMPRESSED != 0
+    }
+    /// Bytes the payload's pages hold (uncompressed).
+    pub fn pages_len(&self) -> u64 {
+        u64::from(self.normal) * u64::from(self.page_size)
+    }
+    /// With COMPRESSED: bytes of the zstd frame (the raw pages follow it).
+    pub fn frame_len(&self) -> u64 {
+        let raw = u64::from(self.normal - self.compressed_pages) * u64::from(self.page_size);
+        self.payload_len - raw
+    }
 
     /// Writes the header; `header_crc` is taken as given (see [`PacketHeader::seal`]).
     pub fn encode(&self, b: &mut [u8; HEADER_LEN]) {
@@ -89,7 +109,8 @@ impl PacketHeader {
         b[40..48].copy_from_slice(&self.generation.to_le_bytes());
         b[48..52].copy_from_slice(&self.payload_crc.to_le_bytes());
         b[52..56].copy_from_slice(&self.header_crc.to_le_bytes());
-        b[56..64].fill(0);
+        b[56..60].copy_from_slice(&self.compressed_pages.to_le_bytes());
+        b[60..64].fill(0);
     }
 
     /// Encodes the header with its header crc computed over bytes 0..52 and
@@ -136,7 +157,11 @@ impl PacketHeader {
             generation: u64_at(40),
             payload_crc: u32_at(48),
             header_crc: u32_at(52),
+            compressed_pages: u32_at(56),
         };
+        if u32_at(60) != 0 {
+            return Err("reserved header bytes 60..64 are not zero".into());
+        }
         if h.flags & !KNOWN_FLAGS != 0 {
             return Err(format!("unknown flags {:#x}", h.flags));
         }
@@ -152,7 +177,25 @@ impl PacketHeader {
                 h.normal, h.zero, MAX_PACKET_PAGES
             ));
         }
-        if h.payload_len != u64::from(h.normal) * u64::from(h.page_size) {
+        if h.is_compressed() {
+            let c = h.compressed_pages;
+            let raw = u64::from(h.normal.saturating_sub(c)) * u64::from(h.page_size);
+            if c == 0 || c > h.normal {
+                return Err(format!(
+                    "{c} compressed pages in a packet of {} normal pages",
+                    h.normal
+                ));
+            }
+            if h.payload_len <= raw || h.payload_len >= h.pages_len() {
+                return Err(format!(
+                    "compressed payload of {} bytes for {} pages of {} bytes, {c} of them compressed \
+                     (the frame must be smaller than its pages, and not empty)",
+                    h.payload_len, h.normal, h.page_size
+                ));
+            }
+        } else if h.compressed_pages != 0 {
+            return Err("compressed page count without the COMPRESSED flag".into());
+        } else if h.payload_len != h.pages_len() {
             return Err(format!(
                 "payload of {} bytes for {} pages of {} bytes",
                 h.payload_len, h.normal, h.page_size
@@ -180,6 +223,7 @@ impl PacketHeader {
 fn header_crc(b: &[u8; HEADER_LEN], offsets: &[u64], page_crcs: &[u32]) -> u32 {
     let mut h = crc32fast::Hasher::new();
     h.update(&b[0..52]);
+    h.update(&b[56..64]);
     h.update(offsets_as_bytes(offsets));
     h.update(page_crcs_as_bytes(page_crcs));
     h.finalize()
@@ -251,6 +295,7 @@ mod tests {
             generation: 1,
             payload_crc: 0xdead_beef,
             header_crc: 0,
+            compressed_pages: 0,
         }
     }
 
@@ -300,6 +345,43 @@ mod tests {
         h.encode(&mut b);
         assert!(PacketHeader::decode(&b).unwrap_err().contains("CHECKSUM"));
         assert_eq!(page_crc(&[0u8; 4096]), crc32fast::hash(&[0u8; 4096]));
+    }
+
+    #[test]
+    fn compressed_headers_are_checked() {
+        let mut b = [0u8; HEADER_LEN];
+        let mut h = sample();
+        h.flags |= FLAG_COMPRESSED;
+        // 3 normal pages, the first 2 in a 100-byte frame, the third raw.
+        h.compressed_pages = 2;
+        h.payload_len = 100 + 4096;
+        h.seal(&mut b, &[0, 4096, 8192, 65536]);
+        let d = PacketHeader::decode(&b).unwrap();
+        assert_eq!((d.compressed_pages, d.frame_len()), (2, 100));
+        assert!(d.header_crc_ok(&b, &[0, 4096, 8192, 65536]));
+        // The count is covered by the header crc.
+        b[56] = 3;
+        assert!(!PacketHeader::decode(&b)
+            .unwrap()
+            .header_crc_ok(&b, &[0, 4096, 8192, 65536]));
+        for (c, len, why) in [
+            (0, 100, "0 compressed pages"),
+            (4, 100, "4 compressed pages"),
+            (2, 4096, "must be smaller"),
+            (2, 3 * 4096, "must be smaller"),
+        ] {
+            h.compressed_pages = c;
+            h.payload_len = len;
+            h.encode(&mut b);
+            let e = PacketHeader::decode(&b).unwrap_err();
+            assert!(e.contains(why), "{c} {len}: {e}");
+        }
+        let mut h = sample();
+        h.compressed_pages = 1;
+        h.encode(&mut b);
+        assert!(PacketHeader::decode(&b)
+            .unwrap_err()
+            .contains("without the COMPRESSED flag"));
     }
 
     proptest! {

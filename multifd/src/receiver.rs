@@ -9,6 +9,14 @@
 //! already zero). A SYNC makes the thread wait at the pool's barrier until
 //! every channel has finished the same pass.
 //!
+//! On a TLS channel the ring receives ciphertext into the thread's buffer,
+//! rustls decrypts it, and the plaintext payload is copied once, from
+//! rustls's buffer straight into the destination pages (no staging buffer of
+//! ours). A compressed payload is received in pieces into a small scratch
+//! buffer and decoded straight into the destination pages; it must decode to
+//! exactly the packet's pages. After END, a TLS channel must end with
+//! close_notify: a connection that just stops is reported as cut.
+//!
 //! A payload that fails its checksum is not fatal at once: in a live pass the
 //! guest may have written the page while it was in flight, and then it is
 //! dirty and comes again. Such pages are remembered, forgotten when they
@@ -24,6 +32,7 @@ use ferry_ram::{GuestMemory, PageBitmap, RamBlock};
 use ferry_transport::uring::Ring;
 use ferry_transport::Channel;
 
+use crate::compress::Decompressor;
 use crate::packet::{
     offsets_as_bytes_mut, page_crc, page_crcs_as_bytes_mut, PacketHeader, HEADER_LEN,
 };
@@ -35,13 +44,21 @@ pub struct ReceiverOptions {
     /// The destination memory is freshly zeroed: a zero page that was never
     /// received needs no write.
     pub fresh_memory: bool,
+    /// The setup announced compression: compressed packets are accepted.
+    pub compressed: bool,
 }
 
 impl Default for ReceiverOptions {
     fn default() -> Self {
-        Self { fresh_memory: true }
+        Self {
+            fresh_memory: true,
+            compressed: true,
+        }
     }
 }
+
+/// Compressed bytes received per step before decoding them.
+const ZCHUNK: usize = 128 << 10;
 
 /// Where a payload failed its checksum.
 #[derive(Clone, Debug)]
@@ -232,6 +249,9 @@ struct ChannelReceiver {
     /// The payload's destination runs, and a copy `recv_exact` may consume.
     iov: Vec<libc::iovec>,
     scratch_iov: Vec<libc::iovec>,
+    /// zstd context and compressed bytes, made at the first compressed packet.
+    decompressor: Option<Decompressor>,
+    zscratch: Vec<u8>,
 }
 
 impl ChannelReceiver {
@@ -256,6 +276,8 @@ impl ChannelReceiver {
             page_crcs: Vec::with_capacity(max),
             iov: Vec::with_capacity(max),
             scratch_iov: Vec::with_capacity(max),
+            decompressor: None,
+            zscratch: Vec::new(),
         })
     }
 
@@ -282,7 +304,7 @@ impl ChannelReceiver {
                 self.shared.counters.add_packet(0, 0, 0, HEADER_LEN as u64);
             }
             if h.is_end() {
-                return Ok(());
+                return self.expect_clean_end();
             }
             if h.generation != self.generation {
                 return Err(self.bad(format!(
@@ -348,21 +370,28 @@ impl ChannelReceiver {
             }
         }
         let normal = h.normal as usize;
+        // The zstd frame's pages (the first C) and the raw ones make
+        // separate runs, never merged across the boundary.
+        let framed = h.compressed_pages as usize;
         self.iov.clear();
-        for &off in &self.offsets[..normal] {
-            push_run(&mut self.iov, block.host_addr(), off, ps);
+        for &off in &self.offsets[..framed] {
+            push_run(&mut self.iov, block.host_addr(), off, ps, 0);
         }
-        // recv_exact consumes the list it is given; keep `iov` for the checksum.
-        self.scratch_iov.clone_from(&self.iov);
-        let mut scratch = std::mem::take(&mut self.scratch_iov);
-        let got = self
-            .ring
-            .recv_exact(self.fd, &mut scratch)
-            .map_err(|e| self.io("reading a payload", e));
-        self.scratch_iov = scratch;
-        if (got? as u64) < h.payload_len {
-            return Err(self.closed(format!("inside the payload of packet #{}", self.seq)));
+        let split = self.iov.len();
+        for &off in &self.offsets[framed..normal] {
+            push_run(&mut self.iov, block.host_addr(), off, ps, split);
         }
+        if h.is_compressed() {
+            if !shared.opts.compressed {
+                return Err(self
+                    .bad("payload is compressed, but the setup announced no compression".into()));
+            }
+            self.receive_compressed(h, block.name(), split)?;
+            self.receive_raw(h, split)?;
+        } else {
+            self.receive_raw(h, 0)?;
+        }
+        shared.counters.add_payload(h.pages_len(), h.payload_len);
         if h.has_checksum() {
             self.check_payload(h)?;
         }
@@ -380,7 +409,7 @@ impl ChannelReceiver {
             h.normal.into(),
             h.zero.into(),
             ps,
-            HEADER_LEN as u64 + pages as u64 * 8 + h.payload_len,
+            (HEADER_LEN + pages * 8 + self.page_crcs.len() * 4) as u64 + h.payload_len,
         );
         Ok(())
     }
@@ -487,7 +516,121 @@ impl ChannelReceiver {
             .store(suspects.len(), Ordering::Relaxed);
     }
 
+    /// The destination runs `range` of the current packet as slices. The
+    /// caller must have checked that these runs do not overlap (the zstd
+    /// frame's pages are in strictly increasing order).
+    fn runs(&self, range: std::ops::Range<usize>) -> Vec<&'static mut [u8]> {
+        self.iov[range].iter().map(|v| run_slice(*v)).collect()
+    }
+
+    /// The raw payload runs from `first` on, straight into the pages.
+    fn receive_raw(&mut self, h: &PacketHeader, first: usize) -> Result<(), MultifdError> {
+        if self.channel.tls().is_some() {
+            return self.receive_sealed(h, first);
+        }
+        // recv_exact consumes the list it is given; keep `iov` for the checksum.
+        self.scratch_iov.clear();
+        self.scratch_iov.extend_from_slice(&self.iov[first..]);
+        if self.scratch_iov.is_empty() {
+            return Ok(());
+        }
+        let want: usize = self.scratch_iov.iter().map(|v| v.iov_len).sum();
+        let mut scratch = std::mem::take(&mut self.scratch_iov);
+        let got = self
+            .ring
+            .recv_exact(self.fd, &mut scratch)
+            .map_err(|e| self.io("reading a payload", e));
+        self.scratch_iov = scratch;
+        if got? < want {
+            return Err(self.closed(format!("inside the payload of packet #{}", self.seq)));
+        }
+        Ok(())
+    }
+
+    /// A TLS payload: decrypted plaintext goes straight into the page runs.
+    fn receive_sealed(&mut self, h: &PacketHeader, first: usize) -> Result<(), MultifdError> {
+        for i in first..self.iov.len() {
+            // One run at a time: a page named twice is written twice, in turn.
+            let run = run_slice(self.iov[i]);
+            if self.recv(run, "reading a payload")? < run.len() {
+                return Err(self.closed(format!(
+                    "inside the payload of packet #{} ({} bytes)",
+                    self.seq, h.payload_len
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// A zstd frame: received in pieces, decoded straight into the page runs.
+    fn receive_compressed(
+        &mut self,
+        h: &PacketHeader,
+        block: &str,
+        split: usize,
+    ) -> Result<(), MultifdError> {
+        let zerr = |me: &Self, why: String| MultifdError::Decompress {
+            channel: me.channel.label().into(),
+            seq: me.seq,
+            block: block.into(),
+            why,
+        };
+        if self.decompressor.is_none() {
+            let d = Decompressor::new().map_err(|e| self.io("creating the zstd context", e))?;
+            self.decompressor = Some(d);
+            self.zscratch.resize(ZCHUNK, 0);
+        }
+        let framed = &self.offsets[..h.compressed_pages as usize];
+        if framed.windows(2).any(|w| w[0] >= w[1]) {
+            return Err(
+                self.bad("the compressed pages' offsets are not in increasing order".into())
+            );
+        }
+        let mut runs = self.runs(0..split);
+        let mut d = self.decompressor.take().expect("made above");
+        let mut z = std::mem::take(&mut self.zscratch);
+        let result = (|| {
+            d.begin().map_err(|e| zerr(self, e.to_string()))?;
+            let mut left = h.frame_len() as usize;
+            while left > 0 {
+                let n = left.min(z.len());
+                if self.recv(&mut z[..n], "reading a compressed payload")? < n {
+                    return Err(self.closed(format!(
+                        "inside the compressed payload of packet #{}",
+                        self.seq
+                    )));
+                }
+                left -= n;
+                d.feed(&z[..n], &mut runs).map_err(|why| zerr(self, why))?;
+            }
+            d.end(&mut runs).map_err(|why| zerr(self, why))
+        })();
+        self.decompressor = Some(d);
+        self.zscratch = z;
+        result
+    }
+
+    /// After END: a TLS channel must end with close_notify, not just stop.
+    fn expect_clean_end(&mut self) -> Result<(), MultifdError> {
+        if self.channel.tls().is_none() {
+            return Ok(());
+        }
+        let mut one = [0u8; 1];
+        match self.recv(&mut one, "waiting for TLS close_notify after END")? {
+            0 => Ok(()),
+            _ => Err(self.bad("data after the END packet".into())),
+        }
+    }
+
+    /// Fills `buf` from the stream; fewer bytes only if the peer ended it.
     fn recv(&mut self, buf: &mut [u8], what: &'static str) -> Result<usize, MultifdError> {
+        let channel = self.channel.clone();
+        if let Some(tls) = channel.tls() {
+            let (ring, fd) = (&mut self.ring, self.fd);
+            return tls
+                .read_plain(buf, &mut |b| ring.recv_some(fd, b))
+                .map_err(|e| self.io(what, e));
+        }
         let mut iov = [libc::iovec {
             iov_base: buf.as_mut_ptr().cast(),
             iov_len: buf.len(),
@@ -519,13 +662,22 @@ impl ChannelReceiver {
     }
 }
 
+/// A payload run as a slice of destination memory.
+fn run_slice(v: libc::iovec) -> &'static mut [u8] {
+    // SAFETY: every run was built by `push_run` from offsets checked to lie
+    // inside the block's mapping, which outlives the receiver threads; the
+    // callers never hold two slices over the same page at once.
+    unsafe { std::slice::from_raw_parts_mut(v.iov_base.cast::<u8>(), v.iov_len) }
+}
+
 /// Appends the page at `off` to an iovec list, merging adjacent pages.
 #[inline]
-fn push_run(iov: &mut Vec<libc::iovec>, base: *mut u8, off: u64, ps: u64) {
+fn push_run(iov: &mut Vec<libc::iovec>, base: *mut u8, off: u64, ps: u64, first: usize) {
     // SAFETY: the caller checked off + ps <= block length, so the address is
     // inside the block's mapping.
     let addr = unsafe { base.add(off as usize) };
-    if let Some(last) = iov.last_mut() {
+    let merge = iov.len() > first;
+    if let Some(last) = iov.last_mut().filter(|_| merge) {
         if last.iov_base as usize + last.iov_len == addr as usize {
             last.iov_len += ps as usize;
             return;

@@ -18,8 +18,13 @@
 //!   io_uring as one linked chain of `sendmsg` (or `sendmsg_zc`) operations,
 //!   so many sends are in flight while the thread prepares the next ones.
 //!
-//! Either way the stream stays in order, and a pass ends with a SYNC packet
-//! on every channel.
+//! With `--compress zstd` a packet's pages are compressed into the slot's
+//! own buffer (one context per thread), and on a TLS channel the whole
+//! packet is sealed into the slot's ciphertext buffer; both then go out by
+//! io_uring `sendmsg` (a pipe would hold references to a buffer the thread
+//! reuses). Either way the stream stays in order, and a pass ends with a
+//! SYNC packet on every channel. A TLS channel ends with close_notify after
+//! its END packet.
 
 use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -31,9 +36,10 @@ use ferry_transport::splice::{SplicePipe, WANTED_PIPE_BYTES};
 use ferry_transport::uring::{Completion, Ring};
 use ferry_transport::Channel;
 
+use crate::compress::Compressor;
 use crate::packet::{
-    offsets_as_bytes, page_crc, page_crcs_as_bytes, PacketHeader, FLAG_CHECKSUM, FLAG_END,
-    FLAG_PAGE_CRCS, FLAG_SYNC, HEADER_LEN,
+    offsets_as_bytes, page_crc, page_crcs_as_bytes, PacketHeader, FLAG_CHECKSUM, FLAG_COMPRESSED,
+    FLAG_END, FLAG_PAGE_CRCS, FLAG_SYNC, HEADER_LEN,
 };
 
 /// A packet's iovecs: header, offsets, page crcs, then the payload's runs.
@@ -50,6 +56,8 @@ pub struct SenderOptions {
     pub path: SendPath,
     /// Packets prepared or in flight per channel (io_uring paths).
     pub slots: usize,
+    /// zstd level to compress payloads with, if any (negative levels allowed).
+    pub compress: Option<i32>,
 }
 
 /// How a sender thread hands its packets to the socket.
@@ -85,6 +93,7 @@ impl Default for SenderOptions {
             checksum: true,
             path: SendPath::Splice,
             slots: 8,
+            compress: None,
         }
     }
 }
@@ -190,8 +199,22 @@ impl SenderPool {
                 .map(|e| format!("cannot create a splice pipe ({e}); sending with copies")),
             SendPath::Copy => None,
         };
+        let tls = channels.iter().any(|c| c.tls().is_some());
+        let path_note = match path_note {
+            None if opts.path != SendPath::Copy && (tls || opts.compress.is_some()) => {
+                Some(format!(
+                    "{} packets are built in the sender's buffers: sending with io_uring sendmsg",
+                    if tls { "TLS" } else { "compressed" }
+                ))
+            }
+            other => other,
+        };
         if path_note.is_some() {
             opts.path = SendPath::Copy;
+        }
+        if let Some(level) = opts.compress {
+            Compressor::new(level)
+                .map_err(|e| MultifdError::Aborted(format!("zstd level {level} refused: {e}")))?;
         }
         let counters = Arc::new(Counters::default());
         let (report_tx, reports) = mpsc::channel();
@@ -430,7 +453,16 @@ fn channel_thread(
     while let Ok(cmd) = commands.recv() {
         let (result, last) = match cmd {
             Command::Pass(work) => (sender.run_pass(&work), false),
-            Command::Finish => (sender.send_marker(FLAG_END, 0), true),
+            Command::Finish => (
+                sender.send_marker(FLAG_END, 0).and_then(|()| {
+                    sender.channel.finish().map_err(|source| MultifdError::Io {
+                        channel: sender.channel.label().into(),
+                        what: "ending the channel (TLS close_notify)",
+                        source,
+                    })
+                }),
+                true,
+            ),
         };
         let failed = result.is_err();
         let _ = reports.send((index, result));
@@ -454,7 +486,17 @@ struct Slot {
     normal: u64,
     zero: u64,
     page_size: u64,
+    /// The packet's size in ferry framing (what the counters add up).
     wire: u64,
+    /// Bytes this slot's send puts on the socket (TLS records included).
+    send_len: u64,
+    /// The sealed packet, on a TLS channel.
+    cipher: Vec<u8>,
+    /// The compressed payload, when compressed.
+    zbuf: Vec<u8>,
+    /// Payload bytes of the pages, and on the wire.
+    payload_raw: u64,
+    payload_wire: u64,
     /// Completions still due before the slot is free: 1, or 2 with zero-copy.
     awaiting: u8,
     /// Live passes: one crc per normal page.
@@ -476,6 +518,11 @@ impl Slot {
             zero: 0,
             page_size: 0,
             wire: 0,
+            send_len: 0,
+            cipher: Vec::new(),
+            zbuf: Vec::new(),
+            payload_raw: 0,
+            payload_wire: 0,
             awaiting: 0,
             page_crcs: Vec::with_capacity(max_pages),
             verify: None,
@@ -503,8 +550,12 @@ struct ChannelSender {
     packet_pages: usize,
     /// Zero-page offsets of the packet being built.
     zero_scratch: Vec<u64>,
+    /// With compression: offsets of random-looking pages (sent raw).
+    raw_scratch: Vec<u64>,
     /// The by-reference path, when chosen.
     pipe: Option<SplicePipe>,
+    /// zstd context, when compressing.
+    compressor: Option<Compressor>,
     error: Option<MultifdError>,
 }
 
@@ -533,7 +584,16 @@ impl ChannelSender {
         } else {
             None
         };
+        let compressor = match opts.compress {
+            Some(level) => Some(Compressor::new(level).map_err(|source| MultifdError::Io {
+                channel: channel.label().into(),
+                what: "creating the zstd context",
+                source,
+            })?),
+            None => None,
+        };
         Ok(Self {
+            compressor,
             channel,
             fd,
             ring,
@@ -549,6 +609,7 @@ impl ChannelSender {
             zero_copy,
             packet_pages: max,
             zero_scratch: Vec::with_capacity(max),
+            raw_scratch: Vec::with_capacity(max),
             pipe,
             error: None,
         })
@@ -568,7 +629,7 @@ impl ChannelSender {
                 work.control.wait_turn();
                 match work.claim() {
                     Some((block, word)) => {
-                        if self.prepare_chunk(slot, work, block, word) {
+                        if self.prepare_chunk(slot, work, block, word)? {
                             work.control.account(self.slots[slot].wire);
                             self.pending.push(slot);
                             // Start sending at once if the stream is idle.
@@ -604,8 +665,13 @@ impl ChannelSender {
             let Some((block, word)) = work.claim() else {
                 break;
             };
-            if !self.prepare_chunk(slot, work, block, word) {
-                continue;
+            match self.prepare_chunk(slot, work, block, word) {
+                Ok(true) => {}
+                Ok(false) => continue,
+                Err(e) => {
+                    result = Err(e);
+                    break;
+                }
             }
             work.control.account(self.slots[slot].wire);
             if let Err(e) = self.splice_slot(slot) {
@@ -636,6 +702,7 @@ impl ChannelSender {
             Ok(n) if n == s.wire => {
                 self.counters
                     .add_packet(s.normal, s.zero, s.page_size, s.wire);
+                self.counters.add_payload(s.payload_raw, s.payload_wire);
                 Ok(())
             }
             Ok(n) => Err(MultifdError::Io {
@@ -679,12 +746,51 @@ impl ChannelSender {
             iov_len: HEADER_LEN,
         });
         (s.normal, s.zero, s.page_size, s.wire) = (0, 0, 0, HEADER_LEN as u64);
+        (s.payload_raw, s.payload_wire) = (0, 0);
         self.seq += 1;
+        self.seal(slot)?;
         self.pending.push(slot);
         self.submit_chain()?;
         while self.chain_left > 0 {
             self.reap(1)?;
         }
+        Ok(())
+    }
+
+    /// On a TLS channel: encrypts the slot's packet into its ciphertext
+    /// buffer, which then is all the slot sends.
+    fn seal(&mut self, slot: usize) -> Result<(), MultifdError> {
+        let s = &mut self.slots[slot];
+        let Some(tls) = self.channel.tls() else {
+            s.send_len = s.wire;
+            return Ok(());
+        };
+        let plain: Vec<std::io::IoSlice<'_>> = s
+            .iov
+            .iter()
+            // SAFETY: every iovec of a prepared slot points at `iov_len`
+            // readable bytes (the slot's header, offsets or zstd buffer, or
+            // guest pages of `self.memory`), alive for this call.
+            .map(|v| {
+                std::io::IoSlice::new(unsafe {
+                    std::slice::from_raw_parts(v.iov_base.cast::<u8>(), v.iov_len)
+                })
+            })
+            .collect();
+        s.cipher.clear();
+        tls.seal(&plain, &mut s.cipher)
+            .map_err(|source| MultifdError::Io {
+                channel: self.channel.label().into(),
+                what: "sealing a packet (TLS)",
+                source,
+            })?;
+        drop(plain);
+        s.iov.clear();
+        s.iov.push(libc::iovec {
+            iov_base: s.cipher.as_mut_ptr().cast(),
+            iov_len: s.cipher.len(),
+        });
+        s.send_len = s.cipher.len() as u64;
         Ok(())
     }
 
@@ -696,7 +802,7 @@ impl ChannelSender {
         work: &PassWork,
         block_index: usize,
         first_word: usize,
-    ) -> bool {
+    ) -> Result<bool, MultifdError> {
         let block = &self.memory.blocks()[block_index];
         let bitmap = &work.bitmaps[block_index];
         let last_word = (first_word + work.words_per_chunk).min(bitmap.words());
@@ -707,6 +813,8 @@ impl ChannelSender {
         s.iov.clear();
         s.page_crcs.clear();
         self.zero_scratch.clear();
+        self.raw_scratch.clear();
+        let sort = self.compressor.is_some();
         s.iov.push(libc::iovec {
             iov_base: s.header.as_mut_ptr().cast(),
             iov_len: HEADER_LEN,
@@ -728,16 +836,32 @@ impl ChannelSender {
                     self.zero_scratch.push(offset);
                     continue;
                 }
+                if sort && !looks_compressible(bytes) {
+                    self.raw_scratch.push(offset);
+                    continue;
+                }
                 s.offsets.push(offset);
                 if per_page {
                     s.page_crcs.push(page_crc(bytes));
                 }
-                push_page(&mut s.iov, bytes);
+                push_page(&mut s.iov, bytes, PAYLOAD_IOV);
             }
         }
+        // With compression: the compressible-looking pages first (they go
+        // into the zstd frame), then the random-looking ones (raw).
+        let compressible = s.offsets.len();
+        let split = s.iov.len();
+        for &offset in &self.raw_scratch {
+            let bytes = block.page(offset / ps as u64);
+            if per_page {
+                s.page_crcs.push(page_crc(bytes));
+            }
+            push_page(&mut s.iov, bytes, split);
+        }
+        s.offsets.extend_from_slice(&self.raw_scratch);
         let normal = s.offsets.len();
         if normal + self.zero_scratch.len() == 0 {
-            return false;
+            return Ok(false);
         }
         s.offsets.extend_from_slice(&self.zero_scratch);
         debug_assert!(s.offsets.len() <= self.packet_pages);
@@ -761,7 +885,36 @@ impl ChannelSender {
                 0
             },
             header_crc: 0,
+            compressed_pages: 0,
         };
+        s.payload_raw = h.payload_len;
+        if let Some(c) = self.compressor.as_mut().filter(|_| compressible > 0) {
+            let runs: Vec<&[u8]> = s.iov[PAYLOAD_IOV..split]
+                .iter()
+                // SAFETY: the runs point at guest pages of `self.memory`.
+                .map(|v| unsafe { std::slice::from_raw_parts(v.iov_base.cast::<u8>(), v.iov_len) })
+                .collect();
+            let frame = c.compress(&runs).map_err(|source| MultifdError::Io {
+                channel: self.channel.label().into(),
+                what: "compressing a payload (zstd)",
+                source,
+            })?;
+            if let Some(frame) = frame {
+                s.zbuf.clear();
+                s.zbuf.extend_from_slice(frame);
+                h.flags |= FLAG_COMPRESSED;
+                h.compressed_pages = compressible as u32;
+                h.payload_len = (s.zbuf.len() + (normal - compressible) * ps) as u64;
+                s.iov.splice(
+                    PAYLOAD_IOV..split,
+                    [libc::iovec {
+                        iov_base: s.zbuf.as_mut_ptr().cast(),
+                        iov_len: s.zbuf.len(),
+                    }],
+                );
+            }
+        }
+        s.payload_wire = h.payload_len;
         s.verify = per_page.then(|| (work.bitmaps.clone(), block_index));
         h.seal_with_page_crcs(&mut s.header, &s.offsets, &s.page_crcs);
         let off = offsets_as_bytes(&s.offsets);
@@ -777,9 +930,10 @@ impl ChannelSender {
         s.normal = normal as u64;
         s.zero = self.zero_scratch.len() as u64;
         s.page_size = ps as u64;
-        s.wire = (HEADER_LEN + off.len() + crcs.len() + normal * ps) as u64;
+        s.wire = (HEADER_LEN + off.len() + crcs.len()) as u64 + h.payload_len;
         self.seq += 1;
-        true
+        self.seal(slot)?;
+        Ok(true)
     }
 
     /// Queues every prepared packet as one linked chain, if no chain is in flight.
@@ -855,12 +1009,13 @@ impl ChannelSender {
                 self.outstanding -= 1;
             }
             match c.bytes() {
-                Ok(n) if n as u64 == s.wire => {
+                Ok(n) if n as u64 == s.send_len => {
                     self.counters
-                        .add_packet(s.normal, s.zero, s.page_size, s.wire)
+                        .add_packet(s.normal, s.zero, s.page_size, s.wire);
+                    self.counters.add_payload(s.payload_raw, s.payload_wire);
                 }
                 Ok(n) => {
-                    let msg = format!("{n} of {} bytes", s.wire);
+                    let msg = format!("{n} of {} bytes", s.send_len);
                     self.fail("short send", std::io::Error::other(msg))
                 }
                 Err(e) if e.raw_os_error() == Some(libc::ECANCELED) => {}
@@ -902,11 +1057,24 @@ impl ChannelSender {
     }
 }
 
-/// Appends a page to an iovec list, merging it with the previous entry when
-/// the two are adjacent in memory.
+/// Whether a page is worth giving to zstd: 64 bytes sampled across it take
+/// few distinct values (text, tables, low-entropy data). Random-looking
+/// pages (about 56 distinct of 64) go raw, saving zstd's time on them.
 #[inline]
-fn push_page(iov: &mut Vec<libc::iovec>, page: &[u8]) {
-    let pages_started = iov.len() > PAYLOAD_IOV;
+fn looks_compressible(page: &[u8]) -> bool {
+    let mut seen = [0u64; 4];
+    let step = (page.len() / 64).max(1);
+    for &b in page.iter().step_by(step) {
+        seen[usize::from(b >> 6)] |= 1 << (b & 63);
+    }
+    seen.iter().map(|w| w.count_ones()).sum::<u32>() <= 40
+}
+
+/// Appends a page to an iovec list, merging it with the previous entry when
+/// the two are adjacent in memory and that entry is at index `first` or later.
+#[inline]
+fn push_page(iov: &mut Vec<libc::iovec>, page: &[u8], first: usize) {
+    let pages_started = iov.len() > first;
     if let Some(last) = iov.last_mut().filter(|_| pages_started) {
         if last.iov_base as usize + last.iov_len == page.as_ptr() as usize {
             last.iov_len += page.len();

@@ -19,6 +19,12 @@ pub struct Counters {
     pub checksum_mismatches: AtomicU64,
     /// Sender: pages of live packets that changed while in flight (sent again).
     pub pages_changed_in_flight: AtomicU64,
+    /// Payload bytes of normal pages, and what they took on the wire
+    /// (less when compressed).
+    pub payload_raw: AtomicU64,
+    pub payload_wire: AtomicU64,
+    /// Packets whose payload travelled compressed.
+    pub compressed_packets: AtomicU64,
 }
 
 impl Counters {
@@ -33,6 +39,9 @@ impl Counters {
             zero_copy_copied: self.zero_copy_copied.load(Relaxed),
             checksum_mismatches: self.checksum_mismatches.load(Relaxed),
             pages_changed_in_flight: self.pages_changed_in_flight.load(Relaxed),
+            payload_raw: self.payload_raw.load(Relaxed),
+            payload_wire: self.payload_wire.load(Relaxed),
+            compressed_packets: self.compressed_packets.load(Relaxed),
         }
     }
     pub(crate) fn add_packet(&self, normal: u64, zero: u64, page_size: u64, wire: u64) {
@@ -42,6 +51,13 @@ impl Counters {
             .fetch_add((normal + zero) * page_size, Relaxed);
         self.wire_bytes.fetch_add(wire, Relaxed);
         self.packets.fetch_add(1, Relaxed);
+    }
+    pub(crate) fn add_payload(&self, raw: u64, wire: u64) {
+        self.payload_raw.fetch_add(raw, Relaxed);
+        self.payload_wire.fetch_add(wire, Relaxed);
+        if wire < raw {
+            self.compressed_packets.fetch_add(1, Relaxed);
+        }
     }
 }
 
@@ -57,4 +73,18 @@ pub struct Totals {
     pub zero_copy_copied: u64,
     pub checksum_mismatches: u64,
     pub pages_changed_in_flight: u64,
+    pub payload_raw: u64,
+    pub payload_wire: u64,
+    pub compressed_packets: u64,
+}
+
+impl Totals {
+    /// Payload bytes per byte on the wire (1.0 without compression).
+    pub fn compression_ratio(&self) -> f64 {
+        if self.payload_wire == 0 {
+            1.0
+        } else {
+            self.payload_raw as f64 / self.payload_wire as f64
+        }
+    }
 }

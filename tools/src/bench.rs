@@ -60,6 +60,15 @@ pub struct BenchArgs {
     /// Pass --no-checksum to `ferry send`.
     #[arg(long)]
     no_checksum: bool,
+    /// TLS on every channel: ferry gets `--tls-dir DIR` on both ends, QEMU
+    /// the same directory as its tls-creds-x509 (make one with
+    /// `ferry certs --out DIR --host localhost 127.0.0.1`).
+    #[arg(long)]
+    tls_dir: Option<std::path::PathBuf>,
+    /// Compress: `zstd[:LEVEL]` for ferry, and QEMU's multifd zstd at the
+    /// same level (QEMU's levels start at 0).
+    #[arg(long, default_value = "none", value_parser = crate::units::parse_compress)]
+    compress: crate::units::Compress,
 }
 
 pub fn run(a: BenchArgs) -> anyhow::Result<bool> {
@@ -89,6 +98,8 @@ pub fn run(a: BenchArgs) -> anyhow::Result<bool> {
         send_args,
         warm_memory: !a.cold_memory,
         congestion: crate::units::congestion(&a.tcp_congestion),
+        tls_dir: a.tls_dir.clone(),
+        zstd_level: a.compress.0,
     };
     let report = run_bench(&config, &mut |line| eprintln!("ferry bench: {line}"))?;
     if a.json {

@@ -3,11 +3,13 @@
 //! Subcommands: `gen` (datasets), `send` / `recv` (the two ends of a
 //! migration), `ctl` (the control socket of a running send or recv), `save` /
 //! `restore` / `inspect` / `verify` (a guest in a file), `demo` (both ends
-//! over loopback, in one process) and `bench` (ferry against QEMU and
-//! iperf3). Each prints a human summary, or one JSON
-//! object with `--json`; the exit status is 0 only for a completed run.
+//! over loopback, in one process), `bench` (ferry against QEMU and iperf3)
+//! and `certs` (TLS credentials for `--tls-dir`). Each prints a human
+//! summary, or one JSON object with `--json`; the exit status is 0 only for
+//! a completed run.
 
 mod bench;
+mod certs;
 mod ctl;
 mod demo;
 mod gen;
@@ -51,6 +53,7 @@ enum Command {
     Demo(demo::DemoArgs),
     Bench(bench::BenchArgs),
     Ctl(ctl::CtlArgs),
+    Certs(certs::CertsArgs),
 }
 
 fn main() -> ExitCode {
@@ -70,6 +73,7 @@ fn main() -> ExitCode {
         Command::Demo(a) => demo::run(a),
         Command::Bench(a) => bench::run(a),
         Command::Ctl(a) => ctl::run(a),
+        Command::Certs(a) => certs::run(a),
     };
     match result {
         Ok(true) => ExitCode::SUCCESS,

@@ -82,6 +82,17 @@ pub fn print_summary(tool: &str, s: &Summary, json: bool) {
         },
         s.device_state_bytes
     );
+    eprintln!(
+        "  TLS: {}; compression: {}",
+        if s.tls { "on" } else { "off" },
+        match &s.compression {
+            Some(c) => format!(
+                "{c}, {} packet(s) compressed, ratio {:.2}",
+                s.compressed_packets, s.compression_ratio
+            ),
+            None => "off".into(),
+        }
+    );
     if !s.send_path.is_empty() {
         eprintln!(
             "  send path: {}{}",

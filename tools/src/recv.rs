@@ -10,7 +10,7 @@ use clap::Args;
 use ferry::{
     default_guest_builder, migrate_in, AcceptOptions, ChannelUri, ControlServer, DestinationMemory,
     Guest, GuestBuilder, IncomingOptions, Listener, Progress, Resources, SocketTuning, Summary,
-    SyntheticGuest, TrackerKind, Workload,
+    SyntheticGuest, TlsServer, TrackerKind, Workload,
 };
 
 use crate::output::{print_summary, EventPrinter};
@@ -65,6 +65,17 @@ pub struct RecvArgs {
     /// algorithm (bbr) spends CPU on timers there.
     #[arg(long, default_value = "cubic")]
     tcp_congestion: String,
+    /// TLS on every channel, with credentials from this directory in QEMU's
+    /// layout: server-cert.pem + server-key.pem (this side's certificate)
+    /// and ca-cert.pem (the CA every sender's client certificate must be
+    /// signed by; senders without one are refused). `ferry certs` makes a set.
+    #[arg(long)]
+    tls_dir: Option<PathBuf>,
+    /// Insist on a compression setting: `zstd` refuses a sender that does
+    /// not compress, `none` one that does. Default: take what the sender
+    /// announces.
+    #[arg(long, value_parser = ["zstd", "none"])]
+    compress: Option<String>,
 }
 
 pub fn run(a: RecvArgs) -> anyhow::Result<bool> {
@@ -79,7 +90,10 @@ fn migrate(a: RecvArgs) -> anyhow::Result<bool> {
         congestion: crate::units::congestion(&a.tcp_congestion),
         ..Default::default()
     };
-    let listener = Listener::bind(&uri, tuning)?;
+    let mut listener = Listener::bind(&uri, tuning)?;
+    if let Some(d) = &a.tls_dir {
+        listener = listener.with_tls(Arc::new(TlsServer::load(d)?));
+    }
     // One write, so a script reading stderr never sees half the line.
     let ready = format!("ferry: listening on {}\n", listener.uri());
     let _ = std::io::Write::write_all(&mut std::io::stderr(), ready.as_bytes());
@@ -94,6 +108,7 @@ fn migrate(a: RecvArgs) -> anyhow::Result<bool> {
         },
         build_guest: guest_builder(&a.lock),
         digest_before_resume: !a.no_digest,
+        compression: a.compress.as_deref().map(|c| c == "zstd"),
     };
     let progress = Arc::new(Progress::default());
     let control = match &a.control {

@@ -11,7 +11,7 @@ use ferry::synthetic::synthetic_memory;
 use ferry::{
     migrate_out, ChannelUri, ControlServer, DirtyPattern, Guest, ImageGuest, OutgoingOptions,
     Parameters, Progress, Resources, SendPath, SenderOptions, SocketTuning, SyntheticConfig,
-    SyntheticGuest, TrackerKind,
+    SyntheticGuest, TlsClient, TrackerKind,
 };
 
 use crate::output::{print_summary, EventPrinter, ProgressView};
@@ -136,6 +136,21 @@ pub struct SendArgs {
     /// algorithm (bbr) spends CPU on timers there.
     #[arg(long, default_value = "cubic")]
     tcp_congestion: String,
+    /// TLS on every channel, with credentials from this directory in QEMU's
+    /// layout: ca-cert.pem (the CA the receiver's certificate must be signed
+    /// by) and client-cert.pem + client-key.pem (this side's certificate;
+    /// without them the receiver refuses us). `ferry certs` makes a set.
+    #[arg(long)]
+    tls_dir: Option<PathBuf>,
+    /// The name the receiver's certificate must be valid for (default: the
+    /// host in --to; `localhost` for unix:).
+    #[arg(long, requires = "tls_dir")]
+    tls_hostname: Option<String>,
+    /// Compress each packet's pages: `none`, `zstd` (level 1) or
+    /// `zstd:LEVEL` (negative levels are faster, e.g. zstd:-3). A packet
+    /// that does not shrink goes raw.
+    #[arg(long, default_value = "none", value_parser = crate::units::parse_compress)]
+    compress: crate::units::Compress,
 }
 
 pub fn run(a: SendArgs) -> anyhow::Result<bool> {
@@ -194,6 +209,11 @@ fn migrate(a: SendArgs) -> anyhow::Result<bool> {
                 a.send_path.into()
             },
             slots: a.inflight,
+            compress: a.compress.0,
+        },
+        tls: match &a.tls_dir {
+            Some(d) => Some(Arc::new(TlsClient::load(d, a.tls_hostname.clone())?)),
+            None => None,
         },
         tuning: SocketTuning {
             send_buffer: a.socket_buffer.map(|n| n as usize),

@@ -1,5 +1,39 @@
 //! Sizes on the command line (`64M`, `2G`, `4096`) and in human output.
 
+/// Parses `--compress`: `none`, `zstd` (level 1) or `zstd:LEVEL` (negative
+/// levels are zstd's fast modes).
+pub fn parse_compress(s: &str) -> Result<Compress, String> {
+    parse_level(s).map(Compress)
+}
+
+/// A `--compress` value: the zstd level, `None` for no compression.
+#[derive(Clone, Copy, Debug)]
+pub struct Compress(pub Option<i32>);
+
+fn parse_level(s: &str) -> Result<Option<i32>, String> {
+    match s {
+        "none" | "off" => Ok(None),
+        "zstd" => Ok(Some(1)),
+        _ => {
+            let level = s
+                .strip_prefix("zstd:")
+                .ok_or_else(|| format!("'{s}': expected none, zstd or zstd:LEVEL"))?;
+            let l: i32 = level
+                .parse()
+                .map_err(|_| format!("'{s}': the zstd level must be a number"))?;
+            let range = zstd::compression_level_range();
+            if !range.contains(&l) {
+                return Err(format!(
+                    "'{s}': zstd levels go from {} to {}",
+                    range.start(),
+                    range.end()
+                ));
+            }
+            Ok(Some(l))
+        }
+    }
+}
+
 /// Parses a byte size with an optional K/M/G/T suffix (powers of 1024).
 pub fn parse_size(s: &str) -> Result<u64, String> {
     let t = s.trim();

@@ -3,9 +3,10 @@
 //! The controller and multifd only ever hold `Box<dyn Channel>`, so a new kind
 //! (TLS, RDMA, vsock) is one new type here. A kind that is a plain kernel
 //! socket exposes its fd through [`Channel::uring_fd`], and the data path then
-//! drives it with io_uring straight from guest memory; a kind that must frame
-//! bytes in user space (TLS) returns `None` and is driven through
-//! `read_exact`/`write_all`.
+//! drives it with io_uring straight from guest memory. A TLS channel exposes
+//! its socket too, and its codec through [`Channel::tls`]: the data path then
+//! seals packets into its own buffers before its ring sends them, and opens
+//! what its ring received.
 
 use std::fmt;
 use std::io::{self, Read, Write};
@@ -27,6 +28,15 @@ pub trait Channel: Send + Sync + fmt::Debug {
     /// Ends both directions; blocked readers and writers on any thread return.
     fn shutdown(&self);
     fn set_read_timeout(&self, timeout: Option<Duration>) -> io::Result<()>;
+    /// Ends this side's stream cleanly (TLS: close_notify), so the peer can
+    /// tell a clean end from a cut connection. Plain sockets need nothing.
+    fn finish(&self) -> io::Result<()> {
+        Ok(())
+    }
+    /// The TLS codec, for a TLS channel: bytes on its socket are records.
+    fn tls(&self) -> Option<&crate::TlsChannel> {
+        None
+    }
 }
 
 /// A TCP or unix stream socket.
@@ -38,6 +48,12 @@ pub struct SocketChannel {
 impl SocketChannel {
     pub fn new(socket: Socket, label: String) -> Self {
         Self { socket, label }
+    }
+    pub fn socket(&self) -> &Socket {
+        &self.socket
+    }
+    pub fn into_parts(self) -> (Socket, String) {
+        (self.socket, self.label)
     }
 }
 

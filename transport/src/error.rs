@@ -44,6 +44,10 @@ pub enum TransportError {
     Refused { channel: String, reason: String },
     #[error("timed out after {secs:.1}s waiting for {what}")]
     Timeout { what: String, secs: f64 },
+    #[error("TLS credentials: {path}: {why}")]
+    TlsFiles { path: String, why: String },
+    #[error("{channel}: TLS: {why}")]
+    Tls { channel: String, why: String },
     #[error("io_uring: {what}: {source}")]
     Uring {
         what: &'static str,

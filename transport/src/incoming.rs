@@ -10,7 +10,7 @@
 use std::time::{Duration, Instant};
 
 use crate::handshake::{read_hello, send_reply};
-use crate::{Channel, ChannelHello, Listener, Role, SessionId, SocketChannel, TransportError};
+use crate::{Channel, ChannelHello, Listener, Role, SessionId, TransportError};
 
 #[derive(Clone, Debug)]
 pub struct AcceptOptions {
@@ -35,16 +35,16 @@ impl Default for AcceptOptions {
 /// All channels of one accepted session, each labelled with its role.
 pub struct IncomingSession {
     pub session: SessionId,
-    pub main: SocketChannel,
-    pub multifd: Vec<SocketChannel>,
+    pub main: Box<dyn Channel>,
+    pub multifd: Vec<Box<dyn Channel>>,
 }
 
 pub fn accept_session(
     listener: &Listener,
     opts: &AcceptOptions,
 ) -> Result<IncomingSession, TransportError> {
-    let mut main: Option<(ChannelHello, SocketChannel)> = None;
-    let mut multifd: Vec<(ChannelHello, SocketChannel)> = Vec::new();
+    let mut main: Option<(ChannelHello, Box<dyn Channel>)> = None;
+    let mut multifd: Vec<(ChannelHello, Box<dyn Channel>)> = Vec::new();
     let mut deadline: Option<Instant> = None;
     loop {
         if let Some((hello, _)) = &main {
@@ -59,42 +59,46 @@ pub fn accept_session(
                     .max(Duration::from_millis(1)),
             ),
         };
-        let mut ch = listener.accept(timeout).map_err(|e| match (e, &main) {
-            (TransportError::Timeout { secs, .. }, Some((h, _))) if deadline.is_some() => {
-                TransportError::Timeout {
-                    what: format!(
-                        "the rest of session {}'s channels ({} of {} multifd channels arrived)",
-                        h.session,
-                        multifd.len(),
-                        h.multifd_channels
-                    ),
-                    secs,
+        let mut ch = listener
+            .accept_channel(timeout)
+            .map_err(|e| match (e, &main) {
+                (TransportError::Timeout { secs, .. }, Some((h, _))) if deadline.is_some() => {
+                    TransportError::Timeout {
+                        what: format!(
+                            "the rest of session {}'s channels ({} of {} multifd channels arrived)",
+                            h.session,
+                            multifd.len(),
+                            h.multifd_channels
+                        ),
+                        secs,
+                    }
                 }
-            }
-            (e, _) => e,
-        })?;
+                (e, _) => e,
+            })?;
         deadline.get_or_insert_with(|| Instant::now() + opts.rest_timeout);
-        let hello = read_hello(&ch, opts.hello_timeout)?;
+        let hello = read_hello(ch.as_ref(), opts.hello_timeout)?;
         let peer = ch
             .label()
             .trim_start_matches("connection from ")
             .to_string();
         ch.set_label(format!("{} ({peer})", hello.name()));
         match hello.role {
-            Role::Main if main.is_some() => return Err(refuse(&ch, "a second main channel")),
+            Role::Main if main.is_some() => {
+                return Err(refuse(ch.as_ref(), "a second main channel"))
+            }
             Role::Main => main = Some((hello, ch)),
             Role::Multifd => {
                 if multifd
                     .iter()
                     .any(|(h, _)| h.index == hello.index && h.session == hello.session)
                 {
-                    return Err(refuse(&ch, "a second channel with this index"));
+                    return Err(refuse(ch.as_ref(), "a second channel with this index"));
                 }
                 multifd.push((hello, ch));
             }
             Role::Preempt => {
                 return Err(refuse(
-                    &ch,
+                    ch.as_ref(),
                     "a preempt channel, but postcopy is not supported yet",
                 ))
             }
@@ -106,9 +110,9 @@ pub fn accept_session(
     let (mh, main) = main.expect("loop ends only with a main channel");
     multifd.sort_by_key(|(h, _)| h.index);
     for (_, ch) in &multifd {
-        send_reply(ch, None)?;
+        send_reply(ch.as_ref(), None)?;
     }
-    send_reply(&main, None)?;
+    send_reply(main.as_ref(), None)?;
     Ok(IncomingSession {
         session: mh.session,
         main,
@@ -119,7 +123,7 @@ pub fn accept_session(
 /// Every multifd channel so far must belong to main's session and fit its count.
 fn check_members(
     main: &ChannelHello,
-    multifd: &[(ChannelHello, SocketChannel)],
+    multifd: &[(ChannelHello, Box<dyn Channel>)],
 ) -> Result<(), TransportError> {
     for (h, ch) in multifd {
         if h.session != main.session {
@@ -128,12 +132,12 @@ fn check_members(
                 found: h.session.to_string(),
                 expected: main.session.to_string(),
             };
-            let _ = send_reply(ch, Some(&e.to_string()));
+            let _ = send_reply(ch.as_ref(), Some(&e.to_string()));
             return Err(e);
         }
         if h.index >= main.multifd_channels || h.multifd_channels != main.multifd_channels {
             return Err(refuse(
-                ch,
+                ch.as_ref(),
                 &format!(
                     "index {} of {} channels, but main announced {}",
                     h.index, h.multifd_channels, main.multifd_channels
@@ -144,7 +148,7 @@ fn check_members(
     Ok(())
 }
 
-fn refuse(ch: &SocketChannel, why: &str) -> TransportError {
+fn refuse(ch: &dyn Channel, why: &str) -> TransportError {
     let reason = format!("refused {}: {why}", ch.label());
     let _ = send_reply(ch, Some(&reason));
     TransportError::BadHello {

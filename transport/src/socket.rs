@@ -1,13 +1,15 @@
-//! Opening sockets: connect and listen for `tcp:` and `unix:` URIs, and the
-//! tuning applied to every migration socket (socket2).
+//! Opening sockets: connect and listen for `tcp:` and `unix:` URIs, the
+//! tuning applied to every migration socket (socket2), and, when TLS is on,
+//! the TLS handshake right after connect/accept (before ferry's hello).
 
 use std::net::{SocketAddr, ToSocketAddrs};
+use std::sync::Arc;
 use std::time::Duration;
 
 use socket2::{Domain, SockAddr, Socket, TcpKeepalive, Type};
 
 use crate::handshake::{self, ChannelHello};
-use crate::{ChannelUri, SocketChannel, TransportError};
+use crate::{Channel, ChannelUri, SocketChannel, TlsClient, TlsServer, TransportError};
 
 /// Options set on each migration socket.
 #[derive(Clone, Debug)]
@@ -123,6 +125,30 @@ pub fn connect_channel(
     Ok(ch)
 }
 
+/// Like [`connect_channel`], with TLS when `tls` is given: the handshake
+/// runs right after connecting, and the hello travels inside TLS. The name
+/// checked against the server's certificate is the client's override, else
+/// the URI's host (`localhost` for `unix:`).
+pub fn connect_channel_secure(
+    uri: &ChannelUri,
+    tuning: &SocketTuning,
+    hello: &ChannelHello,
+    tls: Option<&TlsClient>,
+) -> Result<Box<dyn Channel>, TransportError> {
+    let Some(tls) = tls else {
+        return Ok(Box::new(connect_channel(uri, tuning, hello)?));
+    };
+    let mut raw = connect(uri, tuning)?;
+    crate::Channel::set_label(&mut raw, format!("{} ({uri})", hello.name()));
+    let host = match uri {
+        ChannelUri::Tcp { host, .. } => host.as_str(),
+        ChannelUri::Unix(_) => "localhost",
+    };
+    let ch = tls.handshake(raw, host)?;
+    handshake::send_hello(&ch, hello)?;
+    Ok(Box::new(ch))
+}
+
 /// Waits for the receiver's answer to a channel's hello; a refusal comes
 /// back as [`TransportError::Refused`] with the receiver's reason.
 pub fn await_accept(ch: &dyn crate::Channel, timeout: Duration) -> Result<(), TransportError> {
@@ -134,6 +160,7 @@ pub struct Listener {
     socket: Socket,
     uri: ChannelUri,
     tuning: SocketTuning,
+    tls: Option<Arc<TlsServer>>,
 }
 
 impl Listener {
@@ -175,7 +202,32 @@ impl Listener {
             socket: s,
             uri,
             tuning,
+            tls: None,
         })
+    }
+
+    /// Every accepted connection must then complete a TLS handshake with
+    /// these credentials before its hello.
+    pub fn with_tls(mut self, tls: Arc<TlsServer>) -> Self {
+        self.tls = Some(tls);
+        self
+    }
+
+    pub fn is_tls(&self) -> bool {
+        self.tls.is_some()
+    }
+
+    /// Accepts one connection as a channel: with TLS, once its handshake
+    /// has completed.
+    pub fn accept_channel(
+        &self,
+        timeout: Option<Duration>,
+    ) -> Result<Box<dyn Channel>, TransportError> {
+        let raw = self.accept(timeout)?;
+        match &self.tls {
+            None => Ok(Box::new(raw)),
+            Some(tls) => Ok(Box::new(tls.handshake(raw)?)),
+        }
     }
 
     pub fn uri(&self) -> &ChannelUri {

@@ -7,6 +7,7 @@
 //!   several sends are in flight on one stream without reordering;
 //! - "receive exactly these iovecs" (`MSG_WAITALL`), for headers and payloads;
 //! - reads and writes at fixed file offsets, for file mode.
+//! - "receive what has arrived" into one buffer, for TLS ciphertext.
 //!
 //! Sends use `MSG_WAITALL`, so the kernel finishes a short send itself and a
 //! completion's result is either the whole length or an error.
@@ -189,6 +190,24 @@ impl Ring {
             advance(iov, &mut first, n);
         }
         Ok(got)
+    }
+
+    /// One receive into `buf`: whatever has arrived, at least one byte, or 0
+    /// when the peer closed. Nothing else may be in flight on the ring.
+    pub fn recv_some(&mut self, fd: RawFd, buf: &mut [u8]) -> io::Result<usize> {
+        let entry = opcode::Recv::new(types::Fd(fd), buf.as_mut_ptr(), buf.len() as u32)
+            .build()
+            .user_data(u64::MAX);
+        // SAFETY: `buf` is borrowed mutably until the completion is popped
+        // below, before returning.
+        unsafe { self.ring.submission().push(&entry) }
+            .map_err(|_| io::Error::other("submission queue full"))?;
+        self.submit(1)
+            .map_err(|e| io::Error::other(e.to_string()))?;
+        let c = self
+            .pop()
+            .ok_or_else(|| io::Error::other("io_uring returned no completion"))?;
+        c.bytes()
     }
 }
 

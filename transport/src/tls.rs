@@ -1,0 +1,623 @@
+//! TLS channels: rustls (aws-lc-rs provider) on every channel of a migration.
+//!
+//! Owns the credentials ([`TlsClient`], [`TlsServer`], loaded from a directory
+//! in QEMU's x509 layout), the handshake that runs right after TCP
+//! connect/accept and before ferry's own hello (which then travels inside
+//! TLS), and [`TlsChannel`], a [`Channel`] whose bytes are TLS records.
+//!
+//! The server always verifies the client's certificate against `ca-cert.pem`;
+//! the client verifies the server's certificate and name. Every failure says
+//! which check failed ([`describe`]). Each channel ends with close_notify
+//! ([`Channel::finish`]), so a reader tells a clean end ("the peer ended the
+//! TLS session") from a cut connection ("closed without close_notify").
+//!
+//! The data path drives a TLS channel with its own io_uring and buffers:
+//! [`TlsChannel::seal`] encrypts a gather list into the caller's buffer, which
+//! the caller then sends; [`TlsChannel::read_plain`] asks the caller for
+//! ciphertext (the caller receives it however it likes) and hands back
+//! plaintext. rustls's buffered API copies plaintext once on each side (into
+//! its record buffer when sealing, out of its plaintext queue when reading).
+
+use std::fmt;
+use std::io::{self, IoSlice, Read, Write};
+use std::mem::MaybeUninit;
+use std::net::Shutdown;
+use std::os::fd::{AsRawFd, RawFd};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use rustls::server::WebPkiClientVerifier;
+use rustls::{AlertDescription, CertificateError, ClientConfig, RootCertStore, ServerConfig};
+use socket2::Socket;
+
+use crate::{Channel, SocketChannel, TransportError};
+
+/// File names inside a TLS directory, as QEMU names them.
+pub const CA_CERT: &str = "ca-cert.pem";
+pub const SERVER_CERT: &str = "server-cert.pem";
+pub const SERVER_KEY: &str = "server-key.pem";
+pub const CLIENT_CERT: &str = "client-cert.pem";
+pub const CLIENT_KEY: &str = "client-key.pem";
+
+/// How long a TLS handshake may take.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Ciphertext read per receive on the blocking path (main channel).
+const READ_CHUNK: usize = 64 << 10;
+
+/// aws-lc-rs with AES-128-GCM preferred: it is the fastest suite on CPUs
+/// with AES-NI, and 128-bit keys are what QEMU's gnutls picks too.
+fn provider() -> Arc<CryptoProvider> {
+    let mut p = rustls::crypto::aws_lc_rs::default_provider();
+    p.cipher_suites.sort_by_key(|s| {
+        let name = format!("{:?}", s.suite());
+        match name.as_str() {
+            "TLS13_AES_128_GCM_SHA256" => 0,
+            "TLS13_AES_256_GCM_SHA384" => 1,
+            _ => 2,
+        }
+    });
+    Arc::new(p)
+}
+
+fn files_err(path: &Path, why: impl fmt::Display) -> TransportError {
+    TransportError::TlsFiles {
+        path: path.display().to_string(),
+        why: why.to_string(),
+    }
+}
+
+fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TransportError> {
+    let bytes = std::fs::read(path).map_err(|e| files_err(path, e))?;
+    let certs: Vec<_> = CertificateDer::pem_slice_iter(&bytes)
+        .collect::<Result<_, _>>()
+        .map_err(|e| files_err(path, format!("not a PEM certificate file: {e}")))?;
+    if certs.is_empty() {
+        return Err(files_err(path, "holds no certificate"));
+    }
+    Ok(certs)
+}
+
+fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, TransportError> {
+    let bytes = std::fs::read(path).map_err(|e| files_err(path, e))?;
+    PrivateKeyDer::from_pem_slice(&bytes)
+        .map_err(|e| files_err(path, format!("holds no usable private key: {e}")))
+}
+
+fn load_roots(dir: &Path) -> Result<Arc<RootCertStore>, TransportError> {
+    let path = dir.join(CA_CERT);
+    let mut roots = RootCertStore::empty();
+    for c in load_certs(&path)? {
+        roots
+            .add(c)
+            .map_err(|e| files_err(&path, format!("not a usable CA certificate: {e}")))?;
+    }
+    Ok(Arc::new(roots))
+}
+
+/// The connecting side's credentials: the CA that must have signed the
+/// server's certificate, and the client's own pair (if present).
+pub struct TlsClient {
+    config: Arc<ClientConfig>,
+    hostname: Option<String>,
+    has_client_cert: bool,
+    dir: PathBuf,
+}
+
+impl fmt::Debug for TlsClient {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "TlsClient({})", self.dir.display())
+    }
+}
+
+impl TlsClient {
+    /// Loads `ca-cert.pem` and, if both exist, `client-cert.pem` and
+    /// `client-key.pem` from `dir`. Without a client pair the client connects
+    /// without a certificate (and a verifying server refuses it, saying so).
+    /// `hostname` overrides the name checked against the server's certificate.
+    pub fn load(dir: &Path, hostname: Option<String>) -> Result<Self, TransportError> {
+        let roots = load_roots(dir)?;
+        let builder = ClientConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()
+            .map_err(|e| files_err(dir, e))?
+            .with_root_certificates(roots);
+        let (cert, key) = (dir.join(CLIENT_CERT), dir.join(CLIENT_KEY));
+        let (config, has_client_cert) = match (cert.exists(), key.exists()) {
+            (true, true) => {
+                let chain = load_certs(&cert)?;
+                let k = load_key(&key)?;
+                let c = builder
+                    .with_client_auth_cert(chain, k)
+                    .map_err(|e| files_err(&key, format!("does not match {CLIENT_CERT}: {e}")))?;
+                (c, true)
+            }
+            (false, false) => {
+                tracing::warn!(
+                    "{}: no {CLIENT_CERT}/{CLIENT_KEY}: connecting without a client certificate",
+                    dir.display()
+                );
+                (builder.with_no_client_auth(), false)
+            }
+            (true, false) => return Err(files_err(&key, "missing (client-cert.pem is there)")),
+            (false, true) => return Err(files_err(&cert, "missing (client-key.pem is there)")),
+        };
+        Ok(Self {
+            config: Arc::new(config),
+            hostname,
+            has_client_cert,
+            dir: dir.to_path_buf(),
+        })
+    }
+
+    pub fn has_client_cert(&self) -> bool {
+        self.has_client_cert
+    }
+
+    /// The name checked against the server's certificate for a connection
+    /// to `host`: the override if given, else `host`.
+    pub fn server_name(&self, host: &str) -> String {
+        self.hostname.clone().unwrap_or_else(|| host.to_string())
+    }
+
+    /// Runs the client handshake on a connected socket.
+    pub fn handshake(&self, ch: SocketChannel, host: &str) -> Result<TlsChannel, TransportError> {
+        let name_text = self.server_name(host);
+        let (socket, label) = ch.into_parts();
+        let name = ServerName::try_from(name_text.clone()).map_err(|e| TransportError::Tls {
+            channel: label.clone(),
+            why: format!("'{name_text}' is not a valid server name: {e}"),
+        })?;
+        let conn = rustls::ClientConnection::new(self.config.clone(), name).map_err(|e| {
+            TransportError::Tls {
+                channel: label.clone(),
+                why: describe(&e),
+            }
+        })?;
+        handshake(socket, label, conn.into(), &name_text)
+    }
+}
+
+/// The listening side's credentials: its certificate and key, and the CA
+/// every client certificate must be signed by.
+pub struct TlsServer {
+    config: Arc<ServerConfig>,
+    dir: PathBuf,
+}
+
+impl fmt::Debug for TlsServer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "TlsServer({})", self.dir.display())
+    }
+}
+
+impl TlsServer {
+    /// Loads `ca-cert.pem`, `server-cert.pem` and `server-key.pem` from `dir`.
+    pub fn load(dir: &Path) -> Result<Self, TransportError> {
+        let roots = load_roots(dir)?;
+        let provider = provider();
+        let verifier = WebPkiClientVerifier::builder_with_provider(roots, provider.clone())
+            .build()
+            .map_err(|e| files_err(&dir.join(CA_CERT), e))?;
+        let (cert, key) = (dir.join(SERVER_CERT), dir.join(SERVER_KEY));
+        let chain = load_certs(&cert)?;
+        let k = load_key(&key)?;
+        let mut config = ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| files_err(dir, e))?
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(chain, k)
+            .map_err(|e| files_err(&key, format!("does not match {SERVER_CERT}: {e}")))?;
+        // Every channel is a fresh, full handshake; tickets would be dead weight.
+        config.send_tls13_tickets = 0;
+        Ok(Self {
+            config: Arc::new(config),
+            dir: dir.to_path_buf(),
+        })
+    }
+
+    /// Runs the server handshake on an accepted socket. A plaintext ferry
+    /// hello is refused with a plaintext reply saying TLS is required.
+    pub fn handshake(&self, ch: SocketChannel) -> Result<TlsChannel, TransportError> {
+        let first = peek_first(&ch, HANDSHAKE_TIMEOUT)?;
+        if first.starts_with(b"FERRY") {
+            let why =
+                "a plaintext ferry client at a TLS listener (start the sender with --tls-dir)";
+            let _ = crate::handshake::send_reply(&ch, Some(why));
+            return Err(TransportError::Tls {
+                channel: ch.label().into(),
+                why: why.into(),
+            });
+        }
+        if first.first() != Some(&0x16) {
+            return Err(TransportError::Tls {
+                channel: ch.label().into(),
+                why: format!(
+                    "not a TLS client hello (first bytes {:?})",
+                    String::from_utf8_lossy(&first).escape_debug().to_string()
+                ),
+            });
+        }
+        let (socket, label) = ch.into_parts();
+        let conn = rustls::ServerConnection::new(self.config.clone()).map_err(|e| {
+            TransportError::Tls {
+                channel: label.clone(),
+                why: describe(&e),
+            }
+        })?;
+        handshake(socket, label, conn.into(), "")
+    }
+}
+
+/// Waits (at most `timeout`) for the first bytes of a connection, without
+/// consuming them.
+fn peek_first(ch: &SocketChannel, timeout: Duration) -> Result<Vec<u8>, TransportError> {
+    let io = |source| TransportError::Io {
+        channel: ch.label().into(),
+        what: "waiting for the first bytes",
+        source,
+    };
+    let s = ch.socket();
+    s.set_read_timeout(Some(timeout)).map_err(io)?;
+    let mut buf = [MaybeUninit::<u8>::uninit(); 5];
+    let r = s.recv_with_flags(&mut buf, libc::MSG_PEEK | libc::MSG_WAITALL);
+    s.set_read_timeout(None).map_err(io)?;
+    let n = r.map_err(|e| match e.kind() {
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => TransportError::Timeout {
+            what: format!("a handshake on {}", ch.label()),
+            secs: timeout.as_secs_f64(),
+        },
+        _ => io(e),
+    })?;
+    // SAFETY: recv initialised the first n bytes.
+    Ok(buf[..n]
+        .iter()
+        .map(|b| unsafe { b.assume_init() })
+        .collect())
+}
+
+fn handshake(
+    socket: Socket,
+    label: String,
+    mut conn: rustls::Connection,
+    server_name: &str,
+) -> Result<TlsChannel, TransportError> {
+    let io = |what, source| TransportError::Io {
+        channel: label.clone(),
+        what,
+        source,
+    };
+    socket
+        .set_read_timeout(Some(HANDSHAKE_TIMEOUT))
+        .map_err(|e| io("setting a handshake timeout", e))?;
+    socket
+        .set_write_timeout(Some(HANDSHAKE_TIMEOUT))
+        .map_err(|e| io("setting a handshake timeout", e))?;
+    while conn.is_handshaking() {
+        if let Err(e) = conn.complete_io(&mut &socket) {
+            return Err(TransportError::Tls {
+                channel: label,
+                why: format!("handshake failed: {}", describe_io(&e, server_name)),
+            });
+        }
+    }
+    socket
+        .set_read_timeout(None)
+        .and_then(|()| socket.set_write_timeout(None))
+        .map_err(|e| io("clearing the handshake timeout", e))?;
+    tracing::debug!(
+        "{label}: TLS {:?} {:?}",
+        conn.protocol_version(),
+        conn.negotiated_cipher_suite().map(|s| s.suite())
+    );
+    Ok(TlsChannel {
+        socket,
+        label,
+        conn: Mutex::new(conn),
+        writing: Mutex::new(Vec::new()),
+        reading: Mutex::new(RecvBuf::default()),
+    })
+}
+
+/// Which TLS check failed, in words, for a rustls error.
+pub fn describe(e: &rustls::Error) -> String {
+    use rustls::Error as E;
+    use AlertDescription as A;
+    use CertificateError as C;
+    match e {
+        E::InvalidCertificate(C::UnknownIssuer) => {
+            "the peer's certificate is not signed by our CA (ca-cert.pem): unknown issuer".into()
+        }
+        E::InvalidCertificate(C::BadSignature) => {
+            "the peer's certificate is not signed by our CA (ca-cert.pem): its signature \
+             does not verify"
+                .into()
+        }
+        E::InvalidCertificate(C::Expired | C::ExpiredContext { .. }) => {
+            "the peer's certificate has expired".into()
+        }
+        E::InvalidCertificate(C::NotValidYet | C::NotValidYetContext { .. }) => {
+            "the peer's certificate is not valid yet".into()
+        }
+        E::InvalidCertificate(C::NotValidForName | C::NotValidForNameContext { .. }) => {
+            "hostname mismatch: the server's certificate is not valid for the name checked \
+             (see --tls-hostname)"
+                .into()
+        }
+        E::InvalidCertificate(other) => format!("the peer's certificate was refused: {other:?}"),
+        E::NoCertificatesPresented => {
+            "the client sent no certificate, and this server requires one \
+             (client-cert.pem/client-key.pem)"
+                .into()
+        }
+        E::AlertReceived(A::CertificateRequired) => {
+            "the server requires a client certificate and we sent none \
+             (no client-cert.pem/client-key.pem)"
+                .into()
+        }
+        E::AlertReceived(A::UnknownCA) => {
+            "the peer does not trust our certificate: it is not signed by the peer's CA \
+             (alert unknown_ca)"
+                .into()
+        }
+        E::AlertReceived(A::CertificateExpired) => {
+            "the peer refused our certificate: it has expired (alert certificate_expired)".into()
+        }
+        E::AlertReceived(A::BadCertificate) => {
+            "the peer refused our certificate (alert bad_certificate)".into()
+        }
+        E::AlertReceived(A::BadRecordMac | A::DecryptError) => {
+            "the peer could not authenticate a TLS record from us (tampered in transit?)".into()
+        }
+        E::AlertReceived(a) => format!("the peer sent TLS alert {a:?}"),
+        E::DecryptError => {
+            "a TLS record failed authentication: tampered with or corrupted in transit".into()
+        }
+        E::InvalidMessage(m) => format!("malformed TLS data ({m:?}): is the peer speaking TLS?"),
+        other => other.to_string(),
+    }
+}
+
+/// Like [`describe`] for an I/O error that may carry a rustls error.
+fn describe_io(e: &io::Error, server_name: &str) -> String {
+    if let Some(t) = e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>()) {
+        let mut s = describe(t);
+        if matches!(
+            t,
+            rustls::Error::InvalidCertificate(
+                CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. }
+            )
+        ) && !server_name.is_empty()
+        {
+            s.push_str(&format!(": '{server_name}'"));
+        }
+        return s;
+    }
+    if let Some(t) = e.get_ref().and_then(|i| i.downcast_ref::<TlsFailure>()) {
+        return t.0.clone();
+    }
+    match e.kind() {
+        io::ErrorKind::UnexpectedEof | io::ErrorKind::ConnectionReset => format!(
+            "the peer closed the connection during the TLS handshake ({e}); \
+             is it a plaintext listener, or did it refuse us?"
+        ),
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => format!(
+            "no answer within {}s (is the peer speaking TLS?)",
+            HANDSHAKE_TIMEOUT.as_secs()
+        ),
+        _ => e.to_string(),
+    }
+}
+
+/// A TLS failure carried inside an `io::Error`, in words.
+#[derive(Debug, thiserror::Error)]
+#[error("TLS: {0}")]
+pub struct TlsFailure(pub String);
+
+fn tls_io_error(e: &rustls::Error) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, TlsFailure(describe(e)))
+}
+
+/// Ciphertext received but not yet handed to rustls.
+#[derive(Default)]
+pub struct RecvBuf {
+    buf: Vec<u8>,
+    start: usize,
+    end: usize,
+}
+
+/// A channel whose bytes are TLS records over a TCP or unix socket.
+///
+/// Thread-safe: the main channel's reader and writer threads share it. The
+/// connection lock is never held across a blocking socket call: a writer
+/// encrypts under it into its own buffer, then writes that buffer holding
+/// only the write-order lock; a reader receives ciphertext holding only the
+/// read lock.
+pub struct TlsChannel {
+    socket: Socket,
+    label: String,
+    conn: Mutex<rustls::Connection>,
+    /// Write order, and the ciphertext buffer of blocking writes.
+    writing: Mutex<Vec<u8>>,
+    /// One reader at a time, and its ciphertext not yet given to rustls.
+    reading: Mutex<RecvBuf>,
+}
+
+impl fmt::Debug for TlsChannel {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "TlsChannel({})", self.label)
+    }
+}
+
+impl TlsChannel {
+    /// Encrypts `plain` (a gather list, in order) as TLS records appended
+    /// to `out`. The records must reach the socket in the order they were
+    /// sealed: one thread seals and sends a channel's records.
+    pub fn seal(&self, plain: &[IoSlice<'_>], out: &mut Vec<u8>) -> io::Result<()> {
+        let mut conn = self.conn.lock().unwrap();
+        seal_locked(&mut conn, plain, out)
+    }
+
+    /// Fills `dst` with plaintext. `recv` is asked for more ciphertext when
+    /// rustls has no plaintext left; it fills the slice it is given (at
+    /// least one byte) and returns how many bytes it wrote, 0 at the end of
+    /// the stream. Returns how many bytes of `dst` were filled: fewer only
+    /// when the peer ended the TLS session cleanly (close_notify). A
+    /// connection that ends without close_notify is an `UnexpectedEof` error
+    /// ("connection cut"), a record that fails authentication an
+    /// `InvalidData` error naming the check.
+    pub fn read_plain(
+        &self,
+        dst: &mut [u8],
+        recv: &mut dyn FnMut(&mut [u8]) -> io::Result<usize>,
+    ) -> io::Result<usize> {
+        let mut rb = self.reading.lock().unwrap();
+        if rb.buf.len() < READ_CHUNK {
+            rb.buf.resize(READ_CHUNK, 0);
+        }
+        let mut got = 0;
+        while got < dst.len() {
+            let mut conn = self.conn.lock().unwrap();
+            match conn.reader().read(&mut dst[got..]) {
+                Ok(0) => return Ok(got),
+                Ok(n) => {
+                    got += n;
+                    continue;
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        "connection cut: closed without TLS close_notify",
+                    ))
+                }
+                Err(e) => return Err(e),
+            }
+            if rb.start == rb.end {
+                drop(conn);
+                let RecvBuf { buf, start, end } = &mut *rb;
+                let n = recv(buf)?;
+                (*start, *end) = (0, n);
+                conn = self.conn.lock().unwrap();
+                if n == 0 {
+                    // Tell rustls the stream ended; reader() then says how.
+                    conn.read_tls(&mut io::empty())?;
+                    conn.process_new_packets().map_err(|e| tls_io_error(&e))?;
+                    continue;
+                }
+            }
+            let RecvBuf { buf, start, end } = &mut *rb;
+            while *start < *end {
+                let mut cipher = &buf[*start..*end];
+                let fed = conn.read_tls(&mut cipher);
+                if let Ok(k) = fed {
+                    *start += k;
+                }
+                let state = conn.process_new_packets().map_err(|e| {
+                    let _ = conn.write_tls(&mut &self.socket);
+                    tls_io_error(&e)
+                })?;
+                if state.plaintext_bytes_to_read() > 0 || state.peer_has_closed() {
+                    break;
+                }
+                // rustls refused more ciphertext yet has nothing to give.
+                fed?;
+            }
+        }
+        Ok(got)
+    }
+
+    /// Sends close_notify: the peer's reads then end cleanly.
+    fn close_notify(&self) -> io::Result<()> {
+        let mut out = self.writing.lock().unwrap();
+        out.clear();
+        {
+            let mut conn = self.conn.lock().unwrap();
+            conn.send_close_notify();
+            while conn.wants_write() {
+                conn.write_tls(&mut *out)?;
+            }
+        }
+        (&self.socket).write_all(&out)
+    }
+}
+
+fn seal_locked(
+    conn: &mut rustls::Connection,
+    plain: &[IoSlice<'_>],
+    out: &mut Vec<u8>,
+) -> io::Result<()> {
+    conn.set_buffer_limit(None);
+    // With no buffer limit rustls takes all of it at once; the loop only
+    // guards against a partial write.
+    let mut first = 0;
+    let mut skip = 0;
+    while first < plain.len() {
+        let mut rest: Vec<IoSlice<'_>> = Vec::with_capacity(plain.len() - first);
+        rest.push(IoSlice::new(&plain[first][skip..]));
+        rest.extend(plain[first + 1..].iter().map(|s| IoSlice::new(s)));
+        let mut n = conn.writer().write_vectored(&rest)?;
+        if n == 0 && rest.iter().any(|s| !s.is_empty()) {
+            return Err(io::Error::new(
+                io::ErrorKind::WriteZero,
+                "TLS connection refused more plaintext",
+            ));
+        }
+        while first < plain.len() && n >= plain[first].len() - skip {
+            n -= plain[first].len() - skip;
+            first += 1;
+            skip = 0;
+        }
+        skip += n;
+        while conn.wants_write() {
+            conn.write_tls(out)?;
+        }
+    }
+    Ok(())
+}
+
+impl Channel for TlsChannel {
+    fn label(&self) -> &str {
+        &self.label
+    }
+    fn set_label(&mut self, label: String) {
+        self.label = label;
+    }
+    fn read_exact(&self, buf: &mut [u8]) -> io::Result<()> {
+        let got = self.read_plain(buf, &mut |b| (&self.socket).read(b))?;
+        if got < buf.len() {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "the peer ended the TLS session (close_notify)",
+            ));
+        }
+        Ok(())
+    }
+    fn write_all(&self, buf: &[u8]) -> io::Result<()> {
+        let mut out = self.writing.lock().unwrap();
+        out.clear();
+        {
+            let mut conn = self.conn.lock().unwrap();
+            seal_locked(&mut conn, &[IoSlice::new(buf)], &mut out)?;
+        }
+        (&self.socket).write_all(&out)
+    }
+    fn uring_fd(&self) -> Option<RawFd> {
+        Some(self.socket.as_raw_fd())
+    }
+    fn shutdown(&self) {
+        let _ = self.socket.shutdown(Shutdown::Both);
+    }
+    fn set_read_timeout(&self, timeout: Option<Duration>) -> io::Result<()> {
+        self.socket.set_read_timeout(timeout)
+    }
+    fn finish(&self) -> io::Result<()> {
+        self.close_notify()
+    }
+    fn tls(&self) -> Option<&TlsChannel> {
+        Some(self)
+    }
+}
