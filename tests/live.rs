@@ -31,7 +31,7 @@ pub fn synthetic(
     SyntheticGuest::start(mem, &config, Resources::none(true)).unwrap()
 }
 
-fn converges(tracker: TrackerKind) {
+fn converges(tracker: TrackerKind, opts: OutgoingOptions) {
     within(120, move || {
         let guest = synthetic(32, 8 * MIB, DirtyPattern::Hotset(25), tracker);
         let (l, uri) = listener();
@@ -41,8 +41,7 @@ fn converges(tracker: TrackerKind) {
             downtime_limit: Duration::from_secs(2),
             ..Default::default()
         });
-        let sent = migrate_out(&guest, &uri, &OutgoingOptions::default(), &progress)
-            .expect("source completes");
+        let sent = migrate_out(&guest, &uri, &opts, &progress).expect("source completes");
         let got = dst.join().unwrap().expect("destination completes");
         assert_eq!(progress.status(), Status::Completed);
         assert!(!guest.is_running(), "the source stays paused after success");
@@ -77,12 +76,28 @@ fn tracker_name(t: TrackerKind) -> &'static str {
 
 #[test]
 fn converges_with_the_bitmap_tracker() {
-    converges(TrackerKind::Bitmap);
+    converges(TrackerKind::Bitmap, OutgoingOptions::default());
+}
+
+/// Live packets with per-page crcs and a zstd frame at once.
+#[test]
+fn converges_with_zstd_compressed_live_passes() {
+    let mut opts = OutgoingOptions::default();
+    opts.sender.compress = Some(1);
+    converges(TrackerKind::Bitmap, opts);
+}
+
+/// The io_uring copy path for live passes (the default is splice).
+#[test]
+fn converges_over_the_io_uring_copy_path() {
+    let mut opts = OutgoingOptions::default();
+    opts.sender.path = ferry::SendPath::Copy;
+    converges(TrackerKind::Bitmap, opts);
 }
 
 #[test]
 fn converges_with_the_uffd_tracker() {
-    converges(TrackerKind::Uffd);
+    converges(TrackerKind::Uffd, OutgoingOptions::default());
 }
 
 #[test]
