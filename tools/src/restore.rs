@@ -9,8 +9,8 @@ use clap::Args;
 use std::time::Instant;
 
 use ferry::{
-    restore_from_file, restore_lazy, FileFailed, FileOptions, GuestMemory, LazyRestored, Progress,
-    RestoreTarget,
+    restore_from_file, restore_lazy, Digest, FileFailed, FileOptions, GuestMemory, LazyRestored,
+    Progress, RestoreTarget,
 };
 
 use crate::output::{print_file_summary, ProgressView};
@@ -89,7 +89,10 @@ fn restore(a: RestoreArgs) -> anyhow::Result<bool> {
     drop(view);
     match result {
         Ok(mut r) => {
-            r.summary.digest = Some(r.memory.digest().to_string());
+            let digest = r.memory.digest();
+            r.summary.digest = Some(digest.to_string());
+            r.summary.switchover_digest =
+                Some(Digest::with_device_state(digest, &r.device_state).to_string());
             if let Some(p) = &a.device_state_out {
                 std::fs::write(p, &r.device_state)
                     .with_context(|| format!("writing {}", p.display()))?;
@@ -122,7 +125,10 @@ fn lazy(
 fn report_lazy(result: Result<LazyRestored, FileFailed>, a: &RestoreArgs) -> anyhow::Result<bool> {
     match result {
         Ok(mut r) => {
-            r.summary.digest = Some(r.memory.digest().to_string());
+            let digest = r.memory.digest();
+            r.summary.digest = Some(digest.to_string());
+            r.summary.switchover_digest =
+                Some(Digest::with_device_state(digest, &r.device_state).to_string());
             if let Some(p) = &a.device_state_out {
                 std::fs::write(p, &r.device_state)
                     .with_context(|| format!("writing {}", p.display()))?;
