@@ -25,7 +25,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use ferry_multifd::background::write_background;
+use ferry_multifd::background::{write_background, Arming};
 use ferry_multifd::file::{read_pages, rewrite_pages, write_pages, DataFile, FileOptions};
 use ferry_multifd::lazy::LazyRestore;
 use ferry_multifd::{Counters, MultifdError};
@@ -111,6 +111,10 @@ pub struct FileSummary {
     pub digest_at_pause: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub digest_at_pause_ms: Option<f64>,
+    /// Background: pages the guest wrote while its memory was being
+    /// write-protected before the pause, protected again during it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rearmed_pages: Option<u64>,
     /// Background: regions saved early because the guest was about to write
     /// them, regions saved in order, and the longest a guest write waited.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -571,15 +575,25 @@ fn save_bg(
 ) -> Result<(), SnapshotError> {
     let memory = guest.memory();
     summary.mode = Some("background");
-    // Registering takes time and changes nothing: do it before the pause.
-    let wp = WriteProtect::new(memory)?;
+    // Registering and protecting all of memory take time (tens of ms for a
+    // GiB of 4 KiB pages): both happen before the pause, while a handler
+    // lets through (and notes) each write the guest makes meanwhile; the
+    // pause then only protects those pages again.
+    let wp = Arc::new(WriteProtect::new(memory)?);
+    // The file too is made before the pause, so writing starts the moment
+    // the guest runs on; the device state's length is known only later,
+    // and moves nothing when the layout is planned again with it.
+    let specs = memory.specs();
+    let mut layout = FileLayout::plan(&specs, 0)?;
+    let (meta, data) = create_file(path, &layout, opts, summary)?;
+    let arming = Arming::start(memory, wp.clone())?;
     let was_running = guest.is_running();
     progress.set_phase("pausing");
     let paused_at = Instant::now();
     guest.pause()?;
     let prepared = (|| {
         let device_state = guest.save_device_state()?;
-        wp.protect_all()?;
+        summary.rearmed_pages = Some(arming.rearm()?);
         Ok::<_, SnapshotError>(device_state)
     })();
     let mut digest_time = Duration::ZERO;
@@ -600,11 +614,12 @@ fn save_bg(
             * 1e3,
     );
     let device_state = prepared?;
-    let mut layout = FileLayout::plan(&memory.specs(), device_state.len() as u64)?;
-    let (meta, data) = create_file(path, &layout, opts, summary)?;
     progress.set_phase("writing");
     let (written, stats) =
         write_background(memory, &layout, &data, path, &opts.file, counters, &wp)?;
+    layout = FileLayout::plan(&specs, device_state.len() as u64)?;
+    meta.set_len(layout.file_len)
+        .map_err(io_err(path, "setting the file's length"))?;
     drop(wp);
     summary.fault_regions = Some(stats.fault_regions);
     summary.ordered_regions = Some(stats.ordered_regions);

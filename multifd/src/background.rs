@@ -2,9 +2,12 @@
 //! to a saved-guest file *as it was when the snapshot began*, while the
 //! guest runs on.
 //!
-//! The caller pauses the guest, saves its device state, write-protects all
-//! of its memory (userfaultfd, synchronous mode: [`WriteProtect`]) and
-//! resumes it; then [`write_background`] runs. Memory is saved a checksum
+//! Protecting a GiB of 4 KiB pages takes tens of milliseconds, too long
+//! for the pause, so [`Arming`] protects all memory *before* it while a
+//! handler lets each write through at once (lifting that page's protection)
+//! and notes the page; during the pause only the noted pages are protected
+//! again ([`Arming::rearm`]). The caller then saves the device state and
+//! resumes the guest; then [`write_background`] runs. Memory is saved a checksum
 //! region (1 MiB) at a time: a region is first *copied* out of guest memory
 //! into a private buffer while still protected, then its protection is
 //! lifted, then the copy is checksummed, scanned for zero pages and written
@@ -21,11 +24,13 @@ use std::collections::VecDeque;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
+use std::sync::Arc;
 use std::sync::Mutex;
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use ferry_ram::mapped::{region_checksum, FileLayout};
-use ferry_ram::{is_zero_page, GuestMemory, WriteProtect};
+use ferry_ram::{is_zero_page, GuestMemory, PageBitmap, WriteProtect};
 
 use crate::file::{count_pages, push_page, region_pages, DataFile, FileOptions, Run, WrittenPages};
 use crate::{Counters, MultifdError};
@@ -45,6 +50,119 @@ pub struct BackgroundStats {
     pub ordered_regions: u64,
     /// The longest a guest write waited (fault read until protection lifted).
     pub max_fault_us: u64,
+}
+
+/// Memory being write-protected while the guest still runs (before the
+/// snapshot's pause): a handler thread lets each write fault through at once
+/// and notes its page, to be protected again by [`Arming::rearm`].
+pub struct Arming {
+    wp: Arc<WriteProtect>,
+    noted: Arc<Vec<PageBitmap>>,
+    page_sizes: Vec<u64>,
+    stop: Arc<AtomicBool>,
+    handler: Option<JoinHandle<Result<(), MultifdError>>>,
+}
+
+/// How long the arming handler waits for faults before looking at its stop flag.
+const ARMING_POLL_MS: i32 = 1;
+
+impl Arming {
+    /// Starts the handler, then protects all of `memory` (registered with
+    /// `wp`) while the guest runs.
+    pub fn start(memory: &GuestMemory, wp: Arc<WriteProtect>) -> Result<Self, MultifdError> {
+        let noted: Arc<Vec<PageBitmap>> = Arc::new(
+            memory
+                .blocks()
+                .iter()
+                .map(|b| PageBitmap::new(b.pages(), false))
+                .collect(),
+        );
+        let page_sizes: Vec<u64> = memory
+            .blocks()
+            .iter()
+            .map(|b| u64::from(b.page_size()))
+            .collect();
+        let stop = Arc::new(AtomicBool::new(false));
+        let handler = {
+            let (wp, noted, stop, sizes) =
+                (wp.clone(), noted.clone(), stop.clone(), page_sizes.clone());
+            std::thread::Builder::new()
+                .name("ferry-bg-arming".into())
+                .spawn(move || {
+                    let mut faults = Vec::new();
+                    while !stop.load(Ordering::Acquire) {
+                        wp.faults(ARMING_POLL_MS, &mut faults)?;
+                        for &addr in &faults {
+                            let Some((block, offset)) = wp.locate(addr) else {
+                                return Err(MultifdError::Aborted(format!(
+                                    "a write fault at {addr:#x}, outside the guest's memory"
+                                )));
+                            };
+                            let ps = sizes[block];
+                            // Noted before the writer can go on, so a pause
+                            // that finds every vCPU stopped finds every note.
+                            noted[block].set(offset / ps);
+                            wp.unprotect(block, offset / ps * ps, ps)?;
+                        }
+                    }
+                    Ok(())
+                })
+                .map_err(|e| {
+                    MultifdError::Aborted(format!("cannot start the arming handler: {e}"))
+                })?
+        };
+        let arming = Self {
+            wp,
+            noted,
+            page_sizes,
+            stop,
+            handler: Some(handler),
+        };
+        arming.wp.protect_all()?;
+        Ok(arming)
+    }
+
+    /// With the guest paused (no write in flight): stops the handler and
+    /// protects again every page it let through. Returns how many.
+    pub fn rearm(mut self) -> Result<u64, MultifdError> {
+        self.stop_handler()?;
+        let mut pages = 0;
+        for (block, (bits, &ps)) in self.noted.iter().zip(&self.page_sizes).enumerate() {
+            let mut run: Option<(u64, u64)> = None;
+            for page in bits.iter_set() {
+                pages += 1;
+                run = match run {
+                    Some((first, n)) if first + n == page => Some((first, n + 1)),
+                    Some((first, n)) => {
+                        self.wp.protect(block, first * ps, n * ps)?;
+                        Some((page, 1))
+                    }
+                    None => Some((page, 1)),
+                };
+            }
+            if let Some((first, n)) = run {
+                self.wp.protect(block, first * ps, n * ps)?;
+            }
+        }
+        Ok(pages)
+    }
+
+    fn stop_handler(&mut self) -> Result<(), MultifdError> {
+        self.stop.store(true, Ordering::Release);
+        match self.handler.take().map(JoinHandle::join) {
+            Some(Ok(r)) => r,
+            Some(Err(_)) => Err(MultifdError::Aborted("the arming handler panicked".into())),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for Arming {
+    fn drop(&mut self) {
+        if let Err(e) = self.stop_handler() {
+            tracing::error!("background snapshot: {e}");
+        }
+    }
 }
 
 /// A buffer whose usable part starts on an `ALIGN` boundary (no unsafe:

@@ -345,6 +345,12 @@ impl WriteProtect {
         Ok(())
     }
 
+    /// Protects `[offset, offset + len)` of block `block` (page aligned,
+    /// inside the block).
+    pub fn protect(&self, block: usize, offset: u64, len: u64) -> Result<(), RamError> {
+        self.change(block, offset, len, true)
+    }
+
     /// Lifts the protection of `[offset, offset + len)` of block `block`
     /// (page aligned, inside the block) and wakes threads waiting there.
     pub fn unprotect(&self, block: usize, offset: u64, len: u64) -> Result<(), RamError> {
