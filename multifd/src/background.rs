@@ -38,6 +38,9 @@ use crate::{Counters, MultifdError};
 const FRESH: u8 = 0;
 const COPYING: u8 = 1;
 const COPIED: u8 = 2;
+/// Regions copied by the fault handler and not yet written, at most (the
+/// memory they hold: this many checksum regions, 1 MiB each).
+const MAX_QUEUED: usize = 64;
 /// Buffers are aligned for O_DIRECT.
 const ALIGN: usize = 4096;
 
@@ -484,9 +487,18 @@ impl Shared<'_> {
                     let mut q = self.queue.lock().map_err(|_| {
                         MultifdError::Aborted("the snapshot's queue was poisoned".into())
                     })?;
-                    q.push_back(Job { block, region, buf });
-                    drop(q);
-                    self.copied.fetch_add(1, Ordering::AcqRel);
+                    // Copies waiting for the writers are bounded: past
+                    // that, the handler writes its copy itself (the guest
+                    // already runs on; only later faults wait longer).
+                    if q.len() < MAX_QUEUED {
+                        q.push_back(Job { block, region, buf });
+                        drop(q);
+                        self.copied.fetch_add(1, Ordering::AcqRel);
+                    } else {
+                        drop(q);
+                        self.write_copy(block, region, &buf)?;
+                        self.copied.fetch_add(1, Ordering::AcqRel);
+                    }
                     continue;
                 }
                 // A writer thread is copying it: its unprotect wakes the

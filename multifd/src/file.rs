@@ -833,4 +833,68 @@ mod tests {
         assert_eq!(claimed, [(0, 0), (0, 1), (0, 2), (1, 0), (1, 1)]);
         assert_eq!(r.claim(), None);
     }
+
+    #[test]
+    fn a_later_pass_rewrites_pages_in_place_and_zeroed_pages_read_as_zeros() {
+        let specs = [BlockSpec {
+            name: "ram".into(),
+            len: 2 << 20,
+            page_size: 4096,
+        }];
+        let mem = GuestMemory::anonymous(&specs).unwrap();
+        let b = &mem.blocks()[0];
+        for p in 0..b.pages() {
+            if p != 300 {
+                // SAFETY: page p lies inside the writable block.
+                unsafe {
+                    std::ptr::write_bytes(b.page_addr(p).unwrap(), (p % 250 + 1) as u8, 4096)
+                };
+            }
+        }
+        let layout = FileLayout::plan(&specs, 0).unwrap();
+        let path = std::env::temp_dir().join(format!("ferry-rewrite-{}", std::process::id()));
+        let file = File::create(&path).unwrap();
+        file.set_len(layout.file_len).unwrap();
+        let data = DataFile::open(&path, true, false).unwrap();
+        let opts = FileOptions {
+            channels: 2,
+            ..Default::default()
+        };
+        let counters = Counters::default();
+        let written = write_pages(&mem, &layout, &data, &path, &opts, &counters).unwrap();
+        assert_eq!(written.bitmaps[0][300 / 64] & (1 << (300 % 64)), 0);
+        // The guest zeroes page 5, writes page 7 and the zero page 300.
+        b.zero_page(5);
+        for p in [7u64, 300] {
+            // SAFETY: as above.
+            unsafe { std::ptr::write_bytes(b.page_addr(p).unwrap(), 0xEE, 4096) };
+        }
+        let dirty = vec![PageBitmap::new(b.pages(), false)];
+        for p in [5, 7, 300] {
+            dirty[0].set(p);
+        }
+        let written = rewrite_pages(
+            &mem, &layout, &data, &path, &opts, &counters, written, &dirty,
+        )
+        .unwrap();
+        assert_eq!(dirty[0].count(), 0, "the pass takes the dirty pages");
+        let bit = |p: u64| written.bitmaps[0][(p / 64) as usize] & (1 << (p % 64)) != 0;
+        assert!(!bit(5) && bit(7) && bit(300));
+        let len = std::fs::metadata(&path).unwrap().len();
+        assert_eq!(len, layout.file_len, "the file does not grow");
+        let back = GuestMemory::anonymous(&specs).unwrap();
+        read_pages(
+            &back,
+            &layout,
+            &written.bitmaps,
+            &written.checksums,
+            &data,
+            &path,
+            &opts,
+            &counters,
+        )
+        .unwrap();
+        let _ = std::fs::remove_file(&path);
+        assert!(back.blocks()[0].bytes() == b.bytes());
+    }
 }

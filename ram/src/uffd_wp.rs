@@ -327,9 +327,18 @@ impl WriteProtect {
                 .map_err(|source| RamError::DirtyLog {
                     tracker: "write-protect",
                     block: r.name.clone(),
-                    what: "registering write-protect mode (is the memory tracked by another \
-                           userfaultfd?)"
-                        .into(),
+                    what: match source.raw_os_error() {
+                        Some(libc::EBUSY) => {
+                            "registering write-protect mode: another userfaultfd tracks this \
+                             memory (a uffd dirty log?)"
+                        }
+                        Some(libc::EINVAL) => {
+                            "registering write-protect mode: this kind of mapping cannot be \
+                             write-protected (a read-only or file-backed block?)"
+                        }
+                        _ => "registering write-protect mode",
+                    }
+                    .into(),
                     source,
                 })?;
         }
