@@ -65,7 +65,8 @@ pub struct FileSummary {
     pub direct_io: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub note: Option<String>,
-    /// Guest RAM covered (present and zero pages).
+    /// Guest RAM covered (present and zero pages); for a live save, summed
+    /// over all passes.
     pub ram_bytes: u64,
     /// Page data written to or read from the file.
     pub file_bytes: u64,
@@ -116,7 +117,8 @@ pub struct FileSummary {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub rearmed_pages: Option<u64>,
     /// Background: regions saved early because the guest was about to write
-    /// them, regions saved in order, and the longest a guest write waited.
+    /// them, regions saved in order, and the longest from the handler
+    /// reading a write fault until that region's protection was lifted.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub fault_regions: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
