@@ -4,6 +4,14 @@
 //! state and last the header; or check the header, tables and device state
 //! before reading pages into fresh memory — and reports a [`FileSummary`].
 //!
+//! A running guest is saved live ([`save_live_to_file`]): pass 1 writes
+//! every page while it runs, later passes rewrite the pages its dirty log
+//! reports in place (the file never grows), and it pauses only for the
+//! final pass and its device state. Or in the background
+//! ([`save_background`]): it pauses only while its device state is saved
+//! and its memory write-protected, and the file holds memory as it was then
+//! (`ferry_multifd::background`).
+//!
 //! A save is durable when it reports success (the file is synced unless the
 //! caller asks otherwise). It writes beside the target and renames the
 //! finished file into place, so a failed save leaves no file of its own and
@@ -15,13 +23,14 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
-use ferry_multifd::file::{read_pages, write_pages, DataFile, FileOptions};
+use ferry_multifd::background::{write_background, Arming};
+use ferry_multifd::file::{read_pages, rewrite_pages, write_pages, DataFile, FileOptions};
 use ferry_multifd::lazy::LazyRestore;
 use ferry_multifd::{Counters, MultifdError};
 use ferry_ram::mapped::{write_metadata, FileLayout};
-use ferry_ram::{Digest, GuestMemory, RamError};
+use ferry_ram::{Digest, GuestMemory, PageBitmap, RamError, WriteProtect};
 use serde::Serialize;
 
 use crate::{Guest, GuestError, Progress};
@@ -56,7 +65,8 @@ pub struct FileSummary {
     pub direct_io: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub note: Option<String>,
-    /// Guest RAM covered (present and zero pages).
+    /// Guest RAM covered (present and zero pages); for a live save, summed
+    /// over all passes.
     pub ram_bytes: u64,
     /// Page data written to or read from the file.
     pub file_bytes: u64,
@@ -76,6 +86,49 @@ pub struct FileSummary {
     pub device_state_bytes: u64,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub device_state_digest: Option<String>,
+    /// How a running guest was saved: "live" (passes, then a pause for the
+    /// last) or "background" (memory as it was at a short pause).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mode: Option<&'static str>,
+    /// Live: passes over memory, the final one included.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub passes: Option<u64>,
+    /// Live: from the pause until the final pass, device state and metadata
+    /// were in the file (the fsync after is not counted).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub downtime_ms: Option<f64>,
+    /// Live: digest of memory and device state as saved (taken while the
+    /// guest is still paused after the save); a restore's `digest` of the
+    /// same guest equals it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub switchover_digest: Option<String>,
+    /// Background: how long the guest was paused (device state and
+    /// write-protect), not counting `digest_at_pause_ms`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pause_ms: Option<f64>,
+    /// Background, if asked: digest of memory and device state taken during
+    /// the pause (the memory the file must hold), and what taking it cost.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub digest_at_pause: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub digest_at_pause_ms: Option<f64>,
+    /// Background: pages the guest wrote while its memory was being
+    /// write-protected before the pause, protected again during it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rearmed_pages: Option<u64>,
+    /// Background: regions saved early because the guest was about to write
+    /// them, regions saved in order, and the longest from the handler
+    /// reading a write fault until that region's protection was lifted.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fault_regions: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ordered_regions: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_fault_ms: Option<f64>,
+    /// `ferry save --verify-digest`: digest of memory and device state as
+    /// restored from the saved file.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub file_digest: Option<String>,
     /// For a lazy restore: how the memory became whole.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub lazy: Option<LazyReport>,
@@ -177,15 +230,119 @@ pub fn save_to_file(
     let partial = partial_path(path);
     let result = save(guest, &partial, opts, &counters, progress, &mut summary)
         .and_then(|()| replace(&partial, path, opts.sync));
+    finish_save(
+        guest, &partial, started, &counters, progress, summary, result,
+    )
+}
+
+/// How a live save decides when to pause.
+#[derive(Clone, Debug)]
+pub struct LiveOptions {
+    /// Pause once the pages left would take no longer than this to write
+    /// (at the speed of the pass before).
+    pub downtime_limit: Duration,
+    /// Pause after this many passes whatever is left (at least 1).
+    pub max_passes: u64,
+}
+
+impl Default for LiveOptions {
+    fn default() -> Self {
+        Self {
+            downtime_limit: Duration::from_millis(300),
+            max_passes: 10,
+        }
+    }
+}
+
+/// Saves a running `guest` live: passes while it runs, then a pause for
+/// the final pass and device state. The guest stays paused afterwards (as
+/// QEMU's after a migration to a file); a failed save resumes it. A guest
+/// without a dirty log is saved as [`save_to_file`] does.
+pub fn save_live_to_file(
+    guest: &dyn Guest,
+    path: &Path,
+    opts: &SaveOptions,
+    live: &LiveOptions,
+    progress: &Progress,
+) -> Result<FileSummary, FileFailed> {
+    let started = Instant::now();
+    let counters = Arc::new(Counters::default());
+    progress.attach(counters.clone());
+    progress
+        .total_ram_bytes
+        .store(guest.memory().total_bytes(), Ordering::Relaxed);
+    let mut summary = FileSummary::new(path, &opts.file);
+    let partial = partial_path(path);
+    let result = match guest.dirty_log() {
+        Some(log) => save_live(
+            guest,
+            log,
+            &partial,
+            opts,
+            live,
+            &counters,
+            progress,
+            &mut summary,
+        ),
+        None => save(guest, &partial, opts, &counters, progress, &mut summary),
+    }
+    .and_then(|()| replace(&partial, path, opts.sync));
+    finish_save(
+        guest, &partial, started, &counters, progress, summary, result,
+    )
+}
+
+/// How a background snapshot runs.
+#[derive(Clone, Debug, Default)]
+pub struct BackgroundOptions {
+    /// Take the digest of memory and device state during the pause (it
+    /// lengthens the pause by a hash of all memory; reported apart).
+    pub digest_at_pause: bool,
+}
+
+/// Saves a running `guest` as it is now, letting it run on while its
+/// memory is written out (seed 004's background snapshot): it pauses only
+/// while its device state is saved and its memory write-protected.
+pub fn save_background(
+    guest: &dyn Guest,
+    path: &Path,
+    opts: &SaveOptions,
+    bg: &BackgroundOptions,
+    progress: &Progress,
+) -> Result<FileSummary, FileFailed> {
+    let started = Instant::now();
+    let counters = Arc::new(Counters::default());
+    progress.attach(counters.clone());
+    progress
+        .total_ram_bytes
+        .store(guest.memory().total_bytes(), Ordering::Relaxed);
+    let mut summary = FileSummary::new(path, &opts.file);
+    let partial = partial_path(path);
+    let result = save_bg(guest, &partial, opts, bg, &counters, progress, &mut summary)
+        .and_then(|()| replace(&partial, path, opts.sync));
+    finish_save(
+        guest, &partial, started, &counters, progress, summary, result,
+    )
+}
+
+fn finish_save(
+    guest: &dyn Guest,
+    partial: &Path,
+    started: Instant,
+    counters: &Counters,
+    progress: &Progress,
+    mut summary: FileSummary,
+    result: Result<(), SnapshotError>,
+) -> Result<FileSummary, FileFailed> {
     if result.is_err() {
-        let _ = std::fs::remove_file(&partial);
+        let _ = std::fs::remove_file(partial);
         if let Err(e) = guest.resume() {
             tracing::error!("resuming the guest after a failed save: {e}");
         }
     }
     summary.finish(
         started,
-        &counters,
+        counters,
         result.as_ref().err().map(|e| e.to_string()),
     );
     progress.set_phase(summary.status);
@@ -243,25 +400,7 @@ fn save(
     guest.pause()?;
     let device_state = guest.save_device_state()?;
     let mut layout = FileLayout::plan(&memory.specs(), device_state.len() as u64)?;
-    let io = |what| {
-        move |source| SnapshotError::Io {
-            path: path.into(),
-            what,
-            source,
-        }
-    };
-    let meta = File::options()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(path)
-        .map_err(io("creating the file"))?;
-    meta.set_len(layout.file_len)
-        .map_err(io("setting the file's length"))?;
-    let data = DataFile::open(path, true, opts.file.direct_io)?;
-    summary.direct_io = data.direct;
-    summary.note = data.note.clone();
+    let (meta, data) = create_file(path, &layout, opts, summary)?;
     progress.set_phase("writing");
     let written = write_pages(memory, &layout, &data, path, &opts.file, counters)?;
     progress.set_phase("finishing");
@@ -273,16 +412,230 @@ fn save(
         &written.checksums,
         &device_state,
     )?;
+    finish_file(&meta, path, opts, progress, &device_state, summary)
+}
+
+fn io_err<'a>(path: &'a Path, what: &'static str) -> impl Fn(std::io::Error) -> SnapshotError + 'a {
+    move |source| SnapshotError::Io {
+        path: path.into(),
+        what,
+        source,
+    }
+}
+
+/// Creates the file at `path` with `layout`'s length, and opens it for
+/// page I/O (O_DIRECT if asked and allowed).
+fn create_file(
+    path: &Path,
+    layout: &FileLayout,
+    opts: &SaveOptions,
+    summary: &mut FileSummary,
+) -> Result<(File, DataFile), SnapshotError> {
+    let meta = File::options()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(path)
+        .map_err(io_err(path, "creating the file"))?;
+    meta.set_len(layout.file_len)
+        .map_err(io_err(path, "setting the file's length"))?;
+    let data = DataFile::open(path, true, opts.file.direct_io)?;
+    summary.direct_io = data.direct;
+    summary.note = data.note.clone();
+    Ok((meta, data))
+}
+
+/// Syncs the finished file (if asked) and reports its size and device state.
+fn finish_file(
+    meta: &File,
+    path: &Path,
+    opts: &SaveOptions,
+    progress: &Progress,
+    device_state: &[u8],
+    summary: &mut FileSummary,
+) -> Result<(), SnapshotError> {
     if opts.sync {
         progress.set_phase("syncing");
-        meta.sync_all().map_err(io("syncing the file"))?;
+        meta.sync_all().map_err(io_err(path, "syncing the file"))?;
     }
-    let md = meta.metadata().map_err(io("reading the file's size"))?;
+    let md = meta
+        .metadata()
+        .map_err(io_err(path, "reading the file's size"))?;
     summary.file_len = md.len();
     summary.file_disk_bytes = md.blocks() * 512;
     summary.device_state_bytes = device_state.len() as u64;
-    summary.device_state_digest = Some(Digest::of_bytes(&device_state).to_string());
+    summary.device_state_digest = Some(Digest::of_bytes(device_state).to_string());
     Ok(())
+}
+
+/// The live save: pass 1 and later passes while the guest runs, then the
+/// final pass paused. The layout is planned without the device state (it
+/// is taken last); the device state only ever lies after all pages, so
+/// planning again with its length moves nothing already written.
+#[allow(clippy::too_many_arguments)]
+fn save_live(
+    guest: &dyn Guest,
+    log: &dyn ferry_ram::DirtyLog,
+    path: &Path,
+    opts: &SaveOptions,
+    live: &LiveOptions,
+    counters: &Counters,
+    progress: &Progress,
+    summary: &mut FileSummary,
+) -> Result<(), SnapshotError> {
+    let memory = guest.memory();
+    summary.mode = Some("live");
+    let specs = memory.specs();
+    let mut layout = FileLayout::plan(&specs, 0)?;
+    let (meta, data) = create_file(path, &layout, opts, summary)?;
+    let pending: Vec<PageBitmap> = memory
+        .blocks()
+        .iter()
+        .map(|b| PageBitmap::new(b.pages(), false))
+        .collect();
+    let page_sizes: Vec<u64> = memory
+        .blocks()
+        .iter()
+        .map(|b| u64::from(b.page_size()))
+        .collect();
+    let dirty_bytes = |p: &[PageBitmap]| -> u64 {
+        p.iter()
+            .zip(&page_sizes)
+            .map(|(b, ps)| b.count() * ps)
+            .sum()
+    };
+    log.start()?;
+    let passes = (|| {
+        progress.set_phase("pass 1");
+        let t = Instant::now();
+        let mut written = write_pages(memory, &layout, &data, path, &opts.file, counters)?;
+        let mut passes = 1u64;
+        let (mut bytes, mut secs) = (memory.total_bytes(), t.elapsed().as_secs_f64());
+        loop {
+            log.sync(&pending)?;
+            let remaining = dirty_bytes(&pending);
+            let bandwidth = bytes as f64 / secs.max(1e-6);
+            let threshold = bandwidth * live.downtime_limit.as_secs_f64();
+            tracing::debug!(passes, remaining, threshold, "live save pass done");
+            if remaining as f64 <= threshold || passes >= live.max_passes.max(1) {
+                break;
+            }
+            progress.set_phase("passes");
+            let (t, before) = (Instant::now(), counters.snapshot().ram_bytes);
+            written = rewrite_pages(
+                memory, &layout, &data, path, &opts.file, counters, written, &pending,
+            )?;
+            passes += 1;
+            bytes = counters.snapshot().ram_bytes - before;
+            secs = t.elapsed().as_secs_f64();
+        }
+        progress.set_phase("final pass");
+        let paused_at = Instant::now();
+        guest.pause()?;
+        log.sync(&pending)?;
+        let written = rewrite_pages(
+            memory, &layout, &data, path, &opts.file, counters, written, &pending,
+        )?;
+        passes += 1;
+        let device_state = guest.save_device_state()?;
+        layout = FileLayout::plan(&specs, device_state.len() as u64)?;
+        meta.set_len(layout.file_len)
+            .map_err(io_err(path, "setting the file's length"))?;
+        write_metadata(
+            &meta,
+            path,
+            &mut layout,
+            &written.bitmaps,
+            &written.checksums,
+            &device_state,
+        )?;
+        summary.downtime_ms = Some(paused_at.elapsed().as_secs_f64() * 1e3);
+        Ok::<_, SnapshotError>((passes, device_state))
+    })();
+    if let Err(e) = log.stop() {
+        tracing::error!("stopping the dirty log after a live save: {e}");
+    }
+    let (passes, device_state) = passes?;
+    summary.passes = Some(passes);
+    // Still paused: memory is as saved, so hashing costs no downtime.
+    summary.switchover_digest = Some(Digest::of_guest(memory, &device_state).to_string());
+    finish_file(&meta, path, opts, progress, &device_state, summary)
+}
+
+/// The background snapshot: a short pause to save the device state and
+/// write-protect memory, then memory written out as it was then while the
+/// guest runs (`ferry_multifd::background`).
+fn save_bg(
+    guest: &dyn Guest,
+    path: &Path,
+    opts: &SaveOptions,
+    bg: &BackgroundOptions,
+    counters: &Counters,
+    progress: &Progress,
+    summary: &mut FileSummary,
+) -> Result<(), SnapshotError> {
+    let memory = guest.memory();
+    summary.mode = Some("background");
+    // Registering and protecting all of memory take time (tens of ms for a
+    // GiB of 4 KiB pages): both happen before the pause, while a handler
+    // lets through (and notes) each write the guest makes meanwhile; the
+    // pause then only protects those pages again.
+    let wp = Arc::new(WriteProtect::new(memory)?);
+    // The file too is made before the pause, so writing starts the moment
+    // the guest runs on; the device state's length is known only later,
+    // and moves nothing when the layout is planned again with it.
+    let specs = memory.specs();
+    let mut layout = FileLayout::plan(&specs, 0)?;
+    let (meta, data) = create_file(path, &layout, opts, summary)?;
+    let arming = Arming::start(memory, wp.clone())?;
+    let was_running = guest.is_running();
+    progress.set_phase("pausing");
+    let paused_at = Instant::now();
+    guest.pause()?;
+    let prepared = (|| {
+        let device_state = guest.save_device_state()?;
+        summary.rearmed_pages = Some(arming.rearm()?);
+        Ok::<_, SnapshotError>(device_state)
+    })();
+    let mut digest_time = Duration::ZERO;
+    if let (true, Ok(state)) = (bg.digest_at_pause, &prepared) {
+        let t = Instant::now();
+        summary.digest_at_pause = Some(Digest::of_guest(memory, state).to_string());
+        digest_time = t.elapsed();
+        summary.digest_at_pause_ms = Some(digest_time.as_secs_f64() * 1e3);
+    }
+    if was_running {
+        guest.resume()?;
+    }
+    summary.pause_ms = Some(
+        paused_at
+            .elapsed()
+            .saturating_sub(digest_time)
+            .as_secs_f64()
+            * 1e3,
+    );
+    let device_state = prepared?;
+    progress.set_phase("writing");
+    let (written, stats) =
+        write_background(memory, &layout, &data, path, &opts.file, counters, &wp)?;
+    layout = FileLayout::plan(&specs, device_state.len() as u64)?;
+    meta.set_len(layout.file_len)
+        .map_err(io_err(path, "setting the file's length"))?;
+    drop(wp);
+    summary.fault_regions = Some(stats.fault_regions);
+    summary.ordered_regions = Some(stats.ordered_regions);
+    summary.max_fault_ms = Some(stats.max_fault_us as f64 / 1e3);
+    progress.set_phase("finishing");
+    write_metadata(
+        &meta,
+        path,
+        &mut layout,
+        &written.bitmaps,
+        &written.checksums,
+        &device_state,
+    )?;
+    finish_file(&meta, path, opts, progress, &device_state, summary)
 }
 
 /// Where restored memory goes.

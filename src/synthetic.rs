@@ -145,6 +145,8 @@ struct Shared {
     cv: Condvar,
     /// Each vCPU's state as of its last park (the live copy is the worker's).
     vcpus: Vec<Mutex<VcpuState>>,
+    /// When the first write of any vCPU finished.
+    first_write: std::sync::OnceLock<Instant>,
 }
 
 pub struct SyntheticGuest {
@@ -230,6 +232,7 @@ impl SyntheticGuest {
             }),
             cv: Condvar::new(),
             vcpus,
+            first_write: std::sync::OnceLock::new(),
         });
         let mut g = Self {
             shared,
@@ -255,6 +258,12 @@ impl SyntheticGuest {
             .iter()
             .map(|v| *v.lock().unwrap())
             .collect()
+    }
+
+    /// When the first write of any vCPU finished (e.g. on lazily restored
+    /// memory, once the page it hit was loaded).
+    pub fn first_write_at(&self) -> Option<Instant> {
+        self.shared.first_write.get().copied()
     }
 
     /// Writes done by all vCPUs (exact while paused).
@@ -537,6 +546,9 @@ fn write_one(shared: &Shared, index: usize, s: &mut VcpuState, pattern: DirtyPat
     // store is atomic, so concurrent readers (senders) see old or new bytes.
     unsafe { AtomicU64::from_ptr(addr.cast::<u64>()).store(value, Ordering::Relaxed) };
     shared.log.mark(0, page);
+    if shared.first_write.get().is_none() {
+        let _ = shared.first_write.set(Instant::now());
+    }
 }
 
 fn splitmix(x: u64) -> u64 {

@@ -59,6 +59,8 @@ pub enum MultifdError {
         channel: String,
         source: TransportError,
     },
+    #[error(transparent)]
+    Ram(#[from] ferry_ram::RamError),
     #[error("multifd stopped: {0}")]
     Aborted(String),
     #[error("{path}: {what} of block '{block}' at file offset {offset:#x}: {source}")]

@@ -24,7 +24,7 @@ use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 
 use ferry_ram::mapped::{region_checksum, FileLayout};
-use ferry_ram::{is_zero_page, GuestMemory, RamBlock};
+use ferry_ram::{is_zero_page, GuestMemory, PageBitmap, RamBlock};
 use ferry_transport::uring::Ring;
 
 use crate::{Counters, MultifdError};
@@ -140,6 +140,58 @@ pub fn write_pages(
         bitmaps: shared_words(layout, |b| b.bitmap_len() / 8),
         checksums: shared_words(layout, |b| b.regions(layout.region_size)),
         hole_min: opts.hole_min,
+        dirty: None,
+    };
+    run_threads(&save, layout, data, opts)?;
+    Ok(WrittenPages {
+        bitmaps: unshare(save.bitmaps),
+        checksums: unshare(save.checksums),
+    })
+}
+
+/// A later pass of a live save: rewrites, in place, the pages set in
+/// `dirty` (one bitmap per block, cleared as they are taken) and updates
+/// `written` (from the pass before) to match: a dirty page that became zero
+/// loses its bit and is overwritten with the zeros it holds (unless its
+/// place is a hole already), and every region with a dirty page gets its
+/// checksum recomputed. The file's size never changes.
+#[allow(clippy::too_many_arguments)]
+pub fn rewrite_pages(
+    memory: &GuestMemory,
+    layout: &FileLayout,
+    data: &DataFile,
+    path: &Path,
+    opts: &FileOptions,
+    counters: &Counters,
+    written: WrittenPages,
+    dirty: &[PageBitmap],
+) -> Result<WrittenPages, MultifdError> {
+    check_memory_matches(memory, layout, path)?;
+    let dirty_fits = dirty.len() == memory.blocks().len()
+        && dirty
+            .iter()
+            .zip(memory.blocks())
+            .all(|(d, b)| d.pages() == b.pages());
+    if !dirty_fits || written.bitmaps.len() != layout.blocks.len() {
+        return Err(MultifdError::Aborted(format!(
+            "{}: the dirty bitmaps do not match the memory",
+            path.display()
+        )));
+    }
+    let share = |v: Vec<Vec<u64>>| -> Vec<Vec<AtomicU64>> {
+        v.into_iter()
+            .map(|w| w.into_iter().map(AtomicU64::new).collect())
+            .collect()
+    };
+    let save = Save {
+        memory,
+        layout,
+        path,
+        counters,
+        bitmaps: share(written.bitmaps),
+        checksums: share(written.checksums),
+        hole_min: opts.hole_min,
+        dirty: Some(dirty),
     };
     run_threads(&save, layout, data, opts)?;
     Ok(WrittenPages {
@@ -206,9 +258,9 @@ fn unshare(v: Vec<Vec<AtomicU64>>) -> Vec<Vec<u64>> {
 
 /// A run of pages of one block to move in one operation.
 #[derive(Clone, Copy)]
-struct Run {
-    first_page: u64,
-    pages: u64,
+pub(crate) struct Run {
+    pub(crate) first_page: u64,
+    pub(crate) pages: u64,
 }
 
 /// One read or write in flight: `len` bytes at memory `addr` and file `offset`.
@@ -239,6 +291,11 @@ trait Direction: Sync {
     ) -> Result<(), MultifdError>;
     /// Every operation of the region has completed.
     fn region_done(&self, block: usize, region: u64) -> Result<(), MultifdError>;
+    /// Whether a closed region counts as all of its memory moved (else
+    /// `prepare` counts what it moved).
+    fn counts_whole_regions(&self) -> bool {
+        true
+    }
     fn counters(&self) -> &Counters;
     fn memory(&self) -> &GuestMemory;
     fn layout(&self) -> &FileLayout;
@@ -253,12 +310,61 @@ struct Save<'a> {
     bitmaps: Vec<Vec<AtomicU64>>,
     checksums: Vec<Vec<AtomicU64>>,
     hole_min: u64,
+    /// A later pass: only these pages (taken out as they are written).
+    dirty: Option<&'a [PageBitmap]>,
+}
+
+impl Save<'_> {
+    /// A later pass's region: its dirty pages only.
+    fn prepare_dirty(&self, dirty: &PageBitmap, block: usize, region: u64, runs: &mut Vec<Run>) {
+        let b = &self.memory.blocks()[block];
+        let (first, end) = region_pages(b, self.layout.region_size, region);
+        let ps = b.page_size() as usize;
+        let max_gap = (self.hole_min / ps as u64).saturating_sub(1);
+        let (mut present, mut zero) = (0u64, 0u64);
+        for index in first..end {
+            if !dirty.test(index) {
+                continue;
+            }
+            dirty.clear(index);
+            let bit = 1u64 << (index % 64);
+            let word = &self.bitmaps[block][(index / 64) as usize];
+            if is_zero_page(b.page(index)) {
+                zero += 1;
+                // Its place must read as zeros: rewrite it if it held data.
+                if word.fetch_and(!bit, Relaxed) & bit != 0 {
+                    push_page(runs, index, 0);
+                }
+            } else {
+                word.fetch_or(bit, Relaxed);
+                push_page(runs, index, max_gap);
+                present += 1;
+            }
+        }
+        if present + zero == 0 {
+            return;
+        }
+        let bytes = &b.bytes()[first as usize * ps..end as usize * ps];
+        self.checksums[block][region as usize].store(region_checksum(bytes), Relaxed);
+        count_pages(self.counters, present, zero);
+        self.counters
+            .ram_bytes
+            .fetch_add((present + zero) * ps as u64, Relaxed);
+    }
 }
 
 impl Direction for Save<'_> {
     const WHAT: &'static str = "writing pages";
 
+    fn counts_whole_regions(&self) -> bool {
+        self.dirty.is_none()
+    }
+
     fn prepare(&self, block: usize, region: u64, runs: &mut Vec<Run>) {
+        if let Some(dirty) = self.dirty {
+            self.prepare_dirty(&dirty[block], block, region, runs);
+            return;
+        }
         let b = &self.memory.blocks()[block];
         let (first, end) = region_pages(b, self.layout.region_size, region);
         let ps = b.page_size() as usize;
@@ -381,7 +487,7 @@ impl Direction for Restore<'_> {
 }
 
 /// Pages `[first, end)` of `block` that region `region` covers.
-fn region_pages(block: &RamBlock, region_size: u32, region: u64) -> (u64, u64) {
+pub(crate) fn region_pages(block: &RamBlock, region_size: u32, region: u64) -> (u64, u64) {
     let per = u64::from(region_size / block.page_size());
     let first = region * per;
     (first, (first + per).min(block.pages()))
@@ -389,7 +495,7 @@ fn region_pages(block: &RamBlock, region_size: u32, region: u64) -> (u64, u64) {
 
 /// Adds page `index` to the last run if at most `max_gap` pages lie between
 /// them (the run then covers the gap too), else starts a run.
-fn push_page(runs: &mut Vec<Run>, index: u64, max_gap: u64) {
+pub(crate) fn push_page(runs: &mut Vec<Run>, index: u64, max_gap: u64) {
     match runs.last_mut() {
         Some(r) if r.first_page + r.pages + max_gap >= index => {
             r.pages = index + 1 - r.first_page;
@@ -401,7 +507,7 @@ fn push_page(runs: &mut Vec<Run>, index: u64, max_gap: u64) {
     }
 }
 
-fn count_pages(c: &Counters, present: u64, zero: u64) {
+pub(crate) fn count_pages(c: &Counters, present: u64, zero: u64) {
     c.pages_normal.fetch_add(present, Relaxed);
     c.pages_zero.fetch_add(zero, Relaxed);
 }
@@ -676,6 +782,9 @@ fn complete<D: Direction>(
 /// Every transfer of a region has landed: check it (restoring) and count it.
 fn close_region<D: Direction>(d: &D, block: usize, region: u64) -> Result<(), MultifdError> {
     d.region_done(block, region)?;
+    if !d.counts_whole_regions() {
+        return Ok(());
+    }
     let b = &d.memory().blocks()[block];
     let len = region_len(b, d.layout().region_size, region);
     d.counters().ram_bytes.fetch_add(len, Relaxed);
@@ -723,5 +832,69 @@ mod tests {
         let claimed: Vec<_> = std::iter::from_fn(|| r.claim()).collect();
         assert_eq!(claimed, [(0, 0), (0, 1), (0, 2), (1, 0), (1, 1)]);
         assert_eq!(r.claim(), None);
+    }
+
+    #[test]
+    fn a_later_pass_rewrites_pages_in_place_and_zeroed_pages_read_as_zeros() {
+        let specs = [BlockSpec {
+            name: "ram".into(),
+            len: 2 << 20,
+            page_size: 4096,
+        }];
+        let mem = GuestMemory::anonymous(&specs).unwrap();
+        let b = &mem.blocks()[0];
+        for p in 0..b.pages() {
+            if p != 300 {
+                // SAFETY: page p lies inside the writable block.
+                unsafe {
+                    std::ptr::write_bytes(b.page_addr(p).unwrap(), (p % 250 + 1) as u8, 4096)
+                };
+            }
+        }
+        let layout = FileLayout::plan(&specs, 0).unwrap();
+        let path = std::env::temp_dir().join(format!("ferry-rewrite-{}", std::process::id()));
+        let file = File::create(&path).unwrap();
+        file.set_len(layout.file_len).unwrap();
+        let data = DataFile::open(&path, true, false).unwrap();
+        let opts = FileOptions {
+            channels: 2,
+            ..Default::default()
+        };
+        let counters = Counters::default();
+        let written = write_pages(&mem, &layout, &data, &path, &opts, &counters).unwrap();
+        assert_eq!(written.bitmaps[0][300 / 64] & (1 << (300 % 64)), 0);
+        // The guest zeroes page 5, writes page 7 and the zero page 300.
+        b.zero_page(5);
+        for p in [7u64, 300] {
+            // SAFETY: as above.
+            unsafe { std::ptr::write_bytes(b.page_addr(p).unwrap(), 0xEE, 4096) };
+        }
+        let dirty = vec![PageBitmap::new(b.pages(), false)];
+        for p in [5, 7, 300] {
+            dirty[0].set(p);
+        }
+        let written = rewrite_pages(
+            &mem, &layout, &data, &path, &opts, &counters, written, &dirty,
+        )
+        .unwrap();
+        assert_eq!(dirty[0].count(), 0, "the pass takes the dirty pages");
+        let bit = |p: u64| written.bitmaps[0][(p / 64) as usize] & (1 << (p % 64)) != 0;
+        assert!(!bit(5) && bit(7) && bit(300));
+        let len = std::fs::metadata(&path).unwrap().len();
+        assert_eq!(len, layout.file_len, "the file does not grow");
+        let back = GuestMemory::anonymous(&specs).unwrap();
+        read_pages(
+            &back,
+            &layout,
+            &written.bitmaps,
+            &written.checksums,
+            &data,
+            &path,
+            &opts,
+            &counters,
+        )
+        .unwrap();
+        let _ = std::fs::remove_file(&path);
+        assert!(back.blocks()[0].bytes() == b.bytes());
     }
 }

@@ -11,8 +11,10 @@
 //!
 //! [`file`] is file mode: the same K threads with their own rings write a
 //! guest's pages at fixed offsets of a saved-guest file, or read them back;
-//! [`lazy`] restores such a file on demand with userfaultfd.
+//! [`lazy`] restores such a file on demand with userfaultfd; [`background`]
+//! writes a running guest's memory as it was when a snapshot began.
 
+pub mod background;
 mod compress;
 mod error;
 pub mod file;

@@ -43,8 +43,13 @@ impl Digest {
     /// One digest for a guest's memory and device state together: what
     /// the source had at switchover and the destination holds before resume.
     pub fn of_guest(memory: &GuestMemory, device_state: &[u8]) -> Self {
+        Self::with_device_state(Self::of_memory(memory), device_state)
+    }
+
+    /// [`Digest::of_guest`] from the memory's digest taken already.
+    pub fn with_device_state(memory: Digest, device_state: &[u8]) -> Self {
         let mut top = Xxh3::new();
-        top.update(&Self::of_memory(memory).0.to_le_bytes());
+        top.update(&memory.0.to_le_bytes());
         top.update(&Self::of_bytes(device_state).0.to_le_bytes());
         Digest(top.digest128())
     }

@@ -26,5 +26,5 @@ pub use digest::{Digest, DIGEST_CHUNK};
 pub use dirty::{BitmapLog, DirtyLog};
 pub use error::RamError;
 pub use memory::{BlockSpec, GuestMemory};
-pub use uffd_wp::UffdLog;
+pub use uffd_wp::{UffdLog, WriteProtect};
 pub use zero::is_zero_page;

@@ -216,8 +216,28 @@ pub fn print_file_summary(tool: &str, s: &FileSummary, json: bool) {
             l.prefetched_regions
         );
     }
+    if let (Some(passes), Some(ms)) = (s.passes, s.downtime_ms) {
+        eprintln!("  live: {passes} pass(es), guest paused {ms:.2} ms for the last");
+    }
+    if let Some(ms) = s.pause_ms {
+        eprintln!(
+            "  background: guest paused {ms:.2} ms; {} region(s) saved ahead of a write (longest wait {:.2} ms), {} in order",
+            s.fault_regions.unwrap_or(0),
+            s.max_fault_ms.unwrap_or(0.0),
+            s.ordered_regions.unwrap_or(0)
+        );
+    }
     if let Some(d) = &s.digest {
         eprintln!("  digest of guest RAM: {d}");
+    }
+    for (what, d) in [
+        ("at switchover", &s.switchover_digest),
+        ("at the pause", &s.digest_at_pause),
+        ("restored from the file", &s.file_digest),
+    ] {
+        if let Some(d) = d {
+            eprintln!("  digest of RAM and device state {what}: {d}");
+        }
     }
 }
 

@@ -4,13 +4,14 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use anyhow::Context;
+use anyhow::{bail, Context};
 use clap::Args;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use ferry::{
-    restore_from_file, restore_lazy, FileFailed, FileOptions, GuestMemory, LazyRestored, Progress,
-    RestoreTarget,
+    restore_from_file, restore_lazy, synthetic::is_synthetic_state, Digest, FileFailed,
+    FileOptions, Guest, GuestMemory, LazyRestored, Progress, Resources, RestoreTarget,
+    SyntheticGuest, TrackerKind,
 };
 
 use crate::output::{print_file_summary, ProgressView};
@@ -56,6 +57,13 @@ pub struct RestoreArgs {
     /// With --lazy: pages the toucher writes while the prefetch runs.
     #[arg(long, default_value_t = 256, requires = "lazy")]
     touch: u64,
+    /// With --lazy, for a saved synthetic guest: instead of the toucher, run
+    /// the guest itself from the file's device state at once (its vCPUs
+    /// write on as they did when saved) and report when its first write
+    /// finished. It is paused once every page is in; its memory then
+    /// differs from the file's, so no digest is reported.
+    #[arg(long, requires = "lazy")]
+    run_guest: bool,
     /// Print one JSON object with the result instead of text and a progress bar.
     #[arg(long)]
     json: bool,
@@ -81,7 +89,7 @@ fn restore(a: RestoreArgs) -> anyhow::Result<bool> {
     let progress = Arc::new(Progress::default());
     let view = ProgressView::start_for(progress.clone(), !a.json, "file");
     if a.lazy {
-        let result = lazy(&path, &opts, &progress, a.touch);
+        let result = lazy(&path, &opts, &progress, a.touch, a.run_guest)?;
         drop(view);
         return report_lazy(result, &a);
     }
@@ -89,7 +97,10 @@ fn restore(a: RestoreArgs) -> anyhow::Result<bool> {
     drop(view);
     match result {
         Ok(mut r) => {
-            r.summary.digest = Some(r.memory.digest().to_string());
+            let digest = r.memory.digest();
+            r.summary.digest = Some(digest.to_string());
+            r.summary.switchover_digest =
+                Some(Digest::with_device_state(digest, &r.device_state).to_string());
             if let Some(p) = &a.device_state_out {
                 std::fs::write(p, &r.device_state)
                     .with_context(|| format!("writing {}", p.display()))?;
@@ -110,19 +121,64 @@ fn lazy(
     opts: &FileOptions,
     progress: &Progress,
     touch: u64,
-) -> Result<LazyRestored, FileFailed> {
-    let restoring = restore_lazy(path, opts, progress)?;
+    run_guest: bool,
+) -> anyhow::Result<Result<LazyRestored, FileFailed>> {
+    let restoring = match restore_lazy(path, opts, progress) {
+        Ok(r) => r,
+        Err(f) => return Ok(Err(f)),
+    };
     let memory = restoring.memory().clone();
     let started = restoring.started();
-    let toucher = std::thread::spawn(move || touch_pages(&memory, started, touch));
-    let first_write_ms = toucher.join().ok().flatten();
-    restoring.finish(first_write_ms)
+    if !run_guest {
+        let toucher = std::thread::spawn(move || touch_pages(&memory, started, touch));
+        let first_write_ms = toucher.join().ok().flatten();
+        return Ok(restoring.finish(first_write_ms));
+    }
+    let state = restoring.device_state();
+    if !is_synthetic_state(state) {
+        // Let the prefetch end before saying so: nothing is left running.
+        let _ = restoring.finish(None);
+        bail!("--run-guest: the saved device state is not a synthetic guest's");
+    }
+    let guest = SyntheticGuest::from_device_state(
+        memory,
+        state,
+        TrackerKind::Bitmap,
+        Resources::none(false),
+    );
+    let guest = match guest {
+        Ok(g) => g,
+        Err(e) => {
+            let _ = restoring.finish(None);
+            return Err(e.into());
+        }
+    };
+    guest.resume()?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let first = loop {
+        if let Some(t) = guest.first_write_at() {
+            break Some(t);
+        }
+        if Instant::now() > deadline {
+            break None;
+        }
+        std::thread::sleep(Duration::from_micros(100));
+    };
+    let first_write_ms = first.map(|t| t.duration_since(started).as_secs_f64() * 1e3);
+    let result = restoring.finish(first_write_ms);
+    guest.pause()?;
+    Ok(result)
 }
 
 fn report_lazy(result: Result<LazyRestored, FileFailed>, a: &RestoreArgs) -> anyhow::Result<bool> {
     match result {
         Ok(mut r) => {
-            r.summary.digest = Some(r.memory.digest().to_string());
+            if !a.run_guest {
+                let digest = r.memory.digest();
+                r.summary.digest = Some(digest.to_string());
+                r.summary.switchover_digest =
+                    Some(Digest::with_device_state(digest, &r.device_state).to_string());
+            }
             if let Some(p) = &a.device_state_out {
                 std::fs::write(p, &r.device_state)
                     .with_context(|| format!("writing {}", p.display()))?;

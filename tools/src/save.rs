@@ -1,29 +1,88 @@
-//! `ferry save`: write a guest (an image guest: a file's bytes as RAM) to a
-//! saved-guest file, many threads writing pages at fixed offsets.
+//! `ferry save`: write a guest (an image guest: a file's bytes as RAM, or a
+//! running synthetic guest, live or in the background) to a saved-guest
+//! file, many threads writing pages at fixed offsets.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::{bail, Context};
 use clap::Args;
-use ferry::{save_to_file, FileOptions, ImageGuest, Progress, SaveOptions};
+use ferry::synthetic::synthetic_memory;
+use ferry::{
+    restore_from_file, save_background, save_live_to_file, save_to_file, BackgroundOptions, Digest,
+    DirtyPattern, FileOptions, FileSummary, Guest, ImageGuest, LiveOptions, Progress, Resources,
+    RestoreTarget, SaveOptions, SyntheticConfig, SyntheticGuest, TrackerKind,
+};
 
 use crate::output::{print_file_summary, ProgressView};
+use crate::send::GuestKind;
 use crate::units::parse_size;
 
-/// Save a guest whose RAM is a file's bytes to a saved-guest file.
+/// Save a guest to a saved-guest file.
 ///
 /// K threads, each with its own io_uring, write every non-zero page at its
 /// fixed place in the file (page i of a block at pages_offset + i × page
 /// size); zero pages are never written and stay holes. Then the page
 /// bitmaps, a checksum per 1 MiB of memory, the device state and last the
 /// header go in, and the file is synced. `ferry restore` reads it back.
+///
+/// A running guest (`--guest synthetic`) is saved live: pass 1 writes every
+/// page while it runs, later passes rewrite the pages it dirtied in place,
+/// and it pauses only for the final pass and its device state (downtime_ms,
+/// passes and switchover_digest in the summary; it stays paused after). With
+/// --background it pauses only to save its device state and write-protect
+/// its memory, then runs on while its memory is written out as it was at
+/// that pause (pause_ms in the summary).
 #[derive(Args)]
 pub struct SaveArgs {
     /// File whose bytes are the guest's RAM (e.g. made by `ferry gen`); its
-    /// size must be a multiple of 4 KiB.
+    /// size must be a multiple of 4 KiB. A synthetic guest's memory is
+    /// seeded from it.
     #[arg(long)]
-    ram: PathBuf,
+    ram: Option<PathBuf>,
+    /// What to save.
+    #[arg(long, value_enum, default_value_t = GuestKind::Image)]
+    guest: GuestKind,
+    /// Synthetic guest: memory size (default: the size of --ram).
+    #[arg(long, value_parser = parse_size)]
+    size: Option<u64>,
+    /// Synthetic guest: writer threads.
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..=1024))]
+    vcpus: u16,
+    /// Synthetic guest: bytes per second all vCPUs dirty together (e.g. 256M).
+    #[arg(long, value_parser = parse_size, default_value = "64M")]
+    dirty_rate: u64,
+    /// Synthetic guest: random, sequential, or hotset:PCT.
+    #[arg(long, default_value = "random")]
+    dirty_pattern: DirtyPattern,
+    /// Synthetic guest: bitmap or uffd (a live save's dirty log; a
+    /// background snapshot needs bitmap, its memory takes the write-protect).
+    #[arg(long, default_value = "bitmap")]
+    dirty_tracker: TrackerKind,
+    /// Synthetic guest: seed of the initial memory and of the vCPUs' writes.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Live save: pause once what is left would be written within this
+    /// many milliseconds.
+    #[arg(long, default_value_t = 300)]
+    downtime_limit: u64,
+    /// Live save: pause after this many passes whatever is left.
+    #[arg(long, default_value_t = 10)]
+    max_passes: u64,
+    /// Background snapshot: the guest runs on while its memory is written
+    /// as it was at the start (userfaultfd write-protect, synchronous mode).
+    #[arg(long)]
+    background: bool,
+    /// Background snapshot: also take the digest of memory at the pause
+    /// (lengthens the pause by a hash of all memory, reported apart).
+    #[arg(long, requires = "background")]
+    digest_at_pause: bool,
+    /// After saving, restore the file into fresh memory and report its
+    /// digest of memory and device state (file_digest); with
+    /// --digest-at-pause or a live save, fail if it differs.
+    #[arg(long)]
+    verify_digest: bool,
     /// Where to save: file:PATH (created or replaced).
     #[arg(long)]
     to: String,
@@ -66,16 +125,50 @@ pub fn run(a: SaveArgs) -> anyhow::Result<bool> {
     crate::output::json_on_early_failure("save", json, save(a))
 }
 
+fn build_guest(a: &SaveArgs) -> anyhow::Result<Box<dyn Guest>> {
+    match a.guest {
+        GuestKind::Image => {
+            let ram = a.ram.as_ref().context("an image guest needs --ram FILE")?;
+            let device_state = match &a.device_state {
+                Some(p) => Some(
+                    std::fs::read(p)
+                        .with_context(|| format!("reading device state {}", p.display()))?,
+                ),
+                None => None,
+            };
+            Ok(Box::new(ImageGuest::open(ram, device_state)?))
+        }
+        GuestKind::Synthetic => {
+            let size = match (a.size, &a.ram) {
+                (Some(s), _) => s,
+                (None, Some(p)) => std::fs::metadata(p)
+                    .with_context(|| format!("reading {}", p.display()))?
+                    .len(),
+                (None, None) => bail!("a synthetic guest needs --size or --ram"),
+            };
+            let memory = synthetic_memory(size, a.ram.as_deref(), a.seed)?;
+            let config = SyntheticConfig {
+                vcpus: a.vcpus,
+                dirty_rate: a.dirty_rate,
+                pattern: a.dirty_pattern,
+                seed: a.seed,
+                tracker: a.dirty_tracker,
+            };
+            Ok(Box::new(SyntheticGuest::start(
+                memory,
+                &config,
+                Resources::none(true),
+            )?))
+        }
+    }
+}
+
 fn save(a: SaveArgs) -> anyhow::Result<bool> {
     let path = file_uri(&a.to)?;
-    refuse_same_file(&a.ram, &path)?;
-    let device_state = match &a.device_state {
-        Some(p) => Some(
-            std::fs::read(p).with_context(|| format!("reading device state {}", p.display()))?,
-        ),
-        None => None,
-    };
-    let guest = ImageGuest::open(&a.ram, device_state)?;
+    if let Some(ram) = &a.ram {
+        refuse_same_file(ram, &path)?;
+    }
+    let guest = build_guest(&a)?;
     let opts = SaveOptions {
         file: FileOptions {
             channels: a.channels,
@@ -87,17 +180,63 @@ fn save(a: SaveArgs) -> anyhow::Result<bool> {
     };
     let progress = Arc::new(Progress::default());
     let view = ProgressView::start_for(progress.clone(), !a.json, "file");
-    let result = save_to_file(&guest, &path, &opts, &progress);
+    let running = a.guest == GuestKind::Synthetic;
+    let result = if a.background {
+        let bg = BackgroundOptions {
+            digest_at_pause: a.digest_at_pause,
+        };
+        save_background(&*guest, &path, &opts, &bg, &progress)
+    } else if running {
+        let live = LiveOptions {
+            downtime_limit: Duration::from_millis(a.downtime_limit),
+            max_passes: a.max_passes,
+        };
+        save_live_to_file(&*guest, &path, &opts, &live, &progress)
+    } else {
+        save_to_file(&*guest, &path, &opts, &progress)
+    };
     drop(view);
-    let (mut summary, ok) = match result {
+    let (mut summary, mut ok) = match result {
         Ok(s) => (s, true),
         Err(f) => (*f.summary, false),
     };
-    if ok {
-        summary.digest = Some(ferry::Guest::memory(&guest).digest().to_string());
+    // Memory still equals the file's unless the guest runs on (background).
+    if ok && !a.background {
+        summary.digest = Some(guest.memory().digest().to_string());
+    }
+    drop(guest);
+    if ok && a.verify_digest {
+        ok = verify_digest(&path, &opts.file, &mut summary)?;
     }
     print_file_summary("save", &summary, a.json);
     Ok(ok)
+}
+
+/// Restores the saved file into fresh memory and compares its digest with
+/// the one taken at the pause (live: switchover; background: if asked).
+fn verify_digest(path: &Path, opts: &FileOptions, s: &mut FileSummary) -> anyhow::Result<bool> {
+    let progress = Progress::default();
+    let r = match restore_from_file(path, &RestoreTarget::Anonymous, opts, &progress) {
+        Ok(r) => r,
+        Err(f) => {
+            s.status = "failed";
+            s.error = Some(format!("restoring the saved file to check it: {}", f.error));
+            return Ok(false);
+        }
+    };
+    let restored = Digest::of_guest(&r.memory, &r.device_state).to_string();
+    let expected = s.digest_at_pause.clone().or(s.switchover_digest.clone());
+    s.file_digest = Some(restored.clone());
+    if let Some(e) = expected {
+        if e != restored {
+            s.status = "failed";
+            s.error = Some(format!(
+                "the saved file's memory (digest {restored}) is not the guest's at the pause ({e})"
+            ));
+            return Ok(false);
+        }
+    }
+    Ok(true)
 }
 
 /// Saving a RAM file onto itself would destroy it before it is read.

@@ -585,3 +585,63 @@ fn saving_over_a_file_replaces_it_and_leaves_no_partial_file() {
         .collect();
     assert!(partial.is_empty(), "{partial:?}");
 }
+
+#[test]
+fn a_running_synthetic_guest_saves_live_and_in_the_background() {
+    let dir = disk_dir();
+    let sav = dir.path().join("guest.sav");
+    let to = format!("file:{}", s(&sav));
+    let guest = [
+        "--guest",
+        "synthetic",
+        "--size",
+        "16M",
+        "--dirty-rate",
+        "128M",
+    ];
+    for channels in ["1", "2"] {
+        // Live: passes while it writes, the digest at the pause restored.
+        let mut args = vec!["save", "--to", &to, "--channels", channels];
+        args.extend_from_slice(&guest);
+        args.extend_from_slice(&["--downtime-limit", "0", "--max-passes", "3"]);
+        args.extend_from_slice(&["--verify-digest", "--json"]);
+        let d = ferry(dir.path(), &args);
+        assert!(d.ok, "{}\n{}", d.stdout, d.stderr);
+        let v = json(&d);
+        assert_eq!(v["mode"], "live");
+        assert!(v["passes"].as_u64().unwrap() >= 2, "{v}");
+        assert!(v["downtime_ms"].as_f64().is_some(), "{v}");
+        assert_eq!(v["file_digest"], v["switchover_digest"], "{v}");
+        let r = json(&ferry(
+            dir.path(),
+            &["restore", "--from", &to, "--channels", channels, "--json"],
+        ));
+        assert_eq!(r["switchover_digest"], v["switchover_digest"]);
+
+        // Background: the file holds memory as it was at the pause.
+        let mut args = vec!["save", "--to", &to, "--channels", channels];
+        args.extend_from_slice(&guest);
+        args.extend_from_slice(&[
+            "--background",
+            "--digest-at-pause",
+            "--verify-digest",
+            "--json",
+        ]);
+        let d = ferry(dir.path(), &args);
+        assert!(d.ok, "{}\n{}", d.stdout, d.stderr);
+        let v = json(&d);
+        assert_eq!(v["mode"], "background");
+        assert!(v["pause_ms"].as_f64().is_some(), "{v}");
+        assert_eq!(v["file_digest"], v["digest_at_pause"], "{v}");
+
+        // Lazy restore running the saved guest itself.
+        let d = ferry(
+            dir.path(),
+            &["restore", "--from", &to, "--lazy", "--run-guest", "--json"],
+        );
+        assert!(d.ok, "{}\n{}", d.stdout, d.stderr);
+        let v = json(&d);
+        assert_eq!(v["status"], "completed");
+        assert!(v["lazy"]["first_write_ms"].as_f64().unwrap() > 0.0, "{v}");
+    }
+}
