@@ -695,22 +695,13 @@ fn restore(
     summary: &mut FileSummary,
 ) -> Result<(GuestMemory, Vec<u8>), SnapshotError> {
     progress.set_phase("checking");
-    let file = File::open(path).map_err(|source| SnapshotError::Io {
-        path: path.into(),
-        what: "opening the saved guest",
-        source,
-    })?;
-    let layout = FileLayout::read(&file, path)?;
-    progress
-        .total_ram_bytes
-        .store(layout.total_ram(), Ordering::Relaxed);
-    let mut bitmaps = Vec::new();
-    let mut checksums = Vec::new();
-    for i in 0..layout.blocks.len() {
-        bitmaps.push(layout.read_bitmap(&file, path, i)?);
-        checksums.push(layout.read_checksums(&file, path, i)?);
-    }
-    let device_state = layout.read_device_state(&file, path)?;
+    let SavedFile {
+        file,
+        layout,
+        bitmaps,
+        checksums,
+        device_state,
+    } = SavedFile::open(path, progress)?;
     let specs = layout.specs();
     let memory = match target {
         RestoreTarget::Anonymous => GuestMemory::anonymous(&specs)?,
@@ -743,6 +734,45 @@ fn restore(
     summary.device_state_bytes = device_state.len() as u64;
     summary.device_state_digest = Some(Digest::of_bytes(&device_state).to_string());
     Ok((memory, device_state))
+}
+
+/// A saved guest's file with its header, tables and device state read and
+/// checked (pages are read later, by whoever restores them).
+struct SavedFile {
+    file: File,
+    layout: FileLayout,
+    /// Per block: the bitmap of pages present, and one checksum per region.
+    bitmaps: Vec<Vec<u64>>,
+    checksums: Vec<Vec<u64>>,
+    device_state: Vec<u8>,
+}
+
+impl SavedFile {
+    fn open(path: &Path, progress: &Progress) -> Result<Self, SnapshotError> {
+        let file = File::open(path).map_err(|source| SnapshotError::Io {
+            path: path.into(),
+            what: "opening the saved guest",
+            source,
+        })?;
+        let layout = FileLayout::read(&file, path)?;
+        progress
+            .total_ram_bytes
+            .store(layout.total_ram(), Ordering::Relaxed);
+        let mut bitmaps = Vec::new();
+        let mut checksums = Vec::new();
+        for i in 0..layout.blocks.len() {
+            bitmaps.push(layout.read_bitmap(&file, path, i)?);
+            checksums.push(layout.read_checksums(&file, path, i)?);
+        }
+        let device_state = layout.read_device_state(&file, path)?;
+        Ok(Self {
+            file,
+            layout,
+            bitmaps,
+            checksums,
+            device_state,
+        })
+    }
 }
 
 /// The files `GuestMemory::create_files` makes for `specs` at `path`.
@@ -783,22 +813,13 @@ pub fn restore_lazy(
     progress.attach(counters.clone());
     let mut summary = FileSummary::new(path, opts);
     let begun = (|| {
-        let file = File::open(path).map_err(|source| SnapshotError::Io {
-            path: path.into(),
-            what: "opening the saved guest",
-            source,
-        })?;
-        let layout = FileLayout::read(&file, path)?;
-        progress
-            .total_ram_bytes
-            .store(layout.total_ram(), Ordering::Relaxed);
-        let mut bitmaps = Vec::new();
-        let mut checksums = Vec::new();
-        for i in 0..layout.blocks.len() {
-            bitmaps.push(layout.read_bitmap(&file, path, i)?);
-            checksums.push(layout.read_checksums(&file, path, i)?);
-        }
-        let device_state = layout.read_device_state(&file, path)?;
+        let SavedFile {
+            file,
+            layout,
+            bitmaps,
+            checksums,
+            device_state,
+        } = SavedFile::open(path, progress)?;
         summary.file_len = layout.file_len;
         summary.file_disk_bytes = file.metadata().map_or(0, |m| m.blocks() * 512);
         let data = DataFile::open(path, false, opts.direct_io)?;

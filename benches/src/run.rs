@@ -333,7 +333,13 @@ pub(crate) fn ferry_once(run: &FerryRun<'_>) -> Result<Sample, BenchError> {
     // The harness compares both sides' digests of all RAM, taken after the
     // timing ends; the switchover digest before resume would add ~0.1 s/GiB
     // that QEMU does not spend.
-    cmd.args(["recv", "--listen", "tcp:127.0.0.1:0", "--json", "--no-digest"]);
+    cmd.args([
+        "recv",
+        "--listen",
+        "tcp:127.0.0.1:0",
+        "--json",
+        "--no-digest",
+    ]);
     cmd.args(["--tcp-congestion", run.congestion.unwrap_or("system")]);
     cmd.args(run.recv_args);
     let (tx, rx) = mpsc::channel();

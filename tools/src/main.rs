@@ -13,6 +13,7 @@ mod certs;
 mod ctl;
 mod demo;
 mod gen;
+mod guest_args;
 mod inspect;
 mod output;
 mod recv;

@@ -6,17 +6,15 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{bail, Context};
+use anyhow::bail;
 use clap::Args;
-use ferry::synthetic::synthetic_memory;
 use ferry::{
     restore_from_file, save_background, save_live_to_file, save_to_file, BackgroundOptions, Digest,
-    DirtyPattern, FileOptions, FileSummary, Guest, ImageGuest, LiveOptions, Progress, Resources,
-    RestoreTarget, SaveOptions, SyntheticConfig, SyntheticGuest, TrackerKind,
+    FileOptions, FileSummary, LiveOptions, Progress, Resources, RestoreTarget, SaveOptions,
 };
 
+use crate::guest_args::{GuestArgs, GuestKind};
 use crate::output::{print_file_summary, ProgressView};
-use crate::send::GuestKind;
 use crate::units::parse_size;
 
 /// Save a guest to a saved-guest file.
@@ -36,33 +34,8 @@ use crate::units::parse_size;
 /// that pause (pause_ms in the summary).
 #[derive(Args)]
 pub struct SaveArgs {
-    /// File whose bytes are the guest's RAM (e.g. made by `ferry gen`); its
-    /// size must be a multiple of 4 KiB. A synthetic guest's memory is
-    /// seeded from it.
-    #[arg(long)]
-    ram: Option<PathBuf>,
-    /// What to save.
-    #[arg(long, value_enum, default_value_t = GuestKind::Image)]
-    guest: GuestKind,
-    /// Synthetic guest: memory size (default: the size of --ram).
-    #[arg(long, value_parser = parse_size)]
-    size: Option<u64>,
-    /// Synthetic guest: writer threads.
-    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..=1024))]
-    vcpus: u16,
-    /// Synthetic guest: bytes per second all vCPUs dirty together (e.g. 256M).
-    #[arg(long, value_parser = parse_size, default_value = "64M")]
-    dirty_rate: u64,
-    /// Synthetic guest: random, sequential, or hotset:PCT.
-    #[arg(long, default_value = "random")]
-    dirty_pattern: DirtyPattern,
-    /// Synthetic guest: bitmap or uffd (a live save's dirty log; a
-    /// background snapshot needs bitmap, its memory takes the write-protect).
-    #[arg(long, default_value = "bitmap")]
-    dirty_tracker: TrackerKind,
-    /// Synthetic guest: seed of the initial memory and of the vCPUs' writes.
-    #[arg(long, default_value_t = 1)]
-    seed: u64,
+    #[command(flatten)]
+    guest: GuestArgs,
     /// Live save: pause once what is left would be written within this
     /// many milliseconds.
     #[arg(long, default_value_t = 300)]
@@ -104,9 +77,6 @@ pub struct SaveArgs {
     /// Do not fsync the file at the end (the save is then not durable when reported).
     #[arg(long)]
     no_sync: bool,
-    /// File holding the guest's device state (default: a short text describing the image).
-    #[arg(long)]
-    device_state: Option<PathBuf>,
     /// Print one JSON object with the result instead of text and a progress bar.
     #[arg(long)]
     json: bool,
@@ -125,50 +95,12 @@ pub fn run(a: SaveArgs) -> anyhow::Result<bool> {
     crate::output::json_on_early_failure("save", json, save(a))
 }
 
-fn build_guest(a: &SaveArgs) -> anyhow::Result<Box<dyn Guest>> {
-    match a.guest {
-        GuestKind::Image => {
-            let ram = a.ram.as_ref().context("an image guest needs --ram FILE")?;
-            let device_state = match &a.device_state {
-                Some(p) => Some(
-                    std::fs::read(p)
-                        .with_context(|| format!("reading device state {}", p.display()))?,
-                ),
-                None => None,
-            };
-            Ok(Box::new(ImageGuest::open(ram, device_state)?))
-        }
-        GuestKind::Synthetic => {
-            let size = match (a.size, &a.ram) {
-                (Some(s), _) => s,
-                (None, Some(p)) => std::fs::metadata(p)
-                    .with_context(|| format!("reading {}", p.display()))?
-                    .len(),
-                (None, None) => bail!("a synthetic guest needs --size or --ram"),
-            };
-            let memory = synthetic_memory(size, a.ram.as_deref(), a.seed)?;
-            let config = SyntheticConfig {
-                vcpus: a.vcpus,
-                dirty_rate: a.dirty_rate,
-                pattern: a.dirty_pattern,
-                seed: a.seed,
-                tracker: a.dirty_tracker,
-            };
-            Ok(Box::new(SyntheticGuest::start(
-                memory,
-                &config,
-                Resources::none(true),
-            )?))
-        }
-    }
-}
-
 fn save(a: SaveArgs) -> anyhow::Result<bool> {
     let path = file_uri(&a.to)?;
-    if let Some(ram) = &a.ram {
+    if let Some(ram) = &a.guest.ram {
         refuse_same_file(ram, &path)?;
     }
-    let guest = build_guest(&a)?;
+    let guest = a.guest.build(Resources::none(true))?;
     let opts = SaveOptions {
         file: FileOptions {
             channels: a.channels,
@@ -180,7 +112,7 @@ fn save(a: SaveArgs) -> anyhow::Result<bool> {
     };
     let progress = Arc::new(Progress::default());
     let view = ProgressView::start_for(progress.clone(), !a.json, "file");
-    let running = a.guest == GuestKind::Synthetic;
+    let running = a.guest.guest == GuestKind::Synthetic;
     let result = if a.background {
         let bg = BackgroundOptions {
             digest_at_pause: a.digest_at_pause,

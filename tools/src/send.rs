@@ -5,25 +5,15 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::Context;
-use clap::{Args, ValueEnum};
-use ferry::synthetic::synthetic_memory;
+use clap::Args;
 use ferry::{
-    migrate_out, ChannelUri, ControlServer, DirtyPattern, Guest, ImageGuest, OutgoingOptions,
-    Parameters, Progress, Resources, SendPath, SenderOptions, SocketTuning, SyntheticConfig,
-    SyntheticGuest, TlsClient, TrackerKind,
+    migrate_out, ChannelUri, ControlServer, OutgoingOptions, Parameters, Progress, Resources,
+    SendPath, SenderOptions, SocketTuning, TlsClient,
 };
 
+use crate::guest_args::GuestArgs;
 use crate::output::{print_summary, EventPrinter, ProgressView};
 use crate::units::parse_size;
-
-#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum GuestKind {
-    /// RAM is the bytes of --ram; nothing writes it (one pass).
-    Image,
-    /// --size bytes (seeded from --ram if given) that vCPU threads keep writing.
-    Synthetic,
-}
 
 /// Migrate a guest to a destination, live.
 ///
@@ -34,39 +24,11 @@ pub enum GuestKind {
 /// the destination to run the guest.
 #[derive(Args)]
 pub struct SendArgs {
-    /// File whose bytes are the guest's RAM (e.g. made by `ferry gen`); its
-    /// size must be a multiple of 4 KiB. A synthetic guest's memory is
-    /// seeded from it.
-    #[arg(long)]
-    ram: Option<PathBuf>,
+    #[command(flatten)]
+    guest: GuestArgs,
     /// Where `ferry recv` listens: tcp:HOST:PORT or unix:PATH.
     #[arg(long)]
     to: String,
-    /// What to migrate.
-    #[arg(long, value_enum, default_value_t = GuestKind::Image)]
-    guest: GuestKind,
-    /// Synthetic guest: memory size (default: the size of --ram).
-    #[arg(long, value_parser = parse_size)]
-    size: Option<u64>,
-    /// Synthetic guest: writer threads.
-    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..=1024))]
-    vcpus: u16,
-    /// Synthetic guest: bytes per second all vCPUs dirty together, one
-    /// 4 KiB page per write (e.g. 256M).
-    #[arg(long, value_parser = parse_size, default_value = "64M")]
-    dirty_rate: u64,
-    /// Synthetic guest: random, sequential, or hotset:PCT (writes only in
-    /// the first PCT% of memory).
-    #[arg(long, default_value = "random")]
-    dirty_pattern: DirtyPattern,
-    /// Synthetic guest: bitmap (the writer marks an atomic bitmap) or uffd
-    /// (userfaultfd async write-protect read with PAGEMAP_SCAN, Linux 6.7+).
-    #[arg(long, default_value = "bitmap")]
-    dirty_tracker: TrackerKind,
-    /// Synthetic guest: seed of the initial memory (without --ram) and of
-    /// the vCPUs' writes.
-    #[arg(long, default_value_t = 1)]
-    seed: u64,
     /// Longest pause of the guest for the final pass, in milliseconds.
     #[arg(long, default_value_t = 300)]
     downtime_limit: u64,
@@ -124,10 +86,6 @@ pub struct SendArgs {
     /// Packets prepared or in flight per channel.
     #[arg(long, default_value_t = 8)]
     inflight: usize,
-    /// Image guest: file holding the device state (default: a short text
-    /// describing the image).
-    #[arg(long)]
-    device_state: Option<PathBuf>,
     /// Socket send buffer size (SO_SNDBUF), e.g. 4M; default: kernel autotuning.
     #[arg(long, value_parser = parse_size)]
     socket_buffer: Option<u64>,
@@ -158,46 +116,9 @@ pub fn run(a: SendArgs) -> anyhow::Result<bool> {
     crate::output::json_on_early_failure("send", json, migrate(a))
 }
 
-fn build_guest(a: &SendArgs) -> anyhow::Result<Box<dyn Guest>> {
-    let resources = Resources::new(&a.lock, true)?;
-    match a.guest {
-        GuestKind::Image => {
-            let ram = a.ram.as_ref().context("an image guest needs --ram FILE")?;
-            let device_state = match &a.device_state {
-                Some(p) => Some(
-                    std::fs::read(p)
-                        .with_context(|| format!("reading device state {}", p.display()))?,
-                ),
-                None => None,
-            };
-            Ok(Box::new(
-                ImageGuest::open(ram, device_state)?.with_resources(resources),
-            ))
-        }
-        GuestKind::Synthetic => {
-            let size = match (a.size, &a.ram) {
-                (Some(s), _) => s,
-                (None, Some(p)) => std::fs::metadata(p)
-                    .with_context(|| format!("reading {}", p.display()))?
-                    .len(),
-                (None, None) => anyhow::bail!("a synthetic guest needs --size or --ram"),
-            };
-            let memory = synthetic_memory(size, a.ram.as_deref(), a.seed)?;
-            let config = SyntheticConfig {
-                vcpus: a.vcpus,
-                dirty_rate: a.dirty_rate,
-                pattern: a.dirty_pattern,
-                seed: a.seed,
-                tracker: a.dirty_tracker,
-            };
-            Ok(Box::new(SyntheticGuest::start(memory, &config, resources)?))
-        }
-    }
-}
-
 fn migrate(a: SendArgs) -> anyhow::Result<bool> {
     let uri: ChannelUri = a.to.parse()?;
-    let guest = build_guest(&a)?;
+    let guest = a.guest.build(Resources::new(&a.lock, true)?)?;
     let opts = OutgoingOptions {
         channels: a.channels,
         sender: SenderOptions {
