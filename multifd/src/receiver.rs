@@ -442,36 +442,10 @@ impl ChannelReceiver {
     fn check_payload(&self, h: &PacketHeader) -> Result<(), MultifdError> {
         if h.has_page_crcs() {
             self.check_pages(h);
-            return Ok(());
-        }
-        let normal = &self.offsets[..h.normal as usize];
-        let shared = &self.shared;
-        if crate::packet::payload_crc(&self.iov) != h.payload_crc {
-            shared
-                .counters
-                .checksum_mismatches
-                .fetch_add(normal.len() as u64, Ordering::Relaxed);
-            let mut suspects = shared.suspects.lock().unwrap();
-            for &off in normal {
-                suspects.insert(
-                    (h.block, off),
-                    Suspect {
-                        channel: self.channel.label().into(),
-                        seq: self.seq,
-                    },
-                );
-            }
-            shared
-                .suspect_count
-                .store(suspects.len(), Ordering::Relaxed);
-        } else if shared.suspect_count.load(Ordering::Relaxed) > 0 {
-            let mut suspects = shared.suspects.lock().unwrap();
-            for &off in normal {
-                suspects.remove(&(h.block, off));
-            }
-            shared
-                .suspect_count
-                .store(suspects.len(), Ordering::Relaxed);
+        } else if crate::packet::payload_crc(&self.iov) != h.payload_crc {
+            self.record_verdict(h, &self.offsets[..h.normal as usize]);
+        } else {
+            self.record_verdict(h, &[]);
         }
         Ok(())
     }
@@ -479,18 +453,24 @@ impl ChannelReceiver {
     /// Checks each page of a packet with per-page crcs: only the pages that
     /// fail become suspects; the ones that pass are forgiven.
     fn check_pages(&self, h: &PacketHeader) {
-        let shared = &self.shared;
-        let Some(block) = shared.memory.block(h.block as usize) else {
+        let Some(block) = self.shared.memory.block(h.block as usize) else {
             return;
         };
         let ps = u64::from(h.page_size);
-        let normal = &self.offsets[..h.normal as usize];
-        let bad: Vec<u64> = normal
+        let bad: Vec<u64> = self.offsets[..h.normal as usize]
             .iter()
             .zip(&self.page_crcs)
             .filter(|&(&off, &crc)| page_crc(block.page(off / ps)) != crc)
             .map(|(&off, _)| off)
             .collect();
+        self.record_verdict(h, &bad);
+    }
+
+    /// Records a packet's checksum verdict: its `bad` pages become suspects
+    /// (to be forgiven if they arrive intact later); its other normal pages
+    /// are forgiven now.
+    fn record_verdict(&self, h: &PacketHeader, bad: &[u64]) {
+        let shared = &self.shared;
         if bad.is_empty() && shared.suspect_count.load(Ordering::Relaxed) == 0 {
             return;
         }
@@ -499,10 +479,10 @@ impl ChannelReceiver {
             .checksum_mismatches
             .fetch_add(bad.len() as u64, Ordering::Relaxed);
         let mut suspects = shared.suspects.lock().unwrap();
-        for &off in normal {
+        for &off in &self.offsets[..h.normal as usize] {
             suspects.remove(&(h.block, off));
         }
-        for off in bad {
+        for &off in bad {
             suspects.insert(
                 (h.block, off),
                 Suspect {
