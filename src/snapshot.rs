@@ -220,19 +220,9 @@ pub fn save_to_file(
     opts: &SaveOptions,
     progress: &Progress,
 ) -> Result<FileSummary, FileFailed> {
-    let started = Instant::now();
-    let counters = Arc::new(Counters::default());
-    progress.attach(counters.clone());
-    progress
-        .total_ram_bytes
-        .store(guest.memory().total_bytes(), Ordering::Relaxed);
-    let mut summary = FileSummary::new(path, &opts.file);
-    let partial = partial_path(path);
-    let result = save(guest, &partial, opts, &counters, progress, &mut summary)
-        .and_then(|()| replace(&partial, path, opts.sync));
-    finish_save(
-        guest, &partial, started, &counters, progress, summary, result,
-    )
+    run_save(guest, path, opts, progress, |partial, counters, summary| {
+        save(guest, partial, opts, counters, progress, summary)
+    })
 }
 
 /// How a live save decides when to pause.
@@ -265,30 +255,15 @@ pub fn save_live_to_file(
     live: &LiveOptions,
     progress: &Progress,
 ) -> Result<FileSummary, FileFailed> {
-    let started = Instant::now();
-    let counters = Arc::new(Counters::default());
-    progress.attach(counters.clone());
-    progress
-        .total_ram_bytes
-        .store(guest.memory().total_bytes(), Ordering::Relaxed);
-    let mut summary = FileSummary::new(path, &opts.file);
-    let partial = partial_path(path);
-    let result = match guest.dirty_log() {
-        Some(log) => save_live(
-            guest,
-            log,
-            &partial,
-            opts,
-            live,
-            &counters,
-            progress,
-            &mut summary,
-        ),
-        None => save(guest, &partial, opts, &counters, progress, &mut summary),
-    }
-    .and_then(|()| replace(&partial, path, opts.sync));
-    finish_save(
-        guest, &partial, started, &counters, progress, summary, result,
+    run_save(
+        guest,
+        path,
+        opts,
+        progress,
+        |partial, counters, summary| match guest.dirty_log() {
+            Some(log) => save_live(guest, log, partial, opts, live, counters, progress, summary),
+            None => save(guest, partial, opts, counters, progress, summary),
+        },
     )
 }
 
@@ -310,6 +285,21 @@ pub fn save_background(
     bg: &BackgroundOptions,
     progress: &Progress,
 ) -> Result<FileSummary, FileFailed> {
+    run_save(guest, path, opts, progress, |partial, counters, summary| {
+        save_bg(guest, partial, opts, bg, counters, progress, summary)
+    })
+}
+
+/// What every kind of save shares: counters and progress, a summary, the
+/// file written beside `path` and renamed into place once `body` succeeds,
+/// and [`finish_save`]'s clean-up either way.
+fn run_save(
+    guest: &dyn Guest,
+    path: &Path,
+    opts: &SaveOptions,
+    progress: &Progress,
+    body: impl FnOnce(&Path, &Counters, &mut FileSummary) -> Result<(), SnapshotError>,
+) -> Result<FileSummary, FileFailed> {
     let started = Instant::now();
     let counters = Arc::new(Counters::default());
     progress.attach(counters.clone());
@@ -318,8 +308,8 @@ pub fn save_background(
         .store(guest.memory().total_bytes(), Ordering::Relaxed);
     let mut summary = FileSummary::new(path, &opts.file);
     let partial = partial_path(path);
-    let result = save_bg(guest, &partial, opts, bg, &counters, progress, &mut summary)
-        .and_then(|()| replace(&partial, path, opts.sync));
+    let result =
+        body(&partial, &counters, &mut summary).and_then(|()| replace(&partial, path, opts.sync));
     finish_save(
         guest, &partial, started, &counters, progress, summary, result,
     )

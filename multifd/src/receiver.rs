@@ -499,8 +499,18 @@ impl ChannelReceiver {
     /// The destination runs `range` of the current packet as slices. The
     /// caller must have checked that these runs do not overlap (the zstd
     /// frame's pages are in strictly increasing order).
-    fn runs(&self, range: std::ops::Range<usize>) -> Vec<&'static mut [u8]> {
-        self.iov[range].iter().map(|v| run_slice(*v)).collect()
+    #[allow(clippy::mut_from_ref)] // as for `run_slice`
+    fn runs<'m>(
+        &self,
+        memory: &'m GuestMemory,
+        range: std::ops::Range<usize>,
+    ) -> Vec<&'m mut [u8]> {
+        self.iov[range]
+            .iter()
+            // SAFETY: `iov` holds this packet's runs, built by `push_run`
+            // from checked offsets; the caller checked they do not overlap.
+            .map(|v| unsafe { run_slice(*v, memory) })
+            .collect()
     }
 
     /// The raw payload runs from `first` on, straight into the pages.
@@ -529,9 +539,12 @@ impl ChannelReceiver {
 
     /// A TLS payload: decrypted plaintext goes straight into the page runs.
     fn receive_sealed(&mut self, h: &PacketHeader, first: usize) -> Result<(), MultifdError> {
+        let shared = self.shared.clone();
         for i in first..self.iov.len() {
             // One run at a time: a page named twice is written twice, in turn.
-            let run = run_slice(self.iov[i]);
+            // SAFETY: a run of this packet, built by `push_run` from checked
+            // offsets; only this one slice is alive at a time.
+            let run = unsafe { run_slice(self.iov[i], &shared.memory) };
             if self.recv(run, "reading a payload")? < run.len() {
                 return Err(self.closed(format!(
                     "inside the payload of packet #{} ({} bytes)",
@@ -566,7 +579,8 @@ impl ChannelReceiver {
                 self.bad("the compressed pages' offsets are not in increasing order".into())
             );
         }
-        let mut runs = self.runs(0..split);
+        let shared = self.shared.clone();
+        let mut runs = self.runs(&shared.memory, 0..split);
         let mut d = self.decompressor.take().expect("made above");
         let mut z = std::mem::take(&mut self.zscratch);
         let result = (|| {
@@ -642,11 +656,19 @@ impl ChannelReceiver {
     }
 }
 
-/// A payload run as a slice of destination memory.
-fn run_slice(v: libc::iovec) -> &'static mut [u8] {
-    // SAFETY: every run was built by `push_run` from offsets checked to lie
-    // inside the block's mapping, which outlives the receiver threads; the
-    // callers never hold two slices over the same page at once.
+/// A payload run as a slice of destination memory, borrowed no longer than
+/// `_memory`, the guest memory it lies in (blocks hand out addresses, not
+/// `&mut`, because several receiver threads fill one block at once).
+///
+/// # Safety
+/// `v` must come from `push_run` over offsets checked to lie inside a block
+/// of `_memory`, and the caller must not hold two slices over one page.
+// `&GuestMemory` only bounds the lifetime: blocks hand out raw addresses
+// by design (see `ferry_ram::RamBlock`), so `&mut` from `&` is intended.
+#[allow(clippy::mut_from_ref)]
+unsafe fn run_slice(v: libc::iovec, _memory: &GuestMemory) -> &mut [u8] {
+    // SAFETY: the caller's guarantee; the block's mapping lives as long as
+    // `_memory` does.
     unsafe { std::slice::from_raw_parts_mut(v.iov_base.cast::<u8>(), v.iov_len) }
 }
 

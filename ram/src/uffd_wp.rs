@@ -83,6 +83,22 @@ struct Range {
     page_size: u64,
 }
 
+impl Range {
+    /// The ranges of every block of `memory`.
+    fn of(memory: &GuestMemory) -> Vec<Range> {
+        memory
+            .blocks()
+            .iter()
+            .map(|b| Range {
+                name: b.name().into(),
+                start: b.host_addr() as u64,
+                len: b.len(),
+                page_size: u64::from(b.page_size()),
+            })
+            .collect()
+    }
+}
+
 pub struct UffdLog {
     uffd: Userfault,
     pagemap: File,
@@ -110,16 +126,7 @@ impl UffdLog {
             what: "opening /proc/self/pagemap".into(),
             source: e,
         })?;
-        let ranges: Vec<Range> = memory
-            .blocks()
-            .iter()
-            .map(|b| Range {
-                name: b.name().into(),
-                start: b.host_addr() as u64,
-                len: b.len(),
-                page_size: u64::from(b.page_size()),
-            })
-            .collect();
+        let ranges = Range::of(memory);
         let log = Self {
             uffd,
             pagemap,
@@ -312,16 +319,7 @@ impl WriteProtect {
                 e,
             )
         })?;
-        let ranges: Vec<Range> = memory
-            .blocks()
-            .iter()
-            .map(|b| Range {
-                name: b.name().into(),
-                start: b.host_addr() as u64,
-                len: b.len(),
-                page_size: u64::from(b.page_size()),
-            })
-            .collect();
+        let ranges = Range::of(memory);
         for r in &ranges {
             uffd.register_mode(r.start, r.len, UFFDIO_REGISTER_MODE_WP)
                 .map_err(|source| RamError::DirtyLog {

@@ -45,17 +45,33 @@ pub fn json_on_early_failure(
     }
 }
 
-/// Prints the end of a migration: JSON on stdout, or text on stderr.
-pub fn print_summary(tool: &str, s: &Summary, json: bool) {
+/// The part of a final report every command shares: with `--json` the one
+/// JSON object on stdout; else, for a failure, one line on stderr. True if
+/// that was all there is to print.
+fn printed_json_or_failure(
+    tool: &str,
+    summary: &impl serde::Serialize,
+    error: Option<&str>,
+    seconds: f64,
+    json: bool,
+) -> bool {
     if json {
         println!(
             "{}",
-            serde_json::to_string(s).expect("a summary serializes")
+            serde_json::to_string(summary).expect("a summary serializes")
         );
-        return;
+        return true;
     }
-    if let Some(e) = &s.error {
-        eprintln!("ferry {tool}: failed after {:.3} s: {e}", s.seconds);
+    if let Some(e) = error {
+        eprintln!("ferry {tool}: failed after {seconds:.3} s: {e}");
+        return true;
+    }
+    false
+}
+
+/// Prints the end of a migration: JSON on stdout, or text on stderr.
+pub fn print_summary(tool: &str, s: &Summary, json: bool) {
+    if printed_json_or_failure(tool, s, s.error.as_deref(), s.seconds, json) {
         return;
     }
     eprintln!(
@@ -172,15 +188,7 @@ impl EventPrinter {
 
 /// Prints the end of a save, restore or verify: JSON on stdout, or text on stderr.
 pub fn print_file_summary(tool: &str, s: &FileSummary, json: bool) {
-    if json {
-        println!(
-            "{}",
-            serde_json::to_string(s).expect("a summary serializes")
-        );
-        return;
-    }
-    if let Some(e) = &s.error {
-        eprintln!("ferry {tool}: failed after {:.3} s: {e}", s.seconds);
+    if printed_json_or_failure(tool, s, s.error.as_deref(), s.seconds, json) {
         return;
     }
     eprintln!(

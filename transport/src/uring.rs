@@ -15,7 +15,7 @@
 use std::io;
 use std::os::fd::RawFd;
 
-use io_uring::{cqueue, opcode, types, IoUring, Probe};
+use io_uring::{cqueue, opcode, squeue, types, IoUring, Probe};
 
 use crate::TransportError;
 
@@ -124,9 +124,9 @@ impl Ring {
         };
         let entry = entry.user_data(user_data);
         // SAFETY: the caller keeps msg and its buffers alive as documented.
-        unsafe { self.ring.submission().push(&entry) }.map_err(|_| TransportError::Uring {
+        unsafe { self.push(&entry) }.map_err(|source| TransportError::Uring {
             what: "queueing a send",
-            source: io::Error::other("submission queue full"),
+            source,
         })
     }
 
@@ -175,14 +175,7 @@ impl Ring {
             // SAFETY: msg and the iovecs (which point at memory the caller
             // owns and lets us fill) live until we pop this op's completion
             // below, before returning.
-            unsafe { self.ring.submission().push(&entry) }
-                .map_err(|_| io::Error::other("submission queue full"))?;
-            self.submit(1)
-                .map_err(|e| io::Error::other(e.to_string()))?;
-            let c = self
-                .pop()
-                .ok_or_else(|| io::Error::other("io_uring returned no completion"))?;
-            let n = c.bytes()?;
+            let n = unsafe { self.run_one(&entry) }?;
             if n == 0 {
                 return Ok(got);
             }
@@ -200,14 +193,32 @@ impl Ring {
             .user_data(u64::MAX);
         // SAFETY: `buf` is borrowed mutably until the completion is popped
         // below, before returning.
-        unsafe { self.ring.submission().push(&entry) }
-            .map_err(|_| io::Error::other("submission queue full"))?;
+        unsafe { self.run_one(&entry) }
+    }
+
+    /// Queues one entry.
+    ///
+    /// # Safety
+    /// Whatever the entry points at must stay valid until its completion
+    /// is popped.
+    unsafe fn push(&mut self, entry: &squeue::Entry) -> io::Result<()> {
+        // SAFETY: the caller's guarantee, passed on.
+        unsafe { self.ring.submission().push(entry) }
+            .map_err(|_| io::Error::other("submission queue full"))
+    }
+
+    /// Runs one operation alone on the ring and returns its byte count.
+    ///
+    /// # Safety
+    /// As for [`Ring::push`]; the completion is popped before returning.
+    unsafe fn run_one(&mut self, entry: &squeue::Entry) -> io::Result<usize> {
+        // SAFETY: the caller's guarantee, passed on.
+        unsafe { self.push(entry) }?;
         self.submit(1)
             .map_err(|e| io::Error::other(e.to_string()))?;
-        let c = self
-            .pop()
-            .ok_or_else(|| io::Error::other("io_uring returned no completion"))?;
-        c.bytes()
+        self.pop()
+            .ok_or_else(|| io::Error::other("io_uring returned no completion"))?
+            .bytes()
     }
 }
 
@@ -234,9 +245,9 @@ impl Ring {
             .build()
             .user_data(user_data);
         // SAFETY: the caller keeps the buffer alive as documented.
-        unsafe { self.ring.submission().push(&entry) }.map_err(|_| TransportError::Uring {
+        unsafe { self.push(&entry) }.map_err(|source| TransportError::Uring {
             what: "queueing a write",
-            source: io::Error::other("submission queue full"),
+            source,
         })
     }
 
@@ -259,9 +270,9 @@ impl Ring {
             .build()
             .user_data(user_data);
         // SAFETY: the caller keeps the buffer alive and unshared as documented.
-        unsafe { self.ring.submission().push(&entry) }.map_err(|_| TransportError::Uring {
+        unsafe { self.push(&entry) }.map_err(|source| TransportError::Uring {
             what: "queueing a read",
-            source: io::Error::other("submission queue full"),
+            source,
         })
     }
 }
