@@ -30,12 +30,27 @@ fn synthetic(mib: u64, rate: u64, tracker: TrackerKind) -> SyntheticGuest {
 }
 
 fn save_options(channels: u16) -> SaveOptions {
+    save_options_io(channels, false)
+}
+
+fn save_options_io(channels: u16, direct_io: bool) -> SaveOptions {
     SaveOptions {
         file: FileOptions {
             channels,
+            direct_io,
             ..Default::default()
         },
         sync: false,
+    }
+}
+
+/// The save used O_DIRECT exactly when asked, unless the file system
+/// refused it (the fallback itself is tested in tools/tests/file.rs).
+fn expect_io(s: &ferry::FileSummary, direct_io: bool) {
+    if direct_io && !s.direct_io {
+        eprintln!("note: /var/tmp refused O_DIRECT; the save fell back to buffered writes");
+    } else {
+        assert_eq!(s.direct_io, direct_io, "{s:?}");
     }
 }
 
@@ -58,6 +73,10 @@ fn restored_digest(path: &std::path::Path, channels: u16) -> String {
 }
 
 fn live_save(channels: u16, tracker: TrackerKind) {
+    live_save_io(channels, tracker, false);
+}
+
+fn live_save_io(channels: u16, tracker: TrackerKind, direct_io: bool) {
     within(120, move || {
         let dir = disk_dir();
         let path = dir.path().join("live.sav");
@@ -71,13 +90,14 @@ fn live_save(channels: u16, tracker: TrackerKind) {
         let s = save_live_to_file(
             &guest,
             &path,
-            &save_options(channels),
+            &save_options_io(channels, direct_io),
             &live,
             &Progress::default(),
         )
         .unwrap_or_else(|f| panic!("live save: {}", f.error));
         assert!(s.completed());
         assert_eq!(s.mode, Some("live"));
+        expect_io(&s, direct_io);
         assert!(s.passes.unwrap() >= 2, "{s:?}");
         assert!(s.downtime_ms.is_some());
         assert!(
@@ -111,6 +131,10 @@ fn live_save_with_the_kernel_dirty_log() {
 }
 
 fn background(channels: u16) {
+    background_io(channels, false);
+}
+
+fn background_io(channels: u16, direct_io: bool) {
     within(120, move || {
         let dir = disk_dir();
         let path = dir.path().join("bg.sav");
@@ -121,7 +145,7 @@ fn background(channels: u16) {
         let s = save_background(
             &*guest,
             &path,
-            &save_options(channels),
+            &save_options_io(channels, direct_io),
             &BackgroundOptions {
                 digest_at_pause: true,
             },
@@ -130,6 +154,7 @@ fn background(channels: u16) {
         .unwrap_or_else(|f| panic!("background save: {}", f.error));
         assert!(s.completed());
         assert_eq!(s.mode, Some("background"));
+        expect_io(&s, direct_io);
         assert!(guest.is_running(), "the guest runs on");
         let regions = s.fault_regions.unwrap() + s.ordered_regions.unwrap();
         assert_eq!(regions, 32, "every 1 MiB region saved once");
@@ -144,6 +169,11 @@ fn background(channels: u16) {
 }
 
 #[test]
+fn live_save_with_direct_io() {
+    live_save_io(2, TrackerKind::Bitmap, true);
+}
+
+#[test]
 fn background_snapshot_holds_the_memory_at_its_start_one_channel() {
     background(1);
 }
@@ -151,6 +181,11 @@ fn background_snapshot_holds_the_memory_at_its_start_one_channel() {
 #[test]
 fn background_snapshot_holds_the_memory_at_its_start_two_channels() {
     background(2);
+}
+
+#[test]
+fn background_snapshot_with_direct_io() {
+    background_io(2, true);
 }
 
 #[test]

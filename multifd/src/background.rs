@@ -11,7 +11,7 @@
 //! region (1 MiB) at a time: a region is first *copied* out of guest memory
 //! into a private buffer while still protected, then its protection is
 //! lifted, then the copy is checksummed, scanned for zero pages and written
-//! at its fixed place. K writer threads claim regions in order; one handler
+//! at its fixed place (its runs all at once, through the thread's io_uring). K writer threads claim regions in order; one handler
 //! thread reads write faults: a write to a region nobody has copied yet
 //! makes the handler copy that region first (the writer's thread waits in
 //! the kernel meanwhile), lift its protection, which wakes the writer, and
@@ -21,7 +21,7 @@
 //! page is ever saved after the guest changed it.
 
 use std::collections::VecDeque;
-use std::os::unix::fs::FileExt;
+use std::os::fd::AsRawFd;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
@@ -31,8 +31,11 @@ use std::time::{Duration, Instant};
 
 use ferry_ram::mapped::{region_checksum, FileLayout};
 use ferry_ram::{is_zero_page, GuestMemory, PageBitmap, WriteProtect};
+use ferry_transport::uring::Ring;
 
-use crate::file::{count_pages, push_page, region_pages, DataFile, FileOptions, Run, WrittenPages};
+use crate::file::{
+    count_pages, push_page, region_pages, ring_err, DataFile, FileOptions, Run, WrittenPages,
+};
 use crate::{Counters, MultifdError};
 
 const FRESH: u8 = 0;
@@ -41,6 +44,9 @@ const COPIED: u8 = 2;
 /// Regions copied by the fault handler and not yet written, at most (the
 /// memory they hold: this many checksum regions, 1 MiB each).
 const MAX_QUEUED: usize = 64;
+/// Writes in flight per writer thread (a 1 MiB region of `mixed` memory
+/// is 64 runs of three pages).
+const WRITES_IN_FLIGHT: u32 = 64;
 /// Buffers are aligned for O_DIRECT.
 const ALIGN: usize = 4096;
 
@@ -381,7 +387,13 @@ impl Shared<'_> {
     }
 
     /// Checksums, scans and writes a copied region at its place.
-    fn write_copy(&self, block: usize, region: u64, buf: &AlignedBuf) -> Result<(), MultifdError> {
+    fn write_copy(
+        &self,
+        ring: &mut Ring,
+        block: usize,
+        region: u64,
+        buf: &AlignedBuf,
+    ) -> Result<(), MultifdError> {
         let b = &self.memory.blocks()[block];
         let (first, end) = region_pages(b, self.layout.region_size, region);
         let (_, len) = self.region_bytes(block, region);
@@ -402,24 +414,26 @@ impl Shared<'_> {
             present += 1;
         }
         let base = self.layout.blocks[block].pages_offset;
-        for run in &runs {
-            let from = ((run.first_page - first) as usize) * ps;
-            let to = from + run.pages as usize * ps;
-            let offset = base + run.first_page * ps as u64;
-            self.data
-                .file()
-                .write_all_at(&bytes[from..to], offset)
-                .map_err(|source| MultifdError::FileIo {
-                    path: self.path.into(),
-                    block: b.name().into(),
-                    offset,
-                    what: "writing pages",
-                    source,
-                })?;
-            self.counters
-                .wire_bytes
-                .fetch_add((to - from) as u64, Ordering::Relaxed);
-        }
+        let pieces: Vec<(&[u8], u64)> = runs
+            .iter()
+            .map(|run| {
+                let from = ((run.first_page - first) as usize) * ps;
+                let to = from + run.pages as usize * ps;
+                (&bytes[from..to], base + run.first_page * ps as u64)
+            })
+            .collect();
+        ring.write_all_at(self.data.file().as_raw_fd(), &pieces)
+            .map_err(|e| MultifdError::FileIo {
+                path: self.path.into(),
+                block: b.name().into(),
+                offset: pieces[e.piece].1,
+                what: "writing pages",
+                source: e.source,
+            })?;
+        let written: usize = pieces.iter().map(|(p, _)| p.len()).sum();
+        self.counters
+            .wire_bytes
+            .fetch_add(written as u64, Ordering::Relaxed);
         count_pages(self.counters, present, end - first - present);
         self.counters
             .ram_bytes
@@ -430,11 +444,12 @@ impl Shared<'_> {
     /// A writer thread: queued copies first, else the next fresh region.
     fn write_out(&self) -> Result<(), MultifdError> {
         let mut buf = AlignedBuf::new(self.layout.region_size as usize);
+        let mut ring = Ring::new(WRITES_IN_FLIGHT).map_err(|e| ring_err(self.path, e))?;
         let total = self.total();
         while !self.abort.load(Ordering::Acquire) {
             let job = self.queue.lock().ok().and_then(|mut q| q.pop_front());
             if let Some(job) = job {
-                self.write_copy(job.block, job.region, &job.buf)?;
+                self.write_copy(&mut ring, job.block, job.region, &job.buf)?;
                 continue;
             }
             let n = self.next.fetch_add(1, Ordering::Relaxed);
@@ -447,7 +462,7 @@ impl Shared<'_> {
                     self.copy_out(n, block, region, &mut buf)?;
                     self.copied.fetch_add(1, Ordering::AcqRel);
                     self.ordered_regions.fetch_add(1, Ordering::Relaxed);
-                    self.write_copy(block, region, &buf)?;
+                    self.write_copy(&mut ring, block, region, &buf)?;
                 }
                 continue;
             }
@@ -462,6 +477,7 @@ impl Shared<'_> {
 
     /// The fault handler: copies out the region a guest write waits on.
     fn handle_faults(&self) -> Result<(), MultifdError> {
+        let mut ring = Ring::new(WRITES_IN_FLIGHT).map_err(|e| ring_err(self.path, e))?;
         let total = self.total();
         let mut faults = Vec::new();
         while !self.abort.load(Ordering::Acquire) && self.copied.load(Ordering::Acquire) < total {
@@ -496,7 +512,7 @@ impl Shared<'_> {
                         self.copied.fetch_add(1, Ordering::AcqRel);
                     } else {
                         drop(q);
-                        self.write_copy(block, region, &buf)?;
+                        self.write_copy(&mut ring, block, region, &buf)?;
                         self.copied.fetch_add(1, Ordering::AcqRel);
                     }
                     continue;

@@ -524,7 +524,7 @@ fn region_len(block: &RamBlock, region_size: u32, region: u64) -> u64 {
     (end - first) * u64::from(block.page_size())
 }
 
-fn ring_err(path: &Path, source: ferry_transport::TransportError) -> MultifdError {
+pub(crate) fn ring_err(path: &Path, source: ferry_transport::TransportError) -> MultifdError {
     MultifdError::Transport {
         channel: format!("file {}", path.display()),
         source,

@@ -44,6 +44,10 @@ use crate::packet::{
 
 /// A packet's iovecs: header, offsets, page crcs, then the payload's runs.
 const PAYLOAD_IOV: usize = 3;
+/// How many pages ahead of the zero-page scan a page's first cache line is
+/// prefetched. Measured on 2 GiB `mixed`, K=2, 7 alternating runs: 16 pages
+/// ahead cut the median wall time from 0.484 s to 0.444 s (8 to 24 all help).
+const PREFETCH_PAGES: u64 = 16;
 use crate::{Counters, MultifdError, PassControl, Totals, MAX_PACKET_PAGES};
 
 #[derive(Clone, Debug)]
@@ -830,6 +834,7 @@ impl ChannelSender {
             // Clean before read: a write after this point re-dirties the page.
             let bits = bitmap.take_word(w);
             for page in set_bits(bits, w as u64 * 64) {
+                block.prefetch_page(page + PREFETCH_PAGES);
                 let bytes = block.page(page);
                 let offset = page * ps as u64;
                 if is_zero_page(bytes) {
