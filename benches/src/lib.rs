@@ -56,6 +56,9 @@ pub struct BenchConfig {
     pub peer_qemu: bool,
     /// Also run `iperf3 -P K` on loopback for each channel count.
     pub peer_iperf: bool,
+    /// With TLS or compression: also run ferry without them (same send
+    /// arguments otherwise), alternating with the other tools.
+    pub peer_plain: bool,
     /// Use this file instead of generating one (it is never removed).
     pub dataset: Option<PathBuf>,
     /// Seed of the generated dataset (pattern `mixed`).
@@ -89,6 +92,7 @@ impl BenchConfig {
             runs: 3,
             peer_qemu: false,
             peer_iperf: false,
+            peer_plain: false,
             warm_memory: true,
             congestion: Some("cubic".into()),
             dataset: None,
@@ -305,6 +309,13 @@ pub fn run(config: &BenchConfig, log: &mut dyn FnMut(&str)) -> Result<BenchRepor
 
     // Enough for a destination's RAM and the source's page-table and socket
     // churn, within what the machine has free.
+    let plain_args = config.send_args.clone();
+    let plain = config.peer_plain && (config.tls_dir.is_some() || config.zstd_level.is_some());
+    if config.peer_plain && !plain {
+        let n = "plain peer skipped: it is ferry without --tls-dir and --compress, and neither was given";
+        log(n);
+        notes.push(n.into());
+    }
     let mut send_args = config.send_args.clone();
     let mut recv_args = Vec::new();
     if let Some(d) = &config.tls_dir {
@@ -345,7 +356,7 @@ pub fn run(config: &BenchConfig, log: &mut dyn FnMut(&str)) -> Result<BenchRepor
 
     let mut cases = Vec::new();
     for &k in &channels {
-        let (mut f, mut q, mut i) = (Vec::new(), Vec::new(), Vec::new());
+        let (mut f, mut p, mut q, mut i) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         for r in 1..=config.runs {
             settle(log);
             let s = run::ferry_once(&FerryRun {
@@ -359,6 +370,20 @@ pub fn run(config: &BenchConfig, log: &mut dyn FnMut(&str)) -> Result<BenchRepor
             })?;
             log(&fmt_sample("ferry", k, r, config.runs, &s));
             f.push(s);
+            if plain {
+                settle(log);
+                let s = run::ferry_once(&FerryRun {
+                    exe: &config.ferry_exe,
+                    dataset: &dataset,
+                    size,
+                    channels: k,
+                    send_args: &plain_args,
+                    recv_args: &[],
+                    congestion: config.congestion.as_deref(),
+                })?;
+                log(&fmt_sample("plain", k, r, config.runs, &s));
+                p.push(s);
+            }
             if let Some(peer) = &qemu {
                 settle(log);
                 let s = peer.run_once(k)?;
@@ -372,6 +397,9 @@ pub fn run(config: &BenchConfig, log: &mut dyn FnMut(&str)) -> Result<BenchRepor
             }
         }
         cases.push(Case::new(Tool::Ferry, k, f));
+        if plain {
+            cases.push(Case::new(Tool::Plain, k, p));
+        }
         if qemu.is_some() {
             cases.push(Case::new(Tool::Qemu, k, q));
         }

@@ -20,6 +20,8 @@ use crate::BenchError;
 pub enum Tool {
     /// `ferry send` → `ferry recv` over loopback TCP.
     Ferry,
+    /// The same without TLS or compression: what they cost.
+    Plain,
     /// QEMU's own (multifd) migration of a paused KVM guest holding the dataset.
     Qemu,
     /// `iperf3 -P K` over loopback: what the link carries with K streams.
@@ -30,6 +32,7 @@ impl Tool {
     pub fn name(self) -> &'static str {
         match self {
             Tool::Ferry => "ferry",
+            Tool::Plain => "plain",
             Tool::Qemu => "qemu",
             Tool::Iperf3 => "iperf3",
         }
@@ -161,6 +164,8 @@ pub struct Ratio {
     pub ferry_over_qemu_wall: Option<f64>,
     /// ferry's median wire rate / iperf3's: the share of the link ferry uses.
     pub ferry_wire_over_iperf3: Option<f64>,
+    /// ferry's median wall time / its own without TLS or compression.
+    pub ferry_over_plain_wall: Option<f64>,
 }
 
 /// The ratios for every channel count that has a ferry case.
@@ -179,6 +184,7 @@ pub fn compute_ratios(cases: &[Case]) -> Vec<Ratio> {
         };
         let qemu = summary(Tool::Qemu, k);
         let iperf = summary(Tool::Iperf3, k);
+        let plain = summary(Tool::Plain, k);
         out.push(Ratio {
             channels: k,
             ferry_over_qemu_wall: qemu
@@ -187,6 +193,9 @@ pub fn compute_ratios(cases: &[Case]) -> Vec<Ratio> {
             ferry_wire_over_iperf3: iperf
                 .filter(|i| i.gbps_wire > 0.0)
                 .map(|i| ferry.gbps_wire / i.gbps_wire),
+            ferry_over_plain_wall: plain
+                .filter(|p| p.wall_s > 0.0)
+                .map(|p| ferry.wall_s / p.wall_s),
         });
     }
     out
@@ -300,14 +309,18 @@ impl BenchReport {
         let useful: Vec<&Ratio> = self
             .ratios
             .iter()
-            .filter(|r| r.ferry_over_qemu_wall.is_some() || r.ferry_wire_over_iperf3.is_some())
+            .filter(|r| {
+                r.ferry_over_qemu_wall.is_some()
+                    || r.ferry_wire_over_iperf3.is_some()
+                    || r.ferry_over_plain_wall.is_some()
+            })
             .collect();
         if !useful.is_empty() {
             let _ = writeln!(s, "\nratios (from medians)");
             let _ = writeln!(
                 s,
-                "{:>3} {:>16} {:>20}",
-                "ch", "ferry/qemu wall", "ferry wire/iperf3"
+                "{:>3} {:>16} {:>20} {:>17}",
+                "ch", "ferry/qemu wall", "ferry wire/iperf3", "ferry/plain wall"
             );
             for r in useful {
                 let speed = match r.ferry_over_qemu_wall {
@@ -318,10 +331,11 @@ impl BenchReport {
                 };
                 let _ = writeln!(
                     s,
-                    "{:>3} {:>16} {:>20}",
+                    "{:>3} {:>16} {:>20} {:>17}",
                     r.channels,
                     speed,
-                    fmt_opt(r.ferry_wire_over_iperf3, 2)
+                    fmt_opt(r.ferry_wire_over_iperf3, 2),
+                    fmt_opt(r.ferry_over_plain_wall, 2)
                 );
             }
             let _ = writeln!(
@@ -571,11 +585,24 @@ mod tests {
     }
 
     #[test]
+    fn plain_ratio_compares_ferry_with_itself_without_tls() {
+        let cases = vec![
+            Case::new(Tool::Ferry, 2, vec![sample(0.9, 180.0), sample(1.1, 180.0)]),
+            Case::new(Tool::Plain, 2, vec![sample(0.5, 170.0), sample(0.5, 170.0)]),
+        ];
+        let r = compute_ratios(&cases);
+        assert_eq!(r.len(), 1, "one ratio row per ferry case, not per plain case");
+        assert!((r[0].ferry_over_plain_wall.unwrap_or(0.0) - 2.0).abs() < 1e-9);
+        assert!(r[0].ferry_over_qemu_wall.is_none());
+    }
+
+    #[test]
     fn ratios_absent_without_peers() {
         let cases = vec![Case::new(Tool::Ferry, 4, vec![sample(1.0, 50.0)])];
         let r = compute_ratios(&cases);
         assert_eq!(r.len(), 1);
         assert!(r[0].ferry_over_qemu_wall.is_none() && r[0].ferry_wire_over_iperf3.is_none());
+        assert!(r[0].ferry_over_plain_wall.is_none());
     }
 
     #[test]

@@ -26,7 +26,8 @@ pub struct BenchArgs {
     /// Runs per case; the report gives medians.
     #[arg(long, default_value_t = 3)]
     runs: usize,
-    /// Peers to measure alongside: `qemu` (QEMU >= 9 multifd, needs /dev/kvm), `iperf3` (loopback, -P K).
+    /// Peers to measure alongside: `qemu` (QEMU >= 9 multifd, needs /dev/kvm), `iperf3` (loopback, -P K),
+    /// `plain` (with --tls-dir or --compress: ferry without them, in the same runs).
     #[arg(long, value_delimiter = ',')]
     peer: Vec<String>,
     /// Use this dataset file instead of generating one.
@@ -74,8 +75,8 @@ pub struct BenchArgs {
 pub fn run(a: BenchArgs) -> anyhow::Result<bool> {
     for p in &a.peer {
         anyhow::ensure!(
-            p == "qemu" || p == "iperf3",
-            "unknown peer '{p}' (expected qemu or iperf3)"
+            ["qemu", "iperf3", "plain"].contains(&p.as_str()),
+            "unknown peer '{p}' (expected qemu, iperf3 or plain)"
         );
     }
     let mut send_args = Vec::new();
@@ -92,6 +93,7 @@ pub fn run(a: BenchArgs) -> anyhow::Result<bool> {
         runs: a.runs.max(1),
         peer_qemu: a.peer.iter().any(|p| p == "qemu"),
         peer_iperf: a.peer.iter().any(|p| p == "iperf3"),
+        peer_plain: a.peer.iter().any(|p| p == "plain"),
         dataset: a.dataset.clone(),
         seed: a.seed,
         workdir: a.workdir.clone(),
