@@ -591,7 +591,11 @@ mod tests {
             Case::new(Tool::Plain, 2, vec![sample(0.5, 170.0), sample(0.5, 170.0)]),
         ];
         let r = compute_ratios(&cases);
-        assert_eq!(r.len(), 1, "one ratio row per ferry case, not per plain case");
+        assert_eq!(
+            r.len(),
+            1,
+            "one ratio row per ferry case, not per plain case"
+        );
         assert!((r[0].ferry_over_plain_wall.unwrap_or(0.0) - 2.0).abs() < 1e-9);
         assert!(r[0].ferry_over_qemu_wall.is_none());
     }
