@@ -307,9 +307,6 @@ pub fn run(config: &BenchConfig, log: &mut dyn FnMut(&str)) -> Result<BenchRepor
         None => None,
     };
 
-    // Enough for a destination's RAM and the source's page-table and socket
-    // churn, within what the machine has free.
-    let plain_args = config.send_args.clone();
     let plain = config.peer_plain && (config.tls_dir.is_some() || config.zstd_level.is_some());
     if config.peer_plain && !plain {
         let n = "plain peer skipped: it is ferry without --tls-dir and --compress, and neither was given";
@@ -326,6 +323,8 @@ pub fn run(config: &BenchConfig, log: &mut dyn FnMut(&str)) -> Result<BenchRepor
     if let Some(l) = config.zstd_level {
         send_args.extend(["--compress".to_string(), format!("zstd:{l}")]);
     }
+    // Enough for a destination's RAM and the source's page-table and socket
+    // churn, within what the machine has free.
     let warm = config.warm_memory.then(|| {
         let want = 2 * size + (1 << 30);
         let have = sys::mem_available().unwrap_or(0) * 3 / 4;
@@ -357,30 +356,26 @@ pub fn run(config: &BenchConfig, log: &mut dyn FnMut(&str)) -> Result<BenchRepor
     let mut cases = Vec::new();
     for &k in &channels {
         let (mut f, mut p, mut q, mut i) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-        for r in 1..=config.runs {
-            settle(log);
-            let s = run::ferry_once(&FerryRun {
+        let ferry = |send_args: &[String], recv_args: &[String]| {
+            run::ferry_once(&FerryRun {
                 exe: &config.ferry_exe,
                 dataset: &dataset,
                 size,
                 channels: k,
-                send_args: &send_args,
-                recv_args: &recv_args,
+                send_args,
+                recv_args,
                 congestion: config.congestion.as_deref(),
-            })?;
+            })
+        };
+        for r in 1..=config.runs {
+            settle(log);
+            let s = ferry(&send_args, &recv_args)?;
             log(&fmt_sample("ferry", k, r, config.runs, &s));
             f.push(s);
             if plain {
+                // The same without --tls-dir and --compress.
                 settle(log);
-                let s = run::ferry_once(&FerryRun {
-                    exe: &config.ferry_exe,
-                    dataset: &dataset,
-                    size,
-                    channels: k,
-                    send_args: &plain_args,
-                    recv_args: &[],
-                    congestion: config.congestion.as_deref(),
-                })?;
+                let s = ferry(&config.send_args, &[])?;
                 log(&fmt_sample("plain", k, r, config.runs, &s));
                 p.push(s);
             }

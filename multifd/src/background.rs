@@ -11,7 +11,8 @@
 //! region (1 MiB) at a time: a region is first *copied* out of guest memory
 //! into a private buffer while still protected, then its protection is
 //! lifted, then the copy is checksummed, scanned for zero pages and written
-//! at its fixed place (its runs all at once, through the thread's io_uring). K writer threads claim regions in order; one handler
+//! at its fixed place (its runs all at once, through the thread's
+//! io_uring). K writer threads claim regions in order; one handler
 //! thread reads write faults: a write to a region nobody has copied yet
 //! makes the handler copy that region first (the writer's thread waits in
 //! the kernel meanwhile), lift its protection, which wakes the writer, and
@@ -34,7 +35,8 @@ use ferry_ram::{is_zero_page, GuestMemory, PageBitmap, WriteProtect};
 use ferry_transport::uring::Ring;
 
 use crate::file::{
-    count_pages, push_page, region_pages, ring_err, DataFile, FileOptions, Run, WrittenPages,
+    check_memory_matches, count_pages, push_page, region_pages, ring_err, shared_words, unshare,
+    DataFile, FileOptions, Regions, Run, WrittenPages,
 };
 use crate::{Counters, MultifdError};
 
@@ -212,11 +214,10 @@ struct Shared<'a> {
     counters: &'a Counters,
     wp: &'a WriteProtect,
     hole_min: u64,
-    /// First global region of each block, and the total after the last.
-    starts: Vec<u64>,
+    /// Global region numbers; `state` is indexed by them.
+    regions: Regions,
     state: Vec<AtomicU8>,
     copied: AtomicU64,
-    next: AtomicU64,
     queue: Mutex<VecDeque<Job>>,
     bitmaps: Vec<Vec<AtomicU64>>,
     checksums: Vec<Vec<AtomicU64>>,
@@ -239,25 +240,8 @@ pub fn write_background(
     counters: &Counters,
     wp: &WriteProtect,
 ) -> Result<(WrittenPages, BackgroundStats), MultifdError> {
-    if memory.specs() != layout.specs() {
-        return Err(MultifdError::Aborted(format!(
-            "{}: the memory's blocks do not match the file's layout",
-            path.display()
-        )));
-    }
-    let mut starts = vec![0u64];
-    for b in &layout.blocks {
-        let last = *starts.last().expect("starts with 0");
-        starts.push(last + b.regions(layout.region_size));
-    }
-    let total = *starts.last().expect("starts with 0");
-    let words = |f: &dyn Fn(&ferry_ram::mapped::BlockLayout) -> u64| -> Vec<Vec<AtomicU64>> {
-        layout
-            .blocks
-            .iter()
-            .map(|b| (0..f(b)).map(|_| AtomicU64::new(0)).collect())
-            .collect()
-    };
+    check_memory_matches(memory, layout, path)?;
+    let regions = Regions::new(layout);
     let s = Shared {
         memory,
         layout,
@@ -266,13 +250,12 @@ pub fn write_background(
         counters,
         wp,
         hole_min: opts.hole_min,
-        state: (0..total).map(|_| AtomicU8::new(FRESH)).collect(),
-        starts,
+        state: (0..regions.total()).map(|_| AtomicU8::new(FRESH)).collect(),
+        regions,
         copied: AtomicU64::new(0),
-        next: AtomicU64::new(0),
         queue: Mutex::new(VecDeque::new()),
-        bitmaps: words(&|b| b.bitmap_len() / 8),
-        checksums: words(&|b| b.regions(layout.region_size)),
+        bitmaps: shared_words(layout, |b| b.bitmap_len() / 8),
+        checksums: shared_words(layout, |b| b.regions(layout.region_size)),
         abort: AtomicBool::new(false),
         fault_regions: AtomicU64::new(0),
         ordered_regions: AtomicU64::new(0),
@@ -325,16 +308,11 @@ pub fn write_background(
         results
     });
     results.into_iter().find(Result::is_err).unwrap_or(Ok(()))?;
-    if s.copied.load(Ordering::Acquire) != total {
+    if s.copied.load(Ordering::Acquire) != s.regions.total() {
         return Err(MultifdError::Aborted(
             "the snapshot's threads stopped before every region was saved".into(),
         ));
     }
-    let unshare = |v: Vec<Vec<AtomicU64>>| -> Vec<Vec<u64>> {
-        v.into_iter()
-            .map(|w| w.into_iter().map(AtomicU64::into_inner).collect())
-            .collect()
-    };
     let stats = BackgroundStats {
         fault_regions: s.fault_regions.load(Ordering::Relaxed),
         ordered_regions: s.ordered_regions.load(Ordering::Relaxed),
@@ -350,15 +328,6 @@ pub fn write_background(
 }
 
 impl Shared<'_> {
-    fn total(&self) -> u64 {
-        *self.starts.last().expect("starts with 0")
-    }
-
-    fn locate(&self, global: u64) -> (usize, u64) {
-        let block = self.starts.partition_point(|&s| s <= global) - 1;
-        (block, global - self.starts[block])
-    }
-
     fn region_bytes(&self, block: usize, region: u64) -> (u64, usize) {
         let b = &self.memory.blocks()[block];
         let (first, end) = region_pages(b, self.layout.region_size, region);
@@ -445,20 +414,19 @@ impl Shared<'_> {
     fn write_out(&self) -> Result<(), MultifdError> {
         let mut buf = AlignedBuf::new(self.layout.region_size as usize);
         let mut ring = Ring::new(WRITES_IN_FLIGHT).map_err(|e| ring_err(self.path, e))?;
-        let total = self.total();
+        let total = self.regions.total();
         while !self.abort.load(Ordering::Acquire) {
             let job = self.queue.lock().ok().and_then(|mut q| q.pop_front());
             if let Some(job) = job {
                 self.write_copy(&mut ring, job.block, job.region, &job.buf)?;
                 continue;
             }
-            let n = self.next.fetch_add(1, Ordering::Relaxed);
-            if n < total {
+            if let Some(n) = self.regions.claim_global() {
                 let won = self.state[n as usize]
                     .compare_exchange(FRESH, COPYING, Ordering::AcqRel, Ordering::Acquire)
                     .is_ok();
                 if won {
-                    let (block, region) = self.locate(n);
+                    let (block, region) = self.regions.locate(n);
                     self.copy_out(n, block, region, &mut buf)?;
                     self.copied.fetch_add(1, Ordering::AcqRel);
                     self.ordered_regions.fetch_add(1, Ordering::Relaxed);
@@ -478,7 +446,7 @@ impl Shared<'_> {
     /// The fault handler: copies out the region a guest write waits on.
     fn handle_faults(&self) -> Result<(), MultifdError> {
         let mut ring = Ring::new(WRITES_IN_FLIGHT).map_err(|e| ring_err(self.path, e))?;
-        let total = self.total();
+        let total = self.regions.total();
         let mut faults = Vec::new();
         while !self.abort.load(Ordering::Acquire) && self.copied.load(Ordering::Acquire) < total {
             self.wp.faults(10, &mut faults)?;
@@ -490,7 +458,7 @@ impl Shared<'_> {
                     )));
                 };
                 let region = offset / u64::from(self.layout.region_size);
-                let global = self.starts[block] + region;
+                let global = self.regions.global(block, region);
                 let won = self.state[global as usize]
                     .compare_exchange(FRESH, COPYING, Ordering::AcqRel, Ordering::Acquire)
                     .is_ok();

@@ -133,10 +133,12 @@ pub fn write_pages(
 ) -> Result<WrittenPages, MultifdError> {
     check_memory_matches(memory, layout, path)?;
     let save = Save {
-        memory,
-        layout,
-        path,
-        counters,
+        t: Target {
+            memory,
+            layout,
+            path,
+            counters,
+        },
         bitmaps: shared_words(layout, |b| b.bitmap_len() / 8),
         checksums: shared_words(layout, |b| b.regions(layout.region_size)),
         hole_min: opts.hole_min,
@@ -184,10 +186,12 @@ pub fn rewrite_pages(
             .collect()
     };
     let save = Save {
-        memory,
-        layout,
-        path,
-        counters,
+        t: Target {
+            memory,
+            layout,
+            path,
+            counters,
+        },
         bitmaps: share(written.bitmaps),
         checksums: share(written.checksums),
         hole_min: opts.hole_min,
@@ -215,17 +219,19 @@ pub fn read_pages(
 ) -> Result<(), MultifdError> {
     check_memory_matches(memory, layout, path)?;
     let restore = Restore {
-        memory,
-        layout,
-        path,
-        counters,
+        t: Target {
+            memory,
+            layout,
+            path,
+            counters,
+        },
         bitmaps,
         checksums,
     };
     run_threads(&restore, layout, data, opts)
 }
 
-fn check_memory_matches(
+pub(crate) fn check_memory_matches(
     memory: &GuestMemory,
     layout: &FileLayout,
     path: &Path,
@@ -239,7 +245,7 @@ fn check_memory_matches(
     Ok(())
 }
 
-fn shared_words(
+pub(crate) fn shared_words(
     layout: &FileLayout,
     words: impl Fn(&ferry_ram::mapped::BlockLayout) -> u64,
 ) -> Vec<Vec<AtomicU64>> {
@@ -250,7 +256,7 @@ fn shared_words(
         .collect()
 }
 
-fn unshare(v: Vec<Vec<AtomicU64>>) -> Vec<Vec<u64>> {
+pub(crate) fn unshare(v: Vec<Vec<AtomicU64>>) -> Vec<Vec<u64>> {
     v.into_iter()
         .map(|w| w.into_iter().map(AtomicU64::into_inner).collect())
         .collect()
@@ -296,17 +302,33 @@ trait Direction: Sync {
     fn counts_whole_regions(&self) -> bool {
         true
     }
-    fn counters(&self) -> &Counters;
-    fn memory(&self) -> &GuestMemory;
-    fn layout(&self) -> &FileLayout;
-    fn path(&self) -> &Path;
+    /// The memory and file both directions move between.
+    fn target(&self) -> &Target<'_>;
+    fn counters(&self) -> &Counters {
+        self.target().counters
+    }
+    fn memory(&self) -> &GuestMemory {
+        self.target().memory
+    }
+    fn layout(&self) -> &FileLayout {
+        self.target().layout
+    }
+    fn path(&self) -> &Path {
+        self.target().path
+    }
 }
 
-struct Save<'a> {
+/// The guest memory, the file's layout and path, and the counters a save
+/// or restore moves pages between and reports to.
+struct Target<'a> {
     memory: &'a GuestMemory,
     layout: &'a FileLayout,
     path: &'a Path,
     counters: &'a Counters,
+}
+
+struct Save<'a> {
+    t: Target<'a>,
     bitmaps: Vec<Vec<AtomicU64>>,
     checksums: Vec<Vec<AtomicU64>>,
     hole_min: u64,
@@ -317,8 +339,8 @@ struct Save<'a> {
 impl Save<'_> {
     /// A later pass's region: its dirty pages only.
     fn prepare_dirty(&self, dirty: &PageBitmap, block: usize, region: u64, runs: &mut Vec<Run>) {
-        let b = &self.memory.blocks()[block];
-        let (first, end) = region_pages(b, self.layout.region_size, region);
+        let b = &self.t.memory.blocks()[block];
+        let (first, end) = region_pages(b, self.t.layout.region_size, region);
         let ps = b.page_size() as usize;
         let max_gap = (self.hole_min / ps as u64).saturating_sub(1);
         let (mut present, mut zero) = (0u64, 0u64);
@@ -346,8 +368,9 @@ impl Save<'_> {
         }
         let bytes = &b.bytes()[first as usize * ps..end as usize * ps];
         self.checksums[block][region as usize].store(region_checksum(bytes), Relaxed);
-        count_pages(self.counters, present, zero);
-        self.counters
+        count_pages(self.t.counters, present, zero);
+        self.t
+            .counters
             .ram_bytes
             .fetch_add((present + zero) * ps as u64, Relaxed);
     }
@@ -365,8 +388,8 @@ impl Direction for Save<'_> {
             self.prepare_dirty(&dirty[block], block, region, runs);
             return;
         }
-        let b = &self.memory.blocks()[block];
-        let (first, end) = region_pages(b, self.layout.region_size, region);
+        let b = &self.t.memory.blocks()[block];
+        let (first, end) = region_pages(b, self.t.layout.region_size, region);
         let ps = b.page_size() as usize;
         let bytes = &b.bytes()[first as usize * ps..end as usize * ps];
         self.checksums[block][region as usize].store(region_checksum(bytes), Relaxed);
@@ -381,7 +404,7 @@ impl Direction for Save<'_> {
             push_page(runs, index, max_gap);
             present += 1;
         }
-        count_pages(self.counters, present, end - first - present);
+        count_pages(self.t.counters, present, end - first - present);
     }
 
     unsafe fn queue(
@@ -394,31 +417,19 @@ impl Direction for Save<'_> {
         // SAFETY: op lies inside a block of the guest memory, which outlives
         // the pool, and the source guest does not unmap it meanwhile.
         unsafe { ring.queue_write_at(fd, op.addr, op.len, op.offset, tag) }
-            .map_err(|source| ring_err(self.path, source))
+            .map_err(|source| ring_err(self.t.path, source))
     }
 
     fn region_done(&self, _block: usize, _region: u64) -> Result<(), MultifdError> {
         Ok(())
     }
-    fn counters(&self) -> &Counters {
-        self.counters
-    }
-    fn memory(&self) -> &GuestMemory {
-        self.memory
-    }
-    fn layout(&self) -> &FileLayout {
-        self.layout
-    }
-    fn path(&self) -> &Path {
-        self.path
+    fn target(&self) -> &Target<'_> {
+        &self.t
     }
 }
 
 struct Restore<'a> {
-    memory: &'a GuestMemory,
-    layout: &'a FileLayout,
-    path: &'a Path,
-    counters: &'a Counters,
+    t: Target<'a>,
     bitmaps: &'a [Vec<u64>],
     checksums: &'a [Vec<u64>],
 }
@@ -427,8 +438,8 @@ impl Direction for Restore<'_> {
     const WHAT: &'static str = "reading pages";
 
     fn prepare(&self, block: usize, region: u64, runs: &mut Vec<Run>) {
-        let b = &self.memory.blocks()[block];
-        let (first, end) = region_pages(b, self.layout.region_size, region);
+        let b = &self.t.memory.blocks()[block];
+        let (first, end) = region_pages(b, self.t.layout.region_size, region);
         let words = &self.bitmaps[block];
         let max_gap = READ_ACROSS_GAP / u64::from(b.page_size());
         let mut present = 0;
@@ -438,7 +449,7 @@ impl Direction for Restore<'_> {
                 present += 1;
             }
         }
-        count_pages(self.counters, present, end - first - present);
+        count_pages(self.t.counters, present, end - first - present);
     }
 
     unsafe fn queue(
@@ -452,12 +463,12 @@ impl Direction for Restore<'_> {
         // which outlives the pool; each page belongs to exactly one region and
         // one thread, so nothing else touches it until the read completes.
         unsafe { ring.queue_read_at(fd, op.addr, op.len, op.offset, tag) }
-            .map_err(|source| ring_err(self.path, source))
+            .map_err(|source| ring_err(self.t.path, source))
     }
 
     fn region_done(&self, block: usize, region: u64) -> Result<(), MultifdError> {
-        let b = &self.memory.blocks()[block];
-        let (first, end) = region_pages(b, self.layout.region_size, region);
+        let b = &self.t.memory.blocks()[block];
+        let (first, end) = region_pages(b, self.t.layout.region_size, region);
         let ps = b.page_size() as usize;
         let bytes = &b.bytes()[first as usize * ps..end as usize * ps];
         if region_checksum(bytes) == self.checksums[block][region as usize] {
@@ -465,24 +476,15 @@ impl Direction for Restore<'_> {
         }
         let offset = first * ps as u64;
         Err(MultifdError::FileChecksum {
-            path: self.path.into(),
+            path: self.t.path.into(),
             block: b.name().into(),
             offset,
             len: bytes.len() as u64,
-            file_offset: self.layout.blocks[block].pages_offset + offset,
+            file_offset: self.t.layout.blocks[block].pages_offset + offset,
         })
     }
-    fn counters(&self) -> &Counters {
-        self.counters
-    }
-    fn memory(&self) -> &GuestMemory {
-        self.memory
-    }
-    fn layout(&self) -> &FileLayout {
-        self.layout
-    }
-    fn path(&self) -> &Path {
-        self.path
+    fn target(&self) -> &Target<'_> {
+        &self.t
     }
 }
 
@@ -531,15 +533,16 @@ pub(crate) fn ring_err(path: &Path, source: ferry_transport::TransportError) -> 
     }
 }
 
-/// Hands out (block, region) pairs across all blocks, once each.
-struct Regions {
+/// Numbers the checksum regions of all blocks one after another (global
+/// region numbers) and hands them out in that order, once each.
+pub(crate) struct Regions {
     /// First global region number of each block, and the total after the last.
     starts: Vec<u64>,
     next: AtomicU64,
 }
 
 impl Regions {
-    fn new(layout: &FileLayout) -> Self {
+    pub(crate) fn new(layout: &FileLayout) -> Self {
         let mut starts = vec![0];
         for b in &layout.blocks {
             let last = *starts.last().expect("starts with 0");
@@ -551,10 +554,31 @@ impl Regions {
         }
     }
 
-    fn claim(&self) -> Option<(usize, u64)> {
+    /// How many regions all blocks have together.
+    pub(crate) fn total(&self) -> u64 {
+        *self.starts.last().expect("starts with 0")
+    }
+
+    /// The next unclaimed global region number, or None when all are out.
+    pub(crate) fn claim_global(&self) -> Option<u64> {
         let n = self.next.fetch_add(1, Relaxed);
-        let block = self.starts.partition_point(|&s| s <= n).checked_sub(1)?;
-        (block + 1 < self.starts.len()).then(|| (block, n - self.starts[block]))
+        (n < self.total()).then_some(n)
+    }
+
+    /// The next unclaimed (block, region within the block).
+    fn claim(&self) -> Option<(usize, u64)> {
+        self.claim_global().map(|n| self.locate(n))
+    }
+
+    /// The (block, region within the block) of global region `n` < total.
+    pub(crate) fn locate(&self, n: u64) -> (usize, u64) {
+        let block = self.starts.partition_point(|&s| s <= n) - 1;
+        (block, n - self.starts[block])
+    }
+
+    /// The global number of `region` of `block`.
+    pub(crate) fn global(&self, block: usize, region: u64) -> u64 {
+        self.starts[block] + region
     }
 }
 

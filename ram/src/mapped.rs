@@ -391,15 +391,15 @@ impl FileLayout {
         index: usize,
     ) -> Result<Vec<u64>, RamError> {
         let b = &self.blocks[index];
-        let bytes = self.read_table(file, path, b, "bitmap", b.bitmap_offset, b.bitmap_len())?;
-        if region_checksum(&bytes) != b.bitmap_checksum {
-            return Err(RamError::TableChecksum {
-                path: path.into(),
-                block: b.name.clone(),
-                what: "bitmap",
-                offset: b.bitmap_offset,
-            });
-        }
+        let bytes = read_table(
+            file,
+            path,
+            b,
+            "bitmap",
+            b.bitmap_offset,
+            b.bitmap_len(),
+            b.bitmap_checksum,
+        )?;
         let words = words_of(&bytes);
         let set: u64 = words.iter().map(|w| u64::from(w.count_ones())).sum();
         let tail_ok = tail_bits_clear(&words, b.pages());
@@ -431,15 +431,15 @@ impl FileLayout {
     ) -> Result<Vec<u64>, RamError> {
         let b = &self.blocks[index];
         let len = b.checksums_len(self.region_size);
-        let bytes = self.read_table(file, path, b, "checksum table", b.checksums_offset, len)?;
-        if region_checksum(&bytes) != b.checksums_checksum {
-            return Err(RamError::TableChecksum {
-                path: path.into(),
-                block: b.name.clone(),
-                what: "checksum table",
-                offset: b.checksums_offset,
-            });
-        }
+        let bytes = read_table(
+            file,
+            path,
+            b,
+            "checksum table",
+            b.checksums_offset,
+            len,
+            b.checksums_checksum,
+        )?;
         Ok(words_of(&bytes))
     }
 
@@ -463,28 +463,38 @@ impl FileLayout {
         }
         Ok(bytes)
     }
+}
 
-    fn read_table(
-        &self,
-        file: &File,
-        path: &Path,
-        b: &BlockLayout,
-        what: &'static str,
-        offset: u64,
-        len: u64,
-    ) -> Result<Vec<u8>, RamError> {
-        let mut bytes = vec![0u8; len as usize];
-        read_at(file, path, &mut bytes, offset, what).map_err(|e| match e {
-            RamError::FileIo { source, .. } => RamError::FileIo {
-                path: path.into(),
-                what: format!("reading the {what} of block '{}'", b.name),
-                offset,
-                source,
-            },
-            other => other,
-        })?;
-        Ok(bytes)
+/// Reads block `b`'s table `what` (`len` bytes at `offset`) and checks it
+/// against the checksum its header holds.
+fn read_table(
+    file: &File,
+    path: &Path,
+    b: &BlockLayout,
+    what: &'static str,
+    offset: u64,
+    len: u64,
+    checksum: u64,
+) -> Result<Vec<u8>, RamError> {
+    let mut bytes = vec![0u8; len as usize];
+    read_at(file, path, &mut bytes, offset, what).map_err(|e| match e {
+        RamError::FileIo { source, .. } => RamError::FileIo {
+            path: path.into(),
+            what: format!("reading the {what} of block '{}'", b.name),
+            offset,
+            source,
+        },
+        other => other,
+    })?;
+    if region_checksum(&bytes) != checksum {
+        return Err(RamError::TableChecksum {
+            path: path.into(),
+            block: b.name.clone(),
+            what,
+            offset,
+        });
     }
+    Ok(bytes)
 }
 
 /// Writes the metadata a finished save needs: each block's bitmap and

@@ -17,7 +17,8 @@ const UFFDIO_REGISTER_MODE_MISSING: u64 = 1;
 pub(crate) const UFFDIO_REGISTER_MODE_WP: u64 = 1 << 1;
 
 /// `_IOWR(0xAA, nr, size)`.
-const fn iowr(nr: u64, size: usize) -> u64 {
+/// `_IOWR(0xAA, nr, size)`: a userfaultfd ioctl that reads and writes its struct.
+pub(crate) const fn iowr(nr: u64, size: usize) -> u64 {
     (3 << 30) | ((size as u64) << 16) | (0xAA << 8) | nr
 }
 const UFFDIO_API: u64 = iowr(0x3F, std::mem::size_of::<UffdioApi>());
@@ -32,11 +33,12 @@ struct UffdioApi {
     features: u64,
     ioctls: u64,
 }
+/// `struct uffdio_range` (also used by `crate::uffd_wp`).
 #[repr(C)]
 #[derive(Clone, Copy)]
-struct UffdioRange {
-    start: u64,
-    len: u64,
+pub(crate) struct UffdioRange {
+    pub(crate) start: u64,
+    pub(crate) len: u64,
 }
 #[repr(C)]
 struct UffdioRegister {

@@ -17,22 +17,16 @@ use std::fs::File;
 use std::os::fd::AsRawFd;
 use std::sync::Mutex;
 
-use crate::uffd::{Userfault, UFFDIO_REGISTER_MODE_WP};
+use crate::uffd::{iowr, UffdioRange, Userfault, UFFDIO_REGISTER_MODE_WP};
 use crate::{DirtyLog, GuestMemory, PageBitmap, RamError};
 
 // linux/userfaultfd.h (opening and registering live in `crate::uffd`)
 const UFFD_FEATURE_WP_UNPOPULATED: u64 = 1 << 13;
 const UFFD_FEATURE_WP_ASYNC: u64 = 1 << 15;
 const UFFDIO_WRITEPROTECT_MODE_WP: u64 = 1 << 0;
-/// _IOWR(0xAA, 0x06, struct uffdio_writeprotect)
-const UFFDIO_WRITEPROTECT: libc::c_ulong = 0xC018_AA06;
-
-#[repr(C)]
-#[derive(Clone, Copy)]
-struct UffdioRange {
-    start: u64,
-    len: u64,
-}
+const UFFDIO_WRITEPROTECT: u64 = iowr(0x06, std::mem::size_of::<UffdioWriteprotect>());
+// The value linux/userfaultfd.h gives it.
+const _: () = assert!(UFFDIO_WRITEPROTECT == 0xC018_AA06);
 
 #[repr(C)]
 struct UffdioWriteprotect {

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use ferry::{
     restore_from_file, restore_lazy, synthetic::is_synthetic_state, Digest, FileFailed,
-    FileOptions, Guest, GuestMemory, LazyRestored, Progress, Resources, RestoreTarget,
+    FileOptions, FileSummary, Guest, GuestMemory, LazyRestored, Progress, Resources, RestoreTarget,
     SyntheticGuest, TrackerKind,
 };
 
@@ -96,22 +96,8 @@ fn restore(a: RestoreArgs) -> anyhow::Result<bool> {
     let result = restore_from_file(&path, &target, &opts, &progress);
     drop(view);
     match result {
-        Ok(mut r) => {
-            let digest = r.memory.digest();
-            r.summary.digest = Some(digest.to_string());
-            r.summary.switchover_digest =
-                Some(Digest::with_device_state(digest, &r.device_state).to_string());
-            if let Some(p) = &a.device_state_out {
-                std::fs::write(p, &r.device_state)
-                    .with_context(|| format!("writing {}", p.display()))?;
-            }
-            print_file_summary("restore", &r.summary, a.json);
-            Ok(true)
-        }
-        Err(f) => {
-            print_file_summary("restore", &f.summary, a.json);
-            Ok(false)
-        }
+        Ok(mut r) => report_restored(&mut r.summary, Some(&r.memory), &r.device_state, &a),
+        Err(f) => report_failed(&f, &a),
     }
 }
 
@@ -172,25 +158,40 @@ fn lazy(
 
 fn report_lazy(result: Result<LazyRestored, FileFailed>, a: &RestoreArgs) -> anyhow::Result<bool> {
     match result {
+        // A guest that ran has changed its memory: no digest of it then.
         Ok(mut r) => {
-            if !a.run_guest {
-                let digest = r.memory.digest();
-                r.summary.digest = Some(digest.to_string());
-                r.summary.switchover_digest =
-                    Some(Digest::with_device_state(digest, &r.device_state).to_string());
-            }
-            if let Some(p) = &a.device_state_out {
-                std::fs::write(p, &r.device_state)
-                    .with_context(|| format!("writing {}", p.display()))?;
-            }
-            print_file_summary("restore", &r.summary, a.json);
-            Ok(true)
+            let memory = (!a.run_guest).then_some(&*r.memory);
+            report_restored(&mut r.summary, memory, &r.device_state, a)
         }
-        Err(f) => {
-            print_file_summary("restore", &f.summary, a.json);
-            Ok(false)
-        }
+        Err(f) => report_failed(&f, a),
     }
+}
+
+/// Reports a finished restore: the digests of the memory it holds (when
+/// given), the device state written where --device-state-out says, the
+/// summary.
+fn report_restored(
+    summary: &mut FileSummary,
+    memory: Option<&GuestMemory>,
+    device_state: &[u8],
+    a: &RestoreArgs,
+) -> anyhow::Result<bool> {
+    if let Some(m) = memory {
+        let digest = m.digest();
+        summary.digest = Some(digest.to_string());
+        summary.switchover_digest =
+            Some(Digest::with_device_state(digest, device_state).to_string());
+    }
+    if let Some(p) = &a.device_state_out {
+        std::fs::write(p, device_state).with_context(|| format!("writing {}", p.display()))?;
+    }
+    print_file_summary("restore", summary, a.json);
+    Ok(true)
+}
+
+fn report_failed(f: &FileFailed, a: &RestoreArgs) -> anyhow::Result<bool> {
+    print_file_summary("restore", &f.summary, a.json);
+    Ok(false)
 }
 
 /// Plays a guest on lazily restored memory: rewrites one byte of each of

@@ -77,28 +77,29 @@ fn s(p: &Path) -> &str {
     p.to_str().unwrap()
 }
 
+/// Writes a `mixed` dataset of `mib` MiB to `ram`.
+fn gen_mixed(dir: &Path, ram: &Path, mib: u64, seed: u64) {
+    let (size, seed) = (format!("{mib}M"), seed.to_string());
+    let args = [
+        "gen",
+        "--size",
+        &size,
+        "--pattern",
+        "mixed",
+        "--seed",
+        &seed,
+        "-o",
+        s(ram),
+    ];
+    let d = ferry(dir, &args);
+    assert!(d.ok, "gen failed: {}", d.stderr);
+}
+
 /// A `mixed` dataset of `mib` MiB and a saved copy of it; returns both paths.
 fn saved(dir: &Path, mib: u64, extra: &[&str]) -> (PathBuf, PathBuf) {
     let ram = dir.join("guest.ram");
     let sav = dir.join("guest.ferry");
-    let size = format!("{mib}M");
-    assert!(
-        ferry(
-            dir,
-            &[
-                "gen",
-                "--size",
-                &size,
-                "--pattern",
-                "mixed",
-                "--seed",
-                "7",
-                "-o",
-                s(&ram)
-            ]
-        )
-        .ok
-    );
+    gen_mixed(dir, &ram, mib, 7);
     let to = format!("file:{}", s(&sav));
     let mut args = vec!["save", "--ram", s(&ram), "--to", &to, "--json"];
     args.extend_from_slice(extra);
@@ -115,24 +116,7 @@ fn round_trip(dir: &Path, mib: u64, channels: &str, save_extra: &[&str], restore
     let ram = dir.join("guest.ram");
     let sav = dir.join("guest.ferry");
     let out = dir.join("restored.ram");
-    let size = format!("{mib}M");
-    assert!(
-        ferry(
-            dir,
-            &[
-                "gen",
-                "--size",
-                &size,
-                "--pattern",
-                "mixed",
-                "--seed",
-                "3",
-                "-o",
-                s(&ram)
-            ]
-        )
-        .ok
-    );
+    gen_mixed(dir, &ram, mib, 3);
     let to = format!("file:{}", s(&sav));
     let mut args = vec![
         "save",

@@ -16,7 +16,12 @@
 //! the caller then sends; [`TlsChannel::read_plain`] asks the caller for
 //! ciphertext (the caller receives it however it likes) and hands back
 //! plaintext. rustls's buffered API copies plaintext once on each side (into
-//! its record buffer when sealing, out of its plaintext queue when reading).
+//! its record buffer when sealing, out of its plaintext queue when reading),
+//! and it allocates and frees a buffer per 16 KiB record. With glibc's
+//! default trim threshold that memory goes back to the kernel after every
+//! packet and is faulted in again (with a TLB shootdown each time), which
+//! cost 0.5–1 s of a 2 GiB TLS migration here; the `ferry` binary raises the
+//! threshold at start (`keep_freed_heap`), and an embedding VMM should too.
 
 use std::fmt;
 use std::io::{self, IoSlice, Read, Write};

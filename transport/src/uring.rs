@@ -225,7 +225,8 @@ impl Ring {
 /// Which piece of a [`Ring::write_all_at`] batch failed, and why.
 #[derive(Debug)]
 pub struct FailedWrite {
-    /// Index into the pieces passed in.
+    /// Index into the pieces passed in (when io_uring_enter itself failed:
+    /// the last piece queued).
     pub piece: usize,
     pub source: io::Error,
 }
