@@ -26,11 +26,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ferry_multifd::background::{write_background, Arming};
-use ferry_multifd::file::{read_pages, rewrite_pages, write_pages, DataFile, FileOptions};
+use ferry_multifd::file::{
+    read_pages, rewrite_pages, write_pages, DataFile, FileOptions, WrittenPages,
+};
 use ferry_multifd::lazy::LazyRestore;
 use ferry_multifd::{Counters, MultifdError};
 use ferry_ram::mapped::{write_metadata, FileLayout};
-use ferry_ram::{Digest, GuestMemory, PageBitmap, RamError, WriteProtect};
+use ferry_ram::{BlockSpec, Digest, GuestMemory, PageBitmap, RamError, WriteProtect};
 use serde::Serialize;
 
 use crate::{Guest, GuestError, Progress};
@@ -389,20 +391,38 @@ fn save(
     progress.set_phase("pausing");
     guest.pause()?;
     let device_state = guest.save_device_state()?;
-    let mut layout = FileLayout::plan(&memory.specs(), device_state.len() as u64)?;
+    let layout = FileLayout::plan(&memory.specs(), device_state.len() as u64)?;
     let (meta, data) = create_file(path, &layout, opts, summary)?;
     progress.set_phase("writing");
     let written = write_pages(memory, &layout, &data, path, &opts.file, counters)?;
     progress.set_phase("finishing");
+    write_tables(&meta, path, &memory.specs(), &written, &device_state)?;
+    finish_file(&meta, path, opts, progress, &device_state, summary)
+}
+
+/// Writes the bitmaps, checksum tables and device state of a file whose
+/// pages are written, sizing it to its final layout (a live save and a
+/// background snapshot learn the device state's length only at the end;
+/// the device state lies after all pages, so no page moves).
+fn write_tables(
+    meta: &File,
+    path: &Path,
+    specs: &[BlockSpec],
+    written: &WrittenPages,
+    device_state: &[u8],
+) -> Result<(), SnapshotError> {
+    let mut layout = FileLayout::plan(specs, device_state.len() as u64)?;
+    meta.set_len(layout.file_len)
+        .map_err(io_err(path, "setting the file's length"))?;
     write_metadata(
-        &meta,
+        meta,
         path,
         &mut layout,
         &written.bitmaps,
         &written.checksums,
-        &device_state,
+        device_state,
     )?;
-    finish_file(&meta, path, opts, progress, &device_state, summary)
+    Ok(())
 }
 
 fn io_err<'a>(path: &'a Path, what: &'static str) -> impl Fn(std::io::Error) -> SnapshotError + 'a {
@@ -477,7 +497,7 @@ fn save_live(
     let memory = guest.memory();
     summary.mode = Some("live");
     let specs = memory.specs();
-    let mut layout = FileLayout::plan(&specs, 0)?;
+    let layout = FileLayout::plan(&specs, 0)?;
     let (meta, data) = create_file(path, &layout, opts, summary)?;
     let pending: Vec<PageBitmap> = memory
         .blocks()
@@ -529,17 +549,7 @@ fn save_live(
         )?;
         passes += 1;
         let device_state = guest.save_device_state()?;
-        layout = FileLayout::plan(&specs, device_state.len() as u64)?;
-        meta.set_len(layout.file_len)
-            .map_err(io_err(path, "setting the file's length"))?;
-        write_metadata(
-            &meta,
-            path,
-            &mut layout,
-            &written.bitmaps,
-            &written.checksums,
-            &device_state,
-        )?;
+        write_tables(&meta, path, &specs, &written, &device_state)?;
         summary.downtime_ms = Some(paused_at.elapsed().as_secs_f64() * 1e3);
         Ok::<_, SnapshotError>((passes, device_state))
     })();
@@ -576,7 +586,7 @@ fn save_bg(
     // the guest runs on; the device state's length is known only later,
     // and moves nothing when the layout is planned again with it.
     let specs = memory.specs();
-    let mut layout = FileLayout::plan(&specs, 0)?;
+    let layout = FileLayout::plan(&specs, 0)?;
     let (meta, data) = create_file(path, &layout, opts, summary)?;
     let arming = Arming::start(memory, wp.clone())?;
     let was_running = guest.is_running();
@@ -609,22 +619,12 @@ fn save_bg(
     progress.set_phase("writing");
     let (written, stats) =
         write_background(memory, &layout, &data, path, &opts.file, counters, &wp)?;
-    layout = FileLayout::plan(&specs, device_state.len() as u64)?;
-    meta.set_len(layout.file_len)
-        .map_err(io_err(path, "setting the file's length"))?;
     drop(wp);
     summary.fault_regions = Some(stats.fault_regions);
     summary.ordered_regions = Some(stats.ordered_regions);
     summary.max_fault_ms = Some(stats.max_fault_us as f64 / 1e3);
     progress.set_phase("finishing");
-    write_metadata(
-        &meta,
-        path,
-        &mut layout,
-        &written.bitmaps,
-        &written.checksums,
-        &device_state,
-    )?;
+    write_tables(&meta, path, &specs, &written, &device_state)?;
     finish_file(&meta, path, opts, progress, &device_state, summary)
 }
 
@@ -766,7 +766,7 @@ impl SavedFile {
 }
 
 /// The files `GuestMemory::create_files` makes for `specs` at `path`.
-fn ram_file_paths(specs: &[ferry_ram::BlockSpec], path: &Path) -> Vec<PathBuf> {
+fn ram_file_paths(specs: &[BlockSpec], path: &Path) -> Vec<PathBuf> {
     if specs.len() == 1 {
         return vec![path.to_path_buf()];
     }

@@ -6,13 +6,11 @@ mod common;
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
 use std::sync::Arc;
-use std::time::Duration;
 
 use common::*;
-use ferry::synthetic::synthetic_memory;
 use ferry::{
-    migrate_out, ControlServer, DirtyPattern, Guest, IncomingOptions, OutgoingOptions, Parameters,
-    Progress, Resources, Status, SyntheticConfig, SyntheticGuest, TrackerKind,
+    ControlServer, DirtyPattern, Guest, IncomingOptions, Parameters, Resources, Status,
+    SyntheticConfig, TrackerKind,
 };
 use serde_json::{json, Value};
 
@@ -76,31 +74,22 @@ impl Client {
     }
 }
 
-fn wait_until(mut cond: impl FnMut() -> bool) {
-    while !cond() {
-        std::thread::sleep(Duration::from_millis(10));
-    }
-}
-
 #[test]
 fn every_command_over_the_socket_during_a_live_migration() {
     within(120, || {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("ctl.sock");
-        let mem = synthetic_memory(16 * MIB, None, 2).unwrap();
-        let config = SyntheticConfig {
-            vcpus: 2,
-            dirty_rate: 2 * MIB,
-            pattern: DirtyPattern::Hotset(10),
-            seed: 1,
-            tracker: TrackerKind::Bitmap,
-        };
-        let guest = Arc::new(SyntheticGuest::start(mem, &config, Resources::none(true)).unwrap());
-        let progress = Arc::new(Progress::with_parameters(Parameters {
+        let guest = Arc::new(synthetic(
+            16,
+            2 * MIB,
+            DirtyPattern::Hotset(10),
+            TrackerKind::Bitmap,
+        ));
+        let progress = progress_with(Parameters {
             max_bandwidth: 2 * MIB,
             pause_before_switchover: true,
             ..Default::default()
-        }));
+        });
         let _server = ControlServer::start(&path, progress.clone()).unwrap();
         let mut c = Client::connect(&path);
 
@@ -139,12 +128,7 @@ fn every_command_over_the_socket_during_a_live_migration() {
 
         let (l, uri) = listener();
         let dst = spawn_destination(l, IncomingOptions::default());
-        let src = {
-            let (guest, progress) = (guest.clone(), progress.clone());
-            std::thread::spawn(move || {
-                migrate_out(&*guest, &uri, &OutgoingOptions::default(), &progress)
-            })
-        };
+        let src = spawn_source(guest.clone(), uri, progress.clone());
         wait_until(|| progress.status() == Status::Active && progress.totals().ram_bytes > 0);
         let q = c.query();
         assert_eq!(q["status"], "active");
@@ -236,29 +220,20 @@ fn migrate_cancel_over_the_socket() {
     within(120, || {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("ctl.sock");
-        let mem = synthetic_memory(16 * MIB, None, 2).unwrap();
         let config = SyntheticConfig {
             vcpus: 1,
-            dirty_rate: MIB,
-            pattern: DirtyPattern::Sequential,
-            seed: 1,
-            tracker: TrackerKind::Uffd,
+            ..workload(MIB, DirtyPattern::Sequential, TrackerKind::Uffd)
         };
-        let guest = Arc::new(SyntheticGuest::start(mem, &config, Resources::none(true)).unwrap());
-        let progress = Arc::new(Progress::with_parameters(Parameters {
+        let guest = Arc::new(synthetic_guest(16, 2, &config, Resources::none(true)));
+        let progress = progress_with(Parameters {
             max_bandwidth: MIB,
             ..Default::default()
-        }));
+        });
         let _server = ControlServer::start(&path, progress.clone()).unwrap();
         let mut c = Client::connect(&path);
         let (l, uri) = listener();
         let dst = spawn_destination(l, IncomingOptions::default());
-        let src = {
-            let (guest, progress) = (guest.clone(), progress.clone());
-            std::thread::spawn(move || {
-                migrate_out(&*guest, &uri, &OutgoingOptions::default(), &progress)
-            })
-        };
+        let src = spawn_source(guest.clone(), uri, progress.clone());
         wait_until(|| progress.status() == Status::Active);
         assert_eq!(
             c.execute("migrate-cancel", json!({})),

@@ -165,63 +165,78 @@ fn destination_error(
     err
 }
 
+/// The memory every refusal test's destination starts with: one 4 MiB
+/// block 'ram' filled with `pattern` (seed 1). Generated the same way each
+/// time, so a fresh copy shows what an untouched destination holds.
+fn ram_4m(pattern: Pattern) -> Arc<ferry::GuestMemory> {
+    memory(&[("ram", 4)], pattern, 1)
+}
+
+/// What a destination holding [`ram_4m`]`(pattern)` says when a raw source
+/// announcing `capabilities` writes `bytes` on multifd[0]: its error (also
+/// checked against its SHUT) and its memory afterwards.
+fn refusal(pattern: Pattern, capabilities: u8, bytes: &[u8]) -> (String, Arc<ferry::GuestMemory>) {
+    let target = ram_4m(pattern);
+    let (dst, uri) = destination_into(&target);
+    let src = raw_source_with(&uri, 1, target.specs(), capabilities);
+    src.multifd[0].write_all(bytes).unwrap();
+    (destination_error(dst, &src.main), target)
+}
+
+/// A data header whose `normal` pages are one zstd frame of `frame_len`
+/// bytes that decodes to pages with crc `crc`.
+fn compressed_header(normal: u32, frame_len: usize, crc: u32) -> PacketHeader {
+    let mut h = data_header(0, normal, 0);
+    h.flags |= FLAG_COMPRESSED;
+    h.compressed_pages = normal;
+    h.payload_len = frame_len as u64;
+    h.payload_crc = crc;
+    h
+}
+
 #[test]
 fn offset_past_the_block_is_refused_before_any_write() {
     within(30, || {
-        let target = memory(&[("ram", 4)], Pattern::Random, 1);
-        let before = target.digest();
-        let (dst, uri) = destination_into(&target);
-        let src = raw_source(&uri, 1, target.specs());
         let page = vec![0xAAu8; 4096];
         let mut h = data_header(0, 1, 0);
         h.payload_crc = crc_of(&page);
-        src.multifd[0]
-            .write_all(&packet(h, &[4 << 20], &page))
-            .unwrap();
-        let err = destination_error(dst, &src.main);
+        let (err, target) = refusal(Pattern::Random, CAP_CHECKSUM, &packet(h, &[4 << 20], &page));
         assert!(
             err.contains("multifd[0]") && err.contains("block 'ram'") && err.contains("0x400000"),
             "{err}"
         );
-        assert_eq!(target.digest(), before, "nothing was written");
+        assert_eq!(
+            target.digest(),
+            ram_4m(Pattern::Random).digest(),
+            "nothing was written"
+        );
     });
 }
 
 #[test]
 fn unaligned_offset_is_refused() {
     within(30, || {
-        let target = memory(&[("ram", 4)], Pattern::Random, 1);
-        let before = target.digest();
-        let (dst, uri) = destination_into(&target);
-        let src = raw_source(&uri, 1, target.specs());
         let page = vec![1u8; 4096];
         let mut h = data_header(0, 1, 0);
         h.payload_crc = crc_of(&page);
-        src.multifd[0]
-            .write_all(&packet(h, &[4096 + 17], &page))
-            .unwrap();
-        let err = destination_error(dst, &src.main);
+        let bytes = packet(h, &[4096 + 17], &page);
+        let (err, target) = refusal(Pattern::Random, CAP_CHECKSUM, &bytes);
         assert!(
             err.contains("multifd[0]")
                 && err.contains("0x1011")
                 && err.contains("not page aligned"),
             "{err}"
         );
-        assert_eq!(target.digest(), before);
+        assert_eq!(target.digest(), ram_4m(Pattern::Random).digest());
     });
 }
 
 #[test]
 fn page_count_past_the_limit_is_refused() {
     within(30, || {
-        let target = memory(&[("ram", 4)], Pattern::Zero, 1);
-        let (dst, uri) = destination_into(&target);
-        let src = raw_source(&uri, 1, target.specs());
-        let h = data_header(0, 0, MAX_PACKET_PAGES + 1);
         let mut b = [0u8; HEADER_LEN];
-        h.encode(&mut b);
-        src.multifd[0].write_all(&b).unwrap();
-        let err = destination_error(dst, &src.main);
+        data_header(0, 0, MAX_PACKET_PAGES + 1).encode(&mut b);
+        let (err, _) = refusal(Pattern::Zero, CAP_CHECKSUM, &b);
         assert!(
             err.contains("multifd[0]") && err.contains("packet #0") && err.contains("more than"),
             "{err}"
@@ -232,13 +247,9 @@ fn page_count_past_the_limit_is_refused() {
 #[test]
 fn unknown_block_index_is_refused() {
     within(30, || {
-        let target = memory(&[("ram", 4)], Pattern::Zero, 1);
-        let (dst, uri) = destination_into(&target);
-        let src = raw_source(&uri, 1, target.specs());
         let mut h = data_header(0, 0, 1);
         h.block = 5;
-        src.multifd[0].write_all(&packet(h, &[0], &[])).unwrap();
-        let err = destination_error(dst, &src.main);
+        let (err, _) = refusal(Pattern::Zero, CAP_CHECKSUM, &packet(h, &[0], &[]));
         assert!(
             err.contains("multifd[0]") && err.contains("block #5") && err.contains("1 block"),
             "{err}"
@@ -562,23 +573,11 @@ fn frame_of(pages: usize) -> (Vec<u8>, Vec<u8>) {
 #[test]
 fn compressed_payload_of_the_wrong_size_is_refused_inside_its_pages() {
     within(30, || {
-        let target = memory(&[("ram", 4)], Pattern::Random, 1);
-        let (dst, uri) = destination_into(&target);
-        let src = raw_source_with(&uri, 1, target.specs(), CAP_CHECKSUM | CAP_ZSTD);
         // A frame of 2 pages where the header promises 3 (pages 5, 6, 7).
         let (frame, raw) = frame_of(2);
-        let mut h = data_header(0, 3, 0);
-        h.flags |= FLAG_COMPRESSED;
-        h.compressed_pages = h.normal;
-        h.payload_len = frame.len() as u64;
-        h.payload_crc = crc_of(&raw);
-        let offsets = [5 * 4096, 6 * 4096, 7 * 4096];
-        let before: Vec<u8> = target.blocks()[0].page(4).to_vec();
-        let after: Vec<u8> = target.blocks()[0].page(8).to_vec();
-        src.multifd[0]
-            .write_all(&packet(h, &offsets, &frame))
-            .unwrap();
-        let err = destination_error(dst, &src.main);
+        let h = compressed_header(3, frame.len(), crc_of(&raw));
+        let bytes = packet(h, &[5 * 4096, 6 * 4096, 7 * 4096], &frame);
+        let (err, target) = refusal(Pattern::Random, CAP_CHECKSUM | CAP_ZSTD, &bytes);
         assert!(
             err.contains("multifd[0]")
                 && err.contains("packet #0")
@@ -587,32 +586,28 @@ fn compressed_payload_of_the_wrong_size_is_refused_inside_its_pages() {
             "{err}"
         );
         // Only the packet's own pages may have been written.
-        assert_eq!(target.blocks()[0].page(4), &before[..]);
-        assert_eq!(target.blocks()[0].page(8), &after[..]);
+        let untouched = ram_4m(Pattern::Random);
+        for page in [4, 8] {
+            assert_eq!(
+                target.blocks()[0].page(page),
+                untouched.blocks()[0].page(page)
+            );
+        }
     });
 }
 
 #[test]
 fn compressed_payload_that_is_garbage_or_too_long_is_refused() {
-    for (pages, garbage) in [(1usize, false), (2, true)] {
+    for (pages, garbage) in [(1u32, false), (2, true)] {
         within(30, move || {
-            let target = memory(&[("ram", 4)], Pattern::Random, 1);
-            let (dst, uri) = destination_into(&target);
-            let src = raw_source_with(&uri, 1, target.specs(), CAP_CHECKSUM | CAP_ZSTD);
             // Too long: a frame of 3 pages (a few hundred bytes) for a
             // 1-page packet. Garbage: bytes that are not zstd at all.
             let (frame, _) = frame_of(3);
             let payload = if garbage { vec![0x5a; 1000] } else { frame };
-            let mut h = data_header(0, pages as u32, 0);
-            h.flags |= FLAG_COMPRESSED;
-            h.compressed_pages = h.normal;
-            h.compressed_pages = h.normal;
-            h.payload_len = payload.len() as u64;
-            let offsets: Vec<u64> = (0..pages as u64).map(|p| p * 4096).collect();
-            src.multifd[0]
-                .write_all(&packet(h, &offsets, &payload))
-                .unwrap();
-            let err = destination_error(dst, &src.main);
+            let h = compressed_header(pages, payload.len(), 0);
+            let offsets: Vec<u64> = (0..u64::from(pages)).map(|p| p * 4096).collect();
+            let bytes = packet(h, &offsets, &payload);
+            let (err, _) = refusal(Pattern::Random, CAP_CHECKSUM | CAP_ZSTD, &bytes);
             let want = if garbage { "corrupt zstd data" } else { "more" };
             assert!(
                 err.contains("multifd[0]") && err.contains("block 'ram'") && err.contains(want),
@@ -625,19 +620,13 @@ fn compressed_payload_that_is_garbage_or_too_long_is_refused() {
 #[test]
 fn compressed_packet_without_compression_in_setup_is_refused() {
     within(30, || {
-        let target = memory(&[("ram", 4)], Pattern::Random, 1);
-        let (dst, uri) = destination_into(&target);
-        let src = raw_source(&uri, 1, target.specs());
         let (frame, raw) = frame_of(2);
-        let mut h = data_header(0, 2, 0);
-        h.flags |= FLAG_COMPRESSED;
-        h.compressed_pages = h.normal;
-        h.payload_len = frame.len() as u64;
-        h.payload_crc = crc_of(&raw);
-        src.multifd[0]
-            .write_all(&packet(h, &[0, 4096], &frame))
-            .unwrap();
-        let err = destination_error(dst, &src.main);
+        let h = compressed_header(2, frame.len(), crc_of(&raw));
+        let (err, _) = refusal(
+            Pattern::Random,
+            CAP_CHECKSUM,
+            &packet(h, &[0, 4096], &frame),
+        );
         assert!(err.contains("setup announced no compression"), "{err}");
     });
 }

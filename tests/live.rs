@@ -4,32 +4,15 @@
 
 mod common;
 
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use common::*;
-use ferry::synthetic::synthetic_memory;
 use ferry::{
     migrate_out, DirtyPattern, Guest, IncomingOptions, OutgoingOptions, Parameters, Progress,
-    Resources, Status, SyntheticConfig, SyntheticGuest, TrackerKind,
+    Resources, Status, SyntheticGuest, TrackerKind,
 };
-
-pub fn synthetic(
-    mib: u64,
-    rate: u64,
-    pattern: DirtyPattern,
-    tracker: TrackerKind,
-) -> SyntheticGuest {
-    let mem = synthetic_memory(mib * MIB, None, 5).unwrap();
-    let config = SyntheticConfig {
-        vcpus: 2,
-        dirty_rate: rate,
-        pattern,
-        seed: 3,
-        tracker,
-    };
-    SyntheticGuest::start(mem, &config, Resources::none(true)).unwrap()
-}
 
 fn converges(tracker: TrackerKind, opts: OutgoingOptions) {
     within(120, move || {
@@ -137,52 +120,29 @@ fn destination_continues_the_workload() {
     });
 }
 
-/// Runs the source on its own thread; returns its handle.
-fn spawn_source(
-    guest: Arc<SyntheticGuest>,
-    uri: ferry::ChannelUri,
-    progress: Arc<Progress>,
-) -> std::thread::JoinHandle<Result<ferry::Summary, ferry::Failed>> {
-    std::thread::spawn(move || migrate_out(&*guest, &uri, &OutgoingOptions::default(), &progress))
-}
-
-/// Polls until `cond` holds (the test's own deadline bounds the wait).
-fn wait_until(mut cond: impl FnMut() -> bool) {
-    while !cond() {
-        std::thread::sleep(Duration::from_millis(10));
-    }
-}
-
-fn synthetic_with_lock(lock: &std::path::Path, rate: u64) -> SyntheticGuest {
-    let mem = synthetic_memory(16 * MIB, None, 5).unwrap();
-    let config = SyntheticConfig {
-        vcpus: 2,
-        dirty_rate: rate,
-        pattern: DirtyPattern::Random,
-        seed: 3,
-        tracker: TrackerKind::Bitmap,
-    };
-    SyntheticGuest::start(
-        mem,
-        &config,
-        Resources::new(&[lock.to_path_buf()], true).unwrap(),
-    )
-    .unwrap()
+/// A 16 MiB guest writing `rate` bytes/s that holds a lock file (a stand-in
+/// for a shared disk) in a fresh directory; the directory lives as long as
+/// the returned handle.
+fn guest_with_lock(rate: u64) -> (tempfile::TempDir, PathBuf, Arc<SyntheticGuest>) {
+    let dir = tempfile::tempdir().unwrap();
+    let lock = dir.path().join("disk.lock");
+    let config = workload(rate, DirtyPattern::Random, TrackerKind::Bitmap);
+    let resources = Resources::new(std::slice::from_ref(&lock), true).unwrap();
+    let guest = Arc::new(synthetic_guest(16, 5, &config, resources));
+    (dir, lock, guest)
 }
 
 #[test]
 fn cancel_mid_pass_leaves_the_source_running_and_the_destination_empty() {
     within(120, || {
-        let dir = tempfile::tempdir().unwrap();
-        let lock = dir.path().join("disk.lock");
-        let guest = Arc::new(synthetic_with_lock(&lock, 4 * MIB));
+        let (_dir, lock, guest) = guest_with_lock(4 * MIB);
         let (l, uri) = listener();
         let dst = spawn_destination(l, IncomingOptions::default());
         // 1 MiB/s: pass 1 of 16 MiB cannot end before the cancel.
-        let progress = Arc::new(Progress::with_parameters(Parameters {
+        let progress = progress_with(Parameters {
             max_bandwidth: MIB,
             ..Default::default()
-        }));
+        });
         let src = spawn_source(guest.clone(), uri, progress.clone());
         wait_until(|| progress.status() == Status::Active && progress.totals().ram_bytes > 0);
         assert!(progress.cancel());
@@ -228,9 +188,7 @@ fn cancel_mid_pass_leaves_the_source_running_and_the_destination_empty() {
 #[test]
 fn a_cut_link_fails_the_source_which_keeps_running_with_its_resources() {
     within(120, || {
-        let dir = tempfile::tempdir().unwrap();
-        let lock = dir.path().join("disk.lock");
-        let guest = Arc::new(synthetic_with_lock(&lock, 4 * MIB));
+        let (_dir, _lock, guest) = guest_with_lock(4 * MIB);
         let (l, uri) = listener();
         // A destination that accepts the session, then drops every channel.
         let dst = std::thread::spawn(move || {
@@ -238,10 +196,10 @@ fn a_cut_link_fails_the_source_which_keeps_running_with_its_resources() {
             std::thread::sleep(Duration::from_millis(200));
             drop(s);
         });
-        let progress = Arc::new(Progress::with_parameters(Parameters {
+        let progress = progress_with(Parameters {
             max_bandwidth: MIB,
             ..Default::default()
-        }));
+        });
         let failed = spawn_source(guest.clone(), uri, progress.clone())
             .join()
             .unwrap()
@@ -257,9 +215,7 @@ fn a_cut_link_fails_the_source_which_keeps_running_with_its_resources() {
 #[test]
 fn pause_before_switchover_waits_for_continue() {
     within(120, || {
-        let dir = tempfile::tempdir().unwrap();
-        let lock = dir.path().join("disk.lock");
-        let guest = Arc::new(synthetic_with_lock(&lock, 2 * MIB));
+        let (_dir, lock, guest) = guest_with_lock(2 * MIB);
         let (l, uri) = listener();
         let dst_lock = lock.clone();
         let opts = IncomingOptions {
@@ -275,11 +231,11 @@ fn pause_before_switchover_waits_for_continue() {
             ..Default::default()
         };
         let dst = spawn_destination(l, opts);
-        let progress = Arc::new(Progress::with_parameters(Parameters {
+        let progress = progress_with(Parameters {
             pause_before_switchover: true,
             downtime_limit: Duration::from_secs(2),
             ..Default::default()
-        }));
+        });
         let src = spawn_source(guest.clone(), uri, progress.clone());
         wait_until(|| progress.status() == Status::PreSwitchover);
         assert!(!guest.is_running(), "paused in pre-switchover");
@@ -304,15 +260,14 @@ fn pause_before_switchover_waits_for_continue() {
 #[test]
 fn a_cancel_in_pre_switchover_resumes_and_reactivates_the_source() {
     within(120, || {
-        let dir = tempfile::tempdir().unwrap();
-        let guest = Arc::new(synthetic_with_lock(&dir.path().join("l"), 2 * MIB));
+        let (_dir, _lock, guest) = guest_with_lock(2 * MIB);
         let (l, uri) = listener();
         let dst = spawn_destination(l, IncomingOptions::default());
-        let progress = Arc::new(Progress::with_parameters(Parameters {
+        let progress = progress_with(Parameters {
             pause_before_switchover: true,
             downtime_limit: Duration::from_secs(2),
             ..Default::default()
-        }));
+        });
         let src = spawn_source(guest.clone(), uri, progress.clone());
         wait_until(|| progress.status() == Status::PreSwitchover);
         assert!(progress.cancel());
@@ -330,25 +285,21 @@ fn a_cancel_in_pre_switchover_resumes_and_reactivates_the_source() {
 fn a_guest_faster_than_the_link_converges_only_with_auto_converge() {
     within(300, || {
         let run = |auto_converge: bool| {
-            let mem = synthetic_memory(8 * MIB, None, 5).unwrap();
-            let config = SyntheticConfig {
-                vcpus: 2,
-                dirty_rate: 64 * MIB,
-                pattern: DirtyPattern::Random,
-                seed: 3,
-                tracker: TrackerKind::Bitmap,
-            };
-            let guest =
-                Arc::new(SyntheticGuest::start(mem, &config, Resources::none(true)).unwrap());
+            let guest = Arc::new(synthetic(
+                8,
+                64 * MIB,
+                DirtyPattern::Random,
+                TrackerKind::Bitmap,
+            ));
             let (l, uri) = listener();
             let dst = spawn_destination(l, IncomingOptions::default());
-            let progress = Arc::new(Progress::with_parameters(Parameters {
+            let progress = progress_with(Parameters {
                 max_bandwidth: 16 * MIB,
                 downtime_limit: Duration::from_millis(100),
                 auto_converge,
                 max_passes: if auto_converge { 40 } else { 6 },
                 ..Default::default()
-            }));
+            });
             let result = spawn_source(guest.clone(), uri, progress).join().unwrap();
             let _ = dst.join().unwrap();
             (result, guest)
@@ -373,9 +324,7 @@ fn a_guest_faster_than_the_link_converges_only_with_auto_converge() {
 #[test]
 fn a_source_whose_resources_were_taken_over_is_not_resumed() {
     within(120, || {
-        let dir = tempfile::tempdir().unwrap();
-        let lock = dir.path().join("disk.lock");
-        let guest = Arc::new(synthetic_with_lock(&lock, 2 * MIB));
+        let (_dir, lock, guest) = guest_with_lock(2 * MIB);
         let (l, uri) = listener();
         // A destination that takes the lock, then fails to start its guest
         // while something there keeps holding the lock.
@@ -390,10 +339,10 @@ fn a_source_whose_resources_were_taken_over_is_not_resumed() {
             ..Default::default()
         };
         let dst = spawn_destination(l, opts);
-        let progress = Arc::new(Progress::with_parameters(Parameters {
+        let progress = progress_with(Parameters {
             downtime_limit: Duration::from_secs(2),
             ..Default::default()
-        }));
+        });
         let failed = spawn_source(guest.clone(), uri, progress)
             .join()
             .unwrap()
@@ -430,10 +379,10 @@ fn a_cancel_on_the_destination_fails_the_source_which_runs_on() {
             let p = dst_progress.clone();
             std::thread::spawn(move || ferry::migrate_in(&l, &IncomingOptions::default(), &p))
         };
-        let progress = Arc::new(Progress::with_parameters(Parameters {
+        let progress = progress_with(Parameters {
             max_bandwidth: MIB,
             ..Default::default()
-        }));
+        });
         let src = spawn_source(guest.clone(), uri, progress.clone());
         wait_until(|| {
             dst_progress.status() == Status::Active && dst_progress.totals().ram_bytes > 0

@@ -8,25 +8,18 @@ mod common;
 
 use std::sync::Arc;
 
-use common::{within, MIB};
-use ferry::synthetic::synthetic_memory;
+use common::{synthetic_guest, within, workload, MIB};
 use ferry::{
     restore_from_file, save_background, save_live_to_file, BackgroundOptions, Digest, DirtyPattern,
     FileOptions, Guest, LiveOptions, Progress, Resources, RestoreTarget, SaveOptions,
-    SyntheticConfig, SyntheticGuest, TrackerKind,
+    SyntheticGuest, TrackerKind,
 };
 use ferry_ram::mapped::FileLayout;
 
+/// A guest of `mib` MiB whose 2 vCPUs write `rate` bytes/s at random.
 fn synthetic(mib: u64, rate: u64, tracker: TrackerKind) -> SyntheticGuest {
-    let mem = synthetic_memory(mib * MIB, None, 7).unwrap();
-    let config = SyntheticConfig {
-        vcpus: 2,
-        dirty_rate: rate,
-        pattern: DirtyPattern::Random,
-        seed: 9,
-        tracker,
-    };
-    SyntheticGuest::start(mem, &config, Resources::none(true)).unwrap()
+    let config = workload(rate, DirtyPattern::Random, tracker);
+    synthetic_guest(mib, 7, &config, Resources::none(true))
 }
 
 fn save_options(channels: u16) -> SaveOptions {

@@ -31,12 +31,12 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use ferry_ram::mapped::{region_checksum, FileLayout};
-use ferry_ram::{is_zero_page, GuestMemory, PageBitmap, WriteProtect};
+use ferry_ram::{GuestMemory, PageBitmap, WriteProtect};
 use ferry_transport::uring::Ring;
 
 use crate::file::{
-    check_memory_matches, count_pages, push_page, region_pages, ring_err, shared_words, unshare,
-    DataFile, FileOptions, Regions, Run, WrittenPages,
+    check_memory_matches, region_pages, ring_err, shared_words, unshare, DataFile, FileOptions,
+    RegionScan, Regions, Run, WrittenPages,
 };
 use crate::{Counters, MultifdError};
 
@@ -364,24 +364,18 @@ impl Shared<'_> {
         buf: &AlignedBuf,
     ) -> Result<(), MultifdError> {
         let b = &self.memory.blocks()[block];
-        let (first, end) = region_pages(b, self.layout.region_size, region);
+        let (first, _) = region_pages(b, self.layout.region_size, region);
         let (_, len) = self.region_bytes(block, region);
         let bytes = buf.get(len);
         self.checksums[block][region as usize].store(region_checksum(bytes), Ordering::Relaxed);
         let ps = b.page_size() as usize;
-        let max_gap = (self.hole_min / ps as u64).saturating_sub(1);
+        let scan = RegionScan {
+            first,
+            page_size: ps,
+            max_gap: (self.hole_min / ps as u64).saturating_sub(1),
+        };
         let mut runs: Vec<Run> = Vec::new();
-        let mut present = 0;
-        for (i, page) in bytes.chunks_exact(ps).enumerate() {
-            if is_zero_page(page) {
-                continue;
-            }
-            let index = first + i as u64;
-            self.bitmaps[block][(index / 64) as usize]
-                .fetch_or(1 << (index % 64), Ordering::Relaxed);
-            push_page(&mut runs, index, max_gap);
-            present += 1;
-        }
+        scan.run(bytes, &self.bitmaps[block], &mut runs, self.counters);
         let base = self.layout.blocks[block].pages_offset;
         let pieces: Vec<(&[u8], u64)> = runs
             .iter()
@@ -403,7 +397,6 @@ impl Shared<'_> {
         self.counters
             .wire_bytes
             .fetch_add(written as u64, Ordering::Relaxed);
-        count_pages(self.counters, present, end - first - present);
         self.counters
             .ram_bytes
             .fetch_add(len as u64, Ordering::Relaxed);

@@ -392,19 +392,13 @@ impl Direction for Save<'_> {
         let (first, end) = region_pages(b, self.t.layout.region_size, region);
         let ps = b.page_size() as usize;
         let bytes = &b.bytes()[first as usize * ps..end as usize * ps];
+        let scan = RegionScan {
+            first,
+            page_size: ps,
+            max_gap: (self.hole_min / ps as u64).saturating_sub(1),
+        };
         self.checksums[block][region as usize].store(region_checksum(bytes), Relaxed);
-        let max_gap = (self.hole_min / ps as u64).saturating_sub(1);
-        let mut present = 0;
-        for (i, page) in bytes.chunks_exact(ps).enumerate() {
-            if is_zero_page(page) {
-                continue;
-            }
-            let index = first + i as u64;
-            self.bitmaps[block][(index / 64) as usize].fetch_or(1 << (index % 64), Relaxed);
-            push_page(runs, index, max_gap);
-            present += 1;
-        }
-        count_pages(self.t.counters, present, end - first - present);
+        scan.run(bytes, &self.bitmaps[block], runs, self.t.counters);
     }
 
     unsafe fn queue(
@@ -506,6 +500,40 @@ pub(crate) fn push_page(runs: &mut Vec<Run>, index: u64, max_gap: u64) {
             first_page: index,
             pages: 1,
         }),
+    }
+}
+
+/// How a full save scans one region's bytes: pages from `first` on, of
+/// `page_size` bytes; runs join across gaps of up to `max_gap` zero pages
+/// (see [`FileOptions::hole_min`]).
+pub(crate) struct RegionScan {
+    pub(crate) first: u64,
+    pub(crate) page_size: usize,
+    pub(crate) max_gap: u64,
+}
+
+impl RegionScan {
+    /// Finds the pages of `bytes` that are not all zeros: sets their bits
+    /// in `bitmap`, adds them to `runs` and counts them (and the zero ones).
+    pub(crate) fn run(
+        &self,
+        bytes: &[u8],
+        bitmap: &[AtomicU64],
+        runs: &mut Vec<Run>,
+        counters: &Counters,
+    ) {
+        let mut present = 0;
+        for (i, page) in bytes.chunks_exact(self.page_size).enumerate() {
+            if is_zero_page(page) {
+                continue;
+            }
+            let index = self.first + i as u64;
+            bitmap[(index / 64) as usize].fetch_or(1 << (index % 64), Relaxed);
+            push_page(runs, index, self.max_gap);
+            present += 1;
+        }
+        let pages = (bytes.len() / self.page_size) as u64;
+        count_pages(counters, present, pages - present);
     }
 }
 

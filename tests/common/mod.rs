@@ -1,14 +1,17 @@
 //! Helpers shared by the controller's integration tests: guests filled with
-//! datasets, and a destination running on its own thread.
+//! datasets, running synthetic guests, a destination and a source each on
+//! its own thread, and waits bounded by the test's deadline.
 
 #![allow(dead_code)]
 
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
+use ferry::synthetic::synthetic_memory;
 use ferry::{
-    migrate_in, ChannelUri, Failed, GuestMemory, ImageGuest, IncomingOptions, IncomingOutcome,
-    Listener, Progress, SocketTuning,
+    migrate_in, migrate_out, ChannelUri, DirtyPattern, Failed, GuestMemory, ImageGuest,
+    IncomingOptions, IncomingOutcome, Listener, OutgoingOptions, Parameters, Progress, Resources,
+    SocketTuning, Summary, SyntheticConfig, SyntheticGuest, TrackerKind,
 };
 use ferry_ram::pattern::{fill_block, Pattern};
 use ferry_ram::BlockSpec;
@@ -60,4 +63,65 @@ pub fn within<T: Send + 'static>(secs: u64, f: impl FnOnce() -> T + Send + 'stat
     });
     rx.recv_timeout(std::time::Duration::from_secs(secs))
         .unwrap_or_else(|_| panic!("did not finish within {secs} s"))
+}
+
+/// Polls until `cond` holds (the test's own deadline, [`within`], bounds
+/// the wait).
+pub fn wait_until(mut cond: impl FnMut() -> bool) {
+    while !cond() {
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+}
+
+/// The workload most live tests run: 2 vCPUs writing `rate` bytes/s with
+/// `pattern` (seed 3), dirty pages tracked by `tracker`.
+pub fn workload(rate: u64, pattern: DirtyPattern, tracker: TrackerKind) -> SyntheticConfig {
+    SyntheticConfig {
+        vcpus: 2,
+        dirty_rate: rate,
+        pattern,
+        seed: 3,
+        tracker,
+    }
+}
+
+/// A synthetic guest of `mib` MiB (memory seed `memory_seed`) running
+/// `config`, holding `resources`.
+pub fn synthetic_guest(
+    mib: u64,
+    memory_seed: u64,
+    config: &SyntheticConfig,
+    resources: Resources,
+) -> SyntheticGuest {
+    let mem = synthetic_memory(mib * MIB, None, memory_seed).unwrap();
+    SyntheticGuest::start(mem, config, resources).unwrap()
+}
+
+/// A synthetic guest of `mib` MiB running [`workload`], holding no resources.
+pub fn synthetic(
+    mib: u64,
+    rate: u64,
+    pattern: DirtyPattern,
+    tracker: TrackerKind,
+) -> SyntheticGuest {
+    synthetic_guest(
+        mib,
+        5,
+        &workload(rate, pattern, tracker),
+        Resources::none(true),
+    )
+}
+
+/// Migration progress (and control) with these parameters.
+pub fn progress_with(parameters: Parameters) -> Arc<Progress> {
+    Arc::new(Progress::with_parameters(parameters))
+}
+
+/// Runs the source of a default migration on its own thread.
+pub fn spawn_source(
+    guest: Arc<SyntheticGuest>,
+    uri: ChannelUri,
+    progress: Arc<Progress>,
+) -> JoinHandle<Result<Summary, Failed>> {
+    std::thread::spawn(move || migrate_out(&*guest, &uri, &OutgoingOptions::default(), &progress))
 }

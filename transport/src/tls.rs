@@ -22,6 +22,13 @@
 //! packet and is faulted in again (with a TLB shootdown each time), which
 //! cost 0.5–1 s of a 2 GiB TLS migration here; the `ferry` binary raises the
 //! threshold at start (`keep_freed_heap`), and an embedding VMM should too.
+//!
+//! rustls 0.23's unbuffered API would not change this: its
+//! `WriteTraffic::encrypt` still encrypts each record into a fresh `Vec` and
+//! copies it out, and `ReadTraffic::next_record` still hands out a `Vec`
+//! per record (rustls's own TODO: "requires in-place decryption"). Kernel
+//! TLS would remove the copies, but this kernel is built without it
+//! (`CONFIG_TLS` is not set).
 
 use std::fmt;
 use std::io::{self, IoSlice, Read, Write};
