@@ -57,26 +57,9 @@ enum Command {
     Certs(certs::CertsArgs),
 }
 
-/// Keeps freed heap memory in the process instead of handing it back to
-/// the kernel at once. rustls's buffered API allocates a buffer per 16 KiB
-/// TLS record and frees it a moment later; with glibc's default trim
-/// threshold every packet's worth of records was unmapped and faulted in
-/// again, with a TLB shootdown each time. Measured on 2 GiB `mixed`, K=2,
-/// TLS: 1.36-1.91 s before, 0.84-0.91 s after. (Embedders using TLS may
-/// want the same in their own binary.)
-fn keep_freed_heap() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: mallopt only changes glibc malloc's tuning; it runs first
-    // thing in main, before any other thread exists.
-    unsafe {
-        libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
-        // The largest value glibc takes (half its 64 MiB thread heap).
-        libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
-    }
-}
-
 fn main() -> ExitCode {
-    keep_freed_heap();
+    // SAFETY: first thing in main: no other thread exists yet.
+    unsafe { ferry_transport::tls::keep_freed_heap() };
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::from_env("FERRY_LOG"))
         .with_writer(std::io::stderr)
