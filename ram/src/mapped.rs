@@ -787,6 +787,60 @@ mod tests {
         assert_eq!(r.read_device_state(&f, &path).unwrap(), b"state");
     }
 
+    proptest::proptest! {
+        /// A header and block table with any bytes changed (and the header
+        /// checksum sealed again, so the field checks are what is tested),
+        /// in a file of the header's length or not: reading it never
+        /// panics, and whatever it accepts lies inside the file, after the
+        /// table, with page sizes dividing the region size.
+        #[test]
+        fn any_header_is_refused_or_lies_inside_the_file(
+            changes in proptest::collection::vec((0usize..704, proptest::num::u8::ANY), 1..6),
+            complete in proptest::bool::ANY,
+            length_delta in -2i64..=2,
+        ) {
+            let mut l = FileLayout::plan(&specs(), 100).unwrap();
+            if complete {
+                l.flags |= FLAG_COMPLETE;
+            }
+            let mut head = l.encode();
+            for (at, v) in changes {
+                let at = at % head.len();
+                if !(56..64).contains(&at) {
+                    head[at] = v;
+                }
+            }
+            let sum = header_checksum(&head);
+            head[56..64].copy_from_slice(&sum.to_le_bytes());
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("g.ferry");
+            let f = File::options()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .open(&path)
+                .unwrap();
+            f.write_all_at(&head, 0).unwrap();
+            let len = (l.file_len as i64 + length_delta * 4096).max(head.len() as i64);
+            f.set_len(len as u64).unwrap();
+            if let Ok(r) = FileLayout::read(&f, &path) {
+                proptest::prop_assert!(r.is_complete());
+                proptest::prop_assert_eq!(r.file_len, len as u64);
+                let inside = |offset: u64, n: u64| {
+                    offset >= r.table_len() && offset.checked_add(n).is_some_and(|e| e <= r.file_len)
+                };
+                for b in &r.blocks {
+                    proptest::prop_assert_eq!(r.region_size % b.page_size, 0);
+                    proptest::prop_assert!(inside(b.bitmap_offset, b.bitmap_len()));
+                    proptest::prop_assert!(inside(b.checksums_offset, b.checksums_len(r.region_size)));
+                    proptest::prop_assert!(inside(b.pages_offset, b.len));
+                }
+                proptest::prop_assert!(inside(r.device_state_offset, r.device_state_len));
+            }
+        }
+    }
+
     #[test]
     fn bitmap_bits_past_the_block_are_refused() {
         assert!(tail_bits_clear(&[u64::MAX, 1], 65));
