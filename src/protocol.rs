@@ -204,6 +204,12 @@ impl Message {
             },
             102 => {
                 let flag = r.u32()?;
+                if flag == 0 && b.len() > 4 {
+                    return Err(MigrationError::Protocol(format!(
+                        "SHUT without an error flag carries {} bytes of error text",
+                        b.len() - 4
+                    )));
+                }
                 let text = String::from_utf8_lossy(&b[4..]).into_owned();
                 Self::Shut {
                     error: (flag != 0).then_some(text),
@@ -389,7 +395,11 @@ mod tests {
             match Message::decode(kind, &body) {
                 Ok(m) => {
                     proptest::prop_assert_eq!(m.kind(), kind);
-                    if !matches!(m, Message::Shut { .. }) {
+                    if matches!(m, Message::Shut { error: Some(_) }) {
+                        // Any non-zero flag means an error; the text is taken
+                        // as UTF-8 with bad sequences replaced.
+                        proptest::prop_assert_eq!(&m.body()[..4], &1u32.to_le_bytes()[..]);
+                    } else {
                         proptest::prop_assert_eq!(m.body(), body);
                     }
                 }

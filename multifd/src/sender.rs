@@ -808,82 +808,107 @@ impl ChannelSender {
         block_index: usize,
         first_word: usize,
     ) -> Result<bool, MultifdError> {
+        let per_page = work.live && self.checksum;
+        let pages = self.scan_chunk(slot, work, block_index, first_word, per_page);
+        if pages.normal + pages.zero == 0 {
+            return Ok(false);
+        }
+        let mut h = self.data_header(slot, work, block_index, &pages, per_page);
+        if pages.compressible > 0 && self.compressor.is_some() {
+            self.compress_payload(slot, &mut h, &pages)?;
+        }
+        self.finish_packet(slot, h, &pages, work, block_index, per_page)?;
+        Ok(true)
+    }
+
+    /// The chunk's loop: takes its dirty bits (clean before read) and sorts
+    /// its pages into the slot: zero pages as offsets only, the others as
+    /// iovecs over guest memory; with compression the compressible-looking
+    /// pages first (they go into the zstd frame), then the random-looking
+    /// ones (raw). Offsets end up normal pages first, then zero pages.
+    fn scan_chunk(
+        &mut self,
+        slot: usize,
+        work: &PassWork,
+        block_index: usize,
+        first_word: usize,
+        per_page: bool,
+    ) -> ChunkPages {
         let block = &self.memory.blocks()[block_index];
         let bitmap = &work.bitmaps[block_index];
         let last_word = (first_word + work.words_per_chunk).min(bitmap.words());
         let ps = block.page_size() as usize;
+        let sort = self.compressor.is_some();
         let s = &mut self.slots[slot];
-        let per_page = work.live && self.checksum;
         s.offsets.clear();
-        s.iov.clear();
         s.page_crcs.clear();
+        reset_iov(&mut s.iov, &mut s.header);
         self.zero_scratch.clear();
         self.raw_scratch.clear();
-        let sort = self.compressor.is_some();
-        s.iov.push(libc::iovec {
-            iov_base: s.header.as_mut_ptr().cast(),
-            iov_len: HEADER_LEN,
-        });
-        for _ in 1..PAYLOAD_IOV {
-            // Offsets and page crcs, filled in below.
-            s.iov.push(libc::iovec {
-                iov_base: std::ptr::null_mut(),
-                iov_len: 0,
-            });
-        }
         for w in first_word..last_word {
-            // Clean before read: a write after this point re-dirties the page.
-            let bits = bitmap.take_word(w);
-            for page in set_bits(bits, w as u64 * 64) {
+            for page in set_bits(bitmap.take_word(w), w as u64 * 64) {
                 block.prefetch_page(page + PREFETCH_PAGES);
                 let bytes = block.page(page);
                 let offset = page * ps as u64;
                 if is_zero_page(bytes) {
                     self.zero_scratch.push(offset);
-                    continue;
-                }
-                if sort && !looks_compressible(bytes) {
+                } else if sort && !looks_compressible(bytes) {
                     self.raw_scratch.push(offset);
-                    continue;
+                } else {
+                    s.offsets.push(offset);
+                    if per_page {
+                        s.page_crcs.push(page_crc(bytes));
+                    }
+                    push_page(&mut s.iov, bytes, PAYLOAD_IOV);
                 }
-                s.offsets.push(offset);
-                if per_page {
-                    s.page_crcs.push(page_crc(bytes));
-                }
-                push_page(&mut s.iov, bytes, PAYLOAD_IOV);
             }
         }
-        // With compression: the compressible-looking pages first (they go
-        // into the zstd frame), then the random-looking ones (raw).
         let compressible = s.offsets.len();
-        let split = s.iov.len();
+        let raw_from = s.iov.len();
         for &offset in &self.raw_scratch {
             let bytes = block.page(offset / ps as u64);
             if per_page {
                 s.page_crcs.push(page_crc(bytes));
             }
-            push_page(&mut s.iov, bytes, split);
+            push_page(&mut s.iov, bytes, raw_from);
         }
         s.offsets.extend_from_slice(&self.raw_scratch);
         let normal = s.offsets.len();
-        if normal + self.zero_scratch.len() == 0 {
-            return Ok(false);
-        }
         s.offsets.extend_from_slice(&self.zero_scratch);
         debug_assert!(s.offsets.len() <= self.packet_pages);
+        ChunkPages {
+            page_size: ps,
+            compressible,
+            normal,
+            zero: self.zero_scratch.len(),
+            raw_from,
+        }
+    }
+
+    /// The packet header for the pages `scan_chunk` put in `slot`, with the
+    /// payload as the raw pages (and its crc, unless per-page crcs go).
+    fn data_header(
+        &mut self,
+        slot: usize,
+        work: &PassWork,
+        block_index: usize,
+        pages: &ChunkPages,
+        per_page: bool,
+    ) -> PacketHeader {
+        let s = &mut self.slots[slot];
         let flags = match (self.checksum, per_page) {
             (false, _) => 0,
             (true, false) => FLAG_CHECKSUM,
             (true, true) => FLAG_CHECKSUM | FLAG_PAGE_CRCS,
         };
-        let mut h = PacketHeader {
+        let h = PacketHeader {
             flags,
             block: block_index as u32,
-            normal: normal as u32,
-            zero: self.zero_scratch.len() as u32,
-            page_size: ps as u32,
+            normal: pages.normal as u32,
+            zero: pages.zero as u32,
+            page_size: pages.page_size as u32,
             seq: self.seq,
-            payload_len: (normal * ps) as u64,
+            payload_len: (pages.normal * pages.page_size) as u64,
             generation: work.generation,
             payload_crc: if self.checksum && !per_page {
                 crate::packet::payload_crc(&s.iov[PAYLOAD_IOV..])
@@ -894,32 +919,63 @@ impl ChannelSender {
             compressed_pages: 0,
         };
         s.payload_raw = h.payload_len;
-        if let Some(c) = self.compressor.as_mut().filter(|_| compressible > 0) {
-            let runs: Vec<&[u8]> = s.iov[PAYLOAD_IOV..split]
-                .iter()
-                // SAFETY: the runs point at guest pages of `self.memory`.
-                .map(|v| unsafe { std::slice::from_raw_parts(v.iov_base.cast::<u8>(), v.iov_len) })
-                .collect();
-            let frame = c.compress(&runs).map_err(|source| MultifdError::Io {
-                channel: self.channel.label().into(),
-                what: "compressing a payload (zstd)",
-                source,
-            })?;
-            if let Some(frame) = frame {
-                s.zbuf.clear();
-                s.zbuf.extend_from_slice(frame);
-                h.flags |= FLAG_COMPRESSED;
-                h.compressed_pages = compressible as u32;
-                h.payload_len = (s.zbuf.len() + (normal - compressible) * ps) as u64;
-                s.iov.splice(
-                    PAYLOAD_IOV..split,
-                    [libc::iovec {
-                        iov_base: s.zbuf.as_mut_ptr().cast(),
-                        iov_len: s.zbuf.len(),
-                    }],
-                );
-            }
-        }
+        h
+    }
+
+    /// Replaces the compressible pages' iovecs with one zstd frame in the
+    /// slot's buffer, if the frame is smaller than they are.
+    fn compress_payload(
+        &mut self,
+        slot: usize,
+        h: &mut PacketHeader,
+        pages: &ChunkPages,
+    ) -> Result<(), MultifdError> {
+        let Some(c) = self.compressor.as_mut() else {
+            return Ok(());
+        };
+        let s = &mut self.slots[slot];
+        let runs: Vec<&[u8]> = s.iov[PAYLOAD_IOV..pages.raw_from]
+            .iter()
+            // SAFETY: the runs point at guest pages of `self.memory`.
+            .map(|v| unsafe { std::slice::from_raw_parts(v.iov_base.cast::<u8>(), v.iov_len) })
+            .collect();
+        let frame = c.compress(&runs).map_err(|source| MultifdError::Io {
+            channel: self.channel.label().into(),
+            what: "compressing a payload (zstd)",
+            source,
+        })?;
+        let Some(frame) = frame else {
+            return Ok(());
+        };
+        s.zbuf.clear();
+        s.zbuf.extend_from_slice(frame);
+        h.flags |= FLAG_COMPRESSED;
+        h.compressed_pages = pages.compressible as u32;
+        h.payload_len =
+            (s.zbuf.len() + (pages.normal - pages.compressible) * pages.page_size) as u64;
+        s.iov.splice(
+            PAYLOAD_IOV..pages.raw_from,
+            [libc::iovec {
+                iov_base: s.zbuf.as_mut_ptr().cast(),
+                iov_len: s.zbuf.len(),
+            }],
+        );
+        Ok(())
+    }
+
+    /// Seals the header, points the slot's first iovecs at it, the offsets
+    /// and the page crcs, records what the packet carries, and (on TLS)
+    /// encrypts it.
+    fn finish_packet(
+        &mut self,
+        slot: usize,
+        mut h: PacketHeader,
+        pages: &ChunkPages,
+        work: &PassWork,
+        block_index: usize,
+        per_page: bool,
+    ) -> Result<(), MultifdError> {
+        let s = &mut self.slots[slot];
         s.payload_wire = h.payload_len;
         s.verify = per_page.then(|| (work.bitmaps.clone(), block_index));
         h.seal_with_page_crcs(&mut s.header, &s.offsets, &s.page_crcs);
@@ -933,13 +989,12 @@ impl ChannelSender {
             iov_base: crcs.as_ptr() as *mut _,
             iov_len: crcs.len(),
         };
-        s.normal = normal as u64;
-        s.zero = self.zero_scratch.len() as u64;
-        s.page_size = ps as u64;
+        s.normal = pages.normal as u64;
+        s.zero = pages.zero as u64;
+        s.page_size = pages.page_size as u64;
         s.wire = (HEADER_LEN + off.len() + crcs.len()) as u64 + h.payload_len;
         self.seq += 1;
-        self.seal(slot)?;
-        Ok(true)
+        self.seal(slot)
     }
 
     /// Queues every prepared packet as one linked chain, if no chain is in flight.
@@ -1074,6 +1129,35 @@ fn looks_compressible(page: &[u8]) -> bool {
         seen[usize::from(b >> 6)] |= 1 << (b & 63);
     }
     seen.iter().map(|w| w.count_ones()).sum::<u32>() <= 40
+}
+
+/// What [`ChannelSender::scan_chunk`] found in a chunk.
+struct ChunkPages {
+    page_size: usize,
+    /// Normal pages going into the zstd frame (the first ones).
+    compressible: usize,
+    /// Normal pages in all.
+    normal: usize,
+    zero: usize,
+    /// Index of the first iovec of the raw (not compressed) pages.
+    raw_from: usize,
+}
+
+/// Starts a packet's iovec list: the header, then empty entries for the
+/// offsets and page crcs (filled in once the packet is sealed).
+fn reset_iov(iov: &mut Vec<libc::iovec>, header: &mut [u8; HEADER_LEN]) {
+    iov.clear();
+    iov.push(libc::iovec {
+        iov_base: header.as_mut_ptr().cast(),
+        iov_len: HEADER_LEN,
+    });
+    iov.resize(
+        PAYLOAD_IOV,
+        libc::iovec {
+            iov_base: std::ptr::null_mut(),
+            iov_len: 0,
+        },
+    );
 }
 
 /// Appends a page to an iovec list, merging it with the previous entry when
