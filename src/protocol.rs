@@ -27,7 +27,8 @@
 //! - `101 SETUP_ACK`: empty; the destination has built the layout and its
 //!   receivers are running.
 //! - `102 SHUT`: `u32` error flag (0: the migration completed on the
-//!   destination), then the UTF-8 error text. Sent once, at the end.
+//!   destination, and nothing follows), then the UTF-8 error text. Sent
+//!   once, at the end.
 //! - `103 SWITCHOVER_ACK`: empty; the destination has the first full pass
 //!   and agrees to a switchover (the source waits for it before pausing).
 //! - `104 RESUMED`: `u64` Unix time in nanoseconds when the destination's

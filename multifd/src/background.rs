@@ -35,8 +35,8 @@ use ferry_ram::{GuestMemory, PageBitmap, WriteProtect};
 use ferry_transport::uring::Ring;
 
 use crate::file::{
-    check_memory_matches, region_pages, ring_err, shared_words, unshare, DataFile, FileOptions,
-    RegionScan, Regions, Run, WrittenPages,
+    check_memory_matches, count_pages, region_pages, ring_err, shared_words, unshare, DataFile,
+    FileOptions, RegionScan, Regions, Run, WrittenPages,
 };
 use crate::{Counters, MultifdError};
 
@@ -375,7 +375,7 @@ impl Shared<'_> {
             max_gap: (self.hole_min / ps as u64).saturating_sub(1),
         };
         let mut runs: Vec<Run> = Vec::new();
-        scan.run(bytes, &self.bitmaps[block], &mut runs, self.counters);
+        let present = scan.run(bytes, &self.bitmaps[block], &mut runs);
         let base = self.layout.blocks[block].pages_offset;
         let pieces: Vec<(&[u8], u64)> = runs
             .iter()
@@ -397,6 +397,7 @@ impl Shared<'_> {
         self.counters
             .wire_bytes
             .fetch_add(written as u64, Ordering::Relaxed);
+        count_pages(self.counters, present, scan.pages(bytes) - present);
         self.counters
             .ram_bytes
             .fetch_add(len as u64, Ordering::Relaxed);

@@ -398,7 +398,8 @@ impl Direction for Save<'_> {
             max_gap: (self.hole_min / ps as u64).saturating_sub(1),
         };
         self.checksums[block][region as usize].store(region_checksum(bytes), Relaxed);
-        scan.run(bytes, &self.bitmaps[block], runs, self.t.counters);
+        let present = scan.run(bytes, &self.bitmaps[block], runs);
+        count_pages(self.t.counters, present, scan.pages(bytes) - present);
     }
 
     unsafe fn queue(
@@ -514,14 +515,9 @@ pub(crate) struct RegionScan {
 
 impl RegionScan {
     /// Finds the pages of `bytes` that are not all zeros: sets their bits
-    /// in `bitmap`, adds them to `runs` and counts them (and the zero ones).
-    pub(crate) fn run(
-        &self,
-        bytes: &[u8],
-        bitmap: &[AtomicU64],
-        runs: &mut Vec<Run>,
-        counters: &Counters,
-    ) {
+    /// in `bitmap`, adds them to `runs`, and returns how many there are
+    /// (the caller counts them once they are written).
+    pub(crate) fn run(&self, bytes: &[u8], bitmap: &[AtomicU64], runs: &mut Vec<Run>) -> u64 {
         let mut present = 0;
         for (i, page) in bytes.chunks_exact(self.page_size).enumerate() {
             if is_zero_page(page) {
@@ -532,8 +528,12 @@ impl RegionScan {
             push_page(runs, index, self.max_gap);
             present += 1;
         }
-        let pages = (bytes.len() / self.page_size) as u64;
-        count_pages(counters, present, pages - present);
+        present
+    }
+
+    /// Pages in `bytes`.
+    pub(crate) fn pages(&self, bytes: &[u8]) -> u64 {
+        (bytes.len() / self.page_size) as u64
     }
 }
 

@@ -963,9 +963,8 @@ impl ChannelSender {
         Ok(())
     }
 
-    /// Seals the header, points the slot's first iovecs at it, the offsets
-    /// and the page crcs, records what the packet carries, and (on TLS)
-    /// encrypts it.
+    /// Seals the header, points the slot's iovecs at the offsets and page
+    /// crcs, records what the packet carries, and (on TLS) encrypts it.
     fn finish_packet(
         &mut self,
         slot: usize,
@@ -1134,7 +1133,8 @@ fn looks_compressible(page: &[u8]) -> bool {
 /// What [`ChannelSender::scan_chunk`] found in a chunk.
 struct ChunkPages {
     page_size: usize,
-    /// Normal pages going into the zstd frame (the first ones).
+    /// Normal pages that looked compressible (the first ones): the zstd
+    /// frame's pages if it shrinks them. All of them without compression.
     compressible: usize,
     /// Normal pages in all.
     normal: usize,
