@@ -32,7 +32,9 @@ use ferry_multifd::file::{
 use ferry_multifd::lazy::LazyRestore;
 use ferry_multifd::{Counters, MultifdError};
 use ferry_ram::mapped::{write_metadata, FileLayout};
-use ferry_ram::{BlockSpec, Digest, GuestMemory, PageBitmap, RamError, WriteProtect};
+use ferry_ram::{
+    block_file_paths, BlockSpec, Digest, GuestMemory, PageBitmap, RamError, WriteProtect,
+};
 use serde::Serialize;
 
 use crate::{Guest, GuestError, Progress};
@@ -695,7 +697,10 @@ fn restore(
     let specs = layout.specs();
     let memory = match target {
         RestoreTarget::Anonymous => GuestMemory::anonymous(&specs)?,
-        RestoreTarget::Files(p) => GuestMemory::create_files(&specs, p)?,
+        RestoreTarget::Files(p) => {
+            refuse_overwriting(&block_file_paths(&specs, p)?, path)?;
+            GuestMemory::create_files(&specs, p)?
+        }
     };
     let filled = DataFile::open(path, false, opts.direct_io).and_then(|data| {
         summary.direct_io = data.direct;
@@ -708,7 +713,7 @@ fn restore(
     if let Err(e) = filled {
         drop(memory);
         if let RestoreTarget::Files(p) = target {
-            for f in ram_file_paths(&specs, p) {
+            for f in block_file_paths(&specs, p).unwrap_or_default() {
                 let _ = std::fs::remove_file(f);
             }
         }
@@ -765,12 +770,21 @@ impl SavedFile {
     }
 }
 
-/// The files `GuestMemory::create_files` makes for `specs` at `path`.
-fn ram_file_paths(specs: &[BlockSpec], path: &Path) -> Vec<PathBuf> {
-    if specs.len() == 1 {
-        return vec![path.to_path_buf()];
+/// Refuses RAM files that are the saved file itself: creating them would
+/// truncate the file before it is read.
+fn refuse_overwriting(ram_files: &[PathBuf], saved: &Path) -> Result<(), SnapshotError> {
+    let id = |p: &Path| std::fs::metadata(p).ok().map(|m| (m.dev(), m.ino()));
+    let saved_id = id(saved);
+    for f in ram_files {
+        if f == saved || (saved_id.is_some() && id(f) == saved_id) {
+            return Err(SnapshotError::Io {
+                path: f.clone(),
+                what: "refusing to restore RAM into the saved file being restored",
+                source: std::io::ErrorKind::AlreadyExists.into(),
+            });
+        }
     }
-    specs.iter().map(|s| path.with_extension(&s.name)).collect()
+    Ok(())
 }
 
 /// A lazy restore under way: the guest's memory is usable now; pages it

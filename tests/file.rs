@@ -219,3 +219,42 @@ fn lazy_restore_of_a_damaged_file_fails_without_hanging_the_guest() {
         other => panic!("wrong error: {other}"),
     }
 }
+
+/// Restoring RAM into files must never truncate the saved file itself
+/// (`--ram-out` naming it, or a block file that is it): refused, and the
+/// saved file still restores.
+#[test]
+fn restoring_ram_into_the_saved_file_is_refused() {
+    let dir = disk_dir();
+    let mem = common::memory(&[("ram", 4)], Pattern::Mixed, 3);
+    let path = dir.path().join("g.ferry");
+    let saved = save_to_file(
+        &image_guest(mem.clone()),
+        &path,
+        &SaveOptions::default(),
+        &Progress::default(),
+    )
+    .unwrap();
+    let e = restore_from_file(
+        &path,
+        &RestoreTarget::Files(path.clone()),
+        &FileOptions::default(),
+        &Progress::default(),
+    )
+    .err()
+    .expect("refused");
+    assert!(
+        e.to_string()
+            .contains("refusing to restore RAM into the saved file"),
+        "{e}"
+    );
+    assert_eq!(std::fs::metadata(&path).unwrap().len(), saved.file_len);
+    let r = restore_from_file(
+        &path,
+        &RestoreTarget::Anonymous,
+        &FileOptions::default(),
+        &Progress::default(),
+    )
+    .unwrap();
+    assert_eq!(r.memory.digest(), mem.digest());
+}

@@ -144,3 +144,40 @@ fn destination_memory_in_a_file() {
     drop(dst.join().unwrap().unwrap());
     assert_eq!(std::fs::read(&path).unwrap(), mem.blocks()[0].bytes());
 }
+
+/// Block names come from the source; with several blocks each gets a file
+/// beside the path, named after it with characters a file name cannot hold
+/// replaced: a QEMU-style name with '/' must neither escape nor crash.
+#[test]
+fn destination_blocks_in_files_named_after_them() {
+    let names = [("pc.ram", 8), ("0000:00:02.0/vga.vram", 4)];
+    let mem = memory(&names, Pattern::Mixed, 6);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("dst.ram");
+    let (l, uri) = listener();
+    let opts = IncomingOptions {
+        memory: DestinationMemory::Files(path.clone()),
+        ..Default::default()
+    };
+    let dst = spawn_destination(l, opts);
+    migrate_out(
+        &image_guest(mem.clone()),
+        &uri,
+        &OutgoingOptions::default(),
+        &Progress::default(),
+    )
+    .unwrap();
+    drop(dst.join().unwrap().unwrap());
+    let mut files: Vec<String> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    files.sort();
+    assert_eq!(files, ["dst.ram.0000_00_02.0_vga.vram", "dst.ram.pc.ram"]);
+    let read = |f: &str| std::fs::read(dir.path().join(f)).unwrap();
+    assert_eq!(read("dst.ram.pc.ram"), mem.blocks()[0].bytes());
+    assert_eq!(
+        read("dst.ram.0000_00_02.0_vga.vram"),
+        mem.blocks()[1].bytes()
+    );
+}

@@ -31,6 +31,12 @@ pub enum RamError {
     BadName(String),
     #[error("two RAM blocks are named '{0}'")]
     DuplicateName(String),
+    #[error("RAM blocks '{first}' and '{second}' would both be kept in {path} (names differ only in characters a file name cannot hold)")]
+    SharedFile {
+        first: String,
+        second: String,
+        path: PathBuf,
+    },
     #[error("{tracker} dirty log{}: {what}: {source}", if block.is_empty() { String::new() } else { format!(", block '{block}'") })]
     DirtyLog {
         tracker: &'static str,

@@ -29,7 +29,9 @@ pub struct RecvArgs {
     #[arg(long)]
     listen: String,
     /// Keep the received RAM in this file (created or truncated; sparse where
-    /// pages are zero). Default: anonymous memory.
+    /// pages are zero). A guest of several blocks gets one file per block:
+    /// FILE.NAME, the block's name with characters other than letters,
+    /// digits, '.', '_' and '-' replaced by '_'. Default: anonymous memory.
     #[arg(long)]
     ram_out: Option<PathBuf>,
     /// Write the received device state to this file.

@@ -31,7 +31,9 @@ pub struct RestoreArgs {
     from: String,
     /// Keep the restored RAM in this file (created or truncated; runs of
     /// zero pages of 256 KiB or more stay holes; removed if the restore
-    /// fails). Default: anonymous memory.
+    /// fails). Several blocks: one file per block, FILE.NAME as for `ferry
+    /// recv --ram-out`. Never the saved file itself. Default: anonymous
+    /// memory.
     #[arg(long)]
     ram_out: Option<PathBuf>,
     /// Write the restored device state to this file.
