@@ -242,6 +242,7 @@ fn receive(
     let ropts = ReceiverOptions {
         fresh_memory: !matches!(opts.memory, DestinationMemory::Provided(_)),
         compressed,
+        checksums: setup.capabilities & CAP_CHECKSUM != 0,
     };
     let on_cancel = Mutex::new(events.clone());
     progress.on_cancel(move || {

@@ -244,6 +244,23 @@ fn page_count_past_the_limit_is_refused() {
     });
 }
 
+/// A header whose CHECKSUM flag was lost (one flipped bit) would switch off
+/// its own checks: the setup announced checksums, so it is refused.
+#[test]
+fn packet_without_the_announced_checksum_is_refused() {
+    within(30, || {
+        let page = vec![3u8; 4096];
+        let mut h = data_header(0, 1, 0);
+        h.flags &= !FLAG_CHECKSUM;
+        let (err, target) = refusal(Pattern::Random, CAP_CHECKSUM, &packet(h, &[0], &page));
+        assert!(
+            err.contains("multifd[0]") && err.contains("no checksum flag"),
+            "{err}"
+        );
+        assert_eq!(target.digest(), ram_4m(Pattern::Random).digest());
+    });
+}
+
 #[test]
 fn unknown_block_index_is_refused() {
     within(30, || {

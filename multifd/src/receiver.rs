@@ -46,6 +46,9 @@ pub struct ReceiverOptions {
     pub fresh_memory: bool,
     /// The setup announced compression: compressed packets are accepted.
     pub compressed: bool,
+    /// The setup announced checksums: a packet without its CHECKSUM flag is
+    /// refused (a flag flipped in transit must not switch the checks off).
+    pub checksums: bool,
 }
 
 impl Default for ReceiverOptions {
@@ -53,6 +56,7 @@ impl Default for ReceiverOptions {
         Self {
             fresh_memory: true,
             compressed: true,
+            checksums: false,
         }
     }
 }
@@ -297,6 +301,15 @@ impl ChannelReceiver {
                 return Err(self.closed(during));
             }
             let h = PacketHeader::decode(&raw).map_err(|why| self.bad(why))?;
+            if self.shared.opts.checksums && !h.has_checksum() {
+                return Err(self.bad(
+                    "no checksum flag, but the setup announced checksums (corrupted header?)"
+                        .into(),
+                ));
+            }
+            if (h.is_sync() || h.is_end()) && !h.header_crc_ok(&raw, &[]) {
+                return Err(self.bad("header checksum mismatch".into()));
+            }
             if h.seq != self.seq {
                 return Err(self.bad(format!("sequence number {}, expected {}", h.seq, self.seq)));
             }
@@ -313,9 +326,6 @@ impl ChannelReceiver {
                 )));
             }
             if h.is_sync() {
-                if !h.header_crc_ok(&raw, &[]) {
-                    return Err(self.bad("header checksum mismatch".into()));
-                }
                 self.shared
                     .barrier
                     .arrive(h.generation)
