@@ -41,7 +41,8 @@ use crate::MigrationError;
 
 const FRAME_LEN: usize = 8;
 const MAX_SETUP: u32 = 1 << 20;
-pub const MAX_DEVICE_STATE: u32 = 256 << 20;
+/// The same limit a saved file has.
+pub const MAX_DEVICE_STATE: u32 = ferry_ram::mapped::MAX_DEVICE_STATE as u32;
 const MAX_SHUT: u32 = 64 << 10;
 
 pub const CAP_CHECKSUM: u8 = 1;

@@ -29,7 +29,7 @@
 //! | 20     | 4    | region_size            | bytes of a block's memory per checksum (power of two)|
 //! | 24     | 8    | file_len               | length of the whole file                             |
 //! | 32     | 8    | device_state_offset    | where the device state starts                        |
-//! | 40     | 8    | device_state_len       | its length                                           |
+//! | 40     | 8    | device_state_len       | its length, at most 256 MiB                          |
 //! | 48     | 8    | device_state_checksum  | xxh3-64 of the device state                          |
 //! | 56     | 8    | header_checksum        | xxh3-64 of bytes 0..56 and the whole block table     |
 //!
@@ -83,6 +83,8 @@ pub const META_ALIGN: u64 = 4096;
 /// Bytes of memory covered by one checksum unless a page is larger.
 pub const DEFAULT_REGION_SIZE: u32 = 1 << 20;
 pub const MAX_BLOCKS: u32 = 1024;
+/// The largest device state a saved guest may hold (as on the wire).
+pub const MAX_DEVICE_STATE: u64 = 256 << 20;
 /// The header's `flags` bit saying the writer finished.
 pub const FLAG_COMPLETE: u32 = 1;
 const NAME_MAX: usize = 255;
@@ -157,6 +159,11 @@ impl FileLayout {
             return Err(RamError::Layout(format!(
                 "a saved guest holds 1 to {MAX_BLOCKS} RAM blocks, not {}",
                 specs.len()
+            )));
+        }
+        if device_state_len > MAX_DEVICE_STATE {
+            return Err(RamError::Layout(format!(
+                "a device state of {device_state_len} bytes: a saved guest holds at most {MAX_DEVICE_STATE}"
             )));
         }
         let max_page = specs.iter().map(|s| s.page_size).max().unwrap_or(4096);
@@ -329,6 +336,15 @@ impl FileLayout {
                 what: "the save never finished (header not marked complete)".into(),
             });
         }
+        if self.device_state_len > MAX_DEVICE_STATE {
+            return Err(RamError::Corrupt {
+                path: path.into(),
+                what: format!(
+                    "header at offset 0x28 gives a device state of {} bytes (at most {MAX_DEVICE_STATE})",
+                    self.device_state_len
+                ),
+            });
+        }
         let floor = self.table_len();
         let within = |block: &str, what: &'static str, offset: u64, len: u64| {
             check_range(path, block, what, offset, len, floor, self.file_len)
@@ -465,6 +481,23 @@ impl FileLayout {
     }
 }
 
+/// `len` zero bytes to read `what` into, or an error if memory for them
+/// cannot be had (a file's tables are sized by its blocks' lengths).
+fn zeroed(len: u64, path: &Path, what: &str) -> Result<Vec<u8>, RamError> {
+    let mut v = Vec::new();
+    usize::try_from(len)
+        .ok()
+        .and_then(|n| v.try_reserve_exact(n).ok().map(|()| n))
+        .map(|n| {
+            v.resize(n, 0);
+            v
+        })
+        .ok_or_else(|| RamError::Corrupt {
+            path: path.into(),
+            what: format!("cannot allocate {len} bytes to read the {what}"),
+        })
+}
+
 /// Reads block `b`'s table `what` (`len` bytes at `offset`) and checks it
 /// against the checksum its header holds.
 fn read_table(
@@ -476,7 +509,7 @@ fn read_table(
     len: u64,
     checksum: u64,
 ) -> Result<Vec<u8>, RamError> {
-    let mut bytes = vec![0u8; len as usize];
+    let mut bytes = zeroed(len, path, what)?;
     read_at(file, path, &mut bytes, offset, what).map_err(|e| match e {
         RamError::FileIo { source, .. } => RamError::FileIo {
             path: path.into(),
@@ -839,6 +872,31 @@ mod tests {
                 proptest::prop_assert!(inside(r.device_state_offset, r.device_state_len));
             }
         }
+    }
+
+    /// A device state past the limit is refused when planning a save, and
+    /// in a file (sparse, so it costs no disk) before anything is read.
+    #[test]
+    fn a_device_state_past_the_limit_is_refused() {
+        let e = FileLayout::plan(&specs(), MAX_DEVICE_STATE + 1).unwrap_err();
+        assert!(e.to_string().contains("at most"), "{e}");
+        let mut l = FileLayout::plan(&specs(), MAX_DEVICE_STATE).unwrap();
+        l.device_state_len += 4096;
+        l.file_len += 4096;
+        l.flags |= FLAG_COMPLETE;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("g.ferry");
+        let f = File::options()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)
+            .unwrap();
+        f.write_all_at(&l.encode(), 0).unwrap();
+        f.set_len(l.file_len).unwrap();
+        let e = FileLayout::read(&f, &path).unwrap_err().to_string();
+        assert!(e.contains("0x28") && e.contains("device state"), "{e}");
     }
 
     #[test]
