@@ -253,7 +253,14 @@ fn receive(
         let _ = on_fail.send(Event::MultifdFailed);
     })?;
     progress.attach(pool.counters().clone());
-    spawn_main_reader(main.clone(), events)?;
+    // A cancel, or a main channel that fails, must also free a wait for a
+    // pass's sync (follow_main is blocked there, not reading its inbox).
+    let stop = Arc::new(pool.interrupter());
+    let on_cancel_stop = stop.clone();
+    progress.on_cancel(move || on_cancel_stop("cancelled on the destination"));
+    spawn_main_reader(main.clone(), events, move || {
+        stop("the main channel failed")
+    })?;
     summary.wire_bytes += Message::SetupAck.write(&*main)?;
 
     progress.set_status(Status::Active);
@@ -324,6 +331,8 @@ fn follow_main(
     out: &mut Received,
 ) -> Result<(), MigrationError> {
     let mut acked = false;
+    // The last pass whose PASS_END arrived: passes end in order, 1, 2, ...
+    let mut last_pass = 0;
     loop {
         let event = inbox
             .recv()
@@ -339,7 +348,15 @@ fn follow_main(
         summary.wire_bytes += n;
         match msg {
             Message::PassEnd { generation } => {
-                pool.wait_sync(generation)?;
+                if generation != last_pass + 1 {
+                    return Err(MigrationError::Protocol(format!(
+                        "PASS_END of pass {generation}, but pass {} is the one due",
+                        last_pass + 1
+                    )));
+                }
+                pool.wait_sync(generation)
+                    .map_err(|e| interrupted(inbox, pool, e))?;
+                last_pass = generation;
                 summary.passes = generation;
                 if !acked {
                     // The first full pass is here: the source may switch over.
@@ -358,7 +375,13 @@ fn follow_main(
                 out.device_state = d;
             }
             Message::Complete { generation } => {
-                pool.wait_sync(generation)?;
+                if generation != last_pass || last_pass == 0 {
+                    return Err(MigrationError::Protocol(format!(
+                        "COMPLETE after pass {generation}, but the last pass that \
+                         ended (PASS_END) was {last_pass}"
+                    )));
+                }
+                // Again in `pool.finish`, for anything that lands late.
                 pool.check_checksums()?;
                 if summary.device_state_digest.is_none() {
                     return Err(MigrationError::Protocol(
@@ -377,20 +400,47 @@ fn follow_main(
     }
 }
 
-/// Reads source → destination messages on their own thread until COMPLETE.
+/// Why a wait for a pass's sync ended early: a cancel or a main channel
+/// error waiting in the inbox, else the data path's own error.
+fn interrupted(
+    inbox: &mpsc::Receiver<Event>,
+    pool: &ReceiverPool,
+    data_path: ferry_multifd::MultifdError,
+) -> MigrationError {
+    while let Ok(event) = inbox.try_recv() {
+        match event {
+            Event::Cancelled => {
+                pool.abort("cancelled on the destination");
+                return MigrationError::Cancelled(" on the destination".into());
+            }
+            Event::Main(Err(e)) => return e,
+            Event::Main(Ok(_)) | Event::MultifdFailed => {}
+        }
+    }
+    data_path.into()
+}
+
+/// Reads source → destination messages on their own thread until COMPLETE;
+/// calls `on_error` (after queueing the error) if the channel fails.
 fn spawn_main_reader(
     main: Arc<dyn Channel>,
     events: mpsc::Sender<Event>,
+    on_error: impl Fn() + Send + 'static,
 ) -> Result<(), MigrationError> {
     std::thread::Builder::new()
         .name("ferry-main-reader".into())
         .spawn(move || loop {
             let m = Message::read(&*main, "source");
+            let failed = m.is_err();
             let last = !matches!(
                 m,
                 Ok((Message::PassEnd { .. } | Message::DeviceState(_), _))
             );
-            if events.send(Event::Main(m)).is_err() || last {
+            let gone = events.send(Event::Main(m)).is_err();
+            if failed {
+                on_error();
+            }
+            if gone || last {
                 break;
             }
         })

@@ -333,6 +333,55 @@ fn payload_with_a_flipped_byte_fails_at_completion_naming_block_and_offset() {
     });
 }
 
+/// The main channel's pass numbers must follow the channels: a PASS_END
+/// for a pass never sent, a channel that sends END before the pass's SYNC,
+/// and a COMPLETE naming an earlier pass each fail at once (they used to
+/// leave the destination waiting for ever).
+#[test]
+fn pass_numbers_out_of_step_with_the_channels_fail_instead_of_hanging() {
+    // PASS_END of pass 2 first.
+    within(30, || {
+        let target = ram_4m(Pattern::Zero);
+        let (dst, uri) = destination_into(&target);
+        let src = raw_source(&uri, 1, target.specs());
+        Message::PassEnd { generation: 2 }.write(&src.main).unwrap();
+        let err = destination_error(dst, &src.main);
+        assert!(err.contains("PASS_END of pass 2, but pass 1"), "{err}");
+    });
+    // Channel 1 ends before the sync of pass 1 that channel 0 sent.
+    within(30, || {
+        let target = ram_4m(Pattern::Zero);
+        let (dst, uri) = destination_into(&target);
+        let src = raw_source(&uri, 2, target.specs());
+        src.multifd[0].write_all(&marker(FLAG_SYNC, 0, 1)).unwrap();
+        src.multifd[1].write_all(&marker(FLAG_END, 0, 0)).unwrap();
+        Message::PassEnd { generation: 1 }.write(&src.main).unwrap();
+        let err = destination_error(dst, &src.main);
+        assert!(
+            err.contains("ended (END) after the sync of pass 0"),
+            "{err}"
+        );
+    });
+    // COMPLETE of pass 0 after pass 1.
+    within(30, || {
+        let target = ram_4m(Pattern::Zero);
+        let (dst, uri) = destination_into(&target);
+        let src = raw_source(&uri, 1, target.specs());
+        let zeros: Vec<u64> = (0..1024).map(|p| p * 4096).collect();
+        let ch = &src.multifd[0];
+        ch.write_all(&packet(data_header(0, 0, 1024), &zeros, &[]))
+            .unwrap();
+        ch.write_all(&marker(FLAG_SYNC, 1, 1)).unwrap();
+        Message::PassEnd { generation: 1 }.write(&src.main).unwrap();
+        Message::DeviceState(vec![1]).write(&src.main).unwrap();
+        Message::Complete { generation: 0 }
+            .write(&src.main)
+            .unwrap();
+        let err = destination_error(dst, &src.main);
+        assert!(err.contains("COMPLETE after pass 0"), "{err}");
+    });
+}
+
 #[test]
 fn a_corrupted_page_sent_again_in_a_later_pass_is_forgiven() {
     within(30, || {

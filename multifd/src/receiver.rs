@@ -20,7 +20,7 @@
 //! A payload that fails its checksum is not fatal at once: in a live pass the
 //! guest may have written the page while it was in flight, and then it is
 //! dirty and comes again. Such pages are remembered, forgotten when they
-//! arrive intact, and [`ReceiverPool::check_checksums`] fails if any remain.
+//! arrive intact, and [`ReceiverPool::check_checksums`] (and `finish`) fail if any remain.
 
 use std::collections::BTreeMap;
 use std::os::fd::RawFd;
@@ -189,7 +189,17 @@ impl ReceiverPool {
         self.shared
             .barrier
             .wait_completed(generation)
-            .map_err(|_| self.shared.take_error())
+            .map_err(|why| {
+                let first = self.shared.first_error.lock().unwrap().take();
+                first.unwrap_or(MultifdError::Aborted(why))
+            })
+    }
+
+    /// Releases whoever waits on the pool's pass barrier (`wait_sync`),
+    /// with `why`: for a cancel, or a main channel that failed meanwhile.
+    pub fn interrupter(&self) -> impl Fn(&str) + Send + Sync + 'static {
+        let shared = self.shared.clone();
+        move |why| shared.barrier.stop(why)
     }
 
     /// The error that stopped the pool (call after `on_fail` fired).
@@ -211,7 +221,9 @@ impl ReceiverPool {
         }
     }
 
-    /// Waits for the END packet on every channel and joins the threads.
+    /// Waits for the END packet on every channel, joins the threads, and
+    /// fails if a page that failed its checksum was never sent again (so
+    /// no page that lands late goes unchecked).
     pub fn finish(mut self) -> Result<Totals, MultifdError> {
         for t in self.threads.drain(..) {
             let _ = t.join();
@@ -219,6 +231,7 @@ impl ReceiverPool {
         if self.shared.first_error.lock().unwrap().is_some() {
             return Err(self.shared.take_error());
         }
+        self.check_checksums()?;
         Ok(self.shared.counters.snapshot())
     }
 
@@ -317,6 +330,7 @@ impl ChannelReceiver {
                 self.shared.counters.add_packet(0, 0, 0, HEADER_LEN as u64);
             }
             if h.is_end() {
+                self.shared.barrier.end(self.generation);
                 return self.expect_clean_end();
             }
             if h.generation != self.generation {

@@ -15,6 +15,21 @@ struct State {
     arrived: usize,
     /// Set once anything fails; every waiter returns.
     stopped: Option<String>,
+    /// A channel sent END: the last sync it passed (the lowest of such
+    /// channels). No later sync can complete.
+    ended_after: Option<u64>,
+}
+
+impl State {
+    /// Why the sync of `generation` can never complete, if it cannot.
+    fn unreachable(&self, generation: u64) -> Option<String> {
+        self.ended_after.filter(|&e| e < generation).map(|e| {
+            format!(
+                "a multifd channel ended (END) after the sync of pass {e}, \
+                 so the sync of pass {generation} cannot complete"
+            )
+        })
+    }
 }
 
 pub(crate) struct SyncBarrier {
@@ -49,25 +64,39 @@ impl SyncBarrier {
             self.cv.notify_all();
             return Ok(());
         }
-        while s.completed < generation && s.stopped.is_none() {
+        while s.completed < generation && s.stopped.is_none() && s.unreachable(generation).is_none()
+        {
             s = self.cv.wait(s).unwrap();
         }
-        match &s.stopped {
-            Some(why) if s.completed < generation => Err(why.clone()),
-            _ => Ok(()),
+        if s.completed >= generation {
+            return Ok(());
         }
+        Err(s
+            .stopped
+            .clone()
+            .or_else(|| s.unreachable(generation))
+            .unwrap_or_default())
     }
 
     /// Waits until every channel has passed the sync of `generation`.
     pub fn wait_completed(&self, generation: u64) -> Result<(), String> {
         let mut s = self.state.lock().unwrap();
         while s.completed < generation {
-            if let Some(why) = &s.stopped {
-                return Err(why.clone());
+            if let Some(why) = s.stopped.clone().or_else(|| s.unreachable(generation)) {
+                return Err(why);
             }
             s = self.cv.wait(s).unwrap();
         }
         Ok(())
+    }
+
+    /// A channel received END while `next` was the pass it expected: it
+    /// passed every sync before `next` and will pass no more.
+    pub fn end(&self, next: u64) {
+        let mut s = self.state.lock().unwrap();
+        let through = next.saturating_sub(1);
+        s.ended_after = Some(s.ended_after.map_or(through, |e| e.min(through)));
+        self.cv.notify_all();
     }
 
     #[cfg(test)]
@@ -105,6 +134,23 @@ mod tests {
         }
         b.wait_completed(1).unwrap();
         assert!(b.arrive(3).is_err());
+    }
+
+    #[test]
+    fn a_channel_that_ended_releases_waiters_of_later_syncs() {
+        let b = Arc::new(SyncBarrier::new(2));
+        let b2 = b.clone();
+        let h = std::thread::spawn(move || b2.arrive(1));
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        b.end(1); // the other channel sent END before the sync of pass 1
+        let e = h.join().unwrap().unwrap_err();
+        assert!(e.contains("ended (END) after the sync of pass 0"), "{e}");
+        assert!(b.wait_completed(1).is_err());
+        // Ending after the last sync is the normal end: nothing fails.
+        let b = SyncBarrier::new(1);
+        b.arrive(1).unwrap();
+        b.end(2);
+        b.wait_completed(1).unwrap();
     }
 
     #[test]
