@@ -26,7 +26,7 @@
 //! | 8      | 4    | version                | 1                                                    |
 //! | 12     | 4    | flags                  | bit 0: complete (the header is written last)         |
 //! | 16     | 4    | block_count            | RAM blocks, 1..=1024                                 |
-//! | 20     | 4    | region_size            | bytes of a block's memory per checksum (power of two)|
+//! | 20     | 4    | region_size            | bytes of memory per checksum: 1 MiB or largest page  |
 //! | 24     | 8    | file_len               | length of the whole file                             |
 //! | 32     | 8    | device_state_offset    | where the device state starts                        |
 //! | 40     | 8    | device_state_len       | its length, at most 256 MiB                          |
@@ -342,6 +342,24 @@ impl FileLayout {
                 what: format!(
                     "header at offset 0x28 gives a device state of {} bytes (at most {MAX_DEVICE_STATE})",
                     self.device_state_len
+                ),
+            });
+        }
+        // Regions are what `plan` makes them: 1 MiB, or the largest page.
+        // (A larger one would only make every reader stage more memory.)
+        let max_page = self
+            .blocks
+            .iter()
+            .map(|b| b.page_size)
+            .max()
+            .unwrap_or(4096);
+        if self.region_size != DEFAULT_REGION_SIZE.max(max_page) {
+            return Err(RamError::Corrupt {
+                path: path.into(),
+                what: format!(
+                    "header at offset 0x14 gives region size {}, but blocks whose largest page is {max_page} bytes have regions of {}",
+                    self.region_size,
+                    DEFAULT_REGION_SIZE.max(max_page)
                 ),
             });
         }
@@ -870,6 +888,9 @@ mod tests {
                     proptest::prop_assert!(inside(b.pages_offset, b.len));
                 }
                 proptest::prop_assert!(inside(r.device_state_offset, r.device_state_len));
+                proptest::prop_assert!(r.device_state_len <= MAX_DEVICE_STATE);
+                let max_page = r.blocks.iter().map(|b| b.page_size).max().unwrap();
+                proptest::prop_assert_eq!(r.region_size, DEFAULT_REGION_SIZE.max(max_page));
             }
         }
     }
