@@ -143,6 +143,11 @@ impl Message {
         ch.read_exact(&mut frame).map_err(|e| read_error(e, peer))?;
         let kind = u16::from_le_bytes([frame[0], frame[1]]);
         let len = u32::from_le_bytes(frame[4..8].try_into().unwrap());
+        if frame[2..4] != [0, 0] {
+            return Err(MigrationError::Protocol(format!(
+                "message type {kind}: reserved bytes 2..4 of its frame are not zero"
+            )));
+        }
         let Some(&(_, _, limit)) = KINDS.iter().find(|k| k.0 == kind) else {
             return Err(MigrationError::Protocol(format!(
                 "unknown message type {kind} (a non-ferry peer?)"

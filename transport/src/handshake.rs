@@ -123,6 +123,12 @@ impl ChannelHello {
                 })
             }
         };
+        if b[11] != 0 || b[32..40].iter().any(|&x| x != 0) {
+            return Err(TransportError::BadHello {
+                channel: channel.into(),
+                why: "reserved bytes (offset 11, 32..40) are not zero".into(),
+            });
+        }
         let index = u16::from_le_bytes([b[12], b[13]]);
         let multifd_channels = u16::from_le_bytes([b[14], b[15]]);
         if multifd_channels == 0 {
@@ -304,6 +310,31 @@ mod tests {
         fn decode_never_panics(bytes in proptest::collection::vec(any::<u8>(), HELLO_LEN)) {
             let b: [u8; HELLO_LEN] = bytes.try_into().unwrap();
             let _ = ChannelHello::decode(&b, "fuzz");
+        }
+
+        /// Every hello decodes to what was encoded, and a set reserved bit
+        /// is refused.
+        #[test]
+        fn hellos_round_trip_and_reserved_bits_are_refused(
+            role in 0u8..3,
+            index in any::<u16>(),
+            channels in 1u16..,
+            session in any::<[u8; 16]>(),
+            reserved_at in proptest::sample::select(vec![11usize, 32, 35, 39]),
+            bit in 0u8..8,
+        ) {
+            let role = [Role::Main, Role::Multifd, Role::Preempt][role as usize];
+            let hello = ChannelHello {
+                session: SessionId(session),
+                role,
+                index,
+                multifd_channels: channels,
+            };
+            let mut b = hello.encode();
+            prop_assert_eq!(ChannelHello::decode(&b, "c").unwrap(), hello);
+            b[reserved_at] |= 1 << bit;
+            let e = ChannelHello::decode(&b, "c").unwrap_err().to_string();
+            prop_assert!(e.contains("reserved"), "{}", e);
         }
     }
 }
