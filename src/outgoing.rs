@@ -441,7 +441,7 @@ impl Source<'_> {
         .write(&*s.main)?;
         let totals = match s.pool.finish() {
             Ok(t) => t,
-            Err(e) => return Err(destination_reason(&s.return_path).unwrap_or(e.into())),
+            Err(e) => return Err(local_or_destination(e, &s.return_path)),
         };
         self.summary.add_totals(&totals);
         if let Some(zc) = self.summary.zero_copy.as_mut() {
@@ -489,7 +489,7 @@ impl Source<'_> {
             s.pool.send_pass(pending.clone())
         };
         if let Err(e) = sent {
-            return Err(destination_reason(&s.return_path).unwrap_or(e.into()));
+            return Err(local_or_destination(e, &s.return_path));
         }
         self.summary.wire_bytes += Message::PassEnd {
             generation: s.pool.generation(),
@@ -686,8 +686,18 @@ fn recv_timeout(rp: &ReturnPath, timeout: Duration, what: &str) -> Result<Messag
     }
 }
 
-/// After a local data-path failure: the destination's own account of what
-/// went wrong, if it sends one promptly (it usually caused the failure).
+/// A data-path failure as the user should see it: if the destination went
+/// away, its own account (SHUT) when it sends one promptly, as it usually
+/// caused the failure; a failure of our own (a refused send, say) as is.
+fn local_or_destination(e: ferry_multifd::MultifdError, rp: &ReturnPath) -> MigrationError {
+    if e.is_connection_loss() {
+        destination_reason(rp).unwrap_or(e.into())
+    } else {
+        e.into()
+    }
+}
+
+/// The destination's SHUT error, if it sends one within 2 s.
 fn destination_reason(rp: &ReturnPath) -> Option<MigrationError> {
     let deadline = Instant::now() + Duration::from_secs(2);
     while let Ok(m) = rp.recv_timeout(deadline.saturating_duration_since(Instant::now())) {

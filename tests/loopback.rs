@@ -181,3 +181,34 @@ fn destination_blocks_in_files_named_after_them() {
         mem.blocks()[1].bytes()
     );
 }
+
+/// Every other page zero and packets of the largest size: 2048 separate
+/// runs a packet, more than one sendmsg/recvmsg may carry (1024 iovecs).
+/// The splice path and the receiver take them in pieces; the io_uring
+/// sendmsg path refuses such packets up front, saying why.
+#[test]
+fn packets_of_more_runs_than_one_call_takes() {
+    let mem = memory(&[("ram", 32)], Pattern::Random, 4);
+    let block = &mem.blocks()[0];
+    for page in (0..block.pages()).step_by(2) {
+        block.zero_page(page);
+    }
+    let mut opts = OutgoingOptions::default();
+    opts.sender.packet_pages = ferry_multifd::MAX_PACKET_PAGES;
+    let (l, uri) = listener();
+    let dst = spawn_destination(l, IncomingOptions::default());
+    let sent = migrate_out(&image_guest(mem.clone()), &uri, &opts, &Progress::default())
+        .expect("the splice path takes any number of runs");
+    let got = dst.join().unwrap().expect("destination completes");
+    assert_eq!(got.memory.digest(), mem.digest());
+    assert_eq!(sent.pages_zero, block.pages() / 2);
+
+    opts.sender.path = SendPath::Copy;
+    let (l, uri) = listener();
+    let dst = spawn_destination(l, IncomingOptions::default());
+    let failed = migrate_out(&image_guest(mem), &uri, &opts, &Progress::default())
+        .expect_err("sendmsg cannot carry 2048 runs");
+    let e = failed.to_string();
+    assert!(e.contains("at most 960 pages a packet"), "{e}");
+    let _ = dst.join().unwrap();
+}

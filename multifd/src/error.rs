@@ -80,3 +80,29 @@ pub enum MultifdError {
         file_offset: u64,
     },
 }
+
+impl MultifdError {
+    /// The peer went away (closed, reset, broken pipe): on a sender this is
+    /// usually the destination failing first, and its SHUT says why.
+    pub fn is_connection_loss(&self) -> bool {
+        let lost = |e: &io::Error| {
+            matches!(
+                e.kind(),
+                io::ErrorKind::BrokenPipe
+                    | io::ErrorKind::ConnectionReset
+                    | io::ErrorKind::ConnectionAborted
+                    | io::ErrorKind::NotConnected
+                    | io::ErrorKind::UnexpectedEof
+            )
+        };
+        match self {
+            Self::Closed { .. } => true,
+            Self::Io { source, .. } => lost(source),
+            Self::Transport {
+                source: TransportError::Io { source, .. },
+                ..
+            } => lost(source),
+            _ => false,
+        }
+    }
+}

@@ -304,10 +304,10 @@ impl ChannelReceiver {
             let got = self.recv(&mut raw[..], "reading a packet header")?;
             if got < HEADER_LEN {
                 let during = if got == 0 {
-                    format!(
-                        "after packet #{} without an END packet",
-                        self.seq.wrapping_sub(1)
-                    )
+                    match self.seq.checked_sub(1) {
+                        Some(last) => format!("after packet #{last} without an END packet"),
+                        None => "before its first packet".into(),
+                    }
                 } else {
                     format!("inside the header of packet #{}", self.seq)
                 };

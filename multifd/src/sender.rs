@@ -217,6 +217,20 @@ impl SenderPool {
         if path_note.is_some() {
             opts.path = SendPath::Copy;
         }
+        // One sendmsg carries a packet on the io_uring paths, and the kernel
+        // takes at most UIO_MAXIOV iovecs: each page may be a run of its own.
+        let sendmsg_limit = libc::UIO_MAXIOV as usize - PAYLOAD_IOV;
+        if opts.path != SendPath::Splice && !tls && opts.packet_pages as usize > sendmsg_limit {
+            return Err(MultifdError::Aborted(format!(
+                "packet size of {} pages: sending with io_uring sendmsg ({} path) takes at \
+                 most {} pages a packet (the kernel's {} iovecs a call); use fewer pages or \
+                 the splice path",
+                opts.packet_pages,
+                opts.path.name(),
+                sendmsg_limit / 64 * 64,
+                libc::UIO_MAXIOV
+            )));
+        }
         if let Some(level) = opts.compress {
             Compressor::new(level)
                 .map_err(|e| MultifdError::Aborted(format!("zstd level {level} refused: {e}")))?;

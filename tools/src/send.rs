@@ -80,7 +80,9 @@ pub struct SendArgs {
     /// detect corrupted payloads).
     #[arg(long)]
     no_checksum: bool,
-    /// Pages per packet, a multiple of 64 (128 pages = 512 KiB of 4 KiB pages).
+    /// Pages per packet, a multiple of 64 (128 pages = 512 KiB of 4 KiB pages),
+    /// at most 4096; at most 960 when sending with io_uring sendmsg (copy or
+    /// zero-copy, and compressed packets), whose calls take 1024 iovecs.
     #[arg(long, default_value_t = 128)]
     packet_pages: u32,
     /// Packets prepared or in flight per channel.

@@ -167,7 +167,9 @@ impl Ring {
             // SAFETY: a zeroed msghdr is valid; we fill its iovec fields below.
             let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
             msg.msg_iov = iov[first..].as_mut_ptr();
-            msg.msg_iovlen = iov.len() - first;
+            // The kernel takes at most UIO_MAXIOV iovecs a call; the loop
+            // goes on with the rest.
+            msg.msg_iovlen = (iov.len() - first).min(libc::UIO_MAXIOV as usize);
             let entry = opcode::RecvMsg::new(types::Fd(fd), &mut msg)
                 .flags(libc::MSG_WAITALL as u32)
                 .build()
