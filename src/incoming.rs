@@ -214,6 +214,13 @@ fn receive(
             multifd.len()
         )));
     }
+    let unknown = setup.capabilities & !(CAP_CHECKSUM | CAP_ZSTD);
+    if unknown != 0 {
+        return Err(MigrationError::Setup(format!(
+            "SETUP asks for capabilities this receiver does not have (bits {unknown:#04x}): \
+             a newer ferry at the source?"
+        )));
+    }
     summary.checksum = setup.capabilities & CAP_CHECKSUM != 0;
     let compressed = setup.capabilities & CAP_ZSTD != 0;
     match opts.compression {

@@ -261,6 +261,31 @@ fn packet_without_the_announced_checksum_is_refused() {
     });
 }
 
+/// A capability bit this receiver does not know fails setup, naming it,
+/// instead of being ignored.
+#[test]
+fn unknown_capabilities_fail_setup() {
+    within(30, || {
+        let target = ram_4m(Pattern::Zero);
+        let (dst, uri) = destination_into(&target);
+        let session = SessionId::random();
+        let tuning = Default::default();
+        let main = connect_channel(&uri, &tuning, &hello(session, Role::Main, 0, 1)).unwrap();
+        let ch = connect_channel(&uri, &tuning, &hello(session, Role::Multifd, 0, 1)).unwrap();
+        await_accept(&main, Duration::from_secs(5)).unwrap();
+        await_accept(&ch, Duration::from_secs(5)).unwrap();
+        let setup = Setup {
+            capabilities: CAP_CHECKSUM | 0x40,
+            multifd_channels: 1,
+            packet_pages: 128,
+            blocks: target.specs(),
+        };
+        Message::Setup(setup).write(&main).unwrap();
+        let err = destination_error(dst, &main);
+        assert!(err.contains("bits 0x40"), "{err}");
+    });
+}
+
 #[test]
 fn unknown_block_index_is_refused() {
     within(30, || {
