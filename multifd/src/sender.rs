@@ -50,6 +50,15 @@ const PAYLOAD_IOV: usize = 3;
 /// ahead cut the median wall time from 0.484 s to 0.444 s (8 and 24 ahead did
 /// about as well in a shorter, 3-run trial).
 const PREFETCH_PAGES: u64 = 16;
+/// The kernel maps a file's pages into the sender on a fault 16 at a time
+/// (fault-around, 64 KiB), and a prefetch of a page not mapped yet is
+/// dropped. So at the first page of each such window the scan reads the
+/// first byte of the next window, which maps it: the prefetches ahead then
+/// find their pages. Measured on 2 GiB `mixed`, K=2, alternating runs of
+/// one binary: 10 pairs, median wall 0.543 -> 0.509 s and sender CPU
+/// 0.93 -> 0.85 s; with zstd, 6 pairs, 1.194 -> 1.005 s; perf showed the
+/// scan's samples down by a third.
+const FAULT_AROUND_PAGES: u64 = 16;
 
 #[derive(Clone, Debug)]
 pub struct SenderOptions {
@@ -861,6 +870,9 @@ impl ChannelSender {
         self.raw_scratch.clear();
         for w in first_word..last_word {
             for page in set_bits(bitmap.take_word(w), w as u64 * 64) {
+                if page % FAULT_AROUND_PAGES == 0 {
+                    block.touch_page(page + FAULT_AROUND_PAGES);
+                }
                 block.prefetch_page(page + PREFETCH_PAGES);
                 let bytes = block.page(page);
                 let offset = page * ps as u64;

@@ -166,6 +166,17 @@ impl RamBlock {
         let _ = index;
     }
 
+    /// Reads page `index`'s first byte (nothing past the block's end), so
+    /// that a page not mapped yet is mapped now, and its neighbours with it
+    /// (which a prefetch, being only a hint, never does).
+    #[inline]
+    pub fn touch_page(&self, index: u64) {
+        if let Some(p) = self.page_addr(index) {
+            // SAFETY: p lies inside this block's readable mapping.
+            let _ = unsafe { std::ptr::read_volatile(p.cast_const()) };
+        }
+    }
+
     /// The block's bytes. The guest (or a receiver thread) may write them
     /// while they are read; callers use what they see as a snapshot and rely
     /// on the dirty log to resend a page that changed.
