@@ -123,14 +123,13 @@ fn several_blocks_over_a_unix_socket_into_provided_memory() {
     assert_eq!(target.digest(), mem.digest());
 }
 
-#[test]
-fn destination_memory_in_a_file() {
-    let mem = memory(&[("ram", 16)], Pattern::Mixed, 5);
+/// Migrates `mem` into memory kept in files at `dst.ram` in a fresh
+/// directory, which lives as long as the returned handle.
+fn migrate_into_files(mem: &std::sync::Arc<ferry::GuestMemory>) -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("dst.ram");
     let (l, uri) = listener();
     let opts = IncomingOptions {
-        memory: DestinationMemory::Files(path.clone()),
+        memory: DestinationMemory::Files(dir.path().join("dst.ram")),
         ..Default::default()
     };
     let dst = spawn_destination(l, opts);
@@ -142,7 +141,15 @@ fn destination_memory_in_a_file() {
     )
     .unwrap();
     drop(dst.join().unwrap().unwrap());
-    assert_eq!(std::fs::read(&path).unwrap(), mem.blocks()[0].bytes());
+    dir
+}
+
+#[test]
+fn destination_memory_in_a_file() {
+    let mem = memory(&[("ram", 16)], Pattern::Mixed, 5);
+    let dir = migrate_into_files(&mem);
+    let held = std::fs::read(dir.path().join("dst.ram")).unwrap();
+    assert_eq!(held, mem.blocks()[0].bytes());
 }
 
 /// Block names come from the source; with several blocks each gets a file
@@ -152,22 +159,7 @@ fn destination_memory_in_a_file() {
 fn destination_blocks_in_files_named_after_them() {
     let names = [("pc.ram", 8), ("0000:00:02.0/vga.vram", 4)];
     let mem = memory(&names, Pattern::Mixed, 6);
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("dst.ram");
-    let (l, uri) = listener();
-    let opts = IncomingOptions {
-        memory: DestinationMemory::Files(path.clone()),
-        ..Default::default()
-    };
-    let dst = spawn_destination(l, opts);
-    migrate_out(
-        &image_guest(mem.clone()),
-        &uri,
-        &OutgoingOptions::default(),
-        &Progress::default(),
-    )
-    .unwrap();
-    drop(dst.join().unwrap().unwrap());
+    let dir = migrate_into_files(&mem);
     let mut files: Vec<String> = std::fs::read_dir(dir.path())
         .unwrap()
         .map(|e| e.unwrap().file_name().into_string().unwrap())

@@ -795,6 +795,23 @@ mod tests {
         ]
     }
 
+    /// A new file `g.ferry` of `len` bytes (sparse) in a fresh directory,
+    /// starting with `head`; the directory lives as long as the handle.
+    fn file_with(head: &[u8], len: u64) -> (tempfile::TempDir, PathBuf, File) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("g.ferry");
+        let f = File::options()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)
+            .unwrap();
+        f.write_all_at(head, 0).unwrap();
+        f.set_len(len).unwrap();
+        (dir, path, f)
+    }
+
     #[test]
     fn plan_aligns_pages_and_places_everything_inside_the_file() {
         let l = FileLayout::plan(&specs(), 100).unwrap();
@@ -815,17 +832,8 @@ mod tests {
 
     #[test]
     fn metadata_round_trips_through_a_file() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("g.ferry");
         let mut l = FileLayout::plan(&specs(), 5).unwrap();
-        let f = File::options()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&path)
-            .unwrap();
-        f.set_len(l.file_len).unwrap();
+        let (_dir, path, f) = file_with(&[], l.file_len);
         let bitmaps = vec![vec![0b1011, 0, 0], vec![u64::MAX, 1]];
         let sums = vec![vec![1, 2, 3], vec![9]];
         write_metadata(&f, &path, &mut l, &bitmaps, &sums, b"state").unwrap();
@@ -863,18 +871,8 @@ mod tests {
             }
             let sum = header_checksum(&head);
             head[56..64].copy_from_slice(&sum.to_le_bytes());
-            let dir = tempfile::tempdir().unwrap();
-            let path = dir.path().join("g.ferry");
-            let f = File::options()
-                .read(true)
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .open(&path)
-                .unwrap();
-            f.write_all_at(&head, 0).unwrap();
             let len = (l.file_len as i64 + length_delta * 4096).max(head.len() as i64);
-            f.set_len(len as u64).unwrap();
+            let (_dir, path, f) = file_with(&head, len as u64);
             if let Ok(r) = FileLayout::read(&f, &path) {
                 proptest::prop_assert!(r.is_complete());
                 proptest::prop_assert_eq!(r.file_len, len as u64);
@@ -905,17 +903,7 @@ mod tests {
         l.device_state_len += 4096;
         l.file_len += 4096;
         l.flags |= FLAG_COMPLETE;
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("g.ferry");
-        let f = File::options()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&path)
-            .unwrap();
-        f.write_all_at(&l.encode(), 0).unwrap();
-        f.set_len(l.file_len).unwrap();
+        let (_dir, path, f) = file_with(&l.encode(), l.file_len);
         let e = FileLayout::read(&f, &path).unwrap_err().to_string();
         assert!(e.contains("0x28") && e.contains("device state"), "{e}");
     }
