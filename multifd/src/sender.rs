@@ -965,16 +965,16 @@ impl ChannelSender {
             // SAFETY: the runs point at guest pages of `self.memory`.
             .map(|v| unsafe { std::slice::from_raw_parts(v.iov_base.cast::<u8>(), v.iov_len) })
             .collect();
-        let frame = c.compress(&runs).map_err(|source| MultifdError::Io {
-            channel: self.channel.label().into(),
-            what: "compressing a payload (zstd)",
-            source,
-        })?;
-        let Some(frame) = frame else {
+        let shrank = c
+            .compress(&runs, &mut s.zbuf)
+            .map_err(|source| MultifdError::Io {
+                channel: self.channel.label().into(),
+                what: "compressing a payload (zstd)",
+                source,
+            })?;
+        if !shrank {
             return Ok(());
-        };
-        s.zbuf.clear();
-        s.zbuf.extend_from_slice(frame);
+        }
         h.flags |= FLAG_COMPRESSED;
         h.compressed_pages = pages.compressible as u32;
         h.payload_len =
