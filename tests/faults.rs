@@ -408,6 +408,50 @@ fn pass_numbers_out_of_step_with_the_channels_fail_instead_of_hanging() {
 }
 
 #[test]
+fn a_page_twice_in_one_pass_is_refused_before_it_is_written() {
+    // Twice in one packet: refused before any payload byte lands.
+    within(30, || {
+        let pages = [vec![0xAAu8; 4096], vec![0xBBu8; 4096]].concat();
+        let mut h = data_header(0, 2, 0);
+        h.payload_crc = crc_of(&pages);
+        let bytes = packet(h, &[4096, 4096], &pages);
+        let (err, target) = refusal(Pattern::Random, CAP_CHECKSUM, &bytes);
+        assert!(
+            err.contains("multifd[0]")
+                && err
+                    .contains("page at offset 0x1000 of block 'ram' comes a second time in pass 1"),
+            "{err}"
+        );
+        assert_eq!(
+            target.digest(),
+            ram_4m(Pattern::Random).digest(),
+            "nothing was written"
+        );
+    });
+    // In two packets of one pass, on two channels: whichever comes second
+    // is refused (the same page in the next pass is fine: see below).
+    within(30, || {
+        let target = ram_4m(Pattern::Zero);
+        let (dst, uri) = destination_into(&target);
+        let src = raw_source(&uri, 2, target.specs());
+        for (i, fill) in [0xAAu8, 0xBB].into_iter().enumerate() {
+            let page = vec![fill; 4096];
+            let mut h = data_header(0, 1, 0);
+            h.payload_crc = crc_of(&page);
+            src.multifd[i]
+                .write_all(&packet(h, &[8 * 4096], &page))
+                .unwrap();
+        }
+        let err = destination_error(dst, &src.main);
+        assert!(
+            err.contains("page at offset 0x8000 of block 'ram' comes a second time in pass 1"),
+            "{err}"
+        );
+    });
+}
+
+/// Also shows that a page may come again in a later pass.
+#[test]
 fn a_corrupted_page_sent_again_in_a_later_pass_is_forgiven() {
     within(30, || {
         let target = memory(&[("ram", 1)], Pattern::Zero, 1);
@@ -657,7 +701,8 @@ fn channels_connecting_in_reverse_order_work() {
 fn frame_of(pages: usize) -> (Vec<u8>, Vec<u8>) {
     let raw: Vec<u8> = (0..pages * 4096).map(|i| (i % 13) as u8).collect();
     let mut c = ferry_multifd::Compressor::new(1).unwrap();
-    let frame = c.compress(&[&raw]).unwrap().unwrap().to_vec();
+    let mut frame = Vec::new();
+    assert!(c.compress(&[&raw], &mut frame).unwrap());
     (frame, raw)
 }
 

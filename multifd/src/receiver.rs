@@ -2,8 +2,9 @@
 //! io_uring, landing pages straight in destination memory.
 //!
 //! For every packet a thread reads the 64-byte header, then the offsets, and
-//! checks all of it (see [`crate::packet`]) before it reads one payload byte;
-//! the payload is then received directly into the destination pages with one
+//! checks all of it (see [`crate::packet`]) before it reads one payload byte,
+//! including that no page comes twice in one pass (so no two threads, and
+//! no two runs of one packet, ever write the same page); the payload is then received directly into the destination pages with one
 //! `recvmsg` over an iovec per run of pages, with no staging buffer. Zero
 //! pages are written only if the page was received before (fresh memory is
 //! already zero). A SYNC makes the thread wait at the pool's barrier until
@@ -75,6 +76,10 @@ struct Shared {
     memory: Arc<GuestMemory>,
     /// Per block: pages that have landed at least once.
     received: Vec<PageBitmap>,
+    /// Per block: pages some packet of the current pass has claimed. A page
+    /// comes at most once a pass, so a second claim is refused before a
+    /// byte is written: no two threads ever write one page at once.
+    this_pass: Vec<PageBitmap>,
     barrier: SyncBarrier,
     counters: Arc<Counters>,
     channels: Vec<Arc<dyn Channel>>,
@@ -140,12 +145,16 @@ impl ReceiverPool {
                 channel: ch.label().into(),
             })?);
         }
-        let shared = Arc::new(Shared {
-            received: memory
+        let bitmaps = || {
+            memory
                 .blocks()
                 .iter()
                 .map(|b| PageBitmap::new(b.pages(), false))
-                .collect(),
+                .collect()
+        };
+        let shared = Arc::new(Shared {
+            received: bitmaps(),
+            this_pass: bitmaps(),
             memory,
             barrier: SyncBarrier::new(channels.len()),
             counters: Arc::new(Counters::default()),
@@ -340,9 +349,13 @@ impl ChannelReceiver {
                 )));
             }
             if h.is_sync() {
+                // Every channel is done with this pass: its pages may come again.
+                let this_pass = &self.shared.this_pass;
                 self.shared
                     .barrier
-                    .arrive(h.generation)
+                    .arrive(h.generation, || {
+                        this_pass.iter().for_each(PageBitmap::clear_all)
+                    })
                     .map_err(MultifdError::Aborted)?;
                 self.generation += 1;
             } else {
@@ -393,6 +406,19 @@ impl ChannelReceiver {
                 });
             }
         }
+        // Claim every page for this pass; a page claimed already is refused.
+        let mut again = None;
+        shared.this_pass[h.block as usize].set_pages(self.offsets.iter().map(|o| o / ps), |p| {
+            again.get_or_insert(p);
+        });
+        if let Some(page) = again {
+            return Err(self.bad(format!(
+                "page at offset {:#x} of block '{}' comes a second time in pass {}",
+                page * ps,
+                block.name(),
+                self.generation
+            )));
+        }
         let normal = h.normal as usize;
         // The zstd frame's pages (the first C) and the raw ones make
         // separate runs, never merged across the boundary.
@@ -420,14 +446,14 @@ impl ChannelReceiver {
             self.check_payload(h)?;
         }
         let received = &shared.received[h.block as usize];
-        for &off in &self.offsets[..normal] {
-            received.set(off / ps);
-        }
-        for &off in &self.offsets[normal..] {
-            let page = off / ps;
-            if received.test_and_set(page) || !shared.opts.fresh_memory {
-                block.zero_page(page);
-            }
+        received.set_pages(self.offsets[..normal].iter().map(|o| o / ps), |_| ());
+        let zero = self.offsets[normal..].iter().map(|o| o / ps);
+        if shared.opts.fresh_memory {
+            // Fresh memory is zero: only a page that landed before needs it.
+            received.set_pages(zero, |page| block.zero_page(page));
+        } else {
+            received.set_pages(zero.clone(), |_| ());
+            zero.for_each(|page| block.zero_page(page));
         }
         shared.counters.add_packet(
             h.normal.into(),
@@ -520,9 +546,8 @@ impl ChannelReceiver {
             .store(suspects.len(), Ordering::Relaxed);
     }
 
-    /// The destination runs `range` of the current packet as slices. The
-    /// caller must have checked that these runs do not overlap (the zstd
-    /// frame's pages are in strictly increasing order).
+    /// The destination runs `range` of the current packet as slices (they
+    /// do not overlap, and no other thread writes them: see `this_pass`).
     #[allow(clippy::mut_from_ref)] // as for `run_slice`
     fn runs<'m>(
         &self,
@@ -532,7 +557,7 @@ impl ChannelReceiver {
         self.iov[range]
             .iter()
             // SAFETY: `iov` holds this packet's runs, built by `push_run`
-            // from checked offsets; the caller checked they do not overlap.
+            // from checked offsets, each page claimed by this packet alone.
             .map(|v| unsafe { run_slice(*v, memory) })
             .collect()
     }
@@ -565,9 +590,8 @@ impl ChannelReceiver {
     fn receive_sealed(&mut self, h: &PacketHeader, first: usize) -> Result<(), MultifdError> {
         let shared = self.shared.clone();
         for i in first..self.iov.len() {
-            // One run at a time: a page named twice is written twice, in turn.
             // SAFETY: a run of this packet, built by `push_run` from checked
-            // offsets; only this one slice is alive at a time.
+            // offsets, its pages claimed by this packet alone.
             let run = unsafe { run_slice(self.iov[i], &shared.memory) };
             if self.recv(run, "reading a payload")? < run.len() {
                 return Err(self.closed(format!(
@@ -596,12 +620,6 @@ impl ChannelReceiver {
             let d = Decompressor::new().map_err(|e| self.io("creating the zstd context", e))?;
             self.decompressor = Some(d);
             self.zscratch.resize(ZCHUNK, 0);
-        }
-        let framed = &self.offsets[..h.compressed_pages as usize];
-        if framed.windows(2).any(|w| w[0] >= w[1]) {
-            return Err(
-                self.bad("the compressed pages' offsets are not in increasing order".into())
-            );
         }
         let shared = self.shared.clone();
         let mut runs = self.runs(&shared.memory, 0..split);
@@ -686,7 +704,8 @@ impl ChannelReceiver {
 ///
 /// # Safety
 /// `v` must come from `push_run` over offsets checked to lie inside a block
-/// of `_memory`, and the caller must not hold two slices over one page.
+/// of `_memory` and claimed in `Shared::this_pass` by the current packet, so
+/// no other slice over these pages exists until the pass's sync.
 // `&GuestMemory` only bounds the lifetime: blocks hand out raw addresses
 // by design (see `ferry_ram::RamBlock`), so `&mut` from `&` is intended.
 #[allow(clippy::mut_from_ref)]

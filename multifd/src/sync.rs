@@ -48,8 +48,10 @@ impl SyncBarrier {
     }
 
     /// Channel arrives at the sync of `generation` and waits for the others.
-    /// Returns the reason if the pool was stopped meanwhile.
-    pub fn arrive(&self, generation: u64) -> Result<(), String> {
+    /// The last to arrive runs `between` before any channel goes on, while
+    /// no channel is inside a pass. Returns the reason if the pool was
+    /// stopped meanwhile.
+    pub fn arrive(&self, generation: u64, between: impl FnOnce()) -> Result<(), String> {
         let mut s = self.state.lock().unwrap();
         if generation != s.completed + 1 {
             return Err(format!(
@@ -59,6 +61,7 @@ impl SyncBarrier {
         }
         s.arrived += 1;
         if s.arrived == self.channels {
+            between();
             s.completed = generation;
             s.arrived = 0;
             self.cv.notify_all();
@@ -118,29 +121,41 @@ mod tests {
     use std::sync::Arc;
 
     #[test]
-    fn nobody_passes_before_all_arrive() {
+    fn nobody_passes_before_all_arrive_and_the_last_runs_between() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
         let b = Arc::new(SyncBarrier::new(3));
+        let between = Arc::new(AtomicUsize::new(0));
         let hs: Vec<_> = (0..2)
             .map(|_| {
-                let b = b.clone();
-                std::thread::spawn(move || b.arrive(1))
+                let (b, between) = (b.clone(), between.clone());
+                std::thread::spawn(move || {
+                    b.arrive(1, || {
+                        between.fetch_add(1, Ordering::SeqCst);
+                    })
+                    .map(|()| between.load(Ordering::SeqCst))
+                })
             })
             .collect();
         std::thread::sleep(std::time::Duration::from_millis(20));
         assert_eq!(b.completed(), 0);
-        b.arrive(1).unwrap();
+        assert_eq!(between.load(Ordering::SeqCst), 0);
+        b.arrive(1, || {
+            between.fetch_add(1, Ordering::SeqCst);
+        })
+        .unwrap();
+        // `between` ran once, and before either waiter went on.
         for h in hs {
-            h.join().unwrap().unwrap();
+            assert_eq!(h.join().unwrap().unwrap(), 1);
         }
         b.wait_completed(1).unwrap();
-        assert!(b.arrive(3).is_err());
+        assert!(b.arrive(3, || ()).is_err());
     }
 
     #[test]
     fn a_channel_that_ended_releases_waiters_of_later_syncs() {
         let b = Arc::new(SyncBarrier::new(2));
         let b2 = b.clone();
-        let h = std::thread::spawn(move || b2.arrive(1));
+        let h = std::thread::spawn(move || b2.arrive(1, || ()));
         std::thread::sleep(std::time::Duration::from_millis(20));
         b.end(1); // the other channel sent END before the sync of pass 1
         let e = h.join().unwrap().unwrap_err();
@@ -148,7 +163,7 @@ mod tests {
         assert!(b.wait_completed(1).is_err());
         // Ending after the last sync is the normal end: nothing fails.
         let b = SyncBarrier::new(1);
-        b.arrive(1).unwrap();
+        b.arrive(1, || ()).unwrap();
         b.end(2);
         b.wait_completed(1).unwrap();
     }
@@ -157,7 +172,7 @@ mod tests {
     fn stop_releases_waiters() {
         let b = Arc::new(SyncBarrier::new(2));
         let b2 = b.clone();
-        let h = std::thread::spawn(move || b2.arrive(1));
+        let h = std::thread::spawn(move || b2.arrive(1, || ()));
         std::thread::sleep(std::time::Duration::from_millis(20));
         b.stop("channel 1 failed");
         assert_eq!(h.join().unwrap().unwrap_err(), "channel 1 failed");

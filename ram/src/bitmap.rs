@@ -43,6 +43,38 @@ impl PageBitmap {
         self.words[(page / 64) as usize].load(Ordering::Relaxed) & (1 << (page % 64)) != 0
     }
 
+    /// Sets the bits of `pages`, with one atomic OR per run of them that
+    /// falls in one word, and calls `was_set` for every page whose bit was
+    /// set already: before the call, or by its earlier occurrence in
+    /// `pages` (the same pages `test_and_set` on each one would report).
+    pub fn set_pages(&self, pages: impl IntoIterator<Item = u64>, mut was_set: impl FnMut(u64)) {
+        let mut run: Option<(u64, u64)> = None; // (word, bits of this run)
+        for page in pages {
+            let (word, bit) = (page / 64, 1u64 << (page % 64));
+            match &mut run {
+                Some((w, bits)) if *w == word => {
+                    if *bits & bit != 0 {
+                        was_set(page);
+                    }
+                    *bits |= bit;
+                }
+                _ => {
+                    if let Some((w, bits)) = run.replace((word, bit)) {
+                        self.set_run(w, bits, &mut was_set);
+                    }
+                }
+            }
+        }
+        if let Some((w, bits)) = run {
+            self.set_run(w, bits, &mut was_set);
+        }
+    }
+
+    fn set_run(&self, word: u64, bits: u64, was_set: &mut impl FnMut(u64)) {
+        let before = self.words[word as usize].fetch_or(bits, Ordering::Relaxed);
+        set_bits(before & bits, word * 64).for_each(was_set);
+    }
+
     /// Sets pages `first..end` (clamped to the bitmap), a word at a time.
     pub fn set_range(&self, first: u64, end: u64) {
         let end = end.min(self.pages);
@@ -64,6 +96,13 @@ impl PageBitmap {
     pub fn set_all(&self) {
         for (i, w) in self.words.iter().enumerate() {
             w.store(full_word(self.pages, i), Ordering::Relaxed);
+        }
+    }
+
+    /// Clears every bit.
+    pub fn clear_all(&self) {
+        for w in &self.words {
+            w.store(0, Ordering::Relaxed);
         }
     }
 
@@ -154,6 +193,27 @@ mod tests {
                 b.iter_set().collect::<Vec<_>>(),
                 (first..end.min(200)).collect::<Vec<_>>()
             );
+        }
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn set_pages_reports_what_test_and_set_would(
+            before in proptest::collection::vec(0u64..300, 0..40),
+            pages in proptest::collection::vec(0u64..300, 0..200),
+        ) {
+            let (a, b) = (PageBitmap::new(300, false), PageBitmap::new(300, false));
+            for &p in &before {
+                a.set(p);
+                b.set(p);
+            }
+            let mut want: Vec<u64> = pages.iter().copied().filter(|&p| a.test_and_set(p)).collect();
+            let mut got = Vec::new();
+            b.set_pages(pages.iter().copied(), |p| got.push(p));
+            want.sort_unstable();
+            got.sort_unstable();
+            proptest::prop_assert_eq!(got, want);
+            proptest::prop_assert_eq!(a.iter_set().collect::<Vec<_>>(), b.iter_set().collect::<Vec<_>>());
         }
     }
 
