@@ -113,6 +113,14 @@ fn human(size: u64) -> String {
     }
 }
 
+/// One migration tool's turn in a run.
+#[derive(Clone, Copy)]
+enum Turn {
+    Ferry,
+    Plain,
+    Qemu,
+}
+
 /// The channel counts, checked, duplicates dropped (first wins).
 fn channel_list(config: &BenchConfig) -> Result<Vec<u16>, BenchError> {
     if config.channels.is_empty() {
@@ -353,6 +361,13 @@ pub fn run(config: &BenchConfig, log: &mut dyn FnMut(&str)) -> Result<BenchRepor
             .map_or("unknown".into(), |s| s.trim().to_string())
     ));
 
+    if plain || qemu.is_some() {
+        notes.push(
+            "the migrations take turns in an order that rotates by one each run, so no tool \
+             always runs first"
+                .into(),
+        );
+    }
     let mut cases = Vec::new();
     for &k in &channels {
         let (mut f, mut p, mut q, mut i) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
@@ -367,24 +382,39 @@ pub fn run(config: &BenchConfig, log: &mut dyn FnMut(&str)) -> Result<BenchRepor
                 congestion: config.congestion.as_deref(),
             })
         };
+        // The migrations take turns in an order that rotates each run, so
+        // none always goes first (or right after another's memory churn).
+        let mut turns = vec![Turn::Ferry];
+        if plain {
+            turns.push(Turn::Plain);
+        }
+        if qemu.is_some() {
+            turns.push(Turn::Qemu);
+        }
         for r in 1..=config.runs {
-            settle(log);
-            let s = ferry(&send_args, &recv_args)?;
-            log(&fmt_sample("ferry", k, r, config.runs, &s));
-            f.push(s);
-            if plain {
-                // The same without --tls-dir and --compress.
+            for &turn in &turns {
                 settle(log);
-                let s = ferry(&config.send_args, &[])?;
-                log(&fmt_sample("plain", k, r, config.runs, &s));
-                p.push(s);
+                match turn {
+                    Turn::Ferry => {
+                        let s = ferry(&send_args, &recv_args)?;
+                        log(&fmt_sample("ferry", k, r, config.runs, &s));
+                        f.push(s);
+                    }
+                    Turn::Plain => {
+                        // The same without --tls-dir and --compress.
+                        let s = ferry(&config.send_args, &[])?;
+                        log(&fmt_sample("plain", k, r, config.runs, &s));
+                        p.push(s);
+                    }
+                    Turn::Qemu => {
+                        let Some(peer) = &qemu else { continue };
+                        let s = peer.run_once(k)?;
+                        log(&fmt_sample("qemu", k, r, config.runs, &s));
+                        q.push(s);
+                    }
+                }
             }
-            if let Some(peer) = &qemu {
-                settle(log);
-                let s = peer.run_once(k)?;
-                log(&fmt_sample("qemu", k, r, config.runs, &s));
-                q.push(s);
-            }
+            turns.rotate_left(1);
             if iperf_ok {
                 let s = iperf::run_once(k, config.congestion.as_deref())?;
                 log(&fmt_sample("iperf3", k, r, config.runs, &s));
