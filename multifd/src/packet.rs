@@ -32,8 +32,9 @@
 //! puts the pages that look compressible first and sends random-looking
 //! ones raw; a packet whose frame would not be smaller goes all raw. A receiver checks
 //! magic, version, flags, sequence, block index, page size, counts, payload
-//! length and every offset (page aligned, inside the block) before it reads
-//! a single payload byte.
+//! length and every offset (page aligned, inside the block, and not named
+//! before in this pass by any packet on any channel) before it reads a
+//! single payload byte.
 
 /// Bytes of the fixed header.
 pub const HEADER_LEN: usize = 64;

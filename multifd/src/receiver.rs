@@ -4,8 +4,9 @@
 //! For every packet a thread reads the 64-byte header, then the offsets, and
 //! checks all of it (see [`crate::packet`]) before it reads one payload byte,
 //! including that no page comes twice in one pass (so no two threads, and
-//! no two runs of one packet, ever write the same page); the payload is then received directly into the destination pages with one
-//! `recvmsg` over an iovec per run of pages, with no staging buffer. Zero
+//! no two runs of one packet, ever write the same page); the payload is
+//! then received directly into the destination pages with one `recvmsg`
+//! over an iovec per run of pages, with no staging buffer. Zero
 //! pages are written only if the page was received before (fresh memory is
 //! already zero). A SYNC makes the thread wait at the pool's barrier until
 //! every channel has finished the same pass.
