@@ -368,6 +368,16 @@ pub fn run(config: &BenchConfig, log: &mut dyn FnMut(&str)) -> Result<BenchRepor
                 .into(),
         );
     }
+    // The migrations take turns in an order that rotates each run (and on
+    // across channel counts), so none always goes first (or right after
+    // another's memory churn).
+    let mut turns = vec![Turn::Ferry];
+    if plain {
+        turns.push(Turn::Plain);
+    }
+    if qemu.is_some() {
+        turns.push(Turn::Qemu);
+    }
     let mut cases = Vec::new();
     for &k in &channels {
         let (mut f, mut p, mut q, mut i) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
@@ -382,15 +392,6 @@ pub fn run(config: &BenchConfig, log: &mut dyn FnMut(&str)) -> Result<BenchRepor
                 congestion: config.congestion.as_deref(),
             })
         };
-        // The migrations take turns in an order that rotates each run, so
-        // none always goes first (or right after another's memory churn).
-        let mut turns = vec![Turn::Ferry];
-        if plain {
-            turns.push(Turn::Plain);
-        }
-        if qemu.is_some() {
-            turns.push(Turn::Qemu);
-        }
         for r in 1..=config.runs {
             for &turn in &turns {
                 settle(log);

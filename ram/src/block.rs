@@ -186,11 +186,19 @@ impl RamBlock {
         unsafe { std::slice::from_raw_parts(self.host_addr(), self.len as usize) }
     }
 
-    /// Page `index` as a slice (see [`RamBlock::bytes`] about concurrent writes).
+    /// Page `index` as a slice (see [`RamBlock::bytes`] about concurrent
+    /// writes). The slice covers this page only, so a receiver thread may
+    /// read a page it claimed while others write other pages of the block.
+    ///
+    /// # Panics
+    /// If `index` is past the block's last page (callers check first).
     pub fn page(&self, index: u64) -> &[u8] {
-        let ps = self.page_size as usize;
-        let start = index as usize * ps;
-        &self.bytes()[start..start + ps]
+        let p = self
+            .page_addr(index)
+            .unwrap_or_else(|| panic!("page {index} is past the end of block '{}'", self.name));
+        // SAFETY: p is the start of a whole page inside this block's readable
+        // mapping, which lives as long as `self`.
+        unsafe { std::slice::from_raw_parts(p.cast_const(), self.page_size as usize) }
     }
 
     /// Reads the first byte of page `index` and writes it back: a write the
