@@ -151,12 +151,19 @@ mod tests {
         assert!(b.arrive(3, || ()).is_err());
     }
 
+    /// A channel that arrived at the sync of pass 1 and is (very likely,
+    /// after 20 ms) waiting there for the other.
+    fn one_waiting_at_sync_1(b: &Arc<SyncBarrier>) -> std::thread::JoinHandle<Result<(), String>> {
+        let b = b.clone();
+        let h = std::thread::spawn(move || b.arrive(1, || ()));
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        h
+    }
+
     #[test]
     fn a_channel_that_ended_releases_waiters_of_later_syncs() {
         let b = Arc::new(SyncBarrier::new(2));
-        let b2 = b.clone();
-        let h = std::thread::spawn(move || b2.arrive(1, || ()));
-        std::thread::sleep(std::time::Duration::from_millis(20));
+        let h = one_waiting_at_sync_1(&b);
         b.end(1); // the other channel sent END before the sync of pass 1
         let e = h.join().unwrap().unwrap_err();
         assert!(e.contains("ended (END) after the sync of pass 0"), "{e}");
@@ -171,9 +178,7 @@ mod tests {
     #[test]
     fn stop_releases_waiters() {
         let b = Arc::new(SyncBarrier::new(2));
-        let b2 = b.clone();
-        let h = std::thread::spawn(move || b2.arrive(1, || ()));
-        std::thread::sleep(std::time::Duration::from_millis(20));
+        let h = one_waiting_at_sync_1(&b);
         b.stop("channel 1 failed");
         assert_eq!(h.join().unwrap().unwrap_err(), "channel 1 failed");
         assert!(b.wait_completed(1).is_err());
