@@ -28,6 +28,25 @@ pub enum MigrationError {
         peer: &'static str,
         during: &'static str,
     },
+    #[error("{channel} channel: nothing from the {peer} for {secs:.1} s (--peer-timeout): the {peer} or the link is gone")]
+    PeerSilent {
+        peer: &'static str,
+        channel: String,
+        secs: f64,
+    },
+    #[error("{channel} channel: {what} made no progress for {secs:.1} s (--peer-timeout): the peer stopped reading")]
+    PeerStalled {
+        what: String,
+        channel: &'static str,
+        secs: f64,
+    },
+    #[error("the two sides differ at switchover: the source's memory and device state have digest {source_digest}, the destination's {destination_digest}; the destination's guest was not started")]
+    DigestMismatch {
+        source_digest: String,
+        destination_digest: String,
+    },
+    #[error("keeping the migrated guest: {0}")]
+    Keep(String),
     #[error("setup refused: {0}")]
     Setup(String),
     #[error("the destination failed: {0}")]

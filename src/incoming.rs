@@ -8,27 +8,35 @@
 //!    channel (after the first, SWITCHOVER_ACK tells the source it may switch
 //!    over), DEVICE_STATE is kept, COMPLETE ends the stream, CANCEL discards;
 //! 4. check that every page arrived and no page is left with a bad checksum,
-//!    take the digest of memory and device state, build the guest from them,
-//!    activate its resources and resume it, then answer RESUMED and SHUT
-//!    (success) on the return path.
+//!    take the digest of memory and device state and compare it with the
+//!    source's (VERIFY), keep what must be kept (`--ram-out` files renamed
+//!    into place, the caller's `keep`), build the guest, activate its
+//!    resources and resume it, then answer RESUMED (with our digest) and
+//!    SHUT (success) on the return path.
 //!
 //! On any failure the destination answers SHUT with the error text, so the
 //! source can report it, and returns the error: it never starts a guest from
-//! an incomplete migration.
+//! an incomplete or unverified migration, and leaves no `--ram-out` file.
+//!
+//! Every wait has a deadline: the main channel's reads end after the peer
+//! timeout without a frame (the source sends heartbeats), and a wait for a
+//! pass's sync or the channels' END fails when a channel that owes data
+//! receives nothing for as long.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use crate::state::Status;
 use crate::{Guest, GuestBuilder};
 
 use ferry_multifd::{ReceiverOptions, ReceiverPool};
-use ferry_ram::{Digest, GuestMemory, PageBitmap};
-use ferry_transport::{accept_session, AcceptOptions, Channel, Listener};
+use ferry_ram::{Digest, GuestMemory, PageBitmap, RamBlock};
+use ferry_transport::{accept_session, AcceptOptions, Listener};
 
-use crate::protocol::{Message, Setup, CAP_CHECKSUM, CAP_ZSTD};
+use crate::outgoing::{heartbeat_interval, DEFAULT_PEER_TIMEOUT};
+use crate::protocol::{MainChannel, Message, Setup, CAP_CHECKSUM, CAP_ZSTD};
 use crate::{Failed, MigrationError, Progress, Role, Summary};
 
 /// Where the destination's guest memory comes from.
@@ -58,6 +66,56 @@ pub struct IncomingOptions {
     /// source that does not compress, `Some(false)` one that does; `None`
     /// takes what the source announces.
     pub compression: Option<bool>,
+    /// The longest silence tolerated from the source (it sends heartbeats
+    /// well within it), and the longest a channel that owes data may
+    /// receive nothing.
+    pub peer_timeout: Duration,
+    /// What SETUP may ask for, checked before any memory or file exists.
+    pub limits: SetupLimits,
+    /// Called with the device state once memory and device state are
+    /// verified, before the guest runs and before the source is told the
+    /// migration completed: what fails here fails the migration (and the
+    /// source keeps its guest). For `recv --device-state-out`.
+    pub keep: Option<KeepHook>,
+}
+
+/// Keeps what a completed migration must leave behind; the error's text is
+/// reported to both sides.
+pub type KeepHook = Arc<dyn Fn(&[u8]) -> Result<(), String> + Send + Sync>;
+
+/// Limits on what an unauthenticated source can make the destination
+/// allocate: checked when SETUP arrives, before any memory or file exists.
+#[derive(Clone, Copy, Debug)]
+pub struct SetupLimits {
+    /// All blocks together (default: this host's physical memory).
+    pub max_guest_bytes: u64,
+    /// At most this many blocks.
+    pub max_blocks: usize,
+}
+
+impl Default for SetupLimits {
+    fn default() -> Self {
+        Self {
+            max_guest_bytes: physical_memory(),
+            max_blocks: 256,
+        }
+    }
+}
+
+/// This host's physical memory in bytes (1 TiB if it cannot be read).
+pub fn physical_memory() -> u64 {
+    // SAFETY: sysconf has no preconditions.
+    let (pages, size) = unsafe {
+        (
+            libc::sysconf(libc::_SC_PHYS_PAGES),
+            libc::sysconf(libc::_SC_PAGESIZE),
+        )
+    };
+    if pages > 0 && size > 0 {
+        (pages as u64).saturating_mul(size as u64)
+    } else {
+        1 << 40
+    }
 }
 
 impl Default for IncomingOptions {
@@ -68,6 +126,9 @@ impl Default for IncomingOptions {
             build_guest: crate::default_guest_builder(),
             digest_before_resume: true,
             compression: None,
+            peer_timeout: DEFAULT_PEER_TIMEOUT,
+            limits: SetupLimits::default(),
+            keep: None,
         }
     }
 }
@@ -170,32 +231,35 @@ fn run(
     summary.wire_bytes +=
         (ferry_transport::HELLO_LEN as u64 + 8) * (session.multifd.len() as u64 + 1);
     summary.tls = listener.is_tls();
-    let main: Arc<dyn Channel> = Arc::from(session.main);
+    let main = MainChannel::new(Arc::from(session.main), opts.peer_timeout)?;
+    main.start_heartbeat(heartbeat_interval(opts.peer_timeout))?;
     let result = receive(main.clone(), session.multifd, opts, progress, summary, out);
     let shut = Message::Shut {
         error: result.as_ref().err().map(ToString::to_string),
     };
-    match shut.write(&*main) {
+    let sent = main.send(&shut);
+    main.stop_heartbeat();
+    match sent {
         Ok(n) => summary.wire_bytes += n,
         Err(e) if result.is_ok() => return Err(e),
         Err(_) => {}
     }
     // End cleanly (TLS: close_notify); the source may be gone already.
-    let _ = main.finish();
-    main.shutdown();
+    let _ = main.channel().finish();
+    main.channel().shutdown();
     result
 }
 
 fn receive(
-    main: Arc<dyn Channel>,
-    multifd: Vec<Box<dyn Channel>>,
+    main: Arc<MainChannel>,
+    multifd: Vec<Box<dyn ferry_transport::Channel>>,
     opts: &IncomingOptions,
     progress: &Progress,
     summary: &mut Summary,
     out: &mut Received,
 ) -> Result<(), MigrationError> {
     progress.set_phase("setup");
-    let setup = match Message::read(&*main, "source")? {
+    let setup = match main.recv("source")? {
         (Message::Setup(s), n) => {
             summary.wire_bytes += n;
             s
@@ -239,7 +303,8 @@ fn receive(
         _ => {}
     }
     summary.compression = compressed.then(|| "zstd".to_string());
-    let memory = build_memory(&setup, &opts.memory)?;
+    check_limits(&setup, &opts.limits)?;
+    let (memory, staged) = build_memory(&setup, &opts.memory)?;
     progress
         .total_ram_bytes
         .store(memory.total_bytes(), std::sync::atomic::Ordering::Relaxed);
@@ -268,35 +333,64 @@ fn receive(
     spawn_main_reader(main.clone(), events, move || {
         stop("the main channel failed")
     })?;
-    summary.wire_bytes += Message::SetupAck.write(&*main)?;
+    summary.wire_bytes += main.send(&Message::SetupAck {
+        verify: opts.digest_before_resume,
+    })?;
 
     progress.set_status(Status::Active);
     progress.set_phase("receiving");
     let counters = pool.counters().clone();
-    let result = follow_main(&pool, &main, &inbox, progress, summary, out)
+    let stall = Some(opts.peer_timeout);
+    let result = follow_main(&pool, &main, &inbox, progress, summary, out, stall)
         .and_then(|()| check_all_received(&memory, pool.received()))
-        .and_then(|()| pool.finish().map_err(MigrationError::from).map(drop));
+        .and_then(|()| {
+            pool.finish_within(stall)
+                .map_err(MigrationError::from)
+                .map(drop)
+        });
     // What landed, whether or not the migration completed.
     summary.add_totals(&counters.snapshot());
     result?;
-    start_guest(&main, memory, opts, progress, summary, out)
+    start_guest(&main, &inbox, memory, staged, opts, progress, summary, out)
 }
 
-/// Everything landed: digest, build the guest, give it its resources and
-/// let it run, then tell the source when it started (downtime ends).
+/// Everything landed: verify it against the source's digest, keep what
+/// must be kept, build the guest, give it its resources and let it run,
+/// then tell the source when it started (downtime ends).
+#[allow(clippy::too_many_arguments)]
 fn start_guest(
-    main: &Arc<dyn Channel>,
+    main: &Arc<MainChannel>,
+    inbox: &mpsc::Receiver<Event>,
     memory: Arc<GuestMemory>,
+    staged: Option<StagedFiles>,
     opts: &IncomingOptions,
     progress: &Progress,
     summary: &mut Summary,
     out: &mut Received,
 ) -> Result<(), MigrationError> {
-    progress.set_phase("resuming");
+    progress.set_phase("verifying");
     let t = Instant::now();
+    let mut ours = None;
     if opts.digest_before_resume {
-        summary.switchover_digest = Some(Digest::of_guest(&memory, &out.device_state).to_string());
+        let d = Digest::of_guest(&memory, &out.device_state);
+        summary.switchover_digest = Some(d.to_string());
         summary.digest_ms = Some(t.elapsed().as_secs_f64() * 1e3);
+        let theirs = wait_verify(inbox, summary)?;
+        if theirs != d.0 {
+            return Err(MigrationError::DigestMismatch {
+                source_digest: Digest(theirs).to_string(),
+                destination_digest: d.to_string(),
+            });
+        }
+        summary.verified = Some(true);
+        ours = Some(d.0);
+    }
+    progress.set_phase("resuming");
+    if let Some(keep) = &opts.keep {
+        keep(&out.device_state).map_err(MigrationError::Keep)?;
+    }
+    if let Some(files) = staged {
+        files.commit()?;
     }
     let guest = (opts.build_guest)(memory, &out.device_state)?;
     guest.resources().activate()?;
@@ -305,11 +399,44 @@ fn start_guest(
     let resumed_at = crate::outgoing::unix_nanos();
     summary.guest_running = guest.is_running();
     out.guest = Some(guest);
-    summary.wire_bytes += Message::Resumed {
+    summary.wire_bytes += main.send(&Message::Resumed {
         unix_nanos: resumed_at,
-    }
-    .write(&**main)?;
+        digest: ours,
+    })?;
     Ok(())
+}
+
+/// The source's VERIFY, which follows COMPLETE.
+fn wait_verify(
+    inbox: &mpsc::Receiver<Event>,
+    summary: &mut Summary,
+) -> Result<u128, MigrationError> {
+    loop {
+        let event = inbox
+            .recv()
+            .map_err(|_| MigrationError::Protocol("main channel reader stopped".into()))?;
+        match event {
+            Event::Main(Ok((Message::Verify { digest }, n))) => {
+                summary.wire_bytes += n;
+                return Ok(digest);
+            }
+            Event::Main(Ok((Message::Cancel, _))) => {
+                return Err(MigrationError::Cancelled(" by the source".into()))
+            }
+            Event::Main(Ok((other, _))) => {
+                return Err(MigrationError::Protocol(format!(
+                    "expected VERIFY after COMPLETE, got {}",
+                    other.name()
+                )))
+            }
+            Event::Main(Err(e)) => return Err(e),
+            Event::Cancelled => {
+                return Err(MigrationError::Cancelled(" on the destination".into()))
+            }
+            // The pool has finished: a late failure report changes nothing.
+            Event::MultifdFailed => {}
+        }
+    }
 }
 
 /// Every page of every block must have landed at least once.
@@ -331,11 +458,12 @@ fn check_all_received(memory: &GuestMemory, received: &[PageBitmap]) -> Result<(
 /// Follows the main channel until COMPLETE, the data path in step with it.
 fn follow_main(
     pool: &ReceiverPool,
-    main: &Arc<dyn Channel>,
+    main: &Arc<MainChannel>,
     inbox: &mpsc::Receiver<Event>,
     progress: &Progress,
     summary: &mut Summary,
     out: &mut Received,
+    stall: Option<Duration>,
 ) -> Result<(), MigrationError> {
     let mut acked = false;
     // The last pass whose PASS_END arrived: passes end in order, 1, 2, ...
@@ -361,13 +489,13 @@ fn follow_main(
                         last_pass + 1
                     )));
                 }
-                pool.wait_sync(generation)
+                pool.wait_sync_within(generation, stall)
                     .map_err(|e| interrupted(inbox, pool, e))?;
                 last_pass = generation;
                 summary.passes = generation;
                 if !acked {
                     // The first full pass is here: the source may switch over.
-                    summary.wire_bytes += Message::SwitchoverAck.write(&**main)?;
+                    summary.wire_bytes += main.send(&Message::SwitchoverAck)?;
                     acked = true;
                 }
             }
@@ -427,21 +555,25 @@ fn interrupted(
     data_path.into()
 }
 
-/// Reads source → destination messages on their own thread until COMPLETE;
-/// calls `on_error` (after queueing the error) if the channel fails.
+/// Reads source → destination messages on their own thread until VERIFY
+/// (or COMPLETE, when this side does not verify); calls `on_error` (after
+/// queueing the error) if the channel fails.
 fn spawn_main_reader(
-    main: Arc<dyn Channel>,
+    main: Arc<MainChannel>,
     events: mpsc::Sender<Event>,
     on_error: impl Fn() + Send + 'static,
 ) -> Result<(), MigrationError> {
     std::thread::Builder::new()
         .name("ferry-main-reader".into())
         .spawn(move || loop {
-            let m = Message::read(&*main, "source");
+            let m = main.recv("source");
             let failed = m.is_err();
             let last = !matches!(
                 m,
-                Ok((Message::PassEnd { .. } | Message::DeviceState(_), _))
+                Ok((
+                    Message::PassEnd { .. } | Message::DeviceState(_) | Message::Complete { .. },
+                    _
+                ))
             );
             let gone = events.send(Event::Main(m)).is_err();
             if failed {
@@ -455,11 +587,38 @@ fn spawn_main_reader(
     Ok(())
 }
 
+/// What SETUP asks for must fit `limits`, before anything is allocated.
+fn check_limits(setup: &Setup, limits: &SetupLimits) -> Result<(), MigrationError> {
+    if setup.blocks.len() > limits.max_blocks {
+        return Err(MigrationError::Setup(format!(
+            "the source announces {} RAM blocks, more than this receiver's limit of {}",
+            setup.blocks.len(),
+            limits.max_blocks
+        )));
+    }
+    let total = setup
+        .blocks
+        .iter()
+        .try_fold(0u64, |sum, b| sum.checked_add(b.len));
+    match total {
+        Some(t) if t <= limits.max_guest_bytes => Ok(()),
+        _ => Err(MigrationError::Setup(format!(
+            "the source announces {} of guest RAM in {} block(s), more than this receiver \
+             accepts ({}; raise it with --max-guest)",
+            total.map_or("more than 16 EiB".into(), crate::summary::iec),
+            setup.blocks.len(),
+            crate::summary::iec(limits.max_guest_bytes)
+        ))),
+    }
+}
+
 /// Builds (or checks) the destination memory for the source's layout.
+/// Files for `--ram-out` are made under temporary names and returned, to be
+/// renamed into place once the migration is verified.
 fn build_memory(
     setup: &Setup,
     memory: &DestinationMemory,
-) -> Result<Arc<GuestMemory>, MigrationError> {
+) -> Result<(Arc<GuestMemory>, Option<StagedFiles>), MigrationError> {
     if setup.blocks.is_empty() {
         return Err(MigrationError::Setup(
             "the source announced no RAM blocks".into(),
@@ -467,12 +626,14 @@ fn build_memory(
     }
     let setup_err = |e: ferry_ram::RamError| MigrationError::Setup(e.to_string());
     match memory {
-        DestinationMemory::Anonymous => Ok(Arc::new(
-            GuestMemory::anonymous(&setup.blocks).map_err(setup_err)?,
+        DestinationMemory::Anonymous => Ok((
+            Arc::new(GuestMemory::anonymous(&setup.blocks).map_err(setup_err)?),
+            None,
         )),
-        DestinationMemory::Files(path) => Ok(Arc::new(
-            GuestMemory::create_files(&setup.blocks, path).map_err(setup_err)?,
-        )),
+        DestinationMemory::Files(path) => {
+            let (memory, staged) = StagedFiles::create(&setup.blocks, path)?;
+            Ok((Arc::new(memory), Some(staged)))
+        }
         DestinationMemory::Provided(mem) => {
             if mem.blocks().len() != setup.blocks.len() {
                 return Err(MigrationError::Setup(format!(
@@ -507,7 +668,84 @@ fn build_memory(
                     )));
                 }
             }
-            Ok(mem.clone())
+            Ok((mem.clone(), None))
         }
     }
+}
+
+/// `--ram-out` files under temporary names beside their final paths: an
+/// existing file at a final path is only ever replaced by a complete,
+/// verified one (a rename), and a failed migration leaves nothing behind.
+struct StagedFiles {
+    /// (temporary, final) per block.
+    paths: Vec<(PathBuf, PathBuf)>,
+    committed: bool,
+}
+
+impl StagedFiles {
+    fn create(
+        specs: &[ferry_ram::BlockSpec],
+        path: &Path,
+    ) -> Result<(GuestMemory, Self), MigrationError> {
+        let setup_err = |e: ferry_ram::RamError| MigrationError::Setup(e.to_string());
+        let finals = ferry_ram::block_file_paths(specs, path).map_err(setup_err)?;
+        let tag = format!("{}.{:08x}", std::process::id(), rand_tag());
+        let mut staged = Self {
+            paths: Vec::new(),
+            committed: false,
+        };
+        let mut blocks = Vec::new();
+        for (spec, fin) in specs.iter().zip(finals) {
+            let name = fin
+                .file_name()
+                .map_or_else(Default::default, |n| n.to_string_lossy());
+            let tmp = fin.with_file_name(format!(".{name}.ferry-recv-{tag}"));
+            staged.paths.push((tmp.clone(), fin));
+            let block = RamBlock::file(&spec.name, &tmp, spec.page_size, true, Some(spec.len))
+                .map_err(setup_err)?;
+            blocks.push(block);
+        }
+        let memory = GuestMemory::new(blocks).map_err(setup_err)?;
+        Ok((memory, staged))
+    }
+
+    /// Renames every file into place.
+    fn commit(mut self) -> Result<(), MigrationError> {
+        for (tmp, fin) in &self.paths {
+            std::fs::rename(tmp, fin).map_err(|e| {
+                MigrationError::Keep(format!(
+                    "moving the received RAM into {}: {e}",
+                    fin.display()
+                ))
+            })?;
+        }
+        self.committed = true;
+        Ok(())
+    }
+}
+
+impl Drop for StagedFiles {
+    fn drop(&mut self) {
+        if !self.committed {
+            for (tmp, _) in &self.paths {
+                let _ = std::fs::remove_file(tmp);
+            }
+        }
+    }
+}
+
+/// A few random bits for temporary names.
+fn rand_tag() -> u32 {
+    let mut b = [0u8; 4];
+    let _ = getrandom_fill(&mut b);
+    u32::from_le_bytes(b)
+}
+
+fn getrandom_fill(b: &mut [u8]) -> std::io::Result<()> {
+    // SAFETY: getrandom writes at most `b.len()` bytes into `b`.
+    let n = unsafe { libc::getrandom(b.as_mut_ptr().cast(), b.len(), 0) };
+    if n < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
 }

@@ -32,8 +32,11 @@ pub use activation::Resources;
 pub use control::{ControlError, ControlServer};
 pub use error::{Failed, MigrationError};
 pub use guest::{default_guest_builder, Guest, GuestBuilder, GuestError, ImageGuest};
-pub use incoming::{migrate_in, DestinationMemory, IncomingOptions, IncomingOutcome};
-pub use outgoing::{migrate_out, OutgoingOptions};
+pub use incoming::{
+    migrate_in, physical_memory, DestinationMemory, IncomingOptions, IncomingOutcome, KeepHook,
+    SetupLimits,
+};
+pub use outgoing::{migrate_out, OutgoingOptions, DEFAULT_PEER_TIMEOUT};
 pub use snapshot::{
     restore_from_file, restore_lazy, save_background, save_live_to_file, save_to_file,
     BackgroundOptions, FileFailed, FileSummary, LazyReport, LazyRestored, LazyRestoring,

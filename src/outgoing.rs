@@ -35,7 +35,7 @@ use ferry_transport::{
     SocketTuning, TlsClient,
 };
 
-use crate::protocol::{Message, Setup, CAP_CHECKSUM, CAP_ZSTD};
+use crate::protocol::{MainChannel, Message, Setup, CAP_CHECKSUM, CAP_ZSTD};
 use crate::state::{Event, Status};
 use crate::summary::ZeroCopyReport;
 use crate::{Failed, Guest, MigrationError, Progress, Role as SummaryRole, Summary};
@@ -50,6 +50,10 @@ pub struct OutgoingOptions {
     pub setup_timeout: Duration,
     /// How long to wait for the destination's final word after COMPLETE.
     pub completion_timeout: Duration,
+    /// The longest silence tolerated from the destination (it sends a
+    /// heartbeat well within it), and the longest a channel may make no
+    /// progress while it owes data. Also the sockets' TCP_USER_TIMEOUT.
+    pub peer_timeout: Duration,
     /// TLS on every channel, with these credentials.
     pub tls: Option<Arc<TlsClient>>,
 }
@@ -62,10 +66,15 @@ impl Default for OutgoingOptions {
             tuning: SocketTuning::default(),
             setup_timeout: Duration::from_secs(30),
             completion_timeout: Duration::from_secs(120),
+            peer_timeout: DEFAULT_PEER_TIMEOUT,
             tls: None,
         }
     }
 }
+
+/// The default peer timeout: long enough for a loaded machine, short
+/// enough that a dead peer is noticed while a person waits.
+pub const DEFAULT_PEER_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// How long a cancelled pass may take to end on its own before its
 /// channels are shut down (a dead link never drains).
@@ -190,10 +199,13 @@ struct Source<'a> {
 
 /// The open session: main channel, its return path and the sender pool.
 struct Session {
-    main: Arc<dyn Channel>,
+    main: Arc<MainChannel>,
     return_path: ReturnPath,
     pool: SenderPool,
     switchover_acked: bool,
+    /// The destination asked for VERIFY (SETUP_ACK): it compares digests
+    /// before its guest runs.
+    destination_verifies: bool,
 }
 
 /// What one pass moved, and how long it took.
@@ -218,15 +230,16 @@ impl Source<'_> {
             // End the channels cleanly (a dead link is cut by the cancel's
             // grace timer), then tell the destination to discard.
             let _ = s.pool.finish();
-            let _ = Message::Cancel.write(&*s.main);
+            let _ = s.main.send(&Message::Cancel);
         }
         self.ended.store(true, Ordering::SeqCst);
+        s.main.stop_heartbeat();
         if result.is_err() {
-            s.main.shutdown();
+            s.main.channel().shutdown();
         } else {
             // End the main channel cleanly (TLS: close_notify); the
             // destination may already have closed its side: best effort.
-            let _ = s.main.finish();
+            let _ = s.main.channel().finish();
         }
         result
     }
@@ -239,7 +252,8 @@ impl Source<'_> {
         let (main, multifd) = open_session(self.uri, opts, session)?;
         self.summary.wire_bytes +=
             (ferry_transport::HELLO_LEN as u64 + 8) * (u64::from(opts.channels) + 1);
-        let main: Arc<dyn Channel> = Arc::from(main);
+        let main = MainChannel::new(Arc::from(main), opts.peer_timeout)?;
+        main.start_heartbeat(heartbeat_interval(opts.peer_timeout))?;
         let on_destination_failure = Arc::new(OnceLock::new());
         let return_path = spawn_return_path(main.clone(), on_destination_failure.clone())?;
 
@@ -258,18 +272,20 @@ impl Source<'_> {
             packet_pages: opts.sender.packet_pages,
             blocks: self.memory.specs(),
         };
-        self.summary.wire_bytes += Message::Setup(setup).write(&*main)?;
+        self.summary.wire_bytes += main.send(&Message::Setup(setup))?;
         let reply = self.wait_reply(&return_path, opts.setup_timeout, "SETUP_ACK");
         if reply.is_err() && self.progress.cancel_requested() {
-            let _ = Message::Cancel.write(&*main);
+            let _ = main.send(&Message::Cancel);
         }
-        match reply? {
-            Message::SetupAck => {}
+        let destination_verifies = match reply? {
+            Message::SetupAck { verify } => verify,
             Message::Shut { error: Some(e) } => return Err(MigrationError::Setup(e)),
             other => return Err(unexpected("SETUP_ACK", &other)),
-        }
+        };
 
-        let pool = SenderPool::start(multifd, self.memory.clone(), opts.sender.clone())?;
+        let mut sender = opts.sender.clone();
+        sender.stall_timeout = Some(opts.peer_timeout);
+        let pool = SenderPool::start(multifd, self.memory.clone(), sender)?;
         self.progress.attach(pool.counters().clone());
         self.progress.attach_pass_control(pool.control().clone());
         let abort = Arc::new(pool.aborter());
@@ -311,6 +327,7 @@ impl Source<'_> {
             return_path,
             pool,
             switchover_acked: false,
+            destination_verifies,
         })
     }
 
@@ -434,14 +451,24 @@ impl Source<'_> {
         let device_state = self.guest.save_device_state()?;
         self.summary.device_state_bytes = device_state.len() as u64;
         self.summary.device_state_digest = Some(Digest::of_bytes(&device_state).to_string());
-        self.summary.wire_bytes += Message::DeviceState(device_state.clone()).write(&*s.main)?;
-        self.summary.wire_bytes += Message::Complete {
+        self.summary.wire_bytes += s.main.send(&Message::DeviceState(device_state.clone()))?;
+        self.summary.wire_bytes += s.main.send(&Message::Complete {
             generation: s.pool.generation(),
-        }
-        .write(&*s.main)?;
+        })?;
         let totals = match s.pool.finish() {
             Ok(t) => t,
             Err(e) => return Err(local_or_destination(e, &s.return_path)),
+        };
+        // The guest is paused: memory is as it was at switchover. A
+        // destination that verifies gets our digest now and compares it
+        // with its own before its guest may run.
+        let digest = if s.destination_verifies {
+            self.progress.set_phase("verifying");
+            let d = Digest::of_guest(&self.memory, &device_state);
+            self.summary.wire_bytes += s.main.send(&Message::Verify { digest: d.0 })?;
+            Some(d)
+        } else {
+            None
         };
         self.summary.add_totals(&totals);
         if let Some(zc) = self.summary.zero_copy.as_mut() {
@@ -451,11 +478,29 @@ impl Source<'_> {
         self.progress.set_phase("completing");
         let timeout = self.opts.completion_timeout;
         match recv_timeout(&s.return_path, timeout, "the destination's RESUMED")? {
-            Message::Resumed { unix_nanos } => {
+            Message::Resumed {
+                unix_nanos,
+                digest: theirs,
+            } => {
                 let downtime = paused_at.elapsed();
                 self.progress.set_downtime(downtime);
                 self.summary.downtime_ms = Some(downtime.as_secs_f64() * 1e3);
                 self.summary.destination_resumed_at_unix = Some(unix_nanos as f64 / 1e9);
+                if let Some(ours) = digest {
+                    match theirs {
+                        Some(t) if t == ours.0 => self.summary.verified = Some(true),
+                        Some(t) => {
+                            return Err(MigrationError::DigestMismatch {
+                                source_digest: ours.to_string(),
+                                destination_digest: Digest(t).to_string(),
+                            })
+                        }
+                        None => return Err(MigrationError::Protocol(
+                            "RESUMED without the destination's digest, though it asked to verify"
+                                .into(),
+                        )),
+                    }
+                }
             }
             Message::Shut { error: Some(e) } => return Err(MigrationError::Destination(e)),
             other => return Err(unexpected("RESUMED", &other)),
@@ -465,11 +510,11 @@ impl Source<'_> {
             Message::Shut { error: Some(e) } => return Err(MigrationError::Destination(e)),
             other => return Err(unexpected("SHUT", &other)),
         }
-        // The guest stays paused here, so memory is still as it was at
-        // switchover; hashing now costs no downtime (and no CPU the
-        // destination needed to resume).
-        self.summary.switchover_digest =
-            Some(Digest::of_guest(&self.memory, &device_state).to_string());
+        // Without verification the guest stays paused here, so memory is
+        // still as it was at switchover; hashing now costs no downtime (and
+        // no CPU the destination needed to resume).
+        let digest = digest.unwrap_or_else(|| Digest::of_guest(&self.memory, &device_state));
+        self.summary.switchover_digest = Some(digest.to_string());
         Ok(())
     }
 
@@ -491,10 +536,9 @@ impl Source<'_> {
         if let Err(e) = sent {
             return Err(local_or_destination(e, &s.return_path));
         }
-        self.summary.wire_bytes += Message::PassEnd {
+        self.summary.wire_bytes += s.main.send(&Message::PassEnd {
             generation: s.pool.generation(),
-        }
-        .write(&*s.main)?;
+        })?;
         self.check_cancel()?;
         let after = s.pool.counters().snapshot();
         Ok(PassResult {
@@ -569,9 +613,21 @@ impl Source<'_> {
         loop {
             self.check_cancel()?;
             let left = deadline.saturating_duration_since(Instant::now());
-            match recv_timeout(rp, left.min(POLL), what) {
-                Err(MigrationError::Protocol(_)) if !left.is_zero() => continue,
-                other => return other,
+            if left.is_zero() {
+                return Err(MigrationError::Protocol(format!(
+                    "no {what} from the destination within {:.1} s",
+                    timeout.as_secs_f64()
+                )));
+            }
+            match rp.recv_timeout(left.min(POLL)) {
+                Ok(m) => return m,
+                Err(RecvTimeoutError::Timeout) => continue,
+                Err(RecvTimeoutError::Disconnected) => {
+                    return Err(MigrationError::MainClosed {
+                        peer: "destination",
+                        during: "before the migration ended",
+                    })
+                }
             }
         }
     }
@@ -608,10 +664,15 @@ fn open_session(
         multifd_channels: opts.channels,
     };
     let tls = opts.tls.as_deref();
-    let main = connect_channel_secure(uri, &opts.tuning, &hello(Role::Main, 0), tls)?;
+    // Data unacknowledged for the peer timeout ends a connection.
+    let tuning = SocketTuning {
+        user_timeout: Some(opts.peer_timeout),
+        ..opts.tuning.clone()
+    };
+    let main = connect_channel_secure(uri, &tuning, &hello(Role::Main, 0), tls)?;
     let mut multifd: Vec<Box<dyn Channel>> = Vec::new();
     for i in 0..opts.channels {
-        match connect_channel_secure(uri, &opts.tuning, &hello(Role::Multifd, i), tls) {
+        match connect_channel_secure(uri, &tuning, &hello(Role::Multifd, i), tls) {
             Ok(ch) => multifd.push(ch),
             // With TLS 1.3 a server that refuses our certificate says so
             // only after our side of the handshake is done: its alert
@@ -645,18 +706,18 @@ type StopHook = Box<dyn Fn() + Send + Sync>;
 /// with an error, or a broken return path, runs `on_failure` (once set):
 /// the source need not finish a pass the destination no longer reads.
 fn spawn_return_path(
-    main: Arc<dyn Channel>,
+    main: Arc<MainChannel>,
     on_failure: Arc<OnceLock<StopHook>>,
 ) -> Result<ReturnPath, MigrationError> {
     let (tx, rx) = mpsc::channel();
     std::thread::Builder::new()
         .name("ferry-return-path".into())
         .spawn(move || loop {
-            let m = Message::read(&*main, "destination").map(|(m, _)| m);
+            let m = main.recv("destination").map(|(m, _)| m);
             let failed = matches!(m, Err(_) | Ok(Message::Shut { error: Some(_) }));
             let last = !matches!(
                 m,
-                Ok(Message::SetupAck | Message::SwitchoverAck | Message::Resumed { .. })
+                Ok(Message::SetupAck { .. } | Message::SwitchoverAck | Message::Resumed { .. })
             );
             let gone = tx.send(m).is_err();
             if failed {
@@ -708,6 +769,12 @@ fn destination_reason(rp: &ReturnPath) -> Option<MigrationError> {
         }
     }
     None
+}
+
+/// How often a side sends HEARTBEAT when it has nothing else to say: four
+/// beats fit in one peer timeout.
+pub(crate) fn heartbeat_interval(peer_timeout: Duration) -> Duration {
+    (peer_timeout / 4).max(Duration::from_millis(20))
 }
 
 /// Now (Unix time, nanoseconds).

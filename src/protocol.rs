@@ -8,7 +8,14 @@
 //! |      0 |    2 | message type (below)                             |
 //! |      2 |    2 | reserved, 0                                      |
 //! |      4 |    4 | body length N, at most the type's limit          |
-//! |      8 |    N | body                                             |
+//! |      8 |    4 | CRC-32 (IEEE) of bytes 0..8 and of the body      |
+//! |     12 |    N | body                                             |
+//!
+//! Every frame carries its CRC, whatever the checksum capability says: the
+//! main channel moves a few small messages and the device state, so the
+//! check costs nothing measurable, and a flipped bit in SETUP (which
+//! announces the capability itself), the device state or COMPLETE can never
+//! be acted on. A frame whose CRC does not match ends the migration.
 //!
 //! Source → destination:
 //! - `1 SETUP`: `u8` capability flags (bit 0: packets carry checksums;
@@ -19,27 +26,44 @@
 //! - `2 PASS_END`: `u64` generation; every multifd channel has sent this
 //!   pass's SYNC. 8 bytes.
 //! - `3 DEVICE_STATE`: the guest's opaque device state. At most 256 MiB.
-//! - `4 COMPLETE`: `u64` generation of the final pass; nothing more follows.
+//! - `4 COMPLETE`: `u64` generation of the final pass; only VERIFY and
+//!   HEARTBEAT may follow.
 //! - `5 CANCEL`: empty; the source cancelled the migration: the destination
 //!   discards what it received and never starts the guest.
+//! - `6 VERIFY`: 16 bytes, the source's digest of memory and device state
+//!   at switchover ([`ferry_ram::Digest::of_guest`]). Sent after COMPLETE
+//!   when SETUP_ACK asked for it: the destination compares it with its own
+//!   before its guest may run.
 //!
 //! Destination → source (the return path):
-//! - `101 SETUP_ACK`: empty; the destination has built the layout and its
-//!   receivers are running.
+//! - `101 SETUP_ACK`: `u8` flags (bit 0: this destination verifies: send
+//!   VERIFY after COMPLETE); the destination has built the layout and its
+//!   receivers are running. 1 byte.
 //! - `102 SHUT`: `u32` error flag (0: the migration completed on the
 //!   destination, and nothing follows), then the UTF-8 error text. Sent
 //!   once, at the end.
 //! - `103 SWITCHOVER_ACK`: empty; the destination has the first full pass
 //!   and agrees to a switchover (the source waits for it before pausing).
 //! - `104 RESUMED`: `u64` Unix time in nanoseconds when the destination's
-//!   guest started running; the source's downtime ends when it arrives.
+//!   guest started running (the source's downtime ends when it arrives),
+//!   then, when the destination verified, the 16 bytes of its own digest of
+//!   memory and device state before it resumed. 8 or 24 bytes.
+//!
+//! Either direction:
+//! - `200 HEARTBEAT`: empty; sent when nothing else was sent for a while,
+//!   so a peer that goes silent (no FIN, no RST) is noticed by the other
+//!   side's read deadline (the peer timeout).
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
 
 use ferry_ram::BlockSpec;
 use ferry_transport::Channel;
 
 use crate::MigrationError;
 
-const FRAME_LEN: usize = 8;
+const FRAME_LEN: usize = 12;
 const MAX_SETUP: u32 = 1 << 20;
 /// The same limit a saved file has.
 pub const MAX_DEVICE_STATE: u32 = ferry_ram::mapped::MAX_DEVICE_STATE as u32;
@@ -47,6 +71,8 @@ const MAX_SHUT: u32 = 64 << 10;
 
 pub const CAP_CHECKSUM: u8 = 1;
 pub const CAP_ZSTD: u8 = 2;
+/// SETUP_ACK flag: the destination verifies digests before it resumes.
+pub const ACK_VERIFY: u8 = 1;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Setup {
@@ -59,14 +85,29 @@ pub struct Setup {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Message {
     Setup(Setup),
-    PassEnd { generation: u64 },
+    PassEnd {
+        generation: u64,
+    },
     DeviceState(Vec<u8>),
-    Complete { generation: u64 },
+    Complete {
+        generation: u64,
+    },
     Cancel,
-    SetupAck,
-    Shut { error: Option<String> },
+    Verify {
+        digest: u128,
+    },
+    SetupAck {
+        verify: bool,
+    },
+    Shut {
+        error: Option<String>,
+    },
     SwitchoverAck,
-    Resumed { unix_nanos: u64 },
+    Resumed {
+        unix_nanos: u64,
+        digest: Option<u128>,
+    },
+    Heartbeat,
 }
 
 impl Message {
@@ -77,10 +118,12 @@ impl Message {
             Self::DeviceState(_) => 3,
             Self::Complete { .. } => 4,
             Self::Cancel => 5,
-            Self::SetupAck => 101,
+            Self::Verify { .. } => 6,
+            Self::SetupAck { .. } => 101,
             Self::Shut { .. } => 102,
             Self::SwitchoverAck => 103,
             Self::Resumed { .. } => 104,
+            Self::Heartbeat => 200,
         }
     }
 
@@ -106,9 +149,16 @@ impl Message {
             Self::PassEnd { generation } | Self::Complete { generation } => {
                 b.extend_from_slice(&generation.to_le_bytes())
             }
-            Self::Resumed { unix_nanos } => b.extend_from_slice(&unix_nanos.to_le_bytes()),
+            Self::Resumed { unix_nanos, digest } => {
+                b.extend_from_slice(&unix_nanos.to_le_bytes());
+                if let Some(d) = digest {
+                    b.extend_from_slice(&d.to_le_bytes());
+                }
+            }
+            Self::Verify { digest } => b.extend_from_slice(&digest.to_le_bytes()),
+            Self::SetupAck { verify } => b.push(if *verify { ACK_VERIFY } else { 0 }),
             Self::DeviceState(d) => b.extend_from_slice(d),
-            Self::SetupAck | Self::Cancel | Self::SwitchoverAck => {}
+            Self::Cancel | Self::SwitchoverAck | Self::Heartbeat => {}
             Self::Shut { error } => {
                 b.extend_from_slice(&u32::from(error.is_some()).to_le_bytes());
                 if let Some(e) = error {
@@ -120,45 +170,61 @@ impl Message {
         b
     }
 
-    /// Writes the message as one frame; returns the bytes written.
-    pub fn write(&self, ch: &dyn Channel) -> Result<u64, MigrationError> {
+    /// The whole frame: header, CRC and body.
+    pub fn frame(&self) -> Vec<u8> {
         let body = self.body();
         let mut frame = Vec::with_capacity(FRAME_LEN + body.len());
         frame.extend_from_slice(&self.kind().to_le_bytes());
         frame.extend_from_slice(&[0, 0]);
         frame.extend_from_slice(&(body.len() as u32).to_le_bytes());
+        let crc = frame_crc(&frame[..8], &body);
+        frame.extend_from_slice(&crc.to_le_bytes());
         frame.extend_from_slice(&body);
+        frame
+    }
+
+    /// Writes the message as one frame; returns the bytes written. Only
+    /// one thread may write to a channel at a time: share a channel
+    /// through [`MainChannel`], which serializes its writers.
+    pub fn write(&self, ch: &dyn Channel) -> Result<u64, MigrationError> {
+        let frame = self.frame();
         ch.write_all(&frame)
-            .map_err(|source| MigrationError::MainIo {
-                what: format!("sending {}", self.name()),
-                source,
-            })?;
+            .map_err(|source| write_error(self, source))?;
         Ok(frame.len() as u64)
     }
 
     /// Reads one frame; returns it with its size in bytes. `peer` names the
-    /// other side for a closed connection.
+    /// other side for a closed connection. HEARTBEAT frames are returned
+    /// like any other.
     pub fn read(ch: &dyn Channel, peer: &'static str) -> Result<(Self, u64), MigrationError> {
         let mut frame = [0u8; FRAME_LEN];
         ch.read_exact(&mut frame).map_err(|e| read_error(e, peer))?;
         let kind = u16::from_le_bytes([frame[0], frame[1]]);
         let len = u32::from_le_bytes(frame[4..8].try_into().unwrap());
+        let crc = u32::from_le_bytes(frame[8..12].try_into().unwrap());
         if frame[2..4] != [0, 0] {
             return Err(MigrationError::Protocol(format!(
                 "message type {kind}: reserved bytes 2..4 of its frame are not zero"
             )));
         }
-        let Some(&(_, _, limit)) = KINDS.iter().find(|k| k.0 == kind) else {
+        let Some(&(_, name, limit)) = KINDS.iter().find(|k| k.0 == kind) else {
             return Err(MigrationError::Protocol(format!(
-                "unknown message type {kind} (a non-ferry peer?)"
+                "unknown message type {kind} (a non-ferry peer, or a corrupted frame)"
             )));
         };
         if len > limit {
             return Err(MigrationError::Protocol(format!(
-                "message type {kind} of {len} bytes, more than its limit of {limit}"
+                "{name} (type {kind}) of {len} bytes, more than its limit of {limit}"
             )));
         }
         let body = read_body(ch, len as usize, peer)?;
+        let actual = frame_crc(&frame[..8], &body);
+        if actual != crc {
+            return Err(MigrationError::Protocol(format!(
+                "{name} of {len} bytes from the {peer} failed its CRC \
+                 (frame says {crc:#010x}, its bytes give {actual:#010x}): corrupted in transit"
+            )));
+        }
         Ok((
             Self::decode(kind, &body)?,
             FRAME_LEN as u64 + u64::from(len),
@@ -204,11 +270,24 @@ impl Message {
                 generation: r.u64()?,
             },
             5 => Self::Cancel,
-            101 => Self::SetupAck,
+            6 => Self::Verify { digest: r.u128()? },
+            101 => {
+                let flags = r.u8()?;
+                if flags & !ACK_VERIFY != 0 {
+                    return Err(MigrationError::Protocol(format!(
+                        "SETUP_ACK with unknown flags {flags:#04x}"
+                    )));
+                }
+                Self::SetupAck {
+                    verify: flags & ACK_VERIFY != 0,
+                }
+            }
             103 => Self::SwitchoverAck,
             104 => Self::Resumed {
                 unix_nanos: r.u64()?,
+                digest: if b.len() > 8 { Some(r.u128()?) } else { None },
             },
+            200 => Self::Heartbeat,
             102 => {
                 let flag = r.u32()?;
                 if flag == 0 && b.len() > 4 {
@@ -239,18 +318,160 @@ impl Message {
     }
 }
 
+fn frame_crc(head: &[u8], body: &[u8]) -> u32 {
+    let mut h = crc32fast::Hasher::new();
+    h.update(head);
+    h.update(body);
+    h.finalize()
+}
+
+/// The main channel shared by the threads of one side: its writers take
+/// turns (a frame is never interleaved with another), reads come from one
+/// reader thread, and a heartbeat goes out whenever nothing else was sent
+/// for a quarter of the peer timeout.
+pub struct MainChannel {
+    channel: Arc<dyn Channel>,
+    peer_timeout: Duration,
+    writing: Mutex<Instant>,
+    heartbeat: Mutex<Option<std::thread::JoinHandle<()>>>,
+    stop: Arc<(Mutex<bool>, Condvar)>,
+    stopped: AtomicBool,
+}
+
+impl MainChannel {
+    /// Wraps `channel`: every read waits at most `peer_timeout` (the peer
+    /// sends a heartbeat well within it), and so does every write.
+    pub fn new(
+        channel: Arc<dyn Channel>,
+        peer_timeout: Duration,
+    ) -> Result<Arc<Self>, MigrationError> {
+        let set = |r: std::io::Result<()>| {
+            r.map_err(|source| MigrationError::MainIo {
+                what: "setting the peer timeout".into(),
+                source,
+            })
+        };
+        set(channel.set_read_timeout(Some(peer_timeout)))?;
+        set(channel.set_write_timeout(Some(peer_timeout)))?;
+        Ok(Arc::new(Self {
+            channel,
+            peer_timeout,
+            writing: Mutex::new(Instant::now()),
+            heartbeat: Mutex::new(None),
+            stop: Arc::new((Mutex::new(false), Condvar::new())),
+            stopped: AtomicBool::new(false),
+        }))
+    }
+
+    pub fn channel(&self) -> &Arc<dyn Channel> {
+        &self.channel
+    }
+
+    /// Sends one message (whole, never interleaved); returns its bytes.
+    pub fn send(&self, m: &Message) -> Result<u64, MigrationError> {
+        let frame = m.frame();
+        let mut last = self.writing.lock().unwrap();
+        self.channel
+            .write_all(&frame)
+            .map_err(|source| self.timed(write_error(m, source)))?;
+        *last = Instant::now();
+        Ok(frame.len() as u64)
+    }
+
+    /// Reads the next message that is not a heartbeat. A silence longer
+    /// than the peer timeout is an error that says so.
+    pub fn recv(&self, peer: &'static str) -> Result<(Message, u64), MigrationError> {
+        let mut heartbeats = 0;
+        loop {
+            match Message::read(&*self.channel, peer) {
+                Ok((Message::Heartbeat, n)) => heartbeats += n,
+                Ok((m, n)) => return Ok((m, n + heartbeats)),
+                Err(e) => return Err(self.timed(e)),
+            }
+        }
+    }
+
+    /// A timeout error with the peer timeout filled in.
+    fn timed(&self, e: MigrationError) -> MigrationError {
+        let secs = self.peer_timeout.as_secs_f64();
+        match e {
+            MigrationError::PeerSilent { peer, channel, .. } => MigrationError::PeerSilent {
+                peer,
+                channel,
+                secs,
+            },
+            MigrationError::PeerStalled { what, channel, .. } => MigrationError::PeerStalled {
+                what,
+                channel,
+                secs,
+            },
+            e => e,
+        }
+    }
+
+    /// Starts sending HEARTBEAT whenever nothing else went out for
+    /// `interval`, until [`MainChannel::stop_heartbeat`] or drop.
+    pub fn start_heartbeat(self: &Arc<Self>, interval: Duration) -> Result<(), MigrationError> {
+        let me = Arc::downgrade(self);
+        let stop = self.stop.clone();
+        let t = std::thread::Builder::new()
+            .name("ferry-heartbeat".into())
+            .spawn(move || loop {
+                let (lock, cv) = &*stop;
+                let stopped = lock.lock().unwrap();
+                let (stopped, _) = cv.wait_timeout(stopped, interval / 2).unwrap();
+                if *stopped {
+                    return;
+                }
+                drop(stopped);
+                let Some(main) = me.upgrade() else { return };
+                let idle = main.writing.lock().unwrap().elapsed();
+                if idle >= interval && main.send(&Message::Heartbeat).is_err() {
+                    return;
+                }
+            })
+            .map_err(|e| MigrationError::Thread("heartbeat", e))?;
+        *self.heartbeat.lock().unwrap() = Some(t);
+        Ok(())
+    }
+
+    /// Stops the heartbeat (the last message has been sent).
+    pub fn stop_heartbeat(&self) {
+        if self.stopped.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        let (lock, cv) = &*self.stop;
+        *lock.lock().unwrap() = true;
+        cv.notify_all();
+        let t = self.heartbeat.lock().unwrap().take();
+        if let Some(t) = t {
+            if t.thread().id() != std::thread::current().id() {
+                let _ = t.join();
+            }
+        }
+    }
+}
+
+impl Drop for MainChannel {
+    fn drop(&mut self) {
+        self.stop_heartbeat();
+    }
+}
+
 /// Every message type: its number on the wire, its name, and the most
 /// bytes its body may have.
-const KINDS: [(u16, &str, u32); 9] = [
+const KINDS: [(u16, &str, u32); 11] = [
     (1, "SETUP", MAX_SETUP),
     (2, "PASS_END", 8),
     (3, "DEVICE_STATE", MAX_DEVICE_STATE),
     (4, "COMPLETE", 8),
     (5, "CANCEL", 0),
-    (101, "SETUP_ACK", 0),
+    (6, "VERIFY", 16),
+    (101, "SETUP_ACK", 1),
     (102, "SHUT", MAX_SHUT),
     (103, "SWITCHOVER_ACK", 0),
-    (104, "RESUMED", 8),
+    (104, "RESUMED", 24),
+    (200, "HEARTBEAT", 0),
 ];
 
 fn kind_name(kind: u16) -> &'static str {
@@ -261,16 +482,38 @@ fn kind_name(kind: u16) -> &'static str {
 }
 
 fn read_error(e: std::io::Error, peer: &'static str) -> MigrationError {
-    if e.kind() == std::io::ErrorKind::UnexpectedEof {
-        MigrationError::MainClosed {
+    match e.kind() {
+        std::io::ErrorKind::UnexpectedEof => MigrationError::MainClosed {
             peer,
             during: "before the migration ended",
+        },
+        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => {
+            MigrationError::PeerSilent {
+                peer,
+                channel: "main".into(),
+                secs: 0.0,
+            }
         }
-    } else {
-        MigrationError::MainIo {
-            what: "reading a message".into(),
+        _ => MigrationError::MainIo {
+            what: format!("reading a message from the {peer}"),
             source: e,
+        },
+    }
+}
+
+fn write_error(m: &Message, e: std::io::Error) -> MigrationError {
+    match e.kind() {
+        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => {
+            MigrationError::PeerStalled {
+                what: format!("sending {}", m.name()),
+                channel: "main",
+                secs: 0.0,
+            }
         }
+        _ => MigrationError::MainIo {
+            what: format!("sending {}", m.name()),
+            source: e,
+        },
     }
 }
 
@@ -324,6 +567,9 @@ impl<'a> Reader<'a> {
     fn u64(&mut self) -> Result<u64, MigrationError> {
         Ok(u64::from_le_bytes(self.bytes(8)?.try_into().unwrap()))
     }
+    fn u128(&mut self) -> Result<u128, MigrationError> {
+        Ok(u128::from_le_bytes(self.bytes(16)?.try_into().unwrap()))
+    }
 }
 
 #[cfg(test)]
@@ -356,8 +602,16 @@ mod tests {
             Message::SwitchoverAck,
             Message::Resumed {
                 unix_nanos: 1 << 60,
+                digest: None,
             },
-            Message::SetupAck,
+            Message::Resumed {
+                unix_nanos: 7,
+                digest: Some(u128::MAX - 3),
+            },
+            Message::Verify { digest: 1 << 100 },
+            Message::Heartbeat,
+            Message::SetupAck { verify: true },
+            Message::SetupAck { verify: false },
             Message::Shut { error: None },
             Message::Shut {
                 error: Some("block 'x' unknown".into()),
@@ -396,7 +650,7 @@ mod tests {
         /// to the same body (no bytes are silently skipped).
         #[test]
         fn any_body_decodes_or_is_refused(
-            kind in proptest::sample::select(vec![1u16, 2, 3, 4, 5, 101, 102, 103, 104, 0, 6, 105, 65535]),
+            kind in proptest::sample::select(vec![1u16, 2, 3, 4, 5, 6, 101, 102, 103, 104, 200, 0, 7, 105, 65535]),
             body in proptest::collection::vec(proptest::num::u8::ANY, 0..300),
         ) {
             match Message::decode(kind, &body) {
@@ -416,6 +670,79 @@ mod tests {
                 ),
             }
         }
+    }
+
+    /// A connected pair of plain channels (a unix socketpair).
+    fn channel_pair() -> (
+        ferry_transport::SocketChannel,
+        ferry_transport::SocketChannel,
+    ) {
+        let (a, b) =
+            socket2::Socket::pair(socket2::Domain::UNIX, socket2::Type::STREAM, None).unwrap();
+        (
+            ferry_transport::SocketChannel::new(a, "main (writer)".into()),
+            ferry_transport::SocketChannel::new(b, "main (reader)".into()),
+        )
+    }
+
+    /// Every single-bit flip anywhere in a frame (header, CRC or body) is
+    /// refused: never read as a message, let alone a different one.
+    #[test]
+    fn a_flipped_bit_anywhere_in_a_frame_is_refused() {
+        let setup = Message::Setup(Setup {
+            capabilities: CAP_CHECKSUM | CAP_ZSTD,
+            multifd_channels: 2,
+            packet_pages: 128,
+            blocks: vec![BlockSpec {
+                name: "pc.ram".into(),
+                len: 64 << 20,
+                page_size: 4096,
+            }],
+        });
+        for m in [
+            setup,
+            Message::DeviceState(b"vcpu0: rip=0xfff0".to_vec()),
+            Message::Complete { generation: 3 },
+            Message::Verify { digest: 42 },
+        ] {
+            let frame = m.frame();
+            for bit in 0..frame.len() * 8 {
+                let mut bad = frame.clone();
+                bad[bit / 8] ^= 1 << (bit % 8);
+                let (w, r) = channel_pair();
+                w.write_all(&bad).unwrap();
+                // A flipped length would leave the reader waiting for bytes
+                // that never come: end the stream, as a cut link would.
+                drop(w);
+                match Message::read(&r, "source") {
+                    Ok((got, _)) => panic!("{} with bit {bit} flipped read as {got:?}", m.name()),
+                    Err(e) => assert!(
+                        matches!(
+                            e,
+                            MigrationError::Protocol(_) | MigrationError::MainClosed { .. }
+                        ),
+                        "{e}"
+                    ),
+                }
+            }
+            // And the frame as sent reads back as itself.
+            let (w, r) = channel_pair();
+            w.write_all(&frame).unwrap();
+            assert_eq!(Message::read(&r, "source").unwrap().0, m);
+        }
+    }
+
+    #[test]
+    fn a_corrupted_body_is_named_with_its_crc() {
+        let mut frame = Message::DeviceState(vec![7; 100]).frame();
+        frame[FRAME_LEN + 50] ^= 0x10;
+        let (w, r) = channel_pair();
+        w.write_all(&frame).unwrap();
+        let e = Message::read(&r, "source").unwrap_err().to_string();
+        assert!(
+            e.contains("DEVICE_STATE of 100 bytes from the source failed its CRC"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -69,6 +69,11 @@ pub struct Summary {
     /// on the source at switchover, on the destination before it resumes.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub switchover_digest: Option<String>,
+    /// Both sides compared their switchover digests before the
+    /// destination's guest ran, and they were equal (`Some(true)`); `None`
+    /// when the destination did not verify (`recv --no-digest`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub verified: Option<bool>,
     /// Destination: from all pages landed to the guest running (digest,
     /// guest built, resources taken, resumed), and the digest's share.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -169,6 +174,22 @@ impl Summary {
     pub fn completed(&self) -> bool {
         self.status == "completed"
     }
+}
+
+/// A byte count in IEC units, as every message of ferry's prints sizes:
+/// `512 B`, `64.0 MiB`, `15.0 TiB`.
+pub fn iec(bytes: u64) -> String {
+    const UNITS: [&str; 6] = ["KiB", "MiB", "GiB", "TiB", "PiB", "EiB"];
+    if bytes < 1024 {
+        return format!("{bytes} B");
+    }
+    let mut v = bytes as f64 / 1024.0;
+    let mut unit = 0;
+    while v >= 1024.0 && unit + 1 < UNITS.len() {
+        v /= 1024.0;
+        unit += 1;
+    }
+    format!("{v:.1} {}", UNITS[unit])
 }
 
 pub(crate) fn unix_now() -> f64 {

@@ -71,7 +71,7 @@ fn raw_source_with(
     Message::Setup(setup).write(&main).unwrap();
     assert_eq!(
         Message::read(&main, "destination").unwrap().0,
-        Message::SetupAck
+        Message::SetupAck { verify: true }
     );
     RawSource { main, multifd }
 }
@@ -139,7 +139,7 @@ fn destination_into(
 fn final_word(main: &dyn Channel) -> Result<Message, ferry::MigrationError> {
     loop {
         match Message::read(main, "destination")?.0 {
-            Message::SwitchoverAck | Message::Resumed { .. } => continue,
+            Message::SwitchoverAck | Message::Resumed { .. } | Message::Heartbeat => continue,
             other => return Ok(other),
         }
     }
@@ -477,11 +477,20 @@ fn a_corrupted_page_sent_again_in_a_later_pass_is_forgiven() {
         ch.write_all(&packet(h, &[3 * 4096], &good)).unwrap();
         ch.write_all(&marker(FLAG_SYNC, 4, 2)).unwrap();
         ch.write_all(&marker(FLAG_END, 5, 0)).unwrap();
+        // What the destination must hold: zeros, and page 3 as re-sent.
+        let expected = memory(&[("ram", 1)], Pattern::Zero, 1);
+        let page3 = expected.blocks()[0].page_addr(3).unwrap();
+        // SAFETY: `expected` is this thread's own memory, and page 3 lies
+        // inside its 1 MiB block; nothing else reads or writes it.
+        unsafe { std::ptr::copy_nonoverlapping(good.as_ptr(), page3, good.len()) };
         for m in [
             Message::PassEnd { generation: 1 },
             Message::PassEnd { generation: 2 },
             Message::DeviceState(vec![]),
             Message::Complete { generation: 2 },
+            Message::Verify {
+                digest: ferry::Digest::of_guest(&expected, &[]).0,
+            },
         ] {
             m.write(&src.main).unwrap();
         }
@@ -669,7 +678,7 @@ fn channels_connecting_in_reverse_order_work() {
         Message::Setup(setup).write(&main).unwrap();
         assert_eq!(
             Message::read(&main, "destination").unwrap().0,
-            Message::SetupAck
+            Message::SetupAck { verify: true }
         );
         let boxed = multifd
             .into_iter()
@@ -687,6 +696,9 @@ fn channels_connecting_in_reverse_order_work() {
             Message::PassEnd { generation: 1 },
             Message::DeviceState(b"dev".to_vec()),
             Message::Complete { generation: 1 },
+            Message::Verify {
+                digest: ferry::Digest::of_guest(&mem, b"dev").0,
+            },
         ] {
             m.write(&main).unwrap();
         }
@@ -764,5 +776,250 @@ fn compressed_packet_without_compression_in_setup_is_refused() {
             &packet(h, &[0, 4096], &frame),
         );
         assert!(err.contains("setup announced no compression"), "{err}");
+    });
+}
+
+/// A destination on its own thread with these options (and fresh memory
+/// unless they say otherwise).
+fn destination_with(
+    opts: IncomingOptions,
+) -> (
+    std::thread::JoinHandle<Result<ferry::IncomingOutcome, ferry::Failed>>,
+    ChannelUri,
+) {
+    let (l, uri) = listener();
+    (spawn_destination(l, opts), uri)
+}
+
+/// Connects a raw source's channels (hellos accepted) and sends `setup`;
+/// returns the main channel and the multifd channels.
+fn raw_session(
+    uri: &ChannelUri,
+    channels: u16,
+    setup: Setup,
+) -> (
+    ferry_transport::SocketChannel,
+    Vec<ferry_transport::SocketChannel>,
+) {
+    let session = SessionId::random();
+    let tuning = Default::default();
+    let main = connect_channel(uri, &tuning, &hello(session, Role::Main, 0, channels)).unwrap();
+    let multifd: Vec<_> = (0..channels)
+        .map(|i| {
+            connect_channel(uri, &tuning, &hello(session, Role::Multifd, i, channels)).unwrap()
+        })
+        .collect();
+    await_accept(&main, Duration::from_secs(5)).unwrap();
+    for ch in &multifd {
+        await_accept(ch, Duration::from_secs(5)).unwrap();
+    }
+    Message::Setup(setup).write(&main).unwrap();
+    (main, multifd)
+}
+
+fn setup_of(blocks: Vec<BlockSpec>) -> Setup {
+    Setup {
+        capabilities: CAP_CHECKSUM,
+        multifd_channels: 1,
+        packet_pages: 128,
+        blocks,
+    }
+}
+
+/// Files in `dir` other than `keep`.
+fn others_in(dir: &std::path::Path, keep: &std::path::Path) -> Vec<String> {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p != keep)
+        .map(|p| p.display().to_string())
+        .collect()
+}
+
+#[test]
+fn a_setup_past_the_limits_is_refused_before_anything_is_made() {
+    within(60, || {
+        let dir = tempfile::tempdir().unwrap();
+        let ram_out = dir.path().join("guest.ram");
+        std::fs::write(&ram_out, b"the user's earlier guest").unwrap();
+        let opts = || IncomingOptions {
+            memory: DestinationMemory::Files(ram_out.clone()),
+            limits: ferry::SetupLimits {
+                max_guest_bytes: 64 << 20,
+                max_blocks: 8,
+            },
+            ..Default::default()
+        };
+        let huge = vec![BlockSpec {
+            name: "pc.ram".into(),
+            len: 15 << 40,
+            page_size: 4096,
+        }];
+        let many: Vec<BlockSpec> = (0..1000)
+            .map(|i| BlockSpec {
+                name: format!("b{i}"),
+                len: 20 << 30,
+                page_size: 4096,
+            })
+            .collect();
+        for (blocks, want) in [
+            (
+                huge,
+                "15.0 TiB of guest RAM in 1 block(s), more than this receiver accepts (64.0 MiB",
+            ),
+            (
+                many,
+                "1000 RAM blocks, more than this receiver's limit of 8",
+            ),
+        ] {
+            let (dst, uri) = destination_with(opts());
+            let (main, _multifd) = raw_session(&uri, 1, setup_of(blocks));
+            let err = destination_error(dst, &main);
+            assert!(err.contains(want), "{err}");
+            assert_eq!(
+                std::fs::read(&ram_out).unwrap(),
+                b"the user's earlier guest",
+                "the existing --ram-out file is untouched"
+            );
+            assert_eq!(others_in(dir.path(), &ram_out), Vec::<String>::new());
+        }
+    });
+}
+
+#[test]
+fn a_failed_migration_into_files_leaves_the_existing_file_and_nothing_else() {
+    within(60, || {
+        let dir = tempfile::tempdir().unwrap();
+        let ram_out = dir.path().join("guest.ram");
+        std::fs::write(&ram_out, b"the user's earlier guest").unwrap();
+        let (dst, uri) = destination_with(IncomingOptions {
+            memory: DestinationMemory::Files(ram_out.clone()),
+            ..Default::default()
+        });
+        let blocks = vec![BlockSpec {
+            name: "pc.ram".into(),
+            len: 4 << 20,
+            page_size: 4096,
+        }];
+        let (main, multifd) = raw_session(&uri, 1, setup_of(blocks));
+        assert_eq!(
+            Message::read(&main, "destination").unwrap().0,
+            Message::SetupAck { verify: true }
+        );
+        // A valid page, then a packet naming a block that does not exist.
+        let page = vec![0x5Au8; 4096];
+        let mut h = data_header(0, 1, 0);
+        h.payload_crc = crc_of(&page);
+        multifd[0].write_all(&packet(h, &[0], &page)).unwrap();
+        let mut h = data_header(1, 1, 0);
+        h.block = 7;
+        h.payload_crc = crc_of(&page);
+        multifd[0].write_all(&packet(h, &[0], &page)).unwrap();
+        let err = destination_error(dst, &main);
+        assert!(err.contains("block #7"), "{err}");
+        assert_eq!(
+            std::fs::read(&ram_out).unwrap(),
+            b"the user's earlier guest"
+        );
+        assert_eq!(others_in(dir.path(), &ram_out), Vec::<String>::new());
+    });
+}
+
+#[test]
+fn a_digest_that_differs_from_the_sources_fails_before_the_guest_runs() {
+    within(60, || {
+        let target = ram_4m(Pattern::Zero);
+        let (dst, uri) = destination_into(&target);
+        let src = raw_source(&uri, 1, target.specs());
+        let zeros: Vec<u64> = (0..1024).map(|p| p * 4096).collect();
+        let ch = &src.multifd[0];
+        ch.write_all(&packet(data_header(0, 0, 1024), &zeros, &[]))
+            .unwrap();
+        ch.write_all(&marker(FLAG_SYNC, 1, 1)).unwrap();
+        ch.write_all(&marker(FLAG_END, 2, 0)).unwrap();
+        let right = ferry::Digest::of_guest(&target, b"dev").0;
+        for m in [
+            Message::PassEnd { generation: 1 },
+            Message::DeviceState(b"dev".to_vec()),
+            Message::Complete { generation: 1 },
+            // What a source whose memory differs would say.
+            Message::Verify { digest: right ^ 1 },
+        ] {
+            m.write(&src.main).unwrap();
+        }
+        let err = destination_error(dst, &src.main);
+        assert!(
+            err.contains("the two sides differ at switchover")
+                && err.contains("the destination's guest was not started"),
+            "{err}"
+        );
+    });
+}
+
+#[test]
+fn a_source_silent_before_setup_fails_the_destination_after_the_peer_timeout() {
+    within(60, || {
+        let (dst, uri) = destination_with(IncomingOptions {
+            peer_timeout: Duration::from_millis(500),
+            ..Default::default()
+        });
+        let session = SessionId::random();
+        let tuning = Default::default();
+        let main = connect_channel(&uri, &tuning, &hello(session, Role::Main, 0, 1)).unwrap();
+        let ch = connect_channel(&uri, &tuning, &hello(session, Role::Multifd, 0, 1)).unwrap();
+        await_accept(&main, Duration::from_secs(5)).unwrap();
+        await_accept(&ch, Duration::from_secs(5)).unwrap();
+        // ... and then nothing: no SETUP, no FIN.
+        let err = dst.join().unwrap().err().unwrap().to_string();
+        assert!(
+            err.contains("main channel: nothing from the source for 0.5 s (--peer-timeout)"),
+            "{err}"
+        );
+        drop((main, ch));
+    });
+}
+
+#[test]
+fn a_channel_that_stalls_mid_pass_is_named_while_main_stays_alive() {
+    within(60, || {
+        let target = ram_4m(Pattern::Zero);
+        let (l, uri) = listener();
+        let dst = spawn_destination(
+            l,
+            IncomingOptions {
+                memory: DestinationMemory::Provided(target.clone()),
+                peer_timeout: Duration::from_millis(800),
+                ..Default::default()
+            },
+        );
+        let src = raw_source(&uri, 2, target.specs());
+        // multifd[0] delivers its share and its SYNC; multifd[1] stays
+        // silent (no FIN), while main keeps beating.
+        let zeros: Vec<u64> = (0..1024).map(|p| p * 4096).collect();
+        src.multifd[0]
+            .write_all(&packet(data_header(0, 0, 1024), &zeros, &[]))
+            .unwrap();
+        src.multifd[0].write_all(&marker(FLAG_SYNC, 1, 1)).unwrap();
+        Message::PassEnd { generation: 1 }.write(&src.main).unwrap();
+        let beating = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let beat = {
+            let (beating, main) = (beating.clone(), src.main.socket().try_clone().unwrap());
+            std::thread::spawn(move || {
+                let main = ferry_transport::SocketChannel::new(main, "main".into());
+                while beating.load(std::sync::atomic::Ordering::SeqCst) {
+                    if Message::Heartbeat.write(&main).is_err() {
+                        break;
+                    }
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+            })
+        };
+        let err = destination_error(dst, &src.main);
+        beating.store(false, std::sync::atomic::Ordering::SeqCst);
+        beat.join().unwrap();
+        assert!(
+            err.contains("multifd[1]") && err.contains("no progress for 0.8 s (--peer-timeout)"),
+            "{err}"
+        );
     });
 }

@@ -63,6 +63,8 @@ pub enum MultifdError {
     Ram(#[from] ferry_ram::RamError),
     #[error("multifd stopped: {0}")]
     Aborted(String),
+    #[error("{channel}: no progress for {secs:.1} s (--peer-timeout): the peer stopped reading or sending, or the link is gone")]
+    Stalled { channel: String, secs: f64 },
     #[error("{path}: {what} of block '{block}' at file offset {offset:#x}: {source}")]
     FileIo {
         path: std::path::PathBuf,

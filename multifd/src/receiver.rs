@@ -26,9 +26,10 @@
 
 use std::collections::BTreeMap;
 use std::os::fd::RawFd;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
+use std::time::Duration;
 
 use ferry_ram::{GuestMemory, PageBitmap, RamBlock};
 use ferry_transport::uring::Ring;
@@ -38,8 +39,14 @@ use crate::compress::Decompressor;
 use crate::packet::{
     offsets_as_bytes_mut, page_crc, page_crcs_as_bytes_mut, PacketHeader, HEADER_LEN,
 };
+use crate::stats::{Activity, StallClock};
 use crate::sync::SyncBarrier;
 use crate::{Counters, MultifdError, Totals, MAX_PACKET_PAGES};
+
+/// `at_pass` of a channel whose END has arrived.
+const ENDED: u64 = u64::MAX;
+/// How often a wait looks at the channels' progress.
+const STALL_POLL: Duration = Duration::from_millis(100);
 
 #[derive(Clone, Debug)]
 pub struct ReceiverOptions {
@@ -83,6 +90,11 @@ struct Shared {
     this_pass: Vec<PageBitmap>,
     barrier: SyncBarrier,
     counters: Arc<Counters>,
+    /// Per channel: moves with every header and payload received.
+    activity: Activity,
+    /// Per channel: the first pass whose SYNC it has not reached yet, or
+    /// `ENDED` once its END arrived.
+    at_pass: Box<[AtomicU64]>,
     channels: Vec<Arc<dyn Channel>>,
     first_error: Mutex<Option<MultifdError>>,
     /// (block, offset) of pages whose last copy failed its checksum.
@@ -159,6 +171,8 @@ impl ReceiverPool {
             memory,
             barrier: SyncBarrier::new(channels.len()),
             counters: Arc::new(Counters::default()),
+            activity: Activity::new(channels.len()),
+            at_pass: (0..channels.len()).map(|_| AtomicU64::new(1)).collect(),
             channels,
             first_error: Mutex::new(None),
             suspects: Mutex::new(BTreeMap::new()),
@@ -173,8 +187,8 @@ impl ReceiverPool {
                 .name(format!("ferry-recv-{index}"))
                 .spawn(move || {
                     let ch = shared.channels[index].clone();
-                    if let Err(e) =
-                        ChannelReceiver::new(ch, fd, shared.clone()).and_then(|mut r| r.run())
+                    if let Err(e) = ChannelReceiver::new(ch, index, fd, shared.clone())
+                        .and_then(|mut r| r.run())
                     {
                         shared.fail(e);
                     }
@@ -196,13 +210,75 @@ impl ReceiverPool {
 
     /// Waits until every channel has delivered all of pass `generation`.
     pub fn wait_sync(&self, generation: u64) -> Result<(), MultifdError> {
-        self.shared
-            .barrier
-            .wait_completed(generation)
-            .map_err(|why| {
-                let first = self.shared.first_error.lock().unwrap().take();
-                first.unwrap_or(MultifdError::Aborted(why))
-            })
+        self.wait_sync_within(generation, None)
+    }
+
+    /// [`ReceiverPool::wait_sync`], failing the pool when a channel that
+    /// has not delivered its share receives nothing for `stall`.
+    pub fn wait_sync_within(
+        &self,
+        generation: u64,
+        stall: Option<Duration>,
+    ) -> Result<(), MultifdError> {
+        let owing = |i: usize| self.shared.at_pass[i].load(Ordering::Acquire) <= generation;
+        self.watch(stall, owing, || {
+            self.shared
+                .barrier
+                .wait_completed_for(generation, STALL_POLL)
+        })
+    }
+
+    /// Waits until every channel has received its END packet, failing the
+    /// pool when one that has not receives nothing for `stall`; then
+    /// [`ReceiverPool::finish`].
+    pub fn finish_within(self, stall: Option<Duration>) -> Result<Totals, MultifdError> {
+        let owing = |i: usize| self.shared.at_pass[i].load(Ordering::Acquire) != ENDED;
+        self.watch(stall, owing, || {
+            let done = (0..self.shared.channels.len()).all(|i| !owing(i));
+            if done {
+                return Ok(true);
+            }
+            if let Some(e) = self.shared.barrier.stopped() {
+                return Err(e);
+            }
+            std::thread::sleep(STALL_POLL);
+            Ok(false)
+        })?;
+        self.finish()
+    }
+
+    /// Runs `step` (which waits at most a poll interval, and says whether
+    /// the wait is over) until it is done or fails, or until a channel
+    /// that `owing` names has not moved for `stall`: then fails the pool
+    /// naming that channel.
+    fn watch(
+        &self,
+        stall: Option<Duration>,
+        owing: impl Fn(usize) -> bool,
+        mut step: impl FnMut() -> Result<bool, String>,
+    ) -> Result<(), MultifdError> {
+        let mut clock = stall.map(|l| StallClock::new(&self.shared.activity, l));
+        loop {
+            match step() {
+                Ok(true) => return Ok(()),
+                Ok(false) => {}
+                Err(why) => {
+                    let first = self.shared.first_error.lock().unwrap().take();
+                    return Err(first.unwrap_or(MultifdError::Aborted(why)));
+                }
+            }
+            let Some(clock) = clock.as_mut() else {
+                continue;
+            };
+            if let Some(i) = clock.stalled(&self.shared.activity, &owing) {
+                let e = MultifdError::Stalled {
+                    channel: self.shared.channels[i].label().into(),
+                    secs: clock.limit().as_secs_f64(),
+                };
+                self.shared.fail(e);
+                return Err(self.shared.take_error());
+            }
+        }
     }
 
     /// Releases whoever waits on the pool's pass barrier (`wait_sync`),
@@ -264,6 +340,8 @@ impl Drop for ReceiverPool {
 
 struct ChannelReceiver {
     channel: Arc<dyn Channel>,
+    /// This channel's place in the pool.
+    index: usize,
     fd: RawFd,
     ring: Ring,
     shared: Arc<Shared>,
@@ -284,6 +362,7 @@ struct ChannelReceiver {
 impl ChannelReceiver {
     fn new(
         channel: Arc<dyn Channel>,
+        index: usize,
         fd: RawFd,
         shared: Arc<Shared>,
     ) -> Result<Self, MultifdError> {
@@ -294,6 +373,7 @@ impl ChannelReceiver {
         let max = MAX_PACKET_PAGES as usize;
         Ok(Self {
             channel,
+            index,
             fd,
             ring,
             shared,
@@ -341,7 +421,9 @@ impl ChannelReceiver {
             }
             if h.is_end() {
                 self.shared.barrier.end(self.generation);
-                return self.expect_clean_end();
+                let ended = self.expect_clean_end();
+                self.shared.at_pass[self.index].store(ENDED, Ordering::Release);
+                return ended;
             }
             if h.generation != self.generation {
                 return Err(self.bad(format!(
@@ -350,6 +432,8 @@ impl ChannelReceiver {
                 )));
             }
             if h.is_sync() {
+                // This channel has delivered its share of the pass.
+                self.shared.at_pass[self.index].store(h.generation + 1, Ordering::Release);
                 // Every channel is done with this pass: its pages may come again.
                 let this_pass = &self.shared.this_pass;
                 self.shared
@@ -661,6 +745,7 @@ impl ChannelReceiver {
 
     /// Fills `buf` from the stream; fewer bytes only if the peer ended it.
     fn recv(&mut self, buf: &mut [u8], what: &'static str) -> Result<usize, MultifdError> {
+        self.shared.activity.bump(self.index);
         let channel = self.channel.clone();
         if let Some(tls) = channel.tls() {
             let (ring, fd) = (&mut self.ring, self.fd);

@@ -30,6 +30,7 @@ use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{mpsc, Arc};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use ferry_ram::{is_zero_page, set_bits, GuestMemory, PageBitmap, RamBlock};
 use ferry_transport::splice::{SplicePipe, WANTED_PIPE_BYTES};
@@ -41,6 +42,7 @@ use crate::packet::{
     offsets_as_bytes, page_crc, page_crcs_as_bytes, PacketHeader, FLAG_CHECKSUM, FLAG_COMPRESSED,
     FLAG_END, FLAG_PAGE_CRCS, FLAG_SYNC, HEADER_LEN,
 };
+use crate::stats::{Activity, StallClock};
 use crate::{Counters, MultifdError, PassControl, Totals, MAX_PACKET_PAGES};
 
 /// A packet's iovecs: header, offsets, page crcs, then the payload's runs.
@@ -72,6 +74,10 @@ pub struct SenderOptions {
     pub slots: usize,
     /// zstd level to compress payloads with, if any (negative levels allowed).
     pub compress: Option<i32>,
+    /// A pass (or the final END) fails when a channel that still owes its
+    /// share makes no progress for this long: the peer stopped reading.
+    /// `None`: wait for ever.
+    pub stall_timeout: Option<Duration>,
 }
 
 /// How a sender thread hands its packets to the socket.
@@ -108,6 +114,7 @@ impl Default for SenderOptions {
             path: SendPath::Splice,
             slots: 8,
             compress: None,
+            stall_timeout: Some(Duration::from_secs(10)),
         }
     }
 }
@@ -182,6 +189,8 @@ pub struct SenderPool {
     threads: Vec<JoinHandle<()>>,
     channels: Vec<Arc<dyn Channel>>,
     counters: Arc<Counters>,
+    activity: Arc<Activity>,
+    stall_timeout: Option<Duration>,
     control: Arc<PassControl>,
     generation: u64,
     words_per_chunk: usize,
@@ -245,6 +254,7 @@ impl SenderPool {
                 .map_err(|e| MultifdError::Aborted(format!("zstd level {level} refused: {e}")))?;
         }
         let counters = Arc::new(Counters::default());
+        let activity = Arc::new(Activity::new(channels.len()));
         let (report_tx, reports) = mpsc::channel();
         let channels: Vec<Arc<dyn Channel>> = channels.into_iter().map(Arc::from).collect();
         let mut commands = Vec::new();
@@ -262,9 +272,13 @@ impl SenderPool {
                 opts.clone(),
                 report_tx.clone(),
             );
+            let activity = activity.clone();
             let t = std::thread::Builder::new()
                 .name(format!("ferry-send-{index}"))
-                .spawn(move || channel_thread(index, ch, fd, memory, counters, opts, rx, report_tx))
+                .spawn(move || {
+                    let counters = (counters, activity);
+                    channel_thread(index, ch, fd, memory, counters, opts, rx, report_tx)
+                })
                 .map_err(|e| MultifdError::Aborted(format!("cannot start sender thread: {e}")))?;
             threads.push(t);
         }
@@ -275,6 +289,8 @@ impl SenderPool {
             threads,
             channels,
             counters,
+            activity,
+            stall_timeout: opts.stall_timeout,
             control: Arc::new(PassControl::default()),
             generation: 0,
             words_per_chunk,
@@ -370,10 +386,15 @@ impl SenderPool {
             }
         }
         let mut first_err = None;
+        let mut owing = vec![true; self.commands.len()];
+        let mut clock = self
+            .stall_timeout
+            .map(|limit| StallClock::new(&self.activity, limit));
         for _ in 0..self.commands.len() {
-            match self.reports.recv() {
-                Ok((_, Ok(()))) => {}
-                Ok((_, Err(e))) => {
+            match self.next_report(&mut clock, &owing, first_err.is_some()) {
+                Ok((i, Ok(()))) => owing[i] = false,
+                Ok((i, Err(e))) => {
+                    owing[i] = false;
                     if first_err.is_none() {
                         // The pool is dead: wake threads waiting for the
                         // rate limit, and cut the other channels.
@@ -391,7 +412,50 @@ impl SenderPool {
         }
         first_err.map_or(Ok(()), Err)
     }
+
+    /// The next thread's report. A channel that owes its report and has
+    /// not moved for the stall timeout is reported as stalled; after a
+    /// failure, threads get a short grace to report before the pool gives
+    /// up on them (their channels are shut down, so they end soon).
+    fn next_report(
+        &self,
+        clock: &mut Option<StallClock>,
+        owing: &[bool],
+        failed: bool,
+    ) -> Result<Report, ()> {
+        let Some(clock) = clock.as_mut() else {
+            return self.reports.recv().map_err(drop);
+        };
+        let grace_end = Instant::now() + STALL_GRACE;
+        loop {
+            match self.reports.recv_timeout(STALL_POLL) {
+                Ok(r) => return Ok(r),
+                Err(mpsc::RecvTimeoutError::Disconnected) => return Err(()),
+                Err(mpsc::RecvTimeoutError::Timeout) => {}
+            }
+            if failed {
+                if Instant::now() >= grace_end {
+                    return Err(());
+                }
+                continue;
+            }
+            if let Some(i) = clock.stalled(&self.activity, |i| owing[i]) {
+                return Ok((
+                    i,
+                    Err(MultifdError::Stalled {
+                        channel: self.channels[i].label().into(),
+                        secs: clock.limit().as_secs_f64(),
+                    }),
+                ));
+            }
+        }
+    }
 }
+
+/// How often a pool's wait looks at its channels' progress.
+const STALL_POLL: Duration = Duration::from_millis(100);
+/// How long threads of a failed pool have to report before it gives up.
+const STALL_GRACE: Duration = Duration::from_secs(2);
 
 impl Drop for SenderPool {
     fn drop(&mut self) {
@@ -466,12 +530,13 @@ fn channel_thread(
     channel: Arc<dyn Channel>,
     fd: RawFd,
     memory: Arc<GuestMemory>,
-    counters: Arc<Counters>,
+    (counters, activity): (Arc<Counters>, Arc<Activity>),
     opts: SenderOptions,
     commands: mpsc::Receiver<Command>,
     reports: mpsc::Sender<Report>,
 ) {
-    let mut sender = match ChannelSender::new(channel, fd, memory, counters, &opts) {
+    let progress = Progress { activity, index };
+    let mut sender = match ChannelSender::new(channel, fd, memory, counters, progress, &opts) {
         Ok(s) => s,
         Err(e) => {
             let _ = reports.send((index, Err(e)));
@@ -558,12 +623,25 @@ impl Slot {
     }
 }
 
+/// Where a sender thread reports that it moved (see [`Activity`]).
+struct Progress {
+    activity: Arc<Activity>,
+    index: usize,
+}
+
+impl Progress {
+    fn tick(&self) {
+        self.activity.bump(self.index);
+    }
+}
+
 struct ChannelSender {
     channel: Arc<dyn Channel>,
     fd: RawFd,
     ring: Ring,
     memory: Arc<GuestMemory>,
     counters: Arc<Counters>,
+    progress: Progress,
     slots: Box<[Slot]>,
     free: Vec<usize>,
     /// Prepared, waiting for the chain in flight to finish.
@@ -593,6 +671,7 @@ impl ChannelSender {
         fd: RawFd,
         memory: Arc<GuestMemory>,
         counters: Arc<Counters>,
+        progress: Progress,
         opts: &SenderOptions,
     ) -> Result<Self, MultifdError> {
         let ring =
@@ -627,6 +706,7 @@ impl ChannelSender {
             ring,
             memory,
             counters,
+            progress,
             slots: (0..opts.slots).map(|_| Slot::new(max)).collect(),
             free: (0..opts.slots).rev().collect(),
             pending: Vec::new(),
@@ -655,6 +735,7 @@ impl ChannelSender {
                 // Wait for the rate limit before reading pages, not after:
                 // pages read long before they are sent change more often.
                 work.control.wait_turn();
+                self.progress.tick();
                 match work.claim() {
                     Some((block, word)) => {
                         if self.prepare_chunk(slot, work, block, word)? {
@@ -690,6 +771,7 @@ impl ChannelSender {
         loop {
             // Wait for the rate limit before reading pages (see `run_pass`).
             work.control.wait_turn();
+            self.progress.tick();
             let Some((block, word)) = work.claim() else {
                 break;
             };
@@ -731,6 +813,7 @@ impl ChannelSender {
                 self.counters
                     .add_packet(s.normal, s.zero, s.page_size, s.wire);
                 self.counters.add_payload(s.payload_raw, s.payload_wire);
+                self.progress.tick();
                 Ok(())
             }
             Ok(n) => Err(MultifdError::Io {
@@ -1099,6 +1182,7 @@ impl ChannelSender {
                     self.counters
                         .add_packet(s.normal, s.zero, s.page_size, s.wire);
                     self.counters.add_payload(s.payload_raw, s.payload_wire);
+                    self.progress.tick();
                 }
                 Ok(n) => {
                     let msg = format!("{n} of {} bytes", s.send_len);

@@ -82,6 +82,7 @@ impl SyncBarrier {
     }
 
     /// Waits until every channel has passed the sync of `generation`.
+    #[cfg(test)]
     pub fn wait_completed(&self, generation: u64) -> Result<(), String> {
         let mut s = self.state.lock().unwrap();
         while s.completed < generation {
@@ -91,6 +92,31 @@ impl SyncBarrier {
             s = self.cv.wait(s).unwrap();
         }
         Ok(())
+    }
+
+    /// Waits at most `wait` for every channel to pass the sync of
+    /// `generation`; `Ok(false)` if they have not yet.
+    pub fn wait_completed_for(
+        &self,
+        generation: u64,
+        wait: std::time::Duration,
+    ) -> Result<bool, String> {
+        let mut s = self.state.lock().unwrap();
+        if s.completed < generation && s.stopped.is_none() {
+            s = self.cv.wait_timeout(s, wait).unwrap().0;
+        }
+        if s.completed >= generation {
+            return Ok(true);
+        }
+        match s.stopped.clone().or_else(|| s.unreachable(generation)) {
+            Some(why) => Err(why),
+            None => Ok(false),
+        }
+    }
+
+    /// Why the pool was stopped, if it was.
+    pub fn stopped(&self) -> Option<String> {
+        self.state.lock().unwrap().stopped.clone()
     }
 
     /// A channel received END while `next` was the pass it expected: it

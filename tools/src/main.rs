@@ -16,6 +16,7 @@ mod gen;
 mod guest_args;
 mod inspect;
 mod output;
+mod peer;
 mod recv;
 mod restore;
 mod save;

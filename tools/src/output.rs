@@ -149,11 +149,18 @@ pub fn print_summary(tool: &str, s: &Summary, json: bool) {
             }
         );
     }
-    if let Some(d) = &s.switchover_digest {
-        eprintln!("  digest of memory and device state at switchover: {d}");
+    match (&s.switchover_digest, s.verified) {
+        (Some(d), Some(true)) => eprintln!(
+            "  memory and device state at switchover: identical on both sides (digest {d})"
+        ),
+        (Some(d), _) => eprintln!(
+            "  digest of memory and device state at switchover: {d} (not compared with the \
+             other side: the destination runs with --no-digest)"
+        ),
+        (None, _) => {}
     }
     if let Some(d) = &s.digest {
-        eprintln!("  digest of guest RAM: {d}");
+        eprintln!("  digest of guest RAM now: {d}");
     }
 }
 

@@ -1,7 +1,7 @@
 //! `ferry recv`: accept one incoming migration, hold the guest's memory and
 //! run the guest (a synthetic guest continues its workload here).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -9,8 +9,8 @@ use anyhow::Context;
 use clap::Args;
 use ferry::{
     default_guest_builder, migrate_in, AcceptOptions, ChannelUri, ControlServer, DestinationMemory,
-    Guest, GuestBuilder, IncomingOptions, Listener, Progress, Resources, SocketTuning, Summary,
-    SyntheticGuest, TlsServer, TrackerKind, Workload,
+    Guest, GuestBuilder, IncomingOptions, Listener, Progress, Resources, SetupLimits, SocketTuning,
+    Summary, SyntheticGuest, TlsServer, TrackerKind, Workload,
 };
 
 use crate::output::{print_summary, EventPrinter};
@@ -28,13 +28,18 @@ pub struct RecvArgs {
     /// Where to listen: tcp:HOST:PORT (PORT 0 picks a free one) or unix:PATH.
     #[arg(long)]
     listen: String,
-    /// Keep the received RAM in this file (created or truncated; sparse where
-    /// pages are zero). A guest of several blocks gets one file per block:
-    /// FILE.NAME, the block's name with characters other than letters,
-    /// digits, '.', '_' and '-' replaced by '_'. Default: anonymous memory.
+    /// Keep the received RAM in this file (sparse where pages are zero). It is
+    /// written under a temporary name beside it and renamed into place only
+    /// when the migration completed and was verified: an existing file is
+    /// never truncated by a failed migration, and a failure leaves nothing.
+    /// A guest of several blocks gets one file per block: FILE.NAME, the
+    /// block's name with characters other than letters, digits, '.', '_'
+    /// and '-' replaced by '_'. Default: anonymous memory.
     #[arg(long)]
     ram_out: Option<PathBuf>,
-    /// Write the received device state to this file.
+    /// Write the received device state to this file (checked before
+    /// listening; written before the source is told the migration
+    /// completed, so a failure to write it fails the migration).
     #[arg(long)]
     device_state_out: Option<PathBuf>,
     /// Print JSON: events as they happen (one object a line), then the
@@ -78,6 +83,13 @@ pub struct RecvArgs {
     /// announces.
     #[arg(long, value_parser = ["zstd", "none"])]
     compress: Option<String>,
+    /// The most guest RAM a source may announce (all blocks together),
+    /// checked before any memory or file is made, e.g. 16G. Default: this
+    /// host's physical memory.
+    #[arg(long, value_parser = parse_size)]
+    max_guest: Option<u64>,
+    #[command(flatten)]
+    peer: crate::peer::PeerArgs,
 }
 
 pub fn run(a: RecvArgs) -> anyhow::Result<bool> {
@@ -87,9 +99,15 @@ pub fn run(a: RecvArgs) -> anyhow::Result<bool> {
 
 fn migrate(a: RecvArgs) -> anyhow::Result<bool> {
     let uri: ChannelUri = a.listen.parse()?;
+    // Every output is checked before a source can connect: a migration
+    // must not complete on the source and then fail here for a bad path.
+    for p in a.ram_out.iter().chain(&a.device_state_out) {
+        check_output_path(p)?;
+    }
     let tuning = SocketTuning {
         recv_buffer: a.socket_buffer.map(|n| n as usize),
         congestion: crate::units::congestion(&a.tcp_congestion),
+        user_timeout: Some(a.peer.peer_timeout),
         ..Default::default()
     };
     let mut listener = Listener::bind(&uri, tuning)?;
@@ -111,6 +129,15 @@ fn migrate(a: RecvArgs) -> anyhow::Result<bool> {
         build_guest: guest_builder(&a.lock),
         digest_before_resume: !a.no_digest,
         compression: a.compress.as_deref().map(|c| c == "zstd"),
+        peer_timeout: a.peer.peer_timeout,
+        limits: SetupLimits {
+            max_guest_bytes: a.max_guest.unwrap_or_else(ferry::physical_memory),
+            ..Default::default()
+        },
+        keep: a
+            .device_state_out
+            .clone()
+            .map(|p| Arc::new(move |state: &[u8]| write_replacing(&p, state)) as ferry::KeepHook),
     };
     let progress = Arc::new(Progress::default());
     let control = match &a.control {
@@ -125,10 +152,6 @@ fn migrate(a: RecvArgs) -> anyhow::Result<bool> {
     drop(control);
     match result {
         Ok(mut outcome) => {
-            if let Some(p) = &a.device_state_out {
-                std::fs::write(p, &outcome.device_state)
-                    .with_context(|| format!("writing {}", p.display()))?;
-            }
             if let Some(secs) = a.run_after {
                 outcome.summary.workload =
                     run_workload(&*outcome.guest, &outcome.device_state, secs)?;
@@ -146,6 +169,55 @@ fn migrate(a: RecvArgs) -> anyhow::Result<bool> {
             Ok(false)
         }
     }
+}
+
+/// An output path must be creatable: not a directory, in an existing
+/// directory this process may write to.
+fn check_output_path(p: &Path) -> anyhow::Result<()> {
+    if p.is_dir() {
+        anyhow::bail!("{} is a directory; give a file path", p.display());
+    }
+    let dir = match p.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    if !dir.is_dir() {
+        anyhow::bail!(
+            "cannot write {}: its directory {} does not exist",
+            p.display(),
+            dir.display()
+        );
+    }
+    // The one reliable test of "may I create a file there".
+    let probe = tempfile::Builder::new()
+        .prefix(".ferry-probe-")
+        .tempfile_in(dir)
+        .with_context(|| {
+            format!(
+                "cannot write {}: no file can be created in {}",
+                p.display(),
+                dir.display()
+            )
+        })?;
+    drop(probe);
+    Ok(())
+}
+
+/// Writes `bytes` to `path` through a temporary file renamed into place.
+fn write_replacing(path: &Path, bytes: &[u8]) -> Result<(), String> {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    let fail = |e: std::io::Error| format!("writing the device state to {}: {e}", path.display());
+    let mut tmp = tempfile::Builder::new()
+        .prefix(".ferry-device-state-")
+        .tempfile_in(dir)
+        .map_err(fail)?;
+    std::io::Write::write_all(&mut tmp, bytes).map_err(fail)?;
+    tmp.as_file().sync_all().map_err(fail)?;
+    tmp.persist(path).map_err(|e| fail(e.error))?;
+    Ok(())
 }
 
 /// The default guests, owning `locks` once they resume.

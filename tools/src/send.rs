@@ -111,6 +111,8 @@ pub struct SendArgs {
     /// that does not shrink goes raw.
     #[arg(long, default_value = "none", value_parser = crate::units::parse_compress)]
     compress: crate::units::Compress,
+    #[command(flatten)]
+    peer: crate::peer::PeerArgs,
 }
 
 pub fn run(a: SendArgs) -> anyhow::Result<bool> {
@@ -133,7 +135,9 @@ fn migrate(a: SendArgs) -> anyhow::Result<bool> {
             },
             slots: a.inflight,
             compress: a.compress.0,
+            stall_timeout: Some(a.peer.peer_timeout),
         },
+        peer_timeout: a.peer.peer_timeout,
         tls: match &a.tls_dir {
             Some(d) => Some(Arc::new(TlsClient::load(d, a.tls_hostname.clone())?)),
             None => None,

@@ -83,6 +83,32 @@ pub fn bytes(n: u64) -> String {
     }
 }
 
+/// Parses a duration: seconds (`5`, `1.5`) or a number with a unit (`300ms`,
+/// `2s`, `2m`); refuses negative, NaN, infinite and absurd values.
+pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    let t = s.trim();
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: f64 = num
+        .parse()
+        .map_err(|_| format!("'{s}' is not a duration (examples: 5, 1.5s, 300ms, 2m)"))?;
+    let secs = match unit {
+        "" | "s" => n,
+        "ms" => n / 1e3,
+        "m" | "min" => n * 60.0,
+        "h" => n * 3600.0,
+        _ => return Err(format!("'{s}': unknown unit '{unit}' (use ms, s, m or h)")),
+    };
+    if !secs.is_finite() || secs > 365.0 * 86400.0 {
+        return Err(format!(
+            "'{s}': a duration must be finite and at most a year"
+        ));
+    }
+    Ok(std::time::Duration::from_secs_f64(secs))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -510,6 +510,55 @@ fn recv_with_ram_out_leaves_the_exact_dataset_in_the_file() {
     }
 }
 
+#[test]
+fn outputs_are_kept_and_verified_before_either_side_says_completed() {
+    let dir = tempfile::tempdir().unwrap();
+    let ram = gen(dir.path(), "16M", "mixed", 8);
+    let out = dir.path().join("received.img");
+    let ds = dir.path().join("device.state");
+    let recv_args = [
+        "--ram-out",
+        out.to_str().unwrap(),
+        "--device-state-out",
+        ds.to_str().unwrap(),
+    ];
+    let (send, recv) = migrate(&ram, 2, &recv_args, &[]);
+    let s = send.completed();
+    let r = recv.completed();
+    // Both sides compared the digests before the destination's guest ran.
+    assert_eq!(s["verified"], true, "{s}");
+    assert_eq!(r["verified"], true, "{r}");
+    assert_eq!(s["switchover_digest"], r["switchover_digest"]);
+    assert!(ds.is_file(), "the device state was written");
+    assert_eq!(std::fs::read(&out).unwrap(), std::fs::read(&ram).unwrap());
+    // Nothing but the dataset and the two outputs: no temporary files.
+    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 3);
+}
+
+#[test]
+fn an_output_path_that_cannot_be_written_is_refused_before_listening() {
+    for flag in ["--device-state-out", "--ram-out"] {
+        let d = run(&[
+            "recv",
+            "--listen",
+            "tcp:127.0.0.1:0",
+            "--timeout",
+            "5",
+            flag,
+            "/nonexistent/dir/out",
+        ]);
+        assert_eq!(d.code(), Some(1), "{flag}: {}", d.stderr);
+        assert_contains(
+            &d.stderr,
+            &[
+                "cannot write /nonexistent/dir/out",
+                "/nonexistent/dir does not exist",
+            ],
+        );
+        assert!(!d.stderr.contains("listening on"), "{}", d.stderr);
+    }
+}
+
 // ---------------------------------------------------------------------------
 // 6. --no-checksum
 // ---------------------------------------------------------------------------

@@ -28,6 +28,8 @@ pub trait Channel: Send + Sync + fmt::Debug {
     /// Ends both directions; blocked readers and writers on any thread return.
     fn shutdown(&self);
     fn set_read_timeout(&self, timeout: Option<Duration>) -> io::Result<()>;
+    /// A write that makes no progress for this long fails (WouldBlock).
+    fn set_write_timeout(&self, timeout: Option<Duration>) -> io::Result<()>;
     /// Ends this side's stream cleanly (TLS: close_notify), so the peer can
     /// tell a clean end from a cut connection. Plain sockets need nothing.
     fn finish(&self) -> io::Result<()> {
@@ -84,5 +86,8 @@ impl Channel for SocketChannel {
     }
     fn set_read_timeout(&self, timeout: Option<Duration>) -> io::Result<()> {
         self.socket.set_read_timeout(timeout)
+    }
+    fn set_write_timeout(&self, timeout: Option<Duration>) -> io::Result<()> {
+        self.socket.set_write_timeout(timeout)
     }
 }

@@ -7,7 +7,7 @@
 //! | offset | size | field                                            |
 //! |-------:|-----:|--------------------------------------------------|
 //! |      0 |    8 | magic, the bytes `FERRY\0CH`                     |
-//! |      8 |    2 | protocol version (currently 1)                   |
+//! |      8 |    2 | protocol version (currently 2)                   |
 //! |     10 |    1 | role: 0 main, 1 multifd, 2 preempt               |
 //! |     11 |    1 | reserved, 0                                      |
 //! |     12 |    2 | index of this channel within its role            |
@@ -31,7 +31,7 @@ use std::time::Duration;
 use crate::{Channel, TransportError};
 
 pub const HELLO_MAGIC: [u8; 8] = *b"FERRY\0CH";
-pub const PROTOCOL_VERSION: u16 = 1;
+pub const PROTOCOL_VERSION: u16 = 2;
 pub const HELLO_LEN: usize = 40;
 const REPLY_MAGIC: [u8; 4] = *b"FRY!";
 const MAX_REASON: usize = 1024;

@@ -650,6 +650,9 @@ impl Channel for TlsChannel {
     fn set_read_timeout(&self, timeout: Option<Duration>) -> io::Result<()> {
         self.socket.set_read_timeout(timeout)
     }
+    fn set_write_timeout(&self, timeout: Option<Duration>) -> io::Result<()> {
+        self.socket.set_write_timeout(timeout)
+    }
     fn finish(&self) -> io::Result<()> {
         self.close_notify()
     }
