@@ -151,14 +151,16 @@ pub fn migrate_in(
     let mut summary = Summary::new(Role::Destination, listener.uri().to_string());
     let mut started = Instant::now();
     let mut state = Received::default();
-    let mut result = run(
-        listener,
-        opts,
-        progress,
-        &mut summary,
-        &mut started,
-        &mut state,
-    );
+    let mut result = crate::outgoing::with_ticker(progress, || {
+        run(
+            listener,
+            opts,
+            progress,
+            &mut summary,
+            &mut started,
+            &mut state,
+        )
+    });
     let outcome = match (&result, state.memory, state.guest) {
         (Ok(()), Some(memory), Some(guest)) => Some((memory, guest)),
         (Ok(()), _, _) => {

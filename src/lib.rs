@@ -42,7 +42,7 @@ pub use snapshot::{
     BackgroundOptions, FileFailed, FileSummary, LazyReport, LazyRestored, LazyRestoring,
     LiveOptions, RestoreTarget, Restored, SaveOptions, SnapshotError,
 };
-pub use state::{Event, Parameters, PassFigures, Progress, Status};
+pub use state::{Event, LiveFigures, Parameters, PassFigures, Progress, Status};
 pub use summary::{Role, Summary, Workload};
 pub use synthetic::{DirtyPattern, SyntheticConfig, SyntheticGuest, TrackerKind};
 

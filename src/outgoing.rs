@@ -117,7 +117,7 @@ pub fn migrate_out(
         progress,
         summary: &mut summary,
     };
-    let mut result = source.run();
+    let mut result = with_ticker(progress, || source.run());
     if result.is_err() && progress.cancel_requested() {
         result = Err(MigrationError::Cancelled(String::new()));
     }
@@ -528,11 +528,15 @@ impl Source<'_> {
         self.check_cancel()?;
         let before = s.pool.counters().snapshot();
         let t0 = Instant::now();
+        let page_size = self.progress.page_size.load(Ordering::Relaxed);
+        let pages: u64 = pending.iter().map(PageBitmap::count).sum();
+        self.progress.begin_pass(pages * page_size);
         let sent = if live {
             s.pool.send_live_pass(pending.clone())
         } else {
             s.pool.send_pass(pending.clone())
         };
+        self.progress.end_pass();
         if let Err(e) = sent {
             return Err(local_or_destination(e, &s.return_path));
         }
@@ -769,6 +773,22 @@ fn destination_reason(rp: &ReturnPath) -> Option<MigrationError> {
         }
     }
     None
+}
+
+/// Runs `f` while a thread refreshes `progress`'s live figures every
+/// [`crate::state::TICK`].
+pub(crate) fn with_ticker<T>(progress: &Progress, f: impl FnOnce() -> T) -> T {
+    std::thread::scope(|scope| {
+        let (stop, stopped) = mpsc::channel::<()>();
+        scope.spawn(move || {
+            while let Err(RecvTimeoutError::Timeout) = stopped.recv_timeout(crate::state::TICK) {
+                progress.tick();
+            }
+        });
+        let out = f();
+        drop(stop);
+        out
+    })
 }
 
 /// How often a side sends HEARTBEAT when it has nothing else to say: four

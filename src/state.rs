@@ -107,11 +107,35 @@ pub struct PassFigures {
     pub downtime_bytes: u64,
 }
 
+/// Figures taken while a pass runs (a few times a second), not only
+/// between passes.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct LiveFigures {
+    pub status: &'static str,
+    pub pass: u64,
+    /// Bytes on the wire so far (all channels).
+    pub transferred: u64,
+    /// Guest RAM bytes accounted for so far (sent, or zero pages named).
+    pub ram_bytes: u64,
+    /// Source: bytes still to send in this pass (the last sync's dirty set
+    /// less what the pass has sent); `None` where it is not known.
+    pub remaining: Option<u64>,
+    /// Bytes of guest RAM the migration covers.
+    pub total: u64,
+    /// Wire bytes per second over the last second.
+    pub bandwidth: f64,
+    pub elapsed_ms: u64,
+    /// `remaining` at the current rate.
+    pub eta_ms: Option<u64>,
+}
+
 /// What subscribers (control socket clients, `--json`) are told.
 #[derive(Clone, Debug)]
 pub enum Event {
     Status(Status),
     Pass(PassFigures),
+    /// A few times a second while the migration runs.
+    Progress(LiveFigures),
 }
 
 impl Event {
@@ -125,6 +149,12 @@ impl Event {
                 "bandwidth": p.bandwidth as u64, "dirty-pages-rate": p.dirty_pages_rate as u64,
                 "expected-downtime": p.expected_downtime_ms as u64, "cpu-throttle-percentage": p.throttle_percent }),
             ),
+            Self::Progress(l) => (
+                "MIGRATION_PROGRESS",
+                json!({ "status": l.status, "pass": l.pass, "transferred": l.transferred,
+                "ram-bytes": l.ram_bytes, "remaining": l.remaining, "total": l.total,
+                "mbps": l.bandwidth * 8.0 / 1e6, "elapsed": l.elapsed_ms, "eta": l.eta_ms }),
+            ),
         };
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -133,6 +163,28 @@ impl Event {
                 "timestamp": { "seconds": now.as_secs(), "microseconds": now.subsec_micros() } })
     }
 }
+
+/// What the live figures are computed from.
+#[derive(Default)]
+struct Live {
+    /// The pass in flight.
+    pass: Option<PassStart>,
+    /// (when, wire bytes) of the last second's ticks.
+    samples: std::collections::VecDeque<(Instant, u64)>,
+}
+
+/// When the pass in flight began, the data path's totals then, and the
+/// guest RAM bytes it has to cover.
+#[derive(Clone, Copy)]
+struct PassStart {
+    at: Instant,
+    ram: u64,
+    wire: u64,
+    bytes: u64,
+}
+
+/// How often [`Progress::tick`] runs while a migration is active.
+pub const TICK: Duration = Duration::from_millis(250);
 
 struct Timing {
     started: Option<Instant>,
@@ -159,6 +211,7 @@ pub struct Progress {
     resume_requested: AtomicBool,
     cancel_hooks: Mutex<Vec<Box<dyn Fn() + Send>>>,
     subscribers: Mutex<Vec<mpsc::Sender<Event>>>,
+    live: Mutex<Live>,
 }
 
 impl Default for Progress {
@@ -184,6 +237,7 @@ impl Default for Progress {
             resume_requested: AtomicBool::new(false),
             cancel_hooks: Mutex::new(Vec::new()),
             subscribers: Mutex::new(Vec::new()),
+            live: Mutex::new(Live::default()),
         }
     }
 }
@@ -271,6 +325,89 @@ impl Progress {
 
     pub fn figures(&self) -> PassFigures {
         self.figures.lock().unwrap().clone()
+    }
+
+    /// A pass that has `bytes` of guest RAM to cover starts now.
+    pub(crate) fn begin_pass(&self, bytes: u64) {
+        let t = self.totals();
+        self.live.lock().unwrap().pass = Some(PassStart {
+            at: Instant::now(),
+            ram: t.ram_bytes,
+            wire: t.wire_bytes,
+            bytes,
+        });
+    }
+
+    /// The pass in flight has ended (its figures are in `figures`).
+    pub(crate) fn end_pass(&self) {
+        self.live.lock().unwrap().pass = None;
+    }
+
+    /// Takes a sample of the data path and tells subscribers the live
+    /// figures. The controllers call it every [`TICK`] while they run.
+    pub fn tick(&self) {
+        let status = self.status();
+        if !matches!(
+            status,
+            Status::Active | Status::Device | Status::PreSwitchover | Status::Cancelling
+        ) {
+            return;
+        }
+        let wire = self.totals().wire_bytes;
+        {
+            let mut live = self.live.lock().unwrap();
+            let now = Instant::now();
+            live.samples.push_back((now, wire));
+            while live
+                .samples
+                .front()
+                .is_some_and(|(t, _)| now.duration_since(*t) > Duration::from_secs(1))
+            {
+                live.samples.pop_front();
+            }
+        }
+        self.publish(Event::Progress(self.live()));
+    }
+
+    /// The figures as they are now, between ticks too.
+    pub fn live(&self) -> LiveFigures {
+        let t = self.totals();
+        let f = self.figures();
+        let live = self.live.lock().unwrap();
+        // The last second's ticks; early in a pass, the pass so far.
+        let bandwidth = match (live.samples.front(), live.samples.back(), live.pass) {
+            (Some(&(t0, b0)), Some(&(t1, b1)), _) if t1.duration_since(t0) >= TICK => {
+                (b1 - b0) as f64 / t1.duration_since(t0).as_secs_f64()
+            }
+            (_, _, Some(p)) if p.at.elapsed() >= TICK / 5 => {
+                t.wire_bytes.saturating_sub(p.wire) as f64 / p.at.elapsed().as_secs_f64()
+            }
+            _ => f.bandwidth,
+        };
+        let remaining = match live.pass {
+            Some(p) => Some(p.bytes.saturating_sub(t.ram_bytes.saturating_sub(p.ram))),
+            None if f.pass > 0 => Some(f.remaining_bytes),
+            None => None,
+        };
+        let elapsed = self
+            .timing
+            .lock()
+            .unwrap()
+            .started
+            .map_or(0, |s| s.elapsed().as_millis() as u64);
+        LiveFigures {
+            status: self.status().as_str(),
+            pass: f.pass + u64::from(live.pass.is_some()),
+            transferred: t.wire_bytes,
+            ram_bytes: t.ram_bytes,
+            remaining,
+            total: self.total_ram_bytes(),
+            bandwidth,
+            elapsed_ms: elapsed,
+            eta_ms: remaining
+                .filter(|_| bandwidth > 0.0)
+                .map(|r| (r as f64 / bandwidth * 1e3) as u64),
+        }
     }
 
     pub(crate) fn publish(&self, e: Event) {
@@ -375,6 +512,7 @@ impl Progress {
         let status = self.status();
         let t = self.totals();
         let f = self.figures();
+        let live = self.live();
         let timing = self.timing.lock().unwrap();
         let page_size = self.page_size.load(Ordering::Relaxed);
         let total_time = timing
@@ -391,7 +529,7 @@ impl Progress {
                 "duplicate": t.pages_zero,
                 "normal": t.pages_normal,
                 "normal-bytes": t.pages_normal * page_size,
-                "mbps": f.bandwidth * 8.0 / 1e6,
+                "mbps": if status.is_final() { f.bandwidth } else { live.bandwidth } * 8.0 / 1e6,
                 "pages-per-second": f.pages_per_second as u64,
                 "dirty-sync-count": f.dirty_sync_count,
                 "page-size": page_size,
@@ -406,7 +544,7 @@ impl Progress {
             None => info["expected-downtime"] = json!(f.expected_downtime_ms.round() as u64),
         }
         if status != Status::Completed {
-            info["ram"]["remaining"] = json!(f.remaining_bytes);
+            info["ram"]["remaining"] = json!(live.remaining.unwrap_or(f.remaining_bytes));
             info["ram"]["dirty-pages-rate"] = json!(f.dirty_pages_rate as u64);
         }
         if f.throttle_percent > 0 {

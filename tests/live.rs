@@ -404,3 +404,57 @@ fn a_cancel_on_the_destination_fails_the_source_which_runs_on() {
         assert!(guest.is_running());
     });
 }
+
+/// `query-migrate` during the first pass: `remaining` falls and the rate
+/// is measured while the pass runs, not only between passes; and progress
+/// events come a few times a second.
+#[test]
+fn query_figures_are_live_during_a_pass() {
+    within(120, || {
+        let guest = Arc::new(synthetic(
+            32,
+            MIB,
+            DirtyPattern::Sequential,
+            TrackerKind::Bitmap,
+        ));
+        let (l, uri) = listener();
+        let dst = spawn_destination(l, IncomingOptions::default());
+        // 32 MiB at 8 MiB/s: pass 1 takes about 4 s.
+        let progress = progress_with(Parameters {
+            max_bandwidth: 8 * MIB,
+            downtime_limit: Duration::from_secs(2),
+            ..Default::default()
+        });
+        let events = progress.subscribe();
+        let src = spawn_source(guest.clone(), uri, progress.clone());
+        wait_until(|| progress.status() == Status::Active && progress.totals().wire_bytes > 0);
+        let mut samples = Vec::new();
+        while samples.len() < 6 && progress.figures().pass == 0 {
+            let q = progress.query();
+            samples.push((
+                q["ram"]["remaining"].as_u64().unwrap(),
+                q["ram"]["mbps"].as_f64().unwrap(),
+            ));
+            std::thread::sleep(Duration::from_millis(400));
+        }
+        src.join().unwrap().expect("source completes");
+        dst.join().unwrap().expect("destination completes");
+        assert!(
+            samples.len() >= 3,
+            "pass 1 ended too soon to sample: {samples:?}"
+        );
+        let first = samples[0].0;
+        let last = samples[samples.len() - 1].0;
+        assert!(first > 0 && last < first, "remaining falls: {samples:?}");
+        assert!(first <= 32 * MIB, "{samples:?}");
+        assert!(
+            samples[1..].iter().all(|s| s.1 > 0.0),
+            "mbps is measured: {samples:?}"
+        );
+        let progress_events = events
+            .try_iter()
+            .filter(|e| matches!(e, ferry::Event::Progress(_)))
+            .count();
+        assert!(progress_events >= 4, "{progress_events} progress events");
+    });
+}
