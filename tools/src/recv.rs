@@ -25,7 +25,9 @@ use crate::units::parse_size;
 /// landed and every checksum held; only then does the guest run here.
 #[derive(Args)]
 pub struct RecvArgs {
-    /// Where to listen: tcp:HOST:PORT (PORT 0 picks a free one) or unix:PATH.
+    /// Where to listen: tcp:HOST:PORT (PORT 0 picks a free one), unix:PATH
+    /// (an existing file there is never removed, only a stale socket), or
+    /// fd:N, a listening socket this process inherited.
     #[arg(long)]
     listen: String,
     /// Keep the received RAM in this file (sparse where pages are zero). It is

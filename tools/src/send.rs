@@ -26,7 +26,11 @@ use crate::units::parse_size;
 pub struct SendArgs {
     #[command(flatten)]
     guest: GuestArgs,
-    /// Where `ferry recv` listens: tcp:HOST:PORT or unix:PATH.
+    /// Where `ferry recv` listens: tcp:HOST:PORT or unix:PATH. Or
+    /// exec:COMMAND: the command runs once per channel (main and each
+    /// multifd channel, each through `sh -c`) with its stdin and stdout as
+    /// that channel, e.g. `exec:ssh host socat - TCP:localhost:4444`. Or
+    /// fd:N,M,...: inherited connected sockets, one per channel, main first.
     #[arg(long)]
     to: String,
     /// Longest pause of the guest for the final pass, in milliseconds.

@@ -535,6 +535,83 @@ fn outputs_are_kept_and_verified_before_either_side_says_completed() {
     assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 3);
 }
 
+/// `exec:`: each of the session's streams goes through its own command
+/// (here socat, standing in for `ssh host socat ...`).
+#[test]
+fn exec_migrates_each_channel_through_its_own_command() {
+    if Command::new("socat").arg("-V").output().is_err() {
+        eprintln!("skipped: socat is not installed (.ci/run installs it)");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let ram = gen(dir.path(), "16M", "mixed", 9);
+    let (recv, port) = start_recv(&[]);
+    let to = format!("exec:socat - TCP:127.0.0.1:{port}");
+    let send = Proc::spawn(
+        "ferry send",
+        &[
+            "send",
+            "--ram",
+            ram.to_str().unwrap(),
+            "--to",
+            &to,
+            "--channels",
+            "3",
+            "--json",
+        ],
+    )
+    .wait(DEADLINE);
+    let recv = recv.wait(DEADLINE);
+    let (s, r) = (send.completed(), recv.completed());
+    assert_eq!(s["verified"], true, "{s}");
+    assert_eq!(s["switchover_digest"], r["switchover_digest"]);
+    assert_eq!(s["digest"], r["digest"]);
+    assert_eq!(r["channels"], 3, "{r}");
+}
+
+/// `recv --listen fd:3`: a listening socket handed over by a parent (as
+/// systemd's socket activation does).
+#[test]
+fn recv_listens_on_an_inherited_socket() {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::process::CommandExt;
+    let dir = tempfile::tempdir().unwrap();
+    let ram = gen(dir.path(), "8M", "mixed", 10);
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let fd = listener.as_raw_fd();
+    let mut cmd = ferry();
+    cmd.args(["recv", "--listen", "fd:3", "--json", "--timeout", "30"]);
+    // SAFETY: between fork and exec only dup2 and fcntl, which are
+    // async-signal-safe. Descriptor 3 ends up without close-on-exec, so
+    // ferry inherits it (dup2 onto itself would keep the flag: clear it).
+    unsafe {
+        cmd.pre_exec(move || {
+            let r = if fd == 3 {
+                libc::fcntl(3, libc::F_SETFD, 0)
+            } else {
+                libc::dup2(fd, 3)
+            };
+            if r < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let recv = std::thread::spawn(move || cmd.output().unwrap());
+    let send = start_send(&ram, port, 2, &[]).wait(DEADLINE);
+    let recv = recv.join().unwrap();
+    // Events, one a line, then the summary last.
+    let stdout = String::from_utf8_lossy(&recv.stdout);
+    let last = stdout.lines().last().unwrap_or_default();
+    let r: Value = serde_json::from_str(last)
+        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&recv.stderr)));
+    let s = send.completed();
+    assert_eq!(r["status"], "completed", "{r}");
+    assert_eq!(s["switchover_digest"], r["switchover_digest"]);
+    drop(listener);
+}
+
 #[test]
 fn an_output_path_that_cannot_be_written_is_refused_before_listening() {
     for flag in ["--device-state-out", "--ram-out"] {

@@ -84,6 +84,16 @@ impl ChannelHello {
         }
     }
 
+    /// The channel's place among the session's streams: 0 for main, 1 + i
+    /// for multifd[i], and after them preempt.
+    pub fn slot(&self) -> usize {
+        match self.role {
+            Role::Main => 0,
+            Role::Multifd => 1 + usize::from(self.index),
+            Role::Preempt => 1 + usize::from(self.multifd_channels),
+        }
+    }
+
     pub fn encode(&self) -> [u8; HELLO_LEN] {
         let mut b = [0u8; HELLO_LEN];
         b[0..8].copy_from_slice(&HELLO_MAGIC);

@@ -1,6 +1,7 @@
 //! Opening sockets: connect and listen for `tcp:` and `unix:` URIs, the
-//! tuning applied to every migration socket (socket2), and, when TLS is on,
-//! the TLS handshake right after connect/accept (before ferry's hello).
+//! streams of `exec:` commands and inherited `fd:` sockets, the tuning
+//! applied to every migration socket (socket2), and, when TLS is on, the
+//! TLS handshake right after connect/accept (before ferry's hello).
 
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::sync::Arc;
@@ -93,6 +94,115 @@ fn resolve(uri: &ChannelUri, text: &str) -> Result<(SockAddr, Domain, bool), Tra
             })?;
             Ok((addr, Domain::UNIX, false))
         }
+        ChannelUri::Exec(_) | ChannelUri::Fd(_) => Err(TransportError::BadUri {
+            uri: text.into(),
+            why: "has no socket address".into(),
+        }),
+    }
+}
+
+/// Runs `sh -c COMMAND` with its stdin and stdout joined to one end of a
+/// socketpair; returns the other end. The command carries the stream to
+/// the destination; it ends when its stdin does (our end closed). A thread
+/// reaps it and logs a failure.
+fn spawn_exec(command: &str, label: &str) -> Result<Socket, TransportError> {
+    let err = |source| TransportError::Connect {
+        uri: label.into(),
+        source,
+    };
+    let (ours, theirs) = Socket::pair(Domain::UNIX, Type::STREAM.cloexec(), None).map_err(err)?;
+    let theirs = std::os::fd::OwnedFd::from(theirs);
+    let stdin = theirs.try_clone().map_err(err)?;
+    let mut child = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(command)
+        .stdin(stdin)
+        .stdout(theirs)
+        .spawn()
+        .map_err(err)?;
+    let what = label.to_string();
+    std::thread::Builder::new()
+        .name("ferry-exec-reaper".into())
+        .spawn(move || match child.wait() {
+            Ok(st) if !st.success() => tracing::warn!("{what}: the command ended with {st}"),
+            Err(e) => tracing::warn!("{what}: waiting for the command: {e}"),
+            Ok(_) => {}
+        })
+        .map_err(err)?;
+    Ok(ours)
+}
+
+/// Our own copy of inherited descriptor `fd`, which must be a socket; the
+/// inherited one stays as it is.
+fn inherited_socket(fd: i32, label: &str) -> Result<Socket, TransportError> {
+    let bad = |why: String| TransportError::BadUri {
+        uri: label.into(),
+        why,
+    };
+    // SAFETY: F_DUPFD_CLOEXEC on any integer is harmless: it fails with
+    // EBADF for a descriptor this process does not have.
+    let copy = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 0) };
+    if copy < 0 {
+        let e = std::io::Error::last_os_error();
+        return Err(bad(format!(
+            "descriptor {fd} is not open in this process ({e})"
+        )));
+    }
+    // SAFETY: `copy` is a descriptor we just made and own alone.
+    let owned = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(copy) };
+    let socket = Socket::from(owned);
+    match socket.r#type() {
+        Ok(t) if t == Type::STREAM => Ok(socket),
+        Ok(_) => Err(bad(format!(
+            "descriptor {fd} is a socket, but not a stream socket"
+        ))),
+        Err(_) => Err(bad(format!("descriptor {fd} is not a socket"))),
+    }
+}
+
+/// The stream for the session's `slot`-th channel (0: main, then multifd
+/// 0..K): a new connection for `tcp:`/`unix:`, a new command for `exec:`,
+/// the `slot`-th inherited socket for `fd:`.
+fn open_stream(
+    uri: &ChannelUri,
+    tuning: &SocketTuning,
+    slot: usize,
+) -> Result<SocketChannel, TransportError> {
+    let text = uri.to_string();
+    match uri {
+        ChannelUri::Exec(cmd) => {
+            let s = spawn_exec(cmd, &text)?;
+            tuning
+                .apply(&s, false)
+                .map_err(|source| TransportError::Connect {
+                    uri: text.clone(),
+                    source,
+                })?;
+            Ok(SocketChannel::new(s, text))
+        }
+        ChannelUri::Fd(fds) => {
+            let Some(&fd) = fds.get(slot) else {
+                return Err(TransportError::BadUri {
+                    uri: text,
+                    why: format!(
+                        "names {} descriptor(s), but the session needs one per channel \
+                         (main and each multifd channel): at least {}",
+                        fds.len(),
+                        slot + 1
+                    ),
+                });
+            };
+            let s = inherited_socket(fd, &text)?;
+            let is_tcp = s.local_addr().is_ok_and(|a| a.as_socket().is_some());
+            tuning
+                .apply(&s, is_tcp)
+                .map_err(|source| TransportError::Connect {
+                    uri: text.clone(),
+                    source,
+                })?;
+            Ok(SocketChannel::new(s, format!("fd:{fd}")))
+        }
+        _ => connect(uri, tuning),
     }
 }
 
@@ -119,7 +229,7 @@ pub fn connect_channel(
     tuning: &SocketTuning,
     hello: &ChannelHello,
 ) -> Result<SocketChannel, TransportError> {
-    let mut ch = connect(uri, tuning)?;
+    let mut ch = open_stream(uri, tuning, hello.slot())?;
     crate::Channel::set_label(&mut ch, format!("{} ({uri})", hello.name()));
     handshake::send_hello(&ch, hello)?;
     Ok(ch)
@@ -138,11 +248,11 @@ pub fn connect_channel_secure(
     let Some(tls) = tls else {
         return Ok(Box::new(connect_channel(uri, tuning, hello)?));
     };
-    let mut raw = connect(uri, tuning)?;
+    let mut raw = open_stream(uri, tuning, hello.slot())?;
     crate::Channel::set_label(&mut raw, format!("{} ({uri})", hello.name()));
     let host = match uri {
         ChannelUri::Tcp { host, .. } => host.as_str(),
-        ChannelUri::Unix(_) => "localhost",
+        _ => "localhost",
     };
     let ch = tls.handshake(raw, host)?;
     handshake::send_hello(&ch, hello)?;
@@ -168,6 +278,18 @@ impl Listener {
     /// then tells which. A stale `unix:` socket file is replaced.
     pub fn bind(uri: &ChannelUri, tuning: SocketTuning) -> Result<Self, TransportError> {
         let text = uri.to_string();
+        match uri {
+            ChannelUri::Fd(fds) => return Self::inherited(fds, uri, tuning),
+            ChannelUri::Exec(_) => {
+                return Err(TransportError::BadUri {
+                    uri: text,
+                    why: "exec: is for the sending side (`ferry send --to exec:...`); \
+                          listen on tcp: or unix: and let the command connect there"
+                        .into(),
+                })
+            }
+            _ => {}
+        }
         let (addr, domain, is_tcp) = resolve(uri, &text)?;
         let err = |source| TransportError::Listen {
             uri: text.clone(),
@@ -201,6 +323,48 @@ impl Listener {
         Ok(Self {
             socket: s,
             uri,
+            tuning,
+            tls: None,
+        })
+    }
+
+    /// A listening socket this process inherited (`fd:N`, e.g. from
+    /// systemd's socket activation).
+    fn inherited(
+        fds: &[i32],
+        uri: &ChannelUri,
+        tuning: SocketTuning,
+    ) -> Result<Self, TransportError> {
+        let text = uri.to_string();
+        let &[fd] = fds else {
+            return Err(TransportError::BadUri {
+                uri: text,
+                why: "a listener takes one descriptor, a listening socket".into(),
+            });
+        };
+        let socket = inherited_socket(fd, &text)?;
+        // SO_ACCEPTCONN: is it listening?
+        let mut on: libc::c_int = 0;
+        let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+        // SAFETY: getsockopt writes at most `len` bytes into `on`.
+        let r = unsafe {
+            libc::getsockopt(
+                std::os::fd::AsRawFd::as_raw_fd(&socket),
+                libc::SOL_SOCKET,
+                libc::SO_ACCEPTCONN,
+                (&mut on as *mut libc::c_int).cast(),
+                &mut len,
+            )
+        };
+        if r != 0 || on == 0 {
+            return Err(TransportError::BadUri {
+                uri: text,
+                why: format!("descriptor {fd} is not a listening socket"),
+            });
+        }
+        Ok(Self {
+            socket,
+            uri: uri.clone(),
             tuning,
             tls: None,
         })

@@ -1,4 +1,14 @@
-//! Channel URIs: `tcp:HOST:PORT` and `unix:PATH`, as QEMU writes them.
+//! Channel URIs, as QEMU writes them: `tcp:HOST:PORT`, `unix:PATH`,
+//! `exec:COMMAND` and `fd:N`.
+//!
+//! With K multifd channels a session has K+1 streams (main first). `exec:`
+//! runs COMMAND once per stream (`sh -c`), its stdin and stdout joined to
+//! one end of a socketpair whose other end is the channel: the command
+//! carries the bytes to a listening `ferry recv` (`exec:socat -
+//! TCP:host:4444`, `exec:ssh host socat - UNIX-CONNECT:/run/ferry.sock`).
+//! `fd:N,M,...` names descriptors this process inherited: on the sending
+//! side one connected stream socket per stream, in order (main, then
+//! multifd 0..K); on the receiving side one listening socket.
 
 use std::fmt;
 use std::path::PathBuf;
@@ -12,6 +22,10 @@ pub enum ChannelUri {
     Tcp { host: String, port: u16 },
     /// `unix:PATH`, a stream socket in the file system.
     Unix(PathBuf),
+    /// `exec:COMMAND`, run through `sh -c` once per stream (sending side).
+    Exec(String),
+    /// `fd:N[,M...]`: inherited socket descriptors.
+    Fd(Vec<i32>),
 }
 
 impl FromStr for ChannelUri {
@@ -21,6 +35,15 @@ impl FromStr for ChannelUri {
             uri: s.into(),
             why: why.into(),
         };
+        if let Some(rest) = s
+            .strip_prefix("tcp://")
+            .or_else(|| s.strip_prefix("unix://"))
+        {
+            let kind = if s.starts_with("tcp") { "tcp" } else { "unix" };
+            return Err(bad(&format!(
+                "write {kind}:{rest} (QEMU's form, without '//')"
+            )));
+        }
         if let Some(rest) = s.strip_prefix("tcp:") {
             let (host, port) = rest
                 .rsplit_once(':')
@@ -44,8 +67,22 @@ impl FromStr for ChannelUri {
                 return Err(bad("empty path"));
             }
             Ok(Self::Unix(path.into()))
+        } else if let Some(cmd) = s.strip_prefix("exec:") {
+            if cmd.trim().is_empty() {
+                return Err(bad("empty command"));
+            }
+            Ok(Self::Exec(cmd.into()))
+        } else if let Some(list) = s.strip_prefix("fd:") {
+            let fds = list
+                .split(',')
+                .map(|n| n.trim().parse::<i32>().ok().filter(|&n| n >= 0))
+                .collect::<Option<Vec<_>>>()
+                .ok_or_else(|| bad("expected fd:N or fd:N,M,... with descriptor numbers"))?;
+            Ok(Self::Fd(fds))
         } else {
-            Err(bad("expected tcp:HOST:PORT or unix:PATH"))
+            Err(bad(
+                "expected tcp:HOST:PORT, unix:PATH, exec:COMMAND or fd:N[,M...]",
+            ))
         }
     }
 }
@@ -56,6 +93,11 @@ impl fmt::Display for ChannelUri {
             Self::Tcp { host, port } if host.contains(':') => write!(f, "tcp:[{host}]:{port}"),
             Self::Tcp { host, port } => write!(f, "tcp:{host}:{port}"),
             Self::Unix(p) => write!(f, "unix:{}", p.display()),
+            Self::Exec(cmd) => write!(f, "exec:{cmd}"),
+            Self::Fd(fds) => {
+                let list: Vec<String> = fds.iter().map(ToString::to_string).collect();
+                write!(f, "fd:{}", list.join(","))
+            }
         }
     }
 }
@@ -71,6 +113,9 @@ mod tests {
             "tcp:[::1]:80",
             "tcp:host.example:0",
             "unix:/tmp/x.sock",
+            "exec:ssh host socat - TCP:localhost:4444",
+            "fd:3",
+            "fd:3,4,5",
         ] {
             assert_eq!(s.parse::<ChannelUri>().unwrap().to_string(), s);
         }
@@ -85,9 +130,22 @@ mod tests {
             "unix:",
             "http://x",
             "",
+            "exec: ",
+            "fd:",
+            "fd:3,x",
+            "fd:-1",
         ] {
             let e = s.parse::<ChannelUri>().unwrap_err().to_string();
             assert!(e.contains("bad URI"), "{s}: {e}");
         }
+    }
+
+    #[test]
+    fn a_url_style_uri_says_how_to_write_it() {
+        let e = "tcp://0.0.0.0:4444"
+            .parse::<ChannelUri>()
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("write tcp:0.0.0.0:4444"), "{e}");
     }
 }
