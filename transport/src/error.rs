@@ -1,6 +1,7 @@
 //! Errors of the transport crate. Each names the channel or address involved.
 
 use std::io;
+use std::path::PathBuf;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TransportError {
@@ -10,6 +11,23 @@ pub enum TransportError {
     Connect { uri: String, source: io::Error },
     #[error("cannot listen on {uri}: {source}")]
     Listen { uri: String, source: io::Error },
+    #[error(
+        "unix socket {path} is in use by another listener: stop that process or choose \
+         another path"
+    )]
+    UnixInUse { path: PathBuf },
+    #[error(
+        "{path} is a {kind}, not a unix socket; it was left untouched: remove it yourself \
+         or choose another path"
+    )]
+    UnixNotSocket { path: PathBuf, kind: &'static str },
+    #[error(
+        "{path} is a directory: give the path of a socket file to create, e.g. \
+         {path}/ferry.sock"
+    )]
+    UnixIsDirectory { path: PathBuf },
+    #[error("cannot tell whether unix socket {path} is in use ({source}); it was left untouched")]
+    UnixProbe { path: PathBuf, source: io::Error },
     #[error("accepting on {uri}: {source}")]
     Accept { uri: String, source: io::Error },
     #[error("{channel}: {what}: {source}")]

@@ -24,7 +24,8 @@ pub use error::TransportError;
 pub use handshake::{ChannelHello, Role, SessionId, HELLO_LEN, PROTOCOL_VERSION};
 pub use incoming::{accept_session, AcceptOptions, IncomingSession};
 pub use socket::{
-    await_accept, connect, connect_channel, connect_channel_secure, Listener, SocketTuning,
+    await_accept, connect, connect_channel, connect_channel_secure, listen_unix, Listener,
+    SocketTuning,
 };
 pub use tls::{TlsChannel, TlsClient, TlsServer};
 pub use uri::ChannelUri;

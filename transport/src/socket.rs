@@ -2,8 +2,16 @@
 //! streams of `exec:` commands and inherited `fd:` sockets, the tuning
 //! applied to every migration socket (socket2), and, when TLS is on, the
 //! TLS handshake right after connect/accept (before ferry's hello).
+//!
+//! Also owns what may be at a unix socket's path before it is bound
+//! ([`listen_unix`], used by the control socket too): only a stale socket is
+//! ever removed; a live one, a directory or any other file is refused and
+//! left as it is.
 
 use std::net::{SocketAddr, ToSocketAddrs};
+use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
+use std::os::unix::net::UnixListener;
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -265,17 +273,143 @@ pub fn await_accept(ch: &dyn crate::Channel, timeout: Duration) -> Result<(), Tr
     handshake::read_reply(ch, timeout)
 }
 
+/// The kind of a file that is not a socket, in words.
+fn file_kind(t: std::fs::FileType) -> &'static str {
+    if t.is_file() {
+        "regular file"
+    } else if t.is_symlink() {
+        "symbolic link"
+    } else if t.is_fifo() {
+        "FIFO"
+    } else if t.is_char_device() {
+        "character device"
+    } else if t.is_block_device() {
+        "block device"
+    } else {
+        "file of unknown type"
+    }
+}
+
+/// Makes room for a unix socket at `path`: nothing there is fine; a socket
+/// nobody listens on (connect() is refused: its process died without
+/// removing it) is removed; a live socket, a directory or any other file
+/// (a symbolic link included: it is not followed) is refused and left as
+/// it is. The probe is a non-blocking connect, so a live listener with a
+/// full backlog counts as live instead of stalling us; it sees one
+/// connection that closes at once.
+fn make_room(path: &Path) -> Result<(), TransportError> {
+    let probe_err = |source| TransportError::UnixProbe {
+        path: path.into(),
+        source,
+    };
+    let meta = match std::fs::symlink_metadata(path) {
+        Ok(m) => m,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(probe_err(e)),
+    };
+    let kind = meta.file_type();
+    if kind.is_dir() {
+        return Err(TransportError::UnixIsDirectory { path: path.into() });
+    }
+    if !kind.is_socket() {
+        return Err(TransportError::UnixNotSocket {
+            path: path.into(),
+            kind: file_kind(kind),
+        });
+    }
+    let addr = SockAddr::unix(path).map_err(probe_err)?;
+    let probe = Socket::new(Domain::UNIX, Type::STREAM.cloexec(), None).map_err(probe_err)?;
+    probe.set_nonblocking(true).map_err(probe_err)?;
+    match probe.connect(&addr) {
+        Ok(()) => Err(TransportError::UnixInUse { path: path.into() }),
+        Err(e)
+            if e.kind() == std::io::ErrorKind::WouldBlock
+                || e.raw_os_error() == Some(libc::EINPROGRESS) =>
+        {
+            // Its backlog is full: someone listens there.
+            Err(TransportError::UnixInUse { path: path.into() })
+        }
+        Err(e) if e.raw_os_error() == Some(libc::ECONNREFUSED) => {
+            match std::fs::remove_file(path) {
+                Ok(()) => {
+                    tracing::info!("{}: removed a stale unix socket", path.display());
+                    Ok(())
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+                Err(e) => Err(probe_err(e)),
+            }
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(probe_err(e)),
+    }
+}
+
+/// Binds and listens on a unix socket at `path`, after [`make_room`]: only
+/// a stale socket there is replaced; a live socket, a directory or any
+/// other file is refused ([`TransportError::UnixInUse`],
+/// [`TransportError::UnixIsDirectory`], [`TransportError::UnixNotSocket`])
+/// and left untouched.
+///
+/// `mode`, if given, is set on the socket file after bind() and before
+/// listen(). Until listen() every connect() is refused (ECONNREFUSED), so
+/// nobody can connect while the file still has the mode the umask gave it;
+/// this needs no change of the process-wide umask, which would race other
+/// threads creating files.
+pub fn listen_unix(
+    path: &Path,
+    mode: Option<u32>,
+    backlog: i32,
+) -> Result<UnixListener, TransportError> {
+    make_room(path)?;
+    let err = |source| TransportError::Listen {
+        uri: format!("unix:{}", path.display()),
+        source,
+    };
+    let addr = SockAddr::unix(path).map_err(err)?;
+    let s = Socket::new(Domain::UNIX, Type::STREAM.cloexec(), None).map_err(err)?;
+    s.bind(&addr).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::AddrInUse {
+            // Someone put a file there since make_room looked.
+            TransportError::UnixInUse { path: path.into() }
+        } else {
+            err(e)
+        }
+    })?;
+    let listening = mode
+        .map_or(Ok(()), |m| {
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(m))
+        })
+        .and_then(|()| s.listen(backlog));
+    if let Err(e) = listening {
+        let _ = std::fs::remove_file(path);
+        return Err(err(e));
+    }
+    Ok(s.into())
+}
+
+/// The identity of the file at `path` (device, inode), if any: a listener
+/// removes its socket file on drop only while it is still its own.
+fn file_id(path: &Path) -> Option<(u64, u64)> {
+    std::fs::symlink_metadata(path)
+        .ok()
+        .map(|m| (m.dev(), m.ino()))
+}
+
 /// A listening socket for one `tcp:` or `unix:` URI.
 pub struct Listener {
     socket: Socket,
     uri: ChannelUri,
     tuning: SocketTuning,
     tls: Option<Arc<TlsServer>>,
+    /// The unix socket file this listener created (device, inode).
+    unix_file: Option<(u64, u64)>,
 }
 
 impl Listener {
     /// Binds and listens. `tcp:HOST:0` picks a free port; [`Listener::uri`]
-    /// then tells which. A stale `unix:` socket file is replaced.
+    /// then tells which. For `unix:PATH` see [`listen_unix`]: a stale
+    /// socket file is replaced, anything else at PATH is refused and left
+    /// untouched.
     pub fn bind(uri: &ChannelUri, tuning: SocketTuning) -> Result<Self, TransportError> {
         let text = uri.to_string();
         match uri {
@@ -295,17 +429,18 @@ impl Listener {
             uri: text.clone(),
             source,
         };
-        if let ChannelUri::Unix(p) = uri {
-            if std::os::unix::net::UnixStream::connect(p).is_err() {
-                let _ = std::fs::remove_file(p);
+        let (s, unix_file) = if let ChannelUri::Unix(p) = uri {
+            let s = Socket::from(listen_unix(p, None, 128)?);
+            (s, file_id(p))
+        } else {
+            let s = Socket::new(domain, Type::STREAM.cloexec(), None).map_err(err)?;
+            if is_tcp {
+                s.set_reuse_address(true).map_err(err)?;
             }
-        }
-        let s = Socket::new(domain, Type::STREAM.cloexec(), None).map_err(err)?;
-        if is_tcp {
-            s.set_reuse_address(true).map_err(err)?;
-        }
-        s.bind(&addr).map_err(err)?;
-        s.listen(128).map_err(err)?;
+            s.bind(&addr).map_err(err)?;
+            s.listen(128).map_err(err)?;
+            (s, None)
+        };
         let uri = match uri {
             ChannelUri::Tcp { host, .. } => {
                 let port = s
@@ -325,6 +460,7 @@ impl Listener {
             uri,
             tuning,
             tls: None,
+            unix_file,
         })
     }
 
@@ -367,6 +503,8 @@ impl Listener {
             uri: uri.clone(),
             tuning,
             tls: None,
+            // Not ours to remove: it belongs to whoever handed it over.
+            unix_file: None,
         })
     }
 
@@ -436,9 +574,13 @@ impl Listener {
 }
 
 impl Drop for Listener {
+    /// Removes the unix socket file, unless it is no longer ours (removed,
+    /// or replaced by another listener's).
     fn drop(&mut self) {
         if let ChannelUri::Unix(p) = &self.uri {
-            let _ = std::fs::remove_file(p);
+            if self.unix_file.is_some() && file_id(p) == self.unix_file {
+                let _ = std::fs::remove_file(p);
+            }
         }
     }
 }

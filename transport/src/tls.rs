@@ -141,6 +141,8 @@ pub struct TlsClient {
     config: Arc<ClientConfig>,
     hostname: Option<String>,
     has_client_cert: bool,
+    /// Our certificate's validity window, to explain a peer's refusal.
+    own: Option<Validity>,
     dir: PathBuf,
 }
 
@@ -162,21 +164,23 @@ impl TlsClient {
             .map_err(|e| files_err(dir, e))?
             .with_root_certificates(roots);
         let (cert, key) = (dir.join(CLIENT_CERT), dir.join(CLIENT_KEY));
-        let (config, has_client_cert) = match (cert.exists(), key.exists()) {
+        // Some(window) when we present a certificate (its window, if readable).
+        let (config, client_cert) = match (cert.exists(), key.exists()) {
             (true, true) => {
                 let chain = load_certs(&cert)?;
+                let own = validity(&chain[0]);
                 let k = load_key(&key)?;
                 let c = builder
                     .with_client_auth_cert(chain, k)
                     .map_err(|e| files_err(&key, format!("does not match {CLIENT_CERT}: {e}")))?;
-                (c, true)
+                (c, Some(own))
             }
             (false, false) => {
                 tracing::warn!(
                     "{}: no {CLIENT_CERT}/{CLIENT_KEY}: connecting without a client certificate",
                     dir.display()
                 );
-                (builder.with_no_client_auth(), false)
+                (builder.with_no_client_auth(), None)
             }
             (true, false) => return Err(files_err(&key, "missing (client-cert.pem is there)")),
             (false, true) => return Err(files_err(&cert, "missing (client-key.pem is there)")),
@@ -184,7 +188,8 @@ impl TlsClient {
         Ok(Self {
             config: Arc::new(config),
             hostname,
-            has_client_cert,
+            has_client_cert: client_cert.is_some(),
+            own: client_cert.flatten(),
             dir: dir.to_path_buf(),
         })
     }
@@ -213,7 +218,7 @@ impl TlsClient {
                 why: describe(&e),
             }
         })?;
-        handshake(socket, label, conn.into(), &name_text)
+        handshake(socket, label, conn.into(), &name_text, self.own)
     }
 }
 
@@ -221,6 +226,8 @@ impl TlsClient {
 /// every client certificate must be signed by.
 pub struct TlsServer {
     config: Arc<ServerConfig>,
+    /// Our certificate's validity window, to explain a peer's refusal.
+    own: Option<Validity>,
     dir: PathBuf,
 }
 
@@ -240,6 +247,7 @@ impl TlsServer {
             .map_err(|e| files_err(&dir.join(CA_CERT), e))?;
         let (cert, key) = (dir.join(SERVER_CERT), dir.join(SERVER_KEY));
         let chain = load_certs(&cert)?;
+        let own = validity(&chain[0]);
         let k = load_key(&key)?;
         let mut config = ServerConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()
@@ -251,6 +259,7 @@ impl TlsServer {
         config.send_tls13_tickets = 0;
         Ok(Self {
             config: Arc::new(config),
+            own,
             dir: dir.to_path_buf(),
         })
     }
@@ -284,7 +293,7 @@ impl TlsServer {
                 why: describe(&e),
             }
         })?;
-        handshake(socket, label, conn.into(), "")
+        handshake(socket, label, conn.into(), "", self.own)
     }
 }
 
@@ -320,6 +329,7 @@ fn handshake(
     label: String,
     mut conn: rustls::Connection,
     server_name: &str,
+    own: Option<Validity>,
 ) -> Result<TlsChannel, TransportError> {
     let io = |what, source| TransportError::Io {
         channel: label.clone(),
@@ -336,7 +346,7 @@ fn handshake(
         if let Err(e) = conn.complete_io(&mut &socket) {
             return Err(TransportError::Tls {
                 channel: label,
-                why: format!("handshake failed: {}", describe_io(&e, server_name)),
+                why: format!("handshake failed: {}", describe_io(&e, server_name, own)),
             });
         }
     }
@@ -355,11 +365,19 @@ fn handshake(
         conn: Mutex::new(conn),
         writing: Mutex::new(Vec::new()),
         reading: Mutex::new(RecvBuf::default()),
+        own,
     })
 }
 
 /// Which TLS check failed, in words, for a rustls error.
 pub fn describe(e: &rustls::Error) -> String {
+    describe_own(e, None)
+}
+
+/// Like [`describe`]; `own` is the validity window of the certificate we
+/// presented, which tells what a `certificate_expired` alert from the peer
+/// means (rustls sends that one alert for "expired" and "not valid yet").
+fn describe_own(e: &rustls::Error, own: Option<Validity>) -> String {
     use rustls::Error as E;
     use AlertDescription as A;
     use CertificateError as C;
@@ -372,12 +390,19 @@ pub fn describe(e: &rustls::Error) -> String {
              does not verify"
                 .into()
         }
-        E::InvalidCertificate(C::Expired | C::ExpiredContext { .. }) => {
-            "the peer's certificate has expired".into()
-        }
-        E::InvalidCertificate(C::NotValidYet | C::NotValidYetContext { .. }) => {
-            "the peer's certificate is not valid yet".into()
-        }
+        E::InvalidCertificate(C::ExpiredContext { time, not_after }) => format!(
+            "the peer's certificate has expired (valid until {}; the time here is {})",
+            utc(not_after.as_secs()),
+            utc(time.as_secs())
+        ),
+        E::InvalidCertificate(C::Expired) => "the peer's certificate has expired".into(),
+        E::InvalidCertificate(C::NotValidYetContext { time, not_before }) => format!(
+            "the peer's certificate is not valid yet (valid from {}; the time here is {}): \
+             wait, or check both hosts' clocks",
+            utc(not_before.as_secs()),
+            utc(time.as_secs())
+        ),
+        E::InvalidCertificate(C::NotValidYet) => "the peer's certificate is not valid yet".into(),
         E::InvalidCertificate(C::NotValidForName | C::NotValidForNameContext { .. }) => {
             "hostname mismatch: the server's certificate is not valid for the name checked \
              (see --tls-hostname)"
@@ -399,9 +424,7 @@ pub fn describe(e: &rustls::Error) -> String {
              (alert unknown_ca)"
                 .into()
         }
-        E::AlertReceived(A::CertificateExpired) => {
-            "the peer refused our certificate: it has expired (alert certificate_expired)".into()
-        }
+        E::AlertReceived(A::CertificateExpired) => refused_as_expired(own),
         E::AlertReceived(A::BadCertificate) => {
             "the peer refused our certificate (alert bad_certificate)".into()
         }
@@ -417,10 +440,132 @@ pub fn describe(e: &rustls::Error) -> String {
     }
 }
 
+/// What a `certificate_expired` alert from the peer means, judged by our
+/// own certificate's window and our clock.
+fn refused_as_expired(own: Option<Validity>) -> String {
+    const ALERT: &str = "(alert certificate_expired)";
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64);
+    match own {
+        Some(v) if now < v.not_before => format!(
+            "the peer refused our certificate: it is not valid yet (valid from {}) {ALERT}",
+            utc(v.not_before as u64)
+        ),
+        Some(v) if now > v.not_after => format!(
+            "the peer refused our certificate: it has expired (valid until {}) {ALERT}",
+            utc(v.not_after as u64)
+        ),
+        Some(v) => format!(
+            "the peer refused our certificate as expired or not valid yet, though it is valid \
+             here from {} to {}: check the peer's clock {ALERT}",
+            utc(v.not_before as u64),
+            utc(v.not_after as u64)
+        ),
+        None => format!("the peer refused our certificate as expired or not valid yet {ALERT}"),
+    }
+}
+
+/// The window a certificate is valid in, in seconds since the Unix epoch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Validity {
+    not_before: i64,
+    not_after: i64,
+}
+
+/// Reads the validity window out of a DER certificate (RFC 5280:
+/// `Certificate ::= SEQUENCE { tbsCertificate SEQUENCE { [0] version
+/// OPTIONAL, serialNumber, signature, issuer, validity SEQUENCE { notBefore,
+/// notAfter }, ... }, ... }`). `None` if the bytes are not shaped so: the
+/// window only refines an error message.
+fn validity(cert: &[u8]) -> Option<Validity> {
+    /// Splits one DER element off `input`: (tag, contents, rest).
+    fn element(input: &[u8]) -> Option<(u8, &[u8], &[u8])> {
+        let (&tag, rest) = input.split_first()?;
+        let (&first, mut rest) = rest.split_first()?;
+        let len = if first < 0x80 {
+            usize::from(first)
+        } else {
+            let n = usize::from(first & 0x7f);
+            if n == 0 || n > 4 || rest.len() < n {
+                return None;
+            }
+            let len = rest[..n]
+                .iter()
+                .fold(0usize, |acc, &b| (acc << 8) | usize::from(b));
+            rest = &rest[n..];
+            len
+        };
+        (rest.len() >= len).then(|| (tag, &rest[..len], &rest[len..]))
+    }
+    /// UTCTime (YYMMDDHHMMSSZ) or GeneralizedTime (YYYYMMDDHHMMSSZ).
+    fn time(tag: u8, text: &[u8]) -> Option<i64> {
+        let text = std::str::from_utf8(text).ok()?.strip_suffix('Z')?;
+        let (year, rest) = match (tag, text.len()) {
+            (0x17, 12) => {
+                let yy: i32 = text[..2].parse().ok()?;
+                (if yy >= 50 { 1900 + yy } else { 2000 + yy }, &text[2..])
+            }
+            (0x18, 14) => (text[..4].parse().ok()?, &text[4..]),
+            _ => return None,
+        };
+        let num = |i: usize| rest.get(i..i + 2)?.parse::<u8>().ok();
+        let date = time::Date::from_calendar_date(year, num(0)?.try_into().ok()?, num(2)?).ok()?;
+        let t = time::Time::from_hms(num(4)?, num(6)?, num(8)?).ok()?;
+        Some(
+            time::PrimitiveDateTime::new(date, t)
+                .assume_utc()
+                .unix_timestamp(),
+        )
+    }
+    let (0x30, cert, _) = element(cert)? else {
+        return None;
+    };
+    let (0x30, mut tbs, _) = element(cert)? else {
+        return None;
+    };
+    if tbs.first() == Some(&0xa0) {
+        tbs = element(tbs)?.2; // version
+    }
+    for _ in 0..3 {
+        tbs = element(tbs)?.2; // serial number, signature algorithm, issuer
+    }
+    let (0x30, window, _) = element(tbs)? else {
+        return None;
+    };
+    let (tag, from, rest) = element(window)?;
+    let not_before = time(tag, from)?;
+    let (tag, to, _) = element(rest)?;
+    let not_after = time(tag, to)?;
+    Some(Validity {
+        not_before,
+        not_after,
+    })
+}
+
+/// A Unix time as `YYYY-MM-DD HH:MM:SS UTC`.
+fn utc(secs: u64) -> String {
+    match i64::try_from(secs)
+        .ok()
+        .and_then(|s| time::OffsetDateTime::from_unix_timestamp(s).ok())
+    {
+        Some(t) => format!(
+            "{}-{:02}-{:02} {:02}:{:02}:{:02} UTC",
+            t.year(),
+            u8::from(t.month()),
+            t.day(),
+            t.hour(),
+            t.minute(),
+            t.second()
+        ),
+        None => format!("{secs} s after 1970"),
+    }
+}
+
 /// Like [`describe`] for an I/O error that may carry a rustls error.
-fn describe_io(e: &io::Error, server_name: &str) -> String {
+fn describe_io(e: &io::Error, server_name: &str, own: Option<Validity>) -> String {
     if let Some(t) = e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>()) {
-        let mut s = describe(t);
+        let mut s = describe_own(t, own);
         if matches!(
             t,
             rustls::Error::InvalidCertificate(
@@ -453,8 +598,8 @@ fn describe_io(e: &io::Error, server_name: &str) -> String {
 #[error("TLS: {0}")]
 pub struct TlsFailure(pub String);
 
-fn tls_io_error(e: &rustls::Error) -> io::Error {
-    io::Error::new(io::ErrorKind::InvalidData, TlsFailure(describe(e)))
+fn tls_io_error(e: &rustls::Error, own: Option<Validity>) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, TlsFailure(describe_own(e, own)))
 }
 
 /// Ciphertext received but not yet handed to rustls.
@@ -480,6 +625,9 @@ pub struct TlsChannel {
     writing: Mutex<Vec<u8>>,
     /// One reader at a time, and its ciphertext not yet given to rustls.
     reading: Mutex<RecvBuf>,
+    /// Our certificate's validity window (a peer's refusal may come after
+    /// the handshake: a TLS 1.3 server checks the client's certificate then).
+    own: Option<Validity>,
 }
 
 impl fmt::Debug for TlsChannel {
@@ -541,7 +689,8 @@ impl TlsChannel {
                 if n == 0 {
                     // Tell rustls the stream ended; reader() then says how.
                     conn.read_tls(&mut io::empty())?;
-                    conn.process_new_packets().map_err(|e| tls_io_error(&e))?;
+                    conn.process_new_packets()
+                        .map_err(|e| tls_io_error(&e, self.own))?;
                     continue;
                 }
             }
@@ -554,7 +703,7 @@ impl TlsChannel {
                 }
                 let state = conn.process_new_packets().map_err(|e| {
                     let _ = conn.write_tls(&mut &self.socket);
-                    tls_io_error(&e)
+                    tls_io_error(&e, self.own)
                 })?;
                 if state.plaintext_bytes_to_read() > 0 || state.peer_has_closed() {
                     break;
@@ -658,5 +807,64 @@ impl Channel for TlsChannel {
     }
     fn tls(&self) -> Option<&TlsChannel> {
         Some(self)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A self-signed certificate valid over [from, to].
+    fn cert(from: time::OffsetDateTime, to: time::OffsetDateTime) -> Vec<u8> {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut p = rcgen::CertificateParams::new(vec!["localhost".to_string()]).unwrap();
+        p.not_before = from;
+        p.not_after = to;
+        p.self_signed(&key).unwrap().der().to_vec()
+    }
+
+    #[test]
+    fn validity_window_is_read_from_the_certificate() {
+        // UTCTime (before 2050) and GeneralizedTime (from 2050) both.
+        let from = rcgen::date_time_ymd(2031, 2, 3) + time::Duration::seconds(4 * 3600 + 5);
+        let to = rcgen::date_time_ymd(2061, 12, 31);
+        let v = validity(&cert(from, to)).expect("a window");
+        assert_eq!(
+            v,
+            Validity {
+                not_before: from.unix_timestamp(),
+                not_after: to.unix_timestamp()
+            }
+        );
+        assert_eq!(utc(v.not_before as u64), "2031-02-03 04:00:05 UTC");
+        assert_eq!(utc(v.not_after as u64), "2061-12-31 00:00:00 UTC");
+        assert_eq!(validity(b"\x30\x03\x02\x01"), None, "truncated DER");
+    }
+
+    #[test]
+    fn a_refusal_as_expired_is_explained_by_our_own_window() {
+        let now = time::OffsetDateTime::now_utc().unix_timestamp();
+        let day = 86_400;
+        let alert = rustls::Error::AlertReceived(AlertDescription::CertificateExpired);
+        let text = |not_before, not_after| {
+            describe_own(
+                &alert,
+                Some(Validity {
+                    not_before,
+                    not_after,
+                }),
+            )
+        };
+        let future = text(now + 10 * day, now + 20 * day);
+        assert!(
+            future.contains("not valid yet (valid from ") && !future.contains("expired ("),
+            "{future}"
+        );
+        let past = text(now - 20 * day, now - 10 * day);
+        assert!(past.contains("has expired (valid until "), "{past}");
+        let fine = text(now - day, now + day);
+        assert!(fine.contains("check the peer's clock"), "{fine}");
+        let unknown = describe_own(&alert, None);
+        assert!(unknown.contains("expired or not valid yet"), "{unknown}");
     }
 }
