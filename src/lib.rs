@@ -13,6 +13,7 @@
 //!   with [`control`], the QMP-shaped control socket.
 //! - [`protocol`]: the main channel's messages and their wire format.
 //! - [`outgoing`] / [`incoming`]: the two sides of a migration.
+//! - [`metrics`]: the same figures for Prometheus, over HTTP.
 //! - [`summary`]: what a finished (or failed) migration reports.
 //! - [`snapshot`]: saving a guest to a file and restoring it (file mode).
 
@@ -21,6 +22,7 @@ pub mod control;
 mod error;
 pub mod guest;
 pub mod incoming;
+pub mod metrics;
 pub mod outgoing;
 pub mod protocol;
 pub mod snapshot;
@@ -36,6 +38,7 @@ pub use incoming::{
     migrate_in, physical_memory, DestinationMemory, IncomingOptions, IncomingOutcome, KeepHook,
     SetupLimits,
 };
+pub use metrics::{MetricsError, MetricsServer};
 pub use outgoing::{migrate_out, OutgoingOptions, DEFAULT_PEER_TIMEOUT};
 pub use snapshot::{
     restore_from_file, restore_lazy, save_background, save_live_to_file, save_to_file,

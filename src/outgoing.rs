@@ -279,7 +279,11 @@ impl Source<'_> {
         }
         let destination_verifies = match reply? {
             Message::SetupAck { verify } => verify,
-            Message::Shut { error: Some(e) } => return Err(MigrationError::Setup(e)),
+            // The destination's text already says "setup refused: ...".
+            Message::Shut { error: Some(e) } => {
+                let why = e.strip_prefix("setup refused: ").unwrap_or(&e);
+                return Err(MigrationError::Setup(format!("by the destination: {why}")));
+            }
             other => return Err(unexpected("SETUP_ACK", &other)),
         };
 

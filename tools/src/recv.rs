@@ -92,6 +92,10 @@ pub struct RecvArgs {
     max_guest: Option<u64>,
     #[command(flatten)]
     peer: crate::peer::PeerArgs,
+    /// Serve the migration's figures (those of `ferry ctl SOCK query`) in
+    /// Prometheus's text format at http://ADDR/metrics, e.g. 127.0.0.1:9464.
+    #[arg(long, value_name = "ADDR")]
+    metrics_listen: Option<String>,
 }
 
 pub fn run(a: RecvArgs) -> anyhow::Result<bool> {
@@ -116,9 +120,6 @@ fn migrate(a: RecvArgs) -> anyhow::Result<bool> {
     if let Some(d) = &a.tls_dir {
         listener = listener.with_tls(Arc::new(TlsServer::load(d)?));
     }
-    // One write, so a script reading stderr never sees half the line.
-    let ready = format!("ferry: listening on {}\n", listener.uri());
-    let _ = std::io::Write::write_all(&mut std::io::stderr(), ready.as_bytes());
     let opts = IncomingOptions {
         memory: a
             .ram_out
@@ -146,12 +147,20 @@ fn migrate(a: RecvArgs) -> anyhow::Result<bool> {
         Some(p) => Some(ControlServer::start(p, progress.clone())?),
         None => None,
     };
+    let metrics = match &a.metrics_listen {
+        Some(addr) => Some(ferry::MetricsServer::start(addr, progress.clone())?),
+        None => None,
+    };
+    // Ready: the control socket and metrics endpoint are up too. One
+    // write, so a script reading stderr never sees half the line.
+    let ready = format!("ferry: listening on {}\n", listener.uri());
+    let _ = std::io::Write::write_all(&mut std::io::stderr(), ready.as_bytes());
     let events = a.json.then(|| EventPrinter::start(&progress));
     let result = migrate_in(&listener, &opts, &progress);
     if let Some(e) = events {
         e.finish();
     }
-    drop(control);
+    drop((control, metrics));
     match result {
         Ok(mut outcome) => {
             if let Some(secs) = a.run_after {

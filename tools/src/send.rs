@@ -117,6 +117,10 @@ pub struct SendArgs {
     compress: crate::units::Compress,
     #[command(flatten)]
     peer: crate::peer::PeerArgs,
+    /// Serve the migration's figures (those of `ferry ctl SOCK query`) in
+    /// Prometheus's text format at http://ADDR/metrics, e.g. 127.0.0.1:9464.
+    #[arg(long, value_name = "ADDR")]
+    metrics_listen: Option<String>,
 }
 
 pub fn run(a: SendArgs) -> anyhow::Result<bool> {
@@ -166,6 +170,10 @@ fn migrate(a: SendArgs) -> anyhow::Result<bool> {
         Some(p) => Some(ControlServer::start(p, progress.clone())?),
         None => None,
     };
+    let metrics = match &a.metrics_listen {
+        Some(addr) => Some(ferry::MetricsServer::start(addr, progress.clone())?),
+        None => None,
+    };
     let events = a.json.then(|| EventPrinter::start(&progress));
     let view = ProgressView::start(progress.clone(), !a.json);
     let result = migrate_out(&*guest, &uri, &opts, &progress);
@@ -173,7 +181,7 @@ fn migrate(a: SendArgs) -> anyhow::Result<bool> {
     if let Some(e) = events {
         e.finish();
     }
-    drop(control);
+    drop((control, metrics));
     let (mut summary, ok) = match result {
         Ok(s) => (s, true),
         Err(f) => (*f.summary, false),

@@ -612,6 +612,32 @@ fn recv_listens_on_an_inherited_socket() {
     drop(listener);
 }
 
+/// `--metrics-listen`: the figures of `ctl query` for Prometheus.
+#[test]
+fn recv_serves_its_figures_for_prometheus() {
+    let dir = tempfile::tempdir().unwrap();
+    let ram = gen(dir.path(), "8M", "mixed", 11);
+    let addr = format!("127.0.0.1:{}", free_port());
+    let (recv, port) = start_recv(&["--metrics-listen", &addr]);
+    let mut s = TcpStream::connect(&addr).unwrap();
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: ferry\r\n\r\n")
+        .unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).unwrap();
+    assert_contains(
+        &text,
+        &[
+            "HTTP/1.1 200 OK",
+            "text/plain; version=0.0.4",
+            "# TYPE ferry_ram_transferred_bytes counter",
+            "ferry_status{status=\"completed\"} 0",
+        ],
+    );
+    let send = start_send(&ram, port, 2, &[]).wait(DEADLINE);
+    send.completed();
+    recv.wait(DEADLINE).completed();
+}
+
 #[test]
 fn an_output_path_that_cannot_be_written_is_refused_before_listening() {
     for flag in ["--device-state-out", "--ram-out"] {
