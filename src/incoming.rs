@@ -310,6 +310,7 @@ fn receive(
     progress
         .total_ram_bytes
         .store(memory.total_bytes(), std::sync::atomic::Ordering::Relaxed);
+    summary.guest_bytes = memory.total_bytes();
     out.memory = Some(memory.clone());
 
     let (events, inbox) = mpsc::channel();

@@ -101,6 +101,7 @@ pub fn migrate_out(
     progress
         .total_ram_bytes
         .store(memory.total_bytes(), Ordering::Relaxed);
+    summary.guest_bytes = memory.total_bytes();
     if let Some(b) = memory.blocks().first() {
         progress
             .page_size
@@ -443,7 +444,17 @@ impl Source<'_> {
         s.pool.control().set_max_bandwidth(0);
         let log = self.guest.dirty_log();
         self.sync_log(log, &pending)?;
-        let last = self.send_pass(s, &pending, false)?;
+        // A guest without a dirty log (an image) changed nothing since its
+        // one pass: nothing is left for a final pass.
+        let last = if log.is_some() || pending.iter().any(|b| b.count() > 0) {
+            self.send_pass(s, &pending, false)?
+        } else {
+            PassResult {
+                bytes: 0,
+                pages: 0,
+                seconds: 0.0,
+            }
+        };
         self.progress.update_figures(|f| {
             f.downtime_bytes = last.bytes;
             f.remaining_bytes = 0;

@@ -46,7 +46,10 @@ pub struct Summary {
     pub session: String,
     pub uri: String,
     pub channels: u16,
-    /// Guest RAM covered by pages sent or received (normal and zero).
+    /// The guest's memory: every block's length, added up.
+    pub guest_bytes: u64,
+    /// Guest RAM covered by pages sent or received (normal and zero), all
+    /// passes together: more than `guest_bytes` when pages went again.
     pub ram_bytes: u64,
     /// Every byte on every channel, handshakes and headers included.
     pub wire_bytes: u64,

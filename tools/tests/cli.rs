@@ -530,6 +530,10 @@ fn outputs_are_kept_and_verified_before_either_side_says_completed() {
     assert_eq!(r["verified"], true, "{r}");
     assert_eq!(s["switchover_digest"], r["switchover_digest"]);
     assert!(ds.is_file(), "the device state was written");
+    // An image guest does not change: one pass, no final pass after it.
+    assert_eq!(s["passes"], 1, "{s}");
+    assert_eq!(s["guest_bytes"], 16 * MIB);
+    assert_eq!(r["guest_bytes"], 16 * MIB);
     assert_eq!(std::fs::read(&out).unwrap(), std::fs::read(&ram).unwrap());
     // Nothing but the dataset and the two outputs: no temporary files.
     assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 3);
