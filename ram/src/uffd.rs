@@ -94,7 +94,16 @@ impl Userfault {
             fd = unsafe { libc::syscall(libc::SYS_userfaultfd, flags | UFFD_USER_MODE_ONLY) };
         }
         if fd < 0 {
-            return Err(io::Error::last_os_error());
+            let e = io::Error::last_os_error();
+            if e.raw_os_error() == Some(libc::EPERM) {
+                return Err(io::Error::new(
+                    io::ErrorKind::PermissionDenied,
+                    "userfaultfd is not allowed for this process: run as root (or with \
+                     CAP_SYS_PTRACE), or allow it for everyone with \
+                     `sysctl vm.unprivileged_userfaultfd=1`",
+                ));
+            }
+            return Err(e);
         }
         // SAFETY: fd is a descriptor we just created and nothing else owns.
         let fd = unsafe { OwnedFd::from_raw_fd(fd as libc::c_int) };
