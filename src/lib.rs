@@ -35,9 +35,9 @@ pub use guest::{default_guest_builder, Guest, GuestBuilder, GuestError, ImageGue
 pub use incoming::{migrate_in, DestinationMemory, IncomingOptions, IncomingOutcome};
 pub use outgoing::{migrate_out, OutgoingOptions};
 pub use snapshot::{
-    restore_from_file, restore_lazy, save_background, save_live_to_file, save_to_file,
-    BackgroundOptions, FileFailed, FileSummary, LazyReport, LazyRestored, LazyRestoring,
-    LiveOptions, RestoreTarget, Restored, SaveOptions, SnapshotError,
+    open_saved, restore_from_file, restore_lazy, save_background, save_live_to_file, save_to_file,
+    verify_file, BackgroundOptions, FileFailed, FileSummary, LazyReport, LazyRestored,
+    LazyRestoring, LiveOptions, RestoreTarget, Restored, SaveOptions, SnapshotError,
 };
 pub use state::{Event, Parameters, PassFigures, Progress, Status};
 pub use summary::{Role, Summary, Workload};
