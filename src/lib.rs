@@ -41,9 +41,9 @@ pub use incoming::{
 pub use metrics::{MetricsError, MetricsServer};
 pub use outgoing::{migrate_out, OutgoingOptions, DEFAULT_PEER_TIMEOUT};
 pub use snapshot::{
-    restore_from_file, restore_lazy, save_background, save_live_to_file, save_to_file,
-    BackgroundOptions, FileFailed, FileSummary, LazyReport, LazyRestored, LazyRestoring,
-    LiveOptions, RestoreTarget, Restored, SaveOptions, SnapshotError,
+    open_saved, restore_from_file, restore_lazy, save_background, save_live_to_file, save_to_file,
+    verify_file, BackgroundOptions, FileFailed, FileSummary, LazyReport, LazyRestored,
+    LazyRestoring, LiveOptions, RestoreTarget, Restored, SaveOptions, SnapshotError,
 };
 pub use state::{Event, LiveFigures, Parameters, PassFigures, Progress, Status};
 pub use summary::{Role, Summary, Workload};

@@ -13,27 +13,44 @@
 //! (`ferry_multifd::background`).
 //!
 //! A save is durable when it reports success (the file is synced unless the
-//! caller asks otherwise). It writes beside the target and renames the
-//! finished file into place, so a failed save leaves no file of its own and
-//! any older file at the target intact; a failed restore removes the RAM
-//! file it created and hands back no memory.
+//! caller asks otherwise). It writes beside the target (a hidden
+//! `.NAME.partial-PID`, locked while the save runs) and renames the
+//! finished file into place, so a failed or cancelled save
+//! ([`Progress::cancel`]) leaves no file of its own and any older file at
+//! the target intact. A partial file left by a save that was killed is
+//! removed by the next save to that path and named in its `note`; one whose
+//! save may still run is named in the error. A restore into RAM files
+//! writes them under temporary names too and moves them into place only
+//! when every page is in and checked; a failed restore hands back no
+//! memory and leaves no file.
+//!
+//! Restoring and verifying cost time and memory in proportion to the
+//! pages present in the file, not the guest's size: absent (zero) pages
+//! are never read, never touched in the memory restored into (a RAM file
+//! keeps them as holes), and regions and digest chunks without a present
+//! page are checked against the known checksum of zeros.
 
 use std::fs::File;
-use std::os::unix::fs::MetadataExt;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ferry_multifd::background::{write_background, Arming};
 use ferry_multifd::file::{
-    read_pages, rewrite_pages, write_pages, DataFile, FileOptions, WrittenPages,
+    read_pages, rewrite_pages, verify_pages, write_pages, DataFile, FileOptions, WrittenPages,
 };
 use ferry_multifd::lazy::LazyRestore;
 use ferry_multifd::{Counters, MultifdError};
-use ferry_ram::mapped::{write_metadata, FileLayout};
+use ferry_ram::mapped::{
+    any_present, check_output_path, open_regular, present_pages, write_metadata, zero_checksum,
+    FileLayout, StreamChecksum,
+};
 use ferry_ram::{
     block_file_paths, BlockSpec, Digest, GuestMemory, PageBitmap, RamError, WriteProtect,
+    DIGEST_CHUNK,
 };
 use serde::Serialize;
 
@@ -53,12 +70,26 @@ pub enum SnapshotError {
         what: &'static str,
         source: std::io::Error,
     },
+    #[error("{path}: the saved guest has {bytes} bytes of RAM, more than can be mapped here ({source}); restore it into a RAM file instead (`ferry restore --ram-out`), which only needs the pages present")]
+    Memory {
+        path: PathBuf,
+        bytes: u64,
+        source: Box<RamError>,
+    },
+    #[error("{path}: cancelled; nothing was written there (the partial file was removed)")]
+    Cancelled { path: PathBuf },
+    #[error("{path}: {partial} lies beside it: {why}")]
+    Partial {
+        path: PathBuf,
+        partial: PathBuf,
+        why: &'static str,
+    },
 }
 
 /// What a save or restore reports (`ferry save/restore/verify --json`).
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct FileSummary {
-    /// "completed" or "failed".
+    /// "completed", "failed" or "cancelled".
     pub status: &'static str,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
@@ -224,9 +255,13 @@ pub fn save_to_file(
     opts: &SaveOptions,
     progress: &Progress,
 ) -> Result<FileSummary, FileFailed> {
-    run_save(guest, path, opts, progress, |partial, counters, summary| {
-        save(guest, partial, opts, counters, progress, summary)
-    })
+    run_save(
+        guest,
+        path,
+        opts,
+        progress,
+        |partial, opts, counters, summary| save(guest, partial, opts, counters, progress, summary),
+    )
 }
 
 /// How a live save decides when to pause.
@@ -264,7 +299,7 @@ pub fn save_live_to_file(
         path,
         opts,
         progress,
-        |partial, counters, summary| match guest.dirty_log() {
+        |partial, opts, counters, summary| match guest.dirty_log() {
             Some(log) => save_live(guest, log, partial, opts, live, counters, progress, summary),
             None => save(guest, partial, opts, counters, progress, summary),
         },
@@ -289,20 +324,27 @@ pub fn save_background(
     bg: &BackgroundOptions,
     progress: &Progress,
 ) -> Result<FileSummary, FileFailed> {
-    run_save(guest, path, opts, progress, |partial, counters, summary| {
-        save_bg(guest, partial, opts, bg, counters, progress, summary)
-    })
+    run_save(
+        guest,
+        path,
+        opts,
+        progress,
+        |partial, opts, counters, summary| {
+            save_bg(guest, partial, opts, bg, counters, progress, summary)
+        },
+    )
 }
 
 /// What every kind of save shares: counters and progress, a summary, the
-/// file written beside `path` and renamed into place once `body` succeeds,
-/// and [`finish_save`]'s clean-up either way.
+/// file written beside `path` (locked, see [`claim_partial`]) and renamed
+/// into place once `body` succeeds, cancel through `progress` (handed to
+/// `body` in the options it gets), and [`finish_save`]'s clean-up either way.
 fn run_save(
     guest: &dyn Guest,
     path: &Path,
     opts: &SaveOptions,
     progress: &Progress,
-    body: impl FnOnce(&Path, &Counters, &mut FileSummary) -> Result<(), SnapshotError>,
+    body: impl FnOnce(&Path, &SaveOptions, &Counters, &mut FileSummary) -> Result<(), SnapshotError>,
 ) -> Result<FileSummary, FileFailed> {
     let started = Instant::now();
     let counters = Arc::new(Counters::default());
@@ -311,17 +353,44 @@ fn run_save(
         .total_ram_bytes
         .store(guest.memory().total_bytes(), Ordering::Relaxed);
     let mut summary = FileSummary::new(path, &opts.file);
+    let mut opts = opts.clone();
+    let cancel = cancel_flag(progress);
+    opts.file.cancel = Some(cancel.clone());
     let partial = partial_path(path);
-    let result =
-        body(&partial, &counters, &mut summary).and_then(|()| replace(&partial, path, opts.sync));
+    let mut created = false;
+    let result = claim_partial(path, &partial, &mut summary).and_then(|lock| {
+        created = true;
+        body(&partial, &opts, &counters, &mut summary)?;
+        if cancel.load(Ordering::SeqCst) {
+            return Err(SnapshotError::Cancelled { path: path.into() });
+        }
+        replace(&partial, path, opts.sync)?;
+        drop(lock);
+        Ok(())
+    });
+    let result = match result {
+        Err(_) if cancel.load(Ordering::SeqCst) => {
+            Err(SnapshotError::Cancelled { path: path.into() })
+        }
+        other => other,
+    };
+    let partial = created.then_some(&*partial);
     finish_save(
-        guest, &partial, started, &counters, progress, summary, result,
+        guest, partial, started, &counters, progress, summary, result,
     )
+}
+
+/// A flag that turns true when `progress` is cancelled (at once if it is).
+fn cancel_flag(progress: &Progress) -> Arc<AtomicBool> {
+    let cancel = Arc::new(AtomicBool::new(false));
+    let flag = cancel.clone();
+    progress.on_cancel(move || flag.store(true, Ordering::SeqCst));
+    cancel
 }
 
 fn finish_save(
     guest: &dyn Guest,
-    partial: &Path,
+    partial: Option<&Path>,
     started: Instant,
     counters: &Counters,
     progress: &Progress,
@@ -329,7 +398,9 @@ fn finish_save(
     result: Result<(), SnapshotError>,
 ) -> Result<FileSummary, FileFailed> {
     if result.is_err() {
-        let _ = std::fs::remove_file(partial);
+        if let Some(p) = partial {
+            let _ = std::fs::remove_file(p);
+        }
         if let Err(e) = guest.resume() {
             tracing::error!("resuming the guest after a failed save: {e}");
         }
@@ -339,6 +410,9 @@ fn finish_save(
         counters,
         result.as_ref().err().map(|e| e.to_string()),
     );
+    if matches!(result, Err(SnapshotError::Cancelled { .. })) {
+        summary.status = "cancelled";
+    }
     progress.set_phase(summary.status);
     match result {
         Ok(()) => Ok(summary),
@@ -352,10 +426,142 @@ fn finish_save(
 /// Where a save writes before it is complete: beside the target, so the
 /// final rename is atomic and a failed save leaves any older file intact.
 fn partial_path(path: &Path) -> PathBuf {
+    path.with_file_name(format!("{}{}", partial_prefix(path), std::process::id()))
+}
+
+/// The start of the name of every save's partial file for `path`.
+fn partial_prefix(path: &Path) -> String {
     let name = path
         .file_name()
         .map_or_else(|| "guest".into(), |n| n.to_string_lossy().into_owned());
-    path.with_file_name(format!(".{name}.partial-{}", std::process::id()))
+    format!(".{name}.partial-")
+}
+
+/// Gets a save to `path` ready to write `partial`: refuses a target that
+/// is not a regular file (a directory, FIFO, device, socket or symbolic
+/// link), deals with partial files of earlier saves to the same path
+/// ([`clear_stale_partials`]), then creates `partial` new (never through a
+/// symbolic link) and holds an exclusive lock on it while the save runs,
+/// which tells a later save that this one is alive. The returned file
+/// holds the lock.
+fn claim_partial(
+    path: &Path,
+    partial: &Path,
+    summary: &mut FileSummary,
+) -> Result<File, SnapshotError> {
+    check_output_path(
+        path,
+        "save to a path where nothing is, or a regular file to replace",
+    )?;
+    clear_stale_partials(path, summary)?;
+    let file = File::options()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(partial)
+        .map_err(|source| match source.kind() {
+            std::io::ErrorKind::AlreadyExists => SnapshotError::Partial {
+                path: path.into(),
+                partial: partial.into(),
+                why: "another save to this path is running in this process",
+            },
+            _ => SnapshotError::Io {
+                path: partial.into(),
+                what: "creating the file",
+                source,
+            },
+        })?;
+    // SAFETY: flock on a descriptor `file` owns; no memory is passed. It
+    // waits only while a later save looks at this file (a moment).
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) } != 0 {
+        let source = std::io::Error::last_os_error();
+        let _ = std::fs::remove_file(partial);
+        return Err(SnapshotError::Io {
+            path: partial.into(),
+            what: "locking the file",
+            source,
+        });
+    }
+    Ok(file)
+}
+
+/// Partial files beside `path` (`.NAME.partial-PID`) left by earlier saves
+/// to it. One nobody holds locked whose process is gone was left by a save
+/// that was killed: it is removed, and named in `summary.note`. One still
+/// locked belongs to a save that is running; one whose process still
+/// exists (yet unlocked: just being created, or the PID was reused) cannot
+/// be told from a running one: either is an error that names the file.
+fn clear_stale_partials(path: &Path, summary: &mut FileSummary) -> Result<(), SnapshotError> {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    let prefix = partial_prefix(path);
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        // Creating the partial file will say what is wrong with the directory.
+        return Ok(());
+    };
+    let mut removed = Vec::new();
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix(&prefix))
+            .and_then(|p| p.parse::<libc::pid_t>().ok())
+        else {
+            continue;
+        };
+        if !entry.file_type().is_ok_and(|t| t.is_file()) {
+            continue;
+        }
+        let stale = dir.join(&name);
+        let in_use = |why| SnapshotError::Partial {
+            path: path.into(),
+            partial: stale.clone(),
+            why,
+        };
+        let Ok(f) = File::options()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+            .open(&stale)
+        else {
+            continue;
+        };
+        // SAFETY: flock on a descriptor `f` owns; no memory is passed.
+        if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            return Err(in_use(
+                "a save to this path is running (it holds that file locked); wait for it to end or cancel it",
+            ));
+        }
+        if process_exists(pid) {
+            return Err(in_use(
+                "a save to this path left it and its process still exists, so it may be running; remove that file if no save to this path runs, then save again",
+            ));
+        }
+        if std::fs::remove_file(&stale).is_ok() {
+            removed.push(stale.display().to_string());
+        }
+    }
+    if !removed.is_empty() {
+        summary.note = Some(format!(
+            "removed {}, left by an earlier save to {} that did not finish",
+            removed.join(", "),
+            path.display()
+        ));
+    }
+    Ok(())
+}
+
+/// Whether a process `pid` exists (in this PID namespace).
+fn process_exists(pid: libc::pid_t) -> bool {
+    if pid <= 0 {
+        return false;
+    }
+    // SAFETY: signal 0 only checks that the process exists and may be
+    // signalled; nothing is sent.
+    let r = unsafe { libc::kill(pid, 0) };
+    r == 0 || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
 }
 
 /// Puts the finished file at `path` (replacing what was there) and, with
@@ -443,19 +649,29 @@ fn create_file(
     opts: &SaveOptions,
     summary: &mut FileSummary,
 ) -> Result<(File, DataFile), SnapshotError> {
+    // The partial file [`claim_partial`] made (and holds locked).
     let meta = File::options()
         .read(true)
         .write(true)
-        .create(true)
-        .truncate(true)
+        .custom_flags(libc::O_NOFOLLOW)
         .open(path)
-        .map_err(io_err(path, "creating the file"))?;
+        .map_err(io_err(path, "opening the new file"))?;
     meta.set_len(layout.file_len)
         .map_err(io_err(path, "setting the file's length"))?;
     let data = DataFile::open(path, true, opts.file.direct_io)?;
     summary.direct_io = data.direct;
-    summary.note = data.note.clone();
+    add_note(summary, data.note.as_deref());
     Ok((meta, data))
+}
+
+/// Adds `note` (if any) to the summary's note.
+fn add_note(summary: &mut FileSummary, note: Option<&str>) {
+    if let Some(n) = note {
+        summary.note = Some(match summary.note.take() {
+            Some(old) => format!("{old}; {n}"),
+            None => n.to_string(),
+        });
+    }
 }
 
 /// Syncs the finished file (if asked) and reports its size and device state.
@@ -635,7 +851,11 @@ fn save_bg(
 pub enum RestoreTarget {
     /// Fresh anonymous memory.
     Anonymous,
-    /// Files created (or truncated) at this path, as `ferry recv --ram-out`.
+    /// New sparse files at this path (one per block, named as `ferry recv
+    /// --ram-out` names them), written under temporary names beside it and
+    /// moved into place, replacing what was there, only once the restore
+    /// succeeded. A symbolic link or anything but a regular file there is
+    /// refused.
     Files(PathBuf),
 }
 
@@ -647,7 +867,9 @@ pub struct Restored {
 }
 
 /// Restores the guest saved at `path`: every header field, table and
-/// checksum is checked; on any error no memory is handed back.
+/// checksum is checked; on any error (or a cancel through `progress`) no
+/// memory is handed back. The summary's `digest` is that of the restored
+/// memory.
 pub fn restore_from_file(
     path: &Path,
     target: &RestoreTarget,
@@ -658,7 +880,12 @@ pub fn restore_from_file(
     let counters = Arc::new(Counters::default());
     progress.attach(counters.clone());
     let mut summary = FileSummary::new(path, opts);
-    let result = restore(path, target, opts, &counters, progress, &mut summary);
+    let mut opts = opts.clone();
+    opts.cancel = Some(cancel_flag(progress));
+    let result = restore(path, target, &opts, &counters, progress, &mut summary);
+    if result.is_err() {
+        summary.digest = None;
+    }
     summary.finish(
         started,
         &counters,
@@ -695,29 +922,41 @@ fn restore(
         device_state,
     } = SavedFile::open(path, progress)?;
     let specs = layout.specs();
-    let memory = match target {
-        RestoreTarget::Anonymous => GuestMemory::anonymous(&specs)?,
+    let (memory, staged) = match target {
+        RestoreTarget::Anonymous => (
+            GuestMemory::anonymous(&specs).map_err(|e| match e {
+                RamError::Map { ref source, .. } if source.raw_os_error() == Some(libc::ENOMEM) => {
+                    SnapshotError::Memory {
+                        path: path.into(),
+                        bytes: layout.total_ram(),
+                        source: Box::new(e),
+                    }
+                }
+                other => other.into(),
+            })?,
+            None,
+        ),
         RestoreTarget::Files(p) => {
             refuse_overwriting(&block_file_paths(&specs, p)?, path)?;
-            GuestMemory::create_files(&specs, p)?
+            let (memory, staged) = GuestMemory::create_files_staged(&specs, p)?;
+            (memory, Some(staged))
         }
     };
-    let filled = DataFile::open(path, false, opts.direct_io).and_then(|data| {
-        summary.direct_io = data.direct;
-        summary.note = data.note.clone();
-        progress.set_phase("reading");
-        read_pages(
-            &memory, &layout, &bitmaps, &checksums, &data, path, opts, counters,
-        )
-    });
-    if let Err(e) = filled {
-        drop(memory);
-        if let RestoreTarget::Files(p) = target {
-            for f in block_file_paths(&specs, p).unwrap_or_default() {
-                let _ = std::fs::remove_file(f);
-            }
-        }
-        return Err(e.into());
+    // On an error from here, `staged` drops its files unmoved.
+    let data = DataFile::open(path, false, opts.direct_io)?;
+    summary.direct_io = data.direct;
+    add_note(summary, data.note.as_deref());
+    progress.set_phase("reading");
+    read_pages(
+        &memory, &layout, &bitmaps, &checksums, &data, path, opts, counters,
+    )?;
+    if opts.cancelled() {
+        return Err(MultifdError::Aborted(format!("{}: cancelled", path.display())).into());
+    }
+    progress.set_phase("digest");
+    summary.digest = Some(restored_digest(&memory, &bitmaps).to_string());
+    if let Some(staged) = staged {
+        staged.commit()?;
     }
     let md = file.metadata().map_err(|source| SnapshotError::Io {
         path: path.into(),
@@ -729,6 +968,129 @@ fn restore(
     summary.device_state_bytes = device_state.len() as u64;
     summary.device_state_digest = Some(Digest::of_bytes(&device_state).to_string());
     Ok((memory, device_state))
+}
+
+/// The digest of freshly restored `memory` whose present pages are those
+/// set in `bitmaps`: hashes the present pages and, for the others, the
+/// zeros fresh memory holds there (the region checksums proved it), so an
+/// absent page is never touched and a chunk of `DIGEST_CHUNK` bytes
+/// without a present page costs nothing but a lookup. Equal to
+/// `memory.digest()`.
+fn restored_digest(memory: &GuestMemory, bitmaps: &[Vec<u64>]) -> Digest {
+    let chunk = DIGEST_CHUNK as u64;
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get()) as u64;
+    let hashes: Vec<Vec<u64>> = memory
+        .blocks()
+        .iter()
+        .zip(bitmaps)
+        .map(|(b, words)| {
+            let ps = u64::from(b.page_size());
+            let chunks = b.len().div_ceil(chunk);
+            let hash = |c: u64| {
+                let (start, end) = (c * chunk, ((c + 1) * chunk).min(b.len()));
+                let (first, last) = (start / ps, end / ps);
+                if !any_present(words, first, last) {
+                    return zero_checksum(end - start);
+                }
+                let mut h = StreamChecksum::new();
+                let mut at = first;
+                for p in present_pages(words, first, last) {
+                    h.zeros((p - at) * ps);
+                    h.bytes(&b.bytes()[(p * ps) as usize..((p + 1) * ps) as usize]);
+                    at = p + 1;
+                }
+                h.zeros((last - at) * ps);
+                h.finish()
+            };
+            let per = chunks.div_ceil(threads).max(1);
+            std::thread::scope(|s| {
+                let parts: Vec<_> = (0..chunks)
+                    .step_by(per as usize)
+                    .map(|c0| {
+                        s.spawn(move || {
+                            (c0..(c0 + per).min(chunks)).map(hash).collect::<Vec<u64>>()
+                        })
+                    })
+                    .collect();
+                parts
+                    .into_iter()
+                    .flat_map(|p| p.join().unwrap_or_else(|e| std::panic::resume_unwind(e)))
+                    .collect::<Vec<u64>>()
+            })
+        })
+        .collect();
+    Digest::from_chunk_hashes(
+        memory
+            .blocks()
+            .iter()
+            .zip(&hashes)
+            .map(|(b, h)| (b.name(), b.len(), &h[..])),
+    )
+}
+
+/// Checks every checksum of the guest saved at `path` as a restore would,
+/// without memory to restore into ([`verify_pages`]): time and memory grow
+/// with the pages present in the file, not the guest's size. The summary's
+/// `digest` is that of the memory a restore would give, `switchover_digest`
+/// that with the device state.
+pub fn verify_file(
+    path: &Path,
+    opts: &FileOptions,
+    progress: &Progress,
+) -> Result<FileSummary, FileFailed> {
+    let started = Instant::now();
+    let counters = Arc::new(Counters::default());
+    progress.attach(counters.clone());
+    let mut summary = FileSummary::new(path, opts);
+    let mut opts = opts.clone();
+    opts.cancel = Some(cancel_flag(progress));
+    let result = (|| {
+        progress.set_phase("checking");
+        let SavedFile {
+            file,
+            layout,
+            bitmaps,
+            checksums,
+            device_state,
+        } = SavedFile::open(path, progress)?;
+        let data = DataFile::open(path, false, opts.direct_io)?;
+        summary.direct_io = data.direct;
+        add_note(&mut summary, data.note.as_deref());
+        progress.set_phase("reading");
+        let chunks = verify_pages(&layout, &bitmaps, &checksums, &data, path, &opts, &counters)?;
+        let digest = Digest::from_chunk_hashes(
+            layout
+                .blocks
+                .iter()
+                .zip(&chunks)
+                .map(|(b, h)| (b.name.as_str(), b.len, &h[..])),
+        );
+        summary.digest = Some(digest.to_string());
+        summary.switchover_digest =
+            Some(Digest::with_device_state(digest, &device_state).to_string());
+        summary.file_len = layout.file_len;
+        summary.file_disk_bytes = file.metadata().map_or(0, |m| m.blocks() * 512);
+        summary.device_state_bytes = device_state.len() as u64;
+        summary.device_state_digest = Some(Digest::of_bytes(&device_state).to_string());
+        Ok::<_, SnapshotError>(())
+    })();
+    if result.is_err() {
+        summary.digest = None;
+        summary.switchover_digest = None;
+    }
+    summary.finish(
+        started,
+        &counters,
+        result.as_ref().err().map(|e| e.to_string()),
+    );
+    progress.set_phase(summary.status);
+    match result {
+        Ok(()) => Ok(summary),
+        Err(error) => Err(FileFailed {
+            error,
+            summary: Box::new(summary),
+        }),
+    }
 }
 
 /// A saved guest's file with its header, tables and device state read and
@@ -744,11 +1106,7 @@ struct SavedFile {
 
 impl SavedFile {
     fn open(path: &Path, progress: &Progress) -> Result<Self, SnapshotError> {
-        let file = File::open(path).map_err(|source| SnapshotError::Io {
-            path: path.into(),
-            what: "opening the saved guest",
-            source,
-        })?;
+        let file = open_saved(path)?;
         let layout = FileLayout::read(&file, path)?;
         progress
             .total_ram_bytes
@@ -768,6 +1126,18 @@ impl SavedFile {
             device_state,
         })
     }
+}
+
+/// Opens the saved guest at `path` for reading, refusing at once (without
+/// blocking) anything but a regular file.
+pub fn open_saved(path: &Path) -> Result<File, SnapshotError> {
+    Ok(open_regular(
+        path,
+        File::options().read(true),
+        0,
+        "opening the saved guest",
+        "give the path of a file `ferry save` wrote",
+    )?)
 }
 
 /// Refuses RAM files that are the saved file itself: creating them would

@@ -7,16 +7,21 @@
 mod common;
 
 use std::fs::File;
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
 use std::sync::Arc;
 
 use common::{image_guest, MIB};
 use ferry::{
-    restore_from_file, save_to_file, FileOptions, GuestMemory, Progress, RestoreTarget,
-    SaveOptions, SnapshotError,
+    restore_from_file, save_live_to_file, save_to_file, verify_file, DirtyPattern, FileOptions,
+    Guest, GuestError, GuestMemory, ImageGuest, LiveOptions, Progress, Resources, RestoreTarget,
+    SaveOptions, SnapshotError, TrackerKind,
 };
 use ferry_multifd::MultifdError;
 use ferry_ram::pattern::{fill_block, Pattern};
+use ferry_ram::DirtyLog;
 use ferry_ram::{BlockSpec, RamError};
 
 fn guest_memory() -> Arc<GuestMemory> {
@@ -95,6 +100,8 @@ fn every_block_comes_back_byte_identical() {
                     assert!(a.bytes() == b.bytes(), "block '{}' differs", a.name());
                 }
                 assert_eq!(r.memory.digest(), mem.digest());
+                // The restore's own digest, which touches present pages only.
+                assert_eq!(r.summary.digest, Some(mem.digest().to_string()));
                 assert_eq!(r.summary.pages_normal, saved.pages_normal);
             }
         }
@@ -257,4 +264,292 @@ fn restoring_ram_into_the_saved_file_is_refused() {
     )
     .unwrap();
     assert_eq!(r.memory.digest(), mem.digest());
+}
+
+/// The hidden files in `dir` (partial saves, staged RAM files).
+fn hidden(dir: &Path) -> Vec<PathBuf> {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with('.'))
+        .map(|e| e.path())
+        .collect()
+}
+
+/// An image guest that, when asked for its device state (after the save
+/// has created its partial file), has another thread cancel the save and
+/// waits until it has.
+struct CancelledMidway {
+    inner: ImageGuest,
+    progress: Arc<Progress>,
+}
+
+impl Guest for CancelledMidway {
+    fn memory(&self) -> &Arc<GuestMemory> {
+        self.inner.memory()
+    }
+    fn dirty_log(&self) -> Option<&dyn DirtyLog> {
+        None
+    }
+    fn pause(&self) -> Result<(), GuestError> {
+        self.inner.pause()
+    }
+    fn resume(&self) -> Result<(), GuestError> {
+        self.inner.resume()
+    }
+    fn is_running(&self) -> bool {
+        self.inner.is_running()
+    }
+    fn save_device_state(&self) -> Result<Vec<u8>, GuestError> {
+        let (tx, rx) = mpsc::channel();
+        let progress = self.progress.clone();
+        std::thread::spawn(move || {
+            assert!(progress.cancel(), "the save accepts a cancel");
+            let _ = tx.send(());
+        });
+        rx.recv().unwrap();
+        self.inner.save_device_state()
+    }
+    fn load_device_state(&self, state: &[u8]) -> Result<(), GuestError> {
+        self.inner.load_device_state(state)
+    }
+    fn set_throttle(&self, percent: u8) {
+        self.inner.set_throttle(percent)
+    }
+    fn resources(&self) -> &Resources {
+        self.inner.resources()
+    }
+}
+
+/// A save cancelled through its Progress from another thread ends with
+/// the Cancelled error and status "cancelled", removes its partial file,
+/// leaves an older file at the target as it was and the guest running; so
+/// does a save whose Progress was cancelled before it started.
+#[test]
+fn a_cancelled_save_removes_its_partial_file_and_keeps_the_old_one() {
+    let dir = disk_dir();
+    let path = dir.path().join("g.ferry");
+    std::fs::write(&path, b"an older save").unwrap();
+    let mem = common::memory(&[("ram", 8)], Pattern::Mixed, 1);
+    let progress = Arc::new(Progress::default());
+    let guest = CancelledMidway {
+        inner: image_guest(mem.clone()),
+        progress: progress.clone(),
+    };
+    let f = save_to_file(&guest, &path, &SaveOptions::default(), &progress)
+        .expect_err("a cancelled save fails");
+    assert!(
+        matches!(&f.error, SnapshotError::Cancelled { path: p } if *p == path),
+        "{}",
+        f.error
+    );
+    assert!(f.error.to_string().contains("cancelled"), "{}", f.error);
+    assert_eq!(f.summary.status, "cancelled");
+    assert_eq!(f.summary.pages_normal, 0, "no page was written");
+    assert!(guest.is_running(), "a cancelled save resumes the guest");
+    assert_eq!(std::fs::read(&path).unwrap(), b"an older save");
+    assert!(hidden(dir.path()).is_empty(), "{:?}", hidden(dir.path()));
+
+    let early = Progress::default();
+    early.cancel();
+    let f = save_to_file(&image_guest(mem), &path, &SaveOptions::default(), &early)
+        .expect_err("cancelled before it began");
+    assert!(
+        matches!(f.error, SnapshotError::Cancelled { .. }),
+        "{}",
+        f.error
+    );
+    assert_eq!(std::fs::read(&path).unwrap(), b"an older save");
+    assert!(hidden(dir.path()).is_empty(), "{:?}", hidden(dir.path()));
+}
+
+/// A live save that would run pass after pass is cancelled from another
+/// thread while it rewrites pages: it ends cancelled, its partial file
+/// removed, nothing at the target, the guest still running.
+#[test]
+fn a_live_save_cancelled_between_passes_leaves_nothing() {
+    common::within(120, || {
+        let dir = disk_dir();
+        let path = dir.path().join("live.ferry");
+        let guest = Arc::new(common::synthetic(
+            16,
+            64 * MIB,
+            DirtyPattern::Random,
+            TrackerKind::Bitmap,
+        ));
+        let live = LiveOptions {
+            downtime_limit: std::time::Duration::ZERO,
+            max_passes: u64::MAX,
+        };
+        let progress = Arc::new(Progress::default());
+        let canceller = {
+            let progress = progress.clone();
+            std::thread::spawn(move || {
+                common::wait_until(|| progress.phase() == "passes");
+                progress.cancel();
+            })
+        };
+        let f = save_live_to_file(&*guest, &path, &SaveOptions::default(), &live, &progress)
+            .expect_err("cancelled");
+        canceller.join().unwrap();
+        assert!(
+            matches!(f.error, SnapshotError::Cancelled { .. }),
+            "{}",
+            f.error
+        );
+        assert_eq!(f.summary.status, "cancelled");
+        assert!(
+            guest.is_running(),
+            "the guest runs on after a cancelled save"
+        );
+        assert!(!path.exists());
+        assert!(hidden(dir.path()).is_empty(), "{:?}", hidden(dir.path()));
+    });
+}
+
+/// Partial files of earlier saves to the same path: one nobody holds
+/// locked whose process is gone (a save that was killed) is removed and
+/// named in the note; one held locked (a save running) or whose process
+/// still exists is named in the error, and left alone.
+#[test]
+fn stale_partial_files_are_removed_and_live_ones_named_in_the_error() {
+    let dir = disk_dir();
+    let path = dir.path().join("g.ferry");
+    let guest = image_guest(common::memory(&[("ram", 2)], Pattern::Mixed, 2));
+    let opts = SaveOptions::default();
+    // No process has a PID above the kernel's limit.
+    let pid_max: u64 = std::fs::read_to_string("/proc/sys/kernel/pid_max")
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let dead = dir.path().join(format!(".g.ferry.partial-{}", pid_max + 1));
+    File::create(&dead).unwrap().set_len(64 * MIB).unwrap();
+    let s = save_to_file(&guest, &path, &opts, &Progress::default()).unwrap();
+    let note = s.note.unwrap_or_default();
+    assert!(note.contains(&dead.display().to_string()), "{note}");
+    assert!(!dead.exists());
+    assert!(hidden(dir.path()).is_empty(), "{:?}", hidden(dir.path()));
+
+    // Held locked: a save that is running (here: this test holding it).
+    let running = dir.path().join(format!(".g.ferry.partial-{}", pid_max + 2));
+    let held = File::create(&running).unwrap();
+    // SAFETY: flock on a descriptor `held` owns.
+    assert_eq!(unsafe { libc::flock(held.as_raw_fd(), libc::LOCK_EX) }, 0);
+    let before = std::fs::read(&path).unwrap();
+    let f = save_to_file(&guest, &path, &opts, &Progress::default()).expect_err("refused");
+    let e = f.error.to_string();
+    assert!(
+        e.contains(&running.display().to_string()) && e.contains("running"),
+        "{e}"
+    );
+    assert!(running.exists());
+    assert_eq!(
+        std::fs::read(&path).unwrap(),
+        before,
+        "the old save is kept"
+    );
+    drop(held);
+    std::fs::remove_file(&running).unwrap();
+
+    // Unlocked, but its process (PID 1) exists: it cannot be told from a
+    // save that is just starting.
+    let unsure = dir.path().join(".g.ferry.partial-1");
+    File::create(&unsure).unwrap();
+    let e = save_to_file(&guest, &path, &opts, &Progress::default())
+        .expect_err("refused")
+        .error
+        .to_string();
+    assert!(
+        e.contains(&unsure.display().to_string()) && e.contains("remove that file"),
+        "{e}"
+    );
+    assert!(unsure.exists());
+}
+
+/// A saved guest whose header announces 256 GiB of RAM but holds a few
+/// pages restores into a RAM file, and verifies, reading only those pages:
+/// the RAM file is sparse, holds the pages where they belong, and the
+/// digests of restore and verify agree. (Time and memory are measured end
+/// to end by the ferry command's test of the same.)
+#[test]
+fn a_huge_sparse_guest_restores_into_a_sparse_file_and_verifies() {
+    let dir = disk_dir();
+    let (path, pages) = huge_sparse_file(dir.path(), 256 << 30);
+    let out = dir.path().join("ram.out");
+    let r = common::within(120, {
+        let (path, out) = (path.clone(), out.clone());
+        move || {
+            restore_from_file(
+                &path,
+                &RestoreTarget::Files(out),
+                &FileOptions::default(),
+                &Progress::default(),
+            )
+            .map(|r| r.summary)
+            .map_err(|f| f.error.to_string())
+        }
+    })
+    .unwrap();
+    let v = verify_file(&path, &FileOptions::default(), &Progress::default()).unwrap();
+    assert_eq!(r.digest, v.digest);
+    assert_eq!(r.pages_normal, pages.len() as u64);
+    let f = File::open(&out).unwrap();
+    let md = f.metadata().unwrap();
+    assert_eq!(md.len(), 256 << 30);
+    assert!(
+        std::os::unix::fs::MetadataExt::blocks(&md) * 512 < 64 * MIB,
+        "the RAM file is sparse"
+    );
+    for (p, byte) in pages {
+        let mut b = [0u8; 4096];
+        f.read_exact_at(&mut b, p * 4096).unwrap();
+        assert!(b.iter().all(|&x| x == byte), "page {p}");
+    }
+    assert!(hidden(dir.path()).is_empty(), "{:?}", hidden(dir.path()));
+}
+
+/// Writes a saved guest of one 4 KiB-page block of `len` bytes whose only
+/// present pages are a few spread over it (each filled with one byte
+/// value), without ever holding `len` bytes: its bitmap, checksums and
+/// header as a save writes them. Returns the file and (page, byte) pairs.
+fn huge_sparse_file(dir: &Path, len: u64) -> (PathBuf, Vec<(u64, u8)>) {
+    use ferry_ram::mapped::{region_checksum, write_metadata, zero_checksum, FileLayout};
+    let specs = [BlockSpec {
+        name: "ram".into(),
+        len,
+        page_size: 4096,
+    }];
+    let device_state = b"huge sparse guest".to_vec();
+    let mut layout = FileLayout::plan(&specs, device_state.len() as u64).unwrap();
+    let path = dir.join("huge.ferry");
+    let f = File::create(&path).unwrap();
+    f.set_len(layout.file_len).unwrap();
+    let pages_total = len / 4096;
+    let pages: Vec<(u64, u8)> = [0, 1, 300, pages_total / 2, pages_total - 1]
+        .into_iter()
+        .zip(1u8..)
+        .collect();
+    let b = layout.blocks[0].clone();
+    let rs = u64::from(layout.region_size);
+    let mut bitmap = vec![0u64; (b.bitmap_len() / 8) as usize];
+    let mut sums = vec![zero_checksum(rs); b.regions(layout.region_size) as usize];
+    for &(p, byte) in &pages {
+        bitmap[(p / 64) as usize] |= 1 << (p % 64);
+        f.write_all_at(&[byte; 4096], b.page_file_offset(p))
+            .unwrap();
+    }
+    for &(p, _) in &pages {
+        let r = p * 4096 / rs;
+        let mut region = vec![0u8; rs as usize];
+        for &(q, byte) in &pages {
+            if q * 4096 / rs == r {
+                let at = (q * 4096 - r * rs) as usize;
+                region[at..at + 4096].fill(byte);
+            }
+        }
+        sums[r as usize] = region_checksum(&region);
+    }
+    write_metadata(&f, &path, &mut layout, &[bitmap], &[sums], &device_state).unwrap();
+    (path, pages)
 }

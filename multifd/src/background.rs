@@ -35,8 +35,8 @@ use ferry_ram::{GuestMemory, PageBitmap, WriteProtect};
 use ferry_transport::uring::Ring;
 
 use crate::file::{
-    check_memory_matches, count_pages, region_pages, ring_err, shared_words, unshare, DataFile,
-    FileOptions, RegionScan, Regions, Run, WrittenPages,
+    cancelled, check_memory_matches, count_pages, region_pages, ring_err, shared_words, unshare,
+    DataFile, FileOptions, RegionScan, Regions, Run, WrittenPages,
 };
 use crate::{Counters, MultifdError};
 
@@ -222,6 +222,8 @@ struct Shared<'a> {
     bitmaps: Vec<Vec<AtomicU64>>,
     checksums: Vec<Vec<AtomicU64>>,
     abort: AtomicBool,
+    /// Set from outside to cancel the write-out.
+    cancel: Option<Arc<AtomicBool>>,
     fault_regions: AtomicU64,
     ordered_regions: AtomicU64,
     max_fault_us: AtomicU64,
@@ -257,6 +259,7 @@ pub fn write_background(
         bitmaps: shared_words(layout, |b| b.bitmap_len() / 8),
         checksums: shared_words(layout, |b| b.regions(layout.region_size)),
         abort: AtomicBool::new(false),
+        cancel: opts.cancel.clone(),
         fault_regions: AtomicU64::new(0),
         ordered_regions: AtomicU64::new(0),
         max_fault_us: AtomicU64::new(0),
@@ -410,6 +413,13 @@ impl Shared<'_> {
         let mut ring = Ring::new(WRITES_IN_FLIGHT).map_err(|e| ring_err(self.path, e))?;
         let total = self.regions.total();
         while !self.abort.load(Ordering::Acquire) {
+            if self
+                .cancel
+                .as_ref()
+                .is_some_and(|c| c.load(Ordering::Relaxed))
+            {
+                return Err(cancelled(self.path));
+            }
             let job = self.queue.lock().ok().and_then(|mut q| q.pop_front());
             if let Some(job) = job {
                 self.write_copy(&mut ring, job.block, job.region, &job.buf)?;

@@ -15,16 +15,27 @@
 //!
 //! Passes can rewrite pages in place later: a page's place never moves and
 //! a region's checksum is recomputed whenever the region is written again.
+//!
+//! Restoring never touches the memory of an absent page: a region without
+//! a present page is checked against the known checksum of zeros, and a
+//! region with some is checksummed from the pages its reads filled and the
+//! zeros of the rest. [`verify_pages`] checks a file the same way without
+//! memory to restore into. A cancel flag ([`FileOptions::cancel`]) stops
+//! every thread at its next step.
 
 use std::collections::VecDeque;
 use std::fs::File;
 use std::os::fd::{AsRawFd, RawFd};
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
 
-use ferry_ram::mapped::{region_checksum, FileLayout};
-use ferry_ram::{is_zero_page, GuestMemory, PageBitmap, RamBlock};
+use ferry_ram::mapped::{
+    count_present, open_regular, present_pages, region_checksum, zero_checksum, FileLayout,
+    StreamChecksum,
+};
+use ferry_ram::{is_zero_page, GuestMemory, PageBitmap, RamBlock, RamError, DIGEST_CHUNK};
 use ferry_transport::uring::Ring;
 
 use crate::{Counters, MultifdError};
@@ -43,6 +54,10 @@ pub struct FileOptions {
     /// are) so writes stay large; their bitmap bits stay clear either way.
     /// A page size (or less) leaves every zero page a hole.
     pub hole_min: u64,
+    /// Set (from any thread) to stop early: threads claim no more work,
+    /// wait for what they have in flight, and the call returns
+    /// [`MultifdError::Aborted`] saying it was cancelled.
+    pub cancel: Option<Arc<AtomicBool>>,
 }
 
 impl Default for FileOptions {
@@ -52,8 +67,21 @@ impl Default for FileOptions {
             direct_io: false,
             queue_depth: 64,
             hole_min: 0,
+            cancel: None,
         }
     }
+}
+
+impl FileOptions {
+    /// Whether [`FileOptions::cancel`] is set.
+    pub fn cancelled(&self) -> bool {
+        self.cancel.as_ref().is_some_and(|c| c.load(Relaxed))
+    }
+}
+
+/// The error a cancelled file operation ends with.
+pub(crate) fn cancelled(path: &Path) -> MultifdError {
+    MultifdError::Aborted(format!("{}: cancelled", path.display()))
 }
 
 /// The file descriptor page data moves through.
@@ -66,26 +94,21 @@ pub struct DataFile {
 }
 
 impl DataFile {
-    /// Opens `path` (which exists) for page I/O, with O_DIRECT if asked and
-    /// the file system allows it.
+    /// Opens `path` (which exists, and must be a regular file) for page
+    /// I/O, with O_DIRECT if asked and the file system allows it.
     pub fn open(path: &Path, write: bool, direct: bool) -> Result<Self, MultifdError> {
         let open = |flags: i32| {
-            File::options()
-                .read(true)
-                .write(write)
-                .custom_flags(flags)
-                .open(path)
-        };
-        let io_err = |source| MultifdError::FileIo {
-            path: path.into(),
-            block: "-".into(),
-            offset: 0,
-            what: "opening for page I/O",
-            source,
+            open_regular(
+                path,
+                File::options().read(true).write(write),
+                flags,
+                "opening for page I/O",
+                "a saved guest is a regular file",
+            )
         };
         if !direct {
             return Ok(Self {
-                file: open(0).map_err(io_err)?,
+                file: open(0)?,
                 direct: false,
                 note: None,
             });
@@ -96,15 +119,17 @@ impl DataFile {
                 direct: true,
                 note: None,
             }),
-            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => Ok(Self {
-                file: open(0).map_err(io_err)?,
-                direct: false,
-                note: Some(format!(
-                    "the file system of {} refuses O_DIRECT (tmpfs did before Linux 6.6); used buffered I/O",
-                    path.display()
-                )),
-            }),
-            Err(e) => Err(io_err(e)),
+            Err(RamError::PathIo { source, .. }) if source.raw_os_error() == Some(libc::EINVAL) => {
+                Ok(Self {
+                    file: open(0)?,
+                    direct: false,
+                    note: Some(format!(
+                        "the file system of {} refuses O_DIRECT (tmpfs did before Linux 6.6); used buffered I/O",
+                        path.display()
+                    )),
+                })
+            }
+            Err(e) => Err(e.into()),
         }
     }
 
@@ -229,6 +254,252 @@ pub fn read_pages(
         checksums,
     };
     run_threads(&restore, layout, data, opts)
+}
+
+/// Reads a saved file as restoring would and checks every region's
+/// checksum, without memory to restore into: `opts.channels` threads each
+/// take a piece of a block at a time (16 MiB, or a region if regions are
+/// larger), read its present pages (the same reads a restore makes) into
+/// a small buffer and hash them with the zeros of its absent pages into
+/// the region checksums and the digest's chunk hashes. A piece without a
+/// present page is checked against the checksum of zeros and never read,
+/// so time and memory grow with the pages present, not the guest's size.
+/// Returns, per block, the xxh3-64 of each `DIGEST_CHUNK` of its memory as
+/// restored (for `ferry_ram::Digest::from_chunk_hashes`).
+#[allow(clippy::too_many_arguments)]
+pub fn verify_pages(
+    layout: &FileLayout,
+    bitmaps: &[Vec<u64>],
+    checksums: &[Vec<u64>],
+    data: &DataFile,
+    path: &Path,
+    opts: &FileOptions,
+    counters: &Counters,
+) -> Result<Vec<Vec<u64>>, MultifdError> {
+    let chunk = DIGEST_CHUNK as u64;
+    let v = Verify {
+        layout,
+        bitmaps,
+        checksums,
+        data,
+        path,
+        counters,
+        unit: chunk.max(u64::from(layout.region_size)),
+        chunks: shared_words(layout, |b| b.len.div_ceil(chunk)),
+    };
+    let pieces = Regions::of_size(layout, v.unit);
+    let abort = AtomicBool::new(false);
+    let results: Vec<Result<(), MultifdError>> = std::thread::scope(|s| {
+        let (v, pieces, abort) = (&v, &pieces, &abort);
+        let handles: Vec<_> = (0..opts.channels.max(1))
+            .map(|i| {
+                std::thread::Builder::new()
+                    .name(format!("ferry-verify-{i}"))
+                    .spawn_scoped(s, move || {
+                        let r = v.run(pieces, abort, opts);
+                        if r.is_err() {
+                            abort.store(true, Relaxed);
+                        }
+                        r
+                    })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| match h {
+                Ok(h) => h.join().unwrap_or_else(|_| {
+                    Err(MultifdError::Aborted("a verify thread panicked".into()))
+                }),
+                Err(e) => {
+                    abort.store(true, Relaxed);
+                    Err(MultifdError::Aborted(format!(
+                        "cannot start a verify thread: {e}"
+                    )))
+                }
+            })
+            .collect()
+    });
+    results.into_iter().find(Result::is_err).unwrap_or(Ok(()))?;
+    Ok(unshare(v.chunks))
+}
+
+/// Bytes a verify thread reads at once.
+const VERIFY_READ: usize = 1 << 20;
+
+struct Verify<'a> {
+    layout: &'a FileLayout,
+    bitmaps: &'a [Vec<u64>],
+    checksums: &'a [Vec<u64>],
+    data: &'a DataFile,
+    path: &'a Path,
+    counters: &'a Counters,
+    /// Bytes of a block one thread takes at a time: whole regions and
+    /// whole digest chunks.
+    unit: u64,
+    /// Per block, the hash of each digest chunk.
+    chunks: Vec<Vec<AtomicU64>>,
+}
+
+/// The region and digest-chunk hashes of one piece of a block, fed in order.
+struct Hashing<'v, 'a> {
+    v: &'v Verify<'a>,
+    block: usize,
+    /// Bytes of the block hashed so far.
+    pos: u64,
+    region: StreamChecksum,
+    chunk: StreamChecksum,
+}
+
+impl Verify<'_> {
+    fn run(
+        &self,
+        pieces: &Regions,
+        abort: &AtomicBool,
+        opts: &FileOptions,
+    ) -> Result<(), MultifdError> {
+        let mut buf = Vec::new();
+        let mut runs = Vec::new();
+        while !abort.load(Relaxed) {
+            if opts.cancelled() {
+                return Err(cancelled(self.path));
+            }
+            let Some(n) = pieces.claim_global() else {
+                break;
+            };
+            let (block, piece) = pieces.locate(n);
+            self.piece(block, piece, &mut buf, &mut runs)?;
+        }
+        Ok(())
+    }
+
+    fn piece(
+        &self,
+        block: usize,
+        piece: u64,
+        buf: &mut Vec<u8>,
+        runs: &mut Vec<Run>,
+    ) -> Result<(), MultifdError> {
+        let b = &self.layout.blocks[block];
+        let ps = u64::from(b.page_size);
+        let rs = u64::from(self.layout.region_size);
+        let chunk = DIGEST_CHUNK as u64;
+        let start = piece * self.unit;
+        let end = (start + self.unit).min(b.len);
+        let words = &self.bitmaps[block];
+        let present = count_present(words, start / ps, end / ps);
+        count_pages(self.counters, present, (end - start) / ps - present);
+        self.counters.ram_bytes.fetch_add(end - start, Relaxed);
+        if present == 0 {
+            // Nothing to read: every region and chunk here is zeros.
+            for r in start / rs..end.div_ceil(rs) {
+                let len = ((r + 1) * rs).min(b.len) - r * rs;
+                self.check_region(block, r, zero_checksum(len))?;
+            }
+            for c in start / chunk..end.div_ceil(chunk) {
+                let len = ((c + 1) * chunk).min(b.len) - c * chunk;
+                self.chunks[block][c as usize].store(zero_checksum(len), Relaxed);
+            }
+            return Ok(());
+        }
+        let mut h = Hashing {
+            v: self,
+            block,
+            pos: start,
+            region: StreamChecksum::new(),
+            chunk: StreamChecksum::new(),
+        };
+        if buf.is_empty() {
+            buf.resize(VERIFY_READ, 0);
+        }
+        // Region by region, the reads a restore makes.
+        for r in start / rs..end.div_ceil(rs) {
+            let (first, last) = (r * rs / ps, (((r + 1) * rs).min(b.len)) / ps);
+            runs.clear();
+            read_runs(words, first, last, b.page_size, runs);
+            let mut at = first;
+            for run in runs.iter() {
+                h.put(None, (run.first_page - at) * ps)?;
+                let mut offset = run.first_page * ps;
+                let stop = (run.first_page + run.pages) * ps;
+                while offset < stop {
+                    let n = (stop - offset).min(buf.len() as u64) as usize;
+                    let file_offset = b.pages_offset + offset;
+                    self.data
+                        .file()
+                        .read_exact_at(&mut buf[..n], file_offset)
+                        .map_err(|source| MultifdError::FileIo {
+                            path: self.path.into(),
+                            block: b.name.clone(),
+                            offset: file_offset,
+                            what: "reading pages",
+                            source,
+                        })?;
+                    self.counters.wire_bytes.fetch_add(n as u64, Relaxed);
+                    h.put(Some(&buf[..n]), n as u64)?;
+                    offset += n as u64;
+                }
+                at = run.first_page + run.pages;
+            }
+            h.put(None, (last - at) * ps)?;
+        }
+        Ok(())
+    }
+
+    fn check_region(&self, block: usize, region: u64, sum: u64) -> Result<(), MultifdError> {
+        if sum == self.checksums[block][region as usize] {
+            return Ok(());
+        }
+        let b = &self.layout.blocks[block];
+        let rs = u64::from(self.layout.region_size);
+        let offset = region * rs;
+        Err(MultifdError::FileChecksum {
+            path: self.path.into(),
+            block: b.name.clone(),
+            offset,
+            len: (offset + rs).min(b.len) - offset,
+            file_offset: b.pages_offset + offset,
+        })
+    }
+}
+
+impl Hashing<'_, '_> {
+    /// Adds `n` bytes: `bytes` (n long), or zeros; closes each region and
+    /// chunk as its last byte comes in.
+    fn put(&mut self, bytes: Option<&[u8]>, n: u64) -> Result<(), MultifdError> {
+        let rs = u64::from(self.v.layout.region_size);
+        let chunk = DIGEST_CHUNK as u64;
+        let len = self.v.layout.blocks[self.block].len;
+        let mut done = 0u64;
+        while done < n {
+            let region_end = ((self.pos / rs + 1) * rs).min(len);
+            let chunk_end = ((self.pos / chunk + 1) * chunk).min(len);
+            let take = (n - done)
+                .min(region_end - self.pos)
+                .min(chunk_end - self.pos);
+            match bytes {
+                Some(b) => {
+                    let piece = &b[done as usize..(done + take) as usize];
+                    self.region.bytes(piece);
+                    self.chunk.bytes(piece);
+                }
+                None => {
+                    self.region.zeros(take);
+                    self.chunk.zeros(take);
+                }
+            }
+            self.pos += take;
+            done += take;
+            if self.pos == region_end {
+                let sum = std::mem::take(&mut self.region).finish();
+                self.v.check_region(self.block, (self.pos - 1) / rs, sum)?;
+            }
+            if self.pos == chunk_end {
+                let sum = std::mem::take(&mut self.chunk).finish();
+                self.v.chunks[self.block][((self.pos - 1) / chunk) as usize].store(sum, Relaxed);
+            }
+        }
+        Ok(())
+    }
 }
 
 pub(crate) fn check_memory_matches(
@@ -429,21 +700,23 @@ struct Restore<'a> {
     checksums: &'a [Vec<u64>],
 }
 
+impl Restore<'_> {
+    /// The reads of region `region` of `block` (see [`read_runs`]), and
+    /// how many of its pages are present.
+    fn runs(&self, block: usize, region: u64, runs: &mut Vec<Run>) -> u64 {
+        let b = &self.t.memory.blocks()[block];
+        let (first, end) = region_pages(b, self.t.layout.region_size, region);
+        read_runs(&self.bitmaps[block], first, end, b.page_size(), runs)
+    }
+}
+
 impl Direction for Restore<'_> {
     const WHAT: &'static str = "reading pages";
 
     fn prepare(&self, block: usize, region: u64, runs: &mut Vec<Run>) {
         let b = &self.t.memory.blocks()[block];
         let (first, end) = region_pages(b, self.t.layout.region_size, region);
-        let words = &self.bitmaps[block];
-        let max_gap = READ_ACROSS_GAP / u64::from(b.page_size());
-        let mut present = 0;
-        for index in first..end {
-            if words[(index / 64) as usize] & (1 << (index % 64)) != 0 {
-                push_page(runs, index, max_gap);
-                present += 1;
-            }
-        }
+        let present = self.runs(block, region, runs);
         count_pages(self.t.counters, present, end - first - present);
     }
 
@@ -461,26 +734,88 @@ impl Direction for Restore<'_> {
             .map_err(|source| ring_err(self.t.path, source))
     }
 
+    /// Checks the region as restored: the pages its reads filled (which
+    /// may hold what the file had where absent pages lie) as they are in
+    /// memory, and every other page as the zeros fresh memory holds there,
+    /// without touching it: a region with no present page costs no memory
+    /// access at all, and an absent page is never faulted in.
     fn region_done(&self, block: usize, region: u64) -> Result<(), MultifdError> {
         let b = &self.t.memory.blocks()[block];
         let (first, end) = region_pages(b, self.t.layout.region_size, region);
-        let ps = b.page_size() as usize;
-        let bytes = &b.bytes()[first as usize * ps..end as usize * ps];
-        if region_checksum(bytes) == self.checksums[block][region as usize] {
+        let ps = u64::from(b.page_size());
+        let mut runs = Vec::new();
+        self.runs(block, region, &mut runs);
+        let sum = if runs.is_empty() {
+            zero_checksum((end - first) * ps)
+        } else {
+            let mut h = StreamChecksum::new();
+            let mut at = first;
+            for r in &runs {
+                h.zeros((r.first_page - at) * ps);
+                h.bytes(pages_bytes(b, r.first_page, r.pages));
+                at = r.first_page + r.pages;
+            }
+            h.zeros((end - at) * ps);
+            h.finish()
+        };
+        if sum == self.checksums[block][region as usize] {
             return Ok(());
         }
-        let offset = first * ps as u64;
+        let offset = first * ps;
         Err(MultifdError::FileChecksum {
             path: self.t.path.into(),
             block: b.name().into(),
             offset,
-            len: bytes.len() as u64,
+            len: (end - first) * ps,
             file_offset: self.t.layout.blocks[block].pages_offset + offset,
         })
     }
     fn target(&self) -> &Target<'_> {
         &self.t
     }
+}
+
+/// Pages `[first, first + pages)` of `b` as one slice over those pages
+/// only (see [`RamBlock::page`]), so a thread checking the pages it read
+/// holds no slice over pages other threads are filling.
+///
+/// # Panics
+/// If the pages run past the end of the block (callers stay inside).
+fn pages_bytes(b: &RamBlock, first: u64, pages: u64) -> &[u8] {
+    assert!(
+        first + pages <= b.pages(),
+        "pages {first}..{} are past the end of block '{}'",
+        first + pages,
+        b.name()
+    );
+    let p = b.page_addr(first).expect("first lies inside the block");
+    // SAFETY: p is the start of page `first`, and `pages` whole pages from
+    // there lie inside the block's readable mapping, which lives as long
+    // as `b`.
+    unsafe {
+        std::slice::from_raw_parts(p.cast_const(), (pages * u64::from(b.page_size())) as usize)
+    }
+}
+
+/// The reads that restore pages `[first, end)` of a block with pages of
+/// `page_size` bytes and bitmap `bitmap`: its present pages, one run per
+/// stretch of them, joined across gaps of up to [`READ_ACROSS_GAP`] of
+/// absent pages. The bitmap is scanned a word at a time. Returns how many
+/// pages are present.
+pub(crate) fn read_runs(
+    bitmap: &[u64],
+    first: u64,
+    end: u64,
+    page_size: u32,
+    runs: &mut Vec<Run>,
+) -> u64 {
+    let max_gap = READ_ACROSS_GAP / u64::from(page_size);
+    let mut present = 0;
+    for index in present_pages(bitmap, first, end) {
+        push_page(runs, index, max_gap);
+        present += 1;
+    }
+    present
 }
 
 /// Pages `[first, end)` of `block` that region `region` covers.
@@ -571,10 +906,16 @@ pub(crate) struct Regions {
 
 impl Regions {
     pub(crate) fn new(layout: &FileLayout) -> Self {
+        Self::of_size(layout, u64::from(layout.region_size))
+    }
+
+    /// Pieces of `size` bytes of each block (the last maybe short) rather
+    /// than checksum regions.
+    pub(crate) fn of_size(layout: &FileLayout, size: u64) -> Self {
         let mut starts = vec![0];
         for b in &layout.blocks {
             let last = *starts.last().expect("starts with 0");
-            starts.push(last + b.regions(layout.region_size));
+            starts.push(last + b.len.div_ceil(size));
         }
         Self {
             starts,
@@ -627,7 +968,7 @@ fn run_threads<D: Direction>(
             let spawned = std::thread::Builder::new()
                 .name(format!("ferry-file-{i}"))
                 .spawn_scoped(s, move || {
-                    let r = channel_thread(d, regions, fd, depth, abort);
+                    let r = channel_thread(d, regions, fd, depth, abort, opts);
                     if r.is_err() {
                         abort.store(true, Relaxed);
                     }
@@ -674,6 +1015,7 @@ fn channel_thread<D: Direction>(
     fd: RawFd,
     depth: usize,
     abort: &AtomicBool,
+    opts: &FileOptions,
 ) -> Result<(), MultifdError> {
     let ring =
         Ring::new(depth.next_power_of_two() as u32).map_err(|source| ring_err(d.path(), source))?;
@@ -688,6 +1030,10 @@ fn channel_thread<D: Direction>(
     let mut runs = Vec::new();
     let mut result = Ok(());
     loop {
+        if result.is_ok() && opts.cancelled() {
+            result = Err(cancelled(d.path()));
+            abort.store(true, Relaxed);
+        }
         if result.is_ok() && !abort.load(Relaxed) {
             result = fill(d, regions, fd, &mut f, &mut runs);
         }
@@ -884,6 +1230,158 @@ mod tests {
         let claimed: Vec<_> = std::iter::from_fn(|| r.claim()).collect();
         assert_eq!(claimed, [(0, 0), (0, 1), (0, 2), (1, 0), (1, 1)]);
         assert_eq!(r.claim(), None);
+    }
+
+    /// A saved file of `specs` holding `mem`, written as a save writes it.
+    fn saved(mem: &GuestMemory, name: &str) -> (std::path::PathBuf, FileLayout, WrittenPages) {
+        let specs = mem.specs();
+        let mut layout = FileLayout::plan(&specs, 3).unwrap();
+        let path = std::env::temp_dir().join(format!("ferry-{name}-{}", std::process::id()));
+        let file = File::create(&path).unwrap();
+        file.set_len(layout.file_len).unwrap();
+        let data = DataFile::open(&path, true, false).unwrap();
+        let written = write_pages(
+            mem,
+            &layout,
+            &data,
+            &path,
+            &FileOptions::default(),
+            &Counters::default(),
+        )
+        .unwrap();
+        ferry_ram::mapped::write_metadata(
+            &file,
+            &path,
+            &mut layout,
+            &written.bitmaps,
+            &written.checksums,
+            b"dev",
+        )
+        .unwrap();
+        (path, layout, written)
+    }
+
+    /// Verifying without memory gives the digest of the memory saved
+    /// (blocks of 4 KiB and 2 MiB pages, a block that is all zeros, data
+    /// at chunk and region edges), reading only present pages; a flipped
+    /// byte in a present page is found with its block and offset.
+    #[test]
+    fn verify_gives_the_saved_digest_and_finds_damage() {
+        let specs = [
+            BlockSpec {
+                name: "ram".into(),
+                len: 40 << 20,
+                page_size: 4096,
+            },
+            BlockSpec {
+                name: "zero".into(),
+                len: 33 << 20,
+                page_size: 4096,
+            },
+            BlockSpec {
+                name: "huge".into(),
+                len: 6 << 20,
+                page_size: 2 << 20,
+            },
+        ];
+        let mem = GuestMemory::anonymous(&specs).unwrap();
+        let ram = &mem.blocks()[0];
+        // A few pages here and there: both sides of a 16 MiB chunk edge,
+        // the last page, a run of 300 pages.
+        for p in [0u64, 4095, 4096, 5000, ram.pages() - 1]
+            .into_iter()
+            .chain(7000..7300)
+        {
+            // SAFETY: page p lies inside the writable block.
+            unsafe { std::ptr::write_bytes(ram.page_addr(p).unwrap(), (p % 200 + 1) as u8, 4096) };
+        }
+        // SAFETY: as above, in the 2 MiB-page block.
+        unsafe { *mem.blocks()[2].page_addr(1).unwrap().add(77) = 9 };
+        let (path, layout, written) = saved(&mem, "verify");
+        let data = DataFile::open(&path, false, false).unwrap();
+        let verify = |counters: &Counters| {
+            verify_pages(
+                &layout,
+                &written.bitmaps,
+                &written.checksums,
+                &data,
+                &path,
+                &FileOptions::default(),
+                counters,
+            )
+        };
+        let counters = Counters::default();
+        let chunks = verify(&counters).unwrap();
+        let digest = ferry_ram::Digest::from_chunk_hashes(
+            layout
+                .blocks
+                .iter()
+                .zip(&chunks)
+                .map(|(b, h)| (b.name.as_str(), b.len, &h[..])),
+        );
+        assert_eq!(digest, mem.digest());
+        let t = counters.snapshot();
+        assert_eq!(t.pages_normal, 305 + 1);
+        assert_eq!(t.ram_bytes, mem.total_bytes());
+        // Only present pages are read (and gaps of up to 256 KiB between
+        // them): far less than the 40 MiB of the block.
+        assert!(t.wire_bytes <= (4 << 20), "read {} bytes", t.wire_bytes);
+
+        let at = layout.blocks[0].page_file_offset(5000) + 3;
+        let f = File::options().read(true).write(true).open(&path).unwrap();
+        f.write_all_at(&[0xAB], at).unwrap();
+        let e = verify(&Counters::default()).err().unwrap();
+        let _ = std::fs::remove_file(&path);
+        match e {
+            MultifdError::FileChecksum {
+                block,
+                offset,
+                file_offset,
+                ..
+            } => {
+                assert_eq!(block, "ram");
+                // Regions are 2 MiB here (the largest page).
+                assert_eq!(layout.region_size, 2 << 20);
+                assert_eq!(offset, 18 << 20);
+                assert_eq!(file_offset, layout.blocks[0].pages_offset + offset);
+            }
+            other => panic!("wrong error: {other}"),
+        }
+    }
+
+    /// A set cancel flag stops writing and reading pages at once, with an
+    /// error that says so.
+    #[test]
+    fn a_cancel_stops_file_threads() {
+        let specs = [BlockSpec {
+            name: "ram".into(),
+            len: 8 << 20,
+            page_size: 4096,
+        }];
+        let mem = GuestMemory::anonymous(&specs).unwrap();
+        let layout = FileLayout::plan(&specs, 0).unwrap();
+        let path = std::env::temp_dir().join(format!("ferry-cancel-{}", std::process::id()));
+        File::create(&path)
+            .unwrap()
+            .set_len(layout.file_len)
+            .unwrap();
+        let data = DataFile::open(&path, true, false).unwrap();
+        let opts = FileOptions {
+            cancel: Some(Arc::new(AtomicBool::new(true))),
+            ..Default::default()
+        };
+        let counters = Counters::default();
+        let e = write_pages(&mem, &layout, &data, &path, &opts, &counters)
+            .err()
+            .expect("cancelled");
+        assert!(e.to_string().contains("cancelled"), "{e}");
+        assert_eq!(counters.snapshot().ram_bytes, 0, "no region was saved");
+        let words = vec![vec![0u64; 2048 / 64]];
+        let sums = vec![vec![0u64; 8]];
+        let e = verify_pages(&layout, &words, &sums, &data, &path, &opts, &counters)
+            .expect_err("cancelled");
+        let _ = std::fs::remove_file(&path);
+        assert!(e.to_string().contains("cancelled"), "{e}");
     }
 
     #[test]

@@ -22,7 +22,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Instant;
 
-use ferry_ram::mapped::{region_checksum, FileLayout};
+use ferry_ram::mapped::{count_present, present_pages, region_checksum, zero_checksum, FileLayout};
 use ferry_ram::uffd::Userfault;
 use ferry_ram::GuestMemory;
 
@@ -355,16 +355,16 @@ fn load_region(
     let first = region * per;
     let end = (first + per).min(b.pages());
     let len = ((end - first) * ps) as usize;
+    let words = &s.bitmaps[block];
+    let mut present = present_pages(words, first, end);
+    let Some(lo) = present.next() else {
+        // No page to read: placed as zeros, its checksum known without
+        // hashing (a sparse guest's empty regions cost no work but this).
+        return place(s, block, region, first, len, None);
+    };
+    let hi = present.last().unwrap_or(lo);
     let buf = &mut staging[..len];
     buf.fill(0);
-    let words = &s.bitmaps[block];
-    let present = |i: u64| words[(i / 64) as usize] & (1 << (i % 64)) != 0;
-    let (Some(lo), Some(hi)) = (
-        (first..end).find(|&i| present(i)),
-        (first..end).rev().find(|&i| present(i)),
-    ) else {
-        return place(s, block, region, first, buf, true);
-    };
     // One read from the first to the last present page: pages between that
     // are absent read as zeros (holes, or zeros written) and the checksum
     // below proves it.
@@ -384,26 +384,28 @@ fn load_region(
     s.counters
         .wire_bytes
         .fetch_add((to - from) as u64, Ordering::Relaxed);
-    place(s, block, region, first, buf, false)
+    place(s, block, region, first, len, Some(buf))
 }
 
-/// Checks `buf` against the region's checksum and copies it into place.
+/// Checks the region's `len` bytes, `buf` (or zeros if None), against its
+/// checksum and places them in guest memory.
 fn place(
     s: &Shared,
     block: usize,
     region: u64,
     first: u64,
-    buf: &[u8],
-    all_zero: bool,
+    len: usize,
+    buf: Option<&[u8]>,
 ) -> Result<(), MultifdError> {
     let b = &s.memory.blocks()[block];
     let offset = first * u64::from(b.page_size());
-    if region_checksum(buf) != s.checksums[block][region as usize] {
+    let sum = buf.map_or_else(|| zero_checksum(len as u64), region_checksum);
+    if sum != s.checksums[block][region as usize] {
         return Err(MultifdError::FileChecksum {
             path: s.path.clone(),
             block: b.name().into(),
             offset,
-            len: buf.len() as u64,
+            len: len as u64,
             file_offset: s.layout.blocks[block].pages_offset + offset,
         });
     }
@@ -411,13 +413,12 @@ fn place(
         return Err(MultifdError::Aborted("lazy restore stopped".into()));
     };
     let dst = b.page_addr(first).expect("region starts inside its block");
-    let placed = if all_zero {
-        u.zero(dst, buf.len() as u64)
-    } else {
+    let placed = match buf {
+        None => u.zero(dst, len as u64),
         // SAFETY: dst..dst+len is the region's memory inside a registered
         // block, missing until this copy (we hold the region's LOADING
         // claim); buf is len readable bytes.
-        unsafe { u.copy(dst, buf.as_ptr(), buf.len() as u64) }
+        Some(buf) => unsafe { u.copy(dst, buf.as_ptr(), len as u64) },
     };
     placed.map_err(|source| MultifdError::FileIo {
         path: s.path.clone(),
@@ -427,8 +428,8 @@ fn place(
         source,
     })?;
     s.states[block][region as usize].store(LOADED, Ordering::Release);
-    let pages = buf.len() as u64 / u64::from(b.page_size());
-    let present = count_present(&s.bitmaps[block], first, pages);
+    let pages = len as u64 / u64::from(b.page_size());
+    let present = count_present(&s.bitmaps[block], first, first + pages);
     s.counters
         .pages_normal
         .fetch_add(present, Ordering::Relaxed);
@@ -437,15 +438,9 @@ fn place(
         .fetch_add(pages - present, Ordering::Relaxed);
     s.counters
         .ram_bytes
-        .fetch_add(buf.len() as u64, Ordering::Relaxed);
+        .fetch_add(len as u64, Ordering::Relaxed);
     if s.loaded.fetch_add(1, Ordering::AcqRel) + 1 == s.regions {
         s.stop.store(true, Ordering::Relaxed);
     }
     Ok(())
-}
-
-fn count_present(words: &[u64], first: u64, pages: u64) -> u64 {
-    (first..first + pages)
-        .filter(|&i| words[(i / 64) as usize] & (1 << (i % 64)) != 0)
-        .count() as u64
 }

@@ -20,12 +20,33 @@ pub struct Digest(pub u128);
 impl Digest {
     pub fn of_memory(mem: &GuestMemory) -> Self {
         let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let hashes: Vec<Vec<u64>> = mem
+            .blocks()
+            .iter()
+            .map(|b| chunk_hashes(b.bytes(), threads))
+            .collect();
+        Self::from_chunk_hashes(
+            mem.blocks()
+                .iter()
+                .zip(&hashes)
+                .map(|(b, h)| (b.name(), b.len(), &h[..])),
+        )
+    }
+
+    /// The digest of blocks given as (name, length, the xxh3-64 of each
+    /// `DIGEST_CHUNK` piece of its bytes in order, the last maybe short):
+    /// [`Digest::of_memory`] for callers that hash the pieces themselves
+    /// (a saved file checked without holding its memory; restored memory
+    /// whose zero pages must stay untouched).
+    pub fn from_chunk_hashes<'a>(
+        blocks: impl IntoIterator<Item = (&'a str, u64, &'a [u64])>,
+    ) -> Self {
         let mut top = Xxh3::new();
-        for block in mem.blocks() {
-            top.update(&(block.name().len() as u64).to_le_bytes());
-            top.update(block.name().as_bytes());
-            top.update(&block.len().to_le_bytes());
-            for h in chunk_hashes(block.bytes(), threads) {
+        for (name, len, hashes) in blocks {
+            top.update(&(name.len() as u64).to_le_bytes());
+            top.update(name.as_bytes());
+            top.update(&len.to_le_bytes());
+            for h in hashes {
                 top.update(&h.to_le_bytes());
             }
         }

@@ -101,4 +101,18 @@ pub enum RamError {
     },
     #[error("cannot lay out a saved guest: {0}")]
     Layout(String),
+    #[error("{path}: {what}: {source}")]
+    PathIo {
+        path: PathBuf,
+        what: &'static str,
+        source: std::io::Error,
+    },
+    #[error("{path} is {kind}, not a regular file: {hint}")]
+    NotRegular {
+        path: PathBuf,
+        /// "a FIFO", "a directory", "a symbolic link", ...
+        kind: &'static str,
+        /// What to do instead.
+        hint: &'static str,
+    },
 }

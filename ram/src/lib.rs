@@ -25,6 +25,6 @@ pub use block::{RamBlock, DEFAULT_PAGE_SIZE};
 pub use digest::{Digest, DIGEST_CHUNK};
 pub use dirty::{BitmapLog, DirtyLog};
 pub use error::RamError;
-pub use memory::{block_file_paths, BlockSpec, GuestMemory};
+pub use memory::{block_file_paths, BlockSpec, GuestMemory, StagedFiles};
 pub use uffd_wp::{UffdLog, WriteProtect};
 pub use zero::is_zero_page;

@@ -3,8 +3,14 @@
 //!
 //! Owns the layout (where each block's bitmap, checksums and pages go), the
 //! encoding of the header and block table, and the checks a file must pass
-//! before anything in it is used. The parallel writers and readers live in
-//! `ferry-multifd` (file mode); this module never touches page data in bulk.
+//! before anything in it is used; and what every reader of such a file
+//! shares so that its cost follows the pages present, not the guest's size:
+//! word-at-a-time scans of a bitmap ([`present_pages`], [`count_present`],
+//! [`any_present`]), checksums of zeros known without reading them
+//! ([`zero_checksum`], [`StreamChecksum`]), and opening only regular files
+//! ([`open_regular`], [`check_output_path`]). The parallel writers and
+//! readers live in `ferry-multifd` (file mode); this module never touches
+//! page data in bulk.
 //!
 //! # Layout
 //!
@@ -64,9 +70,12 @@
 //! recomputes the checksum of every region it touched; the header is
 //! written last, marked complete, only when the final pass is in.
 
-use std::fs::File;
-use std::os::unix::fs::FileExt;
+use std::collections::BTreeMap;
+use std::fs::{File, OpenOptions};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::{Mutex, PoisonError};
 
 use xxhash_rust::xxh3::{xxh3_64, Xxh3};
 
@@ -148,6 +157,210 @@ fn align_up(x: u64, a: u64) -> u64 {
 /// The checksum of one region of restored memory (or of a table).
 pub fn region_checksum(bytes: &[u8]) -> u64 {
     xxh3_64(bytes)
+}
+
+/// Zeros to hash from: a run of absent (zero) pages is never read from
+/// the file nor from memory, it is hashed from here.
+static ZEROS: [u8; 64 << 10] = [0; 64 << 10];
+
+/// [`region_checksum`] of bytes given piece by piece, where runs of zeros
+/// need no buffer: the checksum of a region (or a digest chunk) of restored
+/// memory computed from its present pages alone, without touching the
+/// memory (or reading the file) where its absent pages lie. Equal to
+/// [`region_checksum`] of the concatenation.
+pub struct StreamChecksum {
+    hasher: Xxh3,
+    len: u64,
+}
+
+impl Default for StreamChecksum {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl StreamChecksum {
+    pub fn new() -> Self {
+        Self {
+            hasher: Xxh3::new(),
+            len: 0,
+        }
+    }
+    /// Adds `bytes`.
+    pub fn bytes(&mut self, bytes: &[u8]) {
+        self.hasher.update(bytes);
+        self.len += bytes.len() as u64;
+    }
+    /// Adds `n` zero bytes.
+    pub fn zeros(&mut self, mut n: u64) {
+        while n > 0 {
+            let take = n.min(ZEROS.len() as u64);
+            self.bytes(&ZEROS[..take as usize]);
+            n -= take;
+        }
+    }
+    /// Bytes added so far.
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+    pub fn finish(&self) -> u64 {
+        self.hasher.digest()
+    }
+}
+
+/// [`region_checksum`] of `len` zero bytes: what the checksum of a region
+/// without a present page must be (and the digest's hash of an all-zero
+/// chunk). Computed once per length and remembered, so a file of many
+/// empty regions costs one lookup each, not a hash of their zeros.
+pub fn zero_checksum(len: u64) -> u64 {
+    static KNOWN: Mutex<BTreeMap<u64, u64>> = Mutex::new(BTreeMap::new());
+    let known = |k: &BTreeMap<u64, u64>| k.get(&len).copied();
+    if let Some(sum) = known(&KNOWN.lock().unwrap_or_else(PoisonError::into_inner)) {
+        return sum;
+    }
+    let mut s = StreamChecksum::new();
+    s.zeros(len);
+    let sum = s.finish();
+    KNOWN
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .insert(len, sum);
+    sum
+}
+
+/// Word `w` of `bitmap` with only the bits of pages in `[first, end)` kept.
+fn masked_word(bitmap: &[u64], w: u64, first: u64, end: u64) -> u64 {
+    let mut word = bitmap[w as usize];
+    let base = w * 64;
+    if first > base {
+        word &= u64::MAX << (first - base);
+    }
+    if end < base + 64 {
+        word &= (1u64 << (end.saturating_sub(base))).wrapping_sub(1);
+    }
+    word
+}
+
+/// The words of `bitmap` holding the bits of pages `[first, end)`.
+fn word_range(first: u64, end: u64) -> std::ops::Range<u64> {
+    if first >= end {
+        return 0..0;
+    }
+    first / 64..end.div_ceil(64)
+}
+
+/// The present pages of `[first, end)` (set bits of `bitmap`, a block's
+/// bitmap as [`FileLayout::read_bitmap`] returns it), lowest first. The
+/// bitmap is read a word at a time: 64 absent pages cost one load.
+pub fn present_pages(bitmap: &[u64], first: u64, end: u64) -> impl Iterator<Item = u64> + '_ {
+    word_range(first, end)
+        .flat_map(move |w| crate::set_bits(masked_word(bitmap, w, first, end), w * 64))
+}
+
+/// How many pages of `[first, end)` are present, a word at a time.
+pub fn count_present(bitmap: &[u64], first: u64, end: u64) -> u64 {
+    word_range(first, end)
+        .map(|w| u64::from(masked_word(bitmap, w, first, end).count_ones()))
+        .sum()
+}
+
+/// Whether any page of `[first, end)` is present; stops at the first.
+pub fn any_present(bitmap: &[u64], first: u64, end: u64) -> bool {
+    word_range(first, end).any(|w| masked_word(bitmap, w, first, end) != 0)
+}
+
+/// What kind of file `t` is, as errors name it ("a FIFO").
+pub fn file_kind(t: &std::fs::FileType) -> &'static str {
+    if t.is_file() {
+        "a regular file"
+    } else if t.is_dir() {
+        "a directory"
+    } else if t.is_symlink() {
+        "a symbolic link"
+    } else if t.is_fifo() {
+        "a FIFO"
+    } else if t.is_char_device() {
+        "a character device"
+    } else if t.is_block_device() {
+        "a block device"
+    } else if t.is_socket() {
+        "a socket"
+    } else {
+        "not a file ferry knows"
+    }
+}
+
+/// Opens `path` as `options` say (plus `extra_flags`, e.g. O_DIRECT) and
+/// refuses anything but a regular file: a FIFO, a device, a directory or a
+/// socket would block a reader for ever or make no sense as a saved guest.
+/// The open itself cannot block (O_NONBLOCK, turned off again once the
+/// file is known to be regular), and the check is made on what was opened
+/// (fstat), so nothing can be swapped in between. `what` names the file in
+/// errors ("the saved guest"); `hint` says what to do instead.
+pub fn open_regular(
+    path: &Path,
+    options: &OpenOptions,
+    extra_flags: i32,
+    what: &'static str,
+    hint: &'static str,
+) -> Result<File, RamError> {
+    let file = options
+        .clone()
+        .custom_flags(libc::O_NONBLOCK | extra_flags)
+        .open(path)
+        .map_err(|source| RamError::PathIo {
+            path: path.into(),
+            what,
+            source,
+        })?;
+    let kind = file
+        .metadata()
+        .map_err(|source| RamError::PathIo {
+            path: path.into(),
+            what,
+            source,
+        })?
+        .file_type();
+    if !kind.is_file() {
+        return Err(RamError::NotRegular {
+            path: path.into(),
+            kind: file_kind(&kind),
+            hint,
+        });
+    }
+    let fd = file.as_raw_fd();
+    // SAFETY: fcntl on a descriptor this function owns (`file`), reading
+    // and then setting its status flags; no memory is passed.
+    let cleared = unsafe {
+        let flags = libc::fcntl(fd, libc::F_GETFL);
+        flags >= 0 && libc::fcntl(fd, libc::F_SETFL, flags & !libc::O_NONBLOCK) == 0
+    };
+    if !cleared {
+        return Err(RamError::PathIo {
+            path: path.into(),
+            what,
+            source: std::io::Error::last_os_error(),
+        });
+    }
+    Ok(file)
+}
+
+/// Refuses an output path where something other than a regular file
+/// lies: a symbolic link (never written through), a directory, a FIFO, a
+/// device, a socket. Nothing there, or a regular file, is fine. `hint`
+/// says what to do instead.
+pub fn check_output_path(path: &Path, hint: &'static str) -> Result<(), RamError> {
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if !m.file_type().is_file() => Err(RamError::NotRegular {
+            path: path.into(),
+            kind: file_kind(&m.file_type()),
+            hint,
+        }),
+        _ => Ok(()),
+    }
 }
 
 impl FileLayout {
@@ -906,6 +1119,143 @@ mod tests {
         let (_dir, path, f) = file_with(&l.encode(), l.file_len);
         let e = FileLayout::read(&f, &path).unwrap_err().to_string();
         assert!(e.contains("0x28") && e.contains("device state"), "{e}");
+    }
+
+    /// Checksums fed piece by piece, with zeros given as counts, equal the
+    /// one-shot checksum of the same bytes, short inputs (xxh3 treats
+    /// inputs up to 240 bytes apart) and long ones alike.
+    #[test]
+    fn stream_checksums_equal_one_shot_checksums() {
+        for len in [
+            0usize,
+            1,
+            16,
+            17,
+            128,
+            129,
+            240,
+            241,
+            1000,
+            4096,
+            (1 << 20) + 17,
+        ] {
+            let bytes: Vec<u8> = (0..len)
+                .map(|i| {
+                    if (i / 300) % 3 == 1 {
+                        0
+                    } else {
+                        (i % 251) as u8 + 1
+                    }
+                })
+                .collect();
+            let mut s = StreamChecksum::new();
+            let mut i = 0;
+            while i < len {
+                // Zeros as counts, the rest as bytes, in uneven pieces.
+                let zero = bytes[i] == 0;
+                let mut j = i;
+                while j < len && (bytes[j] == 0) == zero && j - i < 777 {
+                    j += 1;
+                }
+                if zero {
+                    s.zeros((j - i) as u64);
+                } else {
+                    s.bytes(&bytes[i..j]);
+                }
+                i = j;
+            }
+            assert_eq!(s.len(), len as u64);
+            assert_eq!(s.finish(), region_checksum(&bytes), "length {len}");
+            assert_eq!(zero_checksum(len as u64), region_checksum(&vec![0; len]));
+        }
+    }
+
+    /// The word-at-a-time scans agree with a bit-by-bit one over ranges
+    /// that start and end inside words, on word boundaries, or are empty.
+    #[test]
+    fn present_page_scans_match_bit_by_bit() {
+        let bitmap = [0x8000_0000_0000_0001u64, 0, u64::MAX, 0x00F0_0000_0000_0F00];
+        let naive = |first: u64, end: u64| -> Vec<u64> {
+            (first..end)
+                .filter(|&i| bitmap[(i / 64) as usize] & (1 << (i % 64)) != 0)
+                .collect()
+        };
+        for (first, end) in [
+            (0, 256),
+            (1, 63),
+            (0, 1),
+            (63, 65),
+            (64, 128),
+            (65, 200),
+            (130, 130),
+            (200, 100),
+            (200, 256),
+            (255, 256),
+        ] {
+            let want = naive(first, end);
+            let got: Vec<u64> = present_pages(&bitmap, first, end).collect();
+            assert_eq!(got, want, "[{first}, {end})");
+            assert_eq!(count_present(&bitmap, first, end), want.len() as u64);
+            assert_eq!(any_present(&bitmap, first, end), !want.is_empty());
+        }
+    }
+
+    /// A FIFO, a directory and a character device are refused at once
+    /// (opening the FIFO, which has no writer, does not block), naming the
+    /// path and its kind; a regular file opens, and reads block as usual.
+    #[test]
+    fn only_regular_files_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("fifo");
+        let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+        // SAFETY: mkfifo with a NUL-terminated path that outlives the call.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        let read = File::options().read(true).clone();
+        for (path, kind) in [
+            (fifo.as_path(), "a FIFO"),
+            (dir.path(), "a directory"),
+            (Path::new("/dev/null"), "a character device"),
+        ] {
+            let e = open_regular(path, &read, 0, "opening", "try again").unwrap_err();
+            let text = e.to_string();
+            assert!(
+                text.contains(&path.display().to_string())
+                    && text.contains(&format!("is {kind}, not a regular file"))
+                    && text.contains("try again"),
+                "{text}"
+            );
+        }
+        let (_d, path, _f) = file_with(b"abc", 3);
+        let f = open_regular(&path, &read, 0, "opening", "-").unwrap();
+        let mut b = [0u8; 3];
+        f.read_exact_at(&mut b, 0).unwrap();
+        assert_eq!(&b, b"abc");
+        // SAFETY: F_GETFL on a descriptor f owns.
+        let flags = unsafe { libc::fcntl(f.as_raw_fd(), libc::F_GETFL) };
+        assert_eq!(flags & libc::O_NONBLOCK, 0, "O_NONBLOCK is off again");
+        let e = open_regular(&dir.path().join("none"), &read, 0, "opening it", "-").unwrap_err();
+        assert!(e.to_string().contains("opening it"), "{e}");
+    }
+
+    #[test]
+    fn output_paths_must_be_absent_or_regular_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("f");
+        std::fs::write(&file, b"x").unwrap();
+        let link = dir.path().join("l");
+        std::os::unix::fs::symlink(&file, &link).unwrap();
+        check_output_path(&file, "-").unwrap();
+        check_output_path(&dir.path().join("none"), "-").unwrap();
+        for (p, kind) in [
+            (&link, "a symbolic link"),
+            (&dir.path().to_path_buf(), "a directory"),
+        ] {
+            let e = check_output_path(p, "do this").unwrap_err().to_string();
+            assert!(
+                e.contains(&format!("is {kind}, not a regular file: do this")),
+                "{e}"
+            );
+        }
     }
 
     #[test]

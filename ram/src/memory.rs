@@ -1,4 +1,6 @@
-//! A guest's memory: its RAM blocks, in order, with unique names.
+//! A guest's memory: its RAM blocks, in order, with unique names; and the
+//! files that back them when memory is kept in files (made in place, or
+//! staged under temporary names and moved into place once complete).
 
 use std::path::{Path, PathBuf};
 
@@ -69,6 +71,38 @@ impl GuestMemory {
         Self::new(blocks)
     }
 
+    /// Like [`GuestMemory::create_files`], for a path where a file may
+    /// already lie: each block's file is made new (never opened through a
+    /// symbolic link, never truncating anything) under a hidden temporary
+    /// name beside its final path ([`block_file_paths`]), and moved there
+    /// only by [`StagedFiles::commit`]; dropped before that, the temporary
+    /// files are removed. So whatever lies at the final paths is untouched
+    /// until the memory is complete, and then replaced whole. A symbolic
+    /// link, directory, FIFO, device or socket at a final path is refused
+    /// before anything is made.
+    pub fn create_files_staged(
+        specs: &[BlockSpec],
+        path: &Path,
+    ) -> Result<(Self, StagedFiles), RamError> {
+        let finals = block_file_paths(specs, path)?;
+        for f in &finals {
+            crate::mapped::check_output_path(
+                f,
+                "choose a path where nothing is, or a regular file to replace",
+            )?;
+        }
+        let mut staged = StagedFiles {
+            pending: Vec::with_capacity(finals.len()),
+        };
+        let mut blocks = Vec::with_capacity(specs.len());
+        for (s, f) in specs.iter().zip(finals) {
+            let tmp = create_temporary(&f, s.len)?;
+            staged.pending.push((tmp.clone(), f));
+            blocks.push(RamBlock::file(&s.name, &tmp, s.page_size, true, None)?);
+        }
+        Ok((Self::new(blocks)?, staged))
+    }
+
     pub fn blocks(&self) -> &[RamBlock] {
         &self.blocks
     }
@@ -101,6 +135,87 @@ impl GuestMemory {
     /// The digest of every block's name, length and bytes.
     pub fn digest(&self) -> Digest {
         Digest::of_memory(self)
+    }
+}
+
+/// RAM files written under temporary names (see
+/// [`GuestMemory::create_files_staged`]): moved to their final paths by
+/// [`StagedFiles::commit`], removed if dropped before.
+pub struct StagedFiles {
+    /// (temporary path, final path) of each file not moved yet.
+    pending: Vec<(PathBuf, PathBuf)>,
+}
+
+impl StagedFiles {
+    /// The final paths, in block order.
+    pub fn final_paths(&self) -> Vec<PathBuf> {
+        self.pending.iter().map(|(_, f)| f.clone()).collect()
+    }
+
+    /// Moves every file to its final path (replacing what lies there, in
+    /// one rename each). If a rename fails, the files not moved yet are
+    /// removed; the ones before stay moved.
+    pub fn commit(mut self) -> Result<(), RamError> {
+        while !self.pending.is_empty() {
+            let (tmp, fin) = self.pending.remove(0);
+            if let Err(source) = std::fs::rename(&tmp, &fin) {
+                let _ = std::fs::remove_file(&tmp);
+                return Err(RamError::PathIo {
+                    path: fin,
+                    what: "moving the finished RAM file into place",
+                    source,
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Drop for StagedFiles {
+    fn drop(&mut self) {
+        for (tmp, _) in self.pending.drain(..) {
+            let _ = std::fs::remove_file(tmp);
+        }
+    }
+}
+
+/// Makes a new sparse file of `len` bytes beside `final_path`, under a
+/// hidden name of its own (`.NAME.incomplete-PID-N`), and returns its path.
+fn create_temporary(final_path: &Path, len: u64) -> Result<PathBuf, RamError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let name = final_path
+        .file_name()
+        .map_or_else(|| "ram".into(), |n| n.to_string_lossy().into_owned());
+    let io = |path: &Path, what, source| RamError::PathIo {
+        path: path.into(),
+        what,
+        source,
+    };
+    let mut attempts = 0;
+    loop {
+        attempts += 1;
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let tmp =
+            final_path.with_file_name(format!(".{name}.incomplete-{}-{n}", std::process::id()));
+        let made = std::fs::File::options()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(&tmp);
+        match made {
+            Ok(f) => {
+                if let Err(e) = f.set_len(len) {
+                    let _ = std::fs::remove_file(&tmp);
+                    return Err(io(&tmp, "sizing a new RAM file", e));
+                }
+                return Ok(tmp);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && attempts < 100 => continue,
+            Err(e) => return Err(io(final_path, "creating a RAM file beside this path", e)),
+        }
     }
 }
 
@@ -151,6 +266,69 @@ mod tests {
             len: 4096,
             page_size: 4096,
         }
+    }
+
+    fn hidden_files(dir: &Path) -> Vec<String> {
+        std::fs::read_dir(dir)
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with('.'))
+            .collect()
+    }
+
+    /// Staged RAM files leave what lies at their paths alone until commit,
+    /// then replace it whole; dropped uncommitted, they leave nothing.
+    #[test]
+    fn staged_files_replace_only_on_commit() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("vm.ram");
+        std::fs::write(&out, b"old contents").unwrap();
+        let specs = [BlockSpec {
+            name: "ram".into(),
+            len: 1 << 20,
+            page_size: 4096,
+        }];
+        let (mem, staged) = GuestMemory::create_files_staged(&specs, &out).unwrap();
+        mem.blocks()[0].zero_page(0);
+        // SAFETY: page 3 lies inside the block's writable mapping.
+        unsafe { *mem.blocks()[0].page_addr(3).unwrap() = 7 };
+        assert_eq!(std::fs::read(&out).unwrap(), b"old contents");
+        assert_eq!(hidden_files(dir.path()).len(), 1);
+        drop(staged);
+        assert_eq!(std::fs::read(&out).unwrap(), b"old contents");
+        assert!(hidden_files(dir.path()).is_empty());
+        drop(mem);
+
+        let (mem, staged) = GuestMemory::create_files_staged(&specs, &out).unwrap();
+        // SAFETY: as above.
+        unsafe { *mem.blocks()[0].page_addr(3).unwrap() = 7 };
+        staged.commit().unwrap();
+        drop(mem);
+        let bytes = std::fs::read(&out).unwrap();
+        assert_eq!(bytes.len(), 1 << 20);
+        assert_eq!(bytes[3 * 4096], 7);
+        assert!(hidden_files(dir.path()).is_empty());
+    }
+
+    /// A symbolic link at the path is refused, and its target untouched.
+    #[test]
+    fn staged_files_refuse_a_symbolic_link() {
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().join("precious");
+        std::fs::write(&target, b"keep me").unwrap();
+        let link = dir.path().join("vm.ram");
+        std::os::unix::fs::symlink(&target, &link).unwrap();
+        let e = GuestMemory::create_files_staged(&[spec("ram")], &link)
+            .err()
+            .expect("refused")
+            .to_string();
+        assert!(
+            e.contains("vm.ram is a symbolic link, not a regular file"),
+            "{e}"
+        );
+        assert_eq!(std::fs::read(&target).unwrap(), b"keep me");
+        assert!(hidden_files(dir.path()).is_empty());
     }
 
     #[test]

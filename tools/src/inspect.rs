@@ -1,18 +1,16 @@
 //! `ferry inspect` (what a saved-guest file holds and where) and `ferry
 //! verify` (read it all back and check every checksum).
 
-use std::fs::File;
 use std::os::unix::fs::MetadataExt;
-use std::path::PathBuf;
 use std::sync::Arc;
 
-use anyhow::Context;
 use clap::Args;
-use ferry::{restore_from_file, FileOptions, Progress, RestoreTarget};
+use ferry::{open_saved, verify_file, FileOptions, Progress};
 use ferry_ram::mapped::FileLayout;
 use serde_json::json;
 
 use crate::output::{print_file_summary, ProgressView};
+use crate::save::file_path;
 use crate::units::bytes;
 
 /// Show the layout of a saved-guest file: its blocks, where their bitmaps,
@@ -22,8 +20,8 @@ use crate::units::bytes;
 /// count its pages) but page data is not read; `ferry verify` does that.
 #[derive(Args)]
 pub struct InspectArgs {
-    /// The saved-guest file.
-    path: PathBuf,
+    /// The saved-guest file: PATH or file:PATH (a regular file).
+    path: String,
     /// Print one JSON object instead of text.
     #[arg(long)]
     json: bool,
@@ -35,10 +33,11 @@ pub fn inspect(a: InspectArgs) -> anyhow::Result<bool> {
 }
 
 fn show(a: InspectArgs) -> anyhow::Result<bool> {
-    let file = File::open(&a.path).with_context(|| format!("opening {}", a.path.display()))?;
-    let layout = FileLayout::read(&file, &a.path)?;
+    let path = file_path(&a.path)?;
+    let file = open_saved(&path)?;
+    let layout = FileLayout::read(&file, &path)?;
     for i in 0..layout.blocks.len() {
-        layout.read_bitmap(&file, &a.path, i)?;
+        layout.read_bitmap(&file, &path, i)?;
     }
     let disk = file.metadata().map(|m| m.blocks() * 512).unwrap_or(0);
     if a.json {
@@ -58,7 +57,7 @@ fn show(a: InspectArgs) -> anyhow::Result<bool> {
         println!(
             "{}",
             json!({
-                "status": "completed", "path": a.path.display().to_string(),
+                "status": "completed", "path": path.display().to_string(),
                 "version": ferry_ram::mapped::VERSION, "complete": layout.is_complete(),
                 "file_len": layout.file_len, "file_disk_bytes": disk,
                 "region_size": layout.region_size, "ram_bytes": layout.total_ram(),
@@ -72,7 +71,7 @@ fn show(a: InspectArgs) -> anyhow::Result<bool> {
     }
     println!(
         "{}: ferry saved guest, format version {}, {} of RAM in {} block(s)",
-        a.path.display(),
+        path.display(),
         ferry_ram::mapped::VERSION,
         bytes(layout.total_ram()),
         layout.blocks.len()
@@ -113,13 +112,15 @@ fn show(a: InspectArgs) -> anyhow::Result<bool> {
 /// Check every checksum of a saved-guest file: header, bitmaps, checksum
 /// tables, device state and every 1 MiB region of page data.
 ///
-/// Reads the file as `ferry restore` does, into memory that is then
-/// dropped, and prints the digest of the memory it holds (equal to the
-/// save's). Exit status 0 only if everything checked.
+/// Reads the file as `ferry restore` does (the same reads of its present
+/// pages), but into small buffers rather than the guest's memory: time and
+/// memory grow with the pages present, not the guest's size. Prints the
+/// digest of the memory a restore would give (equal to the save's). Exit
+/// status 0 only if everything checked.
 #[derive(Args)]
 pub struct VerifyArgs {
-    /// The saved-guest file.
-    path: PathBuf,
+    /// The saved-guest file: PATH or file:PATH (a regular file).
+    path: String,
     /// Threads reading in parallel.
     #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..=256))]
     channels: u16,
@@ -129,18 +130,23 @@ pub struct VerifyArgs {
 }
 
 pub fn verify(a: VerifyArgs) -> anyhow::Result<bool> {
+    let json = a.json;
+    crate::output::json_on_early_failure("verify", json, check(a))
+}
+
+fn check(a: VerifyArgs) -> anyhow::Result<bool> {
+    let path = file_path(&a.path)?;
     let opts = FileOptions {
         channels: a.channels,
         ..Default::default()
     };
     let progress = Arc::new(Progress::default());
     let view = ProgressView::start_for(progress.clone(), !a.json, "file");
-    let result = restore_from_file(&a.path, &RestoreTarget::Anonymous, &opts, &progress);
+    let result = verify_file(&path, &opts, &progress);
     drop(view);
     match result {
-        Ok(mut r) => {
-            r.summary.digest = Some(r.memory.digest().to_string());
-            print_file_summary("verify", &r.summary, a.json);
+        Ok(summary) => {
+            print_file_summary("verify", &summary, a.json);
             if !a.json {
                 eprintln!("ferry verify: OK: every checksum holds");
             }

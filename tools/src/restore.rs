@@ -15,7 +15,7 @@ use ferry::{
 };
 
 use crate::output::{print_file_summary, ProgressView};
-use crate::save::file_uri;
+use crate::save::file_path;
 
 /// Restore a guest saved by `ferry save`.
 ///
@@ -26,14 +26,18 @@ use crate::save::file_uri;
 /// if everything checked; the digest printed then equals the save's.
 #[derive(Args)]
 pub struct RestoreArgs {
-    /// The saved guest: file:PATH.
+    /// The saved guest: PATH or file:PATH.
     #[arg(long)]
     from: String,
-    /// Keep the restored RAM in this file (created or truncated; runs of
-    /// zero pages of 256 KiB or more stay holes; removed if the restore
-    /// fails). Several blocks: one file per block, FILE.NAME as for `ferry
-    /// recv --ram-out`. Never the saved file itself. Default: anonymous
-    /// memory.
+    /// Keep the restored RAM in this file: written under a hidden
+    /// temporary name beside it and moved into place only once every page
+    /// is in and checked, so a failed restore leaves nothing and changes
+    /// nothing there; a file already there is replaced whole, a symbolic
+    /// link, directory, FIFO or device there is refused. The file is
+    /// sparse: zero pages stay holes, but for runs shorter than 256 KiB
+    /// between present pages (read across, as zeros). Several blocks: one file per block, FILE.NAME as for
+    /// `ferry recv --ram-out`. Never the saved file itself. Default:
+    /// anonymous memory.
     #[arg(long)]
     ram_out: Option<PathBuf>,
     /// Write the restored device state to this file.
@@ -77,7 +81,7 @@ pub fn run(a: RestoreArgs) -> anyhow::Result<bool> {
 }
 
 fn restore(a: RestoreArgs) -> anyhow::Result<bool> {
-    let path = file_uri(&a.from)?;
+    let path = file_path(&a.from)?;
     let target = a
         .ram_out
         .clone()
@@ -170,8 +174,9 @@ fn report_lazy(result: Result<LazyRestored, FileFailed>, a: &RestoreArgs) -> any
 }
 
 /// Reports a finished restore: the digests of the memory it holds (when
-/// given), the device state written where --device-state-out says, the
-/// summary.
+/// given; the restore's own digest, which touched only present pages, if
+/// it took one), the device state written where --device-state-out says,
+/// the summary.
 fn report_restored(
     summary: &mut FileSummary,
     memory: Option<&GuestMemory>,
@@ -179,16 +184,26 @@ fn report_restored(
     a: &RestoreArgs,
 ) -> anyhow::Result<bool> {
     if let Some(m) = memory {
-        let digest = m.digest();
+        let digest = match summary.digest.as_deref().map(parse_digest) {
+            Some(Some(d)) => d,
+            _ => m.digest(),
+        };
         summary.digest = Some(digest.to_string());
         summary.switchover_digest =
             Some(Digest::with_device_state(digest, device_state).to_string());
+    } else {
+        summary.digest = None;
     }
     if let Some(p) = &a.device_state_out {
         std::fs::write(p, device_state).with_context(|| format!("writing {}", p.display()))?;
     }
     print_file_summary("restore", summary, a.json);
     Ok(true)
+}
+
+/// A digest as [`Digest`] prints it (32 hex digits).
+fn parse_digest(s: &str) -> Option<Digest> {
+    u128::from_str_radix(s, 16).ok().map(Digest)
 }
 
 fn report_failed(f: &FileFailed, a: &RestoreArgs) -> anyhow::Result<bool> {

@@ -9,15 +9,23 @@ use std::time::Duration;
 use anyhow::bail;
 use clap::Args;
 use ferry::{
-    restore_from_file, save_background, save_live_to_file, save_to_file, BackgroundOptions, Digest,
-    FileOptions, FileSummary, LiveOptions, Progress, Resources, RestoreTarget, SaveOptions,
+    save_background, save_live_to_file, save_to_file, verify_file, BackgroundOptions, FileOptions,
+    FileSummary, LiveOptions, Progress, Resources, SaveOptions,
 };
+use ferry_ram::mapped::open_regular;
 
 use crate::guest_args::{GuestArgs, GuestKind};
 use crate::output::{print_file_summary, ProgressView};
 use crate::units::parse_size;
 
 /// Save a guest to a saved-guest file.
+///
+/// The file is written beside its target under a hidden name
+/// (.NAME.partial-PID) and renamed into place once complete, so a failed
+/// or cancelled save leaves no file of its own and any older file intact.
+/// A partial file that a killed save left beside the target is removed by
+/// the next save to it (and named in its note); one whose save may still
+/// run is named in the error.
 ///
 /// K threads, each with its own io_uring, write every non-zero page at its
 /// fixed place in the file (page i of a block at pages_offset + i × page
@@ -56,7 +64,9 @@ pub struct SaveArgs {
     /// --digest-at-pause or a live save, fail if it differs.
     #[arg(long)]
     verify_digest: bool,
-    /// Where to save: file:PATH (created or replaced).
+    /// Where to save: PATH or file:PATH (created, or replaced once the save
+    /// is complete; a symbolic link, directory, FIFO or device there is
+    /// refused).
     #[arg(long)]
     to: String,
     /// Threads writing in parallel, each with its own io_uring.
@@ -82,12 +92,29 @@ pub struct SaveArgs {
     json: bool,
 }
 
-/// The path of a `file:PATH` URI.
-pub fn file_uri(uri: &str) -> anyhow::Result<PathBuf> {
-    match uri.strip_prefix("file:") {
-        Some(p) if !p.is_empty() => Ok(PathBuf::from(p)),
-        _ => bail!("'{uri}' is not a file URI (expected file:PATH)"),
+/// Migration URIs of kinds other than a file: an argument starting with
+/// one of these is refused rather than taken for a file's name.
+const OTHER_SCHEMES: [&str; 7] = ["tcp:", "unix:", "tls:", "exec:", "fd:", "rdma:", "vsock:"];
+
+/// The path a saved-guest argument names: PATH, or file:PATH as a
+/// migration URI writes it (every file command takes both).
+pub fn file_path(arg: &str) -> anyhow::Result<PathBuf> {
+    if let Some(p) = arg.strip_prefix("file:") {
+        if p.is_empty() {
+            bail!("'{arg}' names no file (expected PATH or file:PATH)");
+        }
+        return Ok(PathBuf::from(p));
     }
+    if let Some(scheme) = OTHER_SCHEMES.iter().find(|s| arg.starts_with(*s)) {
+        bail!(
+            "'{arg}' is a {} URI, not a file: file commands take PATH or file:PATH (for a file whose name starts with '{scheme}', write ./{arg})",
+            scheme.trim_end_matches(':')
+        );
+    }
+    if arg.is_empty() {
+        bail!("an empty path (expected PATH or file:PATH)");
+    }
+    Ok(PathBuf::from(arg))
 }
 
 pub fn run(a: SaveArgs) -> anyhow::Result<bool> {
@@ -96,8 +123,17 @@ pub fn run(a: SaveArgs) -> anyhow::Result<bool> {
 }
 
 fn save(a: SaveArgs) -> anyhow::Result<bool> {
-    let path = file_uri(&a.to)?;
+    let path = file_path(&a.to)?;
     if let Some(ram) = &a.guest.ram {
+        // Checked here, before the guest maps it: opening a FIFO or a
+        // device to map would block or make no sense.
+        open_regular(
+            ram,
+            std::fs::File::options().read(true),
+            0,
+            "opening the guest's RAM file",
+            "--ram takes a regular file (e.g. one `ferry gen` wrote)",
+        )?;
         refuse_same_file(ram, &path)?;
     }
     let guest = a.guest.build(Resources::none(true))?;
@@ -107,6 +143,7 @@ fn save(a: SaveArgs) -> anyhow::Result<bool> {
             direct_io: a.direct_io,
             queue_depth: a.queue_depth,
             hole_min: a.hole_min,
+            ..Default::default()
         },
         sync: !a.no_sync,
     };
@@ -144,19 +181,22 @@ fn save(a: SaveArgs) -> anyhow::Result<bool> {
     Ok(ok)
 }
 
-/// Restores the saved file into fresh memory and compares its digest with
-/// the one taken at the pause (live: switchover; background: if asked).
+/// Reads the saved file back as a restore would (`ferry verify`) and
+/// compares the digest of the memory and device state it holds with the
+/// one taken at the pause (live: switchover; background: if asked).
 fn verify_digest(path: &Path, opts: &FileOptions, s: &mut FileSummary) -> anyhow::Result<bool> {
     let progress = Progress::default();
-    let r = match restore_from_file(path, &RestoreTarget::Anonymous, opts, &progress) {
-        Ok(r) => r,
+    let restored = match verify_file(path, opts, &progress) {
+        Ok(v) => v.switchover_digest.unwrap_or_default(),
         Err(f) => {
             s.status = "failed";
-            s.error = Some(format!("restoring the saved file to check it: {}", f.error));
+            s.error = Some(format!(
+                "reading the saved file back to check it: {}",
+                f.error
+            ));
             return Ok(false);
         }
     };
-    let restored = Digest::of_guest(&r.memory, &r.device_state).to_string();
     let expected = s.digest_at_pause.clone().or(s.switchover_digest.clone());
     s.file_digest = Some(restored.clone());
     if let Some(e) = expected {

@@ -4,7 +4,9 @@
 //! of damage to a saved file must end in a clear error naming what is
 //! wrong and where, a non-zero exit, and nothing reported as restored.
 //!
-//! Every child runs under a deadline and must not panic.
+//! Every child runs under a deadline and must not panic. Save and restore
+//! take the saved file as PATH or file:PATH, inspect and verify too: the
+//! tests use both.
 
 use std::fs::{self, File};
 use std::os::unix::fs::FileExt;
@@ -26,6 +28,14 @@ struct Done {
 
 /// Runs `ferry args…` to the end (killed at the deadline), output captured in files.
 fn ferry(dir: &Path, args: &[&str]) -> Done {
+    ferry_measured(dir, args).0
+}
+
+/// [`ferry`], also returning the child's peak resident memory in KiB (its
+/// own, from wait4: not any other child's) and how long it ran.
+// The child is reaped by wait4 (for its rusage), not by Child::wait.
+#[allow(clippy::zombie_processes)]
+fn ferry_measured(dir: &Path, args: &[&str]) -> (Done, u64, Duration) {
     let out = dir.join("stdout");
     let err = dir.join("stderr");
     let mut child = Command::new(env!("CARGO_BIN_EXE_ferry"))
@@ -37,9 +47,16 @@ fn ferry(dir: &Path, args: &[&str]) -> Done {
         .spawn()
         .unwrap();
     let t = Instant::now();
-    let status = loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            break s;
+    let pid = child.id() as libc::pid_t;
+    let (status, max_rss_kib) = loop {
+        let mut status = 0;
+        // SAFETY: an all-zero rusage is a valid value to be overwritten.
+        let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+        // SAFETY: wait4 on our own child, writing into the two locals.
+        let r = unsafe { libc::wait4(pid, &mut status, libc::WNOHANG, &mut usage) };
+        assert!(r >= 0, "wait4: {}", std::io::Error::last_os_error());
+        if r == pid {
+            break (status, usage.ru_maxrss as u64);
         }
         if t.elapsed() > DEADLINE {
             let _ = child.kill();
@@ -47,8 +64,9 @@ fn ferry(dir: &Path, args: &[&str]) -> Done {
         }
         std::thread::sleep(Duration::from_millis(10));
     };
+    let elapsed = t.elapsed();
     let d = Done {
-        ok: status.success(),
+        ok: libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
         stdout: fs::read_to_string(&out).unwrap(),
         stderr: fs::read_to_string(&err).unwrap(),
     };
@@ -57,7 +75,7 @@ fn ferry(dir: &Path, args: &[&str]) -> Done {
         "ferry {args:?} panicked:\n{}",
         d.stderr
     );
-    d
+    (d, max_rss_kib, elapsed)
 }
 
 fn json(d: &Done) -> Value {
@@ -100,8 +118,7 @@ fn saved(dir: &Path, mib: u64, extra: &[&str]) -> (PathBuf, PathBuf) {
     let ram = dir.join("guest.ram");
     let sav = dir.join("guest.ferry");
     gen_mixed(dir, &ram, mib, 7);
-    let to = format!("file:{}", s(&sav));
-    let mut args = vec!["save", "--ram", s(&ram), "--to", &to, "--json"];
+    let mut args = vec!["save", "--ram", s(&ram), "--to", s(&sav), "--json"];
     args.extend_from_slice(extra);
     let d = ferry(dir, &args);
     assert!(d.ok, "save failed: {}\n{}", d.stdout, d.stderr);
@@ -254,10 +271,10 @@ fn direct_io_on_tmpfs_completes_and_says_what_it_used() {
 /// every one of `needles`, print no digest, and leave no restored RAM behind.
 fn refused(dir: &Path, sav: &Path, needles: &[&str]) {
     let out = dir.join("restored.ram");
-    let from = format!("file:{}", s(sav));
+    let uri = format!("file:{}", s(sav));
     for args in [
-        vec!["restore", "--from", &from, "--ram-out", s(&out), "--json"],
-        vec!["verify", s(sav), "--json"],
+        vec!["restore", "--from", s(sav), "--ram-out", s(&out), "--json"],
+        vec!["verify", &uri, "--json"],
     ] {
         let d = ferry(dir, &args);
         assert!(!d.ok, "{args:?} succeeded on a bad file:\n{}", d.stdout);
@@ -281,7 +298,7 @@ fn refused(dir: &Path, sav: &Path, needles: &[&str]) {
         );
     }
     // Without --json too: the error goes to stderr and the exit status is 1.
-    let d = ferry(dir, &["restore", "--from", &from]);
+    let d = ferry(dir, &["restore", "--from", &uri]);
     assert!(!d.ok);
     assert!(d.stderr.contains("failed"), "{}", d.stderr);
 }
@@ -505,7 +522,8 @@ fn save_refuses_a_bad_target_and_leaves_nothing() {
         &["save", "--ram", s(&ram), "--to", "tcp:1.2.3.4:5", "--json"],
     );
     assert!(!d.ok);
-    assert!(json(&d)["error"].as_str().unwrap().contains("file:PATH"));
+    let e = json(&d)["error"].as_str().unwrap().to_string();
+    assert!(e.contains("tcp URI") && e.contains("file:PATH"), "{e}");
     let target = dir.path().join("no/such/dir/x.ferry");
     let to = format!("file:{}", s(&target));
     let d = ferry(
@@ -627,5 +645,302 @@ fn a_running_synthetic_guest_saves_live_and_in_the_background() {
         let v = json(&d);
         assert_eq!(v["status"], "completed");
         assert!(v["lazy"]["first_write_ms"].as_f64().unwrap() > 0.0, "{v}");
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Paths, files that are not regular, RAM files, partial files, huge guests
+// ---------------------------------------------------------------------------
+
+/// The hidden files in `dir` (partial saves, staged RAM files).
+fn hidden(dir: &Path) -> Vec<PathBuf> {
+    fs::read_dir(dir)
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with('.'))
+        .map(|e| e.path())
+        .collect()
+}
+
+fn mkfifo(path: &Path) {
+    let c = std::ffi::CString::new(s(path)).unwrap();
+    // SAFETY: mkfifo with a NUL-terminated path that outlives the call.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+}
+
+/// The error of a failed `--json` run.
+fn json_error(d: &Done, args: &[&str]) -> String {
+    assert!(!d.ok, "{args:?} succeeded:\n{}", d.stdout);
+    let v = json(d);
+    assert_eq!(v["status"], "failed", "{args:?}: {v}");
+    v["error"].as_str().unwrap().to_string()
+}
+
+/// Every file command takes the saved file as PATH or as file:PATH, with
+/// the same result; other migration URIs and empty paths are refused.
+#[test]
+fn plain_paths_and_file_uris_are_alike() {
+    let dir = disk_dir();
+    let (_ram, sav) = saved(dir.path(), 2, &[]);
+    let uri = format!("file:{}", s(&sav));
+    let a = json(&ferry(dir.path(), &["inspect", s(&sav), "--json"]));
+    let b = json(&ferry(dir.path(), &["inspect", &uri, "--json"]));
+    assert_eq!(a["status"], "completed", "{a}");
+    assert_eq!(a, b);
+    let mut digests = Vec::new();
+    for args in [
+        ["verify", s(&sav), "--json"],
+        ["verify", &uri, "--json"],
+        ["restore", "--from", s(&sav)],
+        ["restore", "--from", &uri],
+    ] {
+        let mut args = args.to_vec();
+        args.push("--json");
+        args.dedup();
+        let v = json(&ferry(dir.path(), &args));
+        assert_eq!(v["status"], "completed", "{args:?}: {v}");
+        digests.push(v["digest"].as_str().unwrap().to_string());
+    }
+    assert!(digests.iter().all(|d| *d == digests[0]), "{digests:?}");
+    for (bad, says) in [("unix:/tmp/x", "unix URI"), ("file:", "names no file")] {
+        for args in [
+            vec!["restore", "--from", bad, "--json"],
+            vec!["verify", bad, "--json"],
+            vec!["inspect", bad, "--json"],
+        ] {
+            let e = json_error(&ferry(dir.path(), &args), &args);
+            assert!(e.contains(says) && e.contains("file:PATH"), "{args:?}: {e}");
+        }
+    }
+}
+
+/// A FIFO (which nobody writes: a reader would block for ever), a
+/// character device and a directory are each refused at once by every
+/// file command, as the saved file, the RAM to save, the save's target or
+/// the restore's RAM file, with an error naming the path and its kind;
+/// nothing is left behind.
+#[test]
+fn files_that_are_not_regular_are_refused_at_once() {
+    let dir = disk_dir();
+    let (ram, sav) = saved(dir.path(), 1, &[]);
+    let fifo = dir.path().join("fifo");
+    mkfifo(&fifo);
+    let sub = dir.path().join("sub");
+    fs::create_dir(&sub).unwrap();
+    let out = dir.path().join("out.ram");
+    for (p, kind) in [
+        (fifo.as_path(), "a FIFO"),
+        (Path::new("/dev/zero"), "a character device"),
+        (sub.as_path(), "a directory"),
+    ] {
+        let expect = format!("{} is {kind}, not a regular file", s(p));
+        let uri = format!("file:{}", s(p));
+        for args in [
+            vec!["inspect", s(p), "--json"],
+            vec!["verify", &uri, "--json"],
+            vec!["restore", "--from", s(p), "--json"],
+            vec!["restore", "--from", s(p), "--ram-out", s(&out), "--json"],
+            vec!["save", "--ram", s(p), "--to", s(&out), "--json"],
+            vec!["save", "--ram", s(&ram), "--to", s(p), "--json"],
+            vec!["restore", "--from", s(&sav), "--ram-out", s(p), "--json"],
+        ] {
+            let e = json_error(&ferry(dir.path(), &args), &args);
+            assert!(e.contains(&expect), "{args:?}: {e}");
+            assert!(!out.exists(), "{args:?} left {}", out.display());
+        }
+    }
+    use std::os::unix::fs::FileTypeExt;
+    assert!(fs::symlink_metadata(&fifo).unwrap().file_type().is_fifo());
+    assert!(fs::metadata(&sub).unwrap().is_dir());
+    assert!(hidden(dir.path()).is_empty(), "{:?}", hidden(dir.path()));
+}
+
+/// `restore --ram-out` never writes through a symbolic link (refused, its
+/// target untouched), and replaces a file there only with a complete
+/// restore: one that fails leaves the old file as it was and nothing
+/// beside it.
+#[test]
+fn ram_out_refuses_a_symlink_and_replaces_a_file_only_when_complete() {
+    let dir = disk_dir();
+    let (ram, sav) = saved(dir.path(), 4, &[]);
+    let precious = dir.path().join("precious");
+    fs::write(&precious, b"not RAM").unwrap();
+    let link = dir.path().join("link.ram");
+    std::os::unix::fs::symlink(&precious, &link).unwrap();
+    let args = [
+        "restore",
+        "--from",
+        s(&sav),
+        "--ram-out",
+        s(&link),
+        "--json",
+    ];
+    let e = json_error(&ferry(dir.path(), &args), &args);
+    assert!(
+        e.contains(&format!(
+            "{} is a symbolic link, not a regular file",
+            s(&link)
+        )),
+        "{e}"
+    );
+    assert_eq!(fs::read(&precious).unwrap(), b"not RAM");
+    assert!(fs::symlink_metadata(&link)
+        .unwrap()
+        .file_type()
+        .is_symlink());
+
+    // A damaged saved file: the restore fails and the old RAM file stays.
+    let out = dir.path().join("out.ram");
+    fs::write(&out, b"old RAM").unwrap();
+    let at = layout(&sav).blocks[0].page_file_offset(5) + 1;
+    flip(&sav, at);
+    let args = ["restore", "--from", s(&sav), "--ram-out", s(&out), "--json"];
+    let e = json_error(&ferry(dir.path(), &args), &args);
+    assert!(e.contains("checksum mismatch"), "{e}");
+    assert_eq!(fs::read(&out).unwrap(), b"old RAM");
+    assert!(hidden(dir.path()).is_empty(), "{:?}", hidden(dir.path()));
+
+    // Whole again: the restore replaces the old file with the RAM.
+    flip(&sav, at);
+    let d = ferry(dir.path(), &args);
+    assert!(d.ok, "{}\n{}", d.stdout, d.stderr);
+    assert!(fs::read(&out).unwrap() == fs::read(&ram).unwrap());
+    assert!(hidden(dir.path()).is_empty(), "{:?}", hidden(dir.path()));
+}
+
+/// A hidden partial file left by a save that was killed (its process is
+/// gone) is removed by the next save to that path, which names it.
+#[test]
+fn the_next_save_removes_a_killed_saves_partial_file_and_names_it() {
+    let dir = disk_dir();
+    let ram = dir.path().join("g.ram");
+    gen_mixed(dir.path(), &ram, 1, 5);
+    let sav = dir.path().join("g.ferry");
+    // No process has a PID above the kernel's limit.
+    let pid_max: u64 = fs::read_to_string("/proc/sys/kernel/pid_max")
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let stale = dir.path().join(format!(".g.ferry.partial-{}", pid_max + 1));
+    File::create(&stale).unwrap().set_len(1 << 30).unwrap();
+    let to = format!("file:{}", s(&sav));
+    let d = ferry(
+        dir.path(),
+        &["save", "--ram", s(&ram), "--to", &to, "--json"],
+    );
+    assert!(d.ok, "{}\n{}", d.stdout, d.stderr);
+    let note = json(&d)["note"].as_str().unwrap_or_default().to_string();
+    assert!(note.contains(s(&stale)), "{note}");
+    assert!(!stale.exists());
+    assert!(hidden(dir.path()).is_empty(), "{:?}", hidden(dir.path()));
+}
+
+/// Writes a saved guest of one 4 KiB-page block of `len` bytes whose only
+/// present pages are a few spread over it (each filled with one byte
+/// value), without ever holding `len` bytes: its bitmap, checksums and
+/// header as a save writes them. Returns the file and (page, byte) pairs.
+fn huge_sparse_file(dir: &Path, len: u64) -> (PathBuf, Vec<(u64, u8)>) {
+    use ferry_ram::mapped::{region_checksum, write_metadata, zero_checksum};
+    let specs = [ferry_ram::BlockSpec {
+        name: "ram".into(),
+        len,
+        page_size: 4096,
+    }];
+    let device_state = b"huge sparse guest".to_vec();
+    let mut layout = FileLayout::plan(&specs, device_state.len() as u64).unwrap();
+    let path = dir.join("huge.ferry");
+    let f = File::create(&path).unwrap();
+    f.set_len(layout.file_len).unwrap();
+    let total = len / 4096;
+    let pages: Vec<(u64, u8)> = [0, 1, 300, total / 2, total - 1]
+        .into_iter()
+        .zip(1u8..)
+        .collect();
+    let b = layout.blocks[0].clone();
+    let rs = u64::from(layout.region_size);
+    let mut bitmap = vec![0u64; (b.bitmap_len() / 8) as usize];
+    let mut sums = vec![zero_checksum(rs); b.regions(layout.region_size) as usize];
+    for &(p, byte) in &pages {
+        bitmap[(p / 64) as usize] |= 1 << (p % 64);
+        f.write_all_at(&[byte; 4096], b.page_file_offset(p))
+            .unwrap();
+    }
+    for &(p, _) in &pages {
+        let r = p * 4096 / rs;
+        let mut region = vec![0u8; rs as usize];
+        for &(q, byte) in pages.iter().filter(|(q, _)| q * 4096 / rs == r) {
+            let at = (q * 4096 - r * rs) as usize;
+            region[at..at + 4096].fill(byte);
+        }
+        sums[r as usize] = region_checksum(&region);
+    }
+    write_metadata(&f, &path, &mut layout, &[bitmap], &[sums], &device_state).unwrap();
+    (path, pages)
+}
+
+/// A saved guest whose header announces 256 GiB of RAM but holds five
+/// pages: verify, restore into a RAM file, and inspect each take the
+/// memory (and time) of those pages, not of 256 GiB. The RAM file is
+/// sparse and holds the pages where they belong; restore and verify agree
+/// on the digest. A restore into anonymous memory either does the same or,
+/// where 256 GiB cannot be mapped, fails at once saying to use --ram-out.
+/// Times are printed, not asserted (the deadline is the hang guard).
+#[test]
+fn a_huge_sparse_guest_costs_only_its_present_pages() {
+    const MAX_RSS_KIB: u64 = 200 << 10;
+    let dir = disk_dir();
+    let (sav, pages) = huge_sparse_file(dir.path(), 256 << 30);
+    let out = dir.path().join("out.ram");
+    let run = |args: &[&str]| {
+        let (d, rss_kib, t) = ferry_measured(dir.path(), args);
+        eprintln!(
+            "ferry {}: {:.3} s, peak RSS {} KiB, ok: {}",
+            args[..args.len() - 1].join(" "),
+            t.as_secs_f64(),
+            rss_kib,
+            d.ok
+        );
+        assert!(
+            rss_kib < MAX_RSS_KIB,
+            "ferry {args:?} peaked at {rss_kib} KiB"
+        );
+        d
+    };
+    let d = run(&["verify", s(&sav), "--json"]);
+    assert!(d.ok, "{}\n{}", d.stdout, d.stderr);
+    let v = json(&d);
+    assert_eq!(v["pages_normal"], pages.len() as u64);
+    assert_eq!(v["ram_bytes"], 256u64 << 30);
+
+    let d = run(&["restore", "--from", s(&sav), "--ram-out", s(&out), "--json"]);
+    assert!(d.ok, "{}\n{}", d.stdout, d.stderr);
+    let r = json(&d);
+    assert_eq!(r["digest"], v["digest"]);
+    assert_eq!(r["pages_normal"], pages.len() as u64);
+    assert_eq!(r["pages_zero"], (256u64 << 30) / 4096 - pages.len() as u64);
+    let f = File::open(&out).unwrap();
+    let md = f.metadata().unwrap();
+    assert_eq!(md.len(), 256 << 30);
+    let disk = std::os::unix::fs::MetadataExt::blocks(&md) * 512;
+    assert!(disk < 16 * MIB, "the RAM file takes {disk} bytes on disk");
+    for (p, byte) in pages.iter().copied() {
+        let mut b = [0u8; 4096];
+        f.read_exact_at(&mut b, p * 4096).unwrap();
+        assert!(b.iter().all(|&x| x == byte), "page {p}");
+    }
+    drop(f);
+    fs::remove_file(&out).unwrap();
+
+    let d = run(&["inspect", s(&sav), "--json"]);
+    assert!(d.ok, "{}", d.stderr);
+    assert_eq!(json(&d)["pages_present"], pages.len() as u64);
+
+    let d = run(&["restore", "--from", s(&sav), "--json"]);
+    if d.ok {
+        assert_eq!(json(&d)["digest"], v["digest"]);
+    } else {
+        let e = json(&d)["error"].as_str().unwrap().to_string();
+        assert!(e.contains("--ram-out"), "{e}");
     }
 }
