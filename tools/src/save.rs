@@ -36,15 +36,24 @@ use crate::units::parse_size;
 pub struct SaveArgs {
     #[command(flatten)]
     guest: GuestArgs,
-    /// Live save: pause once what is left would be written within this
-    /// many milliseconds.
-    #[arg(long, default_value_t = 300)]
-    downtime_limit: u64,
-    /// Live save: pause after this many passes whatever is left.
-    #[arg(long, default_value_t = 10)]
+    /// Live save (synthetic guest, without --background): pause once what
+    /// is left would be written within this long: 300ms, 1.5s...; a bare
+    /// number is milliseconds.
+    #[arg(
+        long,
+        default_value = "300ms",
+        value_parser = crate::units::parse_millis,
+        allow_negative_numbers = true,
+        conflicts_with = "background"
+    )]
+    downtime_limit: Duration,
+    /// Live save (synthetic guest, without --background): pause after this
+    /// many passes whatever is left.
+    #[arg(long, default_value_t = 10, conflicts_with = "background")]
     max_passes: u64,
-    /// Background snapshot: the guest runs on while its memory is written
-    /// as it was at the start (userfaultfd write-protect, synchronous mode).
+    /// Background snapshot (synthetic guest): the guest runs on while its
+    /// memory is written as it was at the start (userfaultfd write-protect,
+    /// synchronous mode).
     #[arg(long)]
     background: bool,
     /// Background snapshot: also take the digest of memory at the pause
@@ -120,7 +129,7 @@ fn save(a: SaveArgs) -> anyhow::Result<bool> {
         save_background(&*guest, &path, &opts, &bg, &progress)
     } else if running {
         let live = LiveOptions {
-            downtime_limit: Duration::from_millis(a.downtime_limit),
+            downtime_limit: a.downtime_limit,
             max_passes: a.max_passes,
         };
         save_live_to_file(&*guest, &path, &opts, &live, &progress)
