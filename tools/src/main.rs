@@ -20,6 +20,7 @@ mod recv;
 mod restore;
 mod save;
 mod send;
+mod signals;
 mod units;
 
 use std::process::ExitCode;
@@ -66,6 +67,12 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let cli = parse_cli();
+    if matches!(
+        cli.command,
+        Command::Send(_) | Command::Recv(_) | Command::Save(_)
+    ) {
+        signals::install();
+    }
     let result = match cli.command {
         Command::Gen(a) => gen::run(a),
         Command::Send(a) => send::run(a),

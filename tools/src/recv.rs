@@ -115,6 +115,7 @@ fn migrate(a: RecvArgs) -> anyhow::Result<bool> {
         compression: a.compress.as_deref().map(|c| c == "zstd"),
     };
     let progress = Arc::new(Progress::default());
+    crate::signals::cancel_on_signal(&progress);
     let control = match &a.control {
         Some(p) => Some(ControlServer::start(p, progress.clone())?),
         None => None,

@@ -120,6 +120,8 @@ fn save(a: SaveArgs) -> anyhow::Result<bool> {
         sync: !a.no_sync,
     };
     let progress = Arc::new(Progress::default());
+    // A second Ctrl-C exits at once: leave no unfinished file behind.
+    crate::signals::cancel_save_on_signal(&progress, partial_path(&path));
     let view = ProgressView::start_for(progress.clone(), !a.json, "file");
     let running = a.guest.guest == GuestKind::Synthetic;
     let result = if a.background {
@@ -141,6 +143,9 @@ fn save(a: SaveArgs) -> anyhow::Result<bool> {
         Ok(s) => (s, true),
         Err(f) => (*f.summary, false),
     };
+    if ok && progress.cancel_requested() && !a.json {
+        eprintln!("ferry save: the save completed before the cancel took effect");
+    }
     // Memory still equals the file's unless the guest runs on (background).
     if ok && !a.background {
         summary.digest = Some(guest.memory().digest().to_string());
@@ -178,6 +183,15 @@ fn verify_digest(path: &Path, opts: &FileOptions, s: &mut FileSummary) -> anyhow
         }
     }
     Ok(true)
+}
+
+/// Where the save writes until it is complete: `.NAME.partial-PID` beside
+/// the target (as the controller's snapshot module names it).
+fn partial_path(path: &Path) -> PathBuf {
+    let name = path
+        .file_name()
+        .map_or_else(|| "guest".into(), |n| n.to_string_lossy().into_owned());
+    path.with_file_name(format!(".{name}.partial-{}", std::process::id()))
 }
 
 /// Saving a RAM file onto itself would destroy it before it is read.

@@ -162,6 +162,7 @@ fn migrate(a: SendArgs) -> anyhow::Result<bool> {
         max_passes: a.max_passes,
         ..Default::default()
     }));
+    crate::signals::cancel_on_signal(&progress);
     let control = match &a.control {
         Some(p) => Some(ControlServer::start(p, progress.clone())?),
         None => None,
