@@ -21,8 +21,8 @@ pub struct CertsArgs {
     /// senders will write them in --to; repeat or list several.
     #[arg(long, num_args = 1.., required = true)]
     host: Vec<String>,
-    /// Days the certificates stay valid.
-    #[arg(long, default_value_t = 365)]
+    /// Days the certificates stay valid (1 to 36500).
+    #[arg(long, default_value_t = 365, value_parser = clap::value_parser!(u32).range(1..=36500))]
     days: u32,
 }
 

@@ -24,7 +24,7 @@ pub struct DemoArgs {
     #[arg(long, default_value = "256M", value_parser = parse_size)]
     size: u64,
     /// Number of multifd channels.
-    #[arg(long, default_value_t = 2)]
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..=256))]
     channels: u16,
     /// Print the two sides' summaries as JSON lines.
     #[arg(long)]

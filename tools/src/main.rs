@@ -21,11 +21,13 @@ mod recv;
 mod restore;
 mod save;
 mod send;
+mod signals;
 mod units;
 
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::error::ErrorKind;
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 
 #[derive(Parser)]
 #[command(
@@ -65,7 +67,13 @@ fn main() -> ExitCode {
         .with_env_filter(tracing_subscriber::EnvFilter::from_env("FERRY_LOG"))
         .with_writer(std::io::stderr)
         .init();
-    let cli = Cli::parse();
+    let cli = parse_cli();
+    if matches!(
+        cli.command,
+        Command::Send(_) | Command::Recv(_) | Command::Save(_)
+    ) {
+        signals::install();
+    }
     let result = match cli.command {
         Command::Gen(a) => gen::run(a),
         Command::Send(a) => send::run(a),
@@ -87,4 +95,18 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// The command line, with the checks clap cannot express (an option that
+/// the chosen guest kind would ignore) made usage errors like clap's own.
+fn parse_cli() -> Cli {
+    let mut cmd = Cli::command();
+    let matches = cmd.get_matches_mut();
+    if let Some((name, sub)) = matches.subcommand() {
+        if let Err(msg) = guest_args::check_kind_options(name, sub) {
+            let mut sub_cmd = cmd.find_subcommand(name).cloned().unwrap_or(cmd);
+            sub_cmd.error(ErrorKind::ArgumentConflict, msg).exit();
+        }
+    }
+    Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit())
 }

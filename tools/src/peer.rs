@@ -17,7 +17,7 @@ pub struct PeerArgs {
 }
 
 fn parse_peer_timeout(s: &str) -> Result<Duration, String> {
-    let d = crate::units::parse_duration(s)?;
+    let d = crate::units::parse_duration(s, crate::units::BareUnit::Seconds)?;
     if d < Duration::from_millis(100) {
         return Err(format!(
             "'{s}': the peer timeout must be at least 100ms (heartbeats go out four times per timeout)"

@@ -51,10 +51,11 @@ pub struct RecvArgs {
     /// Open a control socket (QMP-shaped JSON lines) here; see `ferry ctl`.
     #[arg(long)]
     control: Option<PathBuf>,
-    /// Keep a migrated synthetic guest running this many seconds, then
-    /// report how far its workload went on from where the source stopped.
-    #[arg(long)]
-    run_after: Option<f64>,
+    /// Keep a migrated synthetic guest running this long (2s, 500ms, 1m; a
+    /// bare number is seconds), then report how far its workload went on
+    /// from where the source stopped. An image guest has no workload.
+    #[arg(long, value_parser = crate::units::parse_secs, allow_negative_numbers = true)]
+    run_after: Option<Duration>,
     /// Lock files standing for the guest's shared resources: taken when the
     /// guest starts here (fails if the source still holds them). Repeatable.
     #[arg(long)]
@@ -63,9 +64,10 @@ pub struct RecvArgs {
     /// (it counts in the downtime: about 0.1 s per GiB).
     #[arg(long)]
     no_digest: bool,
-    /// Give up if no source connects within this many seconds (default: wait for ever).
-    #[arg(long)]
-    timeout: Option<f64>,
+    /// Give up if no source connects within this long (30s, 500ms, 2m; a
+    /// bare number is seconds; more than 0). Default: wait for ever.
+    #[arg(long, value_parser = crate::units::parse_timeout, allow_negative_numbers = true)]
+    timeout: Option<Duration>,
     /// Socket receive buffer size (SO_RCVBUF), e.g. 4M; default: kernel autotuning.
     #[arg(long, value_parser = parse_size)]
     socket_buffer: Option<u64>,
@@ -126,7 +128,7 @@ fn migrate(a: RecvArgs) -> anyhow::Result<bool> {
             .clone()
             .map_or(DestinationMemory::Anonymous, DestinationMemory::Files),
         accept: AcceptOptions {
-            first_timeout: a.timeout.map(Duration::from_secs_f64),
+            first_timeout: a.timeout,
             ..Default::default()
         },
         build_guest: guest_builder(&a.lock),
@@ -143,6 +145,7 @@ fn migrate(a: RecvArgs) -> anyhow::Result<bool> {
             .map(|p| Arc::new(move |state: &[u8]| write_replacing(&p, state)) as ferry::KeepHook),
     };
     let progress = Arc::new(Progress::default());
+    crate::signals::cancel_on_signal(&progress);
     let control = match &a.control {
         Some(p) => Some(ControlServer::start(p, progress.clone())?),
         None => None,
@@ -163,9 +166,9 @@ fn migrate(a: RecvArgs) -> anyhow::Result<bool> {
     drop((control, metrics));
     match result {
         Ok(mut outcome) => {
-            if let Some(secs) = a.run_after {
+            if let Some(after) = crate::guest_args::run_after(a.run_after, &outcome.device_state) {
                 outcome.summary.workload =
-                    run_workload(&*outcome.guest, &outcome.device_state, secs)?;
+                    run_workload(&*outcome.guest, &outcome.device_state, after.as_secs_f64())?;
             }
             outcome.guest.pause()?;
             outcome.summary.digest = Some(outcome.memory.digest().to_string());

@@ -44,15 +44,24 @@ use crate::units::parse_size;
 pub struct SaveArgs {
     #[command(flatten)]
     guest: GuestArgs,
-    /// Live save: pause once what is left would be written within this
-    /// many milliseconds.
-    #[arg(long, default_value_t = 300)]
-    downtime_limit: u64,
-    /// Live save: pause after this many passes whatever is left.
-    #[arg(long, default_value_t = 10)]
+    /// Live save (synthetic guest, without --background): pause once what
+    /// is left would be written within this long: 300ms, 1.5s...; a bare
+    /// number is milliseconds.
+    #[arg(
+        long,
+        default_value = "300ms",
+        value_parser = crate::units::parse_millis,
+        allow_negative_numbers = true,
+        conflicts_with = "background"
+    )]
+    downtime_limit: Duration,
+    /// Live save (synthetic guest, without --background): pause after this
+    /// many passes whatever is left.
+    #[arg(long, default_value_t = 10, conflicts_with = "background")]
     max_passes: u64,
-    /// Background snapshot: the guest runs on while its memory is written
-    /// as it was at the start (userfaultfd write-protect, synchronous mode).
+    /// Background snapshot (synthetic guest): the guest runs on while its
+    /// memory is written as it was at the start (userfaultfd write-protect,
+    /// synchronous mode).
     #[arg(long)]
     background: bool,
     /// Background snapshot: also take the digest of memory at the pause
@@ -148,6 +157,8 @@ fn save(a: SaveArgs) -> anyhow::Result<bool> {
         sync: !a.no_sync,
     };
     let progress = Arc::new(Progress::default());
+    // A second Ctrl-C exits at once: leave no unfinished file behind.
+    crate::signals::cancel_save_on_signal(&progress, partial_path(&path));
     let view = ProgressView::start_for(progress.clone(), !a.json, "file");
     let running = a.guest.guest == GuestKind::Synthetic;
     let result = if a.background {
@@ -157,7 +168,7 @@ fn save(a: SaveArgs) -> anyhow::Result<bool> {
         save_background(&*guest, &path, &opts, &bg, &progress)
     } else if running {
         let live = LiveOptions {
-            downtime_limit: Duration::from_millis(a.downtime_limit),
+            downtime_limit: a.downtime_limit,
             max_passes: a.max_passes,
         };
         save_live_to_file(&*guest, &path, &opts, &live, &progress)
@@ -169,6 +180,9 @@ fn save(a: SaveArgs) -> anyhow::Result<bool> {
         Ok(s) => (s, true),
         Err(f) => (*f.summary, false),
     };
+    if ok && progress.cancel_requested() && !a.json {
+        eprintln!("ferry save: the save completed before the cancel took effect");
+    }
     // Memory still equals the file's unless the guest runs on (background).
     if ok && !a.background {
         summary.digest = Some(guest.memory().digest().to_string());
@@ -209,6 +223,15 @@ fn verify_digest(path: &Path, opts: &FileOptions, s: &mut FileSummary) -> anyhow
         }
     }
     Ok(true)
+}
+
+/// Where the save writes until it is complete: `.NAME.partial-PID` beside
+/// the target (as the controller's snapshot module names it).
+fn partial_path(path: &Path) -> PathBuf {
+    let name = path
+        .file_name()
+        .map_or_else(|| "guest".into(), |n| n.to_string_lossy().into_owned());
+    path.with_file_name(format!(".{name}.partial-{}", std::process::id()))
 }
 
 /// Saving a RAM file onto itself would destroy it before it is read.

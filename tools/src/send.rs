@@ -33,25 +33,32 @@ pub struct SendArgs {
     /// fd:N,M,...: inherited connected sockets, one per channel, main first.
     #[arg(long)]
     to: String,
-    /// Longest pause of the guest for the final pass, in milliseconds.
-    #[arg(long, default_value_t = 300)]
-    downtime_limit: u64,
-    /// Rate limit for the passes in bytes per second (e.g. 500M); 0: none.
+    /// Longest pause of the guest for the final pass: 300ms, 1.5s...; a
+    /// bare number is milliseconds. Synthetic guest only.
+    #[arg(
+        long,
+        default_value = "300ms",
+        value_parser = crate::units::parse_millis,
+        allow_negative_numbers = true
+    )]
+    downtime_limit: Duration,
+    /// Rate limit for the passes in bytes per second, with K/M/G suffixes
+    /// in powers of 1024 (e.g. 500M: 500 MiB/s); 0: none.
     #[arg(long, value_parser = parse_size, default_value = "0")]
     max_bandwidth: u64,
     /// Bandwidth to assume for the switchover decision instead of the
-    /// measured one (bytes per second); 0: measured.
+    /// measured one, in bytes per second (e.g. 1G); 0: measured.
     #[arg(long, value_parser = parse_size, default_value = "0")]
     avail_switchover_bandwidth: u64,
     /// Throttle the guest's vCPUs when passes stop shrinking (20%, then
-    /// +10% per pass that fails to shrink, up to 99%).
+    /// +10% per pass that fails to shrink, up to 99%). Synthetic guest only.
     #[arg(long)]
     auto_converge: bool,
     /// Wait in pre-switchover, guest paused, until `ferry ctl PATH continue`.
     #[arg(long)]
     pause_before_switchover: bool,
     /// Give up (status failed, guest keeps running) after this many passes
-    /// without converging; 0: never.
+    /// without converging; 0: never. Synthetic guest only.
     #[arg(long, default_value_t = 0)]
     max_passes: u64,
     /// Open a control socket (QMP-shaped JSON lines) here; see `ferry ctl`.
@@ -92,7 +99,8 @@ pub struct SendArgs {
     /// Packets prepared or in flight per channel.
     #[arg(long, default_value_t = 8)]
     inflight: usize,
-    /// Socket send buffer size (SO_SNDBUF), e.g. 4M; default: kernel autotuning.
+    /// Socket send buffer size (SO_SNDBUF), e.g. 4M (the kernel caps it
+    /// at net.core.wmem_max); default: kernel autotuning.
     #[arg(long, value_parser = parse_size)]
     socket_buffer: Option<u64>,
     /// TCP congestion control for the migration's sockets, or `system` for
@@ -158,7 +166,7 @@ fn migrate(a: SendArgs) -> anyhow::Result<bool> {
         ..Default::default()
     };
     let progress = Arc::new(Progress::with_parameters(Parameters {
-        downtime_limit: Duration::from_millis(a.downtime_limit),
+        downtime_limit: a.downtime_limit,
         max_bandwidth: a.max_bandwidth,
         avail_switchover_bandwidth: a.avail_switchover_bandwidth,
         auto_converge: a.auto_converge,
@@ -166,6 +174,7 @@ fn migrate(a: SendArgs) -> anyhow::Result<bool> {
         max_passes: a.max_passes,
         ..Default::default()
     }));
+    crate::signals::cancel_on_signal(&progress);
     let control = match &a.control {
         Some(p) => Some(ControlServer::start(p, progress.clone())?),
         None => None,
