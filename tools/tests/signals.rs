@@ -191,7 +191,6 @@ fn a_second_sigint_on_save_exits_at_once_leaving_no_partial_file() {
 }
 
 #[test]
-#[ignore = "needs the save cancel fix from helper-b: src/snapshot.rs does not look at progress.cancel() yet, so a save runs on after the first Ctrl-C"]
 fn sigint_on_save_cancels_it_and_leaves_no_partial_file() {
     let dir = tempfile::tempdir().unwrap();
     let save = start_endless_save(dir.path());
