@@ -179,6 +179,7 @@ pub fn migrate_in(
     );
     if let Err(e) = &result {
         progress.set_error(&e.to_string());
+        tracing::warn!("incoming migration did not complete: {e}");
     }
     progress.set_status(match (&result, cancelled) {
         (Ok(()), _) => Status::Completed,
@@ -230,6 +231,11 @@ fn run(
     progress.set_status(Status::Setup);
     summary.session = session.session.to_string();
     summary.channels = session.multifd.len() as u16;
+    tracing::info!(
+        session = %session.session,
+        "accepted a session: main and {} multifd channel(s)",
+        session.multifd.len()
+    );
     summary.wire_bytes +=
         (ferry_transport::HELLO_LEN as u64 + 8) * (session.multifd.len() as u64 + 1);
     summary.tls = listener.is_tls();
@@ -306,6 +312,13 @@ fn receive(
     }
     summary.compression = compressed.then(|| "zstd".to_string());
     check_limits(&setup, &opts.limits)?;
+    tracing::info!(
+        blocks = setup.blocks.len(),
+        bytes = setup.blocks.iter().map(|b| b.len).sum::<u64>(),
+        checksums = summary.checksum,
+        compressed,
+        "setup"
+    );
     let (memory, staged) = build_memory(&setup, &opts.memory)?;
     progress
         .total_ram_bytes
@@ -386,6 +399,7 @@ fn start_guest(
             });
         }
         summary.verified = Some(true);
+        tracing::info!(digest = %d, "memory and device state equal the source's");
         ours = Some(d.0);
     }
     progress.set_phase("resuming");
@@ -401,6 +415,7 @@ fn start_guest(
     summary.resume_ms = Some(t.elapsed().as_secs_f64() * 1e3);
     let resumed_at = crate::outgoing::unix_nanos();
     summary.guest_running = guest.is_running();
+    tracing::info!("the guest runs here");
     out.guest = Some(guest);
     summary.wire_bytes += main.send(&Message::Resumed {
         unix_nanos: resumed_at,
@@ -496,6 +511,7 @@ fn follow_main(
                     .map_err(|e| interrupted(inbox, pool, e))?;
                 last_pass = generation;
                 summary.passes = generation;
+                tracing::debug!(pass = generation, "pass landed on every channel");
                 if !acked {
                     // The first full pass is here: the source may switch over.
                     summary.wire_bytes += main.send(&Message::SwitchoverAck)?;

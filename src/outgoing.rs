@@ -133,6 +133,7 @@ pub fn migrate_out(
             };
         }
         progress.set_error(&e.to_string());
+        tracing::warn!("migration to {uri} did not complete: {e}");
     } else if let Some(log) = guest.dirty_log() {
         let _ = log.stop();
     }
@@ -253,6 +254,12 @@ impl Source<'_> {
         let (main, multifd) = open_session(self.uri, opts, session)?;
         self.summary.wire_bytes +=
             (ferry_transport::HELLO_LEN as u64 + 8) * (u64::from(opts.channels) + 1);
+        tracing::info!(
+            session = %session,
+            uri = %self.uri,
+            "connected: main and {} multifd channel(s)",
+            opts.channels
+        );
         let main = MainChannel::new(Arc::from(main), opts.peer_timeout)?;
         main.start_heartbeat(heartbeat_interval(opts.peer_timeout))?;
         let on_destination_failure = Arc::new(OnceLock::new());
@@ -279,7 +286,10 @@ impl Source<'_> {
             let _ = main.send(&Message::Cancel);
         }
         let destination_verifies = match reply? {
-            Message::SetupAck { verify } => verify,
+            Message::SetupAck { verify } => {
+                tracing::info!(verify, "setup acknowledged by the destination");
+                verify
+            }
             // The destination's text already says "setup refused: ...".
             Message::Shut { error: Some(e) } => {
                 let why = e.strip_prefix("setup refused: ").unwrap_or(&e);
@@ -391,12 +401,12 @@ impl Source<'_> {
                 f.precopy_bytes += pass.bytes;
             });
             self.progress.publish(Event::Pass(figures));
-            tracing::debug!(
+            tracing::info!(
                 pass = s.pool.generation(),
                 remaining,
                 threshold,
-                measured,
-                dirty,
+                bytes_per_second = measured,
+                dirty_pages = dirty,
                 "pass done"
             );
             if (remaining as f64) <= threshold || log.is_none() {
@@ -428,6 +438,10 @@ impl Source<'_> {
         pending: Arc<Vec<PageBitmap>>,
     ) -> Result<(), MigrationError> {
         let paused_at = Instant::now();
+        tracing::info!(
+            remaining = self.progress.figures().remaining_bytes,
+            "switchover: pausing the guest"
+        );
         self.guest.pause()?;
         if self.progress.parameters().pause_before_switchover {
             self.progress.set_status(Status::PreSwitchover);
@@ -498,6 +512,10 @@ impl Source<'_> {
                 digest: theirs,
             } => {
                 let downtime = paused_at.elapsed();
+                tracing::info!(
+                    downtime_ms = downtime.as_secs_f64() * 1e3,
+                    "the destination runs the guest"
+                );
                 self.progress.set_downtime(downtime);
                 self.summary.downtime_ms = Some(downtime.as_secs_f64() * 1e3);
                 self.summary.destination_resumed_at_unix = Some(unix_nanos as f64 / 1e9);

@@ -4,9 +4,11 @@
 //! migration), `ctl` (the control socket of a running send or recv), `save` /
 //! `restore` / `inspect` / `verify` (a guest in a file), `demo` (both ends
 //! over loopback, in one process), `bench` (ferry against QEMU and iperf3)
-//! and `certs` (TLS credentials for `--tls-dir`). Each prints a human
-//! summary, or one JSON object with `--json`; the exit status is 0 only for
-//! a completed run.
+//! `certs` (TLS credentials for `--tls-dir`), and `completions` / `man` (shell
+//! completions and manual pages made from this command line). Each prints a
+//! human summary, or one JSON object with `--json`; the exit status is 0 only
+//! for a completed run. `-v`/`-q` and `--log-format` set what is logged to
+//! stderr (see [`init_logging`]).
 
 mod bench;
 mod certs;
@@ -24,25 +26,48 @@ mod send;
 mod signals;
 mod units;
 
+use std::io::IsTerminal;
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::error::ErrorKind;
-use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
+use clap::{ArgAction, CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
 
 #[derive(Parser)]
 #[command(
     name = "ferry",
-    version,
+    version = concat!(env!("CARGO_PKG_VERSION"), " (commit ", env!("FERRY_GIT_COMMIT"), ")"),
     about = "Live-migration transport: moves a guest's memory over many parallel channels",
     long_about = "ferry moves the memory and device state of a guest to another process or host over \
                   K parallel channels (multifd), sending straight from guest memory with io_uring.\n\n\
                   Start `ferry recv` on the destination, then `ferry send` on the source. \
                   `ferry save` / `ferry restore` put a guest in a file and back. \
-                  `ferry demo` runs both ends over loopback; `ferry bench` measures ferry against QEMU and iperf3."
+                  `ferry demo` runs both ends over loopback; `ferry bench` measures ferry against QEMU and iperf3.\n\n\
+                  Logging goes to stderr: warnings and errors by default, more with -v (info: channels, \
+                  passes, switchover, failures; -vv: debug; -vvv: trace), only errors with -q. \
+                  FERRY_LOG (or RUST_LOG), in tracing's filter syntax (e.g. FERRY_LOG=ferry=debug), \
+                  overrides both. Colours only when stderr is a terminal.\n\n\
+                  Sizes are IEC (K, M, G, T: powers of 1024); durations take ms, s, m, h."
 )]
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// More log output on stderr: -v info, -vv debug, -vvv trace.
+    #[arg(short, long, global = true, action = ArgAction::Count)]
+    verbose: u8,
+    /// Only errors in the log (the summary is still printed).
+    #[arg(short, long, global = true, conflicts_with = "verbose")]
+    quiet: bool,
+    /// How log lines look: `text` for people, `json` (one object a line) for
+    /// log collectors.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Subcommand)]
@@ -58,16 +83,37 @@ enum Command {
     Bench(bench::BenchArgs),
     Ctl(ctl::CtlArgs),
     Certs(certs::CertsArgs),
+    Completions(CompletionsArgs),
+    Man(ManArgs),
+}
+
+/// Print a shell completion script for ferry on stdout.
+///
+/// For bash: `ferry completions bash > /etc/bash_completion.d/ferry` (or
+/// `source <(ferry completions bash)`); zsh: put `ferry completions zsh` in a
+/// file named `_ferry` on $fpath.
+#[derive(clap::Args)]
+struct CompletionsArgs {
+    shell: clap_complete::Shell,
+}
+
+/// Print ferry's manual page (roff) on stdout, or write one page per
+/// command into a directory.
+///
+/// `ferry man | man -l -` shows it; `ferry man --out-dir /usr/local/share/man/man1`
+/// installs ferry.1, ferry-send.1, ferry-recv.1 and the others.
+#[derive(clap::Args)]
+struct ManArgs {
+    /// Write ferry.1 and ferry-COMMAND.1 here instead of printing ferry.1.
+    #[arg(long)]
+    out_dir: Option<PathBuf>,
 }
 
 fn main() -> ExitCode {
     // SAFETY: first thing in main: no other thread exists yet.
     unsafe { ferry_transport::tls::keep_freed_heap() };
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::from_env("FERRY_LOG"))
-        .with_writer(std::io::stderr)
-        .init();
     let cli = parse_cli();
+    init_logging(&cli);
     if matches!(
         cli.command,
         Command::Send(_) | Command::Recv(_) | Command::Save(_)
@@ -86,6 +132,16 @@ fn main() -> ExitCode {
         Command::Bench(a) => bench::run(a),
         Command::Ctl(a) => ctl::run(a),
         Command::Certs(a) => certs::run(a),
+        Command::Completions(a) => {
+            clap_complete::generate(
+                a.shell,
+                &mut Cli::command(),
+                "ferry",
+                &mut std::io::stdout(),
+            );
+            Ok(true)
+        }
+        Command::Man(a) => man(a),
     };
     match result {
         Ok(true) => ExitCode::SUCCESS,
@@ -95,6 +151,55 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Logs to stderr: the level from -v/-q unless FERRY_LOG or RUST_LOG says
+/// otherwise; ANSI colours only on a terminal; text or JSON lines.
+fn init_logging(cli: &Cli) {
+    let level = match (cli.quiet, cli.verbose) {
+        (true, _) => "error",
+        (false, 0) => "warn",
+        (false, 1) => "info",
+        (false, 2) => "debug",
+        (false, _) => "trace",
+    };
+    let filter = ["FERRY_LOG", "RUST_LOG"]
+        .iter()
+        .find_map(|v| std::env::var(v).ok().filter(|s| !s.is_empty()))
+        .and_then(|s| tracing_subscriber::EnvFilter::try_new(s).ok())
+        .unwrap_or_else(|| tracing_subscriber::EnvFilter::new(level));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal());
+    match cli.log_format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+/// `ferry man`: the manual page of ferry, or of every command.
+fn man(a: ManArgs) -> anyhow::Result<bool> {
+    let cmd = Cli::command();
+    let Some(dir) = a.out_dir else {
+        clap_mangen::Man::new(cmd).render(&mut std::io::stdout())?;
+        return Ok(true);
+    };
+    std::fs::create_dir_all(&dir)?;
+    let write = |name: String, c: clap::Command| -> anyhow::Result<()> {
+        let path = dir.join(format!("{name}.1"));
+        let mut f = std::fs::File::create(&path)?;
+        clap_mangen::Man::new(c)
+            .title(name.clone())
+            .render(&mut f)?;
+        eprintln!("ferry: wrote {}", path.display());
+        Ok(())
+    };
+    for sub in cmd.get_subcommands() {
+        write(format!("ferry-{}", sub.get_name()), sub.clone())?;
+    }
+    write("ferry".into(), cmd)?;
+    Ok(true)
 }
 
 /// The command line, with the checks clap cannot express (an option that

@@ -29,6 +29,7 @@ const NOT_YET: u64 = u64::MAX;
 fn ferry() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_ferry"));
     c.env_remove("FERRY_LOG");
+    c.env_remove("RUST_LOG");
     c
 }
 

@@ -38,6 +38,7 @@ impl Proc {
         let name = format!("ferry {}", args.join(" "));
         let mut child = Command::new(env!("CARGO_BIN_EXE_ferry"))
             .env_remove("FERRY_LOG")
+            .env_remove("RUST_LOG")
             .args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
