@@ -75,26 +75,40 @@ pub fn print_summary(tool: &str, s: &Summary, json: bool) {
         return;
     }
     eprintln!(
-        "ferry {tool}: completed in {:.3} s: {} of guest RAM over {} channel(s), session {}",
+        "ferry {tool}: completed in {:.3} s: a guest of {} over {} channel(s), session {}",
         s.seconds,
-        bytes(s.ram_bytes),
+        bytes(s.guest_bytes),
         s.channels,
         s.session
     );
+    let again = s.ram_bytes.saturating_sub(s.guest_bytes);
     eprintln!(
-        "  pages: {} normal, {} zero; wire: {} ({:.2} GB/s); guest RAM {:.2} GB/s",
+        "  pages: {} normal, {} zero, {} in all{}; wire: {} at {}; guest RAM at {}",
         s.pages_normal,
         s.pages_zero,
+        bytes(s.ram_bytes),
+        if again > 0 {
+            format!(" ({} of them sent again)", bytes(again))
+        } else {
+            String::new()
+        },
         bytes(s.wire_bytes),
-        s.gbps_wire,
-        s.gbps_ram
+        crate::units::rate(s.gbps_wire * 1e9),
+        crate::units::rate(s.gbps_ram * 1e9),
     );
+    let in_flight = match s.role {
+        ferry::Role::Source => s.pages_changed_in_flight,
+        ferry::Role::Destination => s.checksum_mismatches,
+    };
     eprintln!(
         "  checksums: {}; device state: {} bytes",
-        if s.checksum {
-            format!("on, {} mismatched page(s)", s.checksum_mismatches)
-        } else {
-            "off".into()
+        match (s.checksum, in_flight) {
+            (false, _) => "off".to_string(),
+            (true, 0) => "on, every page checked".to_string(),
+            (true, n) => format!(
+                "on, every page checked; {n} page(s) changed by the guest while in flight \
+                 and were sent again"
+            ),
         },
         s.device_state_bytes
     );
@@ -130,7 +144,7 @@ pub fn print_summary(tool: &str, s: &Summary, json: bool) {
                 .unwrap_or_default()
         );
     }
-    if s.passes > 1 || s.downtime_ms.is_some() {
+    if s.passes > 1 || s.dirty_tracker.is_some() {
         eprintln!(
             "  live: {} passes, {} dirty-log syncs{}{}{}",
             s.passes,
@@ -199,13 +213,13 @@ pub fn print_file_summary(tool: &str, s: &FileSummary, json: bool) {
         return;
     }
     eprintln!(
-        "ferry {tool}: completed in {:.3} s: {} of guest RAM ({:.2} GB/s), {} of page data in {} ({:.2} GB/s), {} thread(s)",
+        "ferry {tool}: completed in {:.3} s: {} of guest RAM ({}), {} of page data in {} ({}), {} thread(s)",
         s.seconds,
         bytes(s.ram_bytes),
-        s.gbps,
+        crate::units::rate(s.gbps * 1e9),
         bytes(s.file_bytes),
         s.path,
-        s.gbps_file,
+        crate::units::rate(s.gbps_file * 1e9),
         s.channels
     );
     eprintln!(
@@ -288,56 +302,75 @@ impl Drop for ProgressView {
     }
 }
 
+/// The bar: elapsed time, the pass's progress (pass 1: every page; later
+/// passes: the dirty set), and a line of live figures with the ETA.
 fn draw(progress: &Progress, stop: &AtomicBool, what: &str) {
     let bar = ProgressBar::with_draw_target(Some(0), ProgressDrawTarget::stderr_with_hz(10));
     bar.set_style(
-        ProgressStyle::with_template("{spinner} [{bar:24}] {bytes}/{total_bytes} {msg}")
-            .expect("valid template")
-            .progress_chars("=> "),
+        ProgressStyle::with_template(
+            "{spinner} {elapsed_precise} [{bar:24}] {binary_bytes}/{binary_total_bytes} {msg}",
+        )
+        .expect("valid template")
+        .progress_chars("=> "),
     );
     let t0 = Instant::now();
     while !stop.load(Ordering::Relaxed) {
-        let total = progress.total_ram_bytes();
-        if total > 0 {
-            bar.set_length(total);
-        }
-        let t = progress.totals();
+        let live = progress.live();
+        let total = live.total;
         let f = progress.figures();
-        if f.pass == 0 {
-            // Pass 1 moves every page: the bar is its progress.
-            bar.set_position(t.ram_bytes.min(total));
-            let wire = t.wire_bytes as f64 / t0.elapsed().as_secs_f64().max(1e-3) / 1e9;
-            bar.set_message(format!("{} {:.2} GB/s {what}", progress.phase(), wire));
-        } else {
-            bar.set_position(total.saturating_sub(f.remaining_bytes));
-            bar.set_message(live_line(progress, &f, t.wire_bytes));
+        match live.remaining {
+            // A pass of the dirty set: what it has covered of that set.
+            Some(left) if f.pass > 0 => {
+                bar.set_length(f.remaining_bytes.max(left).max(1));
+                bar.set_position(f.remaining_bytes.max(left) - left);
+            }
+            _ => {
+                bar.set_length(total.max(1));
+                bar.set_position(live.ram_bytes.min(total));
+            }
         }
-        std::thread::sleep(Duration::from_millis(50));
+        let rate = if live.bandwidth > 0.0 {
+            live.bandwidth
+        } else {
+            live.transferred as f64 / t0.elapsed().as_secs_f64().max(1e-3)
+        };
+        bar.set_message(live_line(progress, &live, &f, rate, what));
+        std::thread::sleep(Duration::from_millis(100));
     }
     bar.finish_and_clear();
 }
 
-/// Pass, transferred, remaining, throughput, dirty rate, expected downtime.
-fn live_line(progress: &Progress, f: &ferry::PassFigures, wire: u64) -> String {
+/// Status, pass, rate, ETA, and for live passes the dirty rate, expected
+/// downtime and throttle.
+fn live_line(
+    progress: &Progress,
+    live: &ferry::LiveFigures,
+    f: &ferry::PassFigures,
+    rate: f64,
+    what: &str,
+) -> String {
     let page = progress.page_size.load(Ordering::Relaxed);
     let status = progress.status();
-    format!(
-        "{} pass {} sent {} left {} {:.0} MB/s dirty {:.0} MB/s exp. downtime {:.0} ms{}",
+    let mut line = format!(
+        "{} pass {} {} {what} ETA {}",
         if status == Status::Active {
-            "active"
+            progress.phase()
         } else {
             status.as_str()
         },
-        f.pass + 1,
-        bytes(wire),
-        bytes(f.remaining_bytes),
-        f.bandwidth / 1e6,
-        f.dirty_pages_rate * page as f64 / 1e6,
-        f.expected_downtime_ms,
-        if f.throttle_percent > 0 {
-            format!(" throttle {}%", f.throttle_percent)
-        } else {
-            String::new()
-        }
-    )
+        live.pass.max(1),
+        crate::units::rate(rate),
+        live.eta_ms.map_or("-".into(), crate::units::clock),
+    );
+    if f.pass > 0 {
+        line += &format!(
+            " dirty {} exp. downtime {:.0} ms",
+            crate::units::rate(f.dirty_pages_rate * page as f64),
+            f.expected_downtime_ms
+        );
+    }
+    if f.throttle_percent > 0 {
+        line += &format!(" throttle {}%", f.throttle_percent);
+    }
+    line
 }

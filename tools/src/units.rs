@@ -186,9 +186,37 @@ pub fn bytes(n: u64) -> String {
     }
 }
 
+/// A rate in SI units, as every output of ferry prints rates: `850 MB/s`,
+/// `1.23 GB/s` (10^6 and 10^9 bytes per second), `512 kB/s`.
+pub fn rate(bytes_per_second: f64) -> String {
+    let r = bytes_per_second.max(0.0);
+    if r >= 1e9 {
+        format!("{:.2} GB/s", r / 1e9)
+    } else if r >= 1e6 {
+        format!("{:.0} MB/s", r / 1e6)
+    } else {
+        format!("{:.0} kB/s", r / 1e3)
+    }
+}
+
+/// `1:05` or `0:07`: minutes and seconds, for the bar's ETA.
+pub fn clock(ms: u64) -> String {
+    let s = ms / 1000;
+    format!("{}:{:02}", s / 60, s % 60)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn rates_are_si_and_sizes_iec() {
+        assert_eq!(rate(1.234e9), "1.23 GB/s");
+        assert_eq!(rate(104_857_600.0), "105 MB/s");
+        assert_eq!(rate(2048.0), "2 kB/s");
+        assert_eq!(bytes(100 << 20), "100.00 MiB");
+        assert_eq!(clock(65_400), "1:05");
+    }
 
     #[test]
     fn sizes() {
