@@ -113,17 +113,29 @@ pub fn migrate_out(
         guest,
         uri,
         ended: Arc::new(AtomicBool::new(false)),
+        handed_over: false,
         memory,
         opts,
         progress,
         summary: &mut summary,
     };
     let mut result = with_ticker(progress, || source.run());
-    if result.is_err() && progress.cancel_requested() {
+    let handed_over = source.handed_over;
+    if result.is_err() && progress.cancel_requested() && !handed_over {
         result = Err(MigrationError::Cancelled(String::new()));
     }
     if let Err(e) = &mut result {
-        if let Some(why) = restore_source(guest, was_running) {
+        let kept_paused = if handed_over {
+            Some(
+                "the destination had everything it needs to run the guest, and its word on \
+                 whether it does never arrived: check the destination before resuming here \
+                 (two running copies would diverge)"
+                    .to_string(),
+            )
+        } else {
+            restore_source(guest, was_running)
+        };
+        if let Some(why) = kept_paused {
             *e = MigrationError::SourceNotResumed {
                 error: Box::new(std::mem::replace(
                     e,
@@ -197,6 +209,11 @@ struct Source<'a> {
     summary: &'a mut Summary,
     /// Set when the migration has ended, so a late cancel aborts nothing.
     ended: Arc<AtomicBool>,
+    /// The destination has all it needs to resume the guest (COMPLETE, and
+    /// VERIFY when it verifies) and has not said that it failed: from here
+    /// on the source must not resume on its own, or the guest could run
+    /// twice.
+    handed_over: bool,
 }
 
 /// The open session: main channel, its return path and the sender pool.
@@ -495,8 +512,10 @@ impl Source<'_> {
             self.progress.set_phase("verifying");
             let d = Digest::of_guest(&self.memory, &device_state);
             self.summary.wire_bytes += s.main.send(&Message::Verify { digest: d.0 })?;
+            self.handed_over = true;
             Some(d)
         } else {
+            self.handed_over = true;
             None
         };
         self.summary.add_totals(&totals);
@@ -535,13 +554,23 @@ impl Source<'_> {
                     }
                 }
             }
-            Message::Shut { error: Some(e) } => return Err(MigrationError::Destination(e)),
+            Message::Shut { error: Some(e) } => {
+                // It failed, so it does not run the guest: ours may resume.
+                self.handed_over = false;
+                return Err(MigrationError::Destination(e));
+            }
             other => return Err(unexpected("RESUMED", &other)),
         }
-        match recv_timeout(&s.return_path, timeout, "the destination's SHUT")? {
-            Message::Shut { error: None } => {}
-            Message::Shut { error: Some(e) } => return Err(MigrationError::Destination(e)),
-            other => return Err(unexpected("SHUT", &other)),
+        // RESUMED (with equal digests, when verifying) is the destination's
+        // word that it runs the guest: the migration has completed. SHUT
+        // only ends the session; if it is lost, say so and nothing more.
+        match recv_timeout(&s.return_path, timeout, "the destination's SHUT") {
+            Ok(Message::Shut { error: None }) => {}
+            Ok(other) => tracing::warn!(
+                "after RESUMED the destination sent {} instead of a clean SHUT",
+                other.name()
+            ),
+            Err(e) => tracing::warn!("after RESUMED, the destination's SHUT: {e}"),
         }
         // Without verification the guest stays paused here, so memory is
         // still as it was at switchover; hashing now costs no downtime (and
@@ -795,13 +824,17 @@ fn local_or_destination(e: ferry_multifd::MultifdError, rp: &ReturnPath) -> Migr
     }
 }
 
-/// The destination's SHUT error, if it sends one within 2 s.
+/// The destination's SHUT error, or the return path's own failure, if
+/// either comes within 2 s.
 fn destination_reason(rp: &ReturnPath) -> Option<MigrationError> {
     let deadline = Instant::now() + Duration::from_secs(2);
     while let Ok(m) = rp.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
         match m {
             Ok(Message::Shut { error: Some(e) }) => return Some(MigrationError::Destination(e)),
             Ok(Message::SwitchoverAck) => continue,
+            // The return path failed first (a corrupt frame, say): that is
+            // why the data path was stopped.
+            Err(e) => return Some(e),
             _ => return None,
         }
     }

@@ -6,7 +6,8 @@
 //! | offset | size | field                                            |
 //! |-------:|-----:|--------------------------------------------------|
 //! |      0 |    2 | message type (below)                             |
-//! |      2 |    2 | reserved, 0                                      |
+//! |      2 |    2 | sequence number: 0, 1, 2... in this direction,   |
+//! |        |      | wrapping at 65536                                |
 //! |      4 |    4 | body length N, at most the type's limit          |
 //! |      8 |    4 | CRC-32 (IEEE) of bytes 0..8 and of the body      |
 //! |     12 |    N | body                                             |
@@ -15,7 +16,10 @@
 //! main channel moves a few small messages and the device state, so the
 //! check costs nothing measurable, and a flipped bit in SETUP (which
 //! announces the capability itself), the device state or COMPLETE can never
-//! be acted on. A frame whose CRC does not match ends the migration.
+//! be acted on. A frame whose CRC does not match ends the migration. The
+//! sequence number makes a frame that went missing, came twice or out of
+//! order an error at the next frame, and the next frame is never far: a
+//! side with nothing to say sends HEARTBEAT.
 //!
 //! Source → destination:
 //! - `1 SETUP`: `u8` capability flags (bit 0: packets carry checksums;
@@ -170,12 +174,12 @@ impl Message {
         b
     }
 
-    /// The whole frame: header, CRC and body.
-    pub fn frame(&self) -> Vec<u8> {
+    /// The whole frame, numbered `seq`: header, CRC and body.
+    pub fn frame(&self, seq: u16) -> Vec<u8> {
         let body = self.body();
         let mut frame = Vec::with_capacity(FRAME_LEN + body.len());
         frame.extend_from_slice(&self.kind().to_le_bytes());
-        frame.extend_from_slice(&[0, 0]);
+        frame.extend_from_slice(&seq.to_le_bytes());
         frame.extend_from_slice(&(body.len() as u32).to_le_bytes());
         let crc = frame_crc(&frame[..8], &body);
         frame.extend_from_slice(&crc.to_le_bytes());
@@ -183,30 +187,17 @@ impl Message {
         frame
     }
 
-    /// Writes the message as one frame; returns the bytes written. Only
-    /// one thread may write to a channel at a time: share a channel
-    /// through [`MainChannel`], which serializes its writers.
-    pub fn write(&self, ch: &dyn Channel) -> Result<u64, MigrationError> {
-        let frame = self.frame();
-        ch.write_all(&frame)
-            .map_err(|source| write_error(self, source))?;
-        Ok(frame.len() as u64)
-    }
-
-    /// Reads one frame; returns it with its size in bytes. `peer` names the
-    /// other side for a closed connection. HEARTBEAT frames are returned
-    /// like any other.
-    pub fn read(ch: &dyn Channel, peer: &'static str) -> Result<(Self, u64), MigrationError> {
+    /// Reads one frame; returns it with its size in bytes and its
+    /// sequence number. `peer` names the other side for a closed
+    /// connection. HEARTBEAT frames are returned like any other; a
+    /// [`MainChannel`] checks the numbers and skips heartbeats.
+    fn read(ch: &dyn Channel, peer: &'static str) -> Result<(Self, u64, u16), MigrationError> {
         let mut frame = [0u8; FRAME_LEN];
         ch.read_exact(&mut frame).map_err(|e| read_error(e, peer))?;
         let kind = u16::from_le_bytes([frame[0], frame[1]]);
+        let seq = u16::from_le_bytes([frame[2], frame[3]]);
         let len = u32::from_le_bytes(frame[4..8].try_into().unwrap());
         let crc = u32::from_le_bytes(frame[8..12].try_into().unwrap());
-        if frame[2..4] != [0, 0] {
-            return Err(MigrationError::Protocol(format!(
-                "message type {kind}: reserved bytes 2..4 of its frame are not zero"
-            )));
-        }
         let Some(&(_, name, limit)) = KINDS.iter().find(|k| k.0 == kind) else {
             return Err(MigrationError::Protocol(format!(
                 "unknown message type {kind} (a non-ferry peer, or a corrupted frame)"
@@ -228,6 +219,7 @@ impl Message {
         Ok((
             Self::decode(kind, &body)?,
             FRAME_LEN as u64 + u64::from(len),
+            seq,
         ))
     }
 
@@ -332,7 +324,10 @@ fn frame_crc(head: &[u8], body: &[u8]) -> u32 {
 pub struct MainChannel {
     channel: Arc<dyn Channel>,
     peer_timeout: Duration,
-    writing: Mutex<Instant>,
+    /// When the last frame went out, and the next frame's number.
+    writing: Mutex<(Instant, u16)>,
+    /// The number the next frame read must carry.
+    reading: Mutex<u16>,
     heartbeat: Mutex<Option<std::thread::JoinHandle<()>>>,
     stop: Arc<(Mutex<bool>, Condvar)>,
     stopped: AtomicBool,
@@ -356,7 +351,8 @@ impl MainChannel {
         Ok(Arc::new(Self {
             channel,
             peer_timeout,
-            writing: Mutex::new(Instant::now()),
+            writing: Mutex::new((Instant::now(), 0)),
+            reading: Mutex::new(0),
             heartbeat: Mutex::new(None),
             stop: Arc::new((Mutex::new(false), Condvar::new())),
             stopped: AtomicBool::new(false),
@@ -369,12 +365,12 @@ impl MainChannel {
 
     /// Sends one message (whole, never interleaved); returns its bytes.
     pub fn send(&self, m: &Message) -> Result<u64, MigrationError> {
-        let frame = m.frame();
-        let mut last = self.writing.lock().unwrap();
+        let mut w = self.writing.lock().unwrap();
+        let frame = m.frame(w.1);
         self.channel
             .write_all(&frame)
             .map_err(|source| self.timed(write_error(m, source)))?;
-        *last = Instant::now();
+        *w = (Instant::now(), w.1.wrapping_add(1));
         Ok(frame.len() as u64)
     }
 
@@ -382,11 +378,21 @@ impl MainChannel {
     /// than the peer timeout is an error that says so.
     pub fn recv(&self, peer: &'static str) -> Result<(Message, u64), MigrationError> {
         let mut heartbeats = 0;
+        let mut next = self.reading.lock().unwrap();
         loop {
-            match Message::read(&*self.channel, peer) {
-                Ok((Message::Heartbeat, n)) => heartbeats += n,
-                Ok((m, n)) => return Ok((m, n + heartbeats)),
-                Err(e) => return Err(self.timed(e)),
+            let (m, n, seq) = Message::read(&*self.channel, peer).map_err(|e| self.timed(e))?;
+            if seq != *next {
+                return Err(MigrationError::Protocol(format!(
+                    "{} from the {peer} is frame #{seq}, but #{} was due: a frame went \
+                     missing, came twice or out of order",
+                    m.name(),
+                    *next
+                )));
+            }
+            *next = next.wrapping_add(1);
+            match m {
+                Message::Heartbeat => heartbeats += n,
+                m => return Ok((m, n + heartbeats)),
             }
         }
     }
@@ -425,7 +431,7 @@ impl MainChannel {
                 }
                 drop(stopped);
                 let Some(main) = me.upgrade() else { return };
-                let idle = main.writing.lock().unwrap().elapsed();
+                let idle = main.writing.lock().unwrap().0.elapsed();
                 if idle >= interval && main.send(&Message::Heartbeat).is_err() {
                     return;
                 }
@@ -685,6 +691,11 @@ mod tests {
         )
     }
 
+    /// The reading end as a destination holds it.
+    fn reader(r: ferry_transport::SocketChannel) -> Arc<MainChannel> {
+        MainChannel::new(Arc::new(r), Duration::from_secs(5)).unwrap()
+    }
+
     /// Every single-bit flip anywhere in a frame (header, CRC or body) is
     /// refused: never read as a message, let alone a different one.
     #[test]
@@ -705,7 +716,7 @@ mod tests {
             Message::Complete { generation: 3 },
             Message::Verify { digest: 42 },
         ] {
-            let frame = m.frame();
+            let frame = m.frame(0);
             for bit in 0..frame.len() * 8 {
                 let mut bad = frame.clone();
                 bad[bit / 8] ^= 1 << (bit % 8);
@@ -714,7 +725,7 @@ mod tests {
                 // A flipped length would leave the reader waiting for bytes
                 // that never come: end the stream, as a cut link would.
                 drop(w);
-                match Message::read(&r, "source") {
+                match reader(r).recv("source") {
                     Ok((got, _)) => panic!("{} with bit {bit} flipped read as {got:?}", m.name()),
                     Err(e) => assert!(
                         matches!(
@@ -728,17 +739,59 @@ mod tests {
             // And the frame as sent reads back as itself.
             let (w, r) = channel_pair();
             w.write_all(&frame).unwrap();
-            assert_eq!(Message::read(&r, "source").unwrap().0, m);
+            assert_eq!(reader(r).recv("source").unwrap().0, m);
+        }
+    }
+
+    /// A frame that goes missing, comes twice or out of order is an error
+    /// at the next frame; heartbeats are numbered too, and skipped.
+    #[test]
+    fn frames_out_of_sequence_are_refused() {
+        let pass = |g| Message::PassEnd { generation: g };
+        for (order, want) in [
+            (vec![0, 1, 2], None),
+            (
+                vec![0, 2],
+                Some("PASS_END from the source is frame #2, but #1 was due"),
+            ),
+            (vec![0, 0], Some("is frame #0, but #1 was due")),
+            (vec![1, 0], Some("is frame #1, but #0 was due")),
+        ] {
+            let (w, r) = channel_pair();
+            for &seq in &order {
+                let m = if seq == 1 {
+                    Message::Heartbeat
+                } else {
+                    pass(1)
+                };
+                w.write_all(&m.frame(seq)).unwrap();
+            }
+            drop(w);
+            let r = reader(r);
+            let got: Vec<_> = std::iter::from_fn(|| Some(r.recv("source")))
+                .take(2)
+                .collect();
+            match want {
+                None => assert_eq!(got[0].as_ref().unwrap().0, pass(1)),
+                Some(text) => {
+                    let e = got
+                        .iter()
+                        .find_map(|g| g.as_ref().err())
+                        .expect("an error")
+                        .to_string();
+                    assert!(e.contains(text), "{order:?}: {e}");
+                }
+            }
         }
     }
 
     #[test]
     fn a_corrupted_body_is_named_with_its_crc() {
-        let mut frame = Message::DeviceState(vec![7; 100]).frame();
+        let mut frame = Message::DeviceState(vec![7; 100]).frame(0);
         frame[FRAME_LEN + 50] ^= 0x10;
         let (w, r) = channel_pair();
         w.write_all(&frame).unwrap();
-        let e = Message::read(&r, "source").unwrap_err().to_string();
+        let e = reader(r).recv("source").unwrap_err().to_string();
         assert!(
             e.contains("DEVICE_STATE of 100 bytes from the source failed its CRC"),
             "{e}"

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::*;
-use ferry::protocol::{Message, Setup, CAP_CHECKSUM, CAP_ZSTD};
+use ferry::protocol::{MainChannel, Message, Setup, CAP_CHECKSUM, CAP_ZSTD};
 use ferry::{
     migrate_out, AcceptOptions, DestinationMemory, IncomingOptions, OutgoingOptions, Progress,
 };
@@ -27,7 +27,7 @@ use ferry_transport::{
 
 /// A source driven by hand: session open and SETUP acknowledged.
 struct RawSource {
-    main: ferry_transport::SocketChannel,
+    main: Arc<MainChannel>,
     multifd: Vec<ferry_transport::SocketChannel>,
 }
 
@@ -59,6 +59,7 @@ fn raw_source_with(
         })
         .collect();
     await_accept(&main, Duration::from_secs(5)).unwrap();
+    let main = main_channel(main);
     for ch in &multifd {
         await_accept(ch, Duration::from_secs(5)).unwrap();
     }
@@ -68,12 +69,18 @@ fn raw_source_with(
         packet_pages: 128,
         blocks,
     };
-    Message::Setup(setup).write(&main).unwrap();
+    main.send(&Message::Setup(setup)).unwrap();
     assert_eq!(
-        Message::read(&main, "destination").unwrap().0,
+        main.recv("destination").unwrap().0,
         Message::SetupAck { verify: true }
     );
     RawSource { main, multifd }
+}
+
+/// A raw source's main channel, numbering its frames as a real one does
+/// (it sends no heartbeats: each test ends well within the peer timeout).
+fn main_channel(ch: ferry_transport::SocketChannel) -> Arc<MainChannel> {
+    MainChannel::new(Arc::new(ch), Duration::from_secs(30)).unwrap()
 }
 
 /// Header (sealed with its crc), offsets and payload of one packet, as bytes.
@@ -136,10 +143,10 @@ fn destination_into(
 
 /// The destination's last message (SHUT), past the SWITCHOVER_ACK and
 /// RESUMED a live destination sends on the way.
-fn final_word(main: &dyn Channel) -> Result<Message, ferry::MigrationError> {
+fn final_word(main: &MainChannel) -> Result<Message, ferry::MigrationError> {
     loop {
-        match Message::read(main, "destination")?.0 {
-            Message::SwitchoverAck | Message::Resumed { .. } | Message::Heartbeat => continue,
+        match main.recv("destination")?.0 {
+            Message::SwitchoverAck | Message::Resumed { .. } => continue,
             other => return Ok(other),
         }
     }
@@ -148,7 +155,7 @@ fn final_word(main: &dyn Channel) -> Result<Message, ferry::MigrationError> {
 /// The destination's error text, which it must also have sent in SHUT.
 fn destination_error(
     dst: std::thread::JoinHandle<Result<ferry::IncomingOutcome, ferry::Failed>>,
-    main: &dyn Channel,
+    main: &MainChannel,
 ) -> String {
     let err = dst
         .join()
@@ -273,6 +280,7 @@ fn unknown_capabilities_fail_setup() {
         let main = connect_channel(&uri, &tuning, &hello(session, Role::Main, 0, 1)).unwrap();
         let ch = connect_channel(&uri, &tuning, &hello(session, Role::Multifd, 0, 1)).unwrap();
         await_accept(&main, Duration::from_secs(5)).unwrap();
+        let main = main_channel(main);
         await_accept(&ch, Duration::from_secs(5)).unwrap();
         let setup = Setup {
             capabilities: CAP_CHECKSUM | 0x40,
@@ -280,7 +288,7 @@ fn unknown_capabilities_fail_setup() {
             packet_pages: 128,
             blocks: target.specs(),
         };
-        Message::Setup(setup).write(&main).unwrap();
+        main.send(&Message::Setup(setup)).unwrap();
         let err = destination_error(dst, &main);
         assert!(err.contains("bits 0x40"), "{err}");
     });
@@ -347,7 +355,7 @@ fn payload_with_a_flipped_byte_fails_at_completion_naming_block_and_offset() {
             Message::DeviceState(vec![1]),
             Message::Complete { generation: 1 },
         ] {
-            m.write(&src.main).unwrap();
+            src.main.send(&m).unwrap();
         }
         let err = destination_error(dst, &src.main);
         assert!(
@@ -369,7 +377,7 @@ fn pass_numbers_out_of_step_with_the_channels_fail_instead_of_hanging() {
         let target = ram_4m(Pattern::Zero);
         let (dst, uri) = destination_into(&target);
         let src = raw_source(&uri, 1, target.specs());
-        Message::PassEnd { generation: 2 }.write(&src.main).unwrap();
+        src.main.send(&Message::PassEnd { generation: 2 }).unwrap();
         let err = destination_error(dst, &src.main);
         assert!(err.contains("PASS_END of pass 2, but pass 1"), "{err}");
     });
@@ -380,7 +388,7 @@ fn pass_numbers_out_of_step_with_the_channels_fail_instead_of_hanging() {
         let src = raw_source(&uri, 2, target.specs());
         src.multifd[0].write_all(&marker(FLAG_SYNC, 0, 1)).unwrap();
         src.multifd[1].write_all(&marker(FLAG_END, 0, 0)).unwrap();
-        Message::PassEnd { generation: 1 }.write(&src.main).unwrap();
+        src.main.send(&Message::PassEnd { generation: 1 }).unwrap();
         let err = destination_error(dst, &src.main);
         assert!(
             err.contains("ended (END) after the sync of pass 0"),
@@ -397,11 +405,9 @@ fn pass_numbers_out_of_step_with_the_channels_fail_instead_of_hanging() {
         ch.write_all(&packet(data_header(0, 0, 1024), &zeros, &[]))
             .unwrap();
         ch.write_all(&marker(FLAG_SYNC, 1, 1)).unwrap();
-        Message::PassEnd { generation: 1 }.write(&src.main).unwrap();
-        Message::DeviceState(vec![1]).write(&src.main).unwrap();
-        Message::Complete { generation: 0 }
-            .write(&src.main)
-            .unwrap();
+        src.main.send(&Message::PassEnd { generation: 1 }).unwrap();
+        src.main.send(&Message::DeviceState(vec![1])).unwrap();
+        src.main.send(&Message::Complete { generation: 0 }).unwrap();
         let err = destination_error(dst, &src.main);
         assert!(err.contains("COMPLETE after pass 0"), "{err}");
     });
@@ -492,7 +498,7 @@ fn a_corrupted_page_sent_again_in_a_later_pass_is_forgiven() {
                 digest: ferry::Digest::of_guest(&expected, &[]).0,
             },
         ] {
-            m.write(&src.main).unwrap();
+            src.main.send(&m).unwrap();
         }
         let got = dst
             .join()
@@ -668,6 +674,7 @@ fn channels_connecting_in_reverse_order_work() {
             await_accept(ch, Duration::from_secs(5)).unwrap();
         }
         await_accept(&main, Duration::from_secs(5)).unwrap();
+        let main = main_channel(main);
         multifd.reverse();
         let setup = Setup {
             capabilities: CAP_CHECKSUM,
@@ -675,9 +682,9 @@ fn channels_connecting_in_reverse_order_work() {
             packet_pages: 128,
             blocks: mem.specs(),
         };
-        Message::Setup(setup).write(&main).unwrap();
+        main.send(&Message::Setup(setup)).unwrap();
         assert_eq!(
-            Message::read(&main, "destination").unwrap().0,
+            main.recv("destination").unwrap().0,
             Message::SetupAck { verify: true }
         );
         let boxed = multifd
@@ -700,7 +707,7 @@ fn channels_connecting_in_reverse_order_work() {
                 digest: ferry::Digest::of_guest(&mem, b"dev").0,
             },
         ] {
-            m.write(&main).unwrap();
+            main.send(&m).unwrap();
         }
         pool.finish().unwrap();
         assert_eq!(final_word(&main).unwrap(), Message::Shut { error: None });
@@ -797,10 +804,7 @@ fn raw_session(
     uri: &ChannelUri,
     channels: u16,
     setup: Setup,
-) -> (
-    ferry_transport::SocketChannel,
-    Vec<ferry_transport::SocketChannel>,
-) {
+) -> (Arc<MainChannel>, Vec<ferry_transport::SocketChannel>) {
     let session = SessionId::random();
     let tuning = Default::default();
     let main = connect_channel(uri, &tuning, &hello(session, Role::Main, 0, channels)).unwrap();
@@ -810,10 +814,11 @@ fn raw_session(
         })
         .collect();
     await_accept(&main, Duration::from_secs(5)).unwrap();
+    let main = main_channel(main);
     for ch in &multifd {
         await_accept(ch, Duration::from_secs(5)).unwrap();
     }
-    Message::Setup(setup).write(&main).unwrap();
+    main.send(&Message::Setup(setup)).unwrap();
     (main, multifd)
 }
 
@@ -903,7 +908,7 @@ fn a_failed_migration_into_files_leaves_the_existing_file_and_nothing_else() {
         }];
         let (main, multifd) = raw_session(&uri, 1, setup_of(blocks));
         assert_eq!(
-            Message::read(&main, "destination").unwrap().0,
+            main.recv("destination").unwrap().0,
             Message::SetupAck { verify: true }
         );
         // A valid page, then a packet naming a block that does not exist.
@@ -945,7 +950,7 @@ fn a_digest_that_differs_from_the_sources_fails_before_the_guest_runs() {
             // What a source whose memory differs would say.
             Message::Verify { digest: right ^ 1 },
         ] {
-            m.write(&src.main).unwrap();
+            src.main.send(&m).unwrap();
         }
         let err = destination_error(dst, &src.main);
         assert!(
@@ -968,6 +973,7 @@ fn a_source_silent_before_setup_fails_the_destination_after_the_peer_timeout() {
         let main = connect_channel(&uri, &tuning, &hello(session, Role::Main, 0, 1)).unwrap();
         let ch = connect_channel(&uri, &tuning, &hello(session, Role::Multifd, 0, 1)).unwrap();
         await_accept(&main, Duration::from_secs(5)).unwrap();
+        let main = main_channel(main);
         await_accept(&ch, Duration::from_secs(5)).unwrap();
         // ... and then nothing: no SETUP, no FIN.
         let err = dst.join().unwrap().err().unwrap().to_string();
@@ -1000,23 +1006,12 @@ fn a_channel_that_stalls_mid_pass_is_named_while_main_stays_alive() {
             .write_all(&packet(data_header(0, 0, 1024), &zeros, &[]))
             .unwrap();
         src.multifd[0].write_all(&marker(FLAG_SYNC, 1, 1)).unwrap();
-        Message::PassEnd { generation: 1 }.write(&src.main).unwrap();
-        let beating = Arc::new(std::sync::atomic::AtomicBool::new(true));
-        let beat = {
-            let (beating, main) = (beating.clone(), src.main.socket().try_clone().unwrap());
-            std::thread::spawn(move || {
-                let main = ferry_transport::SocketChannel::new(main, "main".into());
-                while beating.load(std::sync::atomic::Ordering::SeqCst) {
-                    if Message::Heartbeat.write(&main).is_err() {
-                        break;
-                    }
-                    std::thread::sleep(Duration::from_millis(100));
-                }
-            })
-        };
+        src.main.send(&Message::PassEnd { generation: 1 }).unwrap();
+        src.main
+            .start_heartbeat(Duration::from_millis(100))
+            .unwrap();
         let err = destination_error(dst, &src.main);
-        beating.store(false, std::sync::atomic::Ordering::SeqCst);
-        beat.join().unwrap();
+        src.main.stop_heartbeat();
         assert!(
             err.contains("multifd[1]") && err.contains("no progress for 0.8 s (--peer-timeout)"),
             "{err}"

@@ -449,12 +449,13 @@ fn matrix() -> Vec<Case> {
         GUESTS[rot % 3]
     };
     // Main channel frames, both directions.
-    let main_kinds: [(Dir, &'static str, bool); 8] = [
+    let main_kinds: [(Dir, &'static str, bool); 9] = [
         (Dir::Up, "SETUP", true),
         (Dir::Up, "PASS_END", true),
         (Dir::Up, "DEVICE_STATE", true),
         (Dir::Up, "COMPLETE", true),
-        (Dir::Down, "SETUP_ACK", false),
+        (Dir::Up, "VERIFY", true),
+        (Dir::Down, "SETUP_ACK", true),
         (Dir::Down, "SWITCHOVER_ACK", false),
         (Dir::Down, "RESUMED", true),
         (Dir::Down, "SHUT", true),
@@ -465,6 +466,8 @@ fn matrix() -> Vec<Case> {
             Action::FlipHeader { byte: 0, bit: 0 },
             // Length field, low bit: one byte more or less.
             Action::FlipHeader { byte: 4, bit: 0 },
+            // The frame's CRC.
+            Action::FlipHeader { byte: 8, bit: 0 },
         ];
         if has_body {
             actions.push(body_flip(kind));
@@ -569,6 +572,10 @@ fn matrix() -> Vec<Case> {
 enum Outcome {
     CompletedEqual,
     FailedClean,
+    /// The destination verified and runs the guest; the source never got
+    /// its word (RESUMED was lost) and so stays paused, saying to check the
+    /// destination: the one honest answer to a lost last message.
+    HandedOverUnconfirmed,
     Hang,
     WrongCompleted,
     Panic,
@@ -581,6 +588,7 @@ impl Outcome {
         match self {
             Outcome::CompletedEqual => "COMPLETED-EQUAL",
             Outcome::FailedClean => "FAILED-CLEAN",
+            Outcome::HandedOverUnconfirmed => "HANDED-OVER-UNCONFIRMED",
             Outcome::Hang => "HANG",
             Outcome::WrongCompleted => "WRONG-COMPLETED",
             Outcome::Panic => "PANIC",
@@ -589,7 +597,10 @@ impl Outcome {
         }
     }
     fn ok(self) -> bool {
-        matches!(self, Outcome::CompletedEqual | Outcome::FailedClean)
+        matches!(
+            self,
+            Outcome::CompletedEqual | Outcome::FailedClean | Outcome::HandedOverUnconfirmed
+        )
     }
 }
 
@@ -789,6 +800,14 @@ fn classify(
                     format!("both completed, but {}", differ.join(", ")),
                 )
             }
+        }
+        (false, true)
+            if r.summary().is_some_and(|v| v["verified"] == true)
+                && s.summary().is_some_and(|v| v["guest_running"] == false)
+                && s.error()
+                    .contains("check the destination before resuming here") =>
+        {
+            (Outcome::HandedOverUnconfirmed, errs())
         }
         (true, false) | (false, true) => {
             let (ok, failed) = if s.completed() { (s, r) } else { (r, s) };
@@ -1081,7 +1100,10 @@ fn relay_pass_through_completes_equal() {
             }
         }
         let passes = seen("main>PASS_END");
-        if passes < 2 {
+        // An image guest changes nothing after its one pass; a live guest
+        // needs at least a live pass and the final one.
+        let least = if r.name.contains("(live)") { 2 } else { 1 };
+        if passes < least {
             bad.push(format!("{}: {passes} PASS_END", r.name));
         }
         for ch in ["multifd[0]", "multifd[1]"] {
@@ -1103,7 +1125,7 @@ fn relay_pass_through_completes_equal() {
 // Crafted input: a raw client at `ferry recv`
 // ---------------------------------------------------------------------------
 
-use ferry::protocol::{Message, Setup, CAP_CHECKSUM, CAP_ZSTD};
+use ferry::protocol::{MainChannel, Message, Setup, CAP_CHECKSUM, CAP_ZSTD};
 use ferry::BlockSpec;
 use ferry_transport::{
     await_accept, connect_channel, Channel, ChannelHello, ChannelUri, Role, SessionId,
@@ -1112,7 +1134,7 @@ use ferry_transport::{
 
 /// A source driven by hand: every channel connected and accepted.
 struct RawSource {
-    main: SocketChannel,
+    main: Arc<MainChannel>,
     multifd: Vec<SocketChannel>,
 }
 
@@ -1134,27 +1156,32 @@ fn raw_connect(port: u16, channels: u16) -> RawSource {
     for ch in &multifd {
         await_accept(ch, Duration::from_secs(10)).unwrap();
     }
+    // Numbered frames, as a real source's; no heartbeats (a test that wants
+    // the destination's peer timeout to see a silent source gets one).
+    let main = MainChannel::new(Arc::new(main), Duration::from_secs(60)).unwrap();
     RawSource { main, multifd }
 }
 
 impl RawSource {
     fn setup(&self, capabilities: u8, blocks: Vec<BlockSpec>) {
-        Message::Setup(Setup {
-            capabilities,
-            multifd_channels: self.multifd.len() as u16,
-            packet_pages: 128,
-            blocks,
-        })
-        .write(&self.main)
-        .unwrap();
+        self.main
+            .send(&Message::Setup(Setup {
+                capabilities,
+                multifd_channels: self.multifd.len() as u16,
+                packet_pages: 128,
+                blocks,
+            }))
+            .unwrap();
     }
 
     /// The destination's next message, waiting at most `secs`.
     fn reply(&self, secs: u64) -> Result<Message, String> {
         self.main
+            .channel()
             .set_read_timeout(Some(Duration::from_secs(secs)))
             .unwrap();
-        Message::read(&self.main, "destination")
+        self.main
+            .recv("destination")
             .map(|(m, _)| m)
             .map_err(|e| e.to_string())
     }
@@ -1341,7 +1368,7 @@ fn empty_migration(src: &RawSource) -> Vec<String> {
     ] {
         w(
             m.name(),
-            m.write(&src.main).map(drop).map_err(|e| e.to_string()),
+            src.main.send(&m).map(drop).map_err(|e| e.to_string()),
         );
     }
     for ch in &src.multifd {
@@ -1364,7 +1391,7 @@ fn absurd_setup(extra: &[&str], blocks: Vec<BlockSpec>, check: &mut Check) -> Do
     let t = Instant::now();
     src.setup(CAP_CHECKSUM, blocks);
     match src.reply(20) {
-        Ok(Message::SetupAck) => {
+        Ok(Message::SetupAck { .. }) => {
             println!(
                 "{what}: SETUP acknowledged after {:.2} s; sending an empty pass",
                 t.elapsed().as_secs_f64()
@@ -1505,7 +1532,10 @@ fn zstd_bomb_is_refused_naming_the_channel_with_bounded_memory() {
             page_size: 4096,
         }],
     );
-    assert_eq!(src.reply(20), Ok(Message::SetupAck));
+    assert!(
+        matches!(src.reply(20), Ok(Message::SetupAck { .. })),
+        "the destination acknowledges SETUP"
+    );
     let offsets: Vec<u64> = (0..u64::from(pages)).map(|p| p * 4096).collect();
     let crc = crc32(&[&vec![0u8; pages as usize * 4096]]);
     let bytes = packet(FLAG_COMPRESSED, 0, 1, pages, &offsets, &frame, crc, pages);

@@ -44,7 +44,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 pub const HELLO_LEN: usize = 40;
-pub const FRAME_LEN: usize = 8;
+pub const FRAME_LEN: usize = 12;
 pub const PACKET_HEADER_LEN: usize = 64;
 const REPLY_LEN: usize = 8;
 
@@ -61,16 +61,18 @@ const TICK: Duration = Duration::from_millis(50);
 const REORDER_WAIT: Duration = Duration::from_secs(3);
 
 /// Main channel message types and their names (`src/protocol.rs`).
-pub const FRAME_KINDS: [(u16, &str); 9] = [
+pub const FRAME_KINDS: [(u16, &str); 11] = [
     (1, "SETUP"),
     (2, "PASS_END"),
     (3, "DEVICE_STATE"),
     (4, "COMPLETE"),
     (5, "CANCEL"),
+    (6, "VERIFY"),
     (101, "SETUP_ACK"),
     (102, "SHUT"),
     (103, "SWITCHOVER_ACK"),
     (104, "RESUMED"),
+    (200, "HEARTBEAT"),
 ];
 
 fn frame_kind(t: u16) -> &'static str {
