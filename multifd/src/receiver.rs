@@ -234,15 +234,7 @@ impl ReceiverPool {
     pub fn finish_within(self, stall: Option<Duration>) -> Result<Totals, MultifdError> {
         let owing = |i: usize| self.shared.at_pass[i].load(Ordering::Acquire) != ENDED;
         self.watch(stall, owing, || {
-            let done = (0..self.shared.channels.len()).all(|i| !owing(i));
-            if done {
-                return Ok(true);
-            }
-            if let Some(e) = self.shared.barrier.stopped() {
-                return Err(e);
-            }
-            std::thread::sleep(STALL_POLL);
-            Ok(false)
+            self.shared.barrier.wait_ended_for(STALL_POLL)
         })?;
         self.finish()
     }

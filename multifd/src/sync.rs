@@ -18,6 +18,8 @@ struct State {
     /// A channel sent END: the last sync it passed (the lowest of such
     /// channels). No later sync can complete.
     ended_after: Option<u64>,
+    /// How many channels have received their END.
+    ended: usize,
 }
 
 impl State {
@@ -114,9 +116,17 @@ impl SyncBarrier {
         }
     }
 
-    /// Why the pool was stopped, if it was.
-    pub fn stopped(&self) -> Option<String> {
-        self.state.lock().unwrap().stopped.clone()
+    /// Waits at most `wait` for every channel's END; `Ok(false)` if some
+    /// have not come yet.
+    pub fn wait_ended_for(&self, wait: std::time::Duration) -> Result<bool, String> {
+        let mut s = self.state.lock().unwrap();
+        if s.ended < self.channels && s.stopped.is_none() {
+            s = self.cv.wait_timeout(s, wait).unwrap().0;
+        }
+        match &s.stopped {
+            Some(why) => Err(why.clone()),
+            None => Ok(s.ended >= self.channels),
+        }
     }
 
     /// A channel received END while `next` was the pass it expected: it
@@ -125,6 +135,7 @@ impl SyncBarrier {
         let mut s = self.state.lock().unwrap();
         let through = next.saturating_sub(1);
         s.ended_after = Some(s.ended_after.map_or(through, |e| e.min(through)));
+        s.ended += 1;
         self.cv.notify_all();
     }
 
