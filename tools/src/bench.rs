@@ -103,6 +103,10 @@ pub fn run(a: BenchArgs) -> anyhow::Result<bool> {
         tls_dir: a.tls_dir.clone(),
         zstd_level: a.compress.0,
     };
+    // A plot that cannot be written fails now, not after the whole run.
+    if let Some(p) = &a.plot {
+        crate::output::check_output_path(p)?;
+    }
     let report = run_bench(&config, &mut |line| eprintln!("ferry bench: {line}"))?;
     if a.json {
         println!("{}", serde_json::to_string_pretty(&report.to_json())?);

@@ -2,6 +2,9 @@
 //! runs (or JSON event lines with `--json`), then a human summary or the
 //! summary JSON object, always the last line.
 
+use std::path::Path;
+
+use anyhow::Context;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -373,4 +376,36 @@ fn live_line(
         line += &format!(" throttle {}%", f.throttle_percent);
     }
     line
+}
+
+/// An output path must be creatable: not a directory, in an existing
+/// directory this process may write to.
+pub fn check_output_path(p: &Path) -> anyhow::Result<()> {
+    if p.is_dir() {
+        anyhow::bail!("{} is a directory; give a file path", p.display());
+    }
+    let dir = match p.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    if !dir.is_dir() {
+        anyhow::bail!(
+            "cannot write {}: its directory {} does not exist",
+            p.display(),
+            dir.display()
+        );
+    }
+    // The one reliable test of "may I create a file there".
+    let probe = tempfile::Builder::new()
+        .prefix(".ferry-probe-")
+        .tempfile_in(dir)
+        .with_context(|| {
+            format!(
+                "cannot write {}: no file can be created in {}",
+                p.display(),
+                dir.display()
+            )
+        })?;
+    drop(probe);
+    Ok(())
 }

@@ -5,7 +5,6 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::Context;
 use clap::Args;
 use ferry::{
     default_guest_builder, migrate_in, AcceptOptions, ChannelUri, ControlServer, DestinationMemory,
@@ -110,7 +109,7 @@ fn migrate(a: RecvArgs) -> anyhow::Result<bool> {
     // Every output is checked before a source can connect: a migration
     // must not complete on the source and then fail here for a bad path.
     for p in a.ram_out.iter().chain(&a.device_state_out) {
-        check_output_path(p)?;
+        crate::output::check_output_path(p)?;
     }
     let tuning = SocketTuning {
         recv_buffer: a.socket_buffer.map(|n| n as usize),
@@ -183,38 +182,6 @@ fn migrate(a: RecvArgs) -> anyhow::Result<bool> {
             Ok(false)
         }
     }
-}
-
-/// An output path must be creatable: not a directory, in an existing
-/// directory this process may write to.
-fn check_output_path(p: &Path) -> anyhow::Result<()> {
-    if p.is_dir() {
-        anyhow::bail!("{} is a directory; give a file path", p.display());
-    }
-    let dir = match p.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d,
-        _ => Path::new("."),
-    };
-    if !dir.is_dir() {
-        anyhow::bail!(
-            "cannot write {}: its directory {} does not exist",
-            p.display(),
-            dir.display()
-        );
-    }
-    // The one reliable test of "may I create a file there".
-    let probe = tempfile::Builder::new()
-        .prefix(".ferry-probe-")
-        .tempfile_in(dir)
-        .with_context(|| {
-            format!(
-                "cannot write {}: no file can be created in {}",
-                p.display(),
-                dir.display()
-            )
-        })?;
-    drop(probe);
-    Ok(())
 }
 
 /// Writes `bytes` to `path` through a temporary file renamed into place.
