@@ -354,11 +354,22 @@ pub fn run(config: &BenchConfig, log: &mut dyn FnMut(&str)) -> Result<BenchRepor
         }
     };
 
+    // Only the tools that run are named.
+    let system_cc = std::fs::read_to_string("/proc/sys/net/ipv4/tcp_congestion_control")
+        .map_or("unknown".into(), |s| s.trim().to_string());
+    let chosen = if config.peer_iperf {
+        "ferry and iperf3"
+    } else {
+        "ferry"
+    };
     notes.push(format!(
-        "TCP congestion control: {} for ferry and iperf3; QEMU uses the system's ({})",
+        "TCP congestion control: {} for {chosen}{}",
         config.congestion.as_deref().unwrap_or("the system's"),
-        std::fs::read_to_string("/proc/sys/net/ipv4/tcp_congestion_control")
-            .map_or("unknown".into(), |s| s.trim().to_string())
+        if qemu.is_some() {
+            format!("; QEMU uses the system's ({system_cc})")
+        } else {
+            format!(" (the system's is {system_cc})")
+        }
     ));
 
     if plain || qemu.is_some() {
@@ -445,6 +456,15 @@ pub fn run(config: &BenchConfig, log: &mut dyn FnMut(&str)) -> Result<BenchRepor
         send_args: config.send_args.clone(),
         cpus: std::thread::available_parallelism().map_or(1, |n| n.get()),
         qemu_version,
+        host: std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map_or_else(|_| "unknown".into(), |h| h.trim().to_string()),
+        ferry_version: std::process::Command::new(&config.ferry_exe)
+            .arg("--version")
+            .output()
+            .ok()
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+            .filter(|v| !v.is_empty())
+            .unwrap_or_else(|| "ferry (version unknown)".into()),
         started_at_unix,
         finished_at_unix: sys::unix_now(),
         ratios: compute_ratios(&cases),

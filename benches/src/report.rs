@@ -9,6 +9,7 @@
 use std::fmt::Write as _;
 use std::path::Path;
 
+use plotters::element::DashedPathElement;
 use plotters::prelude::*;
 use serde::Serialize;
 
@@ -217,9 +218,6 @@ pub fn median(values: &[f64]) -> Option<f64> {
     })
 }
 
-/// One plotted line: label, colour, and (channels, GB/s) points.
-type Line = (String, RGBColor, Vec<(i32, f64)>);
-
 /// What `ferry bench` measured, with enough context to compare runs later.
 #[derive(Clone, Debug, Serialize)]
 pub struct BenchReport {
@@ -236,6 +234,9 @@ pub struct BenchReport {
     pub cpus: usize,
     /// `qemu-system-x86_64 --version`'s version, when the QEMU peer ran.
     pub qemu_version: Option<String>,
+    /// This machine's name, and `ferry --version` of the binary measured.
+    pub host: String,
+    pub ferry_version: String,
     pub started_at_unix: f64,
     pub finished_at_unix: f64,
     /// One per (channel count, tool), channel counts in the order asked,
@@ -359,135 +360,307 @@ impl BenchReport {
         )
     }
 
-    /// The points of each plotted line.
-    fn series(&self) -> Vec<Line> {
+    /// The tools that ran, each with its colour and its cases' medians
+    /// by channel count.
+    fn plotted(&self) -> Vec<Plotted<'_>> {
         let qemu = match &self.qemu_version {
-            Some(v) => format!("QEMU {v} multifd: GB/s of guest RAM"),
-            None => "QEMU multifd: GB/s of guest RAM".into(),
+            Some(v) => format!("QEMU {v} multifd"),
+            None => "QEMU multifd".into(),
         };
-        let lines = [
+        let tools = [
+            (Tool::Ferry, "ferry".to_string(), RGBColor(0x1f, 0x77, 0xb4)),
             (
-                Tool::Ferry,
-                "ferry: GB/s of guest RAM".to_string(),
-                RGBColor(0x1f, 0x77, 0xb4),
+                Tool::Plain,
+                "ferry (plain)".to_string(),
+                RGBColor(0x2c, 0xa0, 0x2c),
             ),
             (Tool::Qemu, qemu, RGBColor(0xd6, 0x27, 0x28)),
             (
                 Tool::Iperf3,
-                "iperf3 -P K: GB/s on the wire".to_string(),
+                "iperf3 -P K".to_string(),
                 RGBColor(0x55, 0x55, 0x55),
             ),
         ];
         let mut out = Vec::new();
-        for (tool, label, colour) in lines {
-            let mut pts: Vec<(i32, f64)> = self
+        for (tool, name, colour) in tools {
+            let mut points: Vec<(u16, &Summary)> = self
                 .cases
                 .iter()
                 .filter(|c| c.tool == tool)
-                .filter_map(|c| {
-                    let m = c.summary.as_ref()?;
-                    let y = if tool == Tool::Iperf3 {
-                        Some(m.gbps_wire)
-                    } else {
-                        m.gbps_ram
-                    }?;
-                    y.is_finite().then_some((i32::from(c.channels), y))
-                })
+                .filter_map(|c| Some((c.channels, c.summary.as_ref()?)))
                 .collect();
-            pts.sort_by_key(|p| p.0);
-            if !pts.is_empty() {
-                out.push((label, colour, pts));
+            points.sort_by_key(|p| p.0);
+            if !points.is_empty() {
+                out.push(Plotted {
+                    tool,
+                    name,
+                    colour,
+                    points,
+                });
             }
         }
         out
     }
 
-    /// Writes an SVG plot of GB/s against the channel count: one line per
-    /// tool (ferry and QEMU: guest RAM; iperf3: the wire), each point labelled.
+    /// Writes an SVG of two charts side by side, over the channel count:
+    /// rates (guest RAM solid, wire dashed; iperf3 the wire only) and the
+    /// median wall time with its min-max range, each point marked with
+    /// the CPU the run used. A footer names the host, the date and the
+    /// versions measured.
     pub fn plot_svg(&self, path: &Path) -> Result<(), BenchError> {
         let err = |e: &dyn std::fmt::Display| BenchError::Plot {
             path: path.to_path_buf(),
             msg: e.to_string(),
         };
-        let series = self.series();
-        let xs = series.iter().flat_map(|s| s.2.iter().map(|p| p.0));
-        let (xmin, xmax) = xs.fold((i32::MAX, i32::MIN), |(lo, hi), x| (lo.min(x), hi.max(x)));
-        let (xmin, xmax) = if xmin > xmax { (1, 1) } else { (xmin, xmax) };
-        let ymax = series
+        let tools = self.plotted();
+        let xs = tools
             .iter()
-            .flat_map(|s| s.2.iter().map(|p| p.1))
+            .flat_map(|t| t.points.iter().map(|p| f64::from(p.0)));
+        let (xmin, xmax) = xs.fold((f64::MAX, f64::MIN), |(lo, hi), x| (lo.min(x), hi.max(x)));
+        let (xmin, xmax) = if xmin > xmax {
+            (1.0, 1.0)
+        } else {
+            (xmin, xmax)
+        };
+        let xrange = (xmin - 0.6)..(xmax + 0.6);
+        let rate_max = tools
+            .iter()
+            .flat_map(|t| t.points.iter())
+            .flat_map(|(_, m)| [m.gbps_wire, m.gbps_ram.unwrap_or(0.0)])
             .fold(0.0f64, f64::max);
-        let ymax = if ymax > 0.0 { ymax * 1.25 } else { 1.0 };
+        let wall_max = tools
+            .iter()
+            .filter(|t| t.tool != Tool::Iperf3)
+            .flat_map(|t| t.points.iter().map(|(_, m)| m.wall_max_s))
+            .filter(|w| w.is_finite())
+            .fold(0.0f64, f64::max);
+        let rate_max = if rate_max > 0.0 { rate_max * 1.3 } else { 1.0 };
+        let wall_max = if wall_max > 0.0 { wall_max * 1.3 } else { 1.0 };
+
+        let root = SVGBackend::new(path, (1280, 620)).into_drawing_area();
+        root.fill(&WHITE).map_err(|e| err(&e))?;
         let title = format!(
-            "ferry bench: {} dataset, median of {} run(s)",
+            "ferry bench: {} dataset, median of {} run(s) per point",
             human_bytes(self.size),
             self.runs
         );
-
-        let root = SVGBackend::new(path, (960, 560)).into_drawing_area();
-        root.fill(&WHITE).map_err(|e| err(&e))?;
-        let mut chart = ChartBuilder::on(&root)
-            .caption(title, ("sans-serif", 24))
-            .margin(20)
-            .x_label_area_size(50)
-            .y_label_area_size(70)
-            .build_cartesian_2d((xmin - 1)..(xmax + 1), 0f64..ymax)
+        let root = root
+            .titled(&title, ("sans-serif", 24))
             .map_err(|e| err(&e))?;
-        let x_labels = usize::try_from(xmax - xmin + 3).unwrap_or(3).min(20);
-        // Only the measured range is labelled, not the padding either side.
-        let x_label = move |x: &i32| {
-            if (xmin..=xmax).contains(x) {
-                x.to_string()
+        let (body, footer) = root.split_vertically(560);
+        let (left, right) = body.split_horizontally(640);
+        // Only the measured channel counts are labelled.
+        let x_label = move |x: &f64| {
+            let r = x.round();
+            if (x - r).abs() < 1e-6 && (xmin..=xmax).contains(&r) {
+                format!("{r}")
             } else {
                 String::new()
             }
         };
-        chart
+        let ticks = usize::try_from((xmax - xmin) as i64 * 5 + 7)
+            .unwrap_or(7)
+            .min(60);
+
+        let mut rates = ChartBuilder::on(&left)
+            .caption("throughput", ("sans-serif", 18))
+            .margin(15)
+            .x_label_area_size(45)
+            .y_label_area_size(65)
+            .build_cartesian_2d(xrange.clone(), 0f64..rate_max)
+            .map_err(|e| err(&e))?;
+        rates
             .configure_mesh()
             .x_desc("channels (K)")
             .y_desc("GB/s (10^9 bytes/s)")
-            .x_labels(x_labels)
+            .x_labels(ticks)
             .y_labels(8)
             .x_label_formatter(&x_label)
             .y_label_formatter(&|y| format!("{y:.1}"))
-            .label_style(("sans-serif", 15))
-            .axis_desc_style(("sans-serif", 17))
+            .label_style(("sans-serif", 14))
+            .axis_desc_style(("sans-serif", 15))
             .light_line_style(WHITE.mix(0.0))
             .draw()
             .map_err(|e| err(&e))?;
-        for (label, colour, pts) in series {
-            chart
-                .draw_series(LineSeries::new(pts.clone(), colour.stroke_width(3)))
+        for t in &tools {
+            let colour = t.colour;
+            let wire: Vec<(f64, f64)> = t
+                .points
+                .iter()
+                .map(|(k, m)| (f64::from(*k), m.gbps_wire))
+                .collect();
+            let ram: Vec<(f64, f64)> = t
+                .points
+                .iter()
+                .filter_map(|(k, m)| Some((f64::from(*k), m.gbps_ram?)))
+                .collect();
+            if !ram.is_empty() {
+                rates
+                    .draw_series(LineSeries::new(ram.clone(), colour.stroke_width(3)))
+                    .map_err(|e| err(&e))?
+                    .label(format!("{}: guest RAM", t.name))
+                    .legend(move |(x, y)| {
+                        PathElement::new(vec![(x, y), (x + 24, y)], colour.stroke_width(3))
+                    });
+                rates
+                    .draw_series(ram.iter().map(|&(x, y)| {
+                        EmptyElement::at((x, y))
+                            + Circle::new((0, 0), 4, colour.filled())
+                            + Text::new(
+                                format!("{y:.2}"),
+                                (6, -18),
+                                ("sans-serif", 13).into_font().color(&colour),
+                            )
+                    }))
+                    .map_err(|e| err(&e))?;
+            }
+            rates
+                .draw_series(DashedLineSeries::new(
+                    wire.clone(),
+                    8,
+                    5,
+                    colour.stroke_width(2),
+                ))
                 .map_err(|e| err(&e))?
-                .label(label)
+                .label(format!("{}: wire", t.name))
                 .legend(move |(x, y)| {
-                    PathElement::new(vec![(x, y), (x + 24, y)], colour.stroke_width(3))
+                    DashedPathElement::new(
+                        vec![(x, y), (x + 24, y)].into_iter(),
+                        5,
+                        3,
+                        colour.stroke_width(2),
+                    )
                 });
-            chart
-                .draw_series(pts.iter().map(|&p| Circle::new(p, 5, colour.filled())))
-                .map_err(|e| err(&e))?;
-            chart
-                .draw_series(pts.iter().map(|&(x, y)| {
-                    EmptyElement::at((x, y))
-                        + Text::new(
-                            format!("{y:.2}"),
-                            (7, -20),
-                            ("sans-serif", 14).into_font().color(&colour),
-                        )
-                }))
+            rates
+                .draw_series(
+                    wire.iter()
+                        .map(|&p| Circle::new(p, 3, colour.stroke_width(1))),
+                )
                 .map_err(|e| err(&e))?;
         }
-        chart
+        rates
             .configure_series_labels()
             .position(SeriesLabelPosition::UpperLeft)
             .background_style(WHITE.mix(0.9))
             .border_style(BLACK)
-            .label_font(("sans-serif", 15))
+            .label_font(("sans-serif", 13))
             .draw()
+            .map_err(|e| err(&e))?;
+
+        let mut walls = ChartBuilder::on(&right)
+            .caption(
+                "wall time: median, min-max; CPU of both sides",
+                ("sans-serif", 18),
+            )
+            .margin(15)
+            .x_label_area_size(45)
+            .y_label_area_size(65)
+            .build_cartesian_2d(xrange, 0f64..wall_max)
+            .map_err(|e| err(&e))?;
+        walls
+            .configure_mesh()
+            .x_desc("channels (K)")
+            .y_desc("seconds")
+            .x_labels(ticks)
+            .y_labels(8)
+            .x_label_formatter(&x_label)
+            .y_label_formatter(&|y| format!("{y:.2}"))
+            .label_style(("sans-serif", 14))
+            .axis_desc_style(("sans-serif", 15))
+            .light_line_style(WHITE.mix(0.0))
+            .draw()
+            .map_err(|e| err(&e))?;
+        let migrations: Vec<&Plotted> = tools.iter().filter(|t| t.tool != Tool::Iperf3).collect();
+        let n = migrations.len().max(1) as f64;
+        for (i, t) in migrations.iter().enumerate() {
+            // Side by side around each channel count.
+            let dx = (i as f64 - (n - 1.0) / 2.0) * 0.15;
+            let colour = t.colour;
+            walls
+                .draw_series(t.points.iter().map(|(k, m)| {
+                    ErrorBar::new_vertical(
+                        f64::from(*k) + dx,
+                        m.wall_min_s,
+                        m.wall_s,
+                        m.wall_max_s,
+                        colour.stroke_width(2),
+                        10,
+                    )
+                }))
+                .map_err(|e| err(&e))?
+                .label(t.name.clone())
+                .legend(move |(x, y)| {
+                    Rectangle::new([(x, y - 4), (x + 16, y + 4)], colour.filled())
+                });
+            walls
+                .draw_series(t.points.iter().map(|(k, m)| {
+                    let cpu = m
+                        .cpu_percent
+                        .map_or(String::new(), |c| format!(", CPU {c:.0}%"));
+                    EmptyElement::at((f64::from(*k) + dx, m.wall_s))
+                        + Circle::new((0, 0), 4, colour.filled())
+                        + Text::new(
+                            format!("{:.3} s{cpu}", m.wall_s),
+                            (8, -6),
+                            ("sans-serif", 12).into_font().color(&colour),
+                        )
+                }))
+                .map_err(|e| err(&e))?;
+        }
+        walls
+            .configure_series_labels()
+            .position(SeriesLabelPosition::UpperRight)
+            .background_style(WHITE.mix(0.9))
+            .border_style(BLACK)
+            .label_font(("sans-serif", 13))
+            .draw()
+            .map_err(|e| err(&e))?;
+
+        let footer_text = format!(
+            "host {} ({} CPUs) | {} UTC | {}{} | notes in the report",
+            self.host,
+            self.cpus,
+            utc(self.started_at_unix),
+            self.ferry_version,
+            self.qemu_version
+                .as_deref()
+                .map_or(String::new(), |v| format!(" | QEMU {v}"))
+        );
+        footer
+            .draw(&Text::new(
+                footer_text,
+                (20, 20),
+                ("sans-serif", 14).into_font().color(&BLACK),
+            ))
             .map_err(|e| err(&e))?;
         root.present().map_err(|e| err(&e))?;
         Ok(())
     }
+}
+
+/// One tool on the plot: its cases' medians by channel count.
+struct Plotted<'a> {
+    tool: Tool,
+    name: String,
+    colour: RGBColor,
+    points: Vec<(u16, &'a Summary)>,
+}
+
+/// `2026-12-01 03:04` from Unix seconds.
+fn utc(unix: f64) -> String {
+    time::OffsetDateTime::from_unix_timestamp(unix as i64).map_or_else(
+        |_| "unknown date".into(),
+        |t| {
+            format!(
+                "{:04}-{:02}-{:02} {:02}:{:02}",
+                t.year(),
+                u8::from(t.month()),
+                t.day(),
+                t.hour(),
+                t.minute()
+            )
+        },
+    )
 }
 
 #[cfg(test)]
@@ -543,6 +716,8 @@ mod tests {
             send_args: vec!["--no-checksum".into()],
             cpus: 2,
             qemu_version: Some("10.0.2".into()),
+            host: "testhost".into(),
+            ferry_version: "ferry 0.1.0 (commit abc)".into(),
             started_at_unix: 1.7e9,
             finished_at_unix: 1.7e9 + 30.0,
             ratios: compute_ratios(&cases),
@@ -658,10 +833,27 @@ mod tests {
         hand_report().plot_svg(&path).expect("plot");
         let svg = std::fs::read_to_string(&path).expect("read svg");
         assert!(svg.contains("<svg"));
-        assert!(svg.contains("ferry: GB/s of guest RAM"));
-        assert!(svg.contains("QEMU 10.0.2 multifd"));
-        assert!(svg.contains("iperf3 -P K"));
-        assert!(svg.contains("channels (K)"));
+        for part in [
+            "ferry: guest RAM",
+            "ferry: wire",
+            "QEMU 10.0.2 multifd: guest RAM",
+            "iperf3 -P K: wire",
+            "channels (K)",
+            "GB/s (10^9 bytes/s)",
+            "seconds",
+            // Wall time of ferry at K=2 (median 0.5 s of 0.4-0.6) with its CPU.
+            "0.500 s, CPU 160%",
+            "host testhost (2 CPUs)",
+            "ferry 0.1.0 (commit abc)",
+            "2023-11-14 22:13",
+        ] {
+            assert!(svg.contains(part), "{part} missing from the plot");
+        }
+        // Tick labels on both axes: the channel counts and the rates.
+        assert!(
+            svg.contains("\n1\n</text>") && svg.contains("\n2\n</text>"),
+            "channel ticks"
+        );
     }
 
     #[test]

@@ -68,7 +68,13 @@ fn verbose_logs_the_migration_plainly_and_json_logs_parse() {
 
 #[test]
 fn bench_refuses_a_plot_path_it_cannot_write_before_any_run() {
-    let d = run(&["bench", "--size", "16M", "--plot", "/nonexistent/dir/bench.svg"]);
+    let d = run(&[
+        "bench",
+        "--size",
+        "16M",
+        "--plot",
+        "/nonexistent/dir/bench.svg",
+    ]);
     assert_eq!(d.code(), Some(1), "{}", d.stderr);
     assert_contains(&d.stderr, &["cannot write /nonexistent/dir/bench.svg"]);
     assert!(!d.stderr.contains("run 1"), "no run started: {}", d.stderr);
