@@ -524,12 +524,7 @@ impl BenchReport {
                 .map_err(|e| err(&e))?
                 .label(format!("{}: wire", t.name))
                 .legend(move |(x, y)| {
-                    DashedPathElement::new(
-                        vec![(x, y), (x + 24, y)].into_iter(),
-                        5,
-                        3,
-                        colour.stroke_width(2),
-                    )
+                    DashedPathElement::new(vec![(x, y), (x + 24, y)], 5, 3, colour.stroke_width(2))
                 });
             rates
                 .draw_series(
