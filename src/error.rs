@@ -68,7 +68,7 @@ pub enum MigrationError {
     },
     #[error("migration cancelled{0}")]
     Cancelled(String),
-    #[error("did not converge after {passes} passes: {remaining} bytes still dirty, the switchover allows {threshold} (downtime limit {limit_ms} ms)")]
+    #[error("did not converge after {passes} passes: {} still dirty, the switchover allows {} (downtime limit {limit_ms} ms)", crate::summary::iec(*remaining), crate::summary::iec(*threshold))]
     NotConverged {
         passes: u64,
         remaining: u64,

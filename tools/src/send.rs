@@ -138,6 +138,26 @@ pub fn run(a: SendArgs) -> anyhow::Result<bool> {
 
 fn migrate(a: SendArgs) -> anyhow::Result<bool> {
     let uri: ChannelUri = a.to.parse()?;
+    // The control socket and metrics endpoint come first, so `ferry ctl`
+    // finds them while a large guest is still being built.
+    let progress = Arc::new(Progress::with_parameters(Parameters {
+        downtime_limit: a.downtime_limit,
+        max_bandwidth: a.max_bandwidth,
+        avail_switchover_bandwidth: a.avail_switchover_bandwidth,
+        auto_converge: a.auto_converge,
+        pause_before_switchover: a.pause_before_switchover,
+        max_passes: a.max_passes,
+        ..Default::default()
+    }));
+    crate::signals::cancel_on_signal(&progress);
+    let control = match &a.control {
+        Some(p) => Some(ControlServer::start(p, progress.clone())?),
+        None => None,
+    };
+    let metrics = match &a.metrics_listen {
+        Some(addr) => Some(ferry::MetricsServer::start(addr, progress.clone())?),
+        None => None,
+    };
     let guest = a.guest.build(Resources::new(&a.lock, true)?)?;
     let opts = OutgoingOptions {
         channels: a.channels,
@@ -164,24 +184,6 @@ fn migrate(a: SendArgs) -> anyhow::Result<bool> {
             ..Default::default()
         },
         ..Default::default()
-    };
-    let progress = Arc::new(Progress::with_parameters(Parameters {
-        downtime_limit: a.downtime_limit,
-        max_bandwidth: a.max_bandwidth,
-        avail_switchover_bandwidth: a.avail_switchover_bandwidth,
-        auto_converge: a.auto_converge,
-        pause_before_switchover: a.pause_before_switchover,
-        max_passes: a.max_passes,
-        ..Default::default()
-    }));
-    crate::signals::cancel_on_signal(&progress);
-    let control = match &a.control {
-        Some(p) => Some(ControlServer::start(p, progress.clone())?),
-        None => None,
-    };
-    let metrics = match &a.metrics_listen {
-        Some(addr) => Some(ferry::MetricsServer::start(addr, progress.clone())?),
-        None => None,
     };
     let events = a.json.then(|| EventPrinter::start(&progress));
     let view = ProgressView::start(progress.clone(), !a.json);
