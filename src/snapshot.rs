@@ -202,8 +202,51 @@ impl FileSummary {
         self.error = error;
     }
 
+    /// [`Self::finish`] with the error of `result`, if any.
+    fn finish_with<T>(
+        &mut self,
+        started: Instant,
+        counters: &Counters,
+        result: &Result<T, SnapshotError>,
+    ) {
+        self.finish(
+            started,
+            counters,
+            result.as_ref().err().map(|e| e.to_string()),
+        );
+    }
+
     pub fn completed(&self) -> bool {
         self.status == "completed"
+    }
+}
+
+/// The start of a file operation: the time, its counters (attached to
+/// `progress`) and its summary.
+fn begin(
+    path: &Path,
+    opts: &FileOptions,
+    progress: &Progress,
+) -> (Instant, Arc<Counters>, FileSummary) {
+    let started = Instant::now();
+    let counters = Arc::new(Counters::default());
+    progress.attach(counters.clone());
+    (started, counters, FileSummary::new(path, opts))
+}
+
+/// The end of a file operation whose `summary` is finished: the phase set to
+/// its status, and `result` handed back with the summary, as what `ok`
+/// makes of a success or as the error.
+fn conclude<T, U>(
+    progress: &Progress,
+    summary: FileSummary,
+    result: Result<T, SnapshotError>,
+    ok: impl FnOnce(T, FileSummary) -> U,
+) -> Result<U, FileFailed> {
+    progress.set_phase(summary.status);
+    match result {
+        Ok(v) => Ok(ok(v, summary)),
+        Err(error) => Err(FileFailed::new(error, summary)),
     }
 }
 
@@ -229,6 +272,15 @@ pub struct LazyReport {
 pub struct FileFailed {
     pub error: SnapshotError,
     pub summary: Box<FileSummary>,
+}
+
+impl FileFailed {
+    fn new(error: SnapshotError, summary: FileSummary) -> Self {
+        Self {
+            error,
+            summary: Box::new(summary),
+        }
+    }
 }
 
 /// How a save runs.
@@ -346,13 +398,10 @@ fn run_save(
     progress: &Progress,
     body: impl FnOnce(&Path, &SaveOptions, &Counters, &mut FileSummary) -> Result<(), SnapshotError>,
 ) -> Result<FileSummary, FileFailed> {
-    let started = Instant::now();
-    let counters = Arc::new(Counters::default());
-    progress.attach(counters.clone());
+    let (started, counters, mut summary) = begin(path, &opts.file, progress);
     progress
         .total_ram_bytes
         .store(guest.memory().total_bytes(), Ordering::Relaxed);
-    let mut summary = FileSummary::new(path, &opts.file);
     let mut opts = opts.clone();
     let cancel = cancel_flag(progress);
     opts.file.cancel = Some(cancel.clone());
@@ -405,22 +454,11 @@ fn finish_save(
             tracing::error!("resuming the guest after a failed save: {e}");
         }
     }
-    summary.finish(
-        started,
-        counters,
-        result.as_ref().err().map(|e| e.to_string()),
-    );
+    summary.finish_with(started, counters, &result);
     if matches!(result, Err(SnapshotError::Cancelled { .. })) {
         summary.status = "cancelled";
     }
-    progress.set_phase(summary.status);
-    match result {
-        Ok(()) => Ok(summary),
-        Err(error) => Err(FileFailed {
-            error,
-            summary: Box::new(summary),
-        }),
-    }
+    conclude(progress, summary, result, |(), summary| summary)
 }
 
 /// Where a save writes before it is complete: beside the target, so the
@@ -876,33 +914,24 @@ pub fn restore_from_file(
     opts: &FileOptions,
     progress: &Progress,
 ) -> Result<Restored, FileFailed> {
-    let started = Instant::now();
-    let counters = Arc::new(Counters::default());
-    progress.attach(counters.clone());
-    let mut summary = FileSummary::new(path, opts);
+    let (started, counters, mut summary) = begin(path, opts, progress);
     let mut opts = opts.clone();
     opts.cancel = Some(cancel_flag(progress));
     let result = restore(path, target, &opts, &counters, progress, &mut summary);
     if result.is_err() {
         summary.digest = None;
     }
-    summary.finish(
-        started,
-        &counters,
-        result.as_ref().err().map(|e| e.to_string()),
-    );
-    progress.set_phase(summary.status);
-    match result {
-        Ok((memory, device_state)) => Ok(Restored {
+    summary.finish_with(started, &counters, &result);
+    conclude(
+        progress,
+        summary,
+        result,
+        |(memory, device_state), summary| Restored {
             memory,
             device_state,
             summary,
-        }),
-        Err(error) => Err(FileFailed {
-            error,
-            summary: Box::new(summary),
-        }),
-    }
+        },
+    )
 }
 
 fn restore(
@@ -1038,10 +1067,7 @@ pub fn verify_file(
     opts: &FileOptions,
     progress: &Progress,
 ) -> Result<FileSummary, FileFailed> {
-    let started = Instant::now();
-    let counters = Arc::new(Counters::default());
-    progress.attach(counters.clone());
-    let mut summary = FileSummary::new(path, opts);
+    let (started, counters, mut summary) = begin(path, opts, progress);
     let mut opts = opts.clone();
     opts.cancel = Some(cancel_flag(progress));
     let result = (|| {
@@ -1078,19 +1104,8 @@ pub fn verify_file(
         summary.digest = None;
         summary.switchover_digest = None;
     }
-    summary.finish(
-        started,
-        &counters,
-        result.as_ref().err().map(|e| e.to_string()),
-    );
-    progress.set_phase(summary.status);
-    match result {
-        Ok(()) => Ok(summary),
-        Err(error) => Err(FileFailed {
-            error,
-            summary: Box::new(summary),
-        }),
-    }
+    summary.finish_with(started, &counters, &result);
+    conclude(progress, summary, result, |(), summary| summary)
 }
 
 /// A saved guest's file with its header, tables and device state read and
@@ -1182,10 +1197,7 @@ pub fn restore_lazy(
     opts: &FileOptions,
     progress: &Progress,
 ) -> Result<LazyRestoring, FileFailed> {
-    let started = Instant::now();
-    let counters = Arc::new(Counters::default());
-    progress.attach(counters.clone());
-    let mut summary = FileSummary::new(path, opts);
+    let (started, counters, mut summary) = begin(path, opts, progress);
     let begun = (|| {
         let SavedFile {
             file,
@@ -1227,10 +1239,7 @@ pub fn restore_lazy(
         }
         Err(error) => {
             summary.finish(started, &counters, Some(error.to_string()));
-            Err(FileFailed {
-                error,
-                summary: Box::new(summary),
-            })
+            Err(FileFailed::new(error, summary))
         }
     }
 }
@@ -1282,10 +1291,7 @@ impl LazyRestoring {
                     summary,
                 })
             }
-            Err(e) => Err(FileFailed {
-                error: e.into(),
-                summary: Box::new(summary),
-            }),
+            Err(e) => Err(FileFailed::new(e.into(), summary)),
         }
     }
 }

@@ -50,6 +50,36 @@ fn raw_source_with(
     blocks: Vec<BlockSpec>,
     capabilities: u8,
 ) -> RawSource {
+    let setup = Setup {
+        capabilities,
+        multifd_channels: channels,
+        packet_pages: 128,
+        blocks,
+    };
+    let (main, multifd) = raw_session(uri, channels, setup);
+    assert_eq!(
+        main.recv("destination").unwrap().0,
+        Message::SetupAck { verify: true }
+    );
+    RawSource { main, multifd }
+}
+
+impl RawSource {
+    /// Sends `messages` on the main channel, in order.
+    fn send_main(&self, messages: impl IntoIterator<Item = Message>) {
+        for m in messages {
+            self.main.send(&m).unwrap();
+        }
+    }
+}
+
+/// Connects a raw source's channels (hellos accepted) and sends `setup`;
+/// returns the main channel and the multifd channels.
+fn raw_session(
+    uri: &ChannelUri,
+    channels: u16,
+    setup: Setup,
+) -> (Arc<MainChannel>, Vec<ferry_transport::SocketChannel>) {
     let session = SessionId::random();
     let tuning = Default::default();
     let main = connect_channel(uri, &tuning, &hello(session, Role::Main, 0, channels)).unwrap();
@@ -63,18 +93,8 @@ fn raw_source_with(
     for ch in &multifd {
         await_accept(ch, Duration::from_secs(5)).unwrap();
     }
-    let setup = Setup {
-        capabilities,
-        multifd_channels: channels,
-        packet_pages: 128,
-        blocks,
-    };
     main.send(&Message::Setup(setup)).unwrap();
-    assert_eq!(
-        main.recv("destination").unwrap().0,
-        Message::SetupAck { verify: true }
-    );
-    RawSource { main, multifd }
+    (main, multifd)
 }
 
 /// A raw source's main channel, numbering its frames as a real one does
@@ -177,6 +197,13 @@ fn destination_error(
 /// time, so a fresh copy shows what an untouched destination holds.
 fn ram_4m(pattern: Pattern) -> Arc<ferry::GuestMemory> {
     memory(&[("ram", 4)], pattern, 1)
+}
+
+/// The only packet of pass 1 for [`ram_4m`]: its 1024 pages, all as zero
+/// pages.
+fn zero_pages_of_ram_4m() -> Vec<u8> {
+    let zeros: Vec<u64> = (0..1024).map(|p| p * 4096).collect();
+    packet(data_header(0, 0, 1024), &zeros, &[])
 }
 
 /// What a destination holding [`ram_4m`]`(pattern)` says when a raw source
@@ -350,13 +377,11 @@ fn payload_with_a_flipped_byte_fails_at_completion_naming_block_and_offset() {
         ch.write_all(&packet(h, &[8192], &page)).unwrap();
         ch.write_all(&marker(FLAG_SYNC, 1, 1)).unwrap();
         ch.write_all(&marker(FLAG_END, 2, 0)).unwrap();
-        for m in [
+        src.send_main([
             Message::PassEnd { generation: 1 },
             Message::DeviceState(vec![1]),
             Message::Complete { generation: 1 },
-        ] {
-            src.main.send(&m).unwrap();
-        }
+        ]);
         let err = destination_error(dst, &src.main);
         assert!(
             err.contains("multifd[0]")
@@ -400,14 +425,14 @@ fn pass_numbers_out_of_step_with_the_channels_fail_instead_of_hanging() {
         let target = ram_4m(Pattern::Zero);
         let (dst, uri) = destination_into(&target);
         let src = raw_source(&uri, 1, target.specs());
-        let zeros: Vec<u64> = (0..1024).map(|p| p * 4096).collect();
         let ch = &src.multifd[0];
-        ch.write_all(&packet(data_header(0, 0, 1024), &zeros, &[]))
-            .unwrap();
+        ch.write_all(&zero_pages_of_ram_4m()).unwrap();
         ch.write_all(&marker(FLAG_SYNC, 1, 1)).unwrap();
-        src.main.send(&Message::PassEnd { generation: 1 }).unwrap();
-        src.main.send(&Message::DeviceState(vec![1])).unwrap();
-        src.main.send(&Message::Complete { generation: 0 }).unwrap();
+        src.send_main([
+            Message::PassEnd { generation: 1 },
+            Message::DeviceState(vec![1]),
+            Message::Complete { generation: 0 },
+        ]);
         let err = destination_error(dst, &src.main);
         assert!(err.contains("COMPLETE after pass 0"), "{err}");
     });
@@ -489,7 +514,7 @@ fn a_corrupted_page_sent_again_in_a_later_pass_is_forgiven() {
         // SAFETY: `expected` is this thread's own memory, and page 3 lies
         // inside its 1 MiB block; nothing else reads or writes it.
         unsafe { std::ptr::copy_nonoverlapping(good.as_ptr(), page3, good.len()) };
-        for m in [
+        src.send_main([
             Message::PassEnd { generation: 1 },
             Message::PassEnd { generation: 2 },
             Message::DeviceState(vec![]),
@@ -497,9 +522,7 @@ fn a_corrupted_page_sent_again_in_a_later_pass_is_forgiven() {
             Message::Verify {
                 digest: ferry::Digest::of_guest(&expected, &[]).0,
             },
-        ] {
-            src.main.send(&m).unwrap();
-        }
+        ]);
         let got = dst
             .join()
             .unwrap()
@@ -798,30 +821,6 @@ fn destination_with(
     (spawn_destination(l, opts), uri)
 }
 
-/// Connects a raw source's channels (hellos accepted) and sends `setup`;
-/// returns the main channel and the multifd channels.
-fn raw_session(
-    uri: &ChannelUri,
-    channels: u16,
-    setup: Setup,
-) -> (Arc<MainChannel>, Vec<ferry_transport::SocketChannel>) {
-    let session = SessionId::random();
-    let tuning = Default::default();
-    let main = connect_channel(uri, &tuning, &hello(session, Role::Main, 0, channels)).unwrap();
-    let multifd: Vec<_> = (0..channels)
-        .map(|i| {
-            connect_channel(uri, &tuning, &hello(session, Role::Multifd, i, channels)).unwrap()
-        })
-        .collect();
-    await_accept(&main, Duration::from_secs(5)).unwrap();
-    let main = main_channel(main);
-    for ch in &multifd {
-        await_accept(ch, Duration::from_secs(5)).unwrap();
-    }
-    main.send(&Message::Setup(setup)).unwrap();
-    (main, multifd)
-}
-
 fn setup_of(blocks: Vec<BlockSpec>) -> Setup {
     Setup {
         capabilities: CAP_CHECKSUM,
@@ -936,22 +935,18 @@ fn a_digest_that_differs_from_the_sources_fails_before_the_guest_runs() {
         let target = ram_4m(Pattern::Zero);
         let (dst, uri) = destination_into(&target);
         let src = raw_source(&uri, 1, target.specs());
-        let zeros: Vec<u64> = (0..1024).map(|p| p * 4096).collect();
         let ch = &src.multifd[0];
-        ch.write_all(&packet(data_header(0, 0, 1024), &zeros, &[]))
-            .unwrap();
+        ch.write_all(&zero_pages_of_ram_4m()).unwrap();
         ch.write_all(&marker(FLAG_SYNC, 1, 1)).unwrap();
         ch.write_all(&marker(FLAG_END, 2, 0)).unwrap();
         let right = ferry::Digest::of_guest(&target, b"dev").0;
-        for m in [
+        src.send_main([
             Message::PassEnd { generation: 1 },
             Message::DeviceState(b"dev".to_vec()),
             Message::Complete { generation: 1 },
             // What a source whose memory differs would say.
             Message::Verify { digest: right ^ 1 },
-        ] {
-            src.main.send(&m).unwrap();
-        }
+        ]);
         let err = destination_error(dst, &src.main);
         assert!(
             err.contains("the two sides differ at switchover")
@@ -1001,10 +996,7 @@ fn a_channel_that_stalls_mid_pass_is_named_while_main_stays_alive() {
         let src = raw_source(&uri, 2, target.specs());
         // multifd[0] delivers its share and its SYNC; multifd[1] stays
         // silent (no FIN), while main keeps beating.
-        let zeros: Vec<u64> = (0..1024).map(|p| p * 4096).collect();
-        src.multifd[0]
-            .write_all(&packet(data_header(0, 0, 1024), &zeros, &[]))
-            .unwrap();
+        src.multifd[0].write_all(&zero_pages_of_ram_4m()).unwrap();
         src.multifd[0].write_all(&marker(FLAG_SYNC, 1, 1)).unwrap();
         src.main.send(&Message::PassEnd { generation: 1 }).unwrap();
         src.main

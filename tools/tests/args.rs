@@ -65,35 +65,27 @@ fn bad_durations_are_usage_errors_that_say_why() {
             &["--timeout"],
         );
     }
+    let downtime_limits: &[(&str, &[&str])] = &[
+        ("2x", &["unknown unit 'x'", "a bare number is milliseconds"]),
+        ("-300", &["cannot be negative"]),
+    ];
     for cmd in ["send", "save"] {
-        assert_usage_error(
-            &[
-                cmd,
-                "--guest",
-                "synthetic",
-                "--size",
-                "4M",
-                "--to",
-                "file:/x",
-                "--downtime-limit",
-                "2x",
-            ],
-            &["unknown unit 'x'", "a bare number is milliseconds"],
-        );
-        assert_usage_error(
-            &[
-                cmd,
-                "--guest",
-                "synthetic",
-                "--size",
-                "4M",
-                "--to",
-                "file:/x",
-                "--downtime-limit",
-                "-300",
-            ],
-            &["cannot be negative"],
-        );
+        for (value, parts) in downtime_limits {
+            assert_usage_error(
+                &[
+                    cmd,
+                    "--guest",
+                    "synthetic",
+                    "--size",
+                    "4M",
+                    "--to",
+                    "file:/x",
+                    "--downtime-limit",
+                    value,
+                ],
+                parts,
+            );
+        }
     }
 }
 

@@ -5,16 +5,21 @@
 //! Every child runs under a deadline: a hang kills it and fails the test.
 //! Every run checks that the binary did not panic. No test asserts timing.
 
+mod support;
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{mpsc, Arc};
-use std::thread::JoinHandle;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
+use support::{
+    assert_contains, ctl_within, ferry, local_port, start_send_synthetic, wait_for_query_within,
+    Done, Proc,
+};
 
 const MIB: u64 = 1 << 20;
 /// How long any child may run before the test calls it a hang.
@@ -26,220 +31,9 @@ const NOT_YET: u64 = u64::MAX;
 // Running the binary
 // ---------------------------------------------------------------------------
 
-fn ferry() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_ferry"));
-    c.env_remove("FERRY_LOG");
-    c.env_remove("RUST_LOG");
-    c
-}
-
-/// A running `ferry` child whose stdout and stderr are drained by threads,
-/// so it can never block on a full pipe. Killed if dropped while running.
-struct Proc {
-    name: String,
-    child: Child,
-    stdout: Option<JoinHandle<String>>,
-    stderr: Option<JoinHandle<String>>,
-    /// Receives the `ferry: listening on URI` line's URI when it appears on stderr.
-    listening: mpsc::Receiver<String>,
-}
-
-/// A finished child: its exit status and everything it printed.
-struct Done {
-    name: String,
-    status: ExitStatus,
-    stdout: String,
-    stderr: String,
-}
-
-impl Proc {
-    fn spawn(name: &str, args: &[&str]) -> Proc {
-        let mut child = ferry()
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap_or_else(|e| panic!("spawning ferry {args:?}: {e}"));
-        let mut out = child.stdout.take().unwrap();
-        let stdout = std::thread::spawn(move || {
-            let mut s = String::new();
-            let _ = out.read_to_string(&mut s);
-            s
-        });
-        let err = child.stderr.take().unwrap();
-        let (tx, listening) = mpsc::channel();
-        let stderr = std::thread::spawn(move || {
-            let mut all = String::new();
-            let mut r = BufReader::new(err);
-            let mut line = String::new();
-            loop {
-                line.clear();
-                match r.read_line(&mut line) {
-                    Ok(0) | Err(_) => break,
-                    Ok(_) => {
-                        if let Some(uri) = line.trim_end().strip_prefix("ferry: listening on ") {
-                            let _ = tx.send(uri.to_string());
-                        }
-                        all.push_str(&line);
-                    }
-                }
-            }
-            all
-        });
-        Proc {
-            name: name.to_string(),
-            child,
-            stdout: Some(stdout),
-            stderr: Some(stderr),
-            listening,
-        }
-    }
-
-    /// Waits for the child to exit; kills it and fails the test after `limit`.
-    fn wait(mut self, limit: Duration) -> Done {
-        let t = Instant::now();
-        let status = loop {
-            match self.child.try_wait() {
-                Ok(Some(s)) => break s,
-                Ok(None) if t.elapsed() < limit => std::thread::sleep(Duration::from_millis(20)),
-                Ok(None) => {
-                    let _ = self.child.kill();
-                    let _ = self.child.wait();
-                    let (out, err) = self.collect();
-                    panic!(
-                        "{}: still running after {limit:?} (a hang); killed.\n\
-                         stdout:\n{out}\nstderr:\n{err}",
-                        self.name
-                    );
-                }
-                Err(e) => panic!("{}: waiting: {e}", self.name),
-            }
-        };
-        let (stdout, stderr) = self.collect();
-        let done = Done {
-            name: self.name.clone(),
-            status,
-            stdout,
-            stderr,
-        };
-        assert!(
-            !done.stderr.contains("panicked"),
-            "{}: the binary panicked:\n{}",
-            done.name,
-            done.stderr
-        );
-        done
-    }
-
-    fn collect(&mut self) -> (String, String) {
-        let out = self.stdout.take().map(|h| h.join().unwrap_or_default());
-        let err = self.stderr.take().map(|h| h.join().unwrap_or_default());
-        (out.unwrap_or_default(), err.unwrap_or_default())
-    }
-
-    /// SIGKILL, then reap.
-    fn kill(mut self) -> Done {
-        self.child.kill().expect("killing the child");
-        self.wait(DEADLINE)
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        // A test that fails half way must not leave ferry processes behind.
-        if let Ok(None) = self.child.try_wait() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
-}
-
-impl Done {
-    fn code(&self) -> Option<i32> {
-        self.status.code()
-    }
-
-    /// The summary JSON object: the last line on stdout. Every line before
-    /// it must be an event (`--json` streams them while the run goes on).
-    fn json(&self) -> Value {
-        let lines: Vec<&str> = self
-            .stdout
-            .lines()
-            .filter(|l| !l.trim().is_empty())
-            .collect();
-        let Some((last, events)) = lines.split_last() else {
-            panic!("{}: nothing on stdout; stderr:\n{}", self.name, self.stderr);
-        };
-        for e in events {
-            let v: Value = serde_json::from_str(e)
-                .unwrap_or_else(|err| panic!("{}: event line is not JSON ({err}): {e}", self.name));
-            assert!(
-                v["event"].is_string(),
-                "{}: not an event before the summary: {v}",
-                self.name
-            );
-        }
-        let v: Value = serde_json::from_str(last)
-            .unwrap_or_else(|e| panic!("{}: stdout is not JSON ({e}): {last}", self.name));
-        assert!(
-            v.is_object() && v.get("event").is_none(),
-            "{}: not a summary object: {v}",
-            self.name
-        );
-        v
-    }
-
-    /// The events printed before the summary.
-    fn events(&self) -> Vec<Value> {
-        let lines: Vec<&str> = self
-            .stdout
-            .lines()
-            .filter(|l| !l.trim().is_empty())
-            .collect();
-        lines[..lines.len().saturating_sub(1)]
-            .iter()
-            .map(|l| serde_json::from_str(l).unwrap())
-            .collect()
-    }
-
-    /// Exit 0 and a completed JSON summary with a digest.
-    fn completed(&self) -> Value {
-        let v = self.json();
-        assert_eq!(
-            (self.code(), v["status"].as_str()),
-            (Some(0), Some("completed")),
-            "{}: expected a completed run:\n{v}\nstderr:\n{}",
-            self.name,
-            self.stderr
-        );
-        assert!(v.get("error").is_none(), "{}: {v}", self.name);
-        assert!(v["digest"].is_string(), "{}: no digest: {v}", self.name);
-        v
-    }
-
-    /// Exit 1 and a failed JSON summary; returns the summary and its error text.
-    fn failed(&self) -> (Value, String) {
-        let v = self.json();
-        assert_eq!(
-            (self.code(), v["status"].as_str()),
-            (Some(1), Some("failed")),
-            "{}: expected a failed run:\n{v}\nstderr:\n{}",
-            self.name,
-            self.stderr
-        );
-        let err = v["error"]
-            .as_str()
-            .unwrap_or_else(|| panic!("{}: failed without an error text: {v}", self.name))
-            .to_string();
-        assert!(!err.is_empty(), "{}: empty error: {v}", self.name);
-        (v, err)
-    }
-}
-
 /// Runs a short command to completion under the deadline.
 fn run(args: &[&str]) -> Done {
-    Proc::spawn(&format!("ferry {}", args.join(" ")), args).wait(DEADLINE)
+    Proc::spawn(args).wait(DEADLINE)
 }
 
 /// `ferry gen` into `dir`; returns the file.
@@ -272,21 +66,15 @@ fn start_recv(extra: &[&str]) -> (Proc, u16) {
         "30",
     ];
     args.extend_from_slice(extra);
-    let p = Proc::spawn("ferry recv", &args);
-    let uri = match p.listening.recv_timeout(DEADLINE) {
-        Ok(uri) => uri,
-        Err(_) => {
-            let d = p.kill();
-            panic!(
-                "ferry recv never printed 'ferry: listening on ...':\nstderr:\n{}",
-                d.stderr
-            );
-        }
+    let p = Proc::named("ferry recv", &args);
+    let Some(uri) = p.listening(DEADLINE) else {
+        let d = p.kill();
+        panic!(
+            "ferry recv never printed 'ferry: listening on ...':\nstderr:\n{}",
+            d.stderr
+        );
     };
-    let port = uri
-        .strip_prefix("tcp:127.0.0.1:")
-        .and_then(|p| p.parse().ok())
-        .unwrap_or_else(|| panic!("unexpected listening line: {uri}"));
+    let port = local_port(&uri);
     assert_ne!(port, 0, "the real port is printed, not 0");
     (p, port)
 }
@@ -305,7 +93,7 @@ fn start_send(ram: &Path, port: u16, channels: u16, extra: &[&str]) -> Proc {
         "--json",
     ];
     args.extend_from_slice(extra);
-    Proc::spawn("ferry send", &args)
+    Proc::named("ferry send", &args)
 }
 
 /// One migration between two processes; returns (send, recv) results.
@@ -314,12 +102,6 @@ fn migrate(ram: &Path, channels: u16, recv_extra: &[&str], send_extra: &[&str]) 
     let send = start_send(ram, port, channels, send_extra).wait(DEADLINE);
     let recv = recv.wait(DEADLINE);
     (send, recv)
-}
-
-fn assert_contains(text: &str, parts: &[&str]) {
-    for p in parts {
-        assert!(text.contains(p), "expected {p:?} in: {text}");
-    }
 }
 
 fn free_port() -> u16 {
@@ -552,7 +334,7 @@ fn exec_migrates_each_channel_through_its_own_command() {
     let ram = gen(dir.path(), "16M", "mixed", 9);
     let (recv, port) = start_recv(&[]);
     let to = format!("exec:socat - TCP:127.0.0.1:{port}");
-    let send = Proc::spawn(
+    let send = Proc::named(
         "ferry send",
         &[
             "send",
@@ -972,48 +754,16 @@ fn send_with_a_missing_ram_file_fails_naming_it() {
 // Live migrations of the synthetic guest, and the control socket
 // ---------------------------------------------------------------------------
 
-fn start_send_synthetic(port: u16, extra: &[&str]) -> Proc {
-    let to = format!("tcp:127.0.0.1:{port}");
-    let mut args = vec![
-        "send",
-        "--guest",
-        "synthetic",
-        "--size",
-        "32M",
-        "--to",
-        &to,
-        "--json",
-    ];
-    args.extend_from_slice(extra);
-    Proc::spawn("ferry send (synthetic)", &args)
-}
-
-/// `ferry ctl SOCKET ARGS...`: exit status and the reply.
+/// `ferry ctl SOCKET ARGS...` under this file's deadline: exit status and
+/// the reply.
 fn ctl(socket: &Path, args: &[&str]) -> (Option<i32>, Value) {
-    let mut all = vec!["ctl", socket.to_str().unwrap()];
-    all.extend_from_slice(args);
-    let d = run(&all);
-    let v = serde_json::from_str(d.stdout.trim()).unwrap_or(Value::Null);
-    (d.code(), v)
+    ctl_within(socket, args, DEADLINE)
 }
 
-/// Polls query-migrate until `want` holds for its reply (the socket may not
-/// exist yet); fails the test after the deadline.
+/// Polls query-migrate until `want` holds for its reply, under this file's
+/// deadline.
 fn wait_for_query(socket: &Path, want: impl Fn(&Value) -> bool) -> Value {
-    let t = Instant::now();
-    loop {
-        if socket.exists() {
-            let (code, v) = ctl(socket, &["query"]);
-            if code == Some(0) && want(&v["return"]) {
-                return v["return"].clone();
-            }
-        }
-        assert!(
-            t.elapsed() < DEADLINE,
-            "query-migrate never showed the wanted state"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_for_query_within(socket, DEADLINE, want)
 }
 
 #[test]
@@ -1137,14 +887,14 @@ fn ctl_cancel_keeps_the_source_running_and_the_destination_discards() {
     let (code, _) = ctl(&sock, &["cancel"]);
     assert_eq!(code, Some(0));
     let (s, r) = (send.wait(DEADLINE), recv.wait(DEADLINE));
-    let v = s.json();
+    let v = s.summary();
     assert_eq!(
         (s.code(), v["status"].as_str()),
         (Some(1), Some("cancelled")),
         "{v}"
     );
     assert_eq!(v["guest_running"], true);
-    let rv = r.json();
+    let rv = r.summary();
     assert_eq!(
         (r.code(), rv["status"].as_str()),
         (Some(1), Some("cancelled")),

@@ -29,17 +29,18 @@
 //! nothing at all), or leave a control client that never reads.
 
 mod relay;
+mod support;
 
 use std::collections::{BTreeMap, VecDeque};
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::{mpsc, Arc, Mutex};
-use std::thread::JoinHandle;
+use std::process::{Child, Command};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use relay::{Action, At, Dir, Fault, Relay};
 use serde_json::Value;
+use support::{local_port, Pipes};
 
 const MIB: u64 = 1 << 20;
 /// Guest size for the matrix: every guest is this big.
@@ -60,6 +61,7 @@ const RSS_KILL: u64 = 3 << 30;
 // Processes: spawned, memory sampled, reaped (exit time), killed
 // ---------------------------------------------------------------------------
 
+/// `ferry` without FERRY_LOG (unlike `support::ferry`, RUST_LOG is kept).
 fn ferry() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_ferry"));
     c.env_remove("FERRY_LOG");
@@ -85,9 +87,7 @@ struct Proc {
     name: String,
     pid: libc::pid_t,
     _child: Child,
-    stdout: Option<JoinHandle<String>>,
-    stderr: Option<JoinHandle<String>>,
-    listening: mpsc::Receiver<String>,
+    pipes: Pipes,
     exit: Option<Exit>,
     /// Highest VmHWM seen while it ran, bytes.
     hwm: u64,
@@ -107,46 +107,12 @@ struct Done {
 
 impl Proc {
     fn spawn(name: &str, args: &[String]) -> Proc {
-        let mut child = ferry()
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap_or_else(|e| panic!("spawning ferry {args:?}: {e}"));
-        let mut out = child.stdout.take().unwrap();
-        let stdout = std::thread::spawn(move || {
-            let mut s = String::new();
-            let _ = out.read_to_string(&mut s);
-            s
-        });
-        let err = child.stderr.take().unwrap();
-        let (tx, listening) = mpsc::channel();
-        let stderr = std::thread::spawn(move || {
-            let mut all = String::new();
-            let mut r = BufReader::new(err);
-            let mut line = String::new();
-            loop {
-                line.clear();
-                match r.read_line(&mut line) {
-                    Ok(0) | Err(_) => break,
-                    Ok(_) => {
-                        if let Some(uri) = line.trim_end().strip_prefix("ferry: listening on ") {
-                            let _ = tx.send(uri.to_string());
-                        }
-                        all.push_str(&line);
-                    }
-                }
-            }
-            all
-        });
+        let (child, pipes) = Pipes::spawn(ferry().args(args), &format!("ferry {args:?}"));
         Proc {
             name: name.to_string(),
             pid: child.id() as libc::pid_t,
             _child: child,
-            stdout: Some(stdout),
-            stderr: Some(stderr),
-            listening,
+            pipes,
             exit: None,
             hwm: 0,
             rss_killed: false,
@@ -218,14 +184,13 @@ impl Proc {
     /// The exited process's outcome and output.
     fn done(mut self) -> Done {
         self.kill(); // no-op if it exited
-        let out = self.stdout.take().map(|h| h.join().unwrap_or_default());
-        let err = self.stderr.take().map(|h| h.join().unwrap_or_default());
+        let (stdout, stderr) = self.pipes.collect();
         let exit = self.exit.expect("reaped");
         Done {
             name: self.name.clone(),
             exit,
-            stdout: out.unwrap_or_default(),
-            stderr: err.unwrap_or_default(),
+            stdout,
+            stderr,
             peak_rss: self.hwm,
             rss_killed: self.rss_killed,
         }
@@ -313,19 +278,12 @@ fn start_recv(extra: &[&str]) -> (Proc, u16) {
         .collect();
     args.extend(extra.iter().map(|s| s.to_string()));
     let mut p = Proc::spawn("recv", &args);
-    let uri = match p.listening.recv_timeout(Duration::from_secs(30)) {
-        Ok(uri) => uri,
-        Err(_) => {
-            p.kill();
-            let d = p.done();
-            panic!("ferry recv never said where it listens:\n{}", d.stderr);
-        }
+    let Some(uri) = p.pipes.listening(Duration::from_secs(30)) else {
+        p.kill();
+        let d = p.done();
+        panic!("ferry recv never said where it listens:\n{}", d.stderr);
     };
-    let port = uri
-        .strip_prefix("tcp:127.0.0.1:")
-        .and_then(|p| p.parse().ok())
-        .unwrap_or_else(|| panic!("unexpected listening line: {uri}"));
-    (p, port)
+    (p, local_port(&uri))
 }
 
 fn gen(dir: &Path, size: &str, pattern: &str, seed: u64) -> PathBuf {

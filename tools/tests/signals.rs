@@ -11,28 +11,22 @@ mod support;
 use std::path::Path;
 use std::time::Duration;
 
-use support::{assert_contains, start_recv, wait_for_query, Proc, DEADLINE};
+use support::{assert_contains, start_recv, start_send_synthetic, wait_for_query, Proc, DEADLINE};
 
 const CANCELLING: &str = "ferry: cancelling (press Ctrl-C again to exit at once)";
 
 /// A rate-limited synthetic guest (32 MiB at 1 MiB/s: half a minute at
 /// least), so the migration is still running when the test signals it.
 fn start_slow_send(port: u16, control: &Path) -> Proc {
-    let to = format!("tcp:127.0.0.1:{port}");
-    Proc::spawn(&[
-        "send",
-        "--guest",
-        "synthetic",
-        "--size",
-        "32M",
-        "--to",
-        &to,
-        "--json",
-        "--max-bandwidth",
-        "1M",
-        "--control",
-        control.to_str().unwrap(),
-    ])
+    start_send_synthetic(
+        port,
+        &[
+            "--max-bandwidth",
+            "1M",
+            "--control",
+            control.to_str().unwrap(),
+        ],
+    )
 }
 
 #[test]

@@ -1,6 +1,6 @@
-//! Running the `ferry` binary from the `args` and `signals` tests: children
-//! under a deadline (a hang kills them and fails the test), their output
-//! drained by threads, stderr lines also streamed so a test can wait for one.
+//! Running the `ferry` binary from the tools' tests: children under a
+//! deadline (a hang kills them and fails the test), their output drained by
+//! threads, stderr lines also streamed so a test can wait for one.
 
 #![allow(dead_code)] // each test file uses its own part
 
@@ -16,35 +16,37 @@ use serde_json::Value;
 /// How long any child may run before the test calls it a hang.
 pub const DEADLINE: Duration = Duration::from_secs(60);
 
-pub struct Proc {
-    name: String,
-    child: Child,
+/// What `ferry recv` prints on stderr before the URI it listens on.
+pub const LISTENING: &str = "ferry: listening on ";
+
+/// The `ferry` binary, without the logging variables of the test's own
+/// environment.
+pub fn ferry() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_ferry"));
+    c.env_remove("FERRY_LOG");
+    c.env_remove("RUST_LOG");
+    c
+}
+
+/// A child's stdout and stderr, drained by threads so it can never block on
+/// a full pipe; every stderr line is also sent as it comes.
+pub struct Pipes {
     stdout: Option<JoinHandle<String>>,
     stderr: Option<JoinHandle<String>>,
-    /// Every stderr line as it comes.
+    /// Every stderr line as it comes, trailing white space trimmed.
     lines: mpsc::Receiver<String>,
 }
 
-/// A finished child: its exit status and everything it printed.
-pub struct Done {
-    pub name: String,
-    pub status: ExitStatus,
-    pub stdout: String,
-    pub stderr: String,
-}
-
-impl Proc {
-    pub fn spawn(args: &[&str]) -> Proc {
-        let name = format!("ferry {}", args.join(" "));
-        let mut child = Command::new(env!("CARGO_BIN_EXE_ferry"))
-            .env_remove("FERRY_LOG")
-            .env_remove("RUST_LOG")
-            .args(args)
+impl Pipes {
+    /// Spawns `cmd` (stdin from /dev/null) with its output drained; `what`
+    /// names it if it cannot be spawned.
+    pub fn spawn(cmd: &mut Command, what: &str) -> (Child, Pipes) {
+        let mut child = cmd
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
-            .unwrap_or_else(|e| panic!("spawning {name}: {e}"));
+            .unwrap_or_else(|e| panic!("spawning {what}: {e}"));
         let mut out = child.stdout.take().unwrap();
         let stdout = std::thread::spawn(move || {
             let mut s = String::new();
@@ -69,12 +71,82 @@ impl Proc {
             }
             all
         });
-        Proc {
-            name,
-            child,
+        let pipes = Pipes {
             stdout: Some(stdout),
             stderr: Some(stderr),
             lines,
+        };
+        (child, pipes)
+    }
+
+    /// The first stderr line still unread that `pick` takes, within `limit`;
+    /// None if stderr closes (the child ended) or the time passes first.
+    pub fn find_line<T>(
+        &self,
+        limit: Duration,
+        mut pick: impl FnMut(&str) -> Option<T>,
+    ) -> Option<T> {
+        let t = Instant::now();
+        loop {
+            let left = limit.saturating_sub(t.elapsed());
+            let line = self.lines.recv_timeout(left).ok()?;
+            if let Some(v) = pick(&line) {
+                return Some(v);
+            }
+        }
+    }
+
+    /// The URI of the `ferry: listening on URI` line, within `limit`.
+    pub fn listening(&self, limit: Duration) -> Option<String> {
+        self.find_line(limit, |l| l.strip_prefix(LISTENING).map(str::to_string))
+    }
+
+    /// Everything the child printed (stdout, stderr): waits for it to close
+    /// both, so call it once the child has exited. Empty the second time.
+    pub fn collect(&mut self) -> (String, String) {
+        let out = self.stdout.take().map(|h| h.join().unwrap_or_default());
+        let err = self.stderr.take().map(|h| h.join().unwrap_or_default());
+        (out.unwrap_or_default(), err.unwrap_or_default())
+    }
+}
+
+/// The port of a `tcp:127.0.0.1:PORT` listening URI; fails the test on any
+/// other.
+pub fn local_port(uri: &str) -> u16 {
+    uri.strip_prefix("tcp:127.0.0.1:")
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("unexpected listening line: {uri}"))
+}
+
+/// A running `ferry` child, its output drained ([`Pipes`]). Killed if
+/// dropped while running.
+pub struct Proc {
+    name: String,
+    child: Child,
+    pipes: Pipes,
+}
+
+/// A finished child: its exit status and everything it printed.
+pub struct Done {
+    pub name: String,
+    pub status: ExitStatus,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Proc {
+    /// `ferry ARGS...`, named by its command line in the test's messages.
+    pub fn spawn(args: &[&str]) -> Proc {
+        Proc::named(&format!("ferry {}", args.join(" ")), args)
+    }
+
+    /// `ferry ARGS...`, called `name` in the test's messages.
+    pub fn named(name: &str, args: &[&str]) -> Proc {
+        let (child, pipes) = Pipes::spawn(ferry().args(args), name);
+        Proc {
+            name: name.to_string(),
+            child,
+            pipes,
         }
     }
 
@@ -85,24 +157,26 @@ impl Proc {
     /// Waits for a stderr line containing `part`; fails the test (killing
     /// the child) if the child ends or the deadline passes first.
     pub fn wait_for_line(&mut self, part: &str) -> String {
-        let t = Instant::now();
-        loop {
-            let left = DEADLINE.saturating_sub(t.elapsed());
-            match self.lines.recv_timeout(left) {
-                Ok(l) if l.contains(part) => return l,
-                Ok(_) => {}
-                Err(_) => {
-                    let _ = self.child.kill();
-                    let _ = self.child.wait();
-                    let (out, err) = self.collect();
-                    panic!(
-                        "{}: no stderr line with {part:?} (ended or hung).\n\
-                         stdout:\n{out}\nstderr:\n{err}",
-                        self.name
-                    );
-                }
-            }
+        if let Some(l) = self
+            .pipes
+            .find_line(DEADLINE, |l| l.contains(part).then(|| l.to_string()))
+        {
+            return l;
         }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let (out, err) = self.pipes.collect();
+        panic!(
+            "{}: no stderr line with {part:?} (ended or hung).\n\
+             stdout:\n{out}\nstderr:\n{err}",
+            self.name
+        );
+    }
+
+    /// The URI of the `ferry: listening on URI` line on stderr, within
+    /// `limit`; None if the child ends first.
+    pub fn listening(&self, limit: Duration) -> Option<String> {
+        self.pipes.listening(limit)
     }
 
     /// Sends a signal (`INT`, `TERM`) with kill(1).
@@ -154,10 +228,14 @@ impl Proc {
         done
     }
 
+    /// SIGKILL, then reap.
+    pub fn kill(mut self) -> Done {
+        self.child.kill().expect("killing the child");
+        self.wait(DEADLINE)
+    }
+
     fn collect(&mut self) -> (String, String) {
-        let out = self.stdout.take().map(|h| h.join().unwrap_or_default());
-        let err = self.stderr.take().map(|h| h.join().unwrap_or_default());
-        (out.unwrap_or_default(), err.unwrap_or_default())
+        self.pipes.collect()
     }
 }
 
@@ -176,7 +254,8 @@ impl Done {
         self.status.code()
     }
 
-    /// The summary JSON object: the last non-empty line on stdout.
+    /// The summary JSON object: the last non-empty line on stdout (the lines
+    /// before it unchecked, unlike [`Done::summary`]).
     pub fn json(&self) -> Value {
         let last = self
             .stdout
@@ -197,6 +276,83 @@ impl Done {
             .filter_map(|v| v["data"]["status"].as_str().map(str::to_string))
             .collect()
     }
+
+    /// The summary JSON object: the last line on stdout. Every line before
+    /// it must be an event (`--json` streams them while the run goes on).
+    pub fn summary(&self) -> Value {
+        let lines: Vec<&str> = self
+            .stdout
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .collect();
+        let Some((last, events)) = lines.split_last() else {
+            panic!("{}: nothing on stdout; stderr:\n{}", self.name, self.stderr);
+        };
+        for e in events {
+            let v: Value = serde_json::from_str(e)
+                .unwrap_or_else(|err| panic!("{}: event line is not JSON ({err}): {e}", self.name));
+            assert!(
+                v["event"].is_string(),
+                "{}: not an event before the summary: {v}",
+                self.name
+            );
+        }
+        let v: Value = serde_json::from_str(last)
+            .unwrap_or_else(|e| panic!("{}: stdout is not JSON ({e}): {last}", self.name));
+        assert!(
+            v.is_object() && v.get("event").is_none(),
+            "{}: not a summary object: {v}",
+            self.name
+        );
+        v
+    }
+
+    /// The events printed before the summary.
+    pub fn events(&self) -> Vec<Value> {
+        let lines: Vec<&str> = self
+            .stdout
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .collect();
+        lines[..lines.len().saturating_sub(1)]
+            .iter()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    }
+
+    /// Exit 0 and a completed JSON summary ([`Done::summary`]) with a digest.
+    pub fn completed(&self) -> Value {
+        let v = self.summary();
+        assert_eq!(
+            (self.code(), v["status"].as_str()),
+            (Some(0), Some("completed")),
+            "{}: expected a completed run:\n{v}\nstderr:\n{}",
+            self.name,
+            self.stderr
+        );
+        assert!(v.get("error").is_none(), "{}: {v}", self.name);
+        assert!(v["digest"].is_string(), "{}: no digest: {v}", self.name);
+        v
+    }
+
+    /// Exit 1 and a failed JSON summary ([`Done::summary`]); returns the
+    /// summary and its error text.
+    pub fn failed(&self) -> (Value, String) {
+        let v = self.summary();
+        assert_eq!(
+            (self.code(), v["status"].as_str()),
+            (Some(1), Some("failed")),
+            "{}: expected a failed run:\n{v}\nstderr:\n{}",
+            self.name,
+            self.stderr
+        );
+        let err = v["error"]
+            .as_str()
+            .unwrap_or_else(|| panic!("{}: failed without an error text: {v}", self.name))
+            .to_string();
+        assert!(!err.is_empty(), "{}: empty error: {v}", self.name);
+        (v, err)
+    }
 }
 
 /// Runs a short command to completion under the deadline.
@@ -210,7 +366,7 @@ pub fn start_recv(extra: &[&str]) -> (Proc, u16) {
     let mut args = vec!["recv", "--listen", "tcp:127.0.0.1:0", "--json"];
     args.extend_from_slice(extra);
     let mut p = Proc::spawn(&args);
-    let line = p.wait_for_line("ferry: listening on ");
+    let line = p.wait_for_line(LISTENING);
     let port = line
         .rsplit(':')
         .next()
@@ -221,9 +377,14 @@ pub fn start_recv(extra: &[&str]) -> (Proc, u16) {
 
 /// `ferry ctl SOCKET ARGS...`: exit status and the reply.
 pub fn ctl(socket: &Path, args: &[&str]) -> (Option<i32>, Value) {
+    ctl_within(socket, args, DEADLINE)
+}
+
+/// [`ctl`], killed and failing the test after `limit`.
+pub fn ctl_within(socket: &Path, args: &[&str], limit: Duration) -> (Option<i32>, Value) {
     let mut all = vec!["ctl", socket.to_str().unwrap()];
     all.extend_from_slice(args);
-    let d = run(&all);
+    let d = Proc::spawn(&all).wait(limit);
     let v = serde_json::from_str(d.stdout.trim()).unwrap_or(Value::Null);
     (d.code(), v)
 }
@@ -231,21 +392,49 @@ pub fn ctl(socket: &Path, args: &[&str]) -> (Option<i32>, Value) {
 /// Polls query-migrate until `want` holds for its reply (the socket may not
 /// exist yet); fails the test after the deadline.
 pub fn wait_for_query(socket: &Path, want: impl Fn(&Value) -> bool) -> Value {
+    wait_for_query_within(socket, DEADLINE, want)
+}
+
+/// [`wait_for_query`], failing the test after `limit` (each `ferry ctl`
+/// also under `limit`).
+pub fn wait_for_query_within(
+    socket: &Path,
+    limit: Duration,
+    want: impl Fn(&Value) -> bool,
+) -> Value {
     let t = Instant::now();
     loop {
         if socket.exists() {
-            let (code, v) = ctl(socket, &["query"]);
+            let (code, v) = ctl_within(socket, &["query"], limit);
             if code == Some(0) && want(&v["return"]) {
                 return v["return"].clone();
             }
         }
         assert!(
-            t.elapsed() < DEADLINE,
+            t.elapsed() < limit,
             "query-migrate on {} never showed the wanted state",
             socket.display()
         );
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+/// `ferry send --guest synthetic --size 32M --to tcp:127.0.0.1:PORT --json
+/// EXTRA...`.
+pub fn start_send_synthetic(port: u16, extra: &[&str]) -> Proc {
+    let to = format!("tcp:127.0.0.1:{port}");
+    let mut args = vec![
+        "send",
+        "--guest",
+        "synthetic",
+        "--size",
+        "32M",
+        "--to",
+        &to,
+        "--json",
+    ];
+    args.extend_from_slice(extra);
+    Proc::spawn(&args)
 }
 
 pub fn assert_contains(text: &str, parts: &[&str]) {
