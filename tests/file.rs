@@ -371,9 +371,12 @@ fn a_live_save_cancelled_between_passes_leaves_nothing() {
     common::within(120, || {
         let dir = disk_dir();
         let path = dir.path().join("live.ferry");
+        // Fast enough that every pass leaves dirty pages: with no downtime
+        // allowed, only the cancel ends the passes (a slower guest could
+        // leave none and let the save finish before the cancel came).
         let guest = Arc::new(common::synthetic(
             16,
-            64 * MIB,
+            512 * MIB,
             DirtyPattern::Random,
             TrackerKind::Bitmap,
         ));
