@@ -320,7 +320,7 @@ fn receive(
         compressed,
         "setup"
     );
-    let (memory, staged) = build_memory(&setup, &opts.memory)?;
+    let (memory, staged) = build_memory(&setup, &opts.memory, &summary.session)?;
     progress
         .total_ram_bytes
         .store(memory.total_bytes(), std::sync::atomic::Ordering::Relaxed);
@@ -643,6 +643,7 @@ fn check_limits(setup: &Setup, limits: &SetupLimits) -> Result<(), MigrationErro
 fn build_memory(
     setup: &Setup,
     memory: &DestinationMemory,
+    session: &str,
 ) -> Result<(Arc<GuestMemory>, Option<StagedFiles>), MigrationError> {
     if setup.blocks.is_empty() {
         return Err(MigrationError::Setup(
@@ -656,7 +657,7 @@ fn build_memory(
             None,
         )),
         DestinationMemory::Files(path) => {
-            let (memory, staged) = StagedFiles::create(&setup.blocks, path)?;
+            let (memory, staged) = StagedFiles::create(&setup.blocks, path, session)?;
             Ok((Arc::new(memory), Some(staged)))
         }
         DestinationMemory::Provided(mem) => {
@@ -708,13 +709,16 @@ struct StagedFiles {
 }
 
 impl StagedFiles {
+    /// Files for `specs` beside `path`, named after the `session` (unique
+    /// to this migration) until they are committed.
     fn create(
         specs: &[ferry_ram::BlockSpec],
         path: &Path,
+        session: &str,
     ) -> Result<(GuestMemory, Self), MigrationError> {
         let setup_err = |e: ferry_ram::RamError| MigrationError::Setup(e.to_string());
         let finals = ferry_ram::block_file_paths(specs, path).map_err(setup_err)?;
-        let tag = format!("{}.{:08x}", std::process::id(), rand_tag());
+        let tag = format!("{}.{session}", std::process::id());
         let mut staged = Self {
             paths: Vec::new(),
             committed: false,
@@ -757,20 +761,4 @@ impl Drop for StagedFiles {
             }
         }
     }
-}
-
-/// A few random bits for temporary names.
-fn rand_tag() -> u32 {
-    let mut b = [0u8; 4];
-    let _ = getrandom_fill(&mut b);
-    u32::from_le_bytes(b)
-}
-
-fn getrandom_fill(b: &mut [u8]) -> std::io::Result<()> {
-    // SAFETY: getrandom writes at most `b.len()` bytes into `b`.
-    let n = unsafe { libc::getrandom(b.as_mut_ptr().cast(), b.len(), 0) };
-    if n < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(())
 }
