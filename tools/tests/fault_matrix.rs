@@ -1145,22 +1145,13 @@ impl RawSource {
     }
 }
 
-/// crc32 (IEEE, as crc32fast computes it).
+/// crc32 (IEEE) over the parts in order, as the packets carry it.
 fn crc32(parts: &[&[u8]]) -> u32 {
-    let mut crc = !0u32;
-    for part in parts {
-        for &b in *part {
-            crc ^= u32::from(b);
-            for _ in 0..8 {
-                crc = if crc & 1 != 0 {
-                    (crc >> 1) ^ 0xEDB8_8320
-                } else {
-                    crc >> 1
-                };
-            }
-        }
+    let mut h = crc32fast::Hasher::new();
+    for p in parts {
+        h.update(p);
     }
-    !crc
+    h.finalize()
 }
 
 const FLAG_SYNC: u16 = 1;
