@@ -75,6 +75,22 @@ const MAX_SHUT: u32 = 64 << 10;
 
 pub const CAP_CHECKSUM: u8 = 1;
 pub const CAP_ZSTD: u8 = 2;
+/// The message type numbers, each written once here (the module doc lists
+/// them with their bodies).
+pub mod kind {
+    pub const SETUP: u16 = 1;
+    pub const PASS_END: u16 = 2;
+    pub const DEVICE_STATE: u16 = 3;
+    pub const COMPLETE: u16 = 4;
+    pub const CANCEL: u16 = 5;
+    pub const VERIFY: u16 = 6;
+    pub const SETUP_ACK: u16 = 101;
+    pub const SHUT: u16 = 102;
+    pub const SWITCHOVER_ACK: u16 = 103;
+    pub const RESUMED: u16 = 104;
+    pub const HEARTBEAT: u16 = 200;
+}
+
 /// SETUP_ACK flag: the destination verifies digests before it resumes.
 pub const ACK_VERIFY: u8 = 1;
 
@@ -117,17 +133,17 @@ pub enum Message {
 impl Message {
     fn kind(&self) -> u16 {
         match self {
-            Self::Setup(_) => 1,
-            Self::PassEnd { .. } => 2,
-            Self::DeviceState(_) => 3,
-            Self::Complete { .. } => 4,
-            Self::Cancel => 5,
-            Self::Verify { .. } => 6,
-            Self::SetupAck { .. } => 101,
-            Self::Shut { .. } => 102,
-            Self::SwitchoverAck => 103,
-            Self::Resumed { .. } => 104,
-            Self::Heartbeat => 200,
+            Self::Setup(_) => kind::SETUP,
+            Self::PassEnd { .. } => kind::PASS_END,
+            Self::DeviceState(_) => kind::DEVICE_STATE,
+            Self::Complete { .. } => kind::COMPLETE,
+            Self::Cancel => kind::CANCEL,
+            Self::Verify { .. } => kind::VERIFY,
+            Self::SetupAck { .. } => kind::SETUP_ACK,
+            Self::Shut { .. } => kind::SHUT,
+            Self::SwitchoverAck => kind::SWITCHOVER_ACK,
+            Self::Resumed { .. } => kind::RESUMED,
+            Self::Heartbeat => kind::HEARTBEAT,
         }
     }
 
@@ -230,7 +246,7 @@ impl Message {
             what: kind_name(kind),
         };
         let m = match kind {
-            1 => {
+            kind::SETUP => {
                 let capabilities = r.u8()?;
                 let multifd_channels = r.u16()?;
                 let packet_pages = r.u32()?;
@@ -254,16 +270,16 @@ impl Message {
                     blocks,
                 })
             }
-            2 => Self::PassEnd {
+            kind::PASS_END => Self::PassEnd {
                 generation: r.u64()?,
             },
-            3 => Self::DeviceState(b.to_vec()),
-            4 => Self::Complete {
+            kind::DEVICE_STATE => Self::DeviceState(b.to_vec()),
+            kind::COMPLETE => Self::Complete {
                 generation: r.u64()?,
             },
-            5 => Self::Cancel,
-            6 => Self::Verify { digest: r.u128()? },
-            101 => {
+            kind::CANCEL => Self::Cancel,
+            kind::VERIFY => Self::Verify { digest: r.u128()? },
+            kind::SETUP_ACK => {
                 let flags = r.u8()?;
                 if flags & !ACK_VERIFY != 0 {
                     return Err(MigrationError::Protocol(format!(
@@ -274,13 +290,13 @@ impl Message {
                     verify: flags & ACK_VERIFY != 0,
                 }
             }
-            103 => Self::SwitchoverAck,
-            104 => Self::Resumed {
+            kind::SWITCHOVER_ACK => Self::SwitchoverAck,
+            kind::RESUMED => Self::Resumed {
                 unix_nanos: r.u64()?,
                 digest: if b.len() > 8 { Some(r.u128()?) } else { None },
             },
-            200 => Self::Heartbeat,
-            102 => {
+            kind::HEARTBEAT => Self::Heartbeat,
+            kind::SHUT => {
                 let flag = r.u32()?;
                 if flag == 0 && b.len() > 4 {
                     return Err(MigrationError::Protocol(format!(
@@ -467,17 +483,17 @@ impl Drop for MainChannel {
 /// Every message type: its number on the wire, its name, and the most
 /// bytes its body may have.
 const KINDS: [(u16, &str, u32); 11] = [
-    (1, "SETUP", MAX_SETUP),
-    (2, "PASS_END", 8),
-    (3, "DEVICE_STATE", MAX_DEVICE_STATE),
-    (4, "COMPLETE", 8),
-    (5, "CANCEL", 0),
-    (6, "VERIFY", 16),
-    (101, "SETUP_ACK", 1),
-    (102, "SHUT", MAX_SHUT),
-    (103, "SWITCHOVER_ACK", 0),
-    (104, "RESUMED", 24),
-    (200, "HEARTBEAT", 0),
+    (kind::SETUP, "SETUP", MAX_SETUP),
+    (kind::PASS_END, "PASS_END", 8),
+    (kind::DEVICE_STATE, "DEVICE_STATE", MAX_DEVICE_STATE),
+    (kind::COMPLETE, "COMPLETE", 8),
+    (kind::CANCEL, "CANCEL", 0),
+    (kind::VERIFY, "VERIFY", 16),
+    (kind::SETUP_ACK, "SETUP_ACK", 1),
+    (kind::SHUT, "SHUT", MAX_SHUT),
+    (kind::SWITCHOVER_ACK, "SWITCHOVER_ACK", 0),
+    (kind::RESUMED, "RESUMED", 24),
+    (kind::HEARTBEAT, "HEARTBEAT", 0),
 ];
 
 fn kind_name(kind: u16) -> &'static str {
