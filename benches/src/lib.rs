@@ -354,23 +354,54 @@ pub fn run(config: &BenchConfig, log: &mut dyn FnMut(&str)) -> Result<BenchRepor
         }
     };
 
-    // Only the tools that run are named.
-    let system_cc = std::fs::read_to_string("/proc/sys/net/ipv4/tcp_congestion_control")
-        .map_or("unknown".into(), |s| s.trim().to_string());
-    let chosen = if config.peer_iperf {
-        "ferry and iperf3"
-    } else {
-        "ferry"
-    };
-    notes.push(format!(
-        "TCP congestion control: {} for {chosen}{}",
-        config.congestion.as_deref().unwrap_or("the system's"),
-        if qemu.is_some() {
-            format!("; QEMU uses the system's ({system_cc})")
-        } else {
-            format!(" (the system's is {system_cc})")
+    // Equal terms: the chosen algorithm becomes the system's for the whole
+    // measurement (QEMU cannot choose its own), and is put back after.
+    let system_cc = sys::system_congestion().unwrap_or_else(|| "unknown".into());
+    let _system_cc_guard = match config.congestion.as_deref() {
+        Some(cc) => match sys::SystemCongestion::set(cc) {
+            Ok(guard) => {
+                notes.push(format!(
+                    "TCP congestion control: {cc} for every tool{}",
+                    if guard.is_some() {
+                        format!(
+                            " (made the system's for the measurement; it was {system_cc} and is \
+                             restored after)"
+                        )
+                    } else {
+                        " (the system's)".into()
+                    }
+                ));
+                log(&format!("TCP congestion control: {cc} for every tool"));
+                guard
+            }
+            Err(e) => {
+                // Only the tools that run are named.
+                let chosen = if config.peer_iperf {
+                    "ferry and iperf3"
+                } else {
+                    "ferry"
+                };
+                let n = format!(
+                    "TCP congestion control: {cc} for {chosen}{} (setting the system's needs \
+                     root: {e})",
+                    if qemu.is_some() {
+                        format!("; QEMU uses the system's ({system_cc})")
+                    } else {
+                        String::new()
+                    }
+                );
+                log(&n);
+                notes.push(n);
+                None
+            }
+        },
+        None => {
+            notes.push(format!(
+                "TCP congestion control: the system's ({system_cc}) for every tool"
+            ));
+            None
         }
-    ));
+    };
 
     if plain || qemu.is_some() {
         notes.push(

@@ -1,5 +1,6 @@
 //! Small system helpers: CPU time of reaped children (getrusage), free space
-//! on a filesystem (statvfs), wall-clock Unix time, and text tails.
+//! on a filesystem (statvfs), wall-clock Unix time, text tails, and the
+//! system's TCP congestion control, set for a measurement and restored.
 //!
 //! The only `unsafe` of the crate lives here, around the two libc calls.
 
@@ -112,6 +113,46 @@ pub(crate) fn mem_available() -> Option<u64> {
     let line = info.lines().find(|l| l.starts_with("MemAvailable:"))?;
     let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kib * 1024)
+}
+
+const CONGESTION: &str = "/proc/sys/net/ipv4/tcp_congestion_control";
+
+/// The system's TCP congestion control (`net.ipv4.tcp_congestion_control`).
+pub(crate) fn system_congestion() -> Option<String> {
+    std::fs::read_to_string(CONGESTION)
+        .ok()
+        .map(|s| s.trim().to_string())
+}
+
+/// The system's TCP congestion control set to one algorithm for as long as
+/// this lives (so tools that cannot choose their own, QEMU, use it too),
+/// and put back as it was when dropped.
+pub(crate) struct SystemCongestion {
+    previous: String,
+}
+
+impl SystemCongestion {
+    /// Sets `name` (root only). `Ok(None)` when it already is the system's.
+    pub(crate) fn set(name: &str) -> io::Result<Option<Self>> {
+        let previous = system_congestion()
+            .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, CONGESTION))?;
+        if previous == name {
+            return Ok(None);
+        }
+        std::fs::write(CONGESTION, name)?;
+        Ok(Some(Self { previous }))
+    }
+}
+
+impl Drop for SystemCongestion {
+    fn drop(&mut self) {
+        if let Err(e) = std::fs::write(CONGESTION, &self.previous) {
+            eprintln!(
+                "ferry bench: could not restore the system's TCP congestion control to {}: {e}",
+                self.previous
+            );
+        }
+    }
 }
 
 #[cfg(test)]

@@ -51,8 +51,10 @@ pub struct BenchArgs {
     /// a VM that backs memory lazily, cold first touches otherwise dominate.
     #[arg(long)]
     cold_memory: bool,
-    /// TCP congestion control for ferry's and iperf3's sockets, or `system`.
-    /// QEMU cannot choose and always uses the system's.
+    /// TCP congestion control for every tool, or `system` to leave the
+    /// system's as it is. QEMU cannot choose its own, so the bench makes
+    /// this the system's for the whole measurement (as root) and puts the
+    /// old one back after; the report says which was used.
     #[arg(long, default_value = "cubic")]
     tcp_congestion: String,
     /// Pass `--send-path PATH` to `ferry send` (splice, copy or zero-copy).

@@ -103,10 +103,12 @@ pub struct SendArgs {
     /// at net.core.wmem_max); default: kernel autotuning.
     #[arg(long, value_parser = parse_size)]
     socket_buffer: Option<u64>,
-    /// TCP congestion control for the migration's sockets, or `system` for
-    /// the machine's default. cubic suits loopback and LANs; a pacing
-    /// algorithm (bbr) spends CPU on timers there.
-    #[arg(long, default_value = "cubic")]
+    /// TCP congestion control for the migration's sockets, or `system` (the
+    /// default) for the machine's. On loopback and LANs `cubic` is much
+    /// faster than a pacing algorithm such as bbr (2 GiB, 2 channels,
+    /// loopback: 0.38 s with cubic, 0.65 s with bbr); over a long, lossy
+    /// path bbr may win.
+    #[arg(long, default_value = "system")]
     tcp_congestion: String,
     /// TLS on every channel, with credentials from this directory in QEMU's
     /// layout: ca-cert.pem (the CA the receiver's certificate must be signed

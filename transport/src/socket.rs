@@ -33,10 +33,11 @@ pub struct SocketTuning {
     pub keepalive: Option<Duration>,
     /// TCP_USER_TIMEOUT: unacknowledged data for this long ends the connection.
     pub user_timeout: Option<Duration>,
-    /// TCP_CONGESTION for this socket; `None` keeps the system's default.
-    /// ferry picks `cubic`: migration runs over loopback and LANs, where a
-    /// pacing algorithm such as BBR costs CPU (a timer per packet) and buys
-    /// nothing. If the kernel refuses the name, the default stays.
+    /// TCP_CONGESTION for this socket; `None` (the default) keeps the
+    /// system's, as every other networked tool does. On loopback and LANs
+    /// `cubic` is much faster than a pacing algorithm such as BBR, which
+    /// spends CPU on a timer per packet (docs/MEASUREMENTS.md has the
+    /// figures). If the kernel refuses the name, the system's stays.
     pub congestion: Option<String>,
 }
 
@@ -48,7 +49,7 @@ impl Default for SocketTuning {
             nodelay: true,
             keepalive: Some(Duration::from_secs(10)),
             user_timeout: Some(Duration::from_secs(30)),
-            congestion: Some("cubic".into()),
+            congestion: None,
         }
     }
 }
