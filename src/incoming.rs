@@ -35,8 +35,9 @@ use ferry_multifd::{ReceiverOptions, ReceiverPool};
 use ferry_ram::{Digest, GuestMemory, PageBitmap, RamBlock};
 use ferry_transport::{accept_session, AcceptOptions, Listener};
 
-use crate::outgoing::{heartbeat_interval, DEFAULT_PEER_TIMEOUT};
-use crate::protocol::{MainChannel, Message, Setup, CAP_CHECKSUM, CAP_ZSTD};
+use crate::protocol::{
+    heartbeat_interval, MainChannel, Message, Setup, CAP_CHECKSUM, CAP_ZSTD, DEFAULT_PEER_TIMEOUT,
+};
 use crate::{Failed, MigrationError, Progress, Role, Summary};
 
 /// Where the destination's guest memory comes from.
@@ -151,7 +152,7 @@ pub fn migrate_in(
     let mut summary = Summary::new(Role::Destination, listener.uri().to_string());
     let mut started = Instant::now();
     let mut state = Received::default();
-    let mut result = crate::outgoing::with_ticker(progress, || {
+    let mut result = progress.while_ticking(|| {
         run(
             listener,
             opts,
@@ -404,14 +405,23 @@ fn start_guest(
         ours = Some(d.0);
     }
     progress.set_phase("resuming");
-    if let Some(keep) = &opts.keep {
-        keep(&out.device_state).map_err(MigrationError::Keep)?;
-    }
-    if let Some(files) = staged {
-        files.commit()?;
-    }
     let guest = (opts.build_guest)(memory, &out.device_state)?;
     guest.resources().activate()?;
+    // Outputs replace what the user had only once nothing but the resume
+    // itself can fail: a guest that cannot be built, or whose resources
+    // the source still holds, leaves every earlier file as it was.
+    let kept = opts
+        .keep
+        .as_ref()
+        .map_or(Ok(()), |keep| {
+            keep(&out.device_state).map_err(MigrationError::Keep)
+        })
+        .and_then(|()| staged.map_or(Ok(()), StagedFiles::commit));
+    if let Err(e) = kept {
+        // Give the resources back: the source resumes its guest.
+        let _ = guest.resources().inactivate();
+        return Err(e);
+    }
     guest.resume()?;
     summary.resume_ms = Some(t.elapsed().as_secs_f64() * 1e3);
     let resumed_at = crate::outgoing::unix_nanos();

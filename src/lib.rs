@@ -39,7 +39,8 @@ pub use incoming::{
     SetupLimits,
 };
 pub use metrics::{MetricsError, MetricsServer};
-pub use outgoing::{migrate_out, OutgoingOptions, DEFAULT_PEER_TIMEOUT};
+pub use outgoing::{migrate_out, OutgoingOptions};
+pub use protocol::DEFAULT_PEER_TIMEOUT;
 pub use snapshot::{
     open_saved, restore_from_file, restore_lazy, save_background, save_live_to_file, save_to_file,
     verify_file, BackgroundOptions, FileFailed, FileSummary, LazyReport, LazyRestored,

@@ -35,7 +35,7 @@ use ferry_transport::{
     SocketTuning, TlsClient,
 };
 
-use crate::protocol::{MainChannel, Message, Setup, CAP_CHECKSUM, CAP_ZSTD};
+use crate::protocol::{MainChannel, Message, Setup, CAP_CHECKSUM, CAP_ZSTD, DEFAULT_PEER_TIMEOUT};
 use crate::state::{Event, Status};
 use crate::summary::ZeroCopyReport;
 use crate::{Failed, Guest, MigrationError, Progress, Role as SummaryRole, Summary};
@@ -71,10 +71,6 @@ impl Default for OutgoingOptions {
         }
     }
 }
-
-/// The default peer timeout: long enough for a loaded machine, short
-/// enough that a dead peer is noticed while a person waits.
-pub const DEFAULT_PEER_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// How long a cancelled pass may take to end on its own before its
 /// channels are shut down (a dead link never drains).
@@ -119,7 +115,7 @@ pub fn migrate_out(
         progress,
         summary: &mut summary,
     };
-    let mut result = with_ticker(progress, || source.run());
+    let mut result = progress.while_ticking(|| source.run());
     let handed_over = source.handed_over;
     if result.is_err() && progress.cancel_requested() && !handed_over {
         result = Err(MigrationError::Cancelled(String::new()));
@@ -278,7 +274,7 @@ impl Source<'_> {
             opts.channels
         );
         let main = MainChannel::new(Arc::from(main), opts.peer_timeout)?;
-        main.start_heartbeat(heartbeat_interval(opts.peer_timeout))?;
+        main.start_heartbeat(crate::protocol::heartbeat_interval(opts.peer_timeout))?;
         let on_destination_failure = Arc::new(OnceLock::new());
         let return_path = spawn_return_path(main.clone(), on_destination_failure.clone())?;
 
@@ -839,28 +835,6 @@ fn destination_reason(rp: &ReturnPath) -> Option<MigrationError> {
         }
     }
     None
-}
-
-/// Runs `f` while a thread refreshes `progress`'s live figures every
-/// [`crate::state::TICK`].
-pub(crate) fn with_ticker<T>(progress: &Progress, f: impl FnOnce() -> T) -> T {
-    std::thread::scope(|scope| {
-        let (stop, stopped) = mpsc::channel::<()>();
-        scope.spawn(move || {
-            while let Err(RecvTimeoutError::Timeout) = stopped.recv_timeout(crate::state::TICK) {
-                progress.tick();
-            }
-        });
-        let out = f();
-        drop(stop);
-        out
-    })
-}
-
-/// How often a side sends HEARTBEAT when it has nothing else to say: four
-/// beats fit in one peer timeout.
-pub(crate) fn heartbeat_interval(peer_timeout: Duration) -> Duration {
-    (peer_timeout / 4).max(Duration::from_millis(20))
 }
 
 /// Now (Unix time, nanoseconds).

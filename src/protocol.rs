@@ -58,7 +58,6 @@
 //!   so a peer that goes silent (no FIN, no RST) is noticed by the other
 //!   side's read deadline (the peer timeout).
 
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
@@ -89,6 +88,16 @@ pub mod kind {
     pub const SWITCHOVER_ACK: u16 = 103;
     pub const RESUMED: u16 = 104;
     pub const HEARTBEAT: u16 = 200;
+}
+
+/// The default peer timeout: long enough for a loaded machine, short
+/// enough that a dead peer is noticed while a person waits.
+pub const DEFAULT_PEER_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How often a side sends HEARTBEAT when it has nothing else to say: four
+/// beats fit in one peer timeout.
+pub fn heartbeat_interval(peer_timeout: Duration) -> Duration {
+    (peer_timeout / 4).max(Duration::from_millis(20))
 }
 
 /// SETUP_ACK flag: the destination verifies digests before it resumes.
@@ -345,8 +354,8 @@ pub struct MainChannel {
     /// The number the next frame read must carry.
     reading: Mutex<u16>,
     heartbeat: Mutex<Option<std::thread::JoinHandle<()>>>,
+    /// Set (and signalled) to stop the heartbeat.
     stop: Arc<(Mutex<bool>, Condvar)>,
-    stopped: AtomicBool,
 }
 
 impl MainChannel {
@@ -371,7 +380,6 @@ impl MainChannel {
             reading: Mutex::new(0),
             heartbeat: Mutex::new(None),
             stop: Arc::new((Mutex::new(false), Condvar::new())),
-            stopped: AtomicBool::new(false),
         }))
     }
 
@@ -459,14 +467,12 @@ impl MainChannel {
 
     /// Stops the heartbeat (the last message has been sent).
     pub fn stop_heartbeat(&self) {
-        if self.stopped.swap(true, Ordering::SeqCst) {
-            return;
-        }
         let (lock, cv) = &*self.stop;
         *lock.lock().unwrap() = true;
         cv.notify_all();
         let t = self.heartbeat.lock().unwrap().take();
         if let Some(t) = t {
+            // The heartbeat thread itself may drop the last reference.
             if t.thread().id() != std::thread::current().id() {
                 let _ = t.join();
             }

@@ -327,6 +327,21 @@ impl Progress {
         self.figures.lock().unwrap().clone()
     }
 
+    /// Runs `f` while a thread refreshes the live figures every [`TICK`].
+    pub(crate) fn while_ticking<T>(&self, f: impl FnOnce() -> T) -> T {
+        std::thread::scope(|scope| {
+            let (stop, stopped) = mpsc::channel::<()>();
+            scope.spawn(move || {
+                while let Err(mpsc::RecvTimeoutError::Timeout) = stopped.recv_timeout(TICK) {
+                    self.tick();
+                }
+            });
+            let out = f();
+            drop(stop);
+            out
+        })
+    }
+
     /// A pass that has `bytes` of guest RAM to cover starts now.
     pub(crate) fn begin_pass(&self, bytes: u64) {
         let t = self.totals();

@@ -179,8 +179,8 @@ impl Summary {
     }
 }
 
-/// A byte count in IEC units, as every message of ferry's prints sizes:
-/// `512 B`, `64.0 MiB`, `15.0 TiB`.
+/// A byte count in IEC units, as every message and summary of ferry's
+/// prints sizes: `512 B`, `64.00 MiB`, `15.00 TiB`.
 pub fn iec(bytes: u64) -> String {
     const UNITS: [&str; 6] = ["KiB", "MiB", "GiB", "TiB", "PiB", "EiB"];
     if bytes < 1024 {
@@ -192,7 +192,7 @@ pub fn iec(bytes: u64) -> String {
         v /= 1024.0;
         unit += 1;
     }
-    format!("{v:.1} {}", UNITS[unit])
+    format!("{v:.2} {}", UNITS[unit])
 }
 
 pub(crate) fn unix_now() -> f64 {

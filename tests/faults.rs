@@ -869,7 +869,7 @@ fn a_setup_past_the_limits_is_refused_before_anything_is_made() {
         for (blocks, want) in [
             (
                 huge,
-                "15.0 TiB of guest RAM in 1 block(s), more than this receiver accepts (64.0 MiB",
+                "15.00 TiB of guest RAM in 1 block(s), more than this receiver accepts (64.00 MiB",
             ),
             (
                 many,

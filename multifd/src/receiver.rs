@@ -93,7 +93,7 @@ struct Shared {
     /// Per channel: moves with every header and payload received.
     activity: Activity,
     /// Per channel: the first pass whose SYNC it has not reached yet, or
-    /// `ENDED` once its END arrived.
+    /// `ENDED` once it ended cleanly (END, and TLS's close_notify).
     at_pass: Box<[AtomicU64]>,
     channels: Vec<Arc<dyn Channel>>,
     first_error: Mutex<Option<MultifdError>>,
@@ -234,7 +234,7 @@ impl ReceiverPool {
     pub fn finish_within(self, stall: Option<Duration>) -> Result<Totals, MultifdError> {
         let owing = |i: usize| self.shared.at_pass[i].load(Ordering::Acquire) != ENDED;
         self.watch(stall, owing, || {
-            self.shared.barrier.wait_ended_for(STALL_POLL)
+            self.shared.barrier.wait_closed_for(STALL_POLL)
         })?;
         self.finish()
     }
@@ -413,9 +413,10 @@ impl ChannelReceiver {
             }
             if h.is_end() {
                 self.shared.barrier.end(self.generation);
-                let ended = self.expect_clean_end();
+                self.expect_clean_end()?;
                 self.shared.at_pass[self.index].store(ENDED, Ordering::Release);
-                return ended;
+                self.shared.barrier.closed();
+                return Ok(());
             }
             if h.generation != self.generation {
                 return Err(self.bad(format!(

@@ -18,8 +18,8 @@ struct State {
     /// A channel sent END: the last sync it passed (the lowest of such
     /// channels). No later sync can complete.
     ended_after: Option<u64>,
-    /// How many channels have received their END.
-    ended: usize,
+    /// How many channels have received their END and ended cleanly.
+    closed: usize,
 }
 
 impl State {
@@ -116,16 +116,23 @@ impl SyncBarrier {
         }
     }
 
-    /// Waits at most `wait` for every channel's END; `Ok(false)` if some
-    /// have not come yet.
-    pub fn wait_ended_for(&self, wait: std::time::Duration) -> Result<bool, String> {
+    /// A channel has ended cleanly: its END came, and for TLS its
+    /// close_notify after it.
+    pub fn closed(&self) {
+        self.state.lock().unwrap().closed += 1;
+        self.cv.notify_all();
+    }
+
+    /// Waits at most `wait` for every channel to end cleanly; `Ok(false)`
+    /// if some have not yet.
+    pub fn wait_closed_for(&self, wait: std::time::Duration) -> Result<bool, String> {
         let mut s = self.state.lock().unwrap();
-        if s.ended < self.channels && s.stopped.is_none() {
+        if s.closed < self.channels && s.stopped.is_none() {
             s = self.cv.wait_timeout(s, wait).unwrap().0;
         }
         match &s.stopped {
             Some(why) => Err(why.clone()),
-            None => Ok(s.ended >= self.channels),
+            None => Ok(s.closed >= self.channels),
         }
     }
 
@@ -135,7 +142,6 @@ impl SyncBarrier {
         let mut s = self.state.lock().unwrap();
         let through = next.saturating_sub(1);
         s.ended_after = Some(s.ended_after.map_or(through, |e| e.min(through)));
-        s.ended += 1;
         self.cv.notify_all();
     }
 

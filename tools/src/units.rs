@@ -170,20 +170,9 @@ pub fn congestion(name: &str) -> Option<String> {
     (name != "system").then(|| name.to_string())
 }
 
-/// `1.50 GiB`, `64.0 MiB`, `512 B`.
+/// `1.50 GiB`, `64.00 MiB`, `512 B`: the controller's one size format.
 pub fn bytes(n: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut v = n as f64;
-    let mut u = 0;
-    while v >= 1024.0 && u < UNITS.len() - 1 {
-        v /= 1024.0;
-        u += 1;
-    }
-    if u == 0 {
-        format!("{n} B")
-    } else {
-        format!("{v:.2} {}", UNITS[u])
-    }
+    ferry::summary::iec(n)
 }
 
 /// A rate in SI units, as every output of ferry prints rates: `850 MB/s`,
