@@ -1,16 +1,20 @@
 //! One RAM block: a named, page-aligned run of guest memory.
 //!
-//! The bytes live in a memory mapping the block owns: anonymous (fresh zeroed
-//! memory, as a destination allocates) or shared over a file (an image guest's
-//! RAM file, or a destination's `--ram-out`). The data path reaches pages by
-//! address: senders hand the kernel iovecs over them, receivers read payloads
-//! straight into them. Several threads touch disjoint pages of one block at
-//! once, so the block hands out raw page addresses rather than `&mut` slices.
+//! The bytes live in a vm-memory [`MmapRegion`] the block shares (an `Arc`):
+//! anonymous (fresh zeroed memory, as a destination allocates), shared over
+//! a file (an image guest's RAM file, or a destination's `--ram-out`), or a
+//! region a VMM already holds in its `GuestMemoryMmap` (taken without a
+//! copy). Guest vCPUs, receiver threads and the kernel write these bytes
+//! while others read them, so the block never hands out `&[u8]` over them:
+//! readers get a [`VolatileSlice`] (vm-memory's view of memory others may
+//! write) or a raw address for an iovec, and [`crate::shared`] holds the
+//! reads that interpret the bytes (zero scan, copies into private buffers).
 
 use std::fs::File;
 use std::path::Path;
+use std::sync::Arc;
 
-use memmap2::{MmapOptions, MmapRaw};
+use vm_memory::{FileOffset, GuestAddress, MmapRegion, VolatileMemory, VolatileSlice};
 
 use crate::RamError;
 
@@ -22,8 +26,11 @@ pub struct RamBlock {
     page_size: u32,
     len: u64,
     writable: bool,
-    /// An anonymous or file mapping; never moved or resized while the block lives.
-    map: MmapRaw,
+    /// The mapping: never moved or resized while any `Arc` of it lives.
+    map: Arc<MmapRegion>,
+    /// Where the block lies in guest physical memory (see
+    /// [`crate::GuestMemory::guest_memory_mmap`]).
+    guest_base: GuestAddress,
 }
 
 impl RamBlock {
@@ -32,7 +39,7 @@ impl RamBlock {
     /// them: fewer faults while payloads land.
     pub fn anonymous(name: &str, len: u64, page_size: u32) -> Result<Self, RamError> {
         let b = Self::anonymous_base_pages(name, len, page_size)?;
-        advise(&b.map, libc::MADV_HUGEPAGE);
+        b.advise(libc::MADV_HUGEPAGE);
         Ok(b)
     }
 
@@ -40,23 +47,10 @@ impl RamBlock {
     /// (a write-protect dirty log then reports single pages, not 2 MiB).
     pub fn anonymous_base_pages(name: &str, len: u64, page_size: u32) -> Result<Self, RamError> {
         check_shape(name, len, page_size)?;
-        let map = MmapOptions::new()
-            .len(len as usize)
-            .map_anon()
-            .map_err(|source| RamError::Map {
-                block: name.into(),
-                len,
-                source,
-            })?;
-        let raw = MmapRaw::from(map);
-        advise(&raw, libc::MADV_NOHUGEPAGE);
-        Ok(Self {
-            name: name.into(),
-            page_size,
-            len,
-            writable: true,
-            map: raw,
-        })
+        let map = MmapRegion::new(len as usize).map_err(|e| map_err(name, len, e))?;
+        let b = Self::with_region(name, page_size, true, Arc::new(map), GuestAddress(0));
+        b.advise(libc::MADV_NOHUGEPAGE);
+        Ok(b)
     }
 
     /// A block whose bytes are the file's, shared: writes land in the file.
@@ -92,23 +86,64 @@ impl RamBlock {
         };
         let len = file.metadata().map_err(open_err)?.len();
         check_shape(name, len, page_size)?;
-        let map = if writable {
-            MmapOptions::new().map_raw(&file)
+        let prot = if writable {
+            libc::PROT_READ | libc::PROT_WRITE
         } else {
-            MmapOptions::new().map_raw_read_only(&file)
-        }
-        .map_err(|source| RamError::Map {
-            block: name.into(),
-            len,
-            source,
-        })?;
-        Ok(Self {
+            libc::PROT_READ
+        };
+        let map = MmapRegion::build(
+            Some(FileOffset::new(file, 0)),
+            len as usize,
+            prot,
+            libc::MAP_SHARED | libc::MAP_NORESERVE,
+        )
+        .map_err(|e| map_err(name, len, e))?;
+        Ok(Self::with_region(
+            name,
+            page_size,
+            writable,
+            Arc::new(map),
+            GuestAddress(0),
+        ))
+    }
+
+    /// A block over a region a VMM already maps (from its
+    /// `GuestMemoryMmap`), shared without a copy, at the guest address the
+    /// VMM gave it. Writable unless the mapping lacks `PROT_WRITE`.
+    pub fn from_region(
+        name: &str,
+        page_size: u32,
+        map: Arc<MmapRegion>,
+        guest_base: GuestAddress,
+    ) -> Result<Self, RamError> {
+        check_shape(name, map.size() as u64, page_size)?;
+        let writable = map.prot() & libc::PROT_WRITE != 0;
+        Ok(Self::with_region(
+            name, page_size, writable, map, guest_base,
+        ))
+    }
+
+    fn with_region(
+        name: &str,
+        page_size: u32,
+        writable: bool,
+        map: Arc<MmapRegion>,
+        guest_base: GuestAddress,
+    ) -> Self {
+        Self {
             name: name.into(),
             page_size,
-            len,
+            len: map.size() as u64,
             writable,
             map,
-        })
+            guest_base,
+        }
+    }
+
+    /// The same block placed at `guest_base` in guest physical memory.
+    pub(crate) fn at_guest_base(mut self, guest_base: GuestAddress) -> Self {
+        self.guest_base = guest_base;
+        self
     }
 
     pub fn name(&self) -> &str {
@@ -130,9 +165,45 @@ impl RamBlock {
         self.writable
     }
 
+    /// The vm-memory mapping behind the block (shared, never copied).
+    pub fn region(&self) -> &Arc<MmapRegion> {
+        &self.map
+    }
+
+    /// Where the block lies in guest physical memory.
+    pub fn guest_base(&self) -> GuestAddress {
+        self.guest_base
+    }
+
     /// Base address of the block in this process.
     pub fn host_addr(&self) -> *mut u8 {
-        self.map.as_mut_ptr()
+        self.map.as_ptr()
+    }
+
+    /// The whole block as a volatile slice.
+    pub fn as_volatile_slice(&self) -> VolatileSlice<'_> {
+        self.map.as_volatile_slice()
+    }
+
+    /// `len` bytes from `offset`, or `None` if they do not lie wholly
+    /// inside the block.
+    pub fn slice(&self, offset: u64, len: usize) -> Option<VolatileSlice<'_>> {
+        let offset = usize::try_from(offset).ok()?;
+        self.map.get_slice(offset, len).ok()
+    }
+
+    /// Page `index` as a volatile slice, or `None` past the block's end.
+    pub fn page_slice(&self, index: u64) -> Option<VolatileSlice<'_>> {
+        let offset = index.checked_mul(u64::from(self.page_size))?;
+        self.slice(offset, self.page_size as usize)
+    }
+
+    /// Pages `first..first + count` as one volatile slice, or `None` if
+    /// they do not lie wholly inside the block.
+    pub fn pages_slice(&self, first: u64, count: u64) -> Option<VolatileSlice<'_>> {
+        let ps = u64::from(self.page_size);
+        let len = usize::try_from(count.checked_mul(ps)?).ok()?;
+        self.slice(first.checked_mul(ps)?, len)
     }
 
     /// Address of page `index`, or `None` past the end of the block.
@@ -144,6 +215,26 @@ impl RamBlock {
                     .add((index * u64::from(self.page_size)) as usize)
             }
         })
+    }
+
+    /// Bytes `offset..offset + len` of the block as a plain slice, for a
+    /// caller that knows nobody writes them meanwhile; `None` if the range
+    /// is not wholly inside the block.
+    ///
+    /// # Safety
+    /// While the returned slice lives, no thread, vCPU or kernel I/O may
+    /// write any of these bytes: the guest is paused and every receiver
+    /// and file read into them has finished, or the calling thread is
+    /// the only one that writes them (a receiver's claimed page) and does
+    /// not while the slice lives.
+    pub unsafe fn bytes_unshared(&self, offset: u64, len: usize) -> Option<&[u8]> {
+        let end = offset.checked_add(len as u64)?;
+        if end > self.len {
+            return None;
+        }
+        // SAFETY: offset..end lies inside the mapping (checked above), which
+        // lives as long as `self`; the caller promises no writes meanwhile.
+        Some(unsafe { std::slice::from_raw_parts(self.host_addr().add(offset as usize), len) })
     }
 
     /// Asks the CPU to start loading the first cache line of page `index`
@@ -177,30 +268,6 @@ impl RamBlock {
         }
     }
 
-    /// The block's bytes. The guest (or a receiver thread) may write them
-    /// while they are read; callers use what they see as a snapshot and rely
-    /// on the dirty log to resend a page that changed.
-    pub fn bytes(&self) -> &[u8] {
-        // SAFETY: the mapping is `len` bytes long, readable, and lives as long
-        // as `self`; concurrent writers only ever store whole bytes into it.
-        unsafe { std::slice::from_raw_parts(self.host_addr(), self.len as usize) }
-    }
-
-    /// Page `index` as a slice (see [`RamBlock::bytes`] about concurrent
-    /// writes). The slice covers this page only, so a receiver thread may
-    /// read a page it claimed while others write other pages of the block.
-    ///
-    /// # Panics
-    /// If `index` is past the block's last page (callers check first).
-    pub fn page(&self, index: u64) -> &[u8] {
-        let p = self
-            .page_addr(index)
-            .unwrap_or_else(|| panic!("page {index} is past the end of block '{}'", self.name));
-        // SAFETY: p is the start of a whole page inside this block's readable
-        // mapping, which lives as long as `self`.
-        unsafe { std::slice::from_raw_parts(p.cast_const(), self.page_size as usize) }
-    }
-
     /// Reads the first byte of page `index` and writes it back: a write the
     /// guest makes that leaves memory as it was (how a test toucher plays a
     /// guest on lazily restored memory). Only for writable blocks.
@@ -227,11 +294,27 @@ impl RamBlock {
     }
 }
 
-fn advise(map: &MmapRaw, advice: libc::c_int) {
-    // SAFETY: madvise on our own anonymous mapping with a huge-page hint that
-    // does not change its contents; failure (no THP) is harmless and ignored.
-    unsafe {
-        libc::madvise(map.as_mut_ptr().cast(), map.len(), advice);
+impl RamBlock {
+    /// A hint about the mapping's pages (huge pages or not); failure (no
+    /// THP) is harmless and ignored.
+    fn advise(&self, advice: libc::c_int) {
+        // SAFETY: madvise over exactly this block's own mapping with a
+        // hint that does not change its contents.
+        unsafe {
+            libc::madvise(self.host_addr().cast(), self.len as usize, advice);
+        }
+    }
+}
+
+fn map_err(name: &str, len: u64, e: vm_memory::mmap::MmapRegionError) -> RamError {
+    let source = match e {
+        vm_memory::mmap::MmapRegionError::Mmap(io) => io,
+        other => std::io::Error::other(other.to_string()),
+    };
+    RamError::Map {
+        block: name.into(),
+        len,
+        source,
     }
 }
 
@@ -255,13 +338,6 @@ fn check_shape(name: &str, len: u64, page_size: u32) -> Result<(), RamError> {
     Ok(())
 }
 
-// SAFETY: the mapping is plain memory owned by the block; moving or sharing
-// the block between threads moves or shares only the pointer, and all writes
-// through it go to disjoint pages chosen by the data path.
-unsafe impl Send for RamBlock {}
-// SAFETY: as above.
-unsafe impl Sync for RamBlock {}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -270,7 +346,7 @@ mod tests {
     fn anonymous_block_is_zero_and_pages_are_addressable() {
         let b = RamBlock::anonymous("ram", 16 * 4096, 4096).unwrap();
         assert_eq!(b.pages(), 16);
-        assert!(b.bytes().iter().all(|&x| x == 0));
+        assert!(crate::shared::is_zero(&b.as_volatile_slice()));
         assert!(b.page_addr(15).is_some());
         assert!(b.page_addr(16).is_none());
     }

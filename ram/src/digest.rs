@@ -4,12 +4,17 @@
 //! Each block is cut into `DIGEST_CHUNK` pieces hashed in parallel with
 //! xxh3-64; the block name, length and the chunk hashes, in order, are then
 //! hashed with xxh3-128. The result does not depend on the thread count.
+//! Memory is read through copies into private buffers
+//! ([`crate::read_in_pieces`]), so a digest may be taken while others write.
 
 use std::fmt;
 
-use xxhash_rust::xxh3::{xxh3_64, Xxh3};
+use xxhash_rust::xxh3::Xxh3;
 
-use crate::GuestMemory;
+use crate::{read_in_pieces, GuestMemory, RamBlock};
+
+/// Bytes copied out of guest memory at a time while hashing.
+const PIECE: usize = 64 << 10;
 
 /// Bytes per independently hashed piece.
 pub const DIGEST_CHUNK: usize = 16 << 20;
@@ -23,7 +28,7 @@ impl Digest {
         let hashes: Vec<Vec<u64>> = mem
             .blocks()
             .iter()
-            .map(|b| chunk_hashes(b.bytes(), threads))
+            .map(|b| chunk_hashes(b, threads))
             .collect();
         Self::from_chunk_hashes(
             mem.blocks()
@@ -76,15 +81,26 @@ impl Digest {
     }
 }
 
-fn chunk_hashes(bytes: &[u8], threads: usize) -> Vec<u64> {
-    let chunks: Vec<&[u8]> = bytes.chunks(DIGEST_CHUNK).collect();
+/// The xxh3-64 of each `DIGEST_CHUNK` piece of `block`, hashed by up to
+/// `threads` threads.
+fn chunk_hashes(block: &RamBlock, threads: usize) -> Vec<u64> {
+    let len = block.len();
+    let chunks: Vec<(u64, usize)> = (0..len)
+        .step_by(DIGEST_CHUNK)
+        .map(|at| (at, (DIGEST_CHUNK as u64).min(len - at) as usize))
+        .collect();
     let mut out = vec![0u64; chunks.len()];
     let per = chunks.len().div_ceil(threads.max(1)).max(1);
     std::thread::scope(|s| {
         for (outs, ins) in out.chunks_mut(per).zip(chunks.chunks(per)) {
             s.spawn(move || {
-                for (o, c) in outs.iter_mut().zip(ins) {
-                    *o = xxh3_64(c);
+                let mut scratch = vec![0u8; PIECE];
+                for (o, &(at, n)) in outs.iter_mut().zip(ins) {
+                    let mut h = Xxh3::new();
+                    if let Some(c) = block.slice(at, n) {
+                        read_in_pieces(&c, &mut scratch, |piece| h.update(piece));
+                    }
+                    *o = h.digest();
                 }
             });
         }
@@ -116,9 +132,16 @@ mod tests {
         // SAFETY: the address is inside b's only block, which is writable.
         unsafe { *b.blocks()[0].host_addr().add(DIGEST_CHUNK + 5) = 1 };
         assert_ne!(a.digest(), b.digest());
-        assert_eq!(
-            chunk_hashes(b.blocks()[0].bytes(), 1),
-            chunk_hashes(b.blocks()[0].bytes(), 3)
-        );
+        let block = &b.blocks()[0];
+        assert_eq!(chunk_hashes(block, 1), chunk_hashes(block, 3));
+        let whole = block.as_volatile_slice();
+        // The streamed hash of each chunk is xxh3-64 of its bytes.
+        let mut copy = vec![0u8; whole.len()];
+        whole.copy_to(&mut copy[..]);
+        let direct: Vec<u64> = copy
+            .chunks(DIGEST_CHUNK)
+            .map(xxhash_rust::xxh3::xxh3_64)
+            .collect();
+        assert_eq!(chunk_hashes(block, 2), direct);
     }
 }

@@ -29,6 +29,8 @@ pub enum RamError {
     BadPageSize { block: String, page_size: u32 },
     #[error("RAM block name '{0}' is empty or longer than 255 bytes")]
     BadName(String),
+    #[error("RAM blocks {0}: they overlap in guest physical memory, or run past its end")]
+    GuestLayout(String),
     #[error("two RAM blocks are named '{0}'")]
     DuplicateName(String),
     #[error("RAM blocks '{first}' and '{second}' would both be kept in {path} (names differ only in characters a file name cannot hold)")]

@@ -1,7 +1,7 @@
 //! ferry-ram: a guest's memory as ferry sees it.
 //!
-//! Owns the RAM blocks (memory mapped with `memmap2`, anonymous or backed by a
-//! file), the page bitmaps that say which pages to move, the dirty logs of a running
+//! Owns the RAM blocks (vm-memory `MmapRegion`s: anonymous, backed by a
+//! file, or a VMM's own `GuestMemoryMmap` regions, never copied), the page bitmaps that say which pages to move, the dirty logs of a running
 //! guest (a writer-marked bitmap, and userfaultfd write-protect), fast zero-page
 //! detection, the digest that proves both sides hold the same bytes, and the
 //! deterministic datasets `ferry gen` writes, the layout of a saved guest's
@@ -16,6 +16,7 @@ mod error;
 pub mod mapped;
 mod memory;
 pub mod pattern;
+pub mod shared;
 pub mod uffd;
 mod uffd_wp;
 mod zero;
@@ -26,5 +27,8 @@ pub use digest::{Digest, DIGEST_CHUNK};
 pub use dirty::{BitmapLog, DirtyLog};
 pub use error::RamError;
 pub use memory::{block_file_paths, BlockSpec, GuestMemory, StagedFiles};
+pub use shared::{is_zero, read_in_pieces};
 pub use uffd_wp::{UffdLog, WriteProtect};
+pub use vm_memory;
+pub use vm_memory::{GuestAddress, GuestMemoryMmap, VolatileSlice};
 pub use zero::is_zero_page;

@@ -1,8 +1,15 @@
-//! A guest's memory: its RAM blocks, in order, with unique names; and the
+//! A guest's memory: its RAM blocks, in order, with unique names, laid out
+//! in guest physical memory as a vm-memory `GuestMemoryMmap` (so a VMM that
+//! holds one hands it over without a copy, and gets one back); and the
 //! files that back them when memory is kept in files (made in place, or
 //! staged under temporary names and moved into place once complete).
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use vm_memory::{
+    Address, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, GuestRegionMmap,
+};
 
 use crate::{Digest, RamBlock, RamError};
 
@@ -17,16 +24,78 @@ pub struct BlockSpec {
 
 pub struct GuestMemory {
     blocks: Vec<RamBlock>,
+    /// The same mappings as vm-memory regions at the blocks' guest bases.
+    layout: GuestMemoryMmap,
 }
 
 impl GuestMemory {
+    /// Memory made of `blocks`, laid out one after another in guest
+    /// physical memory from address 0, in order.
     pub fn new(blocks: Vec<RamBlock>) -> Result<Self, RamError> {
+        let mut base = 0u64;
+        let placed = blocks
+            .into_iter()
+            .map(|b| {
+                let at = GuestAddress(base);
+                base += b.len();
+                b.at_guest_base(at)
+            })
+            .collect();
+        Self::with_blocks(placed)
+    }
+
+    /// Memory over the regions of a VMM's `GuestMemoryMmap`, shared (the
+    /// mappings are the VMM's, not copies), each a block named by its
+    /// guest address (`ram@0x100000`) with `page_size` pages.
+    pub fn from_guest_memory_mmap(
+        memory: &GuestMemoryMmap,
+        page_size: u32,
+    ) -> Result<Self, RamError> {
+        let blocks = memory
+            .iter()
+            .map(|r| {
+                let base = r.start_addr();
+                RamBlock::from_region(
+                    &format!("ram@{:#x}", base.raw_value()),
+                    page_size,
+                    r.get_mmap(),
+                    base,
+                )
+            })
+            .collect::<Result<_, _>>()?;
+        Self::with_blocks(blocks)
+    }
+
+    fn with_blocks(blocks: Vec<RamBlock>) -> Result<Self, RamError> {
         for (i, b) in blocks.iter().enumerate() {
             if blocks[..i].iter().any(|o| o.name() == b.name()) {
                 return Err(RamError::DuplicateName(b.name().into()));
             }
         }
-        Ok(Self { blocks })
+        let regions = blocks
+            .iter()
+            .map(|b| {
+                GuestRegionMmap::with_arc(Arc::clone(b.region()), b.guest_base())
+                    .map(Arc::new)
+                    .ok_or_else(|| RamError::GuestLayout(b.name().into()))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let layout = GuestMemoryMmap::from_arc_regions(regions).map_err(|_| {
+            RamError::GuestLayout(
+                blocks
+                    .iter()
+                    .map(|b| b.name())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            )
+        })?;
+        Ok(Self { blocks, layout })
+    }
+
+    /// The memory as vm-memory's `GuestMemoryMmap`: the same mappings (no
+    /// copy), one region per block at its guest base.
+    pub fn guest_memory_mmap(&self) -> &GuestMemoryMmap {
+        &self.layout
     }
 
     /// Fresh zeroed anonymous memory with the given layout.

@@ -85,17 +85,26 @@ pub fn write_file(path: &Path, size: u64, pattern: Pattern, seed: u64) -> Result
     Ok(())
 }
 
-/// Fills a writable block with the dataset, in parallel.
+/// Fills a writable block with the dataset, in parallel: each thread
+/// makes 1 MiB pieces in a buffer of its own and copies them into the
+/// block, so the block may be one others read (or even write) meanwhile.
 pub fn fill_block(block: &RamBlock, pattern: Pattern, seed: u64) {
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let len = block.len() as usize;
-    // SAFETY: the block is a writable mapping of `len` bytes that lives for
-    // this call; no one else touches it while it is filled.
-    let bytes = unsafe { std::slice::from_raw_parts_mut(block.host_addr(), len) };
-    let per = len.div_ceil(PIECE).div_ceil(threads) * PIECE;
+    let pieces = block.len().div_ceil(PIECE as u64);
+    let per = pieces.div_ceil(threads as u64).max(1);
     std::thread::scope(|s| {
-        for (i, part) in bytes.chunks_mut(per.max(PIECE)).enumerate() {
-            s.spawn(move || fill(part, (i * per.max(PIECE)) as u64, pattern, seed));
+        for first in (0..pieces).step_by(per as usize) {
+            s.spawn(move || {
+                let mut buf = vec![0u8; PIECE];
+                for index in first..(first + per).min(pieces) {
+                    let at = index * PIECE as u64;
+                    let n = (PIECE as u64).min(block.len() - at) as usize;
+                    fill_piece(&mut buf[..n], index, pattern, seed);
+                    if let Some(dst) = block.slice(at, n) {
+                        dst.copy_from(&buf[..n]);
+                    }
+                }
+            });
         }
     });
 }

@@ -496,9 +496,14 @@ mod tests {
         }
         let (block, offset) = wp.locate(faults[0]).unwrap();
         assert_eq!((block, offset & !4095), (0, 3 * 4096));
-        assert_eq!(mem.blocks()[0].page(3)[8], 0, "the write waits");
+        let byte_8_of_page_3 = || {
+            use vm_memory::Bytes;
+            let page = mem.blocks()[0].page_slice(3).unwrap();
+            page.read_obj::<u8>(8).unwrap()
+        };
+        assert_eq!(byte_8_of_page_3(), 0, "the write waits");
         wp.unprotect(0, 3 * 4096, 4096).unwrap();
         writer.join().unwrap();
-        assert_eq!(mem.blocks()[0].page(3)[8], 9);
+        assert_eq!(byte_8_of_page_3(), 9);
     }
 }
