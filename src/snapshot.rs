@@ -1023,9 +1023,12 @@ fn restored_digest(memory: &GuestMemory, bitmaps: &[Vec<u64>]) -> Digest {
                 }
                 let mut h = StreamChecksum::new();
                 let mut at = first;
+                let mut scratch = vec![0u8; (ps as usize).min(64 << 10)];
                 for p in present_pages(words, first, last) {
                     h.zeros((p - at) * ps);
-                    h.bytes(&b.bytes()[(p * ps) as usize..((p + 1) * ps) as usize]);
+                    if let Some(page) = b.page_slice(p) {
+                        ferry_ram::read_in_pieces(&page, &mut scratch, |piece| h.bytes(piece));
+                    }
                     at = p + 1;
                 }
                 h.zeros((last - at) * ps);

@@ -454,11 +454,11 @@ pub fn synthetic_memory(
     match seed_file {
         Some(path) => {
             let src = GuestMemory::from_file("seed", path, DEFAULT_PAGE_SIZE, false)?;
-            let bytes = src.blocks()[0].bytes();
-            let n = bytes.len().min(size as usize);
-            // SAFETY: the destination block is writable, `size` bytes long,
-            // and nothing else uses it yet; the source is another mapping.
-            unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), block.host_addr(), n) };
+            let from = src.blocks()[0].as_volatile_slice();
+            let n = from.len().min(size as usize);
+            if let (Ok(from), Some(to)) = (from.subslice(0, n), block.slice(0, n)) {
+                from.copy_to_volatile_slice(to);
+            }
         }
         None => fill_block(block, Pattern::Mixed, seed),
     }

@@ -16,7 +16,7 @@ use ferry::{
     migrate_out, AcceptOptions, DestinationMemory, IncomingOptions, OutgoingOptions, Progress,
 };
 use ferry_multifd::packet::{
-    offsets_as_bytes, payload_crc, FLAG_CHECKSUM, FLAG_COMPRESSED, FLAG_END, FLAG_SYNC,
+    bytes_crc, offsets_as_bytes, FLAG_CHECKSUM, FLAG_COMPRESSED, FLAG_END, FLAG_SYNC,
 };
 use ferry_multifd::{PacketHeader, SenderOptions, SenderPool, HEADER_LEN, MAX_PACKET_PAGES};
 use ferry_ram::pattern::Pattern;
@@ -140,10 +140,7 @@ fn marker(flag: u16, seq: u64, generation: u64) -> Vec<u8> {
 }
 
 fn crc_of(bytes: &[u8]) -> u32 {
-    payload_crc(&[libc::iovec {
-        iov_base: bytes.as_ptr() as *mut _,
-        iov_len: bytes.len(),
-    }])
+    bytes_crc(bytes)
 }
 
 /// A destination writing into `target` (provided memory), on its own thread.
@@ -528,7 +525,7 @@ fn a_corrupted_page_sent_again_in_a_later_pass_is_forgiven() {
             .unwrap()
             .expect("completes: the bad page was re-sent");
         assert_eq!(got.summary.checksum_mismatches, 1);
-        assert_eq!(target.blocks()[0].page(3), &good[..]);
+        assert_eq!(target.blocks()[0].copy_page(3).unwrap(), good);
         assert_eq!(
             final_word(&src.main).unwrap(),
             Message::Shut { error: None }
@@ -767,8 +764,8 @@ fn compressed_payload_of_the_wrong_size_is_refused_inside_its_pages() {
         let untouched = ram_4m(Pattern::Random);
         for page in [4, 8] {
             assert_eq!(
-                target.blocks()[0].page(page),
-                untouched.blocks()[0].page(page)
+                target.blocks()[0].copy_page(page),
+                untouched.blocks()[0].copy_page(page)
             );
         }
     });

@@ -149,7 +149,7 @@ fn destination_memory_in_a_file() {
     let mem = memory(&[("ram", 16)], Pattern::Mixed, 5);
     let dir = migrate_into_files(&mem);
     let held = std::fs::read(dir.path().join("dst.ram")).unwrap();
-    assert_eq!(held, mem.blocks()[0].bytes());
+    assert_eq!(held, mem.blocks()[0].copy_all());
 }
 
 /// Block names come from the source; with several blocks each gets a file
@@ -167,10 +167,10 @@ fn destination_blocks_in_files_named_after_them() {
     files.sort();
     assert_eq!(files, ["dst.ram.0000_00_02.0_vga.vram", "dst.ram.pc.ram"]);
     let read = |f: &str| std::fs::read(dir.path().join(f)).unwrap();
-    assert_eq!(read("dst.ram.pc.ram"), mem.blocks()[0].bytes());
+    assert_eq!(read("dst.ram.pc.ram"), mem.blocks()[0].copy_all());
     assert_eq!(
         read("dst.ram.0000_00_02.0_vga.vram"),
-        mem.blocks()[1].bytes()
+        mem.blocks()[1].copy_all()
     );
 }
 

@@ -351,8 +351,9 @@ impl Shared<'_> {
         buf: &mut AlignedBuf,
     ) -> Result<(), MultifdError> {
         let (offset, len) = self.region_bytes(block, region);
-        let bytes = &self.memory.blocks()[block].bytes()[offset as usize..offset as usize + len];
-        buf.get_mut(len).copy_from_slice(bytes);
+        if let Some(mem) = self.memory.blocks()[block].slice(offset, len) {
+            mem.copy_to(buf.get_mut(len));
+        }
         self.wp.unprotect(block, offset, len as u64)?;
         self.state[global as usize].store(COPIED, Ordering::Release);
         Ok(())

@@ -36,6 +36,8 @@
 //! before in this pass by any packet on any channel) before it reads a
 //! single payload byte.
 
+use ferry_ram::{read_in_pieces, VolatileSlice};
+
 /// Bytes of the fixed header.
 pub const HEADER_LEN: usize = 64;
 /// Most pages (normal + zero) one packet may describe.
@@ -230,9 +232,17 @@ fn header_crc(b: &[u8; HEADER_LEN], offsets: &[u64], page_crcs: &[u32]) -> u32 {
     h.finalize()
 }
 
-/// crc32 of one page.
-pub fn page_crc(page: &[u8]) -> u32 {
-    crc32fast::hash(page)
+/// crc32 of one page of guest memory others may be writing: the bytes
+/// are copied into `scratch` piece by piece and the copy is hashed.
+pub fn page_crc(page: &VolatileSlice, scratch: &mut [u8]) -> u32 {
+    let mut crc = crc32fast::Hasher::new();
+    read_in_pieces(page, scratch, |piece| crc.update(piece));
+    crc.finalize()
+}
+
+/// crc32 of bytes nobody writes meanwhile (a page this thread received).
+pub fn bytes_crc(bytes: &[u8]) -> u32 {
+    crc32fast::hash(bytes)
 }
 
 /// Per-page crcs as they travel: little-endian u32s.
@@ -249,12 +259,36 @@ pub fn page_crcs_as_bytes_mut(crcs: &mut [u32]) -> &mut [u8] {
 }
 
 /// crc32 of a payload given as the iovecs over its pages, in order: the
-/// same value whether adjacent pages were merged into runs or not.
-pub fn payload_crc(runs: &[libc::iovec]) -> u32 {
+/// same value whether adjacent pages were merged into runs or not. Each run
+/// is copied into `scratch` piece by piece and the copies are hashed, so
+/// others may write the pages meanwhile (a changed page fails its check).
+///
+/// # Safety
+/// Every iovec must point at `iov_len` bytes of memory that stays mapped
+/// and readable for the whole call (guest RAM the caller holds).
+pub unsafe fn payload_crc(runs: &[libc::iovec], scratch: &mut [u8]) -> u32 {
     let mut crc = crc32fast::Hasher::new();
     for run in runs {
-        // SAFETY: every iovec of a payload points at `iov_len` readable
-        // bytes of a guest RAM block that outlives this call.
+        // SAFETY: the caller's guarantee: the run is mapped and readable
+        // for the call; VolatileSlice tolerates concurrent writers.
+        let mem = unsafe { VolatileSlice::new(run.iov_base.cast::<u8>(), run.iov_len) };
+        read_in_pieces(&mem, scratch, |piece| crc.update(piece));
+    }
+    crc.finalize()
+}
+
+/// crc32 of a payload as [`payload_crc`] computes it, over runs nobody
+/// writes meanwhile, read in place.
+///
+/// # Safety
+/// Every iovec must point at `iov_len` readable bytes that stay mapped,
+/// and that no thread, guest or kernel I/O writes, for the whole call
+/// (pages a receiver thread claimed and has finished reading into).
+pub unsafe fn payload_crc_unshared(runs: &[libc::iovec]) -> u32 {
+    let mut crc = crc32fast::Hasher::new();
+    for run in runs {
+        // SAFETY: the caller's guarantee: readable, mapped, and unwritten
+        // while this reference lives.
         crc.update(unsafe { std::slice::from_raw_parts(run.iov_base.cast::<u8>(), run.iov_len) });
     }
     crc.finalize()
@@ -345,7 +379,14 @@ mod tests {
         h.flags = FLAG_PAGE_CRCS;
         h.encode(&mut b);
         assert!(PacketHeader::decode(&b).unwrap_err().contains("CHECKSUM"));
-        assert_eq!(page_crc(&[0u8; 4096]), crc32fast::hash(&[0u8; 4096]));
+        assert_eq!(bytes_crc(&[0u8; 4096]), crc32fast::hash(&[0u8; 4096]));
+        let b = ferry_ram::RamBlock::anonymous("t", 2 * 4096, 4096).unwrap();
+        let data: Vec<u8> = (0..4096).map(|i| (i % 253) as u8).collect();
+        b.page_slice(1).unwrap().copy_from(&data);
+        assert_eq!(
+            page_crc(&b.page_slice(1).unwrap(), &mut [0u8; 1000]),
+            crc32fast::hash(&data)
+        );
     }
 
     #[test]

@@ -37,7 +37,8 @@ use ferry_transport::Channel;
 
 use crate::compress::Decompressor;
 use crate::packet::{
-    offsets_as_bytes_mut, page_crc, page_crcs_as_bytes_mut, PacketHeader, HEADER_LEN,
+    bytes_crc, offsets_as_bytes_mut, page_crcs_as_bytes_mut, payload_crc_unshared, PacketHeader,
+    HEADER_LEN,
 };
 use crate::stats::{Activity, StallClock};
 use crate::sync::SyncBarrier;
@@ -570,7 +571,10 @@ impl ChannelReceiver {
     fn check_payload(&self, h: &PacketHeader) -> Result<(), MultifdError> {
         if h.has_page_crcs() {
             self.check_pages(h);
-        } else if crate::packet::payload_crc(&self.iov) != h.payload_crc {
+        // SAFETY: the iovecs are this packet's runs (`push_run` over checked
+        // offsets), claimed in this pass by this thread alone and read
+        // into completely; nobody else writes them before the pass's sync.
+        } else if unsafe { payload_crc_unshared(&self.iov) } != h.payload_crc {
             self.record_verdict(h, &self.offsets[..h.normal as usize]);
         } else {
             self.record_verdict(h, &[]);
@@ -588,7 +592,12 @@ impl ChannelReceiver {
         let bad: Vec<u64> = self.offsets[..h.normal as usize]
             .iter()
             .zip(&self.page_crcs)
-            .filter(|&(&off, &crc)| page_crc(block.page(off / ps)) != crc)
+            // SAFETY: these pages were claimed in this pass by this thread
+            // alone and read into completely; nobody writes them before the
+            // pass's sync (the destination's guest is not running).
+            .filter(|&(&off, &crc)| {
+                unsafe { block.bytes_unshared(off, ps as usize) }.map(bytes_crc) != Some(crc)
+            })
             .map(|(&off, _)| off)
             .collect();
         self.record_verdict(h, &bad);

@@ -206,6 +206,25 @@ impl RamBlock {
         self.slice(first.checked_mul(ps)?, len)
     }
 
+    /// A copy of `len` bytes from `offset`, or `None` if they do not lie
+    /// wholly inside the block (for checks and tests; the data path copies
+    /// into buffers it reuses).
+    pub fn copy_bytes(&self, offset: u64, len: usize) -> Option<Vec<u8>> {
+        let mut out = vec![0u8; len];
+        self.slice(offset, len)?.copy_to(&mut out[..]);
+        Some(out)
+    }
+
+    /// A copy of page `index`, or `None` past the block's end.
+    pub fn copy_page(&self, index: u64) -> Option<Vec<u8>> {
+        self.copy_bytes(index * u64::from(self.page_size), self.page_size as usize)
+    }
+
+    /// A copy of the whole block.
+    pub fn copy_all(&self) -> Vec<u8> {
+        self.copy_bytes(0, self.len as usize).unwrap_or_default()
+    }
+
     /// Address of page `index`, or `None` past the end of the block.
     pub fn page_addr(&self, index: u64) -> Option<*mut u8> {
         (index < self.pages()).then(|| {
