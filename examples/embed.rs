@@ -96,7 +96,10 @@ fn run() -> Result<Outcome, Box<dyn std::error::Error>> {
 fn main() {
     match run() {
         Ok(o) => {
-            println!("moved {} MiB from one GuestMemoryMmap to another over loopback TCP", o.ram_bytes >> 20);
+            println!(
+                "moved {} MiB from one GuestMemoryMmap to another over loopback TCP",
+                o.ram_bytes >> 20
+            );
             println!("source digest      {}", o.source_digest);
             println!("destination digest {}", o.destination_digest);
             if o.identical && o.source_digest == o.destination_digest {

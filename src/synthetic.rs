@@ -604,14 +604,9 @@ mod tests {
 
         // A copy of memory and state continues the same sequence.
         let copy = synthetic_memory(8 << 20, None, 99).unwrap();
-        // SAFETY: both blocks are 8 MiB; the copy is writable and unused.
-        unsafe {
-            std::ptr::copy_nonoverlapping(
-                mem.blocks()[0].host_addr(),
-                copy.blocks()[0].host_addr(),
-                8 << 20,
-            )
-        };
+        mem.blocks()[0]
+            .as_volatile_slice()
+            .copy_to_volatile_slice(copy.blocks()[0].as_volatile_slice());
         let twin = SyntheticGuest::from_device_state(
             copy.clone(),
             &state,

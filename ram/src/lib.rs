@@ -1,12 +1,14 @@
 //! ferry-ram: a guest's memory as ferry sees it.
 //!
-//! Owns the RAM blocks (vm-memory `MmapRegion`s: anonymous, backed by a
-//! file, or a VMM's own `GuestMemoryMmap` regions, never copied), the page bitmaps that say which pages to move, the dirty logs of a running
-//! guest (a writer-marked bitmap, and userfaultfd write-protect), fast zero-page
-//! detection, the digest that proves both sides hold the same bytes, and the
-//! deterministic datasets `ferry gen` writes, the layout of a saved guest's
-//! file ([`mapped`]) and userfaultfd helpers ([`uffd`]). It knows nothing of
-//! sockets.
+//! Owns the RAM blocks (rust-vmm `vm-memory` regions: anonymous, backed by
+//! a file, or a VMM's own `GuestMemoryMmap` regions taken without a copy),
+//! the page bitmaps that say which pages to move, the dirty logs of a
+//! running guest (a writer-marked bitmap, and userfaultfd write-protect),
+//! the reads of memory others write ([`shared`]: zero scan, copies into
+//! private buffers), the digest that proves both sides hold the same
+//! bytes, the deterministic datasets `ferry gen` writes, the layout of a
+//! saved guest's file ([`mapped`]) and userfaultfd helpers ([`uffd`]). It
+//! knows nothing of sockets.
 
 mod bitmap;
 mod block;
