@@ -22,13 +22,40 @@ pub const DIGEST_CHUNK: usize = 16 << 20;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Digest(pub u128);
 
+/// How a digest reads guest memory.
+#[derive(Clone, Copy)]
+enum Reading {
+    /// Through copies: others may write meanwhile.
+    Copied,
+    /// In place: nobody writes meanwhile (the caller promised).
+    Still,
+}
+
 impl Digest {
+    /// The digest of guest memory, read through copies, so it may be
+    /// taken while the guest or receivers write (it then describes some
+    /// mix of before and after).
     pub fn of_memory(mem: &GuestMemory) -> Self {
+        Self::of_memory_reading(mem, Reading::Copied)
+    }
+
+    /// [`Digest::of_memory`], reading memory in place (no copies: what a
+    /// switchover, whose downtime it counts in, wants).
+    ///
+    /// # Safety
+    /// Nobody may write `mem` during the call: the guest is paused (or
+    /// never writes), and every receiver, file read or fault handler
+    /// filling it has finished.
+    pub unsafe fn of_still_memory(mem: &GuestMemory) -> Self {
+        Self::of_memory_reading(mem, Reading::Still)
+    }
+
+    fn of_memory_reading(mem: &GuestMemory, reading: Reading) -> Self {
         let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
         let hashes: Vec<Vec<u64>> = mem
             .blocks()
             .iter()
-            .map(|b| chunk_hashes(b, threads))
+            .map(|b| chunk_hashes(b, threads, reading))
             .collect();
         Self::from_chunk_hashes(
             mem.blocks()
@@ -72,6 +99,15 @@ impl Digest {
         Self::with_device_state(Self::of_memory(memory), device_state)
     }
 
+    /// [`Digest::of_guest`], reading memory in place.
+    ///
+    /// # Safety
+    /// As [`Digest::of_still_memory`]: nobody writes `memory` meanwhile.
+    pub unsafe fn of_still_guest(memory: &GuestMemory, device_state: &[u8]) -> Self {
+        // SAFETY: the caller's promise, passed on.
+        Self::with_device_state(unsafe { Self::of_still_memory(memory) }, device_state)
+    }
+
     /// [`Digest::of_guest`] from the memory's digest taken already.
     pub fn with_device_state(memory: Digest, device_state: &[u8]) -> Self {
         let mut top = Xxh3::new();
@@ -83,7 +119,7 @@ impl Digest {
 
 /// The xxh3-64 of each `DIGEST_CHUNK` piece of `block`, hashed by up to
 /// `threads` threads.
-fn chunk_hashes(block: &RamBlock, threads: usize) -> Vec<u64> {
+fn chunk_hashes(block: &RamBlock, threads: usize, reading: Reading) -> Vec<u64> {
     let len = block.len();
     let chunks: Vec<(u64, usize)> = (0..len)
         .step_by(DIGEST_CHUNK)
@@ -96,11 +132,20 @@ fn chunk_hashes(block: &RamBlock, threads: usize) -> Vec<u64> {
             s.spawn(move || {
                 let mut scratch = vec![0u8; PIECE];
                 for (o, &(at, n)) in outs.iter_mut().zip(ins) {
-                    let mut h = Xxh3::new();
-                    if let Some(c) = block.slice(at, n) {
-                        read_in_pieces(&c, &mut scratch, |piece| h.update(piece));
-                    }
-                    *o = h.digest();
+                    *o = match reading {
+                        Reading::Copied => {
+                            let mut h = Xxh3::new();
+                            if let Some(c) = block.slice(at, n) {
+                                read_in_pieces(&c, &mut scratch, |piece| h.update(piece));
+                            }
+                            h.digest()
+                        }
+                        // SAFETY: `Reading::Still` comes only from
+                        // `of_still_memory`, whose caller promised that
+                        // nobody writes the memory during the call.
+                        Reading::Still => unsafe { block.bytes_unshared(at, n) }
+                            .map_or(0, xxhash_rust::xxh3::xxh3_64),
+                    };
                 }
             });
         }
@@ -133,7 +178,12 @@ mod tests {
         unsafe { *b.blocks()[0].host_addr().add(DIGEST_CHUNK + 5) = 1 };
         assert_ne!(a.digest(), b.digest());
         let block = &b.blocks()[0];
-        assert_eq!(chunk_hashes(block, 1), chunk_hashes(block, 3));
+        assert_eq!(
+            chunk_hashes(block, 1, Reading::Copied),
+            chunk_hashes(block, 3, Reading::Copied)
+        );
+        // SAFETY: nothing writes `b` during the call (this thread only).
+        assert_eq!(unsafe { Digest::of_still_memory(&b) }, b.digest());
         let whole = block.as_volatile_slice();
         // The streamed hash of each chunk is xxh3-64 of its bytes.
         let mut copy = vec![0u8; whole.len()];
@@ -142,6 +192,6 @@ mod tests {
             .chunks(DIGEST_CHUNK)
             .map(xxhash_rust::xxh3::xxh3_64)
             .collect();
-        assert_eq!(chunk_hashes(block, 2), direct);
+        assert_eq!(chunk_hashes(block, 2, Reading::Copied), direct);
     }
 }
