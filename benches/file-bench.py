@@ -20,6 +20,7 @@ of medians and ratios; --json writes them as JSON too.
 
 usage: file-bench.py --dataset /dev/shm/x.ram --dir /work/fftmp [--runs 3]
                      [--channels 2] [--modes dense,sparse] [--json out.json]
+                     [--ferry PATH]
 """
 
 import argparse, json, mmap, os, re, statistics, subprocess, sys, time
@@ -116,7 +117,13 @@ def main():
     ap.add_argument("--modes", default="dense,sparse")
     ap.add_argument("--no-qemu", action="store_true")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--ferry", default=None,
+                    help="the ferry binary to measure (default: target/release/ferry), "
+                         "e.g. an older build for a before/after comparison")
     a = ap.parse_args()
+    if a.ferry:
+        global FERRY
+        FERRY = os.path.abspath(a.ferry)
     size = os.path.getsize(a.dataset)
     tools = [("dd", lambda r: run_dd(a, size, r))]
     for m in a.modes.split(","):
