@@ -5,11 +5,13 @@
 //! guest (a writer-marked bitmap, and userfaultfd write-protect), fast zero-page
 //! detection, the digest that proves both sides hold the same bytes, and the
 //! deterministic datasets `ferry gen` writes, the layout of a saved guest's
-//! file ([`mapped`]) and userfaultfd helpers ([`uffd`]). It knows nothing of
+//! file ([`mapped`]), userfaultfd helpers ([`uffd`]) and the [`Counters`] of
+//! pages and bytes moved that every data path shares. It knows nothing of
 //! sockets.
 
 mod bitmap;
 mod block;
+mod counters;
 mod digest;
 mod dirty;
 mod error;
@@ -23,6 +25,7 @@ mod zero;
 
 pub use bitmap::{set_bits, PageBitmap};
 pub use block::{RamBlock, DEFAULT_PAGE_SIZE};
+pub use counters::{Counters, Totals};
 pub use digest::{Digest, DIGEST_CHUNK};
 pub use dirty::{BitmapLog, DirtyLog};
 pub use error::RamError;
