@@ -220,3 +220,129 @@ fn a_later_pass_rewrites_pages_in_place_and_zeroed_pages_read_as_zeros() {
     assert!(copy(&back.blocks()[0]) == copy(b));
     assert_eq!(saved.restored_digest(&back), mem.digest());
 }
+
+/// A lazy restore's threads (or an error saying userfaultfd is not
+/// allowed here, which skips the test).
+fn start_lazy(source: Arc<dyn PageSource>, counters: &Arc<Counters>) -> Option<LazyRestore> {
+    match LazyRestore::start(source, 2, counters.clone()) {
+        Ok(l) => Some(l),
+        Err(FileError::Io {
+            what: "opening a userfaultfd",
+            source,
+            ..
+        }) => {
+            eprintln!("skipped: userfaultfd is not available here: {source}");
+            None
+        }
+        Err(e) => panic!("lazy restore: {e}"),
+    }
+}
+
+/// Lazy restore of a saved file through its PageSource: a touch is served
+/// at once, the rest prefetched, and memory ends as saved.
+#[test]
+fn lazy_restore_reads_a_saved_file_through_its_page_source() {
+    let dir = tempfile::tempdir().unwrap();
+    let (path, mem, _) = crate::saved::tests::saved_guest(dir.path());
+    let saved: Arc<dyn PageSource> = Arc::new(SavedFile::open(&path, false).unwrap());
+    let counters = Arc::new(Counters::default());
+    let Some(lazy) = start_lazy(saved, &counters) else {
+        return;
+    };
+    let memory = lazy.memory().clone();
+    memory.blocks()[0].touch_page(300);
+    let stats = lazy.finish().unwrap();
+    assert_eq!(memory.digest(), mem.digest());
+    // "ram" has 4 regions, "rom" 1.
+    assert_eq!(stats.fault_regions + stats.prefetched_regions, 5);
+    let t = counters.snapshot();
+    assert_eq!((t.pages_normal, t.ram_bytes), (5, mem.total_bytes()));
+}
+
+/// A source that is not a file (as postcopy's network source will be):
+/// every page holds its block and page number; one unit of block 1 fails.
+struct Numbered {
+    specs: Vec<BlockSpec>,
+    bad_unit: Option<(usize, u64)>,
+}
+
+impl PageSource for Numbered {
+    fn name(&self) -> String {
+        "numbered".into()
+    }
+    fn blocks(&self) -> Vec<BlockSpec> {
+        self.specs.clone()
+    }
+    fn unit(&self) -> u64 {
+        64 << 10
+    }
+    fn fill(
+        &self,
+        block: usize,
+        first_page: u64,
+        pages: u64,
+        dst: &mut [u8],
+    ) -> Result<Filled, FileError> {
+        let ps = check_range(self, &self.specs, block, first_page, pages, dst.len())? as usize;
+        if self.bad_unit == Some((block, first_page)) {
+            return Err(FileError::Source {
+                source_name: self.name(),
+                why: format!("page {first_page} did not arrive"),
+            });
+        }
+        for (i, page) in dst.chunks_exact_mut(ps).enumerate() {
+            page.fill(0);
+            page[0] = block as u8 + 1;
+            page[1..9].copy_from_slice(&(first_page + i as u64).to_le_bytes());
+        }
+        Ok(Filled {
+            present: pages,
+            zeros: false,
+            bytes_read: dst.len() as u64,
+        })
+    }
+}
+
+#[test]
+fn lazy_restore_serves_any_page_source_and_reports_its_error() {
+    let specs = vec![
+        BlockSpec {
+            name: "a".into(),
+            len: 1 << 20,
+            page_size: 4096,
+        },
+        BlockSpec {
+            name: "b".into(),
+            len: 256 << 10,
+            page_size: 4096,
+        },
+    ];
+    let counters = Arc::new(Counters::default());
+    let good = Arc::new(Numbered {
+        specs: specs.clone(),
+        bad_unit: None,
+    });
+    let Some(lazy) = start_lazy(good, &counters) else {
+        return;
+    };
+    let memory = lazy.memory().clone();
+    lazy.finish().unwrap();
+    for (i, b) in memory.blocks().iter().enumerate() {
+        for p in [0, 17, b.pages() - 1] {
+            let mut head = [0u8; 9];
+            b.slice(p * 4096, 9).unwrap().copy_to(&mut head[..]);
+            assert_eq!(head[0], i as u8 + 1);
+            assert_eq!(u64::from_le_bytes(head[1..9].try_into().unwrap()), p);
+        }
+    }
+    let bad = Arc::new(Numbered {
+        specs,
+        bad_unit: Some((1, 16)),
+    });
+    let Some(lazy) = start_lazy(bad, &counters) else {
+        return;
+    };
+    let e = lazy.finish().expect_err("a unit failed");
+    assert!(matches!(e, FileError::Source { .. }), "{e}");
+    assert!(e.to_string().contains("page 16 did not arrive"), "{e}");
+}
