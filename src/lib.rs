@@ -15,7 +15,8 @@
 //! - [`outgoing`] / [`incoming`]: the two sides of a migration.
 //! - [`metrics`]: the same figures for Prometheus, over HTTP.
 //! - [`summary`]: what a finished (or failed) migration reports.
-//! - [`snapshot`]: saving a guest to a file and restoring it (file mode).
+//! - [`snapshot`]: saving a guest to a file and restoring it (file mode,
+//!   over `ferry-file`).
 
 mod activation;
 pub mod control;
@@ -50,7 +51,7 @@ pub use state::{Event, LiveFigures, Parameters, PassFigures, Progress, Status};
 pub use summary::{Role, Summary, Workload};
 pub use synthetic::{DirtyPattern, SyntheticConfig, SyntheticGuest, TrackerKind};
 
-pub use ferry_multifd::file::FileOptions;
+pub use ferry_file::{FileError, FileOptions, SavedFile};
 pub use ferry_multifd::{ReceiverOptions, SendPath, SenderOptions};
 pub use ferry_ram::{BlockSpec, Digest, GuestMemory, RamBlock};
 pub use ferry_transport::{

@@ -1,6 +1,6 @@
 //! Saving a guest to a file and restoring it: the controller's side of file
 //! mode. It decides the order of things — pause, lay out the file, write the
-//! pages in parallel (`ferry_multifd::file`), then bitmaps, checksums, device
+//! pages in parallel (`ferry_file::write_pages`), then bitmaps, checksums, device
 //! state and last the header; or check the header, tables and device state
 //! before reading pages into fresh memory — and reports a [`FileSummary`].
 //!
@@ -10,7 +10,7 @@
 //! final pass and its device state. Or in the background
 //! ([`save_background`]): it pauses only while its device state is saved
 //! and its memory write-protected, and the file holds memory as it was then
-//! (`ferry_multifd::background`).
+//! (`ferry_file::background`).
 //!
 //! A save is durable when it reports success (the file is synced unless the
 //! caller asks otherwise). It writes beside the target (a hidden
@@ -38,19 +38,14 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use ferry_multifd::background::{write_background, Arming};
-use ferry_multifd::file::{
-    read_pages, rewrite_pages, verify_pages, write_pages, DataFile, FileOptions, WrittenPages,
+use ferry_file::{
+    rewrite_pages, write_background, write_pages, Arming, DataFile, FileError, FileOptions,
+    LazyRestore, SavedFile, WrittenPages,
 };
-use ferry_multifd::lazy::LazyRestore;
 use ferry_multifd::{Counters, MultifdError};
-use ferry_ram::mapped::{
-    any_present, check_output_path, open_regular, present_pages, write_metadata, zero_checksum,
-    FileLayout, StreamChecksum,
-};
+use ferry_ram::mapped::{check_output_path, open_regular, FileLayout};
 use ferry_ram::{
     block_file_paths, BlockSpec, Digest, GuestMemory, PageBitmap, RamError, WriteProtect,
-    DIGEST_CHUNK,
 };
 use serde::Serialize;
 
@@ -62,6 +57,8 @@ pub enum SnapshotError {
     Ram(#[from] RamError),
     #[error(transparent)]
     Multifd(#[from] MultifdError),
+    #[error(transparent)]
+    File(FileError),
     #[error(transparent)]
     Guest(#[from] GuestError),
     #[error("{path}: {what}: {source}")]
@@ -84,6 +81,16 @@ pub enum SnapshotError {
         partial: PathBuf,
         why: &'static str,
     },
+}
+
+/// A file-mode error; a saved file's failed checks stay [`SnapshotError::Ram`].
+impl From<FileError> for SnapshotError {
+    fn from(e: FileError) -> Self {
+        match e {
+            FileError::Ram(e) => Self::Ram(e),
+            other => Self::File(other),
+        }
+    }
 }
 
 /// What a save or restore reports (`ferry save/restore/verify --json`).
@@ -660,14 +667,7 @@ fn write_tables(
     let mut layout = FileLayout::plan(specs, device_state.len() as u64)?;
     meta.set_len(layout.file_len)
         .map_err(io_err(path, "setting the file's length"))?;
-    write_metadata(
-        meta,
-        path,
-        &mut layout,
-        &written.bitmaps,
-        &written.checksums,
-        device_state,
-    )?;
+    written.write_metadata(meta, path, &mut layout, device_state)?;
     Ok(())
 }
 
@@ -821,7 +821,7 @@ fn save_live(
 
 /// The background snapshot: a short pause to save the device state and
 /// write-protect memory, then memory written out as it was then while the
-/// guest runs (`ferry_multifd::background`).
+/// guest runs (`ferry_file::background`).
 fn save_bg(
     guest: &dyn Guest,
     path: &Path,
@@ -943,13 +943,8 @@ fn restore(
     summary: &mut FileSummary,
 ) -> Result<(GuestMemory, Vec<u8>), SnapshotError> {
     progress.set_phase("checking");
-    let SavedFile {
-        file,
-        layout,
-        bitmaps,
-        checksums,
-        device_state,
-    } = SavedFile::open(path, progress)?;
+    let (saved, device_state) = open_checked(path, opts.direct_io, progress)?;
+    let (file, layout) = (saved.file(), saved.layout());
     let specs = layout.specs();
     let (memory, staged) = match target {
         RestoreTarget::Anonymous => (
@@ -972,18 +967,15 @@ fn restore(
         }
     };
     // On an error from here, `staged` drops its files unmoved.
-    let data = DataFile::open(path, false, opts.direct_io)?;
-    summary.direct_io = data.direct;
-    add_note(summary, data.note.as_deref());
+    summary.direct_io = saved.data().direct;
+    add_note(summary, saved.data().note.as_deref());
     progress.set_phase("reading");
-    read_pages(
-        &memory, &layout, &bitmaps, &checksums, &data, path, opts, counters,
-    )?;
+    saved.read_pages(&memory, opts, counters)?;
     if opts.cancelled() {
-        return Err(MultifdError::Aborted(format!("{}: cancelled", path.display())).into());
+        return Err(FileError::Cancelled { path: path.into() }.into());
     }
     progress.set_phase("digest");
-    summary.digest = Some(restored_digest(&memory, &bitmaps).to_string());
+    summary.digest = Some(saved.restored_digest(&memory).to_string());
     if let Some(staged) = staged {
         staged.commit()?;
     }
@@ -999,69 +991,8 @@ fn restore(
     Ok((memory, device_state))
 }
 
-/// The digest of freshly restored `memory` whose present pages are those
-/// set in `bitmaps`: hashes the present pages and, for the others, the
-/// zeros fresh memory holds there (the region checksums proved it), so an
-/// absent page is never touched and a chunk of `DIGEST_CHUNK` bytes
-/// without a present page costs nothing but a lookup. Equal to
-/// `memory.digest()`.
-fn restored_digest(memory: &GuestMemory, bitmaps: &[Vec<u64>]) -> Digest {
-    let chunk = DIGEST_CHUNK as u64;
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get()) as u64;
-    let hashes: Vec<Vec<u64>> = memory
-        .blocks()
-        .iter()
-        .zip(bitmaps)
-        .map(|(b, words)| {
-            let ps = u64::from(b.page_size());
-            let chunks = b.len().div_ceil(chunk);
-            let hash = |c: u64| {
-                let (start, end) = (c * chunk, ((c + 1) * chunk).min(b.len()));
-                let (first, last) = (start / ps, end / ps);
-                if !any_present(words, first, last) {
-                    return zero_checksum(end - start);
-                }
-                let mut h = StreamChecksum::new();
-                let mut at = first;
-                let mut scratch = vec![0u8; (ps as usize).min(64 << 10)];
-                for p in present_pages(words, first, last) {
-                    h.zeros((p - at) * ps);
-                    if let Some(page) = b.page_slice(p) {
-                        ferry_ram::read_in_pieces(&page, &mut scratch, |piece| h.bytes(piece));
-                    }
-                    at = p + 1;
-                }
-                h.zeros((last - at) * ps);
-                h.finish()
-            };
-            let per = chunks.div_ceil(threads).max(1);
-            std::thread::scope(|s| {
-                let parts: Vec<_> = (0..chunks)
-                    .step_by(per as usize)
-                    .map(|c0| {
-                        s.spawn(move || {
-                            (c0..(c0 + per).min(chunks)).map(hash).collect::<Vec<u64>>()
-                        })
-                    })
-                    .collect();
-                parts
-                    .into_iter()
-                    .flat_map(|p| p.join().unwrap_or_else(|e| std::panic::resume_unwind(e)))
-                    .collect::<Vec<u64>>()
-            })
-        })
-        .collect();
-    Digest::from_chunk_hashes(
-        memory
-            .blocks()
-            .iter()
-            .zip(&hashes)
-            .map(|(b, h)| (b.name(), b.len(), &h[..])),
-    )
-}
-
 /// Checks every checksum of the guest saved at `path` as a restore would,
-/// without memory to restore into ([`verify_pages`]): time and memory grow
+/// without memory to restore into ([`SavedFile::verify`]): time and memory grow
 /// with the pages present in the file, not the guest's size. The summary's
 /// `digest` is that of the memory a restore would give, `switchover_digest`
 /// that with the device state.
@@ -1075,30 +1006,16 @@ pub fn verify_file(
     opts.cancel = Some(cancel_flag(progress));
     let result = (|| {
         progress.set_phase("checking");
-        let SavedFile {
-            file,
-            layout,
-            bitmaps,
-            checksums,
-            device_state,
-        } = SavedFile::open(path, progress)?;
-        let data = DataFile::open(path, false, opts.direct_io)?;
-        summary.direct_io = data.direct;
-        add_note(&mut summary, data.note.as_deref());
+        let (saved, device_state) = open_checked(path, opts.direct_io, progress)?;
+        summary.direct_io = saved.data().direct;
+        add_note(&mut summary, saved.data().note.as_deref());
         progress.set_phase("reading");
-        let chunks = verify_pages(&layout, &bitmaps, &checksums, &data, path, &opts, &counters)?;
-        let digest = Digest::from_chunk_hashes(
-            layout
-                .blocks
-                .iter()
-                .zip(&chunks)
-                .map(|(b, h)| (b.name.as_str(), b.len, &h[..])),
-        );
+        let digest = saved.verify(&opts, &counters)?;
         summary.digest = Some(digest.to_string());
         summary.switchover_digest =
             Some(Digest::with_device_state(digest, &device_state).to_string());
-        summary.file_len = layout.file_len;
-        summary.file_disk_bytes = file.metadata().map_or(0, |m| m.blocks() * 512);
+        summary.file_len = saved.file_len();
+        summary.file_disk_bytes = saved.disk_bytes();
         summary.device_state_bytes = device_state.len() as u64;
         summary.device_state_digest = Some(Digest::of_bytes(&device_state).to_string());
         Ok::<_, SnapshotError>(())
@@ -1111,39 +1028,20 @@ pub fn verify_file(
     conclude(progress, summary, result, |(), summary| summary)
 }
 
-/// A saved guest's file with its header, tables and device state read and
-/// checked (pages are read later, by whoever restores them).
-struct SavedFile {
-    file: File,
-    layout: FileLayout,
-    /// Per block: the bitmap of pages present, and one checksum per region.
-    bitmaps: Vec<Vec<u64>>,
-    checksums: Vec<Vec<u64>>,
-    device_state: Vec<u8>,
-}
-
-impl SavedFile {
-    fn open(path: &Path, progress: &Progress) -> Result<Self, SnapshotError> {
-        let file = open_saved(path)?;
-        let layout = FileLayout::read(&file, path)?;
-        progress
-            .total_ram_bytes
-            .store(layout.total_ram(), Ordering::Relaxed);
-        let mut bitmaps = Vec::new();
-        let mut checksums = Vec::new();
-        for i in 0..layout.blocks.len() {
-            bitmaps.push(layout.read_bitmap(&file, path, i)?);
-            checksums.push(layout.read_checksums(&file, path, i)?);
-        }
-        let device_state = layout.read_device_state(&file, path)?;
-        Ok(Self {
-            file,
-            layout,
-            bitmaps,
-            checksums,
-            device_state,
-        })
-    }
+/// Opens the saved guest at `path` ([`SavedFile::open`]: header, tables)
+/// and reads its device state, all checked; pages are read later, by
+/// whoever restores them.
+fn open_checked(
+    path: &Path,
+    direct_io: bool,
+    progress: &Progress,
+) -> Result<(SavedFile, Vec<u8>), SnapshotError> {
+    let saved = SavedFile::open(path, direct_io)?;
+    progress
+        .total_ram_bytes
+        .store(saved.layout().total_ram(), Ordering::Relaxed);
+    let device_state = saved.read_device_state()?;
+    Ok((saved, device_state))
 }
 
 /// Opens the saved guest at `path` for reading, refusing at once (without
@@ -1202,28 +1100,13 @@ pub fn restore_lazy(
 ) -> Result<LazyRestoring, FileFailed> {
     let (started, counters, mut summary) = begin(path, opts, progress);
     let begun = (|| {
-        let SavedFile {
-            file,
-            layout,
-            bitmaps,
-            checksums,
-            device_state,
-        } = SavedFile::open(path, progress)?;
-        summary.file_len = layout.file_len;
-        summary.file_disk_bytes = file.metadata().map_or(0, |m| m.blocks() * 512);
-        let data = DataFile::open(path, false, opts.direct_io)?;
-        summary.direct_io = data.direct;
-        summary.note = data.note.clone();
+        let (saved, device_state) = open_checked(path, opts.direct_io, progress)?;
+        summary.file_len = saved.file_len();
+        summary.file_disk_bytes = saved.disk_bytes();
+        summary.direct_io = saved.data().direct;
+        summary.note = saved.data().note.clone();
         progress.set_phase("lazy");
-        let lazy = LazyRestore::start(
-            layout,
-            bitmaps,
-            checksums,
-            data,
-            path,
-            opts.channels,
-            counters.clone(),
-        )?;
+        let lazy = LazyRestore::start(Arc::new(saved), opts.channels, counters.clone())?;
         Ok::<_, SnapshotError>((lazy, device_state))
     })();
     match begun {

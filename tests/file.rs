@@ -14,12 +14,12 @@ use std::sync::mpsc;
 use std::sync::Arc;
 
 use common::{image_guest, MIB};
+use ferry::FileError;
 use ferry::{
     restore_from_file, save_live_to_file, save_to_file, verify_file, DirtyPattern, FileOptions,
     Guest, GuestError, GuestMemory, ImageGuest, LiveOptions, Progress, Resources, RestoreTarget,
     SaveOptions, SnapshotError, TrackerKind,
 };
-use ferry_multifd::MultifdError;
 use ferry_ram::pattern::{fill_block, Pattern};
 use ferry_ram::DirtyLog;
 use ferry_ram::{BlockSpec, RamError};
@@ -135,7 +135,7 @@ fn damage_is_a_typed_error_and_no_memory_comes_back() {
         .expect("a damaged page must fail the restore");
     assert!(e.summary.digest.is_none());
     match e.error {
-        SnapshotError::Multifd(MultifdError::FileChecksum { block, offset, .. }) => {
+        SnapshotError::File(FileError::Checksum { block, offset, .. }) => {
             assert_eq!(block, "huge");
             assert_eq!(offset, 2 << 20);
         }
@@ -217,7 +217,7 @@ fn lazy_restore_of_a_damaged_file_fails_without_hanging_the_guest() {
     });
     assert!(err.summary.digest.is_none());
     match err.error {
-        SnapshotError::Multifd(MultifdError::FileChecksum { block, offset, .. }) => {
+        SnapshotError::File(FileError::Checksum { block, offset, .. }) => {
             assert_eq!(block, "ram");
             // Regions are 2 MiB in this file (the "huge" block's page size).
             assert_eq!(layout.region_size as u64, 2 * MIB);

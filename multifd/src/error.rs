@@ -65,22 +65,6 @@ pub enum MultifdError {
     Aborted(String),
     #[error("{channel}: no progress for {secs:.1} s (--peer-timeout): the peer stopped reading or sending, or the link is gone")]
     Stalled { channel: String, secs: f64 },
-    #[error("{path}: {what} of block '{block}' at file offset {offset:#x}: {source}")]
-    FileIo {
-        path: std::path::PathBuf,
-        block: String,
-        offset: u64,
-        what: &'static str,
-        source: io::Error,
-    },
-    #[error("{path}: block '{block}': checksum mismatch in the {len} bytes at offset {offset:#x} (file offset {file_offset:#x}): the saved pages or their bitmap are corrupted")]
-    FileChecksum {
-        path: std::path::PathBuf,
-        block: String,
-        offset: u64,
-        len: u64,
-        file_offset: u64,
-    },
 }
 
 impl MultifdError {

@@ -9,16 +9,10 @@
 //! channel, and the receiver applies nothing of pass k+1 before all of pass k
 //! has landed.
 //!
-//! [`file`] is file mode: the same K threads with their own rings write a
-//! guest's pages at fixed offsets of a saved-guest file, or read them back;
-//! [`lazy`] restores such a file on demand with userfaultfd; [`background`]
-//! writes a running guest's memory as it was when a snapshot began.
+//! File mode (saving to and restoring from a file) lives in `ferry-file`.
 
-pub mod background;
 mod compress;
 mod error;
-pub mod file;
-pub mod lazy;
 mod pacing;
 pub mod packet;
 mod receiver;
@@ -28,8 +22,8 @@ mod sync;
 
 pub use compress::{Compressor, Decompressor};
 pub use error::MultifdError;
+pub use ferry_ram::{Counters, Totals};
 pub use pacing::PassControl;
 pub use packet::{PacketHeader, HEADER_LEN, MAX_PACKET_PAGES};
 pub use receiver::{ReceiverOptions, ReceiverPool};
 pub use sender::{SendPath, SenderOptions, SenderPool};
-pub use stats::{Counters, Totals};

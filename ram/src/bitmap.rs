@@ -124,6 +124,79 @@ impl PageBitmap {
             .sum()
     }
 
+    /// Clears the bit and says whether it was set before.
+    pub fn test_and_clear(&self, page: u64) -> bool {
+        let bit = 1 << (page % 64);
+        self.words[(page / 64) as usize].fetch_and(!bit, Ordering::Relaxed) & bit != 0
+    }
+
+    /// A bitmap of `pages` bits holding `words` (bit `i` of word `w` is page
+    /// `64 w + i`), as a saved-guest file stores it; `None` if there are not
+    /// exactly ⌈pages / 64⌉ words or a bit past the last page is set.
+    pub fn from_words(pages: u64, words: &[u64]) -> Option<Self> {
+        if words.len() as u64 != pages.div_ceil(64) {
+            return None;
+        }
+        let tail_ok = !words
+            .last()
+            .is_some_and(|&w| w & !full_word(pages, words.len() - 1) != 0);
+        tail_ok.then(|| Self {
+            words: words.iter().map(|&w| AtomicU64::new(w)).collect(),
+            pages,
+        })
+    }
+
+    /// The bits as plain words (the inverse of [`Self::from_words`]).
+    pub fn to_words(&self) -> Vec<u64> {
+        self.words
+            .iter()
+            .map(|w| w.load(Ordering::Relaxed))
+            .collect()
+    }
+
+    /// Word `w` with only the bits of pages `first..end` kept.
+    fn masked_word(&self, w: u64, first: u64, end: u64) -> u64 {
+        let mut word = self.words[w as usize].load(Ordering::Relaxed);
+        let base = w * 64;
+        if first > base {
+            word &= u64::MAX << (first - base);
+        }
+        if end < base + 64 {
+            word &= (1u64 << end.saturating_sub(base)).wrapping_sub(1);
+        }
+        word
+    }
+
+    /// The words holding pages `first..end` (clamped to the bitmap).
+    fn word_range(&self, first: u64, end: u64) -> (std::ops::Range<u64>, u64) {
+        let end = end.min(self.pages);
+        if first >= end {
+            return (0..0, end);
+        }
+        (first / 64..end.div_ceil(64), end)
+    }
+
+    /// Set bits of pages `first..end` (clamped to the bitmap), lowest
+    /// first, a word at a time: 64 clear bits cost one load.
+    pub fn iter_set_in(&self, first: u64, end: u64) -> impl Iterator<Item = u64> + '_ {
+        let (words, end) = self.word_range(first, end);
+        words.flat_map(move |w| set_bits(self.masked_word(w, first, end), w * 64))
+    }
+
+    /// How many bits of pages `first..end` are set, a word at a time.
+    pub fn count_in(&self, first: u64, end: u64) -> u64 {
+        let (words, end) = self.word_range(first, end);
+        words
+            .map(|w| u64::from(self.masked_word(w, first, end).count_ones()))
+            .sum()
+    }
+
+    /// Whether any bit of pages `first..end` is set; stops at the first.
+    pub fn any_in(&self, first: u64, end: u64) -> bool {
+        let (mut words, end) = self.word_range(first, end);
+        words.any(|w| self.masked_word(w, first, end) != 0)
+    }
+
     /// Set bits in page order, scanning a word at a time.
     pub fn iter_set(&self) -> impl Iterator<Item = u64> + '_ {
         self.words.iter().enumerate().flat_map(|(i, w)| SetBits {
@@ -215,6 +288,42 @@ mod tests {
             proptest::prop_assert_eq!(got, want);
             proptest::prop_assert_eq!(a.iter_set().collect::<Vec<_>>(), b.iter_set().collect::<Vec<_>>());
         }
+    }
+
+    #[test]
+    fn range_queries_match_a_page_by_page_scan() {
+        let b = PageBitmap::new(300, false);
+        for p in [0, 5, 63, 64, 65, 127, 128, 200, 299] {
+            b.set(p);
+        }
+        for (first, end) in [
+            (0, 300),
+            (1, 64),
+            (63, 66),
+            (64, 128),
+            (129, 199),
+            (250, 400),
+            (5, 5),
+        ] {
+            let want: Vec<u64> = (first..end.min(300)).filter(|&p| b.test(p)).collect();
+            assert_eq!(b.iter_set_in(first, end).collect::<Vec<_>>(), want);
+            assert_eq!(b.count_in(first, end), want.len() as u64);
+            assert_eq!(b.any_in(first, end), !want.is_empty());
+        }
+        let back = PageBitmap::from_words(300, &b.to_words()).unwrap();
+        assert_eq!(
+            back.iter_set().collect::<Vec<_>>(),
+            b.iter_set().collect::<Vec<_>>()
+        );
+        assert!(
+            PageBitmap::from_words(300, &[0; 4]).is_none(),
+            "too few words"
+        );
+        assert!(
+            PageBitmap::from_words(65, &[0, 2]).is_none(),
+            "a bit past the end"
+        );
+        assert!(b.test_and_clear(5) && !b.test_and_clear(5));
     }
 
     #[test]

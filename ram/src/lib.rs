@@ -7,11 +7,13 @@
 //! the reads of memory others write ([`shared`]: zero scan, copies into
 //! private buffers), the digest that proves both sides hold the same
 //! bytes, the deterministic datasets `ferry gen` writes, the layout of a
-//! saved guest's file ([`mapped`]) and userfaultfd helpers ([`uffd`]). It
+//! saved guest's file ([`mapped`]), userfaultfd helpers ([`uffd`]) and the
+//! [`Counters`] of pages and bytes moved that every data path shares. It
 //! knows nothing of sockets.
 
 mod bitmap;
 mod block;
+mod counters;
 mod digest;
 mod dirty;
 mod error;
@@ -25,6 +27,7 @@ mod zero;
 
 pub use bitmap::{set_bits, PageBitmap};
 pub use block::{RamBlock, DEFAULT_PAGE_SIZE};
+pub use counters::{Counters, Totals};
 pub use digest::{Digest, DIGEST_CHUNK};
 pub use dirty::{BitmapLog, DirtyLog};
 pub use error::RamError;

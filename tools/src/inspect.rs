@@ -1,12 +1,10 @@
 //! `ferry inspect` (what a saved-guest file holds and where) and `ferry
 //! verify` (read it all back and check every checksum).
 
-use std::os::unix::fs::MetadataExt;
 use std::sync::Arc;
 
 use clap::Args;
-use ferry::{open_saved, verify_file, FileOptions, Progress};
-use ferry_ram::mapped::FileLayout;
+use ferry::{verify_file, FileOptions, Progress, SavedFile};
 use serde_json::json;
 
 use crate::output::{print_file_summary, ProgressView};
@@ -16,8 +14,9 @@ use crate::units::bytes;
 /// Show the layout of a saved-guest file: its blocks, where their bitmaps,
 /// checksums and pages are, how many pages are present, the device state.
 ///
-/// The header and block table are checked (and each block's bitmap, to
-/// count its pages) but page data is not read; `ferry verify` does that.
+/// The header, block table, bitmaps and checksum tables are checked (as
+/// every reader of the file opens it: `ferry_file::SavedFile`) but page
+/// data is not read; `ferry verify` does that.
 #[derive(Args)]
 pub struct InspectArgs {
     /// The saved-guest file: PATH or file:PATH (a regular file).
@@ -34,12 +33,9 @@ pub fn inspect(a: InspectArgs) -> anyhow::Result<bool> {
 
 fn show(a: InspectArgs) -> anyhow::Result<bool> {
     let path = file_path(&a.path)?;
-    let file = open_saved(&path)?;
-    let layout = FileLayout::read(&file, &path)?;
-    for i in 0..layout.blocks.len() {
-        layout.read_bitmap(&file, &path, i)?;
-    }
-    let disk = file.metadata().map(|m| m.blocks() * 512).unwrap_or(0);
+    let saved = SavedFile::open(&path, false)?;
+    let layout = saved.layout();
+    let disk = saved.disk_bytes();
     if a.json {
         let blocks: Vec<_> = layout
             .blocks

@@ -1,12 +1,14 @@
 //! Lazy restore: the guest's memory exists at once, empty and registered
 //! with userfaultfd (missing mode); a first touch of any page stops the
 //! toucher until a fault thread has loaded that page's region from the
-//! saved file, while K prefetch threads load every other region in order.
+//! [`PageSource`] (a saved file, or for postcopy the network), while K
+//! prefetch threads load every other region in order.
 //!
-//! The unit of loading is the checksum region (1 MiB of a block): it is
-//! read into a staging buffer (present pages; zero pages are zeros), its
-//! checksum checked, and only then placed in guest memory in one atomic
-//! UFFDIO_COPY, so the guest never sees unchecked bytes. Each region has a
+//! The unit of loading is the source's unit (a saved file's checksum
+//! region, 1 MiB of a block): the source fills a private staging buffer
+//! and checks it ([`PageSource::fill`]), and only then is it placed in
+//! guest memory in one atomic UFFDIO_COPY (or UFFDIO_ZEROPAGE for a region
+//! of zeros), so the guest never sees unchecked bytes. Each region has a
 //! state (absent, loading, loaded) claimed with one compare-and-swap, so
 //! exactly one thread loads it; a fault on a region another thread is
 //! loading is woken by that thread's copy.
@@ -15,19 +17,16 @@
 //! userfaultfd is closed, which lets any waiting toucher continue on zero
 //! pages; the restore then reports the error and its memory must not be used.
 
-use std::os::unix::fs::FileExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Instant;
 
-use ferry_ram::mapped::{count_present, present_pages, region_checksum, zero_checksum, FileLayout};
 use ferry_ram::uffd::Userfault;
-use ferry_ram::GuestMemory;
+use ferry_ram::{Counters, GuestMemory};
 
-use crate::file::DataFile;
-use crate::{Counters, MultifdError};
+use crate::{FileError, PageSource};
 
 const ABSENT: u8 = 0;
 const LOADING: u8 = 1;
@@ -46,10 +45,10 @@ pub struct LazyStats {
 
 struct Shared {
     memory: Arc<GuestMemory>,
-    layout: FileLayout,
-    bitmaps: Vec<Vec<u64>>,
-    checksums: Vec<Vec<u64>>,
-    data: DataFile,
+    source: Arc<dyn PageSource>,
+    /// The source's unit of loading, in bytes (a region).
+    unit: u64,
+    /// The source's name, as errors give it.
     path: PathBuf,
     /// Closed (dropped) on error or when every region is loaded.
     uffd: Mutex<Option<Arc<Userfault>>>,
@@ -62,7 +61,7 @@ struct Shared {
     loaded: AtomicU64,
     regions: u64,
     stop: AtomicBool,
-    error: Mutex<Option<MultifdError>>,
+    error: Mutex<Option<FileError>>,
     counters: Arc<Counters>,
     fault_regions: AtomicU64,
     prefetched_regions: AtomicU64,
@@ -76,21 +75,21 @@ pub struct LazyRestore {
 }
 
 impl LazyRestore {
-    /// Creates the guest's memory (anonymous, every page missing), registers
-    /// it, and starts one fault thread and `prefetchers` prefetch threads.
-    /// The memory may be used as soon as this returns.
+    /// Creates the guest's memory (anonymous, every page missing, shaped
+    /// as `source`'s blocks), registers it, and starts one fault thread and
+    /// `prefetchers` prefetch threads, all reading through `source`. The
+    /// memory may be used as soon as this returns.
     pub fn start(
-        layout: FileLayout,
-        bitmaps: Vec<Vec<u64>>,
-        checksums: Vec<Vec<u64>>,
-        data: DataFile,
-        path: &Path,
+        source: Arc<dyn PageSource>,
         prefetchers: u16,
         counters: Arc<Counters>,
-    ) -> Result<Self, MultifdError> {
+    ) -> Result<Self, FileError> {
+        let path = PathBuf::from(source.name());
+        let specs = source.blocks();
+        let unit = source.unit();
         let uffd_err = |what: &'static str| {
-            let path = path.to_path_buf();
-            move |source| MultifdError::FileIo {
+            let path = path.clone();
+            move |source| FileError::Io {
                 path,
                 block: "-".into(),
                 offset: 0,
@@ -98,10 +97,14 @@ impl LazyRestore {
                 source,
             }
         };
-        let memory = Arc::new(
-            GuestMemory::anonymous(&layout.specs())
-                .map_err(|e| MultifdError::Aborted(e.to_string()))?,
-        );
+        let max_page = specs.iter().map(|b| u64::from(b.page_size)).max();
+        if !unit.is_power_of_two() || max_page.is_some_and(|p| p > unit) {
+            return Err(FileError::Mismatch {
+                path,
+                what: format!("a unit of {unit} bytes, not a power of two as large as every page"),
+            });
+        }
+        let memory = Arc::new(GuestMemory::anonymous(&specs)?);
         let uffd = Userfault::open().map_err(uffd_err("opening a userfaultfd"))?;
         for b in memory.blocks() {
             uffd.register(b.host_addr(), b.len())
@@ -109,19 +112,17 @@ impl LazyRestore {
         }
         let mut starts = vec![0];
         let mut states = Vec::new();
-        for b in &layout.blocks {
-            let n = b.regions(layout.region_size);
+        for b in &specs {
+            let n = b.len.div_ceil(unit);
             starts.push(starts.last().expect("starts with 0") + n);
             states.push((0..n).map(|_| AtomicU8::new(ABSENT)).collect());
         }
         let regions = *starts.last().expect("starts with 0");
         let shared = Arc::new(Shared {
             memory,
-            layout,
-            bitmaps,
-            checksums,
-            data,
-            path: path.to_path_buf(),
+            source,
+            unit,
+            path,
             uffd: Mutex::new(Some(Arc::new(uffd))),
             states,
             next: AtomicU64::new(0),
@@ -143,9 +144,7 @@ impl LazyRestore {
             std::thread::Builder::new()
                 .name(name)
                 .spawn(f)
-                .map_err(|e| {
-                    MultifdError::Aborted(format!("cannot start a lazy-restore thread: {e}"))
-                })
+                .map_err(|e| FileError::Stopped(format!("cannot start a lazy-restore thread: {e}")))
         };
         let s = shared.clone();
         lazy.threads.push(spawn(
@@ -177,7 +176,7 @@ impl LazyRestore {
 
     /// Waits until every region is loaded (or loading failed), then
     /// unregisters the memory.
-    pub fn finish(mut self) -> Result<LazyStats, MultifdError> {
+    pub fn finish(mut self) -> Result<LazyStats, FileError> {
         for t in self.threads.drain(..) {
             let _ = t.join();
         }
@@ -213,7 +212,7 @@ fn uffd(s: &Shared) -> Option<Arc<Userfault>> {
 }
 
 /// Records the first error, stops every thread and lets waiting touchers go.
-fn fail(s: &Shared, e: MultifdError) {
+fn fail(s: &Shared, e: FileError) {
     let mut slot = s.error.lock().expect("error lock");
     if slot.is_none() {
         *slot = Some(e);
@@ -259,7 +258,7 @@ fn fault_thread(s: &Shared) {
         if let Err(e) = u.faults(20, &mut faults) {
             fail(
                 s,
-                MultifdError::FileIo {
+                FileError::Io {
                     path: s.path.clone(),
                     block: "-".into(),
                     offset: 0,
@@ -282,14 +281,9 @@ fn fault_thread(s: &Shared) {
 }
 
 /// Loads the region holding `addr` unless another thread is, or has.
-fn serve_fault(
-    s: &Shared,
-    u: &Userfault,
-    addr: u64,
-    staging: &mut [u8],
-) -> Result<(), MultifdError> {
+fn serve_fault(s: &Shared, u: &Userfault, addr: u64, staging: &mut [u8]) -> Result<(), FileError> {
     let Some((block, region)) = region_of(s, addr) else {
-        return Err(MultifdError::Aborted(format!(
+        return Err(FileError::Stopped(format!(
             "userfaultfd reported a fault at {addr:#x}, outside guest memory"
         )));
     };
@@ -311,17 +305,21 @@ struct Staging(ferry_ram::RamBlock);
 
 impl Staging {
     fn new(s: &Shared) -> Option<Self> {
-        match ferry_ram::RamBlock::anonymous("staging", u64::from(s.layout.region_size), 4096) {
+        match ferry_ram::RamBlock::anonymous("staging", s.unit, 4096) {
             Ok(b) => Some(Self(b)),
             Err(e) => {
-                fail(s, MultifdError::Aborted(format!("staging buffer: {e}")));
+                fail(s, e.into());
                 None
             }
         }
     }
+    /// The buffer as plain bytes: it is this thread's alone (never guest
+    /// memory, never shared), so a `&mut [u8]` over it is sound.
     fn bytes(&mut self) -> &mut [u8] {
-        // SAFETY: the mapping is len bytes, writable, owned by this thread's
-        // Staging and borrowed mutably through it alone.
+        // SAFETY: the mapping is len bytes, writable, private to this
+        // Staging (created here, its address never handed out except as
+        // this borrow, which `&mut self` makes unique) and lives as long
+        // as it.
         unsafe { std::slice::from_raw_parts_mut(self.0.host_addr(), self.0.len() as usize) }
     }
 }
@@ -329,8 +327,7 @@ impl Staging {
 fn region_of(s: &Shared, addr: u64) -> Option<(usize, u64)> {
     s.memory.blocks().iter().enumerate().find_map(|(i, b)| {
         let start = b.host_addr() as u64;
-        (addr >= start && addr < start + b.len())
-            .then(|| (i, (addr - start) / u64::from(s.layout.region_size)))
+        (addr >= start && addr < start + b.len()).then(|| (i, (addr - start) / s.unit))
     })
 }
 
@@ -340,102 +337,47 @@ fn claim(s: &Shared, block: usize, region: u64) -> bool {
         .is_ok()
 }
 
-/// Reads region `region` of `block` into `staging`, checks it, and places
-/// it in guest memory in one copy.
-fn load_region(
-    s: &Shared,
-    block: usize,
-    region: u64,
-    staging: &mut [u8],
-) -> Result<(), MultifdError> {
+/// Has the source fill region `region` of `block` into `staging` (checked)
+/// and places it in guest memory in one copy.
+fn load_region(s: &Shared, block: usize, region: u64, staging: &mut [u8]) -> Result<(), FileError> {
     let b = &s.memory.blocks()[block];
-    let lb = &s.layout.blocks[block];
     let ps = u64::from(b.page_size());
-    let per = u64::from(s.layout.region_size) / ps;
+    let per = s.unit / ps;
     let first = region * per;
-    let end = (first + per).min(b.pages());
-    let len = ((end - first) * ps) as usize;
-    let words = &s.bitmaps[block];
-    let mut present = present_pages(words, first, end);
-    let Some(lo) = present.next() else {
-        // No page to read: placed as zeros, its checksum known without
-        // hashing (a sparse guest's empty regions cost no work but this).
-        return place(s, block, region, first, len, None);
-    };
-    let hi = present.last().unwrap_or(lo);
+    let pages = per.min(b.pages() - first);
+    let len = (pages * ps) as usize;
     let buf = &mut staging[..len];
-    buf.fill(0);
-    // One read from the first to the last present page: pages between that
-    // are absent read as zeros (holes, or zeros written) and the checksum
-    // below proves it.
-    let from = ((lo - first) * ps) as usize;
-    let to = ((hi + 1 - first) * ps) as usize;
-    let offset = lb.page_file_offset(lo);
-    s.data
-        .file()
-        .read_exact_at(&mut buf[from..to], offset)
-        .map_err(|source| MultifdError::FileIo {
-            path: s.path.clone(),
-            block: b.name().into(),
-            offset,
-            what: "reading pages",
-            source,
-        })?;
+    let filled = s.source.fill(block, first, pages, buf)?;
     s.counters
         .wire_bytes
-        .fetch_add((to - from) as u64, Ordering::Relaxed);
-    place(s, block, region, first, len, Some(buf))
-}
-
-/// Checks the region's `len` bytes, `buf` (or zeros if None), against its
-/// checksum and places them in guest memory.
-fn place(
-    s: &Shared,
-    block: usize,
-    region: u64,
-    first: u64,
-    len: usize,
-    buf: Option<&[u8]>,
-) -> Result<(), MultifdError> {
-    let b = &s.memory.blocks()[block];
-    let offset = first * u64::from(b.page_size());
-    let sum = buf.map_or_else(|| zero_checksum(len as u64), region_checksum);
-    if sum != s.checksums[block][region as usize] {
-        return Err(MultifdError::FileChecksum {
-            path: s.path.clone(),
-            block: b.name().into(),
-            offset,
-            len: len as u64,
-            file_offset: s.layout.blocks[block].pages_offset + offset,
-        });
-    }
+        .fetch_add(filled.bytes_read, Ordering::Relaxed);
     let Some(u) = uffd(s) else {
-        return Err(MultifdError::Aborted("lazy restore stopped".into()));
+        return Err(FileError::Stopped("lazy restore stopped".into()));
     };
     let dst = b.page_addr(first).expect("region starts inside its block");
-    let placed = match buf {
-        None => u.zero(dst, len as u64),
+    let placed = if filled.zeros {
+        u.zero(dst, len as u64)
+    } else {
         // SAFETY: dst..dst+len is the region's memory inside a registered
         // block, missing until this copy (we hold the region's LOADING
-        // claim); buf is len readable bytes.
-        Some(buf) => unsafe { u.copy(dst, buf.as_ptr(), len as u64) },
+        // claim), so the kernel's atomic copy is its only writer; buf is
+        // len bytes of this thread's private staging buffer.
+        unsafe { u.copy(dst, buf.as_ptr(), len as u64) }
     };
-    placed.map_err(|source| MultifdError::FileIo {
+    placed.map_err(|source| FileError::Io {
         path: s.path.clone(),
         block: b.name().into(),
-        offset,
+        offset: first * ps,
         what: "placing a region with userfaultfd",
         source,
     })?;
     s.states[block][region as usize].store(LOADED, Ordering::Release);
-    let pages = len as u64 / u64::from(b.page_size());
-    let present = count_present(&s.bitmaps[block], first, first + pages);
     s.counters
         .pages_normal
-        .fetch_add(present, Ordering::Relaxed);
+        .fetch_add(filled.present, Ordering::Relaxed);
     s.counters
         .pages_zero
-        .fetch_add(pages - present, Ordering::Relaxed);
+        .fetch_add(pages - filled.present, Ordering::Relaxed);
     s.counters
         .ram_bytes
         .fetch_add(len as u64, Ordering::Relaxed);

@@ -31,14 +31,16 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use ferry_ram::mapped::{region_checksum, FileLayout};
-use ferry_ram::{GuestMemory, PageBitmap, WriteProtect};
+use ferry_ram::{Counters, GuestMemory, PageBitmap, WriteProtect};
 use ferry_transport::uring::Ring;
 
-use crate::file::{
-    cancelled, check_memory_matches, count_pages, region_pages, ring_err, shared_words, unshare,
-    DataFile, FileOptions, RegionScan, Regions, Run, WrittenPages,
+use crate::data::{cancelled, DataFile, FileOptions};
+use crate::engine::{
+    check_memory_matches, count_pages, region_pages, ring_err, shared_words, unshare, RegionScan,
+    Regions, Run,
 };
-use crate::{Counters, MultifdError};
+use crate::write::{empty_bitmaps, WrittenPages};
+use crate::FileError;
 
 const FRESH: u8 = 0;
 const COPYING: u8 = 1;
@@ -71,7 +73,7 @@ pub struct Arming {
     noted: Arc<Vec<PageBitmap>>,
     page_sizes: Vec<u64>,
     stop: Arc<AtomicBool>,
-    handler: Option<JoinHandle<Result<(), MultifdError>>>,
+    handler: Option<JoinHandle<Result<(), FileError>>>,
 }
 
 /// How long the arming handler waits for faults before looking at its stop flag.
@@ -80,7 +82,7 @@ const ARMING_POLL_MS: i32 = 1;
 impl Arming {
     /// Starts the handler, then protects all of `memory` (registered with
     /// `wp`) while the guest runs.
-    pub fn start(memory: &GuestMemory, wp: Arc<WriteProtect>) -> Result<Self, MultifdError> {
+    pub fn start(memory: &GuestMemory, wp: Arc<WriteProtect>) -> Result<Self, FileError> {
         let noted: Arc<Vec<PageBitmap>> = Arc::new(
             memory
                 .blocks()
@@ -105,7 +107,7 @@ impl Arming {
                         wp.faults(ARMING_POLL_MS, &mut faults)?;
                         for &addr in &faults {
                             let Some((block, offset)) = wp.locate(addr) else {
-                                return Err(MultifdError::Aborted(format!(
+                                return Err(FileError::Stopped(format!(
                                     "a write fault at {addr:#x}, outside the guest's memory"
                                 )));
                             };
@@ -118,9 +120,7 @@ impl Arming {
                     }
                     Ok(())
                 })
-                .map_err(|e| {
-                    MultifdError::Aborted(format!("cannot start the arming handler: {e}"))
-                })?
+                .map_err(|e| FileError::Stopped(format!("cannot start the arming handler: {e}")))?
         };
         let arming = Self {
             wp,
@@ -135,7 +135,7 @@ impl Arming {
 
     /// With the guest paused (no write in flight): stops the handler and
     /// protects again every page it let through. Returns how many.
-    pub fn rearm(mut self) -> Result<u64, MultifdError> {
+    pub fn rearm(mut self) -> Result<u64, FileError> {
         self.stop_handler()?;
         let mut pages = 0;
         for (block, (bits, &ps)) in self.noted.iter().zip(&self.page_sizes).enumerate() {
@@ -158,11 +158,11 @@ impl Arming {
         Ok(pages)
     }
 
-    fn stop_handler(&mut self) -> Result<(), MultifdError> {
+    fn stop_handler(&mut self) -> Result<(), FileError> {
         self.stop.store(true, Ordering::Release);
         match self.handler.take().map(JoinHandle::join) {
             Some(Ok(r)) => r,
-            Some(Err(_)) => Err(MultifdError::Aborted("the arming handler panicked".into())),
+            Some(Err(_)) => Err(FileError::Stopped("the arming handler panicked".into())),
             None => Ok(()),
         }
     }
@@ -219,7 +219,7 @@ struct Shared<'a> {
     state: Vec<AtomicU8>,
     copied: AtomicU64,
     queue: Mutex<VecDeque<Job>>,
-    bitmaps: Vec<Vec<AtomicU64>>,
+    bitmaps: Vec<PageBitmap>,
     checksums: Vec<Vec<AtomicU64>>,
     abort: AtomicBool,
     /// Set from outside to cancel the write-out.
@@ -241,7 +241,7 @@ pub fn write_background(
     opts: &FileOptions,
     counters: &Counters,
     wp: &WriteProtect,
-) -> Result<(WrittenPages, BackgroundStats), MultifdError> {
+) -> Result<(WrittenPages, BackgroundStats), FileError> {
     check_memory_matches(memory, layout, path)?;
     let regions = Regions::new(layout);
     let s = Shared {
@@ -256,7 +256,7 @@ pub fn write_background(
         regions,
         copied: AtomicU64::new(0),
         queue: Mutex::new(VecDeque::new()),
-        bitmaps: shared_words(layout, |b| b.bitmap_len() / 8),
+        bitmaps: empty_bitmaps(layout),
         checksums: shared_words(layout, |b| b.regions(layout.region_size)),
         abort: AtomicBool::new(false),
         cancel: opts.cancel.clone(),
@@ -264,7 +264,7 @@ pub fn write_background(
         ordered_regions: AtomicU64::new(0),
         max_fault_us: AtomicU64::new(0),
     };
-    let results: Vec<Result<(), MultifdError>> = std::thread::scope(|scope| {
+    let results: Vec<Result<(), FileError>> = std::thread::scope(|scope| {
         let s = &s;
         let mut handles = Vec::new();
         let mut spawn_error = None;
@@ -292,7 +292,7 @@ pub fn write_background(
                 Ok(h) => handles.push(h),
                 Err(e) => {
                     s.abort.store(true, Ordering::Release);
-                    spawn_error = Some(MultifdError::Aborted(format!(
+                    spawn_error = Some(FileError::Stopped(format!(
                         "cannot start a snapshot thread: {e}"
                     )));
                     break;
@@ -303,7 +303,7 @@ pub fn write_background(
             .into_iter()
             .map(|h| {
                 h.join().unwrap_or_else(|_| {
-                    Err(MultifdError::Aborted("a snapshot thread panicked".into()))
+                    Err(FileError::Stopped("a snapshot thread panicked".into()))
                 })
             })
             .collect();
@@ -312,7 +312,7 @@ pub fn write_background(
     });
     results.into_iter().find(Result::is_err).unwrap_or(Ok(()))?;
     if s.copied.load(Ordering::Acquire) != s.regions.total() {
-        return Err(MultifdError::Aborted(
+        return Err(FileError::Stopped(
             "the snapshot's threads stopped before every region was saved".into(),
         ));
     }
@@ -323,7 +323,7 @@ pub fn write_background(
     };
     Ok((
         WrittenPages {
-            bitmaps: unshare(s.bitmaps),
+            bitmaps: s.bitmaps,
             checksums: unshare(s.checksums),
         },
         stats,
@@ -349,11 +349,15 @@ impl Shared<'_> {
         block: usize,
         region: u64,
         buf: &mut AlignedBuf,
-    ) -> Result<(), MultifdError> {
+    ) -> Result<(), FileError> {
         let (offset, len) = self.region_bytes(block, region);
-        if let Some(mem) = self.memory.blocks()[block].slice(offset, len) {
-            mem.copy_to(buf.get_mut(len));
-        }
+        let region_mem = self.memory.blocks()[block]
+            .slice(offset, len)
+            .ok_or_else(|| {
+                FileError::Stopped(format!("region {region} of block #{block} lies outside it"))
+            })?;
+        // A volatile copy out of guest memory into the private buffer.
+        region_mem.copy_to(buf.get_mut(len));
         self.wp.unprotect(block, offset, len as u64)?;
         self.state[global as usize].store(COPIED, Ordering::Release);
         Ok(())
@@ -366,7 +370,7 @@ impl Shared<'_> {
         block: usize,
         region: u64,
         buf: &AlignedBuf,
-    ) -> Result<(), MultifdError> {
+    ) -> Result<(), FileError> {
         let b = &self.memory.blocks()[block];
         let (first, _) = region_pages(b, self.layout.region_size, region);
         let (_, len) = self.region_bytes(block, region);
@@ -379,7 +383,7 @@ impl Shared<'_> {
             max_gap: (self.hole_min / ps as u64).saturating_sub(1),
         };
         let mut runs: Vec<Run> = Vec::new();
-        let present = scan.run(bytes, &self.bitmaps[block], &mut runs);
+        let present = scan.run_copy(bytes, &self.bitmaps[block], &mut runs);
         let base = self.layout.blocks[block].pages_offset;
         let pieces: Vec<(&[u8], u64)> = runs
             .iter()
@@ -390,7 +394,7 @@ impl Shared<'_> {
             })
             .collect();
         ring.write_all_at(self.data.file().as_raw_fd(), &pieces)
-            .map_err(|e| MultifdError::FileIo {
+            .map_err(|e| FileError::Io {
                 path: self.path.into(),
                 block: b.name().into(),
                 offset: pieces[e.piece].1,
@@ -409,7 +413,7 @@ impl Shared<'_> {
     }
 
     /// A writer thread: queued copies first, else the next fresh region.
-    fn write_out(&self) -> Result<(), MultifdError> {
+    fn write_out(&self) -> Result<(), FileError> {
         let mut buf = AlignedBuf::new(self.layout.region_size as usize);
         let mut ring = Ring::new(WRITES_IN_FLIGHT).map_err(|e| ring_err(self.path, e))?;
         let total = self.regions.total();
@@ -449,7 +453,7 @@ impl Shared<'_> {
     }
 
     /// The fault handler: copies out the region a guest write waits on.
-    fn handle_faults(&self) -> Result<(), MultifdError> {
+    fn handle_faults(&self) -> Result<(), FileError> {
         let mut ring = Ring::new(WRITES_IN_FLIGHT).map_err(|e| ring_err(self.path, e))?;
         let total = self.regions.total();
         let mut faults = Vec::new();
@@ -458,7 +462,7 @@ impl Shared<'_> {
             for &addr in &faults {
                 let t0 = Instant::now();
                 let Some((block, offset)) = self.wp.locate(addr) else {
-                    return Err(MultifdError::Aborted(format!(
+                    return Err(FileError::Stopped(format!(
                         "a write fault at {addr:#x}, outside the guest's memory"
                     )));
                 };
@@ -474,7 +478,7 @@ impl Shared<'_> {
                     self.max_fault_us
                         .fetch_max(t0.elapsed().as_micros() as u64, Ordering::Relaxed);
                     let mut q = self.queue.lock().map_err(|_| {
-                        MultifdError::Aborted("the snapshot's queue was poisoned".into())
+                        FileError::Stopped("the snapshot's queue was poisoned".into())
                     })?;
                     // Copies waiting for the writers are bounded: past
                     // that, the handler writes its copy itself (the guest
