@@ -15,7 +15,8 @@
 //! - [`outgoing`] / [`incoming`]: the two sides of a migration.
 //! - [`metrics`]: the same figures for Prometheus, over HTTP.
 //! - [`summary`]: what a finished (or failed) migration reports.
-//! - [`snapshot`]: saving a guest to a file and restoring it (file mode).
+//! - [`save`] / [`restore`]: saving a guest to a file and restoring it
+//!   (file mode); [`snapshot`]: what the two share.
 
 mod activation;
 pub mod control;
@@ -25,6 +26,8 @@ pub mod incoming;
 pub mod metrics;
 pub mod outgoing;
 pub mod protocol;
+pub mod restore;
+pub mod save;
 pub mod snapshot;
 pub mod state;
 pub mod summary;
