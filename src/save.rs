@@ -26,16 +26,19 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use ferry_multifd::background::{write_background, Arming};
+use ferry_multifd::background::{write_background, Arming, BackgroundStats};
 use ferry_multifd::file::{rewrite_pages, write_pages, DataFile, FileOptions, WrittenPages};
 use ferry_multifd::Counters;
 use ferry_ram::mapped::{check_output_path, write_metadata, FileLayout};
-use ferry_ram::{BlockSpec, Digest, PageBitmap, WriteProtect};
+use ferry_ram::{BlockSpec, Digest, GuestMemory, PageBitmap, WriteProtect};
 
+use crate::session::{
+    AtMaxPasses, Limits, Outcome, PassResult, PassSink, Phase, Session, SessionConfig,
+};
 use crate::snapshot::{
     add_note, begin, cancel_flag, conclude, io_err, FileFailed, FileSummary, SnapshotError,
 };
-use crate::{Guest, Progress};
+use crate::{Guest, Parameters, Progress};
 
 /// How a save runs.
 #[derive(Clone, Debug)]
@@ -100,16 +103,56 @@ pub fn save_live_to_file(
     live: &LiveOptions,
     progress: &Progress,
 ) -> Result<FileSummary, FileFailed> {
-    run_save(
+    let Some(log) = guest.dirty_log() else {
+        return save_to_file(guest, path, opts, progress);
+    };
+    // The passes end when what is left fits the downtime limit at the
+    // speed of the pass before, or after the max passes whatever is left.
+    let limits = Parameters {
+        downtime_limit: live.downtime_limit,
+        max_passes: live.max_passes.max(1),
+        avail_switchover_bandwidth: 0,
+        auto_converge: false,
+        ..Parameters::default()
+    };
+    let mut session = Session::new(
+        guest,
+        progress,
+        SessionConfig {
+            log: Some(log),
+            limits: Limits::Fixed(limits),
+            at_max_passes: AtMaxPasses::SwitchOver,
+        },
+    );
+    let result = run_save(
         guest,
         path,
         opts,
         progress,
-        |partial, opts, counters, summary| match guest.dirty_log() {
-            Some(log) => save_live(guest, log, partial, opts, live, counters, progress, summary),
-            None => save(guest, partial, opts, counters, progress, summary),
+        |partial, opts, counters, summary| {
+            save_live(
+                &mut session,
+                guest,
+                log,
+                partial,
+                opts,
+                counters,
+                progress,
+                summary,
+            )
         },
-    )
+    );
+    session.finish(outcome(&result));
+    result
+}
+
+/// The phase a save that ended with `result` ends in.
+fn outcome(result: &Result<FileSummary, FileFailed>) -> Outcome {
+    match result {
+        Ok(_) => Outcome::Completed,
+        Err(f) if matches!(f.error, SnapshotError::Cancelled { .. }) => Outcome::Cancelled,
+        Err(_) => Outcome::Failed,
+    }
 }
 
 /// How a background snapshot runs.
@@ -130,15 +173,37 @@ pub fn save_background(
     bg: &BackgroundOptions,
     progress: &Progress,
 ) -> Result<FileSummary, FileFailed> {
-    run_save(
+    // No dirty log: the snapshot's one pass writes memory as it was at
+    // the pause, whatever the guest writes after.
+    let mut session = Session::new(
+        guest,
+        progress,
+        SessionConfig {
+            log: None,
+            limits: Limits::Fixed(Parameters::default()),
+            at_max_passes: AtMaxPasses::SwitchOver,
+        },
+    );
+    let result = run_save(
         guest,
         path,
         opts,
         progress,
         |partial, opts, counters, summary| {
-            save_bg(guest, partial, opts, bg, counters, progress, summary)
+            save_bg(
+                &mut session,
+                guest,
+                partial,
+                opts,
+                bg,
+                counters,
+                progress,
+                summary,
+            )
         },
-    )
+    );
+    session.finish(outcome(&result));
+    result
 }
 
 /// What every kind of save shares: counters and progress, a summary, the
@@ -171,8 +236,10 @@ fn run_save(
         drop(lock);
         Ok(())
     });
+    // The session engine notices a cancel through `progress` itself,
+    // possibly before the flag is set.
     let result = match result {
-        Err(_) if cancel.load(Ordering::SeqCst) => {
+        Err(_) if cancel.load(Ordering::SeqCst) || progress.cancel_requested() => {
             Err(SnapshotError::Cancelled { path: path.into() })
         }
         other => other,
@@ -464,78 +531,54 @@ fn finish_file(
 }
 
 /// The live save: pass 1 and later passes while the guest runs, then the
-/// final pass paused. The layout is planned without the device state (it
-/// is taken last); the device state only ever lies after all pages, so
-/// planning again with its length moves nothing already written.
+/// final pass paused, all through `session` ([`LiveFileSink`]). The layout
+/// is planned without the device state (it is taken last); the device
+/// state only ever lies after all pages, so planning again with its length
+/// moves nothing already written.
 #[allow(clippy::too_many_arguments)]
 fn save_live(
+    session: &mut Session,
     guest: &dyn Guest,
     log: &dyn ferry_ram::DirtyLog,
     path: &Path,
     opts: &SaveOptions,
-    live: &LiveOptions,
     counters: &Counters,
     progress: &Progress,
     summary: &mut FileSummary,
 ) -> Result<(), SnapshotError> {
+    session.enter(Phase::Setup)?;
     let memory = guest.memory();
     summary.mode = Some("live");
     let specs = memory.specs();
     let layout = FileLayout::plan(&specs, 0)?;
     let (meta, data) = create_file(path, &layout, opts, summary)?;
-    let pending: Vec<PageBitmap> = memory
-        .blocks()
-        .iter()
-        .map(|b| PageBitmap::new(b.pages(), false))
-        .collect();
-    let page_sizes: Vec<u64> = memory
-        .blocks()
-        .iter()
-        .map(|b| u64::from(b.page_size()))
-        .collect();
-    let dirty_bytes = |p: &[PageBitmap]| -> u64 {
-        p.iter()
-            .zip(&page_sizes)
-            .map(|(b, ps)| b.count() * ps)
-            .sum()
+    let mut sink = LiveFileSink {
+        memory,
+        layout: &layout,
+        data: &data,
+        path,
+        opts: &opts.file,
+        counters,
+        progress,
+        written: None,
     };
-    log.start()?;
+    // The engine starts the dirty log before pass 1.
     let passes = (|| {
-        progress.set_phase("pass 1");
-        let t = Instant::now();
-        let mut written = write_pages(memory, &layout, &data, path, &opts.file, counters)?;
-        let mut passes = 1u64;
-        let (mut bytes, mut secs) = (memory.total_bytes(), t.elapsed().as_secs_f64());
-        loop {
-            log.sync(&pending)?;
-            let remaining = dirty_bytes(&pending);
-            let bandwidth = bytes as f64 / secs.max(1e-6);
-            let threshold = bandwidth * live.downtime_limit.as_secs_f64();
-            tracing::debug!(passes, remaining, threshold, "live save pass done");
-            if remaining as f64 <= threshold || passes >= live.max_passes.max(1) {
-                break;
-            }
-            progress.set_phase("passes");
-            let (t, before) = (Instant::now(), counters.snapshot().ram_bytes);
-            written = rewrite_pages(
-                memory, &layout, &data, path, &opts.file, counters, written, &pending,
-            )?;
-            passes += 1;
-            bytes = counters.snapshot().ram_bytes - before;
-            secs = t.elapsed().as_secs_f64();
-        }
+        session.precopy(&mut sink)?;
         progress.set_phase("final pass");
         let paused_at = Instant::now();
         guest.pause()?;
-        log.sync(&pending)?;
-        let written = rewrite_pages(
-            memory, &layout, &data, path, &opts.file, counters, written, &pending,
-        )?;
-        passes += 1;
+        session.enter(Phase::Device)?;
+        session.final_pass(&mut sink)?;
         let device_state = guest.save_device_state()?;
+        // A dirty log makes the final pass run: every pass left its pages.
+        let written = sink
+            .written
+            .take()
+            .expect("a live save's passes wrote the file");
         write_tables(&meta, path, &specs, &written, &device_state)?;
         summary.downtime_ms = Some(paused_at.elapsed().as_secs_f64() * 1e3);
-        Ok::<_, SnapshotError>((passes, device_state))
+        Ok::<_, SnapshotError>((session.passes(), device_state))
     })();
     if let Err(e) = log.stop() {
         tracing::error!("stopping the dirty log after a live save: {e}");
@@ -547,10 +590,79 @@ fn save_live(
     finish_file(&meta, path, opts, progress, &device_state, summary)
 }
 
+/// A live save's [`PassSink`]: pass 1 writes every page
+/// ([`write_pages`]), later passes rewrite the pending ones in place
+/// ([`rewrite_pages`]). Passes are measured in guest RAM bytes covered.
+struct LiveFileSink<'a> {
+    memory: &'a GuestMemory,
+    layout: &'a FileLayout,
+    data: &'a DataFile,
+    path: &'a Path,
+    opts: &'a FileOptions,
+    counters: &'a Counters,
+    progress: &'a Progress,
+    /// What the passes so far wrote (none before pass 1).
+    written: Option<WrittenPages>,
+}
+
+impl PassSink for LiveFileSink<'_> {
+    type Error = SnapshotError;
+
+    fn send_pass(
+        &mut self,
+        _number: u64,
+        pending: &Arc<Vec<PageBitmap>>,
+        live: bool,
+    ) -> Result<PassResult, SnapshotError> {
+        let (memory, layout, data, path, opts, counters) = (
+            self.memory,
+            self.layout,
+            self.data,
+            self.path,
+            self.opts,
+            self.counters,
+        );
+        let pages = |t: ferry_multifd::Totals| t.pages_normal + t.pages_zero;
+        let written = match self.written.take() {
+            None => {
+                self.progress.set_phase("pass 1");
+                let (t, before) = (Instant::now(), counters.snapshot());
+                let written = write_pages(memory, layout, data, path, opts, counters)?;
+                // Every page is in the file now.
+                for b in pending.iter() {
+                    b.clear_all();
+                }
+                let pass = PassResult {
+                    bytes: memory.total_bytes(),
+                    pages: pages(counters.snapshot()) - pages(before),
+                    seconds: t.elapsed().as_secs_f64(),
+                };
+                self.written = Some(written);
+                return Ok(pass);
+            }
+            Some(w) => w,
+        };
+        if live {
+            self.progress.set_phase("passes");
+        }
+        let (t, before) = (Instant::now(), counters.snapshot());
+        let written = rewrite_pages(memory, layout, data, path, opts, counters, written, pending)?;
+        self.written = Some(written);
+        let after = counters.snapshot();
+        Ok(PassResult {
+            bytes: after.ram_bytes - before.ram_bytes,
+            pages: pages(after) - pages(before),
+            seconds: t.elapsed().as_secs_f64(),
+        })
+    }
+}
+
 /// The background snapshot: a short pause to save the device state and
 /// write-protect memory, then memory written out as it was then while the
 /// guest runs (`ferry_multifd::background`).
+#[allow(clippy::too_many_arguments)]
 fn save_bg(
+    session: &mut Session,
     guest: &dyn Guest,
     path: &Path,
     opts: &SaveOptions,
@@ -559,6 +671,7 @@ fn save_bg(
     progress: &Progress,
     summary: &mut FileSummary,
 ) -> Result<(), SnapshotError> {
+    session.enter(Phase::Setup)?;
     let memory = guest.memory();
     summary.mode = Some("background");
     // Registering and protecting all of memory take time (tens of ms for a
@@ -574,6 +687,8 @@ fn save_bg(
     let (meta, data) = create_file(path, &layout, opts, summary)?;
     let arming = Arming::start(memory, wp.clone())?;
     let was_running = guest.is_running();
+    // Seed 004's background snapshot pauses in `active`.
+    session.enter(Phase::Active)?;
     progress.set_phase("pausing");
     let paused_at = Instant::now();
     guest.pause()?;
@@ -601,8 +716,20 @@ fn save_bg(
     );
     let device_state = prepared?;
     progress.set_phase("writing");
-    let (written, stats) =
-        write_background(memory, &layout, &data, path, &opts.file, counters, &wp)?;
+    let mut sink = BackgroundSink {
+        memory,
+        layout: &layout,
+        data: &data,
+        path,
+        opts: &opts.file,
+        counters,
+        wp: &wp,
+        out: None,
+    };
+    // One pass, no dirty log: the engine switches over after it.
+    session.precopy(&mut sink)?;
+    let (written, stats) = sink.out.take().expect("the snapshot's one pass ran");
+    drop(sink);
     drop(wp);
     summary.fault_regions = Some(stats.fault_regions);
     summary.ordered_regions = Some(stats.ordered_regions);
@@ -610,4 +737,50 @@ fn save_bg(
     progress.set_phase("finishing");
     write_tables(&meta, path, &specs, &written, &device_state)?;
     finish_file(&meta, path, opts, progress, &device_state, summary)
+}
+
+/// A background snapshot's [`PassSink`]: its one pass writes all of memory
+/// as it was at the pause ([`write_background`]).
+struct BackgroundSink<'a> {
+    memory: &'a GuestMemory,
+    layout: &'a FileLayout,
+    data: &'a DataFile,
+    path: &'a Path,
+    opts: &'a FileOptions,
+    counters: &'a Counters,
+    wp: &'a WriteProtect,
+    out: Option<(WrittenPages, BackgroundStats)>,
+}
+
+impl PassSink for BackgroundSink<'_> {
+    type Error = SnapshotError;
+
+    fn send_pass(
+        &mut self,
+        _number: u64,
+        pending: &Arc<Vec<PageBitmap>>,
+        _live: bool,
+    ) -> Result<PassResult, SnapshotError> {
+        let (t, before) = (Instant::now(), self.counters.snapshot());
+        let out = write_background(
+            self.memory,
+            self.layout,
+            self.data,
+            self.path,
+            self.opts,
+            self.counters,
+            self.wp,
+        )?;
+        for b in pending.iter() {
+            b.clear_all();
+        }
+        self.out = Some(out);
+        let after = self.counters.snapshot();
+        Ok(PassResult {
+            bytes: after.ram_bytes - before.ram_bytes,
+            pages: (after.pages_normal + after.pages_zero)
+                - (before.pages_normal + before.pages_zero),
+            seconds: t.elapsed().as_secs_f64(),
+        })
+    }
 }

@@ -23,6 +23,7 @@ use ferry_multifd::{Counters, MultifdError};
 use ferry_ram::RamError;
 use serde::Serialize;
 
+use crate::session::{PhaseError, SessionError};
 use crate::{GuestError, Progress};
 
 pub use crate::restore::{
@@ -53,6 +54,10 @@ pub enum SnapshotError {
         bytes: u64,
         source: Box<RamError>,
     },
+    /// The session engine's own failure (a phase change it refused, or a
+    /// cancel noticed between passes).
+    #[error(transparent)]
+    Session(SessionError),
     #[error("{path}: cancelled; nothing was written there (the partial file was removed)")]
     Cancelled { path: PathBuf },
     #[error("{path}: {partial} lies beside it: {why}")]
@@ -61,6 +66,21 @@ pub enum SnapshotError {
         partial: PathBuf,
         why: &'static str,
     },
+}
+
+impl From<SessionError> for SnapshotError {
+    fn from(e: SessionError) -> Self {
+        match e {
+            SessionError::Ram(e) => Self::Ram(e),
+            other => Self::Session(other),
+        }
+    }
+}
+
+impl From<PhaseError> for SnapshotError {
+    fn from(e: PhaseError) -> Self {
+        Self::Session(e.into())
+    }
 }
 
 /// What a save or restore reports (`ferry save/restore/verify --json`).
