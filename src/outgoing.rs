@@ -42,7 +42,8 @@ use ferry_transport::{
 
 use crate::protocol::{MainChannel, Message, Setup, CAP_CHECKSUM, CAP_ZSTD, DEFAULT_PEER_TIMEOUT};
 use crate::session::{
-    AtMaxPasses, Limits, Outcome, PassResult, PassSink, Phase, Readiness, Session, SessionConfig,
+    AtMaxPasses, Limits, Outcome, PassResult, PassSink, Phase, PrecopyEnd, Readiness, Session,
+    SessionConfig,
 };
 use crate::summary::ZeroCopyReport;
 use crate::{Failed, Guest, MigrationError, Progress, Role as SummaryRole, Summary};
@@ -253,9 +254,10 @@ impl Source<'_> {
             ));
         }
         let mut s = self.setup()?;
-        let result = self
-            .precopy(session, &mut s)
-            .and_then(|()| self.switchover(session, &mut s));
+        let result = self.precopy(session, &mut s).and_then(|end| match end {
+            // A postcopy or COLO phase would start here (session.rs).
+            PrecopyEnd::SwitchOver => self.switchover(session, &mut s),
+        });
         if result.is_err() && self.progress.cancel_requested() {
             // End the channels cleanly (a dead link is cut by the cancel's
             // grace timer), then tell the destination to discard.
@@ -377,7 +379,11 @@ impl Source<'_> {
     /// Passes while the guest runs, until what is left fits the downtime
     /// limit (the session engine's loop, through the network sink); the
     /// dirty pages left stay pending in `session` for the final pass.
-    fn precopy(&mut self, session: &mut Session, s: &mut Link) -> Result<(), MigrationError> {
+    fn precopy(
+        &mut self,
+        session: &mut Session,
+        s: &mut Link,
+    ) -> Result<PrecopyEnd, MigrationError> {
         session.enter(Phase::Active)?;
         self.progress.set_phase("active");
         self.summary.dirty_tracker = self.guest.dirty_log().map(|l| l.name().to_string());
@@ -387,8 +393,7 @@ impl Source<'_> {
             progress: self.progress,
             opts: self.opts,
         };
-        session.precopy(&mut sink)?;
-        Ok(())
+        session.precopy(&mut sink)
     }
 
     /// Pause, (pre-switchover), device: the final pass, device state,

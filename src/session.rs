@@ -87,12 +87,12 @@
 //!
 //! ```ignore
 //! impl Session<'_> {
-//!     pub fn postcopy<S: PostcopySink>(&mut self, sink: &mut S) -> Result<(), S::Error> {
-//!         self.enter(Phase::PostcopyActive)?;        // active → postcopy-active
+//!     pub fn postcopy<S: PassSink>(&mut self, sink: &mut S) -> Result<(), S::Error> {
+//!         self.enter(Phase::PostcopyActive).map_err(SessionError::from)?; // active → postcopy-active
 //!         self.sync()?;
-//!         sink.send_discard(self.pending())?;        // what the destination lacks
+//!         sink.send_discard(self.pending())?;        // new PassSink method (step 3)
 //!         loop {
-//!             match sink.next_fault_or_stream(self.pending()) {
+//!             match sink.serve_fault_or_stream(self.pending()) { // ditto
 //!                 Ok(Streamed::AllSent) => return Ok(()),
 //!                 Ok(_) => continue,
 //!                 Err(e) if e.is_link_loss() => self.enter(Phase::PostcopyPaused)?,
