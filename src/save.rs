@@ -106,6 +106,9 @@ pub fn save_live_to_file(
     let Some(log) = guest.dirty_log() else {
         return save_to_file(guest, path, opts, progress);
     };
+    // The final pass is the device phase; a save may still be cancelled
+    // there (the guest resumes, no file is left), as before it had phases.
+    progress.cancel_in_device();
     // The passes end when what is left fits the downtime limit at the
     // speed of the pass before, or after the max passes whatever is left.
     let limits = Parameters {

@@ -993,6 +993,19 @@ mod tests {
         s.enter(Setup).unwrap();
         assert_eq!(s.finish(Outcome::Cancelled), Cancelled);
         assert_eq!(progress.status(), Status::Cancelled);
+        // The device phase refuses a cancel (a destination may be taking
+        // over), unless the progress is a save's.
+        for save in [false, true] {
+            let progress = Progress::default();
+            if save {
+                progress.cancel_in_device();
+            }
+            let mut s = Session::new(&g, &progress, s.config.clone());
+            s.enter(Setup).unwrap();
+            s.enter(Active).unwrap();
+            s.enter(Device).unwrap();
+            assert_eq!(progress.cancel(), save);
+        }
         // Phases not implemented report no status of their own.
         assert_eq!(PostcopyActive.status(), Option::None);
         assert_eq!(Colo.as_str(), "colo");
