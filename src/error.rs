@@ -4,6 +4,7 @@ use ferry_multifd::MultifdError;
 use ferry_ram::RamError;
 use ferry_transport::TransportError;
 
+use crate::session::{PhaseError, SessionError};
 use crate::GuestError;
 
 #[derive(Debug, thiserror::Error)]
@@ -66,6 +67,8 @@ pub enum MigrationError {
         error: Box<MigrationError>,
         why: String,
     },
+    #[error(transparent)]
+    Phase(#[from] PhaseError),
     #[error("migration cancelled{0}")]
     Cancelled(String),
     #[error("did not converge after {passes} passes: {} still dirty, the switchover allows {} (downtime limit {limit_ms} ms)", crate::summary::iec(*remaining), crate::summary::iec(*threshold))]
@@ -75,6 +78,27 @@ pub enum MigrationError {
         threshold: u64,
         limit_ms: u64,
     },
+}
+
+impl From<SessionError> for MigrationError {
+    fn from(e: SessionError) -> Self {
+        match e {
+            SessionError::Ram(e) => Self::Ram(e),
+            SessionError::Phase(e) => Self::Phase(e),
+            SessionError::Cancelled => Self::Cancelled(String::new()),
+            SessionError::NotConverged {
+                passes,
+                remaining,
+                threshold,
+                limit_ms,
+            } => Self::NotConverged {
+                passes,
+                remaining,
+                threshold,
+                limit_ms,
+            },
+        }
+    }
 }
 
 /// A failed migration: the error, and what the migration had done by then.

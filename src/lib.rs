@@ -12,11 +12,14 @@
 //! - [`state`]: a migration's status, parameters and live figures, shared
 //!   with [`control`], the QMP-shaped control socket.
 //! - [`protocol`]: the main channel's messages and their wire format.
+//! - [`session`]: the session engine: the one pass loop (dirty sync, send,
+//!   estimate, switchover decision) and the phases as QEMU names them,
+//!   used by live send, live save and background snapshot.
 //! - [`outgoing`] / [`incoming`]: the two sides of a migration.
 //! - [`metrics`]: the same figures for Prometheus, over HTTP.
 //! - [`summary`]: what a finished (or failed) migration reports.
-//! - [`snapshot`]: saving a guest to a file and restoring it (file mode,
-//!   over `ferry-file`).
+//! - [`save`] / [`restore`]: saving a guest to a file and restoring it
+//!   (file mode, over `ferry-file`); [`snapshot`]: what the two share.
 
 mod activation;
 pub mod control;
@@ -26,6 +29,9 @@ pub mod incoming;
 pub mod metrics;
 pub mod outgoing;
 pub mod protocol;
+pub mod restore;
+pub mod save;
+pub mod session;
 pub mod snapshot;
 pub mod state;
 pub mod summary;
@@ -42,6 +48,7 @@ pub use incoming::{
 pub use metrics::{MetricsError, MetricsServer};
 pub use outgoing::{migrate_out, OutgoingOptions};
 pub use protocol::DEFAULT_PEER_TIMEOUT;
+pub use session::{PassSink, Phase, PhaseError, Session, SessionError};
 pub use snapshot::{
     open_saved, restore_from_file, restore_lazy, save_background, save_live_to_file, save_to_file,
     verify_file, BackgroundOptions, FileFailed, FileSummary, LazyReport, LazyRestored,
@@ -53,7 +60,7 @@ pub use synthetic::{DirtyPattern, SyntheticConfig, SyntheticGuest, TrackerKind};
 
 pub use ferry_file::{FileError, FileOptions, SavedFile};
 pub use ferry_multifd::{ReceiverOptions, SendPath, SenderOptions};
-pub use ferry_ram::{BlockSpec, Digest, GuestMemory, RamBlock};
+pub use ferry_ram::{BitmapLog, BlockSpec, Digest, DirtyLog, GuestMemory, PageBitmap, RamBlock};
 pub use ferry_transport::{
     AcceptOptions, ChannelUri, Listener, SocketTuning, TlsClient, TlsServer,
 };

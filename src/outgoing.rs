@@ -17,6 +17,11 @@
 //! 5. the destination answers RESUMED (its guest runs: downtime ends) and
 //!    SHUT.
 //!
+//! The pass loop of step 2 and the final pass of step 4 are the session
+//! engine's ([`crate::session`]); this module is its network [`PassSink`]
+//! (multifd passes and PASS_END; SWITCHOVER_ACK before switching over) and
+//! owns the rest: channels, setup, device state, the completion handshake.
+//!
 //! Cancel (from the control socket) ends the pass in flight early and tells
 //! the destination with CANCEL. Whatever ends a migration other than
 //! success goes through one cleanup path: throttle lifted, dirty log
@@ -29,14 +34,17 @@ use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use ferry_multifd::{SendPath, SenderOptions, SenderPool};
-use ferry_ram::{Digest, DirtyLog, GuestMemory, PageBitmap};
+use ferry_ram::{Digest, GuestMemory, PageBitmap};
 use ferry_transport::{
     await_accept, connect_channel_secure, Channel, ChannelHello, ChannelUri, Role, SessionId,
     SocketTuning, TlsClient,
 };
 
 use crate::protocol::{MainChannel, Message, Setup, CAP_CHECKSUM, CAP_ZSTD, DEFAULT_PEER_TIMEOUT};
-use crate::state::{Event, Status};
+use crate::session::{
+    AtMaxPasses, Limits, Outcome, PassResult, PassSink, Phase, PrecopyEnd, Readiness, Session,
+    SessionConfig,
+};
 use crate::summary::ZeroCopyReport;
 use crate::{Failed, Guest, MigrationError, Progress, Role as SummaryRole, Summary};
 
@@ -103,7 +111,15 @@ pub fn migrate_out(
             .page_size
             .store(u64::from(b.page_size()), Ordering::Relaxed);
     }
-    progress.set_status(Status::Setup);
+    let mut session = Session::new(
+        guest,
+        progress,
+        SessionConfig {
+            log: guest.dirty_log(),
+            limits: Limits::Progress,
+            at_max_passes: AtMaxPasses::Fail,
+        },
+    );
     let was_running = guest.is_running();
     let mut source = Source {
         guest,
@@ -115,8 +131,13 @@ pub fn migrate_out(
         progress,
         summary: &mut summary,
     };
-    let mut result = progress.while_ticking(|| source.run());
+    let mut result = progress.while_ticking(|| source.run(&mut session));
     let handed_over = source.handed_over;
+    let stats = session.stats();
+    summary.dirty_sync_count = stats.dirty_sync_count;
+    summary.dirty_sync_ms = stats.dirty_sync_ms;
+    summary.throttle_percent = stats.throttle_percent;
+    summary.expected_downtime_ms = stats.expected_downtime_ms;
     if result.is_err() && progress.cancel_requested() && !handed_over {
         result = Err(MigrationError::Cancelled(String::new()));
     }
@@ -159,10 +180,10 @@ pub fn migrate_out(
         cancelled,
     );
     progress.set_phase(summary.status);
-    progress.set_status(match (&result, cancelled) {
-        (Ok(()), _) => Status::Completed,
-        (Err(_), true) => Status::Cancelled,
-        (Err(_), false) => Status::Failed,
+    session.finish(match (&result, cancelled) {
+        (Ok(()), _) => Outcome::Completed,
+        (Err(_), true) => Outcome::Cancelled,
+        (Err(_), false) => Outcome::Failed,
     });
     match result {
         Ok(()) => Ok(summary),
@@ -212,8 +233,9 @@ struct Source<'a> {
     handed_over: bool,
 }
 
-/// The open session: main channel, its return path and the sender pool.
-struct Session {
+/// The open link to the destination: main channel, its return path and
+/// the sender pool.
+struct Link {
     main: Arc<MainChannel>,
     return_path: ReturnPath,
     pool: SenderPool,
@@ -223,24 +245,19 @@ struct Session {
     destination_verifies: bool,
 }
 
-/// What one pass moved, and how long it took.
-struct PassResult {
-    bytes: u64,
-    pages: u64,
-    seconds: f64,
-}
-
 impl Source<'_> {
-    fn run(&mut self) -> Result<(), MigrationError> {
+    fn run(&mut self, session: &mut Session) -> Result<(), MigrationError> {
+        session.enter(Phase::Setup)?;
         if self.opts.channels == 0 {
             return Err(MigrationError::Options(
                 "at least one multifd channel is needed".into(),
             ));
         }
         let mut s = self.setup()?;
-        let result = self
-            .precopy(&mut s)
-            .and_then(|pending| self.switchover(&mut s, pending));
+        let result = self.precopy(session, &mut s).and_then(|end| match end {
+            // A postcopy or COLO phase would start here (session.rs).
+            PrecopyEnd::SwitchOver => self.switchover(session, &mut s),
+        });
         if result.is_err() && self.progress.cancel_requested() {
             // End the channels cleanly (a dead link is cut by the cancel's
             // grace timer), then tell the destination to discard.
@@ -259,7 +276,7 @@ impl Source<'_> {
         result
     }
 
-    fn setup(&mut self) -> Result<Session, MigrationError> {
+    fn setup(&mut self) -> Result<Link, MigrationError> {
         let opts = self.opts;
         self.progress.set_phase("connecting");
         let session = SessionId::random();
@@ -294,7 +311,7 @@ impl Source<'_> {
             blocks: self.memory.specs(),
         };
         self.summary.wire_bytes += main.send(&Message::Setup(setup))?;
-        let reply = self.wait_reply(&return_path, opts.setup_timeout, "SETUP_ACK");
+        let reply = wait_reply(self.progress, &return_path, opts.setup_timeout, "SETUP_ACK");
         if reply.is_err() && self.progress.cancel_requested() {
             let _ = main.send(&Message::Cancel);
         }
@@ -350,7 +367,7 @@ impl Source<'_> {
             note: pool.path_note().map(String::from),
             ..Default::default()
         });
-        Ok(Session {
+        Ok(Link {
             main,
             return_path,
             pool,
@@ -360,96 +377,28 @@ impl Source<'_> {
     }
 
     /// Passes while the guest runs, until what is left fits the downtime
-    /// limit. Returns the dirty pages left for the final pass.
-    fn precopy(&mut self, s: &mut Session) -> Result<Arc<Vec<PageBitmap>>, MigrationError> {
-        self.progress.set_status(Status::Active);
+    /// limit (the session engine's loop, through the network sink); the
+    /// dirty pages left stay pending in `session` for the final pass.
+    fn precopy(
+        &mut self,
+        session: &mut Session,
+        s: &mut Link,
+    ) -> Result<PrecopyEnd, MigrationError> {
+        session.enter(Phase::Active)?;
         self.progress.set_phase("active");
-        let log = self.guest.dirty_log();
-        self.summary.dirty_tracker = log.map(|l| l.name().to_string());
-        if let Some(l) = log {
-            l.start()?;
-        }
-        let pending = Arc::new(
-            self.memory
-                .blocks()
-                .iter()
-                .map(|b| PageBitmap::new(b.pages(), true))
-                .collect::<Vec<_>>(),
-        );
-        let page_size = self.progress.page_size.load(Ordering::Relaxed);
-        let mut last_sync = Instant::now();
-        let mut throttle = 0u8;
-        loop {
-            self.check_return_path(s)?;
-            let pass = self.send_pass(s, &pending, log.is_some())?;
-            let dirty = self.sync_log(log, &pending)?;
-            let since_sync = last_sync.elapsed().as_secs_f64().max(1e-6);
-            last_sync = Instant::now();
-            let remaining = pending.iter().map(PageBitmap::count).sum::<u64>() * page_size;
-            let params = self.progress.parameters();
-            let measured = pass.bytes as f64 / pass.seconds.max(1e-6);
-            let switchover_bw = if params.avail_switchover_bandwidth > 0 {
-                params.avail_switchover_bandwidth as f64
-            } else {
-                measured
-            };
-            let threshold = switchover_bw * params.downtime_limit.as_secs_f64();
-            let expected_ms = remaining as f64 / switchover_bw.max(1.0) * 1e3;
-            // QEMU's trigger: the guest dirtied more than half of what the
-            // pass could send, so passes are not shrinking fast enough.
-            let dirty_bytes = dirty * page_size;
-            if params.auto_converge && log.is_some() && dirty_bytes > pass.bytes / 2 {
-                throttle = next_throttle(throttle, &params);
-                self.guest.set_throttle(throttle);
-                self.summary.throttle_percent = self.summary.throttle_percent.max(throttle);
-            }
-            let figures = self.progress.update_figures(|f| {
-                f.pass = s.pool.generation();
-                f.remaining_bytes = remaining;
-                f.bandwidth = measured;
-                f.pages_per_second = pass.pages as f64 / pass.seconds.max(1e-6);
-                f.dirty_pages_rate = dirty as f64 / since_sync;
-                f.expected_downtime_ms = expected_ms;
-                f.throttle_percent = throttle;
-                f.precopy_bytes += pass.bytes;
-            });
-            self.progress.publish(Event::Pass(figures));
-            tracing::info!(
-                pass = s.pool.generation(),
-                remaining,
-                threshold,
-                bytes_per_second = measured,
-                dirty_pages = dirty,
-                "pass done"
-            );
-            if (remaining as f64) <= threshold || log.is_none() {
-                if !s.switchover_acked {
-                    self.wait_switchover_ack(s)?;
-                    if log.is_some() {
-                        continue;
-                    }
-                }
-                self.summary.expected_downtime_ms = Some(expected_ms);
-                return Ok(pending);
-            }
-            if params.max_passes > 0 && s.pool.generation() >= params.max_passes {
-                return Err(MigrationError::NotConverged {
-                    passes: s.pool.generation(),
-                    remaining,
-                    threshold: threshold as u64,
-                    limit_ms: params.downtime_limit.as_millis() as u64,
-                });
-            }
-        }
+        self.summary.dirty_tracker = self.guest.dirty_log().map(|l| l.name().to_string());
+        let mut sink = NetSink {
+            link: s,
+            summary: self.summary,
+            progress: self.progress,
+            opts: self.opts,
+        };
+        session.precopy(&mut sink)
     }
 
     /// Pause, (pre-switchover), device: the final pass, device state,
     /// COMPLETE; then the destination's RESUMED and SHUT.
-    fn switchover(
-        &mut self,
-        s: &mut Session,
-        pending: Arc<Vec<PageBitmap>>,
-    ) -> Result<(), MigrationError> {
+    fn switchover(&mut self, session: &mut Session, s: &mut Link) -> Result<(), MigrationError> {
         let paused_at = Instant::now();
         tracing::info!(
             remaining = self.progress.figures().remaining_bytes,
@@ -457,35 +406,26 @@ impl Source<'_> {
         );
         self.guest.pause()?;
         if self.progress.parameters().pause_before_switchover {
-            self.progress.set_status(Status::PreSwitchover);
+            session.enter(Phase::PreSwitchover)?;
             self.progress.set_phase("pre-switchover");
             if !self.progress.wait_for_continue() {
                 return Err(MigrationError::Cancelled(" in pre-switchover".into()));
             }
         }
         self.check_cancel()?;
-        self.progress.set_status(Status::Device);
+        session.enter(Phase::Device)?;
         self.progress.set_phase("device");
         self.guest.resources().inactivate()?;
         // The final pass runs at full speed (seed 004 lifts the rate limit).
         s.pool.control().set_max_bandwidth(0);
-        let log = self.guest.dirty_log();
-        self.sync_log(log, &pending)?;
         // A guest without a dirty log (an image) changed nothing since its
-        // one pass: nothing is left for a final pass.
-        let last = if log.is_some() || pending.iter().any(|b| b.count() > 0) {
-            self.send_pass(s, &pending, false)?
-        } else {
-            PassResult {
-                bytes: 0,
-                pages: 0,
-                seconds: 0.0,
-            }
-        };
-        self.progress.update_figures(|f| {
-            f.downtime_bytes = last.bytes;
-            f.remaining_bytes = 0;
-        });
+        // one pass: the engine sends nothing then.
+        let last = session.final_pass(&mut NetSink {
+            link: s,
+            summary: self.summary,
+            progress: self.progress,
+            opts: self.opts,
+        })?;
         self.summary.precopy_bytes = self.progress.figures().precopy_bytes;
         self.summary.downtime_bytes = last.bytes;
         self.summary.passes = s.pool.generation();
@@ -576,32 +516,52 @@ impl Source<'_> {
         Ok(())
     }
 
+    fn check_cancel(&self) -> Result<(), MigrationError> {
+        if self.progress.cancel_requested() {
+            return Err(MigrationError::Cancelled(String::new()));
+        }
+        Ok(())
+    }
+}
+
+/// The network's [`PassSink`]: passes through the sender pool, each ended
+/// by PASS_END on the main channel; the return path read between passes;
+/// SWITCHOVER_ACK awaited before switching over.
+struct NetSink<'s, 'a> {
+    link: &'s mut Link,
+    summary: &'s mut Summary,
+    progress: &'a Progress,
+    opts: &'a OutgoingOptions,
+}
+
+impl PassSink for NetSink<'_, '_> {
+    type Error = MigrationError;
+
+    fn before_pass(&mut self) -> Result<(), MigrationError> {
+        check_return_path(self.link)
+    }
+
     /// Sends the pages set in `pending` and PASS_END; measures the pass.
     fn send_pass(
         &mut self,
-        s: &mut Session,
+        _number: u64,
         pending: &Arc<Vec<PageBitmap>>,
         live: bool,
     ) -> Result<PassResult, MigrationError> {
-        self.check_cancel()?;
+        let s = &mut *self.link;
         let before = s.pool.counters().snapshot();
         let t0 = Instant::now();
-        let page_size = self.progress.page_size.load(Ordering::Relaxed);
-        let pages: u64 = pending.iter().map(PageBitmap::count).sum();
-        self.progress.begin_pass(pages * page_size);
         let sent = if live {
             s.pool.send_live_pass(pending.clone())
         } else {
             s.pool.send_pass(pending.clone())
         };
-        self.progress.end_pass();
         if let Err(e) = sent {
             return Err(local_or_destination(e, &s.return_path));
         }
         self.summary.wire_bytes += s.main.send(&Message::PassEnd {
             generation: s.pool.generation(),
         })?;
-        self.check_cancel()?;
         let after = s.pool.counters().snapshot();
         Ok(PassResult {
             bytes: after.wire_bytes - before.wire_bytes,
@@ -611,99 +571,77 @@ impl Source<'_> {
         })
     }
 
-    fn sync_log(
-        &mut self,
-        log: Option<&dyn DirtyLog>,
-        pending: &[PageBitmap],
-    ) -> Result<u64, MigrationError> {
-        let Some(l) = log else { return Ok(0) };
-        let t = Instant::now();
-        let dirty = l.sync(pending)?;
-        self.summary.dirty_sync_ms += t.elapsed().as_secs_f64() * 1e3;
-        self.summary.dirty_sync_count += 1;
-        self.progress.update_figures(|f| f.dirty_sync_count += 1);
-        Ok(dirty)
-    }
-
-    fn check_cancel(&self) -> Result<(), MigrationError> {
-        if self.progress.cancel_requested() {
-            return Err(MigrationError::Cancelled(String::new()));
+    /// The destination must have sent SWITCHOVER_ACK.
+    fn switchover_ready(&mut self) -> Result<Readiness, MigrationError> {
+        if self.link.switchover_acked {
+            return Ok(Readiness::Ready);
         }
-        Ok(())
-    }
-
-    /// Takes what the destination said between passes, without waiting.
-    fn check_return_path(&self, s: &mut Session) -> Result<(), MigrationError> {
-        loop {
-            match s.return_path.try_recv() {
-                Ok(Ok(Message::SwitchoverAck)) => s.switchover_acked = true,
-                Ok(Ok(Message::Shut { error: Some(e) })) => {
-                    return Err(MigrationError::Destination(e))
-                }
-                Ok(Ok(other)) => return Err(unexpected("SWITCHOVER_ACK", &other)),
-                Ok(Err(e)) => return Err(e),
-                Err(TryRecvError::Empty) => return Ok(()),
-                Err(TryRecvError::Disconnected) => {
-                    return Err(MigrationError::MainClosed {
-                        peer: "destination",
-                        during: "before the migration ended",
-                    })
-                }
-            }
-        }
-    }
-
-    fn wait_switchover_ack(&self, s: &mut Session) -> Result<(), MigrationError> {
-        match self.wait_reply(&s.return_path, self.opts.setup_timeout, "SWITCHOVER_ACK")? {
+        let what = "SWITCHOVER_ACK";
+        match wait_reply(
+            self.progress,
+            &self.link.return_path,
+            self.opts.setup_timeout,
+            what,
+        )? {
             Message::SwitchoverAck => {
-                s.switchover_acked = true;
-                Ok(())
+                self.link.switchover_acked = true;
+                Ok(Readiness::Waited)
             }
             Message::Shut { error: Some(e) } => Err(MigrationError::Destination(e)),
-            other => Err(unexpected("SWITCHOVER_ACK", &other)),
+            other => Err(unexpected(what, &other)),
         }
     }
+}
 
-    /// Waits for the next return-path message, giving up on cancel.
-    fn wait_reply(
-        &self,
-        rp: &ReturnPath,
-        timeout: Duration,
-        what: &str,
-    ) -> Result<Message, MigrationError> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            self.check_cancel()?;
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return Err(MigrationError::Protocol(format!(
-                    "no {what} from the destination within {:.1} s",
-                    timeout.as_secs_f64()
-                )));
-            }
-            match rp.recv_timeout(left.min(POLL)) {
-                Ok(m) => return m,
-                Err(RecvTimeoutError::Timeout) => continue,
-                Err(RecvTimeoutError::Disconnected) => {
-                    return Err(MigrationError::MainClosed {
-                        peer: "destination",
-                        during: "before the migration ended",
-                    })
-                }
+/// Takes what the destination said between passes, without waiting.
+fn check_return_path(s: &mut Link) -> Result<(), MigrationError> {
+    loop {
+        match s.return_path.try_recv() {
+            Ok(Ok(Message::SwitchoverAck)) => s.switchover_acked = true,
+            Ok(Ok(Message::Shut { error: Some(e) })) => return Err(MigrationError::Destination(e)),
+            Ok(Ok(other)) => return Err(unexpected("SWITCHOVER_ACK", &other)),
+            Ok(Err(e)) => return Err(e),
+            Err(TryRecvError::Empty) => return Ok(()),
+            Err(TryRecvError::Disconnected) => {
+                return Err(MigrationError::MainClosed {
+                    peer: "destination",
+                    during: "before the migration ended",
+                })
             }
         }
     }
 }
 
-/// The throttle after a pass that failed to shrink what is left (QEMU's
-/// cpu-throttle-initial, then + cpu-throttle-increment, up to the max).
-fn next_throttle(current: u8, p: &crate::Parameters) -> u8 {
-    let next = if current == 0 {
-        p.throttle_initial
-    } else {
-        current.saturating_add(p.throttle_increment)
-    };
-    next.min(p.throttle_max).min(99)
+/// Waits for the next return-path message, giving up on cancel.
+fn wait_reply(
+    progress: &Progress,
+    rp: &ReturnPath,
+    timeout: Duration,
+    what: &str,
+) -> Result<Message, MigrationError> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if progress.cancel_requested() {
+            return Err(MigrationError::Cancelled(String::new()));
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(MigrationError::Protocol(format!(
+                "no {what} from the destination within {:.1} s",
+                timeout.as_secs_f64()
+            )));
+        }
+        match rp.recv_timeout(left.min(POLL)) {
+            Ok(m) => return m,
+            Err(RecvTimeoutError::Timeout) => continue,
+            Err(RecvTimeoutError::Disconnected) => {
+                return Err(MigrationError::MainClosed {
+                    peer: "destination",
+                    during: "before the migration ended",
+                })
+            }
+        }
+    }
 }
 
 fn unexpected(expected: &str, got: &Message) -> MigrationError {

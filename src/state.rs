@@ -5,8 +5,12 @@
 //!
 //! Status transitions on the source: setup → active → (pre-switchover) →
 //! device → completed; any of them → failed, or → cancelling → cancelled.
-//! The destination goes setup → active → device → completed / failed /
-//! cancelled.
+//! A live save goes the same way; a background snapshot setup → active →
+//! completed. These sides change status only through the session engine's
+//! state machine (`crate::session::Phase`, `transition`), which refuses an
+//! illegal move; [`Progress::cancel`] alone moves to cancelling from
+//! another thread. The destination goes setup → active → device →
+//! completed / failed / cancelled.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Condvar, Mutex, OnceLock};
@@ -209,6 +213,9 @@ pub struct Progress {
     error: Mutex<Option<String>>,
     cancel: AtomicBool,
     resume_requested: AtomicBool,
+    /// A cancel is taken in the device phase too (a save: no destination
+    /// can be taking the guest over).
+    cancel_in_device: AtomicBool,
     cancel_hooks: Mutex<Vec<Box<dyn Fn() + Send>>>,
     subscribers: Mutex<Vec<mpsc::Sender<Event>>>,
     live: Mutex<Live>,
@@ -235,6 +242,7 @@ impl Default for Progress {
             error: Mutex::new(None),
             cancel: AtomicBool::new(false),
             resume_requested: AtomicBool::new(false),
+            cancel_in_device: AtomicBool::new(false),
             cancel_hooks: Mutex::new(Vec::new()),
             subscribers: Mutex::new(Vec::new()),
             live: Mutex::new(Live::default()),
@@ -456,10 +464,11 @@ impl Progress {
     /// Asks the migration to stop: status cancelling, the pass in flight
     /// ends early, and the controller cleans up to cancelled. False if the
     /// migration has already ended, or is in the device phase, where the
-    /// destination may already be taking over.
+    /// destination may already be taking over (a save may be cancelled
+    /// there: see [`Progress::cancel_in_device`]).
     pub fn cancel(&self) -> bool {
         let s = self.status();
-        if s.is_final() || s == Status::Device {
+        if s.is_final() || (s == Status::Device && !self.cancel_in_device.load(Ordering::SeqCst)) {
             return false;
         }
         self.cancel.store(true, Ordering::SeqCst);
@@ -472,6 +481,12 @@ impl Progress {
         }
         self.status_cv.notify_all();
         true
+    }
+
+    /// Lets [`Progress::cancel`] stop the device phase too: for a save to
+    /// a file, whose guest nobody else can be running.
+    pub(crate) fn cancel_in_device(&self) {
+        self.cancel_in_device.store(true, Ordering::SeqCst);
     }
 
     pub fn cancel_requested(&self) -> bool {

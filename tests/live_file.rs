@@ -11,10 +11,23 @@ use std::sync::Arc;
 use common::{synthetic_guest, within, workload, MIB};
 use ferry::{
     restore_from_file, save_background, save_live_to_file, BackgroundOptions, Digest, DirtyPattern,
-    FileOptions, Guest, LiveOptions, Progress, Resources, RestoreTarget, SaveOptions,
-    SyntheticGuest, TrackerKind,
+    Event, FileOptions, Guest, LiveOptions, Progress, Resources, RestoreTarget, SaveOptions,
+    Status, SyntheticGuest, TrackerKind,
 };
 use ferry_ram::mapped::FileLayout;
+
+/// The statuses a save went through, and how many passes it reported.
+fn statuses(events: std::sync::mpsc::Receiver<Event>) -> (Vec<Status>, u64) {
+    let (mut statuses, mut passes) = (Vec::new(), 0);
+    for e in events.try_iter() {
+        match e {
+            Event::Status(s) => statuses.push(s),
+            Event::Pass(_) => passes += 1,
+            Event::Progress(_) => {}
+        }
+    }
+    (statuses, passes)
+}
 
 /// A guest of `mib` MiB whose 2 vCPUs write `rate` bytes/s at random.
 fn synthetic(mib: u64, rate: u64, tracker: TrackerKind) -> SyntheticGuest {
@@ -80,14 +93,21 @@ fn live_save_io(channels: u16, tracker: TrackerKind, direct_io: bool) {
             downtime_limit: std::time::Duration::ZERO,
             max_passes: 4,
         };
+        let progress = Progress::default();
+        let events = progress.subscribe();
         let s = save_live_to_file(
             &guest,
             &path,
             &save_options_io(channels, direct_io),
             &live,
-            &Progress::default(),
+            &progress,
         )
         .unwrap_or_else(|f| panic!("live save: {}", f.error));
+        // The session engine's phases, as a live migration's.
+        let (statuses, passes) = statuses(events);
+        use Status::*;
+        assert_eq!(statuses, [Setup, Active, Device, Completed]);
+        assert_eq!(passes + 1, s.passes.unwrap(), "a pass event per live pass");
         assert!(s.completed());
         assert_eq!(s.mode, Some("live"));
         expect_io(&s, direct_io);
@@ -135,6 +155,8 @@ fn background_io(channels: u16, direct_io: bool) {
         // writer threads reach them.
         let guest = Arc::new(synthetic(32, 512 * MIB, TrackerKind::Bitmap));
         let writes_before = guest.writes();
+        let progress = Progress::default();
+        let events = progress.subscribe();
         let s = save_background(
             &*guest,
             &path,
@@ -142,9 +164,14 @@ fn background_io(channels: u16, direct_io: bool) {
             &BackgroundOptions {
                 digest_at_pause: true,
             },
-            &Progress::default(),
+            &progress,
         )
         .unwrap_or_else(|f| panic!("background save: {}", f.error));
+        // Seed 004's background snapshot: one pass, no device phase.
+        let (statuses, passes) = statuses(events);
+        use Status::*;
+        assert_eq!(statuses, [Setup, Active, Completed]);
+        assert_eq!(passes, 1);
         assert!(s.completed());
         assert_eq!(s.mode, Some("background"));
         expect_io(&s, direct_io);
