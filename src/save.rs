@@ -1,6 +1,6 @@
 //! Saving a guest to a file (file mode, the controller's side): it decides
 //! the order of things — pause, lay out the file, write the pages in
-//! parallel (`ferry_multifd::file`), then bitmaps, checksums, device state
+//! parallel (`ferry_file::write_pages`), then bitmaps, checksums, device state
 //! and last the header — and reports a [`FileSummary`]. It owns the partial
 //! file beside the target (`.NAME.partial-PID`, locked while the save runs,
 //! renamed into place at the end) and its clean-up.
@@ -11,7 +11,7 @@
 //! final pass and its device state. Or in the background
 //! ([`save_background`]): it pauses only while its device state is saved
 //! and its memory write-protected, and the file holds memory as it was then
-//! (`ferry_multifd::background`). Both run their passes through the
+//! (`ferry_file::background`). Both run their passes through the
 //! session engine ([`crate::session`]), as `ferry send` does.
 //!
 //! A partial file left by a save that was killed is removed by the next
