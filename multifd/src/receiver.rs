@@ -662,9 +662,11 @@ impl ChannelReceiver {
         }
         let want: usize = self.scratch_iov.iter().map(|v| v.iov_len).sum();
         let mut scratch = std::mem::take(&mut self.scratch_iov);
-        let got = self
-            .ring
-            .recv_exact(self.fd, &mut scratch)
+        // SAFETY: `scratch` holds this packet's runs, built by `push_run`
+        // from checked offsets inside the block, each page claimed by this
+        // packet alone in `this_pass`: mapped, and no one else reads or
+        // writes them until the pass's sync.
+        let got = unsafe { self.ring.recv_exact(self.fd, &mut scratch) }
             .map_err(|e| self.io("reading a payload", e));
         self.scratch_iov = scratch;
         if got? < want {
@@ -759,9 +761,8 @@ impl ChannelReceiver {
             iov_base: buf.as_mut_ptr().cast(),
             iov_len: buf.len(),
         }];
-        self.ring
-            .recv_exact(self.fd, &mut iov)
-            .map_err(|e| self.io(what, e))
+        // SAFETY: the one iovec covers `buf`, borrowed mutably for the call.
+        unsafe { self.ring.recv_exact(self.fd, &mut iov) }.map_err(|e| self.io(what, e))
     }
 
     fn io(&self, what: &'static str, source: std::io::Error) -> MultifdError {
