@@ -22,14 +22,14 @@ pub mod lazy;
 mod pacing;
 pub mod packet;
 mod receiver;
-mod sender;
+mod send;
 mod stats;
 mod sync;
 
 pub use compress::{Compressor, Decompressor};
 pub use error::MultifdError;
 pub use pacing::PassControl;
-pub use packet::{PacketHeader, HEADER_LEN, MAX_PACKET_PAGES};
+pub use packet::{Body, PacketError, PacketHeader, HEADER_LEN, MAX_PACKET_PAGES};
 pub use receiver::{ReceiverOptions, ReceiverPool};
-pub use sender::{SendPath, SenderOptions, SenderPool};
+pub use send::{SendPath, SenderOptions, SenderPool};
 pub use stats::{Counters, Totals};
