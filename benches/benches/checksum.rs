@@ -74,7 +74,11 @@ fn pages(c: &mut Criterion) {
         });
     }
     g.bench_function("zero scan alone", |b| {
-        b.iter(|| (0..count).filter(|&p| is_zero(&block.page_slice(p).unwrap())).count())
+        b.iter(|| {
+            (0..count)
+                .filter(|&p| is_zero(&block.page_slice(p).unwrap()))
+                .count()
+        })
     });
     g.finish();
 }

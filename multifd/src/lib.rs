@@ -16,7 +16,7 @@ mod error;
 mod pacing;
 pub mod packet;
 mod receiver;
-mod sender;
+mod send;
 mod stats;
 mod sync;
 
@@ -24,6 +24,6 @@ pub use compress::{Compressor, Decompressor};
 pub use error::MultifdError;
 pub use ferry_ram::{Counters, Totals};
 pub use pacing::PassControl;
-pub use packet::{PacketHeader, HEADER_LEN, MAX_PACKET_PAGES};
+pub use packet::{Body, PacketError, PacketHeader, HEADER_LEN, MAX_PACKET_PAGES};
 pub use receiver::{ReceiverOptions, ReceiverPool};
-pub use sender::{SendPath, SenderOptions, SenderPool};
+pub use send::{SendPath, SenderOptions, SenderPool};

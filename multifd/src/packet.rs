@@ -137,17 +137,22 @@ impl PacketHeader {
         }
     }
 
+    /// Where each part of this packet's body lies (see [`Body`]).
+    pub fn body(&self) -> Body {
+        Body::of(self)
+    }
+
     /// Parses and checks what can be checked without the block list.
-    pub fn decode(b: &[u8; HEADER_LEN]) -> Result<Self, String> {
+    pub fn decode(b: &[u8; HEADER_LEN]) -> Result<Self, PacketError> {
         if b[0..4] != MAGIC {
-            return Err(format!("bad magic {:02x?} (expected \"FMFD\")", &b[0..4]));
+            return Err(PacketError::Magic([b[0], b[1], b[2], b[3]]));
         }
         let u16_at = |o: usize| u16::from_le_bytes([b[o], b[o + 1]]);
         let u32_at = |o: usize| u32::from_le_bytes(b[o..o + 4].try_into().unwrap());
         let u64_at = |o: usize| u64::from_le_bytes(b[o..o + 8].try_into().unwrap());
         let version = u16_at(4);
         if version != VERSION {
-            return Err(format!("packet version {version}, expected {VERSION}"));
+            return Err(PacketError::Version(version));
         }
         let h = Self {
             flags: u16_at(6),
@@ -163,46 +168,48 @@ impl PacketHeader {
             compressed_pages: u32_at(56),
         };
         if u32_at(60) != 0 {
-            return Err("reserved header bytes 60..64 are not zero".into());
+            return Err(PacketError::Reserved);
         }
         if h.flags & !KNOWN_FLAGS != 0 {
-            return Err(format!("unknown flags {:#x}", h.flags));
+            return Err(PacketError::UnknownFlags(h.flags));
         }
         if h.has_page_crcs() && !h.has_checksum() {
-            return Err("per-page crcs without the CHECKSUM flag".into());
+            return Err(PacketError::PageCrcsWithoutChecksum);
         }
         if (h.is_sync() || h.is_end()) && (h.pages() != 0 || h.payload_len != 0) {
-            return Err("a SYNC or END packet carries pages".into());
+            return Err(PacketError::MarkerWithPages);
         }
         if h.normal as u64 + h.zero as u64 > u64::from(MAX_PACKET_PAGES) {
-            return Err(format!(
-                "{} + {} pages, more than the {} a packet may hold",
-                h.normal, h.zero, MAX_PACKET_PAGES
-            ));
+            return Err(PacketError::TooManyPages {
+                normal: h.normal,
+                zero: h.zero,
+            });
         }
         if h.is_compressed() {
             let c = h.compressed_pages;
             let raw = u64::from(h.normal.saturating_sub(c)) * u64::from(h.page_size);
             if c == 0 || c > h.normal {
-                return Err(format!(
-                    "{c} compressed pages in a packet of {} normal pages",
-                    h.normal
-                ));
+                return Err(PacketError::CompressedPages {
+                    compressed: c,
+                    normal: h.normal,
+                });
             }
             if h.payload_len <= raw || h.payload_len >= h.pages_len() {
-                return Err(format!(
-                    "compressed payload of {} bytes for {} pages of {} bytes, {c} of them compressed \
-                     (the frame must be smaller than its pages, and not empty)",
-                    h.payload_len, h.normal, h.page_size
-                ));
+                return Err(PacketError::FrameLength {
+                    payload_len: h.payload_len,
+                    normal: h.normal,
+                    page_size: h.page_size,
+                    compressed: c,
+                });
             }
         } else if h.compressed_pages != 0 {
-            return Err("compressed page count without the COMPRESSED flag".into());
+            return Err(PacketError::CompressedPagesWithoutFlag);
         } else if h.payload_len != h.pages_len() {
-            return Err(format!(
-                "payload of {} bytes for {} pages of {} bytes",
-                h.payload_len, h.normal, h.page_size
-            ));
+            return Err(PacketError::PayloadLength {
+                payload_len: h.payload_len,
+                normal: h.normal,
+                page_size: h.page_size,
+            });
         }
         Ok(h)
     }
@@ -220,6 +227,110 @@ impl PacketHeader {
         page_crcs: &[u32],
     ) -> bool {
         !self.has_checksum() || header_crc(b, offsets, page_crcs) == self.header_crc
+    }
+}
+
+/// Why a header is refused on its own, before the block list is looked at.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum PacketError {
+    #[error("bad magic {0:02x?} (expected \"FMFD\")")]
+    Magic([u8; 4]),
+    #[error("packet version {0}, expected {VERSION}")]
+    Version(u16),
+    #[error("reserved header bytes 60..64 are not zero")]
+    Reserved,
+    #[error("unknown flags {0:#x}")]
+    UnknownFlags(u16),
+    #[error("per-page crcs without the CHECKSUM flag")]
+    PageCrcsWithoutChecksum,
+    #[error("a SYNC or END packet carries pages")]
+    MarkerWithPages,
+    #[error("{normal} + {zero} pages, more than the {MAX_PACKET_PAGES} a packet may hold")]
+    TooManyPages { normal: u32, zero: u32 },
+    #[error("{compressed} compressed pages in a packet of {normal} normal pages")]
+    CompressedPages { compressed: u32, normal: u32 },
+    #[error("compressed payload of {payload_len} bytes for {normal} pages of {page_size} bytes, {compressed} of them compressed (the frame must be smaller than its pages, and not empty)")]
+    FrameLength {
+        payload_len: u64,
+        normal: u32,
+        page_size: u32,
+        compressed: u32,
+    },
+    #[error("compressed page count without the COMPRESSED flag")]
+    CompressedPagesWithoutFlag,
+    #[error("payload of {payload_len} bytes for {normal} pages of {page_size} bytes")]
+    PayloadLength {
+        payload_len: u64,
+        normal: u32,
+        page_size: u32,
+    },
+}
+
+/// The parts of a packet before its payload, as a sender's gather list
+/// holds them: header, offsets, page crcs. The payload's runs follow.
+pub const PAYLOAD_IOV: usize = 3;
+
+/// Where each part of a packet lies, in bytes from the packet's start: the
+/// one statement of the body's layout, used by the sender to build its
+/// gather list and count what it sent, and by the receiver to read the
+/// parts in order. Header, then `normal + zero` offsets (normal pages
+/// first), then (PAGE_CRCS) one crc per normal page, then the payload: the
+/// zstd frame of the first C normal pages (COMPRESSED), then the other
+/// normal pages raw, in offset order.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Body {
+    /// Offsets: `normal + zero` little-endian u64s.
+    pub offsets: std::ops::Range<u64>,
+    /// Page crcs: `normal` little-endian u32s with PAGE_CRCS, else empty.
+    pub page_crcs: std::ops::Range<u64>,
+    /// The zstd frame of the first C normal pages (empty unless COMPRESSED).
+    pub frame: std::ops::Range<u64>,
+    /// The raw normal pages (all of them unless COMPRESSED).
+    pub raw: std::ops::Range<u64>,
+    /// Normal pages whose bytes the frame holds (C, or 0).
+    pub framed_pages: usize,
+    /// Normal pages: the first `normal` offsets; zero pages the rest.
+    pub normal: usize,
+}
+
+impl Body {
+    /// The layout a (decoded or built) header describes.
+    pub fn of(h: &PacketHeader) -> Self {
+        let offsets_end = HEADER_LEN as u64 + 8 * h.pages() as u64;
+        let crcs = if h.has_page_crcs() {
+            4 * u64::from(h.normal)
+        } else {
+            0
+        };
+        let payload = offsets_end + crcs;
+        let frame = if h.is_compressed() { h.frame_len() } else { 0 };
+        Self {
+            offsets: HEADER_LEN as u64..offsets_end,
+            page_crcs: offsets_end..payload,
+            frame: payload..payload + frame,
+            raw: payload + frame..payload + h.payload_len,
+            framed_pages: if h.is_compressed() {
+                h.compressed_pages as usize
+            } else {
+                0
+            },
+            normal: h.normal as usize,
+        }
+    }
+
+    /// Bytes of the offsets.
+    pub fn offsets_len(&self) -> usize {
+        (self.offsets.end - self.offsets.start) as usize
+    }
+
+    /// Bytes of the page crcs.
+    pub fn page_crcs_len(&self) -> usize {
+        (self.page_crcs.end - self.page_crcs.start) as usize
+    }
+
+    /// The whole packet's length on the wire (ferry framing, before TLS).
+    pub fn wire_len(&self) -> u64 {
+        self.raw.end
     }
 }
 
@@ -354,14 +465,21 @@ mod tests {
         h.encode(&mut b);
         assert!(PacketHeader::decode(&b)
             .unwrap_err()
+            .to_string()
             .contains("payload of 5 bytes"));
         let mut h = sample();
         h.normal = MAX_PACKET_PAGES;
         h.payload_len = u64::from(h.normal) * 4096;
         h.encode(&mut b);
-        assert!(PacketHeader::decode(&b).unwrap_err().contains("more than"));
+        assert!(PacketHeader::decode(&b)
+            .unwrap_err()
+            .to_string()
+            .contains("more than"));
         b[0] = b'X';
-        assert!(PacketHeader::decode(&b).unwrap_err().contains("bad magic"));
+        assert!(PacketHeader::decode(&b)
+            .unwrap_err()
+            .to_string()
+            .contains("bad magic"));
     }
 
     #[test]
@@ -378,7 +496,10 @@ mod tests {
         assert!(!d.header_crc_ok_with(&b, &offsets, &[1, 2, 4]));
         h.flags = FLAG_PAGE_CRCS;
         h.encode(&mut b);
-        assert!(PacketHeader::decode(&b).unwrap_err().contains("CHECKSUM"));
+        assert!(PacketHeader::decode(&b)
+            .unwrap_err()
+            .to_string()
+            .contains("CHECKSUM"));
         assert_eq!(bytes_crc(&[0u8; 4096]), crc32fast::hash(&[0u8; 4096]));
         let b = ferry_ram::RamBlock::anonymous("t", 2 * 4096, 4096).unwrap();
         let data: Vec<u8> = (0..4096).map(|i| (i % 253) as u8).collect();
@@ -415,7 +536,7 @@ mod tests {
             h.compressed_pages = c;
             h.payload_len = len;
             h.encode(&mut b);
-            let e = PacketHeader::decode(&b).unwrap_err();
+            let e = PacketHeader::decode(&b).unwrap_err().to_string();
             assert!(e.contains(why), "{c} {len}: {e}");
         }
         let mut h = sample();
@@ -423,7 +544,50 @@ mod tests {
         h.encode(&mut b);
         assert!(PacketHeader::decode(&b)
             .unwrap_err()
+            .to_string()
             .contains("without the COMPRESSED flag"));
+    }
+
+    #[test]
+    fn body_layout_says_where_each_part_lies() {
+        let mut h = sample();
+        let b = h.body();
+        assert_eq!(b.offsets, 64..64 + 4 * 8);
+        assert!(b.page_crcs.is_empty() && b.frame.is_empty());
+        assert_eq!(b.raw, 96..96 + 3 * 4096);
+        assert_eq!(b.wire_len(), 96 + 3 * 4096);
+        h.flags |= FLAG_PAGE_CRCS | FLAG_COMPRESSED;
+        h.compressed_pages = 2;
+        h.payload_len = 100 + 4096;
+        let b = h.body();
+        assert_eq!(b.page_crcs, 96..96 + 12);
+        assert_eq!(b.frame, 108..208);
+        assert_eq!(b.raw, 208..208 + 4096);
+        assert_eq!((b.framed_pages, b.normal), (2, 3));
+        let marker = PacketHeader {
+            flags: FLAG_SYNC,
+            ..Default::default()
+        };
+        assert_eq!(marker.body().wire_len(), HEADER_LEN as u64);
+    }
+
+    #[test]
+    fn decode_errors_are_typed() {
+        let mut b = [0u8; HEADER_LEN];
+        let mut h = sample();
+        h.normal = 4000;
+        h.zero = 100;
+        h.payload_len = 4000 * 4096;
+        h.encode(&mut b);
+        assert_eq!(
+            PacketHeader::decode(&b),
+            Err(PacketError::TooManyPages {
+                normal: 4000,
+                zero: 100
+            })
+        );
+        b[4] = 9;
+        assert_eq!(PacketHeader::decode(&b), Err(PacketError::Version(9)));
     }
 
     proptest! {

@@ -33,7 +33,7 @@ use std::time::Duration;
 
 use ferry_ram::{GuestMemory, PageBitmap, RamBlock};
 use ferry_transport::uring::Ring;
-use ferry_transport::Channel;
+use ferry_transport::{Channel, TlsChannel};
 
 use crate::compress::Decompressor;
 use crate::packet::{
@@ -148,10 +148,9 @@ impl ReceiverPool {
     ) -> Result<Self, MultifdError> {
         let channels: Vec<Arc<dyn Channel>> = channels.into_iter().map(Arc::from).collect();
         if let Some(b) = memory.blocks().iter().find(|b| !b.is_writable()) {
-            return Err(MultifdError::Aborted(format!(
-                "destination block '{}' is read-only",
-                b.name()
-            )));
+            return Err(MultifdError::ReadOnlyBlock {
+                block: b.name().into(),
+            });
         }
         let mut fds = Vec::new();
         for ch in &channels {
@@ -194,7 +193,10 @@ impl ReceiverPool {
                         shared.fail(e);
                     }
                 })
-                .map_err(|e| MultifdError::Aborted(format!("cannot start receiver thread: {e}")))?;
+                .map_err(|source| MultifdError::Spawn {
+                    what: "receiver",
+                    source,
+                })?;
             threads.push(t);
         }
         Ok(Self { shared, threads })
@@ -331,8 +333,17 @@ impl Drop for ReceiverPool {
     }
 }
 
+/// How a receiver thread reads its channel, decided once when it starts.
+enum Inbound {
+    /// Plain bytes: io_uring `recvmsg` straight into the destination pages.
+    Plain,
+    /// TLS records: ciphertext through the ring, plaintext out of rustls.
+    Records(Arc<TlsChannel>),
+}
+
 struct ChannelReceiver {
     channel: Arc<dyn Channel>,
+    inbound: Inbound,
     /// This channel's place in the pool.
     index: usize,
     fd: RawFd,
@@ -364,7 +375,12 @@ impl ChannelReceiver {
             source,
         })?;
         let max = MAX_PACKET_PAGES as usize;
+        let inbound = match channel.clone().tls_shared() {
+            Some(tls) => Inbound::Records(tls),
+            None => Inbound::Plain,
+        };
         Ok(Self {
+            inbound,
             channel,
             index,
             fd,
@@ -396,18 +412,22 @@ impl ChannelReceiver {
                 };
                 return Err(self.closed(during));
             }
-            let h = PacketHeader::decode(&raw).map_err(|why| self.bad(why))?;
+            let h = PacketHeader::decode(&raw).map_err(|source| MultifdError::Decode {
+                channel: self.channel.label().into(),
+                seq: self.seq,
+                source,
+            })?;
             if self.shared.opts.checksums && !h.has_checksum() {
-                return Err(self.bad(
-                    "no checksum flag, but the setup announced checksums (corrupted header?)"
-                        .into(),
-                ));
+                return Err(MultifdError::ChecksumFlagMissing {
+                    channel: self.channel.label().into(),
+                    seq: self.seq,
+                });
             }
             if (h.is_sync() || h.is_end()) && !h.header_crc_ok(&raw, &[]) {
-                return Err(self.bad("header checksum mismatch".into()));
+                return Err(self.header_crc_mismatch(false));
             }
             if h.seq != self.seq {
-                return Err(self.bad(format!("sequence number {}, expected {}", h.seq, self.seq)));
+                return Err(self.bad("sequence number", h.seq, self.seq));
             }
             if h.is_sync() || h.is_end() {
                 self.shared.counters.add_packet(0, 0, 0, HEADER_LEN as u64);
@@ -420,10 +440,7 @@ impl ChannelReceiver {
                 return Ok(());
             }
             if h.generation != self.generation {
-                return Err(self.bad(format!(
-                    "belongs to pass {}, but pass {} is being received",
-                    h.generation, self.generation
-                )));
+                return Err(self.bad("pass", h.generation, self.generation));
             }
             if h.is_sync() {
                 // This channel has delivered its share of the pass.
@@ -451,37 +468,37 @@ impl ChannelReceiver {
     ) -> Result<(), MultifdError> {
         let shared = self.shared.clone();
         let block = self.block_for(h, &shared.memory)?;
-        let pages = h.pages();
+        let body = h.body();
         self.offsets.clear();
-        self.offsets.resize(pages, 0);
+        self.offsets.resize(h.pages(), 0);
         let mut offsets = std::mem::take(&mut self.offsets);
         let got = self.recv(offsets_as_bytes_mut(&mut offsets), "reading page offsets");
         self.offsets = offsets;
-        if got? < pages * 8 {
+        if got? < body.offsets_len() {
             return Err(self.closed(format!("inside the offsets of packet #{}", self.seq)));
         }
         self.page_crcs.clear();
-        if h.has_page_crcs() {
-            self.page_crcs.resize(h.normal as usize, 0);
+        if body.page_crcs_len() > 0 {
+            self.page_crcs.resize(body.normal, 0);
             let mut crcs = std::mem::take(&mut self.page_crcs);
             let got = self.recv(page_crcs_as_bytes_mut(&mut crcs), "reading page crcs");
             self.page_crcs = crcs;
-            if got? < h.normal as usize * 4 {
+            if got? < body.page_crcs_len() {
                 return Err(self.closed(format!("inside the page crcs of packet #{}", self.seq)));
             }
         }
         if !h.header_crc_ok_with(raw, &self.offsets, &self.page_crcs) {
-            return Err(self.bad("header checksum mismatch (header or offsets corrupted)".into()));
+            return Err(self.header_crc_mismatch(true));
         }
         let ps = u64::from(h.page_size);
         for &off in &self.offsets {
             if off % ps != 0 || off >= block.len() {
-                return Err(MultifdError::OffsetOutOfRange {
+                return Err(MultifdError::OffsetOutOfBlock {
                     channel: self.channel.label().into(),
                     seq: self.seq,
                     block: block.name().into(),
                     offset: off,
-                    len: block.len(),
+                    block_len: block.len(),
                 });
             }
         }
@@ -491,17 +508,18 @@ impl ChannelReceiver {
             again.get_or_insert(p);
         });
         if let Some(page) = again {
-            return Err(self.bad(format!(
-                "page at offset {:#x} of block '{}' comes a second time in pass {}",
-                page * ps,
-                block.name(),
-                self.generation
-            )));
+            return Err(MultifdError::PageTwice {
+                channel: self.channel.label().into(),
+                seq: self.seq,
+                block: block.name().into(),
+                offset: page * ps,
+                pass: self.generation,
+            });
         }
-        let normal = h.normal as usize;
+        let normal = body.normal;
         // The zstd frame's pages (the first C) and the raw ones make
         // separate runs, never merged across the boundary.
-        let framed = h.compressed_pages as usize;
+        let framed = body.framed_pages;
         self.iov.clear();
         for &off in &self.offsets[..framed] {
             push_run(&mut self.iov, block.host_addr(), off, ps, 0);
@@ -512,8 +530,11 @@ impl ChannelReceiver {
         }
         if h.is_compressed() {
             if !shared.opts.compressed {
-                return Err(self
-                    .bad("payload is compressed, but the setup announced no compression".into()));
+                return Err(MultifdError::UnexpectedCompression {
+                    channel: self.channel.label().into(),
+                    seq: self.seq,
+                    block: block.name().into(),
+                });
             }
             self.receive_compressed(h, block.name(), split)?;
             self.receive_raw(h, split)?;
@@ -534,12 +555,9 @@ impl ChannelReceiver {
             received.set_pages(zero.clone(), |_| ());
             zero.for_each(|page| block.zero_page(page));
         }
-        shared.counters.add_packet(
-            h.normal.into(),
-            h.zero.into(),
-            ps,
-            (HEADER_LEN + pages * 8 + self.page_crcs.len() * 4) as u64 + h.payload_len,
-        );
+        shared
+            .counters
+            .add_packet(h.normal.into(), h.zero.into(), ps, body.wire_len());
         Ok(())
     }
 
@@ -557,12 +575,13 @@ impl ChannelReceiver {
                 blocks: memory.blocks().len(),
             })?;
         if h.page_size != block.page_size() {
-            return Err(self.bad(format!(
-                "page size {} for block '{}' of {}-byte pages",
-                h.page_size,
-                block.name(),
-                block.page_size()
-            )));
+            return Err(MultifdError::PageSize {
+                channel: self.channel.label().into(),
+                seq: self.seq,
+                block: block.name().into(),
+                page_size: h.page_size,
+                block_page_size: block.page_size(),
+            });
         }
         Ok(block)
     }
@@ -651,7 +670,7 @@ impl ChannelReceiver {
 
     /// The raw payload runs from `first` on, straight into the pages.
     fn receive_raw(&mut self, h: &PacketHeader, first: usize) -> Result<(), MultifdError> {
-        if self.channel.tls().is_some() {
+        if let Inbound::Records(_) = self.inbound {
             return self.receive_sealed(h, first);
         }
         // recv_exact consumes the list it is given; keep `iov` for the checksum.
@@ -662,9 +681,11 @@ impl ChannelReceiver {
         }
         let want: usize = self.scratch_iov.iter().map(|v| v.iov_len).sum();
         let mut scratch = std::mem::take(&mut self.scratch_iov);
-        let got = self
-            .ring
-            .recv_exact(self.fd, &mut scratch)
+        // SAFETY: `scratch` holds this packet's runs, built by `push_run`
+        // from checked offsets inside the block, each page claimed by this
+        // packet alone in `this_pass`: mapped, and no one else reads or
+        // writes them until the pass's sync.
+        let got = unsafe { self.ring.recv_exact(self.fd, &mut scratch) }
             .map_err(|e| self.io("reading a payload", e));
         self.scratch_iov = scratch;
         if got? < want {
@@ -735,33 +756,35 @@ impl ChannelReceiver {
 
     /// After END: a TLS channel must end with close_notify, not just stop.
     fn expect_clean_end(&mut self) -> Result<(), MultifdError> {
-        if self.channel.tls().is_none() {
+        if let Inbound::Plain = self.inbound {
             return Ok(());
         }
         let mut one = [0u8; 1];
         match self.recv(&mut one, "waiting for TLS close_notify after END")? {
             0 => Ok(()),
-            _ => Err(self.bad("data after the END packet".into())),
+            _ => Err(MultifdError::DataAfterEnd {
+                channel: self.channel.label().into(),
+                seq: self.seq,
+            }),
         }
     }
 
     /// Fills `buf` from the stream; fewer bytes only if the peer ended it.
     fn recv(&mut self, buf: &mut [u8], what: &'static str) -> Result<usize, MultifdError> {
         self.shared.activity.bump(self.index);
-        let channel = self.channel.clone();
-        if let Some(tls) = channel.tls() {
-            let (ring, fd) = (&mut self.ring, self.fd);
-            return tls
-                .read_plain(buf, &mut |b| ring.recv_some(fd, b))
-                .map_err(|e| self.io(what, e));
-        }
-        let mut iov = [libc::iovec {
-            iov_base: buf.as_mut_ptr().cast(),
-            iov_len: buf.len(),
-        }];
-        self.ring
-            .recv_exact(self.fd, &mut iov)
-            .map_err(|e| self.io(what, e))
+        let (ring, fd) = (&mut self.ring, self.fd);
+        let got = match &self.inbound {
+            Inbound::Records(tls) => tls.read_plain(buf, &mut |b| ring.recv_some(fd, b)),
+            Inbound::Plain => {
+                let mut iov = [libc::iovec {
+                    iov_base: buf.as_mut_ptr().cast(),
+                    iov_len: buf.len(),
+                }];
+                // SAFETY: the one iovec covers `buf`, borrowed mutably for the call.
+                unsafe { ring.recv_exact(fd, &mut iov) }
+            }
+        };
+        got.map_err(|e| self.io(what, e))
     }
 
     fn io(&self, what: &'static str, source: std::io::Error) -> MultifdError {
@@ -777,11 +800,20 @@ impl ChannelReceiver {
             during,
         }
     }
-    fn bad(&self, why: String) -> MultifdError {
+    fn bad(&self, field: &'static str, value: u64, expected: u64) -> MultifdError {
         MultifdError::BadPacket {
             channel: self.channel.label().into(),
             seq: self.seq,
-            why,
+            field,
+            value,
+            expected,
+        }
+    }
+    fn header_crc_mismatch(&self, with_offsets: bool) -> MultifdError {
+        MultifdError::HeaderChecksum {
+            channel: self.channel.label().into(),
+            seq: self.seq,
+            with_offsets,
         }
     }
 }
@@ -820,4 +852,141 @@ fn push_run(iov: &mut Vec<libc::iovec>, base: *mut u8, off: u64, ps: u64, first:
         iov_base: addr.cast(),
         iov_len: ps as usize,
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+    use std::os::unix::net::UnixStream;
+
+    use ferry_transport::SocketChannel;
+
+    use super::*;
+    use crate::packet::{offsets_as_bytes, FLAG_CHECKSUM};
+
+    const PS: u64 = 4096;
+
+    /// A pool on one unix-stream channel over a 16-page block `ram`, and
+    /// the stream's other end.
+    fn start_pool() -> (ReceiverPool, UnixStream) {
+        let (a, b) = UnixStream::pair().unwrap();
+        let ch: Box<dyn Channel> = Box::new(SocketChannel::new(b.into(), "multifd[0]".into()));
+        let mem = GuestMemory::new(vec![RamBlock::anonymous("ram", 16 * PS, PS as u32).unwrap()]);
+        let opts = ReceiverOptions {
+            checksums: true,
+            ..Default::default()
+        };
+        let pool = ReceiverPool::start(vec![ch], Arc::new(mem.unwrap()), opts, || {}).unwrap();
+        (pool, a)
+    }
+
+    /// A sealed packet of zero pages at `offsets` in `block`.
+    fn zero_pages(block: u32, offsets: &[u64]) -> Vec<u8> {
+        let mut h = PacketHeader {
+            flags: FLAG_CHECKSUM,
+            block,
+            zero: offsets.len() as u32,
+            page_size: PS as u32,
+            generation: 1,
+            ..Default::default()
+        };
+        let mut b = [0u8; HEADER_LEN];
+        h.seal(&mut b, offsets);
+        let mut out = b.to_vec();
+        out.extend_from_slice(offsets_as_bytes(offsets));
+        out
+    }
+
+    #[test]
+    fn an_offset_outside_the_block_is_refused_naming_channel_block_and_offset() {
+        let (pool, mut a) = start_pool();
+        a.write_all(&zero_pages(0, &[PS, 16 * PS])).unwrap();
+        let e = pool.finish().unwrap_err();
+        let msg = e.to_string();
+        match e {
+            MultifdError::OffsetOutOfBlock {
+                channel,
+                seq,
+                block,
+                offset,
+                block_len,
+            } => {
+                assert_eq!(
+                    (channel.as_str(), seq, block.as_str()),
+                    ("multifd[0]", 0, "ram")
+                );
+                assert_eq!((offset, block_len), (16 * PS, 16 * PS));
+            }
+            other => panic!("{other}"),
+        }
+        for part in ["multifd[0]", "packet #0", "outside block 'ram'", "0x10000"] {
+            assert!(msg.contains(part), "{msg}");
+        }
+    }
+
+    #[test]
+    fn an_unknown_block_and_a_bad_header_are_typed() {
+        let (pool, mut a) = start_pool();
+        a.write_all(&zero_pages(3, &[0])).unwrap();
+        let e = pool.finish().unwrap_err();
+        assert!(
+            matches!(
+                e,
+                MultifdError::UnknownBlock {
+                    block: 3,
+                    blocks: 1,
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        let (pool, mut a) = start_pool();
+        let mut p = zero_pages(0, &[0]);
+        p[0] = b'X';
+        a.write_all(&p).unwrap();
+        let e = pool.finish().unwrap_err();
+        assert!(
+            matches!(
+                e,
+                MultifdError::Decode {
+                    seq: 0,
+                    source: crate::PacketError::Magic(_),
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        assert!(
+            e.to_string().contains("multifd[0]: packet #0: bad magic"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn a_page_twice_in_one_pass_is_refused() {
+        let (pool, mut a) = start_pool();
+        let mut two = zero_pages(0, &[2 * PS]);
+        let mut second = zero_pages(0, &[2 * PS]);
+        // The second packet is #1.
+        let mut h = PacketHeader::decode(second[..HEADER_LEN].try_into().unwrap()).unwrap();
+        h.seq = 1;
+        let mut b = [0u8; HEADER_LEN];
+        h.seal(&mut b, &[2 * PS]);
+        second[..HEADER_LEN].copy_from_slice(&b);
+        two.extend_from_slice(&second);
+        a.write_all(&two).unwrap();
+        let e = pool.finish().unwrap_err();
+        assert!(
+            matches!(
+                e,
+                MultifdError::PageTwice {
+                    seq: 1,
+                    offset: 0x2000,
+                    pass: 1,
+                    ..
+                }
+            ),
+            "{e}"
+        );
+    }
 }

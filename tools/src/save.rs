@@ -108,11 +108,11 @@ const OTHER_SCHEMES: [&str; 7] = ["tcp:", "unix:", "tls:", "exec:", "fd:", "rdma
 /// The path a saved-guest argument names: PATH, or file:PATH as a
 /// migration URI writes it (every file command takes both).
 pub fn file_path(arg: &str) -> anyhow::Result<PathBuf> {
-    if let Some(p) = arg.strip_prefix("file:") {
-        if p.is_empty() {
-            bail!("'{arg}' names no file (expected PATH or file:PATH)");
-        }
-        return Ok(PathBuf::from(p));
+    if arg.starts_with("file:") {
+        return match arg.parse::<ferry_transport::ChannelUri>() {
+            Ok(ferry_transport::ChannelUri::File(p)) => Ok(p),
+            _ => bail!("'{arg}' names no file (expected PATH or file:PATH)"),
+        };
     }
     if let Some(scheme) = OTHER_SCHEMES.iter().find(|s| arg.starts_with(*s)) {
         bail!(

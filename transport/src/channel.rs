@@ -39,6 +39,11 @@ pub trait Channel: Send + Sync + fmt::Debug {
     fn tls(&self) -> Option<&crate::TlsChannel> {
         None
     }
+    /// The TLS session as a shared handle, for a data-path thread that
+    /// decides once, when it starts, how it reads and writes the channel.
+    fn tls_shared(self: std::sync::Arc<Self>) -> Option<std::sync::Arc<crate::TlsChannel>> {
+        None
+    }
 }
 
 /// A TCP or unix stream socket.

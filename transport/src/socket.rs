@@ -107,6 +107,12 @@ fn resolve(uri: &ChannelUri, text: &str) -> Result<(SockAddr, Domain, bool), Tra
             uri: text.into(),
             why: "has no socket address".into(),
         }),
+        ChannelUri::File(_) => Err(TransportError::BadUri {
+            uri: text.into(),
+            why: "is a saved-guest file, not a channel: `ferry save --to file:PATH` and \
+                  `ferry restore --from file:PATH` take it"
+                .into(),
+        }),
     }
 }
 

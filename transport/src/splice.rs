@@ -67,7 +67,8 @@ impl SplicePipe {
     /// the pipe; `referenced` goes by page reference.
     ///
     /// # Safety
-    /// Every iovec in `referenced` must describe readable memory that stays
+    /// Every iovec in `copied` must point at readable memory that stays
+    /// mapped for the call. Every iovec in `referenced` must describe readable memory that stays
     /// mapped for as long as the kernel may read it (the socket holds the
     /// pages, not the mapping, so an unmapped page is still safe to read; a
     /// page rewritten before it is sent goes out with its new bytes).
@@ -77,7 +78,9 @@ impl SplicePipe {
         copied: &[libc::iovec],
         referenced: &mut [libc::iovec],
     ) -> io::Result<u64> {
-        let mut in_pipe = self.copy_in(socket, copied)?;
+        // SAFETY: the caller's guarantee covers `copied` too (readable for
+        // the call; it is copied into the pipe before `send` returns).
+        let mut in_pipe = unsafe { self.copy_in(socket, copied) }?;
         let mut total: u64 = copied.iter().map(|v| v.iov_len as u64).sum();
         let mut rest = referenced;
         while !rest.is_empty() || in_pipe > 0 {
@@ -100,13 +103,20 @@ impl SplicePipe {
 
     /// Copies `bufs` into the (empty) pipe; returns the bytes left in it.
     /// Whatever does not fit in half the pipe is passed on to the socket in
-    /// pieces first, so a write never waits for a pipe only we drain.
-    fn copy_in(&mut self, socket: RawFd, bufs: &[libc::iovec]) -> io::Result<usize> {
+    /// pieces first, so a write never waits for a pipe only we drain. The
+    /// buffers are passed to the kernel as raw pointers, never as `&[u8]`:
+    /// they may be memory others write meanwhile.
+    ///
+    /// # Safety
+    /// Every iovec in `bufs` must point at `iov_len` bytes that stay mapped
+    /// and readable for the whole call.
+    unsafe fn copy_in(&mut self, socket: RawFd, bufs: &[libc::iovec]) -> io::Result<usize> {
         let half = self.capacity / 2;
         let total: usize = bufs.iter().map(|v| v.iov_len).sum();
         if total <= half {
-            // SAFETY: the iovecs are the caller's readable buffers; writev
-            // copies them. The pipe is empty and they fit, so it is not short.
+            // SAFETY: the caller's guarantee: the iovecs are readable for the
+            // call; writev copies them. The pipe is empty and they fit, so
+            // it is not short.
             let n =
                 unsafe { libc::writev(self.write.as_raw_fd(), bufs.as_ptr(), bufs.len() as i32) };
             return if n < 0 {
@@ -117,22 +127,24 @@ impl SplicePipe {
         }
         let mut in_pipe = 0;
         for v in bufs {
-            // SAFETY: the caller's iovec describes a readable buffer.
-            let mut rest =
-                unsafe { std::slice::from_raw_parts(v.iov_base as *const u8, v.iov_len) };
-            while !rest.is_empty() {
-                let take = rest.len().min(half);
+            let base = v.iov_base as *const u8;
+            let mut done = 0;
+            while done < v.iov_len {
+                let take = (v.iov_len - done).min(half);
                 if in_pipe + take > half {
                     in_pipe -= self.drain_to(socket, in_pipe, true)?;
                 }
-                // SAFETY: writes `take` bytes of a live slice; at most half
-                // the pipe is in use, so the write fits and does not block.
-                let n = unsafe { libc::write(self.write.as_raw_fd(), rest.as_ptr().cast(), take) };
+                // SAFETY: `done < iov_len`, so `base + done` and the `take`
+                // bytes after it lie inside the caller's buffer, readable for
+                // the call; at most half the pipe is in use, so the write fits
+                // and does not block. The kernel reads the bytes; no Rust
+                // reference to them is formed.
+                let n = unsafe { libc::write(self.write.as_raw_fd(), base.add(done).cast(), take) };
                 if n < 0 {
                     return Err(io::Error::last_os_error());
                 }
                 in_pipe += n as usize;
-                rest = &rest[n as usize..];
+                done += n as usize;
             }
         }
         Ok(in_pipe)

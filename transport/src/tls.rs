@@ -808,6 +808,9 @@ impl Channel for TlsChannel {
     fn tls(&self) -> Option<&TlsChannel> {
         Some(self)
     }
+    fn tls_shared(self: std::sync::Arc<Self>) -> Option<std::sync::Arc<TlsChannel>> {
+        Some(self)
+    }
 }
 
 #[cfg(test)]

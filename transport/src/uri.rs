@@ -1,5 +1,9 @@
 //! Channel URIs, as QEMU writes them: `tcp:HOST:PORT`, `unix:PATH`,
-//! `exec:COMMAND` and `fd:N`.
+//! `exec:COMMAND`, `fd:N` and `file:PATH`.
+//!
+//! `file:PATH` names a saved-guest file (the mapped-ram layout, see
+//! `ferry_ram::mapped`): the file commands (save, restore, inspect) take it;
+//! the socket functions refuse it.
 //!
 //! With K multifd channels a session has K+1 streams (main first). `exec:`
 //! runs COMMAND once per stream (`sh -c`), its stdin and stdout joined to
@@ -26,6 +30,8 @@ pub enum ChannelUri {
     Exec(String),
     /// `fd:N[,M...]`: inherited socket descriptors.
     Fd(Vec<i32>),
+    /// `file:PATH`, a saved-guest file (file mode, not a socket).
+    File(PathBuf),
 }
 
 impl FromStr for ChannelUri {
@@ -79,9 +85,14 @@ impl FromStr for ChannelUri {
                 .collect::<Option<Vec<_>>>()
                 .ok_or_else(|| bad("expected fd:N or fd:N,M,... with descriptor numbers"))?;
             Ok(Self::Fd(fds))
+        } else if let Some(path) = s.strip_prefix("file:") {
+            if path.is_empty() {
+                return Err(bad("empty path"));
+            }
+            Ok(Self::File(path.into()))
         } else {
             Err(bad(
-                "expected tcp:HOST:PORT, unix:PATH, exec:COMMAND or fd:N[,M...]",
+                "expected tcp:HOST:PORT, unix:PATH, exec:COMMAND, fd:N[,M...] or file:PATH",
             ))
         }
     }
@@ -94,6 +105,7 @@ impl fmt::Display for ChannelUri {
             Self::Tcp { host, port } => write!(f, "tcp:{host}:{port}"),
             Self::Unix(p) => write!(f, "unix:{}", p.display()),
             Self::Exec(cmd) => write!(f, "exec:{cmd}"),
+            Self::File(p) => write!(f, "file:{}", p.display()),
             Self::Fd(fds) => {
                 let list: Vec<String> = fds.iter().map(ToString::to_string).collect();
                 write!(f, "fd:{}", list.join(","))
@@ -116,6 +128,8 @@ mod tests {
             "exec:ssh host socat - TCP:localhost:4444",
             "fd:3",
             "fd:3,4,5",
+            "file:/tmp/guest.ferry",
+            "file:relative/dir/g.img",
         ] {
             assert_eq!(s.parse::<ChannelUri>().unwrap().to_string(), s);
         }
@@ -134,10 +148,25 @@ mod tests {
             "fd:",
             "fd:3,x",
             "fd:-1",
+            "file:",
         ] {
             let e = s.parse::<ChannelUri>().unwrap_err().to_string();
             assert!(e.contains("bad URI"), "{s}: {e}");
         }
+    }
+
+    #[test]
+    fn file_uri_names_its_path() {
+        let u: ChannelUri = "file:/dev/shm/a:b.img".parse().unwrap();
+        assert_eq!(u, ChannelUri::File("/dev/shm/a:b.img".into()));
+        assert_eq!(u.to_string(), "file:/dev/shm/a:b.img");
+        assert_eq!(
+            ChannelUri::File("x".into())
+                .to_string()
+                .parse::<ChannelUri>()
+                .unwrap(),
+            ChannelUri::File("x".into())
+        );
     }
 
     #[test]

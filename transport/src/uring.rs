@@ -158,8 +158,14 @@ impl Ring {
 
     /// Receives into `iov` until every byte of it is filled, the peer closes,
     /// or an error. Returns how many bytes arrived (less than asked only when
-    /// the peer closed). Nothing else may be in flight on the ring.
-    pub fn recv_exact(&mut self, fd: RawFd, iov: &mut [libc::iovec]) -> io::Result<usize> {
+    /// the peer closed). The list is consumed: its entries are advanced past
+    /// what arrived. Returns only once the kernel is done with the buffers.
+    ///
+    /// # Safety
+    /// Every iovec must point at `iov_len` bytes of writable memory that
+    /// stays mapped for the whole call and that nothing else reads or writes
+    /// meanwhile (the kernel writes it; no Rust reference to it may be alive).
+    pub unsafe fn recv_exact(&mut self, fd: RawFd, iov: &mut [libc::iovec]) -> io::Result<usize> {
         let want: usize = iov.iter().map(|v| v.iov_len).sum();
         let mut got = 0usize;
         let mut first = 0usize;
@@ -173,10 +179,10 @@ impl Ring {
             let entry = opcode::RecvMsg::new(types::Fd(fd), &mut msg)
                 .flags(libc::MSG_WAITALL as u32)
                 .build()
-                .user_data(u64::MAX);
-            // SAFETY: msg and the iovecs (which point at memory the caller
-            // owns and lets us fill) live until we pop this op's completion
-            // below, before returning.
+                .user_data(ONE_OP);
+            // SAFETY: msg and the iovec array live on this frame, and the
+            // buffers are the caller's to fill (this function's contract);
+            // `run_one` returns only after this op's completion.
             let n = unsafe { self.run_one(&entry) }?;
             if n == 0 {
                 return Ok(got);
@@ -188,11 +194,12 @@ impl Ring {
     }
 
     /// One receive into `buf`: whatever has arrived, at least one byte, or 0
-    /// when the peer closed. Nothing else may be in flight on the ring.
+    /// when the peer closed. Meant for a ring with nothing else in flight:
+    /// completions of other operations that arrive meanwhile are dropped.
     pub fn recv_some(&mut self, fd: RawFd, buf: &mut [u8]) -> io::Result<usize> {
         let entry = opcode::Recv::new(types::Fd(fd), buf.as_mut_ptr(), buf.len() as u32)
             .build()
-            .user_data(u64::MAX);
+            .user_data(ONE_OP);
         // SAFETY: `buf` is borrowed mutably until the completion is popped
         // below, before returning.
         unsafe { self.run_one(&entry) }
@@ -209,20 +216,60 @@ impl Ring {
             .map_err(|_| io::Error::other("submission queue full"))
     }
 
-    /// Runs one operation alone on the ring and returns its byte count.
+    /// Runs one operation alone on the ring and returns its byte count. It
+    /// returns only once the operation's own completion (user data
+    /// [`ONE_OP`]) is popped, so the buffers it points at are free again;
+    /// other completions popped meanwhile are dropped.
     ///
     /// # Safety
-    /// As for [`Ring::push`]; the completion is popped before returning.
+    /// As for [`Ring::push`]; `entry` carries the user data [`ONE_OP`].
     unsafe fn run_one(&mut self, entry: &squeue::Entry) -> io::Result<usize> {
         // SAFETY: the caller's guarantee, passed on.
         unsafe { self.push(entry) }?;
-        self.submit(1)
-            .map_err(|e| io::Error::other(e.to_string()))?;
-        self.pop()
-            .ok_or_else(|| io::Error::other("io_uring returned no completion"))?
-            .bytes()
+        loop {
+            self.submit_or_wait_out(1);
+            while let Some(c) = self.pop() {
+                if c.user_data == ONE_OP {
+                    return c.bytes();
+                }
+            }
+        }
+    }
+
+    /// Submits and waits for `want` completions; an error of io_uring_enter
+    /// itself is retried, since returning would leave operations in flight
+    /// over buffers their callers are about to free. EINTR and EBUSY (the
+    /// completion queue is full: the caller pops) are the errors a working
+    /// ring gives; anything else means a ring that can no longer be driven,
+    /// with the kernel maybe still reading or writing the caller's memory:
+    /// after a few tries the process aborts rather than let that memory go.
+    fn submit_or_wait_out(&mut self, want: usize) {
+        let mut tries = 0;
+        loop {
+            match self.ring.submit_and_wait(want) {
+                Ok(_) => return,
+                Err(e) if matches!(e.raw_os_error(), Some(libc::EINTR)) => {}
+                Err(e) if matches!(e.raw_os_error(), Some(libc::EBUSY | libc::EAGAIN)) => {
+                    // Completions are waiting to be popped: let the caller.
+                    return;
+                }
+                Err(e) => {
+                    tries += 1;
+                    if tries >= 100 {
+                        tracing::error!(
+                            "io_uring_enter keeps failing with operations in flight: {e}"
+                        );
+                        std::process::abort();
+                    }
+                    std::thread::sleep(std::time::Duration::from_millis(10));
+                }
+            }
+        }
     }
 }
+
+/// The user data of [`Ring::run_one`]'s operations.
+const ONE_OP: u64 = u64::MAX;
 
 /// Which piece of a [`Ring::write_all_at`] batch failed, and why.
 #[derive(Debug)]
@@ -267,8 +314,9 @@ impl Ring {
     /// from where it stopped. On failure it still waits for the writes in
     /// flight, then names the first piece that failed.
     ///
-    /// Only if io_uring_enter itself fails does it return with writes still
-    /// in flight; they only read `pieces`, and the error ends the save.
+    /// It never returns with a write in flight (an io_uring_enter failure is
+    /// retried, see `submit_or_wait_out`), so `pieces` is free again when it
+    /// returns.
     pub fn write_all_at(&mut self, fd: RawFd, pieces: &[(&[u8], u64)]) -> Result<(), FailedWrite> {
         let mut written = vec![0usize; pieces.len()];
         let mut next = 0;
@@ -289,8 +337,8 @@ impl Ring {
                 let rest = &bytes[written[i]..];
                 let len = rest.len().min(u32::MAX as usize) as u32;
                 // SAFETY: `rest` is borrowed for this call, which waits for
-                // the write's completion before returning (see above for the
-                // one exception, where the kernel can only read it).
+                // every write's completion before returning (the loop below
+                // ends only when `in_flight` is 0).
                 let queued = unsafe {
                     self.queue_write_at(
                         fd,
@@ -312,10 +360,7 @@ impl Ring {
             if in_flight == 0 {
                 return failed.map_or(Ok(()), Err);
             }
-            self.submit(1).map_err(|e| FailedWrite {
-                piece: next.saturating_sub(1),
-                source: io::Error::other(e.to_string()),
-            })?;
+            self.submit_or_wait_out(1);
             while let Some(c) = self.pop() {
                 in_flight -= 1;
                 let i = c.user_data as usize;
@@ -459,7 +504,9 @@ mod tests {
                 iov_base: out.as_mut_ptr().cast(),
                 iov_len: out.len(),
             }];
-            assert_eq!(ring.recv_exact(b.as_raw_fd(), &mut iov).unwrap(), 400_000);
+            // SAFETY: `out` is this thread's, unborrowed, and outlives the call.
+            let n = unsafe { ring.recv_exact(b.as_raw_fd(), &mut iov) };
+            assert_eq!(n.unwrap(), 400_000);
             out
         });
         for (i, m) in msgs.iter().enumerate() {
@@ -494,7 +541,9 @@ mod tests {
             iov_base: out.as_mut_ptr().cast(),
             iov_len: 10,
         }];
-        assert_eq!(ring.recv_exact(b.as_raw_fd(), &mut iov).unwrap(), 3);
+        // SAFETY: the iovecs point at this test's own unborrowed buffers.
+        let n = unsafe { ring.recv_exact(b.as_raw_fd(), &mut iov) };
+        assert_eq!(n.unwrap(), 3);
         assert_eq!(&out[..3], &[1, 2, 3]);
     }
 }
