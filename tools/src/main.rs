@@ -14,6 +14,7 @@ mod bench;
 mod certs;
 mod ctl;
 mod demo;
+mod floor_peer;
 mod gen;
 mod guest_args;
 mod inspect;
@@ -83,6 +84,9 @@ enum Command {
     Bench(bench::BenchArgs),
     Ctl(ctl::CtlArgs),
     Certs(certs::CertsArgs),
+    /// The floor peer's two processes, run by `ferry bench --peer floor`.
+    #[command(hide = true)]
+    FloorPeer(floor_peer::FloorPeerArgs),
     Completions(CompletionsArgs),
     Man(ManArgs),
 }
@@ -132,6 +136,7 @@ fn main() -> ExitCode {
         Command::Bench(a) => bench::run(a),
         Command::Ctl(a) => ctl::run(a),
         Command::Certs(a) => certs::run(a),
+        Command::FloorPeer(a) => floor_peer::run(a),
         Command::Completions(a) => {
             clap_complete::generate(
                 a.shell,
@@ -195,7 +200,7 @@ fn man(a: ManArgs) -> anyhow::Result<bool> {
         eprintln!("ferry: wrote {}", path.display());
         Ok(())
     };
-    for sub in cmd.get_subcommands() {
+    for sub in cmd.get_subcommands().filter(|s| !s.is_hide_set()) {
         write(format!("ferry-{}", sub.get_name()), sub.clone())?;
     }
     write("ferry".into(), cmd)?;
