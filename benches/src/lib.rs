@@ -596,7 +596,7 @@ mod tests {
         assert!(left.is_empty(), "dataset left behind: {left:?}");
     }
 
-    /// The whole bench on 64 MiB with both peers, against the release
+    /// The whole bench on 64 MiB with every peer, against the release
     /// binary (or $FERRY_EXE): `cargo test -p ferry-bench -- --ignored`.
     #[test]
     #[ignore]
@@ -615,8 +615,19 @@ mod tests {
         c.runs = 2;
         c.peer_qemu = true;
         c.peer_iperf = true;
+        c.peer_floor = true;
         c.workdir = dir.path().to_path_buf();
         let report = run(&c, &mut |l| eprintln!("{l}")).expect("bench");
+        // Every migration tool has both sides' CPU; iperf3 has none.
+        for case in &report.cases {
+            let m = case.summary.as_ref().expect("summary");
+            let has = m.send_core_s_per_gib.is_some() && m.recv_core_s_per_gib.is_some();
+            assert_eq!(has, case.tool != Tool::Iperf3, "{:?}", case.tool);
+        }
+        assert!(report
+            .ratios
+            .iter()
+            .all(|r| r.ferry_over_floor_wall.is_some()));
         eprintln!("{}", report.table());
         let svg = dir.path().join("bench.svg");
         report.plot_svg(&svg).expect("plot");
