@@ -29,6 +29,9 @@
 //! | runs | count × (offset u64 (8), length u64 (8)) | bytes of guest RAM at `offset` |
 //! | payload | sum of the lengths | each run's bytes, in order |
 //!
+//! The dataset must not change while it is measured (the sender maps it;
+//! a file truncated under it would fault the sender).
+//!
 //! Every offset must be page-aligned, every length non-zero and a multiple
 //! of the page except a run ending exactly at the dataset's end, and every
 //! run must lie inside the dataset ([`parse_runs`]): nothing from the wire
@@ -356,7 +359,13 @@ pub fn receive(
                     .map_err(setup("a connection"))?;
                 streams.push(s);
             }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock && Instant::now() < deadline => {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                if Instant::now() >= deadline {
+                    return Err(setup(&format!(
+                        "waiting for connection {} of {channels}",
+                        streams.len() + 1
+                    ))(io::ErrorKind::TimedOut.into()));
+                }
                 std::thread::sleep(Duration::from_millis(1));
             }
             Err(e) => {
@@ -373,7 +382,14 @@ pub fn receive(
             .enumerate()
             .map(|(i, stream)| {
                 let mem = &mem;
-                s.spawn(move || receive_stream(i, stream, mem, size))
+                s.spawn(move || {
+                    let r = receive_stream(i, stream, mem, size);
+                    if r.is_err() {
+                        // Tell the sender now rather than when the others end.
+                        let _ = stream.shutdown(std::net::Shutdown::Both);
+                    }
+                    r
+                })
             })
             .collect();
         handles
