@@ -3,7 +3,8 @@
 //! Subcommands: `gen` (datasets), `send` / `recv` (the two ends of a
 //! migration), `ctl` (the control socket of a running send or recv), `save` /
 //! `restore` / `inspect` / `verify` (a guest in a file), `demo` (both ends
-//! over loopback, in one process), `bench` (ferry against QEMU and iperf3)
+//! over loopback, in one process), `bench` (ferry against QEMU, iperf3 and
+//! the floor peer, whose two processes are the hidden `floor-peer`),
 //! `certs` (TLS credentials for `--tls-dir`), and `completions` / `man` (shell
 //! completions and manual pages made from this command line). Each prints a
 //! human summary, or one JSON object with `--json`; the exit status is 0 only
