@@ -41,6 +41,10 @@ enum Side {
         /// TCP congestion control of the sockets, or `system`.
         #[arg(long, default_value = "system")]
         tcp_congestion: String,
+        /// `splice` (file → pipe per run, pipe → socket per chunk) or
+        /// `sendfile` (one call per run).
+        #[arg(long, default_value = "splice")]
+        method: floor::Method,
     },
 }
 
@@ -63,9 +67,10 @@ pub fn run(a: FloorPeerArgs) -> anyhow::Result<bool> {
             to,
             channels,
             tcp_congestion,
+            method,
         } => {
             let cc = crate::units::congestion(&tcp_congestion);
-            floor::send(&dataset, to, channels, cc.as_deref())
+            floor::send(&dataset, to, channels, cc.as_deref(), method)
                 .map(|r| serde_json::to_value(r).unwrap_or_default())
         }
     };
