@@ -12,7 +12,7 @@
 //! It never links the controller: ferry is measured as a user runs it.
 //!
 //! Files: `run.rs` child processes and one ferry run; `qmp.rs` the QEMU
-//! peer; `iperf.rs` the iperf3 peer; `floor.rs` the floor peer (sendfile of
+//! peer; `iperf.rs` the iperf3 peer; `floor.rs` the floor peer (splice of
 //! the non-zero pages into fresh memory, the least work a migration does); `netns.rs` a shaped veth link between
 //! two network namespaces; `report.rs` medians, ratios and
 //! renderings; `sys.rs` the libc calls (rusage, statvfs); `error.rs` errors.
@@ -59,7 +59,7 @@ pub struct BenchConfig {
     pub peer_qemu: bool,
     /// Also run `iperf3 -P K` on loopback for each channel count.
     pub peer_iperf: bool,
-    /// Also run the floor peer (`floor.rs`): K streams sendfile the
+    /// Also run the floor peer (`floor.rs`): K streams splice the
     /// dataset's non-zero pages into fresh anonymous memory.
     pub peer_floor: bool,
     /// With TLS or compression: also run ferry without them (same send
@@ -433,12 +433,12 @@ pub fn run(config: &BenchConfig, log: &mut dyn FnMut(&str)) -> Result<BenchRepor
     }
     if config.peer_floor {
         turns.push(Turn::Floor);
-        notes.push(
-            "floor: K streams sendfile the dataset's non-zero pages into fresh anonymous memory \
-             (MADV_HUGEPAGE), as two processes; digests of both sides compared after the timing, \
-             as ferry's"
-                .into(),
-        );
+        notes.push(format!(
+            "floor: K streams {} the dataset's non-zero pages into fresh anonymous memory \
+                 (MADV_HUGEPAGE), as two processes; digests of both sides compared after the \
+                 timing, as ferry's",
+            std::env::var("FERRY_FLOOR_METHOD").unwrap_or_else(|_| "splice".into())
+        ));
     }
     notes.push(
         "CPU per GiB (send/recv cs/G): each side's process over its whole life, from its wait4 \

@@ -28,7 +28,7 @@ pub enum Tool {
     Qemu,
     /// `iperf3 -P K` over loopback: what the link carries with K streams.
     Iperf3,
-    /// The floor: K streams `sendfile` the dataset's non-zero pages into
+    /// The floor: K streams `splice` the dataset's non-zero pages into
     /// fresh anonymous memory (`floor.rs`); the least work any migration does.
     Floor,
 }
@@ -465,7 +465,7 @@ impl BenchReport {
             ),
             (
                 Tool::Floor,
-                "floor (sendfile)".to_string(),
+                "floor (splice)".to_string(),
                 RGBColor(0xff, 0x7f, 0x0e),
             ),
         ];
@@ -997,7 +997,7 @@ mod tests {
             "ferry: wire",
             "QEMU 10.0.2 multifd: guest RAM",
             "iperf3 -P K: wire",
-            "floor (sendfile): guest RAM",
+            "floor (splice): guest RAM",
             "CPU core-s per GiB of guest RAM, sender/receiver (wait4 rusage): ferry K=1 0.60/0.40",
             "floor K=2 0.15/0.10",
             "channels (K)",

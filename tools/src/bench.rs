@@ -30,7 +30,7 @@ pub struct BenchArgs {
     runs: usize,
     /// Peers to measure alongside, comma separated: `qemu` (QEMU >= 9 multifd, needs /dev/kvm),
     /// `iperf3` (loopback, -P K), `plain` (with --tls-dir or --compress: ferry without them, in
-    /// the same runs), `floor` (the least work any migration does here: K streams sendfile the
+    /// the same runs), `floor` (the least work any migration does here: K streams splice the
     /// dataset's non-zero pages into fresh anonymous memory, two processes, digests compared).
     #[arg(long, value_delimiter = ',')]
     peer: Vec<String>,
