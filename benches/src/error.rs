@@ -55,6 +55,12 @@ pub enum BenchError {
         held: String,
     },
 
+    #[error("floor run with {channels} channel(s) failed:\n{}", .failures.join("\n"))]
+    FloorFailed {
+        channels: u16,
+        failures: Vec<String>,
+    },
+
     #[error("generating the dataset: {0}")]
     Dataset(#[from] ferry_ram::RamError),
 

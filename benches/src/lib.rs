@@ -12,11 +12,13 @@
 //! It never links the controller: ferry is measured as a user runs it.
 //!
 //! Files: `run.rs` child processes and one ferry run; `qmp.rs` the QEMU
-//! peer; `iperf.rs` the iperf3 peer; `netns.rs` a shaped veth link between
+//! peer; `iperf.rs` the iperf3 peer; `floor.rs` the floor peer (splice of
+//! the non-zero pages into fresh memory, the least work a migration does); `netns.rs` a shaped veth link between
 //! two network namespaces; `report.rs` medians, ratios and
 //! renderings; `sys.rs` the libc calls (rusage, statvfs); `error.rs` errors.
 
 mod error;
+pub mod floor;
 mod iperf;
 pub mod netns;
 mod qmp;
@@ -33,6 +35,7 @@ use ferry_ram::pattern::{write_file, Pattern};
 
 pub use error::BenchError;
 pub use report::{compute_ratios, median, BenchReport, Case, Ratio, Sample, Summary, Tool};
+pub use sys::Cpu;
 
 use run::{display, FerryRun, RemoveOnDrop};
 
@@ -56,6 +59,9 @@ pub struct BenchConfig {
     pub peer_qemu: bool,
     /// Also run `iperf3 -P K` on loopback for each channel count.
     pub peer_iperf: bool,
+    /// Also run the floor peer (`floor.rs`): K streams splice the
+    /// dataset's non-zero pages into fresh anonymous memory.
+    pub peer_floor: bool,
     /// With TLS or compression: also run ferry without them (same send
     /// arguments otherwise), alternating with the other tools.
     pub peer_plain: bool,
@@ -93,6 +99,7 @@ impl BenchConfig {
             peer_qemu: false,
             peer_iperf: false,
             peer_plain: false,
+            peer_floor: false,
             warm_memory: true,
             congestion: Some("cubic".into()),
             dataset: None,
@@ -119,6 +126,7 @@ enum Turn {
     Ferry,
     Plain,
     Qemu,
+    Floor,
 }
 
 /// The channel counts, checked, duplicates dropped (first wins).
@@ -173,9 +181,12 @@ fn check_space(needs: &[(&str, &Path, u64)]) -> Result<(), BenchError> {
 }
 
 fn fmt_sample(tool: &str, k: u16, run: usize, runs: usize, s: &Sample) -> String {
-    let cpu = s
+    let mut cpu = s
         .cpu_percent
         .map_or_else(|| "-".into(), |c| format!("{c:.0}%"));
+    if let (Some(snd), Some(rcv)) = (s.send_core_s_per_gib, s.recv_core_s_per_gib) {
+        cpu.push_str(&format!(", core-s/GiB send {snd:.3} recv {rcv:.3}"));
+    }
     match s.gbps_ram {
         Some(ram) => format!(
             "{tool:<6} K={k} run {run}/{runs}: {:.3} s, {ram:.2} GB/s RAM, {:.2} GB/s wire, CPU {cpu}",
@@ -403,7 +414,7 @@ pub fn run(config: &BenchConfig, log: &mut dyn FnMut(&str)) -> Result<BenchRepor
         }
     };
 
-    if plain || qemu.is_some() {
+    if plain || qemu.is_some() || config.peer_floor {
         notes.push(
             "the migrations take turns in an order that rotates by one each run, so no tool \
              always runs first"
@@ -420,9 +431,25 @@ pub fn run(config: &BenchConfig, log: &mut dyn FnMut(&str)) -> Result<BenchRepor
     if qemu.is_some() {
         turns.push(Turn::Qemu);
     }
+    if config.peer_floor {
+        turns.push(Turn::Floor);
+        notes.push(format!(
+            "floor: K streams {} the dataset's non-zero pages into fresh anonymous memory \
+                 (MADV_HUGEPAGE), as two processes; digests of both sides compared after the \
+                 timing, as ferry's",
+            std::env::var("FERRY_FLOOR_METHOD").unwrap_or_else(|_| "splice".into())
+        ));
+    }
+    notes.push(
+        "CPU per GiB (send/recv cs/G): each side's process over its whole life, from its wait4 \
+         rusage: start-up, the transfer, and for ferry and the floor the digest of all memory \
+         taken after it; QEMU's from its two processes, killed after the run; iperf3: n/a"
+            .into(),
+    );
     let mut cases = Vec::new();
     for &k in &channels {
         let (mut f, mut p, mut q, mut i) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let mut fl = Vec::new();
         let ferry = |send_args: &[String], recv_args: &[String]| {
             run::ferry_once(&FerryRun {
                 exe: &config.ferry_exe,
@@ -455,6 +482,17 @@ pub fn run(config: &BenchConfig, log: &mut dyn FnMut(&str)) -> Result<BenchRepor
                         log(&fmt_sample("qemu", k, r, config.runs, &s));
                         q.push(s);
                     }
+                    Turn::Floor => {
+                        let s = floor::floor_once(
+                            &config.ferry_exe,
+                            &dataset,
+                            size,
+                            k,
+                            config.congestion.as_deref(),
+                        )?;
+                        log(&fmt_sample("floor", k, r, config.runs, &s));
+                        fl.push(s);
+                    }
                 }
             }
             turns.rotate_left(1);
@@ -473,6 +511,9 @@ pub fn run(config: &BenchConfig, log: &mut dyn FnMut(&str)) -> Result<BenchRepor
         }
         if iperf_ok {
             cases.push(Case::new(Tool::Iperf3, k, i));
+        }
+        if config.peer_floor {
+            cases.push(Case::new(Tool::Floor, k, fl));
         }
     }
     drop(qemu);
@@ -555,7 +596,7 @@ mod tests {
         assert!(left.is_empty(), "dataset left behind: {left:?}");
     }
 
-    /// The whole bench on 64 MiB with both peers, against the release
+    /// The whole bench on 64 MiB with every peer, against the release
     /// binary (or $FERRY_EXE): `cargo test -p ferry-bench -- --ignored`.
     #[test]
     #[ignore]
@@ -574,8 +615,19 @@ mod tests {
         c.runs = 2;
         c.peer_qemu = true;
         c.peer_iperf = true;
+        c.peer_floor = true;
         c.workdir = dir.path().to_path_buf();
         let report = run(&c, &mut |l| eprintln!("{l}")).expect("bench");
+        // Every migration tool has both sides' CPU; iperf3 has none.
+        for case in &report.cases {
+            let m = case.summary.as_ref().expect("summary");
+            let has = m.send_core_s_per_gib.is_some() && m.recv_core_s_per_gib.is_some();
+            assert_eq!(has, case.tool != Tool::Iperf3, "{:?}", case.tool);
+        }
+        assert!(report
+            .ratios
+            .iter()
+            .all(|r| r.ferry_over_floor_wall.is_some()));
         eprintln!("{}", report.table());
         let svg = dir.path().join("bench.svg");
         report.plot_svg(&svg).expect("plot");

@@ -380,7 +380,8 @@ impl QemuPeer {
                 died.duration_since(born).as_secs_f64(),
             )),
             detail,
-        ))
+        )
+        .with_sides(src.cpu(), dst.cpu()))
     }
 
     /// Drives both QEMUs through one migration; returns the wall time to

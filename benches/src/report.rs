@@ -13,6 +13,7 @@ use plotters::element::DashedPathElement;
 use plotters::prelude::*;
 use serde::Serialize;
 
+use crate::sys::Cpu;
 use crate::BenchError;
 
 /// Which program a case measures.
@@ -27,6 +28,9 @@ pub enum Tool {
     Qemu,
     /// `iperf3 -P K` over loopback: what the link carries with K streams.
     Iperf3,
+    /// The floor: K streams `splice` the dataset's non-zero pages into
+    /// fresh anonymous memory (`floor.rs`); the least work any migration does.
+    Floor,
 }
 
 impl Tool {
@@ -36,6 +40,7 @@ impl Tool {
             Tool::Plain => "plain",
             Tool::Qemu => "qemu",
             Tool::Iperf3 => "iperf3",
+            Tool::Floor => "floor",
         }
     }
 }
@@ -62,6 +67,15 @@ pub struct Sample {
     pub lifetime_s: Option<f64>,
     /// `100 × cpu_s / lifetime_s`: up to 100 × cores.
     pub cpu_percent: Option<f64>,
+    /// The sending process's own user + system CPU seconds over its whole
+    /// life (its `wait4` rusage); None where not measured (iperf3).
+    pub cpu_send_s: Option<f64>,
+    /// The same for the receiving process.
+    pub cpu_recv_s: Option<f64>,
+    /// `cpu_send_s` per GiB of guest RAM moved: core-seconds per GiB.
+    pub send_core_s_per_gib: Option<f64>,
+    /// `cpu_recv_s` per GiB of guest RAM moved.
+    pub recv_core_s_per_gib: Option<f64>,
     /// Tool-specific figures: ferry's two JSON reports, QEMU's query-migrate,
     /// iperf3's summary.
     pub detail: serde_json::Value,
@@ -97,10 +111,29 @@ impl Sample {
             cpu_s,
             lifetime_s,
             cpu_percent,
+            cpu_send_s: None,
+            cpu_recv_s: None,
+            send_core_s_per_gib: None,
+            recv_core_s_per_gib: None,
             detail,
         }
     }
+
+    /// Adds each side's own CPU time (user + system, from its process's
+    /// rusage) and the core-seconds per GiB of guest RAM they make.
+    pub fn with_sides(mut self, send: Option<Cpu>, recv: Option<Cpu>) -> Self {
+        let gib = self.ram_bytes as f64 / GIB;
+        let per_gib = |c: Option<f64>| c.filter(|_| gib > 0.0).map(|c| c / gib);
+        self.cpu_send_s = send.map(Cpu::total_s);
+        self.cpu_recv_s = recv.map(Cpu::total_s);
+        self.send_core_s_per_gib = per_gib(self.cpu_send_s);
+        self.recv_core_s_per_gib = per_gib(self.cpu_recv_s);
+        self
+    }
 }
+
+/// Bytes in a GiB.
+const GIB: f64 = (1u64 << 30) as f64;
 
 /// Medians (and the spread of the wall time) over a case's samples.
 #[derive(Clone, Debug, Serialize)]
@@ -112,6 +145,9 @@ pub struct Summary {
     pub gbps_ram: Option<f64>,
     pub gbps_wire: f64,
     pub cpu_percent: Option<f64>,
+    /// Medians of the sender's and the receiver's core-seconds per GiB.
+    pub send_core_s_per_gib: Option<f64>,
+    pub recv_core_s_per_gib: Option<f64>,
 }
 
 impl Summary {
@@ -125,6 +161,14 @@ impl Summary {
         let ram: Vec<f64> = samples.iter().filter_map(|s| s.gbps_ram).collect();
         let wire: Vec<f64> = samples.iter().map(|s| s.gbps_wire).collect();
         let cpu: Vec<f64> = samples.iter().filter_map(|s| s.cpu_percent).collect();
+        let sends: Vec<f64> = samples
+            .iter()
+            .filter_map(|s| s.send_core_s_per_gib)
+            .collect();
+        let recvs: Vec<f64> = samples
+            .iter()
+            .filter_map(|s| s.recv_core_s_per_gib)
+            .collect();
         Some(Self {
             runs: samples.len(),
             wall_s,
@@ -133,6 +177,8 @@ impl Summary {
             gbps_ram: median(&ram),
             gbps_wire: median(&wire).unwrap_or(0.0),
             cpu_percent: median(&cpu),
+            send_core_s_per_gib: median(&sends),
+            recv_core_s_per_gib: median(&recvs),
         })
     }
 }
@@ -167,6 +213,9 @@ pub struct Ratio {
     pub ferry_wire_over_iperf3: Option<f64>,
     /// ferry's median wall time / its own without TLS or compression.
     pub ferry_over_plain_wall: Option<f64>,
+    /// ferry's median wall time / the floor peer's: how far above the least
+    /// work ferry is (at least 1 in principle).
+    pub ferry_over_floor_wall: Option<f64>,
 }
 
 /// The ratios for every channel count that has a ferry case.
@@ -186,6 +235,7 @@ pub fn compute_ratios(cases: &[Case]) -> Vec<Ratio> {
         let qemu = summary(Tool::Qemu, k);
         let iperf = summary(Tool::Iperf3, k);
         let plain = summary(Tool::Plain, k);
+        let floor = summary(Tool::Floor, k);
         out.push(Ratio {
             channels: k,
             ferry_over_qemu_wall: qemu
@@ -195,6 +245,9 @@ pub fn compute_ratios(cases: &[Case]) -> Vec<Ratio> {
                 .filter(|i| i.gbps_wire > 0.0)
                 .map(|i| ferry.gbps_wire / i.gbps_wire),
             ferry_over_plain_wall: plain
+                .filter(|p| p.wall_s > 0.0)
+                .map(|p| ferry.wall_s / p.wall_s),
+            ferry_over_floor_wall: floor
                 .filter(|p| p.wall_s > 0.0)
                 .map(|p| ferry.wall_s / p.wall_s),
         });
@@ -265,7 +318,8 @@ fn human_bytes(b: u64) -> String {
 
 impl BenchReport {
     /// A human table: one row per (tool, channels) with the median wall time,
-    /// its min/max, GB/s of guest RAM, GB/s on the wire and CPU%; then the
+    /// its min/max, GB/s of guest RAM, GB/s on the wire, CPU% and each
+    /// side's core-seconds per GiB; then the
     /// ratios per channel count; then the notes.
     pub fn table(&self) -> String {
         let mut s = String::new();
@@ -283,8 +337,17 @@ impl BenchReport {
         );
         let _ = writeln!(
             s,
-            "{:<7} {:>3} {:>8} {:>8} {:>8} {:>9} {:>10} {:>6}",
-            "tool", "ch", "wall s", "min s", "max s", "GB/s RAM", "GB/s wire", "CPU%"
+            "{:<7} {:>3} {:>8} {:>8} {:>8} {:>9} {:>10} {:>6} {:>10} {:>10}",
+            "tool",
+            "ch",
+            "wall s",
+            "min s",
+            "max s",
+            "GB/s RAM",
+            "GB/s wire",
+            "CPU%",
+            "send cs/G",
+            "recv cs/G"
         );
         for case in &self.cases {
             let Some(m) = &case.summary else {
@@ -296,7 +359,7 @@ impl BenchReport {
             let wall = |v: f64| fmt_opt(timed.then_some(v), 3);
             let _ = writeln!(
                 s,
-                "{:<7} {:>3} {:>8} {:>8} {:>8} {:>9} {:>10} {:>6}",
+                "{:<7} {:>3} {:>8} {:>8} {:>8} {:>9} {:>10} {:>6} {:>10} {:>10}",
                 case.tool.name(),
                 case.channels,
                 wall(m.wall_s),
@@ -305,6 +368,20 @@ impl BenchReport {
                 fmt_opt(m.gbps_ram, 2),
                 fmt_opt(Some(m.gbps_wire), 2),
                 fmt_opt(m.cpu_percent, 0),
+                fmt_opt(m.send_core_s_per_gib, 3),
+                fmt_opt(m.recv_core_s_per_gib, 3),
+            );
+        }
+        if self.cases.iter().any(|c| {
+            c.summary
+                .as_ref()
+                .is_some_and(|m| m.send_core_s_per_gib.is_some())
+        }) {
+            let _ = writeln!(
+                s,
+                "(send/recv cs/G: core-seconds of CPU, user + system, per GiB of guest RAM, of \
+                 the sending and the receiving process over their whole lives, from their wait4 \
+                 rusage; iperf3: n/a, it moves no guest RAM)"
             );
         }
         let useful: Vec<&Ratio> = self
@@ -314,14 +391,19 @@ impl BenchReport {
                 r.ferry_over_qemu_wall.is_some()
                     || r.ferry_wire_over_iperf3.is_some()
                     || r.ferry_over_plain_wall.is_some()
+                    || r.ferry_over_floor_wall.is_some()
             })
             .collect();
         if !useful.is_empty() {
             let _ = writeln!(s, "\nratios (from medians)");
             let _ = writeln!(
                 s,
-                "{:>3} {:>16} {:>20} {:>17}",
-                "ch", "ferry/qemu wall", "ferry wire/iperf3", "ferry/plain wall"
+                "{:>3} {:>16} {:>20} {:>17} {:>17}",
+                "ch",
+                "ferry/qemu wall",
+                "ferry wire/iperf3",
+                "ferry/plain wall",
+                "ferry/floor wall"
             );
             for r in useful {
                 let speed = match r.ferry_over_qemu_wall {
@@ -332,11 +414,12 @@ impl BenchReport {
                 };
                 let _ = writeln!(
                     s,
-                    "{:>3} {:>16} {:>20} {:>17}",
+                    "{:>3} {:>16} {:>20} {:>17} {:>17}",
                     r.channels,
                     speed,
                     fmt_opt(r.ferry_wire_over_iperf3, 2),
-                    fmt_opt(r.ferry_over_plain_wall, 2)
+                    fmt_opt(r.ferry_over_plain_wall, 2),
+                    fmt_opt(r.ferry_over_floor_wall, 2)
                 );
             }
             let _ = writeln!(
@@ -379,6 +462,11 @@ impl BenchReport {
                 Tool::Iperf3,
                 "iperf3 -P K".to_string(),
                 RGBColor(0x55, 0x55, 0x55),
+            ),
+            (
+                Tool::Floor,
+                "floor (splice)".to_string(),
+                RGBColor(0xff, 0x7f, 0x0e),
             ),
         ];
         let mut out = Vec::new();
@@ -437,7 +525,7 @@ impl BenchReport {
         let rate_max = if rate_max > 0.0 { rate_max * 1.3 } else { 1.0 };
         let wall_max = if wall_max > 0.0 { wall_max * 1.3 } else { 1.0 };
 
-        let root = SVGBackend::new(path, (1280, 620)).into_drawing_area();
+        let root = SVGBackend::new(path, (1280, 645)).into_drawing_area();
         root.fill(&WHITE).map_err(|e| err(&e))?;
         let title = format!(
             "ferry bench: {} dataset, median of {} run(s) per point",
@@ -628,8 +716,46 @@ impl BenchReport {
                 ("sans-serif", 14).into_font().color(&BLACK),
             ))
             .map_err(|e| err(&e))?;
+        let cost = self.cpu_cost_line();
+        if !cost.is_empty() {
+            footer
+                .draw(&Text::new(
+                    cost,
+                    (20, 40),
+                    ("sans-serif", 13).into_font().color(&BLACK),
+                ))
+                .map_err(|e| err(&e))?;
+        }
         root.present().map_err(|e| err(&e))?;
         Ok(())
+    }
+}
+
+impl BenchReport {
+    /// `CPU core-s per GiB, send/recv: ferry K=2 0.41/0.35; ...` from the
+    /// medians, for the plot's footer; empty when no case has them.
+    pub fn cpu_cost_line(&self) -> String {
+        let parts: Vec<String> = self
+            .cases
+            .iter()
+            .filter_map(|c| {
+                let m = c.summary.as_ref()?;
+                let (snd, rcv) = (m.send_core_s_per_gib?, m.recv_core_s_per_gib?);
+                Some(format!(
+                    "{} K={} {snd:.2}/{rcv:.2}",
+                    c.tool.name(),
+                    c.channels
+                ))
+            })
+            .collect();
+        if parts.is_empty() {
+            String::new()
+        } else {
+            format!(
+                "CPU core-s per GiB of guest RAM, sender/receiver (wait4 rusage): {}",
+                parts.join("; ")
+            )
+        }
     }
 }
 
@@ -663,6 +789,8 @@ mod tests {
     use super::*;
 
     fn sample(wall: f64, cpu: f64) -> Sample {
+        // 1 GiB: the sender spends 0.6 × wall core-seconds, the receiver 0.4.
+        let side = |user_s: f64, sys_s: f64| Some(Cpu { user_s, sys_s });
         Sample::new(
             wall,
             1 << 30,
@@ -670,6 +798,7 @@ mod tests {
             Some((cpu * wall / 100.0, wall)),
             serde_json::Value::Null,
         )
+        .with_sides(side(0.5 * wall, 0.1 * wall), side(0.2 * wall, 0.2 * wall))
     }
 
     fn iperf(gbps: f64) -> Sample {
@@ -700,6 +829,11 @@ mod tests {
                 vec![sample(1.0, 120.0), sample(1.0, 130.0), sample(1.0, 110.0)],
             ),
             Case::new(Tool::Iperf3, 2, vec![iperf(6.0), iperf(6.0), iperf(6.0)]),
+            Case::new(
+                Tool::Floor,
+                2,
+                vec![sample(0.25, 100.0), sample(0.2, 100.0), sample(0.3, 100.0)],
+            ),
         ];
         BenchReport {
             size: 1 << 30,
@@ -791,7 +925,7 @@ mod tests {
             .expect("ferry row");
         assert_eq!(
             ferry1.split_whitespace().collect::<Vec<_>>(),
-            ["ferry", "1", "1.000", "0.800", "1.200", "1.07", "0.84", "90"]
+            ["ferry", "1", "1.000", "0.800", "1.200", "1.07", "0.84", "90", "0.600", "0.400"]
         );
         let iperf2 = t
             .lines()
@@ -799,8 +933,23 @@ mod tests {
             .expect("iperf3 row");
         assert_eq!(
             iperf2.split_whitespace().collect::<Vec<_>>(),
-            ["iperf3", "2", "-", "-", "-", "-", "6.00", "-"]
+            ["iperf3", "2", "-", "-", "-", "-", "6.00", "-", "-", "-"]
         );
+        let floor = t
+            .lines()
+            .find(|l| l.starts_with("floor"))
+            .expect("floor row");
+        assert_eq!(
+            floor.split_whitespace().collect::<Vec<_>>(),
+            ["floor", "2", "0.250", "0.200", "0.300", "4.29", "3.36", "100", "0.150", "0.100"]
+        );
+        assert!(t.contains("ferry/floor wall"));
+        let k2 = t
+            .lines()
+            .rev()
+            .find(|l| l.trim_start().starts_with("2 ") && l.contains("(2.00x)"))
+            .expect("K=2 ratio row");
+        assert!(k2.trim_end().ends_with("2.00"), "ferry/floor at K=2: {k2}");
         assert!(t.contains("ratios"));
         assert!(t.contains("0.50 (2.00x)"));
         assert!(t.contains("- a note"));
@@ -810,7 +959,22 @@ mod tests {
     fn json_has_cases_ratios_and_notes() {
         let j = hand_report().to_json();
         assert_eq!(j["size"], 1u64 << 30);
-        assert_eq!(j["cases"].as_array().map(Vec::len), Some(6));
+        assert_eq!(j["cases"].as_array().map(Vec::len), Some(7));
+        assert_eq!(j["cases"][6]["tool"], "floor");
+        let f = &j["cases"][6]["summary"];
+        assert!((f["send_core_s_per_gib"].as_f64().unwrap_or(0.0) - 0.15).abs() < 1e-9);
+        assert!((f["recv_core_s_per_gib"].as_f64().unwrap_or(0.0) - 0.1).abs() < 1e-9);
+        let one = &j["cases"][0]["samples"][0];
+        assert!((one["cpu_send_s"].as_f64().unwrap_or(0.0) - 0.6).abs() < 1e-9);
+        assert!(j["cases"][2]["summary"]["send_core_s_per_gib"].is_null());
+        assert!(
+            (j["ratios"][1]["ferry_over_floor_wall"]
+                .as_f64()
+                .unwrap_or(0.0)
+                - 2.0)
+                .abs()
+                < 1e-9
+        );
         assert_eq!(j["cases"][0]["tool"], "ferry");
         assert_eq!(j["cases"][2]["tool"], "iperf3");
         assert_eq!(j["cases"][0]["summary"]["runs"], 3);
@@ -833,6 +997,9 @@ mod tests {
             "ferry: wire",
             "QEMU 10.0.2 multifd: guest RAM",
             "iperf3 -P K: wire",
+            "floor (splice): guest RAM",
+            "CPU core-s per GiB of guest RAM, sender/receiver (wait4 rusage): ferry K=1 0.60/0.40",
+            "floor K=2 0.15/0.10",
             "channels (K)",
             "GB/s (10^9 bytes/s)",
             "seconds",

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use crate::sys::{children_cpu_s, tail, unix_now};
+use crate::sys::{children_cpu_s, tail, unix_now, wait4, Cpu};
 use crate::{BenchError, Sample};
 
 /// How long `ferry recv` may take to print its listening line.
@@ -34,11 +34,13 @@ pub(crate) fn run_timeout(size: u64) -> Duration {
     Duration::from_secs(60 + size / 10_000_000)
 }
 
-/// A running child with drained pipes; killed and reaped on drop.
+/// A running child with drained pipes; killed and reaped on drop. It is
+/// reaped with `wait4`, which also gives its own CPU time ([`Proc::cpu`]).
 pub(crate) struct Proc {
     pub(crate) name: String,
     child: Child,
     status: Option<ExitStatus>,
+    cpu: Option<Cpu>,
     stdout: Option<JoinHandle<String>>,
     stderr: Option<JoinHandle<()>>,
     stderr_lines: Arc<Mutex<Vec<String>>>,
@@ -47,6 +49,8 @@ pub(crate) struct Proc {
 /// What a finished [`Proc`] left behind.
 pub(crate) struct Finished {
     pub(crate) status: ExitStatus,
+    /// The process's own user and system CPU time (wait4).
+    pub(crate) cpu: Option<Cpu>,
     pub(crate) stdout: String,
     pub(crate) stderr: String,
 }
@@ -77,32 +81,45 @@ impl Proc {
             name: name.into(),
             child,
             status: None,
+            cpu: None,
             stdout,
             stderr,
             stderr_lines,
         })
     }
 
-    /// The exit status if the child has exited (reaping it).
-    pub(crate) fn try_wait(&mut self) -> Result<Option<ExitStatus>, BenchError> {
+    /// Reaps the child with wait4 (blocking or not), keeping its status
+    /// and CPU time.
+    fn reap(&mut self, block: bool) -> Result<Option<ExitStatus>, BenchError> {
         if self.status.is_none() {
-            self.status = self
-                .child
-                .try_wait()
-                .map_err(|source| BenchError::Process {
-                    process: self.name.clone(),
-                    source,
-                })?;
+            let reaped = wait4(self.child.id(), block).map_err(|source| BenchError::Process {
+                process: self.name.clone(),
+                source,
+            })?;
+            if let Some((status, cpu)) = reaped {
+                self.status = Some(status);
+                self.cpu = Some(cpu);
+            }
         }
         Ok(self.status)
+    }
+
+    /// The exit status if the child has exited (reaping it).
+    pub(crate) fn try_wait(&mut self) -> Result<Option<ExitStatus>, BenchError> {
+        self.reap(false)
     }
 
     /// Kills the child if it still runs, and reaps it.
     pub(crate) fn kill(&mut self) {
         if self.status.is_none() {
             let _ = self.child.kill();
-            self.status = self.child.wait().ok();
+            let _ = self.reap(true);
         }
+    }
+
+    /// The child's own user and system CPU time, once it has been reaped.
+    pub(crate) fn cpu(&self) -> Option<Cpu> {
+        self.cpu
     }
 
     /// The stderr lines seen so far (the last [`STDERR_KEEP`]).
@@ -116,14 +133,15 @@ impl Proc {
     /// Waits for the child to exit (it must be about to: call after
     /// [`wait_all`]), then collects its output.
     pub(crate) fn finish(mut self) -> Result<Finished, BenchError> {
-        let status = match self.status {
+        let status = match self.reap(true)? {
             Some(s) => s,
-            None => self.child.wait().map_err(|source| BenchError::Process {
-                process: self.name.clone(),
-                source,
-            })?,
+            None => {
+                return Err(BenchError::Process {
+                    process: self.name.clone(),
+                    source: std::io::Error::other("wait4 returned without a status"),
+                })
+            }
         };
-        self.status = Some(status);
         let stdout = self
             .stdout
             .take()
@@ -134,6 +152,7 @@ impl Proc {
         }
         Ok(Finished {
             status,
+            cpu: self.cpu,
             stdout,
             stderr: self.stderr_so_far(),
         })
@@ -460,7 +479,8 @@ pub(crate) fn ferry_once(run: &FerryRun<'_>) -> Result<Sample, BenchError> {
         wire,
         Some(((cpu1 - cpu0).max(0.0), lifetime)),
         detail,
-    ))
+    )
+    .with_sides(send.cpu, recv.cpu))
 }
 
 /// Path helper for messages.

@@ -1,14 +1,18 @@
-//! Small system helpers: CPU time of reaped children (getrusage), free space
-//! on a filesystem (statvfs), wall-clock Unix time, text tails, and the
-//! system's TCP congestion control, set for a measurement and restored.
+//! Small system helpers: CPU time of reaped children (getrusage), reaping
+//! one child with its own CPU time (wait4), this process's CPU time, free
+//! space on a filesystem (statvfs), wall-clock Unix time, text tails, and
+//! the system's TCP congestion control, set for a measurement and restored.
 //!
-//! The only `unsafe` of the crate lives here, around the two libc calls.
+//! The crate's `unsafe` lives here, around these libc calls, and in
+//! `floor.rs` (mmap, readv, sendfile of the floor peer).
 
 use std::ffi::CString;
 use std::io;
 use std::mem::MaybeUninit;
 use std::os::unix::ffi::OsStrExt;
+use std::os::unix::process::ExitStatusExt;
 use std::path::Path;
+use std::process::ExitStatus;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 /// User + system CPU seconds of every child this process has reaped so far
@@ -27,6 +31,75 @@ pub(crate) fn children_cpu_s() -> io::Result<f64> {
     let ru = unsafe { ru.assume_init() };
     let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
     Ok(tv(ru.ru_utime) + tv(ru.ru_stime))
+}
+
+/// User and system CPU seconds of one process over its whole life.
+#[derive(Clone, Copy, Debug, Default, PartialEq, serde::Serialize)]
+pub struct Cpu {
+    pub user_s: f64,
+    pub sys_s: f64,
+}
+
+impl Cpu {
+    /// User + system seconds.
+    pub fn total_s(self) -> f64 {
+        self.user_s + self.sys_s
+    }
+
+    fn of(ru: &libc::rusage) -> Self {
+        let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+        Self {
+            user_s: tv(ru.ru_utime),
+            sys_s: tv(ru.ru_stime),
+        }
+    }
+}
+
+/// This process's own CPU time so far (`getrusage(RUSAGE_SELF)`).
+pub fn self_cpu() -> io::Result<Cpu> {
+    let mut ru = MaybeUninit::<libc::rusage>::zeroed();
+    // SAFETY: `ru` points to writable memory the size of a `rusage`, which
+    // getrusage fills; RUSAGE_SELF is a valid `who`.
+    let rc = unsafe { libc::getrusage(libc::RUSAGE_SELF, ru.as_mut_ptr()) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: getrusage succeeded, so the struct is initialised (an all-zero
+    // `rusage` of plain integers was valid to begin with).
+    Ok(Cpu::of(&unsafe { ru.assume_init() }))
+}
+
+/// Reaps the child `pid` if it has exited (or, with `block`, once it has),
+/// returning its exit status and its own CPU time (`wait4`'s rusage: the
+/// child's, not its siblings'). `Ok(None)`: still running (only without
+/// `block`).
+pub(crate) fn wait4(pid: u32, block: bool) -> io::Result<Option<(ExitStatus, Cpu)>> {
+    let pid = libc::pid_t::try_from(pid)
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "pid out of range"))?;
+    let flags = if block { 0 } else { libc::WNOHANG };
+    loop {
+        let mut status: libc::c_int = 0;
+        let mut ru = MaybeUninit::<libc::rusage>::zeroed();
+        // SAFETY: `status` and `ru` point to writable memory of the types
+        // wait4 fills; `pid` names one child of this process, which only
+        // this call reaps (its `std::process::Child` is never waited for
+        // once a `Proc` reaps it here).
+        let rc = unsafe { libc::wait4(pid, &mut status, flags, ru.as_mut_ptr()) };
+        if rc == -1 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        if rc == 0 {
+            return Ok(None);
+        }
+        // SAFETY: wait4 reaped the child and filled `ru` (all-zero was valid
+        // too).
+        let ru = unsafe { ru.assume_init() };
+        return Ok(Some((ExitStatus::from_raw(status), Cpu::of(&ru))));
+    }
 }
 
 /// Bytes an unprivileged writer may still put on the filesystem holding `path`.
@@ -171,5 +244,24 @@ mod tests {
         assert!(free_bytes(Path::new("/")).is_ok());
         assert!(free_bytes(Path::new("/no/such/dir")).is_err());
         assert!(unix_now() > 1.6e9);
+        assert!(self_cpu().is_ok_and(|c| c.user_s >= 0.0 && c.sys_s >= 0.0));
+    }
+
+    #[test]
+    fn wait4_reaps_with_the_childs_own_cpu() {
+        let mut child = std::process::Command::new("sh")
+            .args([
+                "-c",
+                "i=0; while [ $i -lt 20000 ]; do i=$((i+1)); done; exit 4",
+            ])
+            .spawn()
+            .expect("spawn sh");
+        let (status, cpu) = wait4(child.id(), true)
+            .expect("wait4")
+            .expect("blocking wait4 reaps");
+        assert_eq!(status.code(), Some(4));
+        assert!(cpu.total_s() > 0.0, "{cpu:?}");
+        // Reaped: std must not find it again.
+        assert!(child.try_wait().is_err());
     }
 }

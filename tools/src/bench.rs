@@ -14,7 +14,9 @@ use crate::units::parse_size;
 ///
 /// Reports medians of --runs runs: wall time from starting `send` until the
 /// receiver holds every page (digests checked on both sides), GB/s of guest
-/// RAM and on the wire, CPU% of both processes, and ratios against the peers.
+/// RAM and on the wire, CPU% of both processes, each side's CPU cost in
+/// core-seconds per GiB of guest RAM (from its own rusage), and ratios
+/// against the peers.
 #[derive(Args)]
 pub struct BenchArgs {
     /// Guest RAM size (a `mixed` dataset of this size is generated in --workdir).
@@ -26,8 +28,10 @@ pub struct BenchArgs {
     /// Runs per case; the report gives medians.
     #[arg(long, default_value_t = 3)]
     runs: usize,
-    /// Peers to measure alongside: `qemu` (QEMU >= 9 multifd, needs /dev/kvm), `iperf3` (loopback, -P K),
-    /// `plain` (with --tls-dir or --compress: ferry without them, in the same runs).
+    /// Peers to measure alongside, comma separated: `qemu` (QEMU >= 9 multifd, needs /dev/kvm),
+    /// `iperf3` (loopback, -P K), `plain` (with --tls-dir or --compress: ferry without them, in
+    /// the same runs), `floor` (the least work any migration does here: K streams splice the
+    /// dataset's non-zero pages into fresh anonymous memory, two processes, digests compared).
     #[arg(long, value_delimiter = ',')]
     peer: Vec<String>,
     /// Use this dataset file instead of generating one.
@@ -77,8 +81,8 @@ pub struct BenchArgs {
 pub fn run(a: BenchArgs) -> anyhow::Result<bool> {
     for p in &a.peer {
         anyhow::ensure!(
-            ["qemu", "iperf3", "plain"].contains(&p.as_str()),
-            "unknown peer '{p}' (expected qemu, iperf3 or plain)"
+            ["qemu", "iperf3", "plain", "floor"].contains(&p.as_str()),
+            "unknown peer '{p}' (expected qemu, iperf3, plain or floor)"
         );
     }
     let mut send_args = Vec::new();
@@ -96,6 +100,7 @@ pub fn run(a: BenchArgs) -> anyhow::Result<bool> {
         peer_qemu: a.peer.iter().any(|p| p == "qemu"),
         peer_iperf: a.peer.iter().any(|p| p == "iperf3"),
         peer_plain: a.peer.iter().any(|p| p == "plain"),
+        peer_floor: a.peer.iter().any(|p| p == "floor"),
         dataset: a.dataset.clone(),
         seed: a.seed,
         workdir: a.workdir.clone(),

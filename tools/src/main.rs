@@ -3,7 +3,8 @@
 //! Subcommands: `gen` (datasets), `send` / `recv` (the two ends of a
 //! migration), `ctl` (the control socket of a running send or recv), `save` /
 //! `restore` / `inspect` / `verify` (a guest in a file), `demo` (both ends
-//! over loopback, in one process), `bench` (ferry against QEMU and iperf3)
+//! over loopback, in one process), `bench` (ferry against QEMU, iperf3 and
+//! the floor peer, whose two processes are the hidden `floor-peer`),
 //! `certs` (TLS credentials for `--tls-dir`), and `completions` / `man` (shell
 //! completions and manual pages made from this command line). Each prints a
 //! human summary, or one JSON object with `--json`; the exit status is 0 only
@@ -14,6 +15,7 @@ mod bench;
 mod certs;
 mod ctl;
 mod demo;
+mod floor_peer;
 mod gen;
 mod guest_args;
 mod inspect;
@@ -83,6 +85,9 @@ enum Command {
     Bench(bench::BenchArgs),
     Ctl(ctl::CtlArgs),
     Certs(certs::CertsArgs),
+    /// The floor peer's two processes, run by `ferry bench --peer floor`.
+    #[command(hide = true)]
+    FloorPeer(floor_peer::FloorPeerArgs),
     Completions(CompletionsArgs),
     Man(ManArgs),
 }
@@ -132,6 +137,7 @@ fn main() -> ExitCode {
         Command::Bench(a) => bench::run(a),
         Command::Ctl(a) => ctl::run(a),
         Command::Certs(a) => certs::run(a),
+        Command::FloorPeer(a) => floor_peer::run(a),
         Command::Completions(a) => {
             clap_complete::generate(
                 a.shell,
@@ -195,7 +201,7 @@ fn man(a: ManArgs) -> anyhow::Result<bool> {
         eprintln!("ferry: wrote {}", path.display());
         Ok(())
     };
-    for sub in cmd.get_subcommands() {
+    for sub in cmd.get_subcommands().filter(|s| !s.is_hide_set()) {
         write(format!("ferry-{}", sub.get_name()), sub.clone())?;
     }
     write("ferry".into(), cmd)?;
