@@ -19,6 +19,11 @@ use crate::units::parse_size;
 /// against the peers.
 #[derive(Args)]
 pub struct BenchArgs {
+    /// The ferry binary whose `send` and `recv` are measured (default: this
+    /// one), e.g. an older build for a before/after comparison under the
+    /// same harness.
+    #[arg(long, value_name = "PATH")]
+    ferry_exe: Option<std::path::PathBuf>,
     /// Guest RAM size (a `mixed` dataset of this size is generated in --workdir).
     #[arg(long, default_value = "2G", value_parser = parse_size)]
     size: u64,
@@ -93,7 +98,10 @@ pub fn run(a: BenchArgs) -> anyhow::Result<bool> {
         send_args.push("--no-checksum".to_string());
     }
     let config = BenchConfig {
-        ferry_exe: std::env::current_exe().context("locating the ferry binary")?,
+        ferry_exe: match &a.ferry_exe {
+            Some(p) => p.clone(),
+            None => std::env::current_exe().context("locating the ferry binary")?,
+        },
         size: a.size,
         channels: a.channels.clone(),
         runs: a.runs.max(1),
