@@ -28,7 +28,7 @@ use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use crate::state::Status;
+use crate::session::{Outcome, Phase, Phases};
 use crate::{Guest, GuestBuilder};
 
 use ferry_multifd::{ReceiverOptions, ReceiverPool};
@@ -152,11 +152,12 @@ pub fn migrate_in(
     let mut summary = Summary::new(Role::Destination, listener.uri().to_string());
     let mut started = Instant::now();
     let mut state = Received::default();
+    let mut phases = Phases::new(progress);
     let mut result = progress.while_ticking(|| {
         run(
             listener,
             opts,
-            progress,
+            &mut phases,
             &mut summary,
             &mut started,
             &mut state,
@@ -182,11 +183,7 @@ pub fn migrate_in(
         progress.set_error(&e.to_string());
         tracing::warn!("incoming migration did not complete: {e}");
     }
-    progress.set_status(match (&result, cancelled) {
-        (Ok(()), _) => Status::Completed,
-        (Err(_), true) => Status::Cancelled,
-        (Err(_), false) => Status::Failed,
-    });
+    phases.finish(outcome_of(&result));
     match (result, outcome) {
         (Ok(()), Some((memory, guest))) => Ok(IncomingOutcome {
             summary,
@@ -218,18 +215,28 @@ enum Event {
     Cancelled,
 }
 
+/// How a destination's migration ended, as its phase.
+fn outcome_of(result: &Result<(), MigrationError>) -> Outcome {
+    match result {
+        Ok(()) => Outcome::Completed,
+        Err(MigrationError::Cancelled(_)) => Outcome::Cancelled,
+        Err(_) => Outcome::Failed,
+    }
+}
+
 fn run(
     listener: &Listener,
     opts: &IncomingOptions,
-    progress: &Progress,
+    phases: &mut Phases,
     summary: &mut Summary,
     started: &mut Instant,
     out: &mut Received,
 ) -> Result<(), MigrationError> {
+    let progress = phases.progress();
     progress.set_phase("waiting for the source");
     let session = accept_session(listener, &opts.accept)?;
     *started = Instant::now();
-    progress.set_status(Status::Setup);
+    phases.enter(Phase::Setup)?;
     summary.session = session.session.to_string();
     summary.channels = session.multifd.len() as u16;
     tracing::info!(
@@ -242,7 +249,7 @@ fn run(
     summary.tls = listener.is_tls();
     let main = MainChannel::new(Arc::from(session.main), opts.peer_timeout)?;
     main.start_heartbeat(heartbeat_interval(opts.peer_timeout))?;
-    let result = receive(main.clone(), session.multifd, opts, progress, summary, out);
+    let result = receive(main.clone(), session.multifd, opts, phases, summary, out);
     let shut = Message::Shut {
         error: result.as_ref().err().map(ToString::to_string),
     };
@@ -264,10 +271,11 @@ fn receive(
     main: Arc<MainChannel>,
     multifd: Vec<Box<dyn ferry_transport::Channel>>,
     opts: &IncomingOptions,
-    progress: &Progress,
+    phases: &mut Phases,
     summary: &mut Summary,
     out: &mut Received,
 ) -> Result<(), MigrationError> {
+    let progress = phases.progress();
     progress.set_phase("setup");
     let setup = match main.recv("source")? {
         (Message::Setup(s), n) => {
@@ -355,11 +363,11 @@ fn receive(
         verify: opts.digest_before_resume,
     })?;
 
-    progress.set_status(Status::Active);
+    phases.enter(Phase::Active)?;
     progress.set_phase("receiving");
     let counters = pool.counters().clone();
     let stall = Some(opts.peer_timeout);
-    let result = follow_main(&pool, &main, &inbox, progress, summary, out, stall)
+    let result = follow_main(&pool, &main, &inbox, phases, summary, out, stall)
         .and_then(|()| check_all_received(&memory, pool.received()))
         .and_then(|()| {
             pool.finish_within(stall)
@@ -497,7 +505,7 @@ fn follow_main(
     pool: &ReceiverPool,
     main: &Arc<MainChannel>,
     inbox: &mpsc::Receiver<Event>,
-    progress: &Progress,
+    phases: &mut Phases,
     summary: &mut Summary,
     out: &mut Received,
     stall: Option<Duration>,
@@ -542,7 +550,9 @@ fn follow_main(
                 return Err(MigrationError::Cancelled(" by the source".into()));
             }
             Message::DeviceState(d) => {
-                progress.set_status(Status::Device);
+                // Once only: a second DEVICE_STATE is a move from device
+                // to device, which the state machine refuses.
+                phases.enter(Phase::Device)?;
                 summary.device_state_bytes = d.len() as u64;
                 summary.device_state_digest = Some(Digest::of_bytes(&d).to_string());
                 out.device_state = d;
@@ -773,5 +783,409 @@ impl Drop for StagedFiles {
                 let _ = std::fs::remove_file(tmp);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::fd::OwnedFd;
+    use std::os::unix::net::UnixStream;
+
+    use ferry_ram::BlockSpec;
+    use ferry_transport::{Channel, SocketChannel};
+
+    use super::*;
+    use crate::session::PhaseError;
+    use crate::state::{Event as StateEvent, Status};
+
+    const KIB: u64 = 1 << 10;
+    const MIB: u64 = 1 << 20;
+    const PAGE: u32 = 4096;
+
+    fn spec(name: &str, len: u64) -> BlockSpec {
+        BlockSpec {
+            name: name.into(),
+            len,
+            page_size: PAGE,
+        }
+    }
+
+    fn setup(blocks: Vec<BlockSpec>) -> Setup {
+        Setup {
+            capabilities: 0,
+            multifd_channels: 0,
+            packet_pages: 128,
+            blocks,
+        }
+    }
+
+    /// "ram" 64 KiB and "vram" 32 KiB.
+    fn two_blocks() -> Vec<BlockSpec> {
+        vec![spec("ram", 64 * KIB), spec("vram", 32 * KIB)]
+    }
+
+    /// A main channel and its peer's (the source's) end.
+    fn main_pair() -> (Arc<MainChannel>, Arc<MainChannel>) {
+        let (a, b) = UnixStream::pair().unwrap();
+        let ch = |s: UnixStream, label: &str| -> Arc<dyn Channel> {
+            Arc::new(SocketChannel::new(
+                socket2::Socket::from(OwnedFd::from(s)),
+                label.into(),
+            ))
+        };
+        let timeout = Duration::from_secs(30);
+        (
+            MainChannel::new(ch(a, "main (destination)"), timeout).unwrap(),
+            MainChannel::new(ch(b, "main (source)"), timeout).unwrap(),
+        )
+    }
+
+    fn setup_error(e: MigrationError) -> String {
+        match e {
+            MigrationError::Setup(m) => m,
+            other => panic!("expected a setup refusal, got {other}"),
+        }
+    }
+
+    #[test]
+    fn a_missing_page_is_named_with_its_block_and_offset() {
+        let memory = GuestMemory::anonymous(&two_blocks()).unwrap();
+        let received: Vec<PageBitmap> = memory
+            .blocks()
+            .iter()
+            .map(|b| PageBitmap::new(b.pages(), true))
+            .collect();
+        check_all_received(&memory, &received).unwrap();
+        // Pages 3 and 5 of the second block never came.
+        received[1].clear(5);
+        received[1].clear(3);
+        match check_all_received(&memory, &received) {
+            Err(e @ MigrationError::MissingPages { .. }) => {
+                let MigrationError::MissingPages {
+                    block,
+                    missing,
+                    first,
+                } = &e
+                else {
+                    unreachable!()
+                };
+                assert_eq!((block.as_str(), *missing, *first), ("vram", 2, 3 * 4096));
+                assert!(e.to_string().contains("block 'vram' has 2 page(s)"), "{e}");
+                assert!(e.to_string().contains("offset 0x3000"), "{e}");
+            }
+            other => panic!("expected missing pages, got {other:?}"),
+        }
+        // The first block is named first.
+        received[0].clear(15);
+        assert!(matches!(
+            check_all_received(&memory, &received),
+            Err(MigrationError::MissingPages { block, missing: 1, first: 0xf000 }) if block == "ram"
+        ));
+    }
+
+    #[test]
+    fn setup_limits_refuse_too_many_blocks_and_too_big_a_guest() {
+        let limits = SetupLimits {
+            max_guest_bytes: 96 * KIB,
+            max_blocks: 2,
+        };
+        // Exactly at both limits.
+        check_limits(&setup(two_blocks()), &limits).unwrap();
+        let mut three = two_blocks();
+        three.push(spec("rom", 4 * KIB));
+        let e = setup_error(check_limits(&setup(three), &limits).unwrap_err());
+        assert!(
+            e.contains("3 RAM blocks, more than this receiver's limit of 2"),
+            "{e}"
+        );
+        let big = vec![spec("ram", 64 * KIB), spec("vram", 36 * KIB)];
+        let e = setup_error(check_limits(&setup(big), &limits).unwrap_err());
+        assert!(e.contains("in 2 block(s)"), "{e}");
+        assert!(e.contains("--max-guest"), "{e}");
+        // Lengths that overflow when added are refused, not wrapped.
+        let huge = vec![spec("a", u64::MAX), spec("b", 64 * KIB)];
+        let limits = SetupLimits {
+            max_guest_bytes: u64::MAX,
+            max_blocks: 2,
+        };
+        let e = setup_error(check_limits(&setup(huge), &limits).unwrap_err());
+        assert!(e.contains("more than 16 EiB"), "{e}");
+    }
+
+    /// SETUP over a real main channel asks for more than the limit: the
+    /// refusal comes before any memory or `--ram-out` file exists.
+    #[test]
+    fn an_oversized_setup_is_refused_before_any_memory_is_made() {
+        let dir = tempfile::tempdir().unwrap();
+        let opts = IncomingOptions {
+            memory: DestinationMemory::Files(dir.path().join("guest.ram")),
+            limits: SetupLimits {
+                max_guest_bytes: MIB,
+                max_blocks: 4,
+            },
+            ..IncomingOptions::default()
+        };
+        let progress = Progress::default();
+        for blocks in [
+            vec![spec("ram", 2 * MIB)],
+            (0..5).map(|i| spec(&format!("b{i}"), 64 * KIB)).collect(),
+        ] {
+            let (main, source) = main_pair();
+            source.send(&Message::Setup(setup(blocks))).unwrap();
+            let mut phases = Phases::new(&progress);
+            let mut summary = Summary::new(Role::Destination, "unix:test".into());
+            let mut out = Received::default();
+            let e =
+                receive(main, Vec::new(), &opts, &mut phases, &mut summary, &mut out).unwrap_err();
+            let e = setup_error(e);
+            assert!(e.contains("more than this receiver"), "{e}");
+            assert!(out.memory.is_none(), "no memory made");
+            assert_eq!(summary.guest_bytes, 0);
+            assert_eq!(
+                std::fs::read_dir(dir.path()).unwrap().count(),
+                0,
+                "no file made"
+            );
+            assert_eq!(phases.phase(), Phase::None, "never active");
+        }
+    }
+
+    #[test]
+    fn provided_memory_must_match_by_name_length_and_page_size() {
+        let mem = Arc::new(GuestMemory::anonymous(&two_blocks()).unwrap());
+        let provided = DestinationMemory::Provided(mem.clone());
+        let refused = |blocks: Vec<BlockSpec>| {
+            setup_error(build_memory(&setup(blocks), &provided, "s").err().unwrap())
+        };
+        let (got, staged) = build_memory(&setup(two_blocks()), &provided, "s").unwrap();
+        assert!(Arc::ptr_eq(&got, &mem), "the caller's memory itself");
+        assert!(staged.is_none());
+
+        let e = refused(vec![spec("ram", 64 * KIB)]);
+        assert_eq!(e, "the source has 1 RAM block(s), the receiver 2");
+        let e = refused(vec![spec("ram", 64 * KIB), spec("vga", 32 * KIB)]);
+        assert_eq!(
+            e,
+            "block 'vga' is unknown to the receiver (it has: ram, vram)"
+        );
+        let e = refused(vec![spec("ram", 128 * KIB), spec("vram", 32 * KIB)]);
+        assert_eq!(
+            e,
+            "block 'ram': the source has #0, 131072 bytes in 4096-byte pages; \
+             the receiver has #0, 65536 bytes in 4096-byte pages"
+        );
+        let mut huge = two_blocks();
+        huge[1].page_size = 64 * KIB as u32;
+        let e = refused(huge);
+        assert!(
+            e.contains("in 65536-byte pages; the receiver has #1"),
+            "{e}"
+        );
+        let e = refused(vec![spec("vram", 32 * KIB), spec("ram", 64 * KIB)]);
+        assert!(e.starts_with("block 'vram': the source has #0"), "{e}");
+        assert!(e.contains("the receiver has #1"), "{e}");
+    }
+
+    #[test]
+    fn destination_memory_is_shaped_like_the_source() {
+        let blocks = two_blocks();
+        assert_eq!(
+            setup_error(
+                build_memory(&setup(Vec::new()), &DestinationMemory::Anonymous, "s")
+                    .err()
+                    .unwrap()
+            ),
+            "the source announced no RAM blocks"
+        );
+        let (mem, staged) =
+            build_memory(&setup(blocks.clone()), &DestinationMemory::Anonymous, "s").unwrap();
+        assert_eq!(mem.specs(), blocks);
+        assert!(staged.is_none());
+
+        // Files: made under temporary names, renamed into place on commit.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("guest.ram");
+        let files = DestinationMemory::Files(path.clone());
+        let finals = [
+            dir.path().join("guest.ram.ram"),
+            dir.path().join("guest.ram.vram"),
+        ];
+        let names = || {
+            let mut n: Vec<String> = std::fs::read_dir(dir.path())
+                .unwrap()
+                .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                .collect();
+            n.sort();
+            n
+        };
+        let (mem, staged) = build_memory(&setup(blocks.clone()), &files, "s1").unwrap();
+        assert_eq!(mem.specs(), blocks);
+        let tmp = names();
+        assert_eq!(tmp.len(), 2, "{tmp:?}");
+        for (n, block) in tmp.iter().zip(["ram", "vram"]) {
+            assert!(
+                n.starts_with(&format!(".guest.ram.{block}.ferry-recv-")),
+                "{n}"
+            );
+            assert!(n.ends_with(".s1"), "{n}");
+        }
+        assert!(finals.iter().all(|f| !f.exists()));
+        drop(mem);
+        staged.unwrap().commit().unwrap();
+        assert_eq!(names(), ["guest.ram.ram", "guest.ram.vram"]);
+        assert_eq!(std::fs::metadata(&finals[1]).unwrap().len(), 32 * KIB);
+
+        // A migration that fails leaves neither temporary nor final files
+        // of its own; the earlier ones stay.
+        let (mem, staged) = build_memory(&setup(blocks), &files, "s2").unwrap();
+        assert_eq!(names().len(), 4);
+        drop((mem, staged));
+        assert_eq!(names(), ["guest.ram.ram", "guest.ram.vram"]);
+    }
+
+    fn statuses(events: &mpsc::Receiver<StateEvent>) -> Vec<Status> {
+        events
+            .try_iter()
+            .filter_map(|e| match e {
+                StateEvent::Status(s) => Some(s),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn the_destination_phases_go_through_the_state_machine() {
+        use Status::*;
+        // Completed: setup → active → device → completed.
+        let progress = Progress::default();
+        let events = progress.subscribe();
+        let mut phases = Phases::new(&progress);
+        assert_eq!(
+            phases.enter(Phase::Active),
+            Err(PhaseError {
+                from: Phase::None,
+                to: Phase::Active
+            })
+        );
+        for p in [Phase::Setup, Phase::Active, Phase::Device] {
+            phases.enter(p).unwrap();
+        }
+        assert_eq!(
+            phases.enter(Phase::Device),
+            Err(PhaseError {
+                from: Phase::Device,
+                to: Phase::Device
+            })
+        );
+        assert_eq!(phases.finish(outcome_of(&Ok(()))), Phase::Completed);
+        assert_eq!(statuses(&events), [Setup, Active, Device, Completed]);
+        assert!(phases.enter(Phase::Failed).is_err(), "a final phase stays");
+
+        // Cancelled by the source while active: through cancelling.
+        let progress = Progress::default();
+        let events = progress.subscribe();
+        let mut phases = Phases::new(&progress);
+        phases.enter(Phase::Setup).unwrap();
+        phases.enter(Phase::Active).unwrap();
+        let cancelled = Err(MigrationError::Cancelled(" by the source".into()));
+        assert_eq!(phases.finish(outcome_of(&cancelled)), Phase::Cancelled);
+        assert_eq!(statuses(&events), [Setup, Active, Cancelling, Cancelled]);
+
+        // Cancelled here: the status is cancelling at once, one event.
+        let progress = Progress::default();
+        let events = progress.subscribe();
+        let mut phases = Phases::new(&progress);
+        phases.enter(Phase::Setup).unwrap();
+        assert!(progress.cancel());
+        let cancelled = Err(MigrationError::Cancelled(" on the destination".into()));
+        assert_eq!(phases.finish(outcome_of(&cancelled)), Phase::Cancelled);
+        assert_eq!(statuses(&events), [Setup, Cancelling, Cancelled]);
+
+        // Failed before any source came: none → failed.
+        let progress = Progress::default();
+        let mut phases = Phases::new(&progress);
+        let failed = Err(MigrationError::Protocol("bad hello".into()));
+        assert_eq!(phases.finish(outcome_of(&failed)), Phase::Failed);
+        assert_eq!(progress.status(), Failed);
+    }
+
+    /// `follow_main` over a pool with no channels: the main channel's
+    /// messages alone.
+    fn follow(
+        messages: Vec<Message>,
+        phases: &mut Phases,
+        out: &mut Received,
+    ) -> Result<(), MigrationError> {
+        let memory = Arc::new(GuestMemory::anonymous(&two_blocks()).unwrap());
+        let ropts = ReceiverOptions {
+            fresh_memory: true,
+            compressed: false,
+            checksums: false,
+        };
+        let pool = ReceiverPool::start(Vec::new(), memory, ropts, || {}).unwrap();
+        let (main, _source) = main_pair();
+        let (tx, inbox) = mpsc::channel();
+        for m in messages {
+            tx.send(Event::Main(Ok((m, 16)))).unwrap();
+        }
+        drop(tx);
+        let mut summary = Summary::new(Role::Destination, "unix:test".into());
+        follow_main(&pool, &main, &inbox, phases, &mut summary, out, None)
+    }
+
+    #[test]
+    fn the_device_state_moves_the_destination_to_device_once() {
+        let progress = Progress::default();
+        let mut phases = Phases::new(&progress);
+        phases.enter(Phase::Setup).unwrap();
+        phases.enter(Phase::Active).unwrap();
+        let mut out = Received::default();
+        let e = follow(
+            vec![
+                Message::DeviceState(b"one".to_vec()),
+                Message::DeviceState(b"two".to_vec()),
+            ],
+            &mut phases,
+            &mut out,
+        )
+        .unwrap_err();
+        assert!(
+            matches!(
+                e,
+                MigrationError::Phase(PhaseError {
+                    from: Phase::Device,
+                    to: Phase::Device
+                })
+            ),
+            "{e}"
+        );
+        assert_eq!(out.device_state, b"one");
+        assert_eq!(progress.status(), Status::Device);
+
+        // A CANCEL from the source ends it cancelled, still active.
+        let progress = Progress::default();
+        let mut phases = Phases::new(&progress);
+        phases.enter(Phase::Setup).unwrap();
+        phases.enter(Phase::Active).unwrap();
+        let e = follow(vec![Message::Cancel], &mut phases, &mut Received::default()).unwrap_err();
+        assert_eq!(e.to_string(), "migration cancelled by the source");
+        assert_eq!(phases.phase(), Phase::Active);
+        assert_eq!(phases.finish(outcome_of(&Err(e))), Phase::Cancelled);
+
+        // COMPLETE before any pass ended is refused.
+        let progress = Progress::default();
+        let mut phases = Phases::new(&progress);
+        phases.enter(Phase::Setup).unwrap();
+        phases.enter(Phase::Active).unwrap();
+        let e = follow(
+            vec![
+                Message::DeviceState(Vec::new()),
+                Message::Complete { generation: 0 },
+            ],
+            &mut phases,
+            &mut Received::default(),
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("COMPLETE after pass 0"), "{e}");
     }
 }

@@ -48,7 +48,7 @@ pub use incoming::{
 pub use metrics::{MetricsError, MetricsServer};
 pub use outgoing::{migrate_out, OutgoingOptions};
 pub use protocol::DEFAULT_PEER_TIMEOUT;
-pub use session::{PassSink, Phase, PhaseError, Session, SessionError};
+pub use session::{PassSink, Phase, PhaseError, Phases, Session, SessionError};
 pub use snapshot::{
     open_saved, restore_from_file, restore_lazy, save_background, save_live_to_file, save_to_file,
     verify_file, BackgroundOptions, FileFailed, FileSummary, LazyReport, LazyRestored,

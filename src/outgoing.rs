@@ -142,16 +142,7 @@ pub fn migrate_out(
         result = Err(MigrationError::Cancelled(String::new()));
     }
     if let Err(e) = &mut result {
-        let kept_paused = if handed_over {
-            Some(
-                "the destination had everything it needs to run the guest, and its word on \
-                 whether it does never arrived: check the destination before resuming here \
-                 (two running copies would diverge)"
-                    .to_string(),
-            )
-        } else {
-            restore_source(guest, was_running)
-        };
+        let kept_paused = after_failure(guest, was_running, handed_over);
         if let Some(why) = kept_paused {
             *e = MigrationError::SourceNotResumed {
                 error: Box::new(std::mem::replace(
@@ -191,6 +182,23 @@ pub fn migrate_out(
             error,
             summary: Box::new(summary),
         }),
+    }
+}
+
+/// What a migration that did not complete leaves of the source guest: it
+/// goes on as before ([`restore_source`]) unless it was handed over (the
+/// destination may run it already), where it stays paused, untouched. The
+/// reason it stays paused, if it does.
+fn after_failure(guest: &dyn Guest, was_running: bool, handed_over: bool) -> Option<String> {
+    if handed_over {
+        Some(
+            "the destination had everything it needs to run the guest, and its word on \
+             whether it does never arrived: check the destination before resuming here \
+             (two running copies would diverge)"
+                .to_string(),
+        )
+    } else {
+        restore_source(guest, was_running)
     }
 }
 
@@ -780,4 +788,332 @@ pub(crate) fn unix_nanos() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_nanos() as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::fd::OwnedFd;
+    use std::os::unix::net::UnixStream;
+
+    use ferry_multifd::{MultifdError, ReceiverOptions, ReceiverPool};
+    use ferry_ram::pattern::{fill_block, Pattern};
+    use ferry_ram::BlockSpec;
+    use ferry_transport::{SocketChannel, TransportError};
+
+    use super::*;
+    use crate::{
+        DirtyPattern, ImageGuest, Resources, SyntheticConfig, SyntheticGuest, TrackerKind,
+    };
+
+    const KIB: u64 = 1 << 10;
+    const PAGE: u64 = 4 * KIB;
+
+    fn memory(len: u64) -> Arc<GuestMemory> {
+        let specs = [BlockSpec {
+            name: "ram".into(),
+            len,
+            page_size: PAGE as u32,
+        }];
+        Arc::new(GuestMemory::anonymous(&specs).unwrap())
+    }
+
+    /// Both ends of a connected unix socket, as channels.
+    fn channel_pair(label: &str) -> (Box<dyn Channel>, Box<dyn Channel>) {
+        let (a, b) = UnixStream::pair().unwrap();
+        let ch = |s: UnixStream, side: &str| -> Box<dyn Channel> {
+            Box::new(SocketChannel::new(
+                socket2::Socket::from(OwnedFd::from(s)),
+                format!("{label} ({side})"),
+            ))
+        };
+        (ch(a, "source"), ch(b, "destination"))
+    }
+
+    /// A main channel and its peer's end.
+    fn main_pair() -> (Arc<MainChannel>, Arc<MainChannel>) {
+        let (a, b) = channel_pair("main");
+        let timeout = Duration::from_secs(30);
+        (
+            MainChannel::new(Arc::from(a), timeout).unwrap(),
+            MainChannel::new(Arc::from(b), timeout).unwrap(),
+        )
+    }
+
+    fn closed(channel: &str) -> MultifdError {
+        MultifdError::Closed {
+            channel: channel.into(),
+            during: "in a pass".into(),
+        }
+    }
+
+    #[test]
+    fn a_failure_resumes_the_guest_and_lifts_its_throttle() {
+        let config = SyntheticConfig {
+            vcpus: 1,
+            dirty_rate: 64 * KIB,
+            pattern: DirtyPattern::Random,
+            seed: 1,
+            tracker: TrackerKind::Bitmap,
+        };
+        let guest = SyntheticGuest::start(memory(256 * KIB), &config, Resources::none(true))
+            .expect("a synthetic guest");
+        guest.set_throttle(40);
+        guest.dirty_log().unwrap().start().unwrap();
+        guest.pause().unwrap();
+        guest.resources().inactivate().unwrap();
+        assert_eq!(after_failure(&guest, true, false), None);
+        assert!(guest.is_running(), "the guest runs on");
+        assert_eq!(guest.throttle(), 0, "the throttle is lifted");
+        assert!(guest.resources().is_active(), "its resources are back");
+        guest.pause().unwrap();
+    }
+
+    #[test]
+    fn a_guest_that_was_paused_stays_paused_with_its_resources_back() {
+        let guest = ImageGuest::from_memory(memory(64 * KIB), Vec::new());
+        guest.pause().unwrap();
+        guest.resources().inactivate().unwrap();
+        assert_eq!(restore_source(&guest, false), None);
+        assert!(!guest.is_running());
+        assert!(guest.resources().is_active());
+    }
+
+    #[test]
+    fn a_handed_over_guest_stays_paused_and_its_resources_are_left_alone() {
+        let guest = ImageGuest::from_memory(memory(64 * KIB), Vec::new());
+        guest.pause().unwrap();
+        guest.resources().inactivate().unwrap();
+        let why = after_failure(&guest, true, true).expect("kept paused");
+        assert!(why.contains("check the destination"), "{why}");
+        assert!(!guest.is_running(), "two running copies would diverge");
+        assert!(
+            !guest.resources().is_active(),
+            "the destination may hold them"
+        );
+    }
+
+    #[test]
+    fn resources_held_elsewhere_keep_the_guest_paused_and_say_why() {
+        let dir = tempfile::tempdir().unwrap();
+        let lock = dir.path().join("disk.lock");
+        let guest = ImageGuest::from_memory(memory(64 * KIB), Vec::new())
+            .with_resources(Resources::new(std::slice::from_ref(&lock), true).unwrap());
+        guest.pause().unwrap();
+        guest.resources().inactivate().unwrap();
+        // The destination took the lock meanwhile.
+        let destination = Resources::new(std::slice::from_ref(&lock), true).unwrap();
+        let why = restore_source(&guest, true).expect("kept paused");
+        assert!(!why.is_empty());
+        assert!(
+            !guest.is_running(),
+            "resuming would give the guest two owners"
+        );
+        // Once the destination lets go, the guest runs on.
+        destination.inactivate().unwrap();
+        assert_eq!(restore_source(&guest, true), None);
+        assert!(guest.is_running());
+        assert!(guest.resources().is_active());
+    }
+
+    /// Refusal bytes as the transport's handshake writes them.
+    fn refusal(reason: &str) -> Vec<u8> {
+        let mut b = b"FRY!".to_vec();
+        b.extend_from_slice(&[1, 0]);
+        b.extend_from_slice(&(reason.len() as u16).to_le_bytes());
+        b.extend_from_slice(reason.as_bytes());
+        b
+    }
+
+    #[test]
+    fn pending_refusal_reports_what_the_destination_said_and_nothing_else() {
+        let (ours, theirs) = channel_pair("main");
+        theirs
+            .write_all(&refusal("certificate not trusted"))
+            .unwrap();
+        match pending_refusal(ours.as_ref()) {
+            Some(TransportError::Refused { reason, .. }) => {
+                assert_eq!(reason, "certificate not trusted")
+            }
+            other => panic!("expected the refusal, got {other:?}"),
+        }
+        // A channel closed before any reply: why the connect failed.
+        let (ours, theirs) = channel_pair("main");
+        drop(theirs);
+        assert!(matches!(
+            pending_refusal(ours.as_ref()),
+            Some(TransportError::Io { .. })
+        ));
+        // An acceptance, or silence, explains nothing.
+        let (ours, theirs) = channel_pair("main");
+        theirs.write_all(b"FRY!\0\0\0\0").unwrap();
+        assert!(pending_refusal(ours.as_ref()).is_none());
+        let (ours, _theirs) = channel_pair("main");
+        assert!(pending_refusal(ours.as_ref()).is_none());
+    }
+
+    #[test]
+    fn the_destinations_own_account_is_preferred_and_named() {
+        // Its SHUT, after any SWITCHOVER_ACK still queued.
+        let (tx, rp) = mpsc::channel();
+        tx.send(Ok(Message::SwitchoverAck)).unwrap();
+        tx.send(Ok(Message::Shut {
+            error: Some("disk full".into()),
+        }))
+        .unwrap();
+        match local_or_destination(closed("multifd[0]"), &rp) {
+            MigrationError::Destination(e) => assert_eq!(e, "disk full"),
+            other => panic!("expected the destination's error, got {other}"),
+        }
+        // The return path's own failure is why the data path stopped.
+        let (tx, rp) = mpsc::channel();
+        tx.send(Err(MigrationError::Protocol("a corrupt frame".into())))
+            .unwrap();
+        let e = destination_reason(&rp).expect("the return path's failure");
+        assert_eq!(e.to_string(), "main channel: a corrupt frame");
+        // Anything else explains nothing.
+        let (tx, rp) = mpsc::channel();
+        tx.send(Ok(Message::Shut { error: None })).unwrap();
+        assert!(destination_reason(&rp).is_none());
+        // Without a word from the destination the local error stands.
+        let (tx, rp) = mpsc::channel::<Result<Message, MigrationError>>();
+        drop(tx);
+        match local_or_destination(closed("multifd[1]"), &rp) {
+            MigrationError::Multifd(MultifdError::Closed { channel, .. }) => {
+                assert_eq!(channel, "multifd[1]")
+            }
+            other => panic!("expected the local error, got {other}"),
+        }
+        // A failure of our own is ours, whatever the destination says.
+        let (tx, rp) = mpsc::channel();
+        tx.send(Ok(Message::Shut {
+            error: Some("disk full".into()),
+        }))
+        .unwrap();
+        let ours = MultifdError::Io {
+            channel: "multifd[0]".into(),
+            what: "sending a packet",
+            source: std::io::Error::from(std::io::ErrorKind::InvalidInput),
+        };
+        assert!(matches!(
+            local_or_destination(ours, &rp),
+            MigrationError::Multifd(MultifdError::Io { .. })
+        ));
+        assert!(
+            rp.try_recv().is_ok(),
+            "the destination's word is left unread"
+        );
+    }
+
+    #[test]
+    fn a_missed_deadline_names_what_was_awaited() {
+        let (tx, rp) = mpsc::channel::<Result<Message, MigrationError>>();
+        let e =
+            recv_timeout(&rp, Duration::from_millis(10), "the destination's RESUMED").unwrap_err();
+        assert!(
+            matches!(&e, MigrationError::Protocol(m) if m.contains("the destination's RESUMED")),
+            "{e}"
+        );
+        tx.send(Ok(Message::Resumed {
+            unix_nanos: 7,
+            digest: None,
+        }))
+        .unwrap();
+        assert_eq!(
+            recv_timeout(&rp, Duration::from_secs(30), "RESUMED").unwrap(),
+            Message::Resumed {
+                unix_nanos: 7,
+                digest: None
+            }
+        );
+        drop(tx);
+        assert!(matches!(
+            recv_timeout(&rp, Duration::from_secs(30), "SHUT"),
+            Err(MigrationError::MainClosed {
+                peer: "destination",
+                ..
+            })
+        ));
+        // wait_reply says the same, and gives up on a cancel.
+        let (_tx, rp) = mpsc::channel::<Result<Message, MigrationError>>();
+        let progress = Progress::default();
+        let e = wait_reply(&progress, &rp, Duration::from_millis(10), "SETUP_ACK").unwrap_err();
+        assert!(
+            e.to_string().contains("no SETUP_ACK from the destination"),
+            "{e}"
+        );
+        progress.cancel();
+        assert!(matches!(
+            wait_reply(&progress, &rp, Duration::from_secs(30), "SETUP_ACK"),
+            Err(MigrationError::Cancelled(_))
+        ));
+    }
+
+    /// The network sink over a real sender pool and receiver pool: a live
+    /// pass carries a crc per page when checksums are on (the sender
+    /// re-checks them once sent), a pass with the guest paused does not;
+    /// both end with PASS_END and leave the destination equal.
+    #[test]
+    fn the_net_sink_chooses_the_live_pass_while_the_guest_runs() {
+        const LEN: u64 = 256 * KIB;
+        let pages = LEN / PAGE;
+        for checksum in [true, false] {
+            let src = memory(LEN);
+            fill_block(&src.blocks()[0], Pattern::Random, 7);
+            let dst = memory(LEN);
+            let (ours, theirs): (Vec<_>, Vec<_>) = (0..2)
+                .map(|i| channel_pair(&format!("multifd[{i}]")))
+                .unzip();
+            let sender = SenderOptions {
+                checksum,
+                ..SenderOptions::default()
+            };
+            let pool = SenderPool::start(ours, src.clone(), sender).unwrap();
+            let ropts = ReceiverOptions {
+                fresh_memory: true,
+                compressed: false,
+                checksums: checksum,
+            };
+            let receivers = ReceiverPool::start(theirs, dst.clone(), ropts, || {}).unwrap();
+            let (main, peer) = main_pair();
+            let (_tx, return_path) = mpsc::channel();
+            let mut link = Link {
+                main,
+                return_path,
+                pool,
+                switchover_acked: false,
+                destination_verifies: false,
+            };
+            let mut summary = Summary::new(SummaryRole::Source, "unix:test".into());
+            let progress = Progress::default();
+            let opts = OutgoingOptions::default();
+            let mut sink = NetSink {
+                link: &mut link,
+                summary: &mut summary,
+                progress: &progress,
+                opts: &opts,
+            };
+            let stall = Some(Duration::from_secs(30));
+            let mut sent = Vec::new();
+            for (number, live) in [(1, false), (2, true)] {
+                let pending = Arc::new(vec![PageBitmap::new(pages, true)]);
+                let pass = sink.send_pass(number, &pending, live).unwrap();
+                assert_eq!(pass.pages, pages, "pass {number}");
+                assert_eq!(pending[0].count(), 0, "every page taken");
+                let (end, _) = peer.recv("source").unwrap();
+                assert_eq!(end, Message::PassEnd { generation: number });
+                receivers.wait_sync_within(number, stall).unwrap();
+                sent.push(pass.bytes);
+            }
+            let crcs = if checksum { 4 * pages } else { 0 };
+            assert_eq!(sent[1], sent[0] + crcs, "checksum {checksum}: {sent:?}");
+            link.pool.finish().unwrap();
+            let totals = receivers.finish_within(stall).unwrap();
+            assert_eq!(totals.pages_normal, 2 * pages);
+            assert_eq!(Digest::of_guest(&dst, &[]), Digest::of_guest(&src, &[]));
+            assert_eq!(
+                summary.wire_bytes,
+                2 * Message::PassEnd { generation: 1 }.frame(0).len() as u64
+            );
+        }
+    }
 }

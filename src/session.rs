@@ -6,7 +6,8 @@
 //! estimate (bandwidth, bytes left, expected downtime, dirty rate,
 //! auto-converge throttle), switchover decision — the figures it publishes
 //! ([`PassFigures`](crate::PassFigures), [`Event::Pass`]), the cancel
-//! checks around each pass, and every phase change ([`transition`]). It
+//! checks around each pass, and every phase change ([`transition`], kept
+//! by [`Phases`], which the destination uses on its own). It
 //! does not know where pages go: the caller implements [`PassSink`]. `ferry
 //! send` (`outgoing.rs`) sends passes through its multifd `SenderPool` and
 //! the main channel; a live save (`save.rs`) writes them into the file in
@@ -497,46 +498,31 @@ pub struct SessionStats {
     pub expected_downtime_ms: Option<f64>,
 }
 
-/// One session: the pending bitmaps, the phase, the throttle, and the
-/// figures of the passes so far.
-pub struct Session<'a> {
-    guest: &'a dyn Guest,
-    progress: &'a Progress,
-    config: SessionConfig<'a>,
+/// One side's phase and the status its [`Progress`] reports, every move
+/// through [`transition`]. A [`Session`] has one; the destination
+/// (`incoming.rs`), which runs no pass loop, follows its own: none →
+/// setup → active → device → completed, any of them → failed, or →
+/// cancelling → cancelled.
+pub struct Phases<'a> {
     phase: Phase,
-    pending: Arc<Vec<PageBitmap>>,
-    /// Per block, in block order.
-    page_sizes: Vec<u64>,
-    throttle: u8,
-    last_sync: Instant,
-    stats: SessionStats,
+    progress: &'a Progress,
 }
 
-impl<'a> Session<'a> {
-    /// A session over `guest`'s memory, every page pending, in phase
-    /// `none`. Its figures, events and status go to `progress`.
-    pub fn new(guest: &'a dyn Guest, progress: &'a Progress, config: SessionConfig<'a>) -> Self {
-        let blocks = guest.memory().blocks();
+impl<'a> Phases<'a> {
+    /// In phase `none`; statuses go to `progress`.
+    pub fn new(progress: &'a Progress) -> Self {
         Self {
-            guest,
-            progress,
-            config,
             phase: Phase::None,
-            pending: Arc::new(
-                blocks
-                    .iter()
-                    .map(|b| PageBitmap::new(b.pages(), true))
-                    .collect(),
-            ),
-            page_sizes: blocks.iter().map(|b| u64::from(b.page_size())).collect(),
-            throttle: 0,
-            last_sync: Instant::now(),
-            stats: SessionStats::default(),
+            progress,
         }
     }
 
     pub fn phase(&self) -> Phase {
         self.phase
+    }
+
+    pub fn progress(&self) -> &'a Progress {
+        self.progress
     }
 
     /// Moves to `to` ([`transition`]) and reports its status; an illegal
@@ -549,9 +535,9 @@ impl<'a> Session<'a> {
         Ok(())
     }
 
-    /// Ends the session in the phase `outcome` names (a cancel through
-    /// `cancelling`) and returns it. A move the state machine refuses (a
-    /// bug in the caller) ends it `failed`, logged.
+    /// Ends in the phase `outcome` names (a cancel through `cancelling`)
+    /// and returns it; a final phase stays as it is. A move the state
+    /// machine refuses (a bug in the caller) ends it `failed`, logged.
     pub fn finish(&mut self, outcome: Outcome) -> Phase {
         let to = match outcome {
             Outcome::Completed => Phase::Completed,
@@ -571,6 +557,62 @@ impl<'a> Session<'a> {
             }
         }
         self.phase
+    }
+}
+
+/// One session: the pending bitmaps, the phase, the throttle, and the
+/// figures of the passes so far.
+pub struct Session<'a> {
+    guest: &'a dyn Guest,
+    progress: &'a Progress,
+    config: SessionConfig<'a>,
+    phases: Phases<'a>,
+    pending: Arc<Vec<PageBitmap>>,
+    /// Per block, in block order.
+    page_sizes: Vec<u64>,
+    throttle: u8,
+    last_sync: Instant,
+    stats: SessionStats,
+}
+
+impl<'a> Session<'a> {
+    /// A session over `guest`'s memory, every page pending, in phase
+    /// `none`. Its figures, events and status go to `progress`.
+    pub fn new(guest: &'a dyn Guest, progress: &'a Progress, config: SessionConfig<'a>) -> Self {
+        let blocks = guest.memory().blocks();
+        Self {
+            guest,
+            progress,
+            config,
+            phases: Phases::new(progress),
+            pending: Arc::new(
+                blocks
+                    .iter()
+                    .map(|b| PageBitmap::new(b.pages(), true))
+                    .collect(),
+            ),
+            page_sizes: blocks.iter().map(|b| u64::from(b.page_size())).collect(),
+            throttle: 0,
+            last_sync: Instant::now(),
+            stats: SessionStats::default(),
+        }
+    }
+
+    pub fn phase(&self) -> Phase {
+        self.phases.phase()
+    }
+
+    /// Moves to `to` ([`transition`]) and reports its status; an illegal
+    /// move changes nothing.
+    pub fn enter(&mut self, to: Phase) -> Result<(), PhaseError> {
+        self.phases.enter(to)
+    }
+
+    /// Ends the session in the phase `outcome` names (a cancel through
+    /// `cancelling`) and returns it. A move the state machine refuses (a
+    /// bug in the caller) ends it `failed`, logged.
+    pub fn finish(&mut self, outcome: Outcome) -> Phase {
+        self.phases.finish(outcome)
     }
 
     /// The pages still to send, one bitmap per block.
@@ -644,7 +686,7 @@ impl<'a> Session<'a> {
     /// decision says so (see the module doc). Errors: the sink's, the
     /// dirty log's, a cancel, or [`SessionError::NotConverged`].
     pub fn precopy<S: PassSink>(&mut self, sink: &mut S) -> Result<PrecopyEnd, S::Error> {
-        if self.phase != Phase::Active {
+        if self.phase() != Phase::Active {
             self.enter(Phase::Active).map_err(SessionError::from)?;
         }
         let log = self.config.log;

@@ -6,11 +6,12 @@
 //! Status transitions on the source: setup → active → (pre-switchover) →
 //! device → completed; any of them → failed, or → cancelling → cancelled.
 //! A live save goes the same way; a background snapshot setup → active →
-//! completed. These sides change status only through the session engine's
-//! state machine (`crate::session::Phase`, `transition`), which refuses an
-//! illegal move; [`Progress::cancel`] alone moves to cancelling from
-//! another thread. The destination goes setup → active → device →
-//! completed / failed / cancelled.
+//! completed. The destination goes setup → active → device → completed;
+//! any of them → failed, or → cancelling → cancelled. Every side changes
+//! status only through the session engine's state machine
+//! (`crate::session::Phase`, `transition`, through a `Session` or, on the
+//! destination, `Phases`), which refuses an illegal move;
+//! [`Progress::cancel`] alone moves to cancelling from another thread.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Condvar, Mutex, OnceLock};
