@@ -54,6 +54,12 @@ pub(super) struct Slot {
     pub(super) cipher: Vec<u8>,
     /// The compressed payload, when compressed.
     pub(super) zbuf: Vec<u8>,
+    /// The payload's pages copied out of guest memory, when the builder
+    /// copies payloads (`PacketBuilder::copies_payload`).
+    pub(super) payload: Vec<u8>,
+    /// Every iovec points at this slot's own buffers (the payload was
+    /// copied): nothing in the packet is guest memory.
+    pub(super) owns_payload: bool,
     /// Payload bytes of the pages, and on the wire.
     pub(super) payload_raw: u64,
     pub(super) payload_wire: u64,
@@ -81,6 +87,8 @@ impl Slot {
             send_len: 0,
             cipher: Vec::new(),
             zbuf: Vec::new(),
+            payload: Vec::new(),
+            owns_payload: false,
             payload_raw: 0,
             payload_wire: 0,
             awaiting: 0,
@@ -102,22 +110,30 @@ pub(super) struct PacketBuilder {
     zero_scratch: Vec<u64>,
     /// With compression: offsets of random-looking pages (sent raw).
     raw_scratch: Vec<u64>,
-    /// Guest bytes copied out to be checksummed or compressed: those read
-    /// the copy, never memory the guest may be writing.
+    /// Guest bytes copied out in pieces to be checksummed: the checksum
+    /// reads the copy, never memory the guest may be writing.
     pub(super) scratch: Vec<u8>,
-    /// A payload's bytes copied out whole, as zstd's input.
-    plain: Vec<u8>,
     /// zstd context, when compressing.
     compressor: Option<Compressor>,
+    /// Whether each payload is copied whole out of guest memory into its
+    /// slot: when zstd or the channel's TLS records read the payload
+    /// anyway. The checksum then reads that copy, zstd and TLS read it in
+    /// place, and the packet holds no guest memory. Chosen once.
+    copies_payload: bool,
 }
 
 impl PacketBuilder {
+    /// A builder; `sealed` says the channel's delivery reads every
+    /// payload (TLS records), so payloads are copied out of guest memory
+    /// once, here.
     pub(super) fn new(
         memory: Arc<GuestMemory>,
         checksum: bool,
         packet_pages: usize,
         compressor: Option<Compressor>,
+        sealed: bool,
     ) -> Self {
+        let copies_payload = sealed || compressor.is_some();
         Self {
             memory,
             checksum,
@@ -126,8 +142,8 @@ impl PacketBuilder {
             zero_scratch: Vec::with_capacity(packet_pages),
             raw_scratch: Vec::with_capacity(packet_pages),
             scratch: vec![0; SCRATCH_BYTES],
-            plain: Vec::new(),
             compressor,
+            copies_payload,
         }
     }
 
@@ -146,6 +162,12 @@ impl PacketBuilder {
         if pages.normal + pages.zero == 0 {
             return Ok(false);
         }
+        s.owns_payload = self.copies_payload;
+        if self.copies_payload {
+            // SAFETY: the payload's iovecs point at pages of `self.memory`,
+            // which this builder holds for the call.
+            unsafe { take_payload(s) };
+        }
         let mut h = self.data_header(s, work.generation, block_index, &pages, per_page);
         if pages.compressible > 0 && self.compressor.is_some() {
             self.compress_payload(s, &mut h, &pages)?;
@@ -160,6 +182,7 @@ impl PacketBuilder {
         s.offsets.clear();
         s.page_crcs.clear();
         s.iov.clear();
+        s.owns_payload = true;
         let mut h = PacketHeader {
             flags: flag,
             generation,
@@ -275,12 +298,14 @@ impl PacketBuilder {
             seq: self.seq,
             payload_len: (pages.normal * pages.page_size) as u64,
             generation,
-            payload_crc: if self.checksum && !per_page {
+            payload_crc: if !self.checksum || per_page {
+                0
+            } else if s.owns_payload {
+                crate::packet::bytes_crc(&s.payload)
+            } else {
                 // SAFETY: the payload's iovecs point at pages of
                 // `self.memory`, which this builder holds for the call.
                 unsafe { crate::packet::payload_crc(&s.iov[PAYLOAD_IOV..], &mut self.scratch) }
-            } else {
-                0
             },
             header_crc: 0,
             compressed_pages: 0,
@@ -300,10 +325,10 @@ impl PacketBuilder {
         let Some(c) = self.compressor.as_mut() else {
             return Ok(());
         };
-        // SAFETY: the runs point at guest pages of `self.memory`, which
-        // this builder holds for the call.
-        unsafe { copy_runs(&s.iov[PAYLOAD_IOV..pages.raw_from], &mut self.plain) };
-        if !c.compress(&[&self.plain[..]], &mut s.zbuf)? {
+        // With zstd the payload was copied into the slot (`take_payload`):
+        // its compressible pages come first.
+        let compressible = pages.compressible * pages.page_size;
+        if !c.compress(&[&s.payload[..compressible]], &mut s.zbuf)? {
             return Ok(());
         }
         h.flags |= FLAG_COMPRESSED;
@@ -415,6 +440,25 @@ pub(super) fn reset_iov(iov: &mut Vec<libc::iovec>, header: &mut [u8; HEADER_LEN
             iov_len: 0,
         },
     );
+}
+
+/// Copies the payload's pages out of guest memory into the slot's own
+/// `payload` buffer and points its iovecs there instead (run for run, so
+/// the indexes of `ChunkPages` still hold).
+///
+/// # Safety
+/// The slot's payload iovecs (from `PAYLOAD_IOV`) must point at memory
+/// that stays mapped and readable for the call.
+unsafe fn take_payload(s: &mut Slot) {
+    // SAFETY: the caller's guarantee.
+    unsafe { copy_runs(&s.iov[PAYLOAD_IOV..], &mut s.payload) };
+    let mut at = 0;
+    for v in &mut s.iov[PAYLOAD_IOV..] {
+        // SAFETY: the runs' lengths add up to `payload.len()` (copy_runs
+        // sized it so), so `at` stays inside the buffer.
+        v.iov_base = unsafe { s.payload.as_mut_ptr().add(at) }.cast();
+        at += v.iov_len;
+    }
 }
 
 /// Copies the bytes the iovecs point at, in order, into `out` (replacing

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use ferry_transport::splice::{SplicePipe, WANTED_PIPE_BYTES};
 use ferry_transport::{Channel, TlsChannel};
 
-use super::build::{copy_runs, Slot};
+use super::build::Slot;
 use super::pool::SendPath;
 use crate::packet::PAYLOAD_IOV;
 
@@ -25,13 +25,11 @@ pub(super) enum Delivery {
     RingCopy,
     /// io_uring `sendmsg_zc` chains: pages pinned until the notification.
     RingZeroCopy,
-    /// TLS: the packet is sealed into the slot's ciphertext buffer (the
-    /// plaintext copied out of guest memory first), which goes by `sendmsg`.
-    TlsRecords {
-        tls: Arc<TlsChannel>,
-        /// The packet's bytes copied out whole, rustls's input.
-        plain: Vec<u8>,
-    },
+    /// TLS: the packet is sealed into the slot's ciphertext buffer, which
+    /// goes by `sendmsg`. Its builder copies every payload out of guest
+    /// memory (`PacketBuilder::new(.., sealed: true)`), so rustls reads only
+    /// the slot's own buffers.
+    TlsRecords(Arc<TlsChannel>),
 }
 
 /// What [`Delivery::send`] did with a packet.
@@ -53,16 +51,19 @@ impl Delivery {
         send_zc: bool,
     ) -> io::Result<Self> {
         if let Some(tls) = channel.clone().tls_shared() {
-            return Ok(Self::TlsRecords {
-                tls,
-                plain: Vec::new(),
-            });
+            return Ok(Self::TlsRecords(tls));
         }
         Ok(match path {
             SendPath::Splice => Self::Splice(SplicePipe::new(WANTED_PIPE_BYTES)?),
             SendPath::ZeroCopy if send_zc => Self::RingZeroCopy,
             SendPath::ZeroCopy | SendPath::Copy => Self::RingCopy,
         })
+    }
+
+    /// Whether it reads every packet's bytes itself (TLS records), so the
+    /// builder copies payloads out of guest memory for it.
+    pub(super) fn seals(&self) -> bool {
+        matches!(self, Self::TlsRecords(_))
     }
 
     /// Its name, for messages and tests.
@@ -72,7 +73,7 @@ impl Delivery {
             Self::Splice(_) => "splice",
             Self::RingCopy => "copy",
             Self::RingZeroCopy => "zero-copy",
-            Self::TlsRecords { .. } => "tls",
+            Self::TlsRecords(_) => "tls",
         }
     }
 
@@ -87,7 +88,15 @@ impl Delivery {
     pub(super) unsafe fn send(&mut self, fd: RawFd, s: &mut Slot) -> io::Result<Handoff> {
         match self {
             Self::Splice(pipe) => {
-                let head_len = PAYLOAD_IOV.min(s.iov.len());
+                // Pages go by reference only when they are guest memory: a
+                // slot's own buffer is rewritten when the slot is reused,
+                // maybe while the socket still holds its pages, so it is
+                // copied into the pipe.
+                let head_len = if s.owns_payload {
+                    s.iov.len()
+                } else {
+                    PAYLOAD_IOV.min(s.iov.len())
+                };
                 let (head, pages) = s.iov.split_at_mut(head_len);
                 // SAFETY: the caller's guarantee: header, offsets and crcs
                 // are the slot's own, the pages guest memory held mapped.
@@ -101,12 +110,27 @@ impl Delivery {
                 (s.send_len, s.awaiting) = (s.wire, 2);
                 Ok(Handoff::Queued)
             }
-            Self::TlsRecords { tls, plain } => {
-                // SAFETY: the caller's guarantee: every iovec is readable
-                // for this call.
-                unsafe { copy_runs(&s.iov, plain) };
+            Self::TlsRecords(tls) => {
+                debug_assert!(s.owns_payload, "a sealed channel's builder copies payloads");
+                let plain: Vec<io::IoSlice<'_>> = s
+                    .iov
+                    .iter()
+                    // SAFETY: every iovec is readable for this call (the
+                    // caller's guarantee) and points at the slot's own
+                    // buffers (header, offsets, crcs, the payload copy or
+                    // the zstd frame): a TLS channel's builder copies every
+                    // payload out of guest memory. Nothing writes them
+                    // while the slices live.
+                    .map(|v| unsafe {
+                        io::IoSlice::new(std::slice::from_raw_parts(
+                            v.iov_base.cast::<u8>(),
+                            v.iov_len,
+                        ))
+                    })
+                    .collect();
                 s.cipher.clear();
-                tls.seal(&[io::IoSlice::new(plain)], &mut s.cipher)?;
+                tls.seal(&plain, &mut s.cipher)?;
+                drop(plain);
                 s.iov.clear();
                 s.iov.push(libc::iovec {
                     iov_base: s.cipher.as_mut_ptr().cast(),

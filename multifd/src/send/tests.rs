@@ -45,7 +45,7 @@ fn a_packet_built_from_a_bitmap_has_the_right_offsets_zero_pages_and_crcs() {
     // and 7 in the first, 100 in the second.
     let bms = bitmaps(&[1, 4, 5, 6, 7, 100]);
     let w = work(bms.clone(), true);
-    let mut b = PacketBuilder::new(mem.clone(), true, 128, None);
+    let mut b = PacketBuilder::new(mem.clone(), true, 128, None, false);
     let mut s = Slot::new(128);
     let (block, word) = w.claim().unwrap();
     assert!(b.build(&mut s, &w, block, word).unwrap());
@@ -80,7 +80,7 @@ fn a_packet_built_from_a_bitmap_has_the_right_offsets_zero_pages_and_crcs() {
 fn a_chunk_without_dirty_pages_builds_nothing() {
     let mem = memory();
     let w = work(bitmaps(&[100]), false);
-    let mut b = PacketBuilder::new(mem, true, 128, None);
+    let mut b = PacketBuilder::new(mem, true, 128, None, false);
     let mut s = Slot::new(128);
     let (block, word) = w.claim().unwrap();
     assert!(!b.build(&mut s, &w, block, word).unwrap());

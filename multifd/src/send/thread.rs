@@ -125,12 +125,13 @@ impl ChannelSender {
             })?),
             None => None,
         };
+        let sealed = delivery.seals();
         Ok(Self {
             channel,
             fd,
             ring,
             delivery,
-            builder: PacketBuilder::new(memory, opts.checksum, max, compressor),
+            builder: PacketBuilder::new(memory, opts.checksum, max, compressor, sealed),
             counters,
             progress,
             slots: (0..opts.slots).map(|_| Slot::new(max)).collect(),
