@@ -120,32 +120,48 @@ pub fn save_live_to_file(
         auto_converge: false,
         ..Parameters::default()
     };
-    let mut session = Session::new(
+    let config = SessionConfig {
+        log: Some(log),
+        limits: Limits::Fixed(limits),
+        at_max_passes: AtMaxPasses::SwitchOver,
+    };
+    run_session_save(
         guest,
+        path,
+        opts,
         progress,
-        SessionConfig {
-            log: Some(log),
-            limits: Limits::Fixed(limits),
-            at_max_passes: AtMaxPasses::SwitchOver,
+        config,
+        |session, partial, opts, counters, summary| {
+            save_live(
+                session, guest, log, partial, opts, counters, progress, summary,
+            )
         },
-    );
+    )
+}
+
+/// [`run_save`] with a session engine driving the passes: the session's
+/// phase ends as the save does.
+fn run_session_save(
+    guest: &dyn Guest,
+    path: &Path,
+    opts: &SaveOptions,
+    progress: &Progress,
+    config: SessionConfig<'_>,
+    body: impl FnOnce(
+        &mut Session<'_>,
+        &Path,
+        &SaveOptions,
+        &Counters,
+        &mut FileSummary,
+    ) -> Result<(), SnapshotError>,
+) -> Result<FileSummary, FileFailed> {
+    let mut session = Session::new(guest, progress, config);
     let result = run_save(
         guest,
         path,
         opts,
         progress,
-        |partial, opts, counters, summary| {
-            save_live(
-                &mut session,
-                guest,
-                log,
-                partial,
-                opts,
-                counters,
-                progress,
-                summary,
-            )
-        },
+        |partial, opts, counters, summary| body(&mut session, partial, opts, counters, summary),
     );
     session.finish(outcome(&result));
     result
@@ -180,35 +196,23 @@ pub fn save_background(
 ) -> Result<FileSummary, FileFailed> {
     // No dirty log: the snapshot's one pass writes memory as it was at
     // the pause, whatever the guest writes after.
-    let mut session = Session::new(
-        guest,
-        progress,
-        SessionConfig {
-            log: None,
-            limits: Limits::Fixed(Parameters::default()),
-            at_max_passes: AtMaxPasses::SwitchOver,
-        },
-    );
-    let result = run_save(
+    let config = SessionConfig {
+        log: None,
+        limits: Limits::Fixed(Parameters::default()),
+        at_max_passes: AtMaxPasses::SwitchOver,
+    };
+    run_session_save(
         guest,
         path,
         opts,
         progress,
-        |partial, opts, counters, summary| {
+        config,
+        |session, partial, opts, counters, summary| {
             save_bg(
-                &mut session,
-                guest,
-                partial,
-                opts,
-                bg,
-                counters,
-                progress,
-                summary,
+                session, guest, partial, opts, bg, counters, progress, summary,
             )
         },
-    );
-    session.finish(outcome(&result));
-    result
+    )
 }
 
 /// What every kind of save shares: counters and progress, a summary, the
