@@ -54,6 +54,12 @@ impl KvmGuest {
         })
     }
 
+    /// Another handle on this guest's dirty log (the same KVM slots), for
+    /// a caller that wraps or measures it.
+    pub fn dirty_log_handle(&self) -> KvmDirtyLog {
+        KvmDirtyLog::new(self.vm.vm_fd().clone(), self.vm.slots().to_vec())
+    }
+
     pub fn vm(&self) -> &Vm {
         &self.vm
     }

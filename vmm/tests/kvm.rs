@@ -277,3 +277,236 @@ fn a_live_migration_over_loopback_resumes_the_guest_on_the_destination() {
     );
     got.guest.pause().unwrap();
 }
+
+/// One hop: migrates `guest` to a fresh destination (its memory ferry's
+/// own, or a `GuestMemoryMmap` the destination VMM holds) and returns the
+/// destination's guest and memory once its counters advanced past the
+/// source's.
+fn hop(
+    guest: &dyn Guest,
+    vcpus: usize,
+    provided: bool,
+    params: Parameters,
+) -> (Box<dyn Guest>, Arc<GuestMemory>, ferry::Summary) {
+    let listener =
+        Listener::bind(&"tcp:127.0.0.1:0".parse().unwrap(), SocketTuning::default()).unwrap();
+    let uri = listener.uri().clone();
+    let memory = if provided {
+        let len = guest.memory().total_bytes() as usize;
+        let mmap = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), len)]).unwrap();
+        ferry::DestinationMemory::Provided(Arc::new(
+            GuestMemory::from_guest_memory_mmap(&mmap, 4096).unwrap(),
+        ))
+    } else {
+        ferry::DestinationMemory::Anonymous
+    };
+    let incoming = IncomingOptions {
+        memory,
+        build_guest: KvmGuest::builder(),
+        ..Default::default()
+    };
+    let dst = std::thread::spawn(move || {
+        migrate_in(&listener, &incoming, &Progress::default()).map_err(|e| e.to_string())
+    });
+    let progress = Progress::with_parameters(params);
+    let sent = migrate_out(guest, &uri, &OutgoingOptions::default(), &progress)
+        .expect("the source completes");
+    let got = dst.join().unwrap().expect("the destination completes");
+    assert_eq!(progress.status(), Status::Completed);
+    assert!(!guest.is_running() && got.guest.is_running());
+    assert_eq!(sent.switchover_digest, got.summary.switchover_digest);
+    let before: Vec<u64> = (0..vcpus)
+        .map(|i| vcpu_status(guest.memory(), i).unwrap().writes)
+        .collect();
+    assert_clean(guest.memory(), vcpus);
+    wait_for("every vCPU's counter advances on the destination", || {
+        (0..vcpus).all(|i| vcpu_status(&got.memory, i).unwrap().writes > before[i] + 50)
+    });
+    assert_clean(&got.memory, vcpus);
+    (got.guest, got.memory, sent)
+}
+
+#[test]
+fn two_vcpus_ping_pong_through_six_live_migrations() {
+    if !kvm_or_skip("two_vcpus_ping_pong_through_six_live_migrations") {
+        return;
+    }
+    let first = KvmGuest::boot(
+        &config(32 * MIB, 2, 8 * MIB, WritePattern::Hotset(25)),
+        Resources::none(true),
+    )
+    .unwrap();
+    wait_for("source writes", || writes(first.memory(), 2) > 200);
+    let params = Parameters {
+        downtime_limit: Duration::from_secs(2),
+        ..Default::default()
+    };
+    let (mut guest, mut memory, _) = hop(&first, 2, false, params.clone());
+    drop(first);
+    for n in 1..6 {
+        let (next, next_memory, sent) = hop(&*guest, 2, n % 2 == 1, params.clone());
+        eprintln!(
+            "hop {n}: {} passes, destination at {} writes",
+            sent.passes,
+            writes(&next_memory, 2)
+        );
+        guest.pause().unwrap();
+        drop(guest);
+        (guest, memory) = (next, next_memory);
+    }
+    assert_clean(&memory, 2);
+    guest.pause().unwrap();
+}
+
+/// Auto-converge throttles the KVM guest's vCPUs; the migration still
+/// completes and the guest runs clean on the destination. The guest writes
+/// as fast as it can (even a slow nested vCPU manages well over 2 MiB/s),
+/// the passes may send 4 MiB/s: every pass dirties more than half of what
+/// it sends until the throttle bites.
+#[test]
+fn auto_converge_throttles_the_vcpus() {
+    if !kvm_or_skip("auto_converge_throttles_the_vcpus") {
+        return;
+    }
+    let g = KvmGuest::boot(
+        &config(8 * MIB, 1, 0, WritePattern::Random),
+        Resources::none(true),
+    )
+    .unwrap();
+    wait_for("source writes", || writes(g.memory(), 1) > 100);
+    let params = Parameters {
+        downtime_limit: Duration::from_millis(50),
+        auto_converge: true,
+        max_bandwidth: 4 * MIB,
+        ..Default::default()
+    };
+    let (dst, _memory, sent) = hop(&g, 1, false, params);
+    eprintln!(
+        "auto-converge: {} passes, throttle up to {}%",
+        sent.passes, sent.throttle_percent
+    );
+    assert!(sent.throttle_percent >= 20, "{}", sent.throttle_percent);
+    dst.pause().unwrap();
+}
+
+/// A source whose dirty log loses every work-area page: the destination
+/// gets stale pages, and the guest's self-check must say so. This is what
+/// gives the clean self-check of the other migrations its meaning.
+struct LossyGuest {
+    inner: KvmGuest,
+    log: LossyLog,
+}
+
+struct LossyLog {
+    inner: ferry_vmm::KvmDirtyLog,
+    first_lost_page: u64,
+}
+
+impl ferry::DirtyLog for LossyLog {
+    fn name(&self) -> &'static str {
+        "lossy"
+    }
+    fn start(&self) -> Result<(), ferry_ram::RamError> {
+        self.inner.start()
+    }
+    fn sync(&self, into: &[ferry::PageBitmap]) -> Result<u64, ferry_ram::RamError> {
+        let scratch: Vec<_> = into
+            .iter()
+            .map(|b| ferry::PageBitmap::new(b.pages(), false))
+            .collect();
+        let n = self.inner.sync(&scratch)?;
+        for (s, b) in scratch.iter().zip(into) {
+            for p in s.iter_set().filter(|&p| p < self.first_lost_page) {
+                b.set(p);
+            }
+        }
+        Ok(n)
+    }
+    fn stop(&self) -> Result<(), ferry_ram::RamError> {
+        self.inner.stop()
+    }
+    fn mark(&self, _: usize, _: u64) {}
+}
+
+impl Guest for LossyGuest {
+    fn memory(&self) -> &Arc<GuestMemory> {
+        self.inner.memory()
+    }
+    fn dirty_log(&self) -> Option<&dyn ferry::DirtyLog> {
+        Some(&self.log)
+    }
+    fn pause(&self) -> Result<(), ferry::GuestError> {
+        self.inner.pause()
+    }
+    fn resume(&self) -> Result<(), ferry::GuestError> {
+        self.inner.resume()
+    }
+    fn is_running(&self) -> bool {
+        self.inner.is_running()
+    }
+    fn save_device_state(&self) -> Result<Vec<u8>, ferry::GuestError> {
+        self.inner.save_device_state()
+    }
+    fn load_device_state(&self, s: &[u8]) -> Result<(), ferry::GuestError> {
+        self.inner.load_device_state(s)
+    }
+    fn set_throttle(&self, p: u8) {
+        self.inner.set_throttle(p)
+    }
+    fn resources(&self) -> &Resources {
+        self.inner.resources()
+    }
+}
+
+#[test]
+fn a_lossy_dirty_log_is_caught_by_the_guest_self_check() {
+    if !kvm_or_skip("a_lossy_dirty_log_is_caught_by_the_guest_self_check") {
+        return;
+    }
+    let memory = 16 * MIB;
+    let inner = KvmGuest::boot(
+        &config(memory, 1, 0, WritePattern::Random),
+        Resources::none(true),
+    )
+    .unwrap();
+    wait_for("source writes", || writes(inner.memory(), 1) > 100);
+    let log = LossyLog {
+        inner: inner.dirty_log_handle(),
+        first_lost_page: work_start(memory) / PAGE,
+    };
+    let guest = LossyGuest { inner, log };
+    let listener =
+        Listener::bind(&"tcp:127.0.0.1:0".parse().unwrap(), SocketTuning::default()).unwrap();
+    let uri = listener.uri().clone();
+    // ferry's own checks would refuse the result first: the switchover
+    // digest (off here) and per-page checksums (off below).
+    let incoming = IncomingOptions {
+        build_guest: KvmGuest::builder(),
+        digest_before_resume: false,
+        ..Default::default()
+    };
+    let dst = std::thread::spawn(move || {
+        migrate_in(&listener, &incoming, &Progress::default()).map_err(|e| e.to_string())
+    });
+    let params = Parameters {
+        downtime_limit: Duration::from_secs(2),
+        ..Default::default()
+    };
+    // Without per-page checksums: with them ferry itself notices pages
+    // that changed in flight and were never sent again, and fails first.
+    let mut opts = OutgoingOptions::default();
+    opts.sender.checksum = false;
+    migrate_out(&guest, &uri, &opts, &Progress::with_parameters(params))
+        .expect("the source completes (it cannot know its log lied)");
+    let got = dst.join().unwrap().expect("the destination completes");
+    wait_for("the destination's self-check error", || {
+        vcpu_status(&got.memory, 0).unwrap().errors > 0
+    });
+    let s = vcpu_status(&got.memory, 0).unwrap();
+    assert!(s.first_error >= work_start(memory) && s.first_error < memory);
+    eprintln!(
+        "lossy: the destination found {} bad page(s), first word at {:#x}",
+        s.errors, s.first_error
+    );
+    got.guest.pause().unwrap();
+}
