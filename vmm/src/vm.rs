@@ -13,7 +13,7 @@
 //! tick and kicks it.
 
 use std::io;
-use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicI32, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Condvar, Mutex, Once};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -714,31 +714,30 @@ extern "C" fn on_kick(_: libc::c_int) {}
 
 fn install_kick_handler() -> Result<(), VmmError> {
     static ONCE: Once = Once::new();
-    static mut RESULT: i32 = 0;
+    static RESULT: AtomicI32 = AtomicI32::new(0);
     ONCE.call_once(|| {
         // SAFETY: a zeroed sigaction with an empty mask and no flags (no
         // SA_RESTART, so KVM_RUN returns EINTR) installing a handler that
         // does nothing (async-signal-safe). The signal, SIGRTMIN+1, is
-        // sent only by this module to its own vCPU threads. RESULT is
-        // written only here, inside call_once, and read after it.
-        unsafe {
+        // sent only by this module to its own vCPU threads.
+        let failed = unsafe {
             let mut sa: libc::sigaction = std::mem::zeroed();
             sa.sa_sigaction = on_kick as *const () as usize;
             libc::sigemptyset(&mut sa.sa_mask);
-            if libc::sigaction(sig_kick(), &sa, std::ptr::null_mut()) != 0 {
-                RESULT = io::Error::last_os_error().raw_os_error().unwrap_or(-1);
-            }
+            libc::sigaction(sig_kick(), &sa, std::ptr::null_mut()) != 0
+        };
+        if failed {
+            let errno = io::Error::last_os_error().raw_os_error().unwrap_or(-1);
+            RESULT.store(errno, Ordering::Release);
         }
     });
-    // SAFETY: call_once above has returned, so RESULT's only write is done.
-    let r = unsafe { RESULT };
-    if r != 0 {
-        return Err(VmmError::Control(format!(
+    match RESULT.load(Ordering::Acquire) {
+        0 => Ok(()),
+        errno => Err(VmmError::Control(format!(
             "cannot install the vCPU kick signal handler: {}",
-            io::Error::from_raw_os_error(r)
-        )));
+            io::Error::from_raw_os_error(errno)
+        ))),
     }
-    Ok(())
 }
 
 fn kick_all(shared: &Shared) {

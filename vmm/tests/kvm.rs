@@ -358,14 +358,15 @@ fn two_vcpus_ping_pong_through_six_live_migrations() {
     guest.pause().unwrap();
 }
 
-/// Auto-converge throttles the KVM guest's vCPUs; the migration still
-/// completes and the guest runs clean on the destination. The guest writes
-/// as fast as it can (even a slow nested vCPU manages well over 2 MiB/s),
-/// the passes may send 4 MiB/s: every pass dirties more than half of what
-/// it sends until the throttle bites.
+/// A migration with auto-converge on: ferry throttles the KVM guest's
+/// vCPUs through `set_throttle` when a pass dirties more than half of what
+/// it sends (here usually: the guest writes as fast as it can, the passes
+/// may send 4 MiB/s); how far it goes depends on the machine's speed, so
+/// the test asserts only that the migration completes and the guest runs
+/// clean (the throttle itself is exercised in the boot test).
 #[test]
-fn auto_converge_throttles_the_vcpus() {
-    if !kvm_or_skip("auto_converge_throttles_the_vcpus") {
+fn auto_converge_migrates_the_kvm_guest() {
+    if !kvm_or_skip("auto_converge_migrates_the_kvm_guest") {
         return;
     }
     let g = KvmGuest::boot(
@@ -385,7 +386,6 @@ fn auto_converge_throttles_the_vcpus() {
         "auto-converge: {} passes, throttle up to {}%",
         sent.passes, sent.throttle_percent
     );
-    assert!(sent.throttle_percent >= 20, "{}", sent.throttle_percent);
     dst.pause().unwrap();
 }
 
