@@ -1,0 +1,128 @@
+//! The micro-VM's guest physical memory layout and the guest program's
+//! parameter and status blocks: the one place both sides read them from.
+//! `build.rs` includes this file and hands every constant in
+//! [`ASM_SYMBOLS`] to the assembler (`--defsym`), so `guest/guest.S` and the
+//! VMM cannot disagree.
+//!
+//! ```text
+//! 0x0000_0500  GDT (null, code64, data, tss)
+//! 0x0000_1000  PML4          0x2000 PDPT          0x3000..0x6fff 4 PDs
+//!              (identity map of the first 4 GiB in 2 MiB pages)
+//! 0x0000_8000  parameters (written by the VMM before boot, read-only after)
+//! 0x0000_9000  status: one 128-byte block per vCPU (the guest's counters)
+//! 0x0001_0000  the guest program (at most 64 KiB)
+//! 0x0002_0000  stacks: 4 KiB per vCPU
+//! 0x0010_0000  generation table: one u32 per 4 KiB page of the work area
+//! WORK_START   the work area (2 MiB aligned, to the end of RAM): the pages
+//!              the vCPUs write and verify, split evenly between vCPUs
+//! ```
+
+/// The guest's page size: every write fills one page.
+pub const PAGE: u64 = 4096;
+pub const GDT: u64 = 0x500;
+pub const PML4: u64 = 0x1000;
+pub const PDPT: u64 = 0x2000;
+pub const PD: u64 = 0x3000;
+/// Page directories (1 GiB each) the identity map covers.
+pub const PDS: u64 = 4;
+pub const PARAMS: u64 = 0x8000;
+pub const STATUS: u64 = 0x9000;
+/// log2 of a status block's size (128 bytes).
+pub const STATUS_SHIFT: u64 = 7;
+pub const CODE: u64 = 0x10000;
+pub const CODE_MAX: u64 = 0x10000;
+pub const STACKS: u64 = 0x20000;
+pub const TABLE: u64 = 0x10_0000;
+/// At most this many vCPUs (status blocks and stacks are sized for it).
+pub const MAX_VCPUS: u64 = 32;
+/// Guest RAM must stay below KVM's TSS and identity map pages (just under
+/// 4 GiB) and within the identity map.
+pub const MAX_MEMORY: u64 = 3 << 30;
+pub const MIN_MEMORY: u64 = 4 << 20;
+
+// Parameters (u64 each, at PARAMS + offset).
+pub const P_MAGIC: u64 = 0;
+pub const P_VCPUS: u64 = 8;
+/// Guest physical address of the work area's first page.
+pub const P_WORK_START: u64 = 16;
+/// Pages in the work area.
+pub const P_WORK_PAGES: u64 = 24;
+pub const P_TABLE: u64 = 32;
+/// TSC ticks between two page writes of one vCPU; 0: as fast as it can.
+pub const P_TSC_PER_WRITE: u64 = 40;
+/// 0 random, 1 sequential, 2 hot set (`P_HOT_PCT` percent of each slice).
+pub const P_PATTERN: u64 = 48;
+pub const P_HOT_PCT: u64 = 56;
+pub const P_SEED: u64 = 64;
+/// "FERRYVM1" little-endian.
+pub const PARAMS_MAGIC: u64 = u64::from_le_bytes(*b"FERRYVM1");
+
+// Status block fields (u64 each, at STATUS + vcpu << STATUS_SHIFT + offset).
+/// Pages written.
+pub const S_WRITES: u64 = 0;
+/// The largest gap seen between two consecutive TSC reads (ticks).
+pub const S_MAX_GAP: u64 = 8;
+pub const S_LAST_TSC: u64 = 16;
+/// Pages verified.
+pub const S_VERIFIED: u64 = 24;
+/// Verification failures.
+pub const S_ERRORS: u64 = 32;
+/// Address of the first word that failed verification (0: none).
+pub const S_FIRST_ERROR: u64 = 40;
+pub const S_RNG: u64 = 48;
+pub const S_CURSOR: u64 = 56;
+pub const S_VCURSOR: u64 = 64;
+pub const S_NEXT_DUE: u64 = 72;
+/// This vCPU's slice: first page (index in the work area) and page count.
+pub const S_SLICE_FIRST: u64 = 80;
+pub const S_SLICE_PAGES: u64 = 88;
+/// Pages the pattern picks from (the slice, or its hot set).
+pub const S_PICK_PAGES: u64 = 96;
+/// 1 once the vCPU has set itself up.
+pub const S_BOOTED: u64 = 104;
+
+// Ports the guest writes (32-bit `out`).
+/// The vCPU index, once booted.
+pub const PORT_BOOT: u64 = 0x3f8;
+/// The low, then the high half of a failed word's address.
+pub const PORT_ERROR_LO: u64 = 0x3f9;
+pub const PORT_ERROR_HI: u64 = 0x3fa;
+
+/// Where the work area starts for `memory` bytes of RAM: after a table of
+/// one u32 per page of RAM, rounded up to 2 MiB.
+pub const fn work_start(memory: u64) -> u64 {
+    let end = TABLE + memory / PAGE * 4;
+    (end + (2 << 20) - 1) & !((2 << 20) - 1)
+}
+
+/// The symbols `guest/guest.S` uses, as `build.rs` defines them.
+pub const ASM_SYMBOLS: &[(&str, u64)] = &[
+    ("PARAMS", PARAMS),
+    ("STATUS", STATUS),
+    ("STATUS_SHIFT", STATUS_SHIFT),
+    ("P_VCPUS", P_VCPUS),
+    ("P_WORK_START", P_WORK_START),
+    ("P_WORK_PAGES", P_WORK_PAGES),
+    ("P_TABLE", P_TABLE),
+    ("P_TSC_PER_WRITE", P_TSC_PER_WRITE),
+    ("P_PATTERN", P_PATTERN),
+    ("P_HOT_PCT", P_HOT_PCT),
+    ("P_SEED", P_SEED),
+    ("S_WRITES", S_WRITES),
+    ("S_MAX_GAP", S_MAX_GAP),
+    ("S_LAST_TSC", S_LAST_TSC),
+    ("S_VERIFIED", S_VERIFIED),
+    ("S_ERRORS", S_ERRORS),
+    ("S_FIRST_ERROR", S_FIRST_ERROR),
+    ("S_RNG", S_RNG),
+    ("S_CURSOR", S_CURSOR),
+    ("S_VCURSOR", S_VCURSOR),
+    ("S_NEXT_DUE", S_NEXT_DUE),
+    ("S_SLICE_FIRST", S_SLICE_FIRST),
+    ("S_SLICE_PAGES", S_SLICE_PAGES),
+    ("S_PICK_PAGES", S_PICK_PAGES),
+    ("S_BOOTED", S_BOOTED),
+    ("PORT_BOOT", PORT_BOOT),
+    ("PORT_ERROR_LO", PORT_ERROR_LO),
+    ("PORT_ERROR_HI", PORT_ERROR_HI),
+];

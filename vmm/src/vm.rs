@@ -1,0 +1,864 @@
+//! The minimal VMM: one KVM VM over a vm-memory `GuestMemoryMmap`, its
+//! vCPUs each on its own thread, the guest program's report ports, pause /
+//! resume / throttle, and saving and loading the vCPU and clock state.
+//!
+//! A vCPU thread loops on KVM_RUN. To stop it, the controller sets
+//! `paused` and kicks the thread with a signal (`SIG_KICK`, a no-op
+//! handler) until every thread has parked: KVM_RUN returns EINTR, the
+//! thread re-enters KVM_RUN once with `immediate_exit` set (which completes
+//! a pending port write so the saved RIP is past it), then waits on the
+//! condition variable. A parked thread holds no lock on its `VcpuFd`, so
+//! the controller saves or loads registers through it. Throttling is a
+//! ticker thread: every 10 ms it asks each vCPU to sleep `percent`% of the
+//! tick and kicks it.
+
+use std::io;
+use std::sync::atomic::{AtomicI32, AtomicU64, AtomicU8, Ordering};
+use std::sync::{Arc, Condvar, Mutex, Once};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use ferry_ram::vm_memory::{
+    Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
+};
+use ferry_ram::GuestMemory;
+use kvm_bindings::{
+    kvm_fpu, kvm_mp_state, kvm_segment, kvm_userspace_memory_region, Msrs, KVM_MAX_CPUID_ENTRIES,
+    KVM_MEM_LOG_DIRTY_PAGES, KVM_MP_STATE_RUNNABLE,
+};
+use kvm_ioctls::{Cap, Kvm, VcpuExit, VcpuFd, VmFd};
+
+use crate::error::VmmError;
+use crate::layout::*;
+use crate::state::{VcpuState, VmState, MSRS};
+
+/// The guest program, assembled from `guest/guest.S` by `build.rs`.
+pub const GUEST_PROGRAM: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/guest.bin"));
+
+/// How long `pause` waits for every vCPU to park.
+const PAUSE_TIMEOUT: Duration = Duration::from_secs(10);
+/// The throttle's time slice.
+const THROTTLE_TICK: Duration = Duration::from_millis(10);
+/// KVM's TSS pages (3) sit here, above any guest RAM we allow.
+const TSS_ADDRESS: usize = 0xfffb_d000;
+
+/// Where the guest program's vCPUs write.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WritePattern {
+    Random,
+    Sequential,
+    /// Random within the first PCT% of each vCPU's slice.
+    Hotset(u8),
+}
+
+/// What to boot.
+#[derive(Clone, Debug)]
+pub struct VmConfig {
+    /// Guest RAM bytes (4 MiB .. 3 GiB, a multiple of 2 MiB).
+    pub memory: u64,
+    pub vcpus: usize,
+    /// Bytes per second the whole guest writes (page-sized writes spread
+    /// over the vCPUs); 0: as fast as the vCPUs can.
+    pub dirty_rate: u64,
+    pub pattern: WritePattern,
+    pub seed: u64,
+}
+
+/// Something the guest reported through a port.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum GuestReport {
+    Booted {
+        vcpu: usize,
+    },
+    /// The self-check found a word that differs from what was written.
+    SelfCheckError {
+        vcpu: usize,
+        addr: u64,
+    },
+}
+
+/// A vCPU's counters, read from its status block in guest memory.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct VcpuStatus {
+    pub booted: bool,
+    pub writes: u64,
+    pub verified: u64,
+    pub errors: u64,
+    /// Guest address of the first word that failed verification (0: none).
+    pub first_error: u64,
+    /// The longest gap between two consecutive TSC reads, in TSC ticks.
+    pub max_gap_ticks: u64,
+}
+
+/// Reads vCPU `vcpu`'s status block from guest memory (the source's or a
+/// destination's: it travels with the memory).
+pub fn vcpu_status(memory: &GuestMemory, vcpu: usize) -> Result<VcpuStatus, VmmError> {
+    let mem = memory.guest_memory_mmap();
+    let base = STATUS + ((vcpu as u64) << STATUS_SHIFT);
+    let get = |off: u64| -> Result<u64, VmmError> {
+        mem.read_obj::<u64>(GuestAddress(base + off))
+            .map_err(|e| VmmError::Memory(format!("vCPU {vcpu} status at {:#x}: {e}", base + off)))
+    };
+    Ok(VcpuStatus {
+        booted: get(S_BOOTED)? != 0,
+        writes: get(S_WRITES)?,
+        verified: get(S_VERIFIED)?,
+        errors: get(S_ERRORS)?,
+        first_error: get(S_FIRST_ERROR)?,
+        max_gap_ticks: get(S_MAX_GAP)?,
+    })
+}
+
+/// One KVM memory slot: a RAM block of ferry's memory.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Slot {
+    pub slot: u32,
+    pub block: usize,
+    pub pages: u64,
+    pub len: u64,
+}
+
+struct RunState {
+    paused: bool,
+    quit: bool,
+    parked: usize,
+}
+
+struct Shared {
+    run: Mutex<RunState>,
+    cv: Condvar,
+    throttle: AtomicU8,
+    /// Each vCPU thread's pthread id (0 until it starts).
+    tids: Vec<AtomicU64>,
+    /// Nanoseconds each vCPU is asked to sleep (the throttle).
+    sleep_ns: Vec<AtomicU64>,
+    reports: Mutex<Vec<GuestReport>>,
+    /// The first fatal vCPU exit (triple fault, halt, entry failure...).
+    failure: Mutex<Option<String>>,
+}
+
+/// A KVM VM running the guest program (or a restored one).
+pub struct Vm {
+    shared: Arc<Shared>,
+    threads: Vec<JoinHandle<()>>,
+    ticker: Option<JoinHandle<()>>,
+    vcpus: Vec<Arc<Mutex<VcpuFd>>>,
+    vm: Arc<VmFd>,
+    slots: Vec<Slot>,
+    tsc_khz: u32,
+    /// Last: KVM maps this memory for as long as the VM lives.
+    memory: Arc<GuestMemory>,
+}
+
+impl Vm {
+    /// Boots the guest program in a fresh VM with fresh memory; the VM
+    /// comes back paused (call [`Vm::resume`]).
+    pub fn boot(config: &VmConfig) -> Result<Self, VmmError> {
+        check_config(config)?;
+        let mmap = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), config.memory as usize)])
+            .map_err(|e| VmmError::Memory(format!("cannot map {} bytes: {e}", config.memory)))?;
+        let memory = Arc::new(GuestMemory::from_guest_memory_mmap(&mmap, PAGE as u32)?);
+        write_boot_data(memory.guest_memory_mmap(), config)?;
+        let vm = Self::create(memory, config.vcpus)?;
+        let khz = u64::from(vm.tsc_khz);
+        let per_vcpu_pages = config.dirty_rate / PAGE / config.vcpus as u64;
+        let tsc_per_write = if config.dirty_rate == 0 {
+            0
+        } else {
+            (khz * 1000 / per_vcpu_pages.max(1)).max(1)
+        };
+        vm.write_u64(PARAMS + P_TSC_PER_WRITE, tsc_per_write)?;
+        for (i, fd) in vm.vcpus.iter().enumerate() {
+            setup_long_mode(&fd.lock().unwrap(), i)?;
+        }
+        Ok(vm)
+    }
+
+    /// A paused VM over `memory` (a destination's, already holding the
+    /// guest's pages) with the vCPU and clock state of `state`.
+    pub fn restore(memory: Arc<GuestMemory>, state: &VmState) -> Result<Self, VmmError> {
+        if memory.total_bytes() != state.memory {
+            return Err(VmmError::Config(format!(
+                "the state is of a guest with {} bytes of RAM, this memory has {}",
+                state.memory,
+                memory.total_bytes()
+            )));
+        }
+        let vm = Self::create(memory, state.vcpus.len())?;
+        vm.load_state(state)?;
+        Ok(vm)
+    }
+
+    /// A VM with `vcpus` vCPUs (threads started, parked) over `memory`.
+    fn create(memory: Arc<GuestMemory>, vcpus: usize) -> Result<Self, VmmError> {
+        if vcpus == 0 || vcpus as u64 > MAX_VCPUS {
+            return Err(VmmError::Config(format!(
+                "{vcpus} vCPUs: between 1 and {MAX_VCPUS}"
+            )));
+        }
+        install_kick_handler()?;
+        let kvm =
+            Kvm::new().map_err(|e| VmmError::NoKvm(io::Error::from_raw_os_error(e.errno())))?;
+        let xsave_size = kvm.check_extension_int(Cap::Xsave2);
+        if xsave_size > 4096 {
+            return Err(VmmError::Config(format!(
+                "this host's guest XSAVE area is {xsave_size} bytes; ferry-vmm saves the 4 KiB legacy area only"
+            )));
+        }
+        let vm = kvm.create_vm().map_err(VmmError::kvm("KVM_CREATE_VM"))?;
+        vm.set_tss_address(TSS_ADDRESS)
+            .map_err(VmmError::kvm("KVM_SET_TSS_ADDR"))?;
+        vm.create_irq_chip()
+            .map_err(VmmError::kvm("KVM_CREATE_IRQCHIP"))?;
+        let slots = register_memory(&vm, &memory)?;
+        let cpuid = kvm
+            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+            .map_err(VmmError::kvm("KVM_GET_SUPPORTED_CPUID"))?;
+        let mut fds = Vec::with_capacity(vcpus);
+        for i in 0..vcpus {
+            let fd = vm
+                .create_vcpu(i as u64)
+                .map_err(VmmError::vcpu(i, "KVM_CREATE_VCPU"))?;
+            fd.set_cpuid2(&cpuid)
+                .map_err(VmmError::vcpu(i, "KVM_SET_CPUID2"))?;
+            fds.push(Arc::new(Mutex::new(fd)));
+        }
+        let tsc_khz = fds[0]
+            .lock()
+            .unwrap()
+            .get_tsc_khz()
+            .map_err(VmmError::vcpu(0, "KVM_GET_TSC_KHZ"))?;
+        let shared = Arc::new(Shared {
+            run: Mutex::new(RunState {
+                paused: true,
+                quit: false,
+                parked: 0,
+            }),
+            cv: Condvar::new(),
+            throttle: AtomicU8::new(0),
+            tids: (0..vcpus).map(|_| AtomicU64::new(0)).collect(),
+            sleep_ns: (0..vcpus).map(|_| AtomicU64::new(0)).collect(),
+            reports: Mutex::new(Vec::new()),
+            failure: Mutex::new(None),
+        });
+        let mut me = Self {
+            shared,
+            threads: Vec::new(),
+            ticker: None,
+            vcpus: fds,
+            vm: Arc::new(vm),
+            slots,
+            tsc_khz,
+            memory,
+        };
+        for i in 0..vcpus {
+            let shared = me.shared.clone();
+            let fd = me.vcpus[i].clone();
+            let t = std::thread::Builder::new()
+                .name(format!("ferry-kvm-vcpu-{i}"))
+                .spawn(move || vcpu_thread(&shared, i, &fd))
+                .map_err(|e| VmmError::Control(format!("cannot start vCPU thread {i}: {e}")))?;
+            me.threads.push(t);
+        }
+        let shared = me.shared.clone();
+        me.ticker = Some(
+            std::thread::Builder::new()
+                .name("ferry-kvm-throttle".into())
+                .spawn(move || throttle_thread(&shared))
+                .map_err(|e| VmmError::Control(format!("cannot start the throttle thread: {e}")))?,
+        );
+        me.wait_parked()?;
+        Ok(me)
+    }
+
+    pub fn memory(&self) -> &Arc<GuestMemory> {
+        &self.memory
+    }
+
+    pub fn vcpu_count(&self) -> usize {
+        self.vcpus.len()
+    }
+
+    /// The TSC frequency KVM gives the vCPUs (kHz).
+    pub fn tsc_khz(&self) -> u32 {
+        self.tsc_khz
+    }
+
+    pub(crate) fn vm_fd(&self) -> &Arc<VmFd> {
+        &self.vm
+    }
+
+    pub(crate) fn slots(&self) -> &[Slot] {
+        &self.slots
+    }
+
+    /// vCPU `i`'s counters (read from guest memory).
+    pub fn status(&self, vcpu: usize) -> Result<VcpuStatus, VmmError> {
+        vcpu_status(&self.memory, vcpu)
+    }
+
+    /// Everything the guest reported through its ports so far.
+    pub fn reports(&self) -> Vec<GuestReport> {
+        self.shared.reports.lock().unwrap().clone()
+    }
+
+    /// The first fatal vCPU exit, if any.
+    pub fn failure(&self) -> Option<String> {
+        self.shared.failure.lock().unwrap().clone()
+    }
+
+    pub fn is_running(&self) -> bool {
+        !self.shared.run.lock().unwrap().paused
+    }
+
+    /// Lets the vCPUs run.
+    pub fn resume(&self) {
+        let mut run = self.shared.run.lock().unwrap();
+        run.paused = false;
+        self.shared.cv.notify_all();
+    }
+
+    /// Stops every vCPU; when this returns none runs and memory no longer
+    /// changes through them.
+    pub fn pause(&self) -> Result<(), VmmError> {
+        self.shared.run.lock().unwrap().paused = true;
+        self.shared.cv.notify_all();
+        self.wait_parked()
+    }
+
+    /// Slows the vCPUs: each sleeps `percent`% (at most 99) of every 10 ms.
+    pub fn set_throttle(&self, percent: u8) {
+        self.shared
+            .throttle
+            .store(percent.min(99), Ordering::Relaxed);
+        self.shared.cv.notify_all();
+    }
+
+    pub fn throttle(&self) -> u8 {
+        self.shared.throttle.load(Ordering::Relaxed)
+    }
+
+    fn wait_parked(&self) -> Result<(), VmmError> {
+        let deadline = Instant::now() + PAUSE_TIMEOUT;
+        let mut run = self.shared.run.lock().unwrap();
+        while run.parked < self.threads.len() {
+            if Instant::now() >= deadline {
+                return Err(VmmError::Control(format!(
+                    "only {} of {} vCPUs stopped within {} s",
+                    run.parked,
+                    self.threads.len(),
+                    PAUSE_TIMEOUT.as_secs()
+                )));
+            }
+            drop(run);
+            // A thread may have checked `paused` just before we set it and
+            // entered KVM_RUN after our last signal: kick until all park.
+            kick_all(&self.shared);
+            run = self.shared.run.lock().unwrap();
+            if run.parked < self.threads.len() {
+                run = self
+                    .shared
+                    .cv
+                    .wait_timeout(run, Duration::from_millis(1))
+                    .unwrap()
+                    .0;
+            }
+        }
+        Ok(())
+    }
+
+    fn write_u64(&self, addr: u64, value: u64) -> Result<(), VmmError> {
+        self.memory
+            .guest_memory_mmap()
+            .write_obj(value, GuestAddress(addr))
+            .map_err(|e| VmmError::Memory(format!("write at {addr:#x}: {e}")))
+    }
+
+    /// Every vCPU's registers and the KVM clock. The VM must be paused.
+    pub fn save_state(&self) -> Result<VmState, VmmError> {
+        if self.is_running() {
+            return Err(VmmError::Control(
+                "the VM must be paused to save its state".into(),
+            ));
+        }
+        let mut vcpus = Vec::with_capacity(self.vcpus.len());
+        for (i, fd) in self.vcpus.iter().enumerate() {
+            let fd = fd.lock().unwrap();
+            let mut msrs = Msrs::from_entries(&VcpuState::zeroed().msrs)
+                .map_err(|e| VmmError::Control(format!("MSR list: {e:?}")))?;
+            let n = fd
+                .get_msrs(&mut msrs)
+                .map_err(VmmError::vcpu(i, "KVM_GET_MSRS"))?;
+            if n != MSRS.len() {
+                return Err(VmmError::Control(format!(
+                    "vCPU {i}: KVM_GET_MSRS read {n} of {} MSRs, not {}",
+                    MSRS.len(),
+                    MSRS[n].1
+                )));
+            }
+            vcpus.push(VcpuState {
+                regs: fd.get_regs().map_err(VmmError::vcpu(i, "KVM_GET_REGS"))?,
+                sregs: fd.get_sregs().map_err(VmmError::vcpu(i, "KVM_GET_SREGS"))?,
+                xsave: Box::new(fd.get_xsave().map_err(VmmError::vcpu(i, "KVM_GET_XSAVE"))?),
+                xcrs: fd.get_xcrs().map_err(VmmError::vcpu(i, "KVM_GET_XCRS"))?,
+                msrs: msrs.as_slice().to_vec(),
+                lapic: fd.get_lapic().map_err(VmmError::vcpu(i, "KVM_GET_LAPIC"))?,
+                events: fd
+                    .get_vcpu_events()
+                    .map_err(VmmError::vcpu(i, "KVM_GET_VCPU_EVENTS"))?,
+                mp_state: fd
+                    .get_mp_state()
+                    .map_err(VmmError::vcpu(i, "KVM_GET_MP_STATE"))?,
+                debugregs: fd
+                    .get_debug_regs()
+                    .map_err(VmmError::vcpu(i, "KVM_GET_DEBUGREGS"))?,
+            });
+        }
+        let clock = self
+            .vm
+            .get_clock()
+            .map_err(VmmError::kvm("KVM_GET_CLOCK"))?;
+        Ok(VmState {
+            memory: self.memory.total_bytes(),
+            vcpus,
+            clock,
+        })
+    }
+
+    /// Loads `state` into the (paused) vCPUs and the VM's clock, in the
+    /// order KVM needs: clock; then per vCPU mp_state, regs, sregs, xsave,
+    /// xcrs, debugregs, lapic, msrs, events.
+    pub fn load_state(&self, state: &VmState) -> Result<(), VmmError> {
+        if self.is_running() {
+            return Err(VmmError::Control(
+                "the VM must be paused to load a state".into(),
+            ));
+        }
+        if state.vcpus.len() != self.vcpus.len() {
+            return Err(VmmError::Config(format!(
+                "the state has {} vCPUs, this VM {}",
+                state.vcpus.len(),
+                self.vcpus.len()
+            )));
+        }
+        let mut clock = state.clock;
+        // Only the clock value: no realtime or host TSC adjustment.
+        clock.flags = 0;
+        self.vm
+            .set_clock(&clock)
+            .map_err(VmmError::kvm("KVM_SET_CLOCK"))?;
+        for (i, (fd, s)) in self.vcpus.iter().zip(&state.vcpus).enumerate() {
+            let fd = fd.lock().unwrap();
+            fd.set_mp_state(s.mp_state)
+                .map_err(VmmError::vcpu(i, "KVM_SET_MP_STATE"))?;
+            fd.set_regs(&s.regs)
+                .map_err(VmmError::vcpu(i, "KVM_SET_REGS"))?;
+            fd.set_sregs(&s.sregs)
+                .map_err(VmmError::vcpu(i, "KVM_SET_SREGS"))?;
+            // SAFETY: KVM_SET_XSAVE reads the vCPU's XSAVE size from the
+            // buffer; `create` refused hosts whose size (KVM_CAP_XSAVE2)
+            // exceeds the 4096 bytes of `kvm_xsave`, so the read stays in it.
+            unsafe { fd.set_xsave(&s.xsave) }.map_err(VmmError::vcpu(i, "KVM_SET_XSAVE"))?;
+            fd.set_xcrs(&s.xcrs)
+                .map_err(VmmError::vcpu(i, "KVM_SET_XCRS"))?;
+            fd.set_debug_regs(&s.debugregs)
+                .map_err(VmmError::vcpu(i, "KVM_SET_DEBUGREGS"))?;
+            fd.set_lapic(&s.lapic)
+                .map_err(VmmError::vcpu(i, "KVM_SET_LAPIC"))?;
+            let msrs = Msrs::from_entries(&s.msrs)
+                .map_err(|e| VmmError::Control(format!("vCPU {i} MSRs: {e:?}")))?;
+            let n = fd
+                .set_msrs(&msrs)
+                .map_err(VmmError::vcpu(i, "KVM_SET_MSRS"))?;
+            if n != s.msrs.len() {
+                return Err(VmmError::Control(format!(
+                    "vCPU {i}: KVM_SET_MSRS wrote {n} of {} MSRs, not {}",
+                    s.msrs.len(),
+                    MSRS.get(n).map_or("?", |m| m.1)
+                )));
+            }
+            fd.set_vcpu_events(&s.events)
+                .map_err(VmmError::vcpu(i, "KVM_SET_VCPU_EVENTS"))?;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        self.shared.run.lock().unwrap().quit = true;
+        self.shared.cv.notify_all();
+        for t in &self.threads {
+            // A finished but unjoined thread's id stays valid for
+            // pthread_kill, so kicking until it ends is sound.
+            while !t.is_finished() {
+                kick_all(&self.shared);
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+        if let Some(t) = self.ticker.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn check_config(c: &VmConfig) -> Result<(), VmmError> {
+    if !(MIN_MEMORY..=MAX_MEMORY).contains(&c.memory) || c.memory % (2 << 20) != 0 {
+        return Err(VmmError::Config(format!(
+            "guest RAM of {} bytes: a multiple of 2 MiB from {} MiB to {} GiB",
+            c.memory,
+            MIN_MEMORY >> 20,
+            MAX_MEMORY >> 30
+        )));
+    }
+    if c.vcpus == 0 || c.vcpus as u64 > MAX_VCPUS {
+        return Err(VmmError::Config(format!(
+            "{} vCPUs: between 1 and {MAX_VCPUS}",
+            c.vcpus
+        )));
+    }
+    if let WritePattern::Hotset(p) = c.pattern {
+        if !(1..=100).contains(&p) {
+            return Err(VmmError::Config(format!("hot set of {p}%: 1 to 100")));
+        }
+    }
+    let work = (c.memory - work_start(c.memory)) / PAGE;
+    if work < c.vcpus as u64 {
+        return Err(VmmError::Config(format!(
+            "{} bytes of RAM leave {work} work pages for {} vCPUs",
+            c.memory, c.vcpus
+        )));
+    }
+    Ok(())
+}
+
+/// GDT, identity page tables, parameters and the program, into fresh RAM.
+fn write_boot_data(mem: &GuestMemoryMmap, c: &VmConfig) -> Result<(), VmmError> {
+    let put = |addr: u64, v: u64| {
+        mem.write_obj(v, GuestAddress(addr))
+            .map_err(|e| VmmError::Memory(format!("boot data at {addr:#x}: {e}")))
+    };
+    // null, 64-bit code (0x08), data (0x10), TSS (0x18)
+    for (i, d) in [
+        0u64,
+        0x00af_9a00_0000_ffff,
+        0x00cf_9200_0000_ffff,
+        0x008f_8900_0000_ffff,
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        put(GDT + 8 * i as u64, d)?;
+    }
+    put(PML4, PDPT | 3)?;
+    for pd in 0..PDS {
+        put(PDPT + 8 * pd, (PD + pd * PAGE) | 3)?;
+        for e in 0..512 {
+            let addr = ((pd * 512 + e) << 21) | 0x83; // present, writable, 2 MiB
+            put(PD + pd * PAGE + 8 * e, addr)?;
+        }
+    }
+    let start = work_start(c.memory);
+    let (pattern, pct) = match c.pattern {
+        WritePattern::Random => (0, 100),
+        WritePattern::Sequential => (1, 100),
+        WritePattern::Hotset(p) => (2, u64::from(p)),
+    };
+    for (off, v) in [
+        (P_MAGIC, PARAMS_MAGIC),
+        (P_VCPUS, c.vcpus as u64),
+        (P_WORK_START, start),
+        (P_WORK_PAGES, (c.memory - start) / PAGE),
+        (P_TABLE, TABLE),
+        (P_TSC_PER_WRITE, 0),
+        (P_PATTERN, pattern),
+        (P_HOT_PCT, pct),
+        (P_SEED, c.seed),
+    ] {
+        put(PARAMS + off, v)?;
+    }
+    mem.write_slice(GUEST_PROGRAM, GuestAddress(CODE))
+        .map_err(|e| VmmError::Memory(format!("the guest program at {CODE:#x}: {e}")))
+}
+
+/// Registers every block of `memory` as a KVM slot with dirty logging.
+fn register_memory(vm: &VmFd, memory: &GuestMemory) -> Result<Vec<Slot>, VmmError> {
+    let mut slots = Vec::new();
+    for (i, (block, region)) in memory
+        .blocks()
+        .iter()
+        .zip(memory.guest_memory_mmap().iter())
+        .enumerate()
+    {
+        if u64::from(block.page_size()) != PAGE || !block.is_writable() {
+            return Err(VmmError::Memory(format!(
+                "block '{}': KVM needs writable memory tracked in {PAGE}-byte pages (page size {}, writable {})",
+                block.name(),
+                block.page_size(),
+                block.is_writable()
+            )));
+        }
+        let base = region.start_addr().0;
+        let len = region.len();
+        let host = memory
+            .guest_memory_mmap()
+            .get_host_address(GuestAddress(base))
+            .map_err(|e| VmmError::Memory(format!("block '{}': {e}", block.name())))?;
+        let r = kvm_userspace_memory_region {
+            slot: i as u32,
+            flags: KVM_MEM_LOG_DIRTY_PAGES,
+            guest_phys_addr: base,
+            memory_size: len,
+            userspace_addr: host as u64,
+        };
+        // SAFETY: `host` .. `host + len` is the block's own mapping (read
+        // and write), which the VM keeps alive: `Vm` holds the
+        // `Arc<GuestMemory>` and drops it only after the VM's fds.
+        unsafe { vm.set_user_memory_region(r) }.map_err(VmmError::kvm(format!(
+            "KVM_SET_USER_MEMORY_REGION slot {i} at {base:#x}"
+        )))?;
+        slots.push(Slot {
+            slot: i as u32,
+            block: i,
+            pages: len / PAGE,
+            len,
+        });
+    }
+    if slots.is_empty() {
+        return Err(VmmError::Memory("no RAM blocks".into()));
+    }
+    Ok(slots)
+}
+
+/// 64-bit long mode at the program's entry, RDI = vCPU index.
+fn setup_long_mode(fd: &VcpuFd, i: usize) -> Result<(), VmmError> {
+    let mut sregs = fd.get_sregs().map_err(VmmError::vcpu(i, "KVM_GET_SREGS"))?;
+    let code = kvm_segment {
+        base: 0,
+        limit: 0xffff_ffff,
+        selector: 0x08,
+        type_: 0xb,
+        present: 1,
+        dpl: 0,
+        db: 0,
+        s: 1,
+        l: 1,
+        g: 1,
+        avl: 0,
+        unusable: 0,
+        padding: 0,
+    };
+    let data = kvm_segment {
+        selector: 0x10,
+        type_: 0x3,
+        db: 1,
+        l: 0,
+        ..code
+    };
+    let tss = kvm_segment {
+        limit: 0xffff,
+        selector: 0x18,
+        type_: 0xb,
+        s: 0,
+        l: 0,
+        g: 0,
+        ..code
+    };
+    sregs.cs = code;
+    sregs.ds = data;
+    sregs.es = data;
+    sregs.fs = data;
+    sregs.gs = data;
+    sregs.ss = data;
+    sregs.tr = tss;
+    sregs.gdt.base = GDT;
+    sregs.gdt.limit = 31;
+    sregs.idt.base = 0;
+    sregs.idt.limit = 0;
+    sregs.cr3 = PML4;
+    sregs.cr4 = 0x20 | 0x200 | 0x400; // PAE, OSFXSR, OSXMMEXCPT
+    sregs.cr0 = 0x8005_0033; // PG, AM, WP, NE, ET, MP, PE
+    sregs.efer = 0x500; // LME, LMA
+    fd.set_sregs(&sregs)
+        .map_err(VmmError::vcpu(i, "KVM_SET_SREGS"))?;
+    let fpu = kvm_fpu {
+        fcw: 0x37f,
+        mxcsr: 0x1f80,
+        ..Default::default()
+    };
+    fd.set_fpu(&fpu).map_err(VmmError::vcpu(i, "KVM_SET_FPU"))?;
+    let mut regs = fd.get_regs().map_err(VmmError::vcpu(i, "KVM_GET_REGS"))?;
+    regs.rflags = 2;
+    regs.rip = CODE;
+    regs.rsp = STACKS + (i as u64 + 1) * PAGE;
+    regs.rdi = i as u64;
+    fd.set_regs(&regs)
+        .map_err(VmmError::vcpu(i, "KVM_SET_REGS"))?;
+    // With the in-kernel LAPIC the APs start waiting for INIT/SIPI: all
+    // vCPUs start running the program instead.
+    fd.set_mp_state(kvm_mp_state {
+        mp_state: KVM_MP_STATE_RUNNABLE,
+    })
+    .map_err(VmmError::vcpu(i, "KVM_SET_MP_STATE"))?;
+    Ok(())
+}
+
+fn sig_kick() -> libc::c_int {
+    libc::SIGRTMIN() + 1
+}
+
+extern "C" fn on_kick(_: libc::c_int) {}
+
+fn install_kick_handler() -> Result<(), VmmError> {
+    static ONCE: Once = Once::new();
+    static RESULT: AtomicI32 = AtomicI32::new(0);
+    ONCE.call_once(|| {
+        // SAFETY: a zeroed sigaction with an empty mask and no flags (no
+        // SA_RESTART, so KVM_RUN returns EINTR) installing a handler that
+        // does nothing (async-signal-safe). The signal, SIGRTMIN+1, is
+        // sent only by this module to its own vCPU threads.
+        let failed = unsafe {
+            let mut sa: libc::sigaction = std::mem::zeroed();
+            sa.sa_sigaction = on_kick as *const () as usize;
+            libc::sigemptyset(&mut sa.sa_mask);
+            libc::sigaction(sig_kick(), &sa, std::ptr::null_mut()) != 0
+        };
+        if failed {
+            let errno = io::Error::last_os_error().raw_os_error().unwrap_or(-1);
+            RESULT.store(errno, Ordering::Release);
+        }
+    });
+    match RESULT.load(Ordering::Acquire) {
+        0 => Ok(()),
+        errno => Err(VmmError::Control(format!(
+            "cannot install the vCPU kick signal handler: {}",
+            io::Error::from_raw_os_error(errno)
+        ))),
+    }
+}
+
+fn kick_all(shared: &Shared) {
+    for tid in &shared.tids {
+        let tid = tid.load(Ordering::Acquire);
+        if tid != 0 {
+            // SAFETY: `tid` is the pthread id of one of this VM's vCPU
+            // threads, stored by the thread itself; those threads are joined
+            // only in `Vm::drop`, after the last kick, so the id is valid
+            // (a finished, unjoined thread yields ESRCH, not UB).
+            unsafe { libc::pthread_kill(tid as libc::pthread_t, sig_kick()) };
+        }
+    }
+}
+
+fn vcpu_thread(shared: &Shared, index: usize, fd: &Mutex<VcpuFd>) {
+    // SAFETY: pthread_self has no preconditions.
+    let me = unsafe { libc::pthread_self() };
+    shared.tids[index].store(me as u64, Ordering::Release);
+    let mut error_lo = 0u32;
+    let mut failed = false;
+    loop {
+        let mut run = shared.run.lock().unwrap();
+        if run.paused || run.quit || failed {
+            drop(run);
+            complete_pending_io(fd);
+            run = shared.run.lock().unwrap();
+            run.parked += 1;
+            shared.cv.notify_all();
+            while (run.paused || failed) && !run.quit {
+                run = shared.cv.wait(run).unwrap();
+            }
+            run.parked -= 1;
+            if run.quit {
+                return;
+            }
+        }
+        drop(run);
+        let sleep = shared.sleep_ns[index].swap(0, Ordering::Relaxed);
+        if sleep > 0 {
+            std::thread::sleep(Duration::from_nanos(sleep));
+            continue;
+        }
+        let mut vcpu = fd.lock().unwrap();
+        let fatal = match vcpu.run() {
+            Ok(VcpuExit::IoOut(port, data)) => {
+                let mut word = [0u8; 4];
+                let n = data.len().min(4);
+                word[..n].copy_from_slice(&data[..n]);
+                let v = u32::from_le_bytes(word);
+                match u64::from(port) {
+                    PORT_BOOT => shared
+                        .reports
+                        .lock()
+                        .unwrap()
+                        .push(GuestReport::Booted { vcpu: v as usize }),
+                    PORT_ERROR_LO => error_lo = v,
+                    PORT_ERROR_HI => {
+                        shared
+                            .reports
+                            .lock()
+                            .unwrap()
+                            .push(GuestReport::SelfCheckError {
+                                vcpu: index,
+                                addr: (u64::from(v) << 32) | u64::from(error_lo),
+                            })
+                    }
+                    _ => {}
+                }
+                None
+            }
+            Ok(VcpuExit::IoIn(_, data)) => {
+                data.fill(0xff);
+                None
+            }
+            Ok(VcpuExit::Intr) => None,
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => None,
+            Ok(VcpuExit::Hlt) => Some("halted".to_string()),
+            Ok(VcpuExit::Shutdown) => Some("shut down (triple fault)".to_string()),
+            Ok(other) => Some(format!("unexpected exit {other:?}")),
+            Err(e) => Some(format!("KVM_RUN: {e}")),
+        };
+        drop(vcpu);
+        if let Some(what) = fatal {
+            let mut f = shared.failure.lock().unwrap();
+            if f.is_none() {
+                *f = Some(format!("vCPU {index}: {what}"));
+            }
+            failed = true;
+        }
+    }
+}
+
+/// Re-enters KVM_RUN with `immediate_exit` set: KVM finishes an I/O exit
+/// (advances RIP past the `out`) and returns at once, so the registers a
+/// save reads are those of a completed instruction.
+fn complete_pending_io(fd: &Mutex<VcpuFd>) {
+    let mut vcpu = fd.lock().unwrap();
+    vcpu.set_kvm_immediate_exit(1);
+    let _ = vcpu.run();
+    vcpu.set_kvm_immediate_exit(0);
+}
+
+fn throttle_thread(shared: &Shared) {
+    let mut run = shared.run.lock().unwrap();
+    loop {
+        if run.quit {
+            return;
+        }
+        let p = shared.throttle.load(Ordering::Relaxed);
+        if p == 0 {
+            run = shared.cv.wait(run).unwrap();
+            continue;
+        }
+        if !run.paused {
+            let ns = THROTTLE_TICK.as_nanos() as u64 * u64::from(p) / 100;
+            for s in &shared.sleep_ns {
+                s.store(ns, Ordering::Relaxed);
+            }
+            kick_all(shared);
+        }
+        run = shared.cv.wait_timeout(run, THROTTLE_TICK).unwrap().0;
+    }
+}

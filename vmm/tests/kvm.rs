@@ -1,0 +1,512 @@
+//! The KVM micro-VM end to end: boot and count, pause, save → load into a
+//! new VM → continue, the self-check catching a corrupted page, a flipped
+//! state byte refused, and a live migration over loopback TCP with
+//! `ferry::migrate_out` / `migrate_in`. Each test skips (with a message)
+//! where /dev/kvm is not usable.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ferry::{
+    migrate_in, migrate_out, Guest, IncomingOptions, Listener, OutgoingOptions, Parameters,
+    Progress, Resources, SocketTuning, Status,
+};
+use ferry_ram::vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use ferry_ram::GuestMemory;
+use ferry_vmm::layout::{work_start, PAGE};
+use ferry_vmm::{kvm_usable, vcpu_status, GuestReport, KvmGuest, VmConfig, WritePattern};
+
+const MIB: u64 = 1 << 20;
+
+fn kvm_or_skip(test: &str) -> bool {
+    match kvm_usable() {
+        Ok(()) => true,
+        Err(why) => {
+            eprintln!("{test}: SKIPPED: {why}");
+            false
+        }
+    }
+}
+
+fn config(memory: u64, vcpus: usize, rate: u64, pattern: WritePattern) -> VmConfig {
+    VmConfig {
+        memory,
+        vcpus,
+        dirty_rate: rate,
+        pattern,
+        seed: 42,
+    }
+}
+
+/// Polls `cond` every 10 ms for up to 30 s.
+fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+fn writes(memory: &GuestMemory, vcpus: usize) -> u64 {
+    (0..vcpus)
+        .map(|i| vcpu_status(memory, i).unwrap().writes)
+        .sum()
+}
+
+fn assert_clean(memory: &GuestMemory, vcpus: usize) {
+    for i in 0..vcpus {
+        let s = vcpu_status(memory, i).unwrap();
+        assert_eq!(
+            s.errors, 0,
+            "vCPU {i}: self-check errors, first at {:#x}",
+            s.first_error
+        );
+        assert!(s.verified > 0, "vCPU {i} verified pages");
+    }
+}
+
+/// A copy of `memory` (one region at 0) in a new GuestMemoryMmap.
+fn copy_memory(memory: &GuestMemory) -> Arc<GuestMemory> {
+    let len = memory.total_bytes() as usize;
+    let mmap = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), len)]).unwrap();
+    let mut buf = vec![0u8; len];
+    memory
+        .guest_memory_mmap()
+        .read_slice(&mut buf, GuestAddress(0))
+        .unwrap();
+    mmap.write_slice(&buf, GuestAddress(0)).unwrap();
+    Arc::new(GuestMemory::from_guest_memory_mmap(&mmap, 4096).unwrap())
+}
+
+#[test]
+fn the_guest_boots_and_its_counter_advances() {
+    if !kvm_or_skip("the_guest_boots_and_its_counter_advances") {
+        return;
+    }
+    let g = KvmGuest::boot(
+        &config(16 * MIB, 2, 16 * MIB, WritePattern::Random),
+        Resources::none(true),
+    )
+    .unwrap();
+    let mem = g.memory().clone();
+    wait_for("both vCPUs writing", || {
+        (0..2).all(|i| g.status(i).unwrap().writes > 100)
+    });
+    let r = g.reports();
+    assert!(r.contains(&GuestReport::Booted { vcpu: 0 }), "{r:?}");
+    assert!(r.contains(&GuestReport::Booted { vcpu: 1 }), "{r:?}");
+    assert_eq!(g.vm().failure(), None);
+    assert_clean(&mem, 2);
+
+    // Paused, nothing moves.
+    g.pause().unwrap();
+    assert!(!g.is_running());
+    let w = writes(&mem, 2);
+    std::thread::sleep(Duration::from_millis(50));
+    assert_eq!(writes(&mem, 2), w, "no write while paused");
+    g.resume().unwrap();
+    wait_for("writes after resume", || writes(&mem, 2) > w);
+
+    // Throttled, it still runs.
+    g.set_throttle(50);
+    let w = writes(&mem, 2);
+    wait_for("writes while throttled", || writes(&mem, 2) > w + 10);
+    g.set_throttle(0);
+    assert_eq!(g.vm().failure(), None);
+}
+
+#[test]
+fn saved_state_loads_into_a_new_vm_and_the_guest_continues() {
+    if !kvm_or_skip("saved_state_loads_into_a_new_vm_and_the_guest_continues") {
+        return;
+    }
+    let src = KvmGuest::boot(
+        &config(16 * MIB, 2, 32 * MIB, WritePattern::Hotset(50)),
+        Resources::none(true),
+    )
+    .unwrap();
+    wait_for("source writes", || writes(src.memory(), 2) > 500);
+    src.pause().unwrap();
+    let state = src.save_device_state().unwrap();
+    let saved = [src.status(0).unwrap(), src.status(1).unwrap()];
+    let copy = copy_memory(src.memory());
+    drop(src);
+
+    let dst = KvmGuest::from_state(copy.clone(), &state, Resources::none(false)).unwrap();
+    assert!(!dst.is_running(), "a loaded guest waits for resume");
+    assert_eq!(dst.status(0).unwrap(), saved[0]);
+    assert_eq!(dst.save_device_state().unwrap().len(), state.len());
+    dst.resume().unwrap();
+    wait_for("the restored guest's counters advance", || {
+        (0..2).all(|i| dst.status(i).unwrap().writes > saved[i].writes + 200)
+    });
+    assert_eq!(dst.vm().failure(), None);
+    assert_clean(&copy, 2);
+    assert!(
+        !dst.reports()
+            .iter()
+            .any(|r| matches!(r, GuestReport::SelfCheckError { .. })),
+        "{:?}",
+        dst.reports()
+    );
+}
+
+#[test]
+fn the_self_check_reports_a_corrupted_page_through_the_port() {
+    if !kvm_or_skip("the_self_check_reports_a_corrupted_page_through_the_port") {
+        return;
+    }
+    let memory = 8 * MIB;
+    // Slow sequential writes from the slice's start: the last page stays
+    // unwritten for seconds while verification sweeps it every millisecond.
+    let g = KvmGuest::boot(
+        &config(memory, 1, MIB, WritePattern::Sequential),
+        Resources::none(true),
+    )
+    .unwrap();
+    wait_for("a verified sweep", || {
+        g.status(0).unwrap().verified > (memory - work_start(memory)) / PAGE
+    });
+    assert_eq!(g.status(0).unwrap().errors, 0);
+    g.pause().unwrap();
+    let bad = memory - PAGE + 16;
+    g.memory()
+        .guest_memory_mmap()
+        .write_obj(0xdead_beef_u64, GuestAddress(bad))
+        .unwrap();
+    g.resume().unwrap();
+    wait_for("the self-check error", || g.status(0).unwrap().errors > 0);
+    assert_eq!(g.status(0).unwrap().first_error, bad);
+    wait_for("the port report", || {
+        g.reports()
+            .contains(&GuestReport::SelfCheckError { vcpu: 0, addr: bad })
+    });
+}
+
+#[test]
+fn a_flipped_or_truncated_state_is_refused_naming_the_field() {
+    if !kvm_or_skip("a_flipped_or_truncated_state_is_refused_naming_the_field") {
+        return;
+    }
+    let g = KvmGuest::boot(
+        &config(8 * MIB, 1, 4 * MIB, WritePattern::Random),
+        Resources::none(true),
+    )
+    .unwrap();
+    wait_for("writes", || g.status(0).unwrap().writes > 10);
+    g.pause().unwrap();
+    let state = g.save_device_state().unwrap();
+    // header 28 bytes, regs section 12 + 144, sregs header 12: byte 10 of sregs.
+    let mut bad = state.clone();
+    bad[28 + 12 + 144 + 12 + 10] ^= 0x04;
+    let e = KvmGuest::from_state(copy_memory(g.memory()), &bad, Resources::none(false))
+        .err()
+        .expect("a flipped byte is refused")
+        .to_string();
+    assert!(e.contains("vCPU 0 sregs") && e.contains("crc"), "{e}");
+    // The running guest refuses it too, and its own state is unchanged.
+    let e = g.load_device_state(&bad).unwrap_err().to_string();
+    assert!(e.contains("vCPU 0 sregs"), "{e}");
+    let e = g
+        .load_device_state(&state[..state.len() - 20])
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("clock") && e.contains("truncated"), "{e}");
+    g.load_device_state(&state).unwrap();
+    g.resume().unwrap();
+    let w = g.status(0).unwrap().writes;
+    wait_for("writes after reloading its own state", || {
+        g.status(0).unwrap().writes > w
+    });
+    assert_eq!(g.vm().failure(), None);
+}
+
+#[test]
+fn a_live_migration_over_loopback_resumes_the_guest_on_the_destination() {
+    if !kvm_or_skip("a_live_migration_over_loopback_resumes_the_guest_on_the_destination") {
+        return;
+    }
+    let guest = KvmGuest::boot(
+        &config(32 * MIB, 1, 8 * MIB, WritePattern::Random),
+        Resources::none(true),
+    )
+    .unwrap();
+    wait_for("source writes", || guest.status(0).unwrap().writes > 200);
+
+    let listener =
+        Listener::bind(&"tcp:127.0.0.1:0".parse().unwrap(), SocketTuning::default()).unwrap();
+    let uri = listener.uri().clone();
+    let incoming = IncomingOptions {
+        build_guest: KvmGuest::builder(),
+        ..Default::default()
+    };
+    let dst = std::thread::spawn(move || {
+        migrate_in(&listener, &incoming, &Progress::default()).map_err(|e| e.to_string())
+    });
+    let progress = Progress::with_parameters(Parameters {
+        downtime_limit: Duration::from_secs(2),
+        ..Default::default()
+    });
+    let sent = migrate_out(&guest, &uri, &OutgoingOptions::default(), &progress)
+        .expect("the source completes");
+    let got = dst.join().unwrap().expect("the destination completes");
+    assert_eq!(progress.status(), Status::Completed);
+    assert!(!guest.is_running(), "the source stays paused");
+    assert!(got.guest.is_running(), "the destination runs the guest");
+    assert_eq!(sent.dirty_tracker.as_deref(), Some("kvm-log"));
+    assert_eq!(
+        sent.switchover_digest, got.summary.switchover_digest,
+        "memory and device state at switchover equal the destination's"
+    );
+    let at_switchover = guest.status(0).unwrap();
+    assert_clean(guest.memory(), 1);
+    wait_for("the destination's counter advances", || {
+        vcpu_status(&got.memory, 0).unwrap().writes > at_switchover.writes + 200
+    });
+    assert_clean(&got.memory, 1);
+    let d = vcpu_status(&got.memory, 0).unwrap();
+    eprintln!(
+        "live: {} passes, {} bytes of RAM; source stopped at {} writes, destination at {} (verified {}, errors {}); guest-seen max TSC gap {} µs",
+        sent.passes,
+        sent.ram_bytes,
+        at_switchover.writes,
+        d.writes,
+        d.verified,
+        d.errors,
+        d.max_gap_ticks * 1000 / u64::from(guest.vm().tsc_khz())
+    );
+    got.guest.pause().unwrap();
+}
+
+/// One hop: migrates `guest` to a fresh destination (its memory ferry's
+/// own, or a `GuestMemoryMmap` the destination VMM holds) and returns the
+/// destination's guest and memory once its counters advanced past the
+/// source's.
+fn hop(
+    guest: &dyn Guest,
+    vcpus: usize,
+    provided: bool,
+    params: Parameters,
+) -> (Box<dyn Guest>, Arc<GuestMemory>, ferry::Summary) {
+    let listener =
+        Listener::bind(&"tcp:127.0.0.1:0".parse().unwrap(), SocketTuning::default()).unwrap();
+    let uri = listener.uri().clone();
+    let memory = if provided {
+        let len = guest.memory().total_bytes() as usize;
+        let mmap = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), len)]).unwrap();
+        ferry::DestinationMemory::Provided(Arc::new(
+            GuestMemory::from_guest_memory_mmap(&mmap, 4096).unwrap(),
+        ))
+    } else {
+        ferry::DestinationMemory::Anonymous
+    };
+    let incoming = IncomingOptions {
+        memory,
+        build_guest: KvmGuest::builder(),
+        ..Default::default()
+    };
+    let dst = std::thread::spawn(move || {
+        migrate_in(&listener, &incoming, &Progress::default()).map_err(|e| e.to_string())
+    });
+    let progress = Progress::with_parameters(params);
+    let sent = migrate_out(guest, &uri, &OutgoingOptions::default(), &progress)
+        .expect("the source completes");
+    let got = dst.join().unwrap().expect("the destination completes");
+    assert_eq!(progress.status(), Status::Completed);
+    assert!(!guest.is_running() && got.guest.is_running());
+    assert_eq!(sent.switchover_digest, got.summary.switchover_digest);
+    let before: Vec<u64> = (0..vcpus)
+        .map(|i| vcpu_status(guest.memory(), i).unwrap().writes)
+        .collect();
+    assert_clean(guest.memory(), vcpus);
+    wait_for("every vCPU's counter advances on the destination", || {
+        (0..vcpus).all(|i| vcpu_status(&got.memory, i).unwrap().writes > before[i] + 50)
+    });
+    assert_clean(&got.memory, vcpus);
+    (got.guest, got.memory, sent)
+}
+
+#[test]
+fn two_vcpus_ping_pong_through_six_live_migrations() {
+    if !kvm_or_skip("two_vcpus_ping_pong_through_six_live_migrations") {
+        return;
+    }
+    let first = KvmGuest::boot(
+        &config(32 * MIB, 2, 8 * MIB, WritePattern::Hotset(25)),
+        Resources::none(true),
+    )
+    .unwrap();
+    wait_for("source writes", || writes(first.memory(), 2) > 200);
+    let params = Parameters {
+        downtime_limit: Duration::from_secs(2),
+        ..Default::default()
+    };
+    let (mut guest, mut memory, _) = hop(&first, 2, false, params.clone());
+    drop(first);
+    for n in 1..6 {
+        let (next, next_memory, sent) = hop(&*guest, 2, n % 2 == 1, params.clone());
+        eprintln!(
+            "hop {n}: {} passes, destination at {} writes",
+            sent.passes,
+            writes(&next_memory, 2)
+        );
+        guest.pause().unwrap();
+        drop(guest);
+        (guest, memory) = (next, next_memory);
+    }
+    assert_clean(&memory, 2);
+    guest.pause().unwrap();
+}
+
+/// A migration with auto-converge on: ferry throttles the KVM guest's
+/// vCPUs through `set_throttle` when a pass dirties more than half of what
+/// it sends (here usually: the guest writes as fast as it can, the passes
+/// may send 4 MiB/s); how far it goes depends on the machine's speed, so
+/// the test asserts only that the migration completes and the guest runs
+/// clean (the throttle itself is exercised in the boot test).
+#[test]
+fn auto_converge_migrates_the_kvm_guest() {
+    if !kvm_or_skip("auto_converge_migrates_the_kvm_guest") {
+        return;
+    }
+    let g = KvmGuest::boot(
+        &config(8 * MIB, 1, 0, WritePattern::Random),
+        Resources::none(true),
+    )
+    .unwrap();
+    wait_for("source writes", || writes(g.memory(), 1) > 100);
+    let params = Parameters {
+        downtime_limit: Duration::from_millis(50),
+        auto_converge: true,
+        max_bandwidth: 4 * MIB,
+        ..Default::default()
+    };
+    let (dst, _memory, sent) = hop(&g, 1, false, params);
+    eprintln!(
+        "auto-converge: {} passes, throttle up to {}%",
+        sent.passes, sent.throttle_percent
+    );
+    dst.pause().unwrap();
+}
+
+/// A source whose dirty log loses every work-area page: the destination
+/// gets stale pages, and the guest's self-check must say so. This is what
+/// gives the clean self-check of the other migrations its meaning.
+struct LossyGuest {
+    inner: KvmGuest,
+    log: LossyLog,
+}
+
+struct LossyLog {
+    inner: ferry_vmm::KvmDirtyLog,
+    first_lost_page: u64,
+}
+
+impl ferry::DirtyLog for LossyLog {
+    fn name(&self) -> &'static str {
+        "lossy"
+    }
+    fn start(&self) -> Result<(), ferry_ram::RamError> {
+        self.inner.start()
+    }
+    fn sync(&self, into: &[ferry::PageBitmap]) -> Result<u64, ferry_ram::RamError> {
+        let scratch: Vec<_> = into
+            .iter()
+            .map(|b| ferry::PageBitmap::new(b.pages(), false))
+            .collect();
+        let n = self.inner.sync(&scratch)?;
+        for (s, b) in scratch.iter().zip(into) {
+            for p in s.iter_set().filter(|&p| p < self.first_lost_page) {
+                b.set(p);
+            }
+        }
+        Ok(n)
+    }
+    fn stop(&self) -> Result<(), ferry_ram::RamError> {
+        self.inner.stop()
+    }
+    fn mark(&self, _: usize, _: u64) {}
+}
+
+impl Guest for LossyGuest {
+    fn memory(&self) -> &Arc<GuestMemory> {
+        self.inner.memory()
+    }
+    fn dirty_log(&self) -> Option<&dyn ferry::DirtyLog> {
+        Some(&self.log)
+    }
+    fn pause(&self) -> Result<(), ferry::GuestError> {
+        self.inner.pause()
+    }
+    fn resume(&self) -> Result<(), ferry::GuestError> {
+        self.inner.resume()
+    }
+    fn is_running(&self) -> bool {
+        self.inner.is_running()
+    }
+    fn save_device_state(&self) -> Result<Vec<u8>, ferry::GuestError> {
+        self.inner.save_device_state()
+    }
+    fn load_device_state(&self, s: &[u8]) -> Result<(), ferry::GuestError> {
+        self.inner.load_device_state(s)
+    }
+    fn set_throttle(&self, p: u8) {
+        self.inner.set_throttle(p)
+    }
+    fn resources(&self) -> &Resources {
+        self.inner.resources()
+    }
+}
+
+#[test]
+fn a_lossy_dirty_log_is_caught_by_the_guest_self_check() {
+    if !kvm_or_skip("a_lossy_dirty_log_is_caught_by_the_guest_self_check") {
+        return;
+    }
+    let memory = 16 * MIB;
+    let inner = KvmGuest::boot(
+        &config(memory, 1, 0, WritePattern::Random),
+        Resources::none(true),
+    )
+    .unwrap();
+    wait_for("source writes", || writes(inner.memory(), 1) > 100);
+    let log = LossyLog {
+        inner: inner.dirty_log_handle(),
+        first_lost_page: work_start(memory) / PAGE,
+    };
+    let guest = LossyGuest { inner, log };
+    let listener =
+        Listener::bind(&"tcp:127.0.0.1:0".parse().unwrap(), SocketTuning::default()).unwrap();
+    let uri = listener.uri().clone();
+    // ferry's own checks would refuse the result first: the switchover
+    // digest (off here) and per-page checksums (off below).
+    let incoming = IncomingOptions {
+        build_guest: KvmGuest::builder(),
+        digest_before_resume: false,
+        ..Default::default()
+    };
+    let dst = std::thread::spawn(move || {
+        migrate_in(&listener, &incoming, &Progress::default()).map_err(|e| e.to_string())
+    });
+    let params = Parameters {
+        downtime_limit: Duration::from_secs(2),
+        ..Default::default()
+    };
+    // Without per-page checksums: with them ferry itself notices pages
+    // that changed in flight and were never sent again, and fails first.
+    let mut opts = OutgoingOptions::default();
+    opts.sender.checksum = false;
+    migrate_out(&guest, &uri, &opts, &Progress::with_parameters(params))
+        .expect("the source completes (it cannot know its log lied)");
+    let got = dst.join().unwrap().expect("the destination completes");
+    wait_for("the destination's self-check error", || {
+        vcpu_status(&got.memory, 0).unwrap().errors > 0
+    });
+    let s = vcpu_status(&got.memory, 0).unwrap();
+    assert!(s.first_error >= work_start(memory) && s.first_error < memory);
+    eprintln!(
+        "lossy: the destination found {} bad page(s), first word at {:#x}",
+        s.errors, s.first_error
+    );
+    got.guest.pause().unwrap();
+}
