@@ -14,7 +14,7 @@ use xxhash_rust::xxh3::Xxh3;
 use crate::{read_in_pieces, GuestMemory, RamBlock};
 
 /// Bytes copied out of guest memory at a time while hashing.
-const PIECE: usize = 64 << 10;
+const PIECE: usize = 16 << 10;
 
 /// Bytes per independently hashed piece.
 pub const DIGEST_CHUNK: usize = 16 << 20;

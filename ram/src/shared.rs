@@ -23,6 +23,7 @@ use crate::is_zero_page;
 ///
 /// Page-aligned memory (the data path's case) is read in place, 8 bytes a
 /// load; anything else is copied out in pieces first.
+#[inline]
 pub fn is_zero(mem: &VolatileSlice) -> bool {
     let ptr = mem.ptr_guard().as_ptr();
     let len = mem.len();
