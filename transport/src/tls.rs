@@ -645,6 +645,20 @@ impl TlsChannel {
         seal_locked(&mut conn, plain, out)
     }
 
+    /// Encrypts `plain` as TLS records and writes them to the socket as
+    /// rustls makes them (from its record buffer to the kernel, with no
+    /// copy of ours between); returns when all are written, with their
+    /// length. One thread seals and sends a channel's records.
+    pub fn seal_and_send(&self, plain: &[IoSlice<'_>]) -> io::Result<u64> {
+        let mut conn = self.conn.lock().unwrap();
+        let mut out = CountingWriter {
+            inner: &self.socket,
+            written: 0,
+        };
+        seal_locked(&mut conn, plain, &mut out)?;
+        Ok(out.written)
+    }
+
     /// Fills `dst` with plaintext. `recv` is asked for more ciphertext when
     /// rustls has no plaintext left; it fills the slice it is given (at
     /// least one byte) and returns how many bytes it wrote, 0 at the end of
@@ -730,10 +744,32 @@ impl TlsChannel {
     }
 }
 
+/// A writer that counts what it passed on.
+struct CountingWriter<W> {
+    inner: W,
+    written: u64,
+}
+
+impl<W: Write> Write for CountingWriter<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.written += n as u64;
+        Ok(n)
+    }
+    fn write_vectored(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
+        let n = self.inner.write_vectored(bufs)?;
+        self.written += n as u64;
+        Ok(n)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}
+
 fn seal_locked(
     conn: &mut rustls::Connection,
     plain: &[IoSlice<'_>],
-    out: &mut Vec<u8>,
+    out: &mut dyn Write,
 ) -> io::Result<()> {
     conn.set_buffer_limit(None);
     // With no buffer limit rustls takes all of it at once; the loop only
@@ -786,7 +822,7 @@ impl Channel for TlsChannel {
         out.clear();
         {
             let mut conn = self.conn.lock().unwrap();
-            seal_locked(&mut conn, &[IoSlice::new(buf)], &mut out)?;
+            seal_locked(&mut conn, &[IoSlice::new(buf)], &mut *out)?;
         }
         (&self.socket).write_all(&out)
     }

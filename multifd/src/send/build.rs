@@ -48,10 +48,8 @@ pub(super) struct Slot {
     pub(super) page_size: u64,
     /// The packet's size in ferry framing (what the counters add up).
     pub(super) wire: u64,
-    /// Bytes this slot's send puts on the socket (TLS records included).
+    /// Bytes this slot's ring send puts on the socket.
     pub(super) send_len: u64,
-    /// The sealed packet, on a TLS channel.
-    pub(super) cipher: Vec<u8>,
     /// The compressed payload, when compressed.
     pub(super) zbuf: Vec<u8>,
     /// The payload's pages copied out of guest memory, when the builder
@@ -85,7 +83,6 @@ impl Slot {
             page_size: 0,
             wire: 0,
             send_len: 0,
-            cipher: Vec::new(),
             zbuf: Vec::new(),
             payload: Vec::new(),
             owns_payload: false,

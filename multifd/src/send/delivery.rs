@@ -25,10 +25,10 @@ pub(super) enum Delivery {
     RingCopy,
     /// io_uring `sendmsg_zc` chains: pages pinned until the notification.
     RingZeroCopy,
-    /// TLS: the packet is sealed into the slot's ciphertext buffer, which
-    /// goes by `sendmsg`. Its builder copies every payload out of guest
-    /// memory (`PacketBuilder::new(.., sealed: true)`), so rustls reads only
-    /// the slot's own buffers.
+    /// TLS: the packet is sealed into records that rustls writes to the
+    /// socket at once (blocking, like splice). Its builder copies every
+    /// payload out of guest memory (`PacketBuilder::new(.., sealed:
+    /// true)`), so rustls reads only the slot's own buffers.
     TlsRecords(Arc<TlsChannel>),
 }
 
@@ -128,16 +128,10 @@ impl Delivery {
                         ))
                     })
                     .collect();
-                s.cipher.clear();
-                tls.seal(&plain, &mut s.cipher)?;
-                drop(plain);
-                s.iov.clear();
-                s.iov.push(libc::iovec {
-                    iov_base: s.cipher.as_mut_ptr().cast(),
-                    iov_len: s.cipher.len(),
-                });
-                (s.send_len, s.awaiting) = (s.cipher.len() as u64, 1);
-                Ok(Handoff::Queued)
+                // The records go from rustls's buffer straight to the
+                // socket: a copy fewer than sealing into the slot first.
+                tls.seal_and_send(&plain)?;
+                Ok(Handoff::Sent(s.wire))
             }
         }
     }

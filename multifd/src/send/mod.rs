@@ -19,12 +19,14 @@
 //!   io_uring as one linked chain of `sendmsg` (or `sendmsg_zc`) operations,
 //!   so many sends are in flight while the thread prepares the next ones.
 //!
-//! With `--compress zstd` a packet's pages are compressed into the slot's
-//! own buffer (one context per thread), and on a TLS channel the whole
-//! packet is sealed into the slot's ciphertext buffer; both then go out by
-//! io_uring `sendmsg` (a pipe would hold references to a buffer the thread
-//! reuses). Either way the stream stays in order, and a pass ends with a
-//! SYNC packet on every channel. A TLS channel ends with close_notify after
+//! With `--compress zstd` or TLS a packet's payload is first copied out of
+//! guest memory into its slot (zstd and rustls then read that copy, and the
+//! checksum too). zstd compresses into the slot's own buffer (one context
+//! per thread); a splice then copies the slot's buffers into the pipe
+//! rather than lending them (the thread reuses them). On a TLS channel the
+//! packet is sealed into records that rustls writes to the socket at once.
+//! Either way the stream stays in order, and a pass ends with a SYNC packet
+//! on every channel. A TLS channel ends with close_notify after
 //! its END packet.
 
 //!
