@@ -454,7 +454,7 @@ impl Source<'_> {
         // with its own before its guest may run.
         let digest = if s.destination_verifies {
             self.progress.set_phase("verifying");
-            let d = Digest::of_guest(&self.memory, &device_state);
+            let d = self.switchover_digest(&device_state);
             self.summary.wire_bytes += s.main.send(&Message::Verify { digest: d.0 })?;
             self.handed_over = true;
             Some(d)
@@ -519,9 +519,18 @@ impl Source<'_> {
         // Without verification the guest stays paused here, so memory is
         // still as it was at switchover; hashing now costs no downtime (and
         // no CPU the destination needed to resume).
-        let digest = digest.unwrap_or_else(|| Digest::of_guest(&self.memory, &device_state));
+        let digest = digest.unwrap_or_else(|| self.switchover_digest(&device_state));
         self.summary.switchover_digest = Some(digest.to_string());
         Ok(())
+    }
+
+    /// The digest of memory and device state at switchover; the memory's
+    /// own digest goes in the summary too (what the source sent: the guest
+    /// stays paused after a completed migration, so it is not hashed twice).
+    fn switchover_digest(&mut self, device_state: &[u8]) -> Digest {
+        let memory = Digest::of_memory(&self.memory);
+        self.summary.digest = Some(memory.to_string());
+        Digest::with_device_state(memory, device_state)
     }
 
     fn check_cancel(&self) -> Result<(), MigrationError> {

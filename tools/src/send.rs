@@ -199,7 +199,7 @@ fn migrate(a: SendArgs) -> anyhow::Result<bool> {
         Ok(s) => (s, true),
         Err(f) => (*f.summary, false),
     };
-    if ok {
+    if ok && summary.digest.is_none() {
         summary.digest = Some(guest.memory().digest().to_string());
     }
     print_summary("send", &summary, a.json);
