@@ -455,7 +455,7 @@ impl Source<'_> {
         let digest = if s.destination_verifies {
             self.progress.set_phase("verifying");
             let d = self.switchover_digest(&device_state);
-            self.summary.wire_bytes += s.main.send(&Message::Verify { digest: d.0 })?;
+            self.summary.wire_bytes += s.main.send(&Message::Verify { digest: d.1 .0 })?;
             self.handed_over = true;
             Some(d)
         } else {
@@ -482,7 +482,7 @@ impl Source<'_> {
                 self.progress.set_downtime(downtime);
                 self.summary.downtime_ms = Some(downtime.as_secs_f64() * 1e3);
                 self.summary.destination_resumed_at_unix = Some(unix_nanos as f64 / 1e9);
-                if let Some(ours) = digest {
+                if let Some((_, ours)) = digest {
                     match theirs {
                         Some(t) if t == ours.0 => self.summary.verified = Some(true),
                         Some(t) => {
@@ -519,18 +519,19 @@ impl Source<'_> {
         // Without verification the guest stays paused here, so memory is
         // still as it was at switchover; hashing now costs no downtime (and
         // no CPU the destination needed to resume).
-        let digest = digest.unwrap_or_else(|| self.switchover_digest(&device_state));
+        let (memory, digest) = digest.unwrap_or_else(|| self.switchover_digest(&device_state));
         self.summary.switchover_digest = Some(digest.to_string());
+        // What the source sent: the guest stays paused after a completed
+        // migration, so its memory is not hashed a second time.
+        self.summary.digest = Some(memory.to_string());
         Ok(())
     }
 
-    /// The digest of memory and device state at switchover; the memory's
-    /// own digest goes in the summary too (what the source sent: the guest
-    /// stays paused after a completed migration, so it is not hashed twice).
-    fn switchover_digest(&mut self, device_state: &[u8]) -> Digest {
+    /// The digests of memory, and of memory and device state together, at
+    /// switchover.
+    fn switchover_digest(&self, device_state: &[u8]) -> (Digest, Digest) {
         let memory = Digest::of_memory(&self.memory);
-        self.summary.digest = Some(memory.to_string());
-        Digest::with_device_state(memory, device_state)
+        (memory, Digest::with_device_state(memory, device_state))
     }
 
     fn check_cancel(&self) -> Result<(), MigrationError> {
