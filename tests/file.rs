@@ -5,6 +5,8 @@
 //! typed error that names it.
 
 mod common;
+#[path = "common/sparse.rs"]
+mod sparse;
 
 use std::fs::File;
 use std::os::fd::AsRawFd;
@@ -23,6 +25,7 @@ use ferry::{
 use ferry_ram::pattern::{fill_block, Pattern};
 use ferry_ram::DirtyLog;
 use ferry_ram::{BlockSpec, RamError};
+use sparse::huge_sparse_file;
 
 fn guest_memory() -> Arc<GuestMemory> {
     let spec = |name: &str, len: u64, page_size: u32| BlockSpec {
@@ -510,49 +513,4 @@ fn a_huge_sparse_guest_restores_into_a_sparse_file_and_verifies() {
         assert!(b.iter().all(|&x| x == byte), "page {p}");
     }
     assert!(hidden(dir.path()).is_empty(), "{:?}", hidden(dir.path()));
-}
-
-/// Writes a saved guest of one 4 KiB-page block of `len` bytes whose only
-/// present pages are a few spread over it (each filled with one byte
-/// value), without ever holding `len` bytes: its bitmap, checksums and
-/// header as a save writes them. Returns the file and (page, byte) pairs.
-fn huge_sparse_file(dir: &Path, len: u64) -> (PathBuf, Vec<(u64, u8)>) {
-    use ferry_ram::mapped::{region_checksum, write_metadata, zero_checksum, FileLayout};
-    let specs = [BlockSpec {
-        name: "ram".into(),
-        len,
-        page_size: 4096,
-    }];
-    let device_state = b"huge sparse guest".to_vec();
-    let mut layout = FileLayout::plan(&specs, device_state.len() as u64).unwrap();
-    let path = dir.join("huge.ferry");
-    let f = File::create(&path).unwrap();
-    f.set_len(layout.file_len).unwrap();
-    let pages_total = len / 4096;
-    let pages: Vec<(u64, u8)> = [0, 1, 300, pages_total / 2, pages_total - 1]
-        .into_iter()
-        .zip(1u8..)
-        .collect();
-    let b = layout.blocks[0].clone();
-    let rs = u64::from(layout.region_size);
-    let mut bitmap = vec![0u64; (b.bitmap_len() / 8) as usize];
-    let mut sums = vec![zero_checksum(rs); b.regions(layout.region_size) as usize];
-    for &(p, byte) in &pages {
-        bitmap[(p / 64) as usize] |= 1 << (p % 64);
-        f.write_all_at(&[byte; 4096], b.page_file_offset(p))
-            .unwrap();
-    }
-    for &(p, _) in &pages {
-        let r = p * 4096 / rs;
-        let mut region = vec![0u8; rs as usize];
-        for &(q, byte) in &pages {
-            if q * 4096 / rs == r {
-                let at = (q * 4096 - r * rs) as usize;
-                region[at..at + 4096].fill(byte);
-            }
-        }
-        sums[r as usize] = region_checksum(&region);
-    }
-    write_metadata(&f, &path, &mut layout, &[bitmap], &[sums], &device_state).unwrap();
-    (path, pages)
 }
