@@ -127,11 +127,10 @@ impl SavedFile {
 pub(crate) mod tests {
     use std::os::unix::fs::FileExt;
 
-    use ferry_ram::mapped::FileLayout;
     use ferry_ram::{BlockSpec, Counters, GuestMemory, RamError};
 
     use super::*;
-    use crate::{write_pages, FileOptions};
+    use crate::FileOptions;
 
     /// A guest of two blocks with a few non-zero pages, saved to a file
     /// in `dir` as a save writes it; returns the path, the memory and the
@@ -160,23 +159,7 @@ pub(crate) mod tests {
             let b = &mem.blocks()[block];
             b.page_slice(page).unwrap().copy_from(&[byte; 4096]);
         }
-        let path = dir.join("guest.sav");
-        let mut layout = FileLayout::plan(&specs, 3).unwrap();
-        let meta = File::create(&path).unwrap();
-        meta.set_len(layout.file_len).unwrap();
-        let data = DataFile::open(&path, true, false).unwrap();
-        let written = write_pages(
-            &mem,
-            &layout,
-            &data,
-            &path,
-            &FileOptions::default(),
-            &Counters::default(),
-        )
-        .unwrap();
-        written
-            .write_metadata(&meta, &path, &mut layout, b"dev")
-            .unwrap();
+        let (path, _, written) = crate::tests::save_to(&mem, &dir.join("guest.sav"));
         (path, mem, written)
     }
 

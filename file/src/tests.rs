@@ -17,18 +17,21 @@ fn fill_page(b: &ferry_ram::RamBlock, p: u64, byte: u8) {
     b.page_slice(p).unwrap().copy_from(&vec![byte; ps][..]);
 }
 
-/// A copy of all of `b` (nobody else touches the test's memory).
-fn copy(b: &ferry_ram::RamBlock) -> Vec<u8> {
-    let mut v = vec![0u8; b.len() as usize];
-    b.as_volatile_slice().copy_to(&mut v[..]);
-    v
-}
-
 /// A saved file of `specs` holding `mem`, written as a save writes it.
 fn saved(mem: &GuestMemory, name: &str) -> (std::path::PathBuf, FileLayout, WrittenPages) {
+    let path = std::env::temp_dir().join(format!("ferry-{name}-{}", std::process::id()));
+    save_to(mem, &path)
+}
+
+/// Writes `mem` to a saved file at `path` as a save writes it (device
+/// state `dev`).
+pub(crate) fn save_to(
+    mem: &GuestMemory,
+    path: &std::path::Path,
+) -> (std::path::PathBuf, FileLayout, WrittenPages) {
+    let path = path.to_path_buf();
     let specs = mem.specs();
     let mut layout = FileLayout::plan(&specs, 3).unwrap();
-    let path = std::env::temp_dir().join(format!("ferry-{name}-{}", std::process::id()));
     let file = File::create(&path).unwrap();
     file.set_len(layout.file_len).unwrap();
     let data = DataFile::open(&path, true, false).unwrap();
@@ -217,7 +220,7 @@ fn a_later_pass_rewrites_pages_in_place_and_zeroed_pages_read_as_zeros() {
     let saved = SavedFile::open(&path, false).unwrap();
     saved.read_pages(&back, &opts, &counters).unwrap();
     let _ = std::fs::remove_file(&path);
-    assert!(copy(&back.blocks()[0]) == copy(b));
+    assert!(back.blocks()[0].copy_all() == b.copy_all());
     assert_eq!(saved.restored_digest(&back), mem.digest());
 }
 
