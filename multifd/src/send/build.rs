@@ -298,7 +298,7 @@ impl PacketBuilder {
             payload_crc: if !self.checksum || per_page {
                 0
             } else if s.owns_payload {
-                crate::packet::bytes_crc(&s.payload)
+                crate::packet::bytes_crc(&s.payload[..pages.normal * pages.page_size])
             } else {
                 // SAFETY: the payload's iovecs point at pages of
                 // `self.memory`, which this builder holds for the call.
@@ -441,37 +441,25 @@ pub(super) fn reset_iov(iov: &mut Vec<libc::iovec>, header: &mut [u8; HEADER_LEN
 
 /// Copies the payload's pages out of guest memory into the slot's own
 /// `payload` buffer and points its iovecs there instead (run for run, so
-/// the indexes of `ChunkPages` still hold).
+/// the indexes of `ChunkPages` still hold). The buffer only ever grows (to
+/// the largest payload so far): the payload is its first bytes, and
+/// nothing is zeroed per packet.
 ///
 /// # Safety
 /// The slot's payload iovecs (from `PAYLOAD_IOV`) must point at memory
 /// that stays mapped and readable for the call.
 unsafe fn take_payload(s: &mut Slot) {
-    // SAFETY: the caller's guarantee.
-    unsafe { copy_runs(&s.iov[PAYLOAD_IOV..], &mut s.payload) };
+    let total: usize = s.iov[PAYLOAD_IOV..].iter().map(|v| v.iov_len).sum();
+    if s.payload.len() < total {
+        s.payload.resize(total, 0);
+    }
     let mut at = 0;
     for v in &mut s.iov[PAYLOAD_IOV..] {
-        // SAFETY: the runs' lengths add up to `payload.len()` (copy_runs
-        // sized it so), so `at` stays inside the buffer.
-        v.iov_base = unsafe { s.payload.as_mut_ptr().add(at) }.cast();
-        at += v.iov_len;
-    }
-}
-
-/// Copies the bytes the iovecs point at, in order, into `out` (replacing
-/// what it held): guest pages become a private copy that zstd or TLS can
-/// read while the guest goes on writing the pages.
-///
-/// # Safety
-/// Every iovec must point at `iov_len` bytes that stay mapped and readable
-/// for the whole call.
-pub(super) unsafe fn copy_runs(runs: &[libc::iovec], out: &mut Vec<u8>) {
-    out.resize(runs.iter().map(|v| v.iov_len).sum(), 0);
-    let mut at = 0;
-    for v in runs {
         // SAFETY: the caller's guarantee; VolatileSlice tolerates writers.
         let mem = unsafe { VolatileSlice::new(v.iov_base.cast::<u8>(), v.iov_len) };
-        mem.copy_to(&mut out[at..at + v.iov_len]);
+        let copy = &mut s.payload[at..at + v.iov_len];
+        mem.copy_to(copy);
+        v.iov_base = copy.as_mut_ptr().cast();
         at += v.iov_len;
     }
 }
