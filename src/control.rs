@@ -403,9 +403,7 @@ fn greeting() -> Value {
 impl Server {
     fn run(mut self) {
         while !self.stop.load(Ordering::SeqCst) {
-            let listening = self
-                .accept_paused_until
-                .map_or(true, |t| Instant::now() >= t);
+            let listening = self.accept_paused_until.is_none_or(|t| Instant::now() >= t);
             let mut fds = vec![
                 pollfd(self.woken.as_raw_fd(), libc::POLLIN),
                 pollfd(

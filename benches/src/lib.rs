@@ -258,7 +258,7 @@ pub fn run(config: &BenchConfig, log: &mut dyn FnMut(&str)) -> Result<BenchRepor
             len
         }
         None => {
-            if config.size == 0 || config.size % MIB != 0 {
+            if config.size == 0 || !config.size.is_multiple_of(MIB) {
                 return Err(BenchError::Config(format!(
                     "size {} is not a positive multiple of 1 MiB",
                     config.size

@@ -205,7 +205,7 @@ impl RegionScan {
             pages,
             |i| {
                 b.prefetch_page(self.first + i + 1);
-                b.page_slice(self.first + i).map_or(true, |p| is_zero(&p))
+                b.page_slice(self.first + i).is_none_or(|p| is_zero(&p))
             },
             bitmap,
             runs,

@@ -105,7 +105,7 @@ pub fn check_range(
         ));
     };
     if pages == 0
-        || first_page % per != 0
+        || !first_page.is_multiple_of(per)
         || (end != total && end - first_page != per)
         || end - first_page > per
     {

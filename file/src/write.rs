@@ -171,7 +171,7 @@ impl Save<'_> {
         let (mut present, mut zero) = (0u64, 0u64);
         for index in dirty.iter_set_in(first, end) {
             dirty.clear(index);
-            if b.page_slice(index).map_or(true, |p| is_zero(&p)) {
+            if b.page_slice(index).is_none_or(|p| is_zero(&p)) {
                 zero += 1;
                 // Its place must read as zeros: rewrite it if it held data.
                 if bitmap.test_and_clear(index) {

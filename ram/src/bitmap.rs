@@ -137,9 +137,9 @@ impl PageBitmap {
         if words.len() as u64 != pages.div_ceil(64) {
             return None;
         }
-        let tail_ok = !words
+        let tail_ok = words
             .last()
-            .is_some_and(|&w| w & !full_word(pages, words.len() - 1) != 0);
+            .is_none_or(|&w| w & !full_word(pages, words.len() - 1) == 0);
         tail_ok.then(|| Self {
             words: words.iter().map(|&w| AtomicU64::new(w)).collect(),
             pages,

@@ -347,7 +347,7 @@ fn check_shape(name: &str, len: u64, page_size: u32) -> Result<(), RamError> {
             page_size,
         });
     }
-    if len == 0 || len % u64::from(page_size) != 0 {
+    if len == 0 || !len.is_multiple_of(u64::from(page_size)) {
         return Err(RamError::BadLength {
             block: name.into(),
             len,

@@ -584,7 +584,7 @@ impl FileLayout {
             if self.blocks[..i].iter().any(|o| o.name == b.name) {
                 return Err(RamError::DuplicateName(b.name.clone()));
             }
-            if self.region_size % b.page_size != 0 {
+            if !self.region_size.is_multiple_of(b.page_size) {
                 return Err(RamError::BadField {
                     path: path.into(),
                     block: b.name.clone(),
@@ -890,7 +890,7 @@ fn decode_entry(e: &[u8], index: usize, path: &Path) -> Result<BlockLayout, RamE
         return Err(bad(name, format!("page size {page_size}")));
     }
     let len = le64(e, 264);
-    if len == 0 || len % u64::from(page_size) != 0 {
+    if len == 0 || !len.is_multiple_of(u64::from(page_size)) {
         return Err(bad(
             name,
             format!("length {len} is not a positive multiple of the page size {page_size}"),
@@ -920,7 +920,7 @@ fn check_range(
     file_len: u64,
 ) -> Result<(), RamError> {
     let end = offset.checked_add(len);
-    if offset < floor || end.map_or(true, |e| e > file_len) {
+    if offset < floor || end.is_none_or(|e| e > file_len) {
         return Err(RamError::OutsideFile {
             path: path.into(),
             block: block.into(),
@@ -943,7 +943,7 @@ fn header_checksum(header_and_table: &[u8]) -> u64 {
 
 fn tail_bits_clear(words: &[u64], pages: u64) -> bool {
     let used = pages % 64;
-    used == 0 || words.last().map_or(true, |w| w >> used == 0)
+    used == 0 || words.last().is_none_or(|w| w >> used == 0)
 }
 
 fn le32(b: &[u8], at: usize) -> u32 {

@@ -74,7 +74,7 @@ fn fill_piece(piece: &mut [u8], index: u64, pattern: Pattern, seed: u64) {
 /// Writes a dataset of `size` bytes to `path` (created or truncated), using
 /// all cores. `size` must be a multiple of 1 MiB.
 pub fn write_file(path: &Path, size: u64, pattern: Pattern, seed: u64) -> Result<(), RamError> {
-    if size == 0 || size % PIECE as u64 != 0 {
+    if size == 0 || !size.is_multiple_of(PIECE as u64) {
         return Err(RamError::DatasetSize {
             path: path.into(),
             size,

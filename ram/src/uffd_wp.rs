@@ -394,8 +394,8 @@ impl WriteProtect {
             what: "no such block".into(),
             source: std::io::Error::from(std::io::ErrorKind::InvalidInput),
         })?;
-        let aligned = offset % r.page_size == 0 && len % r.page_size == 0;
-        if !aligned || len == 0 || !offset.checked_add(len).is_some_and(|e| e <= r.len) {
+        let aligned = offset.is_multiple_of(r.page_size) && len.is_multiple_of(r.page_size);
+        if !aligned || len == 0 || offset.checked_add(len).is_none_or(|e| e > r.len) {
             return Err(RamError::DirtyLog {
                 tracker: "write-protect",
                 block: r.name.clone(),

@@ -506,7 +506,7 @@ impl Drop for Vm {
 }
 
 fn check_config(c: &VmConfig) -> Result<(), VmmError> {
-    if !(MIN_MEMORY..=MAX_MEMORY).contains(&c.memory) || c.memory % (2 << 20) != 0 {
+    if !(MIN_MEMORY..=MAX_MEMORY).contains(&c.memory) || !c.memory.is_multiple_of(2 << 20) {
         return Err(VmmError::Config(format!(
             "guest RAM of {} bytes: a multiple of 2 MiB from {} MiB to {} GiB",
             c.memory,

@@ -163,7 +163,7 @@ impl SenderPool {
         mut opts: SenderOptions,
     ) -> Result<Self, MultifdError> {
         if opts.packet_pages == 0
-            || opts.packet_pages % 64 != 0
+            || !opts.packet_pages.is_multiple_of(64)
             || opts.packet_pages > MAX_PACKET_PAGES
         {
             return Err(MultifdError::PacketPages {
