@@ -7,7 +7,8 @@
 //! candidate is measured in place (memory nobody writes, as in a paused
 //! guest's final pass) and through a copy into a private 16 KiB buffer
 //! (`ferry_ram::read_in_pieces`, what a live pass must do), and once folded
-//! into the zero scan that already reads the page. `cargo bench -p
+//! into the zero scan that already reads the page; and `ferry_ram::crc32`,
+//! which reads shared memory in place by inline assembly. `cargo bench -p
 //! ferry-bench --bench checksum` runs it in about a minute.
 
 use std::hint::black_box;
@@ -15,7 +16,7 @@ use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use ferry_ram::pattern::{fill_block, Pattern};
-use ferry_ram::{is_zero, read_in_pieces, RamBlock};
+use ferry_ram::{crc32, is_zero, read_in_pieces, RamBlock};
 
 const PAGE: u64 = 4096;
 const LEN: u64 = 256 << 20;
@@ -73,6 +74,29 @@ fn pages(c: &mut Criterion) {
             })
         });
     }
+    // Sound without a copy: `ferry_ram::crc32` loads guest memory by
+    // inline assembly (crc32fast's value, read in place).
+    g.bench_function("crc32 in place (ferry_ram::crc32, shared memory)", |b| {
+        b.iter(|| {
+            let mut acc = 0u64;
+            for p in 0..count {
+                acc ^= u64::from(crc32(0, &block.page_slice(p).unwrap()));
+            }
+            black_box(acc)
+        })
+    });
+    g.bench_function("zero scan, then crc32 in place (shared memory)", |b| {
+        b.iter(|| {
+            let mut acc = 0u64;
+            for p in 0..count {
+                let page = block.page_slice(p).unwrap();
+                if !is_zero(&page) {
+                    acc ^= u64::from(crc32(0, &page));
+                }
+            }
+            black_box(acc)
+        })
+    });
     g.bench_function("zero scan alone", |b| {
         b.iter(|| {
             (0..count)

@@ -36,7 +36,7 @@
 //! before in this pass by any packet on any channel) before it reads a
 //! single payload byte.
 
-use ferry_ram::{read_in_pieces, VolatileSlice};
+use ferry_ram::VolatileSlice;
 
 /// Bytes of the fixed header.
 pub const HEADER_LEN: usize = 64;
@@ -343,12 +343,10 @@ fn header_crc(b: &[u8; HEADER_LEN], offsets: &[u64], page_crcs: &[u32]) -> u32 {
     h.finalize()
 }
 
-/// crc32 of one page of guest memory others may be writing: the bytes
-/// are copied into `scratch` piece by piece and the copy is hashed.
-pub fn page_crc(page: &VolatileSlice, scratch: &mut [u8]) -> u32 {
-    let mut crc = crc32fast::Hasher::new();
-    read_in_pieces(page, scratch, |piece| crc.update(piece));
-    crc.finalize()
+/// crc32 of one page of guest memory others may be writing, read in place
+/// ([`ferry_ram::crc32`] loads it without forming a `&[u8]`).
+pub fn page_crc(page: &VolatileSlice) -> u32 {
+    ferry_ram::crc32(0, page)
 }
 
 /// crc32 of bytes nobody writes meanwhile (a page this thread received).
@@ -371,21 +369,19 @@ pub fn page_crcs_as_bytes_mut(crcs: &mut [u32]) -> &mut [u8] {
 
 /// crc32 of a payload given as the iovecs over its pages, in order: the
 /// same value whether adjacent pages were merged into runs or not. Each run
-/// is copied into `scratch` piece by piece and the copies are hashed, so
-/// others may write the pages meanwhile (a changed page fails its check).
+/// is read in place by [`ferry_ram::crc32`], so others may write the pages
+/// meanwhile (a page that changes fails its check, or goes again as dirty).
 ///
 /// # Safety
 /// Every iovec must point at `iov_len` bytes of memory that stays mapped
 /// and readable for the whole call (guest RAM the caller holds).
-pub unsafe fn payload_crc(runs: &[libc::iovec], scratch: &mut [u8]) -> u32 {
-    let mut crc = crc32fast::Hasher::new();
-    for run in runs {
+pub unsafe fn payload_crc(runs: &[libc::iovec]) -> u32 {
+    runs.iter().fold(0, |crc, run| {
         // SAFETY: the caller's guarantee: the run is mapped and readable
         // for the call; VolatileSlice tolerates concurrent writers.
         let mem = unsafe { VolatileSlice::new(run.iov_base.cast::<u8>(), run.iov_len) };
-        read_in_pieces(&mem, scratch, |piece| crc.update(piece));
-    }
-    crc.finalize()
+        ferry_ram::crc32(crc, &mem)
+    })
 }
 
 /// crc32 of a payload as [`payload_crc`] computes it, over runs nobody
@@ -504,10 +500,7 @@ mod tests {
         let b = ferry_ram::RamBlock::anonymous("t", 2 * 4096, 4096).unwrap();
         let data: Vec<u8> = (0..4096).map(|i| (i % 253) as u8).collect();
         b.page_slice(1).unwrap().copy_from(&data);
-        assert_eq!(
-            page_crc(&b.page_slice(1).unwrap(), &mut [0u8; 1000]),
-            crc32fast::hash(&data)
-        );
+        assert_eq!(page_crc(&b.page_slice(1).unwrap()), crc32fast::hash(&data));
     }
 
     #[test]

@@ -5,8 +5,8 @@
 //! the page bitmaps that say which pages to move, the dirty logs of a
 //! running guest (a writer-marked bitmap, and userfaultfd write-protect),
 //! the reads of memory others write ([`shared`]: zero scan, copies into
-//! private buffers), the digest that proves both sides hold the same
-//! bytes, the deterministic datasets `ferry gen` writes, the layout of a
+//! private buffers; [`crc32`]: the data path's checksum, in place), the
+//! digest that proves both sides hold the same bytes, the deterministic datasets `ferry gen` writes, the layout of a
 //! saved guest's file ([`mapped`]), userfaultfd helpers ([`uffd`]) and the
 //! [`Counters`] of pages and bytes moved that every data path shares. It
 //! knows nothing of sockets.
@@ -14,6 +14,7 @@
 mod bitmap;
 mod block;
 mod counters;
+mod crc;
 mod digest;
 mod dirty;
 mod error;
@@ -28,6 +29,7 @@ mod zero;
 pub use bitmap::{set_bits, PageBitmap};
 pub use block::{RamBlock, DEFAULT_PAGE_SIZE};
 pub use counters::{Counters, Totals};
+pub use crc::crc32;
 pub use digest::{Digest, DIGEST_CHUNK};
 pub use dirty::{BitmapLog, DirtyLog};
 pub use error::RamError;

@@ -222,7 +222,7 @@ impl ChannelSender {
                     // The socket may still refer to the pages; a page written
                     // after this check is dirty in the log and goes again anyway.
                     let b = &mut self.builder;
-                    recheck_pages(s, v, &b.memory, &self.counters, &mut b.scratch);
+                    recheck_pages(s, v, &b.memory, &self.counters);
                 }
                 self.free.push(slot);
                 Ok(())
@@ -351,7 +351,7 @@ impl ChannelSender {
         if s.awaiting == 0 {
             if let Some(v) = s.verify.take() {
                 let b = &mut self.builder;
-                recheck_pages(s, v, &b.memory, &self.counters, &mut b.scratch);
+                recheck_pages(s, v, &b.memory, &self.counters);
             }
             self.free.push(slot);
         }
