@@ -6,10 +6,11 @@
 //! running guest (a writer-marked bitmap, and userfaultfd write-protect),
 //! the reads of memory others write ([`shared`]: zero scan, copies into
 //! private buffers; [`crc32`]: the data path's checksum, in place), the
-//! digest that proves both sides hold the same bytes, the deterministic datasets `ferry gen` writes, the layout of a
-//! saved guest's file ([`mapped`]), userfaultfd helpers ([`uffd`]) and the
-//! [`Counters`] of pages and bytes moved that every data path shares. It
-//! knows nothing of sockets.
+//! digest that proves both sides hold the same bytes, the deterministic
+//! datasets `ferry gen` writes, the layout of a saved guest's file
+//! ([`mapped`]), userfaultfd helpers ([`uffd`]) and the [`Counters`] of
+//! pages and bytes moved that every data path shares. It knows nothing of
+//! sockets.
 
 mod bitmap;
 mod block;
