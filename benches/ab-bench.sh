@@ -8,7 +8,8 @@
 # Each round runs `AFTER bench --ferry-exe B --runs 1` once for each build B,
 # the order of the two swapped every round (a fixed order biases the second
 # build on this VM), and prints one line per case: build, channels, wall
-# seconds, sender and receiver CPU seconds. Then the medians per build and
+# seconds, sender and receiver CPU seconds, then the system's steal time (ms)
+# and compaction stalls during the run. Then the medians per build and
 # channel count.
 set -euo pipefail
 rounds=$1 dataset=$2 before=$3 after=$4
@@ -24,7 +25,9 @@ for i in $(seq 0 $((rounds - 1))); do
 import json, sys
 for c in json.load(sys.stdin)['cases']:
     s = c['samples'][0]
-    print('$name', c.get('channels', ''), round(s['wall_s'], 4), round(s.get('cpu_send_s', 0), 3), round(s.get('cpu_recv_s', 0), 3))" |
+    y = s.get('system') or {}
+    print('$name', c.get('channels', ''), round(s['wall_s'], 4), round(s.get('cpu_send_s', 0), 3), round(s.get('cpu_recv_s', 0), 3),
+          y.get('steal_ms', 0), y.get('compact_stall', 0))" |
       tee -a "$out"
   done
 done
@@ -32,7 +35,7 @@ python3 - "$out" <<'PY'
 import collections, statistics as st, sys
 d = collections.defaultdict(list)
 for line in open(sys.argv[1]):
-    b, k, w, cs, cr = line.split()
+    b, k, w, cs, cr = line.split()[:5]
     d[(k, b)].append((float(w), float(cs), float(cr)))
 for (k, b), v in sorted(d.items()):
     w = [x[0] for x in v]

@@ -187,6 +187,12 @@ fn fmt_sample(tool: &str, k: u16, run: usize, runs: usize, s: &Sample) -> String
     if let (Some(snd), Some(rcv)) = (s.send_core_s_per_gib, s.recv_core_s_per_gib) {
         cpu.push_str(&format!(", core-s/GiB send {snd:.3} recv {rcv:.3}"));
     }
+    if let Some(c) = s.system {
+        cpu.push_str(&format!(
+            "; steal {} ms, compaction stalls {}",
+            c.steal_ms, c.compact_stall
+        ));
+    }
     match s.gbps_ram {
         Some(ram) => format!(
             "{tool:<6} K={k} run {run}/{runs}: {:.3} s, {ram:.2} GB/s RAM, {:.2} GB/s wire, CPU {cpu}",
@@ -464,32 +470,38 @@ pub fn run(config: &BenchConfig, log: &mut dyn FnMut(&str)) -> Result<BenchRepor
         for r in 1..=config.runs {
             for &turn in &turns {
                 settle(log);
+                let before = sys::SystemCounters::read();
+                let system = || Some(sys::SystemCounters::read().since(before));
                 match turn {
                     Turn::Ferry => {
-                        let s = ferry(&send_args, &recv_args)?;
+                        let mut s = ferry(&send_args, &recv_args)?;
+                        s.system = system();
                         log(&fmt_sample("ferry", k, r, config.runs, &s));
                         f.push(s);
                     }
                     Turn::Plain => {
                         // The same without --tls-dir and --compress.
-                        let s = ferry(&config.send_args, &[])?;
+                        let mut s = ferry(&config.send_args, &[])?;
+                        s.system = system();
                         log(&fmt_sample("plain", k, r, config.runs, &s));
                         p.push(s);
                     }
                     Turn::Qemu => {
                         let Some(peer) = &qemu else { continue };
-                        let s = peer.run_once(k)?;
+                        let mut s = peer.run_once(k)?;
+                        s.system = system();
                         log(&fmt_sample("qemu", k, r, config.runs, &s));
                         q.push(s);
                     }
                     Turn::Floor => {
-                        let s = floor::floor_once(
+                        let mut s = floor::floor_once(
                             &config.ferry_exe,
                             &dataset,
                             size,
                             k,
                             config.congestion.as_deref(),
                         )?;
+                        s.system = system();
                         log(&fmt_sample("floor", k, r, config.runs, &s));
                         fl.push(s);
                     }

@@ -76,6 +76,9 @@ pub struct Sample {
     pub send_core_s_per_gib: Option<f64>,
     /// `cpu_recv_s` per GiB of guest RAM moved.
     pub recv_core_s_per_gib: Option<f64>,
+    /// System-wide counters over the run (steal, compaction stalls, huge
+    /// page fallbacks, faults): what made a slow run slow.
+    pub system: Option<crate::sys::SystemCounters>,
     /// Tool-specific figures: ferry's two JSON reports, QEMU's query-migrate,
     /// iperf3's summary.
     pub detail: serde_json::Value,
@@ -115,6 +118,7 @@ impl Sample {
             cpu_recv_s: None,
             send_core_s_per_gib: None,
             recv_core_s_per_gib: None,
+            system: None,
             detail,
         }
     }

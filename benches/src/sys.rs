@@ -1,7 +1,8 @@
 //! Small system helpers: CPU time of reaped children (getrusage), reaping
 //! one child with its own CPU time (wait4), this process's CPU time, free
 //! space on a filesystem (statvfs), wall-clock Unix time, text tails, and
-//! the system's TCP congestion control, set for a measurement and restored.
+//! the system's TCP congestion control, set for a measurement and restored,
+//! and the system-wide counters that explain a noisy run ([`SystemCounters`]).
 //!
 //! The crate's `unsafe` lives here, around these libc calls, and in
 //! `floor.rs` (mmap, readv, sendfile of the floor peer).
@@ -263,5 +264,77 @@ mod tests {
         assert!(cpu.total_s() > 0.0, "{cpu:?}");
         // Reaped: std must not find it again.
         assert!(child.try_wait().is_err());
+    }
+}
+
+/// System-wide counters read around one run, whose differences explain a
+/// slow run on this VM: CPU time the hypervisor gave to others (steal),
+/// the kernel compacting memory to hand out a huge page (compaction
+/// stalls), huge-page faults that fell back to base pages, and page faults.
+#[derive(Clone, Copy, Debug, Default, PartialEq, serde::Serialize)]
+pub struct SystemCounters {
+    /// Milliseconds of CPU time stolen by the hypervisor, all CPUs together
+    /// (`/proc/stat`, the `cpu` line's 8th field).
+    pub steal_ms: u64,
+    /// Milliseconds all CPUs spent idle (`/proc/stat`, 4th field).
+    pub idle_ms: u64,
+    /// Direct compactions a faulting thread waited for (`compact_stall`).
+    pub compact_stall: u64,
+    /// Transparent huge pages handed out at fault time (`thp_fault_alloc`).
+    pub thp_fault_alloc: u64,
+    /// Huge-page faults served with base pages instead (`thp_fault_fallback`).
+    pub thp_fault_fallback: u64,
+    /// Page faults, minor and major (`pgfault`).
+    pub pgfault: u64,
+}
+
+impl SystemCounters {
+    /// The counters now; fields this kernel does not have stay 0.
+    pub fn read() -> Self {
+        let mut c = Self::default();
+        if let Ok(stat) = std::fs::read_to_string("/proc/stat") {
+            if let Some(line) = stat.lines().find(|l| l.starts_with("cpu ")) {
+                let f: Vec<u64> = line
+                    .split_whitespace()
+                    .skip(1)
+                    .filter_map(|v| v.parse().ok())
+                    .collect();
+                // SAFETY: sysconf has no preconditions.
+                let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+                let ms = |i: usize| f.get(i).map_or(0, |t| t * 1000 / hz);
+                (c.idle_ms, c.steal_ms) = (ms(3), ms(7));
+            }
+        }
+        if let Ok(vmstat) = std::fs::read_to_string("/proc/vmstat") {
+            for line in vmstat.lines() {
+                let mut it = line.split_whitespace();
+                let (Some(name), Some(Ok(v))) = (it.next(), it.next().map(str::parse::<u64>))
+                else {
+                    continue;
+                };
+                match name {
+                    "compact_stall" => c.compact_stall = v,
+                    "thp_fault_alloc" => c.thp_fault_alloc = v,
+                    "thp_fault_fallback" => c.thp_fault_fallback = v,
+                    "pgfault" => c.pgfault = v,
+                    _ => {}
+                }
+            }
+        }
+        c
+    }
+
+    /// What each counter grew by since `before`.
+    pub fn since(self, before: Self) -> Self {
+        Self {
+            steal_ms: self.steal_ms.saturating_sub(before.steal_ms),
+            idle_ms: self.idle_ms.saturating_sub(before.idle_ms),
+            compact_stall: self.compact_stall.saturating_sub(before.compact_stall),
+            thp_fault_alloc: self.thp_fault_alloc.saturating_sub(before.thp_fault_alloc),
+            thp_fault_fallback: self
+                .thp_fault_fallback
+                .saturating_sub(before.thp_fault_fallback),
+            pgfault: self.pgfault.saturating_sub(before.pgfault),
+        }
     }
 }
