@@ -29,9 +29,19 @@ pub use vm::{vcpu_status, GuestReport, VcpuStatus, Vm, VmConfig, WritePattern};
 /// Whether this machine can run a KVM guest: `Err` says why not (tests
 /// skip with that message).
 pub fn kvm_usable() -> Result<(), String> {
-    kvm_ioctls::Kvm::new()
-        .map(|_| ())
-        .map_err(|e| format!("/dev/kvm is not usable here ({e})"))
+    let kvm = kvm_ioctls::Kvm::new().map_err(|e| format!("/dev/kvm is not usable here ({e})"))?;
+    // Something else may sit at /dev/kvm (a container's /dev/null): ask.
+    match kvm.get_api_version() {
+        v if v == kvm_bindings::KVM_API_VERSION as i32 => Ok(()),
+        -1 => Err(format!(
+            "/dev/kvm is not usable here: it does not answer KVM_GET_API_VERSION ({})",
+            std::io::Error::last_os_error()
+        )),
+        v => Err(format!(
+            "/dev/kvm is not usable here: KVM API version {v}, ferry-vmm speaks {}",
+            kvm_bindings::KVM_API_VERSION
+        )),
+    }
 }
 
 /// Whether this kernel has the dirty ring (`kvm-ring`): `Err` says why not
