@@ -330,6 +330,9 @@ pub(crate) struct DirtyRings {
     full_exits: AtomicU64,
     /// Entries naming a slot or page outside guest memory (ignored).
     strays: AtomicU64,
+    /// The first overflow found: every later sync fails with it (pages
+    /// were lost, so no pass may be trusted again).
+    overflow: Mutex<Option<String>>,
 }
 
 impl DirtyRings {
@@ -355,6 +358,7 @@ impl DirtyRings {
             slots: slots.to_vec(),
             full_exits: AtomicU64::new(0),
             strays: AtomicU64::new(0),
+            overflow: Mutex::new(None),
         })
     }
 
@@ -365,10 +369,10 @@ impl DirtyRings {
         self.full_exits.fetch_add(1, Ordering::Relaxed);
         let mut fetch = self.fetch.lock().unwrap();
         if self.harvest(&mut fetch)? == 0 {
-            return Err(io::Error::other(
-                "KVM_EXIT_DIRTY_RING_FULL with no dirty entry to harvest \
-                 (KVM_RESET_DIRTY_RINGS reset 0): the ring overflowed earlier",
-            ));
+            let what = "KVM_EXIT_DIRTY_RING_FULL with no dirty entry to harvest \
+                        (KVM_RESET_DIRTY_RINGS reset 0): the ring overflowed earlier";
+            self.overflow.lock().unwrap().get_or_insert(what.into());
+            return Err(io::Error::other(what));
         }
         Ok(())
     }
@@ -428,12 +432,17 @@ impl DirtyRings {
             return Err(io::Error::last_os_error());
         }
         if let Some(i) = overflowed {
-            return Err(io::Error::other(format!(
+            let what = format!(
                 "vCPU {i}'s dirty ring overflowed: all {} entries were dirty at harvest, so the \
                  kernel wrote past the ring's soft limit and overwrote entries (their pages are \
                  lost to the log)",
                 self.rings[i].entries
-            )));
+            );
+            self.overflow.lock().unwrap().get_or_insert(what.clone());
+            return Err(io::Error::other(what));
+        }
+        if let Some(what) = self.overflow.lock().unwrap().clone() {
+            return Err(io::Error::other(what));
         }
         Ok(r as u64)
     }
