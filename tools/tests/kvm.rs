@@ -15,7 +15,7 @@ use std::path::Path;
 
 use ferry_ram::mapped::{region_checksum, FileLayout};
 use serde_json::Value;
-use support::{assert_contains, run, start_recv, Done, Proc, DEADLINE};
+use support::{assert_contains, ctl, run, start_recv, wait_for_query, Done, Proc, DEADLINE};
 
 fn kvm_or_skip(test: &str) -> bool {
     match ferry_vmm::kvm_usable() {
@@ -124,6 +124,37 @@ fn a_kvm_guest_moves_with_tls_zstd_and_auto_converge() {
         "{sv}"
     );
     assert_ran_clean("recv", &rv);
+}
+
+#[test]
+fn the_control_socket_holds_a_kvm_migration_before_switchover_and_continues_it() {
+    if !kvm_or_skip("the_control_socket_holds_a_kvm_migration_before_switchover_and_continues_it") {
+        return;
+    }
+    let dir = tmp();
+    let sock = dir.path().join("send.sock");
+    let (recv, port) = start_recv(&["--run-after", "1s"]);
+    let to = format!("tcp:127.0.0.1:{port}");
+    let mut args = vec!["send"];
+    args.extend(GUEST);
+    args.extend([
+        "--to",
+        &to,
+        "--json",
+        "--pause-before-switchover",
+        "--control",
+        s(&sock),
+    ]);
+    let send = Proc::spawn(&args);
+    let q = wait_for_query(&sock, |q| q["status"] == "pre-switchover");
+    assert!(q["ram"]["dirty-sync-count"].as_u64() >= Some(1), "{q}");
+    let (code, _) = ctl(&sock, &["set", "downtime-limit=1000"]);
+    assert_eq!(code, Some(0));
+    let (code, v) = ctl(&sock, &["continue"]);
+    assert_eq!(code, Some(0), "{v}");
+    let sv = send.wait(DEADLINE).completed();
+    assert_eq!(sv["dirty_tracker"], "kvm-log", "{sv}");
+    assert_ran_clean("recv", &recv.wait(DEADLINE).completed());
 }
 
 /// `ferry save GUEST --to FILE --json EXTRA...`, completed (a background
