@@ -73,7 +73,9 @@ pub fn from_state(
     state: &[u8],
     resources: Resources,
 ) -> anyhow::Result<Arrived> {
-    require_kvm()?;
+    kvm_usable().map_err(|why| {
+        anyhow::anyhow!("the guest is a KVM guest, which needs a usable /dev/kvm here: {why}")
+    })?;
     let guest = KvmGuest::from_state(memory, state, resources)
         .context("building the KVM guest from its saved state")?;
     let at_arrival = guest.statuses()?;

@@ -368,6 +368,42 @@ fn without_a_usable_dev_kvm_guest_kvm_fails_naming_it() {
     assert_contains(&err, &["--guest kvm needs a usable /dev/kvm"]);
 }
 
+#[test]
+fn a_destination_without_dev_kvm_fails_the_migration_naming_it_and_the_source_runs_on() {
+    let test = "a_destination_without_dev_kvm_fails_the_migration_naming_it_and_the_source_runs_on";
+    if !kvm_or_skip(test) {
+        return;
+    }
+    if !matches!(
+        std::process::Command::new("unshare").args(["--mount", "true"]).status(),
+        Ok(st) if st.success()
+    ) {
+        eprintln!("{test}: SKIPPED: `unshare --mount` (root) is not available to hide /dev/kvm");
+        return;
+    }
+    // The destination in a mount namespace where /dev/kvm is /dev/null.
+    let script = format!(
+        "mount --bind /dev/null /dev/kvm && exec {} recv --listen tcp:127.0.0.1:0 --json",
+        env!("CARGO_BIN_EXE_ferry")
+    );
+    let mut cmd = std::process::Command::new("unshare");
+    cmd.args(["--mount", "sh", "-c", &script]);
+    let (mut child, mut pipes) = support::Pipes::spawn(&mut cmd, "ferry recv (no /dev/kvm)");
+    let uri = pipes.listening(DEADLINE).expect("the destination listens");
+    let port = support::local_port(&uri).to_string();
+    let to = format!("tcp:127.0.0.1:{port}");
+    let mut args = vec!["send"];
+    args.extend(GUEST);
+    args.extend(["--to", &to, "--json"]);
+    let sent = Proc::spawn(&args).wait(DEADLINE);
+    let _ = child.wait();
+    let (out, _) = pipes.collect();
+    let (sv, err) = sent.failed();
+    assert_contains(&err, &["/dev/kvm"]);
+    assert_eq!(sv["guest_running"], true, "the source guest runs on: {sv}");
+    assert_contains(&out, &["needs a usable /dev/kvm here"]);
+}
+
 /// Exit status 2 (clap's usage error) with every part in the message.
 fn assert_usage_error(args: &[&str], parts: &[&str]) {
     let d = run(args);
