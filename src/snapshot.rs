@@ -176,6 +176,9 @@ pub struct FileSummary {
     /// For a lazy restore: how the memory became whole.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub lazy: Option<LazyReport>,
+    /// `ferry restore --run-guest`: how far the restored guest ran.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub workload: Option<crate::Workload>,
     pub started_at_unix: f64,
     pub finished_at_unix: f64,
 }

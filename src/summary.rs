@@ -14,14 +14,25 @@ pub enum Role {
     Destination,
 }
 
-/// A synthetic guest's writes before the switchover and after running on
-/// the destination for a while.
+/// A live guest's writes before the switchover (or at a restore) and
+/// after running on the destination for a while.
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct Workload {
     pub writes_at_switchover: u64,
     pub writes_after: u64,
     pub seconds: f64,
+    /// Every vCPU wrote on from where it stopped.
     pub continued: bool,
+    /// A guest that checks its own memory (the KVM guest): the words its
+    /// self-check found wrong; 0 is clean.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub self_check_errors: Option<u64>,
+    /// The guest address of the first wrong word, if any (hex).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub self_check_first_error: Option<String>,
+    /// A vCPU that stopped for good (triple fault, halt...), if any.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub guest_failure: Option<String>,
 }
 
 #[derive(Clone, Debug, Default, Serialize)]

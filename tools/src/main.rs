@@ -19,6 +19,7 @@ mod floor_peer;
 mod gen;
 mod guest_args;
 mod inspect;
+mod kvm;
 mod output;
 mod peer;
 mod recv;

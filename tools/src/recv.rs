@@ -1,5 +1,5 @@
 //! `ferry recv`: accept one incoming migration, hold the guest's memory and
-//! run the guest (a synthetic guest continues its workload here).
+//! run the guest (a synthetic or KVM guest continues its workload here).
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -9,7 +9,7 @@ use clap::Args;
 use ferry::{
     default_guest_builder, migrate_in, AcceptOptions, ChannelUri, ControlServer, DestinationMemory,
     Guest, GuestBuilder, IncomingOptions, Listener, Progress, Resources, SetupLimits, SocketTuning,
-    Summary, SyntheticGuest, TlsServer, TrackerKind, Workload,
+    SyntheticGuest, TlsServer, TrackerKind, Workload,
 };
 
 use crate::output::{print_summary, EventPrinter};
@@ -50,9 +50,12 @@ pub struct RecvArgs {
     /// Open a control socket (QMP-shaped JSON lines) here; see `ferry ctl`.
     #[arg(long)]
     control: Option<PathBuf>,
-    /// Keep a migrated synthetic guest running this long (2s, 500ms, 1m; a
-    /// bare number is seconds), then report how far its workload went on
-    /// from where the source stopped. An image guest has no workload.
+    /// Keep a migrated synthetic or KVM guest running this long (2s, 500ms,
+    /// 1m; a bare number is seconds), then report how far its workload went
+    /// on from where the source stopped; for a KVM guest also its
+    /// self-check (a wrong word, or a vCPU that stopped, fails the run). An
+    /// image guest has no workload. A KVM guest needs a usable /dev/kvm
+    /// here: the VM is built from the received vCPU state and resumed.
     #[arg(long, value_parser = crate::units::parse_secs, allow_negative_numbers = true)]
     run_after: Option<Duration>,
     /// Lock files standing for the guest's shared resources: taken when the
@@ -113,6 +116,8 @@ fn migrate(a: RecvArgs) -> anyhow::Result<bool> {
     for p in a.ram_out.iter().chain(&a.device_state_out) {
         crate::output::check_output_path(p)?;
     }
+    // Where the guest builder leaves a KVM guest it built.
+    let arrived: crate::kvm::ArrivedSlot = Default::default();
     let tuning = SocketTuning {
         recv_buffer: a.socket_buffer.map(|n| n as usize),
         congestion: crate::units::congestion(&a.tcp_congestion),
@@ -132,7 +137,14 @@ fn migrate(a: RecvArgs) -> anyhow::Result<bool> {
             first_timeout: a.timeout,
             ..Default::default()
         },
-        build_guest: guest_builder(&a.lock),
+        build_guest: crate::kvm::builder(
+            guest_builder(&a.lock),
+            {
+                let locks = a.lock.clone();
+                move || Resources::new(&locks, false)
+            },
+            arrived.clone(),
+        ),
         digest_before_resume: !a.no_digest,
         compression: a.compress.as_deref().map(|c| c == "zstd"),
         peer_timeout: a.peer.peer_timeout,
@@ -167,17 +179,30 @@ fn migrate(a: RecvArgs) -> anyhow::Result<bool> {
     drop((control, metrics));
     match result {
         Ok(mut outcome) => {
+            let kvm = arrived.lock().unwrap().take();
             if let Some(after) = crate::guest_args::run_after(a.run_after, &outcome.device_state) {
-                outcome.summary.workload =
-                    run_workload(&*outcome.guest, &outcome.device_state, after.as_secs_f64())?;
+                outcome.summary.workload = match &kvm {
+                    Some(k) => Some(crate::kvm::run_workload(k, after.as_secs_f64())?),
+                    None => {
+                        run_workload(&*outcome.guest, &outcome.device_state, after.as_secs_f64())?
+                    }
+                };
             }
             outcome.guest.pause()?;
             outcome.summary.digest = Some(outcome.memory.digest().to_string());
+            let failed = outcome
+                .summary
+                .workload
+                .as_ref()
+                .and_then(crate::kvm::verdict);
             print_summary("recv", &outcome.summary, a.json);
             if let Some(w) = outcome.summary.workload.as_ref().filter(|_| !a.json) {
-                print_workload(w, &outcome.summary);
+                print_workload(w);
             }
-            Ok(true)
+            if let Some(why) = &failed {
+                eprintln!("ferry recv: the migration completed, but {why}");
+            }
+            Ok(failed.is_none())
         }
         Err(f) => {
             print_summary("recv", &f.summary, a.json);
@@ -230,7 +255,11 @@ fn guest_builder(locks: &[PathBuf]) -> GuestBuilder {
 
 /// Lets the guest run `secs` seconds; for a synthetic guest, compares its
 /// write counters with those it arrived with.
-fn run_workload(guest: &dyn Guest, arrived: &[u8], secs: f64) -> anyhow::Result<Option<Workload>> {
+pub fn run_workload(
+    guest: &dyn Guest,
+    arrived: &[u8],
+    secs: f64,
+) -> anyhow::Result<Option<Workload>> {
     if !ferry::synthetic::is_synthetic_state(arrived) {
         std::thread::sleep(Duration::from_secs_f64(secs));
         return Ok(None);
@@ -250,10 +279,11 @@ fn run_workload(guest: &dyn Guest, arrived: &[u8], secs: f64) -> anyhow::Result<
         writes_after: after,
         seconds: secs,
         continued: after > before,
+        ..Default::default()
     }))
 }
 
-fn print_workload(w: &Workload, _s: &Summary) {
+pub fn print_workload(w: &Workload) {
     eprintln!(
         "  workload: {} writes at switchover, {} after {:.1} s here: {}",
         w.writes_at_switchover,
@@ -265,4 +295,20 @@ fn print_workload(w: &Workload, _s: &Summary) {
             "did NOT continue"
         }
     );
+    if let Some(n) = w.self_check_errors {
+        eprintln!(
+            "  guest self-check: {}",
+            if n == 0 {
+                "clean".to_string()
+            } else {
+                format!(
+                    "{n} wrong word(s), first at {}",
+                    w.self_check_first_error.as_deref().unwrap_or("?")
+                )
+            }
+        );
+    }
+    if let Some(f) = &w.guest_failure {
+        eprintln!("  guest stopped: {f}");
+    }
 }

@@ -63,13 +63,22 @@ pub struct RestoreArgs {
     /// With --lazy: pages the toucher writes while the prefetch runs.
     #[arg(long, default_value_t = 256, requires = "lazy")]
     touch: u64,
-    /// With --lazy, for a saved synthetic guest: instead of the toucher, run
-    /// the guest itself from the file's device state at once (its vCPUs
-    /// write on as they did when saved) and report when its first write
-    /// finished. It is paused once every page is in; its memory then
-    /// differs from the file's, so no digest is reported.
-    #[arg(long, requires = "lazy")]
+    /// Run the saved guest from the file's device state: a synthetic guest,
+    /// or a KVM guest (needs /dev/kvm; its saved vCPU state is checked
+    /// first, and a damaged one is refused naming the field before the VM
+    /// runs). Restored eagerly, it runs --run-for once every page is in
+    /// (the digest is of memory before it ran). With --lazy it starts at
+    /// once instead of the toucher and the summary reports when its first
+    /// write finished; it is paused once every page is in (a KVM guest
+    /// after --run-for more) and no digest is reported. The workload (and a
+    /// KVM guest's self-check: a wrong word fails the restore) is reported.
+    #[arg(long)]
     run_guest: bool,
+    /// With --run-guest: how long the guest runs before it is paused and
+    /// its workload reported (2s, 500ms; a bare number is seconds). For a
+    /// lazily restored synthetic guest: until every page is in instead.
+    #[arg(long, default_value = "2s", value_parser = crate::units::parse_secs, requires = "run_guest")]
+    run_for: Duration,
     /// Print one JSON object with the result instead of text and a progress bar.
     #[arg(long)]
     json: bool,
@@ -95,16 +104,59 @@ fn restore(a: RestoreArgs) -> anyhow::Result<bool> {
     let progress = Arc::new(Progress::default());
     let view = ProgressView::start_for(progress.clone(), !a.json, "file");
     if a.lazy {
-        let result = lazy(&path, &opts, &progress, a.touch, a.run_guest)?;
+        let result = lazy(&path, &opts, &progress, a.touch, a.run_guest, a.run_for)?;
         drop(view);
         return report_lazy(result, &a);
     }
     let result = restore_from_file(&path, &target, &opts, &progress);
     drop(view);
     match result {
+        Ok(mut r) if a.run_guest => {
+            // The digest is of memory as restored, before the guest runs.
+            set_digests(&mut r.summary, &r.memory, &r.device_state);
+            let memory = Arc::new(r.memory);
+            let ran = crate::kvm::run_after_restore(memory, &r.device_state, a.run_for);
+            report_run(r.summary, ran, &r.device_state, &a)
+        }
         Ok(mut r) => report_restored(&mut r.summary, Some(&r.memory), &r.device_state, &a),
         Err(f) => report_failed(&f, &a),
     }
+}
+
+/// Reports an eager restore whose guest ran: its workload, or why it could
+/// not run (a damaged device state: status failed, exit status 1).
+fn report_run(
+    mut summary: FileSummary,
+    ran: anyhow::Result<ferry::Workload>,
+    device_state: &[u8],
+    a: &RestoreArgs,
+) -> anyhow::Result<bool> {
+    let failed = match ran {
+        Ok(w) => {
+            let why = crate::kvm::verdict(&w);
+            summary.workload = Some(w);
+            why
+        }
+        Err(e) => {
+            summary.status = "failed";
+            summary.digest = None;
+            summary.switchover_digest = None;
+            summary.error = Some(crate::output::error_chain(&e));
+            print_file_summary("restore", &summary, a.json);
+            return Ok(false);
+        }
+    };
+    if let Some(p) = &a.device_state_out {
+        std::fs::write(p, device_state).with_context(|| format!("writing {}", p.display()))?;
+    }
+    print_file_summary("restore", &summary, a.json);
+    if let Some(w) = summary.workload.as_ref().filter(|_| !a.json) {
+        crate::recv::print_workload(w);
+    }
+    if let Some(why) = &failed {
+        eprintln!("ferry restore: the restore completed, but {why}");
+    }
+    Ok(failed.is_none())
 }
 
 /// A lazy restore with the toucher as its guest.
@@ -114,6 +166,7 @@ fn lazy(
     progress: &Progress,
     touch: u64,
     run_guest: bool,
+    run_for: Duration,
 ) -> anyhow::Result<Result<LazyRestored, FileFailed>> {
     let restoring = match restore_lazy(path, opts, progress) {
         Ok(r) => r,
@@ -127,10 +180,13 @@ fn lazy(
         return Ok(restoring.finish(first_write_ms));
     }
     let state = restoring.device_state();
+    if ferry_vmm::is_kvm_state(state) {
+        return crate::kvm::run_lazily(restoring, run_for);
+    }
     if !is_synthetic_state(state) {
         // Let the prefetch end before saying so: nothing is left running.
         let _ = restoring.finish(None);
-        bail!("--run-guest: the saved device state is not a synthetic guest's");
+        bail!("--run-guest: the saved device state is neither a synthetic nor a KVM guest's");
     }
     let guest = SyntheticGuest::from_device_state(
         memory,
@@ -184,13 +240,7 @@ fn report_restored(
     a: &RestoreArgs,
 ) -> anyhow::Result<bool> {
     if let Some(m) = memory {
-        let digest = match summary.digest.as_deref().map(parse_digest) {
-            Some(Some(d)) => d,
-            _ => m.digest(),
-        };
-        summary.digest = Some(digest.to_string());
-        summary.switchover_digest =
-            Some(Digest::with_device_state(digest, device_state).to_string());
+        set_digests(summary, m, device_state);
     } else {
         summary.digest = None;
     }
@@ -198,7 +248,25 @@ fn report_restored(
         std::fs::write(p, device_state).with_context(|| format!("writing {}", p.display()))?;
     }
     print_file_summary("restore", summary, a.json);
-    Ok(true)
+    let failed = summary.workload.as_ref().and_then(crate::kvm::verdict);
+    if let Some(w) = summary.workload.as_ref().filter(|_| !a.json) {
+        crate::recv::print_workload(w);
+    }
+    if let Some(why) = &failed {
+        eprintln!("ferry restore: the restore completed, but {why}");
+    }
+    Ok(failed.is_none())
+}
+
+/// The digest of the memory (the restore's own, which touched only
+/// present pages, if it took one) and of memory and device state.
+fn set_digests(summary: &mut FileSummary, memory: &GuestMemory, device_state: &[u8]) {
+    let digest = match summary.digest.as_deref().map(parse_digest) {
+        Some(Some(d)) => d,
+        _ => memory.digest(),
+    };
+    summary.digest = Some(digest.to_string());
+    summary.switchover_digest = Some(Digest::with_device_state(digest, device_state).to_string());
 }
 
 /// A digest as [`Digest`] prints it (32 hex digits).

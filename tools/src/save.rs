@@ -33,7 +33,7 @@ use crate::units::parse_size;
 /// bitmaps, a checksum per 1 MiB of memory, the device state and last the
 /// header go in, and the file is synced. `ferry restore` reads it back.
 ///
-/// A running guest (`--guest synthetic`) is saved live: pass 1 writes every
+/// A running guest (`--guest synthetic` or `--guest kvm`) is saved live: pass 1 writes every
 /// page while it runs, later passes rewrite the pages it dirtied in place,
 /// and it pauses only for the final pass and its device state (downtime_ms,
 /// passes and switchover_digest in the summary; it stays paused after). With
@@ -44,7 +44,7 @@ use crate::units::parse_size;
 pub struct SaveArgs {
     #[command(flatten)]
     guest: GuestArgs,
-    /// Live save (synthetic guest, without --background): pause once what
+    /// Live save (synthetic or KVM guest, without --background): pause once what
     /// is left would be written within this long: 300ms, 1.5s...; a bare
     /// number is milliseconds.
     #[arg(
@@ -55,11 +55,11 @@ pub struct SaveArgs {
         conflicts_with = "background"
     )]
     downtime_limit: Duration,
-    /// Live save (synthetic guest, without --background): pause after this
+    /// Live save (synthetic or KVM guest, without --background): pause after this
     /// many passes whatever is left.
     #[arg(long, default_value_t = 10, conflicts_with = "background")]
     max_passes: u64,
-    /// Background snapshot (synthetic guest): the guest runs on while its
+    /// Background snapshot (synthetic or KVM guest): the guest runs on while its
     /// memory is written as it was at the start (userfaultfd write-protect,
     /// synchronous mode).
     #[arg(long)]
@@ -160,7 +160,7 @@ fn save(a: SaveArgs) -> anyhow::Result<bool> {
     // A second Ctrl-C exits at once: leave no unfinished file behind.
     crate::signals::cancel_save_on_signal(&progress, partial_path(&path));
     let view = ProgressView::start_for(progress.clone(), !a.json, "file");
-    let running = a.guest.guest == GuestKind::Synthetic;
+    let running = a.guest.guest != GuestKind::Image;
     let result = if a.background {
         let bg = BackgroundOptions {
             digest_at_pause: a.digest_at_pause,

@@ -1,5 +1,6 @@
-//! `ferry send`: migrate a guest — an image guest (a file's bytes as RAM) or
-//! a synthetic live guest — to a destination where `ferry recv` listens.
+//! `ferry send`: migrate a guest — an image guest (a file's bytes as RAM), a
+//! synthetic live guest or a KVM micro-VM — to a destination where `ferry
+//! recv` listens.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -34,7 +35,7 @@ pub struct SendArgs {
     #[arg(long)]
     to: String,
     /// Longest pause of the guest for the final pass: 300ms, 1.5s...; a
-    /// bare number is milliseconds. Synthetic guest only.
+    /// bare number is milliseconds. Live (synthetic or KVM) guest only.
     #[arg(
         long,
         default_value = "300ms",
@@ -51,14 +52,15 @@ pub struct SendArgs {
     #[arg(long, value_parser = parse_size, default_value = "0")]
     avail_switchover_bandwidth: u64,
     /// Throttle the guest's vCPUs when passes stop shrinking (20%, then
-    /// +10% per pass that fails to shrink, up to 99%). Synthetic guest only.
+    /// +10% per pass that fails to shrink, up to 99%). Live (synthetic or KVM)
+    /// guest only.
     #[arg(long)]
     auto_converge: bool,
     /// Wait in pre-switchover, guest paused, until `ferry ctl PATH continue`.
     #[arg(long)]
     pause_before_switchover: bool,
     /// Give up (status failed, guest keeps running) after this many passes
-    /// without converging; 0: never. Synthetic guest only.
+    /// without converging; 0: never. Live (synthetic or KVM) guest only.
     #[arg(long, default_value_t = 0)]
     max_passes: u64,
     /// Open a control socket (QMP-shaped JSON lines) here; see `ferry ctl`.

@@ -266,7 +266,7 @@ fn options_the_guest_kind_would_ignore_are_refused_with_the_reason() {
         assert_usage_error(
             &args,
             &[
-                &format!("{option} only applies to a synthetic guest (--guest synthetic)"),
+                &format!("{option} only applies to a live guest (--guest synthetic or kvm)"),
                 why,
             ],
         );

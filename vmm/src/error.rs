@@ -21,6 +21,8 @@ pub enum VmmError {
     Config(String),
     #[error("vCPU control: {0}")]
     Control(String),
+    #[error("{what} is not available: {why}")]
+    Unsupported { what: &'static str, why: String },
     #[error(transparent)]
     State(#[from] StateError),
     #[error(transparent)]

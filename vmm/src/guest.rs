@@ -6,11 +6,12 @@
 //! received state, paused.
 
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use ferry::{Guest, GuestBuilder, GuestError, Resources};
 use ferry_ram::{DirtyLog, GuestMemory};
 
-use crate::dirty::KvmDirtyLog;
+use crate::dirty::{DirtyTracker, KvmDirtyLog};
 use crate::error::VmmError;
 use crate::state::VmState;
 use crate::vm::{GuestReport, VcpuStatus, Vm, VmConfig};
@@ -30,34 +31,88 @@ impl KvmGuest {
     }
 
     /// A paused guest over `memory` (holding a migrated guest's pages) with
-    /// the device state `state` loaded.
+    /// the device state `state` loaded, tracked by the default kvm-log.
+    /// A bad state is refused before any VM exists.
     pub fn from_state(
         memory: Arc<GuestMemory>,
         state: &[u8],
         resources: Resources,
     ) -> Result<Self, VmmError> {
+        Self::from_state_with(memory, state, resources, DirtyTracker::default())
+    }
+
+    /// [`KvmGuest::from_state`] with the dirty tracker of your choice.
+    pub fn from_state_with(
+        memory: Arc<GuestMemory>,
+        state: &[u8],
+        resources: Resources,
+        tracker: DirtyTracker,
+    ) -> Result<Self, VmmError> {
         let s = VmState::decode(state)?;
-        Ok(Self::over(Vm::restore(memory, &s)?, resources))
+        Ok(Self::over(Vm::restore(memory, &s, tracker)?, resources))
     }
 
     fn over(vm: Vm, resources: Resources) -> Self {
-        let log = KvmDirtyLog::new(vm.vm_fd().clone(), vm.slots().to_vec());
+        let log = vm.dirty_log();
         Self { vm, log, resources }
     }
 
     /// The destination's guest builder: a [`KvmGuest`] over the received
     /// memory and state, paused, its resources inactive.
     pub fn builder() -> GuestBuilder {
-        Arc::new(|memory, state| {
-            let g = Self::from_state(memory, state, Resources::none(false))?;
+        Self::builder_with(DirtyTracker::default())
+    }
+
+    /// [`KvmGuest::builder`] whose guests use `tracker`.
+    pub fn builder_with(tracker: DirtyTracker) -> GuestBuilder {
+        Arc::new(move |memory, state| {
+            let g = Self::from_state_with(memory, state, Resources::none(false), tracker)?;
             Ok(Box::new(g) as Box<dyn Guest>)
         })
     }
 
-    /// Another handle on this guest's dirty log (the same KVM slots), for
-    /// a caller that wraps or measures it.
+    /// Another handle on this guest's dirty log (the same KVM slots or
+    /// rings), for a caller that wraps or measures it.
     pub fn dirty_log_handle(&self) -> KvmDirtyLog {
-        KvmDirtyLog::new(self.vm.vm_fd().clone(), self.vm.slots().to_vec())
+        self.vm.dirty_log()
+    }
+
+    /// The dirty log ferry reads.
+    pub fn kvm_dirty_log(&self) -> &KvmDirtyLog {
+        &self.log
+    }
+
+    /// Waits until every vCPU has booted (set itself up and reported
+    /// through its port); fails if a vCPU stopped with a fatal exit or
+    /// `timeout` passed. The guest must be running.
+    pub fn wait_booted(&self, timeout: Duration) -> Result<(), VmmError> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(f) = self.vm.failure() {
+                return Err(VmmError::Control(format!("the guest stopped: {f}")));
+            }
+            let mut waiting = Vec::new();
+            for i in 0..self.vm.vcpu_count() {
+                if !self.status(i)?.booted {
+                    waiting.push(i);
+                }
+            }
+            if waiting.is_empty() {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                return Err(VmmError::Control(format!(
+                    "vCPU(s) {waiting:?} did not boot within {} ms",
+                    timeout.as_millis()
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// Every vCPU's counters.
+    pub fn statuses(&self) -> Result<Vec<VcpuStatus>, VmmError> {
+        (0..self.vm.vcpu_count()).map(|i| self.status(i)).collect()
     }
 
     pub fn vm(&self) -> &Vm {
@@ -110,5 +165,40 @@ impl Guest for KvmGuest {
 
     fn resources(&self) -> &Resources {
         &self.resources
+    }
+}
+
+/// A [`KvmGuest`] that ferry holds as its `Box<dyn Guest>` while the VMM
+/// keeps another handle (to read the guest's counters or failures after a
+/// migration or restore handed it over).
+pub struct SharedKvmGuest(pub Arc<KvmGuest>);
+
+impl Guest for SharedKvmGuest {
+    fn memory(&self) -> &Arc<GuestMemory> {
+        self.0.memory()
+    }
+    fn dirty_log(&self) -> Option<&dyn DirtyLog> {
+        self.0.dirty_log()
+    }
+    fn pause(&self) -> Result<(), GuestError> {
+        self.0.pause()
+    }
+    fn resume(&self) -> Result<(), GuestError> {
+        self.0.resume()
+    }
+    fn is_running(&self) -> bool {
+        self.0.is_running()
+    }
+    fn save_device_state(&self) -> Result<Vec<u8>, GuestError> {
+        self.0.save_device_state()
+    }
+    fn load_device_state(&self, state: &[u8]) -> Result<(), GuestError> {
+        self.0.load_device_state(state)
+    }
+    fn set_throttle(&self, percent: u8) {
+        self.0.set_throttle(percent)
+    }
+    fn resources(&self) -> &Resources {
+        self.0.resources()
     }
 }

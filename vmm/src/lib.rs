@@ -5,7 +5,8 @@
 //! - [`vm`]: the VM, its vCPU threads, port reports, pause/resume/throttle,
 //!   saving and loading vCPU state;
 //! - [`state`]: the device state's binary format and its parser;
-//! - [`dirty`]: KVM's dirty log as ferry's `DirtyLog`;
+//! - [`dirty`]: KVM's dirty tracking (the dirty bitmap with manual
+//!   protect, or the dirty ring) as ferry's `DirtyLog`;
 //! - [`guest`]: [`KvmGuest`], the VM as a `ferry::Guest`, and its builder
 //!   for a destination.
 //!
@@ -19,16 +20,39 @@ pub mod layout;
 pub mod state;
 pub mod vm;
 
-pub use dirty::KvmDirtyLog;
+pub use dirty::{DirtyTracker, KvmDirtyLog, TrackerSupport, DEFAULT_RING_ENTRIES};
 pub use error::{StateError, VmmError};
-pub use guest::KvmGuest;
+pub use guest::{KvmGuest, SharedKvmGuest};
 pub use state::{is_kvm_state, VmState};
 pub use vm::{vcpu_status, GuestReport, VcpuStatus, Vm, VmConfig, WritePattern};
 
 /// Whether this machine can run a KVM guest: `Err` says why not (tests
 /// skip with that message).
 pub fn kvm_usable() -> Result<(), String> {
-    kvm_ioctls::Kvm::new()
-        .map(|_| ())
-        .map_err(|e| format!("/dev/kvm is not usable here ({e})"))
+    let kvm = kvm_ioctls::Kvm::new().map_err(|e| format!("/dev/kvm is not usable here ({e})"))?;
+    // Something else may sit at /dev/kvm (a container's /dev/null): ask.
+    match kvm.get_api_version() {
+        v if v == kvm_bindings::KVM_API_VERSION as i32 => Ok(()),
+        -1 => Err(format!(
+            "/dev/kvm is not usable here: it does not answer KVM_GET_API_VERSION ({})",
+            std::io::Error::last_os_error()
+        )),
+        v => Err(format!(
+            "/dev/kvm is not usable here: KVM API version {v}, ferry-vmm speaks {}",
+            kvm_bindings::KVM_API_VERSION
+        )),
+    }
+}
+
+/// Whether this kernel has the dirty ring (`kvm-ring`): `Err` says why not
+/// (tests skip with that message).
+pub fn dirty_ring_usable() -> Result<(), String> {
+    kvm_usable()?;
+    let s = TrackerSupport::probe().map_err(|e| e.to_string())?;
+    match s.refuses(DirtyTracker::Ring {
+        entries: DEFAULT_RING_ENTRIES,
+    }) {
+        Some(e) => Err(e.to_string()),
+        None => Ok(()),
+    }
 }

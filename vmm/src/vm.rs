@@ -28,6 +28,7 @@ use kvm_bindings::{
 };
 use kvm_ioctls::{Cap, Kvm, VcpuExit, VcpuFd, VmFd};
 
+use crate::dirty::{enable_manual_protect, enable_ring, DirtyRings, DirtyTracker, TrackerSupport};
 use crate::error::VmmError;
 use crate::layout::*;
 use crate::state::{VcpuState, VmState, MSRS};
@@ -62,6 +63,8 @@ pub struct VmConfig {
     pub dirty_rate: u64,
     pub pattern: WritePattern,
     pub seed: u64,
+    /// How KVM tracks the pages the guest writes.
+    pub tracker: DirtyTracker,
 }
 
 /// Something the guest reported through a port.
@@ -143,6 +146,11 @@ pub struct Vm {
     threads: Vec<JoinHandle<()>>,
     ticker: Option<JoinHandle<()>>,
     vcpus: Vec<Arc<Mutex<VcpuFd>>>,
+    /// The vCPUs' dirty rings (kvm-ring).
+    rings: Option<Arc<DirtyRings>>,
+    /// Whether KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 is on (kvm-log).
+    manual_protect: bool,
+    tracker: DirtyTracker,
     vm: Arc<VmFd>,
     slots: Vec<Slot>,
     tsc_khz: u32,
@@ -159,7 +167,7 @@ impl Vm {
             .map_err(|e| VmmError::Memory(format!("cannot map {} bytes: {e}", config.memory)))?;
         let memory = Arc::new(GuestMemory::from_guest_memory_mmap(&mmap, PAGE as u32)?);
         write_boot_data(memory.guest_memory_mmap(), config)?;
-        let vm = Self::create(memory, config.vcpus)?;
+        let vm = Self::create(memory, config.vcpus, config.tracker)?;
         let khz = u64::from(vm.tsc_khz);
         let per_vcpu_pages = config.dirty_rate / PAGE / config.vcpus as u64;
         let tsc_per_write = if config.dirty_rate == 0 {
@@ -175,8 +183,13 @@ impl Vm {
     }
 
     /// A paused VM over `memory` (a destination's, already holding the
-    /// guest's pages) with the vCPU and clock state of `state`.
-    pub fn restore(memory: Arc<GuestMemory>, state: &VmState) -> Result<Self, VmmError> {
+    /// guest's pages) with the vCPU and clock state of `state`, its writes
+    /// tracked by `tracker`.
+    pub fn restore(
+        memory: Arc<GuestMemory>,
+        state: &VmState,
+        tracker: DirtyTracker,
+    ) -> Result<Self, VmmError> {
         if memory.total_bytes() != state.memory {
             return Err(VmmError::Config(format!(
                 "the state is of a guest with {} bytes of RAM, this memory has {}",
@@ -184,13 +197,18 @@ impl Vm {
                 memory.total_bytes()
             )));
         }
-        let vm = Self::create(memory, state.vcpus.len())?;
+        let vm = Self::create(memory, state.vcpus.len(), tracker)?;
         vm.load_state(state)?;
         Ok(vm)
     }
 
-    /// A VM with `vcpus` vCPUs (threads started, parked) over `memory`.
-    fn create(memory: Arc<GuestMemory>, vcpus: usize) -> Result<Self, VmmError> {
+    /// A VM with `vcpus` vCPUs (threads started, parked) over `memory`,
+    /// dirty tracking set up as `tracker` says.
+    fn create(
+        memory: Arc<GuestMemory>,
+        vcpus: usize,
+        tracker: DirtyTracker,
+    ) -> Result<Self, VmmError> {
         if vcpus == 0 || vcpus as u64 > MAX_VCPUS {
             return Err(VmmError::Config(format!(
                 "{vcpus} vCPUs: between 1 and {MAX_VCPUS}"
@@ -210,6 +228,18 @@ impl Vm {
             .map_err(VmmError::kvm("KVM_SET_TSS_ADDR"))?;
         vm.create_irq_chip()
             .map_err(VmmError::kvm("KVM_CREATE_IRQCHIP"))?;
+        // Both capabilities must be on before memory is registered and
+        // vCPUs are created.
+        let support = TrackerSupport::of(&vm);
+        let manual_protect = match tracker {
+            DirtyTracker::Log { manual_protect } => {
+                manual_protect && enable_manual_protect(&vm, &support)?
+            }
+            DirtyTracker::Ring { entries } => {
+                enable_ring(&vm, &support, entries)?;
+                false
+            }
+        };
         let slots = register_memory(&vm, &memory)?;
         let cpuid = kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
@@ -241,12 +271,25 @@ impl Vm {
             reports: Mutex::new(Vec::new()),
             failure: Mutex::new(None),
         });
+        let vm = Arc::new(vm);
+        let rings = match tracker {
+            DirtyTracker::Ring { entries } => Some(Arc::new(DirtyRings::map(
+                vm.clone(),
+                &fds,
+                entries,
+                &slots,
+            )?)),
+            DirtyTracker::Log { .. } => None,
+        };
         let mut me = Self {
             shared,
             threads: Vec::new(),
             ticker: None,
             vcpus: fds,
-            vm: Arc::new(vm),
+            rings,
+            manual_protect,
+            tracker,
+            vm,
             slots,
             tsc_khz,
             memory,
@@ -254,9 +297,10 @@ impl Vm {
         for i in 0..vcpus {
             let shared = me.shared.clone();
             let fd = me.vcpus[i].clone();
+            let rings = me.rings.clone();
             let t = std::thread::Builder::new()
                 .name(format!("ferry-kvm-vcpu-{i}"))
-                .spawn(move || vcpu_thread(&shared, i, &fd))
+                .spawn(move || vcpu_thread(&shared, i, &fd, rings.as_deref()))
                 .map_err(|e| VmmError::Control(format!("cannot start vCPU thread {i}: {e}")))?;
             me.threads.push(t);
         }
@@ -284,12 +328,19 @@ impl Vm {
         self.tsc_khz
     }
 
-    pub(crate) fn vm_fd(&self) -> &Arc<VmFd> {
-        &self.vm
+    /// The tracker this VM was made with.
+    pub fn tracker(&self) -> DirtyTracker {
+        self.tracker
     }
 
-    pub(crate) fn slots(&self) -> &[Slot] {
-        &self.slots
+    /// This VM's dirty log (another handle on the same KVM state).
+    pub fn dirty_log(&self) -> crate::KvmDirtyLog {
+        match &self.rings {
+            Some(r) => crate::KvmDirtyLog::ring(self.vm.clone(), self.slots.clone(), r.clone()),
+            None => {
+                crate::KvmDirtyLog::log(self.vm.clone(), self.slots.clone(), self.manual_protect)
+            }
+        }
     }
 
     /// vCPU `i`'s counters (read from guest memory).
@@ -753,7 +804,7 @@ fn kick_all(shared: &Shared) {
     }
 }
 
-fn vcpu_thread(shared: &Shared, index: usize, fd: &Mutex<VcpuFd>) {
+fn vcpu_thread(shared: &Shared, index: usize, fd: &Mutex<VcpuFd>, rings: Option<&DirtyRings>) {
     // SAFETY: pthread_self has no preconditions.
     let me = unsafe { libc::pthread_self() };
     shared.tids[index].store(me as u64, Ordering::Release);
@@ -814,6 +865,13 @@ fn vcpu_thread(shared: &Shared, index: usize, fd: &Mutex<VcpuFd>) {
                 None
             }
             Ok(VcpuExit::Intr) => None,
+            Ok(VcpuExit::Unsupported(kvm_bindings::KVM_EXIT_DIRTY_RING_FULL)) => match rings {
+                Some(r) => r
+                    .on_ring_full()
+                    .err()
+                    .map(|e| format!("harvesting the full dirty ring: {e}")),
+                None => Some("dirty ring full, but this VM has no dirty ring".to_string()),
+            },
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => None,
             Ok(VcpuExit::Hlt) => Some("halted".to_string()),
             Ok(VcpuExit::Shutdown) => Some("shut down (triple fault)".to_string()),

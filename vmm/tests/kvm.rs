@@ -14,7 +14,9 @@ use ferry::{
 use ferry_ram::vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use ferry_ram::GuestMemory;
 use ferry_vmm::layout::{work_start, PAGE};
-use ferry_vmm::{kvm_usable, vcpu_status, GuestReport, KvmGuest, VmConfig, WritePattern};
+use ferry_vmm::{
+    kvm_usable, vcpu_status, DirtyTracker, GuestReport, KvmGuest, VmConfig, WritePattern,
+};
 
 const MIB: u64 = 1 << 20;
 
@@ -35,6 +37,7 @@ fn config(memory: u64, vcpus: usize, rate: u64, pattern: WritePattern) -> VmConf
         dirty_rate: rate,
         pattern,
         seed: 42,
+        tracker: DirtyTracker::default(),
     }
 }
 
@@ -507,6 +510,174 @@ fn a_lossy_dirty_log_is_caught_by_the_guest_self_check() {
     eprintln!(
         "lossy: the destination found {} bad page(s), first word at {:#x}",
         s.errors, s.first_error
+    );
+    got.guest.pause().unwrap();
+}
+
+fn ring_or_skip(test: &str) -> bool {
+    if !kvm_or_skip(test) {
+        return false;
+    }
+    match ferry_vmm::dirty_ring_usable() {
+        Ok(()) => true,
+        Err(why) => {
+            eprintln!("{test}: SKIPPED: {why}");
+            false
+        }
+    }
+}
+
+/// Boots a guest tracked by `tracker`, lets it write for a while after the
+/// log started, and checks the log against memory itself: every page whose
+/// bytes changed is reported dirty (a false positive is allowed, a miss
+/// is not), and a paused guest dirties nothing.
+fn tracker_reports_every_written_page(tracker: DirtyTracker) -> (u64, u64) {
+    let memory = 16 * MIB;
+    let g = KvmGuest::boot(
+        &VmConfig {
+            tracker,
+            ..config(memory, 2, 0, WritePattern::Random)
+        },
+        Resources::none(true),
+    )
+    .unwrap();
+    g.wait_booted(Duration::from_secs(30)).unwrap();
+    let log = g.kvm_dirty_log();
+    assert_eq!(ferry::DirtyLog::name(log), tracker.name());
+    g.pause().unwrap();
+    ferry::DirtyLog::start(log).unwrap();
+    let before = copy_memory(g.memory());
+    let w = writes(g.memory(), 2);
+    g.resume().unwrap();
+    // Enough writes that a small ring fills more than once.
+    wait_for("writes", || writes(g.memory(), 2) > w + 3000);
+    g.pause().unwrap();
+    let pages = memory / PAGE;
+    let pass = vec![ferry::PageBitmap::new(pages, false)];
+    let found = ferry::DirtyLog::sync(log, &pass).unwrap();
+    let (mut a, mut b) = (vec![0u8; PAGE as usize], vec![0u8; PAGE as usize]);
+    let mut changed = 0;
+    for p in 0..pages {
+        let at = GuestAddress(p * PAGE);
+        before.guest_memory_mmap().read_slice(&mut a, at).unwrap();
+        g.memory()
+            .guest_memory_mmap()
+            .read_slice(&mut b, at)
+            .unwrap();
+        if a != b {
+            changed += 1;
+            assert!(
+                pass[0].test(p),
+                "{}: page {p} ({:#x}) changed but the log did not report it",
+                tracker.name(),
+                p * PAGE
+            );
+        }
+    }
+    assert!(
+        changed > 0 && found >= changed,
+        "{found} found, {changed} changed"
+    );
+    let again = vec![ferry::PageBitmap::new(pages, false)];
+    assert_eq!(
+        ferry::DirtyLog::sync(log, &again).unwrap(),
+        0,
+        "paused: nothing new"
+    );
+    eprintln!(
+        "{} ({}): {changed} pages changed, {found} reported, {} ring-full exits",
+        tracker.name(),
+        log.method(),
+        log.ring_full_exits()
+    );
+    assert_eq!(log.stray_entries(), 0);
+    assert_eq!(g.vm().failure(), None);
+    assert_clean(g.memory(), 2);
+    (found, log.ring_full_exits())
+}
+
+#[test]
+fn kvm_log_without_manual_protect_reports_every_written_page() {
+    if !kvm_or_skip("kvm_log_without_manual_protect_reports_every_written_page") {
+        return;
+    }
+    tracker_reports_every_written_page(DirtyTracker::Log {
+        manual_protect: false,
+    });
+}
+
+#[test]
+fn kvm_log_with_manual_protect_reports_every_written_page() {
+    if !kvm_or_skip("kvm_log_with_manual_protect_reports_every_written_page") {
+        return;
+    }
+    let support = ferry_vmm::TrackerSupport::probe().unwrap();
+    if support.manual_protect_flags & 1 == 0 {
+        eprintln!(
+            "kvm_log_with_manual_protect_reports_every_written_page: note: this kernel lacks \
+             KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2; kvm-log runs with KVM_GET_DIRTY_LOG alone"
+        );
+    }
+    tracker_reports_every_written_page(DirtyTracker::Log {
+        manual_protect: true,
+    });
+}
+
+#[test]
+fn kvm_ring_reports_every_written_page_through_full_rings() {
+    if !ring_or_skip("kvm_ring_reports_every_written_page_through_full_rings") {
+        return;
+    }
+    // 1024 entries: KVM's smallest ring with PML (its soft limit leaves
+    // 448 entries), so 3000 writes fill it more than once.
+    let (_, full) = tracker_reports_every_written_page(DirtyTracker::Ring { entries: 1024 });
+    assert!(full > 0, "the small ring never filled");
+}
+
+#[test]
+fn a_live_migration_tracked_by_the_dirty_ring() {
+    if !ring_or_skip("a_live_migration_tracked_by_the_dirty_ring") {
+        return;
+    }
+    let ring = DirtyTracker::Ring { entries: 1024 };
+    let guest = KvmGuest::boot(
+        &VmConfig {
+            tracker: ring,
+            ..config(32 * MIB, 2, 16 * MIB, WritePattern::Random)
+        },
+        Resources::none(true),
+    )
+    .unwrap();
+    wait_for("source writes", || writes(guest.memory(), 2) > 200);
+    let listener =
+        Listener::bind(&"tcp:127.0.0.1:0".parse().unwrap(), SocketTuning::default()).unwrap();
+    let uri = listener.uri().clone();
+    let incoming = IncomingOptions {
+        build_guest: KvmGuest::builder_with(ring),
+        ..Default::default()
+    };
+    let dst = std::thread::spawn(move || {
+        migrate_in(&listener, &incoming, &Progress::default()).map_err(|e| e.to_string())
+    });
+    let progress = Progress::with_parameters(Parameters {
+        downtime_limit: Duration::from_secs(2),
+        ..Default::default()
+    });
+    let sent = migrate_out(&guest, &uri, &OutgoingOptions::default(), &progress)
+        .expect("the source completes");
+    let got = dst.join().unwrap().expect("the destination completes");
+    assert_eq!(sent.dirty_tracker.as_deref(), Some("kvm-ring"));
+    assert_eq!(sent.switchover_digest, got.summary.switchover_digest);
+    let before = writes(guest.memory(), 2);
+    assert_clean(guest.memory(), 2);
+    wait_for("the destination's counters advance", || {
+        writes(&got.memory, 2) > before + 200
+    });
+    assert_clean(&got.memory, 2);
+    eprintln!(
+        "kvm-ring live: {} passes, {} ring-full exits on the source",
+        sent.passes,
+        guest.kvm_dirty_log().ring_full_exits()
     );
     got.guest.pause().unwrap();
 }

@@ -1,0 +1,469 @@
+//! `--guest kvm` on the command line: the KVM micro-VM sent and received
+//! over loopback (plain, and with TLS, zstd and auto-converge), saved and
+//! restored (live, background, lazily) and run with its self-check clean;
+//! a flipped byte in its saved vCPU state refused before the VM runs; each
+//! dirty tracker; and the errors for a missing /dev/kvm and options that
+//! do not fit the guest. Tests that need /dev/kvm skip, saying so, where
+//! it is not usable. Guests are 32 MiB: /dev/kvm may be a slow software
+//! implementation, and nothing here asserts a time.
+
+mod support;
+
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+
+use ferry_ram::mapped::{region_checksum, FileLayout};
+use serde_json::Value;
+use support::{assert_contains, ctl, run, start_recv, wait_for_query, Done, Proc, DEADLINE};
+
+fn kvm_or_skip(test: &str) -> bool {
+    match ferry_vmm::kvm_usable() {
+        Ok(()) => true,
+        Err(why) => {
+            eprintln!("{test}: SKIPPED: {why}");
+            false
+        }
+    }
+}
+
+fn tmp() -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix("ferry-kvm-test")
+        .tempdir_in("/var/tmp")
+        .unwrap()
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+/// The KVM guest's options: 32 MiB, 2 vCPUs writing 16 MiB/s at random.
+const GUEST: [&str; 8] = [
+    "--guest",
+    "kvm",
+    "--size",
+    "32M",
+    "--vcpus",
+    "2",
+    "--dirty-rate",
+    "16M",
+];
+
+/// The guest ran on after it was resumed, and its self-check is clean.
+fn assert_ran_clean(who: &str, v: &Value) {
+    let w = &v["workload"];
+    assert_eq!(w["self_check_errors"], 0, "{who}: self-check: {v}");
+    assert!(w.get("guest_failure").is_none(), "{who}: {v}");
+    assert_eq!(w["continued"], true, "{who}: every vCPU writes on: {v}");
+    assert!(
+        w["writes_after"].as_u64().unwrap() > w["writes_at_switchover"].as_u64().unwrap(),
+        "{who}: counters advance: {v}"
+    );
+}
+
+/// `ferry send GUEST --to tcp:127.0.0.1:PORT --json EXTRA...` to a `ferry
+/// recv --run-after 1s RECV_EXTRA...`; both outcomes.
+fn send_recv(send_extra: &[&str], recv_extra: &[&str]) -> (Done, Done) {
+    let mut r = vec!["--run-after", "1s"];
+    r.extend_from_slice(recv_extra);
+    let (recv, port) = start_recv(&r);
+    let to = format!("tcp:127.0.0.1:{port}");
+    let mut args = vec!["send"];
+    args.extend(GUEST);
+    args.extend(["--to", &to, "--json"]);
+    args.extend_from_slice(send_extra);
+    let sent = Proc::spawn(&args).wait(DEADLINE);
+    (sent, recv.wait(DEADLINE))
+}
+
+#[test]
+fn send_recv_of_a_kvm_guest_resumes_it_on_the_destination_with_its_self_check_clean() {
+    if !kvm_or_skip(
+        "send_recv_of_a_kvm_guest_resumes_it_on_the_destination_with_its_self_check_clean",
+    ) {
+        return;
+    }
+    let (sent, got) = send_recv(&["--downtime-limit", "2s"], &[]);
+    let sv = sent.completed();
+    let rv = got.completed();
+    assert_eq!(sv["dirty_tracker"], "kvm-log", "{sv}");
+    assert_eq!(sv["switchover_digest"], rv["switchover_digest"]);
+    assert_ran_clean("recv", &rv);
+}
+
+#[test]
+fn a_kvm_guest_moves_with_tls_zstd_and_auto_converge() {
+    if !kvm_or_skip("a_kvm_guest_moves_with_tls_zstd_and_auto_converge") {
+        return;
+    }
+    let dir = tmp();
+    let certs = dir.path().join("certs");
+    let d = run(&["certs", "--out", s(&certs), "--host", "127.0.0.1"]);
+    assert_eq!(d.code(), Some(0), "{}", d.stderr);
+    let (sent, got) = send_recv(
+        &[
+            "--tls-dir",
+            s(&certs),
+            "--compress",
+            "zstd",
+            "--auto-converge",
+            "--downtime-limit",
+            "100ms",
+        ],
+        &["--tls-dir", s(&certs), "--compress", "zstd"],
+    );
+    let sv = sent.completed();
+    let rv = got.completed();
+    assert_eq!(
+        (sv["tls"].as_bool(), rv["tls"].as_bool()),
+        (Some(true), Some(true))
+    );
+    assert!(
+        sv["compression"].as_str().unwrap().starts_with("zstd"),
+        "{sv}"
+    );
+    assert_ran_clean("recv", &rv);
+}
+
+#[test]
+fn the_control_socket_holds_a_kvm_migration_before_switchover_and_continues_it() {
+    if !kvm_or_skip("the_control_socket_holds_a_kvm_migration_before_switchover_and_continues_it") {
+        return;
+    }
+    let dir = tmp();
+    let sock = dir.path().join("send.sock");
+    let (recv, port) = start_recv(&["--run-after", "1s"]);
+    let to = format!("tcp:127.0.0.1:{port}");
+    let mut args = vec!["send"];
+    args.extend(GUEST);
+    args.extend([
+        "--to",
+        &to,
+        "--json",
+        "--pause-before-switchover",
+        "--control",
+        s(&sock),
+    ]);
+    let send = Proc::spawn(&args);
+    let q = wait_for_query(&sock, |q| q["status"] == "pre-switchover");
+    assert!(q["ram"]["dirty-sync-count"].as_u64() >= Some(1), "{q}");
+    let (code, _) = ctl(&sock, &["set", "downtime-limit=1000"]);
+    assert_eq!(code, Some(0));
+    let (code, v) = ctl(&sock, &["continue"]);
+    assert_eq!(code, Some(0), "{v}");
+    let sv = send.wait(DEADLINE).completed();
+    assert_eq!(sv["dirty_tracker"], "kvm-log", "{sv}");
+    assert_ran_clean("recv", &recv.wait(DEADLINE).completed());
+}
+
+/// `ferry save GUEST --to FILE --json EXTRA...`, completed (a background
+/// save reports no digest of memory: the guest ran on).
+fn save(path: &Path, extra: &[&str]) -> Value {
+    let mut args = vec!["save"];
+    args.extend(GUEST);
+    args.extend(["--to", s(path), "--json"]);
+    args.extend_from_slice(extra);
+    let d = run(&args);
+    let v = d.summary();
+    assert_eq!(
+        (d.code(), v["status"].as_str()),
+        (Some(0), Some("completed")),
+        "{v}\n{}",
+        d.stderr
+    );
+    v
+}
+
+fn restore_and_run(path: &Path, extra: &[&str]) -> Done {
+    let mut args = vec![
+        "restore",
+        "--from",
+        s(path),
+        "--run-guest",
+        "--run-for",
+        "1s",
+        "--json",
+    ];
+    args.extend_from_slice(extra);
+    run(&args)
+}
+
+#[test]
+fn save_then_restore_runs_the_kvm_guest_clean_eagerly_and_lazily() {
+    if !kvm_or_skip("save_then_restore_runs_the_kvm_guest_clean_eagerly_and_lazily") {
+        return;
+    }
+    let dir = tmp();
+    let f = dir.path().join("guest.ferry");
+    let saved = save(&f, &["--verify-digest"]);
+    assert_eq!(saved["mode"], "live", "{saved}");
+    let eager = restore_and_run(&f, &[]);
+    let v = eager.completed();
+    assert_eq!(
+        v["switchover_digest"], saved["switchover_digest"],
+        "memory and vCPU state as saved"
+    );
+    assert_ran_clean("restore", &v);
+    let lazy = restore_and_run(&f, &["--lazy"]);
+    let v = lazy.summary();
+    assert_eq!(v["status"], "completed", "{v}\n{}", lazy.stderr);
+    assert!(v["lazy"]["first_write_ms"].is_number(), "{v}");
+    assert_ran_clean("restore --lazy", &v);
+}
+
+#[test]
+fn a_background_save_of_a_running_kvm_guest_holds_it_as_at_the_pause() {
+    if !kvm_or_skip("a_background_save_of_a_running_kvm_guest_holds_it_as_at_the_pause") {
+        return;
+    }
+    let dir = tmp();
+    let f = dir.path().join("bg.ferry");
+    let saved = save(
+        &f,
+        &["--background", "--digest-at-pause", "--verify-digest"],
+    );
+    assert_eq!(saved["mode"], "background", "{saved}");
+    assert_eq!(saved["file_digest"], saved["digest_at_pause"], "{saved}");
+    let v = restore_and_run(&f, &[]).completed();
+    assert_ran_clean("restore", &v);
+}
+
+/// Byte offset of vCPU 0's sregs payload in the KVM device state: header
+/// 28, regs section 12 + 144, sregs section header 12 (vmm/src/state.rs).
+const VCPU0_SREGS: u64 = 28 + 12 + 144 + 12;
+
+fn flip(path: &Path, offset: u64) {
+    let f = File::options().read(true).write(true).open(path).unwrap();
+    let mut b = [0u8];
+    f.read_exact_at(&mut b, offset).unwrap();
+    f.write_all_at(&[b[0] ^ 0x10], offset).unwrap();
+}
+
+#[test]
+fn a_flipped_byte_in_saved_vcpu_state_is_refused_before_the_vm_runs() {
+    if !kvm_or_skip("a_flipped_byte_in_saved_vcpu_state_is_refused_before_the_vm_runs") {
+        return;
+    }
+    let dir = tmp();
+    let good = dir.path().join("good.ferry");
+    save(&good, &[]);
+    let layout = FileLayout::read(&File::open(&good).unwrap(), &good).unwrap();
+    let at = layout.device_state_offset + VCPU0_SREGS + 10;
+
+    // As it lands on disk: the file's own checksum of the device state
+    // catches it.
+    let bad = dir.path().join("bad.ferry");
+    std::fs::copy(&good, &bad).unwrap();
+    flip(&bad, at);
+    let d = restore_and_run(&bad, &[]);
+    let (v, err) = d.failed();
+    assert_contains(&err, &["device state"]);
+    assert!(v.get("workload").is_none(), "never ran: {v}");
+
+    // Damaged before it was saved (the file's checksum agrees with it):
+    // the vCPU state's own section checksum refuses it, naming the field.
+    let f = File::open(&bad).unwrap();
+    let mut state = vec![0u8; layout.device_state_len as usize];
+    f.read_exact_at(&mut state, layout.device_state_offset)
+        .unwrap();
+    let mut lying = layout.clone();
+    lying.device_state_checksum = region_checksum(&state);
+    File::options()
+        .write(true)
+        .open(&bad)
+        .unwrap()
+        .write_all_at(&lying.encode(), 0)
+        .unwrap();
+    let d = restore_and_run(&bad, &[]);
+    let (v, err) = d.failed();
+    assert_contains(&err, &["vCPU 0 sregs", "crc"]);
+    assert!(v.get("workload").is_none(), "never ran: {v}");
+    let d = restore_and_run(&bad, &["--lazy"]);
+    assert_eq!(d.code(), Some(1), "{}", d.stderr);
+    assert_contains(&d.stdout, &["vCPU 0 sregs"]);
+
+    // The untouched file still runs clean.
+    assert_ran_clean("restore", &restore_and_run(&good, &[]).completed());
+}
+
+#[test]
+fn kvm_log_tracks_a_migration_and_kvm_ring_runs_or_says_why_not() {
+    if !kvm_or_skip("kvm_log_tracks_a_migration_and_kvm_ring_runs_or_says_why_not") {
+        return;
+    }
+    let (sent, got) = send_recv(&["--dirty-tracker", "kvm-log"], &[]);
+    assert_eq!(sent.completed()["dirty_tracker"], "kvm-log");
+    assert_ran_clean("recv (kvm-log)", &got.completed());
+
+    match ferry_vmm::dirty_ring_usable() {
+        Ok(()) => {
+            let (sent, got) = send_recv(&["--dirty-tracker", "kvm-ring"], &[]);
+            assert_eq!(sent.completed()["dirty_tracker"], "kvm-ring");
+            assert_ran_clean("recv (kvm-ring)", &got.completed());
+        }
+        Err(why) => {
+            eprintln!(
+                "kvm_log_tracks_a_migration_and_kvm_ring_runs_or_says_why_not: kvm-ring \
+                 migration SKIPPED: {why}"
+            );
+            let mut args = vec!["send"];
+            args.extend(GUEST);
+            args.extend([
+                "--dirty-tracker",
+                "kvm-ring",
+                "--to",
+                "tcp:127.0.0.1:1",
+                "--json",
+            ]);
+            let (_, err) = run(&args).failed();
+            assert_contains(&err, &["kvm-ring", "KVM_CAP_DIRTY_LOG_RING"]);
+        }
+    }
+}
+
+#[test]
+fn without_a_usable_dev_kvm_guest_kvm_fails_naming_it() {
+    let send = [
+        "send",
+        "--guest",
+        "kvm",
+        "--size",
+        "32M",
+        "--to",
+        "tcp:127.0.0.1:1",
+        "--json",
+    ];
+    let d = if ferry_vmm::kvm_usable().is_err() {
+        run(&send)
+    } else {
+        // Hide /dev/kvm behind /dev/null in a mount namespace of our own.
+        let unshare = std::process::Command::new("unshare")
+            .args(["--mount", "true"])
+            .status();
+        if !matches!(unshare, Ok(s) if s.success()) {
+            eprintln!(
+                "without_a_usable_dev_kvm_guest_kvm_fails_naming_it: SKIPPED: /dev/kvm works \
+                 here and `unshare --mount` (root) is not available to hide it"
+            );
+            return;
+        }
+        let script = format!(
+            "mount --bind /dev/null /dev/kvm && exec {} {}",
+            env!("CARGO_BIN_EXE_ferry"),
+            send.join(" ")
+        );
+        let out = std::process::Command::new("unshare")
+            .args(["--mount", "sh", "-c", &script])
+            .output()
+            .unwrap();
+        Done {
+            name: "ferry send --guest kvm (no /dev/kvm)".into(),
+            status: out.status,
+            stdout: String::from_utf8_lossy(&out.stdout).into(),
+            stderr: String::from_utf8_lossy(&out.stderr).into(),
+        }
+    };
+    let (_, err) = d.failed();
+    assert_contains(&err, &["--guest kvm needs a usable /dev/kvm"]);
+}
+
+#[test]
+fn a_destination_without_dev_kvm_fails_the_migration_naming_it_and_the_source_runs_on() {
+    let test = "a_destination_without_dev_kvm_fails_the_migration_naming_it_and_the_source_runs_on";
+    if !kvm_or_skip(test) {
+        return;
+    }
+    if !matches!(
+        std::process::Command::new("unshare").args(["--mount", "true"]).status(),
+        Ok(st) if st.success()
+    ) {
+        eprintln!("{test}: SKIPPED: `unshare --mount` (root) is not available to hide /dev/kvm");
+        return;
+    }
+    // The destination in a mount namespace where /dev/kvm is /dev/null.
+    let script = format!(
+        "mount --bind /dev/null /dev/kvm && exec {} recv --listen tcp:127.0.0.1:0 --json",
+        env!("CARGO_BIN_EXE_ferry")
+    );
+    let mut cmd = std::process::Command::new("unshare");
+    cmd.args(["--mount", "sh", "-c", &script]);
+    let (mut child, mut pipes) = support::Pipes::spawn(&mut cmd, "ferry recv (no /dev/kvm)");
+    let uri = pipes.listening(DEADLINE).expect("the destination listens");
+    let port = support::local_port(&uri).to_string();
+    let to = format!("tcp:127.0.0.1:{port}");
+    let mut args = vec!["send"];
+    args.extend(GUEST);
+    args.extend(["--to", &to, "--json"]);
+    let sent = Proc::spawn(&args).wait(DEADLINE);
+    let _ = child.wait();
+    let (out, _) = pipes.collect();
+    let (sv, err) = sent.failed();
+    assert_contains(&err, &["/dev/kvm"]);
+    assert_eq!(sv["guest_running"], true, "the source guest runs on: {sv}");
+    assert_contains(&out, &["needs a usable /dev/kvm here"]);
+}
+
+/// Exit status 2 (clap's usage error) with every part in the message.
+fn assert_usage_error(args: &[&str], parts: &[&str]) {
+    let d = run(args);
+    assert_eq!(d.code(), Some(2), "ferry {args:?}:\n{}", d.stderr);
+    assert_contains(&d.stderr, parts);
+}
+
+#[test]
+fn options_that_do_not_fit_a_kvm_guest_are_usage_errors_and_help_explains_kvm() {
+    let to = ["--to", "tcp:127.0.0.1:1"];
+    let kvm = ["send", "--guest", "kvm", "--size", "32M"];
+    for (extra, parts) in [
+        (
+            &["--dirty-tracker", "bitmap"][..],
+            &[
+                "--dirty-tracker bitmap only applies to a synthetic guest",
+                "kvm-log or kvm-ring",
+            ][..],
+        ),
+        (
+            &["--ram", "/dev/null"],
+            &["--ram only applies to an image or synthetic guest"],
+        ),
+        (
+            &["--device-state", "/dev/null"],
+            &["--device-state only applies to an image guest"],
+        ),
+    ] {
+        let mut args = kvm.to_vec();
+        args.extend_from_slice(extra);
+        args.extend(to);
+        assert_usage_error(&args, parts);
+    }
+    assert_usage_error(
+        &[
+            "send",
+            "--guest",
+            "synthetic",
+            "--size",
+            "4M",
+            "--dirty-tracker",
+            "kvm-ring",
+            "--to",
+            "tcp:127.0.0.1:1",
+        ],
+        &["--dirty-tracker kvm-ring only applies to a KVM guest (--guest kvm)"],
+    );
+    for cmd in ["send", "save"] {
+        let d = run(&[cmd, "--help"]);
+        assert_contains(
+            &d.stdout,
+            &[
+                "kvm",
+                "/dev/kvm",
+                "kvm-log",
+                "kvm-ring",
+                "KVM_CLEAR_DIRTY_LOG",
+            ],
+        );
+    }
+    let d = run(&["restore", "--help"]);
+    assert_contains(&d.stdout, &["--run-guest", "--run-for", "KVM guest"]);
+}
