@@ -529,8 +529,14 @@ impl Source<'_> {
 
     /// The digests of memory, and of memory and device state together, at
     /// switchover.
+    ///
+    /// Called only while the guest is paused (between stop and the end of
+    /// a completed migration, when it stays paused).
     fn switchover_digest(&self, device_state: &[u8]) -> (Digest, Digest) {
-        let memory = Digest::of_memory(&self.memory);
+        // SAFETY: the guest is paused (see above), and `Guest::pause`
+        // promises that its memory no longer changes once it returns; the
+        // sender threads only read it.
+        let memory = unsafe { Digest::of_still_memory(&self.memory) };
         (memory, Digest::with_device_state(memory, device_state))
     }
 

@@ -189,7 +189,11 @@ fn migrate(a: RecvArgs) -> anyhow::Result<bool> {
                 };
             }
             outcome.guest.pause()?;
-            outcome.summary.digest = Some(outcome.memory.digest().to_string());
+            // SAFETY: the guest was paused just above (`Guest::pause`: its
+            // memory no longer changes), and the migration's receiver
+            // threads ended before `migrate_in` returned.
+            let digest = unsafe { ferry::Digest::of_still_memory(&outcome.memory) };
+            outcome.summary.digest = Some(digest.to_string());
             let failed = outcome
                 .summary
                 .workload
