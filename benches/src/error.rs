@@ -42,9 +42,10 @@ pub enum BenchError {
         detail: String,
     },
 
-    #[error("ferry run with {channels} channel(s) failed:\n{}", .failures.join("\n"))]
+    #[error("{case} failed:\n{}", .failures.join("\n"))]
     FerryFailed {
-        channels: u16,
+        /// "ferry run with 2 channel(s)", "live migration (tracker uffd, 2 channel(s))".
+        case: String,
         failures: Vec<String>,
     },
 
