@@ -56,6 +56,15 @@ pub enum BenchError {
         held: String,
     },
 
+    #[error("{case}: the {what} differ: source {source_digest}, destination {destination_digest}")]
+    LiveMismatch {
+        case: String,
+        /// "digests of memory and device state at switchover".
+        what: String,
+        source_digest: String,
+        destination_digest: String,
+    },
+
     #[error("floor run with {channels} channel(s) failed:\n{}", .failures.join("\n"))]
     FloorFailed {
         channels: u16,

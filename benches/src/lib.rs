@@ -11,15 +11,21 @@
 //!
 //! It never links the controller: ferry is measured as a user runs it.
 //!
-//! Files: `run.rs` child processes and one ferry run; `qmp.rs` the QEMU peer; `iperf.rs` the iperf3 peer; `floor.rs`
+//! `ferry bench --live` (`live.rs`) measures live precopy instead: a guest
+//! that keeps writing its memory, per dirty tracker, with downtime, passes
+//! and bytes on the wire, and both sides' digests at switchover compared.
+//!
+//! Files: `run.rs` child processes and one ferry run; `live.rs` the live
+//! cases; `qmp.rs` the QEMU peer; `iperf.rs` the iperf3 peer; `floor.rs`
 //! the floor peer (splice of the non-zero pages into fresh memory, the
 //! least work a migration does); `netns.rs` a shaped veth link between two
 //! network namespaces; `report.rs` medians, ratios and renderings; `sys.rs`
-//! the libc calls (rusage, statvfs); `error.rs` errors.
+//! the libc calls (rusage, statvfs, load average); `error.rs` errors.
 
 mod error;
 pub mod floor;
 mod iperf;
+mod live;
 pub mod netns;
 mod qmp;
 mod report;
@@ -34,7 +40,11 @@ use std::time::Instant;
 use ferry_ram::pattern::{write_file, Pattern};
 
 pub use error::BenchError;
-pub use report::{compute_ratios, median, BenchReport, Case, Ratio, Sample, Summary, Tool};
+pub use live::{run_live, LiveGuest, LiveOptions, LiveReport};
+pub use report::{
+    compute_ratios, median, BenchReport, Case, LiveFigures, LiveSummary, Ratio, Sample, Spread,
+    Summary, Tool,
+};
 pub use sys::Cpu;
 
 use run::{display, FerryRun, RemoveOnDrop, SendGuest};

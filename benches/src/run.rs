@@ -303,6 +303,9 @@ pub(crate) fn parse_json_object(stdout: &str) -> Option<Value> {
 pub(crate) enum SendGuest<'a> {
     /// An image guest: `--ram DATASET` (the bandwidth cases).
     Image(&'a Path),
+    /// A live guest, given by these `send` arguments (`--guest synthetic
+    /// --size ...`: `live.rs`).
+    Live(&'a [String]),
 }
 
 /// What one ferry run is asked to do.
@@ -437,6 +440,7 @@ pub(crate) fn ferry_pair(run: &FerryRun<'_>) -> Result<Pair, BenchError> {
     cmd.arg("send");
     match run.guest {
         SendGuest::Image(dataset) => cmd.arg("--ram").arg(dataset),
+        SendGuest::Live(args) => cmd.args(args),
     };
     cmd.args([
         "--to",
