@@ -329,13 +329,36 @@ pub(crate) struct FerryRun<'a> {
 }
 
 /// `ferry recv`'s arguments that turn the destination's switchover digest
-/// on or off: the one place that spells them. (Where the digest is opt-in,
-/// `recv --verify-switchover` turns it on and no argument leaves it off.)
-pub(crate) fn switchover_digest_args(on: bool) -> &'static [&'static str] {
-    if on {
-        &[]
-    } else {
-        &["--no-digest"]
+/// on or off: the one place that spells them. Builds where the digest is
+/// opt-in (their `recv --help` lists `--verify-switchover`) get that flag
+/// to turn it on and nothing to leave it off; older builds, where it is on
+/// by default, nothing and `--no-digest`. Which kind `exe` is, is asked
+/// once per binary, so `--ferry-exe` may name either.
+pub(crate) fn switchover_digest_args(exe: &Path, on: bool) -> &'static [&'static str] {
+    static OPT_IN: Mutex<Vec<(PathBuf, bool)>> = Mutex::new(Vec::new());
+    let opt_in = {
+        let mut known = OPT_IN.lock().unwrap_or_else(|p| p.into_inner());
+        match known.iter().find(|(p, _)| p == exe) {
+            Some(&(_, o)) => o,
+            None => {
+                let o = Command::new(exe)
+                    .args(["recv", "--help"])
+                    .stdin(Stdio::null())
+                    .stderr(Stdio::null())
+                    .output()
+                    .is_ok_and(|out| {
+                        String::from_utf8_lossy(&out.stdout).contains("--verify-switchover")
+                    });
+                known.push((exe.to_path_buf(), o));
+                o
+            }
+        }
+    };
+    match (opt_in, on) {
+        (true, true) => &["--verify-switchover"],
+        (true, false) => &[],
+        (false, true) => &[],
+        (false, false) => &["--no-digest"],
     }
 }
 
@@ -394,7 +417,7 @@ pub(crate) fn ferry_pair(run: &FerryRun<'_>) -> Result<Pair, BenchError> {
 
     let mut cmd = Command::new(run.exe);
     cmd.args(["recv", "--listen", "tcp:127.0.0.1:0", "--json"]);
-    cmd.args(switchover_digest_args(run.switchover_digest));
+    cmd.args(switchover_digest_args(run.exe, run.switchover_digest));
     cmd.args(["--tcp-congestion", run.congestion.unwrap_or("system")]);
     cmd.args(run.recv_args);
     let (tx, rx) = mpsc::channel();
@@ -679,6 +702,47 @@ esac
             ),
             "{a}"
         );
+    }
+
+    /// A shell script at `path` standing in for a ferry binary, ready to run
+    /// (another test thread's fork may hold it open for writing a moment:
+    /// ETXTBSY, so this waits until it runs).
+    fn script(path: &Path, text: &str) {
+        std::fs::write(path, text).expect("write script");
+        let mut perm = std::fs::metadata(path).expect("meta").permissions();
+        std::os::unix::fs::PermissionsExt::set_mode(&mut perm, 0o755);
+        std::fs::set_permissions(path, perm).expect("chmod");
+        for _ in 0..100 {
+            match Command::new(path).output() {
+                Err(e) if e.raw_os_error() == Some(libc::ETXTBSY) => {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                _ => return,
+            }
+        }
+    }
+
+    #[test]
+    fn switchover_digest_flags_follow_the_binary() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let old = dir.path().join("old-ferry");
+        script(
+            &old,
+            "#!/bin/sh\necho '      --no-digest  Do not take the digest'\n",
+        );
+        let new = dir.path().join("new-ferry");
+        script(
+            &new,
+            "#!/bin/sh\necho '      --verify-switchover  Verify'; echo '      --no-digest'\n",
+        );
+        assert_eq!(switchover_digest_args(&old, true), [] as [&str; 0]);
+        assert_eq!(switchover_digest_args(&old, false), ["--no-digest"]);
+        assert_eq!(switchover_digest_args(&new, true), ["--verify-switchover"]);
+        assert_eq!(switchover_digest_args(&new, false), [] as [&str; 0]);
+        // A binary that cannot run is taken as the older kind (its run then
+        // fails as it would anyway).
+        let none = Path::new("/no/such/ferry");
+        assert_eq!(switchover_digest_args(none, false), ["--no-digest"]);
     }
 
     #[test]
