@@ -33,8 +33,10 @@ use crate::units::{parse_millis, parse_size};
 /// verification migration per tracker with the destination's switchover
 /// digest on: both sides' digests of memory and device state at switchover
 /// must be equal, else the bench fails naming both. A tracker this kernel
-/// lacks is skipped with a note. Memory warming, --tcp-congestion and the
-/// rotating order of the migrations apply as for the bandwidth cases.
+/// lacks is skipped with a note. Memory warming and the rotating order of
+/// the migrations apply as for the bandwidth cases; --tcp-congestion is set
+/// on ferry's own sockets only (no other tool runs, so the system's is left
+/// as it is).
 #[derive(Args)]
 pub struct BenchArgs {
     /// The ferry binary whose `send` and `recv` are measured (default: this
@@ -63,7 +65,8 @@ pub struct BenchArgs {
     /// Use this dataset file instead of generating one.
     #[arg(long)]
     dataset: Option<PathBuf>,
-    /// Seed of the generated dataset.
+    /// Seed of the generated dataset (with --live, of the synthetic guest's
+    /// memory and writes).
     #[arg(long, default_value_t = 1)]
     seed: u64,
     /// Where to generate the dataset (tmpfs keeps the disk out of the measurement).
@@ -84,7 +87,9 @@ pub struct BenchArgs {
     /// TCP congestion control for every tool, or `system` to leave the
     /// system's as it is. QEMU cannot choose its own, so the bench makes
     /// this the system's for the whole measurement (as root) and puts the
-    /// old one back after; the report says which was used.
+    /// old one back after; the report says which was used. With --live,
+    /// only ferry runs: its own sockets get it and the system's is left as
+    /// it is.
     #[arg(long, default_value = "cubic")]
     tcp_congestion: String,
     /// Pass `--send-path PATH` to `ferry send` (splice, copy or zero-copy).
