@@ -42,9 +42,10 @@ pub enum BenchError {
         detail: String,
     },
 
-    #[error("ferry run with {channels} channel(s) failed:\n{}", .failures.join("\n"))]
+    #[error("{case} failed:\n{}", .failures.join("\n"))]
     FerryFailed {
-        channels: u16,
+        /// "ferry run with 2 channel(s)", "live migration (tracker uffd, 2 channel(s))".
+        case: String,
         failures: Vec<String>,
     },
 
@@ -53,6 +54,15 @@ pub enum BenchError {
         channels: u16,
         sent: String,
         held: String,
+    },
+
+    #[error("{case}: the {what} differ: source {source_digest}, destination {destination_digest}")]
+    LiveMismatch {
+        case: String,
+        /// "digests of memory and device state at switchover".
+        what: String,
+        source_digest: String,
+        destination_digest: String,
     },
 
     #[error("floor run with {channels} channel(s) failed:\n{}", .failures.join("\n"))]

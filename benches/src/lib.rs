@@ -11,15 +11,21 @@
 //!
 //! It never links the controller: ferry is measured as a user runs it.
 //!
-//! Files: `run.rs` child processes and one ferry run; `qmp.rs` the QEMU
-//! peer; `iperf.rs` the iperf3 peer; `floor.rs` the floor peer (splice of
-//! the non-zero pages into fresh memory, the least work a migration does); `netns.rs` a shaped veth link between
-//! two network namespaces; `report.rs` medians, ratios and
-//! renderings; `sys.rs` the libc calls (rusage, statvfs); `error.rs` errors.
+//! `ferry bench --live` (`live.rs`) measures live precopy instead: a guest
+//! that keeps writing its memory, per dirty tracker, with downtime, passes
+//! and bytes on the wire, and both sides' digests at switchover compared.
+//!
+//! Files: `run.rs` child processes and one ferry run; `live.rs` the live
+//! cases; `qmp.rs` the QEMU peer; `iperf.rs` the iperf3 peer; `floor.rs`
+//! the floor peer (splice of the non-zero pages into fresh memory, the
+//! least work a migration does); `netns.rs` a shaped veth link between two
+//! network namespaces; `report.rs` medians, ratios and renderings; `sys.rs`
+//! the libc calls (rusage, statvfs, load average); `error.rs` errors.
 
 mod error;
 pub mod floor;
 mod iperf;
+mod live;
 pub mod netns;
 mod qmp;
 mod report;
@@ -34,10 +40,14 @@ use std::time::Instant;
 use ferry_ram::pattern::{write_file, Pattern};
 
 pub use error::BenchError;
-pub use report::{compute_ratios, median, BenchReport, Case, Ratio, Sample, Summary, Tool};
+pub use live::{run_live, LiveGuest, LiveOptions, LiveReport};
+pub use report::{
+    compute_ratios, median, BenchReport, Case, LiveFigures, LiveSummary, Ratio, Sample, Spread,
+    Summary, Tool,
+};
 pub use sys::Cpu;
 
-use run::{display, FerryRun, RemoveOnDrop};
+use run::{display, FerryRun, RemoveOnDrop, SendGuest};
 
 /// The QEMU binary the peer runs.
 const QEMU_EXE: &str = "qemu-system-x86_64";
@@ -205,6 +215,146 @@ fn fmt_sample(tool: &str, k: u16, run: usize, runs: usize, s: &Sample) -> String
     }
 }
 
+/// `ferry send`'s and `ferry recv`'s arguments for the configured TLS and
+/// compression, on top of the configured send arguments.
+fn tls_and_compression_args(config: &BenchConfig) -> (Vec<String>, Vec<String>) {
+    let mut send_args = config.send_args.clone();
+    let mut recv_args = Vec::new();
+    if let Some(d) = &config.tls_dir {
+        for a in [&mut send_args, &mut recv_args] {
+            a.extend(["--tls-dir".to_string(), d.display().to_string()]);
+        }
+    }
+    if let Some(l) = config.zstd_level {
+        send_args.extend(["--compress".to_string(), format!("zstd:{l}")]);
+    }
+    (send_args, recv_args)
+}
+
+/// The terms every measured run shares: memory warmed before each run, and
+/// one TCP congestion control for every tool (the system's, for the whole
+/// measurement, when it can be set; put back when this is dropped).
+struct Conditions {
+    warm: Option<usize>,
+    _system_cc: Option<sys::SystemCongestion>,
+}
+
+impl Conditions {
+    /// Sets them up for guests of `size` bytes, noting them in `notes`.
+    /// `chosen` names the tools that choose their own congestion control
+    /// (when the system's cannot be set); `qemu` says QEMU runs too. With
+    /// `system_wide` false (only tools that choose their own run) the
+    /// system's is left alone and each tool's sockets get the chosen one.
+    fn set(
+        config: &BenchConfig,
+        size: u64,
+        chosen: &str,
+        qemu: bool,
+        system_wide: bool,
+        notes: &mut Vec<String>,
+        log: &mut dyn FnMut(&str),
+    ) -> Self {
+        // Enough for a destination's RAM and the source's page-table and socket
+        // churn, within what the machine has free.
+        let warm = config.warm_memory.then(|| {
+            let want = 2 * size + (1 << 30);
+            let have = sys::mem_available().unwrap_or(0) * 3 / 4;
+            want.min(have) as usize
+        });
+        if let Some(bytes) = warm {
+            notes.push(format!(
+                "before each run the harness touched and released {} of memory, so that every tool's \
+                 destination starts from memory the host has backed (this VM backs memory lazily; \
+                 cold first touch costs about 1.5 s per GiB)",
+                human(bytes as u64)
+            ));
+        }
+
+        // Equal terms: the chosen algorithm becomes the system's for the whole
+        // measurement (QEMU cannot choose its own), and is put back after.
+        let system_cc = sys::system_congestion().unwrap_or_else(|| "unknown".into());
+        let guard = match config.congestion.as_deref() {
+            Some(cc) if !system_wide => {
+                let n = format!(
+                    "TCP congestion control: {cc} for {chosen}, set on its own sockets (the \
+                     system's, {system_cc}, was left as it is: no tool that cannot choose its \
+                     own ran)"
+                );
+                log(&format!("TCP congestion control: {cc} for {chosen}"));
+                notes.push(n);
+                None
+            }
+            Some(cc) => match sys::SystemCongestion::set(cc) {
+                Ok(guard) => {
+                    notes.push(format!(
+                        "TCP congestion control: {cc} for every tool{}",
+                        if guard.is_some() {
+                            format!(
+                                " (made the system's for the measurement; it was {system_cc} and is \
+                                 restored after)"
+                            )
+                        } else {
+                            " (the system's)".into()
+                        }
+                    ));
+                    log(&format!("TCP congestion control: {cc} for every tool"));
+                    guard
+                }
+                Err(e) => {
+                    let n = format!(
+                        "TCP congestion control: {cc} for {chosen}{} (setting the system's needs \
+                         root: {e})",
+                        if qemu {
+                            format!("; QEMU uses the system's ({system_cc})")
+                        } else {
+                            String::new()
+                        }
+                    );
+                    log(&n);
+                    notes.push(n);
+                    None
+                }
+            },
+            None => {
+                notes.push(format!(
+                    "TCP congestion control: the system's ({system_cc}) for every tool"
+                ));
+                None
+            }
+        };
+        Self {
+            warm,
+            _system_cc: guard,
+        }
+    }
+
+    /// Before a measured run: touch and release memory (when asked).
+    fn settle(&self, log: &mut dyn FnMut(&str)) {
+        if let Some(bytes) = self.warm {
+            if let Err(e) = sys::warm_free_memory(bytes) {
+                log(&format!("warming memory failed ({e}); measuring as is"));
+            }
+        }
+    }
+}
+
+/// This machine's name.
+fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map_or_else(|_| "unknown".into(), |h| h.trim().to_string())
+}
+
+/// `ferry --version` of the binary measured.
+fn ferry_version(exe: &Path) -> String {
+    std::process::Command::new(exe)
+        .arg("--version")
+        .output()
+        .ok()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .filter(|v| !v.is_empty())
+        .unwrap_or_else(|| "ferry (version unknown)".into())
+}
+
 /// Runs the benchmark: for each channel count, `runs` rounds of ferry, then
 /// QEMU, then iperf3 (the peers only when asked for and available), each
 /// round logged through `log`. Any failed ferry or peer run ends the bench
@@ -338,87 +488,14 @@ pub fn run(config: &BenchConfig, log: &mut dyn FnMut(&str)) -> Result<BenchRepor
         log(n);
         notes.push(n.into());
     }
-    let mut send_args = config.send_args.clone();
-    let mut recv_args = Vec::new();
-    if let Some(d) = &config.tls_dir {
-        for a in [&mut send_args, &mut recv_args] {
-            a.extend(["--tls-dir".to_string(), d.display().to_string()]);
-        }
-    }
-    if let Some(l) = config.zstd_level {
-        send_args.extend(["--compress".to_string(), format!("zstd:{l}")]);
-    }
-    // Enough for a destination's RAM and the source's page-table and socket
-    // churn, within what the machine has free.
-    let warm = config.warm_memory.then(|| {
-        let want = 2 * size + (1 << 30);
-        let have = sys::mem_available().unwrap_or(0) * 3 / 4;
-        want.min(have) as usize
-    });
-    if let Some(bytes) = warm {
-        notes.push(format!(
-            "before each run the harness touched and released {} of memory, so that every tool's \
-             destination starts from memory the host has backed (this VM backs memory lazily; \
-             cold first touch costs about 1.5 s per GiB)",
-            human(bytes as u64)
-        ));
-    }
-    let settle = |log: &mut dyn FnMut(&str)| {
-        if let Some(bytes) = warm {
-            if let Err(e) = sys::warm_free_memory(bytes) {
-                log(&format!("warming memory failed ({e}); measuring as is"));
-            }
-        }
+    let (send_args, recv_args) = tls_and_compression_args(config);
+    let chosen = if config.peer_iperf {
+        "ferry and iperf3"
+    } else {
+        "ferry"
     };
-
-    // Equal terms: the chosen algorithm becomes the system's for the whole
-    // measurement (QEMU cannot choose its own), and is put back after.
-    let system_cc = sys::system_congestion().unwrap_or_else(|| "unknown".into());
-    let _system_cc_guard = match config.congestion.as_deref() {
-        Some(cc) => match sys::SystemCongestion::set(cc) {
-            Ok(guard) => {
-                notes.push(format!(
-                    "TCP congestion control: {cc} for every tool{}",
-                    if guard.is_some() {
-                        format!(
-                            " (made the system's for the measurement; it was {system_cc} and is \
-                             restored after)"
-                        )
-                    } else {
-                        " (the system's)".into()
-                    }
-                ));
-                log(&format!("TCP congestion control: {cc} for every tool"));
-                guard
-            }
-            Err(e) => {
-                // Only the tools that run are named.
-                let chosen = if config.peer_iperf {
-                    "ferry and iperf3"
-                } else {
-                    "ferry"
-                };
-                let n = format!(
-                    "TCP congestion control: {cc} for {chosen}{} (setting the system's needs \
-                     root: {e})",
-                    if qemu.is_some() {
-                        format!("; QEMU uses the system's ({system_cc})")
-                    } else {
-                        String::new()
-                    }
-                );
-                log(&n);
-                notes.push(n);
-                None
-            }
-        },
-        None => {
-            notes.push(format!(
-                "TCP congestion control: the system's ({system_cc}) for every tool"
-            ));
-            None
-        }
-    };
+    let conditions = Conditions::set(config, size, chosen, qemu.is_some(), true, &mut notes, log);
+    let settle = |log: &mut dyn FnMut(&str)| conditions.settle(log);
 
     if plain || qemu.is_some() || config.peer_floor {
         notes.push(
@@ -456,15 +533,18 @@ pub fn run(config: &BenchConfig, log: &mut dyn FnMut(&str)) -> Result<BenchRepor
     for &k in &channels {
         let (mut f, mut p, mut q, mut i) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         let mut fl = Vec::new();
+        let label = format!("ferry run with {k} channel(s)");
         let ferry = |send_args: &[String], recv_args: &[String]| {
             run::ferry_once(&FerryRun {
                 exe: &config.ferry_exe,
-                dataset: &dataset,
+                guest: SendGuest::Image(&dataset),
                 size,
                 channels: k,
                 send_args,
                 recv_args,
                 congestion: config.congestion.as_deref(),
+                switchover_digest: false,
+                label: &label,
             })
         };
         for r in 1..=config.runs {
@@ -540,15 +620,8 @@ pub fn run(config: &BenchConfig, log: &mut dyn FnMut(&str)) -> Result<BenchRepor
         send_args: config.send_args.clone(),
         cpus: std::thread::available_parallelism().map_or(1, |n| n.get()),
         qemu_version,
-        host: std::fs::read_to_string("/proc/sys/kernel/hostname")
-            .map_or_else(|_| "unknown".into(), |h| h.trim().to_string()),
-        ferry_version: std::process::Command::new(&config.ferry_exe)
-            .arg("--version")
-            .output()
-            .ok()
-            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
-            .filter(|v| !v.is_empty())
-            .unwrap_or_else(|| "ferry (version unknown)".into()),
+        host: host_name(),
+        ferry_version: ferry_version(&config.ferry_exe),
         started_at_unix,
         finished_at_unix: sys::unix_now(),
         ratios: compute_ratios(&cases),

@@ -82,6 +82,9 @@ pub struct Sample {
     /// Tool-specific figures: ferry's two JSON reports, QEMU's query-migrate,
     /// iperf3's summary.
     pub detail: serde_json::Value,
+    /// A live migration's own figures (`ferry bench --live`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub live: Option<LiveFigures>,
 }
 
 impl Sample {
@@ -120,6 +123,7 @@ impl Sample {
             recv_core_s_per_gib: None,
             system: None,
             detail,
+            live: None,
         }
     }
 
@@ -152,6 +156,9 @@ pub struct Summary {
     /// Medians of the sender's and the receiver's core-seconds per GiB.
     pub send_core_s_per_gib: Option<f64>,
     pub recv_core_s_per_gib: Option<f64>,
+    /// A live case's medians and spreads (`ferry bench --live`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub live: Option<LiveSummary>,
 }
 
 impl Summary {
@@ -183,6 +190,7 @@ impl Summary {
             cpu_percent: median(&cpu),
             send_core_s_per_gib: median(&sends),
             recv_core_s_per_gib: median(&recvs),
+            live: None,
         })
     }
 }
@@ -192,8 +200,17 @@ impl Summary {
 pub struct Case {
     pub tool: Tool,
     pub channels: u16,
+    /// A live case's dirty tracker (`bitmap`, `uffd`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tracker: Option<String>,
     pub summary: Option<Summary>,
     pub samples: Vec<Sample>,
+    /// A live case's verification migrations: the same migration with the
+    /// destination's switchover digest on, one per run, each with both
+    /// sides' digests at switchover (equal, or the bench failed). Their
+    /// figures are not in `summary`, except as `summary.live.checks*`.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub checks: Vec<Sample>,
 }
 
 impl Case {
@@ -201,9 +218,132 @@ impl Case {
         Self {
             tool,
             channels,
+            tracker: None,
             summary: Summary::of(&samples),
             samples,
+            checks: Vec::new(),
         }
+    }
+
+    /// A live case: `samples` measured (the destination's switchover digest
+    /// off), `checks` the verification migrations beside them.
+    pub fn live(
+        tool: Tool,
+        channels: u16,
+        tracker: &str,
+        samples: Vec<Sample>,
+        checks: Vec<Sample>,
+    ) -> Self {
+        let mut summary = Summary::of(&samples);
+        if let Some(m) = summary.as_mut() {
+            m.live = LiveSummary::of(&samples, &checks);
+        }
+        Self {
+            tool,
+            channels,
+            tracker: Some(tracker.to_string()),
+            summary,
+            samples,
+            checks,
+        }
+    }
+}
+
+/// The median and the range of one figure over a case's runs.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize)]
+pub struct Spread {
+    pub median: f64,
+    pub min: f64,
+    pub max: f64,
+}
+
+impl Spread {
+    /// Over the finite values; None when there are none.
+    pub fn of(values: &[f64]) -> Option<Self> {
+        let median = median(values)?;
+        let finite = values.iter().copied().filter(|v| v.is_finite());
+        Some(Self {
+            median,
+            min: finite.clone().fold(f64::INFINITY, f64::min),
+            max: finite.fold(f64::NEG_INFINITY, f64::max),
+        })
+    }
+}
+
+/// One live migration's figures, from the source's JSON report (and the
+/// destination's digest, when it took one).
+#[derive(Clone, Debug, Serialize)]
+pub struct LiveFigures {
+    /// Seconds from the start of the migration on the source until the
+    /// destination's guest ran: the source's `destination_resumed_at_unix`
+    /// (the destination's clock, on this same machine) minus its
+    /// `started_at_unix`. Building the guest before the migration starts is
+    /// not in it.
+    pub total_s: f64,
+    /// The source's `downtime_ms`: from pausing the guest until the
+    /// destination said its guest runs.
+    pub downtime_ms: f64,
+    /// The downtime the source expected when it decided to switch over.
+    pub expected_downtime_ms: Option<f64>,
+    /// Passes over memory, the final one (guest paused) included.
+    pub passes: u64,
+    /// Every byte on every channel: the source's `wire_bytes`.
+    pub wire_bytes: u64,
+    /// The highest auto-converge throttle applied.
+    pub throttle_percent: u64,
+    /// Whether the destination took its switchover digest (of all memory
+    /// and the device state, before its guest ran: inside the downtime).
+    pub switchover_digest: bool,
+    /// The source's digest of memory and device state at switchover.
+    pub source_digest: String,
+    /// The destination's, taken before its guest ran; only with
+    /// `switchover_digest` (equal to `source_digest`, or the bench failed).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub destination_digest: Option<String>,
+}
+
+/// A live case's figures over its runs.
+#[derive(Clone, Debug, Serialize)]
+pub struct LiveSummary {
+    pub total_s: Spread,
+    pub downtime_ms: Spread,
+    pub passes: Spread,
+    pub wire_bytes: Spread,
+    /// Verification migrations (one per run), and how many of them had
+    /// equal digests on both sides (a mismatch fails the bench: all).
+    pub checks: usize,
+    pub checks_equal: usize,
+    /// The verification migrations' downtime, the destination's switchover
+    /// digest included.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub check_downtime_ms: Option<Spread>,
+}
+
+impl LiveSummary {
+    /// None unless every sample has live figures.
+    pub fn of(samples: &[Sample], checks: &[Sample]) -> Option<Self> {
+        let live: Vec<&LiveFigures> = samples.iter().filter_map(|s| s.live.as_ref()).collect();
+        if live.is_empty() || live.len() != samples.len() {
+            return None;
+        }
+        let spread = |f: &dyn Fn(&LiveFigures) -> f64| {
+            Spread::of(&live.iter().map(|l| f(l)).collect::<Vec<_>>())
+        };
+        let checked: Vec<&LiveFigures> = checks.iter().filter_map(|s| s.live.as_ref()).collect();
+        Some(Self {
+            total_s: spread(&|l| l.total_s)?,
+            downtime_ms: spread(&|l| l.downtime_ms)?,
+            passes: spread(&|l| l.passes as f64)?,
+            wire_bytes: spread(&|l| l.wire_bytes as f64)?,
+            checks: checks.len(),
+            checks_equal: checked
+                .iter()
+                .filter(|c| c.destination_digest.as_deref() == Some(c.source_digest.as_str()))
+                .count(),
+            check_downtime_ms: Spread::of(
+                &checked.iter().map(|c| c.downtime_ms).collect::<Vec<_>>(),
+            ),
+        })
     }
 }
 
@@ -304,12 +444,12 @@ pub struct BenchReport {
     pub notes: Vec<String>,
 }
 
-fn fmt_opt(v: Option<f64>, decimals: usize) -> String {
+pub(crate) fn fmt_opt(v: Option<f64>, decimals: usize) -> String {
     v.filter(|x| x.is_finite())
         .map_or_else(|| "-".into(), |x| format!("{x:.decimals$}"))
 }
 
-fn human_bytes(b: u64) -> String {
+pub(crate) fn human_bytes(b: u64) -> String {
     const GIB: f64 = (1u64 << 30) as f64;
     const MIB: f64 = (1u64 << 20) as f64;
     let f = b as f64;
@@ -772,7 +912,7 @@ struct Plotted<'a> {
 }
 
 /// `2026-12-01 03:04` from Unix seconds.
-fn utc(unix: f64) -> String {
+pub(crate) fn utc(unix: f64) -> String {
     time::OffsetDateTime::from_unix_timestamp(unix as i64).map_or_else(
         |_| "unknown date".into(),
         |t| {

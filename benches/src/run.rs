@@ -298,10 +298,21 @@ pub(crate) fn parse_json_object(stdout: &str) -> Option<Value> {
     })
 }
 
+/// The guest `ferry send` migrates.
+#[derive(Clone, Copy)]
+pub(crate) enum SendGuest<'a> {
+    /// An image guest: `--ram DATASET` (the bandwidth cases).
+    Image(&'a Path),
+    /// A live guest, given by these `send` arguments (`--guest synthetic
+    /// --size ...`: `live.rs`).
+    Live(&'a [String]),
+}
+
 /// What one ferry run is asked to do.
 pub(crate) struct FerryRun<'a> {
     pub(crate) exe: &'a Path,
-    pub(crate) dataset: &'a Path,
+    pub(crate) guest: SendGuest<'a>,
+    /// Guest RAM in bytes (for the time limit and the rates).
     pub(crate) size: u64,
     pub(crate) channels: u16,
     pub(crate) send_args: &'a [String],
@@ -309,6 +320,46 @@ pub(crate) struct FerryRun<'a> {
     pub(crate) recv_args: &'a [String],
     /// TCP congestion control for both ends (`None`: the system's).
     pub(crate) congestion: Option<&'a str>,
+    /// Whether the destination takes its switchover digest (of all memory
+    /// and the device state, before its guest runs: inside the downtime)
+    /// and compares it with the source's.
+    pub(crate) switchover_digest: bool,
+    /// What the run is called in errors: "ferry run with 2 channel(s)".
+    pub(crate) label: &'a str,
+}
+
+/// `ferry recv`'s arguments that turn the destination's switchover digest
+/// on or off: the one place that spells them. Builds where the digest is
+/// opt-in (their `recv --help` lists `--verify-switchover`) get that flag
+/// to turn it on and nothing to leave it off; older builds, where it is on
+/// by default, nothing and `--no-digest`. Which kind `exe` is, is asked
+/// once per binary, so `--ferry-exe` may name either.
+pub(crate) fn switchover_digest_args(exe: &Path, on: bool) -> &'static [&'static str] {
+    static OPT_IN: Mutex<Vec<(PathBuf, bool)>> = Mutex::new(Vec::new());
+    let opt_in = {
+        let mut known = OPT_IN.lock().unwrap_or_else(|p| p.into_inner());
+        match known.iter().find(|(p, _)| p == exe) {
+            Some(&(_, o)) => o,
+            None => {
+                let o = Command::new(exe)
+                    .args(["recv", "--help"])
+                    .stdin(Stdio::null())
+                    .stderr(Stdio::null())
+                    .output()
+                    .is_ok_and(|out| {
+                        String::from_utf8_lossy(&out.stdout).contains("--verify-switchover")
+                    });
+                known.push((exe.to_path_buf(), o));
+                o
+            }
+        }
+    };
+    match (opt_in, on) {
+        (true, true) => &["--verify-switchover"],
+        (true, false) => &[],
+        (false, true) => &[],
+        (false, false) => &["--no-digest"],
+    }
 }
 
 /// One side's report, checked; `Err` holds a description of the failure.
@@ -336,10 +387,26 @@ fn check_side(name: &str, fin: &Finished) -> Result<Value, String> {
     Ok(json)
 }
 
-/// Runs `ferry recv` then `ferry send`, waits for both, and measures the
-/// wall time from just before `send` was spawned until the receiver's
-/// `finished_at_unix`.
-pub(crate) fn ferry_once(run: &FerryRun<'_>) -> Result<Sample, BenchError> {
+/// A completed pair of ferry processes: both JSON reports (both completed),
+/// and what the harness measured around them.
+pub(crate) struct Pair {
+    /// `ferry send`'s report.
+    pub(crate) sent: Value,
+    /// `ferry recv`'s report.
+    pub(crate) held: Value,
+    /// Unix time just before `send` was spawned.
+    pub(crate) t0: f64,
+    /// CPU seconds of both processes, and the wall seconds from spawning
+    /// the first to reaping the last.
+    pub(crate) cpu: (f64, f64),
+    pub(crate) send_cpu: Option<Cpu>,
+    pub(crate) recv_cpu: Option<Cpu>,
+}
+
+/// Runs `ferry recv` then `ferry send` over loopback, waits for both, and
+/// returns their reports once both say they completed; a failed side (or a
+/// hang) is an error with both sides' stories.
+pub(crate) fn ferry_pair(run: &FerryRun<'_>) -> Result<Pair, BenchError> {
     let cpu_err = |source| BenchError::Process {
         process: "getrusage".into(),
         source,
@@ -349,16 +416,8 @@ pub(crate) fn ferry_once(run: &FerryRun<'_>) -> Result<Sample, BenchError> {
     let born = Instant::now();
 
     let mut cmd = Command::new(run.exe);
-    // The harness compares both sides' digests of all RAM, taken after the
-    // timing ends; the switchover digest before resume would add ~0.1 s/GiB
-    // that QEMU does not spend.
-    cmd.args([
-        "recv",
-        "--listen",
-        "tcp:127.0.0.1:0",
-        "--json",
-        "--no-digest",
-    ]);
+    cmd.args(["recv", "--listen", "tcp:127.0.0.1:0", "--json"]);
+    cmd.args(switchover_digest_args(run.exe, run.switchover_digest));
     cmd.args(["--tcp-congestion", run.congestion.unwrap_or("system")]);
     cmd.args(run.recv_args);
     let (tx, rx) = mpsc::channel();
@@ -401,25 +460,26 @@ pub(crate) fn ferry_once(run: &FerryRun<'_>) -> Result<Sample, BenchError> {
 
     let t0 = unix_now();
     let mut cmd = Command::new(run.exe);
-    cmd.arg("send")
-        .arg("--ram")
-        .arg(run.dataset)
-        .args([
-            "--to",
-            &uri,
-            "--channels",
-            &run.channels.to_string(),
-            "--json",
-        ])
-        .args(["--tcp-congestion", run.congestion.unwrap_or("system")])
-        .args(run.send_args);
+    cmd.arg("send");
+    match run.guest {
+        SendGuest::Image(dataset) => cmd.arg("--ram").arg(dataset),
+        SendGuest::Live(args) => cmd.args(args),
+    };
+    cmd.args([
+        "--to",
+        &uri,
+        "--channels",
+        &run.channels.to_string(),
+        "--json",
+    ])
+    .args(["--tcp-congestion", run.congestion.unwrap_or("system")])
+    .args(run.send_args);
     let mut send = Proc::spawn("ferry send", cmd, None)?;
 
-    let what = format!("ferry run with {} channel(s)", run.channels);
     let died = wait_all_with_grace(
         &mut [&mut recv, &mut send],
         born + timeout,
-        &what,
+        run.label,
         timeout,
         Some(FAILURE_GRACE),
     )?;
@@ -428,17 +488,40 @@ pub(crate) fn ferry_once(run: &FerryRun<'_>) -> Result<Sample, BenchError> {
 
     let recv = recv.finish()?;
     let send = send.finish()?;
-    let sent = check_side("ferry send", &send);
-    let held = check_side("ferry recv", &recv);
-    let (sent, held) = match (sent, held) {
-        (Ok(s), Ok(h)) => (s, h),
-        (s, h) => {
-            return Err(BenchError::FerryFailed {
-                channels: run.channels,
-                failures: [s.err(), h.err()].into_iter().flatten().collect(),
-            })
-        }
-    };
+    match (
+        check_side("ferry send", &send),
+        check_side("ferry recv", &recv),
+    ) {
+        (Ok(sent), Ok(held)) => Ok(Pair {
+            sent,
+            held,
+            t0,
+            cpu: ((cpu1 - cpu0).max(0.0), lifetime),
+            send_cpu: send.cpu,
+            recv_cpu: recv.cpu,
+        }),
+        (s, h) => Err(BenchError::FerryFailed {
+            case: run.label.to_string(),
+            failures: [s.err(), h.err()].into_iter().flatten().collect(),
+        }),
+    }
+}
+
+/// Runs `ferry recv` then `ferry send` of an image guest, checks that both
+/// sides' digests of all memory are equal, and measures the wall time from
+/// just before `send` was spawned until the receiver's `finished_at_unix`.
+/// The destination takes no switchover digest: the harness compares both
+/// sides' digests of all RAM, taken after the timing ends (the switchover
+/// digest would add ~0.1 s/GiB that QEMU does not spend).
+pub(crate) fn ferry_once(run: &FerryRun<'_>) -> Result<Sample, BenchError> {
+    let Pair {
+        sent,
+        held,
+        t0,
+        cpu,
+        send_cpu,
+        recv_cpu,
+    } = ferry_pair(run)?;
     let digest = |v: &Value| v["digest"].as_str().unwrap_or("").to_string();
     let (d_sent, d_held) = (digest(&sent), digest(&held));
     if d_sent.is_empty() || d_sent != d_held {
@@ -456,31 +539,24 @@ pub(crate) fn ferry_once(run: &FerryRun<'_>) -> Result<Sample, BenchError> {
             },
         });
     }
+    let failed = |why: String| BenchError::FerryFailed {
+        case: run.label.to_string(),
+        failures: vec![why],
+    };
     let Some(finished) = held["finished_at_unix"].as_f64() else {
-        return Err(BenchError::FerryFailed {
-            channels: run.channels,
-            failures: vec!["ferry recv: its JSON report has no numeric finished_at_unix".into()],
-        });
+        return Err(failed(
+            "ferry recv: its JSON report has no numeric finished_at_unix".into(),
+        ));
     };
     let wall = finished - t0;
     if wall.is_nan() || wall <= 0.0 {
-        return Err(BenchError::FerryFailed {
-            channels: run.channels,
-            failures: vec![format!(
-                "ferry recv finished at {finished:.6}, not after the send was started ({t0:.6})"
-            )],
-        });
+        return Err(failed(format!(
+            "ferry recv finished at {finished:.6}, not after the send was started ({t0:.6})"
+        )));
     }
     let wire = sent["wire_bytes"].as_u64().unwrap_or(0);
     let detail = serde_json::json!({ "t0_unix": t0, "send": sent, "recv": held });
-    Ok(Sample::new(
-        wall,
-        run.size,
-        wire,
-        Some(((cpu1 - cpu0).max(0.0), lifetime)),
-        detail,
-    )
-    .with_sides(send.cpu, recv.cpu))
+    Ok(Sample::new(wall, run.size, wire, Some(cpu), detail).with_sides(send_cpu, recv_cpu))
 }
 
 /// Path helper for messages.
@@ -550,12 +626,14 @@ mod tests {
     fn missing_executable_is_a_spawn_error() {
         let run = FerryRun {
             exe: Path::new("/no/such/ferry"),
-            dataset: Path::new("/dev/null"),
+            guest: SendGuest::Image(Path::new("/dev/null")),
             size: 1 << 20,
             channels: 1,
             send_args: &[],
             recv_args: &[],
             congestion: None,
+            switchover_digest: false,
+            label: "ferry run with 1 channel(s)",
         };
         let e = ferry_once(&run)
             .err()
@@ -590,12 +668,14 @@ esac
         let args = vec!["--no-checksum".to_string()];
         let run = FerryRun {
             exe: &exe,
-            dataset: Path::new("/dev/shm/x.ram"),
+            guest: SendGuest::Image(Path::new("/dev/shm/x.ram")),
             size: 1 << 20,
             channels: 2,
             send_args: &args,
             recv_args: &[],
             congestion: None,
+            switchover_digest: false,
+            label: "ferry run with 2 channel(s)",
         };
         // Another test thread forking while the script was open for writing
         // holds it open a moment (ETXTBSY): a race of the test, so retry.
@@ -622,6 +702,47 @@ esac
             ),
             "{a}"
         );
+    }
+
+    /// A shell script at `path` standing in for a ferry binary, ready to run
+    /// (another test thread's fork may hold it open for writing a moment:
+    /// ETXTBSY, so this waits until it runs).
+    fn script(path: &Path, text: &str) {
+        std::fs::write(path, text).expect("write script");
+        let mut perm = std::fs::metadata(path).expect("meta").permissions();
+        std::os::unix::fs::PermissionsExt::set_mode(&mut perm, 0o755);
+        std::fs::set_permissions(path, perm).expect("chmod");
+        for _ in 0..100 {
+            match Command::new(path).output() {
+                Err(e) if e.raw_os_error() == Some(libc::ETXTBSY) => {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                _ => return,
+            }
+        }
+    }
+
+    #[test]
+    fn switchover_digest_flags_follow_the_binary() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let old = dir.path().join("old-ferry");
+        script(
+            &old,
+            "#!/bin/sh\necho '      --no-digest  Do not take the digest'\n",
+        );
+        let new = dir.path().join("new-ferry");
+        script(
+            &new,
+            "#!/bin/sh\necho '      --verify-switchover  Verify'; echo '      --no-digest'\n",
+        );
+        assert_eq!(switchover_digest_args(&old, true), [] as [&str; 0]);
+        assert_eq!(switchover_digest_args(&old, false), ["--no-digest"]);
+        assert_eq!(switchover_digest_args(&new, true), ["--verify-switchover"]);
+        assert_eq!(switchover_digest_args(&new, false), [] as [&str; 0]);
+        // A binary that cannot run is taken as the older kind (its run then
+        // fails as it would anyway).
+        let none = Path::new("/no/such/ferry");
+        assert_eq!(switchover_digest_args(none, false), ["--no-digest"]);
     }
 
     #[test]

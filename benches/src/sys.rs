@@ -338,3 +338,11 @@ impl SystemCounters {
         }
     }
 }
+
+/// The system's load averages over 1, 5 and 15 minutes (`/proc/loadavg`);
+/// None where it cannot be read.
+pub(crate) fn load_average() -> Option<[f64; 3]> {
+    let text = std::fs::read_to_string("/proc/loadavg").ok()?;
+    let mut it = text.split_whitespace().map(str::parse::<f64>);
+    Some([it.next()?.ok()?, it.next()?.ok()?, it.next()?.ok()?])
+}

@@ -1,12 +1,14 @@
-//! `ferry bench`: ferry against its peers on this machine, in one run.
+//! `ferry bench`: ferry against its peers on this machine, in one run; with
+//! `--live`, live precopy of a guest that keeps writing.
 
 use std::path::PathBuf;
+use std::time::Duration;
 
 use anyhow::Context;
-use clap::Args;
-use ferry_bench::{run as run_bench, BenchConfig};
+use clap::{Args, ValueEnum};
+use ferry_bench::{run as run_bench, run_live, BenchConfig, LiveGuest, LiveOptions};
 
-use crate::units::parse_size;
+use crate::units::{parse_millis, parse_size};
 
 /// Measure migration bandwidth: ferry (sender and receiver as two processes
 /// over loopback) for each channel count, with QEMU 10 multifd and iperf3 on
@@ -17,6 +19,24 @@ use crate::units::parse_size;
 /// RAM and on the wire, CPU% of both processes, each side's CPU cost in
 /// core-seconds per GiB of guest RAM (from its own rusage), and ratios
 /// against the peers.
+///
+/// With --live: live precopy instead. A synthetic guest of --size (default
+/// 1G) whose --vcpus threads write --dirty-rate bytes a second in
+/// --dirty-pattern is sent with `ferry send --guest synthetic
+/// --downtime-limit D` into `ferry recv`, two processes over loopback, once
+/// per dirty tracker (--dirty-tracker) and channel count (default 2). The
+/// report gives, per case, the median and range (min-max) over --runs runs
+/// of the total time (migration start until the destination's guest runs),
+/// the downtime (the source's, from pausing the guest until the destination
+/// runs it; the destination's switchover digest off, so as a user gets it),
+/// the passes and the bytes on the wire. Each run also makes one
+/// verification migration per tracker with the destination's switchover
+/// digest on: both sides' digests of memory and device state at switchover
+/// must be equal, else the bench fails naming both. A tracker this kernel
+/// lacks is skipped with a note. Memory warming and the rotating order of
+/// the migrations apply as for the bandwidth cases; --tcp-congestion is set
+/// on ferry's own sockets only (no other tool runs, so the system's is left
+/// as it is).
 #[derive(Args)]
 pub struct BenchArgs {
     /// The ferry binary whose `send` and `recv` are measured (default: this
@@ -24,11 +44,14 @@ pub struct BenchArgs {
     /// same harness.
     #[arg(long, value_name = "PATH")]
     ferry_exe: Option<std::path::PathBuf>,
-    /// Guest RAM size (a `mixed` dataset of this size is generated in --workdir).
-    #[arg(long, default_value = "2G", value_parser = parse_size)]
-    size: u64,
-    /// Channel counts to measure, comma separated.
-    #[arg(long, default_value = "1,2,4", value_delimiter = ',')]
+    /// Guest RAM size: a `mixed` dataset of this size is generated in
+    /// --workdir (default 2G); with --live, the synthetic guest's memory
+    /// (default 1G).
+    #[arg(long, value_parser = parse_size)]
+    size: Option<u64>,
+    /// Channel counts to measure, comma separated (default 1,2,4; with
+    /// --live, 2).
+    #[arg(long, value_delimiter = ',')]
     channels: Vec<u16>,
     /// Runs per case; the report gives medians.
     #[arg(long, default_value_t = 3)]
@@ -42,7 +65,8 @@ pub struct BenchArgs {
     /// Use this dataset file instead of generating one.
     #[arg(long)]
     dataset: Option<PathBuf>,
-    /// Seed of the generated dataset.
+    /// Seed of the generated dataset (with --live, of the synthetic guest's
+    /// memory and writes).
     #[arg(long, default_value_t = 1)]
     seed: u64,
     /// Where to generate the dataset (tmpfs keeps the disk out of the measurement).
@@ -63,7 +87,9 @@ pub struct BenchArgs {
     /// TCP congestion control for every tool, or `system` to leave the
     /// system's as it is. QEMU cannot choose its own, so the bench makes
     /// this the system's for the whole measurement (as root) and puts the
-    /// old one back after; the report says which was used.
+    /// old one back after; the report says which was used. With --live,
+    /// only ferry runs: its own sockets get it and the system's is left as
+    /// it is.
     #[arg(long, default_value = "cubic")]
     tcp_congestion: String,
     /// Pass `--send-path PATH` to `ferry send` (splice, copy or zero-copy).
@@ -81,6 +107,61 @@ pub struct BenchArgs {
     /// same level (QEMU's levels start at 0).
     #[arg(long, default_value = "none", value_parser = crate::units::parse_compress)]
     compress: crate::units::Compress,
+    /// Measure live precopy of a guest that keeps writing its memory (see
+    /// above) instead of the bandwidth of an image guest.
+    #[arg(long)]
+    live: bool,
+    /// With --live: the guest migrated (today the synthetic guest; its
+    /// memory is seeded from --seed).
+    #[arg(long, value_enum, default_value_t = LiveGuestArg::Synthetic, requires = "live")]
+    guest: LiveGuestArg,
+    /// With --live: bytes a second all vCPUs dirty together, one 4 KiB page
+    /// a write, e.g. 256M/s (the `/s` is optional).
+    #[arg(long, default_value = "256M/s", value_parser = parse_rate, requires = "live")]
+    dirty_rate: u64,
+    /// With --live: where the vCPUs write: random, sequential, or
+    /// hotset:PCT (only the first PCT% of memory).
+    #[arg(long, default_value = "hotset:25", requires = "live")]
+    dirty_pattern: String,
+    /// With --live: dirty trackers, comma separated, one case each: bitmap
+    /// (the guest marks an atomic bitmap), uffd (the kernel's userfaultfd
+    /// write-protect, Linux 6.7+). One this kernel lacks is skipped with a
+    /// note in the report.
+    #[arg(
+        long,
+        default_value = "bitmap,uffd",
+        value_delimiter = ',',
+        requires = "live"
+    )]
+    dirty_tracker: Vec<String>,
+    /// With --live: the guest's vCPUs (writer threads).
+    #[arg(long, default_value_t = 2, requires = "live")]
+    vcpus: u16,
+    /// With --live: `ferry send --downtime-limit`, the longest pause the
+    /// source plans for the final pass (30ms, 0.3s; a bare number is
+    /// milliseconds).
+    #[arg(long, default_value = "30ms", value_parser = parse_millis, requires = "live")]
+    downtime_limit: Duration,
+}
+
+/// The guest `ferry bench --live` migrates.
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum LiveGuestArg {
+    /// `ferry send --guest synthetic`: vCPU threads writing memory.
+    Synthetic,
+}
+
+impl From<LiveGuestArg> for LiveGuest {
+    fn from(g: LiveGuestArg) -> Self {
+        match g {
+            LiveGuestArg::Synthetic => LiveGuest::Synthetic,
+        }
+    }
+}
+
+/// A rate in bytes a second: a size (4096, 64M, 1G) with an optional `/s`.
+fn parse_rate(s: &str) -> Result<u64, String> {
+    parse_size(s.trim().strip_suffix("/s").unwrap_or(s))
 }
 
 pub fn run(a: BenchArgs) -> anyhow::Result<bool> {
@@ -102,8 +183,12 @@ pub fn run(a: BenchArgs) -> anyhow::Result<bool> {
             Some(p) => p.clone(),
             None => std::env::current_exe().context("locating the ferry binary")?,
         },
-        size: a.size,
-        channels: a.channels.clone(),
+        size: a.size.unwrap_or(if a.live { 1 << 30 } else { 2 << 30 }),
+        channels: match (a.channels.is_empty(), a.live) {
+            (false, _) => a.channels.clone(),
+            (true, false) => vec![1, 2, 4],
+            (true, true) => vec![2],
+        },
         runs: a.runs.max(1),
         peer_qemu: a.peer.iter().any(|p| p == "qemu"),
         peer_iperf: a.peer.iter().any(|p| p == "iperf3"),
@@ -121,6 +206,27 @@ pub fn run(a: BenchArgs) -> anyhow::Result<bool> {
     // A plot that cannot be written fails now, not after the whole run.
     if let Some(p) = &a.plot {
         crate::output::check_output_path(p)?;
+    }
+    if a.live {
+        anyhow::ensure!(
+            a.plot.is_none(),
+            "--plot draws the bandwidth cases; --live reports as a table or --json"
+        );
+        let live = LiveOptions {
+            guest: a.guest.into(),
+            vcpus: a.vcpus,
+            dirty_rate: a.dirty_rate,
+            dirty_pattern: a.dirty_pattern.clone(),
+            trackers: a.dirty_tracker.clone(),
+            downtime_limit: a.downtime_limit,
+        };
+        let report = run_live(&config, &live, &mut |line| eprintln!("ferry bench: {line}"))?;
+        if a.json {
+            println!("{}", serde_json::to_string_pretty(&report.to_json())?);
+        } else {
+            println!("{}", report.table());
+        }
+        return Ok(true);
     }
     let report = run_bench(&config, &mut |line| eprintln!("ferry bench: {line}"))?;
     if a.json {
