@@ -299,11 +299,13 @@ fn outputs_are_kept_and_verified_before_either_side_says_completed() {
     let ram = gen(dir.path(), "16M", "mixed", 8);
     let out = dir.path().join("received.img");
     let ds = dir.path().join("device.state");
+    // The destination asks to verify the switchover.
     let recv_args = [
         "--ram-out",
         out.to_str().unwrap(),
         "--device-state-out",
         ds.to_str().unwrap(),
+        "--verify-switchover",
     ];
     let (send, recv) = migrate(&ram, 2, &recv_args, &[]);
     let s = send.completed();
@@ -344,6 +346,7 @@ fn exec_migrates_each_channel_through_its_own_command() {
             &to,
             "--channels",
             "3",
+            "--verify-switchover",
             "--json",
         ],
     )
@@ -386,7 +389,7 @@ fn recv_listens_on_an_inherited_socket() {
         });
     }
     let recv = std::thread::spawn(move || cmd.output().unwrap());
-    let send = start_send(&ram, port, 2, &[]).wait(DEADLINE);
+    let send = start_send(&ram, port, 2, &["--verify-switchover"]).wait(DEADLINE);
     let recv = recv.join().unwrap();
     // Events, one a line, then the summary last.
     let stdout = String::from_utf8_lossy(&recv.stdout);
@@ -658,6 +661,7 @@ fn help_of_every_command_exits_0_and_lists_its_options() {
                 "--tls-dir",
                 "--tls-hostname",
                 "--compress",
+                "--verify-switchover",
             ],
         ),
         (
@@ -669,6 +673,8 @@ fn help_of_every_command_exits_0_and_lists_its_options() {
                 "--timeout",
                 "--tls-dir",
                 "--compress",
+                "--verify-switchover",
+                "--no-digest",
             ],
         ),
         (
@@ -781,6 +787,7 @@ fn live_synthetic_guest_moves_exactly_with_both_trackers_and_runs_on() {
                 tracker,
                 "--downtime-limit",
                 "2000",
+                "--verify-switchover",
             ],
         )
         .wait(DEADLINE);
@@ -838,7 +845,7 @@ fn ctl_set_continue_and_malformed_requests_on_a_paused_switchover() {
     let dir = tempfile::tempdir().unwrap();
     let sock = dir.path().join("send.sock");
     let rsock = dir.path().join("recv.sock");
-    let (recv, port) = start_recv(&["--control", rsock.to_str().unwrap()]);
+    let (recv, port) = start_recv(&["--control", rsock.to_str().unwrap(), "--verify-switchover"]);
     let send = start_send_synthetic(
         port,
         &[

@@ -482,7 +482,7 @@ fn a_lossy_dirty_log_is_caught_by_the_guest_self_check() {
     // digest (off here) and per-page checksums (off below).
     let incoming = IncomingOptions {
         build_guest: KvmGuest::builder(),
-        digest_before_resume: false,
+        verify_switchover: Some(false),
         ..Default::default()
     };
     let dst = std::thread::spawn(move || {
