@@ -324,6 +324,34 @@ fn outputs_are_kept_and_verified_before_either_side_says_completed() {
     assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 3);
 }
 
+/// Without --verify-switchover on either side, no digest is compared and
+/// both summaries say so; `recv --no-digest` refuses a source that asks.
+#[test]
+fn the_switchover_is_verified_only_when_asked_and_no_digest_refuses_a_source_that_asks() {
+    let dir = tempfile::tempdir().unwrap();
+    let ram = gen(dir.path(), "8M", "mixed", 12);
+    let (send, recv) = migrate(&ram, 2, &[], &[]);
+    let (s, r) = (send.completed(), recv.completed());
+    assert_eq!(
+        (&s["verified"], &r["verified"]),
+        (&false.into(), &false.into())
+    );
+    assert!(
+        r.get("switchover_digest").is_none() && r.get("digest_ms").is_none(),
+        "{r}"
+    );
+    assert_eq!(s["digest"], r["digest"], "the bytes arrived all the same");
+    let (send, recv) = migrate(&ram, 2, &["--no-digest"], &["--verify-switchover"]);
+    let (_, serr) = send.failed();
+    let (_, rerr) = recv.failed();
+    for e in [serr, rerr] {
+        assert!(
+            e.contains("--verify-switchover") && e.contains("--no-digest"),
+            "{e}"
+        );
+    }
+}
+
 /// `exec:`: each of the session's streams goes through its own command
 /// (here socat, standing in for `ssh host socat ...`).
 #[test]
