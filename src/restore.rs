@@ -233,17 +233,36 @@ pub struct LazyRestored {
 /// Starts a lazy restore of `path`: checks the header, tables and device
 /// state, maps the guest's memory with every page missing and returns as
 /// soon as it can be touched. `opts.channels` prefetch threads fill it.
+///
+/// [`IoMode::Auto`] reads through the page cache here: the prefetch and
+/// the faults read one region at a time per thread, synchronously, and
+/// buffered reads let the kernel's readahead keep the disk busy ahead of
+/// them (2 GiB on this project's VM, 5 runs: all pages in 2.09 s buffered
+/// against 2.55 s with O_DIRECT, and 1.14 against 1.71 s for a file saved
+/// with `--hole-min 1M`; first writes alike, 7-19 ms). `IoMode::Direct`
+/// still reads with O_DIRECT.
 pub fn restore_lazy(
     path: &Path,
     opts: &FileOptions,
     progress: &Progress,
 ) -> Result<LazyRestoring, FileFailed> {
     let (started, counters, mut summary) = begin(path, opts, progress);
+    let io = match opts.io {
+        IoMode::Auto => IoMode::Buffered,
+        other => other,
+    };
     let begun = (|| {
-        let (saved, device_state) = open_checked(path, opts.io, progress)?;
+        let (saved, device_state) = open_checked(path, io, progress)?;
         summary.file_len = saved.file_len();
         summary.file_disk_bytes = saved.disk_bytes();
         record_io(&mut summary, saved.data());
+        if opts.io == IoMode::Auto {
+            summary.note = Some(
+                "lazy restore: buffered reads (--io auto), so the kernel's readahead runs \
+                 ahead of the prefetch; --io direct reads with O_DIRECT"
+                    .into(),
+            );
+        }
         progress.set_phase("lazy");
         let lazy = LazyRestore::start(Arc::new(saved), opts.channels, counters.clone())?;
         Ok::<_, SnapshotError>((lazy, device_state))

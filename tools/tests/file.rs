@@ -312,10 +312,7 @@ fn where_o_direct_is_refused_auto_falls_back_and_says_why_and_direct_fails() {
         "{stdout}\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    for (i, what) in ["save", "restore", "verify", "lazy restore"]
-        .iter()
-        .enumerate()
-    {
+    for (i, what) in ["save", "restore", "verify"].iter().enumerate() {
         let x = &v[i];
         assert_eq!(x["status"], "completed", "{what}: {x}");
         assert_eq!(
@@ -329,6 +326,14 @@ fn where_o_direct_is_refused_auto_falls_back_and_says_why_and_direct_fails() {
             "{what}: {x}"
         );
     }
+    // A lazy restore reads buffered under --io auto anyway, by choice.
+    assert_eq!(v[3]["status"], "completed", "{}", v[3]);
+    assert_eq!(v[3]["direct_io"], false);
+    assert!(v[3].get("direct_io_fallback").is_none(), "{}", v[3]);
+    assert!(v[3]["note"]
+        .as_str()
+        .unwrap()
+        .contains("lazy restore: buffered reads"));
     assert_eq!(v[1]["digest"], v[0]["digest"]);
     assert_eq!(v[3]["digest"], v[0]["digest"]);
     for (i, what) in [(4, "save --io direct"), (5, "restore --io direct")] {
@@ -622,7 +627,9 @@ fn lazy_restore_reports_its_first_write_and_the_saved_digest() {
     let saved = json(&ferry(dir.path(), &["inspect", s(&sav), "--json"]));
     assert_eq!(saved["status"], "completed");
     let verify = json(&ferry(dir.path(), &["verify", s(&sav), "--json"]));
-    for extra in [&[][..], &["--io", "buffered", "--channels", "1"][..]] {
+    // The default (--io auto) reads through the page cache; --io direct
+    // with O_DIRECT.
+    for extra in [&[][..], &["--io", "direct", "--channels", "1"][..]] {
         let mut args = vec![
             "restore", "--from", &to, "--lazy", "--touch", "64", "--json",
         ];
