@@ -286,7 +286,7 @@ fn a_destination_that_refuses_to_verify_refuses_a_source_that_asks() {
         dst.contains("asks to verify the switchover") && dst.contains("--no-digest"),
         "{dst}"
     );
-    let src = sent.err().expect("the source fails");
+    let src = sent.expect_err("the source fails");
     assert!(
         src.to_string().contains("--no-digest"),
         "the source names the destination's reason: {src}"
