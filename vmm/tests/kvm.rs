@@ -238,6 +238,7 @@ fn a_live_migration_over_loopback_resumes_the_guest_on_the_destination() {
     let uri = listener.uri().clone();
     let incoming = IncomingOptions {
         build_guest: KvmGuest::builder(),
+        verify_switchover: Some(true),
         ..Default::default()
     };
     let dst = std::thread::spawn(move || {
@@ -303,6 +304,7 @@ fn hop(
     let incoming = IncomingOptions {
         memory,
         build_guest: KvmGuest::builder(),
+        verify_switchover: Some(true),
         ..Default::default()
     };
     let dst = std::thread::spawn(move || {
