@@ -58,7 +58,7 @@ pub use state::{Event, LiveFigures, Parameters, PassFigures, Progress, Status};
 pub use summary::{Role, Summary, Workload};
 pub use synthetic::{DirtyPattern, SyntheticConfig, SyntheticGuest, TrackerKind};
 
-pub use ferry_file::{FileError, FileOptions, SavedFile};
+pub use ferry_file::{FileError, FileOptions, IoMode, SavedFile};
 pub use ferry_multifd::{ReceiverOptions, SendPath, SenderOptions};
 pub use ferry_ram::{BitmapLog, BlockSpec, Digest, DirtyLog, GuestMemory, PageBitmap, RamBlock};
 pub use ferry_transport::{

@@ -40,7 +40,9 @@ use ferry_transport::{
     SocketTuning, TlsClient,
 };
 
-use crate::protocol::{MainChannel, Message, Setup, CAP_CHECKSUM, CAP_ZSTD, DEFAULT_PEER_TIMEOUT};
+use crate::protocol::{
+    MainChannel, Message, Setup, CAP_CHECKSUM, CAP_VERIFY, CAP_ZSTD, DEFAULT_PEER_TIMEOUT,
+};
 use crate::session::{
     AtMaxPasses, Limits, Outcome, PassResult, PassSink, Phase, PrecopyEnd, Readiness, Session,
     SessionConfig,
@@ -64,6 +66,13 @@ pub struct OutgoingOptions {
     pub peer_timeout: Duration,
     /// TLS on every channel, with these credentials.
     pub tls: Option<Arc<TlsClient>>,
+    /// Ask that the switchover be verified (SETUP's [`CAP_VERIFY`]): the
+    /// destination hashes all memory and the device state before its guest
+    /// runs (inside the downtime) and compares that with this side's
+    /// digest (VERIFY), and both sides complete only if they are equal. A
+    /// destination that refuses fails the migration at setup. The
+    /// destination may also verify on its own when this is false.
+    pub verify_switchover: bool,
 }
 
 impl Default for OutgoingOptions {
@@ -76,6 +85,7 @@ impl Default for OutgoingOptions {
             completion_timeout: Duration::from_secs(120),
             peer_timeout: DEFAULT_PEER_TIMEOUT,
             tls: None,
+            verify_switchover: false,
         }
     }
 }
@@ -313,6 +323,10 @@ impl Source<'_> {
                 CAP_ZSTD
             } else {
                 0
+            } | if opts.verify_switchover {
+                CAP_VERIFY
+            } else {
+                0
             },
             multifd_channels: opts.channels,
             packet_pages: opts.sender.packet_pages,
@@ -326,6 +340,15 @@ impl Source<'_> {
         let destination_verifies = match reply? {
             Message::SetupAck { verify } => {
                 tracing::info!(verify, "setup acknowledged by the destination");
+                if opts.verify_switchover && !verify {
+                    // A destination that will not verify refuses such a
+                    // SETUP itself; this one broke the protocol.
+                    return Err(MigrationError::Setup(
+                        "this source asked to verify the switchover (--verify-switchover) and \
+                         the destination's SETUP_ACK does not agree to"
+                            .into(),
+                    ));
+                }
                 verify
             }
             // The destination's text already says "setup refused: ...".
@@ -484,7 +507,7 @@ impl Source<'_> {
                 self.summary.destination_resumed_at_unix = Some(unix_nanos as f64 / 1e9);
                 if let Some((_, ours)) = digest {
                     match theirs {
-                        Some(t) if t == ours.0 => self.summary.verified = Some(true),
+                        Some(t) if t == ours.0 => self.summary.verified = true,
                         Some(t) => {
                             return Err(MigrationError::DigestMismatch {
                                 source_digest: ours.to_string(),
@@ -516,9 +539,9 @@ impl Source<'_> {
             ),
             Err(e) => tracing::warn!("after RESUMED, the destination's SHUT: {e}"),
         }
-        // Without verification the guest stays paused here, so memory is
-        // still as it was at switchover; hashing now costs no downtime (and
-        // no CPU the destination needed to resume).
+        // Without verification (the default) the guest stays paused here,
+        // so memory is still as it was at switchover; hashing now costs no
+        // downtime (and no CPU the destination needed to resume).
         let (memory, digest) = digest.unwrap_or_else(|| self.switchover_digest(&device_state));
         self.summary.switchover_digest = Some(digest.to_string());
         // What the source sent: the guest stays paused after a completed

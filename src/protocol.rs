@@ -23,7 +23,8 @@
 //!
 //! Source → destination:
 //! - `1 SETUP`: `u8` capability flags (bit 0: packets carry checksums;
-//!   bit 1: payloads may be zstd-compressed),
+//!   bit 1: payloads may be zstd-compressed; bit 2: the source asks that
+//!   the switchover be verified, [`CAP_VERIFY`]),
 //!   `u16` multifd channels, `u32` pages per packet, `u16` block count B, then
 //!   B times: `u8` name length L, L bytes of UTF-8 name, `u64` length in
 //!   bytes, `u32` page size. At most 1 MiB.
@@ -38,6 +39,15 @@
 //!   at switchover ([`ferry_ram::Digest::of_guest`]). Sent after COMPLETE
 //!   when SETUP_ACK asked for it: the destination compares it with its own
 //!   before its guest may run.
+//!
+//! Verifying the switchover is opt-in, and either side may ask: the source
+//! with SETUP's bit 2, the destination by itself. The destination decides
+//! and says so in SETUP_ACK's bit 0; a source that asked and gets an ACK
+//! without it fails the migration, and a destination that refuses to verify
+//! (`recv --no-digest`) refuses a SETUP that asks. Without it no digest of
+//! all memory is taken inside the downtime: the destination resumes its
+//! guest once every page landed (with its checksum checked, when checksums
+//! are on) and the device state arrived.
 //!
 //! Destination → source (the return path):
 //! - `101 SETUP_ACK`: `u8` flags (bit 0: this destination verifies: send
@@ -74,6 +84,9 @@ const MAX_SHUT: u32 = 64 << 10;
 
 pub const CAP_CHECKSUM: u8 = 1;
 pub const CAP_ZSTD: u8 = 2;
+/// SETUP capability: the source asks that the switchover be verified
+/// (SETUP_ACK must answer [`ACK_VERIFY`]).
+pub const CAP_VERIFY: u8 = 4;
 /// The message type numbers, each written once here (the module doc lists
 /// them with their bodies).
 pub mod kind {

@@ -16,13 +16,13 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
 
-use ferry_file::{FileError, FileOptions, LazyRestore, SavedFile};
+use ferry_file::{FileError, FileOptions, IoMode, LazyRestore, SavedFile};
 use ferry_multifd::Counters;
 use ferry_ram::mapped::open_regular;
 use ferry_ram::{block_file_paths, Digest, GuestMemory, RamError};
 
 use crate::snapshot::{
-    add_note, begin, cancel_flag, conclude, FileFailed, FileSummary, LazyReport, SnapshotError,
+    begin, cancel_flag, conclude, record_io, FileFailed, FileSummary, LazyReport, SnapshotError,
 };
 use crate::Progress;
 
@@ -85,7 +85,7 @@ fn restore(
     summary: &mut FileSummary,
 ) -> Result<(GuestMemory, Vec<u8>), SnapshotError> {
     progress.set_phase("checking");
-    let (saved, device_state) = open_checked(path, opts.direct_io, progress)?;
+    let (saved, device_state) = open_checked(path, opts.io, progress)?;
     let (file, layout) = (saved.file(), saved.layout());
     let specs = layout.specs();
     let (memory, staged) = match target {
@@ -109,8 +109,7 @@ fn restore(
         }
     };
     // On an error from here, `staged` drops its files unmoved.
-    summary.direct_io = saved.data().direct;
-    add_note(summary, saved.data().note.as_deref());
+    record_io(summary, saved.data());
     progress.set_phase("reading");
     saved.read_pages(&memory, opts, counters)?;
     if opts.cancelled() {
@@ -148,9 +147,8 @@ pub fn verify_file(
     opts.cancel = Some(cancel_flag(progress));
     let result = (|| {
         progress.set_phase("checking");
-        let (saved, device_state) = open_checked(path, opts.direct_io, progress)?;
-        summary.direct_io = saved.data().direct;
-        add_note(&mut summary, saved.data().note.as_deref());
+        let (saved, device_state) = open_checked(path, opts.io, progress)?;
+        record_io(&mut summary, saved.data());
         progress.set_phase("reading");
         let digest = saved.verify(&opts, &counters)?;
         summary.digest = Some(digest.to_string());
@@ -175,10 +173,10 @@ pub fn verify_file(
 /// whoever restores them.
 fn open_checked(
     path: &Path,
-    direct_io: bool,
+    io: IoMode,
     progress: &Progress,
 ) -> Result<(SavedFile, Vec<u8>), SnapshotError> {
-    let saved = SavedFile::open(path, direct_io)?;
+    let saved = SavedFile::open(path, io)?;
     progress
         .total_ram_bytes
         .store(saved.layout().total_ram(), Ordering::Relaxed);
@@ -235,18 +233,36 @@ pub struct LazyRestored {
 /// Starts a lazy restore of `path`: checks the header, tables and device
 /// state, maps the guest's memory with every page missing and returns as
 /// soon as it can be touched. `opts.channels` prefetch threads fill it.
+///
+/// [`IoMode::Auto`] reads through the page cache here: the prefetch and
+/// the faults read one region at a time per thread, synchronously, and
+/// buffered reads let the kernel's readahead keep the disk busy ahead of
+/// them (2 GiB on this project's VM, 5 runs: all pages in 2.09 s buffered
+/// against 2.55 s with O_DIRECT, and 1.14 against 1.71 s for a file saved
+/// with `--hole-min 1M`; first writes alike, 7-19 ms). `IoMode::Direct`
+/// still reads with O_DIRECT.
 pub fn restore_lazy(
     path: &Path,
     opts: &FileOptions,
     progress: &Progress,
 ) -> Result<LazyRestoring, FileFailed> {
     let (started, counters, mut summary) = begin(path, opts, progress);
+    let io = match opts.io {
+        IoMode::Auto => IoMode::Buffered,
+        other => other,
+    };
     let begun = (|| {
-        let (saved, device_state) = open_checked(path, opts.direct_io, progress)?;
+        let (saved, device_state) = open_checked(path, io, progress)?;
         summary.file_len = saved.file_len();
         summary.file_disk_bytes = saved.disk_bytes();
-        summary.direct_io = saved.data().direct;
-        summary.note = saved.data().note.clone();
+        record_io(&mut summary, saved.data());
+        if opts.io == IoMode::Auto {
+            summary.note = Some(
+                "lazy restore: buffered reads (--io auto), so the kernel's readahead runs \
+                 ahead of the prefetch; --io direct reads with O_DIRECT"
+                    .into(),
+            );
+        }
         progress.set_phase("lazy");
         let lazy = LazyRestore::start(Arc::new(saved), opts.channels, counters.clone())?;
         Ok::<_, SnapshotError>((lazy, device_state))

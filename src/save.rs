@@ -38,7 +38,7 @@ use crate::session::{
     AtMaxPasses, Limits, Outcome, PassResult, PassSink, Phase, Session, SessionConfig,
 };
 use crate::snapshot::{
-    add_note, begin, cancel_flag, conclude, io_err, FileFailed, FileSummary, SnapshotError,
+    begin, cancel_flag, conclude, io_err, record_io, FileFailed, FileSummary, SnapshotError,
 };
 use crate::{Guest, Parameters, Progress};
 
@@ -503,9 +503,9 @@ fn create_file(
         .map_err(io_err(path, "opening the new file"))?;
     meta.set_len(layout.file_len)
         .map_err(io_err(path, "setting the file's length"))?;
-    let data = DataFile::open(path, true, opts.file.direct_io)?;
-    summary.direct_io = data.direct;
-    add_note(summary, data.note.as_deref());
+    let align = layout.blocks.iter().map(|b| u64::from(b.page_size)).min();
+    let data = DataFile::open(path, true, opts.file.io, align.unwrap_or(4096))?;
+    record_io(summary, &data);
     Ok((meta, data))
 }
 

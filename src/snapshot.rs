@@ -18,7 +18,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
-use ferry_file::{FileError, FileOptions};
+use ferry_file::{DataFile, FileError, FileOptions, IoMode};
 use ferry_multifd::{Counters, MultifdError};
 use ferry_ram::RamError;
 use serde::Serialize;
@@ -104,9 +104,16 @@ pub struct FileSummary {
     pub error: Option<String>,
     pub path: String,
     pub channels: u16,
-    /// O_DIRECT was asked for, and whether it was used.
+    /// How page data was asked to move: "auto" (O_DIRECT where the file
+    /// system takes it, the default), "direct" or "buffered".
+    pub io: &'static str,
+    /// O_DIRECT was asked for or allowed (`io` is not "buffered"), and
+    /// whether it was used.
     pub direct_io_requested: bool,
     pub direct_io: bool,
+    /// Why `io` "auto" used buffered I/O instead of O_DIRECT.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub direct_io_fallback: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub note: Option<String>,
     /// Guest RAM covered (present and zero pages); for a live save, summed
@@ -189,7 +196,8 @@ impl FileSummary {
             status: "failed",
             path: path.display().to_string(),
             channels: opts.channels,
-            direct_io_requested: opts.direct_io,
+            io: opts.io.name(),
+            direct_io_requested: opts.io != IoMode::Buffered,
             started_at_unix: crate::summary::unix_now(),
             ..Default::default()
         }
@@ -314,12 +322,8 @@ pub(crate) fn io_err<'a>(
     }
 }
 
-/// Adds `note` (if any) to the summary's note.
-pub(crate) fn add_note(summary: &mut FileSummary, note: Option<&str>) {
-    if let Some(n) = note {
-        summary.note = Some(match summary.note.take() {
-            Some(old) => format!("{old}; {n}"),
-            None => n.to_string(),
-        });
-    }
+/// Records how `data` moves page data: O_DIRECT or not, and why not.
+pub(crate) fn record_io(summary: &mut FileSummary, data: &DataFile) {
+    summary.direct_io = data.direct;
+    summary.direct_io_fallback.clone_from(&data.fallback);
 }

@@ -83,11 +83,11 @@ pub struct Summary {
     /// on the source at switchover, on the destination before it resumes.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub switchover_digest: Option<String>,
-    /// Both sides compared their switchover digests before the
-    /// destination's guest ran, and they were equal (`Some(true)`); `None`
-    /// when the destination did not verify (`recv --no-digest`).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub verified: Option<bool>,
+    /// The switchover was verified: both sides compared their switchover
+    /// digests before the destination's guest ran, and they were equal.
+    /// False when it was not verified (neither side asked for
+    /// `--verify-switchover`), or the migration did not complete.
+    pub verified: bool,
     /// Destination: from all pages landed to the guest running (digest,
     /// guest built, resources taken, resumed), and the digest's share.
     #[serde(skip_serializing_if = "Option::is_none")]

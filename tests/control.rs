@@ -127,7 +127,7 @@ fn every_command_over_the_socket_during_a_live_migration() {
         );
 
         let (l, uri) = listener();
-        let dst = spawn_destination(l, IncomingOptions::default());
+        let dst = spawn_destination(l, verifying());
         let src = spawn_source(guest.clone(), uri, progress.clone());
         wait_until(|| progress.status() == Status::Active && progress.totals().ram_bytes > 0);
         let q = c.query();

@@ -12,9 +12,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::*;
-use ferry::{
-    ControlServer, DirtyPattern, IncomingOptions, Parameters, Progress, Status, TrackerKind,
-};
+use ferry::{ControlServer, DirtyPattern, Parameters, Progress, Status, TrackerKind};
 use serde_json::{json, Value};
 
 const LONG: Option<Duration> = Some(Duration::from_secs(60));
@@ -114,7 +112,7 @@ fn a_client_that_stops_reading_holds_up_neither_the_migration_nor_the_exit() {
         let mut good = Client::connect(&path);
 
         let (l, uri) = listener();
-        let dst = spawn_destination(l, IncomingOptions::default());
+        let dst = spawn_destination(l, verifying());
         let src = spawn_source(guest, uri, progress.clone());
         // Once cut off the stuck client's writes fail; that is expected.
         let _ = (&stuck).write_all(&flood);

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::*;
-use ferry::protocol::{MainChannel, Message, Setup, CAP_CHECKSUM, CAP_ZSTD};
+use ferry::protocol::{MainChannel, Message, Setup, CAP_CHECKSUM, CAP_VERIFY, CAP_ZSTD};
 use ferry::{
     migrate_out, AcceptOptions, DestinationMemory, IncomingOptions, OutgoingOptions, Progress,
 };
@@ -51,7 +51,10 @@ fn raw_source_with(
     capabilities: u8,
 ) -> RawSource {
     let setup = Setup {
-        capabilities,
+        // Every raw source asks for the switchover to be verified, so the
+        // destination answers VERIFY-style (SETUP_ACK below) and compares
+        // the digests these tests send.
+        capabilities: capabilities | CAP_VERIFY,
         multifd_channels: channels,
         packet_pages: 128,
         blocks,
@@ -697,7 +700,7 @@ fn channels_connecting_in_reverse_order_work() {
         let main = main_channel(main);
         multifd.reverse();
         let setup = Setup {
-            capabilities: CAP_CHECKSUM,
+            capabilities: CAP_CHECKSUM | CAP_VERIFY,
             multifd_channels: k,
             packet_pages: 128,
             blocks: mem.specs(),
@@ -820,7 +823,7 @@ fn destination_with(
 
 fn setup_of(blocks: Vec<BlockSpec>) -> Setup {
     Setup {
-        capabilities: CAP_CHECKSUM,
+        capabilities: CAP_CHECKSUM | CAP_VERIFY,
         multifd_channels: 1,
         packet_pages: 128,
         blocks,

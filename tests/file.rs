@@ -19,8 +19,8 @@ use common::{image_guest, MIB};
 use ferry::FileError;
 use ferry::{
     restore_from_file, save_live_to_file, save_to_file, verify_file, DirtyPattern, FileOptions,
-    Guest, GuestError, GuestMemory, ImageGuest, LiveOptions, Progress, Resources, RestoreTarget,
-    SaveOptions, SnapshotError, TrackerKind,
+    Guest, GuestError, GuestMemory, ImageGuest, IoMode, LiveOptions, Progress, Resources,
+    RestoreTarget, SaveOptions, SnapshotError, TrackerKind,
 };
 use ferry_ram::pattern::{fill_block, Pattern};
 use ferry_ram::DirtyLog;
@@ -55,10 +55,10 @@ fn disk_dir() -> tempfile::TempDir {
         .unwrap()
 }
 
-fn options(channels: u16, direct_io: bool, hole_min: u64) -> FileOptions {
+fn options(channels: u16, io: IoMode, hole_min: u64) -> FileOptions {
     FileOptions {
         channels,
-        direct_io,
+        io,
         hole_min,
         ..Default::default()
     }
@@ -79,11 +79,11 @@ fn every_block_comes_back_byte_identical() {
         })
         .sum();
     for channels in [1, 2, 4] {
-        for direct in [false, true] {
+        for io in [IoMode::Buffered, IoMode::Auto] {
             for hole_min in [0, MIB] {
                 let path = dir.path().join("g.ferry");
                 let opts = SaveOptions {
-                    file: options(channels, direct, hole_min),
+                    file: options(channels, io, hole_min),
                     sync: true,
                 };
                 let saved = save_to_file(&guest, &path, &opts, &Progress::default()).unwrap();
@@ -93,7 +93,7 @@ fn every_block_comes_back_byte_identical() {
                 let r = restore_from_file(
                     &path,
                     &RestoreTarget::Anonymous,
-                    &options(channels, direct, 0),
+                    &options(channels, io, 0),
                     &Progress::default(),
                 )
                 .unwrap();
@@ -161,8 +161,12 @@ fn lazy_restore_serves_touches_and_ends_byte_identical() {
     let path = dir.path().join("g.ferry");
     save_to_file(&guest, &path, &SaveOptions::default(), &Progress::default()).unwrap();
     for channels in [1, 3] {
-        let restoring =
-            ferry::restore_lazy(&path, &options(channels, false, 0), &Progress::default()).unwrap();
+        let restoring = ferry::restore_lazy(
+            &path,
+            &options(channels, IoMode::Auto, 0),
+            &Progress::default(),
+        )
+        .unwrap();
         let m = restoring.memory().clone();
         // Touch the last page of every block, and pages all over, while the
         // prefetch runs: each read must see the saved bytes.
@@ -206,7 +210,7 @@ fn lazy_restore_of_a_damaged_file_fails_without_hanging_the_guest() {
     f.write_all_at(&[!b[0]], at).unwrap();
     let err = common::within(30, move || {
         let restoring =
-            ferry::restore_lazy(&path, &options(2, false, 0), &Progress::default()).unwrap();
+            ferry::restore_lazy(&path, &options(2, IoMode::Auto, 0), &Progress::default()).unwrap();
         let m = restoring.memory().clone();
         let toucher = std::thread::spawn(move || {
             let ram = &m.blocks()[0];

@@ -15,6 +15,12 @@ use ferry::{
 };
 
 fn converges(tracker: TrackerKind, opts: OutgoingOptions) {
+    // The source asks for the switchover to be verified: the digests below
+    // are compared by both sides before the destination's guest runs.
+    let opts = OutgoingOptions {
+        verify_switchover: true,
+        ..opts
+    };
     within(120, move || {
         let guest = synthetic(32, 8 * MIB, DirtyPattern::Hotset(25), tracker);
         let (l, uri) = listener();
@@ -40,6 +46,7 @@ fn converges(tracker: TrackerKind, opts: OutgoingOptions) {
             sent.switchover_digest, got.summary.switchover_digest,
             "memory and device state at switchover equal the destination's before resume"
         );
+        assert!(sent.verified && got.summary.verified);
         assert!(sent.downtime_ms.is_some());
         assert!(sent.dirty_sync_count >= 2);
         assert!(
@@ -228,6 +235,8 @@ fn pause_before_switchover_waits_for_continue() {
                 )?;
                 Ok(Box::new(g) as Box<dyn Guest>)
             }),
+            // The destination verifies by itself (the source does not ask).
+            verify_switchover: Some(true),
             ..Default::default()
         };
         let dst = spawn_destination(l, opts);

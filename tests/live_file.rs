@@ -11,8 +11,8 @@ use std::sync::Arc;
 use common::{synthetic_guest, within, workload, MIB};
 use ferry::{
     restore_from_file, save_background, save_live_to_file, BackgroundOptions, Digest, DirtyPattern,
-    Event, FileOptions, Guest, LiveOptions, Progress, Resources, RestoreTarget, SaveOptions,
-    Status, SyntheticGuest, TrackerKind,
+    Event, FileOptions, Guest, IoMode, LiveOptions, Progress, Resources, RestoreTarget,
+    SaveOptions, Status, SyntheticGuest, TrackerKind,
 };
 use ferry_ram::mapped::FileLayout;
 
@@ -36,27 +36,35 @@ fn synthetic(mib: u64, rate: u64, tracker: TrackerKind) -> SyntheticGuest {
 }
 
 fn save_options(channels: u16) -> SaveOptions {
-    save_options_io(channels, false)
+    save_options_io(channels, IoMode::default())
 }
 
-fn save_options_io(channels: u16, direct_io: bool) -> SaveOptions {
+fn save_options_io(channels: u16, io: IoMode) -> SaveOptions {
     SaveOptions {
         file: FileOptions {
             channels,
-            direct_io,
+            io,
             ..Default::default()
         },
         sync: false,
     }
 }
 
-/// The save used O_DIRECT exactly when asked, unless the file system
-/// refused it (the fallback itself is tested in tools/tests/file.rs).
-fn expect_io(s: &ferry::FileSummary, direct_io: bool) {
-    if direct_io && !s.direct_io {
-        eprintln!("note: /var/tmp refused O_DIRECT; the save fell back to buffered writes");
-    } else {
-        assert_eq!(s.direct_io, direct_io, "{s:?}");
+/// The save used O_DIRECT as `io` says: `Auto` uses it unless the file
+/// system refused it, and then says why (the fallback itself is tested in
+/// tools/tests/file.rs).
+fn expect_io(s: &ferry::FileSummary, io: IoMode) {
+    assert_eq!(s.io, io.name(), "{s:?}");
+    match io {
+        IoMode::Auto if !s.direct_io => {
+            let why = s
+                .direct_io_fallback
+                .as_deref()
+                .expect("a fallback says why");
+            eprintln!("note: the save fell back to buffered writes: {why}");
+        }
+        IoMode::Auto | IoMode::Direct => assert!(s.direct_io, "{s:?}"),
+        IoMode::Buffered => assert!(!s.direct_io && s.direct_io_fallback.is_none(), "{s:?}"),
     }
 }
 
@@ -79,10 +87,10 @@ fn restored_digest(path: &std::path::Path, channels: u16) -> String {
 }
 
 fn live_save(channels: u16, tracker: TrackerKind) {
-    live_save_io(channels, tracker, false);
+    live_save_io(channels, tracker, IoMode::default());
 }
 
-fn live_save_io(channels: u16, tracker: TrackerKind, direct_io: bool) {
+fn live_save_io(channels: u16, tracker: TrackerKind, io: IoMode) {
     within(120, move || {
         let dir = disk_dir();
         let path = dir.path().join("live.sav");
@@ -98,7 +106,7 @@ fn live_save_io(channels: u16, tracker: TrackerKind, direct_io: bool) {
         let s = save_live_to_file(
             &guest,
             &path,
-            &save_options_io(channels, direct_io),
+            &save_options_io(channels, io),
             &live,
             &progress,
         )
@@ -110,7 +118,7 @@ fn live_save_io(channels: u16, tracker: TrackerKind, direct_io: bool) {
         assert_eq!(passes + 1, s.passes.unwrap(), "a pass event per live pass");
         assert!(s.completed());
         assert_eq!(s.mode, Some("live"));
-        expect_io(&s, direct_io);
+        expect_io(&s, io);
         assert!(s.passes.unwrap() >= 2, "{s:?}");
         assert!(s.downtime_ms.is_some());
         assert!(
@@ -144,10 +152,10 @@ fn live_save_with_the_kernel_dirty_log() {
 }
 
 fn background(channels: u16) {
-    background_io(channels, false);
+    background_io(channels, IoMode::default());
 }
 
-fn background_io(channels: u16, direct_io: bool) {
+fn background_io(channels: u16, io: IoMode) {
     within(120, move || {
         let dir = disk_dir();
         let path = dir.path().join("bg.sav");
@@ -160,7 +168,7 @@ fn background_io(channels: u16, direct_io: bool) {
         let s = save_background(
             &*guest,
             &path,
-            &save_options_io(channels, direct_io),
+            &save_options_io(channels, io),
             &BackgroundOptions {
                 digest_at_pause: true,
             },
@@ -174,7 +182,7 @@ fn background_io(channels: u16, direct_io: bool) {
         assert_eq!(passes, 1);
         assert!(s.completed());
         assert_eq!(s.mode, Some("background"));
-        expect_io(&s, direct_io);
+        expect_io(&s, io);
         assert!(guest.is_running(), "the guest runs on");
         let regions = s.fault_regions.unwrap() + s.ordered_regions.unwrap();
         assert_eq!(regions, 32, "every 1 MiB region saved once");
@@ -189,8 +197,8 @@ fn background_io(channels: u16, direct_io: bool) {
 }
 
 #[test]
-fn live_save_with_direct_io() {
-    live_save_io(2, TrackerKind::Bitmap, true);
+fn live_save_buffered() {
+    live_save_io(2, TrackerKind::Bitmap, IoMode::Buffered);
 }
 
 #[test]
@@ -204,8 +212,8 @@ fn background_snapshot_holds_the_memory_at_its_start_two_channels() {
 }
 
 #[test]
-fn background_snapshot_with_direct_io() {
-    background_io(2, true);
+fn background_snapshot_buffered() {
+    background_io(2, IoMode::Buffered);
 }
 
 #[test]

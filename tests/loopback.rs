@@ -204,3 +204,95 @@ fn packets_of_more_runs_than_one_call_takes() {
     assert!(e.contains("at most 960 pages a packet"), "{e}");
     let _ = dst.join().unwrap();
 }
+
+/// One image migration of 16 MiB with the source asking to verify the
+/// switchover or not, and the destination's own setting (`None`: as the
+/// source asks).
+fn verify_negotiation(
+    source_asks: bool,
+    destination: Option<bool>,
+) -> (
+    Result<ferry::Summary, ferry::Failed>,
+    Result<ferry::IncomingOutcome, ferry::Failed>,
+    std::sync::Arc<ferry::GuestMemory>,
+) {
+    let mem = memory(&[("ram", 16)], Pattern::Mixed, 7);
+    let (l, uri) = listener();
+    let dst = spawn_destination(
+        l,
+        IncomingOptions {
+            verify_switchover: destination,
+            ..Default::default()
+        },
+    );
+    let opts = OutgoingOptions {
+        verify_switchover: source_asks,
+        ..Default::default()
+    };
+    let sent = migrate_out(&image_guest(mem.clone()), &uri, &opts, &Progress::default());
+    (sent, dst.join().unwrap(), mem)
+}
+
+/// By default the switchover is not verified: no digest of memory is taken
+/// on the destination (inside the downtime), both sides say so, and the
+/// destination still holds exactly the source's bytes.
+#[test]
+fn by_default_the_switchover_is_not_verified_and_no_digest_is_taken_in_the_downtime() {
+    let (sent, got, mem) = verify_negotiation(false, None);
+    let (sent, got) = (
+        sent.expect("source completes"),
+        got.expect("destination completes"),
+    );
+    assert!(sent.completed() && got.summary.completed());
+    assert!(!sent.verified && !got.summary.verified);
+    assert_eq!(
+        got.summary.switchover_digest, None,
+        "no digest before resume"
+    );
+    assert_eq!(got.summary.digest_ms, None);
+    // The source hashes after RESUMED, outside the downtime.
+    assert!(sent.switchover_digest.is_some());
+    assert_eq!(got.memory.digest(), mem.digest());
+}
+
+/// Either side may ask: the switchover is then verified on both.
+#[test]
+fn either_side_asking_verifies_the_switchover_on_both() {
+    for (source_asks, destination) in [(true, None), (false, Some(true)), (true, Some(true))] {
+        let (sent, got, mem) = verify_negotiation(source_asks, destination);
+        let (sent, got) = (
+            sent.expect("source completes"),
+            got.expect("destination completes"),
+        );
+        let case = format!("source asks: {source_asks}, destination: {destination:?}");
+        assert!(sent.verified && got.summary.verified, "{case}");
+        assert!(sent.switchover_digest.is_some(), "{case}");
+        assert_eq!(
+            sent.switchover_digest, got.summary.switchover_digest,
+            "{case}"
+        );
+        assert!(got.summary.digest_ms.is_some(), "{case}");
+        assert_eq!(got.memory.digest(), mem.digest(), "{case}");
+    }
+}
+
+/// A destination that refuses to verify (`recv --no-digest`) refuses a
+/// source that asks, at setup, and both sides say why.
+#[test]
+fn a_destination_that_refuses_to_verify_refuses_a_source_that_asks() {
+    let (sent, got, _) = verify_negotiation(true, Some(false));
+    let dst = got.err().expect("the destination refuses").to_string();
+    assert!(
+        dst.contains("asks to verify the switchover") && dst.contains("--no-digest"),
+        "{dst}"
+    );
+    let src = sent.expect_err("the source fails");
+    assert!(
+        src.to_string().contains("--no-digest"),
+        "the source names the destination's reason: {src}"
+    );
+    assert_eq!(src.summary.status, "failed");
+    // The same destination takes a source that does not ask.
+    let (sent, got, _) = verify_negotiation(false, Some(false));
+    assert!(sent.unwrap().completed() && !got.unwrap().summary.verified);
+}

@@ -34,7 +34,7 @@ use ferry_ram::mapped::{region_checksum, FileLayout};
 use ferry_ram::{Counters, GuestMemory, PageBitmap, WriteProtect};
 use ferry_transport::uring::Ring;
 
-use crate::data::{cancelled, DataFile, FileOptions};
+use crate::data::{cancelled, AlignedBuf, DataFile, FileOptions};
 use crate::engine::{
     check_memory_matches, count_pages, region_pages, ring_err, shared_words, unshare, RegionScan,
     Regions, Run,
@@ -51,8 +51,6 @@ const MAX_QUEUED: usize = 64;
 /// Writes in flight per writer thread (a 1 MiB region of `mixed` memory
 /// is 64 runs of three pages).
 const WRITES_IN_FLIGHT: u32 = 64;
-/// Buffers are aligned for O_DIRECT.
-const ALIGN: usize = 4096;
 
 /// How a background snapshot's write-out went.
 #[derive(Clone, Debug, Default)]
@@ -173,29 +171,6 @@ impl Drop for Arming {
         if let Err(e) = self.stop_handler() {
             tracing::error!("background snapshot: {e}");
         }
-    }
-}
-
-/// A buffer whose usable part starts on an `ALIGN` boundary (no unsafe:
-/// an oversized vector and an offset into it).
-struct AlignedBuf {
-    v: Vec<u8>,
-    off: usize,
-    len: usize,
-}
-
-impl AlignedBuf {
-    fn new(len: usize) -> Self {
-        let v = vec![0u8; len + ALIGN];
-        let off = v.as_ptr().align_offset(ALIGN);
-        let off = if off < ALIGN { off } else { 0 };
-        Self { v, off, len }
-    }
-    fn get(&self, len: usize) -> &[u8] {
-        &self.v[self.off..self.off + len.min(self.len)]
-    }
-    fn get_mut(&mut self, len: usize) -> &mut [u8] {
-        &mut self.v[self.off..self.off + len.min(self.len)]
     }
 }
 

@@ -35,6 +35,9 @@ pub enum FileError {
         path: PathBuf,
         source: TransportError,
     },
+    /// O_DIRECT was required ([`crate::IoMode::Direct`]) and cannot be used.
+    #[error("O_DIRECT was asked for (--io direct) and cannot be used: {why}")]
+    DirectIo { path: PathBuf, why: String },
     #[error("{path}: cancelled")]
     Cancelled { path: PathBuf },
     /// The memory, bitmaps or buffers handed in do not fit the file.

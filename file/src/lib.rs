@@ -39,7 +39,7 @@ mod write;
 mod tests;
 
 pub use background::{write_background, Arming, BackgroundStats};
-pub use data::{DataFile, FileOptions};
+pub use data::{DataFile, FileOptions, IoMode};
 pub use error::FileError;
 pub use lazy::{LazyRestore, LazyStats};
 pub use page_source::{check_range, Filled, PageSource};

@@ -175,8 +175,7 @@ impl PageSource for SavedFile {
                 let from = ((lo - first_page) * ps) as usize;
                 let to = ((hi + 1 - first_page) * ps) as usize;
                 let file_offset = lb.page_file_offset(lo);
-                self.data()
-                    .file()
+                self.reader_for(&dst[from..to])
                     .read_exact_at(&mut dst[from..to], file_offset)
                     .map_err(|source| FileError::Io {
                         path: self.path().into(),
@@ -214,12 +213,13 @@ mod tests {
 
     use super::*;
     use crate::saved::tests::saved_guest;
+    use crate::IoMode;
 
     #[test]
     fn a_saved_file_fills_whole_regions_checked() {
         let dir = tempfile::tempdir().unwrap();
         let (path, mem, _) = saved_guest(dir.path());
-        let saved = SavedFile::open(&path, false).unwrap();
+        let saved = SavedFile::open(&path, IoMode::Auto).unwrap();
         let src: &dyn PageSource = &saved;
         assert_eq!(src.unit(), 1 << 20);
         assert_eq!(src.blocks(), mem.specs());
@@ -276,7 +276,7 @@ mod tests {
     fn ranges_a_source_cannot_fill_are_refused() {
         let dir = tempfile::tempdir().unwrap();
         let (path, ..) = saved_guest(dir.path());
-        let saved = SavedFile::open(&path, false).unwrap();
+        let saved = SavedFile::open(&path, IoMode::Auto).unwrap();
         let mut buf = vec![0u8; 1 << 20];
         for (block, first, pages, len, says) in [
             (2usize, 0u64, 256u64, 1usize << 20, "2 block(s)"),

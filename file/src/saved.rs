@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use ferry_ram::mapped::{open_regular, FileLayout};
 use ferry_ram::{BlockSpec, PageBitmap, RamError};
 
-use crate::data::DataFile;
+use crate::data::{DataFile, IoMode};
 use crate::FileError;
 
 /// A saved guest's file with its header, block table, bitmaps and checksum
@@ -37,9 +37,9 @@ impl SavedFile {
     /// anything but a regular file; reads and checks its header, block
     /// table, every bitmap and every checksum table (each against its own
     /// checksum, and every offset against the file's size); and opens the
-    /// handle for page data, with O_DIRECT if `direct_io` and the file
-    /// system allows it ([`DataFile::note`] says if it did not).
-    pub fn open(path: &Path, direct_io: bool) -> Result<Self, FileError> {
+    /// handle for page data as `io` says ([`DataFile::fallback`] says why
+    /// [`IoMode::Auto`] did not use O_DIRECT, if it did not).
+    pub fn open(path: &Path, io: IoMode) -> Result<Self, FileError> {
         let file = open_regular(
             path,
             File::options().read(true),
@@ -65,7 +65,8 @@ impl SavedFile {
             bitmaps.push(bitmap);
             checksums.push(layout.read_checksums(&file, path, i)?);
         }
-        let data = DataFile::open(path, false, direct_io)?;
+        let align = layout.blocks.iter().map(|b| u64::from(b.page_size)).min();
+        let data = DataFile::open(path, false, io, align.unwrap_or(4096))?;
         Ok(Self {
             path: path.into(),
             file,
@@ -86,6 +87,16 @@ impl SavedFile {
     /// The handle page data is read through.
     pub fn data(&self) -> &DataFile {
         &self.data
+    }
+    /// The handle to read pages into `buf` through: the data handle, or,
+    /// if that is O_DIRECT and `buf` does not meet its alignment (a
+    /// caller's own buffer), the buffered one the tables were read through.
+    pub(crate) fn reader_for(&self, buf: &[u8]) -> &File {
+        if self.data.takes(buf) {
+            self.data.file()
+        } else {
+            &self.file
+        }
     }
     pub fn layout(&self) -> &FileLayout {
         &self.layout
@@ -167,7 +178,7 @@ pub(crate) mod tests {
     fn a_saved_file_opens_with_its_bitmaps_and_checksums() {
         let dir = tempfile::tempdir().unwrap();
         let (path, mem, written) = saved_guest(dir.path());
-        let saved = SavedFile::open(&path, false).unwrap();
+        let saved = SavedFile::open(&path, IoMode::Auto).unwrap();
         assert_eq!(saved.specs(), mem.specs());
         assert_eq!(saved.bitmaps().len(), 2);
         for (got, want) in saved.bitmaps().iter().zip(&written.bitmaps) {
@@ -212,7 +223,7 @@ pub(crate) mod tests {
         ] {
             let f = File::options().write(true).open(&path).unwrap();
             f.set_len(cut).unwrap();
-            match SavedFile::open(&path, false).err().expect("refused") {
+            match SavedFile::open(&path, IoMode::Auto).err().expect("refused") {
                 FileError::Ram(RamError::Truncated {
                     len, need, what, ..
                 }) => {
@@ -229,7 +240,10 @@ pub(crate) mod tests {
     fn a_corrupt_bitmap_or_checksum_table_is_refused_naming_it() {
         let dir = tempfile::tempdir().unwrap();
         let (path, ..) = saved_guest(dir.path());
-        let layout = SavedFile::open(&path, false).unwrap().layout().clone();
+        let layout = SavedFile::open(&path, IoMode::Auto)
+            .unwrap()
+            .layout()
+            .clone();
         let f = File::options().read(true).write(true).open(&path).unwrap();
         for (offset, what) in [
             (layout.blocks[1].bitmap_offset, "bitmap"),
@@ -238,7 +252,7 @@ pub(crate) mod tests {
             let mut byte = [0u8];
             f.read_exact_at(&mut byte, offset).unwrap();
             f.write_all_at(&[byte[0] ^ 0x40], offset).unwrap();
-            let e = SavedFile::open(&path, false).err().expect("refused");
+            let e = SavedFile::open(&path, IoMode::Auto).err().expect("refused");
             let text = e.to_string();
             match e {
                 FileError::Ram(RamError::TableChecksum {
@@ -251,7 +265,7 @@ pub(crate) mod tests {
             }
             f.write_all_at(&byte, offset).unwrap();
         }
-        assert!(SavedFile::open(&path, false).is_ok(), "repaired");
+        assert!(SavedFile::open(&path, IoMode::Auto).is_ok(), "repaired");
     }
 
     #[test]
@@ -259,7 +273,7 @@ pub(crate) mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("other");
         std::fs::write(&path, vec![b'x'; 8192]).unwrap();
-        let e = SavedFile::open(&path, false).err().expect("refused");
+        let e = SavedFile::open(&path, IoMode::Auto).err().expect("refused");
         assert!(
             matches!(e, FileError::Ram(RamError::BadMagic { .. })),
             "{e}"

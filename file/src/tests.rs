@@ -34,7 +34,7 @@ pub(crate) fn save_to(
     let mut layout = FileLayout::plan(&specs, 3).unwrap();
     let file = File::create(&path).unwrap();
     file.set_len(layout.file_len).unwrap();
-    let data = DataFile::open(&path, true, false).unwrap();
+    let data = DataFile::open(&path, true, IoMode::Auto, 4096).unwrap();
     let written = write_pages(
         mem,
         &layout,
@@ -89,7 +89,7 @@ fn verify_gives_the_saved_digest_and_finds_damage() {
         .copy_from(&[9u8]);
     let (path, layout, _) = saved(&mem, "verify");
     let verify = |counters: &Counters| {
-        SavedFile::open(&path, false)?.verify_pages(&FileOptions::default(), counters)
+        SavedFile::open(&path, IoMode::Auto)?.verify_pages(&FileOptions::default(), counters)
     };
     let counters = Counters::default();
     let chunks = verify(&counters).unwrap();
@@ -146,7 +146,7 @@ fn a_cancel_stops_file_threads() {
         .unwrap()
         .set_len(layout.file_len)
         .unwrap();
-    let data = DataFile::open(&path, true, false).unwrap();
+    let data = DataFile::open(&path, true, IoMode::Auto, 4096).unwrap();
     let opts = FileOptions {
         cancel: Some(Arc::new(AtomicBool::new(true))),
         ..Default::default()
@@ -159,7 +159,7 @@ fn a_cancel_stops_file_threads() {
     assert_eq!(counters.snapshot().ram_bytes, 0, "no region was saved");
     let _ = std::fs::remove_file(&path);
     let (path, ..) = saved(&mem, "cancel-verify");
-    let e = SavedFile::open(&path, false)
+    let e = SavedFile::open(&path, IoMode::Auto)
         .unwrap()
         .verify_pages(&opts, &counters)
         .expect_err("cancelled");
@@ -186,7 +186,7 @@ fn a_later_pass_rewrites_pages_in_place_and_zeroed_pages_read_as_zeros() {
     let path = std::env::temp_dir().join(format!("ferry-rewrite-{}", std::process::id()));
     let file = File::create(&path).unwrap();
     file.set_len(layout.file_len).unwrap();
-    let data = DataFile::open(&path, true, false).unwrap();
+    let data = DataFile::open(&path, true, IoMode::Auto, 4096).unwrap();
     let opts = FileOptions {
         channels: 2,
         ..Default::default()
@@ -217,7 +217,7 @@ fn a_later_pass_rewrites_pages_in_place_and_zeroed_pages_read_as_zeros() {
         .write_metadata(&file, &path, &mut final_layout, b"")
         .unwrap();
     let back = GuestMemory::anonymous(&specs).unwrap();
-    let saved = SavedFile::open(&path, false).unwrap();
+    let saved = SavedFile::open(&path, IoMode::Auto).unwrap();
     saved.read_pages(&back, &opts, &counters).unwrap();
     let _ = std::fs::remove_file(&path);
     assert!(back.blocks()[0].copy_all() == b.copy_all());
@@ -247,7 +247,7 @@ fn start_lazy(source: Arc<dyn PageSource>, counters: &Arc<Counters>) -> Option<L
 fn lazy_restore_reads_a_saved_file_through_its_page_source() {
     let dir = tempfile::tempdir().unwrap();
     let (path, mem, _) = crate::saved::tests::saved_guest(dir.path());
-    let saved: Arc<dyn PageSource> = Arc::new(SavedFile::open(&path, false).unwrap());
+    let saved: Arc<dyn PageSource> = Arc::new(SavedFile::open(&path, IoMode::Auto).unwrap());
     let counters = Arc::new(Counters::default());
     let Some(lazy) = start_lazy(saved, &counters) else {
         return;

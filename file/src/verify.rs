@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use ferry_ram::mapped::{zero_checksum, FileLayout, StreamChecksum};
 use ferry_ram::{Counters, Digest, PageBitmap, DIGEST_CHUNK};
 
-use crate::data::{cancelled, DataFile, FileOptions};
+use crate::data::{cancelled, AlignedBuf, DataFile, FileOptions};
 use crate::engine::{count_pages, read_runs, shared_words, unshare, Regions, Run};
 use crate::{FileError, SavedFile};
 
@@ -147,7 +147,8 @@ impl Verify<'_> {
         abort: &AtomicBool,
         opts: &FileOptions,
     ) -> Result<(), FileError> {
-        let mut buf = Vec::new();
+        // Page aligned: the data handle may be O_DIRECT.
+        let mut buf = AlignedBuf::new(VERIFY_READ);
         let mut runs = Vec::new();
         while !abort.load(Relaxed) {
             if opts.cancelled() {
@@ -166,7 +167,7 @@ impl Verify<'_> {
         &self,
         block: usize,
         piece: u64,
-        buf: &mut Vec<u8>,
+        buf: &mut AlignedBuf,
         runs: &mut Vec<Run>,
     ) -> Result<(), FileError> {
         let b = &self.layout.blocks[block];
@@ -198,9 +199,7 @@ impl Verify<'_> {
             region: StreamChecksum::new(),
             chunk: StreamChecksum::new(),
         };
-        if buf.is_empty() {
-            buf.resize(VERIFY_READ, 0);
-        }
+        let buf = buf.get_mut(VERIFY_READ);
         // Region by region, the reads a restore makes.
         for r in start / rs..end.div_ceil(rs) {
             let (first, last) = (r * rs / ps, (((r + 1) * rs).min(b.len)) / ps);

@@ -46,6 +46,17 @@ pub fn listener() -> (Listener, ChannelUri) {
     (l, uri)
 }
 
+/// A destination that verifies the switchover by itself (the default is
+/// to verify only when the source asks): before its guest runs it compares
+/// its digest of memory and device state with the source's, and both
+/// summaries then carry equal `switchover_digest`s and `verified`.
+pub fn verifying() -> IncomingOptions {
+    IncomingOptions {
+        verify_switchover: Some(true),
+        ..Default::default()
+    }
+}
+
 /// Runs the destination on its own thread.
 pub fn spawn_destination(
     l: Listener,

@@ -18,6 +18,10 @@ use crate::units::{bytes, parse_size};
 ///
 /// The guest's RAM is the `mixed` dataset (a quarter zero pages, a quarter
 /// low-entropy, half random); both ends run in this process on real sockets.
+/// The source asks for the switchover to be verified (`send
+/// --verify-switchover`): PASS means both sides compared their digests of
+/// memory and device state before the destination's guest ran, and the
+/// memory each holds afterwards is the same.
 #[derive(Args)]
 pub struct DemoArgs {
     /// Guest RAM size (a multiple of 1 MiB).
@@ -60,6 +64,7 @@ pub fn run(a: DemoArgs) -> anyhow::Result<bool> {
         &uri,
         &OutgoingOptions {
             channels: a.channels,
+            verify_switchover: true,
             ..Default::default()
         },
         &progress,
@@ -81,12 +86,16 @@ pub fn run(a: DemoArgs) -> anyhow::Result<bool> {
     dst.digest = held.map(|m| m.digest().to_string());
     print_summary("demo (source)", &src, a.json);
     print_summary("demo (destination)", &dst, a.json);
-    let ok = src.completed() && dst.completed() && src.digest == dst.digest;
+    let ok = src.completed()
+        && dst.completed()
+        && src.verified
+        && dst.verified
+        && src.digest == dst.digest;
     if !a.json {
         eprintln!(
             "ferry demo: {}",
             if ok {
-                "PASS: the destination holds exactly the source's memory"
+                "PASS: the destination holds exactly the source's memory (switchover verified)"
             } else {
                 "FAIL: see above"
             }

@@ -33,7 +33,7 @@ pub fn inspect(a: InspectArgs) -> anyhow::Result<bool> {
 
 fn show(a: InspectArgs) -> anyhow::Result<bool> {
     let path = file_path(&a.path)?;
-    let saved = SavedFile::open(&path, false)?;
+    let saved = SavedFile::open(&path, ferry::IoMode::Buffered)?;
     let layout = saved.layout();
     let disk = saved.disk_bytes();
     if a.json {
@@ -120,6 +120,8 @@ pub struct VerifyArgs {
     /// Threads reading in parallel.
     #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..=256))]
     channels: u16,
+    #[command(flatten)]
+    io: crate::file_io::IoArgs,
     /// Print one JSON object instead of text.
     #[arg(long)]
     json: bool,
@@ -134,6 +136,7 @@ fn check(a: VerifyArgs) -> anyhow::Result<bool> {
     let path = file_path(&a.path)?;
     let opts = FileOptions {
         channels: a.channels,
+        io: a.io.mode(),
         ..Default::default()
     };
     let progress = Arc::new(Progress::default());

@@ -15,6 +15,7 @@ mod bench;
 mod certs;
 mod ctl;
 mod demo;
+mod file_io;
 mod floor_peer;
 mod gen;
 mod guest_args;

@@ -167,12 +167,22 @@ pub fn print_summary(tool: &str, s: &Summary, json: bool) {
         );
     }
     match (&s.switchover_digest, s.verified) {
-        (Some(d), Some(true)) => eprintln!(
+        (Some(d), true) => eprintln!(
             "  memory and device state at switchover: identical on both sides (digest {d})"
         ),
-        (Some(d), _) => eprintln!(
-            "  digest of memory and device state at switchover: {d} (not compared with the \
-             other side: the destination runs with --no-digest)"
+        (Some(d), false) if s.completed() => eprintln!(
+            "  switchover not verified (neither side asked for --verify-switchover); this \
+             side's digest of memory and device state at switchover: {d}"
+        ),
+        (Some(d), false) => eprintln!("  digest of memory and device state at switchover: {d}"),
+        (None, false) if s.completed() => eprintln!(
+            "  switchover not verified (neither side asked for --verify-switchover): every \
+             page landed{}, no digest of memory was compared",
+            if s.checksum {
+                " with its checksum checked"
+            } else {
+                ""
+            }
         ),
         (None, _) => {}
     }
@@ -226,13 +236,17 @@ pub fn print_file_summary(tool: &str, s: &FileSummary, json: bool) {
         s.channels
     );
     eprintln!(
-        "  pages: {} present, {} zero (holes); file {} bytes, {} on disk; O_DIRECT: {}",
+        "  pages: {} present, {} zero (holes); file {} bytes, {} on disk",
         s.pages_normal,
         s.pages_zero,
         s.file_len,
         bytes(s.file_disk_bytes),
-        if s.direct_io { "on" } else { "off" }
     );
+    match (s.direct_io, &s.direct_io_fallback) {
+        (true, _) => eprintln!("  page I/O: O_DIRECT (--io {})", s.io),
+        (false, Some(why)) => eprintln!("  page I/O: buffered, O_DIRECT not used: {why}"),
+        (false, None) => eprintln!("  page I/O: buffered (--io {})", s.io),
+    }
     if let Some(n) = &s.note {
         eprintln!("  note: {n}");
     }

@@ -46,10 +46,8 @@ pub struct RestoreArgs {
     /// Threads reading in parallel, each with its own io_uring.
     #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..=256))]
     channels: u16,
-    /// Read pages with O_DIRECT (bypassing the page cache); falls back to
-    /// buffered reads, with a note, where the file system refuses it.
-    #[arg(long)]
-    direct_io: bool,
+    #[command(flatten)]
+    io: crate::file_io::IoArgs,
     /// Reads in flight per thread.
     #[arg(long, default_value_t = 64)]
     queue_depth: usize,
@@ -97,7 +95,7 @@ fn restore(a: RestoreArgs) -> anyhow::Result<bool> {
         .map_or(RestoreTarget::Anonymous, RestoreTarget::Files);
     let opts = FileOptions {
         channels: a.channels,
-        direct_io: a.direct_io,
+        io: a.io.mode(),
         queue_depth: a.queue_depth,
         ..Default::default()
     };

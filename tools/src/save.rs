@@ -81,10 +81,8 @@ pub struct SaveArgs {
     /// Threads writing in parallel, each with its own io_uring.
     #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..=256))]
     channels: u16,
-    /// Write pages with O_DIRECT (bypassing the page cache); falls back to
-    /// buffered writes, with a note, where the file system refuses it (tmpfs).
-    #[arg(long)]
-    direct_io: bool,
+    #[command(flatten)]
+    io: crate::file_io::IoArgs,
     /// Writes in flight per thread.
     #[arg(long, default_value_t = 64)]
     queue_depth: usize,
@@ -149,7 +147,7 @@ fn save(a: SaveArgs) -> anyhow::Result<bool> {
     let opts = SaveOptions {
         file: FileOptions {
             channels: a.channels,
-            direct_io: a.direct_io,
+            io: a.io.mode(),
             queue_depth: a.queue_depth,
             hole_min: a.hole_min,
             ..Default::default()

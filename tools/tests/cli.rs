@@ -299,11 +299,13 @@ fn outputs_are_kept_and_verified_before_either_side_says_completed() {
     let ram = gen(dir.path(), "16M", "mixed", 8);
     let out = dir.path().join("received.img");
     let ds = dir.path().join("device.state");
+    // The destination asks to verify the switchover.
     let recv_args = [
         "--ram-out",
         out.to_str().unwrap(),
         "--device-state-out",
         ds.to_str().unwrap(),
+        "--verify-switchover",
     ];
     let (send, recv) = migrate(&ram, 2, &recv_args, &[]);
     let s = send.completed();
@@ -320,6 +322,34 @@ fn outputs_are_kept_and_verified_before_either_side_says_completed() {
     assert_eq!(std::fs::read(&out).unwrap(), std::fs::read(&ram).unwrap());
     // Nothing but the dataset and the two outputs: no temporary files.
     assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 3);
+}
+
+/// Without --verify-switchover on either side, no digest is compared and
+/// both summaries say so; `recv --no-digest` refuses a source that asks.
+#[test]
+fn the_switchover_is_verified_only_when_asked_and_no_digest_refuses_a_source_that_asks() {
+    let dir = tempfile::tempdir().unwrap();
+    let ram = gen(dir.path(), "8M", "mixed", 12);
+    let (send, recv) = migrate(&ram, 2, &[], &[]);
+    let (s, r) = (send.completed(), recv.completed());
+    assert_eq!(
+        (&s["verified"], &r["verified"]),
+        (&false.into(), &false.into())
+    );
+    assert!(
+        r.get("switchover_digest").is_none() && r.get("digest_ms").is_none(),
+        "{r}"
+    );
+    assert_eq!(s["digest"], r["digest"], "the bytes arrived all the same");
+    let (send, recv) = migrate(&ram, 2, &["--no-digest"], &["--verify-switchover"]);
+    let (_, serr) = send.failed();
+    let (_, rerr) = recv.failed();
+    for e in [serr, rerr] {
+        assert!(
+            e.contains("--verify-switchover") && e.contains("--no-digest"),
+            "{e}"
+        );
+    }
 }
 
 /// `exec:`: each of the session's streams goes through its own command
@@ -344,6 +374,7 @@ fn exec_migrates_each_channel_through_its_own_command() {
             &to,
             "--channels",
             "3",
+            "--verify-switchover",
             "--json",
         ],
     )
@@ -386,7 +417,7 @@ fn recv_listens_on_an_inherited_socket() {
         });
     }
     let recv = std::thread::spawn(move || cmd.output().unwrap());
-    let send = start_send(&ram, port, 2, &[]).wait(DEADLINE);
+    let send = start_send(&ram, port, 2, &["--verify-switchover"]).wait(DEADLINE);
     let recv = recv.join().unwrap();
     // Events, one a line, then the summary last.
     let stdout = String::from_utf8_lossy(&recv.stdout);
@@ -658,6 +689,7 @@ fn help_of_every_command_exits_0_and_lists_its_options() {
                 "--tls-dir",
                 "--tls-hostname",
                 "--compress",
+                "--verify-switchover",
             ],
         ),
         (
@@ -669,6 +701,8 @@ fn help_of_every_command_exits_0_and_lists_its_options() {
                 "--timeout",
                 "--tls-dir",
                 "--compress",
+                "--verify-switchover",
+                "--no-digest",
             ],
         ),
         (
@@ -781,6 +815,7 @@ fn live_synthetic_guest_moves_exactly_with_both_trackers_and_runs_on() {
                 tracker,
                 "--downtime-limit",
                 "2000",
+                "--verify-switchover",
             ],
         )
         .wait(DEADLINE);
@@ -838,7 +873,7 @@ fn ctl_set_continue_and_malformed_requests_on_a_paused_switchover() {
     let dir = tempfile::tempdir().unwrap();
     let sock = dir.path().join("send.sock");
     let rsock = dir.path().join("recv.sock");
-    let (recv, port) = start_recv(&["--control", rsock.to_str().unwrap()]);
+    let (recv, port) = start_recv(&["--control", rsock.to_str().unwrap(), "--verify-switchover"]);
     let send = start_send_synthetic(
         port,
         &[

@@ -595,7 +595,9 @@ fn short(s: &str, n: usize) -> String {
 
 fn run_case(case: &Case, image: &Path) -> CaseResult {
     let t0 = Instant::now();
-    let (mut recv, port) = start_recv(&["--timeout", "30"]);
+    // The destination verifies the switchover (#17's guarantee, opt-in
+    // since #16): "completed" on both sides needs equal digests.
+    let (mut recv, port) = start_recv(&["--timeout", "30", "--verify-switchover"]);
     let relay = Relay::start(port, case.fault.clone());
     let mut args: Vec<String> = ["send", "--to"].iter().map(|s| s.to_string()).collect();
     args.push(format!("tcp:127.0.0.1:{}", relay.port));
@@ -1543,7 +1545,7 @@ fn stuck_control_client(side: &str) {
     let image = gen(dir.path(), GUEST_ARG, "mixed", 3);
     let sock = dir.path().join(format!("{side}.sock"));
     let sock_arg = sock.to_str().unwrap().to_string();
-    let mut recv_extra = vec!["--timeout", "30"];
+    let mut recv_extra = vec!["--timeout", "30", "--verify-switchover"];
     if side == "recv" {
         recv_extra.extend(["--control", &sock_arg]);
     }

@@ -191,12 +191,17 @@ fn round_trip(dir: &Path, mib: u64, channels: &str, save_extra: &[&str], restore
 }
 
 #[test]
-fn round_trip_is_byte_identical_for_1_2_4_channels_buffered_and_direct() {
+fn round_trip_is_byte_identical_for_1_2_4_channels_direct_and_buffered() {
     let dir = disk_dir();
     for channels in ["1", "2", "4"] {
+        // The default: O_DIRECT here (--io auto).
         round_trip(dir.path(), 24, channels, &[], &[]);
-        round_trip(dir.path(), 24, channels, &["--direct-io"], &["--direct-io"]);
+        let buffered = ["--io", "buffered"];
+        round_trip(dir.path(), 24, channels, &buffered, &buffered);
     }
+    // The flag from before O_DIRECT was the default still works (as auto).
+    round_trip(dir.path(), 8, "2", &["--direct-io"], &["--direct-io"]);
+    round_trip(dir.path(), 8, "2", &["--io", "direct"], &["--io", "direct"]);
 }
 
 #[test]
@@ -206,7 +211,7 @@ fn round_trip_with_large_holes_only_and_small_queues() {
         dir.path(),
         20,
         "3",
-        &["--hole-min", "1M", "--direct-io", "--queue-depth", "2"],
+        &["--hole-min", "1M", "--queue-depth", "2"],
         &["--queue-depth", "1"],
     );
 }
@@ -233,7 +238,8 @@ fn zero_pages_are_holes_in_the_file() {
 }
 
 /// tmpfs refuses O_DIRECT before Linux 6.6 and accepts it since: either
-/// way the save must complete, and say so when it fell back.
+/// way the default save (--io auto) must complete, and say so when it fell
+/// back.
 #[test]
 fn direct_io_on_tmpfs_completes_and_says_what_it_used() {
     if fs::metadata("/dev/shm").is_err() {
@@ -244,27 +250,101 @@ fn direct_io_on_tmpfs_completes_and_says_what_it_used() {
     let to = format!("file:{}", s(&sav));
     let d = ferry(
         dir.path(),
-        &[
-            "save",
-            "--ram",
-            s(&ram),
-            "--to",
-            &to,
-            "--direct-io",
-            "--json",
-        ],
+        &["save", "--ram", s(&ram), "--to", &to, "--json"],
     );
     assert!(d.ok, "{}", d.stderr);
     let v = json(&d);
+    assert_eq!(v["io"], "auto");
     assert_eq!(v["direct_io_requested"], true);
     if v["direct_io"] == false {
-        assert!(v["note"].as_str().unwrap().contains("O_DIRECT"), "{v}");
+        let why = v["direct_io_fallback"].as_str().unwrap();
+        assert!(why.contains("tmpfs") && why.contains("O_DIRECT"), "{v}");
     } else {
-        assert!(v.get("note").is_none(), "{v}");
+        assert!(v.get("direct_io_fallback").is_none(), "{v}");
     }
     let d = ferry(dir.path(), &["verify", s(&sav), "--json"]);
     assert!(d.ok, "{}", d.stderr);
     assert_eq!(json(&d)["digest"], v["digest"]);
+}
+
+/// Where the file system refuses O_DIRECT (ramfs: EINVAL on open), the
+/// default save and restore fall back to buffered I/O by themselves and
+/// say why; `--io direct` fails instead, naming the file system. ramfs is
+/// mounted in a mount namespace of its own (root and util-linux's
+/// `unshare`; the test says SKIPPED without them).
+#[test]
+fn where_o_direct_is_refused_auto_falls_back_and_says_why_and_direct_fails() {
+    let probe = Command::new("unshare")
+        .args(["--mount", "sh", "-c", "mount -t ramfs none /mnt"])
+        .output();
+    if !probe.is_ok_and(|o| o.status.success()) {
+        eprintln!("SKIPPED: cannot mount ramfs in a mount namespace (needs root and unshare)");
+        return;
+    }
+    let dir = disk_dir();
+    let ram = dir.path().join("guest.ram");
+    gen_mixed(dir.path(), &ram, 8, 5);
+    let mnt = dir.path().join("ramfs");
+    fs::create_dir(&mnt).unwrap();
+    let (f, r, m) = (env!("CARGO_BIN_EXE_ferry"), s(&ram), s(&mnt));
+    let script = format!(
+        "set -e; mount -t ramfs none {m}; \
+         {f} save --ram {r} --to {m}/g.ferry --json; \
+         {f} restore --from {m}/g.ferry --json; \
+         {f} verify {m}/g.ferry --json; \
+         {f} restore --from {m}/g.ferry --lazy --json; \
+         {f} save --ram {r} --to {m}/h.ferry --io direct --json || true; \
+         {f} restore --from {m}/g.ferry --io direct --json || true"
+    );
+    let out = Command::new("unshare")
+        .args(["--mount", "sh", "-c", &script])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let v: Vec<Value> = stdout
+        .lines()
+        .filter(|l| l.starts_with('{'))
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(
+        v.len(),
+        6,
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for (i, what) in ["save", "restore", "verify"].iter().enumerate() {
+        let x = &v[i];
+        assert_eq!(x["status"], "completed", "{what}: {x}");
+        assert_eq!(
+            (&x["io"], &x["direct_io"]),
+            (&"auto".into(), &false.into()),
+            "{what}: {x}"
+        );
+        let why = x["direct_io_fallback"].as_str().unwrap_or_default();
+        assert!(
+            why.contains("ramfs") && why.contains("refuses O_DIRECT") && why.contains(m),
+            "{what}: {x}"
+        );
+    }
+    // A lazy restore reads buffered under --io auto anyway, by choice.
+    assert_eq!(v[3]["status"], "completed", "{}", v[3]);
+    assert_eq!(v[3]["direct_io"], false);
+    assert!(v[3].get("direct_io_fallback").is_none(), "{}", v[3]);
+    assert!(v[3]["note"]
+        .as_str()
+        .unwrap()
+        .contains("lazy restore: buffered reads"));
+    assert_eq!(v[1]["digest"], v[0]["digest"]);
+    assert_eq!(v[3]["digest"], v[0]["digest"]);
+    for (i, what) in [(4, "save --io direct"), (5, "restore --io direct")] {
+        let x = &v[i];
+        assert_eq!(x["status"], "failed", "{what}: {x}");
+        let e = x["error"].as_str().unwrap();
+        assert!(
+            e.contains("O_DIRECT was asked for (--io direct)") && e.contains("ramfs"),
+            "{what}: {e}"
+        );
+    }
 }
 
 // ---------------------------------------------------------------------------
@@ -547,7 +627,9 @@ fn lazy_restore_reports_its_first_write_and_the_saved_digest() {
     let saved = json(&ferry(dir.path(), &["inspect", s(&sav), "--json"]));
     assert_eq!(saved["status"], "completed");
     let verify = json(&ferry(dir.path(), &["verify", s(&sav), "--json"]));
-    for extra in [&[][..], &["--direct-io", "--channels", "1"][..]] {
+    // The default (--io auto) reads through the page cache; --io direct
+    // with O_DIRECT.
+    for extra in [&[][..], &["--io", "direct", "--channels", "1"][..]] {
         let mut args = vec![
             "restore", "--from", &to, "--lazy", "--touch", "64", "--json",
         ];

@@ -241,6 +241,7 @@ fn a_live_migration_over_loopback_resumes_the_guest_on_the_destination() {
     let uri = listener.uri().clone();
     let incoming = IncomingOptions {
         build_guest: KvmGuest::builder(),
+        verify_switchover: Some(true),
         ..Default::default()
     };
     let dst = std::thread::spawn(move || {
@@ -306,6 +307,7 @@ fn hop(
     let incoming = IncomingOptions {
         memory,
         build_guest: KvmGuest::builder(),
+        verify_switchover: Some(true),
         ..Default::default()
     };
     let dst = std::thread::spawn(move || {
@@ -485,7 +487,7 @@ fn a_lossy_dirty_log_is_caught_by_the_guest_self_check() {
     // digest (off here) and per-page checksums (off below).
     let incoming = IncomingOptions {
         build_guest: KvmGuest::builder(),
-        digest_before_resume: false,
+        verify_switchover: Some(false),
         ..Default::default()
     };
     let dst = std::thread::spawn(move || {
