@@ -233,7 +233,7 @@ impl DataFile {
                         fallback: None,
                     })
                 }
-                DioAlign::Needs(n) if align % u64::from(n) == 0 && n as usize <= ALIGN => {
+                DioAlign::Needs(n) if align.is_multiple_of(u64::from(n)) && n as usize <= ALIGN => {
                     return Ok(Self {
                         file,
                         direct: true,
@@ -273,6 +273,7 @@ impl DataFile {
     /// ends on an [`ALIGN`] boundary (page offsets are page aligned, and
     /// [`DataFile::open`] chose O_DIRECT only if that alignment suffices).
     pub fn takes(&self, buf: &[u8]) -> bool {
-        !self.direct || (buf.as_ptr() as usize % ALIGN == 0 && buf.len() % ALIGN == 0)
+        !self.direct
+            || ((buf.as_ptr() as usize).is_multiple_of(ALIGN) && buf.len().is_multiple_of(ALIGN))
     }
 }
