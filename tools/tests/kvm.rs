@@ -84,7 +84,7 @@ fn send_recv_of_a_kvm_guest_resumes_it_on_the_destination_with_its_self_check_cl
     ) {
         return;
     }
-    let (sent, got) = send_recv(&["--downtime-limit", "2s"], &[]);
+    let (sent, got) = send_recv(&["--downtime-limit", "2s", "--verify-switchover"], &[]);
     let sv = sent.completed();
     let rv = got.completed();
     assert_eq!(sv["dirty_tracker"], "kvm-log", "{sv}");
