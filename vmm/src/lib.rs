@@ -1,7 +1,11 @@
 //! ferry-vmm: a minimal KVM VMM whose guest ferry migrates (issue #15).
 //!
 //! - [`layout`]: the guest's physical memory layout, shared with the guest
-//!   program (`guest/guest.S`, assembled by `build.rs`);
+//!   program (`guest/guest.S`, assembled and linked by `build.rs` into a
+//!   PVH ELF);
+//! - [`pvh`]: that ELF, its boot parameters (the command line) and the
+//!   PVH boot (`hvm_start_info`), as ferry's VMM and QEMU do it;
+//! - [`port`]: the guest's report lines on its I/O port;
 //! - [`vm`]: the VM, its vCPU threads, port reports, pause/resume/throttle,
 //!   saving and loading vCPU state;
 //! - [`state`]: the device state's binary format and its parser;
@@ -17,12 +21,16 @@ pub mod dirty;
 pub mod error;
 pub mod guest;
 pub mod layout;
+pub mod port;
+pub mod pvh;
 pub mod state;
 pub mod vm;
 
 pub use dirty::{DirtyTracker, KvmDirtyLog, TrackerSupport, DEFAULT_RING_ENTRIES};
 pub use error::{StateError, VmmError};
 pub use guest::{KvmGuest, SharedKvmGuest};
+pub use port::{PortLine, Progress};
+pub use pvh::{ElfError, PvhElf, GUEST_ELF};
 pub use state::{is_kvm_state, VmState};
 pub use vm::{vcpu_status, GuestReport, VcpuStatus, Vm, VmConfig, WritePattern};
 
