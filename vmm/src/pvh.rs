@@ -293,18 +293,58 @@ fn find_entry_note(mut notes: &[u8]) -> Option<u32> {
     None
 }
 
-/// The command line ferry's VMM gives the guest for `config` (the keys are
-/// in the module doc).
-pub fn cmdline(config: &VmConfig, tsc_khz: u32) -> String {
-    let (pattern, hot) = match config.pattern {
-        WritePattern::Random => (0, 100),
-        WritePattern::Sequential => (1, 100),
-        WritePattern::Hotset(p) => (2, u64::from(p)),
-    };
-    format!(
-        "vcpus={} rate={} pattern={pattern} hot={hot} seed={} tsc_khz={tsc_khz} zeroed=1",
-        config.vcpus, config.dirty_rate, config.seed
-    )
+/// The guest's boot parameters, as its command line carries them (the
+/// keys are in the module doc); `None` leaves a key out (the guest's
+/// default).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BootParams {
+    pub vcpus: usize,
+    /// Bytes per second, the whole guest.
+    pub rate: u64,
+    pub pattern: WritePattern,
+    pub seed: u64,
+    pub tsc_khz: Option<u32>,
+    pub report_ms: Option<u64>,
+    /// RAM above 1 MiB is known to be zero (a fresh mapping).
+    pub zeroed: bool,
+}
+
+impl BootParams {
+    /// The parameters of `config` for ferry's VMM (fresh, zeroed RAM).
+    pub fn of(config: &VmConfig, tsc_khz: u32) -> Self {
+        Self {
+            vcpus: config.vcpus,
+            rate: config.dirty_rate,
+            pattern: config.pattern,
+            seed: config.seed,
+            tsc_khz: Some(tsc_khz),
+            report_ms: None,
+            zeroed: true,
+        }
+    }
+
+    /// The command line.
+    pub fn cmdline(&self) -> String {
+        let (pattern, hot) = match self.pattern {
+            WritePattern::Random => (0, 100),
+            WritePattern::Sequential => (1, 100),
+            WritePattern::Hotset(p) => (2, u64::from(p)),
+        };
+        let mut s = format!(
+            "vcpus={} rate={} pattern={pattern} hot={hot} seed={}",
+            self.vcpus, self.rate, self.seed
+        );
+        if let Some(k) = self.tsc_khz {
+            s += &format!(" tsc_khz={k}");
+        }
+        if let Some(ms) = self.report_ms {
+            s += &format!(" report_ms={ms}");
+        }
+        if self.zeroed {
+            s += " zeroed=1";
+        }
+        s
+    }
 }
 
 /// Writes the `hvm_start_info` (version 1), its one-entry memory map (RAM
@@ -382,8 +422,18 @@ mod tests {
             tracker: Default::default(),
         };
         assert_eq!(
-            cmdline(&c, 2_500_000),
+            BootParams::of(&c, 2_500_000).cmdline(),
             "vcpus=2 rate=8388608 pattern=2 hot=25 seed=7 tsc_khz=2500000 zeroed=1"
+        );
+        let q = BootParams {
+            tsc_khz: None,
+            report_ms: Some(200),
+            zeroed: false,
+            ..BootParams::of(&c, 1)
+        };
+        assert_eq!(
+            q.cmdline(),
+            "vcpus=2 rate=8388608 pattern=2 hot=25 seed=7 report_ms=200"
         );
     }
 }

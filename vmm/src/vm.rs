@@ -186,8 +186,12 @@ impl Vm {
         let mem = vm.memory.guest_memory_mmap();
         write_gdt(mem)?;
         elf.load(mem).map_err(VmmError::Memory)?;
-        pvh::write_start_info(mem, config.memory, &pvh::cmdline(config, vm.tsc_khz))
-            .map_err(VmmError::Memory)?;
+        pvh::write_start_info(
+            mem,
+            config.memory,
+            &pvh::BootParams::of(config, vm.tsc_khz).cmdline(),
+        )
+        .map_err(VmmError::Memory)?;
         setup_pvh_entry(&vm.vcpus[0].lock().unwrap(), elf.entry)?;
         Ok(vm)
     }
