@@ -33,6 +33,13 @@ pub struct Workload {
     /// A vCPU that stopped for good (triple fault, halt...), if any.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub guest_failure: Option<String>,
+    /// A guest that watches its own clock (the KVM guest): the largest gap
+    /// any of its vCPUs saw between two reads of its TSC in its whole life,
+    /// in microseconds: the blackout as the guest saw it (from the state's
+    /// load on this side, where the TSC restarts, to its next instruction;
+    /// see vmm/src/port.rs).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub guest_max_gap_us: Option<u64>,
 }
 
 #[derive(Clone, Debug, Default, Serialize)]
