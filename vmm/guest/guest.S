@@ -13,10 +13,10 @@
  *   RAM size from start_info's memory map and its parameters from the
  *   command line into PARAMS (validated; a bad one prints a `fatal` line
  *   and halts), clears the generation table (and the work area, unless
- *   `zeroed=1`), and starts the other vCPUs with INIT, SIPI, SIPI
- *   (all-excluding-self) at ap_start;
- * - an AP starts in real mode at ap_start (CS = CODE >> 4), switches to
- *   protected then long mode over the BSP's tables;
+ *   `zeroed=1`), copies ap_start..ap_end to TRAMPOLINE (below 1 MiB) and
+ *   starts the other vCPUs there with INIT, SIPI, SIPI (all-excluding-self);
+ * - an AP starts in real mode at TRAMPOLINE (CS = TRAMPOLINE >> 4), switches
+ *   to protected then long mode over the BSP's tables;
  * - each vCPU's index is its initial APIC ID (CPUID 1); one at or above
  *   `vcpus` parks (cli; hlt).
  *
@@ -58,7 +58,9 @@
     .long pvh_start
 
     .text
-/* ---- the APs' start: real mode, CS = CODE >> 4, IP = 0 ---- */
+/* ---- the APs' start, copied to TRAMPOLINE: real mode, CS = TRAMPOLINE >> 4,
+   IP = 0; position independent up to ap_end (the far jump and the GDT
+   descriptor hold absolute addresses in the program) ---- */
     .code16
     .globl ap_start
 ap_start:
@@ -84,6 +86,7 @@ gdt:
 gdt_desc:
     .word gdt_desc - gdt - 1
     .long gdt
+ap_end:
 
     .code32
 ap_32:
@@ -499,6 +502,10 @@ fatal:
 start_aps:
     cmp qword ptr [PARAMS + P_VCPUS], 1
     jbe 9f
+    lea rsi, [rip + ap_start]
+    mov edi, TRAMPOLINE
+    mov ecx, ap_end - ap_start
+    rep movsb
     mov ecx, 0x1b               /* IA32_APIC_BASE */
     rdmsr
     and eax, 0xfffff000
@@ -512,7 +519,7 @@ start_aps:
     mov ecx, 2
 1:
     mov dword ptr [r8 + APIC_ICR_HI], 0
-    mov dword ptr [r8 + APIC_ICR_LO], 0x000c4600 | (CODE >> 12)   /* SIPI */
+    mov dword ptr [r8 + APIC_ICR_LO], 0x000c4600 | (TRAMPOLINE >> 12)   /* SIPI */
     call icr_idle
     mov eax, 200
     call delay_us

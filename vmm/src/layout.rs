@@ -7,20 +7,25 @@
 //! ```text
 //! 0x0000_0500  the VMM's flat 32-bit GDT for the PVH entry (null, code
 //!              0x08, data 0x10, TSS 0x18); the guest loads its own
-//! 0x0000_1000  PML4          0x2000 PDPT          0x3000..0x6fff 4 PDs
-//!              (built by the guest: identity map of the first 4 GiB in
-//!              2 MiB pages, 3..4 GiB uncached)
-//! 0x0000_7000  PVH boot data, written by ferry's VMM (QEMU puts its own
-//!              elsewhere): hvm_start_info, its memory map, the command
-//!              line (see pvh.rs)
+//! 0x0000_1000  the APs' real-mode start: the BSP copies it here from the
+//!              program before it sends SIPI (vector TRAMPOLINE >> 12)
+//! 0x0000_7000  PVH boot data, written by ferry's VMM: hvm_start_info, its
+//!              memory map, the command line (see pvh.rs). Other loaders
+//!              put theirs elsewhere (Firecracker and Cloud Hypervisor at
+//!              0x6000, 0x7000 and 0x20000, QEMU's below 0xa0000); the
+//!              guest writes nothing below 0x8000 (but the trampoline) nor
+//!              in 0x10000..0x40000 before it has read them
 //! 0x0000_8000  parameters (written by the guest's BSP from the command
 //!              line before the other vCPUs start, read-only after)
 //! 0x0000_9000  status: one 128-byte block per vCPU (the guest's counters)
-//! 0x0001_0000  the guest program, an ELF loaded at its physical address
-//!              (at most 64 KiB); its first bytes are the APs' real-mode
-//!              start (SIPI vector CODE >> 12)
-//! 0x0002_0000  stacks: 4 KiB per vCPU
-//! 0x0010_0000  generation table: one u32 per 4 KiB page of RAM
+//! 0x0000_a000  PML4          0xb000 PDPT          0xc000..0xffff 4 PDs
+//!              (built by the guest: identity map of the first 4 GiB in
+//!              2 MiB pages, 3..4 GiB uncached)
+//! 0x0004_0000  stacks: 4 KiB per vCPU
+//! 0x0010_0000  the guest program, an ELF loaded at its physical address
+//!              (at most 64 KiB; at 1 MiB, where Firecracker's and Cloud
+//!              Hypervisor's loaders want a kernel)
+//! 0x0011_0000  generation table: one u32 per 4 KiB page of RAM
 //! WORK_START   the work area (2 MiB aligned, to the end of RAM): the pages
 //!              the vCPUs write and verify, split evenly between vCPUs
 //! ```
@@ -28,9 +33,11 @@
 /// The guest's page size: every write fills one page.
 pub const PAGE: u64 = 4096;
 pub const GDT: u64 = 0x500;
-pub const PML4: u64 = 0x1000;
-pub const PDPT: u64 = 0x2000;
-pub const PD: u64 = 0x3000;
+/// Where the APs start (real mode, page aligned, below 1 MiB).
+pub const TRAMPOLINE: u64 = 0x1000;
+pub const PML4: u64 = 0xa000;
+pub const PDPT: u64 = 0xb000;
+pub const PD: u64 = 0xc000;
 /// Page directories (1 GiB each) the identity map covers.
 pub const PDS: u64 = 4;
 /// Where ferry's VMM writes the PVH `hvm_start_info`, its memory map and
@@ -44,10 +51,10 @@ pub const PARAMS: u64 = 0x8000;
 pub const STATUS: u64 = 0x9000;
 /// log2 of a status block's size (128 bytes).
 pub const STATUS_SHIFT: u64 = 7;
-pub const CODE: u64 = 0x10000;
-pub const CODE_MAX: u64 = 0x10000;
-pub const STACKS: u64 = 0x20000;
-pub const TABLE: u64 = 0x10_0000;
+pub const CODE: u64 = 0x10_0000;
+pub const CODE_MAX: u64 = 0x1_0000;
+pub const STACKS: u64 = 0x4_0000;
+pub const TABLE: u64 = 0x11_0000;
 /// At most this many vCPUs (status blocks and stacks are sized for it).
 pub const MAX_VCPUS: u64 = 32;
 /// Guest RAM must stay below KVM's TSS and identity map pages (just under
@@ -133,6 +140,7 @@ pub const fn work_start(memory: u64) -> u64 {
 /// The symbols `guest/guest.S` uses, as `build.rs` defines them.
 pub const ASM_SYMBOLS: &[(&str, u64)] = &[
     ("PAGE", PAGE),
+    ("TRAMPOLINE", TRAMPOLINE),
     ("PML4", PML4),
     ("PDPT", PDPT),
     ("PD", PD),

@@ -10,8 +10,7 @@
 //!
 //! ```text
 //! ELF64, little-endian, x86-64 (EM_X86_64 = 62), EXEC
-//! PT_LOAD   p_paddr CODE, at most CODE_MAX bytes; its first byte is the
-//!           APs' real-mode start (the BSP's SIPI vector is CODE >> 12)
+//! PT_LOAD   within CODE .. CODE + CODE_MAX (1 MiB, 64 KiB)
 //! PT_NOTE   the note    namesz u32 = 4, descsz u32 = 4, type u32 = 18
 //!           (XEN_ELFNOTE_PHYS32_ENTRY), name "Xen\0", desc u32 = the
 //!           32-bit entry's physical address
@@ -124,8 +123,8 @@ pub struct Segment {
     pub memsz: u64,
 }
 
-/// A checked PVH ELF: its segments (inside `CODE .. CODE + CODE_MAX`, the
-/// first at `CODE`) and its 32-bit entry.
+/// A checked PVH ELF: its segments (inside `CODE .. CODE + CODE_MAX`) and
+/// its 32-bit entry.
 #[derive(Clone, Debug)]
 pub struct PvhElf<'a> {
     pub file: &'a [u8],
@@ -222,14 +221,8 @@ impl<'a> PvhElf<'a> {
             }
         }
         segments.sort_by_key(|s| s.paddr);
-        let first = segments.first().ok_or(ElfError::NoSegment)?;
-        if first.paddr != CODE {
-            return Err(ElfError::Segment {
-                index: 0,
-                paddr: first.paddr,
-                memsz: first.memsz,
-                why: format!("the lowest segment must start at {CODE:#x} (the APs' start)"),
-            });
+        if segments.is_empty() {
+            return Err(ElfError::NoSegment);
         }
         for w in segments.windows(2) {
             if w[0].paddr + w[0].memsz > w[1].paddr {
