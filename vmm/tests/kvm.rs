@@ -135,6 +135,40 @@ fn the_guest_boots_and_its_counter_advances() {
     assert_eq!(g.vm().failure(), None);
 }
 
+/// The guest's largest TSC gap is the time it did not run: a 300 ms pause
+/// shows up as a gap of at least that, in its status block and in its next
+/// progress line on the port.
+#[test]
+fn a_pause_shows_as_the_guests_largest_tsc_gap() {
+    if !kvm_or_skip("a_pause_shows_as_the_guests_largest_tsc_gap") {
+        return;
+    }
+    let g = KvmGuest::boot(
+        &config(8 * MIB, 1, 4 * MIB, WritePattern::Random),
+        Resources::none(true),
+    )
+    .unwrap();
+    wait_for("writes", || g.status(0).unwrap().writes > 50);
+    g.pause().unwrap();
+    let before = g.status(0).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    g.resume().unwrap();
+    wait_for("writes after the pause", || {
+        g.status(0).unwrap().writes > before.writes + 50
+    });
+    let s = g.status(0).unwrap();
+    let us = s.max_gap_us.unwrap();
+    assert!(
+        us >= 300_000 && us < 30_000_000,
+        "a 300 ms pause, the guest's largest gap {us} µs (before it: {:?} µs)",
+        before.max_gap_us
+    );
+    wait_for("a progress line after the pause", || {
+        g.vm().progress()[0].is_some_and(|p| p.max_gap_us.is_some_and(|gap| gap >= us))
+    });
+    eprintln!("a 300 ms pause: the guest saw a gap of {us} µs");
+}
+
 #[test]
 fn saved_state_loads_into_a_new_vm_and_the_guest_continues() {
     if !kvm_or_skip("saved_state_loads_into_a_new_vm_and_the_guest_continues") {
