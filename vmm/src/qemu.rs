@@ -1,8 +1,9 @@
 //! The same guest program under QEMU: `qemu-system-x86_64 -kernel
 //! guest.elf -append "<boot parameters>"`, its report port (0xe9) an
 //! `isa-debugcon` writing to a file, which [`QemuGuest::lines`] parses
-//! (port.rs). This is what a QEMU-to-QEMU comparison runs (the bench's
-//! `--peer qemu`, issue #15 item 6).
+//! (port.rs). With `qmp` on, [`Qmp`] drives it (`migrate`, `query-migrate`);
+//! with `incoming`, it waits for a migration. This is what a QEMU-to-QEMU
+//! comparison runs (the bench's `--peer qemu`, issue #15 item 6).
 //!
 //! The firmware is qboot (`-bios qboot.rom`, shipped with QEMU): it boots
 //! a PVH ELF itself. SeaBIOS boots one too, through the `pvh.bin` option
@@ -12,9 +13,13 @@
 //! The guest starts its other vCPUs itself (INIT, SIPI), as under ferry's
 //! VMM.
 
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
 
 use crate::port::{parse_all, PortLine};
 use crate::pvh::{BootParams, GUEST_ELF};
@@ -41,6 +46,8 @@ pub enum QemuError {
     },
     #[error("the guest under QEMU refused its boot parameters: {0}")]
     Fatal(String),
+    #[error("QMP {what}: {why}")]
+    Qmp { what: String, why: String },
     #[error("timed out after {secs} s waiting for {what}; the guest's last lines: {tail}")]
     Timeout {
         what: String,
@@ -61,7 +68,11 @@ pub struct QemuConfig {
     pub firmware: String,
     /// Guest RAM bytes (`-m`, a whole number of MiB).
     pub memory: u64,
-    /// Extra arguments, appended (`-incoming`, `-qmp`, ...).
+    /// A QMP socket (`dir/qmp.sock`) to drive it through [`QemuGuest::qmp`].
+    pub qmp: bool,
+    /// `-incoming URI`: wait for a migration instead of booting.
+    pub incoming: Option<String>,
+    /// Extra arguments, appended.
     pub extra: Vec<String>,
 }
 
@@ -72,6 +83,8 @@ impl QemuConfig {
             cpu: "host,-arch-capabilities".into(),
             firmware: "qboot.rom".into(),
             memory,
+            qmp: false,
+            incoming: None,
             extra: Vec::new(),
         }
     }
@@ -97,6 +110,7 @@ pub struct QemuGuest {
     child: Child,
     report: PathBuf,
     stderr: PathBuf,
+    qmp: Option<PathBuf>,
 }
 
 impl QemuGuest {
@@ -126,10 +140,19 @@ impl QemuGuest {
             .args(["-device", "isa-debugcon,iobase=0xe9,chardev=ferry-report"])
             .arg("-chardev")
             .arg(format!("file,id=ferry-report,path={}", report.display()))
-            .args(&config.extra)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(err);
+        let qmp = config.qmp.then(|| dir.join("qmp.sock"));
+        if let Some(q) = &qmp {
+            let _ = std::fs::remove_file(q);
+            cmd.arg("-qmp")
+                .arg(format!("unix:{},server=on,wait=off", q.display()));
+        }
+        if let Some(uri) = &config.incoming {
+            cmd.args(["-incoming", uri]);
+        }
+        cmd.args(&config.extra);
         let child = cmd.spawn().map_err(|source| QemuError::Spawn {
             binary: config.binary.clone(),
             source,
@@ -138,6 +161,7 @@ impl QemuGuest {
             child,
             report,
             stderr,
+            qmp,
         })
     }
 
@@ -204,9 +228,151 @@ impl QemuGuest {
         out
     }
 
-    /// QEMU's process id (for a caller that talks to it over QMP).
+    /// QEMU's process id.
     pub fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// A QMP session (the config's `qmp` must be on), capabilities
+    /// negotiated; waits up to 30 s for QEMU to open the socket.
+    pub fn qmp(&self) -> Result<Qmp, QemuError> {
+        let path = self.qmp.as_ref().ok_or_else(|| QemuError::Qmp {
+            what: "connect".into(),
+            why: "this QEMU was started without a QMP socket (QemuConfig::qmp)".into(),
+        })?;
+        Qmp::connect(path, Duration::from_secs(30))
+    }
+
+    /// The u64 at guest physical `addr` (HMP `xp` over QMP): a status
+    /// block's counter of a paused or running guest.
+    pub fn read_phys_u64(&self, addr: u64) -> Result<u64, QemuError> {
+        let out = self.qmp()?.execute(
+            "human-monitor-command",
+            json!({ "command-line": format!("xp /1gx {addr:#x}") }),
+        )?;
+        // "0000000000009000: 0x00000000000000cd\r\n"
+        let text = out.as_str().unwrap_or_default();
+        text.split_once(": 0x")
+            .and_then(|(_, v)| u64::from_str_radix(v.trim(), 16).ok())
+            .ok_or_else(|| QemuError::Qmp {
+                what: format!("xp {addr:#x}"),
+                why: format!("unexpected answer {out}"),
+            })
+    }
+
+    /// Migrates this (source) QEMU to `uri` and waits, polling
+    /// `query-migrate` every 50 ms, until it completes; returns the last
+    /// `query-migrate` answer (QEMU's `total-time`, `downtime`, `ram`...).
+    pub fn migrate(&self, uri: &str, timeout: Duration) -> Result<Value, QemuError> {
+        let mut qmp = self.qmp()?;
+        qmp.execute("migrate", json!({ "uri": uri }))?;
+        let deadline = Instant::now() + timeout;
+        loop {
+            let r = qmp.execute("query-migrate", json!({}))?;
+            match r["status"].as_str() {
+                Some("completed") => return Ok(r),
+                Some("failed") | Some("cancelled") => {
+                    return Err(QemuError::Qmp {
+                        what: "migrate".into(),
+                        why: format!("the migration ended {r}"),
+                    })
+                }
+                _ => {}
+            }
+            if Instant::now() >= deadline {
+                return Err(QemuError::Qmp {
+                    what: "migrate".into(),
+                    why: format!("not completed after {} s: {r}", timeout.as_secs()),
+                });
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+/// A QMP session: JSON objects, one a line, over QEMU's unix socket.
+pub struct Qmp {
+    reader: BufReader<UnixStream>,
+    writer: UnixStream,
+}
+
+/// How long one QMP answer may take.
+const QMP_TIMEOUT: Duration = Duration::from_secs(30);
+
+impl Qmp {
+    /// Connects (retrying until `timeout`: QEMU opens the socket as it
+    /// starts), reads the greeting and negotiates capabilities.
+    pub fn connect(path: &Path, timeout: Duration) -> Result<Self, QemuError> {
+        let err = |why: String| QemuError::Qmp {
+            what: format!("connect to {}", path.display()),
+            why,
+        };
+        let deadline = Instant::now() + timeout;
+        let stream = loop {
+            match UnixStream::connect(path) {
+                Ok(s) => break s,
+                Err(e) if Instant::now() >= deadline => return Err(err(e.to_string())),
+                Err(_) => std::thread::sleep(Duration::from_millis(50)),
+            }
+        };
+        stream
+            .set_read_timeout(Some(QMP_TIMEOUT))
+            .map_err(|e| err(e.to_string()))?;
+        let writer = stream.try_clone().map_err(|e| err(e.to_string()))?;
+        let mut qmp = Self {
+            reader: BufReader::new(stream),
+            writer,
+        };
+        let greeting = qmp.read()?;
+        if greeting.get("QMP").is_none() {
+            return Err(err(format!("not a QMP greeting: {greeting}")));
+        }
+        qmp.execute("qmp_capabilities", json!({}))?;
+        Ok(qmp)
+    }
+
+    fn read(&mut self) -> Result<Value, QemuError> {
+        let mut line = String::new();
+        let n = self
+            .reader
+            .read_line(&mut line)
+            .map_err(|e| QemuError::Qmp {
+                what: "read".into(),
+                why: e.to_string(),
+            })?;
+        if n == 0 {
+            return Err(QemuError::Qmp {
+                what: "read".into(),
+                why: "QEMU closed the socket".into(),
+            });
+        }
+        serde_json::from_str(&line).map_err(|e| QemuError::Qmp {
+            what: "read".into(),
+            why: format!("{e}: {line}"),
+        })
+    }
+
+    /// Runs `command` with `arguments`; its `return` value (events that
+    /// arrive meanwhile are skipped), or its `error` as an error.
+    pub fn execute(&mut self, command: &str, arguments: Value) -> Result<Value, QemuError> {
+        let err = |why: String| QemuError::Qmp {
+            what: command.to_string(),
+            why,
+        };
+        let mut msg = json!({ "execute": command, "arguments": arguments }).to_string();
+        msg.push('\n');
+        self.writer
+            .write_all(msg.as_bytes())
+            .map_err(|e| err(e.to_string()))?;
+        loop {
+            let v = self.read()?;
+            if let Some(r) = v.get("return") {
+                return Ok(r.clone());
+            }
+            if let Some(e) = v.get("error") {
+                return Err(err(e.to_string()));
+            }
+        }
     }
 }
 

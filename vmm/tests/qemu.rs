@@ -2,11 +2,13 @@
 //! ...`, firmware qboot): every vCPU boots (the BSP starts the APs with
 //! INIT/SIPI), writes at the rate its command line gives and reports
 //! progress with a clean self-check and its largest TSC gap through the
-//! debugcon port; a bad parameter is refused with a `fatal` line. Each test
+//! debugcon port; QEMU migrates it to another QEMU, where it runs on clean;
+//! a bad parameter is refused with a `fatal` line. Each test
 //! skips (with a message) where /dev/kvm or qemu-system-x86_64 is missing.
 
 use std::time::Duration;
 
+use ferry_vmm::layout::{STATUS, STATUS_SHIFT, S_WRITES};
 use ferry_vmm::{
     host_tsc_khz, qemu_usable, BootParams, PortLine, QemuConfig, QemuError, QemuGuest, WritePattern,
 };
@@ -123,4 +125,103 @@ fn a_bad_parameter_is_refused_with_a_fatal_line_under_qemu() {
     }
     drop(q);
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Each vCPU's progress lines, in order.
+fn progress_of(lines: &[PortLine], vcpu: usize) -> Vec<ferry_vmm::Progress> {
+    lines
+        .iter()
+        .filter_map(|l| match l {
+            PortLine::Progress(p) if p.vcpu == vcpu => Some(*p),
+            _ => None,
+        })
+        .collect()
+}
+
+/// QEMU-to-QEMU, the peer of issue #15's live race: the same ELF migrates
+/// over loopback TCP, and on the destination every vCPU writes on past
+/// where the source stopped, its self-check clean.
+#[test]
+fn qemu_migrates_the_pvh_guest_to_another_qemu_and_it_runs_on_clean() {
+    let test = "qemu_migrates_the_pvh_guest_to_another_qemu_and_it_runs_on_clean";
+    let mut config = QemuConfig::new(32 * MIB);
+    if !qemu_or_skip(test, &config) {
+        return;
+    }
+    let params = BootParams {
+        vcpus: 2,
+        rate: 4 * MIB,
+        pattern: WritePattern::Hotset(50),
+        seed: 3,
+        tsc_khz: Some(host_tsc_khz().unwrap()),
+        report_ms: Some(200),
+        zeroed: false,
+    };
+    config.qmp = true;
+    let (src_dir, dst_dir) = (scratch("mig-src"), scratch("mig-dst"));
+    let mut src = QemuGuest::boot(&config, &params, &src_dir).unwrap();
+    src.wait_for(
+        "two progress lines from each vCPU",
+        Duration::from_secs(120),
+        |lines| (0..2).all(|v| progress_of(lines, v).len() >= 2),
+    )
+    .unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let uri = format!("tcp:127.0.0.1:{port}");
+    let mut dst_config = config.clone();
+    dst_config.incoming = Some(uri.clone());
+    let mut dst = QemuGuest::boot(&dst_config, &params, &dst_dir).unwrap();
+    // The destination listens once its QMP socket answers.
+    dst.qmp().unwrap();
+    let done = src.migrate(&uri, Duration::from_secs(120)).unwrap();
+    // Where each vCPU stopped: its status block in the (paused) source.
+    let stopped: Vec<u64> = (0..2)
+        .map(|v| {
+            src.read_phys_u64(STATUS + ((v as u64) << STATUS_SHIFT) + S_WRITES)
+                .unwrap()
+        })
+        .collect();
+    for v in 0..2 {
+        let last_line = progress_of(&src.lines(), v).last().unwrap().writes;
+        assert!(
+            stopped[v] >= last_line,
+            "vCPU {v}: {stopped:?}, {last_line}"
+        );
+    }
+    let lines = dst
+        .wait_for(
+            "each vCPU's progress past the source's on the destination",
+            Duration::from_secs(120),
+            |lines| {
+                (0..2).all(|v| {
+                    progress_of(lines, v)
+                        .last()
+                        .is_some_and(|p| p.writes > stopped[v])
+                })
+            },
+        )
+        .unwrap();
+    for v in 0..2 {
+        let p = *progress_of(&lines, v).last().unwrap();
+        assert_eq!(p.errors, 0, "vCPU {v} on the destination: {p:?}");
+        eprintln!(
+            "QEMU to QEMU: vCPU {v} stopped at {} writes, {} on the destination, largest TSC gap {:?} µs",
+            stopped[v], p.writes, p.max_gap_us
+        );
+    }
+    assert!(
+        !lines.iter().any(|l| matches!(l, PortLine::Error { .. })),
+        "{lines:?}"
+    );
+    eprintln!(
+        "QEMU: total-time {} ms, downtime {} ms, {} bytes",
+        done["total-time"], done["downtime"], done["ram"]["transferred"]
+    );
+    drop((src, dst));
+    let _ = std::fs::remove_dir_all(&src_dir);
+    let _ = std::fs::remove_dir_all(&dst_dir);
 }
