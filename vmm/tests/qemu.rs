@@ -205,12 +205,12 @@ fn qemu_migrates_the_pvh_guest_to_another_qemu_and_it_runs_on_clean() {
             },
         )
         .unwrap();
-    for v in 0..2 {
+    for (v, at) in stopped.iter().enumerate() {
         let p = *progress_of(&lines, v).last().unwrap();
         assert_eq!(p.errors, 0, "vCPU {v} on the destination: {p:?}");
         eprintln!(
-            "QEMU to QEMU: vCPU {v} stopped at {} writes, {} on the destination, largest TSC gap {:?} µs",
-            stopped[v], p.writes, p.max_gap_us
+            "QEMU to QEMU: vCPU {v} stopped at {at} writes, {} on the destination, largest TSC gap {:?} µs",
+            p.writes, p.max_gap_us
         );
     }
     assert!(
