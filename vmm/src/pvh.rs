@@ -39,7 +39,11 @@
 //! ```
 //!
 //! The guest takes its RAM from the map's RAM entry that holds the
-//! generation table (`TABLE`, 1 MiB), up to `MAX_MEMORY`.
+//! generation table (`TABLE`), up to `MAX_MEMORY`. The ELF's entry and
+//! segments sit at 1 MiB and up, as rust-vmm's linux-loader (Firecracker,
+//! Cloud Hypervisor) requires of a kernel; those VMMs put their
+//! start_info at 0x6000, its memory map at 0x7000 and the command line at
+//! 0x20000, which the guest leaves alone until it has read them (layout.rs).
 //!
 //! The command line: words `key=value` separated by spaces; a value is a
 //! decimal number (stored as a u64) with an optional `K`, `M` or `G`
@@ -59,7 +63,9 @@
 //! tsc_khz=KHZ   the TSC's frequency, 1000..=100000000 (default: unknown;
 //!               progress lines then come every ~1e9 ticks and carry no
 //!               maxgap_us)
-//! port=PORT     the report port (default 0xe9 = 233, QEMU's isa-debugcon)
+//! port=PORT     the report port, decimal (default 0xe9 = 233, QEMU's
+//!               isa-debugcon; 1016 = 0x3f8 writes the lines to the COM1
+//!               UART of a VMM without a debug port, e.g. Firecracker)
 //! report_ms=MS  milliseconds between two progress lines of a vCPU, at
 //!               most 3600000 (default 1000; 0: none)
 //! zeroed=1      RAM above 1 MiB is already zero: the guest does not
