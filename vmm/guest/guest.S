@@ -625,6 +625,10 @@ main_loop:
     jbe 1f
     mov [rbx + S_MAX_GAP], rcx
 1:
+    cmp rcx, [rbx + S_WINDOW_GAP]
+    jbe 2f
+    mov [rbx + S_WINDOW_GAP], rcx
+2:
     cmp qword ptr [PARAMS + P_REPORT_TICKS], 0
     je 3f
     cmp rax, [rbx + S_NEXT_REPORT]
@@ -775,7 +779,7 @@ verify_next:
     ret
 
 /* `ferry progress vcpu=N writes=W verified=V errors=E maxgap_ticks=G
-   [maxgap_us=U]` */
+   [maxgap_us=U] gap_ticks=g [gap_us=u]`, then the window's gap restarts */
 report_progress:
     call lock_print
     lea rsi, [rip + msg_progress]
@@ -809,6 +813,22 @@ report_progress:
     div qword ptr [PARAMS + P_TSC_KHZ]
     call put_dec
 1:
+    lea rsi, [rip + msg_wgap_ticks]
+    call put_str
+    mov rax, [rbx + S_WINDOW_GAP]
+    call put_dec
+    mov rcx, [PARAMS + P_TSC_KHZ]
+    test rcx, rcx
+    jz 2f
+    lea rsi, [rip + msg_wgap_us]
+    call put_str
+    mov rax, [rbx + S_WINDOW_GAP]
+    mov ecx, 1000
+    mul rcx
+    div qword ptr [PARAMS + P_TSC_KHZ]
+    call put_dec
+2:
+    mov qword ptr [rbx + S_WINDOW_GAP], 0
     lea rsi, [rip + msg_nl]
     call put_str
     jmp unlock_print
@@ -891,6 +911,8 @@ msg_verified:   .asciz " verified="
 msg_errors:     .asciz " errors="
 msg_gap_ticks:  .asciz " maxgap_ticks="
 msg_gap_us:     .asciz " maxgap_us="
+msg_wgap_ticks: .asciz " gap_ticks="
+msg_wgap_us:    .asciz " gap_us="
 msg_error:      .asciz "ferry error vcpu="
 msg_addr:       .asciz " addr="
 msg_nl:         .asciz "\n"

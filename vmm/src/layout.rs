@@ -17,8 +17,8 @@
 //!              in 0x10000..0x40000 before it has read them
 //! 0x0000_8000  parameters (written by the guest's BSP from the command
 //!              line before the other vCPUs start, read-only after)
-//! 0x0000_9000  status: one 128-byte block per vCPU (the guest's counters)
-//! 0x0000_a000  PML4          0xb000 PDPT          0xc000..0xffff 4 PDs
+//! 0x0000_9000  status: one 256-byte block per vCPU (the guest's counters)
+//! 0x0000_b000  PML4          0xc000 PDPT          0xd000..0x10fff 4 PDs
 //!              (built by the guest: identity map of the first 4 GiB in
 //!              2 MiB pages, 3..4 GiB uncached)
 //! 0x0004_0000  stacks: 4 KiB per vCPU
@@ -35,9 +35,9 @@ pub const PAGE: u64 = 4096;
 pub const GDT: u64 = 0x500;
 /// Where the APs start (real mode, page aligned, below 1 MiB).
 pub const TRAMPOLINE: u64 = 0x1000;
-pub const PML4: u64 = 0xa000;
-pub const PDPT: u64 = 0xb000;
-pub const PD: u64 = 0xc000;
+pub const PML4: u64 = 0xb000;
+pub const PDPT: u64 = 0xc000;
+pub const PD: u64 = 0xd000;
 /// Page directories (1 GiB each) the identity map covers.
 pub const PDS: u64 = 4;
 /// Where ferry's VMM writes the PVH `hvm_start_info`, its memory map and
@@ -49,8 +49,8 @@ pub const CMDLINE: u64 = 0x7100;
 pub const CMDLINE_MAX: u64 = 0x8000 - CMDLINE;
 pub const PARAMS: u64 = 0x8000;
 pub const STATUS: u64 = 0x9000;
-/// log2 of a status block's size (128 bytes).
-pub const STATUS_SHIFT: u64 = 7;
+/// log2 of a status block's size (256 bytes).
+pub const STATUS_SHIFT: u64 = 8;
 pub const CODE: u64 = 0x10_0000;
 pub const CODE_MAX: u64 = 0x1_0000;
 pub const STACKS: u64 = 0x4_0000;
@@ -126,6 +126,10 @@ pub const S_BOOTED: u64 = 104;
 pub const S_INDEX: u64 = 112;
 /// The TSC at which the next progress line is due.
 pub const S_NEXT_REPORT: u64 = 120;
+/// The largest gap between two consecutive TSC reads since the last
+/// progress line (ticks; reset by each line): the line that follows a
+/// blackout carries it.
+pub const S_WINDOW_GAP: u64 = 128;
 
 /// The report port when the command line names none (QEMU's isa-debugcon).
 pub const DEFAULT_PORT: u64 = 0xe9;
@@ -188,4 +192,5 @@ pub const ASM_SYMBOLS: &[(&str, u64)] = &[
     ("S_BOOTED", S_BOOTED),
     ("S_INDEX", S_INDEX),
     ("S_NEXT_REPORT", S_NEXT_REPORT),
+    ("S_WINDOW_GAP", S_WINDOW_GAP),
 ];

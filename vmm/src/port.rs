@@ -9,12 +9,15 @@
 //! ```text
 //! ferry boot vcpu=N
 //!     vCPU N (its initial APIC ID) set itself up and starts working
-//! ferry progress vcpu=N writes=W verified=V errors=E maxgap_ticks=G [maxgap_us=U]
+//! ferry progress vcpu=N writes=W verified=V errors=E maxgap_ticks=G [maxgap_us=U] gap_ticks=g [gap_us=u]
 //!     every report_ms: vCPU N's counters (its status block in guest
 //!     memory): pages written, pages verified, self-check failures, and
-//!     the largest gap between two consecutive TSC reads of its loop (in
-//!     TSC ticks, and in microseconds when the command line gave tsc_khz);
-//!     the time a vCPU spends writing its own lines is not counted
+//!     the largest gap between two consecutive TSC reads of its loop, over
+//!     its whole life (maxgap) and since its previous progress line (gap),
+//!     in TSC ticks and in microseconds when the command line gave tsc_khz;
+//!     the time a vCPU spends writing its own lines is not counted. The
+//!     first line after a blackout (a pause, a migration's switchover)
+//!     carries it in gap
 //! ferry error vcpu=N addr=0xADDR
 //!     the self-check found a wrong word at guest physical ADDR (hex)
 //! ferry fatal REASON
@@ -50,6 +53,9 @@ pub struct Progress {
     pub max_gap_ticks: u64,
     /// Present when the guest knows its TSC's frequency.
     pub max_gap_us: Option<u64>,
+    /// The largest gap since the vCPU's previous progress line.
+    pub gap_ticks: u64,
+    pub gap_us: Option<u64>,
 }
 
 /// Parses one line (without its `\n`); `None` if it is not a whole report.
@@ -81,6 +87,11 @@ pub fn parse_line(line: &str) -> Option<PortLine> {
             errors: num("errors")?,
             max_gap_ticks: num("maxgap_ticks")?,
             max_gap_us: match get("maxgap_us") {
+                Some(v) => Some(v.parse().ok()?),
+                None => None,
+            },
+            gap_ticks: num("gap_ticks")?,
+            gap_us: match get("gap_us") {
                 Some(v) => Some(v.parse().ok()?),
                 None => None,
             },
@@ -137,7 +148,7 @@ mod tests {
         );
         assert_eq!(
             parse_line(
-                "ferry progress vcpu=1 writes=10 verified=20 errors=0 maxgap_ticks=300 maxgap_us=4"
+                "ferry progress vcpu=1 writes=10 verified=20 errors=0 maxgap_ticks=300 maxgap_us=4 gap_ticks=30 gap_us=0"
             ),
             Some(PortLine::Progress(Progress {
                 vcpu: 1,
@@ -146,14 +157,18 @@ mod tests {
                 errors: 0,
                 max_gap_ticks: 300,
                 max_gap_us: Some(4),
+                gap_ticks: 30,
+                gap_us: Some(0),
             }))
         );
         assert_eq!(
-            parse_line("ferry progress vcpu=1 writes=10 verified=20 errors=0 maxgap_ticks=300")
-                .and_then(|l| match l {
-                    PortLine::Progress(p) => p.max_gap_us,
-                    _ => Some(0),
-                }),
+            parse_line(
+                "ferry progress vcpu=1 writes=10 verified=20 errors=0 maxgap_ticks=300 gap_ticks=3"
+            )
+            .and_then(|l| match l {
+                PortLine::Progress(p) => p.max_gap_us,
+                _ => Some(0),
+            }),
             None
         );
         assert_eq!(

@@ -149,6 +149,8 @@ struct Shared {
     reports: Mutex<Vec<GuestReport>>,
     /// Each vCPU's latest progress line.
     progress: Mutex<Vec<Option<Progress>>>,
+    /// The largest `gap_us` of any progress line on this VM's port.
+    line_gap_us: Mutex<Option<u64>>,
     /// The first fatal vCPU exit (triple fault, halt, entry failure...).
     failure: Mutex<Option<String>>,
 }
@@ -284,6 +286,7 @@ impl Vm {
             sleep_ns: (0..vcpus).map(|_| AtomicU64::new(0)).collect(),
             reports: Mutex::new(Vec::new()),
             progress: Mutex::new(vec![None; vcpus]),
+            line_gap_us: Mutex::new(None),
             failure: Mutex::new(None),
         });
         let vm = Arc::new(vm);
@@ -373,6 +376,14 @@ impl Vm {
     /// its first, about a second after it started here).
     pub fn progress(&self) -> Vec<Option<Progress>> {
         self.shared.progress.lock().unwrap().clone()
+    }
+
+    /// The largest gap (µs) any vCPU saw in its TSC between two progress
+    /// lines, over the lines on this VM's port: on a migration's
+    /// destination, the first line after the switchover carries the
+    /// blackout as the guest saw it (port.rs). `None` before a line came.
+    pub fn largest_line_gap_us(&self) -> Option<u64> {
+        *self.shared.line_gap_us.lock().unwrap()
     }
 
     /// The first fatal vCPU exit, if any.
@@ -886,6 +897,10 @@ fn on_line(shared: &Shared, line: &str) {
         Some(PortLine::Progress(p)) => {
             if let Some(slot) = shared.progress.lock().unwrap().get_mut(p.vcpu) {
                 *slot = Some(p);
+            }
+            if let Some(us) = p.gap_us {
+                let mut max = shared.line_gap_us.lock().unwrap();
+                *max = Some(max.map_or(us, |m| m.max(us)));
             }
         }
         Some(PortLine::Fatal(why)) => {

@@ -4,7 +4,7 @@
 //! `ferry::migrate_out` / `migrate_in`. Each test skips (with a message)
 //! where /dev/kvm is not usable.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use ferry::{
@@ -15,7 +15,8 @@ use ferry_ram::vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use ferry_ram::GuestMemory;
 use ferry_vmm::layout::{work_start, PAGE};
 use ferry_vmm::{
-    kvm_usable, vcpu_status, DirtyTracker, GuestReport, KvmGuest, VmConfig, WritePattern,
+    kvm_usable, vcpu_status, DirtyTracker, GuestReport, KvmGuest, SharedKvmGuest, VmConfig,
+    WritePattern,
 };
 
 const MIB: u64 = 1 << 20;
@@ -166,7 +167,10 @@ fn a_pause_shows_as_the_guests_largest_tsc_gap() {
     wait_for("a progress line after the pause", || {
         g.vm().progress()[0].is_some_and(|p| p.max_gap_us.is_some_and(|gap| gap >= us))
     });
-    eprintln!("a 300 ms pause: the guest saw a gap of {us} µs");
+    // The line after the pause carried it as its window's gap too.
+    let line = g.vm().largest_line_gap_us().unwrap();
+    assert!(line >= 300_000, "{line} µs");
+    eprintln!("a 300 ms pause: the guest saw a gap of {us} µs (its line: {line} µs)");
 }
 
 #[test]
@@ -290,8 +294,16 @@ fn a_live_migration_over_loopback_resumes_the_guest_on_the_destination() {
     let listener =
         Listener::bind(&"tcp:127.0.0.1:0".parse().unwrap(), SocketTuning::default()).unwrap();
     let uri = listener.uri().clone();
+    // The destination's builder keeps a handle on the VM it builds (to read
+    // its port lines).
+    let built: Arc<Mutex<Option<Arc<KvmGuest>>>> = Arc::default();
+    let slot = built.clone();
     let incoming = IncomingOptions {
-        build_guest: KvmGuest::builder(),
+        build_guest: Arc::new(move |memory, state| {
+            let g = Arc::new(KvmGuest::from_state(memory, state, Resources::none(false))?);
+            *slot.lock().unwrap() = Some(g.clone());
+            Ok(Box::new(SharedKvmGuest(g)) as Box<dyn Guest>)
+        }),
         ..Default::default()
     };
     let dst = std::thread::spawn(move || {
@@ -304,6 +316,7 @@ fn a_live_migration_over_loopback_resumes_the_guest_on_the_destination() {
     let sent = migrate_out(&guest, &uri, &OutgoingOptions::default(), &progress)
         .expect("the source completes");
     let got = dst.join().unwrap().expect("the destination completes");
+    let vm = built.lock().unwrap().clone().expect("the builder ran");
     assert_eq!(progress.status(), Status::Completed);
     assert!(!guest.is_running(), "the source stays paused");
     assert!(got.guest.is_running(), "the destination runs the guest");
@@ -318,16 +331,23 @@ fn a_live_migration_over_loopback_resumes_the_guest_on_the_destination() {
         vcpu_status(&got.memory, 0).unwrap().writes > at_switchover.writes + 200
     });
     assert_clean(&got.memory, 1);
+    // The first progress line on the destination carries the blackout as
+    // the guest saw it.
+    wait_for("a progress line on the destination", || {
+        vm.vm().largest_line_gap_us().is_some()
+    });
     let d = vcpu_status(&got.memory, 0).unwrap();
     eprintln!(
-        "live: {} passes, {} bytes of RAM; source stopped at {} writes, destination at {} (verified {}, errors {}); guest-seen max TSC gap {} µs",
+        "live: {} passes, {} bytes of RAM, downtime {:?} ms; source stopped at {} writes, destination at {} (verified {}, errors {}); guest-seen TSC gap: largest {} µs, across the switchover {} µs",
         sent.passes,
         sent.ram_bytes,
+        sent.downtime_ms,
         at_switchover.writes,
         d.writes,
         d.verified,
         d.errors,
-        d.max_gap_ticks * 1000 / u64::from(guest.vm().tsc_khz())
+        d.max_gap_ticks * 1000 / u64::from(guest.vm().tsc_khz()),
+        vm.vm().largest_line_gap_us().unwrap()
     );
     got.guest.pause().unwrap();
 }

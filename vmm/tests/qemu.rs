@@ -206,11 +206,12 @@ fn qemu_migrates_the_pvh_guest_to_another_qemu_and_it_runs_on_clean() {
         )
         .unwrap();
     for (v, at) in stopped.iter().enumerate() {
-        let p = *progress_of(&lines, v).last().unwrap();
+        let ps = progress_of(&lines, v);
+        let p = *ps.last().unwrap();
         assert_eq!(p.errors, 0, "vCPU {v} on the destination: {p:?}");
         eprintln!(
-            "QEMU to QEMU: vCPU {v} stopped at {at} writes, {} on the destination, largest TSC gap {:?} µs",
-            p.writes, p.max_gap_us
+            "QEMU to QEMU: vCPU {v} stopped at {at} writes, {} on the destination; TSC gap: largest {:?} µs, across the switchover (its first line here) {:?} µs",
+            p.writes, p.max_gap_us, ps[0].gap_us
         );
     }
     assert!(
