@@ -179,6 +179,18 @@ impl Vm {
     /// parameters of `config`) in memory, vCPU 0 at the PVH entry. The VM
     /// comes back paused (call [`Vm::resume`]).
     pub fn boot(config: &VmConfig) -> Result<Self, VmmError> {
+        Self::boot_with(config, None)
+    }
+
+    /// [`Vm::boot`] with the guest's command line from `params` instead of
+    /// `config` (which still gives RAM, vCPUs and tracker): a caller that
+    /// wants other report intervals, say, or the guest's own checks of
+    /// bad parameters (it refuses them with a `fatal` line, which becomes
+    /// [`Vm::failure`]).
+    pub fn boot_with(
+        config: &VmConfig,
+        params: Option<&pvh::BootParams>,
+    ) -> Result<Self, VmmError> {
         check_config(config)?;
         let elf = PvhElf::parse(pvh::GUEST_ELF)?;
         let mmap = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), config.memory as usize)])
@@ -191,7 +203,10 @@ impl Vm {
         pvh::write_start_info(
             mem,
             config.memory,
-            &pvh::BootParams::of(config, vm.tsc_khz).cmdline(),
+            &params
+                .cloned()
+                .unwrap_or_else(|| pvh::BootParams::of(config, vm.tsc_khz))
+                .cmdline(),
         )
         .map_err(VmmError::Memory)?;
         setup_pvh_entry(&vm.vcpus[0].lock().unwrap(), elf.entry)?;

@@ -15,8 +15,8 @@ use ferry_ram::vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use ferry_ram::GuestMemory;
 use ferry_vmm::layout::{work_start, PAGE};
 use ferry_vmm::{
-    kvm_usable, vcpu_status, DirtyTracker, GuestReport, KvmGuest, SharedKvmGuest, VmConfig,
-    WritePattern,
+    kvm_usable, vcpu_status, BootParams, DirtyTracker, GuestReport, KvmGuest, SharedKvmGuest,
+    VmConfig, WritePattern,
 };
 
 const MIB: u64 = 1 << 20;
@@ -171,6 +171,36 @@ fn a_pause_shows_as_the_guests_largest_tsc_gap() {
     let line = g.vm().largest_line_gap_us().unwrap();
     assert!(line >= 300_000, "{line} µs");
     eprintln!("a 300 ms pause: the guest saw a gap of {us} µs (its line: {line} µs)");
+}
+
+/// The guest checks its command line: ferry's VMM boots it with a bad one
+/// (a hot set of 0%), the guest says why on its port and stops, and the
+/// VMM reports that as the guest's failure. A good one with faster
+/// progress lines gives a line within a second.
+#[test]
+fn the_guest_refuses_bad_boot_parameters_through_the_port() {
+    if !kvm_or_skip("the_guest_refuses_bad_boot_parameters_through_the_port") {
+        return;
+    }
+    let c = config(8 * MIB, 1, 4 * MIB, WritePattern::Hotset(10));
+    let tsc_khz = ferry_vmm::host_tsc_khz().unwrap();
+    let mut params = BootParams::of(&c, tsc_khz);
+    params.pattern = WritePattern::Hotset(0);
+    let g = KvmGuest::boot_with(&c, Some(&params), Resources::none(true)).unwrap();
+    let e = g
+        .wait_booted(Duration::from_secs(30))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("refused its boot parameters: hot= must be 1 to 100"),
+        "{e}"
+    );
+    params.pattern = WritePattern::Hotset(10);
+    params.report_ms = Some(100);
+    let g = KvmGuest::boot_with(&c, Some(&params), Resources::none(true)).unwrap();
+    g.wait_booted(Duration::from_secs(30)).unwrap();
+    wait_for("a progress line", || g.vm().progress()[0].is_some());
+    assert_eq!(g.vm().failure(), None);
 }
 
 #[test]
