@@ -30,8 +30,10 @@
  * S_FIRST_ERROR, and an `error` line goes to the report port. On every
  * loop it reads the TSC and keeps the largest gap between two reads in
  * S_MAX_GAP (the time spent writing its own report lines left out): the
- * longest time it did not run, as the guest sees it. Every `report_ms` it
- * writes a `progress` line with its counters.
+ * longest time it did not run, as the guest sees it; S_WINDOW_GAP keeps
+ * the same since its last `progress` line. Every `report_ms` it writes a
+ * `progress` line with its counters and both gaps, and restarts the
+ * window.
  *
  * Reports are ASCII lines written a byte at a time (`out dx, al`) to the
  * report port, one line at a time (the P_PRINT_LOCK spinlock); the line
