@@ -33,6 +33,19 @@ pub struct Workload {
     /// A vCPU that stopped for good (triple fault, halt...), if any.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub guest_failure: Option<String>,
+    /// A guest that watches its own clock (the KVM guest): the largest gap
+    /// any of its vCPUs saw between two reads of its TSC in its whole life,
+    /// in microseconds: the blackout as the guest saw it (how much of the
+    /// switchover its TSC shows depends on KVM: vmm/src/port.rs).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub guest_max_gap_us: Option<u64>,
+    /// The KVM guest: the largest gap in its TSC between two of its
+    /// progress lines (one a second) that came on this side, in
+    /// microseconds; the first spans the switchover, so this is the
+    /// blackout as the guest saw it, with the noise of the run after it.
+    /// Absent if no line came yet.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub guest_blackout_us: Option<u64>,
 }
 
 #[derive(Clone, Debug, Default, Serialize)]

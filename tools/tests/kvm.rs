@@ -60,6 +60,10 @@ fn assert_ran_clean(who: &str, v: &Value) {
         w["writes_after"].as_u64().unwrap() > w["writes_at_switchover"].as_u64().unwrap(),
         "{who}: counters advance: {v}"
     );
+    assert!(
+        w["guest_max_gap_us"].as_u64().is_some_and(|us| us > 0),
+        "{who}: the guest's largest TSC gap: {v}"
+    );
 }
 
 /// `ferry send GUEST --to tcp:127.0.0.1:PORT --json EXTRA...` to a `ferry

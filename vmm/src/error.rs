@@ -26,6 +26,8 @@ pub enum VmmError {
     #[error(transparent)]
     State(#[from] StateError),
     #[error(transparent)]
+    Elf(#[from] crate::pvh::ElfError),
+    #[error(transparent)]
     Ram(#[from] ferry_ram::RamError),
 }
 

@@ -13,6 +13,7 @@ use ferry_ram::{DirtyLog, GuestMemory};
 
 use crate::dirty::{DirtyTracker, KvmDirtyLog};
 use crate::error::VmmError;
+use crate::pvh::BootParams;
 use crate::state::VmState;
 use crate::vm::{GuestReport, VcpuStatus, Vm, VmConfig};
 
@@ -25,7 +26,17 @@ pub struct KvmGuest {
 impl KvmGuest {
     /// Boots the guest program and lets it run; owns `resources`.
     pub fn boot(config: &VmConfig, resources: Resources) -> Result<Self, VmmError> {
-        let g = Self::over(Vm::boot(config)?, resources);
+        Self::boot_with(config, None, resources)
+    }
+
+    /// [`KvmGuest::boot`] with the guest's command line from `params`
+    /// ([`Vm::boot_with`]).
+    pub fn boot_with(
+        config: &VmConfig,
+        params: Option<&BootParams>,
+        resources: Resources,
+    ) -> Result<Self, VmmError> {
+        let g = Self::over(Vm::boot_with(config, params)?, resources);
         g.vm.resume();
         Ok(g)
     }

@@ -1,18 +1,31 @@
 //! The micro-VM's guest physical memory layout and the guest program's
 //! parameter and status blocks: the one place both sides read them from.
 //! `build.rs` includes this file and hands every constant in
-//! [`ASM_SYMBOLS`] to the assembler (`--defsym`), so `guest/guest.S` and the
-//! VMM cannot disagree.
+//! [`ASM_SYMBOLS`] to the assembler (`--defsym`) and the linker script's
+//! load address, so `guest/guest.S` and the VMM cannot disagree.
 //!
 //! ```text
-//! 0x0000_0500  GDT (null, code64, data, tss)
-//! 0x0000_1000  PML4          0x2000 PDPT          0x3000..0x6fff 4 PDs
-//!              (identity map of the first 4 GiB in 2 MiB pages)
-//! 0x0000_8000  parameters (written by the VMM before boot, read-only after)
-//! 0x0000_9000  status: one 128-byte block per vCPU (the guest's counters)
-//! 0x0001_0000  the guest program (at most 64 KiB)
-//! 0x0002_0000  stacks: 4 KiB per vCPU
-//! 0x0010_0000  generation table: one u32 per 4 KiB page of the work area
+//! 0x0000_0500  the VMM's flat 32-bit GDT for the PVH entry (null, code
+//!              0x08, data 0x10, TSS 0x18); the guest loads its own
+//! 0x0000_1000  the APs' real-mode start: the BSP copies it here from the
+//!              program before it sends SIPI (vector TRAMPOLINE >> 12)
+//! 0x0000_7000  PVH boot data, written by ferry's VMM: hvm_start_info, its
+//!              memory map, the command line (see pvh.rs). Other loaders
+//!              put theirs elsewhere (Firecracker and Cloud Hypervisor at
+//!              0x6000, 0x7000 and 0x20000, QEMU's below 0xa0000); the
+//!              guest writes nothing below 0x8000 (but the trampoline) nor
+//!              in 0x10000..0x40000 before it has read them
+//! 0x0000_8000  parameters (written by the guest's BSP from the command
+//!              line before the other vCPUs start, read-only after)
+//! 0x0000_9000  status: one 256-byte block per vCPU (the guest's counters)
+//! 0x0000_b000  PML4          0xc000 PDPT          0xd000..0x10fff 4 PDs
+//!              (built by the guest: identity map of the first 4 GiB in
+//!              2 MiB pages, 3..4 GiB uncached)
+//! 0x0004_0000  stacks: 4 KiB per vCPU
+//! 0x0010_0000  the guest program, an ELF loaded at its physical address
+//!              (at most 64 KiB; at 1 MiB, where Firecracker's and Cloud
+//!              Hypervisor's loaders want a kernel)
+//! 0x0011_0000  generation table: one u32 per 4 KiB page of RAM
 //! WORK_START   the work area (2 MiB aligned, to the end of RAM): the pages
 //!              the vCPUs write and verify, split evenly between vCPUs
 //! ```
@@ -20,27 +33,38 @@
 /// The guest's page size: every write fills one page.
 pub const PAGE: u64 = 4096;
 pub const GDT: u64 = 0x500;
-pub const PML4: u64 = 0x1000;
-pub const PDPT: u64 = 0x2000;
-pub const PD: u64 = 0x3000;
+/// Where the APs start (real mode, page aligned, below 1 MiB).
+pub const TRAMPOLINE: u64 = 0x1000;
+pub const PML4: u64 = 0xb000;
+pub const PDPT: u64 = 0xc000;
+pub const PD: u64 = 0xd000;
 /// Page directories (1 GiB each) the identity map covers.
 pub const PDS: u64 = 4;
+/// Where ferry's VMM writes the PVH `hvm_start_info`, its memory map and
+/// the command line (pvh.rs).
+pub const START_INFO: u64 = 0x7000;
+pub const MEMMAP: u64 = 0x7040;
+pub const CMDLINE: u64 = 0x7100;
+/// The command line's room, its NUL included.
+pub const CMDLINE_MAX: u64 = 0x8000 - CMDLINE;
 pub const PARAMS: u64 = 0x8000;
 pub const STATUS: u64 = 0x9000;
-/// log2 of a status block's size (128 bytes).
-pub const STATUS_SHIFT: u64 = 7;
-pub const CODE: u64 = 0x10000;
-pub const CODE_MAX: u64 = 0x10000;
-pub const STACKS: u64 = 0x20000;
-pub const TABLE: u64 = 0x10_0000;
+/// log2 of a status block's size (256 bytes).
+pub const STATUS_SHIFT: u64 = 8;
+pub const CODE: u64 = 0x10_0000;
+pub const CODE_MAX: u64 = 0x1_0000;
+pub const STACKS: u64 = 0x4_0000;
+pub const TABLE: u64 = 0x11_0000;
 /// At most this many vCPUs (status blocks and stacks are sized for it).
 pub const MAX_VCPUS: u64 = 32;
 /// Guest RAM must stay below KVM's TSS and identity map pages (just under
-/// 4 GiB) and within the identity map.
+/// 4 GiB) and within the identity map; the guest uses at most this much of
+/// a larger RAM region.
 pub const MAX_MEMORY: u64 = 3 << 30;
 pub const MIN_MEMORY: u64 = 4 << 20;
 
-// Parameters (u64 each, at PARAMS + offset).
+// Parameters (u64 each, at PARAMS + offset; the guest's BSP fills them from
+// the command line, pvh.rs documents the keys).
 pub const P_MAGIC: u64 = 0;
 pub const P_VCPUS: u64 = 8;
 /// Guest physical address of the work area's first page.
@@ -54,13 +78,31 @@ pub const P_TSC_PER_WRITE: u64 = 40;
 pub const P_PATTERN: u64 = 48;
 pub const P_HOT_PCT: u64 = 56;
 pub const P_SEED: u64 = 64;
-/// "FERRYVM1" little-endian.
-pub const PARAMS_MAGIC: u64 = u64::from_le_bytes(*b"FERRYVM1");
+/// Bytes per second the whole guest writes (`rate=`).
+pub const P_RATE: u64 = 72;
+/// The TSC's frequency in kHz (`tsc_khz=`), 0 if not given.
+pub const P_TSC_KHZ: u64 = 80;
+/// The report port (`port=`).
+pub const P_PORT: u64 = 88;
+/// Milliseconds between two progress lines of a vCPU (`report_ms=`).
+pub const P_REPORT_MS: u64 = 96;
+/// The same in TSC ticks (0: no progress lines).
+pub const P_REPORT_TICKS: u64 = 104;
+/// 1: RAM above 1 MiB is already zero, the BSP need not clear it.
+pub const P_ZEROED: u64 = 112;
+/// The RAM the guest uses (the end of the RAM region holding `TABLE`,
+/// at most `MAX_MEMORY`, 2 MiB aligned).
+pub const P_MEMORY: u64 = 120;
+/// The report lock (a u32 taken with `xchg`): one line at a time.
+pub const P_PRINT_LOCK: u64 = 128;
+/// "FERRYVM2" little-endian.
+pub const PARAMS_MAGIC: u64 = u64::from_le_bytes(*b"FERRYVM2");
 
 // Status block fields (u64 each, at STATUS + vcpu << STATUS_SHIFT + offset).
 /// Pages written.
 pub const S_WRITES: u64 = 0;
-/// The largest gap seen between two consecutive TSC reads (ticks).
+/// The largest gap seen between two consecutive TSC reads (ticks), the
+/// time the guest spent in its own reports left out.
 pub const S_MAX_GAP: u64 = 8;
 pub const S_LAST_TSC: u64 = 16;
 /// Pages verified.
@@ -80,13 +122,17 @@ pub const S_SLICE_PAGES: u64 = 88;
 pub const S_PICK_PAGES: u64 = 96;
 /// 1 once the vCPU has set itself up.
 pub const S_BOOTED: u64 = 104;
+/// The vCPU's index (its initial APIC ID).
+pub const S_INDEX: u64 = 112;
+/// The TSC at which the next progress line is due.
+pub const S_NEXT_REPORT: u64 = 120;
+/// The largest gap between two consecutive TSC reads since the last
+/// progress line (ticks; reset by each line): the line that follows a
+/// blackout carries it.
+pub const S_WINDOW_GAP: u64 = 128;
 
-// Ports the guest writes (32-bit `out`).
-/// The vCPU index, once booted.
-pub const PORT_BOOT: u64 = 0x3f8;
-/// The low, then the high half of a failed word's address.
-pub const PORT_ERROR_LO: u64 = 0x3f9;
-pub const PORT_ERROR_HI: u64 = 0x3fa;
+/// The report port when the command line names none (QEMU's isa-debugcon).
+pub const DEFAULT_PORT: u64 = 0xe9;
 
 /// Where the work area starts for `memory` bytes of RAM: after a table of
 /// one u32 per page of RAM, rounded up to 2 MiB.
@@ -97,9 +143,23 @@ pub const fn work_start(memory: u64) -> u64 {
 
 /// The symbols `guest/guest.S` uses, as `build.rs` defines them.
 pub const ASM_SYMBOLS: &[(&str, u64)] = &[
+    ("PAGE", PAGE),
+    ("TRAMPOLINE", TRAMPOLINE),
+    ("PML4", PML4),
+    ("PDPT", PDPT),
+    ("PD", PD),
+    ("PDS", PDS),
     ("PARAMS", PARAMS),
     ("STATUS", STATUS),
     ("STATUS_SHIFT", STATUS_SHIFT),
+    ("CODE", CODE),
+    ("STACKS", STACKS),
+    ("TABLE", TABLE),
+    ("MAX_VCPUS", MAX_VCPUS),
+    ("MAX_MEMORY", MAX_MEMORY),
+    ("DEFAULT_PORT", DEFAULT_PORT),
+    ("PARAMS_MAGIC", PARAMS_MAGIC),
+    ("P_MAGIC", P_MAGIC),
     ("P_VCPUS", P_VCPUS),
     ("P_WORK_START", P_WORK_START),
     ("P_WORK_PAGES", P_WORK_PAGES),
@@ -108,6 +168,14 @@ pub const ASM_SYMBOLS: &[(&str, u64)] = &[
     ("P_PATTERN", P_PATTERN),
     ("P_HOT_PCT", P_HOT_PCT),
     ("P_SEED", P_SEED),
+    ("P_RATE", P_RATE),
+    ("P_TSC_KHZ", P_TSC_KHZ),
+    ("P_PORT", P_PORT),
+    ("P_REPORT_MS", P_REPORT_MS),
+    ("P_REPORT_TICKS", P_REPORT_TICKS),
+    ("P_ZEROED", P_ZEROED),
+    ("P_MEMORY", P_MEMORY),
+    ("P_PRINT_LOCK", P_PRINT_LOCK),
     ("S_WRITES", S_WRITES),
     ("S_MAX_GAP", S_MAX_GAP),
     ("S_LAST_TSC", S_LAST_TSC),
@@ -122,7 +190,7 @@ pub const ASM_SYMBOLS: &[(&str, u64)] = &[
     ("S_SLICE_PAGES", S_SLICE_PAGES),
     ("S_PICK_PAGES", S_PICK_PAGES),
     ("S_BOOTED", S_BOOTED),
-    ("PORT_BOOT", PORT_BOOT),
-    ("PORT_ERROR_LO", PORT_ERROR_LO),
-    ("PORT_ERROR_HI", PORT_ERROR_HI),
+    ("S_INDEX", S_INDEX),
+    ("S_NEXT_REPORT", S_NEXT_REPORT),
+    ("S_WINDOW_GAP", S_WINDOW_GAP),
 ];

@@ -1,7 +1,12 @@
 //! ferry-vmm: a minimal KVM VMM whose guest ferry migrates (issue #15).
 //!
 //! - [`layout`]: the guest's physical memory layout, shared with the guest
-//!   program (`guest/guest.S`, assembled by `build.rs`);
+//!   program (`guest/guest.S`, assembled and linked by `build.rs` into a
+//!   PVH ELF);
+//! - [`pvh`]: that ELF, its boot parameters (the command line) and the
+//!   PVH boot (`hvm_start_info`), as ferry's VMM and QEMU do it;
+//! - [`port`]: the guest's report lines on its I/O port;
+//! - [`qemu`]: the same ELF booted under `qemu-system-x86_64`;
 //! - [`vm`]: the VM, its vCPU threads, port reports, pause/resume/throttle,
 //!   saving and loading vCPU state;
 //! - [`state`]: the device state's binary format and its parser;
@@ -17,12 +22,18 @@ pub mod dirty;
 pub mod error;
 pub mod guest;
 pub mod layout;
+pub mod port;
+pub mod pvh;
+pub mod qemu;
 pub mod state;
 pub mod vm;
 
 pub use dirty::{DirtyTracker, KvmDirtyLog, TrackerSupport, DEFAULT_RING_ENTRIES};
 pub use error::{StateError, VmmError};
 pub use guest::{KvmGuest, SharedKvmGuest};
+pub use port::{PortLine, Progress};
+pub use pvh::{BootParams, ElfError, PvhElf, GUEST_ELF};
+pub use qemu::{qemu_usable, QemuConfig, QemuError, QemuGuest};
 pub use state::{is_kvm_state, VmState};
 pub use vm::{vcpu_status, GuestReport, VcpuStatus, Vm, VmConfig, WritePattern};
 
@@ -55,4 +66,18 @@ pub fn dirty_ring_usable() -> Result<(), String> {
         Some(e) => Err(e.to_string()),
         None => Ok(()),
     }
+}
+
+/// The TSC frequency (kHz) KVM gives a vCPU on this host by default (what
+/// QEMU's guests run at too): the `tsc_khz=` to boot the guest program
+/// with under another VMM.
+pub fn host_tsc_khz() -> Result<u32, VmmError> {
+    let kvm = kvm_ioctls::Kvm::new()
+        .map_err(|e| VmmError::NoKvm(std::io::Error::from_raw_os_error(e.errno())))?;
+    let vm = kvm.create_vm().map_err(VmmError::kvm("KVM_CREATE_VM"))?;
+    let vcpu = vm
+        .create_vcpu(0)
+        .map_err(VmmError::vcpu(0, "KVM_CREATE_VCPU"))?;
+    vcpu.get_tsc_khz()
+        .map_err(VmmError::vcpu(0, "KVM_GET_TSC_KHZ"))
 }

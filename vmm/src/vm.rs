@@ -1,6 +1,11 @@
 //! The minimal VMM: one KVM VM over a vm-memory `GuestMemoryMmap`, its
-//! vCPUs each on its own thread, the guest program's report ports, pause /
+//! vCPUs each on its own thread, the guest program's report port, pause /
 //! resume / throttle, and saving and loading the vCPU and clock state.
+//!
+//! Booting loads the guest program's PVH ELF and enters it the PVH way
+//! (pvh.rs): vCPU 0 in 32-bit protected mode at the ELF's entry with the
+//! `hvm_start_info` in EBX; the other vCPUs wait, as KVM creates them with
+//! the in-kernel LAPIC, for the guest's INIT and SIPI.
 //!
 //! A vCPU thread loops on KVM_RUN. To stop it, the controller sets
 //! `paused` and kicks the thread with a signal (`SIG_KICK`, a no-op
@@ -23,18 +28,17 @@ use ferry_ram::vm_memory::{
 };
 use ferry_ram::GuestMemory;
 use kvm_bindings::{
-    kvm_fpu, kvm_mp_state, kvm_segment, kvm_userspace_memory_region, Msrs, KVM_MAX_CPUID_ENTRIES,
-    KVM_MEM_LOG_DIRTY_PAGES, KVM_MP_STATE_RUNNABLE,
+    kvm_fpu, kvm_regs, kvm_segment, kvm_userspace_memory_region, CpuId, Msrs,
+    KVM_MAX_CPUID_ENTRIES, KVM_MEM_LOG_DIRTY_PAGES,
 };
 use kvm_ioctls::{Cap, Kvm, VcpuExit, VcpuFd, VmFd};
 
 use crate::dirty::{enable_manual_protect, enable_ring, DirtyRings, DirtyTracker, TrackerSupport};
 use crate::error::VmmError;
 use crate::layout::*;
+use crate::port::{parse_line, LineBuffer, PortLine, Progress};
+use crate::pvh::{self, PvhElf};
 use crate::state::{VcpuState, VmState, MSRS};
-
-/// The guest program, assembled from `guest/guest.S` by `build.rs`.
-pub const GUEST_PROGRAM: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/guest.bin"));
 
 /// How long `pause` waits for every vCPU to park.
 const PAUSE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -67,7 +71,7 @@ pub struct VmConfig {
     pub tracker: DirtyTracker,
 }
 
-/// Something the guest reported through a port.
+/// Something the guest reported through its port (port.rs).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum GuestReport {
     Booted {
@@ -91,6 +95,8 @@ pub struct VcpuStatus {
     pub first_error: u64,
     /// The longest gap between two consecutive TSC reads, in TSC ticks.
     pub max_gap_ticks: u64,
+    /// The same in microseconds, if the guest was told its TSC's frequency.
+    pub max_gap_us: Option<u64>,
 }
 
 /// Reads vCPU `vcpu`'s status block from guest memory (the source's or a
@@ -102,13 +108,18 @@ pub fn vcpu_status(memory: &GuestMemory, vcpu: usize) -> Result<VcpuStatus, VmmE
         mem.read_obj::<u64>(GuestAddress(base + off))
             .map_err(|e| VmmError::Memory(format!("vCPU {vcpu} status at {:#x}: {e}", base + off)))
     };
+    let max_gap_ticks = get(S_MAX_GAP)?;
+    let khz = mem
+        .read_obj::<u64>(GuestAddress(PARAMS + P_TSC_KHZ))
+        .map_err(|e| VmmError::Memory(format!("the guest's tsc_khz: {e}")))?;
     Ok(VcpuStatus {
         booted: get(S_BOOTED)? != 0,
         writes: get(S_WRITES)?,
         verified: get(S_VERIFIED)?,
         errors: get(S_ERRORS)?,
         first_error: get(S_FIRST_ERROR)?,
-        max_gap_ticks: get(S_MAX_GAP)?,
+        max_gap_ticks,
+        max_gap_us: (khz != 0).then(|| (u128::from(max_gap_ticks) * 1000 / u128::from(khz)) as u64),
     })
 }
 
@@ -136,6 +147,10 @@ struct Shared {
     /// Nanoseconds each vCPU is asked to sleep (the throttle).
     sleep_ns: Vec<AtomicU64>,
     reports: Mutex<Vec<GuestReport>>,
+    /// Each vCPU's latest progress line.
+    progress: Mutex<Vec<Option<Progress>>>,
+    /// The largest `gap_us` of any progress line on this VM's port.
+    line_gap_us: Mutex<Option<u64>>,
     /// The first fatal vCPU exit (triple fault, halt, entry failure...).
     failure: Mutex<Option<String>>,
 }
@@ -159,26 +174,42 @@ pub struct Vm {
 }
 
 impl Vm {
-    /// Boots the guest program in a fresh VM with fresh memory; the VM
+    /// Boots the guest program in a fresh VM with fresh memory, the PVH
+    /// way: its ELF loaded, the start_info and command line (the boot
+    /// parameters of `config`) in memory, vCPU 0 at the PVH entry. The VM
     /// comes back paused (call [`Vm::resume`]).
     pub fn boot(config: &VmConfig) -> Result<Self, VmmError> {
+        Self::boot_with(config, None)
+    }
+
+    /// [`Vm::boot`] with the guest's command line from `params` instead of
+    /// `config` (which still gives RAM, vCPUs and tracker): a caller that
+    /// wants other report intervals, say, or the guest's own checks of
+    /// bad parameters (it refuses them with a `fatal` line, which becomes
+    /// [`Vm::failure`]).
+    pub fn boot_with(
+        config: &VmConfig,
+        params: Option<&pvh::BootParams>,
+    ) -> Result<Self, VmmError> {
         check_config(config)?;
+        let elf = PvhElf::parse(pvh::GUEST_ELF)?;
         let mmap = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), config.memory as usize)])
             .map_err(|e| VmmError::Memory(format!("cannot map {} bytes: {e}", config.memory)))?;
         let memory = Arc::new(GuestMemory::from_guest_memory_mmap(&mmap, PAGE as u32)?);
-        write_boot_data(memory.guest_memory_mmap(), config)?;
         let vm = Self::create(memory, config.vcpus, config.tracker)?;
-        let khz = u64::from(vm.tsc_khz);
-        let per_vcpu_pages = config.dirty_rate / PAGE / config.vcpus as u64;
-        let tsc_per_write = if config.dirty_rate == 0 {
-            0
-        } else {
-            (khz * 1000 / per_vcpu_pages.max(1)).max(1)
-        };
-        vm.write_u64(PARAMS + P_TSC_PER_WRITE, tsc_per_write)?;
-        for (i, fd) in vm.vcpus.iter().enumerate() {
-            setup_long_mode(&fd.lock().unwrap(), i)?;
-        }
+        let mem = vm.memory.guest_memory_mmap();
+        write_gdt(mem)?;
+        elf.load(mem).map_err(VmmError::Memory)?;
+        pvh::write_start_info(
+            mem,
+            config.memory,
+            &params
+                .cloned()
+                .unwrap_or_else(|| pvh::BootParams::of(config, vm.tsc_khz))
+                .cmdline(),
+        )
+        .map_err(VmmError::Memory)?;
+        setup_pvh_entry(&vm.vcpus[0].lock().unwrap(), elf.entry)?;
         Ok(vm)
     }
 
@@ -249,7 +280,7 @@ impl Vm {
             let fd = vm
                 .create_vcpu(i as u64)
                 .map_err(VmmError::vcpu(i, "KVM_CREATE_VCPU"))?;
-            fd.set_cpuid2(&cpuid)
+            fd.set_cpuid2(&cpuid_of(&cpuid, i)?)
                 .map_err(VmmError::vcpu(i, "KVM_SET_CPUID2"))?;
             fds.push(Arc::new(Mutex::new(fd)));
         }
@@ -269,6 +300,8 @@ impl Vm {
             tids: (0..vcpus).map(|_| AtomicU64::new(0)).collect(),
             sleep_ns: (0..vcpus).map(|_| AtomicU64::new(0)).collect(),
             reports: Mutex::new(Vec::new()),
+            progress: Mutex::new(vec![None; vcpus]),
+            line_gap_us: Mutex::new(None),
             failure: Mutex::new(None),
         });
         let vm = Arc::new(vm);
@@ -348,9 +381,24 @@ impl Vm {
         vcpu_status(&self.memory, vcpu)
     }
 
-    /// Everything the guest reported through its ports so far.
+    /// Everything the guest reported through its port so far (boots and
+    /// self-check errors).
     pub fn reports(&self) -> Vec<GuestReport> {
         self.shared.reports.lock().unwrap().clone()
+    }
+
+    /// Each vCPU's latest `progress` line on this VM's port (`None` before
+    /// its first, about a second after it started here).
+    pub fn progress(&self) -> Vec<Option<Progress>> {
+        self.shared.progress.lock().unwrap().clone()
+    }
+
+    /// The largest gap (µs) any vCPU saw in its TSC between two progress
+    /// lines, over the lines on this VM's port: on a migration's
+    /// destination, the first line after the switchover carries the
+    /// blackout as the guest saw it (port.rs). `None` before a line came.
+    pub fn largest_line_gap_us(&self) -> Option<u64> {
+        *self.shared.line_gap_us.lock().unwrap()
     }
 
     /// The first fatal vCPU exit, if any.
@@ -416,13 +464,6 @@ impl Vm {
             }
         }
         Ok(())
-    }
-
-    fn write_u64(&self, addr: u64, value: u64) -> Result<(), VmmError> {
-        self.memory
-            .guest_memory_mmap()
-            .write_obj(value, GuestAddress(addr))
-            .map_err(|e| VmmError::Memory(format!("write at {addr:#x}: {e}")))
     }
 
     /// Every vCPU's registers and the KVM clock. The VM must be paused.
@@ -586,53 +627,41 @@ fn check_config(c: &VmConfig) -> Result<(), VmmError> {
     Ok(())
 }
 
-/// GDT, identity page tables, parameters and the program, into fresh RAM.
-fn write_boot_data(mem: &GuestMemoryMmap, c: &VmConfig) -> Result<(), VmmError> {
-    let put = |addr: u64, v: u64| {
-        mem.write_obj(v, GuestAddress(addr))
-            .map_err(|e| VmmError::Memory(format!("boot data at {addr:#x}: {e}")))
-    };
-    // null, 64-bit code (0x08), data (0x10), TSS (0x18)
+/// The flat 32-bit GDT the PVH entry's segments describe (the guest
+/// loads its own before it reloads a segment).
+fn write_gdt(mem: &GuestMemoryMmap) -> Result<(), VmmError> {
+    // null, 32-bit code (0x08), data (0x10), 32-bit TSS (0x18)
     for (i, d) in [
         0u64,
-        0x00af_9a00_0000_ffff,
-        0x00cf_9200_0000_ffff,
-        0x008f_8900_0000_ffff,
+        0x00cf_9b00_0000_ffff,
+        0x00cf_9300_0000_ffff,
+        0x0000_8b00_0000_0067,
     ]
     .into_iter()
     .enumerate()
     {
-        put(GDT + 8 * i as u64, d)?;
+        let addr = GDT + 8 * i as u64;
+        mem.write_obj(d, GuestAddress(addr))
+            .map_err(|e| VmmError::Memory(format!("the GDT at {addr:#x}: {e}")))?;
     }
-    put(PML4, PDPT | 3)?;
-    for pd in 0..PDS {
-        put(PDPT + 8 * pd, (PD + pd * PAGE) | 3)?;
-        for e in 0..512 {
-            let addr = ((pd * 512 + e) << 21) | 0x83; // present, writable, 2 MiB
-            put(PD + pd * PAGE + 8 * e, addr)?;
+    Ok(())
+}
+
+/// The supported CPUID with vCPU `i`'s APIC ID where CPUID reports one
+/// (KVM passes the host CPU's through): leaf 1 EBX[31:24], the initial
+/// APIC ID the guest program takes as its index, and the x2APIC ID in EDX
+/// of leaves 0xb and 0x1f. The in-kernel LAPIC's ID is the vCPU id.
+fn cpuid_of(supported: &CpuId, i: usize) -> Result<CpuId, VmmError> {
+    let mut entries = supported.as_slice().to_vec();
+    for e in &mut entries {
+        match e.function {
+            1 => e.ebx = (e.ebx & 0x00ff_ffff) | ((i as u32) << 24),
+            0xb | 0x1f => e.edx = i as u32,
+            _ => {}
         }
     }
-    let start = work_start(c.memory);
-    let (pattern, pct) = match c.pattern {
-        WritePattern::Random => (0, 100),
-        WritePattern::Sequential => (1, 100),
-        WritePattern::Hotset(p) => (2, u64::from(p)),
-    };
-    for (off, v) in [
-        (P_MAGIC, PARAMS_MAGIC),
-        (P_VCPUS, c.vcpus as u64),
-        (P_WORK_START, start),
-        (P_WORK_PAGES, (c.memory - start) / PAGE),
-        (P_TABLE, TABLE),
-        (P_TSC_PER_WRITE, 0),
-        (P_PATTERN, pattern),
-        (P_HOT_PCT, pct),
-        (P_SEED, c.seed),
-    ] {
-        put(PARAMS + off, v)?;
-    }
-    mem.write_slice(GUEST_PROGRAM, GuestAddress(CODE))
-        .map_err(|e| VmmError::Memory(format!("the guest program at {CODE:#x}: {e}")))
+    CpuId::from_entries(&entries)
+        .map_err(|e| VmmError::Control(format!("vCPU {i}: its CPUID: {e:?}")))
 }
 
 /// Registers every block of `memory` as a KVM slot with dirty logging.
@@ -684,9 +713,12 @@ fn register_memory(vm: &VmFd, memory: &GuestMemory) -> Result<Vec<Slot>, VmmErro
     Ok(slots)
 }
 
-/// 64-bit long mode at the program's entry, RDI = vCPU index.
-fn setup_long_mode(fd: &VcpuFd, i: usize) -> Result<(), VmmError> {
-    let mut sregs = fd.get_sregs().map_err(VmmError::vcpu(i, "KVM_GET_SREGS"))?;
+/// The PVH entry state (Xen's docs/misc/pvh.pandoc): 32-bit protected
+/// mode, paging off, flat 4 GiB code (execute/read) and data (read/write)
+/// segments, a busy 32-bit TSS, CR4 = 0, EFER = 0, interrupts off, RIP =
+/// `entry`, EBX = the hvm_start_info's address.
+fn setup_pvh_entry(fd: &VcpuFd, entry: u32) -> Result<(), VmmError> {
+    let mut sregs = fd.get_sregs().map_err(VmmError::vcpu(0, "KVM_GET_SREGS"))?;
     let code = kvm_segment {
         base: 0,
         limit: 0xffff_ffff,
@@ -694,9 +726,9 @@ fn setup_long_mode(fd: &VcpuFd, i: usize) -> Result<(), VmmError> {
         type_: 0xb,
         present: 1,
         dpl: 0,
-        db: 0,
+        db: 1,
         s: 1,
-        l: 1,
+        l: 0,
         g: 1,
         avl: 0,
         unusable: 0,
@@ -705,16 +737,14 @@ fn setup_long_mode(fd: &VcpuFd, i: usize) -> Result<(), VmmError> {
     let data = kvm_segment {
         selector: 0x10,
         type_: 0x3,
-        db: 1,
-        l: 0,
         ..code
     };
     let tss = kvm_segment {
-        limit: 0xffff,
+        limit: 0x67,
         selector: 0x18,
         type_: 0xb,
         s: 0,
-        l: 0,
+        db: 0,
         g: 0,
         ..code
     };
@@ -729,31 +759,26 @@ fn setup_long_mode(fd: &VcpuFd, i: usize) -> Result<(), VmmError> {
     sregs.gdt.limit = 31;
     sregs.idt.base = 0;
     sregs.idt.limit = 0;
-    sregs.cr3 = PML4;
-    sregs.cr4 = 0x20 | 0x200 | 0x400; // PAE, OSFXSR, OSXMMEXCPT
-    sregs.cr0 = 0x8005_0033; // PG, AM, WP, NE, ET, MP, PE
-    sregs.efer = 0x500; // LME, LMA
+    sregs.cr0 = 0x11; // ET, PE
+    sregs.cr3 = 0;
+    sregs.cr4 = 0;
+    sregs.efer = 0;
     fd.set_sregs(&sregs)
-        .map_err(VmmError::vcpu(i, "KVM_SET_SREGS"))?;
+        .map_err(VmmError::vcpu(0, "KVM_SET_SREGS"))?;
     let fpu = kvm_fpu {
         fcw: 0x37f,
         mxcsr: 0x1f80,
         ..Default::default()
     };
-    fd.set_fpu(&fpu).map_err(VmmError::vcpu(i, "KVM_SET_FPU"))?;
-    let mut regs = fd.get_regs().map_err(VmmError::vcpu(i, "KVM_GET_REGS"))?;
-    regs.rflags = 2;
-    regs.rip = CODE;
-    regs.rsp = STACKS + (i as u64 + 1) * PAGE;
-    regs.rdi = i as u64;
+    fd.set_fpu(&fpu).map_err(VmmError::vcpu(0, "KVM_SET_FPU"))?;
+    let regs = kvm_regs {
+        rflags: 2,
+        rip: u64::from(entry),
+        rbx: START_INFO,
+        ..Default::default()
+    };
     fd.set_regs(&regs)
-        .map_err(VmmError::vcpu(i, "KVM_SET_REGS"))?;
-    // With the in-kernel LAPIC the APs start waiting for INIT/SIPI: all
-    // vCPUs start running the program instead.
-    fd.set_mp_state(kvm_mp_state {
-        mp_state: KVM_MP_STATE_RUNNABLE,
-    })
-    .map_err(VmmError::vcpu(i, "KVM_SET_MP_STATE"))?;
+        .map_err(VmmError::vcpu(0, "KVM_SET_REGS"))?;
     Ok(())
 }
 
@@ -808,7 +833,7 @@ fn vcpu_thread(shared: &Shared, index: usize, fd: &Mutex<VcpuFd>, rings: Option<
     // SAFETY: pthread_self has no preconditions.
     let me = unsafe { libc::pthread_self() };
     shared.tids[index].store(me as u64, Ordering::Release);
-    let mut error_lo = 0u32;
+    let mut line = LineBuffer::default();
     let mut failed = false;
     loop {
         let mut run = shared.run.lock().unwrap();
@@ -835,28 +860,10 @@ fn vcpu_thread(shared: &Shared, index: usize, fd: &Mutex<VcpuFd>, rings: Option<
         let mut vcpu = fd.lock().unwrap();
         let fatal = match vcpu.run() {
             Ok(VcpuExit::IoOut(port, data)) => {
-                let mut word = [0u8; 4];
-                let n = data.len().min(4);
-                word[..n].copy_from_slice(&data[..n]);
-                let v = u32::from_le_bytes(word);
-                match u64::from(port) {
-                    PORT_BOOT => shared
-                        .reports
-                        .lock()
-                        .unwrap()
-                        .push(GuestReport::Booted { vcpu: v as usize }),
-                    PORT_ERROR_LO => error_lo = v,
-                    PORT_ERROR_HI => {
-                        shared
-                            .reports
-                            .lock()
-                            .unwrap()
-                            .push(GuestReport::SelfCheckError {
-                                vcpu: index,
-                                addr: (u64::from(v) << 32) | u64::from(error_lo),
-                            })
+                if u64::from(port) == DEFAULT_PORT && data.len() == 1 {
+                    if let Some(l) = line.push(data[0]) {
+                        on_line(shared, &l);
                     }
-                    _ => {}
                 }
                 None
             }
@@ -886,6 +893,38 @@ fn vcpu_thread(shared: &Shared, index: usize, fd: &Mutex<VcpuFd>, rings: Option<
             }
             failed = true;
         }
+    }
+}
+
+/// Acts on one line from the guest's port.
+fn on_line(shared: &Shared, line: &str) {
+    match parse_line(line) {
+        Some(PortLine::Boot { vcpu }) => shared
+            .reports
+            .lock()
+            .unwrap()
+            .push(GuestReport::Booted { vcpu }),
+        Some(PortLine::Error { vcpu, addr }) => shared
+            .reports
+            .lock()
+            .unwrap()
+            .push(GuestReport::SelfCheckError { vcpu, addr }),
+        Some(PortLine::Progress(p)) => {
+            if let Some(slot) = shared.progress.lock().unwrap().get_mut(p.vcpu) {
+                *slot = Some(p);
+            }
+            if let Some(us) = p.gap_us {
+                let mut max = shared.line_gap_us.lock().unwrap();
+                *max = Some(max.map_or(us, |m| m.max(us)));
+            }
+        }
+        Some(PortLine::Fatal(why)) => {
+            let mut f = shared.failure.lock().unwrap();
+            if f.is_none() {
+                *f = Some(format!("the guest refused its boot parameters: {why}"));
+            }
+        }
+        None => {}
     }
 }
 

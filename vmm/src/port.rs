@@ -1,0 +1,198 @@
+//! The guest program's report port: ASCII lines, written a byte at a time
+//! (`out dx, al`, 8 bits) to one I/O port (`port=` on the command line,
+//! default 0xe9: QEMU's `isa-debugcon`, so `-device
+//! isa-debugcon,iobase=0xe9,chardev=C` puts them in a file). The vCPUs take
+//! a lock in guest memory around each line, so lines do not interleave.
+//! Numbers are unsigned decimal (u64) unless marked hex (`0x` and
+//! lower-case digits). Each line ends with `\n`:
+//!
+//! ```text
+//! ferry boot vcpu=N
+//!     vCPU N (its initial APIC ID) set itself up and starts working
+//! ferry progress vcpu=N writes=W verified=V errors=E maxgap_ticks=G [maxgap_us=U] gap_ticks=g [gap_us=u]
+//!     every report_ms: vCPU N's counters (its status block in guest
+//!     memory): pages written, pages verified, self-check failures, and
+//!     the largest gap between two consecutive TSC reads of its loop, over
+//!     its whole life (maxgap) and since its previous progress line (gap),
+//!     in TSC ticks and in microseconds when the command line gave tsc_khz;
+//!     the time a vCPU spends writing its own lines is not counted. The
+//!     first line after a blackout (a pause, a migration's switchover)
+//!     carries it in gap
+//! ferry error vcpu=N addr=0xADDR
+//!     the self-check found a wrong word at guest physical ADDR (hex)
+//! ferry fatal REASON
+//!     the boot parameters were refused (REASON is free text); the BSP halts
+//! ```
+//!
+//! A line that does not parse is ignored: a vCPU paused by a migration in
+//! the middle of a line finishes it on the destination, whose VMM sees only
+//! its tail.
+//!
+//! The gap is the blackout as the guest sees it in its own TSC. For a
+//! pause and resume it is the pause. Across a migration it depends on the
+//! TSC the destination gives the vCPU: ferry's VMM restores IA32_TSC with
+//! the other MSRs (as QEMU does), which would hide the time before the
+//! state's load, but KVM takes a restored TSC within a second of the new
+//! VM's own as a synchronisation and lets it run on (then the gap is
+//! close to the whole downtime: 73 ms against ferry's downtime_ms of 70 in
+//! one run here). At least, it counts from the state's load to the vCPU's
+//! next instruction.
+
+/// One parsed report line.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PortLine {
+    Boot { vcpu: usize },
+    Progress(Progress),
+    Error { vcpu: usize, addr: u64 },
+    Fatal(String),
+}
+
+/// A `progress` line.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Progress {
+    pub vcpu: usize,
+    pub writes: u64,
+    pub verified: u64,
+    pub errors: u64,
+    pub max_gap_ticks: u64,
+    /// Present when the guest knows its TSC's frequency.
+    pub max_gap_us: Option<u64>,
+    /// The largest gap since the vCPU's previous progress line.
+    pub gap_ticks: u64,
+    pub gap_us: Option<u64>,
+}
+
+/// Parses one line (without its `\n`); `None` if it is not a whole report.
+pub fn parse_line(line: &str) -> Option<PortLine> {
+    let rest = line.strip_prefix("ferry ")?;
+    if let Some(reason) = rest.strip_prefix("fatal ") {
+        return Some(PortLine::Fatal(reason.to_string()));
+    }
+    let mut words = rest.split(' ');
+    let kind = words.next()?;
+    let mut fields = Vec::new();
+    for w in words {
+        let (k, v) = w.split_once('=')?;
+        fields.push((k, v));
+    }
+    let get = |key: &str| -> Option<&str> { fields.iter().find(|(k, _)| *k == key).map(|f| f.1) };
+    let num = |key: &str| -> Option<u64> { get(key)?.parse().ok() };
+    let vcpu = num("vcpu")? as usize;
+    match kind {
+        "boot" if fields.len() == 1 => Some(PortLine::Boot { vcpu }),
+        "error" => {
+            let addr = u64::from_str_radix(get("addr")?.strip_prefix("0x")?, 16).ok()?;
+            Some(PortLine::Error { vcpu, addr })
+        }
+        "progress" => Some(PortLine::Progress(Progress {
+            vcpu,
+            writes: num("writes")?,
+            verified: num("verified")?,
+            errors: num("errors")?,
+            max_gap_ticks: num("maxgap_ticks")?,
+            max_gap_us: match get("maxgap_us") {
+                Some(v) => Some(v.parse().ok()?),
+                None => None,
+            },
+            gap_ticks: num("gap_ticks")?,
+            gap_us: match get("gap_us") {
+                Some(v) => Some(v.parse().ok()?),
+                None => None,
+            },
+        })),
+        _ => None,
+    }
+}
+
+/// Collects a vCPU's port bytes into lines.
+#[derive(Default)]
+pub struct LineBuffer {
+    buf: Vec<u8>,
+}
+
+/// A line longer than this is not the guest's: dropped.
+const MAX_LINE: usize = 256;
+
+impl LineBuffer {
+    /// Adds one byte; returns the line it completed, if any.
+    pub fn push(&mut self, byte: u8) -> Option<String> {
+        if byte == b'\n' {
+            let line = String::from_utf8_lossy(&self.buf).into_owned();
+            self.buf.clear();
+            return Some(line);
+        }
+        if self.buf.len() < MAX_LINE {
+            self.buf.push(byte);
+        }
+        None
+    }
+}
+
+/// Every line of `text` that parses (a debugcon file, say).
+pub fn parse_all(text: &str) -> Vec<PortLine> {
+    text.lines().filter_map(parse_line).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lines_parse_and_partial_ones_do_not() {
+        assert_eq!(
+            parse_line("ferry boot vcpu=3"),
+            Some(PortLine::Boot { vcpu: 3 })
+        );
+        assert_eq!(
+            parse_line("ferry error vcpu=0 addr=0x7fff010"),
+            Some(PortLine::Error {
+                vcpu: 0,
+                addr: 0x7fff010
+            })
+        );
+        assert_eq!(
+            parse_line(
+                "ferry progress vcpu=1 writes=10 verified=20 errors=0 maxgap_ticks=300 maxgap_us=4 gap_ticks=30 gap_us=0"
+            ),
+            Some(PortLine::Progress(Progress {
+                vcpu: 1,
+                writes: 10,
+                verified: 20,
+                errors: 0,
+                max_gap_ticks: 300,
+                max_gap_us: Some(4),
+                gap_ticks: 30,
+                gap_us: Some(0),
+            }))
+        );
+        assert_eq!(
+            parse_line(
+                "ferry progress vcpu=1 writes=10 verified=20 errors=0 maxgap_ticks=300 gap_ticks=3"
+            )
+            .and_then(|l| match l {
+                PortLine::Progress(p) => p.max_gap_us,
+                _ => Some(0),
+            }),
+            None
+        );
+        assert_eq!(
+            parse_line("ferry fatal vcpus= must be 1 to 32"),
+            Some(PortLine::Fatal("vcpus= must be 1 to 32".into()))
+        );
+        for bad in [
+            "rogress vcpu=1 writes=10",
+            "ferry progress vcpu=1 writes=10",
+            "ferry boot vcpu=x",
+            "ferry error vcpu=0 addr=12",
+            "",
+        ] {
+            assert_eq!(parse_line(bad), None, "{bad}");
+        }
+        let mut b = LineBuffer::default();
+        let got: Vec<_> = b"ferry boot vcpu=0\nferry"
+            .iter()
+            .filter_map(|&c| b.push(c))
+            .collect();
+        assert_eq!(got, vec!["ferry boot vcpu=0".to_string()]);
+    }
+}
