@@ -28,6 +28,7 @@ pub mod guest;
 pub mod incoming;
 pub mod metrics;
 pub mod outgoing;
+pub mod postcopy;
 pub mod protocol;
 pub mod restore;
 pub mod save;
