@@ -36,7 +36,8 @@ use ferry_ram::{Digest, GuestMemory, PageBitmap, RamBlock};
 use ferry_transport::{accept_session, AcceptOptions, Listener};
 
 use crate::protocol::{
-    heartbeat_interval, MainChannel, Message, Setup, CAP_CHECKSUM, CAP_ZSTD, DEFAULT_PEER_TIMEOUT,
+    heartbeat_interval, MainChannel, Message, Setup, CAP_CHECKSUM, CAP_POSTCOPY, CAP_ZSTD,
+    DEFAULT_PEER_TIMEOUT,
 };
 use crate::{Failed, MigrationError, Progress, Role, Summary};
 
@@ -207,6 +208,8 @@ struct Received {
     memory: Option<Arc<GuestMemory>>,
     device_state: Vec<u8>,
     guest: Option<Box<dyn Guest>>,
+    /// The postcopy package, when the source switched to postcopy.
+    package: Option<Vec<u8>>,
 }
 
 enum Event {
@@ -249,7 +252,16 @@ fn run(
     summary.tls = listener.is_tls();
     let main = MainChannel::new(Arc::from(session.main), opts.peer_timeout)?;
     main.start_heartbeat(heartbeat_interval(opts.peer_timeout))?;
-    let result = receive(main.clone(), session.multifd, opts, phases, summary, out);
+    let preempt = Some((listener, session.session));
+    let result = receive(
+        main.clone(),
+        session.multifd,
+        preempt,
+        opts,
+        phases,
+        summary,
+        out,
+    );
     let shut = Message::Shut {
         error: result.as_ref().err().map(ToString::to_string),
     };
@@ -270,6 +282,7 @@ fn run(
 fn receive(
     main: Arc<MainChannel>,
     multifd: Vec<Box<dyn ferry_transport::Channel>>,
+    preempt_from: Option<(&Listener, ferry_transport::SessionId)>,
     opts: &IncomingOptions,
     phases: &mut Phases,
     summary: &mut Summary,
@@ -296,7 +309,7 @@ fn receive(
             multifd.len()
         )));
     }
-    let unknown = setup.capabilities & !(CAP_CHECKSUM | CAP_ZSTD);
+    let unknown = setup.capabilities & !(CAP_CHECKSUM | CAP_ZSTD | CAP_POSTCOPY);
     if unknown != 0 {
         return Err(MigrationError::Setup(format!(
             "SETUP asks for capabilities this receiver does not have (bits {unknown:#04x}): \
@@ -330,6 +343,11 @@ fn receive(
         "setup"
     );
     let (memory, staged) = build_memory(&setup, &opts.memory, &summary.session)?;
+    let postcopy = setup.capabilities & CAP_POSTCOPY != 0;
+    if postcopy {
+        crate::postcopy::check_registrable(&memory)
+            .map_err(|e| MigrationError::Setup(format!("the source asks for postcopy, but {e}")))?;
+    }
     progress
         .total_ram_bytes
         .store(memory.total_bytes(), std::sync::atomic::Ordering::Relaxed);
@@ -362,12 +380,27 @@ fn receive(
     summary.wire_bytes += main.send(&Message::SetupAck {
         verify: opts.digest_before_resume,
     })?;
+    let preempt = match preempt_from {
+        Some((listener, session)) if postcopy => ferry_transport::accept_preempt(
+            listener,
+            session,
+            setup.multifd_channels + 1,
+            &opts.accept,
+        )?,
+        _ => Vec::new(),
+    };
 
     phases.enter(Phase::Active)?;
     progress.set_phase("receiving");
     let counters = pool.counters().clone();
     let stall = Some(opts.peer_timeout);
-    let result = follow_main(&pool, &main, &inbox, phases, summary, out, stall)
+    let followed = follow_main(&pool, &main, &inbox, phases, summary, out, stall);
+    if followed.is_ok() && out.package.is_some() {
+        return postcopy_in(
+            &main, &inbox, pool, memory, preempt, opts, phases, summary, out,
+        );
+    }
+    let result = followed
         .and_then(|()| check_all_received(&memory, pool.received()))
         .and_then(|()| {
             pool.finish_within(stall)
@@ -557,6 +590,10 @@ fn follow_main(
                 summary.device_state_digest = Some(Digest::of_bytes(&d).to_string());
                 out.device_state = d;
             }
+            Message::PostcopyPackage(p) if last_pass > 0 => {
+                out.package = Some(p);
+                return Ok(());
+            }
             Message::Complete { generation } => {
                 if generation != last_pass || last_pass == 0 {
                     return Err(MigrationError::Protocol(format!(
@@ -619,7 +656,10 @@ fn spawn_main_reader(
             let last = !matches!(
                 m,
                 Ok((
-                    Message::PassEnd { .. } | Message::DeviceState(_) | Message::Complete { .. },
+                    Message::PassEnd { .. }
+                        | Message::DeviceState(_)
+                        | Message::Complete { .. }
+                        | Message::PostcopyPackage(_),
                     _
                 ))
             );
@@ -633,6 +673,130 @@ fn spawn_main_reader(
         })
         .map_err(|e| MigrationError::Thread("main-channel reader", e))?;
     Ok(())
+}
+
+/// Postcopy on the destination (after the package): the precopy stream
+/// has ended; the memory is registered with userfaultfd, the stale pages
+/// dropped, the guest built from the package's device state and resumed
+/// (RESUMED ends the downtime), its faults asked for on the return path
+/// and served on the preempt channels with the background push; SHUT
+/// (from `run`) tells the source once every page is placed. A failure
+/// after the resume leaves the guest's threads on missing pages blocked
+/// for good (the guest and the userfaultfd are never released: the
+/// process ends with them), never running on a page it was not sent.
+#[allow(clippy::too_many_arguments)]
+fn postcopy_in(
+    main: &Arc<MainChannel>,
+    inbox: &mpsc::Receiver<Event>,
+    pool: ReceiverPool,
+    memory: Arc<GuestMemory>,
+    preempt: Vec<Box<dyn ferry_transport::Channel>>,
+    opts: &IncomingOptions,
+    phases: &mut Phases,
+    summary: &mut Summary,
+    out: &mut Received,
+) -> Result<(), MigrationError> {
+    use crate::postcopy::{wire, PostcopyDestination, RequestFn};
+    let progress = phases.progress();
+    if preempt.is_empty() {
+        return Err(MigrationError::Protocol(
+            "POSTCOPY_PACKAGE without the postcopy capability".into(),
+        ));
+    }
+    let package = out.package.take().unwrap_or_default();
+    let (discard, device_state) = wire::decode_package(&package, &memory.specs())?;
+    // A page whose last precopy copy failed its checksum was written
+    // while in flight: it is stale, in the discard list, and comes again.
+    let counters = pool.counters().clone();
+    let page_sizes: Vec<u64> = memory
+        .blocks()
+        .iter()
+        .map(|b| u64::from(b.page_size()))
+        .collect();
+    let finished = pool.finish_within_resending(Some(opts.peer_timeout), |block, offset| {
+        discard
+            .get(block)
+            .is_some_and(|d| d.test(offset / page_sizes[block]))
+    });
+    summary.add_totals(&counters.snapshot());
+    finished?;
+    phases.enter(Phase::PostcopyActive)?;
+    progress.set_phase("postcopy-active");
+    summary.device_state_bytes = device_state.len() as u64;
+    summary.device_state_digest = Some(Digest::of_bytes(&device_state).to_string());
+    out.device_state = device_state;
+    let to_source = main.clone();
+    let request: RequestFn = Arc::new(move |run| {
+        to_source
+            .send(&Message::PageRequest(run))
+            .map(drop)
+            .map_err(|e| e.to_string())
+    });
+    let t = Instant::now();
+    let mut pc = PostcopyDestination::start(memory.clone(), &discard, request)?;
+    for ch in preempt {
+        pc.read_pages(Arc::from(ch))?;
+    }
+    let guest = (opts.build_guest)(memory, &out.device_state)?;
+    guest.resources().activate()?;
+    if let Some(keep) = &opts.keep {
+        keep(&out.device_state).map_err(MigrationError::Keep)?;
+    }
+    guest.resume()?;
+    summary.resume_ms = Some(t.elapsed().as_secs_f64() * 1e3);
+    summary.guest_running = true;
+    tracing::info!("the guest runs here (postcopy)");
+    let sent = main.send(&Message::Resumed {
+        unix_nanos: crate::outgoing::unix_nanos(),
+        digest: None,
+    });
+    let mut failure = sent.err().map(|e| e.to_string());
+    // Wait for every page, watching the main channel: its failure is the
+    // link's.
+    while failure.is_none() && !pc.wait_ended(Duration::from_millis(50)) {
+        match inbox.try_recv() {
+            Ok(Event::Main(Err(e))) => failure = Some(e.to_string()),
+            Ok(Event::Main(Ok((m, _)))) => {
+                failure = Some(format!(
+                    "unexpected {} from the source in postcopy",
+                    m.name()
+                ))
+            }
+            // A cancel is refused in postcopy; the pool has finished.
+            Ok(Event::Cancelled | Event::MultifdFailed) => {}
+            Err(_) => {}
+        }
+    }
+    if let Some(why) = &failure {
+        pc.fail(why);
+    }
+    let stats = pc.finish(opts.peer_timeout);
+    let s = pc.stats();
+    summary.postcopy = Some(crate::PostcopyReport {
+        postcopy_requests: s.requests,
+        postcopy_bytes: s.bytes,
+        postcopy_discarded_pages: s.discarded_pages,
+        fault_latency_p50_us: Some(s.fault_p50_us),
+        fault_latency_p99_us: Some(s.fault_p99_us),
+        fault_latency_max_us: Some(s.fault_max_us),
+        guest_blocked_ms: Some(s.blocked_ms),
+        postcopy_duplicate_pages: Some(s.duplicate_pages),
+    });
+    summary.wire_bytes += s.bytes;
+    match stats {
+        Ok(_) => {
+            out.guest = Some(guest);
+            Ok(())
+        }
+        Err(e) => {
+            let _ = phases.enter(Phase::PostcopyPaused);
+            // Paused for good: the guest's threads on missing pages stay
+            // blocked, and nothing may release them onto zero pages.
+            std::mem::forget(guest);
+            std::mem::forget(pc);
+            Err(MigrationError::PostcopyPaused(e.to_string()))
+        }
+    }
 }
 
 /// What SETUP asks for must fit `limits`, before anything is allocated.
@@ -935,8 +1099,16 @@ mod tests {
             let mut phases = Phases::new(&progress);
             let mut summary = Summary::new(Role::Destination, "unix:test".into());
             let mut out = Received::default();
-            let e =
-                receive(main, Vec::new(), &opts, &mut phases, &mut summary, &mut out).unwrap_err();
+            let e = receive(
+                main,
+                Vec::new(),
+                None,
+                &opts,
+                &mut phases,
+                &mut summary,
+                &mut out,
+            )
+            .unwrap_err();
             let e = setup_error(e);
             assert!(e.contains("more than this receiver"), "{e}");
             assert!(out.memory.is_none(), "no memory made");

@@ -56,7 +56,7 @@ pub use snapshot::{
     LazyRestoring, LiveOptions, RestoreTarget, Restored, SaveOptions, SnapshotError,
 };
 pub use state::{Event, LiveFigures, Parameters, PassFigures, Progress, Status};
-pub use summary::{Role, Summary, Workload};
+pub use summary::{PostcopyReport, Role, Summary, Workload};
 pub use synthetic::{DirtyPattern, SyntheticConfig, SyntheticGuest, TrackerKind};
 
 pub use ferry_file::{FileError, FileOptions, SavedFile};

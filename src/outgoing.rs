@@ -40,7 +40,9 @@ use ferry_transport::{
     SocketTuning, TlsClient,
 };
 
-use crate::protocol::{MainChannel, Message, Setup, CAP_CHECKSUM, CAP_ZSTD, DEFAULT_PEER_TIMEOUT};
+use crate::protocol::{
+    MainChannel, Message, Setup, CAP_CHECKSUM, CAP_POSTCOPY, CAP_ZSTD, DEFAULT_PEER_TIMEOUT,
+};
 use crate::session::{
     AtMaxPasses, Limits, Outcome, PassResult, PassSink, Phase, PrecopyEnd, Readiness, Session,
     SessionConfig,
@@ -64,6 +66,12 @@ pub struct OutgoingOptions {
     pub peer_timeout: Duration,
     /// TLS on every channel, with these credentials.
     pub tls: Option<Arc<TlsClient>>,
+    /// The postcopy capability (`--postcopy`): announced in SETUP; the
+    /// migration may then switch to postcopy (see [`crate::postcopy`]).
+    pub postcopy: bool,
+    /// With `postcopy`, switch after this many precopy passes (0: only on
+    /// `migrate-start-postcopy` or when precopy does not converge).
+    pub postcopy_after: u64,
 }
 
 impl Default for OutgoingOptions {
@@ -76,6 +84,8 @@ impl Default for OutgoingOptions {
             completion_timeout: Duration::from_secs(120),
             peer_timeout: DEFAULT_PEER_TIMEOUT,
             tls: None,
+            postcopy: false,
+            postcopy_after: 0,
         }
     }
 }
@@ -126,6 +136,7 @@ pub fn migrate_out(
         uri,
         ended: Arc::new(AtomicBool::new(false)),
         handed_over: false,
+        in_postcopy: false,
         memory,
         opts,
         progress,
@@ -133,6 +144,7 @@ pub fn migrate_out(
     };
     let mut result = progress.while_ticking(|| source.run(&mut session));
     let handed_over = source.handed_over;
+    let in_postcopy = source.in_postcopy;
     let stats = session.stats();
     summary.dirty_sync_count = stats.dirty_sync_count;
     summary.dirty_sync_ms = stats.dirty_sync_ms;
@@ -142,7 +154,11 @@ pub fn migrate_out(
         result = Err(MigrationError::Cancelled(String::new()));
     }
     if let Err(e) = &mut result {
-        let kept_paused = after_failure(guest, was_running, handed_over);
+        let kept_paused = if in_postcopy {
+            Some(POSTCOPY_PAUSED.to_string())
+        } else {
+            after_failure(guest, was_running, handed_over)
+        };
         if let Some(why) = kept_paused {
             *e = MigrationError::SourceNotResumed {
                 error: Box::new(std::mem::replace(
@@ -239,7 +255,15 @@ struct Source<'a> {
     /// on the source must not resume on its own, or the guest could run
     /// twice.
     handed_over: bool,
+    /// The package went out: the destination may run the guest, and the
+    /// source holds pages it lacks (see [`POSTCOPY_PAUSED`]).
+    in_postcopy: bool,
 }
+
+/// Why a source that failed in postcopy keeps its guest paused.
+const POSTCOPY_PAUSED: &str = "postcopy-paused: the destination runs the guest and this \
+    source holds the pages it lacked; neither side alone holds the whole guest, so it is \
+    never resumed here (recovery after a link failure is not implemented yet)";
 
 /// The open link to the destination: main channel, its return path and
 /// the sender pool.
@@ -251,6 +275,9 @@ struct Link {
     /// The destination asked for VERIFY (SETUP_ACK): it compares digests
     /// before its guest runs.
     destination_verifies: bool,
+    /// Postcopy's channels (with the capability): preempt[0] for the
+    /// answers to page requests, preempt[1..=K] for the background push.
+    preempt: Vec<Arc<dyn Channel>>,
 }
 
 impl Source<'_> {
@@ -263,9 +290,13 @@ impl Source<'_> {
         }
         let mut s = self.setup()?;
         let result = self.precopy(session, &mut s).and_then(|end| match end {
-            // A postcopy or COLO phase would start here (session.rs).
+            // A COLO phase would start here (session.rs).
             PrecopyEnd::SwitchOver => self.switchover(session, &mut s),
+            PrecopyEnd::Postcopy => self.postcopy(session, &mut s),
         });
+        if result.is_err() && self.in_postcopy {
+            let _ = session.enter(Phase::PostcopyPaused);
+        }
         if result.is_err() && self.progress.cancel_requested() {
             // End the channels cleanly (a dead link is cut by the cancel's
             // grace timer), then tell the destination to discard.
@@ -313,7 +344,7 @@ impl Source<'_> {
                 CAP_ZSTD
             } else {
                 0
-            },
+            } | if opts.postcopy { CAP_POSTCOPY } else { 0 },
             multifd_channels: opts.channels,
             packet_pages: opts.sender.packet_pages,
             blocks: self.memory.specs(),
@@ -336,6 +367,13 @@ impl Source<'_> {
             other => return Err(unexpected("SETUP_ACK", &other)),
         };
 
+        let preempt = if opts.postcopy {
+            let p = open_preempt(self.uri, opts, session)?;
+            self.progress.allow_postcopy();
+            p
+        } else {
+            Vec::new()
+        };
         let mut sender = opts.sender.clone();
         sender.stall_timeout = Some(opts.peer_timeout);
         let pool = SenderPool::start(multifd, self.memory.clone(), sender)?;
@@ -381,6 +419,7 @@ impl Source<'_> {
             pool,
             switchover_acked: false,
             destination_verifies,
+            preempt,
         })
     }
 
@@ -527,6 +566,127 @@ impl Source<'_> {
         Ok(())
     }
 
+    /// Postcopy (seed 004's `postcopy_start`): pause, end the precopy
+    /// stream, send the package (discard list and device state); from then
+    /// on the guest is the destination's. Page requests are answered on
+    /// preempt[0] while preempt[1..=K] push every other stale page; the
+    /// destination's SHUT says every page is placed. Any failure after the
+    /// package leaves the guest paused here ([`POSTCOPY_PAUSED`]).
+    fn postcopy(&mut self, session: &mut Session, s: &mut Link) -> Result<(), MigrationError> {
+        let paused_at = Instant::now();
+        tracing::info!(
+            remaining = self.progress.figures().remaining_bytes,
+            "switching to postcopy: pausing the guest"
+        );
+        self.guest.pause()?;
+        session.enter(Phase::PostcopyActive)?;
+        self.progress.set_phase("postcopy-active");
+        self.guest.resources().inactivate()?;
+        session.sync()?;
+        let totals = match s.pool.finish() {
+            Ok(t) => t,
+            Err(e) => return Err(local_or_destination(e, &s.return_path)),
+        };
+        self.summary.add_totals(&totals);
+        self.summary.precopy_bytes = self.progress.figures().precopy_bytes;
+        self.summary.passes = s.pool.generation();
+        let device_state = self.guest.save_device_state()?;
+        self.summary.device_state_bytes = device_state.len() as u64;
+        self.summary.device_state_digest = Some(Digest::of_bytes(&device_state).to_string());
+        let discard = session.pending().clone();
+        let stale: u64 = discard.iter().map(PageBitmap::count).sum();
+        let package = crate::postcopy::wire::encode_package(&discard, &device_state);
+        self.in_postcopy = true;
+        self.handed_over = true;
+        self.summary.wire_bytes += s.main.send(&Message::PostcopyPackage(package))?;
+        let server = Arc::new(crate::postcopy::PageServer::new(
+            self.memory.clone(),
+            discard,
+        ));
+        let pushers: Vec<_> = s.preempt[1..]
+            .iter()
+            .map(|ch| {
+                let (server, ch) = (server.clone(), ch.clone());
+                std::thread::spawn(move || server.push(ch.as_ref()))
+            })
+            .collect();
+        let served = self.serve_postcopy(s, &server, paused_at);
+        if served.is_err() {
+            for ch in &s.preempt {
+                ch.shutdown();
+            }
+        }
+        for p in pushers {
+            match p.join() {
+                Ok(Err(e)) if served.is_ok() => {
+                    // Every page is placed already (SHUT came): a push cut
+                    // short by the destination's close changes nothing.
+                    tracing::debug!("postcopy push after completion: {e}");
+                }
+                _ => {}
+            }
+        }
+        let (requests, request_bytes, pushed_bytes) = server.figures();
+        self.summary.postcopy = Some(crate::PostcopyReport {
+            postcopy_requests: requests,
+            postcopy_bytes: request_bytes + pushed_bytes,
+            postcopy_discarded_pages: stale,
+            ..Default::default()
+        });
+        self.summary.wire_bytes += request_bytes + pushed_bytes;
+        served?;
+        // The guest stays paused here for good: memory is as it was at
+        // the switch, the reference for the destination's replay check.
+        let (memory, digest) = self.switchover_digest(&device_state);
+        self.summary.switchover_digest = Some(digest.to_string());
+        self.summary.digest = Some(memory.to_string());
+        Ok(())
+    }
+
+    /// Answers page requests until the destination's SHUT.
+    fn serve_postcopy(
+        &mut self,
+        s: &mut Link,
+        server: &crate::postcopy::PageServer,
+        paused_at: Instant,
+    ) -> Result<(), MigrationError> {
+        let urgent = s.preempt[0].clone();
+        loop {
+            let m = match s.return_path.recv_timeout(POLL) {
+                Ok(m) => m?,
+                Err(RecvTimeoutError::Timeout) => continue,
+                Err(RecvTimeoutError::Disconnected) => {
+                    return Err(MigrationError::MainClosed {
+                        peer: "destination",
+                        during: "in postcopy",
+                    })
+                }
+            };
+            match m {
+                Message::PageRequest(run) => server
+                    .serve(&run, "return path", urgent.as_ref())
+                    .map_err(MigrationError::from)?,
+                Message::Resumed { unix_nanos, .. } => {
+                    let downtime = paused_at.elapsed();
+                    tracing::info!(
+                        downtime_ms = downtime.as_secs_f64() * 1e3,
+                        "the destination runs the guest (postcopy)"
+                    );
+                    self.progress.set_downtime(downtime);
+                    self.summary.downtime_ms = Some(downtime.as_secs_f64() * 1e3);
+                    self.summary.destination_resumed_at_unix = Some(unix_nanos as f64 / 1e9);
+                }
+                Message::SwitchoverAck => {}
+                Message::Shut { error: None } => {
+                    let _ = crate::postcopy::send_end(urgent.as_ref());
+                    return Ok(());
+                }
+                Message::Shut { error: Some(e) } => return Err(MigrationError::Destination(e)),
+                other => return Err(unexpected("PAGE_REQUEST, RESUMED or SHUT", &other)),
+            }
+        }
+    }
+
     /// The digests of memory, and of memory and device state together, at
     /// switchover.
     ///
@@ -593,6 +753,34 @@ impl PassSink for NetSink<'_, '_> {
                 - (before.pages_normal + before.pages_zero),
             seconds: t0.elapsed().as_secs_f64(),
         })
+    }
+
+    /// With the capability: on `migrate-start-postcopy`, after
+    /// `--postcopy-after` passes, or when precopy does not converge (the
+    /// bytes left did not shrink and exceed what the downtime allows).
+    fn start_postcopy(
+        &mut self,
+        passes: u64,
+        est: &crate::session::Estimate,
+        before: Option<u64>,
+    ) -> bool {
+        if !self.opts.postcopy {
+            return false;
+        }
+        let after = self.opts.postcopy_after;
+        let stuck =
+            before.is_some_and(|b| est.remaining >= b) && est.remaining as f64 > est.threshold;
+        let why = if self.progress.postcopy_requested() {
+            "start-postcopy"
+        } else if after > 0 && passes >= after {
+            "--postcopy-after"
+        } else if stuck {
+            "precopy does not converge"
+        } else {
+            return false;
+        };
+        tracing::info!(passes, why, "switching to postcopy");
+        true
     }
 
     /// The destination must have sent SWITCHOVER_ACK.
@@ -711,6 +899,39 @@ fn open_session(
     Ok((main, multifd))
 }
 
+/// Connects postcopy's 1 + K preempt channels (after SETUP_ACK: the
+/// destination accepts them then) and waits until each is accepted.
+fn open_preempt(
+    uri: &ChannelUri,
+    opts: &OutgoingOptions,
+    session: SessionId,
+) -> Result<Vec<Arc<dyn Channel>>, MigrationError> {
+    let tuning = SocketTuning {
+        user_timeout: Some(opts.peer_timeout),
+        ..opts.tuning.clone()
+    };
+    let mut out: Vec<Arc<dyn Channel>> = Vec::new();
+    for i in 0..=opts.channels {
+        let hello = ChannelHello {
+            session,
+            role: Role::Preempt,
+            index: i,
+            multifd_channels: opts.channels,
+        };
+        let ch = connect_channel_secure(uri, &tuning, &hello, opts.tls.as_deref())?;
+        out.push(Arc::from(ch));
+    }
+    for ch in &out {
+        await_accept(ch.as_ref(), opts.setup_timeout)?;
+        ch.set_write_timeout(Some(opts.peer_timeout))
+            .map_err(|source| MigrationError::MainIo {
+                what: "setting the preempt channel's timeout".into(),
+                source,
+            })?;
+    }
+    Ok(out)
+}
+
 /// What the destination said on a channel it refused, if it said anything
 /// (a TLS alert, a refusal) within a moment.
 fn pending_refusal(ch: &dyn Channel) -> Option<ferry_transport::TransportError> {
@@ -741,7 +962,10 @@ fn spawn_return_path(
             let failed = matches!(m, Err(_) | Ok(Message::Shut { error: Some(_) }));
             let last = !matches!(
                 m,
-                Ok(Message::SetupAck { .. } | Message::SwitchoverAck | Message::Resumed { .. })
+                Ok(Message::SetupAck { .. }
+                    | Message::SwitchoverAck
+                    | Message::Resumed { .. }
+                    | Message::PageRequest(_))
             );
             let gone = tx.send(m).is_err();
             if failed {
@@ -1098,6 +1322,7 @@ mod tests {
                 pool,
                 switchover_acked: false,
                 destination_verifies: false,
+                preempt: Vec::new(),
             };
             let mut summary = Summary::new(SummaryRole::Source, "unix:test".into());
             let progress = Progress::default();

@@ -135,22 +135,34 @@ impl PostcopyDestination {
                     .collect::<Vec<_>>(),
             );
             requested_at.push((0..b.pages()).map(|_| AtomicU64::new(0)).collect());
+            // Runs of stale pages, each dropped with one madvise.
+            let mut runs: Vec<(u64, u64)> = Vec::new();
             for p in d.iter_set() {
-                let addr = b.page_addr(p).expect("discard bits are inside the block");
-                // SAFETY: madvise(MADV_DONTNEED) over one page of this
-                // block's own anonymous private mapping: its contents are
-                // dropped (the page is stale; the source sends it again)
-                // and its next touch is a missing-page fault, which the
-                // userfaultfd registered above holds until it is placed.
-                if unsafe { libc::madvise(addr.cast(), ps as usize, libc::MADV_DONTNEED) } != 0 {
+                match runs.last_mut() {
+                    Some((first, n)) if *first + *n == p => *n += 1,
+                    _ => runs.push((p, 1)),
+                }
+                missing += 1;
+            }
+            for (first, n) in runs {
+                let addr = b
+                    .page_addr(first)
+                    .expect("discard bits are inside the block");
+                // SAFETY: madvise(MADV_DONTNEED) over pages first..first+n
+                // of this block's own anonymous private mapping (the bits
+                // lie inside the block): their contents are dropped (they
+                // are stale; the source sends them again) and their next
+                // touch is a missing-page fault, which the userfaultfd
+                // registered above holds until the page is placed.
+                let len = (n * ps) as usize;
+                if unsafe { libc::madvise(addr.cast(), len, libc::MADV_DONTNEED) } != 0 {
                     return Err(PostcopyError::Place {
-                        what: "dropping the stale page of",
+                        what: "dropping the stale pages of",
                         block: b.name().into(),
-                        offset: p * ps,
+                        offset: first * ps,
                         source: std::io::Error::last_os_error(),
                     });
                 }
-                missing += 1;
             }
         }
         let shared = Arc::new(Shared {
@@ -219,6 +231,18 @@ impl PostcopyDestination {
             })?;
         self.threads.push(t);
         Ok(())
+    }
+
+    /// Waits up to `timeout` for postcopy to end (every page placed, or a
+    /// failure); true if it has.
+    pub fn wait_ended(&self, timeout: Duration) -> bool {
+        let end = self.shared.end.lock().unwrap();
+        let (end, _) = self
+            .shared
+            .ended
+            .wait_timeout_while(end, timeout, |e| matches!(e, End::Running))
+            .unwrap();
+        !matches!(*end, End::Running)
     }
 
     /// Pages still missing.

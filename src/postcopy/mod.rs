@@ -31,6 +31,26 @@ pub mod wire;
 pub use dest::{PostcopyDestination, PostcopyStats, RequestFn};
 pub use source::{send_end, PageServer};
 
+/// Whether `memory` can be registered with userfaultfd in missing mode
+/// (anonymous private memory, and a process allowed to): tried on a
+/// userfaultfd that is closed again at once, which unregisters it.
+pub fn check_registrable(memory: &ferry_ram::GuestMemory) -> Result<(), PostcopyError> {
+    let uffd = ferry_ram::uffd::Userfault::open().map_err(|source| PostcopyError::Userfault {
+        what: "this destination cannot open a userfaultfd",
+        source,
+    })?;
+    for b in memory.blocks() {
+        uffd.register(b.host_addr(), b.len())
+            .map_err(|source| PostcopyError::Place {
+                what: "this destination cannot register (missing mode)",
+                block: b.name().into(),
+                offset: 0,
+                source,
+            })?;
+    }
+    Ok(())
+}
+
 /// What postcopy fails with; each names the channel, block and offset it
 /// concerns.
 #[derive(Debug, thiserror::Error)]
