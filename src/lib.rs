@@ -57,7 +57,9 @@ pub use snapshot::{
 };
 pub use state::{Event, LiveFigures, Parameters, PassFigures, Progress, Status};
 pub use summary::{PostcopyReport, Role, Summary, Workload};
-pub use synthetic::{DirtyPattern, SyntheticConfig, SyntheticGuest, TrackerKind};
+pub use synthetic::{
+    replay_check, DirtyPattern, ReplayCheck, SyntheticConfig, SyntheticGuest, TrackerKind,
+};
 
 pub use ferry_file::{FileError, FileOptions, SavedFile};
 pub use ferry_multifd::{ReceiverOptions, SendPath, SenderOptions};
