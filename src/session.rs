@@ -20,7 +20,8 @@
 //! none → setup → active ─┬─────────────────→ device → completed
 //!                        ├→ pre-switchover ─┘
 //!                        ├→ completed              (background snapshot)
-//!                        └→ postcopy-active, colo  (not implemented yet)
+//!                        ├→ postcopy-active → completed, or → postcopy-paused → failed
+//!                        └→ colo  (not implemented yet)
 //! any running phase → failed, or → cancelling → cancelled
 //! ```
 //!
@@ -84,7 +85,10 @@
 //! 5. **Caller.** `outgoing.rs: Source::run` matches the new [`PrecopyEnd`]
 //!    and calls the phase's method instead of `switchover`.
 //!
-//! A sketch of step 4 (postcopy is not implemented):
+//! Postcopy now follows steps 1–3 and 5 ([`PassSink::start_postcopy`],
+//! [`PrecopyEnd::Postcopy`]; its loop is `outgoing.rs: Source::postcopy`
+//! over `crate::postcopy`); recovery is not implemented. The sketch of
+//! step 4 as first planned:
 //!
 //! ```ignore
 //! impl Session<'_> {
@@ -475,8 +479,7 @@ pub fn next_throttle(current: u8, p: &Parameters) -> u8 {
     next.min(p.throttle_max).min(99)
 }
 
-/// Why [`Session::precopy`] returned: today always to switch over; a
-/// postcopy would add `StartPostcopy` here.
+/// Why [`Session::precopy`] returned.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum PrecopyEnd {
     SwitchOver,

@@ -238,3 +238,46 @@ fn a_destination_that_cannot_register_userfaultfd_refuses_postcopy() {
         assert!(dst.join().unwrap().is_err());
     });
 }
+
+/// A failure after the switch: the destination fails once the package is
+/// in (its keep hook refuses), so neither side holds the whole guest. The
+/// source never resumes its guest, passes through postcopy-paused and
+/// says so.
+#[test]
+fn a_failure_after_the_switch_leaves_the_source_paused_in_postcopy_paused() {
+    within(120, || {
+        let guest = fast_guest();
+        let (l, uri) = listener();
+        let dst = spawn_destination(
+            l,
+            IncomingOptions {
+                keep: Some(Arc::new(|_: &[u8]| Err("the disk is full".to_string()))),
+                ..IncomingOptions::default()
+            },
+        );
+        let progress = Progress::default();
+        let events = progress.subscribe();
+        let f = migrate_out(&guest, &uri, &postcopy_opts(1), &progress).unwrap_err();
+        let e = f.error.to_string();
+        assert!(e.contains("the disk is full"), "{e}");
+        assert!(e.contains("postcopy-paused"), "{e}");
+        assert!(e.contains("never resumed here"), "{e}");
+        assert!(!guest.is_running(), "the source guest stays paused");
+        let statuses: Vec<Status> = events
+            .try_iter()
+            .filter_map(|ev| match ev {
+                ferry::Event::Status(s) => Some(s),
+                _ => None,
+            })
+            .collect();
+        assert!(
+            statuses.ends_with(&[
+                Status::PostcopyActive,
+                Status::PostcopyPaused,
+                Status::Failed
+            ]),
+            "{statuses:?}"
+        );
+        assert!(dst.join().unwrap().is_err());
+    });
+}
