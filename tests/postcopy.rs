@@ -281,3 +281,74 @@ fn a_failure_after_the_switch_leaves_the_source_paused_in_postcopy_paused() {
         assert!(dst.join().unwrap().is_err());
     });
 }
+
+/// Forwards one connection to `to` both ways; a preempt channel (role 2
+/// in its hello) is cut, both ways, once it would carry more than
+/// `cut_after` bytes toward the destination.
+fn pipe(mut src: std::net::TcpStream, to: std::net::SocketAddr, cut_after: usize) {
+    use std::io::{Read, Write};
+    use std::net::Shutdown;
+    let Ok(mut dst) = std::net::TcpStream::connect(to) else {
+        return;
+    };
+    let (mut back_from, mut back_to) = (dst.try_clone().unwrap(), src.try_clone().unwrap());
+    std::thread::spawn(move || {
+        let _ = std::io::copy(&mut back_from, &mut back_to);
+        let _ = back_to.shutdown(Shutdown::Both);
+    });
+    let mut hello = [0u8; ferry_transport::HELLO_LEN];
+    if src.read_exact(&mut hello).is_err() || dst.write_all(&hello).is_err() {
+        return;
+    }
+    let preempt = hello[10] == 2;
+    let mut buf = vec![0u8; 64 << 10];
+    let mut sent = 0;
+    loop {
+        let n = match src.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        if preempt && sent + n > cut_after {
+            let _ = src.shutdown(Shutdown::Both);
+            let _ = dst.shutdown(Shutdown::Both);
+            return;
+        }
+        if dst.write_all(&buf[..n]).is_err() {
+            break;
+        }
+        sent += n;
+    }
+    let _ = dst.shutdown(Shutdown::Write);
+}
+
+/// A link cut after the switch (the preempt channels die mid-push): both
+/// sides end in postcopy-paused, saying so; the source guest stays paused.
+#[test]
+fn a_link_cut_after_the_switch_pauses_both_sides() {
+    within(120, || {
+        let guest = fast_guest();
+        let (l, dest_uri) = listener();
+        let to: std::net::SocketAddr = dest_uri.to_string()["tcp:".len()..].parse().unwrap();
+        let relay = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let uri = format!("tcp:{}", relay.local_addr().unwrap())
+            .parse()
+            .unwrap();
+        std::thread::spawn(move || {
+            for c in relay.incoming() {
+                let Ok(c) = c else { return };
+                std::thread::spawn(move || pipe(c, to, 256 << 10));
+            }
+        });
+        let dst = spawn_destination(l, IncomingOptions::default());
+        let f = migrate_out(&guest, &uri, &postcopy_opts(1), &Progress::default()).unwrap_err();
+        let e = f.error.to_string();
+        assert!(e.contains("postcopy-paused"), "{e}");
+        assert!(!guest.is_running(), "the source guest stays paused");
+        let theirs = match dst.join().unwrap() {
+            Ok(_) => panic!("the destination completed over a cut link"),
+            Err(f) => f.error.to_string(),
+        };
+        assert!(theirs.contains("postcopy-paused"), "{theirs}");
+        assert!(theirs.contains("preempt"), "names the channel: {theirs}");
+    });
+}
