@@ -754,6 +754,11 @@ fn postcopy_in(
     // Wait for every page, watching the main channel: its failure is the
     // link's.
     while failure.is_none() && !pc.wait_ended(Duration::from_millis(50)) {
+        progress.set_postcopy_live(crate::PostcopyLive {
+            pages_left: pc.missing(),
+            requests: pc.requests(),
+            bytes: pc.bytes(),
+        });
         match inbox.try_recv() {
             Ok(Event::Main(Err(e))) => failure = Some(e.to_string()),
             Ok(Event::Main(Ok((m, _)))) => {
@@ -772,6 +777,11 @@ fn postcopy_in(
     }
     let stats = pc.finish(opts.peer_timeout);
     let s = pc.stats();
+    progress.set_postcopy_live(crate::PostcopyLive {
+        pages_left: pc.missing(),
+        requests: s.requests,
+        bytes: s.bytes,
+    });
     summary.postcopy = Some(crate::PostcopyReport {
         postcopy_requests: s.requests,
         postcopy_bytes: s.bytes,

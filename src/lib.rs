@@ -55,7 +55,7 @@ pub use snapshot::{
     verify_file, BackgroundOptions, FileFailed, FileSummary, LazyReport, LazyRestored,
     LazyRestoring, LiveOptions, RestoreTarget, Restored, SaveOptions, SnapshotError,
 };
-pub use state::{Event, LiveFigures, Parameters, PassFigures, Progress, Status};
+pub use state::{Event, LiveFigures, Parameters, PassFigures, PostcopyLive, Progress, Status};
 pub use summary::{PostcopyReport, Role, Summary, Workload};
 pub use synthetic::{
     replay_check, DirtyPattern, ReplayCheck, SyntheticConfig, SyntheticGuest, TrackerKind,

@@ -627,6 +627,11 @@ impl Source<'_> {
             }
         }
         let (requests, request_bytes, pushed_bytes) = server.figures();
+        self.progress.set_postcopy_live(crate::PostcopyLive {
+            pages_left: server.pending_pages(),
+            requests,
+            bytes: request_bytes + pushed_bytes,
+        });
         self.summary.postcopy = Some(crate::PostcopyReport {
             postcopy_requests: requests,
             postcopy_bytes: request_bytes + pushed_bytes,
@@ -651,7 +656,17 @@ impl Source<'_> {
         paused_at: Instant,
     ) -> Result<(), MigrationError> {
         let urgent = s.preempt[0].clone();
+        let mut shown: Option<Instant> = None;
         loop {
+            if shown.is_none_or(|t| t.elapsed() >= POLL) {
+                shown = Some(Instant::now());
+                let (requests, a, b) = server.figures();
+                self.progress.set_postcopy_live(crate::PostcopyLive {
+                    pages_left: server.pending_pages(),
+                    requests,
+                    bytes: a + b,
+                });
+            }
             let m = match s.return_path.recv_timeout(POLL) {
                 Ok(m) => m?,
                 Err(RecvTimeoutError::Timeout) => continue,

@@ -59,6 +59,16 @@ impl Status {
     }
 }
 
+/// Postcopy while it runs: pages the destination still lacks, page
+/// requests (sent by the destination, served by the source) and page
+/// bytes moved since the switch.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct PostcopyLive {
+    pub pages_left: u64,
+    pub requests: u64,
+    pub bytes: u64,
+}
+
 const POSTCOPY_OFF: u8 = 0;
 const POSTCOPY_ALLOWED: u8 = 1;
 const POSTCOPY_REQUESTED: u8 = 2;
@@ -222,6 +232,8 @@ pub struct Progress {
     error: Mutex<Option<String>>,
     cancel: AtomicBool,
     resume_requested: AtomicBool,
+    /// Postcopy's live figures, once it runs.
+    postcopy_live: Mutex<Option<PostcopyLive>>,
     /// Postcopy: [`POSTCOPY_OFF`], [`POSTCOPY_ALLOWED`] (the capability is
     /// on) or [`POSTCOPY_REQUESTED`] (`migrate-start-postcopy`).
     postcopy: std::sync::atomic::AtomicU8,
@@ -254,6 +266,7 @@ impl Default for Progress {
             error: Mutex::new(None),
             cancel: AtomicBool::new(false),
             resume_requested: AtomicBool::new(false),
+            postcopy_live: Mutex::new(None),
             postcopy: std::sync::atomic::AtomicU8::new(POSTCOPY_OFF),
             cancel_in_device: AtomicBool::new(false),
             cancel_hooks: Mutex::new(Vec::new()),
@@ -524,6 +537,16 @@ impl Progress {
         }
     }
 
+    /// Postcopy's live figures (the progress bar and `query` show them).
+    pub fn set_postcopy_live(&self, live: PostcopyLive) {
+        *self.postcopy_live.lock().unwrap() = Some(live);
+    }
+
+    /// Postcopy's live figures, once it runs.
+    pub fn postcopy_live(&self) -> Option<PostcopyLive> {
+        *self.postcopy_live.lock().unwrap()
+    }
+
     /// Allows `migrate-start-postcopy` (the migration has the postcopy
     /// capability).
     pub fn allow_postcopy(&self) {
@@ -652,6 +675,11 @@ impl Progress {
         }
         if f.throttle_percent > 0 {
             info["cpu-throttle-percentage"] = json!(f.throttle_percent);
+        }
+        if let Some(pc) = *self.postcopy_live.lock().unwrap() {
+            info["ram"]["postcopy-requests"] = json!(pc.requests);
+            info["ram"]["postcopy-bytes"] = json!(pc.bytes);
+            info["ram"]["postcopy-pages-left"] = json!(pc.pages_left);
         }
         if let Some(e) = self.error.lock().unwrap().as_ref() {
             info["error-desc"] = json!(e);

@@ -77,6 +77,12 @@ fn postcopy_after_one_pass_passes_the_replay_check_in_several_runs() {
             let sent = migrate_out(&guest, &uri, &postcopy_opts(1), &progress).unwrap();
             assert_eq!(sent.passes, 1, "switched after the first pass");
             assert_eq!(progress.status(), Status::Completed);
+            // query-migrate shows postcopy's figures.
+            let q = progress.query();
+            let pc = sent.postcopy.as_ref().unwrap();
+            assert_eq!(q["ram"]["postcopy-requests"], pc.postcopy_requests, "{q}");
+            assert_eq!(q["ram"]["postcopy-bytes"], pc.postcopy_bytes, "{q}");
+            assert_eq!(q["ram"]["postcopy-pages-left"], 0, "{q}");
             let got = dst.join().unwrap().expect("destination completes");
             check_postcopy(&guest, &sent, got);
         }

@@ -245,6 +245,16 @@ impl PostcopyDestination {
         !matches!(*end, End::Running)
     }
 
+    /// Page requests sent so far.
+    pub fn requests(&self) -> u64 {
+        self.shared.requests.load(Ordering::Relaxed)
+    }
+
+    /// Page payload bytes received so far.
+    pub fn bytes(&self) -> u64 {
+        self.shared.bytes.load(Ordering::Relaxed)
+    }
+
     /// Pages still missing.
     pub fn missing(&self) -> u64 {
         self.shared.missing.load(Ordering::Acquire)

@@ -49,6 +49,11 @@ impl PageServer {
         )
     }
 
+    /// Pages nobody has sent yet.
+    pub fn pending_pages(&self) -> u64 {
+        self.pending.iter().map(PageBitmap::count).sum()
+    }
+
     /// Answers one page request (from `from`, the return path) on
     /// `preempt`. A request outside guest memory is refused, naming it,
     /// before any byte is read.

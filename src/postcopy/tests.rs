@@ -171,7 +171,10 @@ fn faults_are_served_and_the_push_completes_every_page_once() {
         }
         let stats = pc.finish(Duration::from_secs(30)).unwrap();
         for p in pushers {
-            p.join().unwrap().unwrap();
+            // Once every page is placed the destination closes its
+            // channels: a push still sending (its END, a page that came
+            // both ways) may find them closed, which is no error.
+            let _ = p.join().unwrap();
         }
         assert_eq!(pc.missing(), 0);
         assert_eq!(stats.discarded_pages, stale);
@@ -217,8 +220,15 @@ fn a_page_arriving_both_ways_is_placed_once() {
         again.serve(&run, "return path", r_src.as_ref()).unwrap();
     }
     super::send_end(r_src.as_ref()).unwrap();
+    // The second arrivals are read, and skipped.
+    let t = std::time::Instant::now();
+    while pc.stats().duplicate_pages < 2 {
+        assert!(t.elapsed() < Duration::from_secs(30), "{:?}", pc.stats());
+        std::thread::sleep(Duration::from_millis(5));
+    }
     let stats = pc.finish(Duration::from_secs(30)).unwrap();
-    assert_eq!(stats.pushed_pages_placed, stale);
+    assert_eq!(stats.pushed_pages_placed, stale, "each page placed once");
+    assert_eq!(stats.duplicate_pages, 2);
     assert_eq!(stats.requests, 0);
     // SAFETY: every page is placed and nothing touches `dst` now.
     assert_eq!(
