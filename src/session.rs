@@ -86,7 +86,7 @@
 //!    and calls the phase's method instead of `switchover`.
 //!
 //! Postcopy now follows steps 1–3 and 5 ([`PassSink::start_postcopy`],
-//! [`PrecopyEnd::Postcopy`]; its loop is `outgoing.rs: Source::postcopy`
+//! [`PrecopyEnd::Postcopy`]; its loop is `postcopy/outgoing.rs: Source::postcopy`
 //! over `crate::postcopy`); recovery is not implemented. The sketch of
 //! step 4 as first planned:
 //!

@@ -18,6 +18,12 @@
 //!   on the preempt channel and pushes every remaining page over the
 //!   multifd channels, reading the paused guest's memory.
 //!
+//! Each side's phase lives here too, but as a child module of that side:
+//! `outgoing.rs` (the switch and the serving loop) and `incoming.rs`
+//! (registration, resume, the wait for every page), declared by
+//! `src/outgoing.rs` and `src/incoming.rs` with `#[path]` so they reach
+//! those sides' private state.
+//!
 //! A failure after the switch never lets the destination's guest see a
 //! page it was not sent: the userfaultfd stays registered (threads touching
 //! missing pages stay blocked, as in QEMU's `postcopy-paused`) until the
