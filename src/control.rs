@@ -585,6 +585,7 @@ pub fn handle(line: &str, progress: &Progress) -> Value {
             Some(state) => progress.continue_from(state).map(|()| json!({})),
             None => Err("migrate-continue needs \"state\" (e.g. \"pre-switchover\")".into()),
         },
+        "migrate-start-postcopy" => progress.start_postcopy().map(|()| json!({})),
         "migrate-set-parameters" => set_parameters(progress, args).map(|()| json!({})),
         other => {
             return error_reply(

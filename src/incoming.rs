@@ -38,10 +38,16 @@ use ferry_ram::{Digest, GuestMemory, PageBitmap, RamBlock};
 use ferry_transport::{accept_session, AcceptOptions, Listener};
 
 use crate::protocol::{
-    heartbeat_interval, MainChannel, Message, Setup, CAP_CHECKSUM, CAP_VERIFY, CAP_ZSTD,
-    DEFAULT_PEER_TIMEOUT,
+    heartbeat_interval, MainChannel, Message, Setup, CAP_CHECKSUM, CAP_POSTCOPY, CAP_VERIFY,
+    CAP_ZSTD, DEFAULT_PEER_TIMEOUT,
 };
 use crate::{Failed, MigrationError, Progress, Role, Summary};
+
+/// The destination's postcopy phase, kept beside the postcopy module; a
+/// child of this module, it sees `Received` and `Event`.
+#[path = "postcopy/incoming.rs"]
+mod postcopy_phase;
+use postcopy_phase::postcopy_in;
 
 /// Where the destination's guest memory comes from.
 #[derive(Clone)]
@@ -215,6 +221,8 @@ struct Received {
     memory: Option<Arc<GuestMemory>>,
     device_state: Vec<u8>,
     guest: Option<Box<dyn Guest>>,
+    /// The postcopy package, when the source switched to postcopy.
+    package: Option<Vec<u8>>,
 }
 
 enum Event {
@@ -257,7 +265,16 @@ fn run(
     summary.tls = listener.is_tls();
     let main = MainChannel::new(Arc::from(session.main), opts.peer_timeout)?;
     main.start_heartbeat(heartbeat_interval(opts.peer_timeout))?;
-    let result = receive(main.clone(), session.multifd, opts, phases, summary, out);
+    let preempt = Some((listener, session.session));
+    let result = receive(
+        main.clone(),
+        session.multifd,
+        preempt,
+        opts,
+        phases,
+        summary,
+        out,
+    );
     let shut = Message::Shut {
         error: result.as_ref().err().map(ToString::to_string),
     };
@@ -278,6 +295,7 @@ fn run(
 fn receive(
     main: Arc<MainChannel>,
     multifd: Vec<Box<dyn ferry_transport::Channel>>,
+    preempt_from: Option<(&Listener, ferry_transport::SessionId)>,
     opts: &IncomingOptions,
     phases: &mut Phases,
     summary: &mut Summary,
@@ -304,7 +322,7 @@ fn receive(
             multifd.len()
         )));
     }
-    let unknown = setup.capabilities & !(CAP_CHECKSUM | CAP_ZSTD | CAP_VERIFY);
+    let unknown = setup.capabilities & !(CAP_CHECKSUM | CAP_ZSTD | CAP_VERIFY | CAP_POSTCOPY);
     if unknown != 0 {
         return Err(MigrationError::Setup(format!(
             "SETUP asks for capabilities this receiver does not have (bits {unknown:#04x}): \
@@ -349,6 +367,11 @@ fn receive(
         "setup"
     );
     let (memory, staged) = build_memory(&setup, &opts.memory, &summary.session)?;
+    let postcopy = setup.capabilities & CAP_POSTCOPY != 0;
+    if postcopy {
+        crate::postcopy::check_registrable(&memory)
+            .map_err(|e| MigrationError::Setup(format!("the source asks for postcopy, but {e}")))?;
+    }
     progress
         .total_ram_bytes
         .store(memory.total_bytes(), std::sync::atomic::Ordering::Relaxed);
@@ -379,12 +402,27 @@ fn receive(
         stop("the main channel failed")
     })?;
     summary.wire_bytes += main.send(&Message::SetupAck { verify })?;
+    let preempt = match preempt_from {
+        Some((listener, session)) if postcopy => ferry_transport::accept_preempt(
+            listener,
+            session,
+            setup.multifd_channels + 1,
+            &opts.accept,
+        )?,
+        _ => Vec::new(),
+    };
 
     phases.enter(Phase::Active)?;
     progress.set_phase("receiving");
     let counters = pool.counters().clone();
     let stall = Some(opts.peer_timeout);
-    let result = follow_main(&pool, &main, &inbox, phases, summary, out, stall)
+    let followed = follow_main(&pool, &main, &inbox, phases, summary, out, stall);
+    if followed.is_ok() && out.package.is_some() {
+        return postcopy_in(
+            &main, &inbox, pool, memory, preempt, opts, phases, summary, out,
+        );
+    }
+    let result = followed
         .and_then(|()| check_all_received(&memory, pool.received()))
         .and_then(|()| {
             pool.finish_within(stall)
@@ -578,6 +616,10 @@ fn follow_main(
                 summary.device_state_digest = Some(Digest::of_bytes(&d).to_string());
                 out.device_state = d;
             }
+            Message::PostcopyPackage(p) if last_pass > 0 => {
+                out.package = Some(p);
+                return Ok(());
+            }
             Message::Complete { generation } => {
                 if generation != last_pass || last_pass == 0 {
                     return Err(MigrationError::Protocol(format!(
@@ -640,7 +682,10 @@ fn spawn_main_reader(
             let last = !matches!(
                 m,
                 Ok((
-                    Message::PassEnd { .. } | Message::DeviceState(_) | Message::Complete { .. },
+                    Message::PassEnd { .. }
+                        | Message::DeviceState(_)
+                        | Message::Complete { .. }
+                        | Message::PostcopyPackage(_),
                     _
                 ))
             );
@@ -956,8 +1001,16 @@ mod tests {
             let mut phases = Phases::new(&progress);
             let mut summary = Summary::new(Role::Destination, "unix:test".into());
             let mut out = Received::default();
-            let e =
-                receive(main, Vec::new(), &opts, &mut phases, &mut summary, &mut out).unwrap_err();
+            let e = receive(
+                main,
+                Vec::new(),
+                None,
+                &opts,
+                &mut phases,
+                &mut summary,
+                &mut out,
+            )
+            .unwrap_err();
             let e = setup_error(e);
             assert!(e.contains("more than this receiver"), "{e}");
             assert!(out.memory.is_none(), "no memory made");

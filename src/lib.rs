@@ -28,6 +28,7 @@ pub mod guest;
 pub mod incoming;
 pub mod metrics;
 pub mod outgoing;
+pub mod postcopy;
 pub mod protocol;
 pub mod restore;
 pub mod save;
@@ -54,9 +55,11 @@ pub use snapshot::{
     verify_file, BackgroundOptions, FileFailed, FileSummary, LazyReport, LazyRestored,
     LazyRestoring, LiveOptions, RestoreTarget, Restored, SaveOptions, SnapshotError,
 };
-pub use state::{Event, LiveFigures, Parameters, PassFigures, Progress, Status};
-pub use summary::{Role, Summary, Workload};
-pub use synthetic::{DirtyPattern, SyntheticConfig, SyntheticGuest, TrackerKind};
+pub use state::{Event, LiveFigures, Parameters, PassFigures, PostcopyLive, Progress, Status};
+pub use summary::{PostcopyReport, Role, Summary, Workload};
+pub use synthetic::{
+    replay_check, DirtyPattern, ReplayCheck, SyntheticConfig, SyntheticGuest, TrackerKind,
+};
 
 pub use ferry_file::{FileError, FileOptions, IoMode, SavedFile};
 pub use ferry_multifd::{ReceiverOptions, SendPath, SenderOptions};

@@ -41,7 +41,8 @@ use ferry_transport::{
 };
 
 use crate::protocol::{
-    MainChannel, Message, Setup, CAP_CHECKSUM, CAP_VERIFY, CAP_ZSTD, DEFAULT_PEER_TIMEOUT,
+    MainChannel, Message, Setup, CAP_CHECKSUM, CAP_POSTCOPY, CAP_VERIFY, CAP_ZSTD,
+    DEFAULT_PEER_TIMEOUT,
 };
 use crate::session::{
     AtMaxPasses, Limits, Outcome, PassResult, PassSink, Phase, PrecopyEnd, Readiness, Session,
@@ -49,6 +50,13 @@ use crate::session::{
 };
 use crate::summary::ZeroCopyReport;
 use crate::{Failed, Guest, MigrationError, Progress, Role as SummaryRole, Summary};
+
+/// The source's postcopy phase (the switch and the serving of pages), kept
+/// beside the postcopy module; a child of this module, it sees `Source`
+/// and `Link`.
+#[path = "postcopy/outgoing.rs"]
+mod postcopy_phase;
+use postcopy_phase::open_preempt;
 
 #[derive(Clone, Debug)]
 pub struct OutgoingOptions {
@@ -73,6 +81,12 @@ pub struct OutgoingOptions {
     /// destination that refuses fails the migration at setup. The
     /// destination may also verify on its own when this is false.
     pub verify_switchover: bool,
+    /// The postcopy capability (`--postcopy`): announced in SETUP; the
+    /// migration may then switch to postcopy (see [`crate::postcopy`]).
+    pub postcopy: bool,
+    /// With `postcopy`, switch after this many precopy passes (0: only on
+    /// `migrate-start-postcopy` or when precopy does not converge).
+    pub postcopy_after: u64,
 }
 
 impl Default for OutgoingOptions {
@@ -86,6 +100,8 @@ impl Default for OutgoingOptions {
             peer_timeout: DEFAULT_PEER_TIMEOUT,
             tls: None,
             verify_switchover: false,
+            postcopy: false,
+            postcopy_after: 0,
         }
     }
 }
@@ -136,6 +152,7 @@ pub fn migrate_out(
         uri,
         ended: Arc::new(AtomicBool::new(false)),
         handed_over: false,
+        in_postcopy: false,
         memory,
         opts,
         progress,
@@ -143,6 +160,7 @@ pub fn migrate_out(
     };
     let mut result = progress.while_ticking(|| source.run(&mut session));
     let handed_over = source.handed_over;
+    let in_postcopy = source.in_postcopy;
     let stats = session.stats();
     summary.dirty_sync_count = stats.dirty_sync_count;
     summary.dirty_sync_ms = stats.dirty_sync_ms;
@@ -152,7 +170,11 @@ pub fn migrate_out(
         result = Err(MigrationError::Cancelled(String::new()));
     }
     if let Err(e) = &mut result {
-        let kept_paused = after_failure(guest, was_running, handed_over);
+        let kept_paused = if in_postcopy {
+            Some(POSTCOPY_PAUSED.to_string())
+        } else {
+            after_failure(guest, was_running, handed_over)
+        };
         if let Some(why) = kept_paused {
             *e = MigrationError::SourceNotResumed {
                 error: Box::new(std::mem::replace(
@@ -249,7 +271,15 @@ struct Source<'a> {
     /// on the source must not resume on its own, or the guest could run
     /// twice.
     handed_over: bool,
+    /// The package went out: the destination may run the guest, and the
+    /// source holds pages it lacks (see [`POSTCOPY_PAUSED`]).
+    in_postcopy: bool,
 }
+
+/// Why a source that failed in postcopy keeps its guest paused.
+const POSTCOPY_PAUSED: &str = "postcopy-paused: the destination runs the guest and this \
+    source holds the pages it lacked; neither side alone holds the whole guest, so it is \
+    never resumed here (recovery after a link failure is not implemented yet)";
 
 /// The open link to the destination: main channel, its return path and
 /// the sender pool.
@@ -261,6 +291,9 @@ struct Link {
     /// The destination asked for VERIFY (SETUP_ACK): it compares digests
     /// before its guest runs.
     destination_verifies: bool,
+    /// Postcopy's channels (with the capability): preempt[0] for the
+    /// answers to page requests, preempt[1..=K] for the background push.
+    preempt: Vec<Arc<dyn Channel>>,
 }
 
 impl Source<'_> {
@@ -273,9 +306,13 @@ impl Source<'_> {
         }
         let mut s = self.setup()?;
         let result = self.precopy(session, &mut s).and_then(|end| match end {
-            // A postcopy or COLO phase would start here (session.rs).
+            // A COLO phase would start here (session.rs).
             PrecopyEnd::SwitchOver => self.switchover(session, &mut s),
+            PrecopyEnd::Postcopy => self.postcopy(session, &mut s),
         });
+        if result.is_err() && self.in_postcopy {
+            let _ = session.enter(Phase::PostcopyPaused);
+        }
         if result.is_err() && self.progress.cancel_requested() {
             // End the channels cleanly (a dead link is cut by the cancel's
             // grace timer), then tell the destination to discard.
@@ -327,7 +364,7 @@ impl Source<'_> {
                 CAP_VERIFY
             } else {
                 0
-            },
+            } | if opts.postcopy { CAP_POSTCOPY } else { 0 },
             multifd_channels: opts.channels,
             packet_pages: opts.sender.packet_pages,
             blocks: self.memory.specs(),
@@ -359,6 +396,13 @@ impl Source<'_> {
             other => return Err(unexpected("SETUP_ACK", &other)),
         };
 
+        let preempt = if opts.postcopy {
+            let p = open_preempt(self.uri, opts, session)?;
+            self.progress.allow_postcopy();
+            p
+        } else {
+            Vec::new()
+        };
         let mut sender = opts.sender.clone();
         sender.stall_timeout = Some(opts.peer_timeout);
         let pool = SenderPool::start(multifd, self.memory.clone(), sender)?;
@@ -404,6 +448,7 @@ impl Source<'_> {
             pool,
             switchover_acked: false,
             destination_verifies,
+            preempt,
         })
     }
 
@@ -618,6 +663,36 @@ impl PassSink for NetSink<'_, '_> {
         })
     }
 
+    /// With the capability: on `migrate-start-postcopy`, after
+    /// `--postcopy-after` passes, or when precopy does not converge (the
+    /// bytes left did not shrink and exceed what the downtime allows).
+    fn start_postcopy(
+        &mut self,
+        passes: u64,
+        est: &crate::session::Estimate,
+        before: Option<u64>,
+    ) -> bool {
+        if !self.opts.postcopy {
+            return false;
+        }
+        let after = self.opts.postcopy_after;
+        // Not converging: what is left exceeds what the downtime allows
+        // and shrank by less than a tenth in the last pass.
+        let stuck = before.is_some_and(|b| est.remaining as f64 > 0.9 * b as f64)
+            && est.remaining as f64 > est.threshold;
+        let why = if self.progress.postcopy_requested() {
+            "start-postcopy"
+        } else if after > 0 && passes >= after {
+            "--postcopy-after"
+        } else if stuck {
+            "precopy does not converge"
+        } else {
+            return false;
+        };
+        tracing::info!(passes, why, "switching to postcopy");
+        true
+    }
+
     /// The destination must have sent SWITCHOVER_ACK.
     fn switchover_ready(&mut self) -> Result<Readiness, MigrationError> {
         if self.link.switchover_acked {
@@ -764,7 +839,10 @@ fn spawn_return_path(
             let failed = matches!(m, Err(_) | Ok(Message::Shut { error: Some(_) }));
             let last = !matches!(
                 m,
-                Ok(Message::SetupAck { .. } | Message::SwitchoverAck | Message::Resumed { .. })
+                Ok(Message::SetupAck { .. }
+                    | Message::SwitchoverAck
+                    | Message::Resumed { .. }
+                    | Message::PageRequest(_))
             );
             let gone = tx.send(m).is_err();
             if failed {
@@ -1121,6 +1199,7 @@ mod tests {
                 pool,
                 switchover_acked: false,
                 destination_verifies: false,
+                preempt: Vec::new(),
             };
             let mut summary = Summary::new(SummaryRole::Source, "unix:test".into());
             let progress = Progress::default();

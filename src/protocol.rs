@@ -24,7 +24,9 @@
 //! Source → destination:
 //! - `1 SETUP`: `u8` capability flags (bit 0: packets carry checksums;
 //!   bit 1: payloads may be zstd-compressed; bit 2: the source asks that
-//!   the switchover be verified, [`CAP_VERIFY`]),
+//!   the switchover be verified, [`CAP_VERIFY`]; bit 3: postcopy may
+//!   follow, the destination registers userfaultfd and takes preempt
+//!   channels, [`CAP_POSTCOPY`]),
 //!   `u16` multifd channels, `u32` pages per packet, `u16` block count B, then
 //!   B times: `u8` name length L, L bytes of UTF-8 name, `u64` length in
 //!   bytes, `u32` page size. At most 1 MiB.
@@ -39,6 +41,9 @@
 //!   at switchover ([`ferry_ram::Digest::of_guest`]). Sent after COMPLETE
 //!   when SETUP_ACK asked for it: the destination compares it with its own
 //!   before its guest may run.
+//! - `7 POSTCOPY_PACKAGE`: the switch to postcopy: the discard list and
+//!   the device state, read whole before any of it is used (layout:
+//!   `src/postcopy/wire.rs`). At most 256 MiB + 64 MiB.
 //!
 //! Verifying the switchover is opt-in, and either side may ask: the source
 //! with SETUP's bit 2, the destination by itself. The destination decides
@@ -62,6 +67,9 @@
 //!   guest started running (the source's downtime ends when it arrives),
 //!   then, when the destination verified, the 16 bytes of its own digest of
 //!   memory and device state before it resumed. 8 or 24 bytes.
+//! - `105 PAGE_REQUEST`: postcopy: the guest touched a page it lacks:
+//!   `u16` block, `u64` offset, `u32` length (`src/postcopy/wire.rs`).
+//!   14 bytes.
 //!
 //! Either direction:
 //! - `200 HEARTBEAT`: empty; sent when nothing else was sent for a while,
@@ -87,6 +95,11 @@ pub const CAP_ZSTD: u8 = 2;
 /// SETUP capability: the source asks that the switchover be verified
 /// (SETUP_ACK must answer [`ACK_VERIFY`]).
 pub const CAP_VERIFY: u8 = 4;
+/// SETUP capability: postcopy may follow (the destination registers
+/// userfaultfd and takes preempt channels).
+pub const CAP_POSTCOPY: u8 = 8;
+/// A POSTCOPY_PACKAGE's limit: the device state's and a discard list's.
+const MAX_PACKAGE: u32 = MAX_DEVICE_STATE + (64 << 20);
 /// The message type numbers, each written once here (the module doc lists
 /// them with their bodies).
 pub mod kind {
@@ -96,10 +109,12 @@ pub mod kind {
     pub const COMPLETE: u16 = 4;
     pub const CANCEL: u16 = 5;
     pub const VERIFY: u16 = 6;
+    pub const POSTCOPY_PACKAGE: u16 = 7;
     pub const SETUP_ACK: u16 = 101;
     pub const SHUT: u16 = 102;
     pub const SWITCHOVER_ACK: u16 = 103;
     pub const RESUMED: u16 = 104;
+    pub const PAGE_REQUEST: u16 = 105;
     pub const HEARTBEAT: u16 = 200;
 }
 
@@ -150,6 +165,9 @@ pub enum Message {
         digest: Option<u128>,
     },
     Heartbeat,
+    /// The postcopy package (`crate::postcopy::wire`), opaque here.
+    PostcopyPackage(Vec<u8>),
+    PageRequest(crate::postcopy::wire::PageRun),
 }
 
 impl Message {
@@ -166,6 +184,8 @@ impl Message {
             Self::SwitchoverAck => kind::SWITCHOVER_ACK,
             Self::Resumed { .. } => kind::RESUMED,
             Self::Heartbeat => kind::HEARTBEAT,
+            Self::PostcopyPackage(_) => kind::POSTCOPY_PACKAGE,
+            Self::PageRequest(_) => kind::PAGE_REQUEST,
         }
     }
 
@@ -199,7 +219,8 @@ impl Message {
             }
             Self::Verify { digest } => b.extend_from_slice(&digest.to_le_bytes()),
             Self::SetupAck { verify } => b.push(if *verify { ACK_VERIFY } else { 0 }),
-            Self::DeviceState(d) => b.extend_from_slice(d),
+            Self::DeviceState(d) | Self::PostcopyPackage(d) => b.extend_from_slice(d),
+            Self::PageRequest(run) => b.extend_from_slice(&run.encode_request()),
             Self::Cancel | Self::SwitchoverAck | Self::Heartbeat => {}
             Self::Shut { error } => {
                 b.extend_from_slice(&u32::from(error.is_some()).to_le_bytes());
@@ -318,6 +339,14 @@ impl Message {
                 digest: if b.len() > 8 { Some(r.u128()?) } else { None },
             },
             kind::HEARTBEAT => Self::Heartbeat,
+            kind::POSTCOPY_PACKAGE => Self::PostcopyPackage(b.to_vec()),
+            kind::PAGE_REQUEST => {
+                Self::PageRequest(crate::postcopy::wire::PageRun::decode_request(
+                    r.bytes(crate::postcopy::wire::REQUEST_LEN)?
+                        .try_into()
+                        .expect("REQUEST_LEN bytes"),
+                ))
+            }
             kind::SHUT => {
                 let flag = r.u32()?;
                 if flag == 0 && b.len() > 4 {
@@ -337,7 +366,11 @@ impl Message {
                 )))
             }
         };
-        if !matches!(m, Self::DeviceState(_) | Self::Shut { .. }) && r.at != b.len() {
+        if !matches!(
+            m,
+            Self::DeviceState(_) | Self::Shut { .. } | Self::PostcopyPackage(_)
+        ) && r.at != b.len()
+        {
             return Err(MigrationError::Protocol(format!(
                 "{}: {} stray bytes at the end",
                 m.name(),
@@ -501,7 +534,7 @@ impl Drop for MainChannel {
 
 /// Every message type: its number on the wire, its name, and the most
 /// bytes its body may have.
-const KINDS: [(u16, &str, u32); 11] = [
+const KINDS: [(u16, &str, u32); 13] = [
     (kind::SETUP, "SETUP", MAX_SETUP),
     (kind::PASS_END, "PASS_END", 8),
     (kind::DEVICE_STATE, "DEVICE_STATE", MAX_DEVICE_STATE),
@@ -513,6 +546,12 @@ const KINDS: [(u16, &str, u32); 11] = [
     (kind::SWITCHOVER_ACK, "SWITCHOVER_ACK", 0),
     (kind::RESUMED, "RESUMED", 24),
     (kind::HEARTBEAT, "HEARTBEAT", 0),
+    (kind::POSTCOPY_PACKAGE, "POSTCOPY_PACKAGE", MAX_PACKAGE),
+    (
+        kind::PAGE_REQUEST,
+        "PAGE_REQUEST",
+        crate::postcopy::wire::REQUEST_LEN as u32,
+    ),
 ];
 
 fn kind_name(kind: u16) -> &'static str {
@@ -651,6 +690,12 @@ mod tests {
             },
             Message::Verify { digest: 1 << 100 },
             Message::Heartbeat,
+            Message::PostcopyPackage(vec![4, 0, 0, 0, 1, 2, 3, 4, 9]),
+            Message::PageRequest(crate::postcopy::wire::PageRun {
+                block: 2,
+                offset: 1 << 40,
+                len: 4096,
+            }),
             Message::SetupAck { verify: true },
             Message::SetupAck { verify: false },
             Message::Shut { error: None },
@@ -691,7 +736,7 @@ mod tests {
         /// to the same body (no bytes are silently skipped).
         #[test]
         fn any_body_decodes_or_is_refused(
-            kind in proptest::sample::select(vec![1u16, 2, 3, 4, 5, 6, 101, 102, 103, 104, 200, 0, 7, 105, 65535]),
+            kind in proptest::sample::select(vec![1u16, 2, 3, 4, 5, 6, 7, 101, 102, 103, 104, 105, 200, 0, 8, 106, 65535]),
             body in proptest::collection::vec(proptest::num::u8::ANY, 0..300),
         ) {
             match Message::decode(kind, &body) {
@@ -829,6 +874,27 @@ mod tests {
         let e = reader(r).recv("source").unwrap_err().to_string();
         assert!(
             e.contains("DEVICE_STATE of 100 bytes from the source failed its CRC"),
+            "{e}"
+        );
+    }
+
+    /// A return-path frame longer than its type allows is refused before
+    /// its body is read, naming the type and both sizes.
+    #[test]
+    fn an_oversized_page_request_is_refused() {
+        let mut frame = Message::PageRequest(crate::postcopy::wire::PageRun {
+            block: 0,
+            offset: 0,
+            len: 4096,
+        })
+        .frame(0);
+        frame[4..8].copy_from_slice(&15u32.to_le_bytes());
+        frame.push(0);
+        let (w, r) = channel_pair();
+        w.write_all(&frame).unwrap();
+        let e = reader(r).recv("destination").unwrap_err().to_string();
+        assert!(
+            e.contains("PAGE_REQUEST (type 105) of 15 bytes, more than its limit of 14"),
             "{e}"
         );
     }

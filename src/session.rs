@@ -20,7 +20,8 @@
 //! none → setup → active ─┬─────────────────→ device → completed
 //!                        ├→ pre-switchover ─┘
 //!                        ├→ completed              (background snapshot)
-//!                        └→ postcopy-active, colo  (not implemented yet)
+//!                        ├→ postcopy-active → completed, or → postcopy-paused → failed
+//!                        └→ colo  (not implemented yet)
 //! any running phase → failed, or → cancelling → cancelled
 //! ```
 //!
@@ -84,7 +85,10 @@
 //! 5. **Caller.** `outgoing.rs: Source::run` matches the new [`PrecopyEnd`]
 //!    and calls the phase's method instead of `switchover`.
 //!
-//! A sketch of step 4 (postcopy is not implemented):
+//! Postcopy now follows steps 1–3 and 5 ([`PassSink::start_postcopy`],
+//! [`PrecopyEnd::Postcopy`]; its loop is `postcopy/outgoing.rs: Source::postcopy`
+//! over `crate::postcopy`); recovery is not implemented. The sketch of
+//! step 4 as first planned:
 //!
 //! ```ignore
 //! impl Session<'_> {
@@ -230,11 +234,9 @@ impl Phase {
             Self::Failed => Status::Failed,
             Self::Cancelling => Status::Cancelling,
             Self::Cancelled => Status::Cancelled,
-            Self::PostcopyActive
-            | Self::PostcopyPaused
-            | Self::PostcopyRecoverSetup
-            | Self::PostcopyRecover
-            | Self::Colo => return None,
+            Self::PostcopyActive => Status::PostcopyActive,
+            Self::PostcopyPaused => Status::PostcopyPaused,
+            Self::PostcopyRecoverSetup | Self::PostcopyRecover | Self::Colo => return None,
         })
     }
 
@@ -362,6 +364,13 @@ pub trait PassSink {
         live: bool,
     ) -> Result<PassResult, Self::Error>;
 
+    /// After each pass (`passes` so far, the estimate after it, and the
+    /// previous pass's remaining bytes), before the switchover decision:
+    /// switch to postcopy now? By default never.
+    fn start_postcopy(&mut self, _passes: u64, _est: &Estimate, _before: Option<u64>) -> bool {
+        false
+    }
+
     /// The loop decided to switch over: may it? By default, at once.
     fn switchover_ready(&mut self) -> Result<Readiness, Self::Error> {
         Ok(Readiness::Ready)
@@ -470,11 +479,12 @@ pub fn next_throttle(current: u8, p: &Parameters) -> u8 {
     next.min(p.throttle_max).min(99)
 }
 
-/// Why [`Session::precopy`] returned: today always to switch over; a
-/// postcopy would add `StartPostcopy` here.
+/// Why [`Session::precopy`] returned.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum PrecopyEnd {
     SwitchOver,
+    /// The sink asked for postcopy ([`PassSink::start_postcopy`]).
+    Postcopy,
 }
 
 /// How a session ended, for [`Session::finish`].
@@ -696,6 +706,7 @@ impl<'a> Session<'a> {
         let tracking = log.is_some();
         let page_size = self.progress.page_size.load(Ordering::Relaxed);
         self.last_sync = Instant::now();
+        let mut previous_remaining = None;
         loop {
             sink.before_pass()?;
             let pass = self.pass(sink, tracking)?;
@@ -731,6 +742,11 @@ impl<'a> Session<'a> {
                 dirty_pages = dirty,
                 "pass done"
             );
+            if sink.start_postcopy(passes, &est, previous_remaining) {
+                self.stats.expected_downtime_ms = Some(est.expected_downtime_ms);
+                return Ok(PrecopyEnd::Postcopy);
+            }
+            previous_remaining = Some(est.remaining);
             match decide(&est, passes, tracking, &params) {
                 Decision::Continue => {}
                 Decision::SwitchOver => {
@@ -1048,8 +1064,11 @@ mod tests {
             s.enter(Device).unwrap();
             assert_eq!(progress.cancel(), save);
         }
-        // Phases not implemented report no status of their own.
-        assert_eq!(PostcopyActive.status(), Option::None);
+        // Postcopy's phases report their status; those not implemented
+        // (recovery, COLO) report none of their own.
+        assert_eq!(PostcopyActive.status(), Some(Status::PostcopyActive));
+        assert_eq!(PostcopyPaused.status(), Some(Status::PostcopyPaused));
+        assert_eq!(PostcopyRecover.status(), Option::None);
         assert_eq!(Colo.as_str(), "colo");
     }
 

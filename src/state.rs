@@ -30,6 +30,8 @@ pub enum Status {
     Active,
     PreSwitchover,
     Device,
+    PostcopyActive,
+    PostcopyPaused,
     Completed,
     Failed,
     Cancelling,
@@ -44,6 +46,8 @@ impl Status {
             Self::Active => "active",
             Self::PreSwitchover => "pre-switchover",
             Self::Device => "device",
+            Self::PostcopyActive => "postcopy-active",
+            Self::PostcopyPaused => "postcopy-paused",
             Self::Completed => "completed",
             Self::Failed => "failed",
             Self::Cancelling => "cancelling",
@@ -54,6 +58,20 @@ impl Status {
         matches!(self, Self::Completed | Self::Failed | Self::Cancelled)
     }
 }
+
+/// Postcopy while it runs: pages the destination still lacks, page
+/// requests (sent by the destination, served by the source) and page
+/// bytes moved since the switch.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct PostcopyLive {
+    pub pages_left: u64,
+    pub requests: u64,
+    pub bytes: u64,
+}
+
+const POSTCOPY_OFF: u8 = 0;
+const POSTCOPY_ALLOWED: u8 = 1;
+const POSTCOPY_REQUESTED: u8 = 2;
 
 /// What a user may set before or during a migration.
 #[derive(Clone, Debug)]
@@ -214,6 +232,11 @@ pub struct Progress {
     error: Mutex<Option<String>>,
     cancel: AtomicBool,
     resume_requested: AtomicBool,
+    /// Postcopy's live figures, once it runs.
+    postcopy_live: Mutex<Option<PostcopyLive>>,
+    /// Postcopy: [`POSTCOPY_OFF`], [`POSTCOPY_ALLOWED`] (the capability is
+    /// on) or [`POSTCOPY_REQUESTED`] (`migrate-start-postcopy`).
+    postcopy: std::sync::atomic::AtomicU8,
     /// A cancel is taken in the device phase too (a save: no destination
     /// can be taking the guest over).
     cancel_in_device: AtomicBool,
@@ -243,6 +266,8 @@ impl Default for Progress {
             error: Mutex::new(None),
             cancel: AtomicBool::new(false),
             resume_requested: AtomicBool::new(false),
+            postcopy_live: Mutex::new(None),
+            postcopy: std::sync::atomic::AtomicU8::new(POSTCOPY_OFF),
             cancel_in_device: AtomicBool::new(false),
             cancel_hooks: Mutex::new(Vec::new()),
             subscribers: Mutex::new(Vec::new()),
@@ -373,7 +398,11 @@ impl Progress {
         let status = self.status();
         if !matches!(
             status,
-            Status::Active | Status::Device | Status::PreSwitchover | Status::Cancelling
+            Status::Active
+                | Status::Device
+                | Status::PreSwitchover
+                | Status::Cancelling
+                | Status::PostcopyActive
         ) {
             return;
         }
@@ -469,7 +498,11 @@ impl Progress {
     /// there: see [`Progress::cancel_in_device`]).
     pub fn cancel(&self) -> bool {
         let s = self.status();
-        if s.is_final() || (s == Status::Device && !self.cancel_in_device.load(Ordering::SeqCst)) {
+        // In postcopy neither side alone holds the guest: no cancel.
+        if s.is_final()
+            || matches!(s, Status::PostcopyActive | Status::PostcopyPaused)
+            || (s == Status::Device && !self.cancel_in_device.load(Ordering::SeqCst))
+        {
             return false;
         }
         self.cancel.store(true, Ordering::SeqCst);
@@ -501,6 +534,68 @@ impl Progress {
             if let Some(h) = self.cancel_hooks.lock().unwrap().last() {
                 h();
             }
+        }
+    }
+
+    /// Postcopy's live figures (the progress bar and `query` show them).
+    pub fn set_postcopy_live(&self, live: PostcopyLive) {
+        *self.postcopy_live.lock().unwrap() = Some(live);
+    }
+
+    /// Postcopy's live figures, once it runs.
+    pub fn postcopy_live(&self) -> Option<PostcopyLive> {
+        *self.postcopy_live.lock().unwrap()
+    }
+
+    /// Allows `migrate-start-postcopy` (the migration has the postcopy
+    /// capability).
+    pub fn allow_postcopy(&self) {
+        let _ = self.postcopy.compare_exchange(
+            POSTCOPY_OFF,
+            POSTCOPY_ALLOWED,
+            Ordering::SeqCst,
+            Ordering::SeqCst,
+        );
+    }
+
+    /// Whether `migrate-start-postcopy` asked to switch to postcopy.
+    pub fn postcopy_requested(&self) -> bool {
+        self.postcopy.load(Ordering::SeqCst) == POSTCOPY_REQUESTED
+    }
+
+    /// `migrate-start-postcopy`: switch to postcopy after the pass in
+    /// flight. Error text if there is no migration in precopy yet, or it
+    /// lacks the capability.
+    pub fn start_postcopy(&self) -> Result<(), String> {
+        let s = self.status();
+        match s {
+            Status::None | Status::Setup => {
+                return Err(format!(
+                    "start-postcopy: no migration has started yet (state '{}'); it takes \
+                     effect once precopy runs",
+                    s.as_str()
+                ))
+            }
+            Status::Active => {}
+            _ => {
+                return Err(format!(
+                    "start-postcopy: the migration is in state '{}', not in precopy ('active')",
+                    s.as_str()
+                ))
+            }
+        }
+        match self.postcopy.compare_exchange(
+            POSTCOPY_ALLOWED,
+            POSTCOPY_REQUESTED,
+            Ordering::SeqCst,
+            Ordering::SeqCst,
+        ) {
+            Ok(_) | Err(POSTCOPY_REQUESTED) => Ok(()),
+            Err(_) => Err(
+                "start-postcopy: this migration does not have the postcopy capability \
+                 (start the source with `ferry send --postcopy`)"
+                    .into(),
+            ),
         }
     }
 
@@ -580,6 +675,11 @@ impl Progress {
         }
         if f.throttle_percent > 0 {
             info["cpu-throttle-percentage"] = json!(f.throttle_percent);
+        }
+        if let Some(pc) = *self.postcopy_live.lock().unwrap() {
+            info["ram"]["postcopy-requests"] = json!(pc.requests);
+            info["ram"]["postcopy-bytes"] = json!(pc.bytes);
+            info["ram"]["postcopy-pages-left"] = json!(pc.pages_left);
         }
         if let Some(e) = self.error.lock().unwrap().as_ref() {
             info["error-desc"] = json!(e);

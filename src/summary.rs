@@ -59,6 +59,32 @@ pub struct ZeroCopyReport {
     pub note: Option<String>,
 }
 
+/// What postcopy did, in the summary's JSON at its top level.
+#[derive(Clone, Debug, Default, Serialize, PartialEq)]
+pub struct PostcopyReport {
+    /// Page requests: sent (destination) or served (source).
+    pub postcopy_requests: u64,
+    /// Bytes of page frames: received (destination) or sent (source), on
+    /// the preempt and push channels.
+    pub postcopy_bytes: u64,
+    /// Pages stale at the switch (the discard list).
+    pub postcopy_discarded_pages: u64,
+    /// Destination: a fault's wait, request sent → page placed
+    /// (microseconds; hdrhistogram quantiles).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fault_latency_p50_us: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fault_latency_p99_us: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fault_latency_max_us: Option<u64>,
+    /// Destination: the sum of those waits, the guest's blocked time.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub guest_blocked_ms: Option<f64>,
+    /// Destination: pages that arrived both ways, placed once.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub postcopy_duplicate_pages: Option<u64>,
+}
+
 /// The end of a migration, on either side.
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct Summary {
@@ -155,6 +181,9 @@ pub struct Summary {
     pub pages_changed_in_flight: u64,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub zero_copy: Option<ZeroCopyReport>,
+    /// Postcopy's figures, when the migration switched to postcopy.
+    #[serde(flatten, skip_serializing_if = "Option::is_none")]
+    pub postcopy: Option<PostcopyReport>,
     /// Wall-clock time (Unix seconds) the migration started and ended on this side.
     pub started_at_unix: f64,
     pub finished_at_unix: f64,

@@ -522,21 +522,8 @@ fn park(shared: &Shared, index: usize, state: VcpuState) -> Option<VcpuState> {
 /// One write: pick a page, store a word in it, then mark it dirty.
 fn write_one(shared: &Shared, index: usize, s: &mut VcpuState, pattern: DirtyPattern) {
     let block = &shared.memory.blocks()[0];
-    let pages = block.pages();
-    s.rng = splitmix(s.rng);
-    let page = match pattern {
-        DirtyPattern::Random => s.rng % pages,
-        DirtyPattern::Sequential => {
-            let p = s.cursor % pages;
-            s.cursor = (p + 1) % pages;
-            p
-        }
-        DirtyPattern::Hotset(pct) => s.rng % (pages * u64::from(pct) / 100).max(1),
-    };
     let words = u64::from(block.page_size()) / 8;
-    let word = (s.rng >> 40) % words;
-    s.writes += 1;
-    let value = ((index as u64 + 1) << 48) ^ s.writes;
+    let (page, word, value) = next_write(index, s, pattern, block.pages(), words);
     let addr = block
         .page_addr(page)
         .expect("page < pages")
@@ -549,6 +536,127 @@ fn write_one(shared: &Shared, index: usize, s: &mut VcpuState, pattern: DirtyPat
     if shared.first_write.get().is_none() {
         let _ = shared.first_write.set(Instant::now());
     }
+}
+
+/// vCPU `index`'s next write from state `s` (which it advances): the page,
+/// the word in it and the value stored. The one definition of the write
+/// sequence, for the vCPUs and for [`replay_check`].
+fn next_write(
+    index: usize,
+    s: &mut VcpuState,
+    pattern: DirtyPattern,
+    pages: u64,
+    words: u64,
+) -> (u64, u64, u64) {
+    s.rng = splitmix(s.rng);
+    let page = match pattern {
+        DirtyPattern::Random => s.rng % pages,
+        DirtyPattern::Sequential => {
+            let p = s.cursor % pages;
+            s.cursor = (p + 1) % pages;
+            p
+        }
+        DirtyPattern::Hotset(pct) => s.rng % (pages * u64::from(pct) / 100).max(1),
+    };
+    let word = (s.rng >> 40) % words;
+    s.writes += 1;
+    let value = ((index as u64 + 1) << 48) ^ s.writes;
+    (page, word, value)
+}
+
+/// What [`replay_check`] found.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ReplayCheck {
+    /// Writes of the destination's vCPUs replayed.
+    pub writes: u64,
+    /// Distinct words they wrote.
+    pub words: u64,
+    /// Pages that differ from the replay (at most 16 listed), and how many.
+    pub differing_pages: Vec<u64>,
+    pub differing: u64,
+}
+
+impl ReplayCheck {
+    pub fn equal(&self) -> bool {
+        self.differing == 0
+    }
+}
+
+/// Postcopy's replay check: `memory` (the destination's guest, paused
+/// with device state `state_now`) must equal `switchover` (the guest's
+/// one block as the source held it at the switch, device state
+/// `switchover_state`) with the destination's own writes replayed. The
+/// synthetic guest's writes follow from its device state, so every write
+/// between the two states is known; a word two vCPUs both wrote may hold
+/// either one's last value. Any lost, stale or late page shows as a page
+/// that differs.
+pub fn replay_check(
+    switchover: &[u8],
+    switchover_state: &[u8],
+    memory: &GuestMemory,
+    state_now: &[u8],
+) -> Result<ReplayCheck, GuestError> {
+    let bad = |why: String| GuestError::DeviceState(format!("replay check: {why}"));
+    let (from, to) = (parse_state(switchover_state)?, parse_state(state_now)?);
+    let pattern: DirtyPattern = from.pattern.parse().map_err(bad)?;
+    let [block] = memory.blocks() else {
+        return Err(bad(format!("{} blocks, not one", memory.blocks().len())));
+    };
+    let page_size = u64::from(block.page_size());
+    if switchover.len() as u64 != block.len() || from.vcpus.len() != to.vcpus.len() {
+        return Err(bad(format!(
+            "{} bytes and {} vCPUs at the switch, {} bytes and {} vCPUs now",
+            switchover.len(),
+            from.vcpus.len(),
+            block.len(),
+            to.vcpus.len()
+        )));
+    }
+    let words = page_size / 8;
+    // Word index → each vCPU's last value there.
+    let mut last: std::collections::HashMap<u64, Vec<(usize, u64)>> = Default::default();
+    let mut report = ReplayCheck::default();
+    for (i, (a, b)) in from.vcpus.iter().zip(&to.vcpus).enumerate() {
+        let mut s = *a;
+        while s.writes < b.writes {
+            let (page, word, value) = next_write(i, &mut s, pattern, block.pages(), words);
+            let slot = last.entry(page * words + word).or_default();
+            match slot.iter_mut().find(|(v, _)| *v == i) {
+                Some(e) => e.1 = value,
+                None => slot.push((i, value)),
+            }
+            report.writes += 1;
+        }
+        if s != *b {
+            return Err(bad(format!(
+                "vCPU {i}'s state now does not follow from its state at the switch"
+            )));
+        }
+    }
+    report.words = last.len() as u64;
+    let mut page = vec![0u8; page_size as usize];
+    for p in 0..block.pages() {
+        block
+            .page_slice(p)
+            .expect("p < pages")
+            .copy_to(&mut page[..]);
+        let reference = &switchover[(p * page_size) as usize..((p + 1) * page_size) as usize];
+        let same = (0..words).all(|w| {
+            let at = (w * 8) as usize;
+            let got = u64::from_le_bytes(page[at..at + 8].try_into().expect("8 bytes"));
+            match last.get(&(p * words + w)) {
+                Some(values) => values.iter().any(|&(_, v)| v == got),
+                None => page[at..at + 8] == reference[at..at + 8],
+            }
+        });
+        if !same {
+            report.differing += 1;
+            if report.differing_pages.len() < 16 {
+                report.differing_pages.push(p);
+            }
+        }
+    }
+    Ok(report)
 }
 
 fn splitmix(x: u64) -> u64 {

@@ -242,6 +242,30 @@ impl ReceiverPool {
         self.finish()
     }
 
+    /// [`ReceiverPool::finish_within`] for a stream that ends in postcopy:
+    /// a page that failed its checksum is forgiven if `resent(block,
+    /// offset)` says it will come again another way (it is in the discard
+    /// list, so its bytes here are dropped and it is placed afresh).
+    pub fn finish_within_resending(
+        mut self,
+        stall: Option<Duration>,
+        resent: impl Fn(usize, u64) -> bool,
+    ) -> Result<Totals, MultifdError> {
+        let owing = |i: usize| self.shared.at_pass[i].load(Ordering::Acquire) != ENDED;
+        self.watch(stall, owing, || {
+            self.shared.barrier.wait_closed_for(STALL_POLL)
+        })?;
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+        self.shared
+            .suspects
+            .lock()
+            .unwrap()
+            .retain(|&(block, offset), _| !resent(block as usize, offset));
+        self.finish()
+    }
+
     /// Runs `step` (which waits at most a poll interval, and says whether
     /// the wait is over) until it is done or fails, or until a channel
     /// that `owing` names has not moved for `stall`: then fails the pool

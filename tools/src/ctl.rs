@@ -90,6 +90,9 @@ enum CtlCommand {
     Cancel,
     /// migrate-continue: leave pre-switchover (see send --pause-before-switchover).
     Continue,
+    /// migrate-start-postcopy: switch to postcopy after the pass in flight
+    /// (needs `send --postcopy`).
+    StartPostcopy,
     /// migrate-set-parameters KEY=VALUE...: e.g. downtime-limit=500ms
     /// max-bandwidth=100M auto-converge=true (keys below).
     #[command(after_help = set_keys_help())]
@@ -114,6 +117,9 @@ pub fn run(a: CtlArgs) -> anyhow::Result<bool> {
             json!({ "execute": "migrate-continue", "arguments": { "state": "pre-switchover" } })
                 .to_string(),
         ),
+        CtlCommand::StartPostcopy => {
+            Some(json!({ "execute": "migrate-start-postcopy" }).to_string())
+        }
         CtlCommand::Set { settings } => Some(
             json!({ "execute": "migrate-set-parameters", "arguments": parse_settings(settings)? })
                 .to_string(),

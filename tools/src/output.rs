@@ -389,6 +389,12 @@ fn live_line(
     if f.throttle_percent > 0 {
         line += &format!(" throttle {}%", f.throttle_percent);
     }
+    if let Some(pc) = progress.postcopy_live() {
+        line += &format!(
+            " postcopy: {} page(s) left, {} request(s)",
+            pc.pages_left, pc.requests
+        );
+    }
     line
 }
 

@@ -139,6 +139,20 @@ pub struct SendArgs {
     compress: crate::units::Compress,
     #[command(flatten)]
     peer: crate::peer::PeerArgs,
+    /// Allow postcopy (announced to the destination, which must be able to
+    /// register its memory with userfaultfd): the guest moves to the
+    /// destination at once and the pages it still lacks follow, asked for
+    /// on demand over a preempt channel and pushed over K more. The switch
+    /// comes on `ferry ctl SOCK start-postcopy`, after --postcopy-after
+    /// passes, or when precopy does not converge (the dirty bytes left
+    /// stop shrinking and exceed what the downtime limit allows). A
+    /// failure after the switch leaves the guest paused on both sides
+    /// (postcopy-paused; recovery is not implemented yet).
+    #[arg(long)]
+    postcopy: bool,
+    /// With --postcopy: switch after this many precopy passes.
+    #[arg(long, requires = "postcopy", value_name = "N")]
+    postcopy_after: Option<u64>,
     /// Serve the migration's figures (those of `ferry ctl SOCK query`) in
     /// Prometheus's text format at http://ADDR/metrics, e.g. 127.0.0.1:9464.
     #[arg(long, value_name = "ADDR")]
@@ -198,6 +212,8 @@ fn migrate(a: SendArgs) -> anyhow::Result<bool> {
             congestion: crate::units::congestion(&a.tcp_congestion),
             ..Default::default()
         },
+        postcopy: a.postcopy,
+        postcopy_after: a.postcopy_after.unwrap_or(0),
         ..Default::default()
     };
     let events = a.json.then(|| EventPrinter::start(&progress));

@@ -120,6 +120,67 @@ pub fn accept_session(
     })
 }
 
+/// Accepts a session's `count` preempt channels (postcopy: index 0 for
+/// urgent pages, the others for the background push), which its source
+/// opens once setup is done, in any order. A connection that is not a
+/// preempt channel of `session` ends the accept with an error naming it
+/// (and a channel of another session is told why it was refused). Sorted
+/// by index.
+pub fn accept_preempt(
+    listener: &Listener,
+    session: SessionId,
+    count: u16,
+    opts: &AcceptOptions,
+) -> Result<Vec<Box<dyn Channel>>, TransportError> {
+    let deadline = Instant::now() + opts.rest_timeout;
+    let mut got: Vec<(u16, Box<dyn Channel>)> = Vec::new();
+    while got.len() < usize::from(count) {
+        let left = deadline
+            .saturating_duration_since(Instant::now())
+            .max(Duration::from_millis(1));
+        let mut ch = listener.accept_channel(Some(left)).map_err(|e| match e {
+            TransportError::Timeout { secs, .. } => TransportError::Timeout {
+                what: format!(
+                    "session {session}'s preempt channels ({} of {count} arrived)",
+                    got.len()
+                ),
+                secs,
+            },
+            e => e,
+        })?;
+        let hello = read_hello(ch.as_ref(), opts.hello_timeout)?;
+        let peer = ch
+            .label()
+            .trim_start_matches("connection from ")
+            .to_string();
+        ch.set_label(format!("{}[{}] ({peer})", hello.name(), hello.index));
+        if hello.session != session {
+            let e = TransportError::ForeignSession {
+                channel: ch.label().into(),
+                found: hello.session.to_string(),
+                expected: session.to_string(),
+            };
+            let _ = send_reply(ch.as_ref(), Some(&e.to_string()));
+            return Err(e);
+        }
+        if hello.role != Role::Preempt {
+            return Err(refuse(ch.as_ref(), "not a preempt channel, after setup"));
+        }
+        if hello.index >= count || got.iter().any(|(i, _)| *i == hello.index) {
+            return Err(refuse(
+                ch.as_ref(),
+                &format!("preempt index {} of {count}, or a second one", hello.index),
+            ));
+        }
+        got.push((hello.index, ch));
+    }
+    got.sort_by_key(|(i, _)| *i);
+    for (_, ch) in &got {
+        send_reply(ch.as_ref(), None)?;
+    }
+    Ok(got.into_iter().map(|(_, c)| c).collect())
+}
+
 /// Every multifd channel so far must belong to main's session and fit its count.
 fn check_members(
     main: &ChannelHello,

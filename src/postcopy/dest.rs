@@ -1,0 +1,580 @@
+//! The destination's postcopy: userfaultfd over guest memory, the fault
+//! thread and the page readers (see the module doc of [`super`]).
+
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use ferry_ram::uffd::Userfault;
+use ferry_ram::{BlockSpec, GuestMemory, PageBitmap};
+use ferry_transport::Channel;
+use hdrhistogram::Histogram;
+
+use super::wire::{self, FrameHeader, PageRun, FLAG_END, FLAG_ZERO, FRAME_HEADER_LEN};
+use super::PostcopyError;
+
+/// Sends one page request to the source (the return path); an error text
+/// if it could not be sent.
+pub type RequestFn = Arc<dyn Fn(PageRun) -> Result<(), String> + Send + Sync>;
+
+/// A page's state. Moves only forward: missing → requested → placing →
+/// placed, or missing → placing → placed; each move a compare-and-swap.
+const MISSING: u8 = 0;
+const REQUESTED: u8 = 1;
+const PLACING: u8 = 2;
+const PLACED: u8 = 3;
+
+/// How long the fault thread waits for a fault before looking at the stop
+/// flag again.
+const FAULT_POLL_MS: i32 = 50;
+
+/// What a postcopy did on the destination.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct PostcopyStats {
+    /// Pages stale at the switch (the discard list).
+    pub discarded_pages: u64,
+    /// Page requests sent (one per page the guest touched while missing).
+    pub requests: u64,
+    /// Pages placed that the guest had asked for.
+    pub requested_pages_placed: u64,
+    /// Pages placed that nobody asked for (the background push, or a
+    /// request's page that the background push brought first).
+    pub pushed_pages_placed: u64,
+    /// Pages that arrived once more after being placed (both ways), not
+    /// placed again.
+    pub duplicate_pages: u64,
+    /// Payload bytes received on the page channels.
+    pub bytes: u64,
+    /// Fault latency, request sent → page placed, in microseconds.
+    pub fault_p50_us: u64,
+    pub fault_p99_us: u64,
+    pub fault_max_us: u64,
+    /// Sum of those latencies: how long faulting guest threads waited.
+    pub blocked_ms: f64,
+}
+
+enum End {
+    Running,
+    Done,
+    Failed,
+}
+
+struct Shared {
+    memory: Arc<GuestMemory>,
+    specs: Vec<BlockSpec>,
+    /// Closed (taken) once every page is placed; kept open on failure so
+    /// that guest threads on missing pages stay blocked.
+    uffd: Mutex<Option<Arc<Userfault>>>,
+    /// Per block, per page.
+    states: Vec<Vec<AtomicU8>>,
+    /// Per block, per page: when its request was sent (ns since `epoch`).
+    requested_at: Vec<Vec<AtomicU64>>,
+    epoch: Instant,
+    missing: AtomicU64,
+    request: RequestFn,
+    stop: AtomicBool,
+    end: Mutex<End>,
+    ended: Condvar,
+    /// The error, typed, for [`PostcopyDestination::finish`].
+    error: Mutex<Option<PostcopyError>>,
+    channels: Mutex<Vec<Arc<dyn Channel>>>,
+    latency: Mutex<Histogram<u64>>,
+    blocked_ns: AtomicU64,
+    requests: AtomicU64,
+    requested_placed: AtomicU64,
+    pushed_placed: AtomicU64,
+    duplicates: AtomicU64,
+    bytes: AtomicU64,
+    discarded: u64,
+}
+
+/// A running postcopy on the destination.
+pub struct PostcopyDestination {
+    shared: Arc<Shared>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl PostcopyDestination {
+    /// Registers `memory` with userfaultfd (missing mode; anonymous private
+    /// memory only, which the kernel checks), drops the pages `discard`
+    /// names (one bitmap per block) so that their first touch faults, and
+    /// starts the fault thread, which asks for each missing page through
+    /// `request`. Every other page is taken as final. An error leaves
+    /// memory untouched: nothing was registered or discarded.
+    pub fn start(
+        memory: Arc<GuestMemory>,
+        discard: &[PageBitmap],
+        request: RequestFn,
+    ) -> Result<Self, PostcopyError> {
+        let specs = memory.specs();
+        if discard.len() != specs.len()
+            || discard
+                .iter()
+                .zip(&specs)
+                .any(|(d, s)| d.pages() != s.len / u64::from(s.page_size))
+        {
+            return Err(PostcopyError::BadDiscard(
+                "its blocks do not match the guest's memory".into(),
+            ));
+        }
+        let uffd_err = |what| move |source| PostcopyError::Userfault { what, source };
+        let uffd = Userfault::open().map_err(uffd_err("opening a userfaultfd"))?;
+        for b in memory.blocks() {
+            uffd.register(b.host_addr(), b.len())
+                .map_err(uffd_err("registering guest memory (missing mode)"))?;
+        }
+        let mut states = Vec::new();
+        let mut requested_at = Vec::new();
+        let mut missing = 0;
+        for (b, d) in memory.blocks().iter().zip(discard) {
+            let ps = u64::from(b.page_size());
+            states.push(
+                (0..b.pages())
+                    .map(|p| AtomicU8::new(if d.test(p) { MISSING } else { PLACED }))
+                    .collect::<Vec<_>>(),
+            );
+            requested_at.push((0..b.pages()).map(|_| AtomicU64::new(0)).collect());
+            // Runs of stale pages, each dropped with one madvise.
+            let mut runs: Vec<(u64, u64)> = Vec::new();
+            for p in d.iter_set() {
+                match runs.last_mut() {
+                    Some((first, n)) if *first + *n == p => *n += 1,
+                    _ => runs.push((p, 1)),
+                }
+                missing += 1;
+            }
+            for (first, n) in runs {
+                let addr = b
+                    .page_addr(first)
+                    .expect("discard bits are inside the block");
+                // SAFETY: madvise(MADV_DONTNEED) over pages first..first+n
+                // of this block's own anonymous private mapping (the bits
+                // lie inside the block): their contents are dropped (they
+                // are stale; the source sends them again) and their next
+                // touch is a missing-page fault, which the userfaultfd
+                // registered above holds until the page is placed.
+                let len = (n * ps) as usize;
+                if unsafe { libc::madvise(addr.cast(), len, libc::MADV_DONTNEED) } != 0 {
+                    return Err(PostcopyError::Place {
+                        what: "dropping the stale pages of",
+                        block: b.name().into(),
+                        offset: first * ps,
+                        source: std::io::Error::last_os_error(),
+                    });
+                }
+            }
+        }
+        let shared = Arc::new(Shared {
+            memory,
+            specs,
+            uffd: Mutex::new(Some(Arc::new(uffd))),
+            states,
+            requested_at,
+            epoch: Instant::now(),
+            missing: AtomicU64::new(missing),
+            request,
+            stop: AtomicBool::new(false),
+            end: Mutex::new(if missing == 0 {
+                End::Done
+            } else {
+                End::Running
+            }),
+            ended: Condvar::new(),
+            error: Mutex::new(None),
+            channels: Mutex::new(Vec::new()),
+            latency: Mutex::new(
+                Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("valid bounds"),
+            ),
+            blocked_ns: AtomicU64::new(0),
+            requests: AtomicU64::new(0),
+            requested_placed: AtomicU64::new(0),
+            pushed_placed: AtomicU64::new(0),
+            duplicates: AtomicU64::new(0),
+            bytes: AtomicU64::new(0),
+            discarded: missing,
+        });
+        let s = shared.clone();
+        let fault = std::thread::Builder::new()
+            .name("ferry-pc-fault".into())
+            .spawn(move || fault_loop(&s))
+            .map_err(|source| PostcopyError::Io {
+                channel: "fault thread".into(),
+                what: "starting it",
+                source,
+            })?;
+        Ok(Self {
+            shared,
+            threads: vec![fault],
+        })
+    }
+
+    /// Starts a reader of page frames on `channel` (the preempt channel or
+    /// a multifd channel), placing what it brings. It ends at the
+    /// channel's END frame, or when postcopy ends.
+    pub fn read_pages(&mut self, channel: Arc<dyn Channel>) -> Result<(), PostcopyError> {
+        self.shared.channels.lock().unwrap().push(channel.clone());
+        let s = self.shared.clone();
+        let t = std::thread::Builder::new()
+            .name("ferry-pc-pages".into())
+            .spawn(move || {
+                if let Err(e) = read_loop(&s, channel.as_ref()) {
+                    if !s.stop.load(Ordering::Acquire) {
+                        fail(&s, e);
+                    }
+                }
+            })
+            .map_err(|source| PostcopyError::Io {
+                channel: "page reader".into(),
+                what: "starting it",
+                source,
+            })?;
+        self.threads.push(t);
+        Ok(())
+    }
+
+    /// Waits up to `timeout` for postcopy to end (every page placed, or a
+    /// failure); true if it has.
+    pub fn wait_ended(&self, timeout: Duration) -> bool {
+        let end = self.shared.end.lock().unwrap();
+        let (end, _) = self
+            .shared
+            .ended
+            .wait_timeout_while(end, timeout, |e| matches!(e, End::Running))
+            .unwrap();
+        !matches!(*end, End::Running)
+    }
+
+    /// Page requests sent so far.
+    pub fn requests(&self) -> u64 {
+        self.shared.requests.load(Ordering::Relaxed)
+    }
+
+    /// Page payload bytes received so far.
+    pub fn bytes(&self) -> u64 {
+        self.shared.bytes.load(Ordering::Relaxed)
+    }
+
+    /// Pages still missing.
+    pub fn missing(&self) -> u64 {
+        self.shared.missing.load(Ordering::Acquire)
+    }
+
+    /// Stops postcopy with `why` (the link failed): guest threads on
+    /// missing pages stay blocked.
+    pub fn fail(&self, why: &str) {
+        fail(&self.shared, PostcopyError::Stopped(why.into()));
+    }
+
+    /// Waits until every page is placed (then unregisters the memory:
+    /// userfaultfd closed) or postcopy failed, up to `timeout` between two
+    /// placements; stops its threads and returns what it did. On failure
+    /// the memory stays registered until this value is dropped: drop it
+    /// only once the guest no longer runs, or a thread on a missing page
+    /// would go on with a zero page.
+    pub fn finish(&mut self, timeout: Duration) -> Result<PostcopyStats, PostcopyError> {
+        let s = &self.shared;
+        let mut end = s.end.lock().unwrap();
+        let mut last = s.missing.load(Ordering::Acquire);
+        while matches!(*end, End::Running) {
+            let (e, t) = s.ended.wait_timeout(end, timeout).unwrap();
+            end = e;
+            let now = s.missing.load(Ordering::Acquire);
+            if t.timed_out() && now == last && matches!(*end, End::Running) {
+                drop(end);
+                fail(
+                    s,
+                    PostcopyError::Stopped(format!(
+                        "no page placed for {:.1} s with {now} still missing",
+                        timeout.as_secs_f64()
+                    )),
+                );
+                end = s.end.lock().unwrap();
+            }
+            last = now;
+        }
+        let done = matches!(*end, End::Done);
+        drop(end);
+        if done {
+            // Every page is in place: unregister (close) before the
+            // threads go, so no fault can wait on them.
+            s.uffd.lock().unwrap().take();
+        }
+        s.stop.store(true, Ordering::Release);
+        for ch in s.channels.lock().unwrap().iter() {
+            ch.shutdown();
+        }
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+        if !done {
+            let e = s.error.lock().unwrap().take();
+            return Err(e.unwrap_or_else(|| PostcopyError::Stopped("failed".into())));
+        }
+        Ok(self.stats())
+    }
+
+    /// The figures so far.
+    pub fn stats(&self) -> PostcopyStats {
+        let s = &self.shared;
+        let h = s.latency.lock().unwrap();
+        let q = |q: f64| {
+            if h.is_empty() {
+                0
+            } else {
+                h.value_at_quantile(q)
+            }
+        };
+        PostcopyStats {
+            discarded_pages: s.discarded,
+            requests: s.requests.load(Ordering::Relaxed),
+            requested_pages_placed: s.requested_placed.load(Ordering::Relaxed),
+            pushed_pages_placed: s.pushed_placed.load(Ordering::Relaxed),
+            duplicate_pages: s.duplicates.load(Ordering::Relaxed),
+            bytes: s.bytes.load(Ordering::Relaxed),
+            fault_p50_us: q(0.5),
+            fault_p99_us: q(0.99),
+            fault_max_us: if h.is_empty() { 0 } else { h.max() },
+            blocked_ms: s.blocked_ns.load(Ordering::Relaxed) as f64 / 1e6,
+        }
+    }
+}
+
+impl Drop for PostcopyDestination {
+    fn drop(&mut self) {
+        self.shared.stop.store(true, Ordering::Release);
+        for ch in self.shared.channels.lock().unwrap().iter() {
+            ch.shutdown();
+        }
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+fn fail(s: &Shared, e: PostcopyError) {
+    let mut end = s.end.lock().unwrap();
+    if matches!(*end, End::Running) {
+        tracing::error!("postcopy stopped: {e}");
+        *end = End::Failed;
+        *s.error.lock().unwrap() = Some(e);
+    }
+    s.stop.store(true, Ordering::Release);
+    s.ended.notify_all();
+}
+
+fn uffd(s: &Shared) -> Option<Arc<Userfault>> {
+    s.uffd.lock().unwrap().clone()
+}
+
+/// The block and page of a faulting address.
+fn page_of(s: &Shared, addr: u64) -> Option<(usize, u64)> {
+    s.memory.blocks().iter().enumerate().find_map(|(i, b)| {
+        let start = b.host_addr() as u64;
+        (addr >= start && addr < start + b.len())
+            .then(|| (i, (addr - start) / u64::from(b.page_size())))
+    })
+}
+
+fn fault_loop(s: &Shared) {
+    let mut faults = Vec::new();
+    while !s.stop.load(Ordering::Acquire) {
+        let Some(u) = uffd(s) else { return };
+        if let Err(source) = u.faults(FAULT_POLL_MS, &mut faults) {
+            return fail(
+                s,
+                PostcopyError::Userfault {
+                    what: "reading faults",
+                    source,
+                },
+            );
+        }
+        for &addr in &faults {
+            if let Err(e) = on_fault(s, &u, addr) {
+                return fail(s, e);
+            }
+        }
+    }
+}
+
+/// One fault: the page's first request, or nothing if it is already on
+/// its way; a page we hold (a precopy page the kernel never populated,
+/// which is zeros) is mapped as zeros at once.
+fn on_fault(s: &Shared, u: &Userfault, addr: u64) -> Result<(), PostcopyError> {
+    let Some((block, page)) = page_of(s, addr) else {
+        return Err(PostcopyError::Userfault {
+            what: "a fault outside guest memory",
+            source: std::io::Error::other(format!("address {addr:#x}")),
+        });
+    };
+    let b = &s.memory.blocks()[block];
+    let ps = u64::from(b.page_size());
+    let state = &s.states[block][page as usize];
+    match state.compare_exchange(MISSING, REQUESTED, Ordering::AcqRel, Ordering::Acquire) {
+        Ok(_) => {
+            s.requested_at[block][page as usize]
+                .store(s.epoch.elapsed().as_nanos() as u64, Ordering::Release);
+            s.requests.fetch_add(1, Ordering::Relaxed);
+            let run = PageRun {
+                block: block as u16,
+                offset: page * ps,
+                len: ps,
+            };
+            (s.request)(run).map_err(PostcopyError::Request)
+        }
+        // On its way: its placement wakes the toucher.
+        Err(REQUESTED | PLACING) => Ok(()),
+        Err(_) => {
+            let dst = b.page_addr(page).expect("page_of stays inside the block");
+            match u.zero(dst, ps) {
+                Ok(()) => Ok(()),
+                // Placed since the fault was queued: make sure the toucher runs.
+                Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {
+                    u.wake(dst, ps).map_err(|source| {
+                        place_err("waking a toucher of", b.name(), page * ps, source)
+                    })
+                }
+                Err(source) => Err(place_err("mapping zeros at", b.name(), page * ps, source)),
+            }
+        }
+    }
+}
+
+fn place_err(
+    what: &'static str,
+    block: &str,
+    offset: u64,
+    source: std::io::Error,
+) -> PostcopyError {
+    PostcopyError::Place {
+        what,
+        block: block.into(),
+        offset,
+        source,
+    }
+}
+
+/// Reads page frames from `ch` until its END (or a stop), placing each.
+fn read_loop(s: &Shared, ch: &dyn Channel) -> Result<(), PostcopyError> {
+    let name = ch.label().to_string();
+    let io = |what| {
+        let name = name.clone();
+        move |source| PostcopyError::Io {
+            channel: name,
+            what,
+            source,
+        }
+    };
+    let mut payload = Vec::new();
+    loop {
+        let mut hb = [0u8; FRAME_HEADER_LEN];
+        ch.read_exact(&mut hb).map_err(io("reading a page frame"))?;
+        let h = FrameHeader::decode(&hb, &s.specs, &name)?;
+        if h.flags & FLAG_END != 0 {
+            return Ok(());
+        }
+        let (ps, first) = wire::check_run(&s.specs, &h.run, &name)?;
+        let head: [u8; 20] = hb[..20].try_into().expect("20 bytes");
+        let zero = h.flags & FLAG_ZERO != 0;
+        let data = if zero {
+            &payload[..0]
+        } else {
+            payload.resize(h.run.len as usize, 0);
+            ch.read_exact(&mut payload)
+                .map_err(io("reading a page frame's payload"))?;
+            s.bytes.fetch_add(h.run.len, Ordering::Relaxed);
+            &payload[..]
+        };
+        let got = wire::frame_crc(&head, data);
+        if got != h.crc {
+            return Err(PostcopyError::Checksum {
+                channel: name,
+                block: s.specs[usize::from(h.run.block)].name.clone(),
+                offset: h.run.offset,
+                pages: h.pages,
+                want: h.crc,
+                got,
+            });
+        }
+        place(
+            s,
+            usize::from(h.run.block),
+            first,
+            h.run.len / ps,
+            (!zero).then_some(data),
+        )?;
+    }
+}
+
+/// Places pages `first..first + pages` of `block` (from `data`, or zeros),
+/// each exactly once: a page another arrival already claimed is skipped.
+fn place(
+    s: &Shared,
+    block: usize,
+    first: u64,
+    pages: u64,
+    data: Option<&[u8]>,
+) -> Result<(), PostcopyError> {
+    let Some(u) = uffd(s) else {
+        // Every page is placed already: what comes now is a duplicate.
+        s.duplicates.fetch_add(pages, Ordering::Relaxed);
+        return Ok(());
+    };
+    let b = &s.memory.blocks()[block];
+    let ps = u64::from(b.page_size());
+    for i in 0..pages {
+        let page = first + i;
+        let state = &s.states[block][page as usize];
+        let mut cur = state.load(Ordering::Acquire);
+        let claimed = loop {
+            if cur >= PLACING {
+                break None;
+            }
+            match state.compare_exchange(cur, PLACING, Ordering::AcqRel, Ordering::Acquire) {
+                Ok(prev) => break Some(prev),
+                Err(now) => cur = now,
+            }
+        };
+        let Some(prev) = claimed else {
+            s.duplicates.fetch_add(1, Ordering::Relaxed);
+            continue;
+        };
+        let dst = b
+            .page_addr(page)
+            .expect("check_run kept the run inside the block");
+        let placed = match data {
+            None => u.zero(dst, ps),
+            Some(d) => {
+                let src = &d[(i * ps) as usize..((i + 1) * ps) as usize];
+                // SAFETY: dst is one page inside a block registered with
+                // `u`, missing (its state was missing or requested, and we
+                // hold its PLACING claim, so no other placement touches
+                // it; the guest cannot write a missing page, it faults);
+                // src is ps bytes of this thread's own buffer.
+                unsafe { u.copy(dst, src.as_ptr(), ps) }
+            }
+        };
+        placed.map_err(|source| place_err("placing a page of", b.name(), page * ps, source))?;
+        state.store(PLACED, Ordering::Release);
+        if prev == REQUESTED {
+            let asked = s.requested_at[block][page as usize].load(Ordering::Acquire);
+            let ns = (s.epoch.elapsed().as_nanos() as u64).saturating_sub(asked);
+            s.latency
+                .lock()
+                .unwrap()
+                .saturating_record((ns / 1000).max(1));
+            s.blocked_ns.fetch_add(ns, Ordering::Relaxed);
+            s.requested_placed.fetch_add(1, Ordering::Relaxed);
+        } else {
+            s.pushed_placed.fetch_add(1, Ordering::Relaxed);
+        }
+        if s.missing.fetch_sub(1, Ordering::AcqRel) == 1 {
+            let mut end = s.end.lock().unwrap();
+            if matches!(*end, End::Running) {
+                *end = End::Done;
+            }
+            s.ended.notify_all();
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,179 @@
+//! The source's postcopy: page requests answered on the preempt channel,
+//! the remaining pages pushed over the multifd channels (see the module
+//! doc of [`super`]). The guest is paused: its memory no longer changes,
+//! and is only read, through volatile copies.
+
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use ferry_ram::{BlockSpec, GuestMemory, PageBitmap};
+use ferry_transport::Channel;
+
+use super::wire::{self, FrameHeader, PageRun, FLAG_END, FLAG_ZERO, MAX_RUN_PAGES};
+use super::PostcopyError;
+
+/// Serves a postcopy from the paused guest's memory.
+pub struct PageServer {
+    memory: Arc<GuestMemory>,
+    specs: Vec<BlockSpec>,
+    /// Per block: pages the destination still lacks and nobody sent yet.
+    pending: Arc<Vec<PageBitmap>>,
+    /// The next bitmap word the push claims (all blocks' words in order).
+    next_word: AtomicUsize,
+    requests: AtomicU64,
+    request_bytes: AtomicU64,
+    pushed_bytes: AtomicU64,
+}
+
+impl PageServer {
+    /// `pending`: the discard list (the pages dirty at the switch), which
+    /// the push takes from as it goes.
+    pub fn new(memory: Arc<GuestMemory>, pending: Arc<Vec<PageBitmap>>) -> Self {
+        Self {
+            specs: memory.specs(),
+            memory,
+            pending,
+            next_word: AtomicUsize::new(0),
+            requests: AtomicU64::new(0),
+            request_bytes: AtomicU64::new(0),
+            pushed_bytes: AtomicU64::new(0),
+        }
+    }
+
+    /// Requests served, and the bytes they and the push put on the wire.
+    pub fn figures(&self) -> (u64, u64, u64) {
+        (
+            self.requests.load(Ordering::Relaxed),
+            self.request_bytes.load(Ordering::Relaxed),
+            self.pushed_bytes.load(Ordering::Relaxed),
+        )
+    }
+
+    /// Pages nobody has sent yet.
+    pub fn pending_pages(&self) -> u64 {
+        self.pending.iter().map(PageBitmap::count).sum()
+    }
+
+    /// Answers one page request (from `from`, the return path) on
+    /// `preempt`. A request outside guest memory is refused, naming it,
+    /// before any byte is read.
+    pub fn serve(
+        &self,
+        run: &PageRun,
+        from: &str,
+        preempt: &dyn Channel,
+    ) -> Result<(), PostcopyError> {
+        let (ps, first) = wire::check_run(&self.specs, run, from)?;
+        let pages = run.len / ps;
+        let block = usize::from(run.block);
+        // The push need not send these again (if it took them already,
+        // the destination places the first arrival only).
+        for p in first..first + pages {
+            self.pending[block].clear(p);
+        }
+        self.requests.fetch_add(1, Ordering::Relaxed);
+        let n = send_run(&self.memory, block, first, pages, preempt, &mut Vec::new())?;
+        self.request_bytes.fetch_add(n, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Pushes pending pages on `ch` until none is left (claimed 64 pages at
+    /// a time, so several channels share the work), then sends END.
+    pub fn push(&self, ch: &dyn Channel) -> Result<(), PostcopyError> {
+        let mut buf = Vec::new();
+        let words: Vec<usize> = self.pending.iter().map(|b| b.words()).collect();
+        let total: usize = words.iter().sum();
+        loop {
+            let w = self.next_word.fetch_add(1, Ordering::Relaxed);
+            if w >= total {
+                break;
+            }
+            let (mut block, mut word) = (0, w);
+            while word >= words[block] {
+                word -= words[block];
+                block += 1;
+            }
+            let bits = self.pending[block].take_word(word);
+            let mut run: Option<(u64, u64)> = None;
+            for page in ferry_ram::set_bits(bits, word as u64 * 64) {
+                run = match run {
+                    Some((first, n)) if first + n == page => Some((first, n + 1)),
+                    Some((first, n)) => {
+                        let sent = send_run(&self.memory, block, first, n, ch, &mut buf)?;
+                        self.pushed_bytes.fetch_add(sent, Ordering::Relaxed);
+                        Some((page, 1))
+                    }
+                    None => Some((page, 1)),
+                };
+            }
+            if let Some((first, n)) = run {
+                let sent = send_run(&self.memory, block, first, n, ch, &mut buf)?;
+                self.pushed_bytes.fetch_add(sent, Ordering::Relaxed);
+            }
+        }
+        send_end(ch)
+    }
+}
+
+/// Sends END on `ch`: no more page frames.
+pub fn send_end(ch: &dyn Channel) -> Result<(), PostcopyError> {
+    let head = FrameHeader::head(0, FLAG_END, 0, 0);
+    let mut b = head.to_vec();
+    b.extend_from_slice(&wire::frame_crc(&head, &[]).to_le_bytes());
+    write(ch, &b)
+}
+
+fn write(ch: &dyn Channel, b: &[u8]) -> Result<(), PostcopyError> {
+    ch.write_all(b).map_err(|source| PostcopyError::Io {
+        channel: ch.label().into(),
+        what: "sending a page frame",
+        source,
+    })
+}
+
+/// Sends pages `first..first + pages` of `block` as frames of at most
+/// [`MAX_RUN_PAGES`], zero runs without payload; returns the bytes sent.
+fn send_run(
+    memory: &GuestMemory,
+    block: usize,
+    first: u64,
+    pages: u64,
+    ch: &dyn Channel,
+    buf: &mut Vec<u8>,
+) -> Result<u64, PostcopyError> {
+    let b = &memory.blocks()[block];
+    let ps = u64::from(b.page_size());
+    let mut sent = 0;
+    let mut page = first;
+    let end = first + pages;
+    while page < end {
+        let zero = is_zero(b, page);
+        let mut n = 1;
+        while page + n < end && n < u64::from(MAX_RUN_PAGES) && is_zero(b, page + n) == zero {
+            n += 1;
+        }
+        let flags = if zero { FLAG_ZERO } else { 0 };
+        let head = FrameHeader::head(block as u16, flags, page * ps, n as u32);
+        buf.clear();
+        buf.extend_from_slice(&head);
+        buf.extend_from_slice(&[0; 4]);
+        if !zero {
+            let at = buf.len();
+            buf.resize(at + (n * ps) as usize, 0);
+            let slice = b
+                .pages_slice(page, n)
+                .expect("the run lies inside the block");
+            slice.copy_to(&mut buf[at..]);
+        }
+        let crc = wire::frame_crc(&head, &buf[wire::FRAME_HEADER_LEN..]);
+        buf[20..24].copy_from_slice(&crc.to_le_bytes());
+        write(ch, buf)?;
+        sent += buf.len() as u64;
+        page += n;
+    }
+    Ok(sent)
+}
+
+fn is_zero(b: &ferry_ram::RamBlock, page: u64) -> bool {
+    b.page_slice(page).is_some_and(|s| ferry_ram::is_zero(&s))
+}

@@ -1,0 +1,343 @@
+//! Postcopy's data path over real sockets and real userfaultfd: the source
+//! side ([`PageServer`]) and the destination side
+//! ([`PostcopyDestination`]) joined by a return path (page requests in
+//! their wire format), a preempt channel and two multifd channels.
+
+use std::io::{Read, Write};
+use std::os::fd::OwnedFd;
+use std::os::unix::net::UnixStream;
+use std::sync::Arc;
+use std::time::Duration;
+
+use ferry_ram::pattern::{fill_block, Pattern};
+use ferry_ram::{BlockSpec, Digest, GuestMemory, PageBitmap};
+use ferry_transport::{Channel, SocketChannel};
+
+use super::wire::{self, FrameHeader, PageRun, REQUEST_LEN};
+use super::*;
+
+const PAGE: u64 = 4096;
+const MIB: u64 = 1 << 20;
+
+fn memory(len: u64) -> Arc<GuestMemory> {
+    let specs = [
+        BlockSpec {
+            name: "ram".into(),
+            len,
+            page_size: PAGE as u32,
+        },
+        BlockSpec {
+            name: "vram".into(),
+            len: MIB,
+            page_size: PAGE as u32,
+        },
+    ];
+    Arc::new(GuestMemory::anonymous(&specs).unwrap())
+}
+
+fn copy_bits(bits: &[PageBitmap]) -> Vec<PageBitmap> {
+    bits.iter()
+        .map(|b| PageBitmap::from_words(b.pages(), &b.to_words()).unwrap())
+        .collect()
+}
+
+fn pair(label: &str) -> (Arc<dyn Channel>, Arc<dyn Channel>) {
+    let (a, b) = UnixStream::pair().unwrap();
+    let ch = |s: UnixStream| -> Arc<dyn Channel> {
+        Arc::new(SocketChannel::new(
+            socket2::Socket::from(OwnedFd::from(s)),
+            label.into(),
+        ))
+    };
+    (ch(a), ch(b))
+}
+
+/// The source's memory (mixed data and zero pages), the destination's
+/// after precopy (every non-zero page copied, so zero pages stay
+/// unpopulated), and the discard list: pages the source then changed.
+fn switched(len: u64, seed: u64) -> (Arc<GuestMemory>, Arc<GuestMemory>, Vec<PageBitmap>) {
+    let src = memory(len);
+    for (i, b) in src.blocks().iter().enumerate() {
+        fill_block(b, Pattern::Mixed, seed + i as u64);
+    }
+    let dst = memory(len);
+    for (s, d) in src.blocks().iter().zip(dst.blocks()) {
+        for p in 0..s.pages() {
+            let from = s.page_slice(p).unwrap();
+            if !ferry_ram::is_zero(&from) {
+                let mut buf = vec![0u8; PAGE as usize];
+                from.copy_to(&mut buf[..]);
+                d.page_slice(p).unwrap().copy_from(&buf[..]);
+            }
+        }
+    }
+    // Dirty at the switch: every 5th page rewritten, every 13th zeroed.
+    let discard: Vec<PageBitmap> = src
+        .blocks()
+        .iter()
+        .map(|b| {
+            let bits = PageBitmap::new(b.pages(), false);
+            for p in (0..b.pages()).step_by(5) {
+                b.page_slice(p)
+                    .unwrap()
+                    .copy_from(&[p as u8 ^ 0x5a; PAGE as usize][..]);
+                bits.set(p);
+            }
+            for p in (0..b.pages()).step_by(13) {
+                b.zero_page(p);
+                bits.set(p);
+            }
+            bits
+        })
+        .collect();
+    (src, dst, discard)
+}
+
+/// The return path as a socket carrying page requests in their wire
+/// format: the destination's writer, and the source's reader thread
+/// serving each on `preempt`.
+fn return_path(server: Arc<PageServer>, preempt: Arc<dyn Channel>) -> RequestFn {
+    let (dst, mut src) = UnixStream::pair().unwrap();
+    std::thread::spawn(move || {
+        let mut b = [0u8; REQUEST_LEN];
+        while src.read_exact(&mut b).is_ok() {
+            let run = PageRun::decode_request(&b);
+            if server.serve(&run, "return path", preempt.as_ref()).is_err() {
+                return;
+            }
+        }
+    });
+    let dst = std::sync::Mutex::new(dst);
+    Arc::new(move |run: PageRun| {
+        dst.lock()
+            .unwrap()
+            .write_all(&run.encode_request())
+            .map_err(|e| e.to_string())
+    })
+}
+
+/// Reads one byte of each page on its own thread, as a guest's vCPU
+/// would; returns the bytes read.
+fn touch(
+    mem: &Arc<GuestMemory>,
+    block: usize,
+    pages: Vec<u64>,
+) -> std::thread::JoinHandle<Vec<u8>> {
+    let mem = mem.clone();
+    std::thread::spawn(move || {
+        let b = &mem.blocks()[block];
+        pages
+            .into_iter()
+            .map(|p| {
+                let addr = b.page_addr(p).unwrap();
+                // SAFETY: the first byte of page p inside the block's
+                // mapping, which `mem` keeps alive; a volatile read of a
+                // registered missing page blocks until it is placed.
+                unsafe { std::ptr::read_volatile(addr.add(7)) }
+            })
+            .collect()
+    })
+}
+
+#[test]
+fn faults_are_served_and_the_push_completes_every_page_once() {
+    for seed in 1..=3 {
+        let (src, dst, discard) = switched(16 * MIB, seed);
+        let stale: u64 = discard.iter().map(PageBitmap::count).sum();
+        let want = Digest::of_guest(&src, &[]);
+        let server = Arc::new(PageServer::new(src.clone(), Arc::new(copy_bits(&discard))));
+        let (pre_src, pre_dst) = pair("preempt");
+        let request = return_path(server.clone(), pre_src);
+        let mut pc = PostcopyDestination::start(dst.clone(), &discard, request).unwrap();
+        assert_eq!(pc.missing(), stale);
+        pc.read_pages(pre_dst).unwrap();
+        // Two "vCPUs" touch stale pages (every 5th from 10), and pages
+        // precopy left unpopulated (zeros) are touched too.
+        let a = touch(&dst, 0, (10..4096).step_by(5).take(300).collect());
+        let b = touch(&dst, 0, (3..4096).step_by(7).take(300).collect());
+        let c = touch(&dst, 1, (0..256).collect());
+        for t in [a, b, c] {
+            t.join().unwrap();
+        }
+        let asked = pc.stats().requests;
+        assert!(asked > 0, "the touches faulted");
+        // The background push over two multifd channels.
+        let mut pushers = Vec::new();
+        for i in 0..2 {
+            let (s, d) = pair(&format!("multifd[{i}]"));
+            pc.read_pages(d).unwrap();
+            let server = server.clone();
+            pushers.push(std::thread::spawn(move || server.push(s.as_ref())));
+        }
+        let stats = pc.finish(Duration::from_secs(30)).unwrap();
+        for p in pushers {
+            // Once every page is placed the destination closes its
+            // channels: a push still sending (its END, a page that came
+            // both ways) may find them closed, which is no error.
+            let _ = p.join().unwrap();
+        }
+        assert_eq!(pc.missing(), 0);
+        assert_eq!(stats.discarded_pages, stale);
+        assert_eq!(
+            stats.requested_pages_placed + stats.pushed_pages_placed,
+            stale,
+            "every stale page placed once: {stats:?}"
+        );
+        assert_eq!(stats.requests, asked, "no page requested twice");
+        assert!(stats.requested_pages_placed <= stats.requests);
+        assert!(
+            stats.fault_max_us >= stats.fault_p99_us && stats.fault_p99_us >= stats.fault_p50_us
+        );
+        assert!(
+            stats.fault_p50_us > 0 && stats.blocked_ms > 0.0,
+            "{stats:?}"
+        );
+        // SAFETY: every page is placed and no thread touches `dst` now.
+        let got = unsafe { Digest::of_still_guest(&dst, &[]) };
+        assert_eq!(got, want, "seed {seed}: the destination equals the source");
+    }
+}
+
+#[test]
+fn a_page_arriving_both_ways_is_placed_once() {
+    let (src, dst, discard) = switched(MIB, 9);
+    let stale: u64 = discard.iter().map(PageBitmap::count).sum();
+    let (q_src, q_dst) = pair("preempt");
+    let mut pc = PostcopyDestination::start(dst.clone(), &discard, Arc::new(|_| Ok(()))).unwrap();
+    pc.read_pages(q_dst).unwrap();
+    // The push sends everything; the requests' answers send page 0 and 5 again.
+    let server = PageServer::new(src.clone(), Arc::new(copy_bits(&discard)));
+    let again = PageServer::new(src.clone(), Arc::new(copy_bits(&discard)));
+    server.push(q_src.as_ref()).unwrap();
+    let (r_src, r_dst) = pair("preempt[2]");
+    pc.read_pages(r_dst).unwrap();
+    for p in [0, 5] {
+        let run = PageRun {
+            block: 0,
+            offset: p * PAGE,
+            len: PAGE,
+        };
+        again.serve(&run, "return path", r_src.as_ref()).unwrap();
+    }
+    super::send_end(r_src.as_ref()).unwrap();
+    // The second arrivals are read, and skipped.
+    let t = std::time::Instant::now();
+    while pc.stats().duplicate_pages < 2 {
+        assert!(t.elapsed() < Duration::from_secs(30), "{:?}", pc.stats());
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let stats = pc.finish(Duration::from_secs(30)).unwrap();
+    assert_eq!(stats.pushed_pages_placed, stale, "each page placed once");
+    assert_eq!(stats.duplicate_pages, 2);
+    assert_eq!(stats.requests, 0);
+    // SAFETY: every page is placed and nothing touches `dst` now.
+    assert_eq!(
+        unsafe { Digest::of_still_guest(&dst, &[]) },
+        Digest::of_guest(&src, &[])
+    );
+}
+
+/// A frame whose header is bad, on any channel, ends postcopy with an error
+/// naming the channel, block and offset; nothing of it is placed.
+#[test]
+fn bad_frames_are_refused_naming_them_and_nothing_is_placed() {
+    let frame =
+        |block: u16, flags: u16, offset: u64, pages: u32, payload: &[u8], crc: Option<u32>| {
+            let head = FrameHeader::head(block, flags, offset, pages);
+            let mut b = head.to_vec();
+            b.extend_from_slice(&crc.unwrap_or(wire::frame_crc(&head, payload)).to_le_bytes());
+            b.extend_from_slice(payload);
+            b
+        };
+    let page = vec![0xabu8; PAGE as usize];
+    for (bytes, says) in [
+        (
+            frame(7, 0, 0, 1, &page, None),
+            "preempt: page run for unknown block #7",
+        ),
+        (
+            frame(1, 0, 100, 1, &page, None),
+            "block 'vram' at offset 0x64, 4096 bytes: not aligned",
+        ),
+        (
+            frame(1, 0, MIB, 1, &page, None),
+            "block 'vram' at offset 0x100000, 4096 bytes: outside the block",
+        ),
+        (frame(1, 0, 0, 65, &[], None), "not 1 to 64 pages"),
+        (
+            frame(1, 0, 0, 1, &page, Some(1)),
+            "preempt: 1 page(s) of block 'vram' at offset 0x0 failed their CRC",
+        ),
+        (
+            b"GARBAGE!GARBAGE!GARBAGE!".to_vec(),
+            "preempt: bad page frame: bad magic",
+        ),
+    ] {
+        let (_src, dst, discard) = switched(MIB, 3);
+        let stale: u64 = discard.iter().map(PageBitmap::count).sum();
+        let (q_src, q_dst) = pair("preempt");
+        let mut pc = PostcopyDestination::start(dst, &discard, Arc::new(|_| Ok(()))).unwrap();
+        pc.read_pages(q_dst).unwrap();
+        q_src.write_all(&bytes).unwrap();
+        let e = pc.finish(Duration::from_secs(30)).unwrap_err().to_string();
+        assert!(e.contains(says), "wanted {says:?} in: {e}");
+        assert_eq!(pc.missing(), stale, "nothing placed");
+        assert_eq!(pc.stats().pushed_pages_placed, 0);
+    }
+}
+
+#[test]
+fn requests_outside_guest_memory_are_refused_and_nothing_is_sent() {
+    let src = memory(MIB);
+    let pending = Arc::new(
+        src.blocks()
+            .iter()
+            .map(|b| PageBitmap::new(b.pages(), true))
+            .collect(),
+    );
+    let server = PageServer::new(src, pending);
+    let (ours, theirs) = pair("preempt");
+    for (run, says) in [
+        (
+            (2, 0, PAGE),
+            "return path: page run for unknown block #2 (the guest has 2)",
+        ),
+        (
+            (0, 1, PAGE),
+            "return path: page run in block 'ram' at offset 0x1, 4096 bytes: not aligned",
+        ),
+        (
+            (1, MIB, PAGE),
+            "block 'vram' at offset 0x100000, 4096 bytes: outside the block",
+        ),
+        ((0, 0, 65 * PAGE), "not 1 to 64 pages"),
+    ] {
+        let run = PageRun {
+            block: run.0,
+            offset: run.1,
+            len: run.2,
+        };
+        let e = server
+            .serve(&run, "return path", ours.as_ref())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains(says), "wanted {says:?} in: {e}");
+    }
+    assert_eq!(server.figures(), (0, 0, 0));
+    ours.shutdown();
+    let mut b = [0u8; 1];
+    assert!(theirs.read_exact(&mut b).is_err(), "nothing was sent");
+}
+
+#[test]
+fn a_discard_list_that_does_not_match_memory_is_refused_before_registering() {
+    let dst = memory(MIB);
+    let wrong = vec![PageBitmap::new(256, true)];
+    let e = PostcopyDestination::start(dst.clone(), &wrong, Arc::new(|_| Ok(())))
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("discard list: its blocks do not match"), "{e}");
+    // Nothing registered: the memory is touched freely.
+    dst.blocks()[0].touch_page(3);
+}

@@ -1,0 +1,444 @@
+//! Postcopy's wire formats, each parsed here and nowhere else (integers
+//! little-endian).
+//!
+//! # Page request (destination → source, the return path's PAGE_REQUEST)
+//!
+//! | offset | size | field                                           |
+//! |-------:|-----:|-------------------------------------------------|
+//! |      0 |    2 | block index, in SETUP's block order             |
+//! |      2 |    8 | offset of the first page in the block, in bytes |
+//! |     10 |    4 | length in bytes: whole pages, at most           |
+//! |        |      | [`MAX_RUN_PAGES`] of them                       |
+//!
+//! 14 bytes. The source checks every field against its guest memory
+//! ([`check_run`]) before it reads a byte.
+//!
+//! # Page frame (source → destination, the preempt channel and, after the
+//! switch, the multifd channels)
+//!
+//! | offset | size | field                                           |
+//! |-------:|-----:|-------------------------------------------------|
+//! |      0 |    4 | magic, the bytes `FPCP`                         |
+//! |      4 |    2 | block index                                     |
+//! |      6 |    2 | flags: bit 0 the pages are zeros (no payload);  |
+//! |        |      | bit 1 end of this channel's stream (no pages:   |
+//! |        |      | block, offset and pages are 0)                  |
+//! |      8 |    8 | offset of the first page in the block, in bytes |
+//! |     16 |    4 | pages N, 1 to [`MAX_RUN_PAGES`] (0 with END)     |
+//! |     20 |    4 | CRC-32 (IEEE) of bytes 0..20 and the payload    |
+//! |     24 |    P | payload: N × page size bytes, none if zeros     |
+//!
+//! The destination checks the header ([`check_run`]) before reading the
+//! payload into a private buffer, checks the CRC, and only then places the
+//! pages (UFFDIO_COPY / UFFDIO_ZEROPAGE).
+//!
+//! # Discard list (inside the postcopy package)
+//!
+//! | size     | field                                                |
+//! |---------:|------------------------------------------------------|
+//! |        2 | block count B, equal to SETUP's                      |
+//! | B times: |                                                      |
+//! |        8 | pages in the block, equal to SETUP's                 |
+//! |  8 × W   | W = ⌈pages / 64⌉ bitmap words; bit i of word w set:  |
+//! |          | page 64w + i is stale (dirty at the switch); bits    |
+//! |          | past the block's pages must be 0                     |
+//!
+//! # Postcopy package (source → destination, the main channel's
+//! POSTCOPY_PACKAGE, read whole before anything in it is used)
+//!
+//! | size | field                                                    |
+//! |-----:|----------------------------------------------------------|
+//! |    4 | discard list length D                                    |
+//! |    D | the discard list                                         |
+//! | rest | the guest's device state                                 |
+
+use ferry_ram::{BlockSpec, PageBitmap};
+
+use super::PostcopyError;
+
+/// The most pages one request or one frame carries (256 KiB of 4 KiB pages).
+pub const MAX_RUN_PAGES: u32 = 64;
+/// A page request's size on the wire.
+pub const REQUEST_LEN: usize = 14;
+/// A page frame's header size.
+pub const FRAME_HEADER_LEN: usize = 24;
+pub const FRAME_MAGIC: [u8; 4] = *b"FPCP";
+pub const FLAG_ZERO: u16 = 1;
+pub const FLAG_END: u16 = 2;
+
+/// A run of pages of one block: what a request asks for and what a frame
+/// carries.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PageRun {
+    pub block: u16,
+    /// Bytes from the block's start to the run's first page.
+    pub offset: u64,
+    /// Bytes.
+    pub len: u64,
+}
+
+impl PageRun {
+    pub fn encode_request(&self) -> [u8; REQUEST_LEN] {
+        let mut b = [0u8; REQUEST_LEN];
+        b[0..2].copy_from_slice(&self.block.to_le_bytes());
+        b[2..10].copy_from_slice(&self.offset.to_le_bytes());
+        b[10..14].copy_from_slice(&(self.len as u32).to_le_bytes());
+        b
+    }
+
+    /// A request's fields, unchecked (see [`check_run`]).
+    pub fn decode_request(b: &[u8; REQUEST_LEN]) -> Self {
+        Self {
+            block: u16::from_le_bytes([b[0], b[1]]),
+            offset: u64::from_le_bytes(b[2..10].try_into().expect("8 bytes")),
+            len: u64::from(u32::from_le_bytes(b[10..14].try_into().expect("4 bytes"))),
+        }
+    }
+}
+
+/// Checks `run` against the guest's blocks: a known block, page aligned,
+/// whole pages, 1 to [`MAX_RUN_PAGES`] of them, inside the block. Returns
+/// the block's page size and the run's first page. `channel` names where
+/// the run came from.
+pub fn check_run(
+    blocks: &[BlockSpec],
+    run: &PageRun,
+    channel: &str,
+) -> Result<(u64, u64), PostcopyError> {
+    let Some(b) = blocks.get(usize::from(run.block)) else {
+        return Err(PostcopyError::UnknownBlock {
+            channel: channel.into(),
+            block: run.block,
+            blocks: blocks.len(),
+        });
+    };
+    let ps = u64::from(b.page_size);
+    let bad = |why: &'static str| PostcopyError::BadRun {
+        channel: channel.into(),
+        block: b.name.clone(),
+        offset: run.offset,
+        len: run.len,
+        why,
+    };
+    if !run.offset.is_multiple_of(ps) || !run.len.is_multiple_of(ps) {
+        return Err(bad("not aligned to the block's pages"));
+    }
+    if run.len == 0 || run.len / ps > u64::from(MAX_RUN_PAGES) {
+        return Err(bad("not 1 to 64 pages"));
+    }
+    if run
+        .offset
+        .checked_add(run.len)
+        .is_none_or(|end| end > b.len)
+    {
+        return Err(bad("outside the block"));
+    }
+    Ok((ps, run.offset / ps))
+}
+
+/// A page frame's header.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FrameHeader {
+    pub run: PageRun,
+    pub flags: u16,
+    /// Pages in the run (0 with END).
+    pub pages: u32,
+    pub crc: u32,
+}
+
+impl FrameHeader {
+    /// The header's first 20 bytes (what the CRC covers with the payload).
+    pub fn head(block: u16, flags: u16, offset: u64, pages: u32) -> [u8; 20] {
+        let mut b = [0u8; 20];
+        b[0..4].copy_from_slice(&FRAME_MAGIC);
+        b[4..6].copy_from_slice(&block.to_le_bytes());
+        b[6..8].copy_from_slice(&flags.to_le_bytes());
+        b[8..16].copy_from_slice(&offset.to_le_bytes());
+        b[16..20].copy_from_slice(&pages.to_le_bytes());
+        b
+    }
+
+    /// Parses a header: magic and flags checked, the run not (see
+    /// [`check_run`]); `page_size` turns pages into the run's length.
+    pub fn decode(
+        b: &[u8; FRAME_HEADER_LEN],
+        blocks: &[BlockSpec],
+        channel: &str,
+    ) -> Result<Self, PostcopyError> {
+        let bad = |why: String| PostcopyError::BadFrame {
+            channel: channel.into(),
+            why,
+        };
+        if b[0..4] != FRAME_MAGIC {
+            return Err(bad(format!(
+                "bad magic {:02x?} (not a ferry postcopy page frame)",
+                &b[0..4]
+            )));
+        }
+        let block = u16::from_le_bytes([b[4], b[5]]);
+        let flags = u16::from_le_bytes([b[6], b[7]]);
+        let offset = u64::from_le_bytes(b[8..16].try_into().expect("8 bytes"));
+        let pages = u32::from_le_bytes(b[16..20].try_into().expect("4 bytes"));
+        let crc = u32::from_le_bytes(b[20..24].try_into().expect("4 bytes"));
+        if flags & !(FLAG_ZERO | FLAG_END) != 0 {
+            return Err(bad(format!("unknown flags {flags:#06x}")));
+        }
+        if flags & FLAG_END != 0 {
+            if flags != FLAG_END || block != 0 || offset != 0 || pages != 0 {
+                return Err(bad("END frame with pages".into()));
+            }
+            return Ok(Self {
+                run: PageRun {
+                    block: 0,
+                    offset: 0,
+                    len: 0,
+                },
+                flags,
+                pages: 0,
+                crc,
+            });
+        }
+        let ps = blocks
+            .get(usize::from(block))
+            .map_or(1, |b| u64::from(b.page_size));
+        Ok(Self {
+            run: PageRun {
+                block,
+                offset,
+                len: u64::from(pages).saturating_mul(ps),
+            },
+            flags,
+            pages,
+            crc,
+        })
+    }
+}
+
+/// The CRC a frame carries.
+pub fn frame_crc(head: &[u8; 20], payload: &[u8]) -> u32 {
+    let mut h = crc32fast::Hasher::new();
+    h.update(head);
+    h.update(payload);
+    h.finalize()
+}
+
+/// Encodes the discard list: one bitmap per block.
+pub fn encode_discard(discard: &[PageBitmap]) -> Vec<u8> {
+    let mut b = Vec::new();
+    b.extend_from_slice(&(discard.len() as u16).to_le_bytes());
+    for bits in discard {
+        b.extend_from_slice(&bits.pages().to_le_bytes());
+        for w in bits.to_words() {
+            b.extend_from_slice(&w.to_le_bytes());
+        }
+    }
+    b
+}
+
+/// Parses a discard list against the guest's blocks: every block, its page
+/// count, no page past its end.
+pub fn decode_discard(b: &[u8], blocks: &[BlockSpec]) -> Result<Vec<PageBitmap>, PostcopyError> {
+    let bad = |why: String| PostcopyError::BadDiscard(why);
+    let mut at = 0usize;
+    let mut take = |n: usize| -> Result<&[u8], PostcopyError> {
+        let end = at.checked_add(n).filter(|&e| e <= b.len()).ok_or_else(|| {
+            PostcopyError::BadDiscard(format!(
+                "{} bytes end early (wanted {n} more at {at})",
+                b.len()
+            ))
+        })?;
+        let s = &b[at..end];
+        at = end;
+        Ok(s)
+    };
+    let count = u16::from_le_bytes(take(2)?.try_into().expect("2 bytes"));
+    if usize::from(count) != blocks.len() {
+        return Err(bad(format!(
+            "{count} block(s), the guest has {}",
+            blocks.len()
+        )));
+    }
+    let mut out = Vec::with_capacity(blocks.len());
+    for spec in blocks {
+        let pages = u64::from_le_bytes(take(8)?.try_into().expect("8 bytes"));
+        let ours = spec.len / u64::from(spec.page_size);
+        if pages != ours {
+            return Err(bad(format!(
+                "block '{}' of {pages} pages, the guest's has {ours}",
+                spec.name
+            )));
+        }
+        let words = take(pages.div_ceil(64) as usize * 8)?
+            .chunks_exact(8)
+            .map(|w| u64::from_le_bytes(w.try_into().expect("8 bytes")))
+            .collect::<Vec<_>>();
+        let bits = PageBitmap::from_words(pages, &words).ok_or_else(|| {
+            bad(format!(
+                "block '{}': pages past its end ({pages} pages) are set",
+                spec.name
+            ))
+        })?;
+        out.push(bits);
+    }
+    if at != b.len() {
+        return Err(bad(format!("{} stray bytes at the end", b.len() - at)));
+    }
+    Ok(out)
+}
+
+/// The package: discard list and device state.
+pub fn encode_package(discard: &[PageBitmap], device_state: &[u8]) -> Vec<u8> {
+    let list = encode_discard(discard);
+    let mut b = Vec::with_capacity(4 + list.len() + device_state.len());
+    b.extend_from_slice(&(list.len() as u32).to_le_bytes());
+    b.extend_from_slice(&list);
+    b.extend_from_slice(device_state);
+    b
+}
+
+/// Splits a package into its discard list (checked against `blocks`) and
+/// the device state.
+pub fn decode_package(
+    b: &[u8],
+    blocks: &[BlockSpec],
+) -> Result<(Vec<PageBitmap>, Vec<u8>), PostcopyError> {
+    let Some(len) = b.get(..4) else {
+        return Err(PostcopyError::BadDiscard(format!(
+            "package of {} bytes has no discard length",
+            b.len()
+        )));
+    };
+    let len = u32::from_le_bytes(len.try_into().expect("4 bytes")) as usize;
+    let Some(list) = b.get(4..4 + len) else {
+        return Err(PostcopyError::BadDiscard(format!(
+            "discard list of {len} bytes in a package of {}",
+            b.len()
+        )));
+    };
+    Ok((decode_discard(list, blocks)?, b[4 + len..].to_vec()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn blocks() -> Vec<BlockSpec> {
+        vec![
+            BlockSpec {
+                name: "ram".into(),
+                len: 1 << 20,
+                page_size: 4096,
+            },
+            BlockSpec {
+                name: "vram".into(),
+                len: 100 * 4096,
+                page_size: 4096,
+            },
+        ]
+    }
+
+    #[test]
+    fn requests_round_trip_and_bad_ones_are_named() {
+        let r = PageRun {
+            block: 1,
+            offset: 8192,
+            len: 4096,
+        };
+        assert_eq!(PageRun::decode_request(&r.encode_request()), r);
+        assert_eq!(check_run(&blocks(), &r, "return path").unwrap(), (4096, 2));
+        for (run, says) in [
+            ((2, 0, 4096), "unknown block #2 (the guest has 2)"),
+            ((0, 100, 4096), "not aligned"),
+            ((0, 4096, 100), "not aligned"),
+            ((0, 0, 0), "not 1 to 64 pages"),
+            ((0, 0, 65 * 4096), "not 1 to 64 pages"),
+            ((1, 99 * 4096, 8192), "outside the block"),
+            ((1, !4095, 4096), "outside the block"),
+        ] {
+            let run = PageRun {
+                block: run.0,
+                offset: run.1,
+                len: run.2,
+            };
+            let e = check_run(&blocks(), &run, "return path").unwrap_err();
+            let t = e.to_string();
+            assert!(t.contains(says) && t.contains("return path"), "{t}");
+            if run.block < 2 {
+                assert!(t.contains(&format!("offset {:#x}", run.offset)), "{t}");
+            }
+        }
+    }
+
+    #[test]
+    fn discard_lists_round_trip_and_outside_ones_are_refused() {
+        let d = vec![PageBitmap::new(256, false), PageBitmap::new(100, false)];
+        d[0].set(3);
+        d[1].set(99);
+        let (back, ds) = decode_package(&encode_package(&d, b"dev"), &blocks()).unwrap();
+        assert_eq!(ds, b"dev");
+        assert_eq!(back[0].iter_set().collect::<Vec<_>>(), [3]);
+        assert_eq!(back[1].iter_set().collect::<Vec<_>>(), [99]);
+        // A page past the end of "vram": bit 100 of its second word.
+        let mut bad = encode_discard(&d);
+        let last = bad.len() - 8;
+        bad[last + 4] = 0x10; // bit 36 of word 1: page 100
+        let e = decode_discard(&bad, &blocks()).err().unwrap().to_string();
+        assert!(e.contains("block 'vram': pages past its end"), "{e}");
+        // Wrong page count, wrong block count, truncated, stray bytes.
+        let short = vec![PageBitmap::new(256, false), PageBitmap::new(99, false)];
+        let e = decode_discard(&encode_discard(&short), &blocks())
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            e.contains("block 'vram' of 99 pages, the guest's has 100"),
+            "{e}"
+        );
+        let e = decode_discard(&encode_discard(&d[..1]), &blocks())
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains("1 block(s), the guest has 2"), "{e}");
+        let full = encode_discard(&d);
+        let e = decode_discard(&full[..full.len() - 1], &blocks())
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains("end early"), "{e}");
+        let mut more = full.clone();
+        more.push(0);
+        let e = decode_discard(&more, &blocks()).err().unwrap().to_string();
+        assert!(e.contains("1 stray bytes"), "{e}");
+        let e = decode_package(&[9, 0, 0, 0, 1], &blocks())
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            e.contains("discard list of 9 bytes in a package of 5"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn frame_headers_are_checked() {
+        let head = FrameHeader::head(1, FLAG_ZERO, 4096, 2);
+        let mut b = [0u8; FRAME_HEADER_LEN];
+        b[..20].copy_from_slice(&head);
+        b[20..].copy_from_slice(&frame_crc(&head, &[]).to_le_bytes());
+        let h = FrameHeader::decode(&b, &blocks(), "preempt").unwrap();
+        assert_eq!(h.run.len, 8192);
+        assert_eq!(h.flags, FLAG_ZERO);
+        let mut bad = b;
+        bad[0] = b'X';
+        let e = FrameHeader::decode(&bad, &blocks(), "preempt").unwrap_err();
+        assert!(
+            e.to_string().contains("preempt: bad page frame: bad magic"),
+            "{e}"
+        );
+        let mut bad = b;
+        bad[6] = 4;
+        let e = FrameHeader::decode(&bad, &blocks(), "multifd[1]").unwrap_err();
+        assert!(e.to_string().contains("multifd[1]"), "{e}");
+        assert!(e.to_string().contains("unknown flags"), "{e}");
+    }
+}
