@@ -368,6 +368,11 @@ fn receive(
     );
     let (memory, staged) = build_memory(&setup, &opts.memory, &summary.session)?;
     let postcopy = setup.capabilities & CAP_POSTCOPY != 0;
+    if postcopy && verify {
+        return Err(MigrationError::Setup(
+            crate::outgoing::POSTCOPY_CANNOT_VERIFY.into(),
+        ));
+    }
     if postcopy {
         crate::postcopy::check_registrable(&memory)
             .map_err(|e| MigrationError::Setup(format!("the source asks for postcopy, but {e}")))?;

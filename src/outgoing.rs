@@ -112,6 +112,12 @@ const CANCEL_GRACE: Duration = Duration::from_secs(3);
 /// How often waits look at the cancel flag.
 const POLL: Duration = Duration::from_millis(50);
 
+/// Why `--postcopy` and `--verify-switchover` cannot be combined.
+pub(crate) const POSTCOPY_CANNOT_VERIFY: &str =
+    "verifying the switchover (--verify-switchover) hashes all memory at the destination before \
+     its guest runs, and after a postcopy switch the destination runs its guest before it holds \
+     all memory (--postcopy): use one or the other";
+
 /// Migrates `guest` to the destination listening at `uri`. The migration's
 /// parameters (downtime limit, rate limit, auto-converge...) are those of
 /// `progress`, which also carries its status, figures and cancel requests.
@@ -333,6 +339,9 @@ impl Source<'_> {
 
     fn setup(&mut self) -> Result<Link, MigrationError> {
         let opts = self.opts;
+        if opts.postcopy && opts.verify_switchover {
+            return Err(MigrationError::Setup(POSTCOPY_CANNOT_VERIFY.into()));
+        }
         self.progress.set_phase("connecting");
         let session = SessionId::random();
         self.summary.session = session.to_string();

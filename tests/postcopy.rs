@@ -245,6 +245,54 @@ fn a_destination_that_cannot_register_userfaultfd_refuses_postcopy() {
     });
 }
 
+/// Verification hashes the destination's memory before its guest runs,
+/// which postcopy cannot offer: asked for by either side together with
+/// postcopy, the migration is refused at setup, naming both flags, and the
+/// source guest runs on.
+#[test]
+fn postcopy_and_switchover_verification_are_refused_together() {
+    within(60, || {
+        // The source asks for both: refused before connecting.
+        let guest = fast_guest();
+        let (l, uri) = listener();
+        drop(l);
+        let opts = OutgoingOptions {
+            verify_switchover: true,
+            ..postcopy_opts(1)
+        };
+        let e = migrate_out(&guest, &uri, &opts, &Progress::default())
+            .unwrap_err()
+            .error
+            .to_string();
+        assert!(
+            e.contains("--verify-switchover") && e.contains("--postcopy"),
+            "{e}"
+        );
+        assert!(guest.is_running(), "the source runs on");
+
+        // The destination asks to verify, the source announces postcopy.
+        let (l, uri) = listener();
+        let dst = spawn_destination(
+            l,
+            IncomingOptions {
+                verify_switchover: Some(true),
+                ..IncomingOptions::default()
+            },
+        );
+        let e = migrate_out(&guest, &uri, &postcopy_opts(1), &Progress::default())
+            .unwrap_err()
+            .error
+            .to_string();
+        assert!(
+            e.contains("--verify-switchover") && e.contains("--postcopy"),
+            "{e}"
+        );
+        assert!(guest.is_running(), "the source runs on");
+        let theirs = dst.join().unwrap().map(|_| ()).unwrap_err().to_string();
+        assert!(theirs.contains("--postcopy"), "{theirs}");
+    });
+}
+
 /// A failure after the switch: the destination fails once the package is
 /// in (its keep hook refuses), so neither side holds the whole guest. The
 /// source never resumes its guest, passes through postcopy-paused and
