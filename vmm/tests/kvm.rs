@@ -321,9 +321,6 @@ fn a_live_migration_over_loopback_resumes_the_guest_on_the_destination() {
     .unwrap();
     wait_for("source writes", || guest.status(0).unwrap().writes > 200);
 
-    let listener =
-        Listener::bind(&"tcp:127.0.0.1:0".parse().unwrap(), SocketTuning::default()).unwrap();
-    let uri = listener.uri().clone();
     // The destination's builder keeps a handle on the VM it builds (to read
     // its port lines).
     let built: Arc<Mutex<Option<Arc<KvmGuest>>>> = Arc::default();
@@ -337,16 +334,12 @@ fn a_live_migration_over_loopback_resumes_the_guest_on_the_destination() {
         verify_switchover: Some(true),
         ..Default::default()
     };
-    let dst = std::thread::spawn(move || {
-        migrate_in(&listener, &incoming, &Progress::default()).map_err(|e| e.to_string())
-    });
-    let progress = Progress::with_parameters(Parameters {
-        downtime_limit: Duration::from_secs(2),
-        ..Default::default()
-    });
-    let sent = migrate_out(&guest, &uri, &OutgoingOptions::default(), &progress)
-        .expect("the source completes");
-    let got = dst.join().unwrap().expect("the destination completes");
+    let (sent, got, progress) = migrate_locally(
+        &guest,
+        incoming,
+        &OutgoingOptions::default(),
+        two_second_downtime(),
+    );
     let vm = built.lock().unwrap().clone().expect("the builder ran");
     assert_eq!(progress.status(), Status::Completed);
     assert!(!guest.is_running(), "the source stays paused");
@@ -383,6 +376,36 @@ fn a_live_migration_over_loopback_resumes_the_guest_on_the_destination() {
     got.guest.pause().unwrap();
 }
 
+/// Migrates `guest` over loopback into a destination with `incoming`,
+/// with `opts` and the parameters `params`; both sides must complete.
+/// Returns the source's summary, the destination's outcome and the
+/// source's progress.
+fn migrate_locally(
+    guest: &dyn Guest,
+    incoming: IncomingOptions,
+    opts: &OutgoingOptions,
+    params: Parameters,
+) -> (ferry::Summary, ferry::IncomingOutcome, Progress) {
+    let listener =
+        Listener::bind(&"tcp:127.0.0.1:0".parse().unwrap(), SocketTuning::default()).unwrap();
+    let uri = listener.uri().clone();
+    let dst = std::thread::spawn(move || {
+        migrate_in(&listener, &incoming, &Progress::default()).map_err(|e| e.to_string())
+    });
+    let progress = Progress::with_parameters(params);
+    let sent = migrate_out(guest, &uri, opts, &progress).expect("the source completes");
+    let got = dst.join().unwrap().expect("the destination completes");
+    (sent, got, progress)
+}
+
+/// A downtime limit the slow software KVM here can meet.
+fn two_second_downtime() -> Parameters {
+    Parameters {
+        downtime_limit: Duration::from_secs(2),
+        ..Default::default()
+    }
+}
+
 /// One hop: migrates `guest` to a fresh destination (its memory ferry's
 /// own, or a `GuestMemoryMmap` the destination VMM holds) and returns the
 /// destination's guest and memory once its counters advanced past the
@@ -393,9 +416,6 @@ fn hop(
     provided: bool,
     params: Parameters,
 ) -> (Box<dyn Guest>, Arc<GuestMemory>, ferry::Summary) {
-    let listener =
-        Listener::bind(&"tcp:127.0.0.1:0".parse().unwrap(), SocketTuning::default()).unwrap();
-    let uri = listener.uri().clone();
     let memory = if provided {
         let len = guest.memory().total_bytes() as usize;
         let mmap = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), len)]).unwrap();
@@ -411,13 +431,8 @@ fn hop(
         verify_switchover: Some(true),
         ..Default::default()
     };
-    let dst = std::thread::spawn(move || {
-        migrate_in(&listener, &incoming, &Progress::default()).map_err(|e| e.to_string())
-    });
-    let progress = Progress::with_parameters(params);
-    let sent = migrate_out(guest, &uri, &OutgoingOptions::default(), &progress)
-        .expect("the source completes");
-    let got = dst.join().unwrap().expect("the destination completes");
+    let (sent, got, progress) =
+        migrate_locally(guest, incoming, &OutgoingOptions::default(), params);
     assert_eq!(progress.status(), Status::Completed);
     assert!(!guest.is_running() && got.guest.is_running());
     assert_eq!(sent.switchover_digest, got.summary.switchover_digest);
@@ -449,10 +464,7 @@ fn two_vcpus_ping_pong_through_twenty_live_migrations() {
     )
     .unwrap();
     wait_for("source writes", || writes(first.memory(), 2) > 200);
-    let params = Parameters {
-        downtime_limit: Duration::from_secs(2),
-        ..Default::default()
-    };
+    let params = two_second_downtime();
     let (mut guest, mut memory, _) = hop(&first, 2, false, params.clone());
     drop(first);
     for n in 1..20 {
@@ -591,9 +603,6 @@ fn a_lossy_dirty_log_is_caught_by_the_guest_self_check() {
         first_lost_page: work_start(memory) / PAGE,
     };
     let guest = LossyGuest { inner, log };
-    let listener =
-        Listener::bind(&"tcp:127.0.0.1:0".parse().unwrap(), SocketTuning::default()).unwrap();
-    let uri = listener.uri().clone();
     // ferry's own checks would refuse the result first: the switchover
     // digest (off here) and per-page checksums (off below).
     let incoming = IncomingOptions {
@@ -601,20 +610,12 @@ fn a_lossy_dirty_log_is_caught_by_the_guest_self_check() {
         verify_switchover: Some(false),
         ..Default::default()
     };
-    let dst = std::thread::spawn(move || {
-        migrate_in(&listener, &incoming, &Progress::default()).map_err(|e| e.to_string())
-    });
-    let params = Parameters {
-        downtime_limit: Duration::from_secs(2),
-        ..Default::default()
-    };
     // Without per-page checksums: with them ferry itself notices pages
     // that changed in flight and were never sent again, and fails first.
+    // The source completes: it cannot know its log lied.
     let mut opts = OutgoingOptions::default();
     opts.sender.checksum = false;
-    migrate_out(&guest, &uri, &opts, &Progress::with_parameters(params))
-        .expect("the source completes (it cannot know its log lied)");
-    let got = dst.join().unwrap().expect("the destination completes");
+    let (_, got, _) = migrate_locally(&guest, incoming, &opts, two_second_downtime());
     wait_for("the destination's self-check error", || {
         vcpu_status(&got.memory, 0).unwrap().errors > 0
     });
@@ -762,24 +763,17 @@ fn a_live_migration_tracked_by_the_dirty_ring() {
     )
     .unwrap();
     wait_for("source writes", || writes(guest.memory(), 2) > 200);
-    let listener =
-        Listener::bind(&"tcp:127.0.0.1:0".parse().unwrap(), SocketTuning::default()).unwrap();
-    let uri = listener.uri().clone();
     let incoming = IncomingOptions {
         build_guest: KvmGuest::builder_with(ring),
         verify_switchover: Some(true),
         ..Default::default()
     };
-    let dst = std::thread::spawn(move || {
-        migrate_in(&listener, &incoming, &Progress::default()).map_err(|e| e.to_string())
-    });
-    let progress = Progress::with_parameters(Parameters {
-        downtime_limit: Duration::from_secs(2),
-        ..Default::default()
-    });
-    let sent = migrate_out(&guest, &uri, &OutgoingOptions::default(), &progress)
-        .expect("the source completes");
-    let got = dst.join().unwrap().expect("the destination completes");
+    let (sent, got, _) = migrate_locally(
+        &guest,
+        incoming,
+        &OutgoingOptions::default(),
+        two_second_downtime(),
+    );
     assert_eq!(sent.dirty_tracker.as_deref(), Some("kvm-ring"));
     assert_eq!(sent.switchover_digest, got.summary.switchover_digest);
     let before = writes(guest.memory(), 2);
