@@ -700,7 +700,8 @@ pub fn run_live(
              loopback with multifd, the same channels and downtime limit, max-bandwidth 1 TiB/s \
              (QEMU's default caps at 128 MiB/s){}; its total is QEMU's total-time, its downtime \
              QEMU's downtime, its wire ram.transferred, its passes ram.dirty-sync-count, its \
-             blackout the largest gap in each vCPU's first progress line on the destination",
+             blackout the largest TSC gap in the guest's progress lines on the destination \
+             (as ferry's: the first line of each vCPU spans the switchover)",
             p.cmdline(),
             if live.auto_converge {
                 ", auto-converge on"

@@ -11,9 +11,13 @@
 //! where asked, auto-converge; and migrates over loopback TCP, polling
 //! `query-migrate` until it completes. Its figures: `total-time`,
 //! `downtime` (QEMU's, the source's view), `ram.transferred` (bytes on the
-//! wire), `ram.dirty-sync-count` (passes). Then the destination's guest:
-//! the largest `gap_us` in each vCPU's first progress line there (the
-//! blackout as the guest saw it), its self-check (any `error` line, or a
+//! wire), `ram.dirty-sync-count` (passes). Then the destination's guest,
+//! watched for `run_after` and until each vCPU printed two progress lines
+//! there: the largest `gap_us` in its progress lines there (the first
+//! line of each vCPU spans the switchover: the blackout as the guest saw
+//! it; taken over all the lines, as ferry's `recv --run-after` takes its
+//! `guest_blackout_us`, so both carry the same noise of the run after;
+//! each vCPU's first line is in the sample's detail), its self-check (any `error` line, or a
 //! progress line with errors, fails the bench naming it) and the write
 //! rate it reached (from its progress lines' counters, one line a second).
 //! Both QEMUs are killed when the run ends.
@@ -172,7 +176,8 @@ pub(crate) fn qemu_live_once(
     for v in 0..vcpus {
         let p = progress_of(&lines, v);
         let (first, last) = (p[0], p[p.len() - 1]);
-        blackout_us = blackout_us.max(first.gap_us.unwrap_or(0));
+        let gap = p.iter().filter_map(|l| l.gap_us).max().unwrap_or(0);
+        blackout_us = blackout_us.max(gap);
         rate += last.writes.saturating_sub(first.writes) as f64 * PAGE
             / ((p.len() - 1) as f64 * REPORT_S);
         errors += last.errors;

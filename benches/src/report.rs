@@ -303,8 +303,8 @@ pub struct LiveFigures {
     /// A guest that watches its own clock (the KVM guest): the blackout it
     /// saw, ms: for ferry the destination's `workload.guest_blackout_us`
     /// (the largest TSC gap in its progress lines there, the first of
-    /// which spans the switchover), for QEMU the largest gap in each
-    /// vCPU's first progress line on the destination.
+    /// which spans the switchover), for QEMU the same over its
+    /// destination's progress lines (`live_qemu.rs`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub guest_blackout_ms: Option<f64>,
     /// The KVM guest: the rate its vCPUs wrote at on the destination,
