@@ -65,6 +65,15 @@ pub enum BenchError {
         destination_digest: String,
     },
 
+    /// A QEMU peer of a live case could not start, migrate or report.
+    #[error("{case}: {why}")]
+    QemuLive { case: String, why: String },
+
+    /// A guest that checks itself (the KVM guest) found its memory wrong, or
+    /// did not go on, after a migration.
+    #[error("{case}: the guest failed its self-check: {why}")]
+    GuestCheck { case: String, why: String },
+
     #[error("floor run with {channels} channel(s) failed:\n{}", .failures.join("\n"))]
     FloorFailed {
         channels: u16,

@@ -26,6 +26,7 @@ mod error;
 pub mod floor;
 mod iperf;
 mod live;
+mod live_qemu;
 pub mod netns;
 mod qmp;
 mod report;

@@ -25,9 +25,17 @@
 //! the bandwidth cases. `--tcp-congestion` is set on ferry's own sockets;
 //! the system's is left alone, since no tool that cannot choose its own runs.
 //!
-//! The guest is a [`LiveGuest`]: today the synthetic guest (vCPU threads
-//! writing memory); a KVM guest, and QEMU as a peer on the same guest, are
-//! meant to be further kinds and a further [`Tool`] here.
+//! The guest is a [`LiveGuest`]: the synthetic guest (vCPU threads writing
+//! memory), or the KVM micro-VM (`--guest kvm`: ferry-vmm's guest program,
+//! which checks its own memory and watches its own clock). For the KVM
+//! guest `ferry recv` gets `--run-after T`: its report's `workload` gives
+//! the blackout as the guest saw it (`guest_blackout_us`), the rate it
+//! wrote at there, and its self-check, which must be clean (else the bench
+//! fails naming it). With `--peer qemu` the same guest program with the
+//! same parameters also runs under QEMU and migrates QEMU to QEMU
+//! (`live_qemu.rs`), its turn rotating with ferry's; the report adds the
+//! ratios ferry/QEMU of the median total time and blackout, and the
+//! congestion control chosen becomes the system's (QEMU cannot choose).
 
 use std::fmt::Write as _;
 use std::time::Duration;
@@ -50,12 +58,16 @@ pub enum LiveGuest {
     /// pattern, their counters and RNG state as the device state.
     #[default]
     Synthetic,
+    /// `--guest kvm`: ferry-vmm's micro-VM running the guest program (a PVH
+    /// ELF that QEMU boots too), its vCPU and VM state as the device state.
+    Kvm,
 }
 
 impl LiveGuest {
     pub fn name(self) -> &'static str {
         match self {
             Self::Synthetic => "synthetic",
+            Self::Kvm => "kvm",
         }
     }
 
@@ -63,6 +75,7 @@ impl LiveGuest {
     pub fn trackers(self) -> &'static [&'static str] {
         match self {
             Self::Synthetic => &["bitmap", "uffd"],
+            Self::Kvm => &["kvm-log", "kvm-ring"],
         }
     }
 
@@ -70,30 +83,46 @@ impl LiveGuest {
     fn probe(self, tracker: &str) -> Result<(), String> {
         match (self, tracker) {
             (Self::Synthetic, "uffd") => probe_uffd(),
+            (Self::Kvm, "kvm-ring") => ferry_vmm::dirty_ring_usable(),
+            (Self::Kvm, _) => ferry_vmm::kvm_usable(),
             _ => Ok(()),
         }
     }
 
     /// `ferry send`'s arguments for this guest, before `--to`.
     fn send_args(self, live: &LiveOptions, size: u64, seed: u64, tracker: &str) -> Vec<String> {
+        let mut args: Vec<String> = vec![
+            "--guest".into(),
+            self.name().into(),
+            "--size".into(),
+            size.to_string(),
+            "--vcpus".into(),
+            live.vcpus.to_string(),
+            "--dirty-rate".into(),
+            live.dirty_rate.to_string(),
+            "--dirty-pattern".into(),
+            live.dirty_pattern.clone(),
+            "--dirty-tracker".into(),
+            tracker.into(),
+            "--seed".into(),
+            seed.to_string(),
+            "--downtime-limit".into(),
+            format!("{}ms", live.downtime_limit.as_secs_f64() * 1e3),
+        ];
+        if live.auto_converge {
+            args.push("--auto-converge".into());
+        }
+        args
+    }
+
+    /// `ferry recv`'s arguments for this guest: the KVM guest runs on for
+    /// `run_after` and reports its workload (blackout, self-check).
+    fn recv_args(self, live: &LiveOptions) -> Vec<String> {
         match self {
-            Self::Synthetic => vec![
-                "--guest".into(),
-                "synthetic".into(),
-                "--size".into(),
-                size.to_string(),
-                "--vcpus".into(),
-                live.vcpus.to_string(),
-                "--dirty-rate".into(),
-                live.dirty_rate.to_string(),
-                "--dirty-pattern".into(),
-                live.dirty_pattern.clone(),
-                "--dirty-tracker".into(),
-                tracker.into(),
-                "--seed".into(),
-                seed.to_string(),
-                "--downtime-limit".into(),
-                format!("{}ms", live.downtime_limit.as_secs_f64() * 1e3),
+            Self::Synthetic => Vec::new(),
+            Self::Kvm => vec![
+                "--run-after".into(),
+                format!("{}ms", live.run_after.as_millis()),
             ],
         }
     }
@@ -124,8 +153,14 @@ pub struct LiveOptions {
     pub dirty_pattern: String,
     /// One case per tracker; one this kernel lacks is skipped with a note.
     pub trackers: Vec<String>,
-    /// `ferry send --downtime-limit`.
+    /// `ferry send --downtime-limit`; QEMU's `downtime-limit` too.
     pub downtime_limit: Duration,
+    /// `ferry send --auto-converge`; QEMU's `auto-converge` capability too.
+    pub auto_converge: bool,
+    /// The KVM guest: how long it runs on the destination before it reports
+    /// (`ferry recv --run-after`; QEMU's destination is watched as long, and
+    /// until each vCPU printed two progress lines there).
+    pub run_after: Duration,
 }
 
 impl Default for LiveOptions {
@@ -139,6 +174,8 @@ impl Default for LiveOptions {
             dirty_pattern: "hotset:25".into(),
             trackers: vec!["bitmap".into(), "uffd".into()],
             downtime_limit: Duration::from_millis(30),
+            auto_converge: false,
+            run_after: Duration::from_secs(2),
         }
     }
 }
@@ -188,11 +225,14 @@ fn tracker_list(live: &LiveOptions) -> Result<Vec<String>, BenchError> {
 /// options, and that nothing asks for what `--live` does not do yet.
 fn check_config(config: &BenchConfig, live: &LiveOptions) -> Result<Vec<String>, BenchError> {
     let mut not_yet = Vec::new();
-    if config.peer_qemu || config.peer_iperf || config.peer_floor || config.peer_plain {
-        not_yet.push("--peer (ferry alone is measured live for now)");
+    if config.peer_iperf || config.peer_floor || config.peer_plain {
+        not_yet.push("--peer iperf3, floor or plain (live, the peer is QEMU)");
+    }
+    if config.peer_qemu && live.guest != LiveGuest::Kvm {
+        not_yet.push("--peer qemu with this guest (QEMU runs the KVM guest: --guest kvm)");
     }
     if config.dataset.is_some() {
-        not_yet.push("--dataset (the synthetic guest makes its own memory from --seed)");
+        not_yet.push("--dataset (a live guest makes its own memory from --seed)");
     }
     if !not_yet.is_empty() {
         return Err(BenchError::Config(format!(
@@ -211,6 +251,13 @@ fn check_config(config: &BenchConfig, live: &LiveOptions) -> Result<Vec<String>,
             "{} vCPUs: a live guest has 1 to 1024",
             live.vcpus
         )));
+    }
+    if live.guest == LiveGuest::Kvm && live.run_after.is_zero() {
+        return Err(BenchError::Config(
+            "--run-after 0: the KVM guest must run on the destination to report its blackout \
+             and self-check"
+                .into(),
+        ));
     }
     if live.downtime_limit.is_zero() {
         return Err(BenchError::Config(
@@ -236,6 +283,10 @@ pub struct LiveReport {
     pub dirty_rate: u64,
     pub dirty_pattern: String,
     pub downtime_limit_ms: f64,
+    /// `ferry send --auto-converge` (and QEMU's capability, with its peer).
+    pub auto_converge: bool,
+    /// Whether QEMU ran the same guest as a peer (`--peer qemu`).
+    pub peer_qemu: bool,
     /// The trackers measured (those this kernel lacks are in the notes).
     pub trackers: Vec<String>,
     pub seed: u64,
@@ -253,8 +304,11 @@ pub struct LiveReport {
     pub load_average_end: Option<[f64; 3]>,
     pub started_at_unix: f64,
     pub finished_at_unix: f64,
-    /// One per (channel count, tracker), in the order asked.
+    /// One per (channel count, tracker), in the order asked; with QEMU, its
+    /// case after ferry's at each channel count.
     pub cases: Vec<Case>,
+    /// ferry/QEMU for total time and blackout (empty without QEMU).
+    pub ratios: Vec<LiveRatio>,
     /// Trackers skipped and why, the conditions, and how to read the figures.
     pub notes: Vec<String>,
 }
@@ -291,13 +345,18 @@ impl LiveReport {
         let _ = writeln!(
             s,
             "ferry bench --live: {} guest of {}, {} vCPU(s) writing {} ({}), downtime limit {} \
-             ms, {} run(s) per case: median (min-max){extra}",
+             ms{}, {} run(s) per case: median (min-max){extra}",
             self.guest.name(),
             human_bytes(self.size),
             self.vcpus,
             rate(self.dirty_rate),
             self.dirty_pattern,
             self.downtime_limit_ms,
+            if self.auto_converge {
+                ", auto-converge"
+            } else {
+                ""
+            },
             self.runs,
         );
         let _ = writeln!(
@@ -312,47 +371,71 @@ impl LiveReport {
         );
         let _ = writeln!(
             s,
-            "{:<8} {:>3} {:>22} {:>22} {:>12} {:>22} {:>8} {:>22}",
+            "{:<5} {:<8} {:>3} {:>22} {:>22} {:>22} {:>12} {:>22} {:>18} {:>8} {:>22}",
+            "tool",
             "tracker",
             "ch",
             "total s",
             "downtime ms",
+            "blackout ms",
             "passes",
             "wire MiB",
+            "guest MiB/s",
             "checked",
             "checked downtime ms"
         );
+        let mib = |s: crate::Spread| crate::Spread {
+            median: s.median / MIB as f64,
+            min: s.min / MIB as f64,
+            max: s.max / MIB as f64,
+        };
+        let opt =
+            |s: Option<crate::Spread>, d: usize| s.map_or_else(|| "-".into(), |s| fmt_spread(s, d));
         for case in &self.cases {
+            let tool = case.tool.name();
             let tracker = case.tracker.as_deref().unwrap_or("-");
             let Some(m) = case.summary.as_ref().and_then(|m| m.live.as_ref()) else {
-                let _ = writeln!(s, "{tracker:<8} {:>3}  (no runs)", case.channels);
+                let _ = writeln!(s, "{tool:<5} {tracker:<8} {:>3}  (no runs)", case.channels);
                 continue;
-            };
-            let mib = |v: f64| v / MIB as f64;
-            let wire = crate::Spread {
-                median: mib(m.wire_bytes.median),
-                min: mib(m.wire_bytes.min),
-                max: mib(m.wire_bytes.max),
             };
             let _ = writeln!(
                 s,
-                "{tracker:<8} {:>3} {:>22} {:>22} {:>12} {:>22} {:>8} {:>22}",
+                "{tool:<5} {tracker:<8} {:>3} {:>22} {:>22} {:>22} {:>12} {:>22} {:>18} {:>8} {:>22}",
                 case.channels,
                 fmt_spread(m.total_s, 3),
                 fmt_spread(m.downtime_ms, 1),
+                opt(m.guest_blackout_ms, 1),
                 fmt_spread(m.passes, 0),
-                fmt_spread(wire, 0),
-                format!("{}/{}", m.checks_equal, m.checks),
-                m.check_downtime_ms
-                    .map_or_else(|| "-".into(), |d| fmt_spread(d, 1)),
+                fmt_spread(mib(m.wire_bytes), 0),
+                opt(m.guest_write_rate.map(mib), 1),
+                if m.checks == 0 {
+                    "-".into()
+                } else {
+                    format!("{}/{}", m.checks_equal, m.checks)
+                },
+                opt(m.check_downtime_ms, 1),
+            );
+        }
+        for r in &self.ratios {
+            let f = |v: Option<f64>| v.map_or_else(|| "-".into(), |v| format!("{v:.2}"));
+            let _ = writeln!(
+                s,
+                "ferry ({}, {} ch) / QEMU: total time {}, guest-observed blackout {}",
+                r.tracker,
+                r.channels,
+                f(r.ferry_over_qemu_total),
+                f(r.ferry_over_qemu_blackout)
             );
         }
         let _ = writeln!(
             s,
             "(total: from the start of the migration on the source until the destination's \
-             guest ran; downtime: the source's, from pausing the guest until the destination \
-             said it runs, the destination's switchover digest off; wire: every byte on every \
-             channel; checked: verification migrations, one per run, with the destination's \
+             guest ran (QEMU: its total-time); downtime: the source's, from pausing the guest \
+             until the destination said it runs, the destination's switchover digest off \
+             (QEMU: its downtime); blackout: the largest gap the KVM guest saw in its own TSC \
+             across the switchover; wire: every byte on every channel (QEMU: ram.transferred); \
+             guest MiB/s: the rate the KVM guest wrote at on the destination, from its \
+             counters; checked: verification migrations, one per run, with the destination's \
              switchover digest on, whose digests of memory and device state at switchover \
              equalled the source's, and their downtime, the digest included)"
         );
@@ -376,7 +459,7 @@ impl LiveReport {
 /// One live migration: the pair of processes, then its figures from the
 /// source's report, checked; with `run.switchover_digest`, both sides'
 /// digests at switchover must be equal.
-fn live_once(run: &FerryRun<'_>) -> Result<Sample, BenchError> {
+fn live_once(run: &FerryRun<'_>, guest: LiveGuest) -> Result<Sample, BenchError> {
     let Pair {
         sent,
         held,
@@ -449,6 +532,10 @@ fn live_once(run: &FerryRun<'_>) -> Result<Sample, BenchError> {
     } else {
         None
     };
+    let (guest_blackout_ms, guest_write_rate) = match guest {
+        LiveGuest::Synthetic => (None, None),
+        LiveGuest::Kvm => kvm_workload(&held, run.label)?,
+    };
     let wire_bytes = sent["wire_bytes"].as_u64().unwrap_or(0);
     let detail = serde_json::json!({ "t0_unix": t0, "send": sent, "recv": held });
     let mut sample = Sample::new(total_s, run.size, wire_bytes, Some(cpu), detail)
@@ -465,8 +552,55 @@ fn live_once(run: &FerryRun<'_>) -> Result<Sample, BenchError> {
         switchover_digest: run.switchover_digest,
         source_digest,
         destination_digest,
+        guest_blackout_ms,
+        guest_write_rate,
     });
     Ok(sample)
+}
+
+/// The KVM guest's workload on the destination (`ferry recv --run-after`):
+/// its self-check must be clean and every vCPU must have gone on; gives
+/// the blackout it saw (ms) and the rate it wrote at there (bytes/s).
+fn kvm_workload(held: &Value, case: &str) -> Result<(Option<f64>, Option<f64>), BenchError> {
+    let bad = |why: String| BenchError::GuestCheck {
+        case: case.to_string(),
+        why,
+    };
+    let w = &held["workload"];
+    if w.is_null() {
+        return Err(bad(
+            "ferry recv's report has no workload (it was given --run-after)".into(),
+        ));
+    }
+    if let Some(f) = w["guest_failure"].as_str() {
+        return Err(bad(format!("the guest stopped on the destination: {f}")));
+    }
+    let errors = w["self_check_errors"]
+        .as_u64()
+        .ok_or_else(|| bad("ferry recv's workload has no self_check_errors".into()))?;
+    if errors > 0 {
+        return Err(bad(format!(
+            "{errors} wrong word(s) on the destination, the first at {}",
+            w["self_check_first_error"].as_str().unwrap_or("?")
+        )));
+    }
+    if w["continued"].as_bool() != Some(true) {
+        return Err(bad(
+            "its vCPUs did not all write on after it resumed on the destination".into(),
+        ));
+    }
+    let blackout_ms = w["guest_blackout_us"].as_f64().map(|us| us / 1e3);
+    let rate = match (
+        w["writes_at_switchover"].as_u64(),
+        w["writes_after"].as_u64(),
+        w["seconds"].as_f64(),
+    ) {
+        (Some(at), Some(after), Some(secs)) if secs > 0.0 => {
+            Some(after.saturating_sub(at) as f64 * 4096.0 / secs)
+        }
+        _ => None,
+    };
+    Ok((blackout_ms, rate))
 }
 
 /// The per-run log line of a live migration.
@@ -543,10 +677,49 @@ pub fn run_live(
         )));
     }
     let size = config.size;
-    let (send_args, recv_args) = tls_and_compression_args(config);
-    // Only ferry runs, and it sets the congestion control on its own
-    // sockets: the system's is left alone (a QEMU peer would need it).
-    let conditions = Conditions::set(config, size, "ferry", false, false, &mut notes, log);
+    let (send_args, mut recv_args) = tls_and_compression_args(config);
+    recv_args.extend(live.guest.recv_args(live));
+    // The QEMU peer: the guest's boot parameters as ferry's VMM gives them.
+    let qemu_params = if config.peer_qemu {
+        let qc = ferry_vmm::QemuConfig::new(config.size);
+        ferry_vmm::qemu_usable(&qc)
+            .map_err(|why| BenchError::Config(format!("--peer qemu: {why}")))?;
+        let khz = ferry_vmm::host_tsc_khz()
+            .map_err(|e| BenchError::Config(format!("--peer qemu: the TSC's frequency: {e}")))?;
+        Some(crate::live_qemu::boot_params(live, config.seed, khz)?)
+    } else {
+        None
+    };
+    // With QEMU, which cannot choose its own congestion control, the one
+    // chosen becomes the system's; ferry alone sets it on its own sockets.
+    let peer = config.peer_qemu;
+    let conditions = Conditions::set(config, size, "ferry", peer, peer, &mut notes, log);
+    if let Some(p) = &qemu_params {
+        notes.push(format!(
+            "QEMU peer: the same guest ELF under QEMU (qboot, -append \"{}\"), QEMU to QEMU over \
+             loopback with multifd, the same channels and downtime limit, max-bandwidth 1 TiB/s \
+             (QEMU's default caps at 128 MiB/s){}; its total is QEMU's total-time, its downtime \
+             QEMU's downtime, its wire ram.transferred, its passes ram.dirty-sync-count, its \
+             blackout the largest TSC gap in the guest's progress lines on the destination \
+             (as ferry's: the first line of each vCPU spans the switchover)",
+            p.cmdline(),
+            if live.auto_converge {
+                ", auto-converge on"
+            } else {
+                ""
+            }
+        ));
+    }
+    if live.guest == LiveGuest::Kvm {
+        notes.push(format!(
+            "KVM guest: ferry recv --run-after {} s; its blackout is the destination's \
+             workload.guest_blackout_us (the largest TSC gap between two progress lines there, \
+             lines every second; the first spans the switchover); the guest's write rate is \
+             from its own counters on the destination; the self-check was clean in every run \
+             (else the bench fails)",
+            live.run_after.as_secs_f64()
+        ));
+    }
     notes.push(format!(
         "each run: for every tracker, one measured migration (the destination's switchover \
          digest off: downtime as a user gets it) and one verification migration of the same \
@@ -555,25 +728,45 @@ pub fn run_live(
          an order that rotates by one each run",
         2 * trackers.len()
     ));
-    notes.push(
-        "the sending process's CPU includes the guest's own vCPU threads (the synthetic \
-         guest's writers run in `ferry send`)"
-            .into(),
-    );
+    notes.push(format!(
+        "the sending process's CPU includes the guest's own vCPU threads (the {} guest's \
+         vCPUs run in `ferry send`)",
+        live.guest.name()
+    ));
     let guest_args: Vec<Vec<String>> = trackers
         .iter()
         .map(|t| live.guest.send_args(live, size, config.seed, t))
         .collect();
-    // (tracker index, verification?)
-    let mut turns: Vec<(usize, bool)> = (0..trackers.len())
-        .flat_map(|t| [(t, false), (t, true)])
+    // (tracker index, verification?), or QEMU's turn (None).
+    let mut turns: Vec<Option<(usize, bool)>> = (0..trackers.len())
+        .flat_map(|t| [Some((t, false)), Some((t, true))])
         .collect();
+    if qemu_params.is_some() {
+        turns.push(None);
+    }
     let mut cases = Vec::new();
     for &k in &channels {
         let mut measured: Vec<Vec<Sample>> = vec![Vec::new(); trackers.len()];
         let mut checks: Vec<Vec<Sample>> = vec![Vec::new(); trackers.len()];
+        let mut qemu_runs: Vec<Sample> = Vec::new();
         for r in 1..=config.runs {
-            for &(t, check) in &turns {
+            for &turn in &turns {
+                let Some((t, check)) = turn else {
+                    let label = format!(
+                        "QEMU live migration ({} guest, {k} channel(s))",
+                        live.guest.name()
+                    );
+                    conditions.settle(log);
+                    let before = SystemCounters::read();
+                    let params = qemu_params.as_ref().ok_or_else(|| {
+                        BenchError::Config("a QEMU turn without QEMU's parameters".into())
+                    })?;
+                    let mut s = crate::live_qemu::qemu_live_once(live, params, size, k, &label)?;
+                    s.system = Some(SystemCounters::read().since(before));
+                    log(&fmt_live("qemu", k, r, config.runs, &s));
+                    qemu_runs.push(s);
+                    continue;
+                };
                 let label = format!(
                     "live migration ({} guest, tracker {}, {k} channel(s){})",
                     live.guest.name(),
@@ -586,17 +779,20 @@ pub fn run_live(
                 );
                 conditions.settle(log);
                 let before = SystemCounters::read();
-                let mut s = live_once(&FerryRun {
-                    exe: &config.ferry_exe,
-                    guest: SendGuest::Live(&guest_args[t]),
-                    size,
-                    channels: k,
-                    send_args: &send_args,
-                    recv_args: &recv_args,
-                    congestion: config.congestion.as_deref(),
-                    switchover_digest: check,
-                    label: &label,
-                })?;
+                let mut s = live_once(
+                    &FerryRun {
+                        exe: &config.ferry_exe,
+                        guest: SendGuest::Live(&guest_args[t]),
+                        size,
+                        channels: k,
+                        send_args: &send_args,
+                        recv_args: &recv_args,
+                        congestion: config.congestion.as_deref(),
+                        switchover_digest: check,
+                        label: &label,
+                    },
+                    live.guest,
+                )?;
                 s.system = Some(SystemCounters::read().since(before));
                 log(&fmt_live(&trackers[t], k, r, config.runs, &s));
                 if check {
@@ -610,8 +806,12 @@ pub fn run_live(
         for (t, (m, c)) in measured.into_iter().zip(checks).enumerate() {
             cases.push(Case::live(Tool::Ferry, k, &trackers[t], m, c));
         }
+        if qemu_params.is_some() {
+            cases.push(Case::live(Tool::Qemu, k, "kvm-log", qemu_runs, Vec::new()));
+        }
     }
     drop(conditions);
+    let ratios = live_ratios(&cases);
 
     Ok(LiveReport {
         mode: "live",
@@ -621,6 +821,8 @@ pub fn run_live(
         dirty_rate: live.dirty_rate,
         dirty_pattern: live.dirty_pattern.clone(),
         downtime_limit_ms: live.downtime_limit.as_secs_f64() * 1e3,
+        auto_converge: live.auto_converge,
+        peer_qemu: qemu_params.is_some(),
         trackers,
         seed: config.seed,
         runs: config.runs,
@@ -636,8 +838,45 @@ pub fn run_live(
         started_at_unix,
         finished_at_unix: sys::unix_now(),
         cases,
+        ratios,
         notes,
     })
+}
+
+/// ferry's median over QEMU's at one channel count, per ferry tracker.
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct LiveRatio {
+    pub channels: u16,
+    pub tracker: String,
+    /// ferry's median total time / QEMU's: below 1, ferry is faster.
+    pub ferry_over_qemu_total: Option<f64>,
+    /// ferry's median guest-observed blackout / QEMU's.
+    pub ferry_over_qemu_blackout: Option<f64>,
+}
+
+/// The ratios for every ferry case with a QEMU case at its channel count.
+fn live_ratios(cases: &[Case]) -> Vec<LiveRatio> {
+    let live_of = |c: &Case| c.summary.as_ref().and_then(|m| m.live.clone());
+    let ratio = |a: f64, b: f64| (b > 0.0 && a.is_finite() && b.is_finite()).then(|| a / b);
+    cases
+        .iter()
+        .filter(|c| c.tool == Tool::Ferry)
+        .filter_map(|f| {
+            let q = cases
+                .iter()
+                .find(|q| q.tool == Tool::Qemu && q.channels == f.channels)?;
+            let (fl, ql) = (live_of(f)?, live_of(q)?);
+            Some(LiveRatio {
+                channels: f.channels,
+                tracker: f.tracker.clone().unwrap_or_default(),
+                ferry_over_qemu_total: ratio(fl.total_s.median, ql.total_s.median),
+                ferry_over_qemu_blackout: fl
+                    .guest_blackout_ms
+                    .zip(ql.guest_blackout_ms)
+                    .and_then(|(a, b)| ratio(a.median, b.median)),
+            })
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -788,6 +1027,8 @@ mod tests {
             switchover_digest: check,
             source_digest: "ab".into(),
             destination_digest: check.then(|| "ab".into()),
+            guest_blackout_ms: None,
+            guest_write_rate: None,
         });
         s
     }
@@ -807,6 +1048,8 @@ mod tests {
             dirty_rate: 256 * MIB,
             dirty_pattern: "hotset:25".into(),
             downtime_limit_ms: 30.0,
+            auto_converge: false,
+            peer_qemu: false,
             trackers: vec!["bitmap".into()],
             seed: 1,
             runs: 3,
@@ -821,6 +1064,7 @@ mod tests {
             started_at_unix: 1.7e9,
             finished_at_unix: 1.7e9 + 60.0,
             cases: vec![Case::live(Tool::Ferry, 2, "bitmap", samples, checks)],
+            ratios: Vec::new(),
             notes: vec!["dirty tracker uffd skipped: this kernel lacks it: test".into()],
         }
     }
@@ -863,21 +1107,24 @@ mod tests {
         assert!(t.contains("load average 1.50 2.00 2.50 at the start, unknown at the end"));
         let row = t
             .lines()
-            .find(|l| l.starts_with("bitmap"))
+            .find(|l| l.starts_with("ferry bitmap"))
             .expect("bitmap row");
         assert_eq!(
             row.split_whitespace().collect::<Vec<_>>(),
             [
+                "ferry",
                 "bitmap",
                 "2",
                 "0.600",
                 "(0.500-0.700)",
                 "3.0",
                 "(2.0-9.0)",
+                "-",
                 "5",
                 "(4-6)",
                 "1005",
                 "(1004-1006)",
+                "-",
                 "2/2",
                 "65.0",
                 "(60.0-70.0)"

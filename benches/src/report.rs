@@ -300,6 +300,18 @@ pub struct LiveFigures {
     /// `switchover_digest` (equal to `source_digest`, or the bench failed).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub destination_digest: Option<String>,
+    /// A guest that watches its own clock (the KVM guest): the blackout it
+    /// saw, ms: for ferry the destination's `workload.guest_blackout_us`
+    /// (the largest TSC gap in its progress lines there, the first of
+    /// which spans the switchover), for QEMU the same over its
+    /// destination's progress lines (`live_qemu.rs`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub guest_blackout_ms: Option<f64>,
+    /// The KVM guest: the rate its vCPUs wrote at on the destination,
+    /// bytes/s, from its own write counters (the rate asked may be more
+    /// than a software KVM lets it reach).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub guest_write_rate: Option<f64>,
 }
 
 /// A live case's figures over its runs.
@@ -317,6 +329,12 @@ pub struct LiveSummary {
     /// digest included.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub check_downtime_ms: Option<Spread>,
+    /// The guest-observed blackout, ms (the KVM guest).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub guest_blackout_ms: Option<Spread>,
+    /// The write rate the guest reached, bytes/s (the KVM guest).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub guest_write_rate: Option<Spread>,
 }
 
 impl LiveSummary {
@@ -342,6 +360,18 @@ impl LiveSummary {
                 .count(),
             check_downtime_ms: Spread::of(
                 &checked.iter().map(|c| c.downtime_ms).collect::<Vec<_>>(),
+            ),
+            guest_blackout_ms: Spread::of(
+                &live
+                    .iter()
+                    .filter_map(|l| l.guest_blackout_ms)
+                    .collect::<Vec<_>>(),
+            ),
+            guest_write_rate: Spread::of(
+                &live
+                    .iter()
+                    .filter_map(|l| l.guest_write_rate)
+                    .collect::<Vec<_>>(),
             ),
         })
     }

@@ -37,6 +37,15 @@ use crate::units::{parse_millis, parse_size};
 /// the migrations apply as for the bandwidth cases; --tcp-congestion is set
 /// on ferry's own sockets only (no other tool runs, so the system's is left
 /// as it is).
+///
+/// With --live --guest kvm: ferry's KVM micro-VM instead (`ferry send
+/// --guest kvm`, tracker kvm-log by default), `ferry recv --run-after`
+/// --run-after: the report adds the blackout the guest saw in its own TSC
+/// and the rate it wrote at, and its self-check must be clean. --peer qemu
+/// then also runs the same guest program with the same parameters under
+/// QEMU, migrated QEMU to QEMU with multifd, the same channels, downtime
+/// limit and --auto-converge; the report gives ferry/QEMU for total time and
+/// blackout, and --tcp-congestion becomes the system's for the measurement.
 #[derive(Args)]
 pub struct BenchArgs {
     /// The ferry binary whose `send` and `recv` are measured (default: this
@@ -111,8 +120,8 @@ pub struct BenchArgs {
     /// above) instead of the bandwidth of an image guest.
     #[arg(long)]
     live: bool,
-    /// With --live: the guest migrated (today the synthetic guest; its
-    /// memory is seeded from --seed).
+    /// With --live: the guest migrated (synthetic: writer threads; kvm:
+    /// ferry's KVM micro-VM; both seeded from --seed).
     #[arg(long, value_enum, default_value_t = LiveGuestArg::Synthetic, requires = "live")]
     guest: LiveGuestArg,
     /// With --live: bytes a second all vCPUs dirty together, one 4 KiB page
@@ -126,13 +135,9 @@ pub struct BenchArgs {
     /// With --live: dirty trackers, comma separated, one case each: bitmap
     /// (the guest marks an atomic bitmap), uffd (the kernel's userfaultfd
     /// write-protect, Linux 6.7+). One this kernel lacks is skipped with a
-    /// note in the report.
-    #[arg(
-        long,
-        default_value = "bitmap,uffd",
-        value_delimiter = ',',
-        requires = "live"
-    )]
+    /// note in the report. The KVM guest has kvm-log and kvm-ring. Default:
+    /// bitmap,uffd for the synthetic guest, kvm-log for the KVM guest.
+    #[arg(long, value_delimiter = ',', requires = "live")]
     dirty_tracker: Vec<String>,
     /// With --live: the guest's vCPUs (writer threads).
     #[arg(long, default_value_t = 2, requires = "live")]
@@ -142,6 +147,15 @@ pub struct BenchArgs {
     /// milliseconds).
     #[arg(long, default_value = "30ms", value_parser = parse_millis, requires = "live")]
     downtime_limit: Duration,
+    /// With --live: `ferry send --auto-converge`, and QEMU's auto-converge
+    /// capability with --peer qemu.
+    #[arg(long, requires = "live")]
+    auto_converge: bool,
+    /// With --live --guest kvm: how long the guest runs on the destination
+    /// before it reports (`ferry recv --run-after`; 2s, a bare number is
+    /// seconds).
+    #[arg(long, default_value = "2s", value_parser = crate::units::parse_secs, requires = "live")]
+    run_after: Duration,
 }
 
 /// The guest `ferry bench --live` migrates.
@@ -149,12 +163,15 @@ pub struct BenchArgs {
 enum LiveGuestArg {
     /// `ferry send --guest synthetic`: vCPU threads writing memory.
     Synthetic,
+    /// `ferry send --guest kvm`: ferry's KVM micro-VM (needs /dev/kvm).
+    Kvm,
 }
 
 impl From<LiveGuestArg> for LiveGuest {
     fn from(g: LiveGuestArg) -> Self {
         match g {
             LiveGuestArg::Synthetic => LiveGuest::Synthetic,
+            LiveGuestArg::Kvm => LiveGuest::Kvm,
         }
     }
 }
@@ -212,13 +229,23 @@ pub fn run(a: BenchArgs) -> anyhow::Result<bool> {
             a.plot.is_none(),
             "--plot draws the bandwidth cases; --live reports as a table or --json"
         );
+        let guest: LiveGuest = a.guest.into();
+        let trackers = if !a.dirty_tracker.is_empty() {
+            a.dirty_tracker.clone()
+        } else if guest == LiveGuest::Kvm {
+            vec!["kvm-log".into()]
+        } else {
+            vec!["bitmap".into(), "uffd".into()]
+        };
         let live = LiveOptions {
-            guest: a.guest.into(),
+            guest,
             vcpus: a.vcpus,
             dirty_rate: a.dirty_rate,
             dirty_pattern: a.dirty_pattern.clone(),
-            trackers: a.dirty_tracker.clone(),
+            trackers,
             downtime_limit: a.downtime_limit,
+            auto_converge: a.auto_converge,
+            run_after: a.run_after,
         };
         let report = run_live(&config, &live, &mut |line| eprintln!("ferry bench: {line}"))?;
         if a.json {
