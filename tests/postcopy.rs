@@ -260,15 +260,19 @@ fn postcopy_and_switchover_verification_are_refused_together() {
             verify_switchover: true,
             ..postcopy_opts(1)
         };
-        let e = migrate_out(&guest, &uri, &opts, &Progress::default())
-            .unwrap_err()
-            .error
-            .to_string();
-        assert!(
-            e.contains("--verify-switchover") && e.contains("--postcopy"),
-            "{e}"
-        );
-        assert!(guest.is_running(), "the source runs on");
+        // Refused naming both flags, and the source guest runs on.
+        let refused = |uri: &ferry::ChannelUri, opts: &OutgoingOptions| {
+            let e = migrate_out(&guest, uri, opts, &Progress::default())
+                .unwrap_err()
+                .error
+                .to_string();
+            assert!(
+                e.contains("--verify-switchover") && e.contains("--postcopy"),
+                "{e}"
+            );
+            assert!(guest.is_running(), "the source runs on");
+        };
+        refused(&uri, &opts);
 
         // The destination asks to verify, the source announces postcopy.
         let (l, uri) = listener();
@@ -279,15 +283,7 @@ fn postcopy_and_switchover_verification_are_refused_together() {
                 ..IncomingOptions::default()
             },
         );
-        let e = migrate_out(&guest, &uri, &postcopy_opts(1), &Progress::default())
-            .unwrap_err()
-            .error
-            .to_string();
-        assert!(
-            e.contains("--verify-switchover") && e.contains("--postcopy"),
-            "{e}"
-        );
-        assert!(guest.is_running(), "the source runs on");
+        refused(&uri, &postcopy_opts(1));
         let theirs = dst.join().unwrap().map(|_| ()).unwrap_err().to_string();
         assert!(theirs.contains("--postcopy"), "{theirs}");
     });
