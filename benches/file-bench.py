@@ -6,7 +6,8 @@ on a shared machine hits every tool alike):
 
   dd      dd if=DATASET of=DIR/dd.out bs=4M oflag=direct, then
           dd if=DIR/dd.out of=/dev/null bs=4M iflag=direct
-  ferry   ferry save --io IO [--hole-min 1M] (each mode in --modes, each IO
+  ferry   ferry save --io IO --hole-min H (each mode in --modes: dense 1M,
+          the default; mid 64K; sparse 4K, every zero page a hole; each IO
           in --io: auto, the default, is O_DIRECT here), then
           ferry restore --io IO, then ferry restore --lazy --io IO;
           the restored digests must equal the saved one
@@ -31,7 +32,7 @@ import argparse, json, mmap, os, re, statistics, subprocess, sys, time
 HERE = os.path.dirname(os.path.abspath(__file__))
 FERRY = os.path.join(HERE, "..", "target", "release", "ferry")
 PEER = os.path.join(HERE, "..", "..", "shared", "peer", "qemu_peer.py")
-MODES = {"dense": ["--hole-min", "1M"], "sparse": ["--hole-min", "4K"]}
+MODES = {"dense": ["--hole-min", "1M"], "mid": ["--hole-min", "64K"], "sparse": ["--hole-min", "4K"]}
 
 
 def warm_memory(nbytes):

@@ -73,7 +73,7 @@ fn show(a: InspectArgs) -> anyhow::Result<bool> {
         layout.blocks.len()
     );
     println!(
-        "  file: {} bytes ({} on disk: zero pages are holes); one checksum per {} of memory",
+        "  file: {} bytes ({} on disk: zero runs are holes); one checksum per {} of memory",
         layout.file_len,
         bytes(disk),
         bytes(u64::from(layout.region_size))

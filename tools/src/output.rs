@@ -236,7 +236,7 @@ pub fn print_file_summary(tool: &str, s: &FileSummary, json: bool) {
         s.channels
     );
     eprintln!(
-        "  pages: {} present, {} zero (holes); file {} bytes, {} on disk",
+        "  pages: {} present, {} zero (never marked present); file {} bytes, {} on disk",
         s.pages_normal,
         s.pages_zero,
         s.file_len,

@@ -217,9 +217,9 @@ fn round_trip_with_large_holes_only_and_small_queues() {
 }
 
 #[test]
-fn zero_pages_are_holes_in_the_file() {
+fn with_hole_min_4k_every_zero_page_is_a_hole() {
     let dir = disk_dir();
-    let (_ram, sav) = saved(dir.path(), 16, &[]);
+    let (_ram, sav) = saved(dir.path(), 16, &["--hole-min", "4K"]);
     let d = ferry(dir.path(), &["inspect", s(&sav), "--json"]);
     assert!(d.ok, "{}", d.stderr);
     let v = json(&d);
@@ -235,6 +235,59 @@ fn zero_pages_are_holes_in_the_file() {
         "disk {disk} bytes, file {len}"
     );
     assert!(disk < len);
+}
+
+/// By default (`--hole-min 1M`) a zero run of 1 MiB or more stays a hole
+/// while the scattered zero pages between data are written as zeros; in
+/// both cases no zero page is marked present, and the restore is exact.
+#[test]
+fn by_default_long_zero_runs_are_holes_and_short_ones_are_written() {
+    let dir = disk_dir();
+    let ram = dir.path().join("guest.ram");
+    let sav = dir.path().join("guest.ferry");
+    // 4 MiB of `mixed` (one zero page in four), 8 MiB of zeros, 4 MiB of
+    // `mixed` again: the zero run lies between data.
+    let half = dir.path().join("half.ram");
+    gen_mixed(dir.path(), &half, 4, 5);
+    let data = std::fs::read(&half).unwrap();
+    let mut bytes = data.clone();
+    bytes.resize(12 * MIB as usize, 0);
+    bytes.extend_from_slice(&data);
+    std::fs::write(&ram, &bytes).unwrap();
+    let d = ferry(
+        dir.path(),
+        &["save", "--ram", s(&ram), "--to", s(&sav), "--json"],
+    );
+    assert!(d.ok, "{}", d.stderr);
+    let d = ferry(dir.path(), &["inspect", s(&sav), "--json"]);
+    assert!(d.ok, "{}", d.stderr);
+    let v = json(&d);
+    let present = 8 * MIB / 4096 * 3 / 4;
+    assert_eq!(
+        v["pages_present"], present,
+        "no zero page is marked present"
+    );
+    let disk = v["file_disk_bytes"].as_u64().unwrap();
+    // The mixed parts are written whole (their short zero runs too), the
+    // zero run is not: at most 8 MiB of pages plus 1 MiB of metadata.
+    assert!(
+        disk >= 15 * MIB / 2,
+        "disk {disk}: the short zero runs between data were left as holes"
+    );
+    assert!(
+        disk <= 9 * MIB,
+        "disk {disk}: the 8 MiB zero run was written"
+    );
+    let out = dir.path().join("restored.ram");
+    let d = ferry(
+        dir.path(),
+        &["restore", "--from", s(&sav), "--ram-out", s(&out), "--json"],
+    );
+    assert!(d.ok, "{}", d.stderr);
+    assert!(
+        std::fs::read(&out).unwrap() == std::fs::read(&ram).unwrap(),
+        "restored bytes differ"
+    );
 }
 
 /// tmpfs refuses O_DIRECT before Linux 6.6 and accepts it since: either
