@@ -577,10 +577,22 @@ pub fn handle(line: &str, progress: &Progress) -> Value {
         "qmp_capabilities" => Ok(json!({})),
         "query-migrate" => Ok(progress.query()),
         "query-migrate-parameters" => Ok(parameters_json(&progress.parameters())),
-        "migrate-cancel" => {
-            progress.cancel();
-            Ok(json!({}))
-        }
+        "migrate-cancel" => match progress.cancel_refusal() {
+            Some(why) => Err(why),
+            None => {
+                progress.cancel();
+                Ok(json!({}))
+            }
+        },
+        // Postcopy recovery (QEMU: `migrate-recover` on the destination,
+        // `migrate` with `resume` on the source).
+        "migrate-recover" | "migrate-resume" => match args.get("uri").and_then(Value::as_str) {
+            Some(uri) => {
+                let what = cmd.trim_start_matches("migrate-");
+                progress.request_recover(what, uri).map(|()| json!({}))
+            }
+            None => Err(format!("{cmd} needs \"uri\" (e.g. \"tcp:HOST:PORT\")")),
+        },
         "migrate-continue" => match args.get("state").and_then(Value::as_str) {
             Some(state) => progress.continue_from(state).map(|()| json!({})),
             None => Err("migrate-continue needs \"state\" (e.g. \"pre-switchover\")".into()),

@@ -57,6 +57,30 @@ pub fn check_registrable(memory: &ferry_ram::GuestMemory) -> Result<(), Postcopy
     Ok(())
 }
 
+/// How a side in `postcopy-paused` recovers.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum RecoverMode {
+    /// Wait for `ferry ctl SOCK resume URI` (source) / `recover URI`
+    /// (destination).
+    #[default]
+    Manual,
+    /// Source: reconnect to the same URI by itself, with backoff
+    /// (100 ms doubling to 5 s); destination: listen again on its own
+    /// listener.
+    Auto,
+}
+
+impl std::str::FromStr for RecoverMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "manual" => Ok(Self::Manual),
+            "auto" => Ok(Self::Auto),
+            _ => Err(format!("'{s}': want manual or auto")),
+        }
+    }
+}
+
 /// What postcopy fails with; each names the channel, block and offset it
 /// concerns.
 #[derive(Debug, thiserror::Error)]
@@ -88,6 +112,8 @@ pub enum PostcopyError {
     },
     #[error("discard list: {0}")]
     BadDiscard(String),
+    #[error("{channel}: received-pages bitmap: {why}")]
+    BadReceived { channel: String, why: String },
     #[error("{channel}: {what}: {source}")]
     Io {
         channel: String,

@@ -167,7 +167,7 @@ fn faults_are_served_and_the_push_completes_every_page_once() {
             let (s, d) = pair(&format!("multifd[{i}]"));
             pc.read_pages(d).unwrap();
             let server = server.clone();
-            pushers.push(std::thread::spawn(move || server.push(s.as_ref())));
+            pushers.push(std::thread::spawn(move || server.push(s.as_ref(), false)));
         }
         let stats = pc.finish(Duration::from_secs(30)).unwrap();
         for p in pushers {
@@ -208,7 +208,7 @@ fn a_page_arriving_both_ways_is_placed_once() {
     // The push sends everything; the requests' answers send page 0 and 5 again.
     let server = PageServer::new(src.clone(), Arc::new(copy_bits(&discard)));
     let again = PageServer::new(src.clone(), Arc::new(copy_bits(&discard)));
-    server.push(q_src.as_ref()).unwrap();
+    server.push(q_src.as_ref(), false).unwrap();
     let (r_src, r_dst) = pair("preempt[2]");
     pc.read_pages(r_dst).unwrap();
     for p in [0, 5] {

@@ -43,6 +43,23 @@
 //! |          | page 64w + i is stale (dirty at the switch); bits    |
 //! |          | past the block's pages must be 0                     |
 //!
+//! # Received-pages bitmap (recovery: destination → source, first bytes on
+//! the re-connected main channel, before any main-channel message)
+//!
+//! | size | field                                                    |
+//! |-----:|----------------------------------------------------------|
+//! |    4 | magic, the bytes `FPCR`                                  |
+//! |    4 | length L of the bitmap; must equal the size the guest's  |
+//! |      | blocks give ([`bitmap_len`]), checked before it is read  |
+//! |    L | the bitmap, laid out as the discard list: bit set = the  |
+//! |      | destination holds the page (placed, or never discarded)  |
+//! |    4 | CRC-32 (IEEE) of the magic, the length and the bitmap    |
+//!
+//! The source sends again exactly the discarded pages whose bit is clear
+//! ([`still_missing`]); a bitmap whose blocks or page counts differ from
+//! the guest's, with bits past a block's end, or that fails its CRC, is
+//! refused naming what is wrong, and nothing is sent.
+//!
 //! # Postcopy package (source → destination, the main channel's
 //! POSTCOPY_PACKAGE, read whole before anything in it is used)
 //!
@@ -238,14 +255,17 @@ pub fn encode_discard(discard: &[PageBitmap]) -> Vec<u8> {
 /// Parses a discard list against the guest's blocks: every block, its page
 /// count, no page past its end.
 pub fn decode_discard(b: &[u8], blocks: &[BlockSpec]) -> Result<Vec<PageBitmap>, PostcopyError> {
-    let bad = |why: String| PostcopyError::BadDiscard(why);
+    decode_bitmaps(b, blocks).map_err(PostcopyError::BadDiscard)
+}
+
+/// Parses one bitmap per block (the discard list's layout) against the
+/// guest's blocks; the error text says what is wrong.
+fn decode_bitmaps(b: &[u8], blocks: &[BlockSpec]) -> Result<Vec<PageBitmap>, String> {
+    let bad = |why: String| why;
     let mut at = 0usize;
-    let mut take = |n: usize| -> Result<&[u8], PostcopyError> {
+    let mut take = |n: usize| -> Result<&[u8], String> {
         let end = at.checked_add(n).filter(|&e| e <= b.len()).ok_or_else(|| {
-            PostcopyError::BadDiscard(format!(
-                "{} bytes end early (wanted {n} more at {at})",
-                b.len()
-            ))
+            format!("{} bytes end early (wanted {n} more at {at})", b.len())
         })?;
         let s = &b[at..end];
         at = end;
@@ -284,6 +304,96 @@ pub fn decode_discard(b: &[u8], blocks: &[BlockSpec]) -> Result<Vec<PageBitmap>,
         return Err(bad(format!("{} stray bytes at the end", b.len() - at)));
     }
     Ok(out)
+}
+
+/// The size of a bitmap in the discard list's layout for `blocks`.
+pub fn bitmap_len(blocks: &[BlockSpec]) -> usize {
+    2 + blocks
+        .iter()
+        .map(|b| 8 + 8 * (b.len / u64::from(b.page_size)).div_ceil(64) as usize)
+        .sum::<usize>()
+}
+
+/// The received-pages bitmap's magic.
+pub const RECEIVED_MAGIC: [u8; 4] = *b"FPCR";
+
+/// Encodes the received-pages bitmap frame (see the module doc).
+pub fn encode_received(received: &[PageBitmap]) -> Vec<u8> {
+    let list = encode_discard(received);
+    let mut b = Vec::with_capacity(12 + list.len());
+    b.extend_from_slice(&RECEIVED_MAGIC);
+    b.extend_from_slice(&(list.len() as u32).to_le_bytes());
+    b.extend_from_slice(&list);
+    let crc = crc32fast::hash(&b);
+    b.extend_from_slice(&crc.to_le_bytes());
+    b
+}
+
+/// Reads the received-pages bitmap frame from `read` (an exact reader of
+/// the re-connected main channel), every field checked against `blocks`
+/// before it is used; `channel` names where it came from.
+pub fn read_received(
+    read: &mut dyn FnMut(&mut [u8]) -> std::io::Result<()>,
+    blocks: &[BlockSpec],
+    channel: &str,
+) -> Result<Vec<PageBitmap>, PostcopyError> {
+    let bad = |why: String| PostcopyError::BadReceived {
+        channel: channel.into(),
+        why,
+    };
+    let io = |source| PostcopyError::Io {
+        channel: channel.into(),
+        what: "reading the received-pages bitmap",
+        source,
+    };
+    let mut head = [0u8; 8];
+    read(&mut head).map_err(io)?;
+    if head[0..4] != RECEIVED_MAGIC {
+        return Err(bad(format!(
+            "bad magic {:02x?} (not a received-pages bitmap)",
+            &head[0..4]
+        )));
+    }
+    let len = u32::from_le_bytes(head[4..8].try_into().expect("4 bytes")) as usize;
+    let want = bitmap_len(blocks);
+    if len != want {
+        return Err(bad(format!(
+            "{len} bytes announced, the guest's blocks make {want}"
+        )));
+    }
+    let mut body = vec![0u8; len + 4];
+    read(&mut body).map_err(io)?;
+    let mut h = crc32fast::Hasher::new();
+    h.update(&head);
+    h.update(&body[..len]);
+    let (got, sent) = (
+        h.finalize(),
+        u32::from_le_bytes(body[len..].try_into().expect("4 bytes")),
+    );
+    if got != sent {
+        return Err(bad(format!(
+            "CRC {got:#010x}, the frame says {sent:#010x}"
+        )));
+    }
+    decode_bitmaps(&body[..len], blocks).map_err(bad)
+}
+
+/// The pages to send again after a recovery: discarded at the switch and
+/// not in the destination's received bitmap.
+pub fn still_missing(discard: &[PageBitmap], received: &[PageBitmap]) -> Vec<PageBitmap> {
+    discard
+        .iter()
+        .zip(received)
+        .map(|(d, r)| {
+            let words: Vec<u64> = d
+                .to_words()
+                .iter()
+                .zip(r.to_words())
+                .map(|(d, r)| d & !r)
+                .collect();
+            PageBitmap::from_words(d.pages(), &words).expect("bits of the discard list")
+        })
+        .collect()
 }
 
 /// The package: discard list and device state.
