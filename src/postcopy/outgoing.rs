@@ -147,7 +147,15 @@ impl Source<'_> {
                 lost.lock().unwrap().get_or_insert(e.to_string());
             }
         }
-        let served = self.serve_requests(s, server, paused_at, resumed_seen, &lost);
+        let mut served = self.serve_requests(s, server, paused_at, resumed_seen, &lost);
+        if let Err(Served::LinkLost(_)) = &served {
+            // A destination that ends (completed, or gave up and said why
+            // on SHUT) closes its page channels first: its word comes
+            // right after, and no recovery is wanted then.
+            if let Some(end) = destination_word(&s.return_path) {
+                served = end;
+            }
+        }
         if served.is_err() {
             for ch in &s.preempt {
                 ch.shutdown();
@@ -380,6 +388,22 @@ impl Source<'_> {
             Arc::new(missing),
         ));
         Ok((server, lacked))
+    }
+}
+
+/// The destination's SHUT, if it comes within a moment (before its main
+/// channel closes): `Ok` if it completed, its error if it gave up.
+fn destination_word(rp: &ReturnPath) -> Option<Result<(), Served>> {
+    let deadline = Instant::now() + Duration::from_millis(500);
+    loop {
+        match rp.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+            Ok(Ok(Message::Shut { error: None })) => return Some(Ok(())),
+            Ok(Ok(Message::Shut { error: Some(e) })) => {
+                return Some(Err(Served::Failed(MigrationError::Destination(e))))
+            }
+            Ok(Ok(_)) => continue,
+            Ok(Err(_)) | Err(_) => return None,
+        }
     }
 }
 
