@@ -68,7 +68,13 @@ impl Source<'_> {
         let package = crate::postcopy::wire::encode_package(&discard, &device_state);
         self.in_postcopy = true;
         self.handed_over = true;
-        self.summary.wire_bytes += s.main.send(&Message::PostcopyPackage(package))?;
+        // From here on the destination may run the guest: any failure
+        // pauses (the package may have arrived whole even if this send
+        // failed), never resumes here.
+        let package_sent = s.main.send(&Message::PostcopyPackage(package));
+        if let Ok(n) = package_sent {
+            self.summary.wire_bytes += n;
+        }
         let mut report = crate::PostcopyReport {
             postcopy_discarded_pages: stale,
             ..Default::default()
@@ -78,8 +84,12 @@ impl Source<'_> {
             discard,
         ));
         let mut resumed_seen = false;
+        let mut first = Some(package_sent);
         let result = loop {
-            let served = self.serve_link(s, &server, paused_at, &mut resumed_seen);
+            let served = match first.take() {
+                Some(Err(e)) => Err(Served::LinkLost(format!("sending the package: {e}"))),
+                _ => self.serve_link(s, &server, paused_at, &mut resumed_seen),
+            };
             let (requests, request_bytes, pushed_bytes) = server.figures();
             report.postcopy_requests += requests;
             report.postcopy_bytes += request_bytes + pushed_bytes;
