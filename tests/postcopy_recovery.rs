@@ -103,7 +103,6 @@ fn forward(
         }
         moved += n as u64;
         if limit.is_some_and(|l| moved >= l) {
-            std::thread::sleep(Duration::from_millis(20));
             break;
         }
         if rate > 0 {
