@@ -1225,6 +1225,7 @@ mod tests {
                 switchover_acked: false,
                 destination_verifies: false,
                 preempt: Vec::new(),
+                session: SessionId::random(),
             };
             let mut summary = Summary::new(SummaryRole::Source, "unix:test".into());
             let progress = Progress::default();

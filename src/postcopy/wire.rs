@@ -529,6 +529,83 @@ mod tests {
         );
     }
 
+    /// Reads a received-pages frame from bytes.
+    fn read(b: &[u8]) -> Result<Vec<PageBitmap>, PostcopyError> {
+        let mut at = 0;
+        read_received(
+            &mut |buf: &mut [u8]| {
+                let end = at + buf.len();
+                if end > b.len() {
+                    return Err(std::io::ErrorKind::UnexpectedEof.into());
+                }
+                buf.copy_from_slice(&b[at..end]);
+                at = end;
+                Ok(())
+            },
+            &blocks(),
+            "main (recovery)",
+        )
+    }
+
+    /// Re-seals a frame's CRC after a test changed its bytes.
+    fn reseal(b: &mut [u8]) {
+        let n = b.len() - 4;
+        let crc = crc32fast::hash(&b[..n]);
+        b[n..].copy_from_slice(&crc.to_le_bytes());
+    }
+
+    #[test]
+    fn received_bitmaps_round_trip_and_bad_ones_are_refused_naming_why() {
+        let r = vec![PageBitmap::new(256, false), PageBitmap::new(100, true)];
+        r[0].set(7);
+        let good = encode_received(&r);
+        assert_eq!(good.len(), 8 + bitmap_len(&blocks()) + 4);
+        let back = read(&good).unwrap();
+        assert_eq!(back[0].iter_set().collect::<Vec<_>>(), [7]);
+        assert_eq!(back[1].count(), 100);
+        // Only the discarded pages not received are sent again.
+        let d = vec![PageBitmap::new(256, false), PageBitmap::new(100, false)];
+        for p in [3, 7, 9] {
+            d[0].set(p);
+        }
+        d[1].set(5);
+        let missing = still_missing(&d, &back);
+        assert_eq!(missing[0].iter_set().collect::<Vec<_>>(), [3, 9]);
+        assert_eq!(missing[1].count(), 0);
+
+        let says = |b: &[u8], want: &str| {
+            let e = read(b).err().unwrap().to_string();
+            assert!(e.contains("main (recovery)") && e.contains(want), "wanted {want:?} in: {e}");
+        };
+        let mut bad = good.clone();
+        bad[0] = b'X';
+        says(&bad, "received-pages bitmap: bad magic");
+        // A length other than the guest's blocks make, larger or smaller:
+        // refused before anything more is read.
+        for len in [0u32, 1, u32::MAX, bitmap_len(&blocks()) as u32 + 8] {
+            let mut bad = good.clone();
+            bad[4..8].copy_from_slice(&len.to_le_bytes());
+            says(&bad, &format!("{len} bytes announced, the guest's blocks make"));
+        }
+        let mut bad = good.clone();
+        bad[20] ^= 1;
+        says(&bad, "CRC");
+        // Sealed, but a page past the end of "vram" (page 100) is set.
+        let mut bad = good.clone();
+        let last = bad.len() - 4 - 8;
+        bad[last + 4] |= 0x10;
+        reseal(&mut bad);
+        says(&bad, "block 'vram': pages past its end");
+        // Sealed, but a block of the wrong page count (same size).
+        let mut bad = good.clone();
+        bad[8 + 2..8 + 10].copy_from_slice(&255u64.to_le_bytes());
+        reseal(&mut bad);
+        says(&bad, "block 'ram' of 255 pages, the guest's has 256");
+        // Cut short.
+        let e = read(&good[..good.len() - 1]).err().unwrap().to_string();
+        assert!(e.contains("reading the received-pages bitmap"), "{e}");
+    }
+
     #[test]
     fn frame_headers_are_checked() {
         let head = FrameHeader::head(1, FLAG_ZERO, 4096, 2);
