@@ -486,3 +486,61 @@ fn postcopy_without_the_preempt_channel_completes_with_the_replay_check_equal() 
         check_recovered(&run.guest, &sent, got, 0);
     });
 }
+
+/// A destination that sends a bad received-pages bitmap on recovery: the
+/// source refuses it, sends no page at all on the new channels, pauses
+/// again, and a proper recovery then completes.
+#[test]
+fn a_bad_received_bitmap_is_refused_and_nothing_is_sent() {
+    within(300, || {
+        let run = start(32 << 20, true);
+        let (mut s_seen, mut d_seen) = (Vec::new(), Vec::new());
+        wait_until(|| run.dp.status() == Status::PostcopyActive);
+        std::thread::sleep(Duration::from_millis(30));
+        run.relay.cut();
+        until_status_count(&run.src_events, &mut s_seen, Status::PostcopyPaused, 1);
+        until_status_count(&run.dst_events, &mut d_seen, Status::PostcopyPaused, 1);
+        // A fake destination: accepts main and the 3 preempt channels,
+        // then sends a bitmap with the right magic and a wrong length.
+        let fake = TcpListener::bind("127.0.0.1:0").unwrap();
+        let fake_uri = format!("tcp:{}", fake.local_addr().unwrap());
+        run.sp.request_recover("resume", &fake_uri).unwrap();
+        let mut conns = Vec::new();
+        for _ in 0..4 {
+            let (mut c, _) = fake.accept().unwrap();
+            let mut hello = [0u8; HELLO_LEN];
+            c.read_exact(&mut hello).unwrap();
+            conns.push((hello[10], c));
+        }
+        for (_, c) in &mut conns {
+            c.write_all(b"FRY!\0\0\0\0").unwrap();
+        }
+        let (_, main) = conns.iter_mut().find(|(role, _)| *role == 0).unwrap();
+        let mut bad = b"FPCR".to_vec();
+        bad.extend_from_slice(&u32::MAX.to_le_bytes());
+        main.write_all(&bad).unwrap();
+        until_status_count(&run.src_events, &mut s_seen, Status::PostcopyPaused, 2);
+        for (role, c) in &mut conns {
+            c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            let mut got = Vec::new();
+            let _ = c.read_to_end(&mut got);
+            if *role == 2 {
+                assert!(got.is_empty(), "{} bytes on a preempt channel", got.len());
+            }
+        }
+        assert!(
+            s_seen.ends_with(&[
+                Status::PostcopyPaused,
+                Status::PostcopyRecoverSetup,
+                Status::PostcopyRecover,
+                Status::PostcopyPaused
+            ]),
+            "{s_seen:?}"
+        );
+        run.dp.request_recover("recover", &run.dest_uri.to_string()).unwrap();
+        run.sp.request_recover("resume", &run.relay.uri.to_string()).unwrap();
+        let got = run.dst.join().unwrap().expect("the destination completes");
+        let sent = run.src.join().unwrap().expect("the source completes");
+        check_recovered(&run.guest, &sent, got, 1);
+    });
+}
