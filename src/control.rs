@@ -13,8 +13,11 @@
 //! - `qmp_capabilities`: accepted, nothing to negotiate;
 //! - `query-migrate`: status, times, ram figures (see [`Progress::query`]);
 //! - `query-migrate-parameters`;
-//! - `migrate-cancel`: cancels a migration that has not finished;
+//! - `migrate-cancel`: cancels a migration that has not finished (an
+//!   error saying why in postcopy: neither side alone holds the guest);
 //! - `migrate-continue` with `{"state":"pre-switchover"}`;
+//! - `migrate-recover` (destination) / `migrate-resume` (source) with
+//!   `{"uri":"tcp:HOST:PORT"}`: recover a postcopy in postcopy-paused;
 //! - `migrate-set-parameters` with any of `downtime-limit` (ms),
 //!   `max-bandwidth` and `avail-switchover-bandwidth` (bytes/s),
 //!   `cpu-throttle-initial`, `cpu-throttle-increment`, `max-cpu-throttle`

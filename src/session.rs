@@ -87,7 +87,7 @@
 //!
 //! Postcopy now follows steps 1–3 and 5 ([`PassSink::start_postcopy`],
 //! [`PrecopyEnd::Postcopy`]; its loop is `postcopy/outgoing.rs: Source::postcopy`
-//! over `crate::postcopy`); recovery is not implemented. The sketch of
+//! over `crate::postcopy`, recovery included). The sketch of
 //! step 4 as first planned:
 //!
 //! ```ignore

@@ -62,7 +62,9 @@ impl Relay {
                 let (a, b) = (src.try_clone().unwrap(), dst.try_clone().unwrap());
                 let pace = pace.clone();
                 std::thread::spawn(move || forward(a, b, rate, &pace, limit));
-                std::thread::spawn(move || forward(dst, src, 0, &(Instant::now(), AtomicU64::new(0)), None));
+                std::thread::spawn(move || {
+                    forward(dst, src, 0, &(Instant::now(), AtomicU64::new(0)), None)
+                });
             }
         });
         Self {
@@ -201,7 +203,10 @@ fn until_paused(p: &Progress, since: Instant) -> (Duration, bool) {
         if s.is_final() {
             return (since.elapsed(), false);
         }
-        assert!(since.elapsed() < Duration::from_secs(30), "neither paused nor ended: {s:?}");
+        assert!(
+            since.elapsed() < Duration::from_secs(30),
+            "neither paused nor ended: {s:?}"
+        );
         std::thread::sleep(Duration::from_millis(1));
     }
 }
@@ -211,9 +216,17 @@ fn until_paused(p: &Progress, since: Instant) -> (Duration, bool) {
 /// is equal, and what went again after the recoveries is no more than the
 /// pages the destination lacked, plus 1%. Returns (bytes sent again,
 /// bytes the destination lacked).
-fn check_recovered(guest: &SyntheticGuest, sent: &Summary, got: ferry::IncomingOutcome, recoveries: u64) -> (u64, u64) {
+fn check_recovered(
+    guest: &SyntheticGuest,
+    sent: &Summary,
+    got: ferry::IncomingOutcome,
+    recoveries: u64,
+) -> (u64, u64) {
     assert_eq!(sent.status, "completed", "{:?}", sent.error);
-    assert!(!guest.is_running(), "the source never resumes after the switch");
+    assert!(
+        !guest.is_running(),
+        "the source never resumes after the switch"
+    );
     let pc = sent.postcopy.as_ref().unwrap();
     let theirs = got.summary.postcopy.as_ref().unwrap();
     assert_eq!(pc.recoveries, recoveries, "source: {pc:?}");
@@ -226,7 +239,13 @@ fn check_recovered(guest: &SyntheticGuest, sent: &Summary, got: ferry::IncomingO
     std::thread::sleep(Duration::from_millis(100));
     got.guest.pause().unwrap();
     let now = got.guest.save_device_state().unwrap();
-    let r = replay_check(&reference, &guest.save_device_state().unwrap(), &got.memory, &now).unwrap();
+    let r = replay_check(
+        &reference,
+        &guest.save_device_state().unwrap(),
+        &got.memory,
+        &now,
+    )
+    .unwrap();
     assert!(r.writes > 0 && r.equal(), "replay check: {r:?}");
     let lacked = pc.recovery_missing_pages.unwrap_or(0) * PAGE;
     let again = pc.recovery_bytes.unwrap_or(0);
@@ -255,7 +274,9 @@ fn cut_and_recover(points: usize, seed: u64) -> Vec<Cut> {
     let mut cuts = Vec::new();
     let mut misses = 0;
     while cuts.len() < points {
-        rng = rng.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        rng = rng
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
         let delay = Duration::from_millis((rng >> 33) % 300);
         let run = start(40 << 20, true);
         // Both sides in postcopy (the destination has the package).
@@ -282,8 +303,12 @@ fn cut_and_recover(points: usize, seed: u64) -> Vec<Cut> {
         }
         // Recover: the destination listens on its listener again, the
         // source reconnects through the relay.
-        run.dp.request_recover("recover", &run.dest_uri.to_string()).unwrap();
-        run.sp.request_recover("resume", &run.relay.uri.to_string()).unwrap();
+        run.dp
+            .request_recover("recover", &run.dest_uri.to_string())
+            .unwrap();
+        run.sp
+            .request_recover("resume", &run.relay.uri.to_string())
+            .unwrap();
         let got = run.dst.join().unwrap().expect("the destination completes");
         let sent = run.src.join().unwrap().expect("the source completes");
         let (mut s_seen, mut d_seen) = (Vec::new(), Vec::new());
@@ -382,27 +407,44 @@ fn a_cut_during_recovery_and_a_foreign_channel_pause_again_then_recovery_complet
         until_status_count(&run.dst_events, &mut d_seen, Status::PostcopyPaused, 1);
         // Cancel is refused, saying why; so is a resume on a side not paused.
         let why = run.sp.cancel_refusal().expect("refused in postcopy");
-        assert!(why.contains("neither side alone holds the whole guest"), "{why}");
+        assert!(
+            why.contains("neither side alone holds the whole guest"),
+            "{why}"
+        );
         assert!(!run.sp.cancel() && !run.dp.cancel());
         let reply = ferry::control::handle(r#"{"execute":"migrate-cancel"}"#, &run.dp);
         assert!(
-            reply["error"]["desc"].as_str().unwrap().contains("cancel refused in state 'postcopy-paused'"),
+            reply["error"]["desc"]
+                .as_str()
+                .unwrap()
+                .contains("cancel refused in state 'postcopy-paused'"),
             "{reply}"
         );
-        let e = Progress::default().request_recover("resume", "tcp:127.0.0.1:1").unwrap_err();
-        assert!(e.contains("state 'none'") && e.contains("postcopy-paused"), "{e}");
+        let e = Progress::default()
+            .request_recover("resume", "tcp:127.0.0.1:1")
+            .unwrap_err();
+        assert!(
+            e.contains("state 'none'") && e.contains("postcopy-paused"),
+            "{e}"
+        );
 
         // 1. A recovery cut after each channel's hello: both pause again.
         run.relay.drop_new.store(true, Ordering::SeqCst);
-        run.dp.request_recover("recover", &run.dest_uri.to_string()).unwrap();
-        run.sp.request_recover("resume", &run.relay.uri.to_string()).unwrap();
+        run.dp
+            .request_recover("recover", &run.dest_uri.to_string())
+            .unwrap();
+        run.sp
+            .request_recover("resume", &run.relay.uri.to_string())
+            .unwrap();
         until_status_count(&run.src_events, &mut s_seen, Status::PostcopyPaused, 2);
         until_status_count(&run.dst_events, &mut d_seen, Status::PostcopyPaused, 2);
         run.relay.drop_new.store(false, Ordering::SeqCst);
 
         // 2. A channel of another session: refused, named; the destination
         // pauses again.
-        run.dp.request_recover("recover", &run.dest_uri.to_string()).unwrap();
+        run.dp
+            .request_recover("recover", &run.dest_uri.to_string())
+            .unwrap();
         wait_until(|| run.dp.status() == Status::PostcopyRecoverSetup);
         let addr: SocketAddr = run.dest_uri.to_string()["tcp:".len()..].parse().unwrap();
         let mut c = TcpStream::connect(addr).unwrap();
@@ -416,17 +458,27 @@ fn a_cut_during_recovery_and_a_foreign_channel_pause_again_then_recovery_complet
         let mut reply = Vec::new();
         let _ = c.read_to_end(&mut reply);
         let text = String::from_utf8_lossy(&reply);
-        assert!(text.contains("session"), "refused, naming the session: {text}");
+        assert!(
+            text.contains("session"),
+            "refused, naming the session: {text}"
+        );
         until_status_count(&run.dst_events, &mut d_seen, Status::PostcopyPaused, 3);
 
         // 3. Now a recovery completes.
-        run.dp.request_recover("recover", &run.dest_uri.to_string()).unwrap();
-        run.sp.request_recover("resume", &run.relay.uri.to_string()).unwrap();
+        run.dp
+            .request_recover("recover", &run.dest_uri.to_string())
+            .unwrap();
+        run.sp
+            .request_recover("resume", &run.relay.uri.to_string())
+            .unwrap();
         let got = run.dst.join().unwrap().expect("the destination completes");
         let sent = run.src.join().unwrap().expect("the source completes");
         statuses(&run.src_events, &mut s_seen);
         statuses(&run.dst_events, &mut d_seen);
-        assert!(s_seen.ends_with(&[Status::PostcopyActive, Status::Completed]), "{s_seen:?}");
+        assert!(
+            s_seen.ends_with(&[Status::PostcopyActive, Status::Completed]),
+            "{s_seen:?}"
+        );
         assert!(d_seen.contains(&Status::PostcopyRecoverSetup), "{d_seen:?}");
         check_recovered(&run.guest, &sent, got, 1);
     });
@@ -461,7 +513,9 @@ fn auto_recovery_reconnects_by_itself_after_two_cuts() {
         });
         let (mut s_seen, mut d_seen) = (Vec::new(), Vec::new());
         for n in 1..=2 {
-            wait_until(|| sp.status() == Status::PostcopyActive && dp.status() == Status::PostcopyActive);
+            wait_until(|| {
+                sp.status() == Status::PostcopyActive && dp.status() == Status::PostcopyActive
+            });
             std::thread::sleep(Duration::from_millis(20));
             relay.cut();
             until_status_count(&src_events, &mut s_seen, Status::PostcopyPaused, n);
@@ -482,7 +536,10 @@ fn postcopy_without_the_preempt_channel_completes_with_the_replay_check_equal() 
         let got = run.dst.join().unwrap().expect("the destination completes");
         let sent = run.src.join().unwrap().expect("the source completes");
         let theirs = got.summary.postcopy.clone().unwrap();
-        assert!(theirs.postcopy_requests > 0, "the guest faulted: {theirs:?}");
+        assert!(
+            theirs.postcopy_requests > 0,
+            "the guest faulted: {theirs:?}"
+        );
         check_recovered(&run.guest, &sent, got, 0);
     });
 }
@@ -537,8 +594,12 @@ fn a_bad_received_bitmap_is_refused_and_nothing_is_sent() {
             ]),
             "{s_seen:?}"
         );
-        run.dp.request_recover("recover", &run.dest_uri.to_string()).unwrap();
-        run.sp.request_recover("resume", &run.relay.uri.to_string()).unwrap();
+        run.dp
+            .request_recover("recover", &run.dest_uri.to_string())
+            .unwrap();
+        run.sp
+            .request_recover("resume", &run.relay.uri.to_string())
+            .unwrap();
         let got = run.dst.join().unwrap().expect("the destination completes");
         let sent = run.src.join().unwrap().expect("the source completes");
         check_recovered(&run.guest, &sent, got, 1);

@@ -514,8 +514,7 @@ impl Drop for PostcopyDestination {
 /// Pauses link `link` (if it is still the current one and postcopy runs):
 /// its channels are shut, so its other readers end too.
 fn pause(s: &Shared, link: u64, why: &str) {
-    if s.link.load(Ordering::Acquire) != link || !matches!(*s.end.lock().unwrap(), End::Running)
-    {
+    if s.link.load(Ordering::Acquire) != link || !matches!(*s.end.lock().unwrap(), End::Running) {
         return;
     }
     if !s.paused.swap(true, Ordering::AcqRel) {

@@ -153,7 +153,9 @@ pub(super) fn postcopy_in(
     summary.wire_bytes += s.bytes;
     match (stats, gave_up) {
         (Ok(_), None) => {
-            out.reference = pc.reference().and_then(|mut r| (r.len() == 1).then(|| r.remove(0)));
+            out.reference = pc
+                .reference()
+                .and_then(|mut r| (r.len() == 1).then(|| r.remove(0)));
             out.guest = Some(guest);
             Ok(())
         }
@@ -219,7 +221,9 @@ fn recover(
     let mut why = why.to_string();
     loop {
         tracing::warn!("postcopy-paused: {why}");
-        phases.enter(Phase::PostcopyPaused).map_err(|e| e.to_string())?;
+        phases
+            .enter(Phase::PostcopyPaused)
+            .map_err(|e| e.to_string())?;
         progress.set_phase("postcopy-paused");
         let since = Instant::now();
         let fresh: Option<Listener> = loop {
@@ -234,10 +238,12 @@ fn recover(
                         Listener::bind(&uri, SocketTuning::default()).map_err(|e| e.to_string())
                     });
                 match bound {
-                    Ok(l) => break Some(match listener.tls() {
-                        Some(tls) => l.with_tls(tls),
-                        None => l,
-                    }),
+                    Ok(l) => {
+                        break Some(match listener.tls() {
+                            Some(tls) => l.with_tls(tls),
+                            None => l,
+                        })
+                    }
                     Err(e) => tracing::error!("recover {u}: {e}"),
                 }
             }
@@ -246,7 +252,10 @@ fn recover(
             }
             if let Some(t) = opts.postcopy_paused_timeout {
                 if since.elapsed() >= t {
-                    return Err(format!("{why}; no recovery within {:.1} s", t.as_secs_f64()));
+                    return Err(format!(
+                        "{why}; no recovery within {:.1} s",
+                        t.as_secs_f64()
+                    ));
                 }
             }
             std::thread::sleep(Duration::from_millis(50));
@@ -259,10 +268,12 @@ fn recover(
         tracing::info!(uri = %on.uri(), "postcopy: waiting for the source's channels");
         let wait = opts
             .postcopy_paused_timeout
-            .map_or(opts.accept.rest_timeout, |t| t.min(opts.accept.rest_timeout));
+            .map_or(opts.accept.rest_timeout, |t| {
+                t.min(opts.accept.rest_timeout)
+            });
         match ferry_transport::accept_recovery(on, session, count, Some(wait), &opts.accept)
             .map_err(|e| e.to_string())
-            .and_then(|(main, preempt)| resume(pc, main, preempt, opts, phases))
+            .and_then(|ch| resume(pc, ch.main, ch.preempt, opts, phases))
         {
             Ok(main) => {
                 phases
@@ -297,8 +308,11 @@ fn resume(
     let main = MainChannel::new(Arc::from(main), opts.peer_timeout).map_err(|e| e.to_string())?;
     main.start_heartbeat(heartbeat_interval(opts.peer_timeout))
         .map_err(|e| e.to_string())?;
-    pc.resume_link(requester(&main), preempt.into_iter().map(Arc::from).collect())
-        .map_err(|e| e.to_string())?;
+    pc.resume_link(
+        requester(&main),
+        preempt.into_iter().map(Arc::from).collect(),
+    )
+    .map_err(|e| e.to_string())?;
     watch_main(main.clone(), pc);
     Ok(main)
 }

@@ -350,8 +350,12 @@ impl Source<'_> {
             index: 0,
             multifd_channels: opts.channels,
         };
-        let main: Arc<dyn Channel> =
-            Arc::from(connect_channel_secure(uri, &tuning, &hello, opts.tls.as_deref())?);
+        let main: Arc<dyn Channel> = Arc::from(connect_channel_secure(
+            uri,
+            &tuning,
+            &hello,
+            opts.tls.as_deref(),
+        )?);
         let preempt = match open_preempt(uri, opts, s.session) {
             Ok(p) => p,
             Err(e) => {

@@ -76,7 +76,13 @@ impl PageServer {
     ) -> Result<(), PostcopyError> {
         let (ps, first) = wire::check_run(&self.specs, run, from)?;
         self.requests.fetch_add(1, Ordering::Relaxed);
-        let n = self.send_claimed(usize::from(run.block), first, run.len / ps, preempt, &mut Vec::new())?;
+        let n = self.send_claimed(
+            usize::from(run.block),
+            first,
+            run.len / ps,
+            preempt,
+            &mut Vec::new(),
+        )?;
         self.request_bytes.fetch_add(n, Ordering::Relaxed);
         Ok(())
     }
@@ -130,13 +136,14 @@ impl PageServer {
         let words: Vec<usize> = self.pending.iter().map(|b| b.words()).collect();
         let total: usize = words.iter().sum();
         loop {
-            while serves_requests {
-                let Some(run) = self.queued.lock().unwrap().pop_front() else {
-                    break;
-                };
+            while let Some(run) = serves_requests
+                .then(|| self.queued.lock().unwrap().pop_front())
+                .flatten()
+            {
                 let (ps, first) = wire::check_run(&self.specs, &run, "return path")?;
                 self.requests.fetch_add(1, Ordering::Relaxed);
-                let n = self.send_claimed(usize::from(run.block), first, run.len / ps, ch, &mut buf)?;
+                let n =
+                    self.send_claimed(usize::from(run.block), first, run.len / ps, ch, &mut buf)?;
                 self.request_bytes.fetch_add(n, Ordering::Relaxed);
             }
             let w = self.next_word.fetch_add(1, Ordering::Relaxed);

@@ -382,8 +382,15 @@ fn a_broken_link_pauses_and_a_resume_completes_from_the_received_bitmap() {
         assert!(t.elapsed() < Duration::from_secs(30), "no pause");
         std::thread::sleep(Duration::from_millis(2));
     }
-    assert!(pc.paused().unwrap().contains("preempt"), "{:?}", pc.paused());
-    assert!(!pc.wait_ended(Duration::from_millis(10)), "paused, not ended");
+    assert!(
+        pc.paused().unwrap().contains("preempt"),
+        "{:?}",
+        pc.paused()
+    );
+    assert!(
+        !pc.wait_ended(Duration::from_millis(10)),
+        "paused, not ended"
+    );
     // A vCPU touches stale page 15 while paused: it blocks.
     let toucher = touch(&dst, 0, vec![15]);
     // Its request is held (counted, not sent) while paused.
@@ -391,9 +398,15 @@ fn a_broken_link_pauses_and_a_resume_completes_from_the_received_bitmap() {
         assert!(t.elapsed() < Duration::from_secs(30), "no fault");
         std::thread::sleep(Duration::from_millis(2));
     }
-    assert!(asked.lock().unwrap().is_empty(), "nothing sent on a paused link");
+    assert!(
+        asked.lock().unwrap().is_empty(),
+        "nothing sent on a paused link"
+    );
     std::thread::sleep(Duration::from_millis(50));
-    assert!(!toucher.is_finished(), "a thread on a missing page stays blocked");
+    assert!(
+        !toucher.is_finished(),
+        "a thread on a missing page stays blocked"
+    );
     // The received bitmap: every page except the stale ones not placed.
     let received = pc.received();
     for (b, (r, d)) in received.iter().zip(&discard).enumerate() {
@@ -415,7 +428,10 @@ fn a_broken_link_pauses_and_a_resume_completes_from_the_received_bitmap() {
     assert_eq!(pc.paused(), None);
     // The held request went out on the new link and was served.
     let mut page = vec![0u8; PAGE as usize];
-    src.blocks()[0].page_slice(15).unwrap().copy_to(&mut page[..]);
+    src.blocks()[0]
+        .page_slice(15)
+        .unwrap()
+        .copy_to(&mut page[..]);
     assert_eq!(toucher.join().unwrap(), vec![page[7]]);
     let (p_src, p_dst) = pair("multifd[0]");
     pc.read_pages(p_dst).unwrap();

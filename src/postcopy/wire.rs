@@ -264,9 +264,10 @@ fn decode_bitmaps(b: &[u8], blocks: &[BlockSpec]) -> Result<Vec<PageBitmap>, Str
     let bad = |why: String| why;
     let mut at = 0usize;
     let mut take = |n: usize| -> Result<&[u8], String> {
-        let end = at.checked_add(n).filter(|&e| e <= b.len()).ok_or_else(|| {
-            format!("{} bytes end early (wanted {n} more at {at})", b.len())
-        })?;
+        let end = at
+            .checked_add(n)
+            .filter(|&e| e <= b.len())
+            .ok_or_else(|| format!("{} bytes end early (wanted {n} more at {at})", b.len()))?;
         let s = &b[at..end];
         at = end;
         Ok(s)
@@ -371,9 +372,7 @@ pub fn read_received(
         u32::from_le_bytes(body[len..].try_into().expect("4 bytes")),
     );
     if got != sent {
-        return Err(bad(format!(
-            "CRC {got:#010x}, the frame says {sent:#010x}"
-        )));
+        return Err(bad(format!("CRC {got:#010x}, the frame says {sent:#010x}")));
     }
     decode_bitmaps(&body[..len], blocks).map_err(bad)
 }
@@ -575,7 +574,10 @@ mod tests {
 
         let says = |b: &[u8], want: &str| {
             let e = read(b).err().unwrap().to_string();
-            assert!(e.contains("main (recovery)") && e.contains(want), "wanted {want:?} in: {e}");
+            assert!(
+                e.contains("main (recovery)") && e.contains(want),
+                "wanted {want:?} in: {e}"
+            );
         };
         let mut bad = good.clone();
         bad[0] = b'X';
@@ -585,7 +587,10 @@ mod tests {
         for len in [0u32, 1, u32::MAX, bitmap_len(&blocks()) as u32 + 8] {
             let mut bad = good.clone();
             bad[4..8].copy_from_slice(&len.to_le_bytes());
-            says(&bad, &format!("{len} bytes announced, the guest's blocks make"));
+            says(
+                &bad,
+                &format!("{len} bytes announced, the guest's blocks make"),
+            );
         }
         let mut bad = good.clone();
         bad[20] ^= 1;

@@ -126,12 +126,12 @@ pub fn run(a: CtlArgs) -> anyhow::Result<bool> {
         CtlCommand::StartPostcopy => {
             Some(json!({ "execute": "migrate-start-postcopy" }).to_string())
         }
-        CtlCommand::Recover { uri } => Some(
-            json!({ "execute": "migrate-recover", "arguments": { "uri": uri } }).to_string(),
-        ),
-        CtlCommand::Resume { uri } => Some(
-            json!({ "execute": "migrate-resume", "arguments": { "uri": uri } }).to_string(),
-        ),
+        CtlCommand::Recover { uri } => {
+            Some(json!({ "execute": "migrate-recover", "arguments": { "uri": uri } }).to_string())
+        }
+        CtlCommand::Resume { uri } => {
+            Some(json!({ "execute": "migrate-resume", "arguments": { "uri": uri } }).to_string())
+        }
         CtlCommand::Set { settings } => Some(
             json!({ "execute": "migrate-set-parameters", "arguments": parse_settings(settings)? })
                 .to_string(),

@@ -220,7 +220,8 @@ fn migrate(a: RecvArgs) -> anyhow::Result<bool> {
                 // Postcopy: the memory must be the switch's with this
                 // side's writes replayed (the guest is paused).
                 let now = outcome.guest.save_device_state()?;
-                let r = ferry::replay_check(reference, &outcome.device_state, &outcome.memory, &now)?;
+                let r =
+                    ferry::replay_check(reference, &outcome.device_state, &outcome.memory, &now)?;
                 w.replay_equal = Some(r.equal());
                 w.replay_writes = Some(r.writes);
                 w.replay_differing_pages = Some(r.differing);

@@ -163,7 +163,12 @@ pub struct SendArgs {
     /// With --postcopy, after a link failure: `manual` waits in
     /// postcopy-paused for `ferry ctl SOCK resume URI`; `auto` reconnects
     /// to --to by itself, retrying with backoff (100 ms doubling to 5 s).
-    #[arg(long, requires = "postcopy", default_value = "manual", value_name = "MODE")]
+    #[arg(
+        long,
+        requires = "postcopy",
+        default_value = "manual",
+        value_name = "MODE"
+    )]
     postcopy_recover: ferry::postcopy::RecoverMode,
     /// Serve the migration's figures (those of `ferry ctl SOCK query`) in
     /// Prometheus's text format at http://ADDR/metrics, e.g. 127.0.0.1:9464.

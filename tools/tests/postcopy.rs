@@ -124,5 +124,8 @@ fn recv_run_after_reports_the_postcopy_replay_check() {
     let (sv, rv) = (s.completed(), r.completed());
     assert_eq!(sv["recoveries"], 0, "{sv}");
     assert_eq!(rv["workload"]["replay_equal"], true, "{rv}");
-    assert!(rv["workload"]["replay_writes"].as_u64().unwrap() > 0, "{rv}");
+    assert!(
+        rv["workload"]["replay_writes"].as_u64().unwrap() > 0,
+        "{rv}"
+    );
 }

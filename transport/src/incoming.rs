@@ -181,6 +181,12 @@ pub fn accept_preempt(
     Ok(got.into_iter().map(|(_, c)| c).collect())
 }
 
+/// A postcopy recovery's channels: main, and preempt sorted by index.
+pub struct RecoveryChannels {
+    pub main: Box<dyn Channel>,
+    pub preempt: Vec<Box<dyn Channel>>,
+}
+
 /// Accepts a postcopy recovery of `session` (after a link failure): its
 /// main channel and its `preempt` preempt channels, in any order, each
 /// with the session's id. A connection of another session, a multifd
@@ -194,7 +200,7 @@ pub fn accept_recovery(
     preempt: u16,
     first_timeout: Option<Duration>,
     opts: &AcceptOptions,
-) -> Result<(Box<dyn Channel>, Vec<Box<dyn Channel>>), TransportError> {
+) -> Result<RecoveryChannels, TransportError> {
     let mut main: Option<Box<dyn Channel>> = None;
     let mut got: Vec<(u16, Box<dyn Channel>)> = Vec::new();
     let mut deadline: Option<Instant> = None;
@@ -223,7 +229,11 @@ pub fn accept_recovery(
             .label()
             .trim_start_matches("connection from ")
             .to_string();
-        ch.set_label(format!("{}[{}] ({peer}, recovery)", hello.name(), hello.index));
+        ch.set_label(format!(
+            "{}[{}] ({peer}, recovery)",
+            hello.name(),
+            hello.index
+        ));
         if hello.session != session {
             let e = TransportError::ForeignSession {
                 channel: ch.label().into(),
@@ -258,7 +268,10 @@ pub fn accept_recovery(
     }
     let main = main.expect("the loop ends with a main channel");
     send_reply(main.as_ref(), None)?;
-    Ok((main, got.into_iter().map(|(_, c)| c).collect()))
+    Ok(RecoveryChannels {
+        main,
+        preempt: got.into_iter().map(|(_, c)| c).collect(),
+    })
 }
 
 /// Every multifd channel so far must belong to main's session and fit its count.
