@@ -264,6 +264,9 @@ struct Cut {
     destination_paused_ms: f64,
     again: u64,
     lacked: u64,
+    /// From `recover` / `resume` to both sides completed (the rest of
+    /// postcopy, through the relay at its rate).
+    recover_to_completed_ms: f64,
 }
 
 /// Cuts the link `points` times (one migration each) at a random delay
@@ -303,6 +306,7 @@ fn cut_and_recover(points: usize, seed: u64) -> Vec<Cut> {
         }
         // Recover: the destination listens on its listener again, the
         // source reconnects through the relay.
+        let asked = Instant::now();
         run.dp
             .request_recover("recover", &run.dest_uri.to_string())
             .unwrap();
@@ -311,6 +315,7 @@ fn cut_and_recover(points: usize, seed: u64) -> Vec<Cut> {
             .unwrap();
         let got = run.dst.join().unwrap().expect("the destination completes");
         let sent = run.src.join().unwrap().expect("the source completes");
+        let recovered_in = asked.elapsed();
         let (mut s_seen, mut d_seen) = (Vec::new(), Vec::new());
         statuses(&run.src_events, &mut s_seen);
         statuses(&run.dst_events, &mut d_seen);
@@ -333,6 +338,7 @@ fn cut_and_recover(points: usize, seed: u64) -> Vec<Cut> {
             destination_paused_ms: td.as_secs_f64() * 1e3,
             again,
             lacked,
+            recover_to_completed_ms: recovered_in.as_secs_f64() * 1e3,
         };
         eprintln!("{c:?}");
         cuts.push(c);
