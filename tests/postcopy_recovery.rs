@@ -354,6 +354,12 @@ fn report(cuts: &[Cut]) {
     worst.sort_by(f64::total_cmp);
     let delays: Vec<u64> = cuts.iter().map(|c| c.delay_ms).collect();
     eprintln!("cut {delays:?} ms after the switch");
+    let mut recovered: Vec<f64> = cuts.iter().map(|c| c.recover_to_completed_ms).collect();
+    recovered.sort_by(f64::total_cmp);
+    eprintln!(
+        "recover/resume to both completed: {:.0} ms (median)",
+        recovered[recovered.len() / 2]
+    );
     eprintln!(
         "{} cuts: both sides paused within {:.1} ms (median), {:.1} ms (max); sent again {} of {} bytes lacked",
         cuts.len(),
