@@ -24,6 +24,16 @@
 //! `src/outgoing.rs` and `src/incoming.rs` with `#[path]` so they reach
 //! those sides' private state.
 //!
+//! Recovery after a link failure (seed 004's `postcopy_pause`,
+//! `postcopy_do_resume`, `migrate_handle_rp_recv_bitmap`): a channel that
+//! breaks pauses both sides (postcopy-paused) instead of failing them;
+//! `recover` / `resume` (or [`RecoverMode::Auto`]) reconnect main and
+//! every preempt channel with the session's id, the destination sends its
+//! received-pages bitmap ([`wire::encode_received`]) and asks again for
+//! the pages its guest waits on, and the source sends only what the
+//! bitmap lacks ([`wire::still_missing`]). The loops are in the phases
+//! (`outgoing.rs`: `pause_and_recover`; `incoming.rs`: `recover`).
+//!
 //! A failure after the switch never lets the destination's guest see a
 //! page it was not sent: the userfaultfd stays registered (threads touching
 //! missing pages stay blocked, as in QEMU's `postcopy-paused`) until the
