@@ -13,8 +13,11 @@
 //! - `qmp_capabilities`: accepted, nothing to negotiate;
 //! - `query-migrate`: status, times, ram figures (see [`Progress::query`]);
 //! - `query-migrate-parameters`;
-//! - `migrate-cancel`: cancels a migration that has not finished;
+//! - `migrate-cancel`: cancels a migration that has not finished (an
+//!   error saying why in postcopy: neither side alone holds the guest);
 //! - `migrate-continue` with `{"state":"pre-switchover"}`;
+//! - `migrate-recover` (destination) / `migrate-resume` (source) with
+//!   `{"uri":"tcp:HOST:PORT"}`: recover a postcopy in postcopy-paused;
 //! - `migrate-set-parameters` with any of `downtime-limit` (ms),
 //!   `max-bandwidth` and `avail-switchover-bandwidth` (bytes/s),
 //!   `cpu-throttle-initial`, `cpu-throttle-increment`, `max-cpu-throttle`
@@ -577,10 +580,22 @@ pub fn handle(line: &str, progress: &Progress) -> Value {
         "qmp_capabilities" => Ok(json!({})),
         "query-migrate" => Ok(progress.query()),
         "query-migrate-parameters" => Ok(parameters_json(&progress.parameters())),
-        "migrate-cancel" => {
-            progress.cancel();
-            Ok(json!({}))
-        }
+        "migrate-cancel" => match progress.cancel_refusal() {
+            Some(why) => Err(why),
+            None => {
+                progress.cancel();
+                Ok(json!({}))
+            }
+        },
+        // Postcopy recovery (QEMU: `migrate-recover` on the destination,
+        // `migrate` with `resume` on the source).
+        "migrate-recover" | "migrate-resume" => match args.get("uri").and_then(Value::as_str) {
+            Some(uri) => {
+                let what = cmd.trim_start_matches("migrate-");
+                progress.request_recover(what, uri).map(|()| json!({}))
+            }
+            None => Err(format!("{cmd} needs \"uri\" (e.g. \"tcp:HOST:PORT\")")),
+        },
         "migrate-continue" => match args.get("state").and_then(Value::as_str) {
             Some(state) => progress.continue_from(state).map(|()| json!({})),
             None => Err("migrate-continue needs \"state\" (e.g. \"pre-switchover\")".into()),

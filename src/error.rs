@@ -64,7 +64,7 @@ pub enum MigrationError {
     Postcopy(#[from] crate::postcopy::PostcopyError),
     /// A failure after the switch to postcopy (either side): the guest is
     /// neither resumed on the source nor run on with missing pages.
-    #[error("{0}; postcopy-paused: neither side alone holds the whole guest: the destination's guest threads that touch a missing page stay blocked and the source's guest stays paused (recovery after a link failure is not implemented yet)")]
+    #[error("{0}; postcopy-paused: neither side alone holds the whole guest: the destination's guest threads that touch a missing page stay blocked and the source's guest stays paused")]
     PostcopyPaused(String),
     #[error("invalid options: {0}")]
     Options(String),

@@ -92,6 +92,18 @@ pub struct IncomingOptions {
     /// migration completed: what fails here fails the migration (and the
     /// source keeps its guest). For `recv --device-state-out`.
     pub keep: Option<KeepHook>,
+    /// Postcopy recovery after a link failure: wait for `recover URI`
+    /// (manual) or listen again on this listener by itself (auto).
+    pub postcopy_recover: crate::postcopy::RecoverMode,
+    /// How long to stay in postcopy-paused before giving up (the guest's
+    /// threads stay blocked, the migration fails); `None`: for ever.
+    pub postcopy_paused_timeout: Option<Duration>,
+    /// Postcopy: keep a copy of the guest's memory as it was at the switch
+    /// (the pages held at the switch, copied before the guest runs, which
+    /// adds to the downtime, and each page as it is placed), for the
+    /// replay check ([`IncomingOutcome::postcopy_reference`]). Doubles the
+    /// memory used; single-block guests only (the synthetic guest).
+    pub postcopy_reference: bool,
 }
 
 /// Keeps what a completed migration must leave behind; the error's text is
@@ -144,6 +156,9 @@ impl Default for IncomingOptions {
             peer_timeout: DEFAULT_PEER_TIMEOUT,
             limits: SetupLimits::default(),
             keep: None,
+            postcopy_recover: crate::postcopy::RecoverMode::Manual,
+            postcopy_paused_timeout: None,
+            postcopy_reference: false,
         }
     }
 }
@@ -155,6 +170,10 @@ pub struct IncomingOutcome {
     pub memory: Arc<GuestMemory>,
     pub device_state: Vec<u8>,
     pub guest: Box<dyn Guest>,
+    /// After a postcopy with [`IncomingOptions::postcopy_reference`]: the
+    /// guest's memory at the switch (its one block), for
+    /// [`crate::replay_check`] with `device_state` (the switch's).
+    pub postcopy_reference: Option<Vec<u8>>,
 }
 
 /// Accepts one migration on `listener` and receives it.
@@ -204,6 +223,7 @@ pub fn migrate_in(
             memory,
             device_state: state.device_state,
             guest,
+            postcopy_reference: state.reference,
         }),
         (Err(error), _) => Err(Failed {
             error,
@@ -223,6 +243,11 @@ struct Received {
     guest: Option<Box<dyn Guest>>,
     /// The postcopy package, when the source switched to postcopy.
     package: Option<Vec<u8>>,
+    /// The main channel of a postcopy link recovered after a failure:
+    /// SHUT goes there.
+    recovered_main: Option<Arc<MainChannel>>,
+    /// The memory at a postcopy's switch, when asked for.
+    reference: Option<Vec<u8>>,
 }
 
 enum Event {
@@ -263,7 +288,7 @@ fn run(
     summary.wire_bytes +=
         (ferry_transport::HELLO_LEN as u64 + 8) * (session.multifd.len() as u64 + 1);
     summary.tls = listener.is_tls();
-    let main = MainChannel::new(Arc::from(session.main), opts.peer_timeout)?;
+    let mut main = MainChannel::new(Arc::from(session.main), opts.peer_timeout)?;
     main.start_heartbeat(heartbeat_interval(opts.peer_timeout))?;
     let preempt = Some((listener, session.session));
     let result = receive(
@@ -278,6 +303,11 @@ fn run(
     let shut = Message::Shut {
         error: result.as_ref().err().map(ToString::to_string),
     };
+    if let Some(now) = out.recovered_main.take() {
+        main.stop_heartbeat();
+        main.channel().shutdown();
+        main = now;
+    }
     let sent = main.send(&shut);
     main.stop_heartbeat();
     match sent {
@@ -407,6 +437,7 @@ fn receive(
         stop("the main channel failed")
     })?;
     summary.wire_bytes += main.send(&Message::SetupAck { verify })?;
+    let recovery = preempt_from.map(|(l, id)| (l, id, setup.multifd_channels + 1));
     let preempt = match preempt_from {
         Some((listener, session)) if postcopy => ferry_transport::accept_preempt(
             listener,
@@ -424,7 +455,7 @@ fn receive(
     let followed = follow_main(&pool, &main, &inbox, phases, summary, out, stall);
     if followed.is_ok() && out.package.is_some() {
         return postcopy_in(
-            &main, &inbox, pool, memory, preempt, opts, phases, summary, out,
+            &main, &inbox, pool, memory, preempt, recovery, opts, phases, summary, out,
         );
     }
     let result = followed

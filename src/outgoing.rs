@@ -87,6 +87,16 @@ pub struct OutgoingOptions {
     /// With `postcopy`, switch after this many precopy passes (0: only on
     /// `migrate-start-postcopy` or when precopy does not converge).
     pub postcopy_after: u64,
+    /// Postcopy: answer page requests on the preempt channel (default);
+    /// false (`--no-postcopy-preempt`): queue them on the first push
+    /// channel, behind the background stream.
+    pub postcopy_preempt: bool,
+    /// Postcopy recovery after a link failure: wait for `resume URI`
+    /// (manual) or reconnect by itself with backoff (auto).
+    pub postcopy_recover: crate::postcopy::RecoverMode,
+    /// How long to stay in postcopy-paused before giving up (the guest
+    /// stays paused, the migration fails); `None`: for ever.
+    pub postcopy_paused_timeout: Option<Duration>,
 }
 
 impl Default for OutgoingOptions {
@@ -102,6 +112,9 @@ impl Default for OutgoingOptions {
             verify_switchover: false,
             postcopy: false,
             postcopy_after: 0,
+            postcopy_preempt: true,
+            postcopy_recover: crate::postcopy::RecoverMode::Manual,
+            postcopy_paused_timeout: None,
         }
     }
 }
@@ -285,7 +298,7 @@ struct Source<'a> {
 /// Why a source that failed in postcopy keeps its guest paused.
 const POSTCOPY_PAUSED: &str = "postcopy-paused: the destination runs the guest and this \
     source holds the pages it lacked; neither side alone holds the whole guest, so it is \
-    never resumed here (recovery after a link failure is not implemented yet)";
+    never resumed here";
 
 /// The open link to the destination: main channel, its return path and
 /// the sender pool.
@@ -300,6 +313,8 @@ struct Link {
     /// Postcopy's channels (with the capability): preempt[0] for the
     /// answers to page requests, preempt[1..=K] for the background push.
     preempt: Vec<Arc<dyn Channel>>,
+    /// The session's id (a postcopy recovery reconnects with it).
+    session: SessionId,
 }
 
 impl Source<'_> {
@@ -458,6 +473,7 @@ impl Source<'_> {
             switchover_acked: false,
             destination_verifies,
             preempt,
+            session,
         })
     }
 
@@ -1209,6 +1225,7 @@ mod tests {
                 switchover_acked: false,
                 destination_verifies: false,
                 preempt: Vec::new(),
+                session: SessionId::random(),
             };
             let mut summary = Summary::new(SummaryRole::Source, "unix:test".into());
             let progress = Progress::default();

@@ -87,7 +87,7 @@
 //!
 //! Postcopy now follows steps 1–3 and 5 ([`PassSink::start_postcopy`],
 //! [`PrecopyEnd::Postcopy`]; its loop is `postcopy/outgoing.rs: Source::postcopy`
-//! over `crate::postcopy`); recovery is not implemented. The sketch of
+//! over `crate::postcopy`, recovery included). The sketch of
 //! step 4 as first planned:
 //!
 //! ```ignore
@@ -236,7 +236,9 @@ impl Phase {
             Self::Cancelled => Status::Cancelled,
             Self::PostcopyActive => Status::PostcopyActive,
             Self::PostcopyPaused => Status::PostcopyPaused,
-            Self::PostcopyRecoverSetup | Self::PostcopyRecover | Self::Colo => return None,
+            Self::PostcopyRecoverSetup => Status::PostcopyRecoverSetup,
+            Self::PostcopyRecover => Status::PostcopyRecover,
+            Self::Colo => return None,
         })
     }
 
@@ -1068,7 +1070,7 @@ mod tests {
         // (recovery, COLO) report none of their own.
         assert_eq!(PostcopyActive.status(), Some(Status::PostcopyActive));
         assert_eq!(PostcopyPaused.status(), Some(Status::PostcopyPaused));
-        assert_eq!(PostcopyRecover.status(), Option::None);
+        assert_eq!(PostcopyRecover.status(), Some(Status::PostcopyRecover));
         assert_eq!(Colo.as_str(), "colo");
     }
 

@@ -32,6 +32,8 @@ pub enum Status {
     Device,
     PostcopyActive,
     PostcopyPaused,
+    PostcopyRecoverSetup,
+    PostcopyRecover,
     Completed,
     Failed,
     Cancelling,
@@ -48,6 +50,8 @@ impl Status {
             Self::Device => "device",
             Self::PostcopyActive => "postcopy-active",
             Self::PostcopyPaused => "postcopy-paused",
+            Self::PostcopyRecoverSetup => "postcopy-recover-setup",
+            Self::PostcopyRecover => "postcopy-recover",
             Self::Completed => "completed",
             Self::Failed => "failed",
             Self::Cancelling => "cancelling",
@@ -232,6 +236,9 @@ pub struct Progress {
     error: Mutex<Option<String>>,
     cancel: AtomicBool,
     resume_requested: AtomicBool,
+    /// Postcopy recovery: the URI `migrate-recover` (destination) or
+    /// `migrate-resume` (source) gave, until the paused side takes it.
+    recover_uri: Mutex<Option<String>>,
     /// Postcopy's live figures, once it runs.
     postcopy_live: Mutex<Option<PostcopyLive>>,
     /// Postcopy: [`POSTCOPY_OFF`], [`POSTCOPY_ALLOWED`] (the capability is
@@ -265,6 +272,7 @@ impl Default for Progress {
             }),
             error: Mutex::new(None),
             cancel: AtomicBool::new(false),
+            recover_uri: Mutex::new(None),
             resume_requested: AtomicBool::new(false),
             postcopy_live: Mutex::new(None),
             postcopy: std::sync::atomic::AtomicU8::new(POSTCOPY_OFF),
@@ -500,7 +508,7 @@ impl Progress {
         let s = self.status();
         // In postcopy neither side alone holds the guest: no cancel.
         if s.is_final()
-            || matches!(s, Status::PostcopyActive | Status::PostcopyPaused)
+            || self.cancel_refusal().is_some()
             || (s == Status::Device && !self.cancel_in_device.load(Ordering::SeqCst))
         {
             return false;
@@ -545,6 +553,54 @@ impl Progress {
     /// Postcopy's live figures, once it runs.
     pub fn postcopy_live(&self) -> Option<PostcopyLive> {
         *self.postcopy_live.lock().unwrap()
+    }
+
+    /// `recover URI` (destination: listen there again) or `resume URI`
+    /// (source: connect there again) for a postcopy in `postcopy-paused`;
+    /// `what` names the command in the error, which says why it cannot
+    /// be taken now.
+    pub fn request_recover(&self, what: &str, uri: &str) -> Result<(), String> {
+        let s = self.status();
+        if s != Status::PostcopyPaused {
+            return Err(format!(
+                "{what}: the migration is in state '{}'; only a postcopy in \
+                 'postcopy-paused' (its link failed) can be recovered",
+                s.as_str()
+            ));
+        }
+        if uri.trim().is_empty() {
+            return Err(format!("{what} needs a URI such as tcp:HOST:PORT"));
+        }
+        *self.recover_uri.lock().unwrap() = Some(uri.trim().to_string());
+        self.status_cv.notify_all();
+        Ok(())
+    }
+
+    /// The URI of a pending recover/resume request, taken.
+    pub fn take_recover(&self) -> Option<String> {
+        self.recover_uri.lock().unwrap().take()
+    }
+
+    /// Why a cancel is refused now, if it is: in postcopy neither side
+    /// alone holds the guest.
+    pub fn cancel_refusal(&self) -> Option<String> {
+        let s = self.status();
+        matches!(
+            s,
+            Status::PostcopyActive
+                | Status::PostcopyPaused
+                | Status::PostcopyRecoverSetup
+                | Status::PostcopyRecover
+        )
+        .then(|| {
+            format!(
+                "cancel refused in state '{}': after the postcopy switch the destination runs \
+                 the guest and the source holds the pages it still lacks; neither side alone \
+                 holds the whole guest, so the migration can only complete (after a link \
+                 failure: `recover` on the destination, `resume` on the source)",
+                s.as_str()
+            )
+        })
     }
 
     /// Allows `migrate-start-postcopy` (the migration has the postcopy

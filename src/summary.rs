@@ -46,6 +46,16 @@ pub struct Workload {
     /// Absent if no line came yet.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub guest_blackout_us: Option<u64>,
+    /// After a postcopy (synthetic guest): the replay check, the memory
+    /// equal to the source's at the switch with this side's writes
+    /// replayed ([`crate::replay_check`]).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub replay_equal: Option<bool>,
+    /// The writes it replayed, and the pages that differed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub replay_writes: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub replay_differing_pages: Option<u64>,
 }
 
 #[derive(Clone, Debug, Default, Serialize)]
@@ -83,6 +93,16 @@ pub struct PostcopyReport {
     /// Destination: pages that arrived both ways, placed once.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub postcopy_duplicate_pages: Option<u64>,
+    /// Recoveries after a link failure (postcopy-paused → postcopy-active).
+    pub recoveries: u64,
+    /// Source: at each recovery, the discarded pages the destination's
+    /// received bitmap lacked (summed over recoveries).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub recovery_missing_pages: Option<u64>,
+    /// Source: page-frame bytes sent after the recoveries (requests and
+    /// push), to compare with those pages.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub recovery_bytes: Option<u64>,
 }
 
 /// The end of a migration, on either side.

@@ -372,7 +372,8 @@ fn pipe(mut src: std::net::TcpStream, to: std::net::SocketAddr, cut_after: usize
 }
 
 /// A link cut after the switch (the preempt channels die mid-push): both
-/// sides end in postcopy-paused, saying so; the source guest stays paused.
+/// sides pause (postcopy-paused), and with no recovery within their
+/// paused timeout give up, saying so; the source guest stays paused.
 #[test]
 fn a_link_cut_after_the_switch_pauses_both_sides() {
     within(120, || {
@@ -389,10 +390,22 @@ fn a_link_cut_after_the_switch_pauses_both_sides() {
                 std::thread::spawn(move || pipe(c, to, 256 << 10));
             }
         });
-        let dst = spawn_destination(l, IncomingOptions::default());
-        let f = migrate_out(&guest, &uri, &postcopy_opts(1), &Progress::default()).unwrap_err();
+        let give_up = Some(Duration::from_secs(2));
+        let dst = spawn_destination(
+            l,
+            IncomingOptions {
+                postcopy_paused_timeout: give_up,
+                ..IncomingOptions::default()
+            },
+        );
+        let opts = OutgoingOptions {
+            postcopy_paused_timeout: give_up,
+            ..postcopy_opts(1)
+        };
+        let f = migrate_out(&guest, &uri, &opts, &Progress::default()).unwrap_err();
         let e = f.error.to_string();
         assert!(e.contains("postcopy-paused"), "{e}");
+        assert!(e.contains("no recovery within 2.0 s"), "{e}");
         assert!(!guest.is_running(), "the source guest stays paused");
         let theirs = match dst.join().unwrap() {
             Ok(_) => panic!("the destination completed over a cut link"),

@@ -1,5 +1,11 @@
 //! The destination's postcopy: userfaultfd over guest memory, the fault
-//! thread and the page readers (see the module doc of [`super`]).
+//! thread and the page readers (see the module doc of [`super`]), and the
+//! pause and resume of the link for recovery: a page channel that fails
+//! (or a request that cannot be sent) pauses postcopy instead of failing
+//! it; faulting guest threads stay blocked, their pages stay `requested`,
+//! and [`PostcopyDestination::resume_link`] asks for them again over the
+//! new link once [`PostcopyDestination::received`] told the source which
+//! pages are already here.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
@@ -72,8 +78,23 @@ struct Shared {
     requested_at: Vec<Vec<AtomicU64>>,
     epoch: Instant,
     missing: AtomicU64,
-    request: RequestFn,
+    /// Swapped for the new link's at each resume.
+    request: Mutex<RequestFn>,
     stop: AtomicBool,
+    /// The link failed: requests are held (the pages stay `requested`)
+    /// until [`PostcopyDestination::resume_link`].
+    paused: AtomicBool,
+    /// Why it paused, the first failure of this link.
+    pause_reason: Mutex<Option<String>>,
+    /// Which link the readers belong to: a reader of an older link that
+    /// fails late pauses nothing.
+    link: AtomicU64,
+    /// The memory as it was at the switch (one buffer per block), when
+    /// [`PostcopyDestination::keep_reference`] asked for it: filled as
+    /// pages are placed.
+    reference: Mutex<Option<Vec<Vec<u8>>>>,
+    /// Page reader threads (joined at a resume and at the end).
+    readers: Mutex<Vec<JoinHandle<()>>>,
     end: Mutex<End>,
     ended: Condvar,
     /// The error, typed, for [`PostcopyDestination::finish`].
@@ -173,8 +194,13 @@ impl PostcopyDestination {
             requested_at,
             epoch: Instant::now(),
             missing: AtomicU64::new(missing),
-            request,
+            request: Mutex::new(request),
             stop: AtomicBool::new(false),
+            paused: AtomicBool::new(false),
+            pause_reason: Mutex::new(None),
+            link: AtomicU64::new(0),
+            readers: Mutex::new(Vec::new()),
+            reference: Mutex::new(None),
             end: Mutex::new(if missing == 0 {
                 End::Done
             } else {
@@ -215,12 +241,19 @@ impl PostcopyDestination {
     pub fn read_pages(&mut self, channel: Arc<dyn Channel>) -> Result<(), PostcopyError> {
         self.shared.channels.lock().unwrap().push(channel.clone());
         let s = self.shared.clone();
+        let link = s.link.load(Ordering::Acquire);
         let t = std::thread::Builder::new()
             .name("ferry-pc-pages".into())
             .spawn(move || {
                 if let Err(e) = read_loop(&s, channel.as_ref()) {
-                    if !s.stop.load(Ordering::Acquire) {
-                        fail(&s, e);
+                    if s.stop.load(Ordering::Acquire) {
+                        return;
+                    }
+                    // A channel that breaks is the link's failure: pause
+                    // (recoverable); a frame that is wrong fails.
+                    match e {
+                        PostcopyError::Io { .. } => pause(&s, link, &e.to_string()),
+                        e => fail(&s, e),
                     }
                 }
             })
@@ -229,7 +262,124 @@ impl PostcopyDestination {
                 what: "starting it",
                 source,
             })?;
-        self.threads.push(t);
+        self.shared.readers.lock().unwrap().push(t);
+        Ok(())
+    }
+
+    /// Pauses postcopy: the link failed (`why`). Its channels are shut;
+    /// guest threads on missing pages stay blocked and new faults are
+    /// held as `requested` until [`Self::resume_link`].
+    pub fn pause_link(&self, why: &str) {
+        pause(&self.shared, self.shared.link.load(Ordering::Acquire), why);
+    }
+
+    /// Keeps a copy of the memory as it is at the switch: the pages held
+    /// now are copied (call it before the guest runs and before any page
+    /// reader starts), and each page placed later is copied as placed.
+    /// [`Self::reference`] gives it back once every page is placed.
+    pub fn keep_reference(&self) {
+        let s = &self.shared;
+        let mut out = Vec::new();
+        for (block, b) in s.memory.blocks().iter().enumerate() {
+            let mut buf = vec![0u8; b.len() as usize];
+            let ps = u64::from(b.page_size());
+            for (p, st) in s.states[block].iter().enumerate() {
+                if st.load(Ordering::Acquire) == PLACED {
+                    let at = p * ps as usize;
+                    if let Some(page) = b.page_slice(p as u64) {
+                        page.copy_to(&mut buf[at..at + ps as usize]);
+                    }
+                }
+            }
+            out.push(buf);
+        }
+        *s.reference.lock().unwrap() = Some(out);
+    }
+
+    /// The memory at the switch ([`Self::keep_reference`]), once every page
+    /// is placed; taken.
+    pub fn reference(&self) -> Option<Vec<Vec<u8>>> {
+        (self.missing() == 0)
+            .then(|| self.shared.reference.lock().unwrap().take())
+            .flatten()
+    }
+
+    /// Pauses the current link when called (with why): for a thread that
+    /// watches it; once the link is replaced, calling it does nothing.
+    pub fn pauser(&self) -> impl Fn(&str) + Send + 'static {
+        let s = self.shared.clone();
+        let link = s.link.load(Ordering::Acquire);
+        move |why| pause(&s, link, why)
+    }
+
+    /// Whether the link is paused, and why.
+    pub fn paused(&self) -> Option<String> {
+        self.shared
+            .paused
+            .load(Ordering::Acquire)
+            .then(|| self.shared.pause_reason.lock().unwrap().clone())
+            .map(Option::unwrap_or_default)
+    }
+
+    /// Waits for the paused link's page readers to end (their channels
+    /// are shut), then returns one bitmap per block of the pages held
+    /// here: placed, or never discarded. Only while paused.
+    pub fn received(&self) -> Vec<PageBitmap> {
+        let readers: Vec<_> = self.shared.readers.lock().unwrap().drain(..).collect();
+        for t in readers {
+            let _ = t.join();
+        }
+        self.shared
+            .states
+            .iter()
+            .map(|pages| {
+                let bits = PageBitmap::new(pages.len() as u64, false);
+                for (p, st) in pages.iter().enumerate() {
+                    if st.load(Ordering::Acquire) == PLACED {
+                        bits.set(p as u64);
+                    }
+                }
+                bits
+            })
+            .collect()
+    }
+
+    /// Resumes over a new link: `request` sends page requests on it,
+    /// `channels` (the new preempt channels) bring pages; every page
+    /// requested and not placed yet is asked for again (once each).
+    pub fn resume_link(
+        &mut self,
+        request: RequestFn,
+        channels: Vec<Arc<dyn Channel>>,
+    ) -> Result<(), PostcopyError> {
+        let s = self.shared.clone();
+        *s.request.lock().unwrap() = request.clone();
+        s.link.fetch_add(1, Ordering::AcqRel);
+        s.channels.lock().unwrap().clear();
+        *s.pause_reason.lock().unwrap() = None;
+        s.paused.store(false, Ordering::Release);
+        for ch in channels {
+            self.read_pages(ch)?;
+        }
+        let mut again = 0u64;
+        for (block, pages) in s.states.iter().enumerate() {
+            let ps = s.specs[block].page_size as u64;
+            for (p, st) in pages.iter().enumerate() {
+                if st.load(Ordering::Acquire) == REQUESTED {
+                    let run = PageRun {
+                        block: block as u16,
+                        offset: p as u64 * ps,
+                        len: ps,
+                    };
+                    if let Err(e) = request(run) {
+                        pause(&s, s.link.load(Ordering::Acquire), &e);
+                        return Ok(());
+                    }
+                    again += 1;
+                }
+            }
+        }
+        tracing::info!(again, "postcopy resumed: pending page requests sent again");
         Ok(())
     }
 
@@ -280,7 +430,8 @@ impl PostcopyDestination {
             let (e, t) = s.ended.wait_timeout(end, timeout).unwrap();
             end = e;
             let now = s.missing.load(Ordering::Acquire);
-            if t.timed_out() && now == last && matches!(*end, End::Running) {
+            let paused = s.paused.load(Ordering::Acquire);
+            if t.timed_out() && now == last && matches!(*end, End::Running) && !paused {
                 drop(end);
                 fail(
                     s,
@@ -305,6 +456,10 @@ impl PostcopyDestination {
             ch.shutdown();
         }
         for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+        let readers: Vec<_> = s.readers.lock().unwrap().drain(..).collect();
+        for t in readers {
             let _ = t.join();
         }
         if !done {
@@ -349,7 +504,27 @@ impl Drop for PostcopyDestination {
         for t in self.threads.drain(..) {
             let _ = t.join();
         }
+        let readers: Vec<_> = self.shared.readers.lock().unwrap().drain(..).collect();
+        for t in readers {
+            let _ = t.join();
+        }
     }
+}
+
+/// Pauses link `link` (if it is still the current one and postcopy runs):
+/// its channels are shut, so its other readers end too.
+fn pause(s: &Shared, link: u64, why: &str) {
+    if s.link.load(Ordering::Acquire) != link || !matches!(*s.end.lock().unwrap(), End::Running) {
+        return;
+    }
+    if !s.paused.swap(true, Ordering::AcqRel) {
+        tracing::warn!("postcopy paused: {why}");
+        *s.pause_reason.lock().unwrap() = Some(why.to_string());
+        for ch in s.channels.lock().unwrap().iter() {
+            ch.shutdown();
+        }
+    }
+    s.ended.notify_all();
 }
 
 fn fail(s: &Shared, e: PostcopyError) {
@@ -420,7 +595,16 @@ fn on_fault(s: &Shared, u: &Userfault, addr: u64) -> Result<(), PostcopyError> {
                 offset: page * ps,
                 len: ps,
             };
-            (s.request)(run).map_err(PostcopyError::Request)
+            if s.paused.load(Ordering::Acquire) {
+                // Asked for again at the resume.
+                return Ok(());
+            }
+            let link = s.link.load(Ordering::Acquire);
+            let request = s.request.lock().unwrap().clone();
+            if let Err(why) = request(run) {
+                pause(s, link, &format!("sending a page request: {why}"));
+            }
+            Ok(())
         }
         // On its way: its placement wakes the toucher.
         Err(REQUESTED | PLACING) => Ok(()),
@@ -555,6 +739,14 @@ fn place(
             }
         };
         placed.map_err(|source| place_err("placing a page of", b.name(), page * ps, source))?;
+        if let Some(r) = s.reference.lock().unwrap().as_mut() {
+            let at = (page * ps) as usize;
+            let to = &mut r[block][at..at + ps as usize];
+            match data {
+                Some(d) => to.copy_from_slice(&d[(i * ps) as usize..((i + 1) * ps) as usize]),
+                None => to.fill(0),
+            }
+        }
         state.store(PLACED, Ordering::Release);
         if prev == REQUESTED {
             let asked = s.requested_at[block][page as usize].load(Ordering::Acquire);

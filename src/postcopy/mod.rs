@@ -24,6 +24,16 @@
 //! `src/outgoing.rs` and `src/incoming.rs` with `#[path]` so they reach
 //! those sides' private state.
 //!
+//! Recovery after a link failure (seed 004's `postcopy_pause`,
+//! `postcopy_do_resume`, `migrate_handle_rp_recv_bitmap`): a channel that
+//! breaks pauses both sides (postcopy-paused) instead of failing them;
+//! `recover` / `resume` (or [`RecoverMode::Auto`]) reconnect main and
+//! every preempt channel with the session's id, the destination sends its
+//! received-pages bitmap ([`wire::encode_received`]) and asks again for
+//! the pages its guest waits on, and the source sends only what the
+//! bitmap lacks ([`wire::still_missing`]). The loops are in the phases
+//! (`outgoing.rs`: `pause_and_recover`; `incoming.rs`: `recover`).
+//!
 //! A failure after the switch never lets the destination's guest see a
 //! page it was not sent: the userfaultfd stays registered (threads touching
 //! missing pages stay blocked, as in QEMU's `postcopy-paused`) until the
@@ -57,6 +67,30 @@ pub fn check_registrable(memory: &ferry_ram::GuestMemory) -> Result<(), Postcopy
     Ok(())
 }
 
+/// How a side in `postcopy-paused` recovers.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum RecoverMode {
+    /// Wait for `ferry ctl SOCK resume URI` (source) / `recover URI`
+    /// (destination).
+    #[default]
+    Manual,
+    /// Source: reconnect to the same URI by itself, with backoff
+    /// (100 ms doubling to 5 s); destination: listen again on its own
+    /// listener.
+    Auto,
+}
+
+impl std::str::FromStr for RecoverMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "manual" => Ok(Self::Manual),
+            "auto" => Ok(Self::Auto),
+            _ => Err(format!("'{s}': want manual or auto")),
+        }
+    }
+}
+
 /// What postcopy fails with; each names the channel, block and offset it
 /// concerns.
 #[derive(Debug, thiserror::Error)]
@@ -88,6 +122,8 @@ pub enum PostcopyError {
     },
     #[error("discard list: {0}")]
     BadDiscard(String),
+    #[error("{channel}: received-pages bitmap: {why}")]
+    BadReceived { channel: String, why: String },
     #[error("{channel}: {what}: {source}")]
     Io {
         channel: String,

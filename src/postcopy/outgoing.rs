@@ -1,6 +1,9 @@
 //! The source's postcopy phase: `Source::postcopy` (the switch, then the
 //! page requests served until the destination's SHUT), the preempt
-//! channels' connection, and the completion check. A child module of
+//! channels' connection, the completion check, and recovery: a link that
+//! fails pauses (postcopy-paused, the guest paused here for good) until
+//! `resume URI` or `--postcopy-recover auto` reconnects every channel
+//! and the destination's received-pages bitmap says what to send again. A child module of
 //! `outgoing.rs` (declared there with `#[path]`), so it reaches the
 //! source's private state; the data path itself is [`crate::postcopy`].
 
@@ -13,9 +16,11 @@ use ferry_transport::{
     SocketTuning,
 };
 
+use std::sync::OnceLock;
+
 use super::{
-    local_or_destination, unexpected, Link, OutgoingOptions, RecvTimeoutError, ReturnPath, Source,
-    POLL,
+    local_or_destination, spawn_return_path, unexpected, Link, MainChannel, OutgoingOptions,
+    RecvTimeoutError, ReturnPath, Source, POLL,
 };
 use crate::protocol::Message;
 use crate::session::{Phase, Session};
@@ -54,52 +59,66 @@ impl Source<'_> {
         self.summary.device_state_bytes = device_state.len() as u64;
         self.summary.device_state_digest = Some(Digest::of_bytes(&device_state).to_string());
         let discard = session.pending().clone();
+        // Kept whole: a recovery sends again what of it the destination lacks.
+        let discarded: Vec<PageBitmap> = discard
+            .iter()
+            .map(|b| PageBitmap::from_words(b.pages(), &b.to_words()).expect("its own words"))
+            .collect();
         let stale: u64 = discard.iter().map(PageBitmap::count).sum();
         let package = crate::postcopy::wire::encode_package(&discard, &device_state);
         self.in_postcopy = true;
         self.handed_over = true;
-        self.summary.wire_bytes += s.main.send(&Message::PostcopyPackage(package))?;
-        let server = Arc::new(crate::postcopy::PageServer::new(
+        // From here on the destination may run the guest: any failure
+        // pauses (the package may have arrived whole even if this send
+        // failed), never resumes here.
+        let package_sent = s.main.send(&Message::PostcopyPackage(package));
+        if let Ok(n) = package_sent {
+            self.summary.wire_bytes += n;
+        }
+        let mut report = crate::PostcopyReport {
+            postcopy_discarded_pages: stale,
+            ..Default::default()
+        };
+        let mut server = Arc::new(crate::postcopy::PageServer::new(
             self.memory.clone(),
             discard,
         ));
-        let pushers: Vec<_> = s.preempt[1..]
-            .iter()
-            .map(|ch| {
-                let (server, ch) = (server.clone(), ch.clone());
-                std::thread::spawn(move || server.push(ch.as_ref()))
-            })
-            .collect();
-        let served = self.serve_postcopy(s, &server, paused_at);
-        if served.is_err() {
-            for ch in &s.preempt {
-                ch.shutdown();
+        let mut resumed_seen = false;
+        let mut first = Some(package_sent);
+        let result = loop {
+            let served = match first.take() {
+                Some(Err(e)) => Err(Served::LinkLost(format!("sending the package: {e}"))),
+                _ => self.serve_link(s, &server, paused_at, &mut resumed_seen),
+            };
+            let (requests, request_bytes, pushed_bytes) = server.figures();
+            report.postcopy_requests += requests;
+            report.postcopy_bytes += request_bytes + pushed_bytes;
+            if report.recoveries > 0 {
+                *report.recovery_bytes.get_or_insert(0) += request_bytes + pushed_bytes;
             }
-        }
-        for p in pushers {
-            match p.join() {
-                Ok(Err(e)) if served.is_ok() => {
-                    // Every page is placed already (SHUT came): a push cut
-                    // short by the destination's close changes nothing.
-                    tracing::debug!("postcopy push after completion: {e}");
+            self.summary.wire_bytes += request_bytes + pushed_bytes;
+            self.progress.set_postcopy_live(crate::PostcopyLive {
+                pages_left: server.pending_pages(),
+                requests: report.postcopy_requests,
+                bytes: report.postcopy_bytes,
+            });
+            let why = match served {
+                Ok(()) => break Ok(()),
+                Err(Served::Failed(e)) => break Err(e),
+                Err(Served::LinkLost(why)) => why,
+            };
+            // postcopy_pause: the guest stays paused here whatever comes.
+            match self.pause_and_recover(session, s, &discarded, &why) {
+                Ok((next, lacked)) => {
+                    report.recoveries += 1;
+                    *report.recovery_missing_pages.get_or_insert(0) += lacked;
+                    server = next;
                 }
-                _ => {}
+                Err(e) => break Err(e),
             }
-        }
-        let (requests, request_bytes, pushed_bytes) = server.figures();
-        self.progress.set_postcopy_live(crate::PostcopyLive {
-            pages_left: server.pending_pages(),
-            requests,
-            bytes: request_bytes + pushed_bytes,
-        });
-        self.summary.postcopy = Some(crate::PostcopyReport {
-            postcopy_requests: requests,
-            postcopy_bytes: request_bytes + pushed_bytes,
-            postcopy_discarded_pages: stale,
-            ..Default::default()
-        });
-        self.summary.wire_bytes += request_bytes + pushed_bytes;
-        served?;
+        };
+        self.summary.postcopy = Some(report);
+        result?;
         // The guest stays paused here for good: memory is as it was at
         // the switch, the reference for the destination's replay check.
         let (memory, digest) = self.switchover_digest(&device_state);
@@ -108,13 +127,67 @@ impl Source<'_> {
         Ok(())
     }
 
+    /// Serves one link until the destination's SHUT (`Ok`), a failure of
+    /// the link (`LinkLost`: pause and recover) or one that no recovery
+    /// mends (`Failed`: the destination gave up, or broke the protocol).
+    fn serve_link(
+        &mut self,
+        s: &mut Link,
+        server: &Arc<crate::postcopy::PageServer>,
+        paused_at: Instant,
+        resumed_seen: &mut bool,
+    ) -> Result<(), Served> {
+        let lost: Arc<std::sync::Mutex<Option<String>>> = Default::default();
+        let preempt = self.opts.postcopy_preempt;
+        let pushers: Vec<_> = s.preempt[1..]
+            .iter()
+            .enumerate()
+            .map(|(i, ch)| {
+                let (server, ch, lost) = (server.clone(), ch.clone(), lost.clone());
+                std::thread::spawn(move || {
+                    if let Err(e) = server.push(ch.as_ref(), !preempt && i == 0) {
+                        lost.lock().unwrap().get_or_insert(e.to_string());
+                    }
+                })
+            })
+            .collect();
+        if !preempt {
+            // Nothing goes on the preempt channel but its END.
+            if let Err(e) = crate::postcopy::send_end(s.preempt[0].as_ref()) {
+                lost.lock().unwrap().get_or_insert(e.to_string());
+            }
+        }
+        let mut served = self.serve_requests(s, server, paused_at, resumed_seen, &lost);
+        if let Err(Served::LinkLost(_)) = &served {
+            // A destination that ends (completed, or gave up and said why
+            // on SHUT) closes its page channels first: its word comes
+            // right after, and no recovery is wanted then.
+            if let Some(end) = destination_word(&s.return_path) {
+                served = end;
+            }
+        }
+        if served.is_err() {
+            for ch in &s.preempt {
+                ch.shutdown();
+            }
+        }
+        for p in pushers {
+            // A push cut short once every page is placed (the destination
+            // closed its channels after SHUT) changes nothing.
+            let _ = p.join();
+        }
+        served
+    }
+
     /// Answers page requests until the destination's SHUT.
-    fn serve_postcopy(
+    fn serve_requests(
         &mut self,
         s: &mut Link,
         server: &crate::postcopy::PageServer,
         paused_at: Instant,
-    ) -> Result<(), MigrationError> {
+        resumed_seen: &mut bool,
+        lost: &std::sync::Mutex<Option<String>>,
+    ) -> Result<(), Served> {
         let urgent = s.preempt[0].clone();
         let mut shown: Option<Instant> = None;
         loop {
@@ -127,30 +200,42 @@ impl Source<'_> {
                     bytes: a + b,
                 });
             }
+            if let Some(why) = lost.lock().unwrap().take() {
+                return Err(Served::LinkLost(why));
+            }
             let m = match s.return_path.recv_timeout(POLL) {
-                Ok(m) => m?,
+                Ok(Ok(m)) => m,
+                Ok(Err(e)) => return Err(Served::LinkLost(e.to_string())),
                 Err(RecvTimeoutError::Timeout) => continue,
                 Err(RecvTimeoutError::Disconnected) => {
-                    return Err(MigrationError::MainClosed {
-                        peer: "destination",
-                        during: "in postcopy",
-                    })
+                    return Err(Served::LinkLost(
+                        "the destination's return path closed in postcopy".into(),
+                    ))
                 }
             };
             match m {
                 Message::PageRequest(run) => {
-                    if let Err(e) = server.serve(&run, "return path", urgent.as_ref()) {
+                    let served = if self.opts.postcopy_preempt {
+                        server.serve(&run, "return path", urgent.as_ref())
+                    } else {
+                        server.queue(&run, "return path")
+                    };
+                    match served {
+                        Ok(()) => {}
                         // A request sent just before the destination placed
                         // its last page (by the push) finds the preempt
                         // channel closed: its SHUT says it completed.
-                        let io = matches!(e, crate::postcopy::PostcopyError::Io { .. });
-                        if io && completed_meanwhile(&s.return_path, self.opts.peer_timeout) {
-                            return Ok(());
+                        Err(e @ crate::postcopy::PostcopyError::Io { .. }) => {
+                            if completed_meanwhile(&s.return_path, self.opts.peer_timeout) {
+                                return Ok(());
+                            }
+                            return Err(Served::LinkLost(e.to_string()));
                         }
-                        return Err(e.into());
+                        Err(e) => return Err(Served::Failed(e.into())),
                     }
                 }
-                Message::Resumed { unix_nanos, .. } => {
+                Message::Resumed { unix_nanos, .. } if !*resumed_seen => {
+                    *resumed_seen = true;
                     let downtime = paused_at.elapsed();
                     tracing::info!(
                         downtime_ms = downtime.as_secs_f64() * 1e3,
@@ -160,16 +245,188 @@ impl Source<'_> {
                     self.summary.downtime_ms = Some(downtime.as_secs_f64() * 1e3);
                     self.summary.destination_resumed_at_unix = Some(unix_nanos as f64 / 1e9);
                 }
-                Message::SwitchoverAck => {}
+                Message::Resumed { .. } | Message::SwitchoverAck => {}
                 Message::Shut { error: None } => {
                     let _ = crate::postcopy::send_end(urgent.as_ref());
                     return Ok(());
                 }
-                Message::Shut { error: Some(e) } => return Err(MigrationError::Destination(e)),
-                other => return Err(unexpected("PAGE_REQUEST, RESUMED or SHUT", &other)),
+                Message::Shut { error: Some(e) } => {
+                    return Err(Served::Failed(MigrationError::Destination(e)))
+                }
+                other => {
+                    return Err(Served::Failed(unexpected(
+                        "PAGE_REQUEST, RESUMED or SHUT",
+                        &other,
+                    )))
+                }
             }
         }
     }
+
+    /// `postcopy_pause` and `postcopy_do_resume` (seed 004): the link is
+    /// lost (`why`); every channel is shut, the phase is postcopy-paused,
+    /// and the guest stays paused here. Then, on `resume URI` (or by
+    /// itself with `--postcopy-recover auto`, with backoff), every channel
+    /// is connected again with the session's id (postcopy-recover-setup),
+    /// the destination's received-pages bitmap is read and checked, and a
+    /// server for the pages it lacks is returned with their count
+    /// (postcopy-recover → postcopy-active). A failed attempt pauses again.
+    fn pause_and_recover(
+        &mut self,
+        session: &mut Session,
+        s: &mut Link,
+        discarded: &[PageBitmap],
+        why: &str,
+    ) -> Result<(Arc<crate::postcopy::PageServer>, u64), MigrationError> {
+        let mut why = why.to_string();
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            tracing::warn!("postcopy-paused: {why}");
+            s.main.stop_heartbeat();
+            s.main.channel().shutdown();
+            for ch in &s.preempt {
+                ch.shutdown();
+            }
+            session.enter(Phase::PostcopyPaused)?;
+            self.progress.set_phase("postcopy-paused");
+            let since = Instant::now();
+            let uri = loop {
+                if let Some(u) = self.progress.take_recover() {
+                    match u.parse::<ChannelUri>() {
+                        Ok(u) => break u,
+                        Err(e) => tracing::error!("resume {u}: {e}"),
+                    }
+                }
+                if self.opts.postcopy_recover == crate::postcopy::RecoverMode::Auto
+                    && since.elapsed() >= backoff
+                {
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                    break self.uri.clone();
+                }
+                if let Some(t) = self.opts.postcopy_paused_timeout {
+                    if since.elapsed() >= t {
+                        return Err(MigrationError::PostcopyPaused(format!(
+                            "{why}; no recovery within {:.1} s",
+                            t.as_secs_f64()
+                        )));
+                    }
+                }
+                std::thread::sleep(POLL);
+            };
+            session.enter(Phase::PostcopyRecoverSetup)?;
+            self.progress.set_phase("postcopy-recover-setup");
+            tracing::info!(%uri, "postcopy: reconnecting every channel");
+            match self.reconnect(session, s, &uri, discarded) {
+                Ok(next) => {
+                    session.enter(Phase::PostcopyActive)?;
+                    self.progress.set_phase("postcopy-active");
+                    tracing::info!(
+                        lacked = next.1,
+                        "postcopy recovered: sending what the destination lacks"
+                    );
+                    return Ok(next);
+                }
+                Err(e) => why = format!("recovery through {uri} failed: {e}"),
+            }
+        }
+    }
+
+    /// One recovery attempt (`migrate_handle_rp_recv_bitmap` here).
+    fn reconnect(
+        &mut self,
+        session: &mut Session,
+        s: &mut Link,
+        uri: &ChannelUri,
+        discarded: &[PageBitmap],
+    ) -> Result<(Arc<crate::postcopy::PageServer>, u64), MigrationError> {
+        let opts = self.opts;
+        let tuning = SocketTuning {
+            user_timeout: Some(opts.peer_timeout),
+            ..opts.tuning.clone()
+        };
+        let hello = ChannelHello {
+            session: s.session,
+            role: Role::Main,
+            index: 0,
+            multifd_channels: opts.channels,
+        };
+        let main: Arc<dyn Channel> = Arc::from(connect_channel_secure(
+            uri,
+            &tuning,
+            &hello,
+            opts.tls.as_deref(),
+        )?);
+        let preempt = match open_preempt(uri, opts, s.session) {
+            Ok(p) => p,
+            Err(e) => {
+                main.shutdown();
+                return Err(e);
+            }
+        };
+        let shut_all = || {
+            main.shutdown();
+            for ch in &preempt {
+                ch.shutdown();
+            }
+        };
+        if let Err(e) = await_accept(main.as_ref(), opts.setup_timeout) {
+            shut_all();
+            return Err(e.into());
+        }
+        session.enter(Phase::PostcopyRecover)?;
+        self.progress.set_phase("postcopy-recover");
+        let _ = main.set_read_timeout(Some(opts.peer_timeout));
+        let label = main.label().to_string();
+        let received = crate::postcopy::wire::read_received(
+            &mut |b| main.read_exact(b),
+            &self.memory.specs(),
+            &label,
+        );
+        let received = match received {
+            Ok(r) => r,
+            Err(e) => {
+                shut_all();
+                return Err(e.into());
+            }
+        };
+        let missing = crate::postcopy::wire::still_missing(discarded, &received);
+        let lacked: u64 = missing.iter().map(PageBitmap::count).sum();
+        let new_main = MainChannel::new(main.clone(), opts.peer_timeout)?;
+        new_main.start_heartbeat(crate::protocol::heartbeat_interval(opts.peer_timeout))?;
+        let return_path = spawn_return_path(new_main.clone(), Arc::new(OnceLock::new()))?;
+        s.main = new_main;
+        s.return_path = return_path;
+        s.preempt = preempt;
+        let server = Arc::new(crate::postcopy::PageServer::new(
+            self.memory.clone(),
+            Arc::new(missing),
+        ));
+        Ok((server, lacked))
+    }
+}
+
+/// The destination's SHUT, if it comes within a moment (before its main
+/// channel closes): `Ok` if it completed, its error if it gave up.
+fn destination_word(rp: &ReturnPath) -> Option<Result<(), Served>> {
+    let deadline = Instant::now() + Duration::from_millis(500);
+    loop {
+        match rp.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+            Ok(Ok(Message::Shut { error: None })) => return Some(Ok(())),
+            Ok(Ok(Message::Shut { error: Some(e) })) => {
+                return Some(Err(Served::Failed(MigrationError::Destination(e))))
+            }
+            Ok(Ok(_)) => continue,
+            Ok(Err(_)) | Err(_) => return None,
+        }
+    }
+}
+
+/// How serving one postcopy link ended, when it did not complete.
+enum Served {
+    /// The link failed: pause, and recover.
+    LinkLost(String),
+    /// Nothing to recover: the destination gave up or broke the protocol.
+    Failed(MigrationError),
 }
 
 /// Connects postcopy's 1 + K preempt channels (after SETUP_ACK: the

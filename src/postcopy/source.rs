@@ -1,10 +1,18 @@
 //! The source's postcopy: page requests answered on the preempt channel,
 //! the remaining pages pushed over the multifd channels (see the module
-//! doc of [`super`]). The guest is paused: its memory no longer changes,
-//! and is only read, through volatile copies.
+//! doc of [`super`]). The guest is paused: its memory no longer changes, and
+//! is only read, through volatile copies.
+//!
+//! Without the preempt channel (`--no-postcopy-preempt`) a request is not
+//! answered at once: it is queued ([`PageServer::queue`]) and the first
+//! push channel sends it between two of its 64-page claims, behind the
+//! background bytes already queued on that socket (QEMU's behaviour
+//! without `postcopy-preempt`). After a recovery a new server is made
+//! with the pages the destination still lacks ([`super::wire::still_missing`]).
 
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use ferry_ram::{BlockSpec, GuestMemory, PageBitmap};
 use ferry_transport::Channel;
@@ -23,6 +31,8 @@ pub struct PageServer {
     requests: AtomicU64,
     request_bytes: AtomicU64,
     pushed_bytes: AtomicU64,
+    /// Requests waiting for the first push channel (no preempt channel).
+    queued: Mutex<VecDeque<PageRun>>,
 }
 
 impl PageServer {
@@ -37,6 +47,7 @@ impl PageServer {
             requests: AtomicU64::new(0),
             request_bytes: AtomicU64::new(0),
             pushed_bytes: AtomicU64::new(0),
+            queued: Mutex::new(VecDeque::new()),
         }
     }
 
@@ -64,26 +75,77 @@ impl PageServer {
         preempt: &dyn Channel,
     ) -> Result<(), PostcopyError> {
         let (ps, first) = wire::check_run(&self.specs, run, from)?;
-        let pages = run.len / ps;
-        let block = usize::from(run.block);
-        // The push need not send these again (if it took them already,
-        // the destination places the first arrival only).
-        for p in first..first + pages {
-            self.pending[block].clear(p);
-        }
         self.requests.fetch_add(1, Ordering::Relaxed);
-        let n = send_run(&self.memory, block, first, pages, preempt, &mut Vec::new())?;
+        let n = self.send_claimed(
+            usize::from(run.block),
+            first,
+            run.len / ps,
+            preempt,
+            &mut Vec::new(),
+        )?;
         self.request_bytes.fetch_add(n, Ordering::Relaxed);
         Ok(())
     }
 
+    /// Sends those of pages `first..first + pages` of `block` still
+    /// pending, claiming each (the push then skips it); a page the push
+    /// claimed already is on its way there, and is not sent twice.
+    fn send_claimed(
+        &self,
+        block: usize,
+        first: u64,
+        pages: u64,
+        ch: &dyn Channel,
+        buf: &mut Vec<u8>,
+    ) -> Result<u64, PostcopyError> {
+        let mut sent = 0;
+        let mut run: Option<(u64, u64)> = None;
+        for p in first..first + pages {
+            if self.pending[block].test_and_clear(p) {
+                run = match run {
+                    Some((f, n)) if f + n == p => Some((f, n + 1)),
+                    Some((f, n)) => {
+                        sent += send_run(&self.memory, block, f, n, ch, buf)?;
+                        Some((p, 1))
+                    }
+                    None => Some((p, 1)),
+                };
+            }
+        }
+        if let Some((f, n)) = run {
+            sent += send_run(&self.memory, block, f, n, ch, buf)?;
+        }
+        Ok(sent)
+    }
+
+    /// Queues one page request (checked like [`Self::serve`]) for the
+    /// push channel that serves requests ([`Self::push`] with
+    /// `serves_requests`): no preempt channel.
+    pub fn queue(&self, run: &PageRun, from: &str) -> Result<(), PostcopyError> {
+        wire::check_run(&self.specs, run, from)?;
+        self.queued.lock().unwrap().push_back(*run);
+        Ok(())
+    }
+
     /// Pushes pending pages on `ch` until none is left (claimed 64 pages at
-    /// a time, so several channels share the work), then sends END.
-    pub fn push(&self, ch: &dyn Channel) -> Result<(), PostcopyError> {
+    /// a time, so several channels share the work), then sends END. With
+    /// `serves_requests`, queued requests ([`Self::queue`]) go first,
+    /// between two claims.
+    pub fn push(&self, ch: &dyn Channel, serves_requests: bool) -> Result<(), PostcopyError> {
         let mut buf = Vec::new();
         let words: Vec<usize> = self.pending.iter().map(|b| b.words()).collect();
         let total: usize = words.iter().sum();
         loop {
+            while let Some(run) = serves_requests
+                .then(|| self.queued.lock().unwrap().pop_front())
+                .flatten()
+            {
+                let (ps, first) = wire::check_run(&self.specs, &run, "return path")?;
+                self.requests.fetch_add(1, Ordering::Relaxed);
+                let n =
+                    self.send_claimed(usize::from(run.block), first, run.len / ps, ch, &mut buf)?;
+                self.request_bytes.fetch_add(n, Ordering::Relaxed);
+            }
             let w = self.next_word.fetch_add(1, Ordering::Relaxed);
             if w >= total {
                 break;

@@ -167,7 +167,7 @@ fn faults_are_served_and_the_push_completes_every_page_once() {
             let (s, d) = pair(&format!("multifd[{i}]"));
             pc.read_pages(d).unwrap();
             let server = server.clone();
-            pushers.push(std::thread::spawn(move || server.push(s.as_ref())));
+            pushers.push(std::thread::spawn(move || server.push(s.as_ref(), false)));
         }
         let stats = pc.finish(Duration::from_secs(30)).unwrap();
         for p in pushers {
@@ -208,7 +208,7 @@ fn a_page_arriving_both_ways_is_placed_once() {
     // The push sends everything; the requests' answers send page 0 and 5 again.
     let server = PageServer::new(src.clone(), Arc::new(copy_bits(&discard)));
     let again = PageServer::new(src.clone(), Arc::new(copy_bits(&discard)));
-    server.push(q_src.as_ref()).unwrap();
+    server.push(q_src.as_ref(), false).unwrap();
     let (r_src, r_dst) = pair("preempt[2]");
     pc.read_pages(r_dst).unwrap();
     for p in [0, 5] {
@@ -340,4 +340,118 @@ fn a_discard_list_that_does_not_match_memory_is_refused_before_registering() {
     assert!(e.contains("discard list: its blocks do not match"), "{e}");
     // Nothing registered: the memory is touched freely.
     dst.blocks()[0].touch_page(3);
+}
+
+/// A link that breaks pauses (it does not fail): a guest thread touching a
+/// missing page stays blocked, its request is held; the received bitmap
+/// names exactly the pages placed; a resume over a new link asks again for
+/// that page, and a server made from what the bitmap lacks completes the
+/// memory, equal to the source's.
+#[test]
+fn a_broken_link_pauses_and_a_resume_completes_from_the_received_bitmap() {
+    let (src, dst, discard) = switched(4 * MIB, 11);
+    let stale: u64 = discard.iter().map(PageBitmap::count).sum();
+    let want = Digest::of_guest(&src, &[]);
+    // The first link: requests are dropped (never answered), and the
+    // preempt channel brings a few pages, then breaks.
+    let asked = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let log = asked.clone();
+    let request: RequestFn = Arc::new(move |run| {
+        log.lock().unwrap().push(run);
+        Ok(())
+    });
+    let mut pc = PostcopyDestination::start(dst.clone(), &discard, request).unwrap();
+    let (q_src, q_dst) = pair("preempt");
+    pc.read_pages(q_dst).unwrap();
+    let first = PageServer::new(src.clone(), Arc::new(copy_bits(&discard)));
+    for p in [0, 5, 10] {
+        let run = PageRun {
+            block: 0,
+            offset: p * PAGE,
+            len: PAGE,
+        };
+        first.serve(&run, "return path", q_src.as_ref()).unwrap();
+    }
+    let t = std::time::Instant::now();
+    while pc.missing() != stale - 3 {
+        assert!(t.elapsed() < Duration::from_secs(30), "{:?}", pc.stats());
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    q_src.shutdown();
+    while pc.paused().is_none() {
+        assert!(t.elapsed() < Duration::from_secs(30), "no pause");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    assert!(
+        pc.paused().unwrap().contains("preempt"),
+        "{:?}",
+        pc.paused()
+    );
+    assert!(
+        !pc.wait_ended(Duration::from_millis(10)),
+        "paused, not ended"
+    );
+    // A vCPU touches stale page 15 while paused: it blocks.
+    let toucher = touch(&dst, 0, vec![15]);
+    // Its request is held (counted, not sent) while paused.
+    while pc.requests() == 0 {
+        assert!(t.elapsed() < Duration::from_secs(30), "no fault");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    assert!(
+        asked.lock().unwrap().is_empty(),
+        "nothing sent on a paused link"
+    );
+    std::thread::sleep(Duration::from_millis(50));
+    assert!(
+        !toucher.is_finished(),
+        "a thread on a missing page stays blocked"
+    );
+    // The received bitmap: every page except the stale ones not placed.
+    let received = pc.received();
+    for (b, (r, d)) in received.iter().zip(&discard).enumerate() {
+        for p in 0..r.pages() {
+            let placed = !d.test(p) || (b == 0 && [0, 5, 10].contains(&p));
+            assert_eq!(r.test(p), placed, "block {b} page {p}");
+        }
+    }
+    // Resume: a new link whose requests are served, and a push of what
+    // the bitmap lacks.
+    let second = Arc::new(PageServer::new(
+        src.clone(),
+        Arc::new(wire::still_missing(&discard, &received)),
+    ));
+    assert_eq!(second.pending_pages(), stale - 3);
+    let (q2_src, q2_dst) = pair("preempt");
+    let request = return_path(second.clone(), q2_src);
+    pc.resume_link(request, vec![q2_dst]).unwrap();
+    assert_eq!(pc.paused(), None);
+    // The held request went out on the new link and was served.
+    let mut page = vec![0u8; PAGE as usize];
+    src.blocks()[0]
+        .page_slice(15)
+        .unwrap()
+        .copy_to(&mut page[..]);
+    assert_eq!(toucher.join().unwrap(), vec![page[7]]);
+    let (p_src, p_dst) = pair("multifd[0]");
+    pc.read_pages(p_dst).unwrap();
+    let pusher = {
+        let second = second.clone();
+        std::thread::spawn(move || second.push(p_src.as_ref(), false))
+    };
+    let stats = pc.finish(Duration::from_secs(30)).unwrap();
+    let _ = pusher.join().unwrap();
+    assert_eq!(stats.requests, 1, "page 15, asked once: {stats:?}");
+    assert_eq!(
+        stats.requested_pages_placed + stats.pushed_pages_placed,
+        stale,
+        "every stale page placed once: {stats:?}"
+    );
+    let (_, sent_requests, sent_push) = second.figures();
+    assert!(
+        sent_requests + sent_push <= (stale - 3) * (PAGE + 24),
+        "only what the destination lacked went again"
+    );
+    // SAFETY: every page is placed and nothing touches `dst` now.
+    assert_eq!(unsafe { Digest::of_still_guest(&dst, &[]) }, want);
 }

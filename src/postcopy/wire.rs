@@ -43,6 +43,23 @@
 //! |          | page 64w + i is stale (dirty at the switch); bits    |
 //! |          | past the block's pages must be 0                     |
 //!
+//! # Received-pages bitmap (recovery: destination → source, first bytes on
+//! the re-connected main channel, before any main-channel message)
+//!
+//! | size | field                                                    |
+//! |-----:|----------------------------------------------------------|
+//! |    4 | magic, the bytes `FPCR`                                  |
+//! |    4 | length L of the bitmap; must equal the size the guest's  |
+//! |      | blocks give ([`bitmap_len`]), checked before it is read  |
+//! |    L | the bitmap, laid out as the discard list: bit set = the  |
+//! |      | destination holds the page (placed, or never discarded)  |
+//! |    4 | CRC-32 (IEEE) of the magic, the length and the bitmap    |
+//!
+//! The source sends again exactly the discarded pages whose bit is clear
+//! ([`still_missing`]); a bitmap whose blocks or page counts differ from
+//! the guest's, with bits past a block's end, or that fails its CRC, is
+//! refused naming what is wrong, and nothing is sent.
+//!
 //! # Postcopy package (source → destination, the main channel's
 //! POSTCOPY_PACKAGE, read whole before anything in it is used)
 //!
@@ -238,15 +255,19 @@ pub fn encode_discard(discard: &[PageBitmap]) -> Vec<u8> {
 /// Parses a discard list against the guest's blocks: every block, its page
 /// count, no page past its end.
 pub fn decode_discard(b: &[u8], blocks: &[BlockSpec]) -> Result<Vec<PageBitmap>, PostcopyError> {
-    let bad = |why: String| PostcopyError::BadDiscard(why);
+    decode_bitmaps(b, blocks).map_err(PostcopyError::BadDiscard)
+}
+
+/// Parses one bitmap per block (the discard list's layout) against the
+/// guest's blocks; the error text says what is wrong.
+fn decode_bitmaps(b: &[u8], blocks: &[BlockSpec]) -> Result<Vec<PageBitmap>, String> {
+    let bad = |why: String| why;
     let mut at = 0usize;
-    let mut take = |n: usize| -> Result<&[u8], PostcopyError> {
-        let end = at.checked_add(n).filter(|&e| e <= b.len()).ok_or_else(|| {
-            PostcopyError::BadDiscard(format!(
-                "{} bytes end early (wanted {n} more at {at})",
-                b.len()
-            ))
-        })?;
+    let mut take = |n: usize| -> Result<&[u8], String> {
+        let end = at
+            .checked_add(n)
+            .filter(|&e| e <= b.len())
+            .ok_or_else(|| format!("{} bytes end early (wanted {n} more at {at})", b.len()))?;
         let s = &b[at..end];
         at = end;
         Ok(s)
@@ -284,6 +305,94 @@ pub fn decode_discard(b: &[u8], blocks: &[BlockSpec]) -> Result<Vec<PageBitmap>,
         return Err(bad(format!("{} stray bytes at the end", b.len() - at)));
     }
     Ok(out)
+}
+
+/// The size of a bitmap in the discard list's layout for `blocks`.
+pub fn bitmap_len(blocks: &[BlockSpec]) -> usize {
+    2 + blocks
+        .iter()
+        .map(|b| 8 + 8 * (b.len / u64::from(b.page_size)).div_ceil(64) as usize)
+        .sum::<usize>()
+}
+
+/// The received-pages bitmap's magic.
+pub const RECEIVED_MAGIC: [u8; 4] = *b"FPCR";
+
+/// Encodes the received-pages bitmap frame (see the module doc).
+pub fn encode_received(received: &[PageBitmap]) -> Vec<u8> {
+    let list = encode_discard(received);
+    let mut b = Vec::with_capacity(12 + list.len());
+    b.extend_from_slice(&RECEIVED_MAGIC);
+    b.extend_from_slice(&(list.len() as u32).to_le_bytes());
+    b.extend_from_slice(&list);
+    let crc = crc32fast::hash(&b);
+    b.extend_from_slice(&crc.to_le_bytes());
+    b
+}
+
+/// Reads the received-pages bitmap frame from `read` (an exact reader of
+/// the re-connected main channel), every field checked against `blocks`
+/// before it is used; `channel` names where it came from.
+pub fn read_received(
+    read: &mut dyn FnMut(&mut [u8]) -> std::io::Result<()>,
+    blocks: &[BlockSpec],
+    channel: &str,
+) -> Result<Vec<PageBitmap>, PostcopyError> {
+    let bad = |why: String| PostcopyError::BadReceived {
+        channel: channel.into(),
+        why,
+    };
+    let io = |source| PostcopyError::Io {
+        channel: channel.into(),
+        what: "reading the received-pages bitmap",
+        source,
+    };
+    let mut head = [0u8; 8];
+    read(&mut head).map_err(io)?;
+    if head[0..4] != RECEIVED_MAGIC {
+        return Err(bad(format!(
+            "bad magic {:02x?} (not a received-pages bitmap)",
+            &head[0..4]
+        )));
+    }
+    let len = u32::from_le_bytes(head[4..8].try_into().expect("4 bytes")) as usize;
+    let want = bitmap_len(blocks);
+    if len != want {
+        return Err(bad(format!(
+            "{len} bytes announced, the guest's blocks make {want}"
+        )));
+    }
+    let mut body = vec![0u8; len + 4];
+    read(&mut body).map_err(io)?;
+    let mut h = crc32fast::Hasher::new();
+    h.update(&head);
+    h.update(&body[..len]);
+    let (got, sent) = (
+        h.finalize(),
+        u32::from_le_bytes(body[len..].try_into().expect("4 bytes")),
+    );
+    if got != sent {
+        return Err(bad(format!("CRC {got:#010x}, the frame says {sent:#010x}")));
+    }
+    decode_bitmaps(&body[..len], blocks).map_err(bad)
+}
+
+/// The pages to send again after a recovery: discarded at the switch and
+/// not in the destination's received bitmap.
+pub fn still_missing(discard: &[PageBitmap], received: &[PageBitmap]) -> Vec<PageBitmap> {
+    discard
+        .iter()
+        .zip(received)
+        .map(|(d, r)| {
+            let words: Vec<u64> = d
+                .to_words()
+                .iter()
+                .zip(r.to_words())
+                .map(|(d, r)| d & !r)
+                .collect();
+            PageBitmap::from_words(d.pages(), &words).expect("bits of the discard list")
+        })
+        .collect()
 }
 
 /// The package: discard list and device state.
@@ -417,6 +526,89 @@ mod tests {
             e.contains("discard list of 9 bytes in a package of 5"),
             "{e}"
         );
+    }
+
+    /// Reads a received-pages frame from bytes.
+    fn read(b: &[u8]) -> Result<Vec<PageBitmap>, PostcopyError> {
+        let mut at = 0;
+        read_received(
+            &mut |buf: &mut [u8]| {
+                let end = at + buf.len();
+                if end > b.len() {
+                    return Err(std::io::ErrorKind::UnexpectedEof.into());
+                }
+                buf.copy_from_slice(&b[at..end]);
+                at = end;
+                Ok(())
+            },
+            &blocks(),
+            "main (recovery)",
+        )
+    }
+
+    /// Re-seals a frame's CRC after a test changed its bytes.
+    fn reseal(b: &mut [u8]) {
+        let n = b.len() - 4;
+        let crc = crc32fast::hash(&b[..n]);
+        b[n..].copy_from_slice(&crc.to_le_bytes());
+    }
+
+    #[test]
+    fn received_bitmaps_round_trip_and_bad_ones_are_refused_naming_why() {
+        let r = vec![PageBitmap::new(256, false), PageBitmap::new(100, true)];
+        r[0].set(7);
+        let good = encode_received(&r);
+        assert_eq!(good.len(), 8 + bitmap_len(&blocks()) + 4);
+        let back = read(&good).unwrap();
+        assert_eq!(back[0].iter_set().collect::<Vec<_>>(), [7]);
+        assert_eq!(back[1].count(), 100);
+        // Only the discarded pages not received are sent again.
+        let d = vec![PageBitmap::new(256, false), PageBitmap::new(100, false)];
+        for p in [3, 7, 9] {
+            d[0].set(p);
+        }
+        d[1].set(5);
+        let missing = still_missing(&d, &back);
+        assert_eq!(missing[0].iter_set().collect::<Vec<_>>(), [3, 9]);
+        assert_eq!(missing[1].count(), 0);
+
+        let says = |b: &[u8], want: &str| {
+            let e = read(b).err().unwrap().to_string();
+            assert!(
+                e.contains("main (recovery)") && e.contains(want),
+                "wanted {want:?} in: {e}"
+            );
+        };
+        let mut bad = good.clone();
+        bad[0] = b'X';
+        says(&bad, "received-pages bitmap: bad magic");
+        // A length other than the guest's blocks make, larger or smaller:
+        // refused before anything more is read.
+        for len in [0u32, 1, u32::MAX, bitmap_len(&blocks()) as u32 + 8] {
+            let mut bad = good.clone();
+            bad[4..8].copy_from_slice(&len.to_le_bytes());
+            says(
+                &bad,
+                &format!("{len} bytes announced, the guest's blocks make"),
+            );
+        }
+        let mut bad = good.clone();
+        bad[20] ^= 1;
+        says(&bad, "CRC");
+        // Sealed, but a page past the end of "vram" (page 100) is set.
+        let mut bad = good.clone();
+        let last = bad.len() - 4 - 8;
+        bad[last + 4] |= 0x10;
+        reseal(&mut bad);
+        says(&bad, "block 'vram': pages past its end");
+        // Sealed, but a block of the wrong page count (same size).
+        let mut bad = good.clone();
+        bad[8 + 2..8 + 10].copy_from_slice(&255u64.to_le_bytes());
+        reseal(&mut bad);
+        says(&bad, "block 'ram' of 255 pages, the guest's has 256");
+        // Cut short.
+        let e = read(&good[..good.len() - 1]).err().unwrap().to_string();
+        assert!(e.contains("reading the received-pages bitmap"), "{e}");
     }
 
     #[test]

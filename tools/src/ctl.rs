@@ -93,6 +93,12 @@ enum CtlCommand {
     /// migrate-start-postcopy: switch to postcopy after the pass in flight
     /// (needs `send --postcopy`).
     StartPostcopy,
+    /// migrate-recover URI: on a destination in postcopy-paused, listen
+    /// on URI (tcp:HOST:PORT) for the source's `resume`.
+    Recover { uri: String },
+    /// migrate-resume URI: on a source in postcopy-paused, reconnect every
+    /// channel (main and preempt) to URI, where the destination recovers.
+    Resume { uri: String },
     /// migrate-set-parameters KEY=VALUE...: e.g. downtime-limit=500ms
     /// max-bandwidth=100M auto-converge=true (keys below).
     #[command(after_help = set_keys_help())]
@@ -119,6 +125,12 @@ pub fn run(a: CtlArgs) -> anyhow::Result<bool> {
         ),
         CtlCommand::StartPostcopy => {
             Some(json!({ "execute": "migrate-start-postcopy" }).to_string())
+        }
+        CtlCommand::Recover { uri } => {
+            Some(json!({ "execute": "migrate-recover", "arguments": { "uri": uri } }).to_string())
+        }
+        CtlCommand::Resume { uri } => {
+            Some(json!({ "execute": "migrate-resume", "arguments": { "uri": uri } }).to_string())
         }
         CtlCommand::Set { settings } => Some(
             json!({ "execute": "migrate-set-parameters", "arguments": parse_settings(settings)? })

@@ -136,6 +136,7 @@ pub fn workload(arrived: &Arrived, secs: f64) -> anyhow::Result<Workload> {
         guest_failure: arrived.guest.vm().failure(),
         guest_max_gap_us: now.iter().filter_map(|s| s.max_gap_us).max(),
         guest_blackout_us: arrived.guest.vm().largest_line_gap_us(),
+        ..Default::default()
     })
 }
 

@@ -112,6 +112,11 @@ pub struct RecvArgs {
     /// Prometheus's text format at http://ADDR/metrics, e.g. 127.0.0.1:9464.
     #[arg(long, value_name = "ADDR")]
     metrics_listen: Option<String>,
+    /// Postcopy, after a link failure: `manual` waits in postcopy-paused
+    /// for `ferry ctl SOCK recover URI`; `auto` listens again on --listen
+    /// by itself.
+    #[arg(long, default_value = "manual", value_name = "MODE")]
+    postcopy_recover: ferry::postcopy::RecoverMode,
 }
 
 pub fn run(a: RecvArgs) -> anyhow::Result<bool> {
@@ -170,6 +175,11 @@ fn migrate(a: RecvArgs) -> anyhow::Result<bool> {
             .device_state_out
             .clone()
             .map(|p| Arc::new(move |state: &[u8]| write_replacing(&p, state)) as ferry::KeepHook),
+        postcopy_recover: a.postcopy_recover,
+        // A postcopy's replay check (--run-after) needs the memory as it
+        // was at the switch.
+        postcopy_reference: a.run_after.is_some(),
+        postcopy_paused_timeout: None,
     };
     let progress = Arc::new(Progress::default());
     crate::signals::cancel_on_signal(&progress);
@@ -203,6 +213,19 @@ fn migrate(a: RecvArgs) -> anyhow::Result<bool> {
                 };
             }
             outcome.guest.pause()?;
+            if let (Some(reference), Some(w)) = (
+                outcome.postcopy_reference.as_ref(),
+                outcome.summary.workload.as_mut(),
+            ) {
+                // Postcopy: the memory must be the switch's with this
+                // side's writes replayed (the guest is paused).
+                let now = outcome.guest.save_device_state()?;
+                let r =
+                    ferry::replay_check(reference, &outcome.device_state, &outcome.memory, &now)?;
+                w.replay_equal = Some(r.equal());
+                w.replay_writes = Some(r.writes);
+                w.replay_differing_pages = Some(r.differing);
+            }
             // SAFETY: the guest was paused just above (`Guest::pause`: its
             // memory no longer changes), and the migration's receiver
             // threads ended before `migrate_in` returned.
@@ -212,7 +235,17 @@ fn migrate(a: RecvArgs) -> anyhow::Result<bool> {
                 .summary
                 .workload
                 .as_ref()
-                .and_then(crate::kvm::verdict);
+                .and_then(crate::kvm::verdict)
+                .or_else(|| {
+                    let w = outcome.summary.workload.as_ref()?;
+                    (w.replay_equal == Some(false)).then(|| {
+                        format!(
+                            "the postcopy replay check found {} page(s) that differ from the \
+                             source's at the switch with this side's writes replayed",
+                            w.replay_differing_pages.unwrap_or(0)
+                        )
+                    })
+                });
             print_summary("recv", &outcome.summary, a.json);
             if let Some(w) = outcome.summary.workload.as_ref().filter(|_| !a.json) {
                 print_workload(w);
@@ -323,6 +356,17 @@ pub fn print_workload(w: &Workload) {
                     "{n} wrong word(s), first at {}",
                     w.self_check_first_error.as_deref().unwrap_or("?")
                 )
+            }
+        );
+    }
+    if let Some(equal) = w.replay_equal {
+        eprintln!(
+            "  postcopy replay check: {} ({} write(s) replayed{})",
+            if equal { "equal" } else { "DIFFERENT" },
+            w.replay_writes.unwrap_or(0),
+            match w.replay_differing_pages {
+                Some(n) if n > 0 => format!(", {n} page(s) differ"),
+                _ => String::new(),
             }
         );
     }

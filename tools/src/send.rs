@@ -145,14 +145,31 @@ pub struct SendArgs {
     /// on demand over a preempt channel and pushed over K more. The switch
     /// comes on `ferry ctl SOCK start-postcopy`, after --postcopy-after
     /// passes, or when precopy does not converge (the dirty bytes left
-    /// stop shrinking and exceed what the downtime limit allows). A
-    /// failure after the switch leaves the guest paused on both sides
-    /// (postcopy-paused; recovery is not implemented yet).
+    /// stop shrinking and exceed what the downtime limit allows). A link
+    /// failure after the switch pauses both sides (postcopy-paused; the
+    /// guest never resumes here) until `ferry ctl RECV_SOCK recover URI`
+    /// and `ferry ctl SEND_SOCK resume URI` reconnect every channel (or
+    /// --postcopy-recover auto).
     #[arg(long)]
     postcopy: bool,
     /// With --postcopy: switch after this many precopy passes.
     #[arg(long, requires = "postcopy", value_name = "N")]
     postcopy_after: Option<u64>,
+    /// With --postcopy: answer page requests on the first push channel,
+    /// behind the background stream, instead of on the preempt channel
+    /// (for contrast: the fault latency without preemption).
+    #[arg(long, requires = "postcopy")]
+    no_postcopy_preempt: bool,
+    /// With --postcopy, after a link failure: `manual` waits in
+    /// postcopy-paused for `ferry ctl SOCK resume URI`; `auto` reconnects
+    /// to --to by itself, retrying with backoff (100 ms doubling to 5 s).
+    #[arg(
+        long,
+        requires = "postcopy",
+        default_value = "manual",
+        value_name = "MODE"
+    )]
+    postcopy_recover: ferry::postcopy::RecoverMode,
     /// Serve the migration's figures (those of `ferry ctl SOCK query`) in
     /// Prometheus's text format at http://ADDR/metrics, e.g. 127.0.0.1:9464.
     #[arg(long, value_name = "ADDR")]
@@ -214,6 +231,8 @@ fn migrate(a: SendArgs) -> anyhow::Result<bool> {
         },
         postcopy: a.postcopy,
         postcopy_after: a.postcopy_after.unwrap_or(0),
+        postcopy_preempt: !a.no_postcopy_preempt,
+        postcopy_recover: a.postcopy_recover,
         ..Default::default()
     };
     let events = a.json.then(|| EventPrinter::start(&progress));

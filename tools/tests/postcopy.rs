@@ -85,3 +85,47 @@ fn ctl_start_postcopy_without_the_capability_is_refused() {
     assert_eq!(s.summary()["status"], "cancelled");
     assert_eq!(r.summary()["status"], "cancelled");
 }
+
+/// `recv --run-after` after a postcopy: the guest runs, is paused, and the
+/// replay check (its memory against the source's at the switch with its
+/// own writes replayed) is reported equal; `--no-postcopy-preempt` and
+/// `--postcopy-recover auto` are taken. `ctl recover` on a side that is
+/// not paused is refused saying why.
+#[test]
+fn recv_run_after_reports_the_postcopy_replay_check() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("recv.sock");
+    let (recv, port) = start_recv(&[
+        "--run-after",
+        "0.3",
+        "--postcopy-recover",
+        "auto",
+        "--control",
+        sock.to_str().unwrap(),
+    ]);
+    let (code, v) = ctl(&sock, &["recover", "tcp:127.0.0.1:1"]);
+    assert_eq!(code, Some(1), "{v}");
+    let desc = v["error"]["desc"].as_str().unwrap_or_default();
+    assert!(desc.contains("only a postcopy in 'postcopy-paused'"), "{v}");
+    let send = start_send_synthetic(
+        port,
+        &[
+            "--dirty-rate",
+            "1G",
+            "--postcopy",
+            "--postcopy-after",
+            "1",
+            "--no-postcopy-preempt",
+            "--postcopy-recover",
+            "auto",
+        ],
+    );
+    let (s, r) = (send.wait(DEADLINE), recv.wait(DEADLINE));
+    let (sv, rv) = (s.completed(), r.completed());
+    assert_eq!(sv["recoveries"], 0, "{sv}");
+    assert_eq!(rv["workload"]["replay_equal"], true, "{rv}");
+    assert!(
+        rv["workload"]["replay_writes"].as_u64().unwrap() > 0,
+        "{rv}"
+    );
+}

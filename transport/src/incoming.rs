@@ -181,6 +181,99 @@ pub fn accept_preempt(
     Ok(got.into_iter().map(|(_, c)| c).collect())
 }
 
+/// A postcopy recovery's channels: main, and preempt sorted by index.
+pub struct RecoveryChannels {
+    pub main: Box<dyn Channel>,
+    pub preempt: Vec<Box<dyn Channel>>,
+}
+
+/// Accepts a postcopy recovery of `session` (after a link failure): its
+/// main channel and its `preempt` preempt channels, in any order, each
+/// with the session's id. A connection of another session, a multifd
+/// channel, or a second channel with the same role and index is refused
+/// (told why) and ends the accept with an error naming it. Returns main
+/// and the preempt channels sorted by index; nothing is replied until all
+/// are in.
+pub fn accept_recovery(
+    listener: &Listener,
+    session: SessionId,
+    preempt: u16,
+    first_timeout: Option<Duration>,
+    opts: &AcceptOptions,
+) -> Result<RecoveryChannels, TransportError> {
+    let mut main: Option<Box<dyn Channel>> = None;
+    let mut got: Vec<(u16, Box<dyn Channel>)> = Vec::new();
+    let mut deadline: Option<Instant> = None;
+    while main.is_none() || got.len() < usize::from(preempt) {
+        let timeout = match deadline {
+            None => first_timeout,
+            Some(d) => Some(
+                d.saturating_duration_since(Instant::now())
+                    .max(Duration::from_millis(1)),
+            ),
+        };
+        let mut ch = listener.accept_channel(timeout).map_err(|e| match e {
+            TransportError::Timeout { secs, .. } => TransportError::Timeout {
+                what: format!(
+                    "session {session}'s recovery channels (main {}, {} of {preempt} preempt)",
+                    if main.is_some() { "in" } else { "missing" },
+                    got.len()
+                ),
+                secs,
+            },
+            e => e,
+        })?;
+        deadline.get_or_insert_with(|| Instant::now() + opts.rest_timeout);
+        let hello = read_hello(ch.as_ref(), opts.hello_timeout)?;
+        let peer = ch
+            .label()
+            .trim_start_matches("connection from ")
+            .to_string();
+        ch.set_label(format!(
+            "{}[{}] ({peer}, recovery)",
+            hello.name(),
+            hello.index
+        ));
+        if hello.session != session {
+            let e = TransportError::ForeignSession {
+                channel: ch.label().into(),
+                found: hello.session.to_string(),
+                expected: session.to_string(),
+            };
+            let _ = send_reply(ch.as_ref(), Some(&e.to_string()));
+            return Err(e);
+        }
+        match hello.role {
+            Role::Main if main.is_none() && hello.index == 0 => main = Some(ch),
+            Role::Preempt
+                if hello.index < preempt && !got.iter().any(|(i, _)| *i == hello.index) =>
+            {
+                got.push((hello.index, ch))
+            }
+            _ => {
+                return Err(refuse(
+                    ch.as_ref(),
+                    &format!(
+                        "{} in a postcopy recovery (it takes one main channel and {preempt} \
+                         preempt channels, each once)",
+                        hello.name()
+                    ),
+                ))
+            }
+        }
+    }
+    got.sort_by_key(|(i, _)| *i);
+    for (_, ch) in &got {
+        send_reply(ch.as_ref(), None)?;
+    }
+    let main = main.expect("the loop ends with a main channel");
+    send_reply(main.as_ref(), None)?;
+    Ok(RecoveryChannels {
+        main,
+        preempt: got.into_iter().map(|(_, c)| c).collect(),
+    })
+}
+
 /// Every multifd channel so far must belong to main's session and fit its count.
 fn check_members(
     main: &ChannelHello,

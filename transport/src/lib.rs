@@ -22,7 +22,10 @@ pub mod uring;
 pub use channel::{Channel, SocketChannel};
 pub use error::TransportError;
 pub use handshake::{ChannelHello, Role, SessionId, HELLO_LEN, PROTOCOL_VERSION};
-pub use incoming::{accept_preempt, accept_session, AcceptOptions, IncomingSession};
+pub use incoming::{
+    accept_preempt, accept_recovery, accept_session, AcceptOptions, IncomingSession,
+    RecoveryChannels,
+};
 pub use socket::{
     await_accept, connect, connect_channel, connect_channel_secure, listen_unix, Listener,
     SocketTuning,

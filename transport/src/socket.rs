@@ -522,6 +522,12 @@ impl Listener {
         self
     }
 
+    /// The TLS credentials this listener uses, if any (a postcopy
+    /// recovery listens again with the same).
+    pub fn tls(&self) -> Option<Arc<TlsServer>> {
+        self.tls.clone()
+    }
+
     pub fn is_tls(&self) -> bool {
         self.tls.is_some()
     }
