@@ -87,6 +87,9 @@ pub struct OutgoingOptions {
     /// With `postcopy`, switch after this many precopy passes (0: only on
     /// `migrate-start-postcopy` or when precopy does not converge).
     pub postcopy_after: u64,
+    /// COLO follows (`send --colo`): announced in SETUP ([`CAP_COLO`]);
+    /// see [`crate::colo`].
+    pub colo: bool,
 }
 
 impl Default for OutgoingOptions {
@@ -102,6 +105,7 @@ impl Default for OutgoingOptions {
             verify_switchover: false,
             postcopy: false,
             postcopy_after: 0,
+            colo: false,
         }
     }
 }
@@ -373,7 +377,8 @@ impl Source<'_> {
                 CAP_VERIFY
             } else {
                 0
-            } | if opts.postcopy { CAP_POSTCOPY } else { 0 },
+            } | if opts.postcopy { CAP_POSTCOPY } else { 0 }
+                | if opts.colo { crate::protocol::CAP_COLO } else { 0 },
             multifd_channels: opts.channels,
             packet_pages: opts.sender.packet_pages,
             blocks: self.memory.specs(),
@@ -783,7 +788,7 @@ type Channels = Vec<Box<dyn Channel>>;
 
 /// Connects main and the multifd channels, then waits until the
 /// destination has accepted every one of them.
-fn open_session(
+pub(crate) fn open_session(
     uri: &ChannelUri,
     opts: &OutgoingOptions,
     session: SessionId,

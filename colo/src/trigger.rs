@@ -81,6 +81,11 @@ impl Triggers {
         self.cv.notify_all();
     }
 
+    /// Whether [`Triggers::stop`] was called.
+    pub fn is_stopped(&self) -> bool {
+        self.state.lock().unwrap().stopped
+    }
+
     pub fn delay(&self) -> Duration {
         self.state.lock().unwrap().delay
     }
