@@ -441,9 +441,21 @@ fn spawn_killer(
     Some((stop, t))
 }
 
-fn dead(kill: Option<KillPoint>, checkpoint: u64, stage: KillStage) -> Result<(), ColoRunError> {
+/// At a test's kill point: the side dies at once (nothing more released,
+/// channels cut) and returns [`ColoRunError::Killed`].
+fn dead(
+    kill: Option<KillPoint>,
+    checkpoint: u64,
+    stage: KillStage,
+    ctl: &ColoControl,
+    dead_flag: Option<&AtomicBool>,
+) -> Result<(), ColoRunError> {
     match kill {
         Some(k) if k.checkpoint == checkpoint && k.stage == stage => {
+            if let Some(d) = dead_flag {
+                d.store(true, Ordering::SeqCst);
+            }
+            ctl.break_link();
             Err(ColoRunError::Killed(k))
         }
         _ => Ok(()),
@@ -813,7 +825,7 @@ fn primary_checkpoint(
     let before = pool.counters().snapshot().wire_bytes;
     expect.lock().unwrap().requested(n);
     bytes += colo_send(main, &ColoMessage::CheckpointRequest { checkpoint: n })?;
-    dead(opts.kill, n, KillStage::AfterRequest)?;
+    dead(opts.kill, n, KillStage::AfterRequest, ctl, Some(dead_flag))?;
     let (_, b) = wait("CHECKPOINT_REPLY")?;
     bytes += b;
     guest.pause()?;
@@ -834,7 +846,7 @@ fn primary_checkpoint(
                 held,
             },
         )?;
-        dead(opts.kill, n, KillStage::MidCheckpoint)?;
+        dead(opts.kill, n, KillStage::MidCheckpoint, ctl, Some(dead_flag))?;
         pool.send_pass(dirty)?;
         let state = guest.save_device_state()?;
         bytes += colo_send(
@@ -846,7 +858,7 @@ fn primary_checkpoint(
         bytes += colo_send(main, &ColoMessage::Vmstate(state))?;
         let digest = opts.verify.then(|| memory.digest().0);
         bytes += wait("VMSTATE_RECEIVED")?.1;
-        dead(opts.kill, n, KillStage::AfterReceived)?;
+        dead(opts.kill, n, KillStage::AfterReceived, ctl, Some(dead_flag))?;
         let (loaded, b) = wait("VMSTATE_LOADED")?;
         bytes += b;
         if let (
@@ -1177,7 +1189,7 @@ fn secondary_checkpoints(
                 // Every output made before the pause goes before REPLY.
                 send_outputs()?;
                 colo_send(main, &ColoMessage::CheckpointReply { checkpoint: cp })?;
-                dead(opts.kill, cp, KillStage::AfterRequest)?;
+                dead(opts.kill, cp, KillStage::AfterRequest, ctl, None)?;
             }
             ColoMessage::VmstateSend {
                 generation,
@@ -1186,7 +1198,7 @@ fn secondary_checkpoints(
                 ..
             } => {
                 let dirty = parts.cache.dirty_from_words(&dirty)?;
-                dead(opts.kill, cp, KillStage::MidCheckpoint)?;
+                dead(opts.kill, cp, KillStage::MidCheckpoint, ctl, None)?;
                 pending = Some((dirty, generation, held));
             }
             ColoMessage::VmstateSize { .. } => {}
@@ -1197,7 +1209,7 @@ fn secondary_checkpoints(
                 // The whole checkpoint is here once its pages are.
                 pool.wait_sync_within(generation, Some(opts.heartbeat_timeout))?;
                 colo_send(main, &ColoMessage::VmstateReceived { checkpoint: cp })?;
-                dead(opts.kill, cp, KillStage::AfterReceived)?;
+                dead(opts.kill, cp, KillStage::AfterReceived, ctl, None)?;
                 // Commit: from here a failover waits for the load.
                 ctl.status.set_loading(true);
                 let loaded = (|| -> Result<u64, ColoRunError> {
