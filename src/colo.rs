@@ -270,6 +270,10 @@ impl ColoControl {
         self.poweroff.store(true, Ordering::SeqCst);
         self.triggers.request(TriggerKind::Request);
     }
+    /// Whether a poweroff was asked for.
+    pub fn poweroff_requested(&self) -> bool {
+        self.poweroff.load(Ordering::SeqCst)
+    }
     pub fn query(&self) -> ColoStatus {
         self.status.get()
     }
