@@ -113,6 +113,10 @@ pub enum KillStage {
     MidCheckpoint,
     /// Primary: RECEIVED read. Secondary: RECEIVED sent.
     AfterReceived,
+    /// This long after COLO started the side goes silent: no heartbeat,
+    /// no message, its sockets left open (a hung host: only the peer's
+    /// heartbeat timeout notices).
+    Silent(Duration),
 }
 
 #[derive(Clone, Debug)]
@@ -225,6 +229,9 @@ pub struct ColoControl {
     poweroff: AtomicBool,
     /// Shuts the COLO channels (a forced failover must not wait for a read).
     breaker: Mutex<Option<Box<dyn Fn() + Send + Sync>>>,
+    /// Test only: stops the heartbeat (a side gone silent).
+    silencer: Mutex<Option<Box<dyn Fn() + Send + Sync>>>,
+    silenced: AtomicBool,
     live: Mutex<ColoLive>,
 }
 
@@ -246,6 +253,8 @@ impl ColoControl {
             status: StatusCell::new(),
             poweroff: AtomicBool::new(false),
             breaker: Mutex::new(None),
+            silencer: Mutex::new(None),
+            silenced: AtomicBool::new(false),
             live: Mutex::new(ColoLive::default()),
         })
     }
@@ -279,6 +288,12 @@ impl ColoControl {
     }
     pub fn live(&self) -> ColoLive {
         *self.live.lock().unwrap()
+    }
+    /// Test only: cuts the COLO channels as a broken link would, with no
+    /// failover requested (each side must notice by itself).
+    #[doc(hidden)]
+    pub fn cut_link(&self) {
+        self.break_link();
     }
     fn break_link(&self) {
         if let Some(b) = self.breaker.lock().unwrap().as_ref() {
@@ -414,13 +429,18 @@ fn spawn_killer(
     killed: &Arc<AtomicBool>,
     dead_flag: Option<Arc<AtomicBool>>,
 ) -> Option<Killer> {
-    let Some(KillPoint {
-        stage: KillStage::Running(after),
-        ..
-    }) = opts.kill
-    else {
-        return None;
+    let (after, silent) = match opts.kill {
+        Some(KillPoint {
+            stage: KillStage::Running(after),
+            ..
+        }) => (after, false),
+        Some(KillPoint {
+            stage: KillStage::Silent(after),
+            ..
+        }) => (after, true),
+        _ => return None,
     };
+    let hb = opts.heartbeat_timeout;
     let stop = Arc::new(AtomicBool::new(false));
     let (ctl, killed, stop2) = (ctl.clone(), killed.clone(), stop.clone());
     let t = std::thread::spawn(move || {
@@ -435,14 +455,28 @@ fn spawn_killer(
             d.store(true, Ordering::SeqCst);
         }
         killed.store(true, Ordering::SeqCst);
+        let since = Instant::now();
+        if silent {
+            ctl.silenced.store(true, Ordering::SeqCst);
+            if let Some(s) = ctl.silencer.lock().unwrap().as_ref() {
+                s();
+            }
+        }
         ctl.triggers.stop();
-        // The channels may not exist yet: cut them once they do.
+        // The channels may not exist yet: cut them once they do (a silent
+        // side only once the peer had time to notice).
         while !stop2.load(Ordering::SeqCst) {
-            ctl.break_link();
+            if !silent || since.elapsed() > hb * 4 {
+                ctl.break_link();
+            }
             std::thread::sleep(Duration::from_millis(10));
         }
     });
     Some((stop, t))
+}
+
+fn silenced(ctl: &ColoControl) -> bool {
+    ctl.silenced.load(Ordering::SeqCst)
 }
 
 /// At a test's kill point: the side dies at once (nothing more released,
@@ -577,6 +611,10 @@ fn primary_loop(
     sender.stall_timeout = Some(opts.heartbeat_timeout);
     let mut pool = SenderPool::start(multifd, memory.clone(), sender)?;
     {
+        let main = main.clone();
+        *ctl.silencer.lock().unwrap() = Some(Box::new(move || main.stop_heartbeat()));
+    }
+    {
         let (abort, main) = (pool.aborter(), main.clone());
         *ctl.breaker.lock().unwrap() = Some(Box::new(move || {
             abort();
@@ -672,6 +710,11 @@ fn primary_loop(
         let _ = main.channel().finish();
     }
     main.stop_heartbeat();
+    if ctl.silenced.load(Ordering::SeqCst) {
+        // A hung host: the sockets stay open, silent, while the peer's
+        // heartbeat timeout runs.
+        std::thread::sleep(opts.heartbeat_timeout * 3);
+    }
     pool.abort();
     main.channel().shutdown();
     let _ = reader.join();
@@ -1087,6 +1130,10 @@ fn secondary_loop(
         || {},
     )?;
     {
+        let main = main.clone();
+        *ctl.silencer.lock().unwrap() = Some(Box::new(move || main.stop_heartbeat()));
+    }
+    {
         let (main, stop) = (main.clone(), pool.interrupter());
         *ctl.breaker.lock().unwrap() = Some(Box::new(move || {
             stop("failover");
@@ -1119,12 +1166,20 @@ fn secondary_loop(
     let paused = Arc::new(AtomicBool::new(false));
     let stop = Arc::new(AtomicBool::new(false));
     let forwarder = {
-        let (send_outputs, stop, paused) = (send_outputs.clone(), stop.clone(), paused.clone());
+        let (send_outputs, stop, paused, ctl) = (
+            send_outputs.clone(),
+            stop.clone(),
+            paused.clone(),
+            ctl.clone(),
+        );
         std::thread::Builder::new()
             .name("ferry-colo-out".into())
             .spawn(move || {
                 while !stop.load(Ordering::SeqCst) {
                     std::thread::sleep(OUTPUT_TICK);
+                    if silenced(&ctl) {
+                        continue;
+                    }
                     if !paused.load(Ordering::SeqCst) && send_outputs().is_err() {
                         return;
                     }
@@ -1180,6 +1235,12 @@ fn secondary_checkpoints(
     loop {
         if ctl.status.failover_pending() {
             return Err(ColoRunError::FailoverRequested);
+        }
+        if silenced(ctl) {
+            // A hung host reads nothing it acts on and says nothing.
+            loop {
+                colo_recv(main, "primary")?;
+            }
         }
         let (m, n) = colo_recv(main, "primary")?;
         size_bytes += n;

@@ -71,6 +71,12 @@ struct Case {
 
 /// Migrates a synthetic guest and runs COLO until both sides end.
 fn colo(case: Case) -> Run {
+    colo_with(case, None)
+}
+
+/// [`colo`], cutting the link (both sides' channels, no failover asked)
+/// after a while when `cut` is given.
+fn colo_with(case: Case, cut: Option<(Arc<Mutex<Option<Arc<ColoControl>>>>, Duration)>) -> Run {
     let made_p = Arc::new(Mutex::new(Vec::new()));
     let made_s = Arc::new(Mutex::new(Vec::new()));
     let mem = synthetic_memory(8 * MIB, None, 3).unwrap();
@@ -129,6 +135,14 @@ fn colo(case: Case) -> Run {
         ..Default::default()
     };
     migrate_out(&*guest, &uri, &link, &Progress::default()).expect("migration out");
+    if let Some((_, after)) = cut {
+        let (p, s) = (pctl.clone(), sctl.clone());
+        std::thread::spawn(move || {
+            std::thread::sleep(after);
+            p.cut_link();
+            s.cut_link();
+        });
+    }
     if let Some((side, after)) = case.force {
         let ctl = if side == ColoMode::Primary {
             pctl.clone()
@@ -244,7 +258,7 @@ fn check_history(run: &Run, label: &str) {
 fn quick() -> ColoOptions {
     ColoOptions {
         checkpoint_delay: Duration::from_millis(30),
-        heartbeat_timeout: Duration::from_millis(500),
+        heartbeat_timeout: Duration::from_millis(300),
         setup_timeout: Duration::from_secs(20),
         ..Default::default()
     }
@@ -289,11 +303,13 @@ fn kill_point(seed: u64, i: u64) -> KillPoint {
     let x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ i.wrapping_mul(0xBF58_476D_1CE4_E5B9);
     let x = x ^ (x >> 29);
     let checkpoint = 1 + x % 4;
-    let stage = match (x >> 8) % 4 {
+    let stage = match (x >> 8) % 5 {
         0 => KillStage::Running(Duration::from_millis(20 + (x >> 16) % 300)),
         1 => KillStage::AfterRequest,
         2 => KillStage::MidCheckpoint,
-        _ => KillStage::AfterReceived,
+        3 => KillStage::AfterReceived,
+        // A hung host: found by the peer's heartbeat timeout.
+        _ => KillStage::Silent(Duration::from_millis(20 + (x >> 16) % 300)),
     };
     KillPoint { checkpoint, stage }
 }
@@ -376,5 +392,29 @@ fn a_requested_failover_ends_colo_on_both_sides_with_one_survivor() {
         // Both took over (a split brain a real deployment fences); the
         // point here is that neither side hangs and both say why.
         assert!(asked.guest_running && other.guest_running);
+    }
+}
+
+#[test]
+fn a_cut_link_ends_colo_on_both_sides_with_a_reason_and_survivors_run() {
+    let run = within(120, || {
+        let cut = Arc::new(Mutex::new(None::<Arc<ColoControl>>));
+        colo_with(
+            Case {
+                opts: quick(),
+                primary_kill: None,
+                secondary_kill: None,
+                jitter: 0,
+                force: None,
+                alone: Duration::from_millis(50),
+            },
+            Some((cut, Duration::from_millis(300))),
+        )
+    });
+    for s in [&run.primary, &run.secondary] {
+        assert_eq!(s.end, "failover", "{s:?}");
+        assert_eq!(s.status.reason, FailoverReason::Error);
+        assert!(s.status.error.is_some(), "a reason is given: {:?}", s.status);
+        assert!(s.guest_running);
     }
 }
