@@ -136,6 +136,13 @@ pub struct ColoOptions {
     pub max_checkpoints: Option<u64>,
     /// Test only: die here.
     pub kill: Option<KillPoint>,
+    /// Test only: called in the middle of the secondary's load of every
+    /// checkpoint (a failover asked for then must wait for the load).
+    #[doc(hidden)]
+    pub test_during_load: Option<LoadHook>,
+    /// Test only: the secondary's load of this checkpoint fails.
+    #[doc(hidden)]
+    pub test_load_error_at: Option<u64>,
 }
 
 impl Default for ColoOptions {
@@ -147,7 +154,19 @@ impl Default for ColoOptions {
             verify: false,
             max_checkpoints: None,
             kill: None,
+            test_during_load: None,
+            test_load_error_at: None,
         }
+    }
+}
+
+/// A test's hook (see [`ColoOptions::test_during_load`]).
+#[derive(Clone)]
+pub struct LoadHook(pub Arc<dyn Fn() + Send + Sync>);
+
+impl std::fmt::Debug for LoadHook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("LoadHook")
     }
 }
 
@@ -180,8 +199,15 @@ pub trait OutputSink: Send + Sync {
 /// to a file or a TCP connection, dropping one it already wrote (a
 /// survivor re-sending what the client may lack), and counting gaps.
 pub struct WriterSink {
-    inner: Mutex<(Box<dyn Write + Send>, std::collections::BTreeMap<u16, u64>, u64)>,
+    inner: Mutex<WriterState>,
 }
+
+/// The writer, each vCPU's last record number written, and the gaps seen.
+type WriterState = (
+    Box<dyn Write + Send>,
+    std::collections::BTreeMap<u16, u64>,
+    u64,
+);
 
 impl WriterSink {
     /// `PATH` or `tcp:HOST:PORT`.
@@ -623,7 +649,11 @@ fn primary_loop(
     }
     let setup = Setup {
         capabilities: CAP_COLO
-            | if link.sender.checksum { CAP_CHECKSUM } else { 0 }
+            | if link.sender.checksum {
+                CAP_CHECKSUM
+            } else {
+                0
+            }
             | if link.sender.compress.is_some() {
                 CAP_ZSTD
             } else {
@@ -792,8 +822,7 @@ fn primary_checkpoints(
             if ctl.triggers.is_stopped() {
                 return Err(ColoRunError::Protocol("COLO was stopped".into()));
             }
-            if ctl.poweroff.load(Ordering::SeqCst) || opts.max_checkpoints.is_some_and(|m| n >= m)
-            {
+            if ctl.poweroff.load(Ordering::SeqCst) || opts.max_checkpoints.is_some_and(|m| n >= m) {
                 guest.pause()?;
                 return Ok(());
             }
@@ -965,15 +994,16 @@ pub fn secondary_builder(
                 "COLO's secondary runs the synthetic guest only".into(),
             ));
         }
-        let cache =
-            RamCache::copy_of(&memory).map_err(|e| GuestError::Control(format!("{e}")))?;
+        let cache = RamCache::copy_of(&memory).map_err(|e| GuestError::Control(format!("{e}")))?;
         let g = SyntheticGuest::from_device_state(
             memory,
             state,
             crate::TrackerKind::Bitmap,
             Resources::none(false),
         )?;
-        g.dirty_log().expect("synthetic guests have a log").start()?;
+        g.dirty_log()
+            .expect("synthetic guests have a log")
+            .start()?;
         let outputs = OutputQueue::new();
         let queue = outputs.hook();
         let hook: OutputHook = match tee.clone() {
@@ -1009,7 +1039,15 @@ pub fn run_secondary(
     let since_commit = Arc::new(Mutex::new(Vec::<Record>::new()));
     let killed = Arc::new(AtomicBool::new(false));
     let killer = spawn_killer(opts, ctl, &killed, None);
-    let result = secondary_loop(guest, parts, listener, opts, ctl, &since_commit, &mut figures);
+    let result = secondary_loop(
+        guest,
+        parts,
+        listener,
+        opts,
+        ctl,
+        &since_commit,
+        &mut figures,
+    );
     let detected = Instant::now();
     let result = match (killed.load(Ordering::SeqCst), opts.kill) {
         (true, Some(k)) => Err(ColoRunError::Killed(k)),
@@ -1108,7 +1146,8 @@ fn secondary_loop(
             )))
         }
     };
-    if setup.blocks != memory.specs() || usize::from(setup.multifd_channels) != session.multifd.len()
+    if setup.blocks != memory.specs()
+        || usize::from(setup.multifd_channels) != session.multifd.len()
     {
         return Err(ColoRunError::Protocol(format!(
             "the COLO session's SETUP announces {} multifd channels and blocks {:?}; this \
@@ -1232,6 +1271,7 @@ fn secondary_checkpoints(
     let mut expect = Expect::new(Side::Secondary);
     let mut pending: Option<(Vec<PageBitmap>, u64, Vec<Record>)> = None;
     let mut size_bytes = 0u64;
+    let mut pool_bytes = pool.counters().snapshot().wire_bytes;
     loop {
         if ctl.status.failover_pending() {
             return Err(ColoRunError::FailoverRequested);
@@ -1281,6 +1321,15 @@ fn secondary_checkpoints(
                     let own = fresh_bitmaps(memory);
                     log.sync(&own)?;
                     let pages = parts.cache.commit(memory, &dirty, &own)?;
+                    if let Some(LoadHook(hook)) = &opts.test_during_load {
+                        hook();
+                    }
+                    if opts.test_load_error_at == Some(cp) {
+                        return Err(GuestError::DeviceState(format!(
+                            "checkpoint {cp}: load failed (test)"
+                        ))
+                        .into());
+                    }
                     guest.load_device_state(&state)?;
                     figures.last_state = state;
                     Ok(pages)
@@ -1290,6 +1339,10 @@ fn secondary_checkpoints(
                 // The primary's unreleased outputs are this side's now.
                 *since_commit.lock().unwrap() = held;
                 expect.loaded();
+                let now = pool.counters().snapshot().wire_bytes;
+                figures.bytes.push(size_bytes + now - pool_bytes);
+                figures.pages.push(pages);
+                (size_bytes, pool_bytes) = (0, now);
                 if ctl.status.failover_pending() {
                     // RELAUNCH: the failover asked for during the load.
                     return Err(ColoRunError::FailoverRequested);
@@ -1304,9 +1357,6 @@ fn secondary_checkpoints(
                 )?;
                 paused.store(false, Ordering::SeqCst);
                 guest.resume()?;
-                figures.bytes.push(size_bytes);
-                figures.pages.push(pages);
-                size_bytes = 0;
                 ctl.live.lock().unwrap().checkpoints = cp;
             }
             other => {

@@ -14,7 +14,7 @@ use std::time::Duration;
 use common::*;
 use ferry::colo::{
     forward_outputs, run_primary, run_secondary, secondary_builder, ColoControl, ColoOptions,
-    ColoSummary, KillPoint, KillStage, OutputQueue, OutputSink,
+    ColoSummary, KillPoint, KillStage, LoadHook, OutputQueue, OutputSink,
 };
 use ferry::synthetic::{synthetic_memory, OutputHook};
 use ferry::{
@@ -71,12 +71,19 @@ struct Case {
 
 /// Migrates a synthetic guest and runs COLO until both sides end.
 fn colo(case: Case) -> Run {
-    colo_with(case, None)
+    colo_with(case, None, None)
 }
+
+/// [`colo`] with a hook in the secondary's loads, made from its control.
+fn colo_hooked(case: Case, hook: impl FnOnce(Arc<ColoControl>) -> LoadHook + 'static) -> Run {
+    colo_with(case, None, Some(Box::new(hook)))
+}
+
+type MakeHook = Box<dyn FnOnce(Arc<ColoControl>) -> LoadHook>;
 
 /// [`colo`], cutting the link (both sides' channels, no failover asked)
 /// after a while when `cut` is given.
-fn colo_with(case: Case, cut: Option<(Arc<Mutex<Option<Arc<ColoControl>>>>, Duration)>) -> Run {
+fn colo_with(case: Case, cut: Option<Duration>, hook: Option<MakeHook>) -> Run {
     let made_p = Arc::new(Mutex::new(Vec::new()));
     let made_s = Arc::new(Mutex::new(Vec::new()));
     let mem = synthetic_memory(8 * MIB, None, 3).unwrap();
@@ -116,8 +123,12 @@ fn colo_with(case: Case, cut: Option<(Arc<Mutex<Option<Arc<ColoControl>>>>, Dura
     };
     let pctl = ColoControl::new(case.opts.checkpoint_delay);
     let sctl = ColoControl::new(case.opts.checkpoint_delay);
+    let secondary_opts = ColoOptions {
+        test_during_load: hook.map(|h| h(sctl.clone())),
+        ..case.opts.clone()
+    };
     let secondary = {
-        let (client, opts, sctl) = (client.clone(), case.opts.clone(), sctl.clone());
+        let (client, opts, sctl) = (client.clone(), secondary_opts, sctl.clone());
         let kill = case.secondary_kill;
         let alone = case.alone;
         std::thread::spawn(move || {
@@ -125,7 +136,13 @@ fn colo_with(case: Case, cut: Option<(Arc<Mutex<Option<Arc<ColoControl>>>>, Dura
             let parts = parts.get().expect("the COLO builder ran");
             let opts = ColoOptions { kill, ..opts };
             let s = run_secondary(&*got.guest, parts, &l, &opts, &sctl, client.clone());
-            survive(&*got.guest, &parts.outputs, &*client, s.guest_running, alone);
+            survive(
+                &*got.guest,
+                &parts.outputs,
+                &*client,
+                s.guest_running,
+                alone,
+            );
             s
         })
     };
@@ -135,7 +152,7 @@ fn colo_with(case: Case, cut: Option<(Arc<Mutex<Option<Arc<ColoControl>>>>, Dura
         ..Default::default()
     };
     migrate_out(&*guest, &uri, &link, &Progress::default()).expect("migration out");
-    if let Some((_, after)) = cut {
+    if let Some(after) = cut {
         let (p, s) = (pctl.clone(), sctl.clone());
         std::thread::spawn(move || {
             std::thread::sleep(after);
@@ -158,7 +175,15 @@ fn colo_with(case: Case, cut: Option<(Arc<Mutex<Option<Arc<ColoControl>>>>, Dura
         kill: case.primary_kill,
         ..case.opts
     };
-    let p = run_primary(&*guest, &primary_out, &uri, &link, &opts, &pctl, client.clone());
+    let p = run_primary(
+        &*guest,
+        &primary_out,
+        &uri,
+        &link,
+        &opts,
+        &pctl,
+        client.clone(),
+    );
     survive(&*guest, &primary_out, &*client, p.guest_running, case.alone);
     let s = secondary.join().expect("secondary thread");
     let made_by_primary = made_p.lock().unwrap().clone();
@@ -292,11 +317,18 @@ fn secondary_memory_equals_the_primary_at_every_checkpoint() {
     assert_eq!(run.primary.checkpoints, 25);
     assert_eq!(run.secondary.checkpoints, 25);
     assert!(run.primary.pages_per_checkpoint_mean > 0);
-    assert!(run.primary.compare.compared > 0, "{:?}", run.primary.compare);
+    assert!(
+        run.primary.compare.compared > 0,
+        "{:?}",
+        run.primary.compare
+    );
     let t = run.primary.by_trigger;
     assert_eq!(t.periodic + t.request + t.mismatch, 25);
     assert!(run.client.errors.lock().unwrap().is_empty());
-    assert_eq!(run.primary.released, run.client.history.lock().unwrap().len());
+    assert_eq!(
+        run.primary.released,
+        run.client.history.lock().unwrap().len()
+    );
 }
 
 fn kill_point(seed: u64, i: u64) -> KillPoint {
@@ -398,7 +430,6 @@ fn a_requested_failover_ends_colo_on_both_sides_with_one_survivor() {
 #[test]
 fn a_cut_link_ends_colo_on_both_sides_with_a_reason_and_survivors_run() {
     let run = within(120, || {
-        let cut = Arc::new(Mutex::new(None::<Arc<ColoControl>>));
         colo_with(
             Case {
                 opts: quick(),
@@ -408,13 +439,92 @@ fn a_cut_link_ends_colo_on_both_sides_with_a_reason_and_survivors_run() {
                 force: None,
                 alone: Duration::from_millis(50),
             },
-            Some((cut, Duration::from_millis(300))),
+            Some(Duration::from_millis(300)),
+            None,
         )
     });
     for s in [&run.primary, &run.secondary] {
         assert_eq!(s.end, "failover", "{s:?}");
         assert_eq!(s.status.reason, FailoverReason::Error);
-        assert!(s.status.error.is_some(), "a reason is given: {:?}", s.status);
+        assert!(
+            s.status.error.is_some(),
+            "a reason is given: {:?}",
+            s.status
+        );
         assert!(s.guest_running);
     }
+}
+
+/// A failover asked for while the secondary loads a checkpoint waits for
+/// the load (RELAUNCH) and then completes; a failed load ends in a
+/// failover too, never a secondary stuck paused.
+#[test]
+fn a_failover_during_a_load_completes_after_it_and_after_a_failed_load() {
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let run = {
+        let seen = seen.clone();
+        within(120, move || {
+            colo_hooked(
+                Case {
+                    opts: quick(),
+                    primary_kill: None,
+                    secondary_kill: None,
+                    jitter: 0,
+                    force: None,
+                    alone: Duration::from_millis(50),
+                },
+                // At checkpoint 2's load, ask the secondary to fail over.
+                move |sctl: Arc<ColoControl>| {
+                    let n = Arc::new(std::sync::atomic::AtomicU64::new(0));
+                    LoadHook(Arc::new(move || {
+                        if n.fetch_add(1, Ordering::SeqCst) == 1 {
+                            assert!(sctl.failover());
+                            seen.lock().unwrap().push(sctl.query().failover);
+                        }
+                    }))
+                },
+            )
+        })
+    };
+    assert_eq!(
+        *seen.lock().unwrap(),
+        vec![FailoverState::Relaunch],
+        "asked during a load, the failover waits (RELAUNCH)"
+    );
+    assert_eq!(
+        run.secondary.checkpoints, 2,
+        "the load in progress completed"
+    );
+    let s = &run.secondary;
+    assert_eq!(s.end, "failover");
+    assert_eq!(s.status.reason, FailoverReason::Request);
+    assert_eq!(s.status.failover, FailoverState::Completed);
+    assert!(s.guest_running, "the secondary runs after the relaunch");
+    assert!(
+        !s.last_loaded_state.is_empty(),
+        "the load in progress completed before the failover"
+    );
+
+    let run = within(120, || {
+        colo(Case {
+            opts: ColoOptions {
+                test_load_error_at: Some(2),
+                ..quick()
+            },
+            primary_kill: None,
+            secondary_kill: None,
+            jitter: 0,
+            force: None,
+            alone: Duration::from_millis(50),
+        })
+    });
+    let s = &run.secondary;
+    assert_eq!(s.end, "failover");
+    assert_eq!(s.status.reason, FailoverReason::Error);
+    let e = s.status.error.as_deref().unwrap_or("");
+    assert!(e.contains("checkpoint 2: load failed"), "{e}");
+    assert!(
+        s.guest_running,
+        "a failed load ends in a failover, not a stuck secondary"
+    );
 }

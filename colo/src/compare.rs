@@ -237,7 +237,9 @@ impl ClientHistory {
     /// The value of record `seq` of `vcpu`, if held.
     pub fn value(&self, vcpu: u16, seq: u64) -> Option<u64> {
         let (first, values) = self.vcpus.get(&vcpu)?;
-        values.get(usize::try_from(seq.checked_sub(*first)?).ok()?).copied()
+        values
+            .get(usize::try_from(seq.checked_sub(*first)?).ok()?)
+            .copied()
     }
 
     /// Records held in all.

@@ -113,7 +113,9 @@ impl ColoMessage {
             Self::CheckpointReady | Self::GuestShutdown => {}
             Self::CheckpointRequest { checkpoint }
             | Self::CheckpointReply { checkpoint }
-            | Self::VmstateReceived { checkpoint } => b.extend_from_slice(&checkpoint.to_le_bytes()),
+            | Self::VmstateReceived { checkpoint } => {
+                b.extend_from_slice(&checkpoint.to_le_bytes())
+            }
             Self::VmstateSend {
                 checkpoint,
                 generation,
@@ -217,11 +219,7 @@ impl ColoMessage {
             }
         };
         if r.at != b.len() {
-            return Err(r.bad(format!(
-                "{} stray bytes after {}",
-                b.len() - r.at,
-                m.name()
-            )));
+            return Err(r.bad(format!("{} stray bytes after {}", b.len() - r.at, m.name())));
         }
         Ok(m)
     }
@@ -423,7 +421,9 @@ impl Expect {
                 Step::Send
             }
             (Side::Secondary, Step::Idle, M::GuestShutdown) => Step::Idle,
-            (Side::Secondary, Step::Send, M::VmstateSend { checkpoint, .. }) if *checkpoint == n => {
+            (Side::Secondary, Step::Send, M::VmstateSend { checkpoint, .. })
+                if *checkpoint == n =>
+            {
                 Step::Size
             }
             (Side::Secondary, Step::Size, M::VmstateSize { size }) => Step::State(*size),
@@ -514,7 +514,10 @@ mod tests {
         p.check(&ColoMessage::Output(vec![])).unwrap();
         // A REPLY nobody asked for.
         let e = p.clone().check(&reply).unwrap_err().to_string();
-        assert!(e.contains("CHECKPOINT_REPLY arrived while OUTPUT was due"), "{e}");
+        assert!(
+            e.contains("CHECKPOINT_REPLY arrived while OUTPUT was due"),
+            "{e}"
+        );
         p.requested(1);
         // LOADED before RECEIVED (the seeds' order) is refused.
         let loaded = ColoMessage::VmstateLoaded {

@@ -77,8 +77,7 @@ impl ColoArgs {
     pub fn sink(&self) -> anyhow::Result<Arc<dyn OutputSink>> {
         Ok(match &self.colo_output {
             Some(spec) => Arc::new(
-                WriterSink::open(spec)
-                    .map_err(|e| anyhow::anyhow!("--colo-output {spec}: {e}"))?,
+                WriterSink::open(spec).map_err(|e| anyhow::anyhow!("--colo-output {spec}: {e}"))?,
             ),
             None => Arc::new(Discard),
         })
@@ -143,6 +142,7 @@ fn ticker(role: &'static str, ctl: &Arc<ColoControl>, show: bool) -> Option<Arc<
 }
 
 /// The primary, after `migrate_out` completed.
+#[allow(clippy::too_many_arguments)]
 pub fn primary(
     a: &ColoArgs,
     guest: &dyn Guest,
@@ -199,10 +199,7 @@ fn alone(
     }
     eprintln!(
         "ferry: COLO ended ({}): this side runs the guest alone{}",
-        s.status
-            .error
-            .as_deref()
-            .unwrap_or("failover requested"),
+        s.status.error.as_deref().unwrap_or("failover requested"),
         match a.colo_alone {
             Some(d) => format!(" for {:.1} s", d.as_secs_f64()),
             None => " until `ferry ctl SOCK poweroff` or Ctrl-C".into(),

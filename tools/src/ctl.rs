@@ -139,9 +139,7 @@ pub fn run(a: CtlArgs) -> anyhow::Result<bool> {
         ),
         CtlCommand::Checkpoint => Some(json!({ "execute": "colo-checkpoint" }).to_string()),
         CtlCommand::Failover => Some(json!({ "execute": "x-colo-lost-heartbeat" }).to_string()),
-        CtlCommand::QueryColoStatus => {
-            Some(json!({ "execute": "query-colo-status" }).to_string())
-        }
+        CtlCommand::QueryColoStatus => Some(json!({ "execute": "query-colo-status" }).to_string()),
         CtlCommand::Poweroff => Some(json!({ "execute": "colo-poweroff" }).to_string()),
         CtlCommand::Events => None,
         CtlCommand::Raw { request } => Some(request.trim().to_string()),
