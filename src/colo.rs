@@ -492,17 +492,19 @@ fn spawn_killer(
             }
             std::thread::sleep(Duration::from_millis(1));
         }
-        if let Some(d) = dead_flag {
-            d.store(true, Ordering::SeqCst);
-        }
-        killed.store(true, Ordering::SeqCst);
-        let since = Instant::now();
+        // Silent first: a checkpoint whose held outputs were cut short by
+        // the dead flag must never be sent.
         if silent {
             ctl.silenced.store(true, Ordering::SeqCst);
             if let Some(s) = ctl.silencer.lock().unwrap().as_ref() {
                 s();
             }
         }
+        if let Some(d) = dead_flag {
+            d.store(true, Ordering::SeqCst);
+        }
+        killed.store(true, Ordering::SeqCst);
+        let since = Instant::now();
         ctl.triggers.stop();
         // The channels may not exist yet: cut them once they do (a silent
         // side only once the peer had time to notice).
@@ -514,6 +516,18 @@ fn spawn_killer(
         }
     });
     Some((stop, t))
+}
+
+/// [`colo_send`], unless a test silenced this side (a hung host sends
+/// nothing more).
+fn live_send(ctl: &ColoControl, main: &MainChannel, m: &ColoMessage) -> Result<u64, ColoRunError> {
+    if silenced(ctl) {
+        return Err(ColoRunError::Protocol(format!(
+            "silenced before {}",
+            m.name()
+        )));
+    }
+    colo_send(main, m)
 }
 
 fn silenced(ctl: &ColoControl) -> bool {
@@ -926,7 +940,7 @@ fn primary_checkpoint(
     let mut bytes = 0u64;
     let before = pool.counters().snapshot().wire_bytes;
     expect.lock().unwrap().requested(n);
-    bytes += colo_send(main, &ColoMessage::CheckpointRequest { checkpoint: n })?;
+    bytes += live_send(ctl, main, &ColoMessage::CheckpointRequest { checkpoint: n })?;
     dead(opts.kill, n, KillStage::AfterRequest, ctl, Some(dead_flag))?;
     let (_, b) = wait("CHECKPOINT_REPLY")?;
     bytes += b;
@@ -940,7 +954,8 @@ fn primary_checkpoint(
         let synced = paused.elapsed();
         let pages: u64 = dirty.iter().map(PageBitmap::count).sum();
         let held = compare.lock().unwrap().held();
-        bytes += colo_send(
+        bytes += live_send(
+            ctl,
             main,
             &ColoMessage::VmstateSend {
                 checkpoint: n,
@@ -953,13 +968,14 @@ fn primary_checkpoint(
         pool.send_pass(dirty)?;
         let sent = paused.elapsed();
         let state = guest.save_device_state()?;
-        bytes += colo_send(
+        bytes += live_send(
+            ctl,
             main,
             &ColoMessage::VmstateSize {
                 size: state.len() as u64,
             },
         )?;
-        bytes += colo_send(main, &ColoMessage::Vmstate(state))?;
+        bytes += live_send(ctl, main, &ColoMessage::Vmstate(state))?;
         let digest = opts.verify.then(|| memory.digest().0);
         bytes += wait("VMSTATE_RECEIVED")?.1;
         let received = paused.elapsed();
@@ -1332,7 +1348,7 @@ fn secondary_checkpoints(
                 guest.pause()?;
                 // Every output made before the pause goes before REPLY.
                 send_outputs()?;
-                colo_send(main, &ColoMessage::CheckpointReply { checkpoint: cp })?;
+                live_send(ctl, main, &ColoMessage::CheckpointReply { checkpoint: cp })?;
                 dead(opts.kill, cp, KillStage::AfterRequest, ctl, None)?;
             }
             ColoMessage::VmstateSend {
@@ -1352,7 +1368,7 @@ fn secondary_checkpoints(
                     .ok_or_else(|| ColoRunError::Protocol("VMSTATE without VMSTATE_SEND".into()))?;
                 // The whole checkpoint is here once its pages are.
                 pool.wait_sync_within(generation, Some(opts.heartbeat_timeout))?;
-                colo_send(main, &ColoMessage::VmstateReceived { checkpoint: cp })?;
+                live_send(ctl, main, &ColoMessage::VmstateReceived { checkpoint: cp })?;
                 dead(opts.kill, cp, KillStage::AfterReceived, ctl, None)?;
                 // Commit: from here a failover waits for the load.
                 ctl.status.set_loading(true);
@@ -1387,7 +1403,8 @@ fn secondary_checkpoints(
                     return Err(ColoRunError::FailoverRequested);
                 }
                 let digest = opts.verify.then(|| memory.digest().0);
-                colo_send(
+                live_send(
+                    ctl,
                     main,
                     &ColoMessage::VmstateLoaded {
                         checkpoint: cp,

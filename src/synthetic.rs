@@ -789,6 +789,58 @@ mod tests {
         assert_eq!(mem.digest(), copy.digest(), "the same write lands on both");
     }
 
+    /// Two copies from one state emit the same numbered records; with
+    /// jitter they drift apart.
+    #[test]
+    fn outputs_follow_the_state_and_jitter_makes_copies_diverge() {
+        fn run(jitter: u32) -> (Vec<ferry_colo::Record>, Vec<ferry_colo::Record>) {
+            let mem = synthetic_memory(4 << 20, None, 1).unwrap();
+            let g = SyntheticGuest::paused(
+                mem.clone(),
+                &config(TrackerKind::Bitmap),
+                Resources::none(true),
+            )
+            .unwrap();
+            let state = g.save_device_state().unwrap();
+            let twin = SyntheticGuest::from_device_state(
+                mem,
+                &state,
+                TrackerKind::Bitmap,
+                Resources::none(true),
+            )
+            .unwrap();
+            let outs: Vec<Arc<Mutex<Vec<ferry_colo::Record>>>> =
+                (0..2).map(|_| Arc::default()).collect();
+            for (guest, out) in [(&g, &outs[0]), (&twin, &outs[1])] {
+                let out = out.clone();
+                guest.set_output(4, Some(Arc::new(move |r| out.lock().unwrap().push(r))));
+                guest.set_jitter(jitter);
+            }
+            // The same writes on both, one vCPU at a time, no clock.
+            for guest in [&g, &twin] {
+                for i in 0..2 {
+                    let mut s = guest.vcpu_states()[i];
+                    for _ in 0..400 {
+                        write_one(&guest.shared, i, &mut s, DirtyPattern::Hotset(50));
+                    }
+                }
+            }
+            let take = |o: &Arc<Mutex<Vec<ferry_colo::Record>>>| o.lock().unwrap().clone();
+            (take(&outs[0]), take(&outs[1]))
+        }
+        let (a, b) = run(0);
+        assert_eq!(a.len(), 200, "a record every 4 writes of each vCPU");
+        assert_eq!(a, b, "copies from one state emit the same records");
+        let seqs: Vec<u64> = a.iter().filter(|r| r.vcpu == 1).map(|r| r.seq).collect();
+        assert_eq!(
+            seqs,
+            (1..=100).collect::<Vec<_>>(),
+            "numbered 1, 2, 3... per vCPU"
+        );
+        let (a, b) = run(100_000);
+        assert_ne!(a, b, "with jitter the copies diverge");
+    }
+
     #[test]
     fn throttle_and_bad_states() {
         let mem = synthetic_memory(4 << 20, None, 1).unwrap();

@@ -67,6 +67,8 @@ struct Case {
     force: Option<(ColoMode, Duration)>,
     /// How long the survivor runs alone before the test stops it.
     alone: Duration,
+    /// zstd on the migration's and COLO's multifd channels.
+    zstd: bool,
 }
 
 /// Migrates a synthetic guest and runs COLO until both sides end.
@@ -146,11 +148,14 @@ fn colo_with(case: Case, cut: Option<Duration>, hook: Option<MakeHook>) -> Run {
             s
         })
     };
-    let link = OutgoingOptions {
+    let mut link = OutgoingOptions {
         colo: true,
         channels: 2,
         ..Default::default()
     };
+    if case.zstd {
+        link.sender.compress = Some(1);
+    }
     migrate_out(&*guest, &uri, &link, &Progress::default()).expect("migration out");
     if let Some(after) = cut {
         let (p, s) = (pctl.clone(), sctl.clone());
@@ -254,6 +259,10 @@ fn check_history(run: &Run, label: &str) {
         };
         ("secondary", &run.made_by_secondary, bases)
     };
+    // The survivor's last record of each vCPU, in the order it made them
+    // (a checkpoint may have rolled it back below records it made before).
+    let last_made = |vcpu: u16| made.iter().rev().find(|r| r.vcpu == vcpu).map(|r| r.seq);
+    // Later copies of a number (made again after a roll-back) win.
     let made: std::collections::HashMap<(u16, u64), u64> =
         made.iter().map(|r| ((r.vcpu, r.seq), r.value)).collect();
     for (vcpu, (first, last)) in h.ranges() {
@@ -266,12 +275,7 @@ fn check_history(run: &Run, label: &str) {
                  the survivor ({survivor})"
             );
         }
-        let survivor_last = made
-            .keys()
-            .filter(|(v, _)| *v == vcpu)
-            .map(|(_, s)| *s)
-            .max()
-            .unwrap();
+        let survivor_last = last_made(vcpu).unwrap();
         assert_eq!(
             last, survivor_last,
             "{label}: the client's history of vCPU {vcpu} ends at {last}, the survivor's at \
@@ -304,6 +308,7 @@ fn secondary_memory_equals_the_primary_at_every_checkpoint() {
             jitter: 3000,
             force: None,
             alone: Duration::ZERO,
+            zstd: false,
         })
     });
     // A digest that differs ends COLO with a failover, not a poweroff.
@@ -367,6 +372,7 @@ fn kill_runs(side: ColoMode) {
                 jitter: 30_000,
                 force: None,
                 alone: Duration::from_millis(150),
+                zstd: false,
             })
         });
         let (dead, alive) = match side {
@@ -411,6 +417,7 @@ fn a_requested_failover_ends_colo_on_both_sides_with_one_survivor() {
                 jitter: 0,
                 force: Some((side, Duration::from_millis(300))),
                 alone: Duration::from_millis(100),
+                zstd: false,
             })
         });
         let (asked, other) = match side {
@@ -438,6 +445,7 @@ fn a_cut_link_ends_colo_on_both_sides_with_a_reason_and_survivors_run() {
                 jitter: 0,
                 force: None,
                 alone: Duration::from_millis(50),
+                zstd: false,
             },
             Some(Duration::from_millis(300)),
             None,
@@ -472,6 +480,7 @@ fn a_failover_during_a_load_completes_after_it_and_after_a_failed_load() {
                     jitter: 0,
                     force: None,
                     alone: Duration::from_millis(50),
+                    zstd: false,
                 },
                 // At checkpoint 2's load, ask the secondary to fail over.
                 move |sctl: Arc<ColoControl>| {
@@ -516,6 +525,7 @@ fn a_failover_during_a_load_completes_after_it_and_after_a_failed_load() {
             jitter: 0,
             force: None,
             alone: Duration::from_millis(50),
+            zstd: false,
         })
     });
     let s = &run.secondary;
@@ -527,4 +537,28 @@ fn a_failover_during_a_load_completes_after_it_and_after_a_failed_load() {
         s.guest_running,
         "a failed load ends in a failover, not a stuck secondary"
     );
+}
+
+#[test]
+fn compressed_channels_keep_the_secondary_equal_at_every_checkpoint() {
+    let run = within(120, || {
+        colo(Case {
+            opts: ColoOptions {
+                verify: true,
+                max_checkpoints: Some(10),
+                ..quick()
+            },
+            primary_kill: None,
+            secondary_kill: None,
+            jitter: 0,
+            force: None,
+            alone: Duration::ZERO,
+            zstd: true,
+        })
+    });
+    assert_eq!(
+        (run.primary.end, run.secondary.end),
+        ("poweroff", "poweroff")
+    );
+    assert_eq!(run.secondary.checkpoints, 10);
 }
