@@ -307,7 +307,7 @@ impl ColoControl {
     /// Stop the guest on both sides and end.
     pub fn poweroff(&self) {
         self.poweroff.store(true, Ordering::SeqCst);
-        self.triggers.request(TriggerKind::Request);
+        self.triggers.poke();
     }
     /// Whether a poweroff was asked for.
     pub fn poweroff_requested(&self) -> bool {
@@ -619,7 +619,6 @@ pub fn run_primary(
             }
             let held = c.release_all();
             sink.release(&held);
-            figures.released += held.len() as u64;
             drop(c);
             let _ = guest.resume();
             ("failover", true)
@@ -634,7 +633,7 @@ pub fn run_primary(
     }
     let stats = compare.lock().unwrap().stats();
     let mut s = figures.summary("primary", ctl, stats, end, failover_ms, running);
-    s.released = stats.released;
+    s.released = stats.released + figures.released;
     s
 }
 
@@ -822,6 +821,11 @@ fn primary_checkpoints(
     };
     // CHECKPOINT_READY: the secondary's cache and receivers are ready.
     wait("CHECKPOINT_READY")?;
+    // Outputs made before the switchover (the secondary starts after
+    // them) went to the client as they would without COLO.
+    let before = outputs.take();
+    sink.release(&before);
+    figures.released += before.len() as u64;
     // The guest's memory equals the secondary's cache now: track from here.
     log.start()?;
     guest.resume()?;

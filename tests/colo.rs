@@ -137,7 +137,7 @@ fn colo_with(case: Case, cut: Option<Duration>, hook: Option<MakeHook>) -> Run {
             let got = migrate_in(&l, &incoming, &Progress::default()).expect("migration in");
             let parts = parts.get().expect("the COLO builder ran");
             let opts = ColoOptions { kill, ..opts };
-            let s = run_secondary(&*got.guest, parts, &l, &opts, &sctl, client.clone());
+            let mut s = run_secondary(&*got.guest, parts, &l, &opts, &sctl, client.clone());
             survive(
                 &*got.guest,
                 &parts.outputs,
@@ -145,6 +145,11 @@ fn colo_with(case: Case, cut: Option<Duration>, hook: Option<MakeHook>) -> Run {
                 s.guest_running,
                 alone,
             );
+            if s.last_loaded_state.is_empty() {
+                // No checkpoint loaded: the secondary went on from the
+                // state it migrated with.
+                s.last_loaded_state = got.device_state.clone();
+            }
             s
         })
     };
@@ -252,11 +257,7 @@ fn check_history(run: &Run, label: &str) {
         ("primary", &run.made_by_primary, vec![0, 0])
     } else {
         assert!(run.secondary.guest_running, "{label}: no survivor");
-        let bases = if run.secondary.last_loaded_state.is_empty() {
-            vec![0, 0]
-        } else {
-            vcpu_bases(&run.secondary.last_loaded_state)
-        };
+        let bases = vcpu_bases(&run.secondary.last_loaded_state);
         ("secondary", &run.made_by_secondary, bases)
     };
     // The survivor's last record of each vCPU, in the order it made them
@@ -561,4 +562,37 @@ fn compressed_channels_keep_the_secondary_equal_at_every_checkpoint() {
         ("poweroff", "poweroff")
     );
     assert_eq!(run.secondary.checkpoints, 10);
+}
+
+/// SETUP's COLO bit: each side refuses the other without `--colo`, at
+/// setup, saying what to do; the source's guest runs on.
+#[test]
+fn colo_is_announced_and_both_sides_must_agree() {
+    within(60, || {
+        for (send_colo, recv_colo, says) in [
+            (true, false, "start this receiver with --colo"),
+            (false, true, "start the source with --colo"),
+        ] {
+            let guest = synthetic(2, 4 * MIB, DirtyPattern::Random, TrackerKind::Bitmap);
+            let (l, uri) = listener();
+            let dst = spawn_destination(
+                l,
+                IncomingOptions {
+                    colo: recv_colo,
+                    ..Default::default()
+                },
+            );
+            let link = OutgoingOptions {
+                colo: send_colo,
+                ..Default::default()
+            };
+            let e = migrate_out(&guest, &uri, &link, &Progress::default())
+                .expect_err("refused")
+                .error
+                .to_string();
+            assert!(e.contains(says), "{e}");
+            assert!(guest.is_running(), "the source guest runs on");
+            assert!(dst.join().unwrap().is_err());
+        }
+    });
 }

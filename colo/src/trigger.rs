@@ -37,6 +37,8 @@ struct State {
     pending: Option<TriggerKind>,
     running: bool,
     stopped: bool,
+    /// Wakes a waiter without a checkpoint (it returns `None`).
+    poked: bool,
     counts: TriggerCounts,
 }
 
@@ -54,6 +56,7 @@ impl Triggers {
                 pending: None,
                 running: false,
                 stopped: false,
+                poked: false,
                 counts: TriggerCounts::default(),
             }),
             cv: Condvar::new(),
@@ -90,6 +93,13 @@ impl Triggers {
         self.state.lock().unwrap().delay
     }
 
+    /// Wakes the waiter without asking for a checkpoint (its caller has
+    /// something else to look at, e.g. a poweroff).
+    pub fn poke(&self) {
+        self.state.lock().unwrap().poked = true;
+        self.cv.notify_all();
+    }
+
     /// Ends every wait (COLO is over).
     pub fn stop(&self) {
         self.state.lock().unwrap().stopped = true;
@@ -104,6 +114,9 @@ impl Triggers {
         let mut s = self.state.lock().unwrap();
         loop {
             if s.stopped {
+                return None;
+            }
+            if std::mem::take(&mut s.poked) {
                 return None;
             }
             let now = Instant::now();
@@ -185,8 +198,12 @@ mod tests {
             });
             assert_eq!(t.wait(LONG), Some(TriggerKind::Request));
         });
+        // A poke wakes the waiter with no checkpoint and no count.
+        t.poke();
+        assert_eq!(t.wait(LONG), None);
         t.stop();
         assert_eq!(t.wait(LONG), None);
         assert_eq!(t.counts().periodic, 1);
+        assert_eq!(t.counts().request, 1);
     }
 }

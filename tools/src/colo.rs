@@ -41,7 +41,8 @@ pub struct ColoArgs {
     /// discarded (still counted).
     #[arg(long, value_name = "PATH|tcp:HOST:PORT", requires = "colo")]
     pub colo_output: Option<String>,
-    /// COLO: each vCPU emits an output record every this many writes.
+    /// COLO: each vCPU emits an output record every this many writes
+    /// (give both sides the same number).
     #[arg(long, default_value_t = 64, requires = "colo")]
     pub colo_output_every: u64,
     /// COLO: per million writes, how many mix the clock into the vCPU's
