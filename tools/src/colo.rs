@@ -223,6 +223,22 @@ fn alone(
 
 /// The COLO part of the text summary.
 pub fn print(s: &ColoSummary) {
+    if s.role == "secondary" {
+        eprintln!(
+            "  COLO secondary: {} checkpoints loaded; {} bytes and {} pages per checkpoint; \
+             {} outputs released at failover; ended by {}{}",
+            s.checkpoints,
+            s.bytes_per_checkpoint_mean,
+            s.pages_per_checkpoint_mean,
+            s.released,
+            s.end,
+            match s.failover_ms {
+                Some(ms) => format!(", failover in {ms:.3} ms ({:?})", s.status.reason),
+                None => String::new(),
+            }
+        );
+        return;
+    }
     let t = s.by_trigger;
     eprintln!(
         "  COLO {}: {} checkpoints ({} periodic, {} request, {} mismatch, {} coalesced); \
