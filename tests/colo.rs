@@ -69,6 +69,8 @@ struct Case {
     alone: Duration,
     /// zstd on the migration's and COLO's multifd channels.
     zstd: bool,
+    /// TLS on every channel of both sessions.
+    tls: bool,
 }
 
 /// Migrates a synthetic guest and runs COLO until both sides end.
@@ -116,7 +118,28 @@ fn colo_with(case: Case, cut: Option<Duration>, hook: Option<MakeHook>) -> Run {
     }
     guest.set_jitter(case.jitter);
     let client = Arc::new(Client::default());
-    let (l, uri) = listener();
+    let certs = tempfile::tempdir().unwrap();
+    let (l, uri) = if case.tls {
+        ferry_transport::certs::generate(
+            certs.path(),
+            &ferry_transport::certs::CertRequest {
+                hosts: vec!["localhost".into(), "127.0.0.1".into()],
+                days: 30,
+                expired: false,
+            },
+        )
+        .unwrap();
+        let l = ferry::Listener::bind(
+            &"tcp:127.0.0.1:0".parse().unwrap(),
+            ferry::SocketTuning::default(),
+        )
+        .unwrap()
+        .with_tls(Arc::new(ferry::TlsServer::load(certs.path()).unwrap()));
+        let uri = l.uri().clone();
+        (l, uri)
+    } else {
+        listener()
+    };
     let (builder, parts) = secondary_builder(EVERY, case.jitter, Some(tee(made_s.clone())));
     let incoming = IncomingOptions {
         colo: true,
@@ -160,6 +183,11 @@ fn colo_with(case: Case, cut: Option<Duration>, hook: Option<MakeHook>) -> Run {
     };
     if case.zstd {
         link.sender.compress = Some(1);
+    }
+    if case.tls {
+        link.tls = Some(Arc::new(
+            ferry::TlsClient::load(certs.path(), None).unwrap(),
+        ));
     }
     migrate_out(&*guest, &uri, &link, &Progress::default()).expect("migration out");
     if let Some(after) = cut {
@@ -310,6 +338,7 @@ fn secondary_memory_equals_the_primary_at_every_checkpoint() {
             force: None,
             alone: Duration::ZERO,
             zstd: false,
+            tls: false,
         })
     });
     // A digest that differs ends COLO with a failover, not a poweroff.
@@ -374,6 +403,7 @@ fn kill_runs(side: ColoMode) {
                 force: None,
                 alone: Duration::from_millis(150),
                 zstd: false,
+                tls: false,
             })
         });
         let (dead, alive) = match side {
@@ -419,6 +449,7 @@ fn a_requested_failover_ends_colo_on_both_sides_with_one_survivor() {
                 force: Some((side, Duration::from_millis(300))),
                 alone: Duration::from_millis(100),
                 zstd: false,
+                tls: false,
             })
         });
         let (asked, other) = match side {
@@ -447,6 +478,7 @@ fn a_cut_link_ends_colo_on_both_sides_with_a_reason_and_survivors_run() {
                 force: None,
                 alone: Duration::from_millis(50),
                 zstd: false,
+                tls: false,
             },
             Some(Duration::from_millis(300)),
             None,
@@ -482,6 +514,7 @@ fn a_failover_during_a_load_completes_after_it_and_after_a_failed_load() {
                     force: None,
                     alone: Duration::from_millis(50),
                     zstd: false,
+                    tls: false,
                 },
                 // At checkpoint 2's load, ask the secondary to fail over.
                 move |sctl: Arc<ColoControl>| {
@@ -527,6 +560,7 @@ fn a_failover_during_a_load_completes_after_it_and_after_a_failed_load() {
             force: None,
             alone: Duration::from_millis(50),
             zstd: false,
+            tls: false,
         })
     });
     let s = &run.secondary;
@@ -555,6 +589,7 @@ fn compressed_channels_keep_the_secondary_equal_at_every_checkpoint() {
             force: None,
             alone: Duration::ZERO,
             zstd: true,
+            tls: false,
         })
     });
     assert_eq!(
@@ -595,4 +630,29 @@ fn colo_is_announced_and_both_sides_must_agree() {
             assert!(dst.join().unwrap().is_err());
         }
     });
+}
+
+#[test]
+fn tls_channels_keep_the_secondary_equal_at_every_checkpoint() {
+    let run = within(120, || {
+        colo(Case {
+            opts: ColoOptions {
+                verify: true,
+                max_checkpoints: Some(10),
+                ..quick()
+            },
+            primary_kill: None,
+            secondary_kill: None,
+            jitter: 0,
+            force: None,
+            alone: Duration::ZERO,
+            zstd: false,
+            tls: true,
+        })
+    });
+    assert_eq!(
+        (run.primary.end, run.secondary.end),
+        ("poweroff", "poweroff")
+    );
+    assert_eq!(run.secondary.checkpoints, 10);
 }
