@@ -22,7 +22,13 @@
 //!   `max-bandwidth` and `avail-switchover-bandwidth` (bytes/s),
 //!   `cpu-throttle-initial`, `cpu-throttle-increment`, `max-cpu-throttle`
 //!   (percent), `auto-converge` and `pause-before-switchover` (booleans),
-//!   `max-passes`. All are checked before any is applied.
+//!   `max-passes`, and in COLO `checkpoint-delay` (ms, takes effect at
+//!   once). All are checked before any is applied.
+//! - COLO (`send --colo`, `recv --colo`): `colo-checkpoint` (a checkpoint
+//!   now), `x-colo-lost-heartbeat` (QEMU's name: fail over now),
+//!   `query-colo-status` (mode, last mode, failover state, reason; plus
+//!   live checkpoint figures), `colo-poweroff` (stop the guest on both
+//!   sides and end).
 //!
 //! A malformed request gets an error reply and the connection stays open;
 //! a line longer than 64 KiB ends the connection after its error reply.
@@ -601,7 +607,34 @@ pub fn handle(line: &str, progress: &Progress) -> Value {
             None => Err("migrate-continue needs \"state\" (e.g. \"pre-switchover\")".into()),
         },
         "migrate-start-postcopy" => progress.start_postcopy().map(|()| json!({})),
-        "migrate-set-parameters" => set_parameters(progress, args).map(|()| json!({})),
+        "migrate-set-parameters" => set_with_colo(progress, args).map(|()| json!({})),
+        "colo-checkpoint" | "x-colo-lost-heartbeat" | "query-colo-status" | "colo-poweroff" => {
+            match progress.colo() {
+                None => Err(format!("{cmd}: COLO is not running here")),
+                Some(c) => match cmd {
+                    "colo-checkpoint" => {
+                        c.checkpoint();
+                        Ok(json!({}))
+                    }
+                    "x-colo-lost-heartbeat" => {
+                        if c.failover() {
+                            Ok(json!({}))
+                        } else {
+                            Err("x-colo-lost-heartbeat: COLO is over already".into())
+                        }
+                    }
+                    "colo-poweroff" => {
+                        c.poweroff();
+                        Ok(json!({}))
+                    }
+                    _ => Ok(json!({
+                        "status": c.query(),
+                        "live": c.live(),
+                        "checkpoint-delay": c.triggers.delay().as_millis() as u64,
+                    })),
+                },
+            }
+        }
         other => {
             return error_reply(
                 id,
@@ -632,6 +665,28 @@ fn parameters_json(p: &Parameters) -> Value {
         "pause-before-switchover": p.pause_before_switchover,
         "max-passes": p.max_passes,
     })
+}
+
+/// `migrate-set-parameters`, taking COLO's `checkpoint-delay` (ms) out
+/// first: checked with the rest, applied to COLO's triggers at once.
+fn set_with_colo(progress: &Progress, args: &Map<String, Value>) -> Result<(), String> {
+    let Some(v) = args.get("checkpoint-delay") else {
+        return set_parameters(progress, args);
+    };
+    let Some(colo) = progress.colo() else {
+        return Err("parameter 'checkpoint-delay' is for COLO, which is not running here".into());
+    };
+    let ms = v
+        .as_u64()
+        .filter(|&n| n <= 3_600_000)
+        .ok_or_else(|| format!("checkpoint-delay: {v} is not milliseconds from 0 to 3600000"))?;
+    let mut rest = args.clone();
+    rest.remove("checkpoint-delay");
+    if !rest.is_empty() {
+        set_parameters(progress, &rest)?;
+    }
+    colo.triggers.set_delay(Duration::from_millis(ms));
+    Ok(())
 }
 
 /// Checks every argument, then applies them all at once.

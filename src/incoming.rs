@@ -104,6 +104,10 @@ pub struct IncomingOptions {
     /// replay check ([`IncomingOutcome::postcopy_reference`]). Doubles the
     /// memory used; single-block guests only (the synthetic guest).
     pub postcopy_reference: bool,
+    /// This destination is a COLO secondary (`recv --colo`): it takes only
+    /// a source that announces COLO (SETUP's [`crate::protocol::CAP_COLO`]),
+    /// and a source that announces it is refused without this.
+    pub colo: bool,
 }
 
 /// Keeps what a completed migration must leave behind; the error's text is
@@ -159,6 +163,7 @@ impl Default for IncomingOptions {
             postcopy_recover: crate::postcopy::RecoverMode::Manual,
             postcopy_paused_timeout: None,
             postcopy_reference: false,
+            colo: false,
         }
     }
 }
@@ -352,7 +357,8 @@ fn receive(
             multifd.len()
         )));
     }
-    let unknown = setup.capabilities & !(CAP_CHECKSUM | CAP_ZSTD | CAP_VERIFY | CAP_POSTCOPY);
+    let unknown = setup.capabilities
+        & !(CAP_CHECKSUM | CAP_ZSTD | CAP_VERIFY | CAP_POSTCOPY | crate::protocol::CAP_COLO);
     if unknown != 0 {
         return Err(MigrationError::Setup(format!(
             "SETUP asks for capabilities this receiver does not have (bits {unknown:#04x}): \
@@ -370,6 +376,15 @@ fn receive(
         (Some(ours), _) => ours,
         (None, asked) => asked,
     };
+    let colo = setup.capabilities & crate::protocol::CAP_COLO != 0;
+    if colo != opts.colo {
+        return Err(MigrationError::Setup(if colo {
+            "the source announces COLO (send --colo): start this receiver with --colo".into()
+        } else {
+            "this receiver is a COLO secondary (recv --colo) and the source does not announce              COLO: start the source with --colo"
+                .into()
+        }));
+    }
     summary.checksum = setup.capabilities & CAP_CHECKSUM != 0;
     let compressed = setup.capabilities & CAP_ZSTD != 0;
     match opts.compression {

@@ -22,6 +22,7 @@
 //!   (file mode, over `ferry-file`); [`snapshot`]: what the two share.
 
 mod activation;
+pub mod colo;
 pub mod control;
 mod error;
 pub mod guest;

@@ -97,6 +97,9 @@ pub struct OutgoingOptions {
     /// How long to stay in postcopy-paused before giving up (the guest
     /// stays paused, the migration fails); `None`: for ever.
     pub postcopy_paused_timeout: Option<Duration>,
+    /// COLO follows (`send --colo`): announced in SETUP ([`CAP_COLO`]);
+    /// see [`crate::colo`].
+    pub colo: bool,
 }
 
 impl Default for OutgoingOptions {
@@ -115,6 +118,7 @@ impl Default for OutgoingOptions {
             postcopy_preempt: true,
             postcopy_recover: crate::postcopy::RecoverMode::Manual,
             postcopy_paused_timeout: None,
+            colo: false,
         }
     }
 }
@@ -388,7 +392,12 @@ impl Source<'_> {
                 CAP_VERIFY
             } else {
                 0
-            } | if opts.postcopy { CAP_POSTCOPY } else { 0 },
+            } | if opts.postcopy { CAP_POSTCOPY } else { 0 }
+                | if opts.colo {
+                    crate::protocol::CAP_COLO
+                } else {
+                    0
+                },
             multifd_channels: opts.channels,
             packet_pages: opts.sender.packet_pages,
             blocks: self.memory.specs(),
@@ -799,7 +808,7 @@ type Channels = Vec<Box<dyn Channel>>;
 
 /// Connects main and the multifd channels, then waits until the
 /// destination has accepted every one of them.
-fn open_session(
+pub(crate) fn open_session(
     uri: &ChannelUri,
     opts: &OutgoingOptions,
     session: SessionId,

@@ -26,7 +26,8 @@
 //!   bit 1: payloads may be zstd-compressed; bit 2: the source asks that
 //!   the switchover be verified, [`CAP_VERIFY`]; bit 3: postcopy may
 //!   follow, the destination registers userfaultfd and takes preempt
-//!   channels, [`CAP_POSTCOPY`]),
+//!   channels, [`CAP_POSTCOPY`]; bit 4: COLO follows the migration,
+//!   [`CAP_COLO`]),
 //!   `u16` multifd channels, `u32` pages per packet, `u16` block count B, then
 //!   B times: `u8` name length L, L bytes of UTF-8 name, `u64` length in
 //!   bytes, `u32` page size. At most 1 MiB.
@@ -44,6 +45,9 @@
 //! - `7 POSTCOPY_PACKAGE`: the switch to postcopy: the discard list and
 //!   the device state, read whole before any of it is used (layout:
 //!   `src/postcopy/wire.rs`). At most 256 MiB + 64 MiB.
+//! - `8 COLO` (either direction, after a migration announced with SETUP's
+//!   bit 4, [`CAP_COLO`]): one COLO checkpoint message, its layout in
+//!   `colo/src/wire.rs`. At most 256 MiB + 64 MiB.
 //!
 //! Verifying the switchover is opt-in, and either side may ask: the source
 //! with SETUP's bit 2, the destination by itself. The destination decides
@@ -98,6 +102,9 @@ pub const CAP_VERIFY: u8 = 4;
 /// SETUP capability: postcopy may follow (the destination registers
 /// userfaultfd and takes preempt channels).
 pub const CAP_POSTCOPY: u8 = 8;
+/// SETUP capability: COLO follows the migration (`send --colo`); the
+/// destination must be a COLO secondary (`recv --colo`).
+pub const CAP_COLO: u8 = 16;
 /// A POSTCOPY_PACKAGE's limit: the device state's and a discard list's.
 const MAX_PACKAGE: u32 = MAX_DEVICE_STATE + (64 << 20);
 /// The message type numbers, each written once here (the module doc lists
@@ -110,6 +117,7 @@ pub mod kind {
     pub const CANCEL: u16 = 5;
     pub const VERIFY: u16 = 6;
     pub const POSTCOPY_PACKAGE: u16 = 7;
+    pub const COLO: u16 = 8;
     pub const SETUP_ACK: u16 = 101;
     pub const SHUT: u16 = 102;
     pub const SWITCHOVER_ACK: u16 = 103;
@@ -168,6 +176,8 @@ pub enum Message {
     /// The postcopy package (`crate::postcopy::wire`), opaque here.
     PostcopyPackage(Vec<u8>),
     PageRequest(crate::postcopy::wire::PageRun),
+    /// A COLO message (`ferry_colo::wire`), opaque here.
+    Colo(Vec<u8>),
 }
 
 impl Message {
@@ -186,6 +196,7 @@ impl Message {
             Self::Heartbeat => kind::HEARTBEAT,
             Self::PostcopyPackage(_) => kind::POSTCOPY_PACKAGE,
             Self::PageRequest(_) => kind::PAGE_REQUEST,
+            Self::Colo(_) => kind::COLO,
         }
     }
 
@@ -219,7 +230,9 @@ impl Message {
             }
             Self::Verify { digest } => b.extend_from_slice(&digest.to_le_bytes()),
             Self::SetupAck { verify } => b.push(if *verify { ACK_VERIFY } else { 0 }),
-            Self::DeviceState(d) | Self::PostcopyPackage(d) => b.extend_from_slice(d),
+            Self::DeviceState(d) | Self::PostcopyPackage(d) | Self::Colo(d) => {
+                b.extend_from_slice(d)
+            }
             Self::PageRequest(run) => b.extend_from_slice(&run.encode_request()),
             Self::Cancel | Self::SwitchoverAck | Self::Heartbeat => {}
             Self::Shut { error } => {
@@ -340,6 +353,7 @@ impl Message {
             },
             kind::HEARTBEAT => Self::Heartbeat,
             kind::POSTCOPY_PACKAGE => Self::PostcopyPackage(b.to_vec()),
+            kind::COLO => Self::Colo(b.to_vec()),
             kind::PAGE_REQUEST => {
                 Self::PageRequest(crate::postcopy::wire::PageRun::decode_request(
                     r.bytes(crate::postcopy::wire::REQUEST_LEN)?
@@ -368,7 +382,7 @@ impl Message {
         };
         if !matches!(
             m,
-            Self::DeviceState(_) | Self::Shut { .. } | Self::PostcopyPackage(_)
+            Self::DeviceState(_) | Self::Shut { .. } | Self::PostcopyPackage(_) | Self::Colo(_)
         ) && r.at != b.len()
         {
             return Err(MigrationError::Protocol(format!(
@@ -534,7 +548,7 @@ impl Drop for MainChannel {
 
 /// Every message type: its number on the wire, its name, and the most
 /// bytes its body may have.
-const KINDS: [(u16, &str, u32); 13] = [
+const KINDS: [(u16, &str, u32); 14] = [
     (kind::SETUP, "SETUP", MAX_SETUP),
     (kind::PASS_END, "PASS_END", 8),
     (kind::DEVICE_STATE, "DEVICE_STATE", MAX_DEVICE_STATE),
@@ -547,6 +561,7 @@ const KINDS: [(u16, &str, u32); 13] = [
     (kind::RESUMED, "RESUMED", 24),
     (kind::HEARTBEAT, "HEARTBEAT", 0),
     (kind::POSTCOPY_PACKAGE, "POSTCOPY_PACKAGE", MAX_PACKAGE),
+    (kind::COLO, "COLO", MAX_PACKAGE),
     (
         kind::PAGE_REQUEST,
         "PAGE_REQUEST",

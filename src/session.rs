@@ -21,7 +21,9 @@
 //!                        ├→ pre-switchover ─┘
 //!                        ├→ completed              (background snapshot)
 //!                        ├→ postcopy-active → completed, or → postcopy-paused → failed
-//!                        └→ colo  (not implemented yet)
+//!                        └→ colo  (COLO runs after a completed migration,
+//!                                  on a session of its own: `src/colo.rs`;
+//!                                  this engine does not enter the phase)
 //! any running phase → failed, or → cancelling → cancelled
 //! ```
 //!

@@ -250,6 +250,8 @@ pub struct Progress {
     cancel_hooks: Mutex<Vec<Box<dyn Fn() + Send>>>,
     subscribers: Mutex<Vec<mpsc::Sender<Event>>>,
     live: Mutex<Live>,
+    /// COLO's control, once COLO runs (`send --colo`, `recv --colo`).
+    colo: OnceLock<Arc<crate::colo::ColoControl>>,
 }
 
 impl Default for Progress {
@@ -280,6 +282,7 @@ impl Default for Progress {
             cancel_hooks: Mutex::new(Vec::new()),
             subscribers: Mutex::new(Vec::new()),
             live: Mutex::new(Live::default()),
+            colo: OnceLock::new(),
         }
     }
 }
@@ -290,6 +293,15 @@ impl Progress {
         let p = Self::default();
         *p.params.lock().unwrap() = params;
         p
+    }
+
+    /// Makes COLO's control reachable from the control socket.
+    pub fn attach_colo(&self, ctl: Arc<crate::colo::ColoControl>) {
+        let _ = self.colo.set(ctl);
+    }
+    /// COLO's control, once attached.
+    pub fn colo(&self) -> Option<&Arc<crate::colo::ColoControl>> {
+        self.colo.get()
     }
 
     pub fn set_phase(&self, phase: &'static str) {

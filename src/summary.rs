@@ -164,6 +164,9 @@ pub struct Summary {
     /// Destination with `--run-after`: the workload continued there.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub workload: Option<Workload>,
+    /// `send --colo` / `recv --colo`: what COLO did after the migration.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub colo: Option<crate::colo::ColoSummary>,
     /// The highest auto-converge throttle applied.
     pub throttle_percent: u8,
     /// Bytes on multifd channels while the guest ran, and while paused.

@@ -10,6 +10,13 @@
 //! holds the rate, pattern and every vCPU's RNG state and counters, so a
 //! destination that loads it continues the same write sequence exactly.
 //!
+//! For COLO the vCPUs may also emit an output stream
+//! ([`SyntheticGuest::set_output`]): every `every`-th write of a vCPU
+//! emits record number `writes / every` whose value follows from the
+//! vCPU's state, as a real guest's packets follow from its state. And
+//! [`SyntheticGuest::set_jitter`] makes a vCPU now and then mix the clock
+//! into its RNG, as interrupts and timers make real guests diverge.
+//!
 //! Device state format (UTF-8 JSON):
 //! `{"kind":"ferry-synthetic","version":1,"dirty_rate":B,"pattern":"random"|
 //! "sequential"|"hotset:PCT","page_size":4096,"vcpus":[{"rng":U64,
@@ -147,7 +154,15 @@ struct Shared {
     vcpus: Vec<Mutex<VcpuState>>,
     /// When the first write of any vCPU finished.
     first_write: std::sync::OnceLock<Instant>,
+    /// Output stream: a record every this many writes (0: none).
+    output_every: AtomicU64,
+    output: Mutex<Option<OutputHook>>,
+    /// Chance per million writes that a vCPU mixes the clock into its RNG.
+    jitter_ppm: std::sync::atomic::AtomicU32,
 }
+
+/// Takes the synthetic guest's output records (called on vCPU threads).
+pub type OutputHook = Arc<dyn Fn(ferry_colo::Record) + Send + Sync>;
 
 pub struct SyntheticGuest {
     shared: Arc<Shared>,
@@ -233,6 +248,9 @@ impl SyntheticGuest {
             cv: Condvar::new(),
             vcpus,
             first_write: std::sync::OnceLock::new(),
+            output_every: AtomicU64::new(0),
+            output: Mutex::new(None),
+            jitter_ppm: std::sync::atomic::AtomicU32::new(0),
         });
         let mut g = Self {
             shared,
@@ -273,6 +291,21 @@ impl SyntheticGuest {
 
     pub fn throttle(&self) -> u8 {
         self.shared.throttle.load(Ordering::Relaxed)
+    }
+
+    /// Emits an output record every `every` writes of each vCPU to `hook`
+    /// (`every` 0 or no hook: no output).
+    pub fn set_output(&self, every: u64, hook: Option<OutputHook>) {
+        *self.shared.output.lock().unwrap() = hook;
+        self.shared.output_every.store(every, Ordering::Release);
+    }
+
+    /// Makes the vCPUs non-deterministic: per million writes, this many
+    /// mix the clock into the vCPU's RNG (0: deterministic).
+    pub fn set_jitter(&self, per_million: u32) {
+        self.shared
+            .jitter_ppm
+            .store(per_million.min(1_000_000), Ordering::Relaxed);
     }
 
     pub fn tracker_name(&self) -> &'static str {
@@ -533,6 +566,25 @@ fn write_one(shared: &Shared, index: usize, s: &mut VcpuState, pattern: DirtyPat
     // store is atomic, so concurrent readers (senders) see old or new bytes.
     unsafe { AtomicU64::from_ptr(addr.cast::<u64>()).store(value, Ordering::Relaxed) };
     shared.log.mark(0, page);
+    let every = shared.output_every.load(Ordering::Acquire);
+    if every != 0 && s.writes.is_multiple_of(every) {
+        if let Some(hook) = shared.output.lock().unwrap().as_ref() {
+            hook(ferry_colo::Record {
+                vcpu: index as u16,
+                seq: s.writes / every,
+                value: output_value(s),
+            });
+        }
+    }
+    let ppm = shared.jitter_ppm.load(Ordering::Relaxed);
+    if ppm != 0 {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| u64::from(d.subsec_nanos()));
+        if splitmix(nanos ^ s.writes) % 1_000_000 < u64::from(ppm) {
+            s.rng ^= splitmix(nanos);
+        }
+    }
     if shared.first_write.get().is_none() {
         let _ = shared.first_write.set(Instant::now());
     }
@@ -562,6 +614,11 @@ fn next_write(
     s.writes += 1;
     let value = ((index as u64 + 1) << 48) ^ s.writes;
     (page, word, value)
+}
+
+/// The value of the output record a vCPU in state `s` emits.
+pub fn output_value(s: &VcpuState) -> u64 {
+    splitmix(s.rng ^ s.writes.rotate_left(32))
 }
 
 /// What [`replay_check`] found.
@@ -730,6 +787,58 @@ mod tests {
         write_one(&twin.shared, 0, &mut b, p);
         assert_eq!(a, b);
         assert_eq!(mem.digest(), copy.digest(), "the same write lands on both");
+    }
+
+    /// Two copies from one state emit the same numbered records; with
+    /// jitter they drift apart.
+    #[test]
+    fn outputs_follow_the_state_and_jitter_makes_copies_diverge() {
+        fn run(jitter: u32) -> (Vec<ferry_colo::Record>, Vec<ferry_colo::Record>) {
+            let mem = synthetic_memory(4 << 20, None, 1).unwrap();
+            let g = SyntheticGuest::paused(
+                mem.clone(),
+                &config(TrackerKind::Bitmap),
+                Resources::none(true),
+            )
+            .unwrap();
+            let state = g.save_device_state().unwrap();
+            let twin = SyntheticGuest::from_device_state(
+                mem,
+                &state,
+                TrackerKind::Bitmap,
+                Resources::none(true),
+            )
+            .unwrap();
+            let outs: Vec<Arc<Mutex<Vec<ferry_colo::Record>>>> =
+                (0..2).map(|_| Arc::default()).collect();
+            for (guest, out) in [(&g, &outs[0]), (&twin, &outs[1])] {
+                let out = out.clone();
+                guest.set_output(4, Some(Arc::new(move |r| out.lock().unwrap().push(r))));
+                guest.set_jitter(jitter);
+            }
+            // The same writes on both, one vCPU at a time, no clock.
+            for guest in [&g, &twin] {
+                for i in 0..2 {
+                    let mut s = guest.vcpu_states()[i];
+                    for _ in 0..400 {
+                        write_one(&guest.shared, i, &mut s, DirtyPattern::Hotset(50));
+                    }
+                }
+            }
+            let take = |o: &Arc<Mutex<Vec<ferry_colo::Record>>>| o.lock().unwrap().clone();
+            (take(&outs[0]), take(&outs[1]))
+        }
+        let (a, b) = run(0);
+        assert_eq!(a.len(), 200, "a record every 4 writes of each vCPU");
+        assert_eq!(a, b, "copies from one state emit the same records");
+        let seqs: Vec<u64> = a.iter().filter(|r| r.vcpu == 1).map(|r| r.seq).collect();
+        assert_eq!(
+            seqs,
+            (1..=100).collect::<Vec<_>>(),
+            "numbered 1, 2, 3... per vCPU"
+        );
+        let (a, b) = run(100_000);
+        assert_ne!(a, b, "with jitter the copies diverge");
     }
 
     #[test]

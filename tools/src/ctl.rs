@@ -46,6 +46,10 @@ const SET_KEYS: &[(&str, &str)] = &[
         "true or false: wait in pre-switchover for `continue`",
     ),
     ("max-passes", "give up after this many passes; 0: never"),
+    (
+        "checkpoint-delay",
+        "COLO: time between periodic checkpoints (ms, or 100ms, 1s); at once",
+    ),
 ];
 
 fn set_keys_help() -> String {
@@ -106,6 +110,15 @@ enum CtlCommand {
         #[arg(required = true)]
         settings: Vec<String>,
     },
+    /// COLO: take a checkpoint now.
+    Checkpoint,
+    /// COLO: fail over now (QEMU's x-colo-lost-heartbeat): this side goes
+    /// on alone.
+    Failover,
+    /// COLO: mode, last mode, failover state and reason, live figures.
+    QueryColoStatus,
+    /// COLO: stop the guest on both sides and end.
+    Poweroff,
     /// Print events until the migration ends (or the socket closes).
     Events,
     /// Send one raw JSON request line.
@@ -136,6 +149,10 @@ pub fn run(a: CtlArgs) -> anyhow::Result<bool> {
             json!({ "execute": "migrate-set-parameters", "arguments": parse_settings(settings)? })
                 .to_string(),
         ),
+        CtlCommand::Checkpoint => Some(json!({ "execute": "colo-checkpoint" }).to_string()),
+        CtlCommand::Failover => Some(json!({ "execute": "x-colo-lost-heartbeat" }).to_string()),
+        CtlCommand::QueryColoStatus => Some(json!({ "execute": "query-colo-status" }).to_string()),
+        CtlCommand::Poweroff => Some(json!({ "execute": "colo-poweroff" }).to_string()),
         CtlCommand::Events => None,
         CtlCommand::Raw { request } => Some(request.trim().to_string()),
     };
@@ -294,7 +311,7 @@ fn parse_settings(settings: &[String]) -> anyhow::Result<Value> {
             );
         }
         let value = match k {
-            "downtime-limit" => {
+            "downtime-limit" | "checkpoint-delay" => {
                 let d = parse_millis(v).map_err(|e| anyhow!("{k}: {e}"))?;
                 json!(u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
             }

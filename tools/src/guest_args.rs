@@ -127,29 +127,34 @@ impl GuestArgs {
                     ImageGuest::open(ram, device_state)?.with_resources(resources),
                 ))
             }
-            GuestKind::Synthetic => {
-                let size = match (self.size, &self.ram) {
-                    (Some(s), _) => s,
-                    (None, Some(p)) => std::fs::metadata(p)
-                        .with_context(|| format!("reading {}", p.display()))?
-                        .len(),
-                    (None, None) => anyhow::bail!("a synthetic guest needs --size or --ram"),
-                };
-                let memory = synthetic_memory(size, self.ram.as_deref(), self.seed)?;
-                let config = SyntheticConfig {
-                    vcpus: self.vcpus,
-                    dirty_rate: self.dirty_rate,
-                    pattern: self.dirty_pattern,
-                    seed: self.seed,
-                    tracker: match self.dirty_tracker {
-                        Some(TrackerArg::Uffd) => TrackerKind::Uffd,
-                        _ => TrackerKind::Bitmap,
-                    },
-                };
-                Ok(Box::new(SyntheticGuest::start(memory, &config, resources)?))
-            }
+            GuestKind::Synthetic => Ok(Box::new(self.build_synthetic(resources)?)),
             GuestKind::Kvm => Ok(Box::new(crate::kvm::boot(self, resources)?)),
         }
+    }
+}
+
+impl GuestArgs {
+    /// Starts the synthetic guest (whatever --guest says), owning `resources`.
+    pub fn build_synthetic(&self, resources: Resources) -> anyhow::Result<SyntheticGuest> {
+        let size = match (self.size, &self.ram) {
+            (Some(s), _) => s,
+            (None, Some(p)) => std::fs::metadata(p)
+                .with_context(|| format!("reading {}", p.display()))?
+                .len(),
+            (None, None) => anyhow::bail!("a synthetic guest needs --size or --ram"),
+        };
+        let memory = synthetic_memory(size, self.ram.as_deref(), self.seed)?;
+        let config = SyntheticConfig {
+            vcpus: self.vcpus,
+            dirty_rate: self.dirty_rate,
+            pattern: self.dirty_pattern,
+            seed: self.seed,
+            tracker: match self.dirty_tracker {
+                Some(TrackerArg::Uffd) => TrackerKind::Uffd,
+                _ => TrackerKind::Bitmap,
+            },
+        };
+        Ok(SyntheticGuest::start(memory, &config, resources)?)
     }
 }
 

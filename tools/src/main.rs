@@ -13,6 +13,7 @@
 
 mod bench;
 mod certs;
+mod colo;
 mod ctl;
 mod demo;
 mod file_io;

@@ -117,6 +117,8 @@ pub struct RecvArgs {
     /// by itself.
     #[arg(long, default_value = "manual", value_name = "MODE")]
     postcopy_recover: ferry::postcopy::RecoverMode,
+    #[command(flatten)]
+    colo: crate::colo::ColoArgs,
 }
 
 pub fn run(a: RecvArgs) -> anyhow::Result<bool> {
@@ -143,7 +145,11 @@ fn migrate(a: RecvArgs) -> anyhow::Result<bool> {
     if let Some(d) = &a.tls_dir {
         listener = listener.with_tls(Arc::new(TlsServer::load(d)?));
     }
-    let opts = IncomingOptions {
+    // COLO: the synthetic guest with its dirty log, outputs and RAM cache.
+    let colo_parts = a.colo.colo.then(|| {
+        ferry::colo::secondary_builder(a.colo.colo_output_every, a.colo.colo_jitter, None)
+    });
+    let mut opts = IncomingOptions {
         memory: a
             .ram_out
             .clone()
@@ -180,9 +186,15 @@ fn migrate(a: RecvArgs) -> anyhow::Result<bool> {
         // was at the switch.
         postcopy_reference: a.run_after.is_some(),
         postcopy_paused_timeout: None,
+        colo: false,
     };
+    if let Some((builder, _)) = &colo_parts {
+        opts.build_guest = builder.clone();
+        opts.colo = true;
+    }
     let progress = Arc::new(Progress::default());
     crate::signals::cancel_on_signal(&progress);
+    let colo_ctl = a.colo.colo.then(|| a.colo.control(&progress));
     let control = match &a.control {
         Some(p) => Some(ControlServer::start(p, progress.clone())?),
         None => None,
@@ -200,9 +212,25 @@ fn migrate(a: RecvArgs) -> anyhow::Result<bool> {
     if let Some(e) = events {
         e.finish();
     }
-    drop((control, metrics));
     match result {
         Ok(mut outcome) => {
+            if let (Some((_, parts)), Some(ctl)) = (&colo_parts, &colo_ctl) {
+                let parts = parts
+                    .get()
+                    .ok_or_else(|| anyhow::anyhow!("the COLO guest builder did not run"))?;
+                let s = crate::colo::secondary(
+                    &a.colo,
+                    &*outcome.guest,
+                    parts,
+                    &listener,
+                    ctl,
+                    &progress,
+                    a.json,
+                )?;
+                outcome.summary.guest_running = outcome.guest.is_running();
+                outcome.summary.colo = Some(s);
+            }
+            drop((control, metrics));
             let kvm = arrived.lock().unwrap().take();
             if let Some(after) = crate::guest_args::run_after(a.run_after, &outcome.device_state) {
                 outcome.summary.workload = match &kvm {
@@ -247,6 +275,9 @@ fn migrate(a: RecvArgs) -> anyhow::Result<bool> {
                     })
                 });
             print_summary("recv", &outcome.summary, a.json);
+            if let (Some(s), false) = (&outcome.summary.colo, a.json) {
+                crate::colo::print(s);
+            }
             if let Some(w) = outcome.summary.workload.as_ref().filter(|_| !a.json) {
                 print_workload(w);
             }
@@ -256,6 +287,7 @@ fn migrate(a: RecvArgs) -> anyhow::Result<bool> {
             Ok(failed.is_none())
         }
         Err(f) => {
+            drop((control, metrics));
             print_summary("recv", &f.summary, a.json);
             Ok(false)
         }

@@ -174,6 +174,8 @@ pub struct SendArgs {
     /// Prometheus's text format at http://ADDR/metrics, e.g. 127.0.0.1:9464.
     #[arg(long, value_name = "ADDR")]
     metrics_listen: Option<String>,
+    #[command(flatten)]
+    colo: crate::colo::ColoArgs,
 }
 
 pub fn run(a: SendArgs) -> anyhow::Result<bool> {
@@ -203,7 +205,22 @@ fn migrate(a: SendArgs) -> anyhow::Result<bool> {
         Some(addr) => Some(ferry::MetricsServer::start(addr, progress.clone())?),
         None => None,
     };
-    let guest = a.guest.build(Resources::new(&a.lock, true)?)?;
+    let resources = Resources::new(&a.lock, true)?;
+    // COLO: the synthetic guest, its outputs queued for comparison.
+    let (colo, built) = if a.colo.colo {
+        let g = a.guest.build_synthetic(resources)?;
+        let outputs = ferry::colo::OutputQueue::new();
+        g.set_output(a.colo.colo_output_every, Some(outputs.hook()));
+        g.set_jitter(a.colo.colo_jitter);
+        (Some((g, outputs, a.colo.control(&progress))), None)
+    } else {
+        (None, Some(a.guest.build(resources)?))
+    };
+    let guest: &dyn ferry::Guest = match (&colo, &built) {
+        (Some((g, _, _)), _) => g,
+        (None, Some(b)) => &**b,
+        (None, None) => unreachable!("one of the two was built"),
+    };
     let opts = OutgoingOptions {
         channels: a.channels,
         sender: SenderOptions {
@@ -233,16 +250,16 @@ fn migrate(a: SendArgs) -> anyhow::Result<bool> {
         postcopy_after: a.postcopy_after.unwrap_or(0),
         postcopy_preempt: !a.no_postcopy_preempt,
         postcopy_recover: a.postcopy_recover,
+        colo: a.colo.colo,
         ..Default::default()
     };
     let events = a.json.then(|| EventPrinter::start(&progress));
     let view = ProgressView::start(progress.clone(), !a.json);
-    let result = migrate_out(&*guest, &uri, &opts, &progress);
+    let result = migrate_out(guest, &uri, &opts, &progress);
     drop(view);
     if let Some(e) = events {
         e.finish();
     }
-    drop((control, metrics));
     let (mut summary, ok) = match result {
         Ok(s) => (s, true),
         Err(f) => (*f.summary, false),
@@ -250,7 +267,16 @@ fn migrate(a: SendArgs) -> anyhow::Result<bool> {
     if ok && summary.digest.is_none() {
         summary.digest = Some(guest.memory().digest().to_string());
     }
+    if let (true, Some((g, outputs, ctl))) = (ok, &colo) {
+        let s = crate::colo::primary(&a.colo, g, outputs, &uri, &opts, ctl, &progress, a.json)?;
+        summary.guest_running = ferry::Guest::is_running(g);
+        summary.colo = Some(s);
+    }
+    drop((control, metrics));
     print_summary("send", &summary, a.json);
+    if let (Some(s), false) = (&summary.colo, a.json) {
+        crate::colo::print(s);
+    }
     Ok(ok)
 }
 
