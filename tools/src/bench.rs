@@ -6,7 +6,10 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Args, ValueEnum};
-use ferry_bench::{run as run_bench, run_live, BenchConfig, LiveGuest, LiveOptions};
+use ferry_bench::{
+    run as run_bench, run_live, run_postcopy, BenchConfig, LiveGuest, LiveOptions,
+    PostcopyOptions,
+};
 
 use crate::units::{parse_millis, parse_size};
 
@@ -124,14 +127,16 @@ pub struct BenchArgs {
     /// ferry's KVM micro-VM; both seeded from --seed).
     #[arg(long, value_enum, default_value_t = LiveGuestArg::Synthetic, requires = "live")]
     guest: LiveGuestArg,
-    /// With --live: bytes a second all vCPUs dirty together, one 4 KiB page
-    /// a write, e.g. 256M/s (the `/s` is optional).
-    #[arg(long, default_value = "256M/s", value_parser = parse_rate, requires = "live")]
-    dirty_rate: u64,
-    /// With --live: where the vCPUs write: random, sequential, or
-    /// hotset:PCT (only the first PCT% of memory).
-    #[arg(long, default_value = "hotset:25", requires = "live")]
-    dirty_pattern: String,
+    /// With --live or --postcopy: bytes a second all vCPUs dirty together,
+    /// one 4 KiB page a write, e.g. 256M/s (the `/s` is optional). Default:
+    /// 256M/s with --live, 1G/s with --postcopy.
+    #[arg(long, value_parser = parse_rate)]
+    dirty_rate: Option<u64>,
+    /// With --live or --postcopy: where the vCPUs write: random,
+    /// sequential, or hotset:PCT (only the first PCT% of memory). Default:
+    /// hotset:25 with --live, random with --postcopy.
+    #[arg(long)]
+    dirty_pattern: Option<String>,
     /// With --live: dirty trackers, comma separated, one case each: bitmap
     /// (the guest marks an atomic bitmap), uffd (the kernel's userfaultfd
     /// write-protect, Linux 6.7+). One this kernel lacks is skipped with a
@@ -139,8 +144,8 @@ pub struct BenchArgs {
     /// bitmap,uffd for the synthetic guest, kvm-log for the KVM guest.
     #[arg(long, value_delimiter = ',', requires = "live")]
     dirty_tracker: Vec<String>,
-    /// With --live: the guest's vCPUs (writer threads).
-    #[arg(long, default_value_t = 2, requires = "live")]
+    /// With --live or --postcopy: the guest's vCPUs (writer threads).
+    #[arg(long, default_value_t = 2)]
     vcpus: u16,
     /// With --live: `ferry send --downtime-limit`, the longest pause the
     /// source plans for the final pass (30ms, 0.3s; a bare number is
@@ -156,6 +161,29 @@ pub struct BenchArgs {
     /// seconds).
     #[arg(long, default_value = "2s", value_parser = crate::units::parse_secs, requires = "live")]
     run_after: Duration,
+    /// Measure postcopy (issue #13's case) instead: a synthetic guest of
+    /// --size (default 1G) whose --vcpus write --dirty-rate (default
+    /// 1G/s) in --dirty-pattern (default random) is sent with `ferry send
+    /// --postcopy --postcopy-after N` into `ferry recv`, two processes over
+    /// loopback, K channels (default 2); each run alternates that with the
+    /// same plus `--no-postcopy-preempt` (skipped with a note when this
+    /// ferry's `send` lacks the flag), a precopy of the same guest idle
+    /// (`--dirty-rate 0`), and an in-process postcopy whose destination
+    /// memory must pass the replay check. The report gives medians and
+    /// ranges of total time, downtime, fault latency p50/p99/max, requests
+    /// and the guest's blocked time, the replay checks equal, and total
+    /// over the idle precopy's. --peer qemu adds QEMU 10's postcopy of the
+    /// KVM micro-VM with the same size, vCPUs, rate and pattern
+    /// (postcopy-ram, postcopy-preempt, multifd; migrate-start-postcopy
+    /// after the same passes), or says why it cannot run here.
+    #[arg(long, conflicts_with = "live")]
+    postcopy: bool,
+    /// With --postcopy: precopy passes before the switch.
+    #[arg(long, default_value_t = 1, requires = "postcopy", value_name = "N")]
+    postcopy_after: u64,
+    /// With --postcopy: skip the in-process replay-check migration.
+    #[arg(long, requires = "postcopy")]
+    no_replay_check: bool,
 }
 
 /// The guest `ferry bench --live` migrates.
@@ -200,8 +228,10 @@ pub fn run(a: BenchArgs) -> anyhow::Result<bool> {
             Some(p) => p.clone(),
             None => std::env::current_exe().context("locating the ferry binary")?,
         },
-        size: a.size.unwrap_or(if a.live { 1 << 30 } else { 2 << 30 }),
-        channels: match (a.channels.is_empty(), a.live) {
+        size: a
+            .size
+            .unwrap_or(if a.live || a.postcopy { 1 << 30 } else { 2 << 30 }),
+        channels: match (a.channels.is_empty(), a.live || a.postcopy) {
             (false, _) => a.channels.clone(),
             (true, false) => vec![1, 2, 4],
             (true, true) => vec![2],
@@ -224,6 +254,26 @@ pub fn run(a: BenchArgs) -> anyhow::Result<bool> {
     if let Some(p) = &a.plot {
         crate::output::check_output_path(p)?;
     }
+    if a.postcopy {
+        anyhow::ensure!(
+            a.plot.is_none(),
+            "--plot draws the bandwidth cases; --postcopy reports as a table or --json"
+        );
+        let pc = PostcopyOptions {
+            vcpus: a.vcpus,
+            dirty_rate: a.dirty_rate.unwrap_or(1 << 30),
+            dirty_pattern: a.dirty_pattern.clone().unwrap_or_else(|| "random".into()),
+            postcopy_after: a.postcopy_after,
+            replay_check: !a.no_replay_check,
+        };
+        let report = run_postcopy(&config, &pc, &mut |line| eprintln!("ferry bench: {line}"))?;
+        if a.json {
+            println!("{}", serde_json::to_string_pretty(&report.to_json())?);
+        } else {
+            println!("{}", report.table());
+        }
+        return Ok(true);
+    }
     if a.live {
         anyhow::ensure!(
             a.plot.is_none(),
@@ -240,8 +290,8 @@ pub fn run(a: BenchArgs) -> anyhow::Result<bool> {
         let live = LiveOptions {
             guest,
             vcpus: a.vcpus,
-            dirty_rate: a.dirty_rate,
-            dirty_pattern: a.dirty_pattern.clone(),
+            dirty_rate: a.dirty_rate.unwrap_or(256 << 20),
+            dirty_pattern: a.dirty_pattern.clone().unwrap_or_else(|| "hotset:25".into()),
             trackers,
             downtime_limit: a.downtime_limit,
             auto_converge: a.auto_converge,
