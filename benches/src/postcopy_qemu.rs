@@ -86,14 +86,14 @@ pub(crate) fn run_once(
     let vcpus = q.params.vcpus;
     let mut qc = QemuConfig::new(q.size);
     qc.qmp = true;
-    let src = QemuGuest::boot(&qc, &q.params, &src_dir).map_err(qemu)?;
+    let mut src = QemuGuest::boot(&qc, &q.params, &src_dir).map_err(qemu)?;
     src.wait_for("every vCPU's first progress line", BOOT_TIMEOUT, |lines| {
         (0..vcpus).all(|v| first_gap(lines, v).is_some())
     })
     .map_err(qemu)?;
     let mut dst_config = qc.clone();
     dst_config.incoming = Some("defer".into());
-    let dst = QemuGuest::boot(&dst_config, &q.params, &dst_dir).map_err(qemu)?;
+    let mut dst = QemuGuest::boot(&dst_config, &q.params, &dst_dir).map_err(qemu)?;
     let caps = json!([
         { "capability": "postcopy-ram", "state": true },
         { "capability": "postcopy-preempt", "state": true },
