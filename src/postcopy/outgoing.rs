@@ -39,10 +39,18 @@ impl Source<'_> {
             "switching to postcopy: pausing the guest"
         );
         self.guest.pause()?;
+        let step = |what: &str| {
+            tracing::debug!(
+                at_ms = paused_at.elapsed().as_secs_f64() * 1e3,
+                "postcopy switch (source): {what}"
+            )
+        };
+        step("guest paused");
         session.enter(Phase::PostcopyActive)?;
         self.progress.set_phase("postcopy-active");
         self.guest.resources().inactivate()?;
         session.sync()?;
+        step("last pass's sync done");
         let totals = match s.pool.finish() {
             Ok(t) => t,
             Err(e) => return Err(local_or_destination(e, &s.return_path)),
@@ -50,15 +58,19 @@ impl Source<'_> {
         self.summary.add_totals(&totals);
         self.summary.precopy_bytes = self.progress.figures().precopy_bytes;
         self.summary.passes = s.pool.generation();
+        step("precopy stream finished");
         let device_state = self.guest.save_device_state()?;
+        step("device state saved");
         self.summary.device_state_bytes = device_state.len() as u64;
         self.summary.device_state_digest = Some(Digest::of_bytes(&device_state).to_string());
         let discard = session.pending().clone();
         let stale: u64 = discard.iter().map(PageBitmap::count).sum();
         let package = crate::postcopy::wire::encode_package(&discard, &device_state);
+        step("package built");
         self.in_postcopy = true;
         self.handed_over = true;
         self.summary.wire_bytes += s.main.send(&Message::PostcopyPackage(package))?;
+        step("package sent");
         let server = Arc::new(crate::postcopy::PageServer::new(
             self.memory.clone(),
             discard,
