@@ -207,11 +207,27 @@ impl PostcopyDestination {
     /// a multifd channel), placing what it brings. It ends at the
     /// channel's END frame, or when postcopy ends.
     pub fn read_pages(&mut self, channel: Arc<dyn Channel>) -> Result<(), PostcopyError> {
+        self.reader(channel, false)
+    }
+
+    /// [`Self::read_pages`] for a channel of the background push: its
+    /// thread yields the CPU to the fault path ([`lower_priority`]).
+    pub fn read_background_pages(
+        &mut self,
+        channel: Arc<dyn Channel>,
+    ) -> Result<(), PostcopyError> {
+        self.reader(channel, true)
+    }
+
+    fn reader(&mut self, channel: Arc<dyn Channel>, background: bool) -> Result<(), PostcopyError> {
         self.shared.channels.lock().unwrap().push(channel.clone());
         let s = self.shared.clone();
         let t = std::thread::Builder::new()
             .name("ferry-pc-pages".into())
             .spawn(move || {
+                if background {
+                    lower_priority();
+                }
                 if let Err(e) = read_loop(&s, channel.as_ref()) {
                     if !s.stop.load(Ordering::Acquire) {
                         fail(&s, e);
@@ -343,6 +359,29 @@ impl Drop for PostcopyDestination {
         for t in self.threads.drain(..) {
             let _ = t.join();
         }
+    }
+}
+
+/// The nice value of postcopy's background threads (the push on the
+/// source, its readers here).
+const BACKGROUND_NICE: i32 = 10;
+
+/// Lowers the calling thread's CPU priority to [`BACKGROUND_NICE`], so
+/// that on a busy machine the threads of a page request (the fault thread,
+/// the preempt channel's reader here, the source's server) get a CPU at
+/// once when they wake, rather than after a push thread's time slice. A
+/// thread may always lower its own priority; failure changes nothing else
+/// and is only logged.
+pub(super) fn lower_priority() {
+    // SAFETY: gettid(2) has no arguments and cannot fail.
+    let tid = unsafe { libc::syscall(libc::SYS_gettid) } as libc::id_t;
+    // SAFETY: setpriority(2) on this thread's own id (Linux applies
+    // PRIO_PROCESS to one thread); no memory is passed.
+    if unsafe { libc::setpriority(libc::PRIO_PROCESS, tid, BACKGROUND_NICE) } != 0 {
+        tracing::debug!(
+            "lowering a postcopy background thread's priority: {}",
+            std::io::Error::last_os_error()
+        );
     }
 }
 

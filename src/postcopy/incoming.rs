@@ -83,8 +83,13 @@ pub(super) fn postcopy_in(
     let t = Instant::now();
     let mut pc = PostcopyDestination::start(memory.clone(), &discard, request)?;
     step("memory registered, stale pages dropped");
-    for ch in preempt {
-        pc.read_pages(Arc::from(ch))?;
+    // preempt[0] carries the answers to page requests; the others the push.
+    for (i, ch) in preempt.into_iter().enumerate() {
+        if i == 0 {
+            pc.read_pages(Arc::from(ch))?;
+        } else {
+            pc.read_background_pages(Arc::from(ch))?;
+        }
     }
     step("page readers started");
     let guest = (opts.build_guest)(memory, &out.device_state)?;
