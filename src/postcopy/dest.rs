@@ -364,7 +364,7 @@ impl Drop for PostcopyDestination {
 
 /// The nice value of postcopy's background threads (the push on the
 /// source, its readers here).
-const BACKGROUND_NICE: i32 = 10;
+const BACKGROUND_NICE: i32 = 5;
 
 /// Lowers the calling thread's CPU priority to [`BACKGROUND_NICE`], so
 /// that on a busy machine the threads of a page request (the fault thread,
