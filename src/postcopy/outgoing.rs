@@ -94,14 +94,22 @@ impl Source<'_> {
             self.memory.clone(),
             discard,
         ));
+        // The push waits for RESUMED: until then the destination drops
+        // its stale pages and starts the guest, the downtime, and on a
+        // machine of few cores the push would take the CPUs from it.
+        let gate = Arc::new(PushGate::default());
         let pushers: Vec<_> = s.preempt[1..]
             .iter()
             .map(|ch| {
-                let (server, ch) = (server.clone(), ch.clone());
-                std::thread::spawn(move || server.push(ch.as_ref()))
+                let (server, ch, gate) = (server.clone(), ch.clone(), gate.clone());
+                std::thread::spawn(move || {
+                    gate.wait();
+                    server.push(ch.as_ref())
+                })
             })
             .collect();
-        let served = self.serve_postcopy(s, &server, paused_at);
+        let served = self.serve_postcopy(s, &server, paused_at, &gate);
+        gate.open();
         if served.is_err() {
             for ch in &s.preempt {
                 ch.shutdown();
@@ -145,6 +153,7 @@ impl Source<'_> {
         s: &mut Link,
         server: &crate::postcopy::PageServer,
         paused_at: Instant,
+        gate: &PushGate,
     ) -> Result<(), MigrationError> {
         let urgent = s.preempt[0].clone();
         let mut shown: Option<Instant> = None;
@@ -182,6 +191,7 @@ impl Source<'_> {
                     }
                 }
                 Message::Resumed { unix_nanos, .. } => {
+                    gate.open();
                     let downtime = paused_at.elapsed();
                     tracing::info!(
                         downtime_ms = downtime.as_secs_f64() * 1e3,
@@ -200,6 +210,25 @@ impl Source<'_> {
                 other => return Err(unexpected("PAGE_REQUEST, RESUMED or SHUT", &other)),
             }
         }
+    }
+}
+
+/// Holds the push threads until the destination runs the guest.
+#[derive(Default)]
+struct PushGate {
+    open: std::sync::Mutex<bool>,
+    opened: std::sync::Condvar,
+}
+
+impl PushGate {
+    fn wait(&self) {
+        let open = self.open.lock().unwrap();
+        drop(self.opened.wait_while(open, |o| !*o).unwrap());
+    }
+
+    fn open(&self) {
+        *self.open.lock().unwrap() = true;
+        self.opened.notify_all();
     }
 }
 
