@@ -30,8 +30,9 @@
 //!
 //! With `--peer qemu`: QEMU 10 migrating ferry's KVM micro-VM (the same
 //! guest program, size, vCPUs, rate and pattern) QEMU to QEMU with the
-//! `postcopy-ram` and `postcopy-preempt` capabilities, `migrate-start-
-//! postcopy` once its first pass has ended; its total time and downtime
+//! `postcopy-ram` and `postcopy-preempt` capabilities (no multifd: QEMU
+//! 10.0 refuses it with postcopy), `migrate-start-postcopy` once its first
+//! pass has ended; its total time and downtime
 //! are QEMU's own (`total-time`, `downtime`). It is the same case, not
 //! the same guest: ferry's runs migrate the synthetic guest.
 
@@ -583,6 +584,17 @@ pub fn run_postcopy(
     let qemu = if config.peer_qemu {
         match crate::postcopy_qemu::prepare(config.size, pc, config.seed) {
             Ok(q) => {
+                notes.push(
+                    "QEMU postcopy: ferry's KVM micro-VM program under QEMU (not the synthetic \
+                     guest) with the same size, vCPUs, rate and pattern; postcopy-ram and \
+                     postcopy-preempt on one main channel, without multifd (QEMU 10.0 refuses \
+                     it with postcopy: \"Postcopy is not yet compatible with multifd\"); \
+                     migrate-start-postcopy once ram.dirty-sync-count passed --postcopy-after; \
+                     its total is QEMU's total-time, its downtime QEMU's downtime, which in \
+                     postcopy ends once the source has sent the package (ferry's ends when the \
+                     destination says its guest runs)"
+                        .into(),
+                );
                 turns.push(Variant::Qemu);
                 Some(q)
             }
@@ -617,7 +629,7 @@ pub fn run_postcopy(
                 let q = qemu
                     .as_ref()
                     .ok_or_else(|| BenchError::Config("a QEMU turn without QEMU".into()))?;
-                crate::postcopy_qemu::run_once(q, k, &label)?
+                crate::postcopy_qemu::run_once(q, &label)?
             } else {
                 let args = send_args(v, pc, config.size, config.seed);
                 let pair = ferry_pair(&FerryRun {

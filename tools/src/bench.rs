@@ -174,7 +174,7 @@ pub struct BenchArgs {
     /// and the guest's blocked time, the replay checks equal, and total
     /// over the idle precopy's. --peer qemu adds QEMU 10's postcopy of the
     /// KVM micro-VM with the same size, vCPUs, rate and pattern
-    /// (postcopy-ram, postcopy-preempt, multifd; migrate-start-postcopy
+    /// (postcopy-ram, postcopy-preempt; QEMU 10.0 refuses multifd with postcopy; migrate-start-postcopy
     /// after the same passes), or says why it cannot run here.
     #[arg(long, conflicts_with = "live")]
     postcopy: bool,
