@@ -327,9 +327,8 @@ impl PostcopyReport {
     }
 
     pub fn to_json(&self) -> Value {
-        serde_json::to_value(self).unwrap_or_else(
-            |e| json!({ "error": format!("cannot serialise the report: {e}") }),
-        )
+        serde_json::to_value(self)
+            .unwrap_or_else(|e| json!({ "error": format!("cannot serialise the report: {e}") }))
     }
 }
 
@@ -418,7 +417,7 @@ fn sample_of(pair: &Pair, v: Variant, label: &str) -> Result<PostcopySample, Ben
         num(sent, "ferry send", "destination_resumed_at_unix")?
     };
     let total_s = end - started;
-    if !(total_s > 0.0) {
+    if total_s.is_nan() || total_s <= 0.0 {
         return Err(failed(format!(
             "the migration ended at {end:.6}, not after it started ({started:.6})"
         )));
@@ -915,7 +914,14 @@ mod tests {
         let row = t.lines().find(|l| l.starts_with("preempt")).expect("row");
         assert_eq!(
             row.split_whitespace().take(6).collect::<Vec<_>>(),
-            ["preempt", "3", "2.000", "(1.000-3.000)", "30.0", "(20.0-40.0)"]
+            [
+                "preempt",
+                "3",
+                "2.000",
+                "(1.000-3.000)",
+                "30.0",
+                "(20.0-40.0)"
+            ]
         );
         assert!(t.contains("replay check: equal in 1 of 1 run(s)"), "{t}");
         assert!(t.contains("idle precopy total: 1.25"), "{t}");

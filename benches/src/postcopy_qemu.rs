@@ -36,15 +36,10 @@ pub(crate) struct QemuPostcopy {
 }
 
 /// Whether QEMU can run the case here; `Err` says why not.
-pub(crate) fn prepare(
-    size: u64,
-    pc: &PostcopyOptions,
-    seed: u64,
-) -> Result<QemuPostcopy, String> {
+pub(crate) fn prepare(size: u64, pc: &PostcopyOptions, seed: u64) -> Result<QemuPostcopy, String> {
     let qc = QemuConfig::new(size);
     ferry_vmm::qemu_usable(&qc)?;
-    let khz =
-        ferry_vmm::host_tsc_khz().map_err(|e| format!("the TSC's frequency: {e}"))?;
+    let khz = ferry_vmm::host_tsc_khz().map_err(|e| format!("the TSC's frequency: {e}"))?;
     let live = crate::LiveOptions {
         guest: crate::LiveGuest::Kvm,
         vcpus: pc.vcpus,
@@ -61,10 +56,7 @@ pub(crate) fn prepare(
 }
 
 /// One QEMU-to-QEMU postcopy; its figures.
-pub(crate) fn run_once(
-    q: &QemuPostcopy,
-    label: &str,
-) -> Result<PostcopySample, BenchError> {
+pub(crate) fn run_once(q: &QemuPostcopy, label: &str) -> Result<PostcopySample, BenchError> {
     let qemu = |e: ferry_vmm::QemuError| BenchError::QemuLive {
         case: label.to_string(),
         why: e.to_string(),
@@ -113,9 +105,9 @@ pub(crate) fn run_once(
         .map_err(qemu)?;
     let port = crate::qmp::listening_port(&dq.execute("query-migrate", json!({})).map_err(qemu)?)
         .ok_or_else(|| BenchError::QemuLive {
-            case: label.to_string(),
-            why: "the destination QEMU did not say which port it listens on".into(),
-        })?;
+        case: label.to_string(),
+        why: "the destination QEMU did not say which port it listens on".into(),
+    })?;
     let mut sq = src.qmp().map_err(qemu)?;
     sq.execute("migrate", json!({ "uri": format!("tcp:127.0.0.1:{port}") }))
         .map_err(qemu)?;

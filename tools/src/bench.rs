@@ -7,8 +7,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Args, ValueEnum};
 use ferry_bench::{
-    run as run_bench, run_live, run_postcopy, BenchConfig, LiveGuest, LiveOptions,
-    PostcopyOptions,
+    run as run_bench, run_live, run_postcopy, BenchConfig, LiveGuest, LiveOptions, PostcopyOptions,
 };
 
 use crate::units::{parse_millis, parse_size};
@@ -228,9 +227,11 @@ pub fn run(a: BenchArgs) -> anyhow::Result<bool> {
             Some(p) => p.clone(),
             None => std::env::current_exe().context("locating the ferry binary")?,
         },
-        size: a
-            .size
-            .unwrap_or(if a.live || a.postcopy { 1 << 30 } else { 2 << 30 }),
+        size: a.size.unwrap_or(if a.live || a.postcopy {
+            1 << 30
+        } else {
+            2 << 30
+        }),
         channels: match (a.channels.is_empty(), a.live || a.postcopy) {
             (false, _) => a.channels.clone(),
             (true, false) => vec![1, 2, 4],
@@ -291,7 +292,10 @@ pub fn run(a: BenchArgs) -> anyhow::Result<bool> {
             guest,
             vcpus: a.vcpus,
             dirty_rate: a.dirty_rate.unwrap_or(256 << 20),
-            dirty_pattern: a.dirty_pattern.clone().unwrap_or_else(|| "hotset:25".into()),
+            dirty_pattern: a
+                .dirty_pattern
+                .clone()
+                .unwrap_or_else(|| "hotset:25".into()),
             trackers,
             downtime_limit: a.downtime_limit,
             auto_converge: a.auto_converge,
