@@ -362,29 +362,6 @@ impl Drop for PostcopyDestination {
     }
 }
 
-/// The nice value of postcopy's background threads (the push on the
-/// source, its readers here).
-const BACKGROUND_NICE: i32 = 5;
-
-/// Lowers the calling thread's CPU priority to [`BACKGROUND_NICE`], so
-/// that on a busy machine the threads of a page request (the fault thread,
-/// the preempt channel's reader here, the source's server) get a CPU at
-/// once when they wake, rather than after a push thread's time slice. A
-/// thread may always lower its own priority; failure changes nothing else
-/// and is only logged.
-pub(super) fn lower_priority() {
-    // SAFETY: gettid(2) has no arguments and cannot fail.
-    let tid = unsafe { libc::syscall(libc::SYS_gettid) } as libc::id_t;
-    // SAFETY: setpriority(2) on this thread's own id (Linux applies
-    // PRIO_PROCESS to one thread); no memory is passed.
-    if unsafe { libc::setpriority(libc::PRIO_PROCESS, tid, BACKGROUND_NICE) } != 0 {
-        tracing::debug!(
-            "lowering a postcopy background thread's priority: {}",
-            std::io::Error::last_os_error()
-        );
-    }
-}
-
 fn fail(s: &Shared, e: PostcopyError) {
     let mut end = s.end.lock().unwrap();
     if matches!(*end, End::Running) {
@@ -711,4 +688,27 @@ fn place(
         }
     }
     Ok(())
+}
+
+/// The nice value of postcopy's background threads (the push on the
+/// source, its readers here).
+const BACKGROUND_NICE: i32 = 5;
+
+/// Lowers the calling thread's CPU priority to [`BACKGROUND_NICE`], so
+/// that on a busy machine the threads of a page request (the fault thread,
+/// the preempt channel's reader here, the source's server) get a CPU at
+/// once when they wake, rather than after a push thread's time slice. A
+/// thread may always lower its own priority; failure changes nothing else
+/// and is only logged.
+pub(super) fn lower_priority() {
+    // SAFETY: gettid(2) has no arguments and cannot fail.
+    let tid = unsafe { libc::syscall(libc::SYS_gettid) } as libc::id_t;
+    // SAFETY: setpriority(2) on this thread's own id (Linux applies
+    // PRIO_PROCESS to one thread); no memory is passed.
+    if unsafe { libc::setpriority(libc::PRIO_PROCESS, tid, BACKGROUND_NICE) } != 0 {
+        tracing::debug!(
+            "lowering a postcopy background thread's priority: {}",
+            std::io::Error::last_os_error()
+        );
+    }
 }

@@ -80,11 +80,11 @@ impl PageServer {
     /// Pushes pending pages on `ch` until none is left (claimed 64 pages at
     /// a time, so several channels share the work), then sends END.
     pub fn push(&self, ch: &dyn Channel) -> Result<(), PostcopyError> {
-        // Requests are answered on another thread: let it have the CPU first.
-        super::dest::lower_priority();
         let mut buf = Vec::new();
         let words: Vec<usize> = self.pending.iter().map(|b| b.words()).collect();
         let total: usize = words.iter().sum();
+        // Requests are answered on another thread: let it have the CPU first.
+        super::dest::lower_priority();
         loop {
             let w = self.next_word.fetch_add(1, Ordering::Relaxed);
             if w >= total {
