@@ -28,6 +28,8 @@ mod iperf;
 mod live;
 mod live_qemu;
 pub mod netns;
+mod postcopy;
+mod postcopy_qemu;
 mod qmp;
 mod report;
 mod run;
@@ -42,6 +44,7 @@ use ferry_ram::pattern::{write_file, Pattern};
 
 pub use error::BenchError;
 pub use live::{run_live, LiveGuest, LiveOptions, LiveReport};
+pub use postcopy::{run_postcopy, PostcopyOptions, PostcopyReport};
 pub use report::{
     compute_ratios, median, BenchReport, Case, LiveFigures, LiveSummary, Ratio, Sample, Spread,
     Summary, Tool,

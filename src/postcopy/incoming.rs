@@ -55,8 +55,16 @@ pub(super) fn postcopy_in(
             "POSTCOPY_PACKAGE without the postcopy capability".into(),
         ));
     }
+    let t0 = Instant::now();
+    let step = |what: &str| {
+        tracing::debug!(
+            at_ms = t0.elapsed().as_secs_f64() * 1e3,
+            "postcopy switch (destination): {what}"
+        )
+    };
     let package = out.package.take().unwrap_or_default();
     let (discard, device_state) = wire::decode_package(&package, &memory.specs())?;
+    step("package decoded");
     // A page whose last precopy copy failed its checksum was written
     // while in flight: it is stale, in the discard list, and comes again.
     let counters = pool.counters().clone();
@@ -72,6 +80,7 @@ pub(super) fn postcopy_in(
     });
     summary.add_totals(&counters.snapshot());
     finished?;
+    step("precopy stream finished");
     phases.enter(Phase::PostcopyActive)?;
     progress.set_phase("postcopy-active");
     summary.device_state_bytes = device_state.len() as u64;
@@ -79,19 +88,28 @@ pub(super) fn postcopy_in(
     out.device_state = device_state;
     let t = Instant::now();
     let mut pc = PostcopyDestination::start(memory.clone(), &discard, requester(main))?;
+    step("memory registered, stale pages dropped");
     if opts.postcopy_reference {
         pc.keep_reference();
     }
-    for ch in preempt {
-        pc.read_pages(Arc::from(ch))?;
+    // preempt[0] carries the answers to page requests; the others the push.
+    for (i, ch) in preempt.into_iter().enumerate() {
+        if i == 0 {
+            pc.read_pages(Arc::from(ch))?;
+        } else {
+            pc.read_background_pages(Arc::from(ch))?;
+        }
     }
+    step("page readers started");
     watch_main(main.clone(), &pc);
     let guest = (opts.build_guest)(memory, &out.device_state)?;
+    step("guest built");
     guest.resources().activate()?;
     if let Some(keep) = &opts.keep {
         keep(&out.device_state).map_err(MigrationError::Keep)?;
     }
     guest.resume()?;
+    step("guest resumed");
     summary.resume_ms = Some(t.elapsed().as_secs_f64() * 1e3);
     summary.guest_running = true;
     tracing::info!("the guest runs here (postcopy)");

@@ -38,16 +38,43 @@ impl Source<'_> {
         session: &mut Session,
         s: &mut Link,
     ) -> Result<(), MigrationError> {
+        // The destination takes the package only once the last pass has
+        // landed there whole, and a pass's tail can still be on its way
+        // (loopback's socket buffers hold tens of MB: ~50 ms of downtime
+        // at the 1 GiB/s case). The first pass's landing is
+        // announced (SWITCHOVER_ACK): wait for it while the guest still
+        // runs; pages it dirties meanwhile join the discard list.
+        if !s.switchover_acked {
+            let t = Instant::now();
+            let what = "SWITCHOVER_ACK";
+            match super::wait_reply(self.progress, &s.return_path, self.opts.setup_timeout, what)? {
+                Message::SwitchoverAck => s.switchover_acked = true,
+                Message::Shut { error: Some(e) } => return Err(MigrationError::Destination(e)),
+                other => return Err(unexpected(what, &other)),
+            }
+            tracing::debug!(
+                waited_ms = t.elapsed().as_secs_f64() * 1e3,
+                "postcopy switch (source): the first pass landed, guest still running"
+            );
+        }
         let paused_at = Instant::now();
         tracing::info!(
             remaining = self.progress.figures().remaining_bytes,
             "switching to postcopy: pausing the guest"
         );
         self.guest.pause()?;
+        let step = |what: &str| {
+            tracing::debug!(
+                at_ms = paused_at.elapsed().as_secs_f64() * 1e3,
+                "postcopy switch (source): {what}"
+            )
+        };
+        step("guest paused");
         session.enter(Phase::PostcopyActive)?;
         self.progress.set_phase("postcopy-active");
         self.guest.resources().inactivate()?;
         session.sync()?;
+        step("last pass's sync done");
         let totals = match s.pool.finish() {
             Ok(t) => t,
             Err(e) => return Err(local_or_destination(e, &s.return_path)),
@@ -55,7 +82,9 @@ impl Source<'_> {
         self.summary.add_totals(&totals);
         self.summary.precopy_bytes = self.progress.figures().precopy_bytes;
         self.summary.passes = s.pool.generation();
+        step("precopy stream finished");
         let device_state = self.guest.save_device_state()?;
+        step("device state saved");
         self.summary.device_state_bytes = device_state.len() as u64;
         self.summary.device_state_digest = Some(Digest::of_bytes(&device_state).to_string());
         let discard = session.pending().clone();
@@ -66,6 +95,7 @@ impl Source<'_> {
             .collect();
         let stale: u64 = discard.iter().map(PageBitmap::count).sum();
         let package = crate::postcopy::wire::encode_package(&discard, &device_state);
+        step("package built");
         self.in_postcopy = true;
         self.handed_over = true;
         // From here on the destination may run the guest: any failure
@@ -74,6 +104,7 @@ impl Source<'_> {
         let package_sent = s.main.send(&Message::PostcopyPackage(package));
         if let Ok(n) = package_sent {
             self.summary.wire_bytes += n;
+            step("package sent");
         }
         let mut report = crate::PostcopyReport {
             postcopy_discarded_pages: stale,
@@ -139,12 +170,22 @@ impl Source<'_> {
     ) -> Result<(), Served> {
         let lost: Arc<std::sync::Mutex<Option<String>>> = Default::default();
         let preempt = self.opts.postcopy_preempt;
+        // On the first link the push waits for RESUMED: until then the
+        // destination drops its stale pages and starts the guest (the
+        // downtime), and on a machine of few cores the push would take
+        // the CPUs from it. After a recovery the guest runs already.
+        let gate = Arc::new(PushGate::default());
+        if *resumed_seen {
+            gate.open();
+        }
         let pushers: Vec<_> = s.preempt[1..]
             .iter()
             .enumerate()
             .map(|(i, ch)| {
-                let (server, ch, lost) = (server.clone(), ch.clone(), lost.clone());
+                let (server, ch, lost, gate) =
+                    (server.clone(), ch.clone(), lost.clone(), gate.clone());
                 std::thread::spawn(move || {
+                    gate.wait();
                     if let Err(e) = server.push(ch.as_ref(), !preempt && i == 0) {
                         lost.lock().unwrap().get_or_insert(e.to_string());
                     }
@@ -157,7 +198,7 @@ impl Source<'_> {
                 lost.lock().unwrap().get_or_insert(e.to_string());
             }
         }
-        let mut served = self.serve_requests(s, server, paused_at, resumed_seen, &lost);
+        let mut served = self.serve_requests(s, server, paused_at, resumed_seen, &lost, &gate);
         if let Err(Served::LinkLost(_)) = &served {
             // A destination that ends (completed, or gave up and said why
             // on SHUT) closes its page channels first: its word comes
@@ -171,6 +212,9 @@ impl Source<'_> {
                 ch.shutdown();
             }
         }
+        // Pushers still at the gate (the link failed before RESUMED) run
+        // into their closed channels and end.
+        gate.open();
         for p in pushers {
             // A push cut short once every page is placed (the destination
             // closed its channels after SHUT) changes nothing.
@@ -187,6 +231,7 @@ impl Source<'_> {
         paused_at: Instant,
         resumed_seen: &mut bool,
         lost: &std::sync::Mutex<Option<String>>,
+        gate: &PushGate,
     ) -> Result<(), Served> {
         let urgent = s.preempt[0].clone();
         let mut shown: Option<Instant> = None;
@@ -236,6 +281,7 @@ impl Source<'_> {
                 }
                 Message::Resumed { unix_nanos, .. } if !*resumed_seen => {
                     *resumed_seen = true;
+                    gate.open();
                     let downtime = paused_at.elapsed();
                     tracing::info!(
                         downtime_ms = downtime.as_secs_f64() * 1e3,
@@ -427,6 +473,25 @@ enum Served {
     LinkLost(String),
     /// Nothing to recover: the destination gave up or broke the protocol.
     Failed(MigrationError),
+}
+
+/// Holds the push threads until the destination runs the guest.
+#[derive(Default)]
+struct PushGate {
+    open: std::sync::Mutex<bool>,
+    opened: std::sync::Condvar,
+}
+
+impl PushGate {
+    fn wait(&self) {
+        let open = self.open.lock().unwrap();
+        drop(self.opened.wait_while(open, |o| !*o).unwrap());
+    }
+
+    fn open(&self) {
+        *self.open.lock().unwrap() = true;
+        self.opened.notify_all();
+    }
 }
 
 /// Connects postcopy's 1 + K preempt channels (after SETUP_ACK: the

@@ -135,6 +135,11 @@ impl PageServer {
         let mut buf = Vec::new();
         let words: Vec<usize> = self.pending.iter().map(|b| b.words()).collect();
         let total: usize = words.iter().sum();
+        // Requests are answered on another thread: let it have the CPU
+        // first (without a preempt channel this thread answers them).
+        if !serves_requests {
+            super::dest::lower_priority();
+        }
         loop {
             while let Some(run) = serves_requests
                 .then(|| self.queued.lock().unwrap().pop_front())
