@@ -112,6 +112,15 @@ pub struct RecvArgs {
     /// Prometheus's text format at http://ADDR/metrics, e.g. 127.0.0.1:9464.
     #[arg(long, value_name = "ADDR")]
     metrics_listen: Option<String>,
+    /// Expect a KVM guest (`send --guest kvm`): build its VM over the
+    /// memory (KVM_CREATE_VM, the memory slots) while the pages arrive,
+    /// so that only its vCPUs and their state are left for the
+    /// switchover, inside the downtime (2 GiB: ~10 ms less under this
+    /// project's nested KVM). Another kind of guest just leaves that VM
+    /// unused; where /dev/kvm is not usable the switchover builds the VM
+    /// as without this option (and says why it cannot).
+    #[arg(long)]
+    prebuild_kvm: bool,
 }
 
 pub fn run(a: RecvArgs) -> anyhow::Result<bool> {
@@ -128,6 +137,7 @@ fn migrate(a: RecvArgs) -> anyhow::Result<bool> {
     }
     // Where the guest builder leaves a KVM guest it built.
     let arrived: crate::kvm::ArrivedSlot = Default::default();
+    let prebuilt = a.prebuild_kvm.then(crate::kvm::Prebuilt::default);
     let tuning = SocketTuning {
         recv_buffer: a.socket_buffer.map(|n| n as usize),
         congestion: crate::units::congestion(&a.tcp_congestion),
@@ -154,6 +164,7 @@ fn migrate(a: RecvArgs) -> anyhow::Result<bool> {
                 move || Resources::new(&locks, false)
             },
             arrived.clone(),
+            prebuilt.clone(),
         ),
         verify_switchover: match (a.verify_switchover, a.no_digest) {
             (true, _) => Some(true),
@@ -170,6 +181,7 @@ fn migrate(a: RecvArgs) -> anyhow::Result<bool> {
             .device_state_out
             .clone()
             .map(|p| Arc::new(move |state: &[u8]| write_replacing(&p, state)) as ferry::KeepHook),
+        prepare_guest: prebuilt.as_ref().map(crate::kvm::Prebuilt::hook),
     };
     let progress = Arc::new(Progress::default());
     crate::signals::cancel_on_signal(&progress);
