@@ -70,7 +70,10 @@ pub type ArrivedSlot = Arc<Mutex<Option<Arrived>>>;
 /// (KVM_CREATE_VM, the memory slots) in a thread of its own while pages
 /// arrive, for the switchover to take instead of building it then.
 #[derive(Clone, Default)]
-pub struct Prebuilt(Arc<Mutex<Option<JoinHandle<Result<PreparedVm, VmmError>>>>>);
+pub struct Prebuilt(Arc<Mutex<Option<Preparing>>>);
+
+/// The thread preparing a VM.
+type Preparing = JoinHandle<Result<PreparedVm, VmmError>>;
 
 impl Prebuilt {
     /// The hook that starts preparing over the destination's memory.

@@ -72,34 +72,36 @@ fn offset_ioctl(fd: &VcpuFd, request: u64, value: &mut u64) -> io::Result<()> {
     Ok(())
 }
 
-/// Sets vCPU `i`'s TSC to `value` now: through its offset attribute
-/// where KVM has it, else by `KVM_SET_MSRS` (which KVM may take as a
-/// resynchronisation and ignore within a second of the last write).
-pub(crate) fn set(fd: &VcpuFd, i: usize, value: u64) -> Result<(), VmmError> {
+/// The host's TSC (as scaled for the guest) now, read through vCPU `i`'s
+/// offset attribute: its TSC less its offset. `None` where KVM lacks the
+/// attribute.
+pub(crate) fn host_now(fd: &VcpuFd, i: usize) -> Result<Option<u64>, VmmError> {
     let mut unused = 0;
-    if offset_ioctl(fd, KVM_HAS_DEVICE_ATTR, &mut unused).is_ok() {
-        let mut offset = 0;
-        offset_ioctl(fd, KVM_GET_DEVICE_ATTR, &mut offset).map_err(|source| VmmError::Vcpu {
-            vcpu: i,
-            what: "KVM_GET_DEVICE_ATTR (TSC offset)",
-            source,
-        })?;
-        let now = read(fd, i)?;
-        let mut wanted = offset.wrapping_add(value.wrapping_sub(now));
-        offset_ioctl(fd, KVM_SET_DEVICE_ATTR, &mut wanted).map_err(|source| VmmError::Vcpu {
-            vcpu: i,
-            what: "KVM_SET_DEVICE_ATTR (TSC offset)",
-            source,
-        })?;
-        if ferry::switchover_trace::enabled() {
-            ferry::switchover_trace::mark(&format!(
-                "vmm: vCPU {i} TSC offset: wanted {value}, was {now}, reads {}",
-                read(fd, i)?
-            ));
-        }
-        return Ok(());
+    if offset_ioctl(fd, KVM_HAS_DEVICE_ATTR, &mut unused).is_err() {
+        return Ok(None);
     }
-    ferry::switchover_trace::mark("vmm: TSC set by KVM_SET_MSRS");
+    let mut offset = 0;
+    offset_ioctl(fd, KVM_GET_DEVICE_ATTR, &mut offset).map_err(|source| VmmError::Vcpu {
+        vcpu: i,
+        what: "KVM_GET_DEVICE_ATTR (TSC offset)",
+        source,
+    })?;
+    Ok(Some(read(fd, i)?.wrapping_sub(offset)))
+}
+
+/// Sets vCPU `i`'s TSC offset (its TSC is the host's plus `offset`).
+pub(crate) fn set_offset(fd: &VcpuFd, i: usize, offset: u64) -> Result<(), VmmError> {
+    let mut offset = offset;
+    offset_ioctl(fd, KVM_SET_DEVICE_ATTR, &mut offset).map_err(|source| VmmError::Vcpu {
+        vcpu: i,
+        what: "KVM_SET_DEVICE_ATTR (TSC offset)",
+        source,
+    })
+}
+
+/// Sets vCPU `i`'s TSC to `value` by `KVM_SET_MSRS`, which KVM may take
+/// as a resynchronisation (and ignore) within a second of the last write.
+pub(crate) fn set_msr(fd: &VcpuFd, i: usize, value: u64) -> Result<(), VmmError> {
     let msrs = Msrs::from_entries(&[kvm_msr_entry {
         index: IA32_TSC,
         data: value,

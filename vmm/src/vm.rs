@@ -517,11 +517,32 @@ impl Vm {
     /// the TSC stays as loaded.
     pub fn resume(&self) {
         if let Some(tscs) = self.start_tsc.lock().unwrap().take() {
-            for (i, (fd, &v)) in self.vcpus.iter().zip(&tscs).enumerate() {
-                // The VM is paused since the load: no thread holds `fd`.
-                let _ = crate::tsc::set(&fd.lock().unwrap(), i, v);
+            // The VM is paused since the load: no thread holds a vCPU fd.
+            let fds: Vec<_> = self.vcpus.iter().map(|f| f.lock().unwrap()).collect();
+            // One reading of the host's TSC for all: the vCPUs keep the
+            // relation their TSCs had when they stopped.
+            match crate::tsc::host_now(&fds[0], 0) {
+                Ok(Some(host)) => {
+                    for (i, (fd, &v)) in fds.iter().zip(&tscs).enumerate() {
+                        let _ = crate::tsc::set_offset(fd, i, v.wrapping_sub(host));
+                    }
+                }
+                _ => {
+                    for (i, (fd, &v)) in fds.iter().zip(&tscs).enumerate() {
+                        let _ = crate::tsc::set_msr(fd, i, v);
+                    }
+                }
             }
-            ferry::switchover_trace::mark("vmm: TSCs set");
+            if ferry::switchover_trace::enabled() {
+                let now: Vec<_> = fds
+                    .iter()
+                    .enumerate()
+                    .map(|(i, fd)| crate::tsc::read(fd, i).unwrap_or(0))
+                    .collect();
+                ferry::switchover_trace::mark(&format!(
+                    "vmm: TSCs set to {tscs:?}, read back {now:?}"
+                ));
+            }
         }
         self.frozen_tsc.lock().unwrap().take();
         let mut run = self.shared.run.lock().unwrap();
