@@ -8,8 +8,10 @@
 //! heuristic (a write within a second of the previous one is taken as
 //! "the same TSC" and may be ignored), so where the kernel has it the TSC
 //! is set through the vCPU's `KVM_VCPU_TSC_OFFSET` attribute (Linux 5.16+)
-//! instead: the offset moved by the difference between the TSC wanted and
-//! the TSC now.
+//! instead: offset = the TSC wanted less the host's TSC now, one reading
+//! of the host's TSC for every vCPU (`Vm::resume`). kvm_pvm, the nested
+//! software KVM of this project's machines, accepts the offset and gives
+//! its guests the host's TSC anyway (docs/MEASUREMENTS.md).
 
 use std::io;
 use std::os::fd::AsRawFd;
