@@ -270,10 +270,12 @@ fn forward_guest(
 ) -> anyhow::Result<bool> {
     let secs = a.run_after.unwrap_or_default().as_secs_f64();
     outcome.summary.workload = match &kvm {
-        Some(k) => {
+        // Without --run-after the guest is handed on at once, unmeasured.
+        Some(k) if a.run_after.is_some() => {
             std::thread::sleep(Duration::from_secs_f64(secs));
             Some(crate::kvm::workload(k, secs)?)
         }
+        Some(_) => None,
         None if a.run_after.is_some() => {
             let w = run_workload(&*outcome.guest, &outcome.device_state, secs)?;
             outcome.guest.resume()?;
