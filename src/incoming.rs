@@ -108,7 +108,17 @@ pub struct IncomingOptions {
     /// a source that announces COLO (SETUP's [`crate::protocol::CAP_COLO`]),
     /// and a source that announces it is refused without this.
     pub colo: bool,
+    /// Called once with the destination's memory as soon as it exists
+    /// (after SETUP, before any page lands): a VMM may start building its
+    /// VM over it there (in a thread of its own; the call must return at
+    /// once), so that less is left to do at the switchover, in
+    /// `build_guest`. For `recv --prebuild-kvm`.
+    pub prepare_guest: Option<PrepareHook>,
 }
+
+/// Sees the destination's memory as soon as it exists (see
+/// [`IncomingOptions::prepare_guest`]).
+pub type PrepareHook = Arc<dyn Fn(&Arc<GuestMemory>) + Send + Sync>;
 
 /// Keeps what a completed migration must leave behind; the error's text is
 /// reported to both sides.
@@ -164,6 +174,7 @@ impl Default for IncomingOptions {
             postcopy_paused_timeout: None,
             postcopy_reference: false,
             colo: false,
+            prepare_guest: None,
         }
     }
 }
@@ -427,6 +438,9 @@ fn receive(
         .store(memory.total_bytes(), std::sync::atomic::Ordering::Relaxed);
     summary.guest_bytes = memory.total_bytes();
     out.memory = Some(memory.clone());
+    if let Some(prepare) = &opts.prepare_guest {
+        prepare(&memory);
+    }
 
     let (events, inbox) = mpsc::channel();
     let ropts = ReceiverOptions {
@@ -483,6 +497,7 @@ fn receive(
     // What landed, whether or not the migration completed.
     summary.add_totals(&counters.snapshot());
     result?;
+    crate::switchover_trace::mark("destination: every page landed");
     start_guest(
         &main, &inbox, memory, staged, verify, opts, progress, summary, out,
     )
@@ -527,6 +542,7 @@ fn start_guest(
     }
     progress.set_phase("resuming");
     let guest = (opts.build_guest)(memory, &out.device_state)?;
+    crate::switchover_trace::mark("destination: guest built");
     guest.resources().activate()?;
     // Outputs replace what the user had only once nothing but the resume
     // itself can fail: a guest that cannot be built, or whose resources
@@ -544,6 +560,7 @@ fn start_guest(
         return Err(e);
     }
     guest.resume()?;
+    crate::switchover_trace::mark("destination: guest resumed");
     summary.resume_ms = Some(t.elapsed().as_secs_f64() * 1e3);
     let resumed_at = crate::outgoing::unix_nanos();
     summary.guest_running = guest.is_running();
@@ -647,6 +664,7 @@ fn follow_main(
                 pool.wait_sync_within(generation, stall)
                     .map_err(|e| interrupted(inbox, pool, e))?;
                 last_pass = generation;
+                crate::switchover_trace::mark("destination: a pass landed");
                 summary.passes = generation;
                 tracing::debug!(pass = generation, "pass landed on every channel");
                 if !acked {
@@ -660,6 +678,7 @@ fn follow_main(
                 return Err(MigrationError::Cancelled(" by the source".into()));
             }
             Message::DeviceState(d) => {
+                crate::switchover_trace::mark("destination: DEVICE_STATE arrived");
                 // Once only: a second DEVICE_STATE is a move from device
                 // to device, which the state machine refuses.
                 phases.enter(Phase::Device)?;
@@ -672,6 +691,7 @@ fn follow_main(
                 return Ok(());
             }
             Message::Complete { generation } => {
+                crate::switchover_trace::mark("destination: COMPLETE arrived");
                 if generation != last_pass || last_pass == 0 {
                     return Err(MigrationError::Protocol(format!(
                         "COMPLETE after pass {generation}, but the last pass that \
@@ -729,6 +749,12 @@ fn spawn_main_reader(
         .name("ferry-main-reader".into())
         .spawn(move || loop {
             let m = main.recv("source");
+            if let (Ok((msg, _)), true) = (&m, crate::switchover_trace::enabled()) {
+                crate::switchover_trace::mark(&format!(
+                    "destination: main reader got {}",
+                    msg.name()
+                ));
+            }
             let failed = m.is_err();
             let last = !matches!(
                 m,

@@ -37,6 +37,7 @@ pub mod session;
 pub mod snapshot;
 pub mod state;
 pub mod summary;
+pub mod switchover_trace;
 pub mod synthetic;
 
 pub use activation::Resources;

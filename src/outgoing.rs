@@ -514,7 +514,9 @@ impl Source<'_> {
             remaining = self.progress.figures().remaining_bytes,
             "switchover: pausing the guest"
         );
+        crate::switchover_trace::mark("source: pausing");
         self.guest.pause()?;
+        crate::switchover_trace::mark("source: paused");
         if self.progress.parameters().pause_before_switchover {
             session.enter(Phase::PreSwitchover)?;
             self.progress.set_phase("pre-switchover");
@@ -539,18 +541,22 @@ impl Source<'_> {
         self.summary.precopy_bytes = self.progress.figures().precopy_bytes;
         self.summary.downtime_bytes = last.bytes;
         self.summary.passes = s.pool.generation();
+        crate::switchover_trace::mark("source: final pass sent");
 
         let device_state = self.guest.save_device_state()?;
+        crate::switchover_trace::mark("source: device state saved");
         self.summary.device_state_bytes = device_state.len() as u64;
         self.summary.device_state_digest = Some(Digest::of_bytes(&device_state).to_string());
         self.summary.wire_bytes += s.main.send(&Message::DeviceState(device_state.clone()))?;
         self.summary.wire_bytes += s.main.send(&Message::Complete {
             generation: s.pool.generation(),
         })?;
+        crate::switchover_trace::mark("source: COMPLETE sent");
         let totals = match s.pool.finish() {
             Ok(t) => t,
             Err(e) => return Err(local_or_destination(e, &s.return_path)),
         };
+        crate::switchover_trace::mark("source: channels finished");
         // The guest is paused: memory is as it was at switchover. A
         // destination that verifies gets our digest now and compares it
         // with its own before its guest may run.
@@ -577,6 +583,7 @@ impl Source<'_> {
                 digest: theirs,
             } => {
                 let downtime = paused_at.elapsed();
+                crate::switchover_trace::mark("source: RESUMED received");
                 tracing::info!(
                     downtime_ms = downtime.as_secs_f64() * 1e3,
                     "the destination runs the guest"

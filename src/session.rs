@@ -786,6 +786,7 @@ impl<'a> Session<'a> {
     /// downtime bytes; nothing is left after it.
     pub fn final_pass<S: PassSink>(&mut self, sink: &mut S) -> Result<PassResult, S::Error> {
         self.sync()?;
+        crate::switchover_trace::mark("source: final dirty sync done");
         let last = if self.config.log.is_some() || self.pending.iter().any(|b| b.count() > 0) {
             self.pass(sink, false)?
         } else {

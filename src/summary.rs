@@ -56,6 +56,12 @@ pub struct Workload {
     pub replay_writes: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub replay_differing_pages: Option<u64>,
+    /// The KVM guest: the largest gap in its TSC in each vCPU's first
+    /// progress line on this side (the one whose window spans the
+    /// switchover), the largest over the vCPUs, in microseconds: the
+    /// blackout as the guest saw it, with only that first window's noise.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub guest_switchover_gap_us: Option<u64>,
 }
 
 #[derive(Clone, Debug, Default, Serialize)]

@@ -123,6 +123,7 @@ impl LiveGuest {
             Self::Kvm => vec![
                 "--run-after".into(),
                 format!("{}ms", live.run_after.as_millis()),
+                "--prebuild-kvm".into(),
             ],
         }
     }

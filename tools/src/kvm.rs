@@ -6,13 +6,14 @@
 //! own counters and self-check from its memory.
 
 use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
 use ferry::{DirtyPattern, Guest, GuestBuilder, GuestMemory, Resources, Workload};
 use ferry_vmm::{
-    kvm_usable, DirtyTracker, KvmGuest, SharedKvmGuest, VcpuStatus, VmConfig, WritePattern,
-    DEFAULT_RING_ENTRIES,
+    kvm_usable, DirtyTracker, KvmGuest, PreparedVm, SharedKvmGuest, VcpuStatus, Vm, VmConfig,
+    VmmError, WritePattern, DEFAULT_RING_ENTRIES,
 };
 
 use crate::guest_args::{GuestArgs, TrackerArg};
@@ -65,6 +66,47 @@ pub struct Arrived {
 /// Where a destination's guest builder leaves the KVM guest it built.
 pub type ArrivedSlot = Arc<Mutex<Option<Arrived>>>;
 
+/// `recv --prebuild-kvm`: the VM a destination prepares over its memory
+/// (KVM_CREATE_VM, the memory slots) in a thread of its own while pages
+/// arrive, for the switchover to take instead of building it then.
+#[derive(Clone, Default)]
+pub struct Prebuilt(Arc<Mutex<Option<Preparing>>>);
+
+/// The thread preparing a VM.
+type Preparing = JoinHandle<Result<PreparedVm, VmmError>>;
+
+impl Prebuilt {
+    /// The hook that starts preparing over the destination's memory.
+    pub fn hook(&self) -> ferry::incoming::PrepareHook {
+        let me = self.clone();
+        Arc::new(move |memory: &Arc<GuestMemory>| {
+            let memory = memory.clone();
+            let started = std::thread::Builder::new()
+                .name("ferry-kvm-prebuild".into())
+                .spawn(move || Vm::prepare(memory, DirtyTracker::default()));
+            // Without the thread the switchover builds the whole VM.
+            *me.0.lock().unwrap() = started.ok();
+        })
+    }
+
+    /// The VM prepared over `memory`, once its thread ended; `None` if
+    /// none was started or it failed (the switchover then builds the VM
+    /// and reports why it cannot).
+    fn take(&self, memory: &Arc<GuestMemory>) -> Option<PreparedVm> {
+        let handle = self.0.lock().unwrap().take()?;
+        match handle.join() {
+            Ok(Ok(p)) if Arc::ptr_eq(p.memory(), memory) => Some(p),
+            Ok(Err(e)) => {
+                tracing::info!(
+                    "the VM prepared before the switchover failed ({e}): building it now"
+                );
+                None
+            }
+            _ => None,
+        }
+    }
+}
+
 /// A paused KVM guest over `memory` with the vCPU state `state` (checked
 /// first: a damaged state is refused naming the field, before any VM
 /// exists), and its counters as they are in that memory.
@@ -73,11 +115,25 @@ pub fn from_state(
     state: &[u8],
     resources: Resources,
 ) -> anyhow::Result<Arrived> {
+    from_state_or_prepared(memory, state, resources, None)
+}
+
+/// [`from_state`] into `prepared`, a VM made over `memory` beforehand,
+/// if there is one.
+fn from_state_or_prepared(
+    memory: Arc<GuestMemory>,
+    state: &[u8],
+    resources: Resources,
+    prepared: Option<PreparedVm>,
+) -> anyhow::Result<Arrived> {
     kvm_usable().map_err(|why| {
         anyhow::anyhow!("the guest is a KVM guest, which needs a usable /dev/kvm here: {why}")
     })?;
-    let guest = KvmGuest::from_state(memory, state, resources)
-        .context("building the KVM guest from its saved state")?;
+    let guest = match prepared {
+        Some(p) => KvmGuest::from_prepared(p, state, resources),
+        None => KvmGuest::from_state(memory, state, resources),
+    }
+    .context("building the KVM guest from its saved state")?;
     let at_arrival = guest.statuses()?;
     Ok(Arrived {
         guest: Arc::new(guest),
@@ -88,16 +144,19 @@ pub fn from_state(
 /// Wraps `other` (the builder for every other kind of guest): a KVM
 /// micro-VM's state builds a KVM guest owning `resources()`, noted in
 /// `slot`.
+/// With `prebuilt`, the VM it prepared over this memory is used.
 pub fn builder(
     other: GuestBuilder,
     resources: impl Fn() -> Result<Resources, ferry::GuestError> + Send + Sync + 'static,
     slot: ArrivedSlot,
+    prebuilt: Option<Prebuilt>,
 ) -> GuestBuilder {
     Arc::new(move |memory, state| {
+        let prepared = prebuilt.as_ref().and_then(|p| p.take(&memory));
         if !ferry_vmm::is_kvm_state(state) {
             return other(memory, state);
         }
-        let arrived = from_state(memory, state, resources()?)
+        let arrived = from_state_or_prepared(memory, state, resources()?, prepared)
             .map_err(|e| ferry::GuestError::DeviceState(crate::output::error_chain(&e)))?;
         let shared = SharedKvmGuest(arrived.guest.clone());
         *slot.lock().unwrap() = Some(arrived);
@@ -136,6 +195,7 @@ pub fn workload(arrived: &Arrived, secs: f64) -> anyhow::Result<Workload> {
         guest_failure: arrived.guest.vm().failure(),
         guest_max_gap_us: now.iter().filter_map(|s| s.max_gap_us).max(),
         guest_blackout_us: arrived.guest.vm().largest_line_gap_us(),
+        guest_switchover_gap_us: arrived.guest.vm().first_line_gap_us(),
         ..Default::default()
     })
 }

@@ -119,6 +119,26 @@ pub struct RecvArgs {
     postcopy_recover: ferry::postcopy::RecoverMode,
     #[command(flatten)]
     colo: crate::colo::ColoArgs,
+    /// Expect a KVM guest (`send --guest kvm`): build its VM over the
+    /// memory (KVM_CREATE_VM, the memory slots) while the pages arrive,
+    /// so that only its vCPUs and their state are left for the
+    /// switchover, inside the downtime (2 GiB: ~10 ms less under this
+    /// project's nested KVM). Another kind of guest just leaves that VM
+    /// unused; where /dev/kvm is not usable the switchover builds the VM
+    /// as without this option (and says why it cannot).
+    #[arg(long)]
+    prebuild_kvm: bool,
+    /// Hand the guest on: once it has run here for --run-after (0 without
+    /// it), live-migrate it, running, to `ferry recv` at this URI
+    /// (tcp:HOST:PORT or unix:PATH; plain, 2 channels, the default
+    /// downtime limit, this side's --tcp-congestion), as `ferry send`
+    /// would, and print that migration's summary
+    /// after this one's. A chain of `recv --forward-to` processes moves one
+    /// guest from process to process (a ping-pong between two hosts). The
+    /// workload figures are then taken without pausing the guest, and
+    /// this side's digest of memory is not taken (the guest runs on).
+    #[arg(long, value_name = "URI")]
+    forward_to: Option<String>,
 }
 
 pub fn run(a: RecvArgs) -> anyhow::Result<bool> {
@@ -128,6 +148,7 @@ pub fn run(a: RecvArgs) -> anyhow::Result<bool> {
 
 fn migrate(a: RecvArgs) -> anyhow::Result<bool> {
     let uri: ChannelUri = a.listen.parse()?;
+    let forward: Option<ChannelUri> = a.forward_to.as_deref().map(str::parse).transpose()?;
     // Every output is checked before a source can connect: a migration
     // must not complete on the source and then fail here for a bad path.
     for p in a.ram_out.iter().chain(&a.device_state_out) {
@@ -135,6 +156,7 @@ fn migrate(a: RecvArgs) -> anyhow::Result<bool> {
     }
     // Where the guest builder leaves a KVM guest it built.
     let arrived: crate::kvm::ArrivedSlot = Default::default();
+    let prebuilt = a.prebuild_kvm.then(crate::kvm::Prebuilt::default);
     let tuning = SocketTuning {
         recv_buffer: a.socket_buffer.map(|n| n as usize),
         congestion: crate::units::congestion(&a.tcp_congestion),
@@ -165,6 +187,7 @@ fn migrate(a: RecvArgs) -> anyhow::Result<bool> {
                 move || Resources::new(&locks, false)
             },
             arrived.clone(),
+            prebuilt.clone(),
         ),
         verify_switchover: match (a.verify_switchover, a.no_digest) {
             (true, _) => Some(true),
@@ -187,6 +210,7 @@ fn migrate(a: RecvArgs) -> anyhow::Result<bool> {
         postcopy_reference: a.run_after.is_some(),
         postcopy_paused_timeout: None,
         colo: false,
+        prepare_guest: prebuilt.as_ref().map(crate::kvm::Prebuilt::hook),
     };
     if let Some((builder, _)) = &colo_parts {
         opts.build_guest = builder.clone();
@@ -213,6 +237,11 @@ fn migrate(a: RecvArgs) -> anyhow::Result<bool> {
         e.finish();
     }
     match result {
+        Ok(outcome) if forward.is_some() => {
+            let kvm = arrived.lock().unwrap().take();
+            let uri = forward.expect("forward is some");
+            forward_guest(outcome, kvm, &uri, &a)
+        }
         Ok(mut outcome) => {
             if let (Some((_, parts)), Some(ctl)) = (&colo_parts, &colo_ctl) {
                 let parts = parts
@@ -292,6 +321,65 @@ fn migrate(a: RecvArgs) -> anyhow::Result<bool> {
             Ok(false)
         }
     }
+}
+
+/// `recv --forward-to URI`: lets the guest that arrived run for
+/// --run-after, takes its workload without pausing it, prints this
+/// migration's summary, then live-migrates the running guest to `uri` and
+/// prints that one's (`ferry send`'s, role `send`).
+fn forward_guest(
+    mut outcome: ferry::IncomingOutcome,
+    kvm: Option<crate::kvm::Arrived>,
+    uri: &ChannelUri,
+    a: &RecvArgs,
+) -> anyhow::Result<bool> {
+    let secs = a.run_after.unwrap_or_default().as_secs_f64();
+    outcome.summary.workload = match &kvm {
+        // Without --run-after the guest is handed on at once, unmeasured.
+        Some(k) if a.run_after.is_some() => {
+            std::thread::sleep(Duration::from_secs_f64(secs));
+            Some(crate::kvm::workload(k, secs)?)
+        }
+        Some(_) => None,
+        None if a.run_after.is_some() => {
+            let w = run_workload(&*outcome.guest, &outcome.device_state, secs)?;
+            outcome.guest.resume()?;
+            w
+        }
+        None => None,
+    };
+    let failed = outcome
+        .summary
+        .workload
+        .as_ref()
+        .and_then(crate::kvm::verdict);
+    print_summary("recv", &outcome.summary, a.json);
+    if let Some(w) = outcome.summary.workload.as_ref().filter(|_| !a.json) {
+        print_workload(w);
+    }
+    if let Some(why) = &failed {
+        eprintln!("ferry recv: the migration completed, but {why}; not forwarding the guest");
+        outcome.guest.pause()?;
+        return Ok(false);
+    }
+    let opts = ferry::OutgoingOptions {
+        channels: 2,
+        tuning: SocketTuning {
+            congestion: crate::units::congestion(&a.tcp_congestion),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let progress = Progress::default();
+    let (mut summary, ok) = match ferry::migrate_out(&*outcome.guest, uri, &opts, &progress) {
+        Ok(s) => (s, true),
+        Err(f) => (*f.summary, false),
+    };
+    if ok && summary.digest.is_none() {
+        summary.digest = Some(outcome.guest.memory().digest().to_string());
+    }
+    print_summary("send", &summary, a.json);
+    Ok(ok)
 }
 
 /// Writes `bytes` to `path` through a temporary file renamed into place.

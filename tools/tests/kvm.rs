@@ -471,3 +471,86 @@ fn options_that_do_not_fit_a_kvm_guest_are_usage_errors_and_help_explains_kvm() 
     let d = run(&["restore", "--help"]);
     assert_contains(&d.stdout, &["--run-guest", "--run-for", "KVM guest"]);
 }
+
+/// Every JSON summary object a `ferry ... --json` printed (events left out),
+/// in order: a forwarding `recv` prints its own, then its `send`'s.
+fn summaries(d: &Done) -> Vec<Value> {
+    d.stdout
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|v| v.is_object() && v.get("event").is_none())
+        .collect()
+}
+
+/// The number of live migrations in the ping-pong.
+const HOPS: usize = 20;
+
+/// Issue #15: 20 live migrations in a row through separate CLI processes.
+/// `ferry send --guest kvm` boots the guest and sends it to the first of
+/// 20 `ferry recv --forward-to` processes, each of which runs it 300 ms
+/// and hands it on, running, to the next; the last runs it and stops it.
+/// Every hop: the migration completed, the guest's self-check found no
+/// wrong word, no vCPU stopped, and every vCPU's counters advanced after
+/// the resume; and each hop's guest starts from at least the writes the
+/// previous one had counted (the same guest went on, not a fresh one).
+#[test]
+fn twenty_live_migrations_through_cli_processes_keep_the_kvm_guest_clean_and_running() {
+    if !kvm_or_skip(
+        "twenty_live_migrations_through_cli_processes_keep_the_kvm_guest_clean_and_running",
+    ) {
+        return;
+    }
+    // Started from the last: each forwards to the one started before it.
+    let mut recvs = Vec::with_capacity(HOPS);
+    let mut next: Option<String> = None;
+    for _ in 0..HOPS {
+        let mut args = vec!["--run-after", "300ms", "--prebuild-kvm"];
+        if let Some(to) = &next {
+            args.extend(["--forward-to", to.as_str()]);
+        }
+        let (p, port) = start_recv(&args);
+        next = Some(format!("tcp:127.0.0.1:{port}"));
+        recvs.push(p);
+    }
+    recvs.reverse();
+    let to = next.unwrap();
+    let mut args = vec!["send"];
+    args.extend(GUEST);
+    args.extend(["--to", &to, "--json"]);
+    Proc::spawn(&args).wait(DEADLINE).completed();
+
+    let mut writes_before = 0;
+    for (hop, p) in recvs.into_iter().enumerate() {
+        let d = p.wait(DEADLINE);
+        let who = format!("hop {}", hop + 1);
+        let all = summaries(&d);
+        let last = hop + 1 == HOPS;
+        assert_eq!(
+            (d.code(), all.len()),
+            (Some(0), if last { 1 } else { 2 }),
+            "{who}: exit status and summaries: {all:?}\nstderr:\n{}",
+            d.stderr
+        );
+        let got = &all[0];
+        assert_eq!(got["status"], "completed", "{who}: {got}");
+        let w = &got["workload"];
+        assert_eq!(w["self_check_errors"], 0, "{who}: self-check: {got}");
+        assert!(w.get("guest_failure").is_none(), "{who}: {got}");
+        assert_eq!(w["continued"], true, "{who}: every vCPU wrote on: {got}");
+        let (at, after) = (
+            w["writes_at_switchover"].as_u64().unwrap(),
+            w["writes_after"].as_u64().unwrap(),
+        );
+        assert!(after > at, "{who}: the counters advance: {got}");
+        assert!(
+            at >= writes_before,
+            "{who}: the guest arrived with {at} writes, fewer than the {writes_before} \
+             the previous hop counted: not the same guest"
+        );
+        writes_before = after;
+        if !last {
+            let sent = &all[1];
+            assert_eq!(sent["status"], "completed", "{who}: forwarding: {sent}");
+        }
+    }
+}

@@ -63,6 +63,18 @@ impl KvmGuest {
         Ok(Self::over(Vm::restore(memory, &s, tracker)?, resources))
     }
 
+    /// [`KvmGuest::from_state`] into a VM prepared beforehand over the
+    /// memory ([`Vm::prepare`]): only its vCPUs and state are left to do.
+    /// A bad state is refused before any vCPU exists.
+    pub fn from_prepared(
+        prepared: crate::PreparedVm,
+        state: &[u8],
+        resources: Resources,
+    ) -> Result<Self, VmmError> {
+        let s = VmState::decode(state)?;
+        Ok(Self::over(Vm::restore_prepared(prepared, &s)?, resources))
+    }
+
     fn over(vm: Vm, resources: Resources) -> Self {
         let log = vm.dirty_log();
         Self { vm, log, resources }
@@ -162,6 +174,7 @@ impl Guest for KvmGuest {
     }
 
     fn save_device_state(&self) -> Result<Vec<u8>, GuestError> {
+        ferry::switchover_trace::mark("vmm: saving the state");
         Ok(self.vm.save_state()?.encode())
     }
 

@@ -26,6 +26,7 @@ pub mod port;
 pub mod pvh;
 pub mod qemu;
 pub mod state;
+mod tsc;
 pub mod vm;
 
 pub use dirty::{DirtyTracker, KvmDirtyLog, TrackerSupport, DEFAULT_RING_ENTRIES};
@@ -35,7 +36,7 @@ pub use port::{PortLine, Progress};
 pub use pvh::{BootParams, ElfError, PvhElf, GUEST_ELF};
 pub use qemu::{qemu_usable, QemuConfig, QemuError, QemuGuest};
 pub use state::{is_kvm_state, VmState};
-pub use vm::{vcpu_status, GuestReport, VcpuStatus, Vm, VmConfig, WritePattern};
+pub use vm::{vcpu_status, GuestReport, PreparedVm, VcpuStatus, Vm, VmConfig, WritePattern};
 
 /// Whether this machine can run a KVM guest: `Err` says why not (tests
 /// skip with that message).

@@ -151,8 +151,28 @@ struct Shared {
     progress: Mutex<Vec<Option<Progress>>>,
     /// The largest `gap_us` of any progress line on this VM's port.
     line_gap_us: Mutex<Option<u64>>,
+    /// Each vCPU's `gap_us` in its first progress line on this VM's port.
+    first_gap_us: Mutex<Vec<Option<u64>>>,
     /// The first fatal vCPU exit (triple fault, halt, entry failure...).
     failure: Mutex<Option<String>>,
+}
+
+/// A VM without vCPUs yet, its memory registered ([`Vm::prepare`]).
+pub struct PreparedVm {
+    kvm: Kvm,
+    vm: VmFd,
+    slots: Vec<Slot>,
+    manual_protect: bool,
+    tracker: DirtyTracker,
+    /// Last: KVM maps this memory for as long as the VM lives.
+    memory: Arc<GuestMemory>,
+}
+
+impl PreparedVm {
+    /// The memory it was prepared over.
+    pub fn memory(&self) -> &Arc<GuestMemory> {
+        &self.memory
+    }
 }
 
 /// A KVM VM running the guest program (or a restored one).
@@ -169,6 +189,12 @@ pub struct Vm {
     vm: Arc<VmFd>,
     slots: Vec<Slot>,
     tsc_khz: u32,
+    /// Each vCPU's TSC when a pause stopped the running VM (tsc.rs): what
+    /// a state saved while it stays paused carries.
+    frozen_tsc: Mutex<Option<Vec<u64>>>,
+    /// Each vCPU's TSC from the last state loaded, set again when the VM
+    /// next starts (tsc.rs).
+    start_tsc: Mutex<Option<Vec<u64>>>,
     /// Last: KVM maps this memory for as long as the VM lives.
     memory: Arc<GuestMemory>,
 }
@@ -228,23 +254,36 @@ impl Vm {
                 memory.total_bytes()
             )));
         }
-        let vm = Self::create(memory, state.vcpus.len(), tracker)?;
+        ferry::switchover_trace::mark("vmm: restore: creating the VM");
+        Self::restore_prepared(Self::prepare(memory, tracker)?, state)
+    }
+
+    /// [`Vm::restore`] into a VM [`Vm::prepare`] made beforehand (a
+    /// destination builds it while pages arrive): only the vCPUs, their
+    /// threads and the state are left.
+    pub fn restore_prepared(prepared: PreparedVm, state: &VmState) -> Result<Self, VmmError> {
+        if prepared.memory.total_bytes() != state.memory {
+            return Err(VmmError::Config(format!(
+                "the state is of a guest with {} bytes of RAM, this memory has {}",
+                state.memory,
+                prepared.memory.total_bytes()
+            )));
+        }
+        let vm = Self::finish(prepared, state.vcpus.len())?;
+        ferry::switchover_trace::mark("vmm: restore: VM created, threads parked");
         vm.load_state(state)?;
+        ferry::switchover_trace::mark("vmm: restore: state loaded");
         Ok(vm)
     }
 
-    /// A VM with `vcpus` vCPUs (threads started, parked) over `memory`,
-    /// dirty tracking set up as `tracker` says.
-    fn create(
+    /// The part of a VM that needs no vCPU: the VM, its in-kernel
+    /// interrupt controller, dirty tracking as `tracker` says, and
+    /// `memory` registered with KVM (for a guest of GiBs the slowest
+    /// part: ~10 ms for 2 GiB under this project's nested KVM).
+    pub fn prepare(
         memory: Arc<GuestMemory>,
-        vcpus: usize,
         tracker: DirtyTracker,
-    ) -> Result<Self, VmmError> {
-        if vcpus == 0 || vcpus as u64 > MAX_VCPUS {
-            return Err(VmmError::Config(format!(
-                "{vcpus} vCPUs: between 1 and {MAX_VCPUS}"
-            )));
-        }
+    ) -> Result<PreparedVm, VmmError> {
         install_kick_handler()?;
         let kvm =
             Kvm::new().map_err(|e| VmmError::NoKvm(io::Error::from_raw_os_error(e.errno())))?;
@@ -271,7 +310,49 @@ impl Vm {
                 false
             }
         };
+        ferry::switchover_trace::mark("vmm: create: VM and irqchip made");
         let slots = register_memory(&vm, &memory)?;
+        ferry::switchover_trace::mark("vmm: create: memory registered");
+        Ok(PreparedVm {
+            kvm,
+            vm,
+            slots,
+            manual_protect,
+            tracker,
+            memory,
+        })
+    }
+
+    /// A VM with `vcpus` vCPUs (threads started, parked) over `memory`,
+    /// dirty tracking set up as `tracker` says.
+    fn create(
+        memory: Arc<GuestMemory>,
+        vcpus: usize,
+        tracker: DirtyTracker,
+    ) -> Result<Self, VmmError> {
+        if vcpus == 0 || vcpus as u64 > MAX_VCPUS {
+            return Err(VmmError::Config(format!(
+                "{vcpus} vCPUs: between 1 and {MAX_VCPUS}"
+            )));
+        }
+        Self::finish(Self::prepare(memory, tracker)?, vcpus)
+    }
+
+    /// A prepared VM with `vcpus` vCPUs (threads started, parked).
+    fn finish(prepared: PreparedVm, vcpus: usize) -> Result<Self, VmmError> {
+        if vcpus == 0 || vcpus as u64 > MAX_VCPUS {
+            return Err(VmmError::Config(format!(
+                "{vcpus} vCPUs: between 1 and {MAX_VCPUS}"
+            )));
+        }
+        let PreparedVm {
+            kvm,
+            vm,
+            slots,
+            manual_protect,
+            tracker,
+            memory,
+        } = prepared;
         let cpuid = kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .map_err(VmmError::kvm("KVM_GET_SUPPORTED_CPUID"))?;
@@ -284,6 +365,7 @@ impl Vm {
                 .map_err(VmmError::vcpu(i, "KVM_SET_CPUID2"))?;
             fds.push(Arc::new(Mutex::new(fd)));
         }
+        ferry::switchover_trace::mark("vmm: create: vCPUs made");
         let tsc_khz = fds[0]
             .lock()
             .unwrap()
@@ -302,6 +384,7 @@ impl Vm {
             reports: Mutex::new(Vec::new()),
             progress: Mutex::new(vec![None; vcpus]),
             line_gap_us: Mutex::new(None),
+            first_gap_us: Mutex::new(vec![None; vcpus]),
             failure: Mutex::new(None),
         });
         let vm = Arc::new(vm);
@@ -325,6 +408,8 @@ impl Vm {
             vm,
             slots,
             tsc_khz,
+            frozen_tsc: Mutex::new(None),
+            start_tsc: Mutex::new(None),
             memory,
         };
         for i in 0..vcpus {
@@ -344,6 +429,7 @@ impl Vm {
                 .spawn(move || throttle_thread(&shared))
                 .map_err(|e| VmmError::Control(format!("cannot start the throttle thread: {e}")))?,
         );
+        ferry::switchover_trace::mark("vmm: create: threads started");
         me.wait_parked()?;
         Ok(me)
     }
@@ -401,6 +487,21 @@ impl Vm {
         *self.shared.line_gap_us.lock().unwrap()
     }
 
+    /// The largest `gap_us` in the vCPUs' first progress lines on this
+    /// VM's port: on a destination, each first line's window spans the
+    /// switchover, so this is the blackout the guest saw with only that
+    /// window's noise. `None` before any vCPU's first line.
+    pub fn first_line_gap_us(&self) -> Option<u64> {
+        self.shared
+            .first_gap_us
+            .lock()
+            .unwrap()
+            .iter()
+            .flatten()
+            .copied()
+            .max()
+    }
+
     /// The first fatal vCPU exit, if any.
     pub fn failure(&self) -> Option<String> {
         self.shared.failure.lock().unwrap().clone()
@@ -410,8 +511,40 @@ impl Vm {
         !self.shared.run.lock().unwrap().paused
     }
 
-    /// Lets the vCPUs run.
+    /// Lets the vCPUs run. After a state was loaded, each vCPU's TSC is
+    /// set to the loaded one first, so the guest's TSC does not count the
+    /// time between loading and starting (tsc.rs); if KVM refuses that,
+    /// the TSC stays as loaded.
     pub fn resume(&self) {
+        if let Some(tscs) = self.start_tsc.lock().unwrap().take() {
+            // The VM is paused since the load: no thread holds a vCPU fd.
+            let fds: Vec<_> = self.vcpus.iter().map(|f| f.lock().unwrap()).collect();
+            // One reading of the host's TSC for all: the vCPUs keep the
+            // relation their TSCs had when they stopped.
+            match crate::tsc::host_now(&fds[0], 0) {
+                Ok(Some(host)) => {
+                    for (i, (fd, &v)) in fds.iter().zip(&tscs).enumerate() {
+                        let _ = crate::tsc::set_offset(fd, i, v.wrapping_sub(host));
+                    }
+                }
+                _ => {
+                    for (i, (fd, &v)) in fds.iter().zip(&tscs).enumerate() {
+                        let _ = crate::tsc::set_msr(fd, i, v);
+                    }
+                }
+            }
+            if ferry::switchover_trace::enabled() {
+                let now: Vec<_> = fds
+                    .iter()
+                    .enumerate()
+                    .map(|(i, fd)| crate::tsc::read(fd, i).unwrap_or(0))
+                    .collect();
+                ferry::switchover_trace::mark(&format!(
+                    "vmm: TSCs set to {tscs:?}, read back {now:?}"
+                ));
+            }
+        }
+        self.frozen_tsc.lock().unwrap().take();
         let mut run = self.shared.run.lock().unwrap();
         run.paused = false;
         self.shared.cv.notify_all();
@@ -419,10 +552,23 @@ impl Vm {
 
     /// Stops every vCPU; when this returns none runs and memory no longer
     /// changes through them.
+    /// A running VM's TSCs are read as soon as every vCPU stopped: a
+    /// state saved before it runs again carries those (tsc.rs).
     pub fn pause(&self) -> Result<(), VmmError> {
-        self.shared.run.lock().unwrap().paused = true;
+        let was_running = !std::mem::replace(&mut self.shared.run.lock().unwrap().paused, true);
         self.shared.cv.notify_all();
-        self.wait_parked()
+        self.wait_parked()?;
+        if was_running {
+            // Best effort: without them a save reads the TSCs it saves.
+            let tscs: Result<Vec<u64>, VmmError> = self
+                .vcpus
+                .iter()
+                .enumerate()
+                .map(|(i, fd)| crate::tsc::read(&fd.lock().unwrap(), i))
+                .collect();
+            *self.frozen_tsc.lock().unwrap() = tscs.ok();
+        }
+        Ok(())
     }
 
     /// Slows the vCPUs: each sleeps `percent`% (at most 99) of every 10 ms.
@@ -487,6 +633,22 @@ impl Vm {
                     MSRS.len(),
                     MSRS[n].1
                 )));
+            }
+            // The TSC as it was when the vCPUs stopped (or as loaded, if
+            // they have not run since): see tsc.rs.
+            let kept = self
+                .start_tsc
+                .lock()
+                .unwrap()
+                .as_ref()
+                .or(self.frozen_tsc.lock().unwrap().as_ref())
+                .and_then(|t| t.get(i).copied());
+            if let Some(v) = kept {
+                for e in msrs.as_mut_slice() {
+                    if e.index == crate::tsc::IA32_TSC {
+                        e.data = v;
+                    }
+                }
             }
             vcpus.push(VcpuState {
                 regs: fd.get_regs().map_err(VmmError::vcpu(i, "KVM_GET_REGS"))?,
@@ -572,6 +734,17 @@ impl Vm {
             fd.set_vcpu_events(&s.events)
                 .map_err(VmmError::vcpu(i, "KVM_SET_VCPU_EVENTS"))?;
         }
+        let tscs = state
+            .vcpus
+            .iter()
+            .map(|s| {
+                s.msrs
+                    .iter()
+                    .find(|e| e.index == crate::tsc::IA32_TSC)
+                    .map_or(0, |e| e.data)
+            })
+            .collect();
+        *self.start_tsc.lock().unwrap() = Some(tscs);
         Ok(())
     }
 }
@@ -835,6 +1008,7 @@ fn vcpu_thread(shared: &Shared, index: usize, fd: &Mutex<VcpuFd>, rings: Option<
     shared.tids[index].store(me as u64, Ordering::Release);
     let mut line = LineBuffer::default();
     let mut failed = false;
+    let mut just_resumed = false;
     loop {
         let mut run = shared.run.lock().unwrap();
         if run.paused || run.quit || failed {
@@ -850,6 +1024,7 @@ fn vcpu_thread(shared: &Shared, index: usize, fd: &Mutex<VcpuFd>, rings: Option<
             if run.quit {
                 return;
             }
+            just_resumed = true;
         }
         drop(run);
         let sleep = shared.sleep_ns[index].swap(0, Ordering::Relaxed);
@@ -858,7 +1033,16 @@ fn vcpu_thread(shared: &Shared, index: usize, fd: &Mutex<VcpuFd>, rings: Option<
             continue;
         }
         let mut vcpu = fd.lock().unwrap();
-        let fatal = match vcpu.run() {
+        let traced = just_resumed && ferry::switchover_trace::enabled();
+        just_resumed = false;
+        if traced {
+            ferry::switchover_trace::mark(&format!("vmm: vCPU {index} enters KVM_RUN"));
+        }
+        let ran = vcpu.run();
+        if traced {
+            ferry::switchover_trace::mark(&format!("vmm: vCPU {index} first exit"));
+        }
+        let fatal = match ran {
             Ok(VcpuExit::IoOut(port, data)) => {
                 if u64::from(port) == DEFAULT_PORT && data.len() == 1 {
                     if let Some(l) = line.push(data[0]) {
@@ -910,8 +1094,17 @@ fn on_line(shared: &Shared, line: &str) {
             .unwrap()
             .push(GuestReport::SelfCheckError { vcpu, addr }),
         Some(PortLine::Progress(p)) => {
-            if let Some(slot) = shared.progress.lock().unwrap().get_mut(p.vcpu) {
-                *slot = Some(p);
+            if ferry::switchover_trace::enabled() {
+                ferry::switchover_trace::mark(&format!("guest: {line}"));
+            }
+            let first = match shared.progress.lock().unwrap().get_mut(p.vcpu) {
+                Some(slot) => slot.replace(p).is_none(),
+                None => false,
+            };
+            if first {
+                if let Some(g) = shared.first_gap_us.lock().unwrap().get_mut(p.vcpu) {
+                    *g = p.gap_us;
+                }
             }
             if let Some(us) = p.gap_us {
                 let mut max = shared.line_gap_us.lock().unwrap();

@@ -173,6 +173,49 @@ fn a_pause_shows_as_the_guests_largest_tsc_gap() {
     eprintln!("a 300 ms pause: the guest saw a gap of {us} µs (its line: {line} µs)");
 }
 
+/// Each vCPU's IA32_TSC in a saved state.
+fn saved_tscs(state: &[u8]) -> Vec<u64> {
+    ferry_vmm::VmState::decode(state)
+        .unwrap()
+        .vcpus
+        .iter()
+        .map(|v| v.msrs.iter().find(|e| e.index == 0x10).unwrap().data)
+        .collect()
+}
+
+/// The TSC a state carries is the one the vCPUs had when they stopped
+/// (as QEMU keeps it), not the one when the state was saved: two saves of
+/// a paused VM 50 ms apart carry the same TSCs; and a VM loaded from that
+/// state saves, before it ran, the TSCs it was loaded with.
+#[test]
+fn a_paused_vm_keeps_the_tsc_of_its_pause_in_every_state_it_saves() {
+    if !kvm_or_skip("a_paused_vm_keeps_the_tsc_of_its_pause_in_every_state_it_saves") {
+        return;
+    }
+    let src = KvmGuest::boot(
+        &config(8 * MIB, 2, 4 * MIB, WritePattern::Random),
+        Resources::none(true),
+    )
+    .unwrap();
+    wait_for("writes", || writes(src.memory(), 2) > 50);
+    src.pause().unwrap();
+    let first = src.save_device_state().unwrap();
+    std::thread::sleep(Duration::from_millis(50));
+    let second = src.save_device_state().unwrap();
+    let tscs = saved_tscs(&first);
+    assert!(tscs.iter().all(|&t| t > 0), "{tscs:?}");
+    assert_eq!(tscs, saved_tscs(&second), "two saves of one pause");
+
+    let copy = copy_memory(src.memory());
+    let dst = KvmGuest::from_state(copy, &first, Resources::none(false)).unwrap();
+    std::thread::sleep(Duration::from_millis(50));
+    assert_eq!(
+        saved_tscs(&dst.save_device_state().unwrap()),
+        tscs,
+        "a loaded VM that has not run"
+    );
+}
+
 /// The guest checks its command line: ferry's VMM boots it with a bad one
 /// (a hot set of 0%), the guest says why on its port and stops, and the
 /// VMM reports that as the guest's failure. A good one with faster
