@@ -59,7 +59,11 @@ const OUTPUT_TICK: Duration = Duration::from_millis(2);
 #[derive(Debug, thiserror::Error)]
 pub enum ColoRunError {
     #[error(transparent)]
-    Migration(#[from] MigrationError),
+    Migration(MigrationError),
+    /// A silent or stalled peer during COLO: the same error as a
+    /// migration's, but COLO's limit is `--heartbeat-timeout`.
+    #[error("{}", heartbeat_text(.0))]
+    Heartbeat(MigrationError),
     #[error(transparent)]
     Colo(#[from] ColoError),
     #[error("checkpoint {checkpoint}: the secondary's memory has digest {secondary:#034x}, the primary's {primary:#034x}")]
@@ -74,6 +78,25 @@ pub enum ColoRunError {
     FailoverRequested,
     #[error("killed at {0:?} (test)")]
     Killed(KillPoint),
+}
+
+impl From<MigrationError> for ColoRunError {
+    fn from(e: MigrationError) -> Self {
+        match e {
+            MigrationError::PeerSilent { .. }
+            | MigrationError::PeerStalled { .. }
+            | MigrationError::Multifd(ferry_multifd::MultifdError::Stalled { .. }) => {
+                Self::Heartbeat(e)
+            }
+            e => Self::Migration(e),
+        }
+    }
+}
+
+/// A timeout error's text with the flag that set its limit in COLO.
+fn heartbeat_text(e: &MigrationError) -> String {
+    e.to_string()
+        .replace("(--peer-timeout)", "(--heartbeat-timeout)")
 }
 
 impl From<GuestError> for ColoRunError {

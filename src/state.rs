@@ -38,6 +38,9 @@ pub enum Status {
     Failed,
     Cancelling,
     Cancelled,
+    /// COLO runs after the migration (`send --colo`, `recv --colo`); left
+    /// for completed (poweroff or failover) or failed.
+    Colo,
 }
 
 impl Status {
@@ -56,6 +59,7 @@ impl Status {
             Self::Failed => "failed",
             Self::Cancelling => "cancelling",
             Self::Cancelled => "cancelled",
+            Self::Colo => "colo",
         }
     }
     pub fn is_final(self) -> bool {

@@ -157,6 +157,9 @@ pub fn primary(
     let sink = a.sink()?;
     let t = ticker("primary", ctl, !json);
     let s = run_primary(guest, outputs, uri, link, &a.options(), ctl, sink.clone());
+    // query-migrate and the events leave `colo`: completed after a
+    // poweroff or a failover (as QEMU), failed otherwise.
+    ferry::session::end_colo(progress, s.end != "killed");
     if let Some(t) = t {
         t.store(true, Ordering::SeqCst);
     }
@@ -177,6 +180,9 @@ pub fn secondary(
     let sink = a.sink()?;
     let t = ticker("secondary", ctl, !json);
     let s = run_secondary(guest, parts, listener, &a.options(), ctl, sink.clone());
+    // query-migrate and the events leave `colo`: completed after a
+    // poweroff or a failover (as QEMU), failed otherwise.
+    ferry::session::end_colo(progress, s.end != "killed");
     if let Some(t) = t {
         t.store(true, Ordering::SeqCst);
     }
