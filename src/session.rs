@@ -583,7 +583,11 @@ pub fn end_colo(progress: &Progress, ok: bool) -> Option<Phase> {
     if progress.status() != Status::Colo {
         return None;
     }
-    let to = transition(Phase::Colo, if ok { Phase::Completed } else { Phase::Failed }).ok()?;
+    let to = transition(
+        Phase::Colo,
+        if ok { Phase::Completed } else { Phase::Failed },
+    )
+    .ok()?;
     if let Some(s) = to.status() {
         progress.set_status(s);
     }
