@@ -7,7 +7,9 @@
 //! device → completed; any of them → failed, or → cancelling → cancelled.
 //! A live save goes the same way; a background snapshot setup → active →
 //! completed. The destination goes setup → active → device → completed;
-//! any of them → failed, or → cancelling → cancelled. Every side changes
+//! any of them → failed, or → cancelling → cancelled. With COLO next
+//! (`send --colo`, `recv --colo`) both sides go device → colo, then
+//! completed (poweroff or failover) or failed. Every side changes
 //! status only through the session engine's state machine
 //! (`crate::session::Phase`, `transition`, through a `Session` or, on the
 //! destination, `Phases`), which refuses an illegal move;
