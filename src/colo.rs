@@ -59,7 +59,11 @@ const OUTPUT_TICK: Duration = Duration::from_millis(2);
 #[derive(Debug, thiserror::Error)]
 pub enum ColoRunError {
     #[error(transparent)]
-    Migration(#[from] MigrationError),
+    Migration(MigrationError),
+    /// A silent or stalled peer during COLO: the same error as a
+    /// migration's, but COLO's limit is `--heartbeat-timeout`.
+    #[error("{}", heartbeat_text(.0))]
+    Heartbeat(MigrationError),
     #[error(transparent)]
     Colo(#[from] ColoError),
     #[error("checkpoint {checkpoint}: the secondary's memory has digest {secondary:#034x}, the primary's {primary:#034x}")]
@@ -72,8 +76,31 @@ pub enum ColoRunError {
     Protocol(String),
     #[error("failover requested")]
     FailoverRequested,
+    /// The secondary refused the COLO session: the sides disagree on a
+    /// value both must share. It does not take over.
+    #[error("COLO setup refused: {0}")]
+    Refused(String),
     #[error("killed at {0:?} (test)")]
     Killed(KillPoint),
+}
+
+impl From<MigrationError> for ColoRunError {
+    fn from(e: MigrationError) -> Self {
+        match e {
+            MigrationError::PeerSilent { .. }
+            | MigrationError::PeerStalled { .. }
+            | MigrationError::Multifd(ferry_multifd::MultifdError::Stalled { .. }) => {
+                Self::Heartbeat(e)
+            }
+            e => Self::Migration(e),
+        }
+    }
+}
+
+/// A timeout error's text with the flag that set its limit in COLO.
+fn heartbeat_text(e: &MigrationError) -> String {
+    e.to_string()
+        .replace("(--peer-timeout)", "(--heartbeat-timeout)")
 }
 
 impl From<GuestError> for ColoRunError {
@@ -136,6 +163,9 @@ pub struct ColoOptions {
     /// primary compares it with its own (a test's check; costs a digest
     /// of all memory on both sides per checkpoint).
     pub verify: bool,
+    /// Each vCPU's output record every this many writes
+    /// (`--colo-output-every`): both sides must agree (COLO_SETUP).
+    pub output_every: u64,
     /// Stop (poweroff) after this many checkpoints.
     pub max_checkpoints: Option<u64>,
     /// Test only: die here.
@@ -156,6 +186,7 @@ impl Default for ColoOptions {
             heartbeat_timeout: Duration::from_secs(1),
             setup_timeout: Duration::from_secs(30),
             verify: false,
+            output_every: 64,
             max_checkpoints: None,
             kill: None,
             test_during_load: None,
@@ -358,7 +389,8 @@ pub struct ColoSummary {
     pub compare: CompareStats,
     /// Outputs released to the client by this side.
     pub released: u64,
-    /// How COLO ended: "failover", "poweroff" or "killed".
+    /// How COLO ended: "failover", "poweroff", "killed" or (secondary)
+    /// "refused" (COLO_SETUP differed).
     pub end: &'static str,
     pub status: ColoStatus,
     /// From detecting the end to the survivor running alone.
@@ -703,6 +735,13 @@ fn primary_loop(
         blocks: memory.specs(),
     };
     main.send(&Message::Setup(setup))?;
+    colo_send(
+        &main,
+        &ColoMessage::ColoSetup {
+            output_every: opts.output_every,
+            verify: opts.verify,
+        },
+    )?;
 
     // The reader: outputs to the comparator, the rest to this loop.
     let expect = Arc::new(Mutex::new(Expect::new(Side::Primary)));
@@ -811,7 +850,7 @@ fn primary_checkpoints(
         match rx.recv_timeout(opts.heartbeat_timeout * 2) {
             Ok(r) => r,
             Err(RecvTimeoutError::Timeout) => Err(ColoRunError::Protocol(format!(
-                "no {what} from the secondary within {:.1} s",
+                "no {what} from the secondary within {:.1} s (twice --heartbeat-timeout)",
                 (opts.heartbeat_timeout * 2).as_secs_f64()
             ))),
             Err(RecvTimeoutError::Disconnected) => Err(ColoRunError::Protocol(format!(
@@ -1123,6 +1162,13 @@ pub fn run_secondary(
             let _ = guest.pause();
             ("killed", false)
         }
+        Err(e @ ColoRunError::Refused(_)) => {
+            // Never a replica: the primary goes on alone, this copy stops.
+            let _ = guest.pause();
+            ctl.status
+                .request(FailoverReason::Error, Some(e.to_string()));
+            ("refused", false)
+        }
         Ok(()) => {
             let _ = guest.pause();
             ("poweroff", false)
@@ -1216,6 +1262,44 @@ fn secondary_loop(
             session.multifd.len(),
             memory.specs()
         )));
+    }
+    match colo_recv(&main, "primary")? {
+        (
+            ColoMessage::ColoSetup {
+                output_every,
+                verify,
+            },
+            _,
+        ) => {
+            let differ = if output_every != opts.output_every {
+                Some(format!(
+                    "--colo-output-every differs: the primary has {output_every}, this secondary \
+                     {}; give both sides the same value",
+                    opts.output_every
+                ))
+            } else if verify != opts.verify {
+                Some(format!(
+                    "--colo-verify differs: the primary has it {}, this secondary {}; give it \
+                     to both sides or to neither",
+                    if verify { "on" } else { "off" },
+                    if opts.verify { "on" } else { "off" }
+                ))
+            } else {
+                None
+            };
+            if let Some(why) = differ {
+                let _ = main.send(&Message::Shut {
+                    error: Some(format!("the secondary refused COLO: {why}")),
+                });
+                return Err(ColoRunError::Refused(why));
+            }
+        }
+        (m, _) => {
+            return Err(ColoRunError::Protocol(format!(
+                "expected COLO_SETUP after SETUP, got {}",
+                m.name()
+            )))
+        }
     }
     let pool = ReceiverPool::start(
         session.multifd,

@@ -232,7 +232,11 @@ pub fn migrate_in(
         progress.set_error(&e.to_string());
         tracing::warn!("incoming migration did not complete: {e}");
     }
-    phases.finish(outcome_of(&result));
+    if !(result.is_ok() && opts.colo && phases.enter(Phase::Colo).is_ok()) {
+        // (With COLO next, `crate::colo::run_secondary` runs and
+        // `session::end_colo` ends it.)
+        phases.finish(outcome_of(&result));
+    }
     match (result, outcome) {
         (Ok(()), Some((memory, guest))) => Ok(IncomingOutcome {
             summary,

@@ -226,11 +226,16 @@ pub fn migrate_out(
         cancelled,
     );
     progress.set_phase(summary.status);
-    session.finish(match (&result, cancelled) {
-        (Ok(()), _) => Outcome::Completed,
-        (Err(_), true) => Outcome::Cancelled,
-        (Err(_), false) => Outcome::Failed,
-    });
+    if result.is_ok() && opts.colo && session.enter(Phase::Colo).is_ok() {
+        // COLO runs next (`crate::colo::run_primary`); `session::end_colo`
+        // ends it.
+    } else {
+        session.finish(match (&result, cancelled) {
+            (Ok(()), _) => Outcome::Completed,
+            (Err(_), true) => Outcome::Cancelled,
+            (Err(_), false) => Outcome::Failed,
+        });
+    }
     match result {
         Ok(()) => Ok(summary),
         Err(error) => Err(Failed {

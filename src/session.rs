@@ -223,8 +223,8 @@ impl Phase {
         matches!(self, Self::Completed | Self::Failed | Self::Cancelled)
     }
 
-    /// The status a [`Progress`] reports in this phase; `None` for the
-    /// phases nothing implements yet (postcopy, COLO).
+    /// The status a [`Progress`] reports in this phase (every phase has
+    /// one).
     pub fn status(self) -> Option<Status> {
         Some(match self {
             Self::None => Status::None,
@@ -240,7 +240,7 @@ impl Phase {
             Self::PostcopyPaused => Status::PostcopyPaused,
             Self::PostcopyRecoverSetup => Status::PostcopyRecoverSetup,
             Self::PostcopyRecover => Status::PostcopyRecover,
-            Self::Colo => return None,
+            Self::Colo => Status::Colo,
         })
     }
 
@@ -572,6 +572,26 @@ impl<'a> Phases<'a> {
         }
         self.phase
     }
+}
+
+/// Ends COLO on a side whose migration moved to `colo` (the migration
+/// completed with `colo` set): `completed` after a poweroff or a failover
+/// (seed 000's failover moves colo → completed on both sides), `failed`
+/// otherwise. Returns the phase reached; a side not in `colo` is left as
+/// it is (`None`).
+pub fn end_colo(progress: &Progress, ok: bool) -> Option<Phase> {
+    if progress.status() != Status::Colo {
+        return None;
+    }
+    let to = transition(
+        Phase::Colo,
+        if ok { Phase::Completed } else { Phase::Failed },
+    )
+    .ok()?;
+    if let Some(s) = to.status() {
+        progress.set_status(s);
+    }
+    Some(to)
 }
 
 /// One session: the pending bitmaps, the phase, the throttle, and the

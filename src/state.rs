@@ -7,7 +7,9 @@
 //! device → completed; any of them → failed, or → cancelling → cancelled.
 //! A live save goes the same way; a background snapshot setup → active →
 //! completed. The destination goes setup → active → device → completed;
-//! any of them → failed, or → cancelling → cancelled. Every side changes
+//! any of them → failed, or → cancelling → cancelled. With COLO next
+//! (`send --colo`, `recv --colo`) both sides go device → colo, then
+//! completed (poweroff or failover) or failed. Every side changes
 //! status only through the session engine's state machine
 //! (`crate::session::Phase`, `transition`, through a `Session` or, on the
 //! destination, `Phases`), which refuses an illegal move;
@@ -38,6 +40,9 @@ pub enum Status {
     Failed,
     Cancelling,
     Cancelled,
+    /// COLO runs after the migration (`send --colo`, `recv --colo`); left
+    /// for completed (poweroff or failover) or failed.
+    Colo,
 }
 
 impl Status {
@@ -56,6 +61,7 @@ impl Status {
             Self::Failed => "failed",
             Self::Cancelling => "cancelling",
             Self::Cancelled => "cancelled",
+            Self::Colo => "colo",
         }
     }
     pub fn is_final(self) -> bool {

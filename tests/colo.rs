@@ -415,6 +415,13 @@ fn kill_runs(side: ColoMode) {
         assert!(alive.guest_running, "{label}");
         assert_eq!(alive.status.reason, FailoverReason::Error, "{label}");
         assert_eq!(alive.status.failover, FailoverState::Completed, "{label}");
+        // In COLO a silent peer is found by --heartbeat-timeout, and the
+        // reason says so.
+        let why = alive.status.error.as_deref().unwrap_or("");
+        assert!(!why.contains("--peer-timeout"), "{label}: {why}");
+        if matches!(k.stage, KillStage::Silent(_)) && why.contains("timeout") {
+            assert!(why.contains("--heartbeat-timeout"), "{label}: {why}");
+        }
         check_history(&run, &label);
         eprintln!(
             "{label}: survivor went alone after {:.3} ms, {} records in the history, {} \
@@ -655,4 +662,33 @@ fn tls_channels_keep_the_secondary_equal_at_every_checkpoint() {
         ("poweroff", "poweroff")
     );
     assert_eq!(run.secondary.checkpoints, 10);
+}
+
+#[test]
+fn a_silent_or_stalled_peer_in_colo_names_the_heartbeat_timeout() {
+    use ferry::colo::ColoRunError;
+    use ferry::MigrationError;
+    for e in [
+        MigrationError::PeerSilent {
+            peer: "secondary",
+            channel: "main".into(),
+            secs: 1.0,
+        },
+        MigrationError::PeerStalled {
+            what: "a COLO message".into(),
+            channel: "main",
+            secs: 1.0,
+        },
+        MigrationError::Multifd(ferry_multifd::MultifdError::Stalled {
+            channel: "multifd channel 0".into(),
+            secs: 1.0,
+        }),
+    ] {
+        let plain = e.to_string();
+        assert!(plain.contains("(--peer-timeout)"), "{plain}");
+        let colo = ColoRunError::from(e).to_string();
+        assert!(colo.contains("(--heartbeat-timeout)"), "{colo}");
+        assert!(!colo.contains("--peer-timeout"), "{colo}");
+        assert_eq!(colo.replace("heartbeat", "peer"), plain);
+    }
 }

@@ -24,6 +24,7 @@
 //! |    8 | VMSTATE_LOADED     | checkpoint (8), flag (1): 1 if a memory digest (16) follows | secondary |
 //! |    9 | GUEST_SHUTDOWN     | none                                                        | primary   |
 //! |   10 | OUTPUT             | record count R (4), R × record (18)                         | secondary |
+//! |   11 | COLO_SETUP         | output every N writes (8), verify flag (1): 0 or 1          | primary   |
 //!
 //! A record is `u16` vCPU, `u64` record number, `u64` value.
 //!
@@ -34,7 +35,10 @@
 //! are the primary's dirty bitmap of this checkpoint, one bit a page, so
 //! the secondary knows which cache pages to take; the held records are
 //! the primary's outputs not yet released, which the secondary inherits.
-//! [`Expect`] refuses anything else.
+//! [`Expect`] refuses anything else. COLO_SETUP comes once, right after
+//! the session's SETUP and before CHECKPOINT_READY, outside [`Expect`]:
+//! the values both sides must agree on (`--colo-output-every`,
+//! `--colo-verify`); the secondary refuses a session that differs.
 
 use crate::compare::Record;
 use crate::ColoError;
@@ -74,6 +78,10 @@ pub enum ColoMessage {
     },
     GuestShutdown,
     Output(Vec<Record>),
+    ColoSetup {
+        output_every: u64,
+        verify: bool,
+    },
 }
 
 impl ColoMessage {
@@ -89,6 +97,7 @@ impl ColoMessage {
             Self::VmstateLoaded { .. } => "VMSTATE_LOADED",
             Self::GuestShutdown => "GUEST_SHUTDOWN",
             Self::Output(_) => "OUTPUT",
+            Self::ColoSetup { .. } => "COLO_SETUP",
         }
     }
 
@@ -104,6 +113,7 @@ impl ColoMessage {
             Self::VmstateLoaded { .. } => 8,
             Self::GuestShutdown => 9,
             Self::Output(_) => 10,
+            Self::ColoSetup { .. } => 11,
         }
     }
 
@@ -143,6 +153,13 @@ impl ColoMessage {
                 }
             }
             Self::Output(records) => put_records(&mut b, records),
+            Self::ColoSetup {
+                output_every,
+                verify,
+            } => {
+                b.extend_from_slice(&output_every.to_le_bytes());
+                b.push(u8::from(*verify));
+            }
         }
         b
     }
@@ -210,6 +227,14 @@ impl ColoMessage {
             }
             9 => Self::GuestShutdown,
             10 => Self::Output(r.records()?),
+            11 => Self::ColoSetup {
+                output_every: r.u64("output every")?,
+                verify: match r.u8("verify flag")? {
+                    0 => false,
+                    1 => true,
+                    f => return Err(r.bad(format!("verify flag {f}, expected 0 or 1"))),
+                },
+            },
             k => {
                 return Err(ColoError::Malformed {
                     channel,
@@ -470,6 +495,10 @@ mod tests {
             },
             ColoMessage::GuestShutdown,
             ColoMessage::Output(vec![rec, rec]),
+            ColoMessage::ColoSetup {
+                output_every: 64,
+                verify: true,
+            },
         ]
     }
 
@@ -493,6 +522,14 @@ mod tests {
                 assert!(e.contains("stray"), "{e}");
             }
         }
+        let mut b = ColoMessage::ColoSetup {
+            output_every: 8,
+            verify: false,
+        }
+        .encode();
+        b[9] = 2;
+        let e = ColoMessage::decode(&b, "main").unwrap_err().to_string();
+        assert!(e.contains("verify flag 2"), "{e}");
         let e = ColoMessage::decode(&[99], "main").unwrap_err().to_string();
         assert!(e.contains("unknown COLO message type 99"), "{e}");
         // A huge announced bitmap is refused before any allocation.

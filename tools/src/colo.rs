@@ -42,7 +42,8 @@ pub struct ColoArgs {
     #[arg(long, value_name = "PATH|tcp:HOST:PORT", requires = "colo")]
     pub colo_output: Option<String>,
     /// COLO: each vCPU emits an output record every this many writes
-    /// (give both sides the same number).
+    /// (both sides must give the same number: the secondary refuses COLO
+    /// otherwise).
     #[arg(long, default_value_t = 64, requires = "colo")]
     pub colo_output_every: u64,
     /// COLO: per million writes, how many mix the clock into the vCPU's
@@ -51,7 +52,8 @@ pub struct ColoArgs {
     #[arg(long, default_value_t = 0, requires = "colo")]
     pub colo_jitter: u32,
     /// COLO: compare a digest of both sides' memory at every checkpoint
-    /// (costs a full-memory hash per checkpoint on each side).
+    /// (costs a full-memory hash per checkpoint on each side). Give it to
+    /// both sides or neither: the secondary refuses COLO otherwise.
     #[arg(long, requires = "colo")]
     pub colo_verify: bool,
     /// COLO: power off (stop both guests and end) after this many
@@ -70,6 +72,7 @@ impl ColoArgs {
             checkpoint_delay: self.checkpoint_delay,
             heartbeat_timeout: self.heartbeat_timeout,
             verify: self.colo_verify,
+            output_every: self.colo_output_every,
             max_checkpoints: self.colo_checkpoints,
             ..ColoOptions::default()
         }
@@ -157,6 +160,9 @@ pub fn primary(
     let sink = a.sink()?;
     let t = ticker("primary", ctl, !json);
     let s = run_primary(guest, outputs, uri, link, &a.options(), ctl, sink.clone());
+    // query-migrate and the events leave `colo`: completed after a
+    // poweroff or a failover (as QEMU), failed otherwise.
+    ferry::session::end_colo(progress, !matches!(s.end, "killed" | "refused"));
     if let Some(t) = t {
         t.store(true, Ordering::SeqCst);
     }
@@ -177,6 +183,9 @@ pub fn secondary(
     let sink = a.sink()?;
     let t = ticker("secondary", ctl, !json);
     let s = run_secondary(guest, parts, listener, &a.options(), ctl, sink.clone());
+    // query-migrate and the events leave `colo`: completed after a
+    // poweroff or a failover (as QEMU), failed otherwise.
+    ferry::session::end_colo(progress, !matches!(s.end, "killed" | "refused"));
     if let Some(t) = t {
         t.store(true, Ordering::SeqCst);
     }

@@ -231,10 +231,14 @@ fn migrate(a: RecvArgs) -> anyhow::Result<bool> {
     // write, so a script reading stderr never sees half the line.
     let ready = format!("ferry: listening on {}\n", listener.uri());
     let _ = std::io::Write::write_all(&mut std::io::stderr(), ready.as_bytes());
-    let events = a.json.then(|| EventPrinter::start(&progress));
+    let mut events = a.json.then(|| EventPrinter::start(&progress));
     let result = migrate_in(&listener, &opts, &progress);
-    if let Some(e) = events {
-        e.finish();
+    // With COLO next, the events go on through it (status colo, then its
+    // end).
+    if !(a.colo.colo && result.is_ok()) {
+        if let Some(e) = events.take() {
+            e.finish();
+        }
     }
     match result {
         Ok(outcome) if forward.is_some() => {
@@ -258,6 +262,9 @@ fn migrate(a: RecvArgs) -> anyhow::Result<bool> {
                 )?;
                 outcome.summary.guest_running = outcome.guest.is_running();
                 outcome.summary.colo = Some(s);
+            }
+            if let Some(e) = events.take() {
+                e.finish();
             }
             drop((control, metrics));
             let kvm = arrived.lock().unwrap().take();

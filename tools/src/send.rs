@@ -257,9 +257,6 @@ fn migrate(a: SendArgs) -> anyhow::Result<bool> {
     let view = ProgressView::start(progress.clone(), !a.json);
     let result = migrate_out(guest, &uri, &opts, &progress);
     drop(view);
-    if let Some(e) = events {
-        e.finish();
-    }
     let (mut summary, ok) = match result {
         Ok(s) => (s, true),
         Err(f) => (*f.summary, false),
@@ -271,6 +268,10 @@ fn migrate(a: SendArgs) -> anyhow::Result<bool> {
         let s = crate::colo::primary(&a.colo, g, outputs, &uri, &opts, ctl, &progress, a.json)?;
         summary.guest_running = ferry::Guest::is_running(g);
         summary.colo = Some(s);
+    }
+    // The events go on through COLO (status colo, then its end).
+    if let Some(e) = events {
+        e.finish();
     }
     drop((control, metrics));
     print_summary("send", &summary, a.json);

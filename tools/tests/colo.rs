@@ -58,6 +58,16 @@ fn ctl_steers_colo_and_poweroff_ends_both_sides() {
     );
     let s = colo_status(&ssock, |r| r["status"]["mode"] == "primary");
     assert_eq!(s["live"]["checkpoints"], 0, "{s}");
+    // While COLO runs, query-migrate says colo on both sides.
+    colo_status(&rsock, |r| r["status"]["mode"] == "secondary");
+    for sock in [&ssock, &rsock] {
+        let (code, q) = ctl(sock, &["query"]);
+        assert_eq!(
+            (code, q["return"]["status"].as_str()),
+            (Some(0), Some("colo")),
+            "{q}"
+        );
+    }
     assert_eq!(ctl(&ssock, &["checkpoint"]).0, Some(0));
     colo_status(&ssock, |r| r["live"]["checkpoints"] == 1);
     let r = colo_status(&rsock, |r| r["live"]["checkpoints"] == 1);
@@ -72,6 +82,15 @@ fn ctl_steers_colo_and_poweroff_ends_both_sides() {
     for (side, v) in [("send", &sv), ("recv", &rv)] {
         assert_eq!(v["colo"]["end"], "poweroff", "{side}: {v}");
         assert_eq!(v["guest_running"], false, "{side}: {v}");
+    }
+    // The events: device → colo, then completed at the poweroff.
+    for d in [&s, &r] {
+        let st = d.statuses();
+        assert_eq!(
+            st[st.len().saturating_sub(3)..],
+            ["device", "colo", "completed"],
+            "{st:?}"
+        );
     }
     let c = &sv["colo"];
     assert_eq!(c["by_trigger"]["request"], 1, "{c}");
@@ -127,4 +146,41 @@ fn ctl_failover_on_the_secondary_makes_it_go_on_alone() {
     // The primary lost its secondary: an error, and it went on alone too.
     assert_eq!(sv["colo"]["status"]["reason"], "error", "{sv}");
     assert_eq!(sv["colo"]["end"], "failover", "{sv}");
+    // After a failover both sides leave colo for completed, as QEMU does.
+    for d in [&s, &r] {
+        let st = d.statuses();
+        assert_eq!(
+            st[st.len().saturating_sub(2)..],
+            ["colo", "completed"],
+            "{st:?}"
+        );
+    }
+}
+
+#[test]
+fn colo_output_every_must_agree_or_the_secondary_refuses_colo() {
+    let (recv, port) = start_recv(&["--colo", "--colo-output-every", "8"]);
+    let send = start_send_synthetic(
+        port,
+        &["--colo", "--colo-output-every", "64", "--colo-alone", "0.3"],
+    );
+    let (s, r) = (send.wait(DEADLINE), recv.wait(DEADLINE));
+    let want = "--colo-output-every differs: the primary has 64, this secondary 8";
+    // The secondary was never a replica: it stops, refused, status failed.
+    let rv = r.summary();
+    assert_eq!(rv["colo"]["end"], "refused", "{rv}");
+    assert_eq!(rv["guest_running"], false, "{rv}");
+    let why = rv["colo"]["status"]["error"].as_str().unwrap_or("");
+    assert!(why.contains(want), "{rv}");
+    assert_eq!(
+        r.statuses().last().map(String::as_str),
+        Some("failed"),
+        "{}",
+        r.stdout
+    );
+    // The primary hears why and goes on alone.
+    let sv = s.summary();
+    assert_eq!(sv["colo"]["end"], "failover", "{sv}");
+    let why = sv["colo"]["status"]["error"].as_str().unwrap_or("");
+    assert!(why.contains(want), "{sv}");
 }
