@@ -172,7 +172,7 @@ fn a_pause_shows_as_the_guests_largest_tsc_gap() {
     assert!(line >= 300_000, "{line} µs");
     // Every line places its window's largest gap on the guest's clock: the
     // TSC that ended it, which a gap of gap_ticks cannot precede.
-    let p = g.vm().progress()[0].clone().unwrap();
+    let p = g.vm().progress()[0].unwrap();
     assert!(
         p.gap_end_tsc.is_some_and(|t| t > 0 && t >= p.gap_ticks),
         "a progress line's gap_end_tsc {:?} (gap_ticks {})",
