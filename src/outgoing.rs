@@ -633,7 +633,29 @@ impl Source<'_> {
         // Without verification (the default) the guest stays paused here,
         // so memory is still as it was at switchover; hashing now costs no
         // downtime (and no CPU the destination needed to resume).
-        let (memory, digest) = digest.unwrap_or_else(|| self.switchover_digest(&device_state));
+        // It runs beside the destination's first moments on the same host
+        // when both ends are local (the bench, tests): at the lowest CPU
+        // priority, so that it never takes a core from the guest's vCPUs
+        // (the hashing threads it starts inherit the priority).
+        let (memory, digest) = match digest {
+            Some(d) => d,
+            None => std::thread::scope(|scope| {
+                let memory = &self.memory;
+                let device_state = &device_state;
+                scope
+                    .spawn(move || {
+                        lowest_cpu_priority();
+                        // SAFETY: as in `switchover_digest`: the guest
+                        // stays paused after a completed migration, so its
+                        // memory no longer changes.
+                        let m = unsafe { Digest::of_still_memory(memory) };
+                        (m, Digest::with_device_state(m, device_state))
+                    })
+                    .join()
+                    .unwrap_or_else(|p| std::panic::resume_unwind(p))
+            }),
+        };
+        crate::switchover_trace::mark("source: digest of memory taken");
         self.summary.switchover_digest = Some(digest.to_string());
         // What the source sent: the guest stays paused after a completed
         // migration, so its memory is not hashed a second time.
@@ -659,6 +681,23 @@ impl Source<'_> {
             return Err(MigrationError::Cancelled(String::new()));
         }
         Ok(())
+    }
+}
+
+/// Puts the calling thread (and the threads it starts later, which inherit
+/// it) at nice 19, the lowest CPU priority, for work that must not compete
+/// with a running guest. A thread may always lower its own priority; if it
+/// cannot, nothing else changes and it is only logged.
+fn lowest_cpu_priority() {
+    // SAFETY: gettid(2) has no arguments and cannot fail.
+    let tid = unsafe { libc::syscall(libc::SYS_gettid) } as libc::id_t;
+    // SAFETY: setpriority(2) on this thread's own id (Linux applies
+    // PRIO_PROCESS to one thread); no memory is passed.
+    if unsafe { libc::setpriority(libc::PRIO_PROCESS, tid, 19) } != 0 {
+        tracing::debug!(
+            "lowering the post-switchover digest's priority: {}",
+            std::io::Error::last_os_error()
+        );
     }
 }
 

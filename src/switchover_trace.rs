@@ -3,7 +3,10 @@
 //! `ferry-switchover LABEL UNIX_NS` on stderr (one line a step); the two
 //! processes of a migration on one host share the clock, so their lines
 //! merge into one timeline. Without the variable a mark costs one atomic
-//! load.
+//! load. Each mark is followed by `ferry-clock TSC UNIX_NS`, the host's TSC
+//! read beside the same clock, so a guest whose TSC is the host's (a
+//! nested kvm_pvm guest's is) can have its own TSC readings, such as the
+//! `gap_end_tsc` of its progress lines, put on the same timeline.
 
 use std::sync::OnceLock;
 
@@ -16,6 +19,20 @@ pub fn enabled() -> bool {
 /// Notes that step `label` happened now (see the module's note).
 pub fn mark(label: &str) {
     if enabled() {
-        eprintln!("ferry-switchover {label} {}", crate::outgoing::unix_nanos());
+        let ns = crate::outgoing::unix_nanos();
+        eprintln!("ferry-switchover {label} {ns}");
+        eprintln!("ferry-clock {} {ns}", host_tsc());
     }
+}
+
+/// The host's TSC (0 off x86_64).
+fn host_tsc() -> u64 {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: RDTSC reads a counter; it touches no memory and every x86_64
+    // CPU has it.
+    unsafe {
+        core::arch::x86_64::_rdtsc()
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    0
 }

@@ -630,6 +630,7 @@ main_loop:
     cmp rcx, [rbx + S_WINDOW_GAP]
     jbe 2f
     mov [rbx + S_WINDOW_GAP], rcx
+    mov [rbx + S_WINDOW_GAP_END], rax
 2:
     cmp qword ptr [PARAMS + P_REPORT_TICKS], 0
     je 3f
@@ -781,7 +782,8 @@ verify_next:
     ret
 
 /* `ferry progress vcpu=N writes=W verified=V errors=E maxgap_ticks=G
-   [maxgap_us=U] gap_ticks=g [gap_us=u]`, then the window's gap restarts */
+   [maxgap_us=U] gap_ticks=g [gap_us=u] gap_end_tsc=T`, then the window's
+   gap restarts */
 report_progress:
     call lock_print
     lea rsi, [rip + msg_progress]
@@ -830,6 +832,10 @@ report_progress:
     div qword ptr [PARAMS + P_TSC_KHZ]
     call put_dec
 2:
+    lea rsi, [rip + msg_wgap_end]
+    call put_str
+    mov rax, [rbx + S_WINDOW_GAP_END]
+    call put_dec
     mov qword ptr [rbx + S_WINDOW_GAP], 0
     lea rsi, [rip + msg_nl]
     call put_str
@@ -915,6 +921,7 @@ msg_gap_ticks:  .asciz " maxgap_ticks="
 msg_gap_us:     .asciz " maxgap_us="
 msg_wgap_ticks: .asciz " gap_ticks="
 msg_wgap_us:    .asciz " gap_us="
+msg_wgap_end:   .asciz " gap_end_tsc="
 msg_error:      .asciz "ferry error vcpu="
 msg_addr:       .asciz " addr="
 msg_nl:         .asciz "\n"

@@ -473,6 +473,7 @@ impl DirtyRings {
                 }
             }
         }
+        ferry::switchover_trace::mark("vmm: dirty-log sync done");
         Ok(dirty)
     }
 }
@@ -602,6 +603,7 @@ impl DirtyLog for KvmDirtyLog {
             Mode::Ring(rings) => return rings.sync(into),
             Mode::Log { manual_protect } => *manual_protect,
         };
+        ferry::switchover_trace::mark("vmm: dirty-log sync begins");
         let mut dirty = 0;
         for s in &self.slots {
             let words = self.fetch(s, manual_protect)?;
@@ -615,6 +617,7 @@ impl DirtyLog for KvmDirtyLog {
                 }
             }
         }
+        ferry::switchover_trace::mark("vmm: dirty-log sync done");
         Ok(dirty)
     }
 

@@ -130,6 +130,9 @@ pub const S_NEXT_REPORT: u64 = 120;
 /// progress line (ticks; reset by each line): the line that follows a
 /// blackout carries it.
 pub const S_WINDOW_GAP: u64 = 128;
+/// The TSC read that ended the window's largest gap (the guest's clock
+/// when it ran again after it), for placing the gap on a timeline.
+pub const S_WINDOW_GAP_END: u64 = 136;
 
 /// The report port when the command line names none (QEMU's isa-debugcon).
 pub const DEFAULT_PORT: u64 = 0xe9;
@@ -193,4 +196,5 @@ pub const ASM_SYMBOLS: &[(&str, u64)] = &[
     ("S_INDEX", S_INDEX),
     ("S_NEXT_REPORT", S_NEXT_REPORT),
     ("S_WINDOW_GAP", S_WINDOW_GAP),
+    ("S_WINDOW_GAP_END", S_WINDOW_GAP_END),
 ];

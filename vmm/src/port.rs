@@ -9,7 +9,7 @@
 //! ```text
 //! ferry boot vcpu=N
 //!     vCPU N (its initial APIC ID) set itself up and starts working
-//! ferry progress vcpu=N writes=W verified=V errors=E maxgap_ticks=G [maxgap_us=U] gap_ticks=g [gap_us=u]
+//! ferry progress vcpu=N writes=W verified=V errors=E maxgap_ticks=G [maxgap_us=U] gap_ticks=g [gap_us=u] [gap_end_tsc=T]
 //!     every report_ms: vCPU N's counters (its status block in guest
 //!     memory): pages written, pages verified, self-check failures, and
 //!     the largest gap between two consecutive TSC reads of its loop, over
@@ -17,7 +17,9 @@
 //!     in TSC ticks and in microseconds when the command line gave tsc_khz;
 //!     the time a vCPU spends writing its own lines is not counted. The
 //!     first line after a blackout (a pause, a migration's switchover)
-//!     carries it in gap
+//!     carries it in gap; gap_end_tsc is the vCPU's TSC when it ran again
+//!     after the window's largest gap (0: no gap yet), so the gap spans
+//!     [T - g, T] of the guest's clock (older guests omit it)
 //! ferry error vcpu=N addr=0xADDR
 //!     the self-check found a wrong word at guest physical ADDR (hex)
 //! ferry fatal REASON
@@ -60,6 +62,8 @@ pub struct Progress {
     /// The largest gap since the vCPU's previous progress line.
     pub gap_ticks: u64,
     pub gap_us: Option<u64>,
+    /// The TSC that ended the window's largest gap, where the guest gives it.
+    pub gap_end_tsc: Option<u64>,
 }
 
 /// Parses one line (without its `\n`); `None` if it is not a whole report.
@@ -96,6 +100,10 @@ pub fn parse_line(line: &str) -> Option<PortLine> {
             },
             gap_ticks: num("gap_ticks")?,
             gap_us: match get("gap_us") {
+                Some(v) => Some(v.parse().ok()?),
+                None => None,
+            },
+            gap_end_tsc: match get("gap_end_tsc") {
                 Some(v) => Some(v.parse().ok()?),
                 None => None,
             },
@@ -152,7 +160,7 @@ mod tests {
         );
         assert_eq!(
             parse_line(
-                "ferry progress vcpu=1 writes=10 verified=20 errors=0 maxgap_ticks=300 maxgap_us=4 gap_ticks=30 gap_us=0"
+                "ferry progress vcpu=1 writes=10 verified=20 errors=0 maxgap_ticks=300 maxgap_us=4 gap_ticks=30 gap_us=0 gap_end_tsc=123456"
             ),
             Some(PortLine::Progress(Progress {
                 vcpu: 1,
@@ -163,6 +171,7 @@ mod tests {
                 max_gap_us: Some(4),
                 gap_ticks: 30,
                 gap_us: Some(0),
+                gap_end_tsc: Some(123456),
             }))
         );
         assert_eq!(
@@ -183,6 +192,7 @@ mod tests {
             "rogress vcpu=1 writes=10",
             "ferry progress vcpu=1 writes=10",
             "ferry boot vcpu=x",
+            "ferry progress vcpu=1 writes=1 verified=1 errors=0 maxgap_ticks=3 gap_ticks=3 gap_end_tsc=x",
             "ferry error vcpu=0 addr=12",
             "",
         ] {

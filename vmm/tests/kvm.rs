@@ -170,6 +170,15 @@ fn a_pause_shows_as_the_guests_largest_tsc_gap() {
     // The line after the pause carried it as its window's gap too.
     let line = g.vm().largest_line_gap_us().unwrap();
     assert!(line >= 300_000, "{line} µs");
+    // Every line places its window's largest gap on the guest's clock: the
+    // TSC that ended it, which a gap of gap_ticks cannot precede.
+    let p = g.vm().progress()[0].unwrap();
+    assert!(
+        p.gap_end_tsc.is_some_and(|t| t > 0 && t >= p.gap_ticks),
+        "a progress line's gap_end_tsc {:?} (gap_ticks {})",
+        p.gap_end_tsc,
+        p.gap_ticks
+    );
     eprintln!("a 300 ms pause: the guest saw a gap of {us} µs (its line: {line} µs)");
 }
 
