@@ -480,7 +480,10 @@ fn a_request_for_a_page_the_push_took_is_answered_on_preempt_and_placed_once() {
     };
     let t = std::time::Instant::now();
     while pending[0].test(5) {
-        assert!(t.elapsed() < Duration::from_secs(30), "the push took nothing");
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "the push took nothing"
+        );
         std::thread::sleep(Duration::from_millis(1));
     }
     // Page 5 (stale, not zero) is in flight in the push: a vCPU touches it.
@@ -502,7 +505,11 @@ fn a_request_for_a_page_the_push_took_is_answered_on_preempt_and_placed_once() {
     let (requests, request_bytes, _) = server.figures();
     assert_eq!(requests, 1);
     assert_eq!(request_bytes, PAGE + 24, "one frame of one page");
-    assert_eq!(server.duplicate_bytes(), PAGE + 24, "counted as a second copy");
+    assert_eq!(
+        server.duplicate_bytes(),
+        PAGE + 24,
+        "counted as a second copy"
+    );
     // Now the push's bytes are read: its copy of page 5 is skipped.
     pc.read_pages(p_dst).unwrap();
     let stats = pc.finish(Duration::from_secs(30)).unwrap();
@@ -514,7 +521,10 @@ fn a_request_for_a_page_the_push_took_is_answered_on_preempt_and_placed_once() {
         stale,
         "every stale page placed once: {stats:?}"
     );
-    assert_eq!(stats.duplicate_pages, 1, "the push's copy skipped: {stats:?}");
+    assert_eq!(
+        stats.duplicate_pages, 1,
+        "the push's copy skipped: {stats:?}"
+    );
     // SAFETY: every page is placed and nothing touches `dst` now.
     assert_eq!(
         unsafe { Digest::of_still_guest(&dst, &[]) },
