@@ -105,10 +105,24 @@ pub struct PostcopyReport {
     /// received bitmap lacked (summed over recoveries).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub recovery_missing_pages: Option<u64>,
-    /// Source: page-frame bytes sent after the recoveries (requests and
-    /// push), to compare with those pages.
+    /// Source: page-frame bytes sent after the recoveries that filled
+    /// those pages: the push, and request answers of pages not sent yet
+    /// (each lacked page once), to compare with them. Second copies are in
+    /// `recovery_duplicate_bytes`; the two add up to every page-frame byte
+    /// sent after the recoveries.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub recovery_bytes: Option<u64>,
+    /// Source: page-frame bytes of request answers (preempt channel) for
+    /// pages already sent, the push having taken them: a faulting vCPU
+    /// need not wait behind the push's bytes, at the cost of at most one
+    /// page per request. Whole postcopy, recoveries included; part of
+    /// `postcopy_bytes`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub postcopy_duplicate_bytes: Option<u64>,
+    /// Source: the part of `postcopy_duplicate_bytes` sent after the
+    /// recoveries (not in `recovery_bytes`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub recovery_duplicate_bytes: Option<u64>,
 }
 
 /// The end of a migration, on either side.

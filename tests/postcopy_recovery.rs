@@ -248,10 +248,24 @@ fn check_recovered(
     .unwrap();
     assert!(r.writes > 0 && r.equal(), "replay check: {r:?}");
     let lacked = pc.recovery_missing_pages.unwrap_or(0) * PAGE;
+    // What filled the pages the destination lacked (each once), and the
+    // preempt channel's second copies of pages the push had taken: each
+    // answers one request of one page (frame header: 24 bytes).
     let again = pc.recovery_bytes.unwrap_or(0);
+    let duplicates = pc.recovery_duplicate_bytes.unwrap_or(0);
     assert!(
         again as f64 <= lacked as f64 * 1.01,
         "sent again {again} bytes for {lacked} bytes the destination lacked"
+    );
+    assert!(
+        (again + duplicates) as f64 <= (lacked + duplicates) as f64 * 1.01,
+        "sent after the recoveries {} bytes for {lacked} bytes lacked and {duplicates} bytes of answers already sent",
+        again + duplicates
+    );
+    assert!(
+        duplicates <= pc.postcopy_duplicate_bytes.unwrap_or(0)
+            && pc.postcopy_duplicate_bytes.unwrap_or(0) <= pc.postcopy_requests * (PAGE + 24),
+        "second copies bounded by the requests: {pc:?}"
     );
     (again, lacked)
 }

@@ -122,10 +122,16 @@ impl Source<'_> {
                 _ => self.serve_link(s, &server, paused_at, &mut resumed_seen),
             };
             let (requests, request_bytes, pushed_bytes) = server.figures();
+            let duplicate = server.duplicate_bytes();
             report.postcopy_requests += requests;
             report.postcopy_bytes += request_bytes + pushed_bytes;
+            *report.postcopy_duplicate_bytes.get_or_insert(0) += duplicate;
             if report.recoveries > 0 {
-                *report.recovery_bytes.get_or_insert(0) += request_bytes + pushed_bytes;
+                // What filled the pages the destination lacked, and the
+                // second copies of request answers, apart.
+                *report.recovery_bytes.get_or_insert(0) +=
+                    request_bytes.saturating_sub(duplicate) + pushed_bytes;
+                *report.recovery_duplicate_bytes.get_or_insert(0) += duplicate;
             }
             self.summary.wire_bytes += request_bytes + pushed_bytes;
             self.progress.set_postcopy_live(crate::PostcopyLive {

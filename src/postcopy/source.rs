@@ -3,6 +3,16 @@
 //! doc of [`super`]). The guest is paused: its memory no longer changes, and
 //! is only read, through volatile copies.
 //!
+//! On the preempt channel every page a request names is answered, even
+//! one the push has already taken (on its way in a push socket, which the
+//! destination's readers may not have reached): the faulting vCPU then
+//! never waits behind the push's bytes. The destination places whichever
+//! copy comes first and skips the other ([`super::PostcopyDestination`]
+//! claims each page). Those second copies are counted apart
+//! ([`PageServer::duplicate_bytes`]); they are bounded by the requests,
+//! one page each, as the destination asks for a page at most once per
+//! link.
+//!
 //! Without the preempt channel (`--no-postcopy-preempt`) a request is not
 //! answered at once: it is queued ([`PageServer::queue`]) and the first
 //! push channel sends it between two of its 64-page claims, behind the
@@ -31,6 +41,9 @@ pub struct PageServer {
     requests: AtomicU64,
     request_bytes: AtomicU64,
     pushed_bytes: AtomicU64,
+    /// Of `request_bytes`: answers of pages that were no longer pending
+    /// (the push, or an earlier answer, had sent them already).
+    duplicate_bytes: AtomicU64,
     /// Requests waiting for the first push channel (no preempt channel).
     queued: Mutex<VecDeque<PageRun>>,
 }
@@ -47,6 +60,7 @@ impl PageServer {
             requests: AtomicU64::new(0),
             request_bytes: AtomicU64::new(0),
             pushed_bytes: AtomicU64::new(0),
+            duplicate_bytes: AtomicU64::new(0),
             queued: Mutex::new(VecDeque::new()),
         }
     }
@@ -60,14 +74,22 @@ impl PageServer {
         )
     }
 
+    /// Of the request bytes in [`Self::figures`]: those that answered
+    /// pages already sent (taken by the push or by an earlier answer), so
+    /// request bytes minus these plus push bytes sent each page once.
+    pub fn duplicate_bytes(&self) -> u64 {
+        self.duplicate_bytes.load(Ordering::Relaxed)
+    }
+
     /// Pages nobody has sent yet.
     pub fn pending_pages(&self) -> u64 {
         self.pending.iter().map(PageBitmap::count).sum()
     }
 
     /// Answers one page request (from `from`, the return path) on
-    /// `preempt`. A request outside guest memory is refused, naming it,
-    /// before any byte is read.
+    /// `preempt`: every page of it, pending or not (a page no longer
+    /// pending is counted in [`Self::duplicate_bytes`]). A request outside
+    /// guest memory is refused, naming it, before any byte is read.
     pub fn serve(
         &self,
         run: &PageRun,
@@ -80,6 +102,7 @@ impl PageServer {
             usize::from(run.block),
             first,
             run.len / ps,
+            true,
             preempt,
             &mut Vec::new(),
         )?;
@@ -87,34 +110,47 @@ impl PageServer {
         Ok(())
     }
 
-    /// Sends those of pages `first..first + pages` of `block` still
-    /// pending, claiming each (the push then skips it); a page the push
-    /// claimed already is on its way there, and is not sent twice.
+    /// Sends pages `first..first + pages` of `block` that are still
+    /// pending, claiming each (the push then skips it), and with
+    /// `taken_too` also those no longer pending (the push claimed them
+    /// already; counted in `duplicate_bytes`). Returns all bytes sent.
     fn send_claimed(
         &self,
         block: usize,
         first: u64,
         pages: u64,
+        taken_too: bool,
         ch: &dyn Channel,
         buf: &mut Vec<u8>,
     ) -> Result<u64, PostcopyError> {
         let mut sent = 0;
-        let mut run: Option<(u64, u64)> = None;
-        for p in first..first + pages {
-            if self.pending[block].test_and_clear(p) {
-                run = match run {
-                    Some((f, n)) if f + n == p => Some((f, n + 1)),
-                    Some((f, n)) => {
-                        sent += send_run(&self.memory, block, f, n, ch, buf)?;
-                        Some((p, 1))
-                    }
-                    None => Some((p, 1)),
-                };
+        // Runs of consecutive pages alike (all pending, or all taken), so
+        // that each frame is counted wholly as a first copy or a second.
+        let mut run: Option<(u64, u64, bool)> = None;
+        let mut flush = |run: Option<(u64, u64, bool)>, buf: &mut Vec<u8>| {
+            if let Some((f, n, taken)) = run {
+                let b = send_run(&self.memory, block, f, n, ch, buf)?;
+                if taken {
+                    self.duplicate_bytes.fetch_add(b, Ordering::Relaxed);
+                }
+                sent += b;
             }
+            Ok::<_, PostcopyError>(())
+        };
+        for p in first..first + pages {
+            let taken = !self.pending[block].test_and_clear(p);
+            if taken && !taken_too {
+                continue;
+            }
+            run = match run {
+                Some((f, n, t)) if f + n == p && t == taken => Some((f, n + 1, t)),
+                other => {
+                    flush(other, buf)?;
+                    Some((p, 1, taken))
+                }
+            };
         }
-        if let Some((f, n)) = run {
-            sent += send_run(&self.memory, block, f, n, ch, buf)?;
-        }
+        flush(run, buf)?;
         Ok(sent)
     }
 
@@ -147,8 +183,16 @@ impl PageServer {
             {
                 let (ps, first) = wire::check_run(&self.specs, &run, "return path")?;
                 self.requests.fetch_add(1, Ordering::Relaxed);
-                let n =
-                    self.send_claimed(usize::from(run.block), first, run.len / ps, ch, &mut buf)?;
+                // Behind this socket's own bytes: a page another push
+                // channel took is left to it (QEMU's way without preempt).
+                let n = self.send_claimed(
+                    usize::from(run.block),
+                    first,
+                    run.len / ps,
+                    false,
+                    ch,
+                    &mut buf,
+                )?;
                 self.request_bytes.fetch_add(n, Ordering::Relaxed);
             }
             let w = self.next_word.fetch_add(1, Ordering::Relaxed);

@@ -455,3 +455,103 @@ fn a_broken_link_pauses_and_a_resume_completes_from_the_received_bitmap() {
     // SAFETY: every page is placed and nothing touches `dst` now.
     assert_eq!(unsafe { Digest::of_still_guest(&dst, &[]) }, want);
 }
+
+/// A request for a page the push has taken (its bytes sit unread in the
+/// push's socket) is answered on the preempt channel at once, counted as
+/// a second copy; the push's copy that comes later is skipped, so the page
+/// is placed once. (Were taken pages left to the push, the faulting thread
+/// would wait until the push channel is read, which here it is not.)
+#[test]
+fn a_request_for_a_page_the_push_took_is_answered_on_preempt_and_placed_once() {
+    let (src, dst, discard) = switched(4 * MIB, 5);
+    let stale: u64 = discard.iter().map(PageBitmap::count).sum();
+    let pending = Arc::new(copy_bits(&discard));
+    let server = Arc::new(PageServer::new(src.clone(), pending.clone()));
+    let (pre_src, pre_dst) = pair("preempt");
+    let request = return_path(server.clone(), pre_src);
+    let mut pc = PostcopyDestination::start(dst.clone(), &discard, request).unwrap();
+    pc.read_pages(pre_dst).unwrap();
+    // The push runs on a channel nobody reads yet: it takes the first
+    // words and blocks once the socket's buffer is full.
+    let (p_src, p_dst) = pair("multifd[0]");
+    let pusher = {
+        let server = server.clone();
+        std::thread::spawn(move || server.push(p_src.as_ref(), false))
+    };
+    let t = std::time::Instant::now();
+    while pending[0].test(5) {
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "the push took nothing"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    // Page 5 (stale, not zero) is in flight in the push: a vCPU touches it.
+    let toucher = touch(&dst, 0, vec![5]);
+    while !toucher.is_finished() {
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "the fault waits behind the push: {:?}",
+            pc.stats()
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let mut page = vec![0u8; PAGE as usize];
+    src.blocks()[0]
+        .page_slice(5)
+        .unwrap()
+        .copy_to(&mut page[..]);
+    assert_eq!(toucher.join().unwrap(), vec![page[7]]);
+    let (requests, request_bytes, _) = server.figures();
+    assert_eq!(requests, 1);
+    assert_eq!(request_bytes, PAGE + 24, "one frame of one page");
+    assert_eq!(
+        server.duplicate_bytes(),
+        PAGE + 24,
+        "counted as a second copy"
+    );
+    // Now the push's bytes are read: its copy of page 5 is skipped.
+    pc.read_pages(p_dst).unwrap();
+    let stats = pc.finish(Duration::from_secs(30)).unwrap();
+    let _ = pusher.join().unwrap();
+    assert_eq!(stats.requests, 1, "{stats:?}");
+    assert_eq!(stats.requested_pages_placed, 1, "{stats:?}");
+    assert_eq!(
+        stats.requested_pages_placed + stats.pushed_pages_placed,
+        stale,
+        "every stale page placed once: {stats:?}"
+    );
+    assert_eq!(
+        stats.duplicate_pages, 1,
+        "the push's copy skipped: {stats:?}"
+    );
+    // SAFETY: every page is placed and nothing touches `dst` now.
+    assert_eq!(
+        unsafe { Digest::of_still_guest(&dst, &[]) },
+        Digest::of_guest(&src, &[])
+    );
+}
+
+/// A request for a page still pending is a first copy: the push skips
+/// it and no byte counts as a duplicate.
+#[test]
+fn a_request_for_a_pending_page_is_no_duplicate() {
+    let (src, _dst, discard) = switched(MIB, 6);
+    let pending = Arc::new(copy_bits(&discard));
+    let server = PageServer::new(src, pending.clone());
+    let (ours, theirs) = pair("preempt");
+    let run = PageRun {
+        block: 0,
+        offset: 10 * PAGE,
+        len: PAGE,
+    };
+    server.serve(&run, "return path", ours.as_ref()).unwrap();
+    assert!(!pending[0].test(10), "claimed: the push skips it");
+    assert_eq!(server.figures(), (1, PAGE + 24, 0));
+    assert_eq!(server.duplicate_bytes(), 0);
+    // Asked again (after a recovery, say): a second copy, counted.
+    server.serve(&run, "return path", ours.as_ref()).unwrap();
+    assert_eq!(server.figures(), (2, 2 * (PAGE + 24), 0));
+    assert_eq!(server.duplicate_bytes(), PAGE + 24);
+    drop(theirs);
+}
