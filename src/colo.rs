@@ -493,6 +493,29 @@ fn fresh_bitmaps(memory: &GuestMemory) -> Vec<PageBitmap> {
 
 type Killer = (Arc<AtomicBool>, std::thread::JoinHandle<()>);
 
+/// What both sides do once their loop has ended, before settling how COLO
+/// ended: a test's kill counts as such, the triggers and the link stop, and
+/// the killer thread (if any) is joined.
+fn wind_down(
+    result: Result<(), ColoRunError>,
+    killed: &AtomicBool,
+    killer: Option<Killer>,
+    opts: &ColoOptions,
+    ctl: &ColoControl,
+) -> Result<(), ColoRunError> {
+    let result = match (killed.load(Ordering::SeqCst), opts.kill) {
+        (true, Some(k)) => Err(ColoRunError::Killed(k)),
+        _ => result,
+    };
+    ctl.triggers.stop();
+    ctl.break_link();
+    if let Some((stop, t)) = killer {
+        stop.store(true, Ordering::SeqCst);
+        let _ = t.join();
+    }
+    result
+}
+
 /// For a `Running` kill point: a thread that, when the time comes, marks
 /// the side dead (`dead_flag`: nothing more is released) and cuts its
 /// channels.
@@ -620,16 +643,7 @@ pub fn run_primary(
         &mut figures,
     );
     let detected = Instant::now();
-    let result = match (killed.load(Ordering::SeqCst), opts.kill) {
-        (true, Some(k)) => Err(ColoRunError::Killed(k)),
-        _ => result,
-    };
-    ctl.triggers.stop();
-    ctl.break_link();
-    if let Some((stop, t)) = killer {
-        stop.store(true, Ordering::SeqCst);
-        let _ = t.join();
-    }
+    let result = wind_down(result, &killed, killer, opts, ctl);
     let (end, running) = match &result {
         Err(ColoRunError::Killed(_)) => {
             dead_flag.store(true, Ordering::SeqCst);
@@ -1147,16 +1161,7 @@ pub fn run_secondary(
         &mut figures,
     );
     let detected = Instant::now();
-    let result = match (killed.load(Ordering::SeqCst), opts.kill) {
-        (true, Some(k)) => Err(ColoRunError::Killed(k)),
-        _ => result,
-    };
-    ctl.triggers.stop();
-    ctl.break_link();
-    if let Some((stop, t)) = killer {
-        stop.store(true, Ordering::SeqCst);
-        let _ = t.join();
-    }
+    let result = wind_down(result, &killed, killer, opts, ctl);
     let (end, running) = match &result {
         Err(ColoRunError::Killed(_)) => {
             let _ = guest.pause();
