@@ -310,6 +310,18 @@ fn migrate(a: RecvArgs) -> anyhow::Result<bool> {
                         )
                     })
                 });
+            // A secondary that refused COLO or was killed never held a
+            // replica: the migration completed, COLO did not.
+            let failed = failed.or_else(|| {
+                let c = outcome.summary.colo.as_ref()?;
+                matches!(c.end, "refused" | "killed").then(|| {
+                    format!(
+                        "COLO ended {}: {}",
+                        c.end,
+                        c.status.error.as_deref().unwrap_or("no reason given")
+                    )
+                })
+            });
             print_summary("recv", &outcome.summary, a.json);
             if let (Some(s), false) = (&outcome.summary.colo, a.json) {
                 crate::colo::print(s);
