@@ -91,20 +91,8 @@ pub(crate) fn qemu_live_once(
         case: label.to_string(),
         why: e.to_string(),
     };
-    let dir = tempfile::Builder::new()
-        .prefix("ferry-bench-qemu-live")
-        .tempdir()
-        .map_err(|source| BenchError::Process {
-            process: "making a temporary directory for QEMU".into(),
-            source,
-        })?;
-    let (src_dir, dst_dir) = (dir.path().join("src"), dir.path().join("dst"));
-    for d in [&src_dir, &dst_dir] {
-        std::fs::create_dir_all(d).map_err(|source| BenchError::Process {
-            process: format!("creating {}", d.display()),
-            source,
-        })?;
-    }
+    // `_dir` keeps the directories until the run ends.
+    let (_dir, src_dir, dst_dir) = qemu_dirs("ferry-bench-qemu-live")?;
     let vcpus = params.vcpus;
     let mut qc = QemuConfig::new(size);
     qc.qmp = true;
@@ -236,6 +224,28 @@ fn first_lines(lines: &[PortLine], vcpus: usize) -> Value {
             })
         })
         .collect()
+}
+
+/// A temporary directory (removed when dropped) holding `src/` and `dst/`,
+/// the working directories of a QEMU pair.
+pub(crate) fn qemu_dirs(
+    prefix: &str,
+) -> Result<(tempfile::TempDir, std::path::PathBuf, std::path::PathBuf), BenchError> {
+    let dir = tempfile::Builder::new()
+        .prefix(prefix)
+        .tempdir()
+        .map_err(|source| BenchError::Process {
+            process: "making a temporary directory for QEMU".into(),
+            source,
+        })?;
+    let (src_dir, dst_dir) = (dir.path().join("src"), dir.path().join("dst"));
+    for d in [&src_dir, &dst_dir] {
+        std::fs::create_dir_all(d).map_err(|source| BenchError::Process {
+            process: format!("creating {}", d.display()),
+            source,
+        })?;
+    }
+    Ok((dir, src_dir, dst_dir))
 }
 
 #[cfg(test)]

@@ -61,20 +61,8 @@ pub(crate) fn run_once(q: &QemuPostcopy, label: &str) -> Result<PostcopySample, 
         case: label.to_string(),
         why: e.to_string(),
     };
-    let dir = tempfile::Builder::new()
-        .prefix("ferry-bench-qemu-postcopy")
-        .tempdir()
-        .map_err(|source| BenchError::Process {
-            process: "making a temporary directory for QEMU".into(),
-            source,
-        })?;
-    let (src_dir, dst_dir) = (dir.path().join("src"), dir.path().join("dst"));
-    for d in [&src_dir, &dst_dir] {
-        std::fs::create_dir_all(d).map_err(|source| BenchError::Process {
-            process: format!("creating {}", d.display()),
-            source,
-        })?;
-    }
+    // `_dir` keeps the directories until the run ends.
+    let (_dir, src_dir, dst_dir) = crate::live_qemu::qemu_dirs("ferry-bench-qemu-postcopy")?;
     let vcpus = q.params.vcpus;
     let mut qc = QemuConfig::new(q.size);
     qc.qmp = true;
