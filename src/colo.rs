@@ -660,11 +660,8 @@ pub fn run_primary(
             }
             ctl.status.begin();
             let mut c = compare.lock().unwrap();
-            for r in outputs.take() {
-                c.primary(r);
-            }
-            let held = c.release_all();
-            sink.release(&held);
+            let released = c.secondary_lost(outputs.take());
+            sink.release(&released);
             drop(c);
             let _ = guest.resume();
             ("failover", true)

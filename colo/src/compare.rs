@@ -160,6 +160,17 @@ impl Comparator {
         out
     }
 
+    /// The secondary is gone: every held record, then the primary's own
+    /// records not fed yet (`unfed`, in the order made), all released.
+    /// Nothing is compared any more, so none is lost to a comparison that
+    /// would release it to no one.
+    pub fn secondary_lost(&mut self, unfed: Vec<Record>) -> Vec<Record> {
+        let mut out = self.release_all();
+        self.stats.released += unfed.len() as u64;
+        out.extend(unfed);
+        out
+    }
+
     /// Records of the secondary waiting for the primary's.
     pub fn waiting(&self) -> usize {
         self.waiting.len()
@@ -286,6 +297,25 @@ mod tests {
         let s = c.stats();
         assert_eq!((s.compared, s.mismatches, s.released, s.held), (4, 1, 4, 0));
         assert_eq!(s.held_max, 3);
+    }
+
+    #[test]
+    fn a_lost_secondary_releases_held_then_unfed_records_without_a_gap() {
+        let mut c = Comparator::new();
+        // Primary 1 held (mismatched), secondary's 2 waiting for the primary's.
+        c.secondary(r(0, 1, 9));
+        assert!(c.primary(r(0, 1, 1)).mismatch);
+        c.secondary(r(0, 2, 2));
+        // The primary's 2 and 3 were made but not fed when the secondary died:
+        // record 2 would match the waiting one; it must still reach the client.
+        let out = c.secondary_lost(vec![r(0, 2, 2), r(0, 3, 3)]);
+        assert_eq!(out, vec![r(0, 1, 1), r(0, 2, 2), r(0, 3, 3)]);
+        let mut h = ClientHistory::new();
+        for x in out {
+            assert!(h.accept(x).unwrap());
+        }
+        assert_eq!((c.stats().released, c.stats().held), (3, 0));
+        assert!(c.held().is_empty() && c.waiting() == 0);
     }
 
     #[test]
