@@ -230,6 +230,28 @@ pub struct Summary {
     /// Wall-clock time (Unix seconds) the migration started and ended on this side.
     pub started_at_unix: f64,
     pub finished_at_unix: f64,
+    /// CPU seconds (user + system, every thread) this process had used when
+    /// the migration ended: what the migration cost this side, before the
+    /// command line's digest of all memory for its report.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cpu_s: Option<f64>,
+}
+
+/// CPU seconds (user + system) of this whole process so far, from
+/// `getrusage(RUSAGE_SELF)`; None if the call fails.
+pub fn process_cpu_s() -> Option<f64> {
+    let mut ru = std::mem::MaybeUninit::<libc::rusage>::zeroed();
+    // SAFETY: `ru` is writable memory the size of a `rusage`, which
+    // getrusage fills; RUSAGE_SELF is a valid `who`.
+    let rc = unsafe { libc::getrusage(libc::RUSAGE_SELF, ru.as_mut_ptr()) };
+    if rc != 0 {
+        return None;
+    }
+    // SAFETY: getrusage succeeded, so the struct is filled (and an all-zero
+    // `rusage` of plain integers was valid to begin with).
+    let ru = unsafe { ru.assume_init() };
+    let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    Some(secs(ru.ru_utime) + secs(ru.ru_stime))
 }
 
 impl Summary {
@@ -259,6 +281,7 @@ impl Summary {
     pub(crate) fn finish(&mut self, started: Instant, error: Option<String>, cancelled: bool) {
         self.seconds = started.elapsed().as_secs_f64();
         self.finished_at_unix = unix_now();
+        self.cpu_s = process_cpu_s();
         let s = self.seconds.max(1e-9);
         self.gbps_ram = self.ram_bytes as f64 / s / 1e9;
         self.gbps_wire = self.wire_bytes as f64 / s / 1e9;

@@ -992,6 +992,11 @@ pub(crate) fn floor_once(
         )]));
     };
     let wire = sent["wire_bytes"].as_u64().unwrap_or(0);
+    // Each side's CPU up to its last byte (before its digest).
+    let transfer_cpu = |v: &Value| {
+        Some(v["transfer_cpu"]["user_s"].as_f64()? + v["transfer_cpu"]["sys_s"].as_f64()?)
+    };
+    let (send_transfer, recv_transfer) = (transfer_cpu(&sent), transfer_cpu(&held));
     let detail = serde_json::json!({ "t0_unix": t0, "send": sent, "recv": held });
     Ok(Sample::new(
         wall,
@@ -1000,7 +1005,8 @@ pub(crate) fn floor_once(
         Some(((cpu1 - cpu0).max(0.0), lifetime)),
         detail,
     )
-    .with_sides(send.cpu, recv.cpu))
+    .with_sides(send.cpu, recv.cpu)
+    .with_migration_cpu(send_transfer, recv_transfer))
 }
 
 #[cfg(test)]

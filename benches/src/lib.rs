@@ -79,6 +79,9 @@ pub struct BenchConfig {
     /// With TLS or compression: also run ferry without them (same send
     /// arguments otherwise), alternating with the other tools.
     pub peer_plain: bool,
+    /// Also run ferry with `send --no-checksum` (same arguments otherwise),
+    /// alternating with the other tools: what the page checksums cost.
+    pub peer_no_checksum: bool,
     /// Use this file instead of generating one (it is never removed).
     pub dataset: Option<PathBuf>,
     /// Seed of the generated dataset (pattern `mixed`).
@@ -114,6 +117,7 @@ impl BenchConfig {
             peer_iperf: false,
             peer_plain: false,
             peer_floor: false,
+            peer_no_checksum: false,
             warm_memory: true,
             congestion: Some("cubic".into()),
             dataset: None,
@@ -139,6 +143,7 @@ fn human(size: u64) -> String {
 enum Turn {
     Ferry,
     Plain,
+    NoChecksum,
     Qemu,
     Floor,
 }
@@ -501,7 +506,14 @@ pub fn run(config: &BenchConfig, log: &mut dyn FnMut(&str)) -> Result<BenchRepor
     let conditions = Conditions::set(config, size, chosen, qemu.is_some(), true, &mut notes, log);
     let settle = |log: &mut dyn FnMut(&str)| conditions.settle(log);
 
-    if plain || qemu.is_some() || config.peer_floor {
+    let no_checksum =
+        config.peer_no_checksum && !config.send_args.iter().any(|a| a == "--no-checksum");
+    if config.peer_no_checksum && !no_checksum {
+        let n = "no-checksum peer skipped: ferry itself already runs with --no-checksum";
+        log(n);
+        notes.push(n.into());
+    }
+    if plain || no_checksum || qemu.is_some() || config.peer_floor {
         notes.push(
             "the migrations take turns in an order that rotates by one each run, so no tool \
              always runs first"
@@ -514,6 +526,9 @@ pub fn run(config: &BenchConfig, log: &mut dyn FnMut(&str)) -> Result<BenchRepor
     let mut turns = vec![Turn::Ferry];
     if plain {
         turns.push(Turn::Plain);
+    }
+    if no_checksum {
+        turns.push(Turn::NoChecksum);
     }
     if qemu.is_some() {
         turns.push(Turn::Qemu);
@@ -536,6 +551,7 @@ pub fn run(config: &BenchConfig, log: &mut dyn FnMut(&str)) -> Result<BenchRepor
     let mut cases = Vec::new();
     for &k in &channels {
         let (mut f, mut p, mut q, mut i) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let mut nc = Vec::new();
         let mut fl = Vec::new();
         let label = format!("ferry run with {k} channel(s)");
         let ferry = |send_args: &[String], recv_args: &[String]| {
@@ -570,6 +586,13 @@ pub fn run(config: &BenchConfig, log: &mut dyn FnMut(&str)) -> Result<BenchRepor
                         log(&fmt_sample("plain", k, r, config.runs, &s));
                         p.push(s);
                     }
+                    Turn::NoChecksum => {
+                        let args = [&send_args[..], &["--no-checksum".to_string()]].concat();
+                        let mut s = ferry(&args, &recv_args)?;
+                        s.system = system();
+                        log(&fmt_sample("no-checksum", k, r, config.runs, &s));
+                        nc.push(s);
+                    }
                     Turn::Qemu => {
                         let Some(peer) = &qemu else { continue };
                         let mut s = peer.run_once(k)?;
@@ -601,6 +624,9 @@ pub fn run(config: &BenchConfig, log: &mut dyn FnMut(&str)) -> Result<BenchRepor
         cases.push(Case::new(Tool::Ferry, k, f));
         if plain {
             cases.push(Case::new(Tool::Plain, k, p));
+        }
+        if no_checksum {
+            cases.push(Case::new(Tool::NoChecksum, k, nc));
         }
         if qemu.is_some() {
             cases.push(Case::new(Tool::Qemu, k, q));

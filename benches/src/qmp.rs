@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 
 use crate::run::{display, run_timeout, wait_all, Proc, RemoveOnDrop, TAIL_LINES};
-use crate::sys::{children_cpu_s, tail};
+use crate::sys::{children_cpu_s, proc_cpu_s, tail};
 use crate::{BenchError, Sample};
 
 /// How long a QMP command may take to answer, and QEMU to open its socket.
@@ -360,6 +360,10 @@ impl QemuPeer {
             other => other,
         })?;
         let wire = info["ram"]["transferred"].as_u64().unwrap_or(0);
+        let (src_cpu, dst_cpu) = (
+            info["migration_cpu_src_s"].as_f64(),
+            info["migration_cpu_dst_s"].as_f64(),
+        );
         let detail = json!({
             "total_time_ms": info["total-time"],
             "downtime_ms": info["downtime"],
@@ -381,7 +385,8 @@ impl QemuPeer {
             )),
             detail,
         )
-        .with_sides(src.cpu(), dst.cpu()))
+        .with_sides(src.cpu(), dst.cpu())
+        .with_migration_cpu(src_cpu, dst_cpu))
     }
 
     /// Drives both QEMUs through one migration; returns the wall time to
@@ -429,6 +434,10 @@ impl QemuPeer {
         qs.cmd("migrate-set-parameters", params)?;
 
         let timeout = run_timeout(self.size);
+        // Both QEMUs' CPU over the migration itself (their start-up and
+        // the guest's set-up before it are not the migration's).
+        let cpu = || (proc_cpu_s(src.pid()), proc_cpu_s(dst.pid()));
+        let cpu0 = cpu();
         let t0 = Instant::now();
         qs.cmd("migrate", json!({ "uri": format!("tcp:127.0.0.1:{port}") }))?;
         let mut info = poll_until(&mut qs, &["completed", "failed", "cancelled"], t0, timeout)?;
@@ -442,6 +451,10 @@ impl QemuPeer {
             return Err(migration_error(channels, &dinfo));
         }
         info["wall_src_s"] = json!(wall_src);
+        let cpu1 = cpu();
+        let spent = |a: Option<f64>, b: Option<f64>| Some(b? - a?);
+        info["migration_cpu_src_s"] = json!(spent(cpu0.0, cpu1.0));
+        info["migration_cpu_dst_s"] = json!(spent(cpu0.1, cpu1.1));
         Ok((wall, info))
     }
 }

@@ -24,6 +24,8 @@ pub enum Tool {
     Ferry,
     /// The same without TLS or compression: what they cost.
     Plain,
+    /// The same with `ferry send --no-checksum`: what the page checksums cost.
+    NoChecksum,
     /// QEMU's own (multifd) migration of a paused KVM guest holding the dataset.
     Qemu,
     /// `iperf3 -P K` over loopback: what the link carries with K streams.
@@ -38,6 +40,7 @@ impl Tool {
         match self {
             Tool::Ferry => "ferry",
             Tool::Plain => "plain",
+            Tool::NoChecksum => "no-checksum",
             Tool::Qemu => "qemu",
             Tool::Iperf3 => "iperf3",
             Tool::Floor => "floor",
@@ -76,6 +79,13 @@ pub struct Sample {
     pub send_core_s_per_gib: Option<f64>,
     /// `cpu_recv_s` per GiB of guest RAM moved.
     pub recv_core_s_per_gib: Option<f64>,
+    /// The migration's own CPU per GiB of guest RAM, each side: ferry's
+    /// process CPU when its summary says the migration ended (start-up
+    /// included, its report's digest of memory after it not); QEMU's
+    /// processes' CPU from `migrate` until completed (`/proc/PID/stat`);
+    /// the floor's until its last byte was placed. None where not measured.
+    pub send_migration_core_s_per_gib: Option<f64>,
+    pub recv_migration_core_s_per_gib: Option<f64>,
     /// System-wide counters over the run (steal, compaction stalls, huge
     /// page fallbacks, faults): what made a slow run slow.
     pub system: Option<crate::sys::SystemCounters>,
@@ -121,6 +131,8 @@ impl Sample {
             cpu_recv_s: None,
             send_core_s_per_gib: None,
             recv_core_s_per_gib: None,
+            send_migration_core_s_per_gib: None,
+            recv_migration_core_s_per_gib: None,
             system: None,
             detail,
             live: None,
@@ -136,6 +148,16 @@ impl Sample {
         self.cpu_recv_s = recv.map(Cpu::total_s);
         self.send_core_s_per_gib = per_gib(self.cpu_send_s);
         self.recv_core_s_per_gib = per_gib(self.cpu_recv_s);
+        self
+    }
+
+    /// Adds each side's CPU seconds spent on the migration itself (see
+    /// [`Sample::send_migration_core_s_per_gib`]).
+    pub fn with_migration_cpu(mut self, send_s: Option<f64>, recv_s: Option<f64>) -> Self {
+        let gib = self.ram_bytes as f64 / GIB;
+        let per_gib = |c: Option<f64>| c.filter(|c| gib > 0.0 && *c >= 0.0).map(|c| c / gib);
+        self.send_migration_core_s_per_gib = per_gib(send_s);
+        self.recv_migration_core_s_per_gib = per_gib(recv_s);
         self
     }
 }
@@ -156,6 +178,11 @@ pub struct Summary {
     /// Medians of the sender's and the receiver's core-seconds per GiB.
     pub send_core_s_per_gib: Option<f64>,
     pub recv_core_s_per_gib: Option<f64>,
+    /// Median of both sides' migration CPU together, core-seconds per GiB
+    /// (see [`Sample::send_migration_core_s_per_gib`]).
+    pub migration_core_s_per_gib: Option<f64>,
+    /// Run-to-run spread of the wall time: max / min.
+    pub wall_spread: f64,
     /// A live case's medians and spreads (`ferry bench --live`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub live: Option<LiveSummary>,
@@ -180,6 +207,12 @@ impl Summary {
             .iter()
             .filter_map(|s| s.recv_core_s_per_gib)
             .collect();
+        let migration: Vec<f64> = samples
+            .iter()
+            .filter_map(|s| {
+                Some(s.send_migration_core_s_per_gib? + s.recv_migration_core_s_per_gib?)
+            })
+            .collect();
         Some(Self {
             runs: samples.len(),
             wall_s,
@@ -190,6 +223,8 @@ impl Summary {
             cpu_percent: median(&cpu),
             send_core_s_per_gib: median(&sends),
             recv_core_s_per_gib: median(&recvs),
+            migration_core_s_per_gib: median(&migration),
+            wall_spread: wall_max_s / wall_min_s,
             live: None,
         })
     }
@@ -390,6 +425,14 @@ pub struct Ratio {
     /// ferry's median wall time / the floor peer's: how far above the least
     /// work ferry is (at least 1 in principle).
     pub ferry_over_floor_wall: Option<f64>,
+    /// ferry's median wall time / its own with `--no-checksum`: what the
+    /// page checksums cost.
+    pub ferry_over_no_checksum_wall: Option<f64>,
+    /// ferry's median migration CPU (both sides, per GiB) / QEMU's.
+    pub ferry_over_qemu_migration_cpu: Option<f64>,
+    /// ferry's wall spread (max/min) / QEMU's: at most 1 means ferry's runs
+    /// vary no more than QEMU's.
+    pub ferry_over_qemu_spread: Option<f64>,
 }
 
 /// The ratios for every channel count that has a ferry case.
@@ -410,6 +453,11 @@ pub fn compute_ratios(cases: &[Case]) -> Vec<Ratio> {
         let iperf = summary(Tool::Iperf3, k);
         let plain = summary(Tool::Plain, k);
         let floor = summary(Tool::Floor, k);
+        let no_checksum = summary(Tool::NoChecksum, k);
+        let over = |a: Option<f64>, b: Option<f64>| match (a, b) {
+            (Some(a), Some(b)) if b > 0.0 && b.is_finite() && a.is_finite() => Some(a / b),
+            _ => None,
+        };
         out.push(Ratio {
             channels: k,
             ferry_over_qemu_wall: qemu
@@ -424,6 +472,12 @@ pub fn compute_ratios(cases: &[Case]) -> Vec<Ratio> {
             ferry_over_floor_wall: floor
                 .filter(|p| p.wall_s > 0.0)
                 .map(|p| ferry.wall_s / p.wall_s),
+            ferry_over_no_checksum_wall: over(Some(ferry.wall_s), no_checksum.map(|n| n.wall_s)),
+            ferry_over_qemu_migration_cpu: over(
+                ferry.migration_core_s_per_gib,
+                qemu.and_then(|q| q.migration_core_s_per_gib),
+            ),
+            ferry_over_qemu_spread: over(Some(ferry.wall_spread), qemu.map(|q| q.wall_spread)),
         });
     }
     out
@@ -511,7 +565,7 @@ impl BenchReport {
         );
         let _ = writeln!(
             s,
-            "{:<7} {:>3} {:>8} {:>8} {:>8} {:>9} {:>10} {:>6} {:>10} {:>10}",
+            "{:<11} {:>3} {:>8} {:>8} {:>8} {:>9} {:>10} {:>6} {:>10} {:>10} {:>9}",
             "tool",
             "ch",
             "wall s",
@@ -521,11 +575,17 @@ impl BenchReport {
             "GB/s wire",
             "CPU%",
             "send cs/G",
-            "recv cs/G"
+            "recv cs/G",
+            "mig cs/G"
         );
         for case in &self.cases {
             let Some(m) = &case.summary else {
-                let _ = writeln!(s, "{:<7} {:>3}  (no runs)", case.tool.name(), case.channels);
+                let _ = writeln!(
+                    s,
+                    "{:<11} {:>3}  (no runs)",
+                    case.tool.name(),
+                    case.channels
+                );
                 continue;
             };
             // iperf3's wall time is just its fixed test length: not comparable.
@@ -533,7 +593,7 @@ impl BenchReport {
             let wall = |v: f64| fmt_opt(timed.then_some(v), 3);
             let _ = writeln!(
                 s,
-                "{:<7} {:>3} {:>8} {:>8} {:>8} {:>9} {:>10} {:>6} {:>10} {:>10}",
+                "{:<11} {:>3} {:>8} {:>8} {:>8} {:>9} {:>10} {:>6} {:>10} {:>10} {:>9}",
                 case.tool.name(),
                 case.channels,
                 wall(m.wall_s),
@@ -544,6 +604,7 @@ impl BenchReport {
                 fmt_opt(m.cpu_percent, 0),
                 fmt_opt(m.send_core_s_per_gib, 3),
                 fmt_opt(m.recv_core_s_per_gib, 3),
+                fmt_opt(m.migration_core_s_per_gib, 3),
             );
         }
         if self.cases.iter().any(|c| {
@@ -555,7 +616,10 @@ impl BenchReport {
                 s,
                 "(send/recv cs/G: core-seconds of CPU, user + system, per GiB of guest RAM, of \
                  the sending and the receiving process over their whole lives, from their wait4 \
-                 rusage; iperf3: n/a, it moves no guest RAM)"
+                 rusage; iperf3: n/a, it moves no guest RAM. mig cs/G: both sides' CPU spent on \
+                 the migration itself, per GiB: ferry up to the end its summary reports (its \
+                 digest of memory for the report after it excluded), QEMU from `migrate` to \
+                 completed, the floor up to its last byte)"
             );
         }
         let useful: Vec<&Ratio> = self
@@ -566,18 +630,22 @@ impl BenchReport {
                     || r.ferry_wire_over_iperf3.is_some()
                     || r.ferry_over_plain_wall.is_some()
                     || r.ferry_over_floor_wall.is_some()
+                    || r.ferry_over_no_checksum_wall.is_some()
             })
             .collect();
         if !useful.is_empty() {
             let _ = writeln!(s, "\nratios (from medians)");
             let _ = writeln!(
                 s,
-                "{:>3} {:>16} {:>20} {:>17} {:>17}",
+                "{:>3} {:>16} {:>18} {:>17} {:>17} {:>16} {:>14} {:>13}",
                 "ch",
                 "ferry/qemu wall",
                 "ferry wire/iperf3",
                 "ferry/plain wall",
-                "ferry/floor wall"
+                "ferry/floor wall",
+                "/no-checksum",
+                "qemu mig CPU",
+                "qemu spread"
             );
             for r in useful {
                 let speed = match r.ferry_over_qemu_wall {
@@ -588,17 +656,22 @@ impl BenchReport {
                 };
                 let _ = writeln!(
                     s,
-                    "{:>3} {:>16} {:>20} {:>17} {:>17}",
+                    "{:>3} {:>16} {:>18} {:>17} {:>17} {:>16} {:>14} {:>13}",
                     r.channels,
                     speed,
                     fmt_opt(r.ferry_wire_over_iperf3, 2),
                     fmt_opt(r.ferry_over_plain_wall, 2),
-                    fmt_opt(r.ferry_over_floor_wall, 2)
+                    fmt_opt(r.ferry_over_floor_wall, 2),
+                    fmt_opt(r.ferry_over_no_checksum_wall, 2),
+                    fmt_opt(r.ferry_over_qemu_migration_cpu, 2),
+                    fmt_opt(r.ferry_over_qemu_spread, 2)
                 );
             }
             let _ = writeln!(
                 s,
-                "(ferry/qemu wall < 1: ferry is faster; (Nx) is ferry's speed-up)"
+                "(ferry/qemu wall < 1: ferry is faster; (Nx) is ferry's speed-up; /no-checksum: \
+                 ferry's wall over its own with --no-checksum; qemu mig CPU: ferry's mig cs/G over \
+                 QEMU's; qemu spread: ferry's max/min wall over QEMU's)"
             );
         }
         if !self.notes.is_empty() {
@@ -630,6 +703,11 @@ impl BenchReport {
                 Tool::Plain,
                 "ferry (plain)".to_string(),
                 RGBColor(0x2c, 0xa0, 0x2c),
+            ),
+            (
+                Tool::NoChecksum,
+                "ferry --no-checksum".to_string(),
+                RGBColor(0x94, 0x67, 0xbd),
             ),
             (Tool::Qemu, qemu, RGBColor(0xd6, 0x27, 0x28)),
             (
@@ -1079,6 +1157,45 @@ mod tests {
     }
 
     #[test]
+    fn checksum_cpu_and_spread_ratios_come_from_their_own_cases() {
+        let mig = |wall: f64, send: f64, recv: f64| {
+            sample(wall, 100.0).with_migration_cpu(Some(send), Some(recv))
+        };
+        let cases = vec![
+            // ferry: walls 1.0..1.5 (spread 1.5), migration CPU 0.3 + 0.2.
+            Case::new(
+                Tool::Ferry,
+                2,
+                vec![mig(1.0, 0.3, 0.2), mig(1.5, 0.3, 0.2), mig(1.2, 0.3, 0.2)],
+            ),
+            Case::new(
+                Tool::NoChecksum,
+                2,
+                vec![sample(1.0, 100.0), sample(1.0, 100.0)],
+            ),
+            // QEMU: walls 2.0..2.4 (spread 1.2), migration CPU 0.5 + 0.5.
+            Case::new(
+                Tool::Qemu,
+                2,
+                vec![mig(2.0, 0.5, 0.5), mig(2.4, 0.5, 0.5), mig(2.2, 0.5, 0.5)],
+            ),
+        ];
+        let r = compute_ratios(&cases);
+        assert_eq!(r.len(), 1);
+        assert!((r[0].ferry_over_no_checksum_wall.unwrap_or(0.0) - 1.2).abs() < 1e-9);
+        assert!((r[0].ferry_over_qemu_migration_cpu.unwrap_or(0.0) - 0.5).abs() < 1e-9);
+        assert!((r[0].ferry_over_qemu_spread.unwrap_or(0.0) - 1.25).abs() < 1e-9);
+        // Without the figures, no ratio (not a zero).
+        let bare = vec![
+            Case::new(Tool::Ferry, 2, vec![sample(1.0, 100.0)]),
+            Case::new(Tool::Qemu, 2, vec![sample(2.0, 100.0)]),
+        ];
+        let r = compute_ratios(&bare);
+        assert!(r[0].ferry_over_qemu_migration_cpu.is_none());
+        assert!(r[0].ferry_over_no_checksum_wall.is_none());
+    }
+
+    #[test]
     fn ratios_absent_without_peers() {
         let cases = vec![Case::new(Tool::Ferry, 4, vec![sample(1.0, 50.0)])];
         let r = compute_ratios(&cases);
@@ -1099,7 +1216,10 @@ mod tests {
             .expect("ferry row");
         assert_eq!(
             ferry1.split_whitespace().collect::<Vec<_>>(),
-            ["ferry", "1", "1.000", "0.800", "1.200", "1.07", "0.84", "90", "0.600", "0.400"]
+            [
+                "ferry", "1", "1.000", "0.800", "1.200", "1.07", "0.84", "90", "0.600", "0.400",
+                "-"
+            ]
         );
         let iperf2 = t
             .lines()
@@ -1107,7 +1227,7 @@ mod tests {
             .expect("iperf3 row");
         assert_eq!(
             iperf2.split_whitespace().collect::<Vec<_>>(),
-            ["iperf3", "2", "-", "-", "-", "-", "6.00", "-", "-", "-"]
+            ["iperf3", "2", "-", "-", "-", "-", "6.00", "-", "-", "-", "-"]
         );
         let floor = t
             .lines()
@@ -1115,7 +1235,10 @@ mod tests {
             .expect("floor row");
         assert_eq!(
             floor.split_whitespace().collect::<Vec<_>>(),
-            ["floor", "2", "0.250", "0.200", "0.300", "4.29", "3.36", "100", "0.150", "0.100"]
+            [
+                "floor", "2", "0.250", "0.200", "0.300", "4.29", "3.36", "100", "0.150", "0.100",
+                "-"
+            ]
         );
         assert!(t.contains("ferry/floor wall"));
         let k2 = t
@@ -1123,7 +1246,13 @@ mod tests {
             .rev()
             .find(|l| l.trim_start().starts_with("2 ") && l.contains("(2.00x)"))
             .expect("K=2 ratio row");
-        assert!(k2.trim_end().ends_with("2.00"), "ferry/floor at K=2: {k2}");
+        // ferry/floor 2.00, no checksum or migration CPU case, spreads
+        // 0.6/0.4 over 1.0/1.0.
+        assert!(
+            k2.trim_end()
+                .ends_with("2.00                -              -          1.50"),
+            "ferry/floor and the spread ratio at K=2: {k2}"
+        );
         assert!(t.contains("ratios"));
         assert!(t.contains("0.50 (2.00x)"));
         assert!(t.contains("- a note"));

@@ -117,6 +117,11 @@ impl Proc {
         }
     }
 
+    /// The child's process id.
+    pub(crate) fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// The child's own user and system CPU time, once it has been reaped.
     pub(crate) fn cpu(&self) -> Option<Cpu> {
         self.cpu
@@ -556,7 +561,10 @@ pub(crate) fn ferry_once(run: &FerryRun<'_>) -> Result<Sample, BenchError> {
     }
     let wire = sent["wire_bytes"].as_u64().unwrap_or(0);
     let detail = serde_json::json!({ "t0_unix": t0, "send": sent, "recv": held });
-    Ok(Sample::new(wall, run.size, wire, Some(cpu), detail).with_sides(send_cpu, recv_cpu))
+    let migration_cpu = |v: &Value| v["cpu_s"].as_f64();
+    Ok(Sample::new(wall, run.size, wire, Some(cpu), detail)
+        .with_sides(send_cpu, recv_cpu)
+        .with_migration_cpu(migration_cpu(&sent), migration_cpu(&held)))
 }
 
 /// Path helper for messages.

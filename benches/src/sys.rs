@@ -56,6 +56,22 @@ impl Cpu {
     }
 }
 
+/// CPU seconds (user + system, all its threads, living and gone) another
+/// running process has used so far, from `/proc/PID/stat` (clock-tick
+/// resolution, 10 ms at the usual 100 Hz); None if it cannot be read.
+pub(crate) fn proc_cpu_s(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name (which may hold spaces), from field 3:
+    // utime and stime are fields 14 and 15.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let utime: u64 = fields.get(11)?.parse().ok()?;
+    let stime: u64 = fields.get(12)?.parse().ok()?;
+    // SAFETY: sysconf only reads a configuration value.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    (hz > 0).then(|| (utime + stime) as f64 / hz as f64)
+}
+
 /// This process's own CPU time so far (`getrusage(RUSAGE_SELF)`).
 pub fn self_cpu() -> io::Result<Cpu> {
     let mut ru = MaybeUninit::<libc::rusage>::zeroed();

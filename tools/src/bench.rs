@@ -70,7 +70,9 @@ pub struct BenchArgs {
     /// Peers to measure alongside, comma separated: `qemu` (QEMU >= 9 multifd, needs /dev/kvm),
     /// `iperf3` (loopback, -P K), `plain` (with --tls-dir or --compress: ferry without them, in
     /// the same runs), `floor` (the least work any migration does here: K streams splice the
-    /// dataset's non-zero pages into fresh anonymous memory, two processes, digests compared).
+    /// dataset's non-zero pages into fresh anonymous memory, two processes, digests compared),
+    /// `no-checksum` (ferry with `send --no-checksum`, in the same runs: what the page
+    /// checksums cost).
     #[arg(long, value_delimiter = ',')]
     peer: Vec<String>,
     /// Use this dataset file instead of generating one.
@@ -209,8 +211,8 @@ fn parse_rate(s: &str) -> Result<u64, String> {
 pub fn run(a: BenchArgs) -> anyhow::Result<bool> {
     for p in &a.peer {
         anyhow::ensure!(
-            ["qemu", "iperf3", "plain", "floor"].contains(&p.as_str()),
-            "unknown peer '{p}' (expected qemu, iperf3, plain or floor)"
+            ["qemu", "iperf3", "plain", "floor", "no-checksum"].contains(&p.as_str()),
+            "unknown peer '{p}' (expected qemu, iperf3, plain, floor or no-checksum)"
         );
     }
     let mut send_args = Vec::new();
@@ -240,6 +242,7 @@ pub fn run(a: BenchArgs) -> anyhow::Result<bool> {
         peer_iperf: a.peer.iter().any(|p| p == "iperf3"),
         peer_plain: a.peer.iter().any(|p| p == "plain"),
         peer_floor: a.peer.iter().any(|p| p == "floor"),
+        peer_no_checksum: a.peer.iter().any(|p| p == "no-checksum"),
         dataset: a.dataset.clone(),
         seed: a.seed,
         workdir: a.workdir.clone(),
