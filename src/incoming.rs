@@ -114,6 +114,11 @@ pub struct IncomingOptions {
     /// once), so that less is left to do at the switchover, in
     /// `build_guest`. For `recv --prebuild-kvm`.
     pub prepare_guest: Option<PrepareHook>,
+    /// Populate fresh anonymous memory just ahead of the pages arriving
+    /// (`ferry_ram::Prefaulter`), so receivers copy into memory that is
+    /// already there (`recv --no-prefault` turns it off). Never with
+    /// postcopy, whose missing pages must stay missing. On by default.
+    pub prefault: bool,
 }
 
 /// Sees the destination's memory as soon as it exists (see
@@ -175,6 +180,7 @@ impl Default for IncomingOptions {
             postcopy_reference: false,
             colo: false,
             prepare_guest: None,
+            prefault: true,
         }
     }
 }
@@ -461,6 +467,17 @@ fn receive(
         let _ = on_fail.send(Event::MultifdFailed);
     })?;
     progress.attach(pool.counters().clone());
+    let prefault =
+        (opts.prefault && !postcopy && matches!(opts.memory, DestinationMemory::Anonymous))
+            .then(|| {
+                ferry_ram::Prefaulter::start(
+                    memory.clone(),
+                    pool.counters().clone(),
+                    ferry_ram::DEFAULT_PREFAULT_WINDOW,
+                )
+                .map_err(|e| MigrationError::Thread("prefault", e))
+            })
+            .transpose()?;
     // A cancel, or a main channel that fails, must also free a wait for a
     // pass's sync (follow_main is blocked there, not reading its inbox).
     let stop = Arc::new(pool.interrupter());
@@ -486,6 +503,13 @@ fn receive(
     let counters = pool.counters().clone();
     let stall = Some(opts.peer_timeout);
     let followed = follow_main(&pool, &main, &inbox, phases, summary, out, stall);
+    if let Some(p) = prefault {
+        let report = p.stop();
+        summary.prefaulted_bytes = report.bytes;
+        if let Some(e) = report.error {
+            tracing::info!("prefaulting stopped early: {e}");
+        }
+    }
     if followed.is_ok() && out.package.is_some() {
         return postcopy_in(
             &main, &inbox, pool, memory, preempt, recovery, opts, phases, summary, out,

@@ -227,6 +227,10 @@ pub struct Summary {
     /// Postcopy's figures, when the migration switched to postcopy.
     #[serde(flatten, skip_serializing_if = "Option::is_none")]
     pub postcopy: Option<PostcopyReport>,
+    /// Destination: bytes of fresh memory populated just ahead of the pages
+    /// arriving (`recv --no-prefault` turns it off).
+    #[serde(skip_serializing_if = "is_zero_u64")]
+    pub prefaulted_bytes: u64,
     /// Wall-clock time (Unix seconds) the migration started and ended on this side.
     pub started_at_unix: f64,
     pub finished_at_unix: f64,
@@ -235,6 +239,10 @@ pub struct Summary {
     /// command line's digest of all memory for its report.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub cpu_s: Option<f64>,
+}
+
+fn is_zero_u64(n: &u64) -> bool {
+    *n == 0
 }
 
 /// CPU seconds (user + system) of this whole process so far, from

@@ -316,6 +316,39 @@ impl RamBlock {
 impl RamBlock {
     /// A hint about the mapping's pages (huge pages or not); failure (no
     /// THP) is harmless and ignored.
+    /// Populates `len` bytes at `offset` writable (`MADV_POPULATE_WRITE`:
+    /// faults the pages in as a write would, without writing; what they
+    /// hold is unchanged). Fails on a range outside the block, or where the
+    /// kernel lacks it (Linux < 5.14).
+    pub fn populate_write(&self, offset: u64, len: u64) -> std::io::Result<()> {
+        let end = offset.checked_add(len).filter(|&e| e <= self.len);
+        if end.is_none() || offset % 4096 != 0 {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                format!(
+                    "populate {len:#x} bytes at {offset:#x}: outside the block's {:#x} bytes or \
+                     not page-aligned",
+                    self.len
+                ),
+            ));
+        }
+        // SAFETY: the range lies inside this block's own live mapping
+        // (checked above), and MADV_POPULATE_WRITE only faults pages in; it
+        // never changes what memory holds, so writers elsewhere are unaffected.
+        let rc = unsafe {
+            libc::madvise(
+                self.host_addr().add(offset as usize).cast(),
+                len as usize,
+                libc::MADV_POPULATE_WRITE,
+            )
+        };
+        if rc == 0 {
+            Ok(())
+        } else {
+            Err(std::io::Error::last_os_error())
+        }
+    }
+
     fn advise(&self, advice: libc::c_int) {
         // SAFETY: madvise over exactly this block's own mapping with a
         // hint that does not change its contents.

@@ -7,7 +7,8 @@
 //! the reads of memory others write ([`shared`]: zero scan, copies into
 //! private buffers; [`crc32`]: the data path's checksum, in place), the
 //! digest that proves both sides hold the same bytes, the deterministic
-//! datasets `ferry gen` writes, the layout of a saved guest's file
+//! datasets `ferry gen` writes, the [`Prefaulter`] that populates a
+//! destination's memory just ahead of the pages arriving, the layout of a saved guest's file
 //! ([`mapped`]), userfaultfd helpers ([`uffd`]) and the [`Counters`] of
 //! pages and bytes moved that every data path shares. It knows nothing of
 //! sockets.
@@ -22,6 +23,7 @@ mod error;
 pub mod mapped;
 mod memory;
 pub mod pattern;
+mod prefault;
 pub mod shared;
 pub mod uffd;
 mod uffd_wp;
@@ -35,6 +37,7 @@ pub use digest::{Digest, DIGEST_CHUNK};
 pub use dirty::{BitmapLog, DirtyLog};
 pub use error::RamError;
 pub use memory::{block_file_paths, BlockSpec, GuestMemory, StagedFiles};
+pub use prefault::{PrefaultReport, Prefaulter, DEFAULT_PREFAULT_WINDOW};
 pub use shared::{is_zero, read_in_pieces};
 pub use uffd_wp::{UffdLog, WriteProtect};
 pub use vm_memory;

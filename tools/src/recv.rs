@@ -76,6 +76,15 @@ pub struct RecvArgs {
     /// default already; this makes the refusal explicit.
     #[arg(long, conflicts_with = "verify_switchover")]
     no_digest: bool,
+    /// Do not populate fresh memory ahead of the pages arriving. By default
+    /// a helper thread faults in the next 32 MiB past the receive cursor
+    /// (MADV_POPULATE_WRITE), so the receivers copy into memory that is
+    /// already there: faster where first touches are slow (a VM whose host
+    /// backs memory lazily, huge pages to zero). Ranges the source sends as
+    /// zero pages are skipped, so a sparse guest costs at most 32 MiB more
+    /// per hole; never done with postcopy or --ram-out.
+    #[arg(long)]
+    no_prefault: bool,
     /// Give up if no source connects within this long (30s, 500ms, 2m; a
     /// bare number is seconds; more than 0). Default: wait for ever.
     #[arg(long, value_parser = crate::units::parse_timeout, allow_negative_numbers = true)]
@@ -211,6 +220,7 @@ fn migrate(a: RecvArgs) -> anyhow::Result<bool> {
         postcopy_paused_timeout: None,
         colo: false,
         prepare_guest: prebuilt.as_ref().map(crate::kvm::Prebuilt::hook),
+        prefault: !a.no_prefault,
     };
     if let Some((builder, _)) = &colo_parts {
         opts.build_guest = builder.clone();
