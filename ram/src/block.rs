@@ -322,7 +322,7 @@ impl RamBlock {
     /// kernel lacks it (Linux < 5.14).
     pub fn populate_write(&self, offset: u64, len: u64) -> std::io::Result<()> {
         let end = offset.checked_add(len).filter(|&e| e <= self.len);
-        if end.is_none() || offset % 4096 != 0 {
+        if end.is_none() || !offset.is_multiple_of(4096) {
             return Err(std::io::Error::new(
                 std::io::ErrorKind::InvalidInput,
                 format!(
