@@ -36,13 +36,13 @@ use std::time::{Duration, Instant};
 use ferry_colo::compare::CompareStats;
 use ferry_colo::trigger::TriggerCounts;
 use ferry_colo::wire::Side;
+/// An output record (a guest crate emitting them, ferry-vmm's, names it
+/// from here).
+pub use ferry_colo::Record;
 use ferry_colo::{
     ColoError, ColoMessage, ColoMode, ColoStatus, Comparator, Expect, FailoverReason, RamCache,
     StatusCell, TriggerKind, Triggers,
 };
-/// An output record (a guest crate emitting them, ferry-vmm's, names it
-/// from here).
-pub use ferry_colo::Record;
 use ferry_multifd::{ReceiverOptions, ReceiverPool, SenderPool};
 use ferry_ram::{GuestMemory, PageBitmap};
 use ferry_transport::{accept_session, AcceptOptions, ChannelUri, Listener, SessionId};

@@ -212,11 +212,8 @@ fn migrate(a: SendArgs) -> anyhow::Result<bool> {
         let outputs = ferry::colo::OutputQueue::new();
         let g: Box<dyn ferry::Guest> = match a.guest.guest {
             crate::guest_args::GuestKind::Kvm => {
-                let g = crate::kvm::boot_with_output(
-                    &a.guest,
-                    resources,
-                    a.colo.colo_output_every,
-                )?;
+                let g =
+                    crate::kvm::boot_with_output(&a.guest, resources, a.colo.colo_output_every)?;
                 g.set_output(Some(outputs.hook()));
                 Box::new(g)
             }

@@ -89,7 +89,10 @@ fn errors(memory: &ferry::GuestMemory) -> (u64, u64) {
         .collect();
     (
         s.iter().map(|v| v.errors).sum(),
-        s.iter().map(|v| v.first_error).find(|&a| a != 0).unwrap_or(0),
+        s.iter()
+            .map(|v| v.first_error)
+            .find(|&a| a != 0)
+            .unwrap_or(0),
     )
 }
 
@@ -216,7 +219,10 @@ fn kvm_colo(case: Case) -> Run {
             // The records the secondary took over with each checkpoint:
             // its memory is the primary's during the load.
             let bases = Arc::new(Mutex::new(
-                writes(&memory).iter().map(|w| w / EVERY).collect::<Vec<u64>>(),
+                writes(&memory)
+                    .iter()
+                    .map(|w| w / EVERY)
+                    .collect::<Vec<u64>>(),
             ));
             let hook = {
                 let (bases, memory) = (bases.clone(), memory.clone());
@@ -234,7 +240,11 @@ fn kvm_colo(case: Case) -> Run {
             if s.guest_running {
                 survive(&*got.guest, &parts.outputs, &*client, alone);
             }
-            let g = built.lock().unwrap().clone().expect("a KVM guest was built");
+            let g = built
+                .lock()
+                .unwrap()
+                .clone()
+                .expect("a KVM guest was built");
             let bases = bases.lock().unwrap().clone();
             Side {
                 writes_after: writes(&memory),
@@ -334,7 +344,11 @@ fn kvm_secondary_memory_equals_the_primary_at_every_checkpoint() {
     assert!(run.client.errors.lock().unwrap().is_empty());
     assert_eq!(p.released, run.client.history.lock().unwrap().len());
     for side in [&run.primary, &run.secondary] {
-        assert_eq!(side.errors.0, 0, "self-check failed at {:#x}", side.errors.1);
+        assert_eq!(
+            side.errors.0, 0,
+            "self-check failed at {:#x}",
+            side.errors.1
+        );
         assert_eq!(side.failure, None);
     }
 }
@@ -357,7 +371,11 @@ fn check_failover(run: &Run, dead_side: ColoMode, label: &str) {
         alive.summary.status
     );
     assert!(alive.summary.guest_running, "{label}");
-    assert_eq!(alive.summary.status.reason, FailoverReason::Error, "{label}");
+    assert_eq!(
+        alive.summary.status.reason,
+        FailoverReason::Error,
+        "{label}"
+    );
     assert_eq!(
         alive.summary.status.failover,
         FailoverState::Completed,
@@ -406,7 +424,12 @@ fn check_failover(run: &Run, dead_side: ColoMode, label: &str) {
         alive.errors.1
     );
     assert_eq!(alive.failure, None, "{label}");
-    for (v, (a, b)) in alive.writes_at_end.iter().zip(&alive.writes_after).enumerate() {
+    for (v, (a, b)) in alive
+        .writes_at_end
+        .iter()
+        .zip(&alive.writes_after)
+        .enumerate()
+    {
         assert!(b > a, "{label}: vCPU {v} wrote nothing alone ({a} -> {b})");
     }
 }

@@ -247,10 +247,7 @@ mod tests {
         assert_eq!(field(parse_record(3, &[0x03], status)), "size");
         assert_eq!(field(parse_record(3, &word(0xc011, 3), status)), "tag");
         assert_eq!(field(parse_record(3, &word(0xc010, 2), status)), "vcpu");
-        assert_eq!(
-            field(parse_record(3, &word(0xc010, 3), |_| Ok(0))),
-            "seq"
-        );
+        assert_eq!(field(parse_record(3, &word(0xc010, 3), |_| Ok(0))), "seq");
         let e = parse_record(1, &word(0xc010, 1), |off| {
             if off == crate::layout::S_OUT_SEQ {
                 Ok(1)

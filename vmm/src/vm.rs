@@ -248,8 +248,7 @@ impl Vm {
         if output_every > 0 {
             cmdline += &format!(" output_every={output_every}");
         }
-        pvh::write_start_info(mem, config.memory, &cmdline)
-        .map_err(VmmError::Memory)?;
+        pvh::write_start_info(mem, config.memory, &cmdline).map_err(VmmError::Memory)?;
         setup_pvh_entry(&vm.vcpus[0].lock().unwrap(), elf.entry)?;
         Ok(vm)
     }
