@@ -22,6 +22,10 @@
 //!   on alone, releasing its outputs itself. A failover asked for during a
 //!   load waits for the load (and happens after a failed load too).
 //!
+//! The guest is the synthetic one or any other kind the secondary's
+//! builder is given ([`secondary_builder_with`], [`ColoGuestKind`]):
+//! ferry-vmm's KVM guest, whose output records come from its own port.
+//!
 //! The session's setup on the COLO link: the primary sends SETUP (the
 //! migration's SETUP message: checksum/zstd capabilities, channels,
 //! blocks), the secondary checks the blocks against its memory and answers

@@ -112,7 +112,7 @@ impl ColoArgs {
 /// its outputs to COLO, noted in `slot` like any KVM guest a destination
 /// builds (so `--run-after` reads its counters and self-check).
 pub fn kvm_kind(slot: crate::kvm::ArrivedSlot) -> ferry::colo::ColoGuestKind {
-    Arc::new(move |memory, state, every, hook| {
+    Arc::new(move |memory, state, _every, hook| {
         if !ferry_vmm::is_kvm_state(state) {
             return None;
         }
@@ -121,7 +121,6 @@ pub fn kvm_kind(slot: crate::kvm::ArrivedSlot) -> ferry::colo::ColoGuestKind {
             let g = ferry_vmm::KvmGuest::colo_secondary(
                 memory,
                 state,
-                every,
                 hook,
                 ferry::Resources::none(false),
                 ferry_vmm::DirtyTracker::default(),

@@ -174,7 +174,7 @@ fn kvm_colo(case: Case) -> Run {
     let built: Arc<Mutex<Option<Arc<KvmGuest>>>> = Arc::default();
     let kind: ColoGuestKind = {
         let built = built.clone();
-        Arc::new(move |memory, state, every, hook| {
+        Arc::new(move |memory, state, _every, hook| {
             if !ferry_vmm::is_kvm_state(state) {
                 return None;
             }
@@ -182,7 +182,6 @@ fn kvm_colo(case: Case) -> Run {
                 KvmGuest::colo_secondary(
                     memory,
                     state,
-                    every,
                     hook,
                     ferry::Resources::none(false),
                     DirtyTracker::default(),
@@ -296,6 +295,87 @@ fn kvm_colo(case: Case) -> Run {
         secondary,
         client,
     }
+}
+
+/// The guest's output stream itself (vmm/src/port.rs): each vCPU's
+/// records are numbered from 1 without a gap, and two VMs started from
+/// the same saved state emit the same records although one runs
+/// throttled (its timing differs): the values follow the state only.
+#[test]
+fn kvm_guest_records_follow_its_state_not_its_timing() {
+    if !kvm_or_skip("kvm_guest_records_follow_its_state_not_its_timing") {
+        return;
+    }
+    within(300, || {
+        let config = VmConfig {
+            memory: 32 * MIB,
+            vcpus: VCPUS,
+            dirty_rate: 8 * MIB,
+            pattern: WritePattern::Random,
+            seed: 5,
+            tracker: DirtyTracker::default(),
+        };
+        let a = KvmGuest::boot_with_output(&config, EVERY, ferry::Resources::none(true)).unwrap();
+        let from_a = Arc::new(Mutex::new(Vec::new()));
+        a.set_output(Some(tee(from_a.clone())));
+        a.wait_booted(Duration::from_secs(30)).unwrap();
+        std::thread::sleep(Duration::from_millis(400));
+        a.pause().unwrap();
+        let state = a.save_device_state().unwrap();
+        let made = from_a.lock().unwrap().clone();
+        assert!(!made.is_empty(), "no record in 400 ms");
+        for v in 0..VCPUS as u16 {
+            let seqs: Vec<u64> = made.iter().filter(|r| r.vcpu == v).map(|r| r.seq).collect();
+            let want: Vec<u64> = (1..=seqs.len() as u64).collect();
+            assert_eq!(seqs, want, "vCPU {v}'s record numbers");
+        }
+        // Two copies of the paused guest, one of them throttled.
+        let copies: Vec<_> = (0..2)
+            .map(|i| {
+                let cache = ferry_colo::RamCache::copy_of(a.memory()).unwrap();
+                let g = KvmGuest::from_state(
+                    cache.memory().clone(),
+                    &state,
+                    ferry::Resources::none(false),
+                )
+                .unwrap();
+                let got = Arc::new(Mutex::new(Vec::new()));
+                g.set_output(Some(tee(got.clone())));
+                if i == 1 {
+                    g.set_throttle(60);
+                }
+                g.resume().unwrap();
+                (g, got)
+            })
+            .collect();
+        std::thread::sleep(Duration::from_millis(800));
+        let mut compared = 0;
+        let runs: Vec<Vec<Record>> = copies
+            .iter()
+            .map(|(g, got)| {
+                g.pause().unwrap();
+                assert_eq!(g.vm().failure(), None);
+                got.lock().unwrap().clone()
+            })
+            .collect();
+        for v in 0..VCPUS as u16 {
+            let of = |run: &Vec<Record>| -> Vec<(u64, u64)> {
+                run.iter()
+                    .filter(|r| r.vcpu == v)
+                    .map(|r| (r.seq, r.value))
+                    .collect()
+            };
+            let (x, y) = (of(&runs[0]), of(&runs[1]));
+            let n = x.len().min(y.len());
+            assert!(n > 0, "vCPU {v}: no records from both copies");
+            assert_eq!(x[..n], y[..n], "vCPU {v}: the copies' records differ");
+            // They go on from the saved guest's numbering.
+            let before = made.iter().filter(|r| r.vcpu == v).count() as u64;
+            assert_eq!(x[0].0, before + 1, "vCPU {v}");
+            compared += n;
+        }
+        assert!(compared > 0);
+    });
 }
 
 fn quick() -> ColoOptions {

@@ -64,26 +64,18 @@ impl KvmGuest {
     /// COLO's secondary guest: a paused guest over `memory` with `state`
     /// ([`KvmGuest::from_state_with`]), its dirty log started (its own
     /// writes tracked from its first instruction), its output records to
-    /// `hook`. Refused if the guest was booted with another
-    /// `output_every` than `output_every` (both sides must compare the
-    /// same records).
+    /// `hook`. How often it emits them is its boot parameter
+    /// `output_every` (it travels in its memory); the primary booted it
+    /// with the same `--colo-output-every` that COLO_SETUP makes both
+    /// sides agree on.
     pub fn colo_secondary(
         memory: Arc<GuestMemory>,
         state: &[u8],
-        output_every: u64,
         hook: ferry::synthetic::OutputHook,
         resources: Resources,
         tracker: DirtyTracker,
     ) -> Result<Self, VmmError> {
         let g = Self::from_state_with(memory, state, resources, tracker)?;
-        let every = g.vm.output_every()?;
-        if every != output_every {
-            return Err(VmmError::Config(format!(
-                "the KVM guest emits an output record every {every} writes (its boot \
-                 parameter output_every), this secondary compares every {output_every}: give \
-                 both sides the same --colo-output-every"
-            )));
-        }
         ferry_ram::DirtyLog::start(&g.log)?;
         g.set_output(Some(hook));
         Ok(g)
@@ -93,12 +85,13 @@ impl KvmGuest {
     /// `tracker`), for [`ferry::colo::secondary_builder_with`]; other
     /// states are not its kind.
     pub fn colo_kind(tracker: DirtyTracker) -> ferry::colo::ColoGuestKind {
-        Arc::new(move |memory, state, every, hook| {
+        // The rate of records is the guest's own boot parameter.
+        Arc::new(move |memory, state, _every, hook| {
             if !crate::is_kvm_state(state) {
                 return None;
             }
             Some(
-                Self::colo_secondary(memory, state, every, hook, Resources::none(false), tracker)
+                Self::colo_secondary(memory, state, hook, Resources::none(false), tracker)
                     .map(|g| Box::new(g) as Box<dyn Guest>)
                     .map_err(GuestError::from),
             )
