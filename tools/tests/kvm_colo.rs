@@ -5,10 +5,10 @@
 //! Checks: the secondary's memory equals the primary's at every checkpoint
 //! and the two copies emit the same records (no mismatch: a KVM guest's
 //! records follow its state only); across a failover (either side killed
-//! at several points) the client's released records form one history the
-//! survivor continues, and the survivor's self-check stays clean while its
-//! counters advance; the CLI's summary. Tests skip, saying so, where
-//! /dev/kvm is not usable.
+//! at several points, a hung side among them) the client's released
+//! records form one history the survivor continues, and the survivor's
+//! self-check stays clean while its counters advance; the CLI's summary.
+//! Tests skip, saying so, where /dev/kvm is not usable.
 
 mod support;
 
@@ -531,6 +531,11 @@ fn kill_runs(side: ColoMode) {
         KillPoint {
             checkpoint: 3,
             stage: KillStage::AfterReceived,
+        },
+        // A hung host: only the peer's heartbeat timeout finds it.
+        KillPoint {
+            checkpoint: 1,
+            stage: KillStage::Silent(Duration::from_millis(250)),
         },
     ];
     for k in points {
