@@ -1,4 +1,6 @@
-//! The guest program's report port: ASCII lines, written a byte at a time
+//! The guest program's ports: its output records for COLO (one 32-bit
+//! `out` each to 0xea, [`parse_record`], format below), and its report
+//! port: ASCII lines, written a byte at a time
 //! (`out dx, al`, 8 bits) to one I/O port (`port=` on the command line,
 //! default 0xe9: QEMU's `isa-debugcon`, so `-device
 //! isa-debugcon,iobase=0xe9,chardev=C` puts them in a file). The vCPUs take
