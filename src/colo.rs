@@ -22,6 +22,10 @@
 //!   on alone, releasing its outputs itself. A failover asked for during a
 //!   load waits for the load (and happens after a failed load too).
 //!
+//! The guest is the synthetic one or any other kind the secondary's
+//! builder is given ([`secondary_builder_with`], [`ColoGuestKind`]):
+//! ferry-vmm's KVM guest, whose output records come from its own port.
+//!
 //! The session's setup on the COLO link: the primary sends SETUP (the
 //! migration's SETUP message: checksum/zstd capabilities, channels,
 //! blocks), the secondary checks the blocks against its memory and answers
@@ -36,9 +40,12 @@ use std::time::{Duration, Instant};
 use ferry_colo::compare::CompareStats;
 use ferry_colo::trigger::TriggerCounts;
 use ferry_colo::wire::Side;
+/// An output record (a guest crate emitting them, ferry-vmm's, names it
+/// from here).
+pub use ferry_colo::Record;
 use ferry_colo::{
     ColoError, ColoMessage, ColoMode, ColoStatus, Comparator, Expect, FailoverReason, RamCache,
-    Record, StatusCell, TriggerKind, Triggers,
+    StatusCell, TriggerKind, Triggers,
 };
 use ferry_multifd::{ReceiverOptions, ReceiverPool, SenderPool};
 use ferry_ram::{GuestMemory, PageBitmap};
@@ -1087,6 +1094,18 @@ pub struct SecondaryParts {
     pub outputs: Arc<OutputQueue>,
 }
 
+/// How a secondary builds a guest of a kind ferry does not know (the KVM
+/// micro-VM of ferry-vmm, which depends on ferry): given the migrated
+/// memory, the device state and the hook its outputs go to, `None` if the
+/// state is not of its kind, else the guest paused, its dirty log
+/// started, every `output_every`-th write of a vCPU an output record to
+/// the hook (or an error saying why it cannot).
+pub type ColoGuestKind = Arc<
+    dyn Fn(Arc<GuestMemory>, &[u8], u64, OutputHook) -> Option<Result<Box<dyn Guest>, GuestError>>
+        + Send
+        + Sync,
+>;
+
 /// A guest builder for `recv --colo`: the synthetic guest, with its dirty
 /// log started and its outputs queued before it first runs, and the RAM
 /// cache copied from the migrated memory.
@@ -1095,24 +1114,37 @@ pub fn secondary_builder(
     jitter_ppm: u32,
     tee: Option<OutputHook>,
 ) -> (GuestBuilder, Arc<OnceLock<SecondaryParts>>) {
+    secondary_builder_with(output_every, jitter_ppm, tee, None)
+}
+
+/// [`secondary_builder`] that dispatches on the state's kind: the
+/// synthetic guest's, or `other`'s (the KVM guest's, say). Jitter is the
+/// synthetic guest's only: another kind's state with `jitter_ppm` > 0 is
+/// refused.
+pub fn secondary_builder_with(
+    output_every: u64,
+    jitter_ppm: u32,
+    tee: Option<OutputHook>,
+    other: Option<ColoGuestKind>,
+) -> (GuestBuilder, Arc<OnceLock<SecondaryParts>>) {
     let parts: Arc<OnceLock<SecondaryParts>> = Arc::new(OnceLock::new());
     let slot = parts.clone();
     let builder: GuestBuilder = Arc::new(move |memory, state| {
-        if !crate::synthetic::is_synthetic_state(state) {
+        let synthetic = crate::synthetic::is_synthetic_state(state);
+        if !synthetic && other.is_none() {
             return Err(GuestError::Control(
-                "COLO's secondary runs the synthetic guest only".into(),
+                "COLO's secondary runs the synthetic guest only here (no other kind of guest \
+                 was given to its builder)"
+                    .into(),
             ));
         }
-        let cache = RamCache::copy_of(&memory).map_err(|e| GuestError::Control(format!("{e}")))?;
-        let g = SyntheticGuest::from_device_state(
-            memory,
-            state,
-            crate::TrackerKind::Bitmap,
-            Resources::none(false),
-        )?;
-        g.dirty_log()
-            .expect("synthetic guests have a log")
-            .start()?;
+        if !synthetic && jitter_ppm > 0 {
+            return Err(GuestError::Control(
+                "--colo-jitter makes the synthetic guest non-deterministic; this guest is not \
+                 the synthetic one (a KVM guest's outputs follow its own state): leave it out"
+                    .into(),
+            ));
+        }
         let outputs = OutputQueue::new();
         let queue = outputs.hook();
         let hook: OutputHook = match tee.clone() {
@@ -1122,10 +1154,36 @@ pub fn secondary_builder(
             }),
             None => queue,
         };
-        g.set_output(output_every, Some(hook));
-        g.set_jitter(jitter_ppm);
+        // The cache is the memory as migrated, before the guest first runs.
+        let cache = RamCache::copy_of(&memory).map_err(|e| GuestError::Control(format!("{e}")))?;
+        let g: Box<dyn Guest> = if synthetic {
+            let g = SyntheticGuest::from_device_state(
+                memory,
+                state,
+                crate::TrackerKind::Bitmap,
+                Resources::none(false),
+            )?;
+            g.dirty_log()
+                .expect("synthetic guests have a log")
+                .start()?;
+            g.set_output(output_every, Some(hook));
+            g.set_jitter(jitter_ppm);
+            Box::new(g)
+        } else {
+            let build = other.as_ref().expect("checked above");
+            match build(memory, state, output_every, hook) {
+                None => {
+                    return Err(GuestError::Control(
+                        "COLO's secondary runs the synthetic or the KVM guest; this device \
+                         state is neither's"
+                            .into(),
+                    ))
+                }
+                Some(r) => r?,
+            }
+        };
         let _ = slot.set(SecondaryParts { cache, outputs });
-        Ok(Box::new(g) as Box<dyn Guest>)
+        Ok(g)
     });
     (builder, parts)
 }

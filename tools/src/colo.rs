@@ -23,7 +23,8 @@ pub struct ColoArgs {
     /// lockstep on the destination (COLO): checkpoints every
     /// --checkpoint-delay, on `ferry ctl SOCK checkpoint`, and when the two
     /// copies' outputs differ; if one side dies the other goes on alone.
-    /// Both `send` and `recv` need it. Synthetic guest only.
+    /// Both `send` and `recv` need it. Synthetic (`--guest synthetic`, the
+    /// default with --colo) or KVM guest (`--guest kvm`).
     #[arg(long)]
     pub colo: bool,
     /// COLO: time between periodic checkpoints (100ms, 1s; a bare number
@@ -49,6 +50,7 @@ pub struct ColoArgs {
     /// COLO: per million writes, how many mix the clock into the vCPU's
     /// RNG (slight non-determinism, as interrupts give a real guest), so
     /// the copies drift apart and mismatches trigger checkpoints.
+    /// Synthetic guest only.
     #[arg(long, default_value_t = 0, requires = "colo")]
     pub colo_jitter: u32,
     /// COLO: compare a digest of both sides' memory at every checkpoint
@@ -103,6 +105,36 @@ impl ColoArgs {
         });
         ctl
     }
+}
+
+/// The secondary's builder for a KVM guest's state (`recv --colo`): the
+/// VM from the migrated state with KVM's dirty log (kvm-log) started and
+/// its outputs to COLO, noted in `slot` like any KVM guest a destination
+/// builds (so `--run-after` reads its counters and self-check).
+pub fn kvm_kind(slot: crate::kvm::ArrivedSlot) -> ferry::colo::ColoGuestKind {
+    Arc::new(move |memory, state, _every, hook| {
+        if !ferry_vmm::is_kvm_state(state) {
+            return None;
+        }
+        let built = (|| -> anyhow::Result<Box<dyn Guest>> {
+            crate::kvm::require_kvm()?;
+            let g = ferry_vmm::KvmGuest::colo_secondary(
+                memory,
+                state,
+                hook,
+                ferry::Resources::none(false),
+                ferry_vmm::DirtyTracker::default(),
+            )?;
+            let at_arrival = g.statuses()?;
+            let guest = Arc::new(g);
+            *slot.lock().unwrap() = Some(crate::kvm::Arrived {
+                guest: guest.clone(),
+                at_arrival,
+            });
+            Ok(Box::new(ferry_vmm::SharedKvmGuest(guest)))
+        })();
+        Some(built.map_err(|e| ferry::GuestError::DeviceState(crate::output::error_chain(&e))))
+    })
 }
 
 struct Discard;

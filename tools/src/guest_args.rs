@@ -244,6 +244,14 @@ const KIND_ONLY: &[(&[&str], &str, &[GuestKind], &str)] = &[
         "it steers a live save of a running guest; an image guest is saved in one pass",
     ),
     (
+        &["send"],
+        "colo_jitter",
+        &[GuestKind::Synthetic],
+        "it makes the synthetic guest's writes slightly non-deterministic; a KVM \
+         guest's outputs follow its own state (the two copies agree until their \
+         states differ)",
+    ),
+    (
         &["save"],
         "background",
         LIVE,

@@ -28,6 +28,16 @@ pub fn require_kvm() -> anyhow::Result<()> {
 
 /// Boots the KVM guest the options describe, running, every vCPU booted.
 pub fn boot(a: &GuestArgs, resources: Resources) -> anyhow::Result<KvmGuest> {
+    boot_with_output(a, resources, 0)
+}
+
+/// [`boot`] whose guest emits an output record every `output_every` page
+/// writes of each vCPU (0: none; COLO compares them).
+pub fn boot_with_output(
+    a: &GuestArgs,
+    resources: Resources,
+    output_every: u64,
+) -> anyhow::Result<KvmGuest> {
     require_kvm()?;
     let memory = a.size.context(
         "--guest kvm needs --size: its RAM, a multiple of 2 MiB from 4 MiB to 3 GiB (e.g. 64M)",
@@ -49,7 +59,8 @@ pub fn boot(a: &GuestArgs, resources: Resources) -> anyhow::Result<KvmGuest> {
             _ => DirtyTracker::default(),
         },
     };
-    let guest = KvmGuest::boot(&config, resources).context("starting the KVM guest")?;
+    let guest = KvmGuest::boot_with_output(&config, output_every, resources)
+        .context("starting the KVM guest")?;
     guest
         .wait_booted(BOOT_TIMEOUT)
         .context("starting the KVM guest")?;

@@ -176,9 +176,15 @@ fn migrate(a: RecvArgs) -> anyhow::Result<bool> {
     if let Some(d) = &a.tls_dir {
         listener = listener.with_tls(Arc::new(TlsServer::load(d)?));
     }
-    // COLO: the synthetic guest with its dirty log, outputs and RAM cache.
+    // COLO: the synthetic or KVM guest with its dirty log, outputs and
+    // RAM cache.
     let colo_parts = a.colo.colo.then(|| {
-        ferry::colo::secondary_builder(a.colo.colo_output_every, a.colo.colo_jitter, None)
+        ferry::colo::secondary_builder_with(
+            a.colo.colo_output_every,
+            a.colo.colo_jitter,
+            None,
+            Some(crate::colo::kvm_kind(arrived.clone())),
+        )
     });
     let mut opts = IncomingOptions {
         memory: a

@@ -206,18 +206,30 @@ fn migrate(a: SendArgs) -> anyhow::Result<bool> {
         None => None,
     };
     let resources = Resources::new(&a.lock, true)?;
-    // COLO: the synthetic guest, its outputs queued for comparison.
+    // COLO: the synthetic guest (or the KVM guest with --guest kvm), its
+    // outputs queued for comparison.
     let (colo, built) = if a.colo.colo {
-        let g = a.guest.build_synthetic(resources)?;
         let outputs = ferry::colo::OutputQueue::new();
-        g.set_output(a.colo.colo_output_every, Some(outputs.hook()));
-        g.set_jitter(a.colo.colo_jitter);
+        let g: Box<dyn ferry::Guest> = match a.guest.guest {
+            crate::guest_args::GuestKind::Kvm => {
+                let g =
+                    crate::kvm::boot_with_output(&a.guest, resources, a.colo.colo_output_every)?;
+                g.set_output(Some(outputs.hook()));
+                Box::new(g)
+            }
+            _ => {
+                let g = a.guest.build_synthetic(resources)?;
+                g.set_output(a.colo.colo_output_every, Some(outputs.hook()));
+                g.set_jitter(a.colo.colo_jitter);
+                Box::new(g)
+            }
+        };
         (Some((g, outputs, a.colo.control(&progress))), None)
     } else {
         (None, Some(a.guest.build(resources)?))
     };
     let guest: &dyn ferry::Guest = match (&colo, &built) {
-        (Some((g, _, _)), _) => g,
+        (Some((g, _, _)), _) => &**g,
         (None, Some(b)) => &**b,
         (None, None) => unreachable!("one of the two was built"),
     };
@@ -265,8 +277,8 @@ fn migrate(a: SendArgs) -> anyhow::Result<bool> {
         summary.digest = Some(guest.memory().digest().to_string());
     }
     if let (true, Some((g, outputs, ctl))) = (ok, &colo) {
-        let s = crate::colo::primary(&a.colo, g, outputs, &uri, &opts, ctl, &progress, a.json)?;
-        summary.guest_running = ferry::Guest::is_running(g);
+        let s = crate::colo::primary(&a.colo, &**g, outputs, &uri, &opts, ctl, &progress, a.json)?;
+        summary.guest_running = g.is_running();
         summary.colo = Some(s);
     }
     // The events go on through COLO (status colo, then its end).

@@ -35,6 +35,15 @@
  * `progress` line with its counters and both gaps, and restarts the
  * window.
  *
+ * Output records (COLO's comparison, a real guest's packets): with
+ * `output_every=N` (N > 0), after every N-th page write a vCPU stores
+ * its record's number (writes / N) in S_OUT_SEQ and its value in
+ * S_OUT_VALUE, a mix of its own write counter, RNG and cursor (so two
+ * copies of the same VM state emit the same records whatever their
+ * timing), then does one 32-bit `out` of (RECORD_TAG << 16 | its index)
+ * to OUTPUT_PORT; the VMM reads the record from the status block at that
+ * exit (the format is in vmm/src/port.rs). N = 0 (the default): none.
+ *
  * Reports are ASCII lines written a byte at a time (`out dx, al`) to the
  * report port, one line at a time (the P_PRINT_LOCK spinlock); the line
  * formats are in vmm/src/port.rs.
@@ -212,6 +221,7 @@ parse_boot:
     mov qword ptr [PARAMS + P_REPORT_MS], 1000
     mov qword ptr [PARAMS + P_ZEROED], 0
     mov qword ptr [PARAMS + P_PRINT_LOCK], 0
+    mov qword ptr [PARAMS + P_OUTPUT_EVERY], 0
     /* RAM: the end of the memory map's RAM entry (type 1) holding TABLE */
     lea r12, [rip + msg_memmap]
     cmp dword ptr [rsi + 4], 1
@@ -487,6 +497,9 @@ keys:
     .byte 6
     .ascii "zeroed"
     .byte P_ZEROED
+    .byte 12
+    .ascii "output_every"
+    .byte P_OUTPUT_EVERY
     .byte 0
 
 /* R12: the reason. Prints `ferry fatal <reason>` and halts this vCPU. */
@@ -667,6 +680,7 @@ do_write:
     call pick_page
     call write_page
     inc qword ptr [rbx + S_WRITES]
+    call output_record
     call verify_next
     jmp main_loop
 idle:
@@ -724,6 +738,47 @@ write_page:
     or rax, rcx
     mov ecx, 512
     rep stosq
+    ret
+
+/* after a write: every output_every-th write, the output record
+   {seq = writes / every, value = mix(writes, rng, cursor)} into the
+   status block, then one `out` of RECORD_TAG << 16 | index to
+   OUTPUT_PORT (port.rs). Clobbers RAX, RCX, RDX, R8. */
+output_record:
+    mov rcx, [PARAMS + P_OUTPUT_EVERY]
+    test rcx, rcx
+    jz 1f
+    mov rax, [rbx + S_WRITES]
+    xor edx, edx
+    div rcx
+    test rdx, rdx
+    jnz 1f
+    mov [rbx + S_OUT_SEQ], rax
+    /* splitmix64's finaliser over writes ^ rng ^ rotl(cursor, 32) */
+    mov rax, [rbx + S_WRITES]
+    xor rax, [rbx + S_RNG]
+    mov rcx, [rbx + S_CURSOR]
+    rol rcx, 32
+    xor rax, rcx
+    mov rcx, rax
+    shr rcx, 30
+    xor rax, rcx
+    mov r8, 0xbf58476d1ce4e5b9
+    imul rax, r8
+    mov rcx, rax
+    shr rcx, 27
+    xor rax, rcx
+    mov r8, 0x94d049bb133111eb
+    imul rax, r8
+    mov rcx, rax
+    shr rcx, 31
+    xor rax, rcx
+    mov [rbx + S_OUT_VALUE], rax
+    mov eax, [rbx + S_INDEX]
+    or eax, RECORD_TAG << 16
+    mov edx, OUTPUT_PORT
+    out dx, eax
+1:
     ret
 
 /* verifies the page at this vCPU's verify cursor, then advances it */

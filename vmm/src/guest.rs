@@ -41,6 +41,63 @@ impl KvmGuest {
         Ok(g)
     }
 
+    /// [`KvmGuest::boot`] whose guest emits an output record every
+    /// `output_every` page writes of each vCPU (port.rs; 0: none), to the
+    /// hook [`KvmGuest::set_output`] gives.
+    pub fn boot_with_output(
+        config: &VmConfig,
+        output_every: u64,
+        resources: Resources,
+    ) -> Result<Self, VmmError> {
+        let g = Self::over(Vm::boot_with_output(config, None, output_every)?, resources);
+        g.vm.resume();
+        Ok(g)
+    }
+
+    /// Sends the guest's output records to `hook` (None: dropped), as
+    /// `SyntheticGuest::set_output` does; how often the guest emits them
+    /// is its boot parameter `output_every` ([`Vm::output_every`]).
+    pub fn set_output(&self, hook: Option<ferry::synthetic::OutputHook>) {
+        self.vm.set_output(hook);
+    }
+
+    /// COLO's secondary guest: a paused guest over `memory` with `state`
+    /// ([`KvmGuest::from_state_with`]), its dirty log started (its own
+    /// writes tracked from its first instruction), its output records to
+    /// `hook`. How often it emits them is its boot parameter
+    /// `output_every` (it travels in its memory); the primary booted it
+    /// with the same `--colo-output-every` that COLO_SETUP makes both
+    /// sides agree on.
+    pub fn colo_secondary(
+        memory: Arc<GuestMemory>,
+        state: &[u8],
+        hook: ferry::synthetic::OutputHook,
+        resources: Resources,
+        tracker: DirtyTracker,
+    ) -> Result<Self, VmmError> {
+        let g = Self::from_state_with(memory, state, resources, tracker)?;
+        ferry_ram::DirtyLog::start(&g.log)?;
+        g.set_output(Some(hook));
+        Ok(g)
+    }
+
+    /// The [`ferry::colo::ColoGuestKind`] for a KVM guest's state (with
+    /// `tracker`), for [`ferry::colo::secondary_builder_with`]; other
+    /// states are not its kind.
+    pub fn colo_kind(tracker: DirtyTracker) -> ferry::colo::ColoGuestKind {
+        // The rate of records is the guest's own boot parameter.
+        Arc::new(move |memory, state, _every, hook| {
+            if !crate::is_kvm_state(state) {
+                return None;
+            }
+            Some(
+                Self::colo_secondary(memory, state, hook, Resources::none(false), tracker)
+                    .map(|g| Box::new(g) as Box<dyn Guest>)
+                    .map_err(GuestError::from),
+            )
+        })
+    }
+
     /// A paused guest over `memory` (holding a migrated guest's pages) with
     /// the device state `state` loaded, tracked by the default kvm-log.
     /// A bad state is refused before any VM exists.

@@ -95,6 +95,9 @@ pub const P_ZEROED: u64 = 112;
 pub const P_MEMORY: u64 = 120;
 /// The report lock (a u32 taken with `xchg`): one line at a time.
 pub const P_PRINT_LOCK: u64 = 128;
+/// Each vCPU emits an output record every this many page writes
+/// (`output_every=`; 0, the default: none). See [`crate::port`].
+pub const P_OUTPUT_EVERY: u64 = 136;
 /// "FERRYVM2" little-endian.
 pub const PARAMS_MAGIC: u64 = u64::from_le_bytes(*b"FERRYVM2");
 
@@ -133,9 +136,19 @@ pub const S_WINDOW_GAP: u64 = 128;
 /// The TSC read that ended the window's largest gap (the guest's clock
 /// when it ran again after it), for placing the gap on a timeline.
 pub const S_WINDOW_GAP_END: u64 = 136;
+/// The number of the vCPU's latest output record (writes / output_every),
+/// written before the record's `out` (port.rs).
+pub const S_OUT_SEQ: u64 = 144;
+/// The latest output record's value, derived from the vCPU's own state.
+pub const S_OUT_VALUE: u64 = 152;
 
 /// The report port when the command line names none (QEMU's isa-debugcon).
 pub const DEFAULT_PORT: u64 = 0xe9;
+/// The port output records go to (one 32-bit `out` per record, port.rs);
+/// nothing sits there under QEMU, which drops the writes.
+pub const OUTPUT_PORT: u64 = 0xea;
+/// The upper 16 bits of an output record's 32-bit `out`.
+pub const RECORD_TAG: u64 = 0xc010;
 
 /// Where the work area starts for `memory` bytes of RAM: after a table of
 /// one u32 per page of RAM, rounded up to 2 MiB.
@@ -179,6 +192,9 @@ pub const ASM_SYMBOLS: &[(&str, u64)] = &[
     ("P_ZEROED", P_ZEROED),
     ("P_MEMORY", P_MEMORY),
     ("P_PRINT_LOCK", P_PRINT_LOCK),
+    ("P_OUTPUT_EVERY", P_OUTPUT_EVERY),
+    ("OUTPUT_PORT", OUTPUT_PORT),
+    ("RECORD_TAG", RECORD_TAG),
     ("S_WRITES", S_WRITES),
     ("S_MAX_GAP", S_MAX_GAP),
     ("S_LAST_TSC", S_LAST_TSC),
@@ -197,4 +213,6 @@ pub const ASM_SYMBOLS: &[(&str, u64)] = &[
     ("S_NEXT_REPORT", S_NEXT_REPORT),
     ("S_WINDOW_GAP", S_WINDOW_GAP),
     ("S_WINDOW_GAP_END", S_WINDOW_GAP_END),
+    ("S_OUT_SEQ", S_OUT_SEQ),
+    ("S_OUT_VALUE", S_OUT_VALUE),
 ];

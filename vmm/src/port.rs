@@ -1,4 +1,6 @@
-//! The guest program's report port: ASCII lines, written a byte at a time
+//! The guest program's ports: its output records for COLO (one 32-bit
+//! `out` each to 0xea, [`parse_record`], format below), and its report
+//! port: ASCII lines, written a byte at a time
 //! (`out dx, al`, 8 bits) to one I/O port (`port=` on the command line,
 //! default 0xe9: QEMU's `isa-debugcon`, so `-device
 //! isa-debugcon,iobase=0xe9,chardev=C` puts them in a file). The vCPUs take
@@ -39,6 +41,86 @@
 //! close to the whole downtime: 73 ms against ferry's downtime_ms of 70 in
 //! one run here). At least, it counts from the state's load to the vCPU's
 //! next instruction.
+
+/// Output records (COLO compares them as a real guest's packets; the
+/// guest emits them only with `output_every=N`, N > 0): each is one
+/// 32-bit `out dx, eax` to [`OUTPUT_PORT`] (0xea), after the vCPU stored
+/// the record in its status block. The VMM reads it at that exit, while
+/// the vCPU is stopped in it, so one exit is one whole record and a pause
+/// never splits one:
+///
+/// ```text
+/// the out's 4 bytes, little-endian u32:
+///   bits 31..16  tag   RECORD_TAG (0xc010)
+///   bits 15..0   vcpu  the emitting vCPU's index (must be the vCPU that
+///                      exited: a record names its own vCPU only)
+/// the vCPU's status block (STATUS + vcpu << STATUS_SHIFT), u64 each:
+///   S_OUT_SEQ    (+144)  seq    the record's number, writes / output_every
+///                               (from 1; 0 is malformed)
+///   S_OUT_VALUE  (+152)  value  mix(writes, rng, cursor): a function of
+///                               the vCPU's state only
+/// ```
+///
+/// Anything else (another access size, a wrong tag or vCPU, a status
+/// block outside memory, seq 0) is a [`RecordError`] naming the vCPU and
+/// the field; the VMM stops the VM with it as a guest failure.
+pub use crate::layout::{OUTPUT_PORT, RECORD_TAG};
+
+/// A malformed output record: which vCPU's, which field, and why.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("vCPU {vcpu}: malformed output record: {field}: {why}")]
+pub struct RecordError {
+    pub vcpu: usize,
+    pub field: &'static str,
+    pub why: String,
+}
+
+/// An output record as the port and the status block give it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PortRecord {
+    pub vcpu: u16,
+    pub seq: u64,
+    pub value: u64,
+}
+
+/// Parses the record vCPU `vcpu` gave with `data` (the `out`'s bytes);
+/// `status(offset)` reads a u64 of its status block.
+pub fn parse_record(
+    vcpu: usize,
+    data: &[u8],
+    status: impl Fn(u64) -> Result<u64, String>,
+) -> Result<PortRecord, RecordError> {
+    let err = |field: &'static str, why: String| RecordError { vcpu, field, why };
+    let word: [u8; 4] = data.try_into().map_err(|_| {
+        err(
+            "size",
+            format!("a {}-byte write, not 4 (out dx, eax)", data.len()),
+        )
+    })?;
+    let word = u32::from_le_bytes(word);
+    let tag = u64::from(word >> 16);
+    if tag != RECORD_TAG {
+        return Err(err("tag", format!("{tag:#x}, not {RECORD_TAG:#x}")));
+    }
+    let named = usize::from(word as u16);
+    if named != vcpu {
+        return Err(err(
+            "vcpu",
+            format!("the record names vCPU {named}, but vCPU {vcpu} wrote it"),
+        ));
+    }
+    let vcpu16 = u16::try_from(vcpu).map_err(|_| err("vcpu", format!("{vcpu} > 65535")))?;
+    let seq = status(crate::layout::S_OUT_SEQ).map_err(|e| err("seq", e))?;
+    if seq == 0 {
+        return Err(err("seq", "0 (records count from 1)".into()));
+    }
+    let value = status(crate::layout::S_OUT_VALUE).map_err(|e| err("value", e))?;
+    Ok(PortRecord {
+        vcpu: vcpu16,
+        seq,
+        value,
+    })
+}
 
 /// One parsed report line.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -144,6 +226,43 @@ pub fn parse_all(text: &str) -> Vec<PortLine> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn records_parse_and_malformed_ones_name_the_field() {
+        let status = |off: u64| -> Result<u64, String> {
+            match off {
+                crate::layout::S_OUT_SEQ => Ok(7),
+                crate::layout::S_OUT_VALUE => Ok(0xabc),
+                o => Err(format!("offset {o}")),
+            }
+        };
+        let word = |tag: u32, v: u32| ((tag << 16) | v).to_le_bytes();
+        assert_eq!(
+            parse_record(3, &word(0xc010, 3), status),
+            Ok(PortRecord {
+                vcpu: 3,
+                seq: 7,
+                value: 0xabc
+            })
+        );
+        let field = |r: Result<PortRecord, RecordError>| r.unwrap_err().field;
+        assert_eq!(field(parse_record(3, &[0x03], status)), "size");
+        assert_eq!(field(parse_record(3, &word(0xc011, 3), status)), "tag");
+        assert_eq!(field(parse_record(3, &word(0xc010, 2), status)), "vcpu");
+        assert_eq!(field(parse_record(3, &word(0xc010, 3), |_| Ok(0))), "seq");
+        let e = parse_record(1, &word(0xc010, 1), |off| {
+            if off == crate::layout::S_OUT_SEQ {
+                Ok(1)
+            } else {
+                Err("outside memory".into())
+            }
+        })
+        .unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "vCPU 1: malformed output record: value: outside memory"
+        );
+    }
 
     #[test]
     fn lines_parse_and_partial_ones_do_not() {

@@ -71,6 +71,9 @@
 //! zeroed=1      RAM above 1 MiB is already zero: the guest does not
 //!               clear its work area at boot (ferry's VMM; QEMU's firmware
 //!               leaves tables in RAM, so leave it out there)
+//! output_every=N  each vCPU emits an output record (port.rs) after every
+//!               N-th page write (default 0: none; ferry's VMM adds it
+//!               only when asked, [`crate::Vm::boot_with_output`])
 //! ```
 
 use ferry_ram::vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};

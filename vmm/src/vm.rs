@@ -36,7 +36,7 @@ use kvm_ioctls::{Cap, Kvm, VcpuExit, VcpuFd, VmFd};
 use crate::dirty::{enable_manual_protect, enable_ring, DirtyRings, DirtyTracker, TrackerSupport};
 use crate::error::VmmError;
 use crate::layout::*;
-use crate::port::{parse_line, LineBuffer, PortLine, Progress};
+use crate::port::{parse_line, parse_record, LineBuffer, PortLine, Progress};
 use crate::pvh::{self, PvhElf};
 use crate::state::{VcpuState, VmState, MSRS};
 
@@ -155,6 +155,10 @@ struct Shared {
     first_gap_us: Mutex<Vec<Option<u64>>>,
     /// The first fatal vCPU exit (triple fault, halt, entry failure...).
     failure: Mutex<Option<String>>,
+    /// Where the guest's output records go ([`Vm::set_output`]).
+    output: Mutex<Option<ferry::synthetic::OutputHook>>,
+    /// The guest's memory, to read an output record's status block.
+    memory: Arc<GuestMemory>,
 }
 
 /// A VM without vCPUs yet, its memory registered ([`Vm::prepare`]).
@@ -217,6 +221,17 @@ impl Vm {
         config: &VmConfig,
         params: Option<&pvh::BootParams>,
     ) -> Result<Self, VmmError> {
+        Self::boot_with_output(config, params, 0)
+    }
+
+    /// [`Vm::boot_with`] whose guest emits an output record every
+    /// `output_every` page writes of each vCPU (port.rs; 0: none, and the
+    /// command line is exactly [`Vm::boot_with`]'s).
+    pub fn boot_with_output(
+        config: &VmConfig,
+        params: Option<&pvh::BootParams>,
+        output_every: u64,
+    ) -> Result<Self, VmmError> {
         check_config(config)?;
         let elf = PvhElf::parse(pvh::GUEST_ELF)?;
         let mmap = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), config.memory as usize)])
@@ -226,15 +241,14 @@ impl Vm {
         let mem = vm.memory.guest_memory_mmap();
         write_gdt(mem)?;
         elf.load(mem).map_err(VmmError::Memory)?;
-        pvh::write_start_info(
-            mem,
-            config.memory,
-            &params
-                .cloned()
-                .unwrap_or_else(|| pvh::BootParams::of(config, vm.tsc_khz))
-                .cmdline(),
-        )
-        .map_err(VmmError::Memory)?;
+        let mut cmdline = params
+            .cloned()
+            .unwrap_or_else(|| pvh::BootParams::of(config, vm.tsc_khz))
+            .cmdline();
+        if output_every > 0 {
+            cmdline += &format!(" output_every={output_every}");
+        }
+        pvh::write_start_info(mem, config.memory, &cmdline).map_err(VmmError::Memory)?;
         setup_pvh_entry(&vm.vcpus[0].lock().unwrap(), elf.entry)?;
         Ok(vm)
     }
@@ -386,6 +400,8 @@ impl Vm {
             line_gap_us: Mutex::new(None),
             first_gap_us: Mutex::new(vec![None; vcpus]),
             failure: Mutex::new(None),
+            output: Mutex::new(None),
+            memory: memory.clone(),
         });
         let vm = Arc::new(vm);
         let rings = match tracker {
@@ -500,6 +516,22 @@ impl Vm {
             .flatten()
             .copied()
             .max()
+    }
+
+    /// Sends the guest's output records (port.rs; the guest emits them
+    /// when booted with `output_every=N`) to `hook`, on the vCPU threads;
+    /// `None`: they are checked and dropped.
+    pub fn set_output(&self, hook: Option<ferry::synthetic::OutputHook>) {
+        *self.shared.output.lock().unwrap() = hook;
+    }
+
+    /// The guest's `output_every` (read from its parameters in memory:
+    /// it travels with the guest); 0: no output records.
+    pub fn output_every(&self) -> Result<u64, VmmError> {
+        self.memory
+            .guest_memory_mmap()
+            .read_obj::<u64>(GuestAddress(PARAMS + P_OUTPUT_EVERY))
+            .map_err(|e| VmmError::Memory(format!("the guest's output_every: {e}")))
     }
 
     /// The first fatal vCPU exit, if any.
@@ -1043,6 +1075,9 @@ fn vcpu_thread(shared: &Shared, index: usize, fd: &Mutex<VcpuFd>, rings: Option<
             ferry::switchover_trace::mark(&format!("vmm: vCPU {index} first exit"));
         }
         let fatal = match ran {
+            Ok(VcpuExit::IoOut(port, data)) if u64::from(port) == crate::port::OUTPUT_PORT => {
+                on_record(shared, index, data).err()
+            }
             Ok(VcpuExit::IoOut(port, data)) => {
                 if u64::from(port) == DEFAULT_PORT && data.len() == 1 {
                     if let Some(l) = line.push(data[0]) {
@@ -1078,6 +1113,28 @@ fn vcpu_thread(shared: &Shared, index: usize, fd: &Mutex<VcpuFd>, rings: Option<
             failed = true;
         }
     }
+}
+
+/// Acts on an output record vCPU `index` wrote to its output port
+/// (port.rs): checked, then handed to the output hook if there is one.
+/// A malformed record is the vCPU's failure.
+fn on_record(shared: &Shared, index: usize, data: &[u8]) -> Result<(), String> {
+    let base = STATUS + ((index as u64) << STATUS_SHIFT);
+    let mem = shared.memory.guest_memory_mmap();
+    let r = parse_record(index, data, |off| {
+        mem.read_obj::<u64>(GuestAddress(base + off))
+            .map_err(|e| format!("status block at {:#x}: {e}", base + off))
+    })
+    .map_err(|e| format!("malformed output record: {}: {}", e.field, e.why))?;
+    let hook = shared.output.lock().unwrap().clone();
+    if let Some(h) = hook {
+        h(ferry::colo::Record {
+            vcpu: r.vcpu,
+            seq: r.seq,
+            value: r.value,
+        });
+    }
+    Ok(())
 }
 
 /// Acts on one line from the guest's port.
