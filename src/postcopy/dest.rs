@@ -1022,6 +1022,7 @@ const URGENT_NICE: i32 = -5;
 /// A thread's scheduling before [`raise_priority`], to put back with
 /// [`restore_priority`].
 pub(crate) struct Priority {
+    tid: libc::pid_t,
     policy: i32,
     param: libc::sched_param,
     nice: i32,
@@ -1038,15 +1039,39 @@ pub(crate) struct Priority {
 pub(crate) fn raise_priority(what: &str) -> Priority {
     // SAFETY: gettid(2) has no arguments and cannot fail.
     let tid = unsafe { libc::syscall(libc::SYS_gettid) } as libc::pid_t;
+    raise_thread(tid, what)
+}
+
+/// [`raise_priority`] for the threads of this process named `name` (as
+/// `/proc/self/task/*/comm` shows it: at most 15 bytes): for a thread of
+/// the request path that another module starts (the source's return-path
+/// reader). Not put back: such a thread ends with its link.
+pub(crate) fn raise_threads_named(name: &str, what: &str) {
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
+        return;
+    };
+    for t in tasks.flatten() {
+        let comm = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
+        if comm.trim_end() != name {
+            continue;
+        }
+        if let Some(tid) = t.file_name().to_str().and_then(|n| n.parse().ok()) {
+            raise_thread(tid, what);
+        }
+    }
+}
+
+fn raise_thread(tid: libc::pid_t, what: &str) -> Priority {
     let mut param = libc::sched_param { sched_priority: 0 };
-    // SAFETY: sched_getscheduler/sched_getparam(2) on this thread's own
-    // id; `param` is a valid sched_param to write.
+    // SAFETY: sched_getscheduler/sched_getparam(2) on a thread of this
+    // process; `param` is a valid sched_param to write.
     let policy = unsafe { libc::sched_getscheduler(tid) };
     // SAFETY: as above.
     unsafe { libc::sched_getparam(tid, &mut param) };
-    // SAFETY: getpriority(2) on this thread's id (Linux: one thread).
+    // SAFETY: getpriority(2) on a thread's id (Linux: that one thread).
     let nice = unsafe { libc::getpriority(libc::PRIO_PROCESS, tid as libc::id_t) };
     let before = Priority {
+        tid,
         policy,
         param,
         nice,
@@ -1057,13 +1082,13 @@ pub(crate) fn raise_priority(what: &str) -> Priority {
     let rt = libc::sched_param {
         sched_priority: URGENT_RT_PRIORITY,
     };
-    // SAFETY: sched_setscheduler(2) on this thread's own id with a valid
-    // sched_param; no memory is kept.
+    // SAFETY: sched_setscheduler(2) on a thread of this process with a
+    // valid sched_param; no memory is kept.
     if unsafe { libc::sched_setscheduler(tid, libc::SCHED_RR | SCHED_RESET_ON_FORK, &rt) } == 0 {
         return before;
     }
     let rt_err = std::io::Error::last_os_error();
-    // SAFETY: setpriority(2) on this thread's own id; no memory is passed.
+    // SAFETY: setpriority(2) on a thread of this process; no memory is passed.
     if unsafe { libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, URGENT_NICE) } == 0 {
         tracing::debug!(
             "postcopy {what}: SCHED_RR refused ({rt_err}), running at nice {URGENT_NICE}"
@@ -1078,10 +1103,10 @@ pub(crate) fn raise_priority(what: &str) -> Priority {
     before
 }
 
-/// Puts back the calling thread's scheduling from before [`raise_priority`].
+/// Puts back the scheduling of the thread that called [`raise_priority`]
+/// (the caller of this, the same thread).
 pub(crate) fn restore_priority(p: Priority) {
-    // SAFETY: gettid(2) has no arguments and cannot fail.
-    let tid = unsafe { libc::syscall(libc::SYS_gettid) } as libc::pid_t;
+    let tid = p.tid;
     // SAFETY: sched_setscheduler(2) and setpriority(2) on this thread's
     // own id with the values read from it before; no memory is kept.
     unsafe {

@@ -731,3 +731,41 @@ fn a_raised_thread_is_put_back_and_its_children_do_not_inherit() {
     .join()
     .unwrap();
 }
+
+/// Another thread of the request path is raised by its name (the
+/// source's return-path reader), and only that thread.
+#[test]
+fn threads_are_raised_by_name() {
+    let policy = || {
+        // SAFETY: sched_getscheduler(2) on the calling thread; no memory.
+        unsafe { libc::sched_getscheduler(0) }
+    };
+    let (go, wait) = std::sync::mpsc::channel::<()>();
+    let (ready, started) = std::sync::mpsc::channel::<()>();
+    let named = std::thread::Builder::new()
+        .name("ferry-pc-t-named".into())
+        .spawn(move || {
+            let before = policy();
+            ready.send(()).unwrap();
+            wait.recv().unwrap();
+            (before, policy())
+        })
+        .unwrap();
+    let other = std::thread::Builder::new()
+        .name("ferry-pc-t-other".into())
+        .spawn(move || {
+            std::thread::sleep(Duration::from_millis(300));
+            policy()
+        })
+        .unwrap();
+    started.recv().unwrap();
+    // The kernel's name is the first 15 bytes.
+    super::raise_threads_named("ferry-pc-t-name", "test");
+    go.send(()).unwrap();
+    let (before, after) = named.join().unwrap();
+    // SAFETY: geteuid(2) cannot fail.
+    if unsafe { libc::geteuid() } == 0 {
+        assert_eq!(after & !0x4000_0000, libc::SCHED_RR, "raised");
+    }
+    assert_eq!(other.join().unwrap(), before, "the other thread is not");
+}
