@@ -998,11 +998,7 @@ pub(super) fn lower_priority() {
     let tid = unsafe { libc::syscall(libc::SYS_gettid) } as libc::id_t;
     // SAFETY: setpriority(2) on this thread's own id (Linux applies
     // PRIO_PROCESS to one thread); no memory is passed.
-    let nice = std::env::var("FERRY_PC_EXPERIMENT_BG_NICE") // TEMPORARY-EXPERIMENT
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(BACKGROUND_NICE);
-    if unsafe { libc::setpriority(libc::PRIO_PROCESS, tid, nice) } != 0 {
+    if unsafe { libc::setpriority(libc::PRIO_PROCESS, tid, BACKGROUND_NICE) } != 0 {
         tracing::debug!(
             "lowering a postcopy background thread's priority: {}",
             std::io::Error::last_os_error()
@@ -1076,9 +1072,6 @@ fn raise_thread(tid: libc::pid_t, what: &str) -> Priority {
         param,
         nice,
     };
-    if std::env::var_os("FERRY_PC_EXPERIMENT_NO_RAISE").is_some() {
-        return before; // TEMPORARY-EXPERIMENT
-    }
     let rt = libc::sched_param {
         sched_priority: URGENT_RT_PRIORITY,
     };
