@@ -183,6 +183,8 @@ impl PageServer {
         if !serves_requests {
             super::dest::lower_priority();
         }
+        // Bytes of push frames in `buf`, not written yet.
+        let mut batched = 0u64;
         loop {
             while let Some(run) = serves_requests
                 .then(|| self.queued.lock().unwrap().pop_front())
@@ -201,6 +203,9 @@ impl PageServer {
                     &mut buf,
                 )?;
                 self.request_bytes.fetch_add(n, Ordering::Relaxed);
+                // It wrote the push frames batched before it too.
+                self.pushed_bytes
+                    .fetch_add(std::mem::take(&mut batched), Ordering::Relaxed);
             }
             let w = self.next_word.fetch_add(1, Ordering::Relaxed);
             if w >= total {
@@ -217,22 +222,24 @@ impl PageServer {
                 run = match run {
                     Some((first, n)) if first + n == page => Some((first, n + 1)),
                     Some((first, n)) => {
-                        let sent = frame_run(&self.memory, block, first, n, &mut buf);
-                        self.pushed_bytes.fetch_add(sent, Ordering::Relaxed);
+                        batched += frame_run(&self.memory, block, first, n, &mut buf);
                         Some((page, 1))
                     }
                     None => Some((page, 1)),
                 };
             }
             if let Some((first, n)) = run {
-                let sent = frame_run(&self.memory, block, first, n, &mut buf);
-                self.pushed_bytes.fetch_add(sent, Ordering::Relaxed);
+                batched += frame_run(&self.memory, block, first, n, &mut buf);
             }
             if buf.len() >= PUSH_BATCH {
                 write_out(ch, &mut buf)?;
+                // Counted once written (a failed write sent nothing whole).
+                self.pushed_bytes
+                    .fetch_add(std::mem::take(&mut batched), Ordering::Relaxed);
             }
         }
         write_out(ch, &mut buf)?;
+        self.pushed_bytes.fetch_add(batched, Ordering::Relaxed);
         send_end(ch)
     }
 }
