@@ -217,7 +217,10 @@ impl PostcopyDestination {
         let s = shared.clone();
         let fault = std::thread::Builder::new()
             .name("ferry-pc-fault".into())
-            .spawn(move || fault_loop(&s))
+            .spawn(move || {
+                raise_priority("fault thread");
+                fault_loop(&s)
+            })
             .map_err(|source| PostcopyError::Io {
                 channel: "fault thread".into(),
                 what: "starting it",
@@ -254,6 +257,8 @@ impl PostcopyDestination {
             .spawn(move || {
                 if background {
                     lower_priority();
+                } else {
+                    raise_priority("preempt reader");
                 }
                 if let Err(e) = read_loop(&s, channel.as_ref()) {
                     if s.stop.load(Ordering::Acquire) {
@@ -750,6 +755,78 @@ fn place_err(
     }
 }
 
+/// Bytes of a channel read ahead: one `read` takes as many frames as have
+/// arrived (a push of scattered pages brings one small frame per page), and
+/// the frames are then parsed from memory. A channel kind that only reads
+/// exactly (TLS, which buffers records itself) is read frame by frame.
+struct FrameReader<'a> {
+    ch: &'a dyn Channel,
+    buf: Vec<u8>,
+    /// `buf[start..end]`: read, not parsed yet.
+    start: usize,
+    end: usize,
+}
+
+/// How much a [`FrameReader`] asks for in one read: a few of the largest
+/// frames.
+const READ_AHEAD: usize = 1 << 20;
+
+impl<'a> FrameReader<'a> {
+    fn new(ch: &'a dyn Channel) -> Self {
+        Self {
+            ch,
+            buf: Vec::new(),
+            start: 0,
+            end: 0,
+        }
+    }
+
+    /// Makes the next `n` bytes available ([`Self::peek`]).
+    fn fill(&mut self, n: usize) -> std::io::Result<()> {
+        if self.end - self.start >= n {
+            return Ok(());
+        }
+        if self.buf.len() < self.start + n {
+            // Move what is left to the front, and make room for `n`.
+            self.buf.copy_within(self.start..self.end, 0);
+            self.end -= self.start;
+            self.start = 0;
+            let want = n.max(READ_AHEAD);
+            if self.buf.len() < want {
+                self.buf.resize(want, 0);
+            }
+        }
+        while self.end - self.start < n {
+            match self.ch.read_some(&mut self.buf[self.end..]) {
+                Some(Ok(0)) => return Err(std::io::ErrorKind::UnexpectedEof.into()),
+                Some(Ok(k)) => self.end += k,
+                Some(Err(e)) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Some(Err(e)) => return Err(e),
+                None => {
+                    // Exactly what is missing, no more.
+                    let to = self.start + n;
+                    self.ch.read_exact(&mut self.buf[self.end..to])?;
+                    self.end = to;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The next `n` bytes, after [`Self::fill`] of at least `n`.
+    fn peek(&self, n: usize) -> &[u8] {
+        &self.buf[self.start..self.start + n]
+    }
+
+    /// Drops the next `n` bytes (parsed).
+    fn consume(&mut self, n: usize) {
+        self.start += n;
+        if self.start == self.end {
+            (self.start, self.end) = (0, 0);
+        }
+    }
+}
+
 /// Reads page frames from `ch` until its END (or a stop), placing each.
 fn read_loop(s: &Shared, ch: &dyn Channel) -> Result<(), PostcopyError> {
     let name = ch.label().to_string();
@@ -761,10 +838,11 @@ fn read_loop(s: &Shared, ch: &dyn Channel) -> Result<(), PostcopyError> {
             source,
         }
     };
-    let mut payload = Vec::new();
+    let mut rd = FrameReader::new(ch);
     loop {
-        let mut hb = [0u8; FRAME_HEADER_LEN];
-        ch.read_exact(&mut hb).map_err(io("reading a page frame"))?;
+        rd.fill(FRAME_HEADER_LEN)
+            .map_err(io("reading a page frame"))?;
+        let hb: [u8; FRAME_HEADER_LEN] = rd.peek(FRAME_HEADER_LEN).try_into().expect("24 bytes");
         let h = FrameHeader::decode(&hb, &s.specs, &name)?;
         if h.flags & FLAG_END != 0 {
             return Ok(());
@@ -772,15 +850,11 @@ fn read_loop(s: &Shared, ch: &dyn Channel) -> Result<(), PostcopyError> {
         let (ps, first) = wire::check_run(&s.specs, &h.run, &name)?;
         let head: [u8; 20] = hb[..20].try_into().expect("20 bytes");
         let zero = h.flags & FLAG_ZERO != 0;
-        let data = if zero {
-            &payload[..0]
-        } else {
-            payload.resize(h.run.len as usize, 0);
-            ch.read_exact(&mut payload)
-                .map_err(io("reading a page frame's payload"))?;
-            s.bytes.fetch_add(h.run.len, Ordering::Relaxed);
-            &payload[..]
-        };
+        let len = if zero { 0 } else { h.run.len as usize };
+        rd.fill(FRAME_HEADER_LEN + len)
+            .map_err(io("reading a page frame's payload"))?;
+        let data = &rd.peek(FRAME_HEADER_LEN + len)[FRAME_HEADER_LEN..];
+        s.bytes.fetch_add(len as u64, Ordering::Relaxed);
         let got = wire::frame_crc(&head, data);
         if got != h.crc {
             return Err(PostcopyError::Checksum {
@@ -799,11 +873,29 @@ fn read_loop(s: &Shared, ch: &dyn Channel) -> Result<(), PostcopyError> {
             h.run.len / ps,
             (!zero).then_some(data),
         )?;
+        rd.consume(FRAME_HEADER_LEN + len);
+    }
+}
+
+/// Claims page `page` of `block` for placing: its state before, or None if
+/// another arrival has it already.
+fn claim(s: &Shared, block: usize, page: u64) -> Option<u8> {
+    let state = &s.states[block][page as usize];
+    let mut cur = state.load(Ordering::Acquire);
+    loop {
+        if cur >= PLACING {
+            return None;
+        }
+        match state.compare_exchange(cur, PLACING, Ordering::AcqRel, Ordering::Acquire) {
+            Ok(prev) => return Some(prev),
+            Err(now) => cur = now,
+        }
     }
 }
 
 /// Places pages `first..first + pages` of `block` (from `data`, or zeros),
 /// each exactly once: a page another arrival already claimed is skipped.
+/// Each unbroken run of pages claimed here is placed with one ioctl.
 fn place(
     s: &Shared,
     block: usize,
@@ -818,67 +910,75 @@ fn place(
     };
     let b = &s.memory.blocks()[block];
     let ps = u64::from(b.page_size());
-    for i in 0..pages {
-        let page = first + i;
-        let state = &s.states[block][page as usize];
-        let mut cur = state.load(Ordering::Acquire);
-        let claimed = loop {
-            if cur >= PLACING {
-                break None;
+    // The states the pages of the current run had before their claim.
+    let mut prevs: Vec<u8> = Vec::with_capacity(pages as usize);
+    let mut i = 0;
+    while i < pages {
+        prevs.clear();
+        while i + (prevs.len() as u64) < pages {
+            match claim(s, block, first + i + prevs.len() as u64) {
+                Some(prev) => prevs.push(prev),
+                None => break,
             }
-            match state.compare_exchange(cur, PLACING, Ordering::AcqRel, Ordering::Acquire) {
-                Ok(prev) => break Some(prev),
-                Err(now) => cur = now,
-            }
-        };
-        let Some(prev) = claimed else {
+        }
+        if prevs.is_empty() {
             s.duplicates.fetch_add(1, Ordering::Relaxed);
+            i += 1;
             continue;
-        };
+        }
+        let n = prevs.len() as u64;
+        let page = first + i;
         let dst = b
             .page_addr(page)
             .expect("check_run kept the run inside the block");
+        let bytes = (i * ps) as usize..((i + n) * ps) as usize;
         let placed = match data {
-            None => u.zero(dst, ps),
+            None => u.zero(dst, n * ps),
             Some(d) => {
-                let src = &d[(i * ps) as usize..((i + 1) * ps) as usize];
-                // SAFETY: dst is one page inside a block registered with
-                // `u`, missing (its state was missing or requested, and we
-                // hold its PLACING claim, so no other placement touches
-                // it; the guest cannot write a missing page, it faults);
-                // src is ps bytes of this thread's own buffer.
-                unsafe { u.copy(dst, src.as_ptr(), ps) }
+                let src = &d[bytes.clone()];
+                // SAFETY: dst..dst + n pages lie inside a block registered
+                // with `u` (check_run), all missing (each page's state was
+                // missing or requested, and we hold its PLACING claim, so
+                // no other placement touches it; the guest cannot write a
+                // missing page, it faults); src is n pages of this
+                // thread's own buffer.
+                unsafe { u.copy(dst, src.as_ptr(), n * ps) }
             }
         };
         placed.map_err(|source| place_err("placing a page of", b.name(), page * ps, source))?;
         if let Some(r) = s.reference.lock().unwrap().as_mut() {
             let at = (page * ps) as usize;
-            let to = &mut r[block][at..at + ps as usize];
+            let to = &mut r[block][at..at + (n * ps) as usize];
             match data {
-                Some(d) => to.copy_from_slice(&d[(i * ps) as usize..((i + 1) * ps) as usize]),
+                Some(d) => to.copy_from_slice(&d[bytes]),
                 None => to.fill(0),
             }
         }
-        state.store(PLACED, Ordering::Release);
-        if prev == REQUESTED {
-            let asked = s.requested_at[block][page as usize].load(Ordering::Acquire);
-            let ns = (s.epoch.elapsed().as_nanos() as u64).saturating_sub(asked);
-            s.latency
-                .lock()
-                .unwrap()
-                .saturating_record((ns / 1000).max(1));
-            s.blocked_ns.fetch_add(ns, Ordering::Relaxed);
-            s.requested_placed.fetch_add(1, Ordering::Relaxed);
-        } else {
-            s.pushed_placed.fetch_add(1, Ordering::Relaxed);
+        let now = s.epoch.elapsed().as_nanos() as u64;
+        for (k, &prev) in prevs.iter().enumerate() {
+            let p = (page + k as u64) as usize;
+            s.states[block][p].store(PLACED, Ordering::Release);
+            if prev == REQUESTED {
+                let asked = s.requested_at[block][p].load(Ordering::Acquire);
+                let ns = now.saturating_sub(asked);
+                s.latency
+                    .lock()
+                    .unwrap()
+                    .saturating_record((ns / 1000).max(1));
+                s.blocked_ns.fetch_add(ns, Ordering::Relaxed);
+                s.requested_placed.fetch_add(1, Ordering::Relaxed);
+            } else {
+                s.pushed_placed.fetch_add(1, Ordering::Relaxed);
+            }
         }
-        if s.missing.fetch_sub(1, Ordering::AcqRel) == 1 {
+        if s.missing.fetch_sub(n, Ordering::AcqRel) == n {
             let mut end = s.end.lock().unwrap();
             if matches!(*end, End::Running) {
                 *end = End::Done;
             }
             s.ended.notify_all();
         }
+        i += n;
     }
     Ok(())
 }
@@ -903,5 +1003,107 @@ pub(super) fn lower_priority() {
             "lowering a postcopy background thread's priority: {}",
             std::io::Error::last_os_error()
         );
+    }
+}
+
+/// The real-time priority (SCHED_RR) of the threads a page request
+/// crosses: the lowest, enough to run before every ordinary thread.
+const URGENT_RT_PRIORITY: i32 = 1;
+/// sched_setscheduler(2)'s flag: threads this one starts do not inherit
+/// its policy.
+const SCHED_RESET_ON_FORK: i32 = 0x4000_0000;
+/// The nice value used where real-time scheduling is refused.
+const URGENT_NICE: i32 = -5;
+
+/// A thread's scheduling before [`raise_priority`], to put back with
+/// [`restore_priority`].
+pub(crate) struct Priority {
+    tid: libc::pid_t,
+    policy: i32,
+    param: libc::sched_param,
+    nice: i32,
+}
+
+/// Runs the calling thread before every ordinary thread on a busy machine:
+/// a page request's threads (the fault thread and the preempt channel's
+/// reader here, the serving thread on the source) then get a CPU as soon
+/// as they wake, not after a vCPU's or a push thread's time slice.
+/// SCHED_RR at priority 1 (threads it starts do not inherit it), where
+/// refused (no CAP_SYS_NICE) nice -5, where that too is refused nothing
+/// (a note in the log). These threads only wait, then do a short piece
+/// of work; the kernel's real-time throttling bounds them anyway.
+pub(crate) fn raise_priority(what: &str) -> Priority {
+    // SAFETY: gettid(2) has no arguments and cannot fail.
+    let tid = unsafe { libc::syscall(libc::SYS_gettid) } as libc::pid_t;
+    raise_thread(tid, what)
+}
+
+/// [`raise_priority`] for the threads of this process named `name` (as
+/// `/proc/self/task/*/comm` shows it: at most 15 bytes): for a thread of
+/// the request path that another module starts (the source's return-path
+/// reader). Not put back: such a thread ends with its link.
+pub(crate) fn raise_threads_named(name: &str, what: &str) {
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
+        return;
+    };
+    for t in tasks.flatten() {
+        let comm = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
+        if comm.trim_end() != name {
+            continue;
+        }
+        if let Some(tid) = t.file_name().to_str().and_then(|n| n.parse().ok()) {
+            raise_thread(tid, what);
+        }
+    }
+}
+
+fn raise_thread(tid: libc::pid_t, what: &str) -> Priority {
+    let mut param = libc::sched_param { sched_priority: 0 };
+    // SAFETY: sched_getscheduler/sched_getparam(2) on a thread of this
+    // process; `param` is a valid sched_param to write.
+    let policy = unsafe { libc::sched_getscheduler(tid) };
+    // SAFETY: as above.
+    unsafe { libc::sched_getparam(tid, &mut param) };
+    // SAFETY: getpriority(2) on a thread's id (Linux: that one thread).
+    let nice = unsafe { libc::getpriority(libc::PRIO_PROCESS, tid as libc::id_t) };
+    let before = Priority {
+        tid,
+        policy,
+        param,
+        nice,
+    };
+    let rt = libc::sched_param {
+        sched_priority: URGENT_RT_PRIORITY,
+    };
+    // SAFETY: sched_setscheduler(2) on a thread of this process with a
+    // valid sched_param; no memory is kept.
+    if unsafe { libc::sched_setscheduler(tid, libc::SCHED_RR | SCHED_RESET_ON_FORK, &rt) } == 0 {
+        return before;
+    }
+    let rt_err = std::io::Error::last_os_error();
+    // SAFETY: setpriority(2) on a thread of this process; no memory is passed.
+    if unsafe { libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, URGENT_NICE) } == 0 {
+        tracing::debug!(
+            "postcopy {what}: SCHED_RR refused ({rt_err}), running at nice {URGENT_NICE}"
+        );
+        return before;
+    }
+    tracing::debug!(
+        "postcopy {what}: SCHED_RR refused ({rt_err}), nice {URGENT_NICE} refused ({}): \
+         normal priority",
+        std::io::Error::last_os_error()
+    );
+    before
+}
+
+/// Puts back the scheduling of the thread that called [`raise_priority`]
+/// (the caller of this, the same thread).
+pub(crate) fn restore_priority(p: Priority) {
+    let tid = p.tid;
+    // SAFETY: sched_setscheduler(2) and setpriority(2) on this thread's
+    // own id with the values read from it before; no memory is kept.
+    unsafe {
+        libc::sched_setscheduler(tid, p.policy, &p.param);
+        libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, p.nice);
     }
 }

@@ -44,6 +44,7 @@ mod dest;
 mod source;
 pub mod wire;
 
+pub(crate) use dest::{raise_priority, raise_threads_named, restore_priority};
 pub use dest::{PostcopyDestination, PostcopyStats, RequestFn};
 pub use source::{send_end, PageServer};
 

@@ -204,7 +204,15 @@ impl Source<'_> {
                 lost.lock().unwrap().get_or_insert(e.to_string());
             }
         }
+        // This thread answers requests: ahead of every ordinary thread
+        // while it does (the push threads above were started before, and
+        // never inherit it).
+        let before = crate::postcopy::raise_priority("request server");
+        // And the thread that reads the requests off the main channel
+        // (`spawn_return_path`, named "ferry-return-path").
+        crate::postcopy::raise_threads_named("ferry-return-pa", "return path");
         let mut served = self.serve_requests(s, server, paused_at, resumed_seen, &lost, &gate);
+        crate::postcopy::restore_priority(before);
         if let Err(Served::LinkLost(_)) = &served {
             // A destination that ends (completed, or gave up and said why
             // on SHUT) closes its page channels first: its word comes

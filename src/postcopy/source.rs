@@ -30,6 +30,11 @@ use ferry_transport::Channel;
 use super::wire::{self, FrameHeader, PageRun, FLAG_END, FLAG_ZERO, MAX_RUN_PAGES};
 use super::PostcopyError;
 
+/// The push writes its frames in batches of about this many bytes (one
+/// `write` for many scattered pages rather than one each); an answer to a
+/// request is written whole at once.
+const PUSH_BATCH: usize = 256 * 1024;
+
 /// Serves a postcopy from the paused guest's memory.
 pub struct PageServer {
     memory: Arc<GuestMemory>,
@@ -129,13 +134,12 @@ impl PageServer {
         let mut run: Option<(u64, u64, bool)> = None;
         let mut flush = |run: Option<(u64, u64, bool)>, buf: &mut Vec<u8>| {
             if let Some((f, n, taken)) = run {
-                let b = send_run(&self.memory, block, f, n, ch, buf)?;
+                let b = frame_run(&self.memory, block, f, n, buf);
                 if taken {
                     self.duplicate_bytes.fetch_add(b, Ordering::Relaxed);
                 }
                 sent += b;
             }
-            Ok::<_, PostcopyError>(())
         };
         for p in first..first + pages {
             let taken = !self.pending[block].test_and_clear(p);
@@ -145,12 +149,15 @@ impl PageServer {
             run = match run {
                 Some((f, n, t)) if f + n == p && t == taken => Some((f, n + 1, t)),
                 other => {
-                    flush(other, buf)?;
+                    flush(other, buf);
                     Some((p, 1, taken))
                 }
             };
         }
-        flush(run, buf)?;
+        flush(run, buf);
+        // The whole answer (and, on a push channel, the frames batched
+        // before it) in one write.
+        write_out(ch, buf)?;
         Ok(sent)
     }
 
@@ -176,6 +183,8 @@ impl PageServer {
         if !serves_requests {
             super::dest::lower_priority();
         }
+        // Bytes of push frames in `buf`, not written yet.
+        let mut batched = 0u64;
         loop {
             while let Some(run) = serves_requests
                 .then(|| self.queued.lock().unwrap().pop_front())
@@ -194,6 +203,9 @@ impl PageServer {
                     &mut buf,
                 )?;
                 self.request_bytes.fetch_add(n, Ordering::Relaxed);
+                // It wrote the push frames batched before it too.
+                self.pushed_bytes
+                    .fetch_add(std::mem::take(&mut batched), Ordering::Relaxed);
             }
             let w = self.next_word.fetch_add(1, Ordering::Relaxed);
             if w >= total {
@@ -210,18 +222,24 @@ impl PageServer {
                 run = match run {
                     Some((first, n)) if first + n == page => Some((first, n + 1)),
                     Some((first, n)) => {
-                        let sent = send_run(&self.memory, block, first, n, ch, &mut buf)?;
-                        self.pushed_bytes.fetch_add(sent, Ordering::Relaxed);
+                        batched += frame_run(&self.memory, block, first, n, &mut buf);
                         Some((page, 1))
                     }
                     None => Some((page, 1)),
                 };
             }
             if let Some((first, n)) = run {
-                let sent = send_run(&self.memory, block, first, n, ch, &mut buf)?;
-                self.pushed_bytes.fetch_add(sent, Ordering::Relaxed);
+                batched += frame_run(&self.memory, block, first, n, &mut buf);
+            }
+            if buf.len() >= PUSH_BATCH {
+                write_out(ch, &mut buf)?;
+                // Counted once written (a failed write sent nothing whole).
+                self.pushed_bytes
+                    .fetch_add(std::mem::take(&mut batched), Ordering::Relaxed);
             }
         }
+        write_out(ch, &mut buf)?;
+        self.pushed_bytes.fetch_add(batched, Ordering::Relaxed);
         send_end(ch)
     }
 }
@@ -242,16 +260,19 @@ fn write(ch: &dyn Channel, b: &[u8]) -> Result<(), PostcopyError> {
     })
 }
 
-/// Sends pages `first..first + pages` of `block` as frames of at most
-/// [`MAX_RUN_PAGES`], zero runs without payload; returns the bytes sent.
-fn send_run(
-    memory: &GuestMemory,
-    block: usize,
-    first: u64,
-    pages: u64,
-    ch: &dyn Channel,
-    buf: &mut Vec<u8>,
-) -> Result<u64, PostcopyError> {
+/// Writes the frames batched in `buf` (if any) and empties it.
+fn write_out(ch: &dyn Channel, buf: &mut Vec<u8>) -> Result<(), PostcopyError> {
+    if !buf.is_empty() {
+        write(ch, buf)?;
+        buf.clear();
+    }
+    Ok(())
+}
+
+/// Appends pages `first..first + pages` of `block` to `buf` as frames of
+/// at most [`MAX_RUN_PAGES`], zero runs without payload; returns the bytes
+/// appended. The caller writes them ([`write_out`]).
+fn frame_run(memory: &GuestMemory, block: usize, first: u64, pages: u64, buf: &mut Vec<u8>) -> u64 {
     let b = &memory.blocks()[block];
     let ps = u64::from(b.page_size());
     let mut sent = 0;
@@ -265,24 +286,23 @@ fn send_run(
         }
         let flags = if zero { FLAG_ZERO } else { 0 };
         let head = FrameHeader::head(block as u16, flags, page * ps, n as u32);
-        buf.clear();
+        let start = buf.len();
         buf.extend_from_slice(&head);
         buf.extend_from_slice(&[0; 4]);
+        let at = buf.len();
         if !zero {
-            let at = buf.len();
             buf.resize(at + (n * ps) as usize, 0);
             let slice = b
                 .pages_slice(page, n)
                 .expect("the run lies inside the block");
             slice.copy_to(&mut buf[at..]);
         }
-        let crc = wire::frame_crc(&head, &buf[wire::FRAME_HEADER_LEN..]);
-        buf[20..24].copy_from_slice(&crc.to_le_bytes());
-        write(ch, buf)?;
-        sent += buf.len() as u64;
+        let crc = wire::frame_crc(&head, &buf[at..]);
+        buf[start + 20..start + 24].copy_from_slice(&crc.to_le_bytes());
+        sent += (buf.len() - start) as u64;
         page += n;
     }
-    Ok(sent)
+    sent
 }
 
 fn is_zero(b: &ferry_ram::RamBlock, page: u64) -> bool {

@@ -555,3 +555,217 @@ fn a_request_for_a_pending_page_is_no_duplicate() {
     assert_eq!(server.duplicate_bytes(), PAGE + 24);
     drop(theirs);
 }
+
+/// A channel that reads only exactly (as a TLS channel does): the page
+/// readers then read each frame's header and payload apart.
+#[derive(Debug)]
+struct ExactOnly(Arc<dyn Channel>);
+
+impl Channel for ExactOnly {
+    fn label(&self) -> &str {
+        self.0.label()
+    }
+    fn set_label(&mut self, _label: String) {}
+    fn read_exact(&self, buf: &mut [u8]) -> std::io::Result<()> {
+        self.0.read_exact(buf)
+    }
+    fn write_all(&self, buf: &[u8]) -> std::io::Result<()> {
+        self.0.write_all(buf)
+    }
+    fn uring_fd(&self) -> Option<std::os::fd::RawFd> {
+        None
+    }
+    fn shutdown(&self) {
+        self.0.shutdown()
+    }
+    fn set_read_timeout(&self, timeout: Option<Duration>) -> std::io::Result<()> {
+        self.0.set_read_timeout(timeout)
+    }
+    fn set_write_timeout(&self, timeout: Option<Duration>) -> std::io::Result<()> {
+        self.0.set_write_timeout(timeout)
+    }
+}
+
+/// A page frame of `pages` pages of `src`'s block `block` from `first`.
+fn frame_of(src: &GuestMemory, block: usize, first: u64, pages: u64) -> Vec<u8> {
+    let b = &src.blocks()[block];
+    let mut payload = vec![0u8; (pages * PAGE) as usize];
+    b.pages_slice(first, pages)
+        .unwrap()
+        .copy_to(&mut payload[..]);
+    let head = FrameHeader::head(block as u16, 0, first * PAGE, pages as u32);
+    let mut f = head.to_vec();
+    f.extend_from_slice(&wire::frame_crc(&head, &payload).to_le_bytes());
+    f.extend_from_slice(&payload);
+    f
+}
+
+/// Pages of one frame that another arrival placed first are skipped, and
+/// the others around them are placed (each unbroken run with one
+/// UFFDIO_COPY, which the kernel would refuse over a placed page), over
+/// a socket read many frames at a time and over a channel read exactly.
+#[test]
+fn a_frame_whose_pages_are_partly_placed_places_the_others_once_each() {
+    for exact in [false, true] {
+        let (src, dst, _) = switched(MIB, 21);
+        // The destination holds every page as the source has it, but for
+        // pages 0..8 of "vram", which the source changes: stale.
+        for (s, d) in src.blocks().iter().zip(dst.blocks()) {
+            let mut buf = vec![0u8; s.len() as usize];
+            s.pages_slice(0, s.pages()).unwrap().copy_to(&mut buf[..]);
+            d.pages_slice(0, d.pages()).unwrap().copy_from(&buf[..]);
+        }
+        let discard: Vec<PageBitmap> = src
+            .blocks()
+            .iter()
+            .enumerate()
+            .map(|(i, b)| {
+                let bits = PageBitmap::new(b.pages(), false);
+                if i == 1 {
+                    for p in 0..8 {
+                        b.page_slice(p)
+                            .unwrap()
+                            .copy_from(&[p as u8 + 1; PAGE as usize][..]);
+                        bits.set(p);
+                    }
+                }
+                bits
+            })
+            .collect();
+        let (q_src, q_dst) = pair("multifd[0]");
+        let q_dst: Arc<dyn Channel> = if exact {
+            Arc::new(ExactOnly(q_dst))
+        } else {
+            q_dst
+        };
+        let mut pc =
+            PostcopyDestination::start(dst.clone(), &discard, Arc::new(|_| Ok(()))).unwrap();
+        pc.read_pages(q_dst).unwrap();
+        // Pages 0, 3, 4 and 7 first, then all eight: one write.
+        let mut bytes = Vec::new();
+        for (first, n) in [(0, 1), (3, 2), (7, 1), (0, 8)] {
+            bytes.extend_from_slice(&frame_of(&src, 1, first, n));
+        }
+        q_src.write_all(&bytes).unwrap();
+        let stats = pc.finish(Duration::from_secs(30)).unwrap();
+        assert_eq!(stats.pushed_pages_placed, 8, "exact {exact}: {stats:?}");
+        assert_eq!(stats.duplicate_pages, 4, "exact {exact}: {stats:?}");
+        // SAFETY: every page is placed and nothing touches `dst` now.
+        assert_eq!(
+            unsafe { Digest::of_still_guest(&dst, &[]) },
+            Digest::of_guest(&src, &[]),
+            "exact {exact}"
+        );
+    }
+}
+
+/// Good frames and a bad one in one write: the reader takes them from one
+/// read, places the good ones, and refuses the bad one naming it (nothing
+/// of it placed).
+#[test]
+fn a_bad_frame_behind_good_ones_in_one_read_is_refused_alone() {
+    for exact in [false, true] {
+        let (src, dst, discard) = switched(MIB, 5);
+        let stale: u64 = discard.iter().map(PageBitmap::count).sum();
+        let (q_src, q_dst) = pair("multifd[1]");
+        let q_dst: Arc<dyn Channel> = if exact {
+            Arc::new(ExactOnly(q_dst))
+        } else {
+            q_dst
+        };
+        let mut pc = PostcopyDestination::start(dst, &discard, Arc::new(|_| Ok(()))).unwrap();
+        pc.read_pages(q_dst).unwrap();
+        // "vram" pages 0 and 5 are stale (every 5th); then a frame of 65
+        // pages (more than a frame may carry) at page 10.
+        let mut bytes = frame_of(&src, 1, 0, 1);
+        bytes.extend_from_slice(&frame_of(&src, 1, 5, 1));
+        let head = FrameHeader::head(1, 0, 10 * PAGE, 65);
+        bytes.extend_from_slice(&head);
+        bytes.extend_from_slice(&wire::frame_crc(&head, &[]).to_le_bytes());
+        q_src.write_all(&bytes).unwrap();
+        let e = pc.finish(Duration::from_secs(30)).unwrap_err().to_string();
+        assert!(
+            e.contains("multifd[1]: page run in block 'vram' at offset 0xa000")
+                && e.contains("not 1 to 64 pages"),
+            "exact {exact}: {e}"
+        );
+        assert_eq!(pc.stats().pushed_pages_placed, 2, "exact {exact}");
+        assert_eq!(pc.missing(), stale - 2, "exact {exact}");
+    }
+}
+
+/// The request path's threads are raised (SCHED_RR as root, else nice -5,
+/// else nothing) and put back exactly; a thread started while raised
+/// does not inherit it.
+#[test]
+fn a_raised_thread_is_put_back_and_its_children_do_not_inherit() {
+    std::thread::spawn(|| {
+        let sched = || {
+            // SAFETY: sched_getscheduler(2) and getpriority(2) on the
+            // calling thread (0 / its tid); no memory is passed.
+            unsafe {
+                let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
+                (
+                    libc::sched_getscheduler(0),
+                    libc::getpriority(libc::PRIO_PROCESS, tid),
+                )
+            }
+        };
+        let before = sched();
+        let saved = super::raise_priority("test");
+        let raised = sched();
+        let child = std::thread::spawn(sched).join().unwrap();
+        // SAFETY: geteuid(2) cannot fail.
+        if unsafe { libc::geteuid() } == 0 {
+            let reset_on_fork = 0x4000_0000;
+            assert_eq!(
+                raised.0,
+                libc::SCHED_RR | reset_on_fork,
+                "root may use SCHED_RR"
+            );
+        }
+        assert_eq!(child.0, before.0, "the child's policy is the normal one");
+        super::restore_priority(saved);
+        assert_eq!(sched(), before);
+    })
+    .join()
+    .unwrap();
+}
+
+/// Another thread of the request path is raised by its name (the
+/// source's return-path reader), and only that thread.
+#[test]
+fn threads_are_raised_by_name() {
+    let policy = || {
+        // SAFETY: sched_getscheduler(2) on the calling thread; no memory.
+        unsafe { libc::sched_getscheduler(0) }
+    };
+    let (go, wait) = std::sync::mpsc::channel::<()>();
+    let (ready, started) = std::sync::mpsc::channel::<()>();
+    let named = std::thread::Builder::new()
+        .name("ferry-pc-t-named".into())
+        .spawn(move || {
+            let before = policy();
+            ready.send(()).unwrap();
+            wait.recv().unwrap();
+            (before, policy())
+        })
+        .unwrap();
+    let other = std::thread::Builder::new()
+        .name("ferry-pc-t-other".into())
+        .spawn(move || {
+            std::thread::sleep(Duration::from_millis(300));
+            policy()
+        })
+        .unwrap();
+    started.recv().unwrap();
+    // The kernel's name is the first 15 bytes.
+    super::raise_threads_named("ferry-pc-t-name", "test");
+    go.send(()).unwrap();
+    let (before, after) = named.join().unwrap();
+    // SAFETY: geteuid(2) cannot fail.
+    if unsafe { libc::geteuid() } == 0 {
+        assert_eq!(after & !0x4000_0000, libc::SCHED_RR, "raised");
+    }
+    assert_eq!(other.join().unwrap(), before, "the other thread is not");
+}

@@ -44,6 +44,13 @@ pub trait Channel: Send + Sync + fmt::Debug {
     fn tls_shared(self: std::sync::Arc<Self>) -> Option<std::sync::Arc<crate::TlsChannel>> {
         None
     }
+    /// Reads what has arrived: at least one byte and at most `buf.len()`,
+    /// `Ok(0)` at the end of the stream; `None` for a kind that only reads
+    /// exactly (use [`Self::read_exact`]). Lets a reader of many small
+    /// frames take them with one call.
+    fn read_some(&self, _buf: &mut [u8]) -> Option<io::Result<usize>> {
+        None
+    }
 }
 
 /// A TCP or unix stream socket.
@@ -94,5 +101,8 @@ impl Channel for SocketChannel {
     }
     fn set_write_timeout(&self, timeout: Option<Duration>) -> io::Result<()> {
         self.socket.set_write_timeout(timeout)
+    }
+    fn read_some(&self, buf: &mut [u8]) -> Option<io::Result<usize>> {
+        Some((&self.socket).read(buf))
     }
 }
