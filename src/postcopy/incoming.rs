@@ -89,7 +89,10 @@ pub(super) fn postcopy_in(
     let t = Instant::now();
     let mut pc = PostcopyDestination::start(memory.clone(), &discard, requester(main))?;
     step("memory registered, stale pages dropped");
-    if opts.postcopy_reference {
+    // The replay check knows the synthetic guest's writes only; any other
+    // guest (the KVM micro-VM checks its own memory) gets no reference, a
+    // copy of its whole memory for nothing.
+    if opts.postcopy_reference && crate::synthetic::is_synthetic_state(&out.device_state) {
         pc.keep_reference();
     }
     // preempt[0] carries the answers to page requests; the others the push.

@@ -293,12 +293,15 @@ fn migrate(a: RecvArgs) -> anyhow::Result<bool> {
                 };
             }
             outcome.guest.pause()?;
-            if let (Some(reference), Some(w)) = (
+            if let (Some(reference), Some(w), None) = (
                 outcome.postcopy_reference.as_ref(),
                 outcome.summary.workload.as_mut(),
+                &kvm,
             ) {
                 // Postcopy: the memory must be the switch's with this
-                // side's writes replayed (the guest is paused).
+                // side's writes replayed (the guest is paused). The
+                // synthetic guest's only: a KVM guest's self-check is its
+                // own (`kvm::verdict`).
                 let now = outcome.guest.save_device_state()?;
                 let r =
                     ferry::replay_check(reference, &outcome.device_state, &outcome.memory, &now)?;
