@@ -91,6 +91,9 @@ impl Prebuilt {
     pub fn hook(&self) -> ferry::incoming::PrepareHook {
         let me = self.clone();
         Arc::new(move |memory: &Arc<GuestMemory>| {
+            // Before any page lands (this hook runs before the receivers
+            // start): base pages, as the source's VM had.
+            ferry_vmm::use_base_pages(memory);
             let memory = memory.clone();
             let started = std::thread::Builder::new()
                 .name("ferry-kvm-prebuild".into())

@@ -134,7 +134,9 @@ pub struct RecvArgs {
     /// switchover, inside the downtime (2 GiB: ~10 ms less under this
     /// project's nested KVM). Another kind of guest just leaves that VM
     /// unused; where /dev/kvm is not usable the switchover builds the VM
-    /// as without this option (and says why it cannot).
+    /// as without this option (and says why it cannot). The memory is
+    /// also kept in base pages, as the source VM's is (no transparent huge
+    /// page: each scattered page would fault in and zero 2 MiB).
     #[arg(long)]
     prebuild_kvm: bool,
     /// Hand the guest on: once it has run here for --run-after (0 without

@@ -36,7 +36,9 @@ pub use port::{PortLine, Progress};
 pub use pvh::{BootParams, ElfError, PvhElf, GUEST_ELF};
 pub use qemu::{qemu_usable, QemuConfig, QemuError, QemuGuest};
 pub use state::{is_kvm_state, VmState};
-pub use vm::{vcpu_status, GuestReport, PreparedVm, VcpuStatus, Vm, VmConfig, WritePattern};
+pub use vm::{
+    use_base_pages, vcpu_status, GuestReport, PreparedVm, VcpuStatus, Vm, VmConfig, WritePattern,
+};
 
 /// Whether this machine can run a KVM guest: `Err` says why not (tests
 /// skip with that message).

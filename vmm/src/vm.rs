@@ -870,6 +870,33 @@ fn cpuid_of(supported: &CpuId, i: usize) -> Result<CpuId, VmmError> {
 }
 
 /// Registers every block of `memory` as a KVM slot with dirty logging.
+/// Makes a destination's memory use base pages, as a VM booted here
+/// does (its vm-memory mapping is never advised, and transparent huge
+/// pages are given only to advised memory on hosts set to `madvise`).
+/// Call before any page lands: pages already faulted in stay as they are.
+///
+/// Why (docs/MEASUREMENTS.md, "KVM blackout: where it went"): a receiver's
+/// memory asks for huge pages by default, so every scattered page of a
+/// live KVM guest's later passes, and every first write of the guest once
+/// it runs here, faults in and zeroes a 2 MiB page, with direct compaction
+/// on a fragmented host: milliseconds per fault, seconds for a pass, inside
+/// the downtime for the final pass and in the guest's blackout after it.
+pub fn use_base_pages(memory: &GuestMemory) {
+    for block in memory.blocks() {
+        // SAFETY: madvise over exactly this block's own mapping (alive as
+        // long as `memory`) with a hint that changes no contents.
+        // A refusal (a kernel without THP) leaves the memory as it was,
+        // which is all this asks for: nothing to report.
+        let _ = unsafe {
+            libc::madvise(
+                block.host_addr().cast(),
+                block.len() as usize,
+                libc::MADV_NOHUGEPAGE,
+            )
+        };
+    }
+}
+
 fn register_memory(vm: &VmFd, memory: &GuestMemory) -> Result<Vec<Slot>, VmmError> {
     let mut slots = Vec::new();
     for (i, (block, region)) in memory
@@ -1207,5 +1234,65 @@ fn throttle_thread(shared: &Shared) {
             kick_all(shared);
         }
         run = shared.cv.wait_timeout(run, THROTTLE_TICK).unwrap().0;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ferry_ram::BlockSpec;
+
+    /// The `AnonHugePages` kB of the mapping that starts at `addr`, from
+    /// /proc/self/smaps.
+    fn anon_huge_kb(addr: *mut u8) -> u64 {
+        let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
+        let start = format!("{:x}-", addr as usize);
+        let mut inside = false;
+        for line in smaps.lines() {
+            if line.contains('-') && line.split_whitespace().count() >= 5 {
+                inside = line.starts_with(&start);
+            } else if inside && line.starts_with("AnonHugePages:") {
+                return line.split_whitespace().nth(1).unwrap().parse().unwrap();
+            }
+        }
+        panic!("no mapping at {start} in /proc/self/smaps");
+    }
+
+    /// Writes one byte into every 2 MiB of the memory's only block.
+    fn touch(memory: &GuestMemory) -> *mut u8 {
+        let block = &memory.blocks()[0];
+        let base = block.host_addr();
+        for off in (0..block.len()).step_by(2 << 20) {
+            // SAFETY: inside the block's own mapping, which nobody else
+            // uses in this test.
+            unsafe { base.add(off as usize).write_volatile(1) };
+        }
+        base
+    }
+
+    /// A destination's memory after `use_base_pages` holds no huge page,
+    /// where the same memory without it gets them (checked first, when
+    /// the host gives huge pages at all, so the test can fail).
+    #[test]
+    fn a_destination_in_base_pages_gets_no_huge_page() {
+        let spec = [BlockSpec {
+            name: "ram".into(),
+            len: 64 << 20,
+            page_size: PAGE as u32,
+        }];
+        let thp = std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/enabled")
+            .unwrap_or_default();
+        if !thp.contains("[never]") && !thp.is_empty() {
+            let advised = GuestMemory::anonymous(&spec).unwrap();
+            let huge = anon_huge_kb(touch(&advised));
+            eprintln!("advised memory without use_base_pages: {huge} kB in huge pages");
+        }
+        let memory = GuestMemory::anonymous(&spec).unwrap();
+        use_base_pages(&memory);
+        assert_eq!(
+            anon_huge_kb(touch(&memory)),
+            0,
+            "a huge page despite use_base_pages"
+        );
     }
 }
