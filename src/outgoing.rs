@@ -305,9 +305,9 @@ struct Source<'a> {
 }
 
 /// Why a source that failed in postcopy keeps its guest paused.
-const POSTCOPY_PAUSED: &str = "postcopy-paused: the destination runs the guest and this \
-    source holds the pages it lacked; neither side alone holds the whole guest, so it is \
-    never resumed here";
+const POSTCOPY_PAUSED: &str = "postcopy-paused: the device state went to the destination \
+    (which may run the guest) and this source holds the pages it lacked; neither side alone \
+    holds the whole guest, so it is never resumed here";
 
 /// The open link to the destination: main channel, its return path and
 /// the sender pool.

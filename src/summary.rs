@@ -228,7 +228,7 @@ pub struct Summary {
     #[serde(flatten, skip_serializing_if = "Option::is_none")]
     pub postcopy: Option<PostcopyReport>,
     /// Destination: bytes of fresh memory populated just ahead of the pages
-    /// arriving (`recv --no-prefault` turns it off).
+    /// arriving (`recv --prefault`).
     #[serde(skip_serializing_if = "is_zero_u64")]
     pub prefaulted_bytes: u64,
     /// Wall-clock time (Unix seconds) the migration started and ended on this side.

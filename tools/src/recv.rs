@@ -76,15 +76,15 @@ pub struct RecvArgs {
     /// default already; this makes the refusal explicit.
     #[arg(long, conflicts_with = "verify_switchover")]
     no_digest: bool,
-    /// Do not populate fresh memory ahead of the pages arriving. By default
-    /// a helper thread faults in the next 32 MiB past the receive cursor
+    /// Populate fresh memory just ahead of the pages arriving: a helper
+    /// thread faults in the next 32 MiB past the receive cursor
     /// (MADV_POPULATE_WRITE), so the receivers copy into memory that is
-    /// already there: faster where first touches are slow (a VM whose host
-    /// backs memory lazily, huge pages to zero). Ranges the source sends as
-    /// zero pages are skipped, so a sparse guest costs at most 32 MiB more
-    /// per hole; never done with postcopy or --ram-out.
+    /// already there. Ranges the source sends as zero pages are skipped, so
+    /// a sparse guest costs at most 32 MiB more per hole; never done with
+    /// postcopy or --ram-out. Off by default: on this project's machines it
+    /// won no time in a quiet A/B (2 GiB, K=1 and 2, docs/MEASUREMENTS.md).
     #[arg(long)]
-    no_prefault: bool,
+    prefault: bool,
     /// Give up if no source connects within this long (30s, 500ms, 2m; a
     /// bare number is seconds; more than 0). Default: wait for ever.
     #[arg(long, value_parser = crate::units::parse_timeout, allow_negative_numbers = true)]
@@ -228,7 +228,7 @@ fn migrate(a: RecvArgs) -> anyhow::Result<bool> {
         postcopy_paused_timeout: None,
         colo: false,
         prepare_guest: prebuilt.as_ref().map(crate::kvm::Prebuilt::hook),
-        prefault: !a.no_prefault,
+        prefault: a.prefault,
     };
     if let Some((builder, _)) = &colo_parts {
         opts.build_guest = builder.clone();
