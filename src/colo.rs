@@ -37,15 +37,15 @@ use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use ferry_colo::compare::CompareStats;
+use ferry_colo::compare::{CompareStats, HistoryError};
 use ferry_colo::trigger::TriggerCounts;
 use ferry_colo::wire::Side;
 /// An output record (a guest crate emitting them, ferry-vmm's, names it
 /// from here).
 pub use ferry_colo::Record;
 use ferry_colo::{
-    ColoError, ColoMessage, ColoMode, ColoStatus, Comparator, Expect, FailoverReason, RamCache,
-    StatusCell, TriggerKind, Triggers,
+    ClientHistory, ColoError, ColoMessage, ColoMode, ColoStatus, Comparator, Expect,
+    FailoverReason, RamCache, StatusCell, TriggerKind, Triggers,
 };
 use ferry_multifd::{ReceiverOptions, ReceiverPool, SenderPool};
 use ferry_ram::{GuestMemory, PageBitmap};
@@ -235,6 +235,26 @@ impl OutputQueue {
 /// The client: where released outputs go (`--colo-output`).
 pub trait OutputSink: Send + Sync {
     fn release(&self, records: &[Record]);
+}
+
+/// A client that keeps what it was released as a [`ClientHistory`], and
+/// every record the history refused (a gap or a contradiction): the view
+/// a test, or an embedder checking a run, has of COLO's outputs.
+#[derive(Default)]
+pub struct HistorySink {
+    pub history: Mutex<ClientHistory>,
+    pub errors: Mutex<Vec<HistoryError>>,
+}
+
+impl OutputSink for HistorySink {
+    fn release(&self, records: &[Record]) {
+        let mut h = self.history.lock().unwrap();
+        for r in records {
+            if let Err(e) = h.accept(*r) {
+                self.errors.lock().unwrap().push(e);
+            }
+        }
+    }
 }
 
 /// A client that writes each new record as a line `VCPU SEQ VALUE(hex)`

@@ -14,36 +14,20 @@ use std::time::Duration;
 use common::*;
 use ferry::colo::{
     forward_outputs, run_primary, run_secondary, secondary_builder, ColoControl, ColoOptions,
-    ColoSummary, KillPoint, KillStage, LoadHook, OutputQueue, OutputSink,
+    ColoSummary, HistorySink, KillPoint, KillStage, LoadHook, OutputQueue, OutputSink,
 };
 use ferry::synthetic::{synthetic_memory, OutputHook};
 use ferry::{
     migrate_in, migrate_out, DirtyPattern, Guest, IncomingOptions, OutgoingOptions, Progress,
     Resources, SyntheticConfig, SyntheticGuest, TrackerKind,
 };
-use ferry_colo::compare::HistoryError;
-use ferry_colo::{ClientHistory, ColoMode, FailoverReason, FailoverState, Record};
+use ferry_colo::{ColoMode, FailoverReason, FailoverState, Record};
 
 /// Every `EVERY`-th write of a vCPU emits a record.
 const EVERY: u64 = 4;
 
-/// The client: takes every released record, keeps the first error.
-#[derive(Default)]
-struct Client {
-    history: Mutex<ClientHistory>,
-    errors: Mutex<Vec<HistoryError>>,
-}
-
-impl OutputSink for Client {
-    fn release(&self, records: &[Record]) {
-        let mut h = self.history.lock().unwrap();
-        for r in records {
-            if let Err(e) = h.accept(*r) {
-                self.errors.lock().unwrap().push(e);
-            }
-        }
-    }
-}
+/// The client: takes every released record, keeps the errors.
+type Client = HistorySink;
 
 /// A hook that keeps every record a guest produced, then queues it.
 fn tee(into: Arc<Mutex<Vec<Record>>>) -> OutputHook {

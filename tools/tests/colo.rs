@@ -5,7 +5,7 @@
 
 mod support;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde_json::Value;
 use support::{ctl, start_recv, start_send_synthetic};
@@ -14,17 +14,7 @@ const DEADLINE: Duration = Duration::from_secs(60);
 
 /// Polls query-colo-status on `sock` until `want` holds.
 fn colo_status(sock: &std::path::Path, want: impl Fn(&Value) -> bool) -> Value {
-    let t = Instant::now();
-    loop {
-        if sock.exists() {
-            let (code, v) = ctl(sock, &["query-colo-status"]);
-            if code == Some(0) && want(&v["return"]) {
-                return v["return"].clone();
-            }
-        }
-        assert!(t.elapsed() < DEADLINE, "query-colo-status never showed it");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    support::colo_status(sock, DEADLINE, want)
 }
 
 #[test]

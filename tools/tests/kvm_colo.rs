@@ -14,17 +14,16 @@ mod support;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use ferry::colo::{
     forward_outputs, run_primary, run_secondary, secondary_builder_with, ColoControl,
-    ColoGuestKind, ColoOptions, ColoSummary, KillPoint, KillStage, LoadHook, OutputQueue,
-    OutputSink,
+    ColoGuestKind, ColoOptions, ColoSummary, HistorySink, KillPoint, KillStage, LoadHook,
+    OutputQueue, OutputSink,
 };
 use ferry::synthetic::OutputHook;
 use ferry::{migrate_in, migrate_out, Guest, IncomingOptions, OutgoingOptions, Progress};
-use ferry_colo::compare::HistoryError;
-use ferry_colo::{ClientHistory, ColoMode, FailoverReason, FailoverState, Record};
+use ferry_colo::{ColoMode, FailoverReason, FailoverState, Record};
 use ferry_vmm::{vcpu_status, DirtyTracker, KvmGuest, SharedKvmGuest, VmConfig, WritePattern};
 use serde_json::Value;
 use support::{ctl, start_recv, Proc};
@@ -54,22 +53,7 @@ fn within<T: Send + 'static>(secs: u64, f: impl FnOnce() -> T + Send + 'static) 
 }
 
 /// The client: takes every released record, keeps the errors.
-#[derive(Default)]
-struct Client {
-    history: Mutex<ClientHistory>,
-    errors: Mutex<Vec<HistoryError>>,
-}
-
-impl OutputSink for Client {
-    fn release(&self, records: &[Record]) {
-        let mut h = self.history.lock().unwrap();
-        for r in records {
-            if let Err(e) = h.accept(*r) {
-                self.errors.lock().unwrap().push(e);
-            }
-        }
-    }
-}
+type Client = HistorySink;
 
 fn tee(into: Arc<Mutex<Vec<Record>>>) -> OutputHook {
     Arc::new(move |r| into.lock().unwrap().push(r))
@@ -572,17 +556,7 @@ const DEADLINE: Duration = Duration::from_secs(120);
 
 /// Polls query-colo-status on `sock` until `want` holds.
 fn colo_status(sock: &std::path::Path, want: impl Fn(&Value) -> bool) -> Value {
-    let t = Instant::now();
-    loop {
-        if sock.exists() {
-            let (code, v) = ctl(sock, &["query-colo-status"]);
-            if code == Some(0) && want(&v["return"]) {
-                return v["return"].clone();
-            }
-        }
-        assert!(t.elapsed() < DEADLINE, "query-colo-status never showed it");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    support::colo_status(sock, DEADLINE, want)
 }
 
 #[test]

@@ -442,3 +442,23 @@ pub fn assert_contains(text: &str, parts: &[&str]) {
         assert!(text.contains(p), "expected {p:?} in: {text}");
     }
 }
+
+/// Polls `ctl SOCK query-colo-status` until `want` holds for its answer
+/// (the `return` object), failing the test after `deadline`.
+pub fn colo_status(
+    sock: &std::path::Path,
+    deadline: std::time::Duration,
+    want: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let t = std::time::Instant::now();
+    loop {
+        if sock.exists() {
+            let (code, v) = ctl(sock, &["query-colo-status"]);
+            if code == Some(0) && want(&v["return"]) {
+                return v["return"].clone();
+            }
+        }
+        assert!(t.elapsed() < deadline, "query-colo-status never showed it");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
