@@ -319,10 +319,7 @@ fn rate(bytes_per_s: u64) -> String {
 }
 
 fn fmt_spread(s: crate::Spread, decimals: usize) -> String {
-    format!(
-        "{:.decimals$} ({:.decimals$}-{:.decimals$})",
-        s.median, s.min, s.max
-    )
+    crate::Spread::text(Some(&s), decimals)
 }
 
 fn fmt_load(l: Option<[f64; 3]>) -> String {

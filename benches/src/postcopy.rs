@@ -219,15 +219,7 @@ fn ratio(a: Option<&Spread>, b: Option<&Spread>) -> Option<f64> {
 }
 
 fn spread(s: Option<&Spread>, decimals: usize) -> String {
-    s.map_or_else(
-        || "-".into(),
-        |s| {
-            format!(
-                "{:.decimals$} ({:.decimals$}-{:.decimals$})",
-                s.median, s.min, s.max
-            )
-        },
-    )
+    Spread::text(s, decimals)
 }
 
 impl PostcopyReport {

@@ -303,6 +303,20 @@ impl Spread {
             max: finite.fold(f64::NEG_INFINITY, f64::max),
         })
     }
+
+    /// `median (min-max)` with `decimals` places, or `-` for none: how
+    /// the live and postcopy tables show a figure.
+    pub fn text(s: Option<&Spread>, decimals: usize) -> String {
+        s.map_or_else(
+            || "-".into(),
+            |s| {
+                format!(
+                    "{:.decimals$} ({:.decimals$}-{:.decimals$})",
+                    s.median, s.min, s.max
+                )
+            },
+        )
+    }
 }
 
 /// One live migration's figures, from the source's JSON report (and the
