@@ -68,7 +68,8 @@ pub fn boot_with_output(
 }
 
 /// A KVM guest a destination built, and every vCPU's counters as they
-/// arrived (before it ran here).
+/// arrived: read by [`take_arrived`] when the migration has ended here
+/// (empty until then).
 pub struct Arrived {
     pub guest: Arc<KvmGuest>,
     pub at_arrival: Vec<VcpuStatus>,
@@ -76,6 +77,21 @@ pub struct Arrived {
 
 /// Where a destination's guest builder leaves the KVM guest it built.
 pub type ArrivedSlot = Arc<Mutex<Option<Arrived>>>;
+
+/// The KVM guest the builder left in `slot`, if any, with its counters
+/// read now. Not in the builder: under postcopy it runs before every page
+/// is there, and reading a missing status page would wait for it on the
+/// migration's own thread, which a link cut at that moment would leave
+/// waiting with nobody to recover the link.
+pub fn take_arrived(slot: &ArrivedSlot) -> anyhow::Result<Option<Arrived>> {
+    let Some(mut arrived) = slot.lock().unwrap().take() else {
+        return Ok(None);
+    };
+    if arrived.at_arrival.is_empty() {
+        arrived.at_arrival = arrived.guest.statuses()?;
+    }
+    Ok(Some(arrived))
+}
 
 /// `recv --prebuild-kvm`: the VM a destination prepares over its memory
 /// (KVM_CREATE_VM, the memory slots) in a thread of its own while pages
@@ -129,7 +145,9 @@ pub fn from_state(
     state: &[u8],
     resources: Resources,
 ) -> anyhow::Result<Arrived> {
-    from_state_or_prepared(memory, state, resources, None)
+    let mut arrived = from_state_or_prepared(memory, state, resources, None)?;
+    arrived.at_arrival = arrived.guest.statuses()?;
+    Ok(arrived)
 }
 
 /// [`from_state`] into `prepared`, a VM made over `memory` beforehand,
@@ -148,10 +166,9 @@ fn from_state_or_prepared(
         None => KvmGuest::from_state(memory, state, resources),
     }
     .context("building the KVM guest from its saved state")?;
-    let at_arrival = guest.statuses()?;
     Ok(Arrived {
         guest: Arc::new(guest),
-        at_arrival,
+        at_arrival: Vec::new(),
     })
 }
 

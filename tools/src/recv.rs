@@ -260,7 +260,7 @@ fn migrate(a: RecvArgs) -> anyhow::Result<bool> {
     }
     match result {
         Ok(outcome) if forward.is_some() => {
-            let kvm = arrived.lock().unwrap().take();
+            let kvm = crate::kvm::take_arrived(&arrived)?;
             let uri = forward.expect("forward is some");
             forward_guest(outcome, kvm, &uri, &a)
         }
@@ -285,7 +285,7 @@ fn migrate(a: RecvArgs) -> anyhow::Result<bool> {
                 e.finish();
             }
             drop((control, metrics));
-            let kvm = arrived.lock().unwrap().take();
+            let kvm = crate::kvm::take_arrived(&arrived)?;
             if let Some(after) = crate::guest_args::run_after(a.run_after, &outcome.device_state) {
                 outcome.summary.workload = match &kvm {
                     Some(k) => Some(crate::kvm::run_workload(k, after.as_secs_f64())?),
