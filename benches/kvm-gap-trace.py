@@ -59,7 +59,7 @@ for n in range(N):
     sv = json.loads(s.stdout.strip().splitlines()[-1]); rv = json.loads(ro.strip().splitlines()[-1])
     print(f'run {n}: downtime {sv.get("downtime_ms")} ms, guest blackout '
           f'{(rv.get("workload") or {}).get("guest_blackout_us", 0) / 1e3} ms, TSC {hz / 1e9:.4f} GHz; '
-          f'destination resumed at +{ms(resumed):.1f} ms')
+          f'destination resumed at +{ms(resumed):.1f} ms; time 0 is UNIX {t0 / 1e9:.6f} s')
     for (side, label), t in sorted(marks.items(), key=lambda kv: kv[1]):
         if -3000 < ms(t) < 2500 and 'guest:' not in label:
             print(f'    {ms(t):9.2f} {side} {label}')

@@ -715,7 +715,9 @@ fn follow_main(
                 summary.device_state_digest = Some(Digest::of_bytes(&d).to_string());
                 out.device_state = d;
             }
-            Message::PostcopyPackage(p) if last_pass > 0 => {
+            // Before any pass too (`--postcopy-after 0`): then its discard
+            // list must name every page (`postcopy_in` checks).
+            Message::PostcopyPackage(p) => {
                 out.package = Some(p);
                 return Ok(());
             }

@@ -84,9 +84,10 @@ pub struct OutgoingOptions {
     /// The postcopy capability (`--postcopy`): announced in SETUP; the
     /// migration may then switch to postcopy (see [`crate::postcopy`]).
     pub postcopy: bool,
-    /// With `postcopy`, switch after this many precopy passes (0: only on
-    /// `migrate-start-postcopy` or when precopy does not converge).
-    pub postcopy_after: u64,
+    /// With `postcopy`, switch after this many precopy passes: `Some(0)`
+    /// before the first (every page then follows in postcopy), `None` only
+    /// on `migrate-start-postcopy` or when precopy does not converge.
+    pub postcopy_after: Option<u64>,
     /// Postcopy: answer page requests on the preempt channel (default);
     /// false (`--no-postcopy-preempt`): queue them on the first push
     /// channel, behind the background stream.
@@ -114,7 +115,7 @@ impl Default for OutgoingOptions {
             tls: None,
             verify_switchover: false,
             postcopy: false,
-            postcopy_after: 0,
+            postcopy_after: None,
             postcopy_preempt: true,
             postcopy_recover: crate::postcopy::RecoverMode::Manual,
             postcopy_paused_timeout: None,
@@ -760,7 +761,7 @@ impl PassSink for NetSink<'_, '_> {
         if !self.opts.postcopy {
             return false;
         }
-        let after = self.opts.postcopy_after;
+        let after = self.opts.postcopy_after.unwrap_or(0);
         // Not converging: what is left exceeds what the downtime allows
         // and shrank by less than a tenth in the last pass.
         let stuck = before.is_some_and(|b| est.remaining as f64 > 0.9 * b as f64)
@@ -776,6 +777,17 @@ impl PassSink for NetSink<'_, '_> {
         };
         tracing::info!(passes, why, "switching to postcopy");
         true
+    }
+
+    /// With the capability: `--postcopy-after 0`, or `migrate-start-postcopy`
+    /// already asked for.
+    fn postcopy_at_start(&mut self) -> bool {
+        let at_once = self.opts.postcopy
+            && (self.opts.postcopy_after == Some(0) || self.progress.postcopy_requested());
+        if at_once {
+            tracing::info!("switching to postcopy before the first pass");
+        }
+        at_once
     }
 
     /// The destination must have sent SWITCHOVER_ACK.

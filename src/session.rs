@@ -375,6 +375,12 @@ pub trait PassSink {
         false
     }
 
+    /// Postcopy at once, before the first pass: then every page is
+    /// pending and follows in postcopy. By default, no.
+    fn postcopy_at_start(&mut self) -> bool {
+        false
+    }
+
     /// The loop decided to switch over: may it? By default, at once.
     fn switchover_ready(&mut self) -> Result<Readiness, Self::Error> {
         Ok(Readiness::Ready)
@@ -707,7 +713,9 @@ impl<'a> Session<'a> {
         self.check_cancel()?;
         self.progress.begin_pass(self.pending_bytes());
         let number = self.stats.passes + 1;
+        crate::switchover_trace::mark_with(|| format!("source: pass {number} begins"));
         let sent = sink.send_pass(number, &self.pending, live);
+        crate::switchover_trace::mark_with(|| format!("source: pass {number} sent"));
         self.progress.end_pass();
         let pass = sent?;
         self.stats.passes = number;
@@ -726,6 +734,10 @@ impl<'a> Session<'a> {
         let log = self.config.log;
         if let Some(l) = log {
             l.start().map_err(SessionError::from)?;
+            crate::switchover_trace::mark("source: dirty log started");
+        }
+        if sink.postcopy_at_start() {
+            return Ok(PrecopyEnd::Postcopy);
         }
         let tracking = log.is_some();
         let page_size = self.progress.page_size.load(Ordering::Relaxed);

@@ -25,6 +25,13 @@ pub fn mark(label: &str) {
     }
 }
 
+/// [`mark`] with a label built only when marks print.
+pub fn mark_with(label: impl FnOnce() -> String) {
+    if enabled() {
+        mark(&label());
+    }
+}
+
 /// The host's TSC (0 off x86_64).
 fn host_tsc() -> u64 {
     #[cfg(target_arch = "x86_64")]

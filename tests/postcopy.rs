@@ -20,7 +20,7 @@ use ferry_transport::certs::{generate, CertRequest};
 fn postcopy_opts(after: u64) -> OutgoingOptions {
     OutgoingOptions {
         postcopy: true,
-        postcopy_after: after,
+        postcopy_after: Some(after),
         ..OutgoingOptions::default()
     }
 }
@@ -90,6 +90,28 @@ fn postcopy_after_one_pass_passes_the_replay_check_in_several_runs() {
 }
 
 #[test]
+fn postcopy_after_zero_switches_before_any_pass_and_every_page_follows() {
+    within(120, || {
+        let guest = fast_guest();
+        let (l, uri) = listener();
+        let dst = spawn_destination(l, IncomingOptions::default());
+        let progress = Progress::default();
+        let sent = migrate_out(&guest, &uri, &postcopy_opts(0), &progress).unwrap();
+        assert_eq!(sent.passes, 0, "no precopy pass before the switch");
+        assert_eq!(sent.precopy_bytes, 0, "{sent:?}");
+        let pc = sent.postcopy.as_ref().unwrap();
+        let pages = guest.memory().blocks()[0].len() / 4096;
+        assert_eq!(
+            pc.postcopy_discarded_pages, pages,
+            "every page is pending at the switch"
+        );
+        let got = dst.join().unwrap().expect("destination completes");
+        assert_eq!(got.summary.passes, 0);
+        check_postcopy(&guest, &sent, got);
+    });
+}
+
+#[test]
 fn start_postcopy_switches_a_migration_that_would_not_converge() {
     within(120, || {
         let guest = Arc::new(fast_guest());
@@ -106,7 +128,7 @@ fn start_postcopy_switches_a_migration_that_would_not_converge() {
         // Only on request: --postcopy-after and the automatic switch are off
         // (the automatic one is tested below).
         let mut opts = postcopy_opts(0);
-        opts.postcopy_after = 0;
+        opts.postcopy_after = None;
         let src = std::thread::spawn(move || migrate_out(&*g, &uri, &opts, &p));
         while progress.status() != Status::Active {
             std::thread::sleep(Duration::from_millis(10));
@@ -172,7 +194,10 @@ fn postcopy_starts_by_itself_when_precopy_does_not_converge() {
                 downtime_limit: Duration::from_micros(1),
                 ..Default::default()
             });
-            let sent = migrate_out(&guest, &uri, &postcopy_opts(0), &progress).unwrap();
+            // No count: only the automatic switch.
+            let mut opts = postcopy_opts(0);
+            opts.postcopy_after = None;
+            let sent = migrate_out(&guest, &uri, &opts, &progress).unwrap();
             let got = dst.join().unwrap().expect("destination completes");
             if sent.postcopy.is_none() {
                 assert_eq!(

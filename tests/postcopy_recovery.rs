@@ -132,7 +132,7 @@ fn fast_guest() -> Arc<SyntheticGuest> {
 fn source_opts(preempt: bool) -> OutgoingOptions {
     OutgoingOptions {
         postcopy: true,
-        postcopy_after: 1,
+        postcopy_after: Some(1),
         postcopy_preempt: preempt,
         postcopy_paused_timeout: Some(GIVE_UP),
         ..OutgoingOptions::default()

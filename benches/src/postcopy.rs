@@ -489,7 +489,7 @@ fn replay_once(
     let opts = ferry::OutgoingOptions {
         channels,
         postcopy: true,
-        postcopy_after: pc.postcopy_after,
+        postcopy_after: Some(pc.postcopy_after),
         ..Default::default()
     };
     let sent = ferry::migrate_out(&guest, &uri, &opts, &ferry::Progress::default());
@@ -551,11 +551,6 @@ pub fn run_postcopy(
     if config.peer_iperf || config.peer_floor || config.peer_plain || config.dataset.is_some() {
         return Err(BenchError::Config(
             "--postcopy takes only --peer qemu (and no --dataset)".into(),
-        ));
-    }
-    if pc.postcopy_after == 0 {
-        return Err(BenchError::Config(
-            "--postcopy-after 0: the bench needs a switch it can count on".into(),
         ));
     }
     let mut notes = vec![
@@ -770,11 +765,6 @@ mod tests {
         let mut c = config();
         c.peer_iperf = true;
         assert!(err(&c, &pc).contains("only --peer qemu"));
-        let p = PostcopyOptions {
-            postcopy_after: 0,
-            ..PostcopyOptions::default()
-        };
-        assert!(err(&config(), &p).contains("--postcopy-after 0"));
     }
 
     #[test]

@@ -65,6 +65,11 @@ pub(super) fn postcopy_in(
     let package = out.package.take().unwrap_or_default();
     let (discard, device_state) = wire::decode_package(&package, &memory.specs())?;
     step("package decoded");
+    // No pass landed here: every page is still to come, so a discard list
+    // that leaves one out would have it taken as final, never sent.
+    if summary.passes == 0 {
+        wire::check_whole_discard(&discard)?;
+    }
     // A page whose last precopy copy failed its checksum was written
     // while in flight: it is stale, in the discard list, and comes again.
     let counters = pool.counters().clone();

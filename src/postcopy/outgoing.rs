@@ -44,7 +44,7 @@ impl Source<'_> {
         // at the 1 GiB/s case). The first pass's landing is
         // announced (SWITCHOVER_ACK): wait for it while the guest still
         // runs; pages it dirties meanwhile join the discard list.
-        if !s.switchover_acked {
+        if !s.switchover_acked && session.passes() > 0 {
             let t = Instant::now();
             let what = "SWITCHOVER_ACK";
             match super::wait_reply(self.progress, &s.return_path, self.opts.setup_timeout, what)? {

@@ -395,6 +395,26 @@ pub fn still_missing(discard: &[PageBitmap], received: &[PageBitmap]) -> Vec<Pag
         .collect()
 }
 
+/// A package that comes before any pass (`--postcopy-after 0`) must name
+/// every page in its discard list: none has been sent, so a page left out
+/// would be taken as final without ever arriving. Refuses one that leaves
+/// pages out, naming the first such block.
+pub fn check_whole_discard(discard: &[PageBitmap]) -> Result<(), PostcopyError> {
+    match discard
+        .iter()
+        .enumerate()
+        .find(|(_, d)| d.count() != d.pages())
+    {
+        None => Ok(()),
+        Some((block, d)) => Err(PostcopyError::BadDiscard(format!(
+            "the package came before any pass, but its discard list leaves {} of block \
+             {block}'s {} pages out: they were never sent",
+            d.pages() - d.count(),
+            d.pages()
+        ))),
+    }
+}
+
 /// The package: discard list and device state.
 pub fn encode_package(discard: &[PageBitmap], device_state: &[u8]) -> Vec<u8> {
     let list = encode_discard(discard);
@@ -429,6 +449,18 @@ pub fn decode_package(
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_package_before_any_pass_must_discard_every_page() {
+        let whole = PageBitmap::new(100, true);
+        let short = PageBitmap::new(64, true);
+        short.test_and_clear(63);
+        check_whole_discard(&[PageBitmap::new(100, true)]).unwrap();
+        let e = check_whole_discard(&[whole, short])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("leaves 1 of block 1's 64 pages out"), "{e}");
+    }
+
     use super::*;
 
     fn blocks() -> Vec<BlockSpec> {

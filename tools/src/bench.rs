@@ -177,7 +177,8 @@ pub struct BenchArgs {
     /// after the same passes), or says why it cannot run here.
     #[arg(long, conflicts_with = "live")]
     postcopy: bool,
-    /// With --postcopy: precopy passes before the switch.
+    /// With --postcopy: precopy passes before the switch (0: switch before
+    /// the first; QEMU then gets migrate-start-postcopy at once).
     #[arg(long, default_value_t = 1, requires = "postcopy", value_name = "N")]
     postcopy_after: u64,
     /// With --postcopy: skip the in-process replay-check migration.

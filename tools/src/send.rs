@@ -152,7 +152,9 @@ pub struct SendArgs {
     /// --postcopy-recover auto).
     #[arg(long)]
     postcopy: bool,
-    /// With --postcopy: switch after this many precopy passes.
+    /// With --postcopy: switch after this many precopy passes. 0 switches
+    /// before the first pass: the shortest downtime (nothing to sync, no
+    /// pass to wait for), every page then follows in postcopy.
     #[arg(long, requires = "postcopy", value_name = "N")]
     postcopy_after: Option<u64>,
     /// With --postcopy: answer page requests on the first push channel,
@@ -259,7 +261,7 @@ fn migrate(a: SendArgs) -> anyhow::Result<bool> {
             ..Default::default()
         },
         postcopy: a.postcopy,
-        postcopy_after: a.postcopy_after.unwrap_or(0),
+        postcopy_after: a.postcopy_after,
         postcopy_preempt: !a.no_postcopy_preempt,
         postcopy_recover: a.postcopy_recover,
         colo: a.colo.colo,
