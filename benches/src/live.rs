@@ -29,7 +29,9 @@
 //! memory), or the KVM micro-VM (`--guest kvm`: ferry-vmm's guest program,
 //! which checks its own memory and watches its own clock). For the KVM
 //! guest `ferry recv` gets `--run-after T`: its report's `workload` gives
-//! the blackout as the guest saw it (`guest_blackout_us`), the rate it
+//! the blackout as the guest saw it (`guest_switchover_gap_us`, the
+//! window spanning the switchover, and `guest_blackout_us`, the largest
+//! gap over all its lines there), the rate it
 //! wrote at there, and its self-check, which must be clean (else the bench
 //! fails naming it). With `--peer qemu` the same guest program with the
 //! same parameters also runs under QEMU and migrates QEMU to QEMU
@@ -369,13 +371,14 @@ impl LiveReport {
         );
         let _ = writeln!(
             s,
-            "{:<5} {:<8} {:>3} {:>22} {:>22} {:>22} {:>12} {:>22} {:>18} {:>8} {:>22}",
+            "{:<5} {:<8} {:>3} {:>22} {:>22} {:>22} {:>22} {:>12} {:>22} {:>18} {:>8} {:>22}",
             "tool",
             "tracker",
             "ch",
             "total s",
             "downtime ms",
-            "blackout ms",
+            "switchover gap ms",
+            "largest gap ms",
             "passes",
             "wire MiB",
             "guest MiB/s",
@@ -398,10 +401,11 @@ impl LiveReport {
             };
             let _ = writeln!(
                 s,
-                "{tool:<5} {tracker:<8} {:>3} {:>22} {:>22} {:>22} {:>12} {:>22} {:>18} {:>8} {:>22}",
+                "{tool:<5} {tracker:<8} {:>3} {:>22} {:>22} {:>22} {:>22} {:>12} {:>22} {:>18} {:>8} {:>22}",
                 case.channels,
                 fmt_spread(m.total_s, 3),
                 fmt_spread(m.downtime_ms, 1),
+                opt(m.guest_switchover_gap_ms, 1),
                 opt(m.guest_blackout_ms, 1),
                 fmt_spread(m.passes, 0),
                 fmt_spread(mib(m.wire_bytes), 0),
@@ -418,10 +422,12 @@ impl LiveReport {
             let f = |v: Option<f64>| v.map_or_else(|| "-".into(), |v| format!("{v:.2}"));
             let _ = writeln!(
                 s,
-                "ferry ({}, {} ch) / QEMU: total time {}, guest-observed blackout {}",
+                "ferry ({}, {} ch) / QEMU: total time {}, guest-observed blackout: \
+                 switchover gap {}, largest gap {}",
                 r.tracker,
                 r.channels,
                 f(r.ferry_over_qemu_total),
+                f(r.ferry_over_qemu_switchover_gap),
                 f(r.ferry_over_qemu_blackout)
             );
         }
@@ -430,8 +436,11 @@ impl LiveReport {
             "(total: from the start of the migration on the source until the destination's \
              guest ran (QEMU: its total-time); downtime: the source's, from pausing the guest \
              until the destination said it runs, the destination's switchover digest off \
-             (QEMU: its downtime); blackout: the largest gap the KVM guest saw in its own TSC \
-             across the switchover; wire: every byte on every channel (QEMU: ram.transferred); \
+             (QEMU: its downtime); switchover gap: the largest gap the KVM guest saw in its \
+             own TSC in the window that spans the switchover (each vCPU's first progress \
+             line on the destination), the blackout the migration caused; largest gap: the \
+             largest over all its lines on the destination (the switchover's window and the \
+             run after it, so also any stall of the host meanwhile); wire: every byte on every channel (QEMU: ram.transferred); \
              guest MiB/s: the rate the KVM guest wrote at on the destination, from its \
              counters; checked: verification migrations, one per run, with the destination's \
              switchover digest on, whose digests of memory and device state at switchover \
@@ -530,8 +539,8 @@ fn live_once(run: &FerryRun<'_>, guest: LiveGuest) -> Result<Sample, BenchError>
     } else {
         None
     };
-    let (guest_blackout_ms, guest_write_rate) = match guest {
-        LiveGuest::Synthetic => (None, None),
+    let (guest_blackout_ms, guest_switchover_gap_ms, guest_write_rate) = match guest {
+        LiveGuest::Synthetic => (None, None, None),
         LiveGuest::Kvm => kvm_workload(&held, run.label)?,
     };
     let wire_bytes = sent["wire_bytes"].as_u64().unwrap_or(0);
@@ -551,6 +560,7 @@ fn live_once(run: &FerryRun<'_>, guest: LiveGuest) -> Result<Sample, BenchError>
         source_digest,
         destination_digest,
         guest_blackout_ms,
+        guest_switchover_gap_ms,
         guest_write_rate,
     });
     Ok(sample)
@@ -558,8 +568,13 @@ fn live_once(run: &FerryRun<'_>, guest: LiveGuest) -> Result<Sample, BenchError>
 
 /// The KVM guest's workload on the destination (`ferry recv --run-after`):
 /// its self-check must be clean and every vCPU must have gone on; gives
-/// the blackout it saw (ms) and the rate it wrote at there (bytes/s).
-fn kvm_workload(held: &Value, case: &str) -> Result<(Option<f64>, Option<f64>), BenchError> {
+/// the blackout it saw (ms: the largest gap there, and the largest in the
+/// window spanning the switchover) and the rate it wrote at (bytes/s).
+#[allow(clippy::type_complexity)]
+fn kvm_workload(
+    held: &Value,
+    case: &str,
+) -> Result<(Option<f64>, Option<f64>, Option<f64>), BenchError> {
     let bad = |why: String| BenchError::GuestCheck {
         case: case.to_string(),
         why,
@@ -588,6 +603,7 @@ fn kvm_workload(held: &Value, case: &str) -> Result<(Option<f64>, Option<f64>), 
         ));
     }
     let blackout_ms = w["guest_blackout_us"].as_f64().map(|us| us / 1e3);
+    let switchover_gap_ms = w["guest_switchover_gap_us"].as_f64().map(|us| us / 1e3);
     let rate = match (
         w["writes_at_switchover"].as_u64(),
         w["writes_after"].as_u64(),
@@ -598,7 +614,7 @@ fn kvm_workload(held: &Value, case: &str) -> Result<(Option<f64>, Option<f64>), 
         }
         _ => None,
     };
-    Ok((blackout_ms, rate))
+    Ok((blackout_ms, switchover_gap_ms, rate))
 }
 
 /// The per-run log line of a live migration.
@@ -710,9 +726,11 @@ pub fn run_live(
     }
     if live.guest == LiveGuest::Kvm {
         notes.push(format!(
-            "KVM guest: ferry recv --run-after {} s; its blackout is the destination's \
-             workload.guest_blackout_us (the largest TSC gap between two progress lines there, \
-             lines every second; the first spans the switchover); the guest's write rate is \
+            "KVM guest: ferry recv --run-after {} s; its switchover gap is the destination's \
+             workload.guest_switchover_gap_us (the largest TSC gap in each vCPU's first \
+             progress line there, whose window spans the switchover), its largest gap \
+             workload.guest_blackout_us (over all its lines there, one a second); the guest's \
+             write rate is \
              from its own counters on the destination; the self-check was clean in every run \
              (else the bench fails)",
             live.run_after.as_secs_f64()
@@ -848,8 +866,12 @@ pub struct LiveRatio {
     pub tracker: String,
     /// ferry's median total time / QEMU's: below 1, ferry is faster.
     pub ferry_over_qemu_total: Option<f64>,
-    /// ferry's median guest-observed blackout / QEMU's.
+    /// ferry's median guest-observed blackout / QEMU's (the largest gap
+    /// over the destination's lines).
     pub ferry_over_qemu_blackout: Option<f64>,
+    /// ferry's median largest gap in the window spanning the switchover
+    /// / QEMU's: the blackout the migration itself caused.
+    pub ferry_over_qemu_switchover_gap: Option<f64>,
 }
 
 /// The ratios for every ferry case with a QEMU case at its channel count.
@@ -871,6 +893,10 @@ fn live_ratios(cases: &[Case]) -> Vec<LiveRatio> {
                 ferry_over_qemu_blackout: fl
                     .guest_blackout_ms
                     .zip(ql.guest_blackout_ms)
+                    .and_then(|(a, b)| ratio(a.median, b.median)),
+                ferry_over_qemu_switchover_gap: fl
+                    .guest_switchover_gap_ms
+                    .zip(ql.guest_switchover_gap_ms)
                     .and_then(|(a, b)| ratio(a.median, b.median)),
             })
         })
@@ -1026,6 +1052,7 @@ mod tests {
             source_digest: "ab".into(),
             destination_digest: check.then(|| "ab".into()),
             guest_blackout_ms: None,
+            guest_switchover_gap_ms: None,
             guest_write_rate: None,
         });
         s
@@ -1117,6 +1144,7 @@ mod tests {
                 "(0.500-0.700)",
                 "3.0",
                 "(2.0-9.0)",
+                "-",
                 "-",
                 "5",
                 "(4-6)",

@@ -159,6 +159,7 @@ pub(crate) fn qemu_live_once(
         });
     }
     let mut blackout_us = 0;
+    let mut switchover_gap_us = 0;
     let mut rate = 0.0;
     let mut errors = 0;
     for v in 0..vcpus {
@@ -166,6 +167,7 @@ pub(crate) fn qemu_live_once(
         let (first, last) = (p[0], p[p.len() - 1]);
         let gap = p.iter().filter_map(|l| l.gap_us).max().unwrap_or(0);
         blackout_us = blackout_us.max(gap);
+        switchover_gap_us = switchover_gap_us.max(first.gap_us.unwrap_or(0));
         rate += last.writes.saturating_sub(first.writes) as f64 * PAGE
             / ((p.len() - 1) as f64 * REPORT_S);
         errors += last.errors;
@@ -194,6 +196,7 @@ pub(crate) fn qemu_live_once(
         source_digest: String::new(),
         destination_digest: None,
         guest_blackout_ms: Some(blackout_us as f64 / 1e3),
+        guest_switchover_gap_ms: Some(switchover_gap_us as f64 / 1e3),
         guest_write_rate: Some(rate),
     });
     Ok(sample)

@@ -356,6 +356,13 @@ pub struct LiveFigures {
     /// destination's progress lines (`live_qemu.rs`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub guest_blackout_ms: Option<f64>,
+    /// The same guest: the largest gap in the window that spans the
+    /// switchover only (each vCPU's first progress line on the
+    /// destination; for ferry `workload.guest_switchover_gap_us`), ms:
+    /// the blackout the migration caused, without the stalls the host
+    /// adds in the seconds after.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub guest_switchover_gap_ms: Option<f64>,
     /// The KVM guest: the rate its vCPUs wrote at on the destination,
     /// bytes/s, from its own write counters (the rate asked may be more
     /// than a software KVM lets it reach).
@@ -378,9 +385,13 @@ pub struct LiveSummary {
     /// digest included.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub check_downtime_ms: Option<Spread>,
-    /// The guest-observed blackout, ms (the KVM guest).
+    /// The guest-observed blackout, ms (the KVM guest): the largest gap
+    /// over its lines on the destination.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub guest_blackout_ms: Option<Spread>,
+    /// The largest gap in the window spanning the switchover, ms.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub guest_switchover_gap_ms: Option<Spread>,
     /// The write rate the guest reached, bytes/s (the KVM guest).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub guest_write_rate: Option<Spread>,
@@ -414,6 +425,12 @@ impl LiveSummary {
                 &live
                     .iter()
                     .filter_map(|l| l.guest_blackout_ms)
+                    .collect::<Vec<_>>(),
+            ),
+            guest_switchover_gap_ms: Spread::of(
+                &live
+                    .iter()
+                    .filter_map(|l| l.guest_switchover_gap_ms)
                     .collect::<Vec<_>>(),
             ),
             guest_write_rate: Spread::of(

@@ -232,6 +232,7 @@ fn live_race_of_a_32_mib_kvm_guest_against_qemu() {
             "total_s",
             "downtime_ms",
             "guest_blackout_ms",
+            "guest_switchover_gap_ms",
             "passes",
             "wire_bytes",
         ] {
@@ -247,6 +248,13 @@ fn live_race_of_a_32_mib_kvm_guest_against_qemu() {
         let s = &case["samples"][0]["live"];
         assert!(
             s["guest_blackout_ms"].as_f64().is_some_and(|b| b > 0.0),
+            "{s}"
+        );
+        // The switchover's window is one of the windows the largest gap
+        // is taken over.
+        let gap = s["guest_switchover_gap_ms"].as_f64().unwrap_or(-1.0);
+        assert!(
+            gap > 0.0 && gap <= s["guest_blackout_ms"].as_f64().unwrap(),
             "{s}"
         );
     }
