@@ -3,7 +3,8 @@
 # places every guest TSC gap above 5 ms on the trace's timeline and says which phase it fell in.
 # The guest's TSC is the host's under kvm_pvm (docs/MEASUREMENTS.md), so its progress lines'
 # gap_end_tsc maps to UNIX time through the trace's `ferry-clock TSC UNIX_NS` pairs.
-# FERRY=path/to/ferry (default target/release/ferry); SEND_EXTRA="..." adds send flags. Needs /dev/kvm.
+# FERRY=path/to/ferry (default target/release/ferry); SEND_EXTRA="..." adds send flags; RUN_AFTER=6s
+# lets the destination's guest run longer (default 2s). Needs /dev/kvm.
 import subprocess, sys, json, os, random, time, statistics
 F = os.environ.get('FERRY', 'target/release/ferry')
 N = int(sys.argv[1])
@@ -14,7 +15,7 @@ MIN_MS = 5.0
 summary = []
 for n in range(N):
     port = random.randint(20000, 40000)
-    r = subprocess.Popen([F, 'recv', '--listen', f'tcp:127.0.0.1:{port}', '--run-after', '2s', '--json',
+    r = subprocess.Popen([F, 'recv', '--listen', f'tcp:127.0.0.1:{port}', '--run-after', os.environ.get('RUN_AFTER', '2s'), '--json',
                           '--tcp-congestion', 'cubic', '--prebuild-kvm'] + recv_extra,
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True)
     time.sleep(1.0)
