@@ -10,7 +10,8 @@ use support::{ctl, start_recv, start_send_synthetic, wait_for_query};
 const DEADLINE: Duration = Duration::from_secs(60);
 
 /// A pass held to 32 MiB/s gives `ctl start-postcopy` a second of precopy
-/// to land in; the migration then switches after that pass, and both
+/// to land in; the migration then switches after that pass (before it,
+/// had the request come before it began), and both
 /// sides report postcopy's phase and figures.
 #[test]
 fn ctl_start_postcopy_switches_and_both_sides_report_it() {
@@ -34,7 +35,12 @@ fn ctl_start_postcopy_switches_and_both_sides_report_it() {
     assert_eq!(code, Some(0), "{v}");
     let (s, r) = (send.wait(DEADLINE), recv.wait(DEADLINE));
     let (sv, rv) = (s.completed(), r.completed());
-    assert_eq!(sv["passes"], 1, "switched after the pass in flight: {sv}");
+    // At its first chance: after the pass in flight, or before the first
+    // if the request came before it began.
+    assert!(
+        sv["passes"].as_u64().is_some_and(|p| p <= 1),
+        "switched after the pass in flight: {sv}"
+    );
     for (side, done, v) in [("send", &s, &sv), ("recv", &r, &rv)] {
         assert!(
             done.statuses().iter().any(|st| st == "postcopy-active"),
