@@ -159,7 +159,8 @@ pub(crate) fn qemu_live_once(
         });
     }
     let mut blackout_us = 0;
-    let mut switchover_gap_us = 0;
+    // None if no first line carried a gap (a guest without tsc_khz).
+    let mut switchover_gap_us: Option<u64> = None;
     let mut rate = 0.0;
     let mut errors = 0;
     for v in 0..vcpus {
@@ -167,7 +168,7 @@ pub(crate) fn qemu_live_once(
         let (first, last) = (p[0], p[p.len() - 1]);
         let gap = p.iter().filter_map(|l| l.gap_us).max().unwrap_or(0);
         blackout_us = blackout_us.max(gap);
-        switchover_gap_us = switchover_gap_us.max(first.gap_us.unwrap_or(0));
+        switchover_gap_us = switchover_gap_us.max(first.gap_us);
         rate += last.writes.saturating_sub(first.writes) as f64 * PAGE
             / ((p.len() - 1) as f64 * REPORT_S);
         errors += last.errors;
@@ -196,7 +197,7 @@ pub(crate) fn qemu_live_once(
         source_digest: String::new(),
         destination_digest: None,
         guest_blackout_ms: Some(blackout_us as f64 / 1e3),
-        guest_switchover_gap_ms: Some(switchover_gap_us as f64 / 1e3),
+        guest_switchover_gap_ms: switchover_gap_us.map(|us| us as f64 / 1e3),
         guest_write_rate: Some(rate),
     });
     Ok(sample)

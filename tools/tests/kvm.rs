@@ -377,30 +377,38 @@ fn without_a_usable_dev_kvm_guest_kvm_fails_naming_it() {
     assert_contains(&err, &["--guest kvm needs a usable /dev/kvm"]);
 }
 
-#[test]
-fn a_destination_without_dev_kvm_fails_the_migration_naming_it_and_the_source_runs_on() {
-    let test = "a_destination_without_dev_kvm_fails_the_migration_naming_it_and_the_source_runs_on";
+/// A `ferry recv` in a mount namespace where /dev/kvm is /dev/null, and
+/// the `tcp:` address it listens on; `None` (the test skips, saying why)
+/// without /dev/kvm here or without `unshare --mount` (root).
+fn recv_without_dev_kvm(test: &str) -> Option<(std::process::Child, support::Pipes, String)> {
     if !kvm_or_skip(test) {
-        return;
+        return None;
     }
     if !matches!(
         std::process::Command::new("unshare").args(["--mount", "true"]).status(),
         Ok(st) if st.success()
     ) {
         eprintln!("{test}: SKIPPED: `unshare --mount` (root) is not available to hide /dev/kvm");
-        return;
+        return None;
     }
-    // The destination in a mount namespace where /dev/kvm is /dev/null.
     let script = format!(
         "mount --bind /dev/null /dev/kvm && exec {} recv --listen tcp:127.0.0.1:0 --json",
         env!("CARGO_BIN_EXE_ferry")
     );
     let mut cmd = std::process::Command::new("unshare");
     cmd.args(["--mount", "sh", "-c", &script]);
-    let (mut child, mut pipes) = support::Pipes::spawn(&mut cmd, "ferry recv (no /dev/kvm)");
+    let (child, pipes) = support::Pipes::spawn(&mut cmd, "ferry recv (no /dev/kvm)");
     let uri = pipes.listening(DEADLINE).expect("the destination listens");
-    let port = support::local_port(&uri).to_string();
-    let to = format!("tcp:127.0.0.1:{port}");
+    let to = format!("tcp:127.0.0.1:{}", support::local_port(&uri));
+    Some((child, pipes, to))
+}
+
+#[test]
+fn a_destination_without_dev_kvm_fails_the_migration_naming_it_and_the_source_runs_on() {
+    let test = "a_destination_without_dev_kvm_fails_the_migration_naming_it_and_the_source_runs_on";
+    let Some((mut child, mut pipes, to)) = recv_without_dev_kvm(test) else {
+        return;
+    };
     let mut args = vec!["send"];
     args.extend(GUEST);
     args.extend(["--to", &to, "--json"]);
@@ -853,25 +861,9 @@ fn a_kvm_guest_postcopy_with_its_link_cut_pauses_and_recovers_with_its_self_chec
 #[test]
 fn a_destination_refusing_the_state_after_the_postcopy_switch_fails_the_source_paused() {
     let test = "a_destination_refusing_the_state_after_the_postcopy_switch_fails_the_source_paused";
-    if !kvm_or_skip(test) {
+    let Some((mut child, mut pipes, to)) = recv_without_dev_kvm(test) else {
         return;
-    }
-    if !matches!(
-        std::process::Command::new("unshare").args(["--mount", "true"]).status(),
-        Ok(st) if st.success()
-    ) {
-        eprintln!("{test}: SKIPPED: `unshare --mount` (root) is not available to hide /dev/kvm");
-        return;
-    }
-    let script = format!(
-        "mount --bind /dev/null /dev/kvm && exec {} recv --listen tcp:127.0.0.1:0 --json",
-        env!("CARGO_BIN_EXE_ferry")
-    );
-    let mut cmd = std::process::Command::new("unshare");
-    cmd.args(["--mount", "sh", "-c", &script]);
-    let (mut child, mut pipes) = support::Pipes::spawn(&mut cmd, "ferry recv (no /dev/kvm)");
-    let uri = pipes.listening(DEADLINE).expect("the destination listens");
-    let to = format!("tcp:127.0.0.1:{}", support::local_port(&uri));
+    };
     let mut args = vec!["send"];
     args.extend(GUEST);
     args.extend(["--to", &to, "--json", "--postcopy", "--postcopy-after", "1"]);
