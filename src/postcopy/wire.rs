@@ -449,6 +449,8 @@ pub fn decode_package(
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
     #[test]
     fn a_package_before_any_pass_must_discard_every_page() {
         let whole = PageBitmap::new(100, true);
@@ -460,8 +462,6 @@ mod tests {
             .to_string();
         assert!(e.contains("leaves 1 of block 1's 64 pages out"), "{e}");
     }
-
-    use super::*;
 
     fn blocks() -> Vec<BlockSpec> {
         vec![
