@@ -4,7 +4,9 @@
 # The guest's TSC is the host's under kvm_pvm (docs/MEASUREMENTS.md), so its progress lines'
 # gap_end_tsc maps to UNIX time through the trace's `ferry-clock TSC UNIX_NS` pairs.
 # FERRY=path/to/ferry (default target/release/ferry); SEND_EXTRA="..." adds send flags; RUN_AFTER=6s
-# lets the destination's guest run longer (default 2s). Needs /dev/kvm.
+# lets the destination's guest run longer (default 2s). The send starts once recv listens, as in
+# `ferry bench`. WARM_GIB=5 warms and releases that much memory before each run, as
+# `ferry bench` does, with free page reporting paused (KEEP_REPORTING=1 leaves it on). Needs /dev/kvm.
 import subprocess, sys, json, os, random, time, statistics
 F = os.environ.get('FERRY', 'target/release/ferry')
 N = int(sys.argv[1])
@@ -13,17 +15,42 @@ send_extra = os.environ.get('SEND_EXTRA', '').split()
 env = dict(os.environ, FERRY_SWITCHOVER_TRACE='1')
 MIN_MS = 5.0
 summary = []
+def warm(nbytes):
+    # What `ferry bench` does before each run: touch NBYTES of fresh memory (huge pages
+    # advised) and release it, so the runs start with the host's memory backed alike.
+    import mmap
+    m = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    m.madvise(mmap.MADV_HUGEPAGE)
+    for off in range(0, nbytes, 4096):
+        m[off] = 1
+    m.close()
+
+WARM = int(os.environ.get('WARM_GIB', '0')) << 30
+# Like `ferry bench`, pause free page reporting while warming (KEEP_REPORTING=1 leaves it on).
+REPORTING = '/sys/module/page_reporting/parameters/page_reporting_order'
+reporting_was = None
+if WARM and not os.environ.get('KEEP_REPORTING') and os.path.exists(REPORTING):
+    reporting_was = open(REPORTING).read().strip()
+    open(REPORTING, 'w').write('11')
 for n in range(N):
+    if WARM:
+        warm(WARM)
     port = random.randint(20000, 40000)
     r = subprocess.Popen([F, 'recv', '--listen', f'tcp:127.0.0.1:{port}', '--run-after', os.environ.get('RUN_AFTER', '2s'), '--json',
                           '--tcp-congestion', 'cubic', '--prebuild-kvm'] + recv_extra,
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True)
-    time.sleep(1.0)
+    # Start the send the moment recv listens, as `ferry bench` does.
+    early = []
+    for line in r.stderr:
+        early.append(line)
+        if line.startswith('ferry: listening on'):
+            break
     s = subprocess.run([F, 'send', '--to', f'tcp:127.0.0.1:{port}', '--guest', 'kvm', '--size', '2G', '--vcpus', '2',
                         '--dirty-rate', '256M', '--dirty-pattern', 'random', '--dirty-tracker', 'kvm-log',
                         '--downtime-limit', '30ms', '--channels', '2', '--tcp-congestion', 'cubic', '--json'] + send_extra,
                        capture_output=True, env=env, text=True)
     ro, rerr = r.communicate()
+    rerr = ''.join(early) + rerr
     clock, marks, gaps, syncs = [], {}, [], []
     for side, text in (('src', s.stderr), ('dst', rerr)):
         sync_begin = None
@@ -83,6 +110,8 @@ for n in range(N):
         worst[phase] = max(worst.get(phase, 0), g)
     summary.append(worst)
     print('  largest per phase:', {k: round(v, 1) for k, v in worst.items()})
+if reporting_was is not None:
+    open(REPORTING, 'w').write(reporting_was)
 phases = sorted({k for w in summary for k in w})
 for ph in phases:
     v = [w.get(ph, 0.0) for w in summary]

@@ -92,6 +92,10 @@ pub struct BenchConfig {
     /// tool's destination starts from the same (warm) memory state; see
     /// `sys::warm_free_memory`.
     pub warm_memory: bool,
+    /// Leave the VM's free page reporting as it is. By default, when memory
+    /// is warmed, reporting is paused for the measurement; see
+    /// `sys::PageReportingPaused`.
+    pub keep_page_reporting: bool,
     /// TCP congestion control for ferry's sockets and iperf3's (`-C`);
     /// `None` keeps the system's. QEMU always uses the system's.
     pub congestion: Option<String>,
@@ -119,6 +123,7 @@ impl BenchConfig {
             peer_floor: false,
             peer_no_checksum: false,
             warm_memory: true,
+            keep_page_reporting: false,
             congestion: Some("cubic".into()),
             dataset: None,
             seed: 1,
@@ -240,12 +245,14 @@ fn tls_and_compression_args(config: &BenchConfig) -> (Vec<String>, Vec<String>) 
     (send_args, recv_args)
 }
 
-/// The terms every measured run shares: memory warmed before each run, and
-/// one TCP congestion control for every tool (the system's, for the whole
-/// measurement, when it can be set; put back when this is dropped).
+/// The terms every measured run shares: memory warmed before each run (and
+/// kept warm: free page reporting paused), and one TCP congestion control
+/// for every tool (the system's, for the whole measurement, when it can be
+/// set). Both are put back when this is dropped.
 struct Conditions {
     warm: Option<usize>,
     _system_cc: Option<sys::SystemCongestion>,
+    _reporting: Option<sys::PageReportingPaused>,
 }
 
 impl Conditions {
@@ -278,6 +285,11 @@ impl Conditions {
                 human(bytes as u64)
             ));
         }
+        let reporting = if warm.is_some() && !config.keep_page_reporting {
+            pause_page_reporting(notes, log)
+        } else {
+            None
+        };
 
         // Equal terms: the chosen algorithm becomes the system's for the whole
         // measurement (QEMU cannot choose its own), and is put back after.
@@ -334,6 +346,7 @@ impl Conditions {
         Self {
             warm,
             _system_cc: guard,
+            _reporting: reporting,
         }
     }
 
@@ -343,6 +356,37 @@ impl Conditions {
             if let Err(e) = sys::warm_free_memory(bytes) {
                 log(&format!("warming memory failed ({e}); measuring as is"));
             }
+        }
+    }
+}
+
+/// Pauses the VM's free page reporting for the measurement, noting it;
+/// `None` where there is none to pause or it cannot be paused (noted too).
+fn pause_page_reporting(
+    notes: &mut Vec<String>,
+    log: &mut dyn FnMut(&str),
+) -> Option<sys::PageReportingPaused> {
+    match sys::PageReportingPaused::pause() {
+        Ok(Some(paused)) => {
+            let n = format!(
+                "free page reporting paused for the measurement (page_reporting_order {} -> 11, \
+                 restored after), so the warmed memory stays backed and no reporting wave stalls \
+                 a run; --keep-page-reporting leaves it on",
+                paused.previous_order()
+            );
+            log("free page reporting paused for the measurement");
+            notes.push(n);
+            Some(paused)
+        }
+        Ok(None) => None,
+        Err(e) => {
+            let n = format!(
+                "free page reporting left on (pausing it needs root: {e}); the host may take \
+                 back warmed memory during a run"
+            );
+            log(&n);
+            notes.push(n);
+            None
         }
     }
 }

@@ -2,6 +2,7 @@
 //! one child with its own CPU time (wait4), this process's CPU time, free
 //! space on a filesystem (statvfs), wall-clock Unix time, text tails, and
 //! the system's TCP congestion control, set for a measurement and restored,
+//! free page reporting paused for a measurement and resumed,
 //! and the system-wide counters that explain a noisy run ([`SystemCounters`]).
 //!
 //! The crate's `unsafe` lives here, around these libc calls, and in
@@ -239,6 +240,63 @@ impl Drop for SystemCongestion {
         if let Err(e) = std::fs::write(CONGESTION, &self.previous) {
             eprintln!(
                 "ferry bench: could not restore the system's TCP congestion control to {}: {e}",
+                self.previous
+            );
+        }
+    }
+}
+
+const PAGE_REPORTING_ORDER: &str = "/sys/module/page_reporting/parameters/page_reporting_order";
+
+/// The order no free block reaches (the buddy allocator's largest is 10 on
+/// x86-64), so that no freed memory is reported while it is set.
+const NO_REPORTING_ORDER: &str = "11";
+
+/// Free page reporting (virtio-balloon) paused for as long as this lives,
+/// and put back as it was when dropped.
+///
+/// In a VM with free page reporting, memory freed in 2 MiB blocks is handed
+/// back to the host a couple of seconds later, about 1.2 GiB per wave, and
+/// the host takes it away. Two things then go wrong for a measurement: the
+/// memory the harness warmed (`warm_free_memory`) is cold again, and each
+/// wave stalls the whole VM: a KVM guest's vCPUs both saw one 30–40 ms gap
+/// about 2 s after the warm-up released its memory, which fell inside a fast
+/// tool's window after resume and outside a slow one's
+/// (docs/MEASUREMENTS.md, "The KVM guest's 30–40 ms stall: free page
+/// reporting"). Setting the reporting order above the largest block stops
+/// new reports.
+pub(crate) struct PageReportingPaused {
+    previous: String,
+}
+
+impl PageReportingPaused {
+    /// Pauses it (root only). `Ok(None)` when this kernel has no free page
+    /// reporting, or it is paused already.
+    pub(crate) fn pause() -> io::Result<Option<Self>> {
+        let previous = match std::fs::read_to_string(PAGE_REPORTING_ORDER) {
+            Ok(s) => s.trim().to_string(),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        if previous == NO_REPORTING_ORDER {
+            return Ok(None);
+        }
+        std::fs::write(PAGE_REPORTING_ORDER, NO_REPORTING_ORDER)?;
+        Ok(Some(Self { previous }))
+    }
+
+    /// The reporting order it had before (what is restored).
+    pub(crate) fn previous_order(&self) -> &str {
+        &self.previous
+    }
+}
+
+impl Drop for PageReportingPaused {
+    fn drop(&mut self) {
+        if let Err(e) = std::fs::write(PAGE_REPORTING_ORDER, &self.previous) {
+            eprintln!(
+                "ferry bench: could not resume free page reporting ({PAGE_REPORTING_ORDER} back to \
+                 {}): {e}",
                 self.previous
             );
         }

@@ -112,6 +112,11 @@ impl PageBitmap {
         self.words[index].swap(0, Ordering::AcqRel)
     }
 
+    /// Word `index`'s bits (pages `64 * index ..`), left as they are.
+    pub fn word(&self, index: usize) -> u64 {
+        self.words[index].load(Ordering::Acquire)
+    }
+
     /// ORs `bits` into word `index` (a dirty-log sync merging new writes).
     pub fn or_word(&self, index: usize, bits: u64) {
         self.words[index].fetch_or(bits, Ordering::Relaxed);

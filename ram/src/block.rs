@@ -140,6 +140,29 @@ impl RamBlock {
         }
     }
 
+    /// Which of this block's pages may hold data, read from the page
+    /// tables: for anonymous private memory, a page never written since it
+    /// was mapped (or discarded) reads as zeros, so a pass over every page
+    /// need not read it. The answer holds as of the walk: like a read of
+    /// the page, a write after it must be caught by the dirty log.
+    ///
+    /// `None` where the page tables cannot speak for the bytes (a shared or
+    /// file mapping: they live in the page cache) or the kernel cannot
+    /// answer (PAGEMAP_SCAN is Linux 6.7 or newer).
+    pub fn data_pages(&self) -> Option<crate::PageBitmap> {
+        let private_anonymous = self.map.file_offset().is_none()
+            && self.map.flags() & libc::MAP_PRIVATE != 0
+            && self.map.flags() & libc::MAP_SHARED == 0;
+        if !private_anonymous {
+            return None;
+        }
+        crate::pagemap::data_pages(
+            self.host_addr() as u64,
+            self.pages(),
+            u64::from(self.page_size),
+        )
+    }
+
     /// The same block placed at `guest_base` in guest physical memory.
     pub(crate) fn at_guest_base(mut self, guest_base: GuestAddress) -> Self {
         self.guest_base = guest_base;
@@ -417,6 +440,39 @@ mod tests {
             RamBlock::anonymous("", 8192, 4096),
             Err(RamError::BadName(_))
         ));
+    }
+
+    #[test]
+    fn data_pages_are_the_written_pages_of_anonymous_memory() {
+        let b = RamBlock::anonymous_base_pages("ram", 64 * 4096, 4096).unwrap();
+        for p in [3, 40] {
+            b.page_slice(p).unwrap().copy_from(&[1u8; 4096]);
+        }
+        // A read maps the kernel's zero page: still no data.
+        assert!(crate::shared::is_zero(&b.page_slice(20).unwrap()));
+        // A page written and then discarded reads as zeros again.
+        b.page_slice(50).unwrap().copy_from(&[2u8; 4096]);
+        // SAFETY: page 50 lies inside the block's mapping, which nothing
+        // else uses; MADV_DONTNEED only makes it read as zeros again.
+        let rc =
+            unsafe { libc::madvise(b.page_addr(50).unwrap().cast(), 4096, libc::MADV_DONTNEED) };
+        assert_eq!(rc, 0);
+        let Some(data) = b.data_pages() else {
+            eprintln!("skipped: this kernel has no PAGEMAP_SCAN (Linux 6.7 or newer)");
+            return;
+        };
+        assert_eq!(data.iter_set().collect::<Vec<_>>(), [3, 40]);
+        // A page written after the walk is the dirty log's to report.
+        b.page_slice(7).unwrap().copy_from(&[3u8; 4096]);
+        assert!(!data.test(7));
+        assert!(b.data_pages().unwrap().test(7));
+    }
+
+    #[test]
+    fn a_file_block_has_no_data_pages_answer() {
+        let dir = tempfile::tempdir().unwrap();
+        let b = RamBlock::file("ram", &dir.path().join("ram"), 4096, true, Some(8192)).unwrap();
+        assert!(b.data_pages().is_none());
     }
 
     #[test]

@@ -22,6 +22,7 @@ mod dirty;
 mod error;
 pub mod mapped;
 mod memory;
+mod pagemap;
 pub mod pattern;
 mod prefault;
 pub mod shared;

@@ -9,14 +9,17 @@
 //! them again in the same walk, so a write after the scan is caught by the
 //! next one. The writer needs no hooks at all.
 //!
-//! The C headers here predate PAGEMAP_SCAN and libc has no userfaultfd
-//! types, so the structures and numbers below are transcribed from the
-//! kernel's uapi `linux/userfaultfd.h` and `linux/fs.h`.
+//! libc has no userfaultfd types, so the structures and numbers below are
+//! transcribed from the kernel's uapi `linux/userfaultfd.h`; PAGEMAP_SCAN's
+//! are in `pagemap.rs`.
 
 use std::fs::File;
-use std::os::fd::AsRawFd;
 use std::sync::Mutex;
 
+use crate::pagemap::{
+    self, PageRegion, Query, ScanError, PAGE_IS_WRITTEN, PM_SCAN_CHECK_WPASYNC,
+    PM_SCAN_WP_MATCHING, REGIONS_PER_SCAN,
+};
 use crate::uffd::{iowr, UffdioRange, Userfault, UFFDIO_REGISTER_MODE_WP};
 use crate::{DirtyLog, GuestMemory, PageBitmap, RamError};
 
@@ -33,41 +36,6 @@ struct UffdioWriteprotect {
     range: UffdioRange,
     mode: u64,
 }
-
-// linux/fs.h
-const PAGE_IS_WRITTEN: u64 = 1 << 1;
-const PM_SCAN_WP_MATCHING: u64 = 1 << 0;
-const PM_SCAN_CHECK_WPASYNC: u64 = 1 << 1;
-/// _IOWR('f', 16, struct pm_scan_arg)
-const PAGEMAP_SCAN: libc::c_ulong = 0xC060_6610;
-
-#[repr(C)]
-#[derive(Default)]
-struct PmScanArg {
-    size: u64,
-    flags: u64,
-    start: u64,
-    end: u64,
-    walk_end: u64,
-    vec: u64,
-    vec_len: u64,
-    max_pages: u64,
-    category_inverted: u64,
-    category_mask: u64,
-    category_anyof_mask: u64,
-    return_mask: u64,
-}
-
-#[repr(C)]
-#[derive(Clone, Copy, Default)]
-struct PageRegion {
-    start: u64,
-    end: u64,
-    categories: u64,
-}
-
-/// Regions one scan call may return before it is called again.
-const REGIONS_PER_SCAN: usize = 4096;
 
 /// A block's address range as the kernel sees it.
 struct Range {
@@ -168,16 +136,24 @@ impl UffdLog {
             return Ok(());
         };
         let mut regions = self.regions.lock().unwrap();
-        let mut arg = scan_arg(r.start, r.start + r.page_size, 0, &mut regions);
-        // SAFETY: PAGEMAP_SCAN reads `arg` and writes at most `vec_len`
-        // regions into the vector it points to, which we hold locked.
-        if unsafe { libc::ioctl(self.pagemap.as_raw_fd(), PAGEMAP_SCAN, &mut arg) } < 0 {
-            return Err(unsupported(
+        pagemap::scan(
+            &self.pagemap,
+            r.start,
+            r.start + r.page_size,
+            written(0),
+            &mut regions,
+            |_| (),
+        )
+        .map_err(|e| {
+            let source = match e {
+                ScanError::Ioctl { source, .. } => source,
+                ScanError::Stalled { .. } => std::io::Error::other("scan stalled"),
+            };
+            unsupported(
                 "the kernel lacks the PAGEMAP_SCAN ioctl (Linux 6.7 or newer is needed)",
-                std::io::Error::last_os_error(),
-            ));
-        }
-        Ok(())
+                source,
+            )
+        })
     }
 
     /// Scans block `r` for written pages, protects them again and sets
@@ -185,41 +161,38 @@ impl UffdLog {
     fn scan_block(&self, r: &Range, into: &PageBitmap) -> Result<u64, RamError> {
         let mut regions = self.regions.lock().unwrap();
         let end = r.start + r.len;
-        let mut at = r.start;
         let mut dirty = 0;
-        while at < end {
-            let mut arg = scan_arg(
-                at,
-                end,
-                PM_SCAN_WP_MATCHING | PM_SCAN_CHECK_WPASYNC,
-                &mut regions,
-            );
-            // SAFETY: as in probe_scan; the range lies inside a registered
-            // block mapping.
-            let n = unsafe { libc::ioctl(self.pagemap.as_raw_fd(), PAGEMAP_SCAN, &mut arg) };
-            if n < 0 {
-                return Err(self.error(r, "PAGEMAP_SCAN"));
-            }
-            for reg in &regions[..(n as usize).min(REGIONS_PER_SCAN)] {
+        pagemap::scan(
+            &self.pagemap,
+            r.start,
+            end,
+            written(PM_SCAN_WP_MATCHING | PM_SCAN_CHECK_WPASYNC),
+            &mut regions,
+            |reg| {
                 let (first, last) = (reg.start.max(r.start), reg.end.min(end));
-                if first >= last {
-                    continue;
+                if first < last {
+                    let p0 = (first - r.start) / r.page_size;
+                    let p1 = (last - r.start).div_ceil(r.page_size);
+                    into.set_range(p0, p1);
+                    dirty += p1 - p0;
                 }
-                let p0 = (first - r.start) / r.page_size;
-                let p1 = (last - r.start).div_ceil(r.page_size);
-                into.set_range(p0, p1);
-                dirty += p1 - p0;
+            },
+        )
+        .map_err(|e| {
+            let (what, source) = match e {
+                ScanError::Ioctl { source, .. } => ("PAGEMAP_SCAN".into(), source),
+                ScanError::Stalled { at } => (
+                    format!("PAGEMAP_SCAN made no progress at {:#x}", at - r.start),
+                    std::io::Error::other("scan stalled"),
+                ),
+            };
+            RamError::DirtyLog {
+                tracker: "uffd",
+                block: r.name.clone(),
+                what,
+                source,
             }
-            if arg.walk_end <= at {
-                return Err(RamError::DirtyLog {
-                    tracker: "uffd",
-                    block: r.name.clone(),
-                    what: format!("PAGEMAP_SCAN made no progress at {:#x}", at - r.start),
-                    source: std::io::Error::other("scan stalled"),
-                });
-            }
-            at = arg.walk_end;
-        }
+        })?;
         Ok(dirty)
     }
 
@@ -263,17 +236,13 @@ impl DirtyLog for UffdLog {
     fn mark(&self, _block: usize, _page: u64) {}
 }
 
-fn scan_arg(start: u64, end: u64, flags: u64, regions: &mut [PageRegion]) -> PmScanArg {
-    PmScanArg {
-        size: std::mem::size_of::<PmScanArg>() as u64,
+/// The written pages (`flags` as `PM_SCAN_*`).
+fn written(flags: u64) -> Query {
+    Query {
         flags,
-        start,
-        end,
-        vec: regions.as_mut_ptr() as u64,
-        vec_len: regions.len() as u64,
-        category_mask: PAGE_IS_WRITTEN,
-        return_mask: PAGE_IS_WRITTEN,
-        ..Default::default()
+        all: PAGE_IS_WRITTEN,
+        any: 0,
+        report: PAGE_IS_WRITTEN,
     }
 }
 

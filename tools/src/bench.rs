@@ -97,6 +97,12 @@ pub struct BenchArgs {
     /// a VM that backs memory lazily, cold first touches otherwise dominate.
     #[arg(long)]
     cold_memory: bool,
+    /// Leave the VM's free page reporting on. By default, while memory is
+    /// warmed, the harness pauses it (root; restored after): it hands the
+    /// warmed memory back to the host a few seconds later, and each such
+    /// wave stalls the whole VM for tens of milliseconds.
+    #[arg(long)]
+    keep_page_reporting: bool,
     /// TCP congestion control for every tool, or `system` to leave the
     /// system's as it is. QEMU cannot choose its own, so the bench makes
     /// this the system's for the whole measurement (as root) and puts the
@@ -249,6 +255,7 @@ pub fn run(a: BenchArgs) -> anyhow::Result<bool> {
         workdir: a.workdir.clone(),
         send_args,
         warm_memory: !a.cold_memory,
+        keep_page_reporting: a.keep_page_reporting,
         congestion: crate::units::congestion(&a.tcp_congestion),
         tls_dir: a.tls_dir.clone(),
         zstd_level: a.compress.0,

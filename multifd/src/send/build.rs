@@ -218,8 +218,15 @@ impl PacketBuilder {
         reset_iov(&mut s.iov, &mut s.header);
         self.zero_scratch.clear();
         self.raw_scratch.clear();
+        let data_pages = work.data_pages.get(block_index).and_then(Option::as_ref);
         for w in first_word..last_word {
-            for page in set_bits(bitmap.take_word(w), w as u64 * 64) {
+            let bits = bitmap.take_word(w);
+            // Pages the page tables say were never written: zero, unread.
+            let unwritten = data_pages.map_or(0, |d| bits & !d.word(w));
+            for page in set_bits(unwritten, w as u64 * 64) {
+                self.zero_scratch.push(page * ps as u64);
+            }
+            for page in set_bits(bits & !unwritten, w as u64 * 64) {
                 if page % FAULT_AROUND_PAGES == 0 {
                     block.touch_page(page + FAULT_AROUND_PAGES);
                 }

@@ -83,6 +83,10 @@ pub(crate) struct PassWork {
     pub(super) live: bool,
     pub(super) control: Arc<PassControl>,
     pub(super) bitmaps: Arc<Vec<PageBitmap>>,
+    /// Per block, when the pass takes a large share of it: the pages that
+    /// may hold data ([`RamBlock::data_pages`]); the others go as zero
+    /// pages without being read.
+    pub(super) data_pages: Vec<Option<PageBitmap>>,
     /// First chunk number of each block, and the total after the last.
     chunk_starts: Vec<u64>,
     pub(super) words_per_chunk: usize,
@@ -95,6 +99,7 @@ impl PassWork {
         live: bool,
         control: Arc<PassControl>,
         bitmaps: Arc<Vec<PageBitmap>>,
+        data_pages: Vec<Option<PageBitmap>>,
         words_per_chunk: usize,
     ) -> Self {
         let mut chunk_starts = vec![0];
@@ -107,6 +112,7 @@ impl PassWork {
             live,
             control,
             bitmaps,
+            data_pages,
             chunk_starts,
             words_per_chunk,
             next_chunk: AtomicU64::new(0),
@@ -133,6 +139,27 @@ impl PassWork {
     }
 }
 
+/// For each block a pass takes at least a quarter of (a first pass takes
+/// all of it), the pages that may hold data, from one walk of the page
+/// tables: a guest's first pass then reads only the memory it has written
+/// (a 2 GiB micro-VM that touched 50 MiB: 50 MiB read, not 2 GiB of zero
+/// page faults). A smaller pass reads its dirty pages, which are present.
+fn data_pages_worth_asking(
+    memory: &GuestMemory,
+    bitmaps: &[PageBitmap],
+) -> Vec<Option<PageBitmap>> {
+    memory
+        .blocks()
+        .iter()
+        .zip(bitmaps)
+        .map(|(block, pass)| {
+            (pass.count() * 4 >= block.pages())
+                .then(|| block.data_pages())
+                .flatten()
+        })
+        .collect()
+}
+
 pub(super) enum Command {
     Pass(Arc<PassWork>),
     Finish,
@@ -141,6 +168,7 @@ pub(super) enum Command {
 pub(super) type Report = (usize, Result<(), MultifdError>);
 
 pub struct SenderPool {
+    memory: Arc<GuestMemory>,
     commands: Vec<mpsc::Sender<Command>>,
     reports: mpsc::Receiver<Report>,
     threads: Vec<JoinHandle<()>>,
@@ -241,6 +269,7 @@ impl SenderPool {
         }
         let words_per_chunk = opts.packet_pages as usize / 64;
         Ok(Self {
+            memory,
             commands,
             reports,
             threads,
@@ -298,11 +327,13 @@ impl SenderPool {
 
     fn run(&mut self, bitmaps: Arc<Vec<PageBitmap>>, live: bool) -> Result<(), MultifdError> {
         self.generation += 1;
+        let data_pages = data_pages_worth_asking(&self.memory, &bitmaps);
         let work = Arc::new(PassWork::new(
             self.generation,
             live,
             self.control.clone(),
             bitmaps,
+            data_pages,
             self.words_per_chunk,
         ));
         self.broadcast(|| Command::Pass(work.clone()))

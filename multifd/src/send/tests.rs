@@ -35,7 +35,14 @@ fn bitmaps(pages: &[u64]) -> Arc<Vec<PageBitmap>> {
 }
 
 fn work(bitmaps: Arc<Vec<PageBitmap>>, live: bool) -> PassWork {
-    PassWork::new(1, live, Arc::new(PassControl::default()), bitmaps, 1)
+    PassWork::new(
+        1,
+        live,
+        Arc::new(PassControl::default()),
+        bitmaps,
+        Vec::new(),
+        1,
+    )
 }
 
 #[test]
@@ -74,6 +81,77 @@ fn a_packet_built_from_a_bitmap_has_the_right_offsets_zero_pages_and_crcs() {
     assert_eq!(s.offsets, [100 * PS]);
     assert_eq!(PacketHeader::decode(&s.header).unwrap().seq, 1);
     assert!(w.claim().is_none());
+}
+
+#[test]
+fn pages_the_page_tables_call_unwritten_go_as_zero_pages_unread() {
+    let mem = memory();
+    let bms = bitmaps(&[1, 2, 4, 7]);
+    // As if the walk had found only pages 1 and 7 written: page 4's bytes
+    // are then not read, and it goes as a zero page.
+    let data = PageBitmap::new(128, false);
+    data.set(1);
+    data.set(7);
+    let w = PassWork::new(
+        1,
+        false,
+        Arc::new(PassControl::default()),
+        bms,
+        vec![Some(data)],
+        1,
+    );
+    let mut b = PacketBuilder::new(mem.clone(), true, 128, None, false);
+    let mut s = Slot::new(128);
+    let (block, word) = w.claim().unwrap();
+    assert!(b.build(&mut s, &w, block, word).unwrap());
+    assert_eq!((s.normal, s.zero), (2, 2));
+    assert_eq!(s.offsets[..2], [PS, 7 * PS]);
+    let mut zero = s.offsets[2..].to_vec();
+    zero.sort_unstable();
+    assert_eq!(zero, [2 * PS, 4 * PS]);
+}
+
+#[test]
+fn a_full_pass_reads_only_the_pages_written_and_the_receiver_matches() {
+    // memory() wrote every third page of fresh anonymous memory; a full
+    // pass asks the page tables, so the others go as zero pages unread.
+    let mem = memory();
+    let Some(data) = mem.blocks()[0].data_pages() else {
+        eprintln!("skipped: this kernel has no PAGEMAP_SCAN (Linux 6.7 or newer)");
+        return;
+    };
+    let written: Vec<u64> = (1..128).step_by(3).collect();
+    assert_eq!(data.iter_set().collect::<Vec<_>>(), written);
+    let (a, b) = UnixStream::pair().unwrap();
+    let dest = Arc::new(
+        GuestMemory::new(vec![
+            RamBlock::anonymous("ram", 128 * PS, PS as u32).unwrap()
+        ])
+        .unwrap(),
+    );
+    let receiver = ReceiverPool::start(
+        vec![socket_channel(b, "multifd[0]")],
+        dest.clone(),
+        ReceiverOptions {
+            checksums: true,
+            ..Default::default()
+        },
+        || (),
+    )
+    .unwrap();
+    let mut pool = SenderPool::start(
+        vec![socket_channel(a, "multifd[0]")],
+        mem.clone(),
+        SenderOptions::default(),
+    )
+    .unwrap();
+    pool.send_pass(Arc::new(vec![PageBitmap::new(128, true)]))
+        .unwrap();
+    let sent = pool.finish().unwrap();
+    receiver.finish().unwrap();
+    assert_eq!(sent.pages_zero, 128 - written.len() as u64);
+    assert_eq!(sent.pages_normal, written.len() as u64);
+    assert_eq!(dest.blocks()[0].copy_all(), mem.blocks()[0].copy_all());
 }
 
 #[test]
