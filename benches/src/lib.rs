@@ -775,6 +775,8 @@ mod tests {
         c.peer_qemu = true;
         c.peer_iperf = true;
         c.peer_floor = true;
+        // The system's page reporting is sys.rs's test's to pause.
+        c.keep_page_reporting = true;
         c.workdir = dir.path().to_path_buf();
         let report = run(&c, &mut |l| eprintln!("{l}")).expect("bench");
         // Every migration tool has both sides' CPU; iperf3 has none.
@@ -827,6 +829,7 @@ mod tests {
         c.size = 4 << 20;
         c.runs = 1;
         c.channels = vec![2];
+        c.keep_page_reporting = true;
         c.workdir = dir.path().to_path_buf();
         c.send_args = vec!["--no-such-option".into()];
         let start = Instant::now();

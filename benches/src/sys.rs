@@ -314,6 +314,27 @@ mod tests {
     }
 
     #[test]
+    fn page_reporting_is_paused_and_put_back() {
+        let Ok(before) = std::fs::read_to_string(PAGE_REPORTING_ORDER) else {
+            eprintln!("skipped: this kernel has no free page reporting ({PAGE_REPORTING_ORDER})");
+            return;
+        };
+        let before = before.trim().to_string();
+        match PageReportingPaused::pause() {
+            Ok(Some(paused)) => {
+                assert_eq!(paused.previous_order(), before);
+                let now = std::fs::read_to_string(PAGE_REPORTING_ORDER).unwrap();
+                assert_eq!(now.trim(), NO_REPORTING_ORDER);
+                drop(paused);
+                let after = std::fs::read_to_string(PAGE_REPORTING_ORDER).unwrap();
+                assert_eq!(after.trim(), before);
+            }
+            Ok(None) => assert_eq!(before, NO_REPORTING_ORDER),
+            Err(e) => eprintln!("skipped: pausing free page reporting needs root ({e})"),
+        }
+    }
+
+    #[test]
     fn cpu_and_space_readings_work() {
         assert!(children_cpu_s().is_ok_and(|s| s >= 0.0));
         assert!(free_bytes(Path::new("/")).is_ok());
