@@ -22,7 +22,7 @@
 //!                        ├→ completed              (background snapshot)
 //!                        ├→ postcopy-active → completed, or → postcopy-paused → failed
 //!                        └→ colo  (COLO runs after a completed migration,
-//!                                  on a session of its own: `src/colo.rs`;
+//!                                  on a session of its own: `src/colo/`;
 //!                                  this engine does not enter the phase)
 //! any running phase → failed, or → cancelling → cancelled
 //! ```

@@ -1,6 +1,6 @@
 //! ferry-colo: the parts of COLO (COarse-grained LOck-stepping, QEMU's
 //! `migration/colo.c`) that do not drive a guest. The controller
-//! (`ferry`'s `src/colo.rs`) runs the primary and secondary loops over a
+//! (`ferry`'s `src/colo/`) runs the primary and secondary loops over a
 //! `Guest` and the session's channels; this crate owns:
 //!
 //! - [`wire`]: the checkpoint messages, their encoding, and the order a
