@@ -614,6 +614,25 @@ fn live_send(ctl: &ColoControl, main: &MainChannel, m: &ColoMessage) -> Result<u
     colo_send(main, m)
 }
 
+/// Starts the thread ("ferry-colo-out") that calls `tick` every
+/// [`OUTPUT_TICK`] until `stop` is set, or until `tick` returns false.
+fn spawn_output_ticker(
+    stop: Arc<AtomicBool>,
+    mut tick: impl FnMut() -> bool + Send + 'static,
+) -> Result<std::thread::JoinHandle<()>, ColoRunError> {
+    Ok(std::thread::Builder::new()
+        .name("ferry-colo-out".into())
+        .spawn(move || {
+            while !stop.load(Ordering::SeqCst) {
+                std::thread::sleep(OUTPUT_TICK);
+                if !tick() {
+                    return;
+                }
+            }
+        })
+        .map_err(|e| MigrationError::Thread("COLO output", e))?)
+}
+
 fn silenced(ctl: &ColoControl) -> bool {
     ctl.silenced.load(Ordering::SeqCst)
 }

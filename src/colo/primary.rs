@@ -275,23 +275,17 @@ fn primary_checkpoints(
     guest.resume()?;
     let pump_stop = Arc::new(AtomicBool::new(false));
     let pump = {
-        let (outputs, compare, sink, ctl, stop, dead_flag) = (
+        let (outputs, compare, sink, ctl, dead_flag) = (
             outputs.clone(),
             compare.clone(),
             sink.clone(),
             ctl.clone(),
-            pump_stop.clone(),
             dead_flag.clone(),
         );
-        std::thread::Builder::new()
-            .name("ferry-colo-out".into())
-            .spawn(move || {
-                while !stop.load(Ordering::SeqCst) {
-                    std::thread::sleep(OUTPUT_TICK);
-                    feed_primary(&outputs, &compare, &*sink, &ctl, &dead_flag);
-                }
-            })
-            .map_err(|e| MigrationError::Thread("COLO output", e))?
+        spawn_output_ticker(pump_stop.clone(), move || {
+            feed_primary(&outputs, &compare, &*sink, &ctl, &dead_flag);
+            true
+        })?
     };
     let result = (|| -> Result<(), ColoRunError> {
         let mut n = 0u64;

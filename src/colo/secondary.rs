@@ -326,26 +326,10 @@ fn secondary_loop(
     let paused = Arc::new(AtomicBool::new(false));
     let stop = Arc::new(AtomicBool::new(false));
     let forwarder = {
-        let (send_outputs, stop, paused, ctl) = (
-            send_outputs.clone(),
-            stop.clone(),
-            paused.clone(),
-            ctl.clone(),
-        );
-        std::thread::Builder::new()
-            .name("ferry-colo-out".into())
-            .spawn(move || {
-                while !stop.load(Ordering::SeqCst) {
-                    std::thread::sleep(OUTPUT_TICK);
-                    if silenced(&ctl) {
-                        continue;
-                    }
-                    if !paused.load(Ordering::SeqCst) && send_outputs().is_err() {
-                        return;
-                    }
-                }
-            })
-            .map_err(|e| MigrationError::Thread("COLO output", e))?
+        let (send_outputs, paused, ctl) = (send_outputs.clone(), paused.clone(), ctl.clone());
+        spawn_output_ticker(stop.clone(), move || {
+            silenced(&ctl) || paused.load(Ordering::SeqCst) || send_outputs().is_ok()
+        })?
     };
     let result = secondary_checkpoints(
         guest,
