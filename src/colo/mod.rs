@@ -633,6 +633,16 @@ fn spawn_output_ticker(
         .map_err(|e| MigrationError::Thread("COLO output", e))?)
 }
 
+/// Begins the failover on this side after `e` ended COLO, recording `e`
+/// as the reason unless a failover was asked for (which has its own).
+fn begin_failover(ctl: &ColoControl, e: &ColoRunError) {
+    if !matches!(e, ColoRunError::FailoverRequested) {
+        ctl.status
+            .request(FailoverReason::Error, Some(e.to_string()));
+    }
+    ctl.status.begin();
+}
+
 fn silenced(ctl: &ColoControl) -> bool {
     ctl.silenced.load(Ordering::SeqCst)
 }

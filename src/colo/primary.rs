@@ -48,11 +48,7 @@ pub fn run_primary(
         Err(e) => {
             // The secondary is lost (or a failover was asked for): go on alone.
             tracing::warn!("COLO primary: {e}; going on alone");
-            if !matches!(e, ColoRunError::FailoverRequested) {
-                ctl.status
-                    .request(FailoverReason::Error, Some(e.to_string()));
-            }
-            ctl.status.begin();
+            begin_failover(ctl, e);
             let mut c = compare.lock().unwrap();
             let released = c.secondary_lost(outputs.take());
             sink.release(&released);
@@ -173,15 +169,7 @@ fn primary_loop(
                         if dead_flag.load(Ordering::SeqCst) {
                             return;
                         }
-                        let mut mismatch = false;
-                        for r in records {
-                            let fed = c.secondary(r);
-                            mismatch |= fed.mismatch;
-                            if !fed.released.is_empty() {
-                                sink.release(&fed.released);
-                            }
-                        }
-                        if mismatch {
+                        if feed_records(&mut c, records, Comparator::secondary, &*sink) {
                             ctl.triggers.request(TriggerKind::Mismatch);
                         }
                     }
@@ -210,10 +198,20 @@ fn primary_loop(
             })
             .map_err(|e| MigrationError::Thread("COLO reader", e))?
     };
-    let result = primary_checkpoints(
-        guest, outputs, opts, ctl, sink, compare, dead_flag, figures, &main, &mut pool, &expect,
-        &rx, log, &memory,
-    );
+    let link = PrimaryLink {
+        guest,
+        outputs,
+        opts,
+        ctl,
+        sink,
+        compare,
+        dead_flag,
+        main: &main,
+        expect: &expect,
+        log,
+        memory: &memory,
+    };
+    let result = primary_checkpoints(link, figures, &mut pool, &rx);
     if matches!(result, Err(ColoRunError::Killed(_))) {
         dead_flag.store(true, Ordering::SeqCst);
     }
@@ -234,23 +232,40 @@ fn primary_loop(
     result
 }
 
-#[allow(clippy::too_many_arguments)]
+/// What the primary's checkpoint loop works with, set up by
+/// `primary_loop` and handed to each checkpoint whole.
+#[derive(Clone, Copy)]
+struct PrimaryLink<'a> {
+    guest: &'a dyn Guest,
+    outputs: &'a Arc<OutputQueue>,
+    opts: &'a ColoOptions,
+    ctl: &'a Arc<ColoControl>,
+    sink: &'a Arc<dyn OutputSink>,
+    compare: &'a Arc<Mutex<Comparator>>,
+    dead_flag: &'a Arc<AtomicBool>,
+    main: &'a Arc<MainChannel>,
+    expect: &'a Arc<Mutex<Expect>>,
+    log: &'a dyn ferry_ram::DirtyLog,
+    memory: &'a Arc<GuestMemory>,
+}
+
 fn primary_checkpoints(
-    guest: &dyn Guest,
-    outputs: &Arc<OutputQueue>,
-    opts: &ColoOptions,
-    ctl: &Arc<ColoControl>,
-    sink: &Arc<dyn OutputSink>,
-    compare: &Arc<Mutex<Comparator>>,
-    dead_flag: &Arc<AtomicBool>,
+    link: PrimaryLink<'_>,
     figures: &mut Figures,
-    main: &Arc<MainChannel>,
     pool: &mut SenderPool,
-    expect: &Arc<Mutex<Expect>>,
     rx: &Receiver<Result<(ColoMessage, u64), ColoRunError>>,
-    log: &dyn ferry_ram::DirtyLog,
-    memory: &Arc<GuestMemory>,
 ) -> Result<(), ColoRunError> {
+    let PrimaryLink {
+        guest,
+        outputs,
+        opts,
+        ctl,
+        sink,
+        compare,
+        dead_flag,
+        log,
+        ..
+    } = link;
     let wait = |what: &'static str| -> Result<(ColoMessage, u64), ColoRunError> {
         match rx.recv_timeout(opts.heartbeat_timeout * 2) {
             Ok(r) => r,
@@ -312,10 +327,7 @@ fn primary_checkpoints(
                 continue;
             }
             n += 1;
-            let r = primary_checkpoint(
-                n, guest, outputs, opts, ctl, sink, compare, dead_flag, figures, main, pool,
-                expect, &wait, log, memory,
-            );
+            let r = primary_checkpoint(n, link, figures, pool, &wait);
             ctl.triggers.done();
             r?;
         }
@@ -323,6 +335,26 @@ fn primary_checkpoints(
     pump_stop.store(true, Ordering::SeqCst);
     let _ = pump.join();
     result
+}
+
+/// Feeds `records` to one side of the comparator (`side`:
+/// [`Comparator::primary`] or [`Comparator::secondary`]), releasing to
+/// `sink` what it lets go; true if any record mismatched.
+fn feed_records(
+    c: &mut Comparator,
+    records: Vec<Record>,
+    side: fn(&mut Comparator, Record) -> ferry_colo::compare::Fed,
+    sink: &dyn OutputSink,
+) -> bool {
+    let mut mismatch = false;
+    for r in records {
+        let fed = side(c, r);
+        mismatch |= fed.mismatch;
+        if !fed.released.is_empty() {
+            sink.release(&fed.released);
+        }
+    }
+    mismatch
 }
 
 fn feed_primary(
@@ -340,14 +372,7 @@ fn feed_primary(
     if dead_flag.load(Ordering::SeqCst) {
         return;
     }
-    let mut mismatch = false;
-    for r in records {
-        let fed = c.primary(r);
-        mismatch |= fed.mismatch;
-        if !fed.released.is_empty() {
-            sink.release(&fed.released);
-        }
-    }
+    let mismatch = feed_records(&mut c, records, Comparator::primary, sink);
     let s = c.stats();
     drop(c);
     {
@@ -361,24 +386,26 @@ fn feed_primary(
     }
 }
 
-#[allow(clippy::too_many_arguments)]
 fn primary_checkpoint(
     n: u64,
-    guest: &dyn Guest,
-    outputs: &Arc<OutputQueue>,
-    opts: &ColoOptions,
-    ctl: &Arc<ColoControl>,
-    sink: &Arc<dyn OutputSink>,
-    compare: &Arc<Mutex<Comparator>>,
-    dead_flag: &Arc<AtomicBool>,
+    link: PrimaryLink<'_>,
     figures: &mut Figures,
-    main: &Arc<MainChannel>,
     pool: &mut SenderPool,
-    expect: &Arc<Mutex<Expect>>,
     wait: &dyn Fn(&'static str) -> Result<(ColoMessage, u64), ColoRunError>,
-    log: &dyn ferry_ram::DirtyLog,
-    memory: &Arc<GuestMemory>,
 ) -> Result<(), ColoRunError> {
+    let PrimaryLink {
+        guest,
+        outputs,
+        opts,
+        ctl,
+        sink,
+        compare,
+        dead_flag,
+        main,
+        expect,
+        log,
+        memory,
+    } = link;
     let mut bytes = 0u64;
     let before = pool.counters().snapshot().wire_bytes;
     expect.lock().unwrap().requested(n);

@@ -153,11 +153,7 @@ pub fn run_secondary(
         }
         Err(e) => {
             tracing::warn!("COLO secondary: {e}; taking over");
-            if !matches!(e, ColoRunError::FailoverRequested) {
-                ctl.status
-                    .request(FailoverReason::Error, Some(e.to_string()));
-            }
-            ctl.status.begin();
+            begin_failover(ctl, e);
             // Whatever the client may lack: every output since the last
             // commit, then the rest as it comes.
             let mut mine = std::mem::take(&mut *since_commit.lock().unwrap());
