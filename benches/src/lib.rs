@@ -49,9 +49,10 @@ pub use report::{
     compute_ratios, median, BenchReport, Case, LiveFigures, LiveSummary, Ratio, Sample, Spread,
     Summary, Tool,
 };
-pub use sys::Cpu;
+pub use sys::{restore_system_settings, Cpu};
 
-use run::{display, FerryRun, RemoveOnDrop, SendGuest};
+use run::{display, FerryRun, SendGuest};
+use sys::RemoveOnDrop;
 
 /// The QEMU binary the peer runs.
 const QEMU_EXE: &str = "qemu-system-x86_64";
@@ -94,7 +95,7 @@ pub struct BenchConfig {
     pub warm_memory: bool,
     /// Leave the VM's free page reporting as it is. By default, when memory
     /// is warmed, reporting is paused for the measurement; see
-    /// `sys::PageReportingPaused`.
+    /// `sys::pause_page_reporting`.
     pub keep_page_reporting: bool,
     /// TCP congestion control for ferry's sockets and iperf3's (`-C`);
     /// `None` keeps the system's. QEMU always uses the system's.
@@ -251,8 +252,8 @@ fn tls_and_compression_args(config: &BenchConfig) -> (Vec<String>, Vec<String>) 
 /// set). Both are put back when this is dropped.
 struct Conditions {
     warm: Option<usize>,
-    _system_cc: Option<sys::SystemCongestion>,
-    _reporting: Option<sys::PageReportingPaused>,
+    _system_cc: Option<sys::SystemSetting>,
+    _reporting: Option<sys::SystemSetting>,
 }
 
 impl Conditions {
@@ -305,7 +306,7 @@ impl Conditions {
                 notes.push(n);
                 None
             }
-            Some(cc) => match sys::SystemCongestion::set(cc) {
+            Some(cc) => match sys::set_system_congestion(cc) {
                 Ok(guard) => {
                     notes.push(format!(
                         "TCP congestion control: {cc} for every tool{}",
@@ -365,14 +366,14 @@ impl Conditions {
 fn pause_page_reporting(
     notes: &mut Vec<String>,
     log: &mut dyn FnMut(&str),
-) -> Option<sys::PageReportingPaused> {
-    match sys::PageReportingPaused::pause() {
+) -> Option<sys::SystemSetting> {
+    match sys::pause_page_reporting() {
         Ok(Some(paused)) => {
             let n = format!(
                 "free page reporting paused for the measurement (page_reporting_order {} -> 11, \
                  restored after), so the warmed memory stays backed and no reporting wave stalls \
                  a run; --keep-page-reporting leaves it on",
-                paused.previous_order()
+                paused.previous()
             );
             log("free page reporting paused for the measurement");
             notes.push(n);
@@ -504,7 +505,7 @@ pub fn run(config: &BenchConfig, log: &mut dyn FnMut(&str)) -> Result<BenchRepor
             let path = config
                 .workdir
                 .join(format!("ferry-bench-{}.ram", std::process::id()));
-            let guard = RemoveOnDrop(path.clone());
+            let guard = RemoveOnDrop::new(path.clone());
             log(&format!(
                 "dataset: generating {} (mixed, seed {}) at {}",
                 human(size),

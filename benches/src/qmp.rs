@@ -19,7 +19,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-use crate::run::{display, run_timeout, wait_all, Proc, RemoveOnDrop, TAIL_LINES};
+use crate::run::{display, run_timeout, wait_all, Proc, TAIL_LINES};
+use crate::sys::RemoveOnDrop;
 use crate::sys::{children_cpu_s, proc_cpu_s, tail};
 use crate::{BenchError, Sample};
 
@@ -236,7 +237,7 @@ impl QemuPeer {
     /// Copies the dataset (`size` bytes, a multiple of 1 MiB) for QEMU.
     pub(crate) fn prepare(exe: &str, dataset: &Path, size: u64) -> Result<Self, BenchError> {
         let path = Self::copy_path();
-        let copy = RemoveOnDrop(path.clone());
+        let copy = RemoveOnDrop::new(path.clone());
         std::fs::copy(dataset, &path).map_err(|source| BenchError::Io {
             what: format!("copying the dataset {} for QEMU to", display(dataset)),
             path: path.clone(),
@@ -281,7 +282,7 @@ impl QemuPeer {
             source,
         })?;
         let (src_qmp, dst_qmp) = (dir.path().join("src.qmp"), dir.path().join("dst.qmp"));
-        for p in [&src_qmp, &dst_qmp, &self.copy.0] {
+        for p in [&src_qmp, &dst_qmp, self.copy.path()] {
             if p.to_string_lossy().contains(',') {
                 return Err(BenchError::Config(format!(
                     "QEMU option paths may not contain ',': {}",
@@ -309,7 +310,7 @@ impl QemuPeer {
             "-object".into(),
             format!(
                 "memory-backend-file,id=mem,size={mem},mem-path={},share=on",
-                self.copy.0.display()
+                self.copy.path().display()
             ),
         ];
         let dst_args = [

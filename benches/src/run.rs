@@ -573,14 +573,6 @@ pub(crate) fn display(p: &Path) -> String {
 }
 
 /// A file removed when this guard is dropped (a generated dataset, QEMU's copy).
-pub(crate) struct RemoveOnDrop(pub(crate) PathBuf);
-
-impl Drop for RemoveOnDrop {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,8 +1,8 @@
 //! Small system helpers: CPU time of reaped children (getrusage), reaping
 //! one child with its own CPU time (wait4), this process's CPU time, free
 //! space on a filesystem (statvfs), wall-clock Unix time, text tails, and
-//! the system's TCP congestion control, set for a measurement and restored,
-//! free page reporting paused for a measurement and resumed,
+//! system settings changed for a measurement and put back
+//! ([`SystemSetting`]: the TCP congestion control, free page reporting),
 //! and the system-wide counters that explain a noisy run ([`SystemCounters`]).
 //!
 //! The crate's `unsafe` lives here, around these libc calls, and in
@@ -13,8 +13,9 @@ use std::io;
 use std::mem::MaybeUninit;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::process::ExitStatusExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::ExitStatus;
+use std::sync::Mutex;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 /// User + system CPU seconds of every child this process has reaped so far
@@ -215,35 +216,108 @@ pub(crate) fn system_congestion() -> Option<String> {
         .map(|s| s.trim().to_string())
 }
 
-/// The system's TCP congestion control set to one algorithm for as long as
-/// this lives (so tools that cannot choose their own, QEMU, use it too),
-/// and put back as it was when dropped.
-pub(crate) struct SystemCongestion {
+/// A system setting (a file under /proc or /sys) changed for a
+/// measurement, and put back as it was when this is dropped, or by
+/// [`restore_system_settings`] if the process is interrupted first.
+pub(crate) struct SystemSetting {
+    path: &'static str,
     previous: String,
 }
 
-impl SystemCongestion {
-    /// Sets `name` (root only). `Ok(None)` when it already is the system's.
-    pub(crate) fn set(name: &str) -> io::Result<Option<Self>> {
-        let previous = system_congestion()
-            .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, CONGESTION))?;
-        if previous == name {
+/// What a measurement changed and has not undone yet: what
+/// [`restore_system_settings`] undoes if a signal ends the process first.
+enum Undo {
+    /// A setting to write back: its file and old value.
+    Setting(&'static str, String),
+    /// A file the measurement made (a dataset, QEMU's copy) to remove.
+    File(PathBuf),
+}
+
+static PENDING: Mutex<Vec<Undo>> = Mutex::new(Vec::new());
+
+fn pending() -> std::sync::MutexGuard<'static, Vec<Undo>> {
+    PENDING.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl SystemSetting {
+    /// Writes `value` into `path` (root only). `Ok(None)` when it holds
+    /// that value already.
+    fn set(path: &'static str, value: &str) -> io::Result<Option<Self>> {
+        let previous = std::fs::read_to_string(path)?.trim().to_string();
+        if previous == value {
             return Ok(None);
         }
-        std::fs::write(CONGESTION, name)?;
-        Ok(Some(Self { previous }))
+        let mut pending = pending();
+        std::fs::write(path, value)?;
+        pending.push(Undo::Setting(path, previous.clone()));
+        Ok(Some(Self { path, previous }))
+    }
+
+    /// The value it had before (what is put back).
+    pub(crate) fn previous(&self) -> &str {
+        &self.previous
     }
 }
 
-impl Drop for SystemCongestion {
+impl Drop for SystemSetting {
     fn drop(&mut self) {
-        if let Err(e) = std::fs::write(CONGESTION, &self.previous) {
+        pending().retain(|u| !matches!(u, Undo::Setting(p, _) if *p == self.path));
+        if let Err(e) = std::fs::write(self.path, &self.previous) {
             eprintln!(
-                "ferry bench: could not restore the system's TCP congestion control to {}: {e}",
-                self.previous
+                "ferry bench: could not put {} back to {}: {e}",
+                self.path, self.previous
             );
         }
     }
+}
+
+/// A file the bench made (a generated dataset, QEMU's copy of it), removed
+/// when this is dropped, or by [`restore_system_settings`] if a signal
+/// ends the process first.
+pub(crate) struct RemoveOnDrop(PathBuf);
+
+impl RemoveOnDrop {
+    pub(crate) fn new(path: PathBuf) -> Self {
+        pending().push(Undo::File(path.clone()));
+        Self(path)
+    }
+
+    pub(crate) fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        pending().retain(|u| !matches!(u, Undo::File(p) if *p == self.0));
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// Undoes what a measurement still holds changed: puts back the system
+/// settings (the congestion control, free page reporting) and removes the
+/// files it made. For a process about to exit on a signal, whose guards
+/// will not be dropped.
+pub fn restore_system_settings() {
+    for undo in pending().drain(..) {
+        match undo {
+            Undo::Setting(path, previous) => {
+                if let Err(e) = std::fs::write(path, &previous) {
+                    eprintln!("ferry bench: could not put {path} back to {previous}: {e}");
+                }
+            }
+            Undo::File(path) => {
+                let _ = std::fs::remove_file(path);
+            }
+        }
+    }
+}
+
+/// The system's TCP congestion control set to `name` for as long as the
+/// guard lives (so tools that cannot choose their own, QEMU, use it too).
+/// `Ok(None)` when it already is the system's.
+pub(crate) fn set_system_congestion(name: &str) -> io::Result<Option<SystemSetting>> {
+    SystemSetting::set(CONGESTION, name)
 }
 
 const PAGE_REPORTING_ORDER: &str = "/sys/module/page_reporting/parameters/page_reporting_order";
@@ -252,8 +326,9 @@ const PAGE_REPORTING_ORDER: &str = "/sys/module/page_reporting/parameters/page_r
 /// x86-64), so that no freed memory is reported while it is set.
 const NO_REPORTING_ORDER: &str = "11";
 
-/// Free page reporting (virtio-balloon) paused for as long as this lives,
-/// and put back as it was when dropped.
+/// Free page reporting (virtio-balloon) paused for as long as the guard
+/// lives (root only). `Ok(None)` when this kernel has none, or it is paused
+/// already.
 ///
 /// In a VM with free page reporting, memory freed in 2 MiB blocks is handed
 /// back to the host a couple of seconds later, about 1.2 GiB per wave, and
@@ -265,41 +340,10 @@ const NO_REPORTING_ORDER: &str = "11";
 /// (docs/MEASUREMENTS.md, "The KVM guest's 30–40 ms stall: free page
 /// reporting"). Setting the reporting order above the largest block stops
 /// new reports.
-pub(crate) struct PageReportingPaused {
-    previous: String,
-}
-
-impl PageReportingPaused {
-    /// Pauses it (root only). `Ok(None)` when this kernel has no free page
-    /// reporting, or it is paused already.
-    pub(crate) fn pause() -> io::Result<Option<Self>> {
-        let previous = match std::fs::read_to_string(PAGE_REPORTING_ORDER) {
-            Ok(s) => s.trim().to_string(),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(e),
-        };
-        if previous == NO_REPORTING_ORDER {
-            return Ok(None);
-        }
-        std::fs::write(PAGE_REPORTING_ORDER, NO_REPORTING_ORDER)?;
-        Ok(Some(Self { previous }))
-    }
-
-    /// The reporting order it had before (what is restored).
-    pub(crate) fn previous_order(&self) -> &str {
-        &self.previous
-    }
-}
-
-impl Drop for PageReportingPaused {
-    fn drop(&mut self) {
-        if let Err(e) = std::fs::write(PAGE_REPORTING_ORDER, &self.previous) {
-            eprintln!(
-                "ferry bench: could not resume free page reporting ({PAGE_REPORTING_ORDER} back to \
-                 {}): {e}",
-                self.previous
-            );
-        }
+pub(crate) fn pause_page_reporting() -> io::Result<Option<SystemSetting>> {
+    match SystemSetting::set(PAGE_REPORTING_ORDER, NO_REPORTING_ORDER) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        other => other,
     }
 }
 
@@ -320,9 +364,9 @@ mod tests {
             return;
         };
         let before = before.trim().to_string();
-        match PageReportingPaused::pause() {
+        match pause_page_reporting() {
             Ok(Some(paused)) => {
-                assert_eq!(paused.previous_order(), before);
+                assert_eq!(paused.previous(), before);
                 let now = std::fs::read_to_string(PAGE_REPORTING_ORDER).unwrap();
                 assert_eq!(now.trim(), NO_REPORTING_ORDER);
                 drop(paused);
@@ -331,6 +375,13 @@ mod tests {
             }
             Ok(None) => assert_eq!(before, NO_REPORTING_ORDER),
             Err(e) => eprintln!("skipped: pausing free page reporting needs root ({e})"),
+        }
+        // Interrupted before the guard's drop: the signal path puts it back.
+        if let Ok(Some(paused)) = pause_page_reporting() {
+            std::mem::forget(paused);
+            restore_system_settings();
+            let after = std::fs::read_to_string(PAGE_REPORTING_ORDER).unwrap();
+            assert_eq!(after.trim(), before);
         }
     }
 

@@ -124,9 +124,12 @@ fn main() -> ExitCode {
     init_logging(&cli);
     if matches!(
         cli.command,
-        Command::Send(_) | Command::Recv(_) | Command::Save(_)
+        Command::Send(_) | Command::Recv(_) | Command::Save(_) | Command::Bench(_)
     ) {
         signals::install();
+    }
+    if matches!(cli.command, Command::Bench(_)) {
+        signals::before_exit(ferry_bench::restore_system_settings);
     }
     let result = match cli.command {
         Command::Gen(a) => gen::run(a),

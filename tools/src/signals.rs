@@ -6,7 +6,9 @@
 //! SIGTERM), as does a signal before there is anything to cancel.
 //!
 //! `main` calls [`install`] first thing for the commands that cancel, so no
-//! signal ever meets the default action half way through their setup.
+//! signal ever meets the default action half way through their setup; and
+//! for `bench`, which cancels nothing but must put back the system settings
+//! it changed ([`before_exit`]) when a signal ends it.
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -28,6 +30,15 @@ struct Watched {
 }
 
 static WATCHED: Mutex<Option<Watched>> = Mutex::new(None);
+
+/// Run before a signal ends the process (`ferry bench`: put back the
+/// system settings it changed for the measurement).
+static BEFORE_EXIT: Mutex<Option<fn()>> = Mutex::new(None);
+
+/// Has `f` run before a signal ends the process.
+pub fn before_exit(f: fn()) {
+    *BEFORE_EXIT.lock().unwrap_or_else(|e| e.into_inner()) = Some(f);
+}
 
 /// Catches SIGINT and SIGTERM from now on, in a watcher thread. Until a
 /// command hands over its progress ([`cancel_on_signal`],
@@ -72,6 +83,9 @@ pub fn install() {
                 }
                 if let Some(p) = watched.as_ref().and_then(|w| w.remove.as_ref()) {
                     let _ = std::fs::remove_file(p);
+                }
+                if let Some(f) = *BEFORE_EXIT.lock().unwrap_or_else(|e| e.into_inner()) {
+                    f();
                 }
                 std::process::exit(128 + sig);
             }

@@ -201,3 +201,38 @@ fn sigint_on_save_cancels_it_and_leaves_no_partial_file() {
     assert_eq!(partial_files(dir.path()), Vec::<String>::new());
     assert!(!dir.path().join("guest.sav").exists(), "no saved file");
 }
+
+/// `ferry bench` cancels nothing, but a signal must not leave behind what
+/// it made for the measurement: its generated dataset is removed (and the
+/// system settings it changed are put back, which this test does not
+/// touch: `--tcp-congestion system --cold-memory` change none) before it
+/// exits with the shell's status.
+#[test]
+fn sigint_on_bench_removes_its_dataset_and_exits_130() {
+    let dir = tempfile::tempdir_in("/dev/shm").unwrap();
+    let mut bench = Proc::spawn(&[
+        "bench",
+        "--size",
+        "32M",
+        "--channels",
+        "1",
+        "--runs",
+        "200",
+        "--cold-memory",
+        "--tcp-congestion",
+        "system",
+        "--workdir",
+        dir.path().to_str().unwrap(),
+    ]);
+    bench.wait_for_line("dataset: generated");
+    let made: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
+    assert_eq!(made.len(), 1, "the dataset is in the workdir");
+    bench.signal("INT");
+    let d = bench.wait(DEADLINE);
+    assert_eq!(d.code(), Some(130), "{}", d.stderr);
+    let left: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert!(left.is_empty(), "left behind: {left:?}");
+}
