@@ -19,8 +19,15 @@ use ferry_transport::certs::{generate, CertRequest};
 
 fn postcopy_opts(after: u64) -> OutgoingOptions {
     OutgoingOptions {
-        postcopy: true,
         postcopy_after: Some(after),
+        ..postcopy_uncounted()
+    }
+}
+
+/// Postcopy with no pass count: it switches on request, or by itself.
+fn postcopy_uncounted() -> OutgoingOptions {
+    OutgoingOptions {
+        postcopy: true,
         ..OutgoingOptions::default()
     }
 }
@@ -127,8 +134,7 @@ fn start_postcopy_switches_a_migration_that_would_not_converge() {
         let (g, p) = (guest.clone(), progress.clone());
         // Only on request: --postcopy-after and the automatic switch are off
         // (the automatic one is tested below).
-        let mut opts = postcopy_opts(0);
-        opts.postcopy_after = None;
+        let opts = postcopy_uncounted();
         let src = std::thread::spawn(move || migrate_out(&*g, &uri, &opts, &p));
         while progress.status() != Status::Active {
             std::thread::sleep(Duration::from_millis(10));
@@ -195,8 +201,7 @@ fn postcopy_starts_by_itself_when_precopy_does_not_converge() {
                 ..Default::default()
             });
             // No count: only the automatic switch.
-            let mut opts = postcopy_opts(0);
-            opts.postcopy_after = None;
+            let opts = postcopy_uncounted();
             let sent = migrate_out(&guest, &uri, &opts, &progress).unwrap();
             let got = dst.join().unwrap().expect("destination completes");
             if sent.postcopy.is_none() {

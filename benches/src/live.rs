@@ -539,8 +539,8 @@ fn live_once(run: &FerryRun<'_>, guest: LiveGuest) -> Result<Sample, BenchError>
     } else {
         None
     };
-    let (guest_blackout_ms, guest_switchover_gap_ms, guest_write_rate) = match guest {
-        LiveGuest::Synthetic => (None, None, None),
+    let seen = match guest {
+        LiveGuest::Synthetic => GuestSeen::default(),
         LiveGuest::Kvm => kvm_workload(&held, run.label)?,
     };
     let wire_bytes = sent["wire_bytes"].as_u64().unwrap_or(0);
@@ -559,22 +559,28 @@ fn live_once(run: &FerryRun<'_>, guest: LiveGuest) -> Result<Sample, BenchError>
         switchover_digest: run.switchover_digest,
         source_digest,
         destination_digest,
-        guest_blackout_ms,
-        guest_switchover_gap_ms,
-        guest_write_rate,
+        guest_blackout_ms: seen.blackout_ms,
+        guest_switchover_gap_ms: seen.switchover_gap_ms,
+        guest_write_rate: seen.write_rate,
     });
     Ok(sample)
 }
 
+/// What the KVM guest saw on the destination (none for the synthetic one).
+#[derive(Default)]
+struct GuestSeen {
+    /// The largest gap in its own TSC over all its lines there, ms.
+    blackout_ms: Option<f64>,
+    /// The largest in the window spanning the switchover, ms.
+    switchover_gap_ms: Option<f64>,
+    /// The rate it wrote at there, bytes/s.
+    write_rate: Option<f64>,
+}
+
 /// The KVM guest's workload on the destination (`ferry recv --run-after`):
 /// its self-check must be clean and every vCPU must have gone on; gives
-/// the blackout it saw (ms: the largest gap there, and the largest in the
-/// window spanning the switchover) and the rate it wrote at (bytes/s).
-#[allow(clippy::type_complexity)]
-fn kvm_workload(
-    held: &Value,
-    case: &str,
-) -> Result<(Option<f64>, Option<f64>, Option<f64>), BenchError> {
+/// what it saw there.
+fn kvm_workload(held: &Value, case: &str) -> Result<GuestSeen, BenchError> {
     let bad = |why: String| BenchError::GuestCheck {
         case: case.to_string(),
         why,
@@ -602,9 +608,8 @@ fn kvm_workload(
             "its vCPUs did not all write on after it resumed on the destination".into(),
         ));
     }
-    let blackout_ms = w["guest_blackout_us"].as_f64().map(|us| us / 1e3);
-    let switchover_gap_ms = w["guest_switchover_gap_us"].as_f64().map(|us| us / 1e3);
-    let rate = match (
+    let ms = |key: &str| w[key].as_f64().map(|us| us / 1e3);
+    let write_rate = match (
         w["writes_at_switchover"].as_u64(),
         w["writes_after"].as_u64(),
         w["seconds"].as_f64(),
@@ -614,7 +619,11 @@ fn kvm_workload(
         }
         _ => None,
     };
-    Ok((blackout_ms, switchover_gap_ms, rate))
+    Ok(GuestSeen {
+        blackout_ms: ms("guest_blackout_us"),
+        switchover_gap_ms: ms("guest_switchover_gap_us"),
+        write_rate,
+    })
 }
 
 /// The per-run log line of a live migration.
