@@ -275,6 +275,10 @@ struct Received {
     recovered_main: Option<Arc<MainChannel>>,
     /// The memory at a postcopy's switch, when asked for.
     reference: Option<Vec<u8>>,
+    /// SETUP announced postcopy.
+    postcopy: bool,
+    /// The pages EARLY_DISCARD dropped (one bitmap per block).
+    early_dropped: Option<Vec<ferry_ram::PageBitmap>>,
 }
 
 enum Event {
@@ -449,6 +453,7 @@ fn receive(
         .store(memory.total_bytes(), std::sync::atomic::Ordering::Relaxed);
     summary.guest_bytes = memory.total_bytes();
     out.memory = Some(memory.clone());
+    out.postcopy = postcopy;
     if let Some(prepare) = &opts.prepare_guest {
         prepare(&memory);
     }
@@ -684,6 +689,7 @@ fn follow_main(
         summary.wire_bytes += n;
         match msg {
             Message::PassEnd { generation } => {
+                refuse_after_early_discard(out, "PASS_END")?;
                 if generation != last_pass + 1 {
                     return Err(MigrationError::Protocol(format!(
                         "PASS_END of pass {generation}, but pass {} is the one due",
@@ -721,7 +727,9 @@ fn follow_main(
                 out.package = Some(p);
                 return Ok(());
             }
+            Message::EarlyDiscard(list) => early_discard(&list, last_pass, main, summary, out)?,
             Message::Complete { generation } => {
+                refuse_after_early_discard(out, "COMPLETE")?;
                 crate::switchover_trace::mark("destination: COMPLETE arrived");
                 if generation != last_pass || last_pass == 0 {
                     return Err(MigrationError::Protocol(format!(
@@ -746,6 +754,54 @@ fn follow_main(
             }
         }
     }
+}
+
+/// EARLY_DISCARD: drops the pages dirty so far at once, while the
+/// source's guest still runs, and says so (EARLY_DISCARDED). Every pass so
+/// far has landed (each PASS_END was waited for) and no page data follows
+/// before the package, whose discard list names these pages again.
+fn early_discard(
+    list: &[u8],
+    last_pass: u64,
+    main: &MainChannel,
+    summary: &mut Summary,
+    out: &mut Received,
+) -> Result<(), MigrationError> {
+    let refuse = |why: &str| Err(MigrationError::Protocol(format!("EARLY_DISCARD {why}")));
+    if !out.postcopy {
+        return refuse("without the postcopy capability");
+    }
+    if last_pass == 0 {
+        return refuse("before any pass ended: no page landed here to drop");
+    }
+    if out.early_dropped.is_some() {
+        return refuse("a second time");
+    }
+    let Some(memory) = out.memory.clone() else {
+        return refuse("before SETUP");
+    };
+    let discard = crate::postcopy::wire::decode_discard(list, &memory.specs())?;
+    let t = Instant::now();
+    let pages = crate::postcopy::drop_early(&memory, &discard)?;
+    tracing::debug!(
+        pages,
+        ms = t.elapsed().as_secs_f64() * 1e3,
+        "postcopy: pages dirty so far dropped ahead of the switch"
+    );
+    out.early_dropped = Some(discard);
+    summary.wire_bytes += main.send(&Message::EarlyDiscarded)?;
+    Ok(())
+}
+
+/// After EARLY_DISCARD only the postcopy package may come (or a cancel):
+/// a page written after the drop would be stale and taken as final.
+fn refuse_after_early_discard(out: &Received, what: &str) -> Result<(), MigrationError> {
+    if out.early_dropped.is_some() {
+        return Err(MigrationError::Protocol(format!(
+            "{what} after EARLY_DISCARD: only the postcopy package may follow"
+        )));
+    }
+    Ok(())
 }
 
 /// Why a wait for a pass's sync ended early: a cancel or a main channel
@@ -793,6 +849,7 @@ fn spawn_main_reader(
                     Message::PassEnd { .. }
                         | Message::DeviceState(_)
                         | Message::Complete { .. }
+                        | Message::EarlyDiscard(_)
                         | Message::PostcopyPackage(_),
                     _
                 ))
@@ -1313,6 +1370,72 @@ mod tests {
         drop(tx);
         let mut summary = Summary::new(Role::Destination, "unix:test".into());
         follow_main(&pool, &main, &inbox, phases, &mut summary, out, None)
+    }
+
+    /// EARLY_DISCARD comes once, after a pass landed, and only with
+    /// postcopy; after it only the package may come. A list that does not
+    /// fit the guest drops nothing. One accepted is dropped, kept for the
+    /// switch, and answered.
+    #[test]
+    fn an_early_discard_comes_once_after_a_pass_and_only_with_postcopy() {
+        let memory = Arc::new(GuestMemory::anonymous(&two_blocks()).unwrap());
+        let pages = |i: usize| memory.blocks()[i].pages();
+        let list = |bits: &[PageBitmap]| crate::postcopy::wire::encode_discard(bits);
+        let good = list(&[
+            PageBitmap::new(pages(0), true),
+            PageBitmap::new(pages(1), false),
+        ]);
+        let (main, source) = main_pair();
+        let mut summary = Summary::new(Role::Destination, "unix:test".into());
+        let mut out = Received {
+            memory: Some(memory.clone()),
+            ..Default::default()
+        };
+        let mut refused = |list: &[u8], last_pass: u64, out: &mut Received, says: &str| {
+            let e = early_discard(list, last_pass, &main, &mut summary, out)
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(says), "wanted {says:?} in: {e}");
+            assert!(out.early_dropped.is_none() || says.contains("second"));
+        };
+        refused(
+            &good,
+            1,
+            &mut out,
+            "EARLY_DISCARD without the postcopy capability",
+        );
+        out.postcopy = true;
+        refused(&good, 0, &mut out, "EARLY_DISCARD before any pass ended");
+        let one_block = list(&[PageBitmap::new(pages(0), true)]);
+        refused(&one_block, 1, &mut out, "discard list");
+        // Accepted: block 0's pages are gone, block 1's stay.
+        for b in memory.blocks() {
+            ferry_ram::pattern::fill_block(b, ferry_ram::pattern::Pattern::Random, 3);
+        }
+        let mut summary = Summary::new(Role::Destination, "unix:test".into());
+        early_discard(&good, 1, &main, &mut summary, &mut out).unwrap();
+        assert!(matches!(
+            source.recv("destination").unwrap().0,
+            Message::EarlyDiscarded
+        ));
+        let kept = out.early_dropped.as_ref().expect("kept for the switch");
+        assert_eq!((kept[0].count(), kept[1].count()), (pages(0), 0));
+        let zero =
+            |i: usize, p: u64| ferry_ram::is_zero(&memory.blocks()[i].page_slice(p).unwrap());
+        assert!((0..pages(0)).all(|p| zero(0, p)), "block 0 dropped");
+        assert!((0..pages(1)).all(|p| !zero(1, p)), "block 1 kept");
+        let again = early_discard(&good, 1, &main, &mut summary, &mut out).unwrap_err();
+        assert!(
+            again.to_string().contains("EARLY_DISCARD a second time"),
+            "{again}"
+        );
+        for what in ["PASS_END", "COMPLETE"] {
+            let e = refuse_after_early_discard(&out, what)
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(&format!("{what} after EARLY_DISCARD")), "{e}");
+        }
+        refuse_after_early_discard(&Received::default(), "PASS_END").unwrap();
     }
 
     #[test]

@@ -938,6 +938,7 @@ fn spawn_return_path(
                 m,
                 Ok(Message::SetupAck { .. }
                     | Message::SwitchoverAck
+                    | Message::EarlyDiscarded
                     | Message::Resumed { .. }
                     | Message::PageRequest(_))
             );

@@ -48,6 +48,12 @@
 //! - `8 COLO` (either direction, after a migration announced with SETUP's
 //!   bit 4, [`CAP_COLO`]): one COLO checkpoint message, its layout in
 //!   `colo/src/wire.rs`. At most 256 MiB + 64 MiB.
+//! - `9 EARLY_DISCARD`: postcopy, after a pass's PASS_END and before the
+//!   package, with the guest still running here: the pages dirty so far,
+//!   in the discard list's layout (`src/postcopy/wire.rs`). The destination
+//!   drops them at once, outside the downtime, and answers
+//!   EARLY_DISCARDED; the package's discard list must then name every one
+//!   of them again. At most 64 MiB.
 //!
 //! Verifying the switchover is opt-in, and either side may ask: the source
 //! with SETUP's bit 2, the destination by itself. The destination decides
@@ -74,6 +80,8 @@
 //! - `105 PAGE_REQUEST`: postcopy: the guest touched a page it lacks:
 //!   `u16` block, `u64` offset, `u32` length (`src/postcopy/wire.rs`).
 //!   14 bytes.
+//! - `106 EARLY_DISCARDED`: empty; the pages of EARLY_DISCARD are dropped
+//!   (the source waits for it before pausing its guest).
 //!
 //! Either direction:
 //! - `200 HEARTBEAT`: empty; sent when nothing else was sent for a while,
@@ -105,8 +113,11 @@ pub const CAP_POSTCOPY: u8 = 8;
 /// SETUP capability: COLO follows the migration (`send --colo`); the
 /// destination must be a COLO secondary (`recv --colo`).
 pub const CAP_COLO: u8 = 16;
+/// A discard list's limit (EARLY_DISCARD's body; a bit per page, so
+/// 2 TiB of 4 KiB pages).
+const MAX_DISCARD: u32 = 64 << 20;
 /// A POSTCOPY_PACKAGE's limit: the device state's and a discard list's.
-const MAX_PACKAGE: u32 = MAX_DEVICE_STATE + (64 << 20);
+const MAX_PACKAGE: u32 = MAX_DEVICE_STATE + MAX_DISCARD;
 /// The message type numbers, each written once here (the module doc lists
 /// them with their bodies).
 pub mod kind {
@@ -118,11 +129,13 @@ pub mod kind {
     pub const VERIFY: u16 = 6;
     pub const POSTCOPY_PACKAGE: u16 = 7;
     pub const COLO: u16 = 8;
+    pub const EARLY_DISCARD: u16 = 9;
     pub const SETUP_ACK: u16 = 101;
     pub const SHUT: u16 = 102;
     pub const SWITCHOVER_ACK: u16 = 103;
     pub const RESUMED: u16 = 104;
     pub const PAGE_REQUEST: u16 = 105;
+    pub const EARLY_DISCARDED: u16 = 106;
     pub const HEARTBEAT: u16 = 200;
 }
 
@@ -178,6 +191,10 @@ pub enum Message {
     PageRequest(crate::postcopy::wire::PageRun),
     /// A COLO message (`ferry_colo::wire`), opaque here.
     Colo(Vec<u8>),
+    /// Postcopy: the pages dirty so far, to drop before the switch (a
+    /// discard list, `crate::postcopy::wire`), opaque here.
+    EarlyDiscard(Vec<u8>),
+    EarlyDiscarded,
 }
 
 impl Message {
@@ -197,6 +214,8 @@ impl Message {
             Self::PostcopyPackage(_) => kind::POSTCOPY_PACKAGE,
             Self::PageRequest(_) => kind::PAGE_REQUEST,
             Self::Colo(_) => kind::COLO,
+            Self::EarlyDiscard(_) => kind::EARLY_DISCARD,
+            Self::EarlyDiscarded => kind::EARLY_DISCARDED,
         }
     }
 
@@ -230,11 +249,12 @@ impl Message {
             }
             Self::Verify { digest } => b.extend_from_slice(&digest.to_le_bytes()),
             Self::SetupAck { verify } => b.push(if *verify { ACK_VERIFY } else { 0 }),
-            Self::DeviceState(d) | Self::PostcopyPackage(d) | Self::Colo(d) => {
-                b.extend_from_slice(d)
-            }
+            Self::DeviceState(d)
+            | Self::PostcopyPackage(d)
+            | Self::Colo(d)
+            | Self::EarlyDiscard(d) => b.extend_from_slice(d),
             Self::PageRequest(run) => b.extend_from_slice(&run.encode_request()),
-            Self::Cancel | Self::SwitchoverAck | Self::Heartbeat => {}
+            Self::Cancel | Self::SwitchoverAck | Self::Heartbeat | Self::EarlyDiscarded => {}
             Self::Shut { error } => {
                 b.extend_from_slice(&u32::from(error.is_some()).to_le_bytes());
                 if let Some(e) = error {
@@ -354,6 +374,8 @@ impl Message {
             kind::HEARTBEAT => Self::Heartbeat,
             kind::POSTCOPY_PACKAGE => Self::PostcopyPackage(b.to_vec()),
             kind::COLO => Self::Colo(b.to_vec()),
+            kind::EARLY_DISCARD => Self::EarlyDiscard(b.to_vec()),
+            kind::EARLY_DISCARDED => Self::EarlyDiscarded,
             kind::PAGE_REQUEST => {
                 Self::PageRequest(crate::postcopy::wire::PageRun::decode_request(
                     r.bytes(crate::postcopy::wire::REQUEST_LEN)?
@@ -382,7 +404,11 @@ impl Message {
         };
         if !matches!(
             m,
-            Self::DeviceState(_) | Self::Shut { .. } | Self::PostcopyPackage(_) | Self::Colo(_)
+            Self::DeviceState(_)
+                | Self::Shut { .. }
+                | Self::PostcopyPackage(_)
+                | Self::Colo(_)
+                | Self::EarlyDiscard(_)
         ) && r.at != b.len()
         {
             return Err(MigrationError::Protocol(format!(
@@ -548,7 +574,7 @@ impl Drop for MainChannel {
 
 /// Every message type: its number on the wire, its name, and the most
 /// bytes its body may have.
-const KINDS: [(u16, &str, u32); 14] = [
+const KINDS: [(u16, &str, u32); 16] = [
     (kind::SETUP, "SETUP", MAX_SETUP),
     (kind::PASS_END, "PASS_END", 8),
     (kind::DEVICE_STATE, "DEVICE_STATE", MAX_DEVICE_STATE),
@@ -562,6 +588,8 @@ const KINDS: [(u16, &str, u32); 14] = [
     (kind::HEARTBEAT, "HEARTBEAT", 0),
     (kind::POSTCOPY_PACKAGE, "POSTCOPY_PACKAGE", MAX_PACKAGE),
     (kind::COLO, "COLO", MAX_PACKAGE),
+    (kind::EARLY_DISCARD, "EARLY_DISCARD", MAX_DISCARD),
+    (kind::EARLY_DISCARDED, "EARLY_DISCARDED", 0),
     (
         kind::PAGE_REQUEST,
         "PAGE_REQUEST",
@@ -706,6 +734,8 @@ mod tests {
             Message::Verify { digest: 1 << 100 },
             Message::Heartbeat,
             Message::PostcopyPackage(vec![4, 0, 0, 0, 1, 2, 3, 4, 9]),
+            Message::EarlyDiscard(vec![1, 0, 8, 0, 0, 0, 0, 0, 0, 0, 0xff]),
+            Message::EarlyDiscarded,
             Message::PageRequest(crate::postcopy::wire::PageRun {
                 block: 2,
                 offset: 1 << 40,

@@ -85,6 +85,11 @@ pub struct PostcopyReport {
     pub postcopy_bytes: u64,
     /// Pages stale at the switch (the discard list).
     pub postcopy_discarded_pages: u64,
+    /// Of those, the pages dropped on the destination before the switch,
+    /// while the source's guest still ran (EARLY_DISCARD), so outside the
+    /// downtime.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub postcopy_early_discarded_pages: Option<u64>,
     /// Destination: a fault's wait, request sent → page placed
     /// (microseconds; hdrhistogram quantiles).
     #[serde(skip_serializing_if = "Option::is_none")]

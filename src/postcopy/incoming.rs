@@ -92,7 +92,9 @@ pub(super) fn postcopy_in(
     summary.device_state_digest = Some(Digest::of_bytes(&device_state).to_string());
     out.device_state = device_state;
     let t = Instant::now();
-    let mut pc = PostcopyDestination::start(memory.clone(), &discard, requester(main))?;
+    let early = out.early_dropped.take();
+    let mut pc =
+        PostcopyDestination::start(memory.clone(), &discard, early.as_deref(), requester(main))?;
     step("memory registered, stale pages dropped");
     // The replay check knows the synthetic guest's writes only; any other
     // guest (the KVM micro-VM checks its own memory) gets no reference, a
@@ -168,6 +170,9 @@ pub(super) fn postcopy_in(
         postcopy_requests: s.requests,
         postcopy_bytes: s.bytes,
         postcopy_discarded_pages: s.discarded_pages,
+        postcopy_early_discarded_pages: early
+            .as_ref()
+            .map(|e| e.iter().map(ferry_ram::PageBitmap::count).sum()),
         fault_latency_p50_us: Some(s.fault_p50_us),
         fault_latency_p99_us: Some(s.fault_p99_us),
         fault_latency_max_us: Some(s.fault_max_us),

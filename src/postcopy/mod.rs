@@ -7,11 +7,13 @@
 //!   and the package that carries it with the device state.
 //! - [`PostcopyDestination`] (`dest.rs`): guest memory registered with
 //!   userfaultfd (missing mode, [`ferry_ram::uffd::Userfault`], the helpers
-//!   lazy restore uses), the discarded pages dropped, a **fault thread**
-//!   that turns each first touch of a missing page into one page request,
-//!   and **page readers** (one per channel: preempt and each multifd
-//!   channel) that check each frame and place its pages atomically with
-//!   `UFFDIO_COPY` / `UFFDIO_ZEROPAGE`. Each page has one state (missing,
+//!   lazy restore uses), the discarded pages dropped (most of them before
+//!   the switch, while the source's guest still runs: [`drop_early`] on
+//!   EARLY_DISCARD, so the downtime drops only those dirtied since), a
+//!   **fault thread** that turns each first touch of a missing page into
+//!   one page request, and **page readers** (one per channel: preempt and
+//!   each multifd channel) that check each frame and place its pages
+//!   atomically with `UFFDIO_COPY` / `UFFDIO_ZEROPAGE`. Each page has one state (missing,
 //!   requested, placing, placed) changed by compare-and-swap, so a page is
 //!   requested at most once and placed exactly once, however it arrives.
 //! - [`PageServer`] (`source.rs`): the source's side: it answers requests
@@ -44,8 +46,8 @@ mod dest;
 mod source;
 pub mod wire;
 
+pub use dest::{drop_early, PostcopyDestination, PostcopyStats, RequestFn};
 pub(crate) use dest::{raise_priority, raise_threads_named, restore_priority};
-pub use dest::{PostcopyDestination, PostcopyStats, RequestFn};
 pub use source::{send_end, PageServer};
 
 /// Whether `memory` can be registered with userfaultfd in missing mode

@@ -44,19 +44,39 @@ impl Source<'_> {
         // at the issue's 1 GiB/s case). The first pass's landing is
         // announced (SWITCHOVER_ACK): wait for it while the guest still
         // runs; pages it dirties meanwhile join the discard list.
-        if !s.switchover_acked && session.passes() > 0 {
-            let t = Instant::now();
-            let what = "SWITCHOVER_ACK";
+        //
+        // Meanwhile the destination drops the pages dirty so far
+        // (EARLY_DISCARD), most of the discard list: the downtime then
+        // drops only those dirtied since (on 1 GiB at 1 GiB/s, 25-50 ms of
+        // freeing pages fewer inside it).
+        let early = if session.passes() > 0 {
+            session.sync()?;
+            let list = crate::postcopy::wire::encode_discard(session.pending());
+            self.summary.wire_bytes += s.main.send(&Message::EarlyDiscard(list))?;
+            Some(session.pending().iter().map(PageBitmap::count).sum::<u64>())
+        } else {
+            None
+        };
+        let t = Instant::now();
+        let mut dropped = false;
+        while early.is_some() && !(s.switchover_acked && dropped) {
+            let what = if s.switchover_acked {
+                "EARLY_DISCARDED"
+            } else {
+                "SWITCHOVER_ACK"
+            };
             match super::wait_reply(self.progress, &s.return_path, self.opts.setup_timeout, what)? {
                 Message::SwitchoverAck => s.switchover_acked = true,
+                Message::EarlyDiscarded => dropped = true,
                 Message::Shut { error: Some(e) } => return Err(MigrationError::Destination(e)),
                 other => return Err(unexpected(what, &other)),
             }
-            tracing::debug!(
-                waited_ms = t.elapsed().as_secs_f64() * 1e3,
-                "postcopy switch (source): the first pass landed, guest still running"
-            );
         }
+        tracing::debug!(
+            waited_ms = t.elapsed().as_secs_f64() * 1e3,
+            "postcopy switch (source): the passes landed and the pages dirty so far \
+             were dropped there, guest still running"
+        );
         let paused_at = Instant::now();
         tracing::info!(
             remaining = self.progress.figures().remaining_bytes,
@@ -108,6 +128,7 @@ impl Source<'_> {
         }
         let mut report = crate::PostcopyReport {
             postcopy_discarded_pages: stale,
+            postcopy_early_discarded_pages: early,
             ..Default::default()
         };
         let mut server = Arc::new(crate::postcopy::PageServer::new(

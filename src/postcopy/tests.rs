@@ -148,7 +148,7 @@ fn faults_are_served_and_the_push_completes_every_page_once() {
         let server = Arc::new(PageServer::new(src.clone(), Arc::new(copy_bits(&discard))));
         let (pre_src, pre_dst) = pair("preempt");
         let request = return_path(server.clone(), pre_src);
-        let mut pc = PostcopyDestination::start(dst.clone(), &discard, request).unwrap();
+        let mut pc = PostcopyDestination::start(dst.clone(), &discard, None, request).unwrap();
         assert_eq!(pc.missing(), stale);
         pc.read_pages(pre_dst).unwrap();
         // Two "vCPUs" touch stale pages (every 5th from 10), and pages
@@ -203,7 +203,8 @@ fn a_page_arriving_both_ways_is_placed_once() {
     let (src, dst, discard) = switched(MIB, 9);
     let stale: u64 = discard.iter().map(PageBitmap::count).sum();
     let (q_src, q_dst) = pair("preempt");
-    let mut pc = PostcopyDestination::start(dst.clone(), &discard, Arc::new(|_| Ok(()))).unwrap();
+    let mut pc =
+        PostcopyDestination::start(dst.clone(), &discard, None, Arc::new(|_| Ok(()))).unwrap();
     pc.read_pages(q_dst).unwrap();
     // The push sends everything; the requests' answers send page 0 and 5 again.
     let server = PageServer::new(src.clone(), Arc::new(copy_bits(&discard)));
@@ -276,7 +277,7 @@ fn bad_frames_are_refused_naming_them_and_nothing_is_placed() {
         let (_src, dst, discard) = switched(MIB, 3);
         let stale: u64 = discard.iter().map(PageBitmap::count).sum();
         let (q_src, q_dst) = pair("preempt");
-        let mut pc = PostcopyDestination::start(dst, &discard, Arc::new(|_| Ok(()))).unwrap();
+        let mut pc = PostcopyDestination::start(dst, &discard, None, Arc::new(|_| Ok(()))).unwrap();
         pc.read_pages(q_dst).unwrap();
         q_src.write_all(&bytes).unwrap();
         let e = pc.finish(Duration::from_secs(30)).unwrap_err().to_string();
@@ -333,13 +334,83 @@ fn requests_outside_guest_memory_are_refused_and_nothing_is_sent() {
 fn a_discard_list_that_does_not_match_memory_is_refused_before_registering() {
     let dst = memory(MIB);
     let wrong = vec![PageBitmap::new(256, true)];
-    let e = PostcopyDestination::start(dst.clone(), &wrong, Arc::new(|_| Ok(())))
+    let e = PostcopyDestination::start(dst.clone(), &wrong, None, Arc::new(|_| Ok(())))
         .err()
         .unwrap()
         .to_string();
     assert!(e.contains("discard list: its blocks do not match"), "{e}");
     // Nothing registered: the memory is touched freely.
     dst.blocks()[0].touch_page(3);
+}
+
+/// Pages dropped ahead of the switch (EARLY_DISCARD) are missing at the
+/// switch like the rest of the discard list, which must name them again:
+/// one it leaves out is refused before anything is registered, and with
+/// them named, the push completes the memory, equal to the source's.
+#[test]
+fn pages_dropped_early_are_missing_at_the_switch_which_must_name_them() {
+    let (src, dst, discard) = switched(2 * MIB, 21);
+    // Dropped early: the discard list's pages in block 0, every other one.
+    let early: Vec<PageBitmap> = discard
+        .iter()
+        .enumerate()
+        .map(|(i, d)| {
+            let e = PageBitmap::new(d.pages(), false);
+            for p in d.iter_set().filter(|p| i == 0 && p % 2 == 0) {
+                e.set(p);
+            }
+            e
+        })
+        .collect();
+    let dropped: u64 = early.iter().map(PageBitmap::count).sum();
+    assert!(dropped > 0);
+    assert_eq!(super::drop_early(&dst, &early).unwrap(), dropped);
+    // A switch whose list leaves out a page dropped early (page 0, the
+    // first rewritten one) is refused, before any registration.
+    let short = copy_bits(&discard);
+    short[0].test_and_clear(0);
+    let e = PostcopyDestination::start(dst.clone(), &short, Some(&early), Arc::new(|_| Ok(())))
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        e.contains("leaves out page 0 (offset 0x0) of block 'ram', dropped before the switch"),
+        "{e}"
+    );
+    dst.blocks()[1].touch_page(1); // not registered: no fault
+                                   // The whole list: every stale page comes by the push, once.
+    let stale: u64 = discard.iter().map(PageBitmap::count).sum();
+    let (q_src, q_dst) = pair("preempt[1]");
+    let mut pc =
+        PostcopyDestination::start(dst.clone(), &discard, Some(&early), Arc::new(|_| Ok(())))
+            .unwrap();
+    pc.read_pages(q_dst).unwrap();
+    PageServer::new(src.clone(), Arc::new(copy_bits(&discard)))
+        .push(q_src.as_ref(), false)
+        .unwrap();
+    let stats = pc.finish(Duration::from_secs(30)).unwrap();
+    assert_eq!(stats.discarded_pages, stale);
+    assert_eq!(stats.pushed_pages_placed, stale, "each page placed once");
+    // SAFETY: every page is placed and nothing touches `dst` now.
+    assert_eq!(
+        unsafe { Digest::of_still_guest(&dst, &[]) },
+        Digest::of_guest(&src, &[])
+    );
+}
+
+/// Whether this process may use SCHED_RR is what a thread finds when it
+/// tries: the push is niced only where it may not.
+#[test]
+fn realtime_is_allowed_exactly_where_a_thread_gets_sched_rr() {
+    let got = std::thread::spawn(|| {
+        let rt = libc::sched_param { sched_priority: 1 };
+        // SAFETY: sched_setscheduler(2) on the calling thread (0), which
+        // ends right after; no memory is kept.
+        unsafe { libc::sched_setscheduler(0, libc::SCHED_RR, &rt) == 0 }
+    })
+    .join()
+    .unwrap();
+    assert_eq!(super::dest::realtime_allowed(), got);
 }
 
 /// A link that breaks pauses (it does not fail): a guest thread touching a
@@ -360,7 +431,7 @@ fn a_broken_link_pauses_and_a_resume_completes_from_the_received_bitmap() {
         log.lock().unwrap().push(run);
         Ok(())
     });
-    let mut pc = PostcopyDestination::start(dst.clone(), &discard, request).unwrap();
+    let mut pc = PostcopyDestination::start(dst.clone(), &discard, None, request).unwrap();
     let (q_src, q_dst) = pair("preempt");
     pc.read_pages(q_dst).unwrap();
     let first = PageServer::new(src.clone(), Arc::new(copy_bits(&discard)));
@@ -469,7 +540,7 @@ fn a_request_for_a_page_the_push_took_is_answered_on_preempt_and_placed_once() {
     let server = Arc::new(PageServer::new(src.clone(), pending.clone()));
     let (pre_src, pre_dst) = pair("preempt");
     let request = return_path(server.clone(), pre_src);
-    let mut pc = PostcopyDestination::start(dst.clone(), &discard, request).unwrap();
+    let mut pc = PostcopyDestination::start(dst.clone(), &discard, None, request).unwrap();
     pc.read_pages(pre_dst).unwrap();
     // The push runs on a channel nobody reads yet: it takes the first
     // words and blocks once the socket's buffer is full.
@@ -639,7 +710,7 @@ fn a_frame_whose_pages_are_partly_placed_places_the_others_once_each() {
             q_dst
         };
         let mut pc =
-            PostcopyDestination::start(dst.clone(), &discard, Arc::new(|_| Ok(()))).unwrap();
+            PostcopyDestination::start(dst.clone(), &discard, None, Arc::new(|_| Ok(()))).unwrap();
         pc.read_pages(q_dst).unwrap();
         // Pages 0, 3, 4 and 7 first, then all eight: one write.
         let mut bytes = Vec::new();
@@ -673,7 +744,7 @@ fn a_bad_frame_behind_good_ones_in_one_read_is_refused_alone() {
         } else {
             q_dst
         };
-        let mut pc = PostcopyDestination::start(dst, &discard, Arc::new(|_| Ok(()))).unwrap();
+        let mut pc = PostcopyDestination::start(dst, &discard, None, Arc::new(|_| Ok(()))).unwrap();
         pc.read_pages(q_dst).unwrap();
         // "vram" pages 0 and 5 are stale (every 5th); then a frame of 65
         // pages (more than a frame may carry) at page 10.

@@ -32,7 +32,7 @@
 //! payload into a private buffer, checks the CRC, and only then places the
 //! pages (UFFDIO_COPY / UFFDIO_ZEROPAGE).
 //!
-//! # Discard list (inside the postcopy package)
+//! # Discard list (inside the postcopy package, and the body of EARLY_DISCARD)
 //!
 //! | size     | field                                                |
 //! |---------:|------------------------------------------------------|
@@ -42,6 +42,11 @@
 //! |  8 × W   | W = ⌈pages / 64⌉ bitmap words; bit i of word w set:  |
 //! |          | page 64w + i is stale (dirty at the switch); bits    |
 //! |          | past the block's pages must be 0                     |
+//!
+//! EARLY_DISCARD carries the pages dirty when the source decided to
+//! switch, its guest still running; the destination drops them then, and
+//! the package's list, a superset, is dropped at the switch only for the
+//! pages EARLY_DISCARD did not name.
 //!
 //! # Received-pages bitmap (recovery: destination → source, first bytes on
 //! the re-connected main channel, before any main-channel message)
