@@ -30,7 +30,7 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, TryRecvError};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use ferry_multifd::{SendPath, SenderOptions, SenderPool};
@@ -315,6 +315,8 @@ const POSTCOPY_PAUSED: &str = "postcopy-paused: the device state went to the des
 struct Link {
     main: Arc<MainChannel>,
     return_path: ReturnPath,
+    /// Postcopy: answers page requests on the return path's own thread.
+    answer_requests: RequestHook,
     pool: SenderPool,
     switchover_acked: bool,
     /// The destination asked for VERIFY (SETUP_ACK): it compares digests
@@ -382,7 +384,12 @@ impl Source<'_> {
         let main = MainChannel::new(Arc::from(main), opts.peer_timeout)?;
         main.start_heartbeat(crate::protocol::heartbeat_interval(opts.peer_timeout))?;
         let on_destination_failure = Arc::new(OnceLock::new());
-        let return_path = spawn_return_path(main.clone(), on_destination_failure.clone())?;
+        let answer_requests = RequestHook::default();
+        let return_path = spawn_return_path(
+            main.clone(),
+            on_destination_failure.clone(),
+            answer_requests.clone(),
+        )?;
 
         self.progress.set_phase("setup");
         let setup = Setup {
@@ -484,6 +491,7 @@ impl Source<'_> {
         Ok(Link {
             main,
             return_path,
+            answer_requests,
             pool,
             switchover_acked: false,
             destination_verifies,
@@ -921,18 +929,36 @@ type ReturnPath = Receiver<Result<Message, MigrationError>>;
 /// Stops the data path when the destination has failed.
 type StopHook = Box<dyn Fn() + Send + Sync>;
 
+/// Answers a postcopy page request where the return path reads it (true:
+/// answered), one thread hop fewer per request than handing it to the
+/// serving loop: each hop is a wake-up on another CPU, on a machine whose
+/// cores the guest's vCPUs and the push keep busy. False hands the request
+/// on after all: the serving loop answers it, or meets the failure.
+pub(crate) type AnswerRequest = Box<dyn Fn(&crate::postcopy::wire::PageRun) -> bool + Send>;
+/// Where the serving loop installs its [`AnswerRequest`] (and takes it
+/// away: the lock is held while one request is answered, so none is
+/// answered after).
+pub(crate) type RequestHook = Arc<Mutex<Option<AnswerRequest>>>;
+
 /// Reads the return path on its own thread until SHUT or an error. A SHUT
 /// with an error, or a broken return path, runs `on_failure` (once set):
 /// the source need not finish a pass the destination no longer reads.
+/// Page requests go to `answer` while one is installed.
 fn spawn_return_path(
     main: Arc<MainChannel>,
     on_failure: Arc<OnceLock<StopHook>>,
+    answer: RequestHook,
 ) -> Result<ReturnPath, MigrationError> {
     let (tx, rx) = mpsc::channel();
     std::thread::Builder::new()
         .name("ferry-return-path".into())
         .spawn(move || loop {
             let m = main.recv("destination").map(|(m, _)| m);
+            if let Ok(Message::PageRequest(run)) = &m {
+                if answer.lock().unwrap().as_ref().is_some_and(|a| a(run)) {
+                    continue;
+                }
+            }
             let failed = matches!(m, Err(_) | Ok(Message::Shut { error: Some(_) }));
             let last = !matches!(
                 m,
@@ -1294,6 +1320,7 @@ mod tests {
             let mut link = Link {
                 main,
                 return_path,
+                answer_requests: RequestHook::default(),
                 pool,
                 switchover_acked: false,
                 destination_verifies: false,

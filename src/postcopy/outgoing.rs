@@ -230,9 +230,18 @@ impl Source<'_> {
         // never inherit it).
         let before = crate::postcopy::raise_priority("request server");
         // And the thread that reads the requests off the main channel
-        // (`spawn_return_path`, named "ferry-return-path").
+        // (`spawn_return_path`, named "ferry-return-path"), which answers
+        // them itself as it reads them (a request it cannot answer comes
+        // here, and its failure with it).
         crate::postcopy::raise_threads_named("ferry-return-pa", "return path");
+        if preempt {
+            let (server, urgent) = (server.clone(), s.preempt[0].clone());
+            *s.answer_requests.lock().unwrap() = Some(Box::new(move |run| {
+                server.serve(run, "return path", urgent.as_ref()).is_ok()
+            }));
+        }
         let mut served = self.serve_requests(s, server, paused_at, resumed_seen, &lost, &gate);
+        s.answer_requests.lock().unwrap().take();
         crate::postcopy::restore_priority(before);
         if let Err(Served::LinkLost(_)) = &served {
             // A destination that ends (completed, or gave up and said why
@@ -474,9 +483,15 @@ impl Source<'_> {
         let lacked: u64 = missing.iter().map(PageBitmap::count).sum();
         let new_main = MainChannel::new(main.clone(), opts.peer_timeout)?;
         new_main.start_heartbeat(crate::protocol::heartbeat_interval(opts.peer_timeout))?;
-        let return_path = spawn_return_path(new_main.clone(), Arc::new(OnceLock::new()))?;
+        let answer_requests = super::RequestHook::default();
+        let return_path = spawn_return_path(
+            new_main.clone(),
+            Arc::new(OnceLock::new()),
+            answer_requests.clone(),
+        )?;
         s.main = new_main;
         s.return_path = return_path;
+        s.answer_requests = answer_requests;
         s.preempt = preempt;
         let server = Arc::new(crate::postcopy::PageServer::new(
             self.memory.clone(),
