@@ -150,10 +150,7 @@ impl RamBlock {
     /// file mapping: they live in the page cache) or the kernel cannot
     /// answer (PAGEMAP_SCAN is Linux 6.7 or newer).
     pub fn data_pages(&self) -> Option<crate::PageBitmap> {
-        let private_anonymous = self.map.file_offset().is_none()
-            && self.map.flags() & libc::MAP_PRIVATE != 0
-            && self.map.flags() & libc::MAP_SHARED == 0;
-        if !private_anonymous {
+        if !self.is_private_anonymous() {
             return None;
         }
         crate::pagemap::data_pages(
@@ -161,6 +158,27 @@ impl RamBlock {
             self.pages(),
             u64::from(self.page_size),
         )
+    }
+
+    /// Which of this block's pages have an entry in the page tables
+    /// (present, the shared zero page included, or swapped out): a page
+    /// without one faults at its next touch. Anonymous private memory only,
+    /// as for [`Self::data_pages`]; `None` elsewhere or where the kernel
+    /// cannot answer.
+    pub fn mapped_pages(&self) -> Option<crate::PageBitmap> {
+        self.is_private_anonymous().then(|| {
+            crate::pagemap::mapped_pages(
+                self.host_addr() as u64,
+                self.pages(),
+                u64::from(self.page_size),
+            )
+        })?
+    }
+
+    fn is_private_anonymous(&self) -> bool {
+        self.map.file_offset().is_none()
+            && self.map.flags() & libc::MAP_PRIVATE != 0
+            && self.map.flags() & libc::MAP_SHARED == 0
     }
 
     /// The same block placed at `guest_base` in guest physical memory.

@@ -130,6 +130,18 @@ pub(crate) fn scan(
 /// reads as zeros. `None` where the kernel cannot answer (no PAGEMAP_SCAN
 /// before Linux 6.7, or no /proc).
 pub(crate) fn data_pages(start: u64, pages: u64, page_size: u64) -> Option<PageBitmap> {
+    entries(start, pages, page_size, false)
+}
+
+/// The pages of `[start, start + pages * page_size)` with an entry in the
+/// page tables: present (the kernel's shared zero page included) or
+/// swapped out. `None` as for [`data_pages`].
+pub(crate) fn mapped_pages(start: u64, pages: u64, page_size: u64) -> Option<PageBitmap> {
+    entries(start, pages, page_size, true)
+}
+
+/// [`data_pages`] (`zero_page` false) or [`mapped_pages`] (true).
+fn entries(start: u64, pages: u64, page_size: u64, zero_page: bool) -> Option<PageBitmap> {
     let pagemap = File::open("/proc/self/pagemap").ok()?;
     let bits = PageBitmap::new(pages, false);
     let end = start + pages * page_size;
@@ -141,9 +153,10 @@ pub(crate) fn data_pages(start: u64, pages: u64, page_size: u64) -> Option<PageB
     };
     let mut regions = vec![PageRegion::default(); REGIONS_PER_SCAN];
     scan(&pagemap, start, end, query, &mut regions, |r| {
-        let zero_page = r.categories & PAGE_IS_PFNZERO != 0 && r.categories & PAGE_IS_SWAPPED == 0;
+        let on_zero_page =
+            r.categories & PAGE_IS_PFNZERO != 0 && r.categories & PAGE_IS_SWAPPED == 0;
         let (first, last) = (r.start.max(start), r.end.min(end));
-        if !zero_page && first < last {
+        if (zero_page || !on_zero_page) && first < last {
             bits.set_range(
                 (first - start) / page_size,
                 (last - start).div_ceil(page_size),

@@ -164,6 +164,9 @@ impl PostcopyDestination {
             let runs = stale_runs(d, dropped.map(|x| &x[i]));
             madvised += runs.len() as u64;
             drop_runs(b, &runs, &mut batch)?;
+            if let Some(early) = dropped.map(|x| &x[i]) {
+                madvised += drop_refilled(b, early, &mut batch)?;
+            }
         }
         tracing::debug!(
             at_ms = t0.elapsed().as_secs_f64() * 1e3,
@@ -637,7 +640,8 @@ fn on_fault(s: &Shared, u: &Userfault, addr: u64) -> Result<(), PostcopyError> {
 /// The caller makes sure no pass is landing (every PASS_END so far was
 /// waited for) and the guest does not run here. Nothing is registered: the
 /// pages are simply empty until [`PostcopyDestination::start`], given the
-/// same bitmaps as `dropped`, takes them as missing. Returns how many
+/// same bitmaps as `dropped`, registers the memory, drops again any that
+/// came back meanwhile (khugepaged) and takes them all as missing. Returns how many
 /// pages were dropped.
 pub fn drop_early(memory: &GuestMemory, discard: &[PageBitmap]) -> Result<u64, PostcopyError> {
     check_discard_shape(&memory.specs(), discard)?;
@@ -646,6 +650,39 @@ pub fn drop_early(memory: &GuestMemory, discard: &[PageBitmap]) -> Result<u64, P
         drop_runs(b, &stale_runs(d, None), &mut batch)?;
     }
     Ok(discard.iter().map(PageBitmap::count).sum())
+}
+
+/// Drops again the pages of `early` (dropped by [`drop_early`]) that have
+/// a page-table entry now: until the memory was registered, khugepaged
+/// could collapse their huge page back, filling the holes with zeros (a
+/// page present there would fail its `UFFDIO_COPY` with EEXIST). Once
+/// registered nothing fills them: khugepaged leaves a registered range's
+/// holes alone. Where the page tables cannot be read, every page of
+/// `early` is dropped again. Returns the runs dropped.
+fn drop_refilled(
+    b: &ferry_ram::RamBlock,
+    early: &PageBitmap,
+    batch: &mut DropBatch,
+) -> Result<u64, PostcopyError> {
+    let runs = match b.mapped_pages() {
+        Some(mapped) => {
+            let back = PageBitmap::new(early.pages(), false);
+            for w in 0..early.words() {
+                back.or_word(w, early.word(w) & mapped.word(w));
+            }
+            stale_runs(&back, None)
+        }
+        None => stale_runs(early, None),
+    };
+    if !runs.is_empty() {
+        tracing::debug!(
+            block = b.name(),
+            runs = runs.len(),
+            "postcopy start: pages dropped early were mapped again (a huge page collapsed back?): dropped again"
+        );
+    }
+    drop_runs(b, &runs, batch)?;
+    Ok(runs.len() as u64)
 }
 
 /// A discard list names each block of the guest, in order, with its page

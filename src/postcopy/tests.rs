@@ -345,11 +345,14 @@ fn a_discard_list_that_does_not_match_memory_is_refused_before_registering() {
 
 /// Pages dropped ahead of the switch (EARLY_DISCARD) are missing at the
 /// switch like the rest of the discard list, which must name them again:
-/// one it leaves out is refused before anything is registered, and with
-/// them named, the push completes the memory, equal to the source's.
+/// one it leaves out is refused before anything is registered; pages a
+/// huge-page collapse filled back meanwhile are dropped again; and the
+/// push completes the memory, equal to the source's.
 #[test]
 fn pages_dropped_early_are_missing_at_the_switch_which_must_name_them() {
-    let (src, dst, discard) = switched(2 * MIB, 21);
+    /// madvise(2)'s MADV_COLLAPSE (Linux 6.1).
+    const MADV_COLLAPSE: i32 = 25;
+    let (src, dst, discard) = switched(4 * MIB, 21);
     // Dropped early: the discard list's pages in block 0, every other one.
     let early: Vec<PageBitmap> = discard
         .iter()
@@ -365,6 +368,27 @@ fn pages_dropped_early_are_missing_at_the_switch_which_must_name_them() {
     let dropped: u64 = early.iter().map(PageBitmap::count).sum();
     assert!(dropped > 0);
     assert_eq!(super::drop_early(&dst, &early).unwrap(), dropped);
+    let b0 = &dst.blocks()[0];
+    let mapped_early = || {
+        let m = b0.mapped_pages().expect("PAGEMAP_SCAN (Linux 6.7+)");
+        early[0].iter_set().filter(|&p| m.test(p)).count()
+    };
+    assert_eq!(mapped_early(), 0, "dropped");
+    // Until the switch registers the memory, khugepaged may collapse a
+    // huge page back, filling the dropped pages with zeros (a page present
+    // then fails its UFFDIO_COPY with EEXIST). MADV_COLLAPSE does it now.
+    // SAFETY: madvise(MADV_COLLAPSE) over block 0's own mapping: the
+    // pages backing it are gathered into huge pages, contents kept.
+    let collapsed =
+        unsafe { libc::madvise(b0.host_addr().cast(), b0.len() as usize, MADV_COLLAPSE) };
+    if collapsed == 0 {
+        assert!(mapped_early() > 0, "the collapse filled dropped pages");
+    } else {
+        eprintln!(
+            "MADV_COLLAPSE refused ({}): the refill is not exercised here",
+            std::io::Error::last_os_error()
+        );
+    }
     // A switch whose list leaves out a page dropped early (page 0, the
     // first rewritten one) is refused, before any registration.
     let short = copy_bits(&discard);
@@ -385,10 +409,12 @@ fn pages_dropped_early_are_missing_at_the_switch_which_must_name_them() {
         PostcopyDestination::start(dst.clone(), &discard, Some(&early), Arc::new(|_| Ok(())))
             .unwrap();
     pc.read_pages(q_dst).unwrap();
-    PageServer::new(src.clone(), Arc::new(copy_bits(&discard)))
-        .push(q_src.as_ref(), false)
-        .unwrap();
+    let server = PageServer::new(src.clone(), Arc::new(copy_bits(&discard)));
+    // On its own thread: a reader that fails stops reading, and the push
+    // would wait on a full socket.
+    let push = std::thread::spawn(move || server.push(q_src.as_ref(), false));
     let stats = pc.finish(Duration::from_secs(30)).unwrap();
+    push.join().unwrap().unwrap();
     assert_eq!(stats.discarded_pages, stale);
     assert_eq!(stats.pushed_pages_placed, stale, "each page placed once");
     // SAFETY: every page is placed and nothing touches `dst` now.
