@@ -161,10 +161,11 @@ impl PostcopyDestination {
             );
             requested_at.push((0..b.pages()).map(|_| AtomicU64::new(0)).collect());
             missing += d.count();
-            let runs = stale_runs(d, dropped.map(|x| &x[i]));
+            let early = dropped.map(|x| &x[i]);
+            let runs = stale_runs(d, early);
             madvised += runs.len() as u64;
             drop_runs(b, &runs, &mut batch)?;
-            if let Some(early) = dropped.map(|x| &x[i]) {
+            if let Some(early) = early {
                 madvised += drop_refilled(b, early, &mut batch)?;
             }
         }
@@ -641,8 +642,8 @@ fn on_fault(s: &Shared, u: &Userfault, addr: u64) -> Result<(), PostcopyError> {
 /// waited for) and the guest does not run here. Nothing is registered: the
 /// pages are simply empty until [`PostcopyDestination::start`], given the
 /// same bitmaps as `dropped`, registers the memory, drops again any that
-/// came back meanwhile (khugepaged) and takes them all as missing. Returns how many
-/// pages were dropped.
+/// came back meanwhile (khugepaged) and takes them all as missing. Returns
+/// how many pages were dropped.
 pub fn drop_early(memory: &GuestMemory, discard: &[PageBitmap]) -> Result<u64, PostcopyError> {
     check_discard_shape(&memory.specs(), discard)?;
     let mut batch = DropBatch::open();

@@ -72,11 +72,13 @@ impl Source<'_> {
                 other => return Err(unexpected(what, &other)),
             }
         }
-        tracing::debug!(
-            waited_ms = t.elapsed().as_secs_f64() * 1e3,
-            "postcopy switch (source): the passes landed and the pages dirty so far \
-             were dropped there, guest still running"
-        );
+        if early.is_some() {
+            tracing::debug!(
+                waited_ms = t.elapsed().as_secs_f64() * 1e3,
+                "postcopy switch (source): the passes landed and the pages dirty so far \
+                 were dropped there, guest still running"
+            );
+        }
         let paused_at = Instant::now();
         tracing::info!(
             remaining = self.progress.figures().remaining_bytes,
@@ -241,7 +243,6 @@ impl Source<'_> {
             }));
         }
         let mut served = self.serve_requests(s, server, paused_at, resumed_seen, &lost, &gate);
-        s.answer_requests.lock().unwrap().take();
         crate::postcopy::restore_priority(before);
         if let Err(Served::LinkLost(_)) = &served {
             // A destination that ends (completed, or gave up and said why
@@ -252,10 +253,13 @@ impl Source<'_> {
             }
         }
         if served.is_err() {
+            // First: an answer the return-path reader is writing to a peer
+            // that no longer reads must fail, not hold the hook's lock.
             for ch in &s.preempt {
                 ch.shutdown();
             }
         }
+        s.answer_requests.lock().unwrap().take();
         // Pushers still at the gate (the link failed before RESUMED) run
         // into their closed channels and end.
         gate.open();
