@@ -104,6 +104,10 @@ pub struct PostcopyReport {
     /// Destination: pages that arrived both ways, placed once.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub postcopy_duplicate_pages: Option<u64>,
+    /// Destination: huge pages (2 MiB) placed whole, moved in from a
+    /// region the push sent (the other pages were placed 4 KiB at a time).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub postcopy_huge_pages_moved: Option<u64>,
     /// Recoveries after a link failure (postcopy-paused → postcopy-active).
     pub recoveries: u64,
     /// Source: at each recovery, the discarded pages the destination's

@@ -3,8 +3,8 @@
 //!
 //! Owns the few kernel structures and ioctls ferry uses (from
 //! `linux/userfaultfd.h`; the libc crate does not carry them): the API
-//! handshake, REGISTER (missing mode), COPY, ZEROPAGE, WAKE and reading
-//! page-fault messages. Closing the descriptor unregisters everything and
+//! handshake, REGISTER (missing mode), COPY, ZEROPAGE, MOVE, WAKE and
+//! reading page-fault messages. Closing the descriptor unregisters everything and
 //! lets any thread still waiting on a fault continue with a zero page.
 
 use std::io;
@@ -26,6 +26,9 @@ const UFFDIO_REGISTER: u64 = iowr(0x00, std::mem::size_of::<UffdioRegister>());
 const UFFDIO_WAKE: u64 = (2 << 30) | (16 << 16) | (0xAA << 8) | 0x02; // _IOR, uffdio_range
 const UFFDIO_COPY: u64 = iowr(0x03, std::mem::size_of::<UffdioCopy>());
 const UFFDIO_ZEROPAGE: u64 = iowr(0x04, std::mem::size_of::<UffdioZeropage>());
+const UFFDIO_MOVE: u64 = iowr(0x05, std::mem::size_of::<UffdioMove>());
+/// UFFDIO_MOVE is offered (Linux 6.8+).
+const UFFD_FEATURE_MOVE: u64 = 1 << 16;
 
 #[repr(C)]
 struct UffdioApi {
@@ -60,6 +63,15 @@ struct UffdioZeropage {
     mode: u64,
     zeropage: i64,
 }
+#[repr(C)]
+struct UffdioMove {
+    dst: u64,
+    src: u64,
+    len: u64,
+    mode: u64,
+    /// Bytes moved, or a negated errno.
+    moved: i64,
+}
 /// `struct uffd_msg`: 32 bytes; for a page fault, the address is at 16.
 #[repr(C)]
 #[derive(Clone, Copy)]
@@ -74,6 +86,8 @@ struct UffdMsg {
 /// A userfaultfd in missing mode, non-blocking.
 pub struct Userfault {
     fd: OwnedFd,
+    /// UFFDIO_MOVE was asked for and offered ([`Self::open_with_move`]).
+    can_move: bool,
 }
 
 impl Userfault {
@@ -81,6 +95,25 @@ impl Userfault {
     /// (`vm.unprivileged_userfaultfd` = 0), falls back to user-mode-only.
     pub fn open() -> io::Result<Self> {
         Self::open_with_features(0)
+    }
+
+    /// [`Self::open`], with UFFDIO_MOVE ([`Self::move_pages`]) where the
+    /// kernel offers it (Linux 6.8+); [`Self::can_move`] says whether it does.
+    pub fn open_with_move() -> io::Result<Self> {
+        match Self::open_with_features(UFFD_FEATURE_MOVE) {
+            Ok(mut u) => {
+                u.can_move = true;
+                Ok(u)
+            }
+            // EINVAL: a feature this kernel does not know.
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => Self::open(),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Whether [`Self::move_pages`] is available.
+    pub fn can_move(&self) -> bool {
+        self.can_move
     }
 
     /// Opens a userfaultfd asking for `features` (UFFD_FEATURE_* bits); an
@@ -116,7 +149,10 @@ impl Userfault {
         if unsafe { libc::ioctl(fd.as_raw_fd(), UFFDIO_API as _, &mut api) } < 0 {
             return Err(io::Error::last_os_error());
         }
-        Ok(Self { fd })
+        Ok(Self {
+            fd,
+            can_move: false,
+        })
     }
 
     /// The descriptor, for ioctls this module does not wrap.
@@ -165,6 +201,42 @@ impl Userfault {
             return Err(io::Error::last_os_error());
         }
         Ok(())
+    }
+
+    /// Moves the pages of `[src, src + len)` (this process's anonymous
+    /// private memory, not shared with any other mapping) to the missing
+    /// pages `[dst, dst + len)`, and wakes threads waiting on them: no copy,
+    /// and a whole transparent huge page, where `src` holds one and the
+    /// 2 MiB at `dst` are empty and aligned, moves as one page-table entry.
+    /// `src` is left empty (its next touch is a fresh zero page). Returns
+    /// the bytes moved, which is `len` unless the error was met part way:
+    /// an error after some pages moved is `Ok` with fewer bytes (the rest
+    /// is still at `src`); an error before any moved is `Err`.
+    ///
+    /// # Safety
+    /// `dst..dst + len` must lie in a range registered here, its pages
+    /// missing and claimed by the caller; nothing else may use
+    /// `src..src + len` during the call, nor expect its bytes after.
+    pub unsafe fn move_pages(&self, dst: *mut u8, src: *mut u8, len: u64) -> io::Result<u64> {
+        let mut m = UffdioMove {
+            dst: dst as u64,
+            src: src as u64,
+            len,
+            mode: 0,
+            moved: 0,
+        };
+        // SAFETY: UFFDIO_MOVE reads and writes one uffdio_move; the caller
+        // vouches for both ranges (the kernel checks they are anonymous,
+        // private and that dst is registered).
+        if unsafe { libc::ioctl(self.fd.as_raw_fd(), UFFDIO_MOVE as _, &mut m) } < 0 {
+            let e = io::Error::last_os_error();
+            return if m.moved > 0 {
+                Ok(m.moved as u64)
+            } else {
+                Err(e)
+            };
+        }
+        Ok(len)
     }
 
     /// Maps zero pages over the missing pages `[dst, dst + len)` and wakes waiters.
@@ -252,6 +324,62 @@ impl Userfault {
     }
 }
 
+/// The size of a transparent huge page with 4 KiB base pages (x86-64,
+/// aarch64): what [`HugeStaging`] holds and [`Userfault::move_pages`] can
+/// move as one page-table entry.
+pub const HUGE_PAGE: u64 = 2 << 20;
+
+/// A [`HUGE_PAGE`]-aligned buffer of this process's anonymous private
+/// memory, backed by one transparent huge page where the kernel can
+/// (MADV_HUGEPAGE): a huge page's worth of guest memory is filled here and
+/// then moved into place whole ([`Userfault::move_pages`]), one page-table
+/// entry rather than 512 freshly allocated 4 KiB pages. After a move the
+/// buffer is empty; its next write faults in a fresh (zeroed) page.
+pub struct HugeStaging {
+    /// Twice [`HUGE_PAGE`], so that an aligned one lies inside.
+    map: vm_memory::MmapRegion,
+    /// Where the aligned [`HUGE_PAGE`] starts in `map`.
+    offset: usize,
+}
+
+impl HugeStaging {
+    pub fn new() -> io::Result<Self> {
+        let len = 2 * HUGE_PAGE as usize;
+        let map = vm_memory::MmapRegion::new(len).map_err(io::Error::other)?;
+        let base = map.as_ptr() as usize;
+        let offset = base.next_multiple_of(HUGE_PAGE as usize) - base;
+        // SAFETY: madvise over [offset, offset + HUGE_PAGE) of our own
+        // private anonymous mapping (inside its 2 × HUGE_PAGE); MADV_HUGEPAGE
+        // only changes how the kernel backs it. Failure (a kernel without
+        // THP) leaves 4 KiB pages, which moves accept too.
+        unsafe {
+            libc::madvise(
+                map.as_ptr().add(offset).cast(),
+                HUGE_PAGE as usize,
+                libc::MADV_HUGEPAGE,
+            )
+        };
+        Ok(Self { map, offset })
+    }
+
+    /// The buffer.
+    pub fn bytes_mut(&mut self) -> &mut [u8] {
+        // SAFETY: [offset, offset + HUGE_PAGE) lies inside `map`, which is
+        // our own private mapping, readable and writable, living as long as
+        // `self`; `&mut self` makes this the only reference to it. After a
+        // move its pages are gone, and touching them maps fresh zero-filled
+        // ones: the memory stays valid.
+        unsafe {
+            std::slice::from_raw_parts_mut(self.map.as_ptr().add(self.offset), HUGE_PAGE as usize)
+        }
+    }
+
+    /// The buffer's start, for [`Userfault::move_pages`].
+    pub fn as_mut_ptr(&mut self) -> *mut u8 {
+        self.bytes_mut().as_mut_ptr()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -264,6 +392,53 @@ mod tests {
         assert_eq!(UFFDIO_COPY, 0xC028_AA03);
         assert_eq!(UFFDIO_ZEROPAGE, 0xC020_AA04);
         assert_eq!(UFFDIO_WAKE, 0x8010_AA02);
+        assert_eq!(UFFDIO_MOVE, 0xC028_AA05);
+    }
+
+    #[test]
+    fn a_staged_huge_page_moves_into_place_whole_and_wakes_its_toucher() {
+        let uffd = Userfault::open_with_move().expect("userfaultfd");
+        if !uffd.can_move() {
+            eprintln!("skipped: this kernel has no UFFDIO_MOVE (Linux 6.8+)");
+            return;
+        }
+        let len = 2 * HUGE_PAGE;
+        let block = crate::RamBlock::anonymous("t", len, 4096).unwrap();
+        let aligned = (block.host_addr() as u64).next_multiple_of(HUGE_PAGE);
+        uffd.register(block.host_addr(), block.len()).unwrap();
+        let mut stage = HugeStaging::new().unwrap();
+        for (i, b) in stage.bytes_mut().iter_mut().enumerate() {
+            *b = (i * 7 % 251) as u8;
+        }
+        let want = stage.bytes_mut().to_vec();
+        let dst = aligned as usize;
+        let toucher = std::thread::spawn(move || {
+            // SAFETY: a byte of the block's aligned huge page, inside the
+            // block, which outlives this thread (joined below).
+            unsafe { std::ptr::read_volatile((dst + 4096 * 300 + 5) as *const u8) }
+        });
+        // The toucher blocks on the missing page until the move lands.
+        let mut faults = Vec::new();
+        while faults.is_empty() {
+            uffd.faults(1000, &mut faults).unwrap();
+        }
+        let src = stage.as_mut_ptr();
+        // SAFETY: the aligned huge page lies inside the registered block and
+        // is missing; the staging buffer is ours alone.
+        let moved = unsafe { uffd.move_pages(dst as *mut u8, src, HUGE_PAGE) }.unwrap();
+        assert_eq!(moved, HUGE_PAGE);
+        assert_eq!(toucher.join().unwrap(), want[4096 * 300 + 5]);
+        let off = dst - block.host_addr() as usize;
+        let got = block.copy_bytes(off as u64, HUGE_PAGE as usize).unwrap();
+        assert!(got == want, "the moved huge page's bytes differ");
+        // The buffer gave its page away: it reads as a fresh zero page.
+        assert!(stage.bytes_mut().iter().all(|&b| b == 0));
+        // A second move onto the same (now present) pages is refused.
+        stage.bytes_mut()[0] = 1;
+        let src = stage.as_mut_ptr();
+        // SAFETY: as above; the kernel refuses the present destination.
+        let again = unsafe { uffd.move_pages(dst as *mut u8, src, HUGE_PAGE) };
+        assert_eq!(again.unwrap_err().raw_os_error(), Some(libc::EEXIST));
     }
 
     #[test]

@@ -12,11 +12,12 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use ferry_ram::uffd::Userfault;
+use ferry_ram::uffd::{HugeStaging, Userfault, HUGE_PAGE};
 use ferry_ram::{BlockSpec, GuestMemory, PageBitmap};
 use ferry_transport::Channel;
 use hdrhistogram::Histogram;
 
+use super::huge::RegionStage;
 use super::wire::{self, FrameHeader, PageRun, FLAG_END, FLAG_ZERO, FRAME_HEADER_LEN};
 use super::PostcopyError;
 
@@ -40,7 +41,9 @@ const FAULT_POLL_MS: i32 = 50;
 pub struct PostcopyStats {
     /// Pages stale at the switch (the discard list).
     pub discarded_pages: u64,
-    /// Page requests sent (one per page the guest touched while missing).
+    /// Page requests sent: one per page the guest touched while missing,
+    /// which asks for that page, or for its whole 2 MiB region when no page
+    /// of the region had come.
     pub requests: u64,
     /// Pages placed that the guest had asked for.
     pub requested_pages_placed: u64,
@@ -50,6 +53,9 @@ pub struct PostcopyStats {
     /// Pages that arrived once more after being placed (both ways), not
     /// placed again.
     pub duplicate_pages: u64,
+    /// Of the pages placed: huge pages (2 MiB) moved into place whole
+    /// (`UFFDIO_MOVE` of a region gathered from the push).
+    pub huge_pages_moved: u64,
     /// Payload bytes received on the page channels.
     pub bytes: u64,
     /// Fault latency, request sent → page placed, in microseconds.
@@ -106,6 +112,8 @@ struct Shared {
     requested_placed: AtomicU64,
     pushed_placed: AtomicU64,
     duplicates: AtomicU64,
+    /// Regions placed whole by one move (`huge.rs`).
+    moved_regions: AtomicU64,
     bytes: AtomicU64,
     discarded: u64,
 }
@@ -139,7 +147,7 @@ impl PostcopyDestination {
         }
         let t0 = Instant::now();
         let uffd_err = |what| move |source| PostcopyError::Userfault { what, source };
-        let uffd = Userfault::open().map_err(uffd_err("opening a userfaultfd"))?;
+        let uffd = Userfault::open_with_move().map_err(uffd_err("opening a userfaultfd"))?;
         for b in memory.blocks() {
             uffd.register(b.host_addr(), b.len())
                 .map_err(uffd_err("registering guest memory (missing mode)"))?;
@@ -206,6 +214,7 @@ impl PostcopyDestination {
             requested_placed: AtomicU64::new(0),
             pushed_placed: AtomicU64::new(0),
             duplicates: AtomicU64::new(0),
+            moved_regions: AtomicU64::new(0),
             bytes: AtomicU64::new(0),
             discarded: missing,
         });
@@ -375,19 +384,31 @@ impl PostcopyDestination {
         let mut again = 0u64;
         for (block, pages) in s.states.iter().enumerate() {
             let ps = s.specs[block].page_size as u64;
+            // Runs of requested pages, each at most one request long.
+            let mut runs: Vec<(u64, u64)> = Vec::new();
             for (p, st) in pages.iter().enumerate() {
-                if st.load(Ordering::Acquire) == REQUESTED {
-                    let run = PageRun {
-                        block: block as u16,
-                        offset: p as u64 * ps,
-                        len: ps,
-                    };
-                    if let Err(e) = request(run) {
-                        pause(&s, s.link.load(Ordering::Acquire), &e);
-                        return Ok(());
-                    }
-                    again += 1;
+                if st.load(Ordering::Acquire) != REQUESTED {
+                    continue;
                 }
+                let p = p as u64;
+                match runs.last_mut() {
+                    Some((f, n)) if *f + *n == p && *n < u64::from(wire::MAX_REQUEST_PAGES) => {
+                        *n += 1
+                    }
+                    _ => runs.push((p, 1)),
+                }
+            }
+            for (first, n) in runs {
+                let run = PageRun {
+                    block: block as u16,
+                    offset: first * ps,
+                    len: n * ps,
+                };
+                if let Err(e) = request(run) {
+                    pause(&s, s.link.load(Ordering::Acquire), &e);
+                    return Ok(());
+                }
+                again += 1;
             }
         }
         tracing::info!(again, "postcopy resumed: pending page requests sent again");
@@ -497,6 +518,7 @@ impl PostcopyDestination {
             requested_pages_placed: s.requested_placed.load(Ordering::Relaxed),
             pushed_pages_placed: s.pushed_placed.load(Ordering::Relaxed),
             duplicate_pages: s.duplicates.load(Ordering::Relaxed),
+            huge_pages_moved: s.moved_regions.load(Ordering::Relaxed),
             bytes: s.bytes.load(Ordering::Relaxed),
             fault_p50_us: q(0.5),
             fault_p99_us: q(0.99),
@@ -585,7 +607,9 @@ fn fault_loop(s: &Shared) {
 
 /// One fault: the page's first request, or nothing if it is already on
 /// its way; a page we hold (a precopy page the kernel never populated,
-/// which is zeros) is mapped as zeros at once.
+/// which is zeros) is mapped as zeros at once. Where no page of the
+/// fault's 2 MiB region has come yet and whole huge pages can be moved
+/// into place, the request asks for the whole region ([`region_of`]).
 fn on_fault(s: &Shared, u: &Userfault, addr: u64) -> Result<(), PostcopyError> {
     let Some((block, page)) = page_of(s, addr) else {
         return Err(PostcopyError::Userfault {
@@ -598,22 +622,30 @@ fn on_fault(s: &Shared, u: &Userfault, addr: u64) -> Result<(), PostcopyError> {
     let state = &s.states[block][page as usize];
     match state.compare_exchange(MISSING, REQUESTED, Ordering::AcqRel, Ordering::Acquire) {
         Ok(_) => {
-            s.requested_at[block][page as usize]
-                .store(s.epoch.elapsed().as_nanos() as u64, Ordering::Release);
-            s.requests.fetch_add(1, Ordering::Relaxed);
-            let run = PageRun {
-                block: block as u16,
-                offset: page * ps,
-                len: ps,
+            // Never 0: 0 marks a page requested along with another's fault.
+            let at = (s.epoch.elapsed().as_nanos() as u64).max(1);
+            s.requested_at[block][page as usize].store(at, Ordering::Release);
+            let runs = match region_of(s, u, block, page) {
+                Some(first) => claim_region(s, block, first, page),
+                None => vec![(page, 1)],
             };
+            s.requests.fetch_add(runs.len() as u64, Ordering::Relaxed);
             if s.paused.load(Ordering::Acquire) {
                 // Asked for again at the resume.
                 return Ok(());
             }
             let link = s.link.load(Ordering::Acquire);
             let request = s.request.lock().unwrap().clone();
-            if let Err(why) = request(run) {
-                pause(s, link, &format!("sending a page request: {why}"));
+            for (first, n) in runs {
+                let run = PageRun {
+                    block: block as u16,
+                    offset: first * ps,
+                    len: n * ps,
+                };
+                if let Err(why) = request(run) {
+                    pause(s, link, &format!("sending a page request: {why}"));
+                    break;
+                }
             }
             Ok(())
         }
@@ -633,6 +665,50 @@ fn on_fault(s: &Shared, u: &Userfault, addr: u64) -> Result<(), PostcopyError> {
             }
         }
     }
+}
+
+/// The first page of `page`'s 2 MiB region when the whole region is worth
+/// asking for: huge pages can be moved into place here, the region is
+/// aligned and inside its block, and every other page of it is missing
+/// (`page` itself was just marked requested).
+fn region_of(s: &Shared, u: &Userfault, block: usize, page: u64) -> Option<u64> {
+    let b = &s.memory.blocks()[block];
+    let n = HUGE_PAGE / u64::from(b.page_size());
+    let first = page - page % n;
+    let aligned = b
+        .page_addr(first)
+        .is_some_and(|a| (a as u64).is_multiple_of(HUGE_PAGE));
+    let whole = u.can_move()
+        && n <= u64::from(wire::MAX_REQUEST_PAGES)
+        && aligned
+        && first + n <= b.pages()
+        && s.states[block][first as usize..(first + n) as usize]
+            .iter()
+            .enumerate()
+            .all(|(i, p)| first + i as u64 == page || p.load(Ordering::Acquire) == MISSING);
+    whole.then_some(first)
+}
+
+/// Marks every missing page of the region from `first` requested (`page`,
+/// the faulting one, is already) and returns the runs (first page, pages)
+/// to ask for: the whole region, unless a page arrived meanwhile.
+fn claim_region(s: &Shared, block: usize, first: u64, page: u64) -> Vec<(u64, u64)> {
+    let n = HUGE_PAGE / u64::from(s.memory.blocks()[block].page_size());
+    let mut runs: Vec<(u64, u64)> = Vec::new();
+    for p in first..first + n {
+        let mine = p == page
+            || s.states[block][p as usize]
+                .compare_exchange(MISSING, REQUESTED, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok();
+        if !mine {
+            continue;
+        }
+        match runs.last_mut() {
+            Some((f, k)) if *f + *k == p => *k += 1,
+            _ => runs.push((p, 1)),
+        }
+    }
+    runs
 }
 
 /// Drops the pages `discard` names (one bitmap per block) ahead of the
@@ -940,12 +1016,21 @@ fn read_loop(s: &Shared, ch: &dyn Channel) -> Result<(), PostcopyError> {
         }
     };
     let mut rd = FrameReader::new(ch);
+    // Where whole huge pages can be moved into place: a region's frames
+    // are gathered first (`huge.rs`).
+    let mut stage = uffd(s)
+        .is_some_and(|u| u.can_move())
+        .then(|| RegionStage::new(u64::from(ferry_ram::DEFAULT_PAGE_SIZE)))
+        .flatten();
     loop {
         rd.fill(FRAME_HEADER_LEN)
             .map_err(io("reading a page frame"))?;
         let hb: [u8; FRAME_HEADER_LEN] = rd.peek(FRAME_HEADER_LEN).try_into().expect("24 bytes");
         let h = FrameHeader::decode(&hb, &s.specs, &name)?;
         if h.flags & FLAG_END != 0 {
+            if let Some(st) = stage.as_mut() {
+                flush(s, st)?;
+            }
             return Ok(());
         }
         let (ps, first) = wire::check_run(&s.specs, &h.run, &name)?;
@@ -967,15 +1052,132 @@ fn read_loop(s: &Shared, ch: &dyn Channel) -> Result<(), PostcopyError> {
                 got,
             });
         }
-        place(
-            s,
-            usize::from(h.run.block),
-            first,
-            h.run.len / ps,
-            (!zero).then_some(data),
-        )?;
+        let (block, pages) = (usize::from(h.run.block), h.run.len / ps);
+        let payload = (!zero).then_some(data);
+        match stage.as_mut() {
+            Some(st) if st.continues(block, first, pages) => st.add(pages, payload),
+            Some(st) => {
+                flush(s, st)?;
+                if can_move_region(s, st, block, first) {
+                    st.begin(block, first);
+                    st.add(pages, payload);
+                } else {
+                    place(s, block, first, pages, payload)?;
+                }
+            }
+            None => place(s, block, first, pages, payload)?,
+        }
+        if let Some(st) = stage.as_mut().filter(|st| st.full()) {
+            flush(s, st)?;
+        }
         rd.consume(FRAME_HEADER_LEN + len);
     }
+}
+
+/// Whether a frame at page `first` of `block` may start gathering a
+/// region to move whole: the region starts there, lies in the block, is
+/// aligned in memory as a huge page is, and every page of it is missing.
+fn can_move_region(s: &Shared, st: &RegionStage, block: usize, first: u64) -> bool {
+    let n = st.region_pages();
+    let b = &s.memory.blocks()[block];
+    if u64::from(b.page_size()) * n != HUGE_PAGE
+        || !first.is_multiple_of(n)
+        || first + n > b.pages()
+    {
+        return false;
+    }
+    let at = b.page_addr(first).expect("first < pages") as u64;
+    at.is_multiple_of(HUGE_PAGE)
+        && s.states[block][first as usize..(first + n) as usize]
+            .iter()
+            .all(|p| p.load(Ordering::Acquire) <= REQUESTED)
+}
+
+/// Places the region `st` gathered, if any: moved whole when every page
+/// of it is still missing and it was gathered whole, page by page from the
+/// buffer otherwise.
+fn flush(s: &Shared, st: &mut RegionStage) -> Result<(), PostcopyError> {
+    let whole = st.full();
+    let Some((g, buf)) = st.take() else {
+        return Ok(());
+    };
+    let ps = u64::from(s.memory.blocks()[g.block].page_size());
+    if whole {
+        return place_region(s, g.block, g.first, g.pages, buf);
+    }
+    let len = (g.pages * ps) as usize;
+    place(s, g.block, g.first, g.pages, Some(&buf.bytes_mut()[..len]))
+}
+
+/// Places the gathered region `first..first + pages` of `block` from
+/// `buf`: claims every page; when it holds them all, moves the buffer's
+/// huge page into place with one `UFFDIO_MOVE`, else (another arrival
+/// placed some) copies the pages it claimed. A move that stops part way
+/// leaves the rest in the buffer, copied then.
+fn place_region(
+    s: &Shared,
+    block: usize,
+    first: u64,
+    pages: u64,
+    buf: &mut HugeStaging,
+) -> Result<(), PostcopyError> {
+    let Some(u) = uffd(s) else {
+        s.duplicates.fetch_add(pages, Ordering::Relaxed);
+        return Ok(());
+    };
+    let b = &s.memory.blocks()[block];
+    let ps = u64::from(b.page_size());
+    let prevs: Vec<Option<u8>> = (first..first + pages).map(|p| claim(s, block, p)).collect();
+    let mut moved = 0u64;
+    if u.can_move() && prevs.iter().all(Option::is_some) {
+        let dst = b.page_addr(first).expect("the region lies in the block");
+        let claimed: Vec<u8> = prevs.iter().map(|p| p.expect("all claimed")).collect();
+        record_reference(s, block, first, Some(buf.bytes_mut()));
+        let src = buf.as_mut_ptr();
+        // SAFETY: dst..dst + pages × ps is a huge-page-aligned region of a
+        // block registered with `u` (can_move_region), every page of it
+        // missing and claimed here (PLACING: no other placement touches it;
+        // the guest cannot write a missing page, it faults); src is this
+        // reader's own staging buffer, used by nothing else meanwhile.
+        moved = match unsafe { u.move_pages(dst, src, pages * ps) } {
+            Ok(n) => n / ps,
+            Err(e) => {
+                tracing::debug!(
+                    block = b.name(),
+                    offset = first * ps,
+                    "moving a whole huge page failed ({e}): copied page by page"
+                );
+                0
+            }
+        };
+        if moved > 0 {
+            mark_placed(s, block, first, &claimed[..moved as usize]);
+            s.moved_regions
+                .fetch_add(u64::from(moved == pages), Ordering::Relaxed);
+        }
+        if moved == pages {
+            // The buffer gave its huge page away: fault in (and zero) the
+            // next one now, rather than when the next region arrives.
+            buf.bytes_mut()[0] = 0;
+            return Ok(());
+        }
+    }
+    // What was not moved: the runs claimed here, copied from the buffer.
+    let data = buf.bytes_mut();
+    let mut i = moved;
+    while i < pages {
+        if prevs[i as usize].is_none() {
+            s.duplicates.fetch_add(1, Ordering::Relaxed);
+            i += 1;
+            continue;
+        }
+        let run: Vec<u8> = prevs[i as usize..].iter().map_while(|p| *p).collect();
+        let n = run.len() as u64;
+        let src = &data[(i * ps) as usize..((i + n) * ps) as usize];
+        fill(s, &u, block, first + i, &run, Some(src))?;
+        i += n;
+    }
+    Ok(())
 }
 
 /// Claims page `page` of `block` for placing: its state before, or None if
@@ -1009,8 +1211,7 @@ fn place(
         s.duplicates.fetch_add(pages, Ordering::Relaxed);
         return Ok(());
     };
-    let b = &s.memory.blocks()[block];
-    let ps = u64::from(b.page_size());
+    let ps = u64::from(s.memory.blocks()[block].page_size());
     // The states the pages of the current run had before their claim.
     let mut prevs: Vec<u8> = Vec::with_capacity(pages as usize);
     let mut i = 0;
@@ -1028,60 +1229,102 @@ fn place(
             continue;
         }
         let n = prevs.len() as u64;
-        let page = first + i;
-        let dst = b
-            .page_addr(page)
-            .expect("check_run kept the run inside the block");
-        let bytes = (i * ps) as usize..((i + n) * ps) as usize;
-        let placed = match data {
-            None => u.zero(dst, n * ps),
-            Some(d) => {
-                let src = &d[bytes.clone()];
-                // SAFETY: dst..dst + n pages lie inside a block registered
-                // with `u` (check_run), all missing (each page's state was
-                // missing or requested, and we hold its PLACING claim, so
-                // no other placement touches it; the guest cannot write a
-                // missing page, it faults); src is n pages of this
-                // thread's own buffer.
-                unsafe { u.copy(dst, src.as_ptr(), n * ps) }
-            }
-        };
-        placed.map_err(|source| place_err("placing a page of", b.name(), page * ps, source))?;
-        if let Some(r) = s.reference.lock().unwrap().as_mut() {
-            let at = (page * ps) as usize;
-            let to = &mut r[block][at..at + (n * ps) as usize];
-            match data {
-                Some(d) => to.copy_from_slice(&d[bytes]),
-                None => to.fill(0),
-            }
+        let src = data.map(|d| &d[(i * ps) as usize..((i + n) * ps) as usize]);
+        fill(s, &u, block, first + i, &prevs, src)?;
+        i += n;
+    }
+    Ok(())
+}
+
+/// Fills the pages `page..page + prevs.len()` of `block`, claimed here
+/// (`prevs`: their states before the claim), from `src` or with zeros, in
+/// one ioctl, and records them placed.
+fn fill(
+    s: &Shared,
+    u: &Userfault,
+    block: usize,
+    page: u64,
+    prevs: &[u8],
+    src: Option<&[u8]>,
+) -> Result<(), PostcopyError> {
+    let b = &s.memory.blocks()[block];
+    let ps = u64::from(b.page_size());
+    let n = prevs.len() as u64;
+    let dst = b
+        .page_addr(page)
+        .expect("check_run kept the run inside the block");
+    let placed = match src {
+        None => u.zero(dst, n * ps),
+        Some(src) => {
+            // SAFETY: dst..dst + n pages lie inside a block registered
+            // with `u` (check_run), all missing (each page's state was
+            // missing or requested, and we hold its PLACING claim, so
+            // no other placement touches it; the guest cannot write a
+            // missing page, it faults); src is n pages of this
+            // thread's own buffer.
+            unsafe { u.copy(dst, src.as_ptr(), n * ps) }
         }
-        let now = s.epoch.elapsed().as_nanos() as u64;
-        for (k, &prev) in prevs.iter().enumerate() {
-            let p = (page + k as u64) as usize;
-            s.states[block][p].store(PLACED, Ordering::Release);
-            if prev == REQUESTED {
-                let asked = s.requested_at[block][p].load(Ordering::Acquire);
+    };
+    placed.map_err(|source| place_err("placing a page of", b.name(), page * ps, source))?;
+    match src {
+        Some(src) => record_reference(s, block, page, Some(src)),
+        None => zero_reference(s, block, page, n),
+    }
+    mark_placed(s, block, page, prevs);
+    Ok(())
+}
+
+/// Copies pages placed from `src` into the reference
+/// ([`PostcopyDestination::keep_reference`]), if one is kept.
+fn record_reference(s: &Shared, block: usize, page: u64, src: Option<&[u8]>) {
+    let Some(src) = src else { return };
+    if let Some(r) = s.reference.lock().unwrap().as_mut() {
+        let at = (page * u64::from(s.memory.blocks()[block].page_size())) as usize;
+        r[block][at..at + src.len()].copy_from_slice(src);
+    }
+}
+
+/// Zeros `n` pages from `page` in the reference, if one is kept.
+fn zero_reference(s: &Shared, block: usize, page: u64, n: u64) {
+    if let Some(r) = s.reference.lock().unwrap().as_mut() {
+        let ps = u64::from(s.memory.blocks()[block].page_size());
+        let at = (page * ps) as usize;
+        r[block][at..at + (n * ps) as usize].fill(0);
+    }
+}
+
+/// Records the pages `page..page + prevs.len()` of `block` placed
+/// (`prevs`: their states before their claim): a requested one's fault
+/// latency, and the end once none is missing.
+fn mark_placed(s: &Shared, block: usize, page: u64, prevs: &[u8]) {
+    let n = prevs.len() as u64;
+    let now = s.epoch.elapsed().as_nanos() as u64;
+    for (k, &prev) in prevs.iter().enumerate() {
+        let p = (page + k as u64) as usize;
+        s.states[block][p].store(PLACED, Ordering::Release);
+        if prev == REQUESTED {
+            // A fault's own page (not one asked for along with it): its wait.
+            let asked = s.requested_at[block][p].load(Ordering::Acquire);
+            if asked != 0 {
                 let ns = now.saturating_sub(asked);
                 s.latency
                     .lock()
                     .unwrap()
                     .saturating_record((ns / 1000).max(1));
                 s.blocked_ns.fetch_add(ns, Ordering::Relaxed);
-                s.requested_placed.fetch_add(1, Ordering::Relaxed);
-            } else {
-                s.pushed_placed.fetch_add(1, Ordering::Relaxed);
             }
+            s.requested_placed.fetch_add(1, Ordering::Relaxed);
+        } else {
+            s.pushed_placed.fetch_add(1, Ordering::Relaxed);
         }
-        if s.missing.fetch_sub(n, Ordering::AcqRel) == n {
-            let mut end = s.end.lock().unwrap();
-            if matches!(*end, End::Running) {
-                *end = End::Done;
-            }
-            s.ended.notify_all();
-        }
-        i += n;
     }
-    Ok(())
+    if s.missing.fetch_sub(n, Ordering::AcqRel) == n {
+        let mut end = s.end.lock().unwrap();
+        if matches!(*end, End::Running) {
+            *end = End::Done;
+        }
+        s.ended.notify_all();
+    }
 }
 
 /// The nice value of postcopy's background threads (the push on the

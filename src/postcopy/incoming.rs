@@ -178,6 +178,7 @@ pub(super) fn postcopy_in(
         fault_latency_max_us: Some(s.fault_max_us),
         guest_blocked_ms: Some(s.blocked_ms),
         postcopy_duplicate_pages: Some(s.duplicate_pages),
+        postcopy_huge_pages_moved: Some(s.huge_pages_moved),
         recoveries,
         ..Default::default()
     });

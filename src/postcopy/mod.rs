@@ -11,11 +11,15 @@
 //!   the switch, while the source's guest still runs: [`drop_early`] on
 //!   EARLY_DISCARD, so the downtime drops only those dirtied since), a
 //!   **fault thread** that turns each first touch of a missing page into
-//!   one page request, and **page readers** (one per channel: preempt and
-//!   each multifd channel) that check each frame and place its pages
-//!   atomically with `UFFDIO_COPY` / `UFFDIO_ZEROPAGE`. Each page has one state (missing,
-//!   requested, placing, placed) changed by compare-and-swap, so a page is
-//!   requested at most once and placed exactly once, however it arrives.
+//!   one page request (for the whole 2 MiB region when no page of it has
+//!   come yet), and **page readers** (one per channel: preempt and each
+//!   multifd channel) that check each frame and place its pages
+//!   atomically with `UFFDIO_COPY` / `UFFDIO_ZEROPAGE`, or, for a whole
+//!   region of missing pages gathered from its frames (`huge.rs`), move it
+//!   in as one huge page with `UFFDIO_MOVE`. Each page has one state
+//!   (missing, requested, placing, placed) changed by compare-and-swap, so
+//!   a page is requested at most once and placed exactly once, however it
+//!   arrives.
 //! - [`PageServer`] (`source.rs`): the source's side: it answers requests
 //!   on the preempt channel and pushes every remaining page over the
 //!   multifd channels, reading the paused guest's memory.
@@ -43,6 +47,7 @@
 //! guest no longer runs.
 
 mod dest;
+mod huge;
 mod source;
 pub mod wire;
 

@@ -30,10 +30,11 @@ use ferry_transport::Channel;
 use super::wire::{self, FrameHeader, PageRun, FLAG_END, FLAG_ZERO, MAX_RUN_PAGES};
 use super::PostcopyError;
 
-/// The push writes its frames in batches of about this many bytes (one
-/// `write` for many scattered pages rather than one each); an answer to a
-/// request is written whole at once.
-const PUSH_BATCH: usize = 256 * 1024;
+/// Bitmap words (64 pages each) the push claims at once: 512 pages, one
+/// 2 MiB huge page of 4 KiB pages, written out together (one `write` for
+/// many scattered pages rather than one each). An answer to a request is
+/// written whole at once too.
+const CLAIM_WORDS: usize = 8;
 
 /// Serves a postcopy from the paused guest's memory.
 pub struct PageServer {
@@ -41,8 +42,9 @@ pub struct PageServer {
     specs: Vec<BlockSpec>,
     /// Per block: pages the destination still lacks and nobody sent yet.
     pending: Arc<Vec<PageBitmap>>,
-    /// The next bitmap word the push claims (all blocks' words in order).
-    next_word: AtomicUsize,
+    /// The next region ([`CLAIM_WORDS`] bitmap words) the push claims,
+    /// all blocks' regions in order.
+    next_region: AtomicUsize,
     requests: AtomicU64,
     request_bytes: AtomicU64,
     pushed_bytes: AtomicU64,
@@ -61,7 +63,7 @@ impl PageServer {
             specs: memory.specs(),
             memory,
             pending,
-            next_word: AtomicUsize::new(0),
+            next_region: AtomicUsize::new(0),
             requests: AtomicU64::new(0),
             request_bytes: AtomicU64::new(0),
             pushed_bytes: AtomicU64::new(0),
@@ -101,17 +103,20 @@ impl PageServer {
         from: &str,
         preempt: &dyn Channel,
     ) -> Result<(), PostcopyError> {
-        let (ps, first) = wire::check_run(&self.specs, run, from)?;
+        let (ps, first) = wire::check_request(&self.specs, run, from)?;
+        // A frame's worth at a time: the destination reads the first while
+        // the next is read from memory here (a whole region is 8 frames).
+        let mut buf = Vec::new();
+        let end = first + run.len / ps;
+        for at in (first..end).step_by(MAX_RUN_PAGES as usize) {
+            let n = (end - at).min(u64::from(MAX_RUN_PAGES));
+            let sent = self.send_claimed(usize::from(run.block), at, n, true, preempt, &mut buf)?;
+            self.request_bytes.fetch_add(sent, Ordering::Relaxed);
+        }
+        // Counted once answered whole: one that failed part way may be
+        // served again (the serving loop retries what the return path's
+        // reader could not answer).
         self.requests.fetch_add(1, Ordering::Relaxed);
-        let n = self.send_claimed(
-            usize::from(run.block),
-            first,
-            run.len / ps,
-            true,
-            preempt,
-            &mut Vec::new(),
-        )?;
-        self.request_bytes.fetch_add(n, Ordering::Relaxed);
         Ok(())
     }
 
@@ -155,8 +160,7 @@ impl PageServer {
             };
         }
         flush(run, buf);
-        // The whole answer (and, on a push channel, the frames batched
-        // before it) in one write.
+        // The whole answer in one write.
         write_out(ch, buf)?;
         Ok(sent)
     }
@@ -165,32 +169,35 @@ impl PageServer {
     /// push channel that serves requests ([`Self::push`] with
     /// `serves_requests`): no preempt channel.
     pub fn queue(&self, run: &PageRun, from: &str) -> Result<(), PostcopyError> {
-        wire::check_run(&self.specs, run, from)?;
+        wire::check_request(&self.specs, run, from)?;
         self.queued.lock().unwrap().push_back(*run);
         Ok(())
     }
 
-    /// Pushes pending pages on `ch` until none is left (claimed 64 pages at
-    /// a time, so several channels share the work), then sends END. With
-    /// `serves_requests`, queued requests ([`Self::queue`]) go first,
-    /// between two claims.
+    /// Pushes pending pages on `ch` until none is left, then sends END.
+    /// Pages are claimed a region ([`CLAIM_WORDS`] bitmap words, 512 pages)
+    /// at a time, so several channels share the work, and each region's
+    /// frames go out in page order, in one write, on one channel: the
+    /// destination can then gather a region whole and move it into place
+    /// as one huge page. With `serves_requests`, queued requests
+    /// ([`Self::queue`]) go first, between two claims.
     pub fn push(&self, ch: &dyn Channel, serves_requests: bool) -> Result<(), PostcopyError> {
         let mut buf = Vec::new();
+        // Per block: bitmap words, and regions of CLAIM_WORDS of them.
         let words: Vec<usize> = self.pending.iter().map(|b| b.words()).collect();
-        let total: usize = words.iter().sum();
+        let regions: Vec<usize> = words.iter().map(|w| w.div_ceil(CLAIM_WORDS)).collect();
+        let total: usize = regions.iter().sum();
         // Requests are answered on another thread: let it have the CPU
         // first (without a preempt channel this thread answers them).
         if !serves_requests {
             super::dest::lower_priority();
         }
-        // Bytes of push frames in `buf`, not written yet.
-        let mut batched = 0u64;
         loop {
             while let Some(run) = serves_requests
                 .then(|| self.queued.lock().unwrap().pop_front())
                 .flatten()
             {
-                let (ps, first) = wire::check_run(&self.specs, &run, "return path")?;
+                let (ps, first) = wire::check_request(&self.specs, &run, "return path")?;
                 self.requests.fetch_add(1, Ordering::Relaxed);
                 // Behind this socket's own bytes: a page another push
                 // channel took is left to it (QEMU's way without preempt).
@@ -203,43 +210,40 @@ impl PageServer {
                     &mut buf,
                 )?;
                 self.request_bytes.fetch_add(n, Ordering::Relaxed);
-                // It wrote the push frames batched before it too.
-                self.pushed_bytes
-                    .fetch_add(std::mem::take(&mut batched), Ordering::Relaxed);
             }
-            let w = self.next_word.fetch_add(1, Ordering::Relaxed);
-            if w >= total {
+            let r = self.next_region.fetch_add(1, Ordering::Relaxed);
+            if r >= total {
                 break;
             }
-            let (mut block, mut word) = (0, w);
-            while word >= words[block] {
-                word -= words[block];
+            let (mut block, mut region) = (0, r);
+            while region >= regions[block] {
+                region -= regions[block];
                 block += 1;
             }
-            let bits = self.pending[block].take_word(word);
+            let first_word = region * CLAIM_WORDS;
+            let last_word = (first_word + CLAIM_WORDS).min(words[block]);
+            let mut sent = 0;
             let mut run: Option<(u64, u64)> = None;
-            for page in ferry_ram::set_bits(bits, word as u64 * 64) {
-                run = match run {
-                    Some((first, n)) if first + n == page => Some((first, n + 1)),
-                    Some((first, n)) => {
-                        batched += frame_run(&self.memory, block, first, n, &mut buf);
-                        Some((page, 1))
-                    }
-                    None => Some((page, 1)),
-                };
+            for word in first_word..last_word {
+                let bits = self.pending[block].take_word(word);
+                for page in ferry_ram::set_bits(bits, word as u64 * 64) {
+                    run = match run {
+                        Some((first, n)) if first + n == page => Some((first, n + 1)),
+                        Some((first, n)) => {
+                            sent += frame_run(&self.memory, block, first, n, &mut buf);
+                            Some((page, 1))
+                        }
+                        None => Some((page, 1)),
+                    };
+                }
             }
             if let Some((first, n)) = run {
-                batched += frame_run(&self.memory, block, first, n, &mut buf);
+                sent += frame_run(&self.memory, block, first, n, &mut buf);
             }
-            if buf.len() >= PUSH_BATCH {
-                write_out(ch, &mut buf)?;
-                // Counted once written (a failed write sent nothing whole).
-                self.pushed_bytes
-                    .fetch_add(std::mem::take(&mut batched), Ordering::Relaxed);
-            }
+            write_out(ch, &mut buf)?;
+            // Counted once written (a failed write sent nothing whole).
+            self.pushed_bytes.fetch_add(sent, Ordering::Relaxed);
         }
-        write_out(ch, &mut buf)?;
-        self.pushed_bytes.fetch_add(batched, Ordering::Relaxed);
         send_end(ch)
     }
 }

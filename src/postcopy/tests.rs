@@ -311,7 +311,7 @@ fn requests_outside_guest_memory_are_refused_and_nothing_is_sent() {
             (1, MIB, PAGE),
             "block 'vram' at offset 0x100000, 4096 bytes: outside the block",
         ),
-        ((0, 0, 65 * PAGE), "not 1 to 64 pages"),
+        ((0, 0, 513 * PAGE), "not 1 to 512 pages"),
     ] {
         let run = PageRun {
             block: run.0,
@@ -867,4 +867,95 @@ fn threads_are_raised_by_name() {
         assert_eq!(after & !0x4000_0000, libc::SCHED_RR, "raised");
     }
     assert_eq!(other.join().unwrap(), before, "the other thread is not");
+}
+
+/// Whole 2 MiB regions of `block` (first pages) that can be moved into
+/// place as huge pages: inside the block and aligned in memory.
+fn movable_regions(mem: &GuestMemory, block: usize) -> Vec<u64> {
+    let b = &mem.blocks()[block];
+    let n = ferry_ram::uffd::HUGE_PAGE / PAGE;
+    (0..b.pages() / n)
+        .map(|r| r * n)
+        .filter(|&p| (b.page_addr(p).unwrap() as u64).is_multiple_of(ferry_ram::uffd::HUGE_PAGE))
+        .collect()
+}
+
+#[test]
+fn a_fault_in_a_region_with_no_page_yet_asks_for_it_whole_and_it_moves_in_as_one_huge_page() {
+    if !ferry_ram::uffd::Userfault::open_with_move().is_ok_and(|u| u.can_move()) {
+        eprintln!("skipped: this kernel has no UFFDIO_MOVE (Linux 6.8+)");
+        return;
+    }
+    // Switched before any pass: every page is missing, except page 3 of
+    // the third region, which the destination holds (never discarded).
+    let src = memory(8 * MIB);
+    for (i, b) in src.blocks().iter().enumerate() {
+        fill_block(b, Pattern::Mixed, 40 + i as u64);
+    }
+    let dst = memory(8 * MIB);
+    let regions = movable_regions(&dst, 0);
+    if regions.len() < 3 {
+        eprintln!("skipped: the kernel did not align this 8 MiB mapping to huge pages");
+        return;
+    }
+    let discard: Vec<PageBitmap> = src
+        .blocks()
+        .iter()
+        .map(|b| PageBitmap::new(b.pages(), true))
+        .collect();
+    let held = regions[2] + 3;
+    discard[0].clear(held);
+    let buf = src.blocks()[0].copy_page(held).unwrap();
+    dst.blocks()[0]
+        .page_slice(held)
+        .unwrap()
+        .copy_from(&buf[..]);
+    let want = Digest::of_guest(&src, &[]);
+
+    let server = Arc::new(PageServer::new(src.clone(), Arc::new(copy_bits(&discard))));
+    let (pre_src, pre_dst) = pair("preempt");
+    let request = return_path(server.clone(), pre_src);
+    let mut pc = PostcopyDestination::start(dst.clone(), &discard, None, request).unwrap();
+    pc.read_pages(pre_dst).unwrap();
+    // A "vCPU" touches a page of the first region, then one of the third.
+    let got = touch(&dst, 0, vec![regions[0] + 100]).join().unwrap();
+    let s = pc.stats();
+    assert_eq!(s.requests, 1, "one request for the whole region: {s:?}");
+    assert_eq!(s.requested_pages_placed, 512, "{s:?}");
+    assert_eq!(s.huge_pages_moved, 1, "{s:?}");
+    let page = src.blocks()[0].copy_page(regions[0] + 100).unwrap();
+    assert_eq!(got, vec![page[7]]);
+    // The third region holds a page already: only the touched page is asked for.
+    touch(&dst, 0, vec![regions[2] + 9]).join().unwrap();
+    let s = pc.stats();
+    assert_eq!((s.requests, s.requested_pages_placed), (2, 513), "{s:?}");
+    // The push brings the rest, a region at a time.
+    let mut pushers = Vec::new();
+    for i in 0..2 {
+        let (s, d) = pair(&format!("multifd[{i}]"));
+        pc.read_background_pages(d).unwrap();
+        let server = server.clone();
+        pushers.push(std::thread::spawn(move || server.push(s.as_ref(), false)));
+    }
+    let stats = pc.finish(Duration::from_secs(30)).unwrap();
+    for p in pushers {
+        let _ = p.join().unwrap();
+    }
+    // Every whole region of missing pages moved in whole; the third (a
+    // page held, one placed by request) went page by page, as did "vram"
+    // (1 MiB: no whole huge page).
+    assert_eq!(
+        stats.huge_pages_moved,
+        regions.len() as u64 - 1,
+        "{stats:?}"
+    );
+    let stale: u64 = discard.iter().map(PageBitmap::count).sum();
+    assert_eq!(
+        stats.requested_pages_placed + stats.pushed_pages_placed,
+        stale,
+        "every missing page placed once: {stats:?}"
+    );
+    // SAFETY: every page is placed and no thread touches `dst` now.
+    let got = unsafe { Digest::of_still_guest(&dst, &[]) };
+    assert_eq!(got, want, "the destination equals the source");
 }

@@ -8,10 +8,13 @@
 //! |      0 |    2 | block index, in SETUP's block order             |
 //! |      2 |    8 | offset of the first page in the block, in bytes |
 //! |     10 |    4 | length in bytes: whole pages, at most           |
-//! |        |      | [`MAX_RUN_PAGES`] of them                       |
+//! |        |      | [`MAX_REQUEST_PAGES`] of them                   |
 //!
 //! 14 bytes. The source checks every field against its guest memory
-//! ([`check_run`]) before it reads a byte.
+//! ([`check_request`]) before it reads a byte. A fault in a 2 MiB region
+//! of which no page has come yet asks for the whole region (512 pages),
+//! which is answered in page order and placed as one huge page; a fault
+//! elsewhere asks for its own page.
 //!
 //! # Page frame (source → destination, the preempt channel and, after the
 //! switch, the multifd channels)
@@ -78,8 +81,10 @@ use ferry_ram::{BlockSpec, PageBitmap};
 
 use super::PostcopyError;
 
-/// The most pages one request or one frame carries (256 KiB of 4 KiB pages).
+/// The most pages one frame carries (256 KiB of 4 KiB pages).
 pub const MAX_RUN_PAGES: u32 = 64;
+/// The most pages one request asks for: one 2 MiB huge page of 4 KiB pages.
+pub const MAX_REQUEST_PAGES: u32 = 512;
 /// A page request's size on the wire.
 pub const REQUEST_LEN: usize = 14;
 /// A page frame's header size.
@@ -118,14 +123,32 @@ impl PageRun {
     }
 }
 
-/// Checks `run` against the guest's blocks: a known block, page aligned,
-/// whole pages, 1 to [`MAX_RUN_PAGES`] of them, inside the block. Returns
-/// the block's page size and the run's first page. `channel` names where
-/// the run came from.
+/// Checks a frame's `run` against the guest's blocks: a known block, page
+/// aligned, whole pages, 1 to [`MAX_RUN_PAGES`] of them, inside the block.
+/// Returns the block's page size and the run's first page. `channel`
+/// names where the run came from.
 pub fn check_run(
     blocks: &[BlockSpec],
     run: &PageRun,
     channel: &str,
+) -> Result<(u64, u64), PostcopyError> {
+    check_pages(blocks, run, channel, MAX_RUN_PAGES)
+}
+
+/// [`check_run`] for a page request: up to [`MAX_REQUEST_PAGES`].
+pub fn check_request(
+    blocks: &[BlockSpec],
+    run: &PageRun,
+    channel: &str,
+) -> Result<(u64, u64), PostcopyError> {
+    check_pages(blocks, run, channel, MAX_REQUEST_PAGES)
+}
+
+fn check_pages(
+    blocks: &[BlockSpec],
+    run: &PageRun,
+    channel: &str,
+    max_pages: u32,
 ) -> Result<(u64, u64), PostcopyError> {
     let Some(b) = blocks.get(usize::from(run.block)) else {
         return Err(PostcopyError::UnknownBlock {
@@ -145,8 +168,12 @@ pub fn check_run(
     if !run.offset.is_multiple_of(ps) || !run.len.is_multiple_of(ps) {
         return Err(bad("not aligned to the block's pages"));
     }
-    if run.len == 0 || run.len / ps > u64::from(MAX_RUN_PAGES) {
-        return Err(bad("not 1 to 64 pages"));
+    if run.len == 0 || run.len / ps > u64::from(max_pages) {
+        return Err(bad(if max_pages == MAX_REQUEST_PAGES {
+            "not 1 to 512 pages"
+        } else {
+            "not 1 to 64 pages"
+        }));
     }
     if run
         .offset
@@ -491,13 +518,16 @@ mod tests {
             len: 4096,
         };
         assert_eq!(PageRun::decode_request(&r.encode_request()), r);
-        assert_eq!(check_run(&blocks(), &r, "return path").unwrap(), (4096, 2));
+        assert_eq!(
+            check_request(&blocks(), &r, "return path").unwrap(),
+            (4096, 2)
+        );
         for (run, says) in [
             ((2, 0, 4096), "unknown block #2 (the guest has 2)"),
             ((0, 100, 4096), "not aligned"),
             ((0, 4096, 100), "not aligned"),
-            ((0, 0, 0), "not 1 to 64 pages"),
-            ((0, 0, 65 * 4096), "not 1 to 64 pages"),
+            ((0, 0, 0), "not 1 to 512 pages"),
+            ((0, 0, 513 * 4096), "not 1 to 512 pages"),
             ((1, 99 * 4096, 8192), "outside the block"),
             ((1, !4095, 4096), "outside the block"),
         ] {
@@ -506,7 +536,7 @@ mod tests {
                 offset: run.1,
                 len: run.2,
             };
-            let e = check_run(&blocks(), &run, "return path").unwrap_err();
+            let e = check_request(&blocks(), &run, "return path").unwrap_err();
             let t = e.to_string();
             assert!(t.contains(says) && t.contains("return path"), "{t}");
             if run.block < 2 {
