@@ -663,7 +663,8 @@ fn assert_postcopy_clean(who: &str, run: &PostcopyRun) {
 }
 
 /// Issue #15 item 5: the KVM guest under postcopy, switched by each
-/// trigger. `--postcopy-after 1`; `ctl start-postcopy` into a destination
+/// trigger. `--postcopy-after 1` (and 0: huge pages moved in whole);
+/// `ctl start-postcopy` into a destination
 /// that prepared its VM beforehand (`--prebuild-kvm`: the memory slots
 /// were made before userfaultfd registered that memory); and the
 /// automatic switch when precopy does not converge (1 ms of downtime
@@ -685,6 +686,25 @@ fn a_kvm_guest_moves_under_postcopy_on_each_trigger_with_its_self_check_clean() 
     );
     assert_postcopy_clean("--postcopy-after 1", &after);
     assert_eq!(after.sent["passes"], 1, "{}", after.sent);
+
+    // Before any pass: every page is missing, so whole 2 MiB regions are
+    // asked for and moved into the VM's memory as huge pages (UFFDIO_MOVE,
+    // Linux 6.8+) under KVM's own mappings of it.
+    let first = postcopy_run(
+        &["--postcopy-after", "0", "--downtime-limit", "1ms"],
+        &[],
+        false,
+    );
+    assert_postcopy_clean("--postcopy-after 0", &first);
+    assert_eq!(first.sent["passes"], 0, "{}", first.sent);
+    let moved = first.got["postcopy_huge_pages_moved"].as_u64();
+    if ferry_ram::uffd::Userfault::open_with_move().is_ok_and(|u| u.can_move()) {
+        assert!(
+            moved > Some(0),
+            "no huge page moved in whole: {}",
+            first.got
+        );
+    }
 
     let asked = postcopy_run(&["--downtime-limit", "1ms"], &["--prebuild-kvm"], true);
     assert_postcopy_clean("ctl start-postcopy, --prebuild-kvm", &asked);
