@@ -277,6 +277,9 @@ struct Received {
     reference: Option<Vec<u8>>,
     /// SETUP announced postcopy.
     postcopy: bool,
+    /// SETUP announced that the source answers whole-region page
+    /// requests ([`crate::protocol::CAP_POSTCOPY_REGIONS`]).
+    postcopy_regions: bool,
     /// The pages EARLY_DISCARD dropped (one bitmap per block).
     early_dropped: Option<Vec<ferry_ram::PageBitmap>>,
 }
@@ -384,7 +387,12 @@ fn receive(
         )));
     }
     let unknown = setup.capabilities
-        & !(CAP_CHECKSUM | CAP_ZSTD | CAP_VERIFY | CAP_POSTCOPY | crate::protocol::CAP_COLO);
+        & !(CAP_CHECKSUM
+            | CAP_ZSTD
+            | CAP_VERIFY
+            | CAP_POSTCOPY
+            | crate::protocol::CAP_COLO
+            | crate::protocol::CAP_POSTCOPY_REGIONS);
     if unknown != 0 {
         return Err(MigrationError::Setup(format!(
             "SETUP asks for capabilities this receiver does not have (bits {unknown:#04x}): \
@@ -454,6 +462,7 @@ fn receive(
     summary.guest_bytes = memory.total_bytes();
     out.memory = Some(memory.clone());
     out.postcopy = postcopy;
+    out.postcopy_regions = setup.capabilities & crate::protocol::CAP_POSTCOPY_REGIONS != 0;
     if let Some(prepare) = &opts.prepare_guest {
         prepare(&memory);
     }

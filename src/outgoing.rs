@@ -405,12 +405,15 @@ impl Source<'_> {
                 CAP_VERIFY
             } else {
                 0
-            } | if opts.postcopy { CAP_POSTCOPY } else { 0 }
-                | if opts.colo {
-                    crate::protocol::CAP_COLO
-                } else {
-                    0
-                },
+            } | if opts.postcopy {
+                CAP_POSTCOPY | crate::protocol::CAP_POSTCOPY_REGIONS
+            } else {
+                0
+            } | if opts.colo {
+                crate::protocol::CAP_COLO
+            } else {
+                0
+            },
             multifd_channels: opts.channels,
             packet_pages: opts.sender.packet_pages,
             blocks: self.memory.specs(),

@@ -27,7 +27,8 @@
 //!   the switchover be verified, [`CAP_VERIFY`]; bit 3: postcopy may
 //!   follow, the destination registers userfaultfd and takes preempt
 //!   channels, [`CAP_POSTCOPY`]; bit 4: COLO follows the migration,
-//!   [`CAP_COLO`]),
+//!   [`CAP_COLO`]; bit 5, only with bit 3: page requests may ask for a
+//!   whole 2 MiB region, [`CAP_POSTCOPY_REGIONS`]),
 //!   `u16` multifd channels, `u32` pages per packet, `u16` block count B, then
 //!   B times: `u8` name length L, L bytes of UTF-8 name, `u64` length in
 //!   bytes, `u32` page size. At most 1 MiB.
@@ -113,6 +114,11 @@ pub const CAP_POSTCOPY: u8 = 8;
 /// SETUP capability: COLO follows the migration (`send --colo`); the
 /// destination must be a COLO secondary (`recv --colo`).
 pub const CAP_COLO: u8 = 16;
+/// SETUP capability, only with [`CAP_POSTCOPY`]: the source answers page
+/// requests of up to 512 pages (a whole 2 MiB region,
+/// `postcopy::wire::MAX_REQUEST_PAGES`), so the destination may ask for a
+/// region at a fault; without it each request names one page.
+pub const CAP_POSTCOPY_REGIONS: u8 = 32;
 /// A discard list's limit (EARLY_DISCARD's body; a bit per page, so
 /// 2 TiB of 4 KiB pages).
 const MAX_DISCARD: u32 = 64 << 20;

@@ -114,6 +114,9 @@ struct Shared {
     duplicates: AtomicU64,
     /// Regions placed whole by one move (`huge.rs`).
     moved_regions: AtomicU64,
+    /// A fault in a region with no page yet asks for the whole region
+    /// ([`PostcopyDestination::ask_for_regions`]).
+    ask_regions: AtomicBool,
     bytes: AtomicU64,
     discarded: u64,
 }
@@ -215,6 +218,7 @@ impl PostcopyDestination {
             pushed_placed: AtomicU64::new(0),
             duplicates: AtomicU64::new(0),
             moved_regions: AtomicU64::new(0),
+            ask_regions: AtomicBool::new(false),
             bytes: AtomicU64::new(0),
             discarded: missing,
         });
@@ -283,6 +287,14 @@ impl PostcopyDestination {
             })?;
         self.shared.readers.lock().unwrap().push(t);
         Ok(())
+    }
+
+    /// Whether a fault in a 2 MiB region of which no page has come asks
+    /// for the whole region (`yes`: the source answers requests of up to
+    /// 512 pages, `CAP_POSTCOPY_REGIONS`) or for its page alone (the
+    /// default). Set it before the guest runs.
+    pub fn ask_for_regions(&self, yes: bool) {
+        self.shared.ask_regions.store(yes, Ordering::Release);
     }
 
     /// Pauses postcopy: the link failed (`why`). Its channels are shut;
@@ -668,7 +680,8 @@ fn on_fault(s: &Shared, u: &Userfault, addr: u64) -> Result<(), PostcopyError> {
 }
 
 /// The first page of `page`'s 2 MiB region when the whole region is worth
-/// asking for: huge pages can be moved into place here, the region is
+/// asking for: the source answers such requests, huge pages can be moved
+/// into place here, the region is
 /// aligned and inside its block, and every other page of it is missing
 /// (`page` itself was just marked requested).
 fn region_of(s: &Shared, u: &Userfault, block: usize, page: u64) -> Option<u64> {
@@ -679,6 +692,7 @@ fn region_of(s: &Shared, u: &Userfault, block: usize, page: u64) -> Option<u64> 
         .page_addr(first)
         .is_some_and(|a| (a as u64).is_multiple_of(HUGE_PAGE));
     let whole = u.can_move()
+        && s.ask_regions.load(Ordering::Acquire)
         && n <= u64::from(wire::MAX_REQUEST_PAGES)
         && aligned
         && first + n <= b.pages()

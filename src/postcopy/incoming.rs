@@ -95,6 +95,7 @@ pub(super) fn postcopy_in(
     let early = out.early_dropped.take();
     let mut pc =
         PostcopyDestination::start(memory.clone(), &discard, early.as_deref(), requester(main))?;
+    pc.ask_for_regions(out.postcopy_regions);
     step("memory registered, stale pages dropped");
     // The replay check knows the synthetic guest's writes only; any other
     // guest (the KVM micro-VM checks its own memory) gets no reference, a
