@@ -27,6 +27,9 @@ pub type RequestFn = Arc<dyn Fn(PageRun) -> Result<(), String> + Send + Sync>;
 
 /// A page's state. Moves only forward: missing → requested → placing →
 /// placed, or missing → placing → placed; each move a compare-and-swap.
+/// One exception, at a resume: a page requested only along with another's
+/// fault (the rest of its 2 MiB region) goes back to missing
+/// ([`PostcopyDestination::resume_link`]).
 const MISSING: u8 = 0;
 const REQUESTED: u8 = 1;
 const PLACING: u8 = 2;
@@ -376,8 +379,9 @@ impl PostcopyDestination {
     }
 
     /// Resumes over a new link: `request` sends page requests on it,
-    /// `channels` (the new preempt channels) bring pages; every page
-    /// requested and not placed yet is asked for again (once each).
+    /// `channels` (the new preempt channels) bring pages; every page a
+    /// guest thread touched and that is not placed yet is asked for again
+    /// (once each).
     pub fn resume_link(
         &mut self,
         request: RequestFn,
@@ -388,6 +392,27 @@ impl PostcopyDestination {
         s.link.fetch_add(1, Ordering::AcqRel);
         s.channels.lock().unwrap().clear();
         *s.pause_reason.lock().unwrap() = None;
+        // Pages asked for only along with another's fault (the rest of a
+        // whole region) go back to missing: the source sends them again
+        // anyway (the received bitmap lacks them), and asking for whole
+        // regions again would send them twice. Only the pages the guest
+        // touched are asked for again, below, and from now on a fault asks
+        // for its page alone: the source's push of every page the
+        // destination lacks is under way, and a region asked for would
+        // mostly come twice.
+        s.ask_regions.store(false, Ordering::Release);
+        for (block, pages) in s.states.iter().enumerate() {
+            for (p, st) in pages.iter().enumerate() {
+                if s.requested_at[block][p].load(Ordering::Acquire) == 0 {
+                    let _ = st.compare_exchange(
+                        REQUESTED,
+                        MISSING,
+                        Ordering::AcqRel,
+                        Ordering::Acquire,
+                    );
+                }
+            }
+        }
         s.paused.store(false, Ordering::Release);
         // As at the switch: the first answers requests, the others push.
         for (i, ch) in channels.into_iter().enumerate() {
