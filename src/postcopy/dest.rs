@@ -435,18 +435,11 @@ impl PostcopyDestination {
                     _ => runs.push((p, 1)),
                 }
             }
-            for (first, n) in runs {
-                let run = PageRun {
-                    block: block as u16,
-                    offset: first * ps,
-                    len: n * ps,
-                };
-                if let Err(e) = request(run) {
-                    pause(&s, s.link.load(Ordering::Acquire), &e);
-                    return Ok(());
-                }
-                again += 1;
+            if let Err(e) = ask(&request, block, ps, &runs) {
+                pause(&s, s.link.load(Ordering::Acquire), &e);
+                return Ok(());
             }
+            again += runs.len() as u64;
         }
         tracing::info!(again, "postcopy resumed: pending page requests sent again");
         Ok(())
@@ -673,16 +666,8 @@ fn on_fault(s: &Shared, u: &Userfault, addr: u64) -> Result<(), PostcopyError> {
             }
             let link = s.link.load(Ordering::Acquire);
             let request = s.request.lock().unwrap().clone();
-            for (first, n) in runs {
-                let run = PageRun {
-                    block: block as u16,
-                    offset: first * ps,
-                    len: n * ps,
-                };
-                if let Err(why) = request(run) {
-                    pause(s, link, &format!("sending a page request: {why}"));
-                    break;
-                }
+            if let Err(why) = ask(&request, block, ps, &runs) {
+                pause(s, link, &format!("sending a page request: {why}"));
             }
             Ok(())
         }
@@ -702,6 +687,20 @@ fn on_fault(s: &Shared, u: &Userfault, addr: u64) -> Result<(), PostcopyError> {
             }
         }
     }
+}
+
+/// Asks for each run (first page, pages) of `block` (pages of `ps`
+/// bytes) through `request`; the first one that cannot be sent ends it,
+/// with why.
+fn ask(request: &RequestFn, block: usize, ps: u64, runs: &[(u64, u64)]) -> Result<(), String> {
+    for &(first, n) in runs {
+        request(PageRun {
+            block: block as u16,
+            offset: first * ps,
+            len: n * ps,
+        })?;
+    }
+    Ok(())
 }
 
 /// The first page of `page`'s 2 MiB region when the whole region is worth
