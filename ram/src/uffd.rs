@@ -98,8 +98,14 @@ impl Userfault {
     }
 
     /// [`Self::open`], with UFFDIO_MOVE ([`Self::move_pages`]) where the
-    /// kernel offers it (Linux 6.8+); [`Self::can_move`] says whether it does.
+    /// kernel offers it (Linux 6.8+) and transparent huge pages are on
+    /// ([`transparent_huge_pages`]: without them a 2 MiB move goes 4 KiB
+    /// at a time, each with a TLB flush, slower than copying);
+    /// [`Self::can_move`] says whether it is used.
     pub fn open_with_move() -> io::Result<Self> {
+        if !transparent_huge_pages() {
+            return Self::open();
+        }
         match Self::open_with_features(UFFD_FEATURE_MOVE) {
             Ok(mut u) => {
                 u.can_move = true;
@@ -324,6 +330,17 @@ impl Userfault {
     }
 }
 
+/// Whether transparent huge pages can back anonymous memory here: the
+/// system's setting (`/sys/kernel/mm/transparent_hugepage/enabled`) is
+/// not `never` (with `madvise`, [`HugeStaging`] asks for them).
+pub fn transparent_huge_pages() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| {
+        std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/enabled")
+            .is_ok_and(|s| !s.contains("[never]"))
+    })
+}
+
 /// The size of a transparent huge page with 4 KiB base pages (x86-64,
 /// aarch64): what [`HugeStaging`] holds and [`Userfault::move_pages`] can
 /// move as one page-table entry.
@@ -399,7 +416,7 @@ mod tests {
     fn a_staged_huge_page_moves_into_place_whole_and_wakes_its_toucher() {
         let uffd = Userfault::open_with_move().expect("userfaultfd");
         if !uffd.can_move() {
-            eprintln!("skipped: this kernel has no UFFDIO_MOVE (Linux 6.8+)");
+            eprintln!("skipped: no UFFDIO_MOVE (Linux 6.8+) or transparent huge pages off");
             return;
         }
         let len = 2 * HUGE_PAGE;

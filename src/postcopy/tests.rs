@@ -883,7 +883,7 @@ fn movable_regions(mem: &GuestMemory, block: usize) -> Vec<u64> {
 #[test]
 fn a_fault_in_a_region_with_no_page_yet_asks_for_it_whole_and_it_moves_in_as_one_huge_page() {
     if !ferry_ram::uffd::Userfault::open_with_move().is_ok_and(|u| u.can_move()) {
-        eprintln!("skipped: this kernel has no UFFDIO_MOVE (Linux 6.8+)");
+        eprintln!("skipped: no UFFDIO_MOVE (Linux 6.8+) or transparent huge pages off");
         return;
     }
     // Switched before any pass: every page is missing, except page 3 of
