@@ -123,9 +123,9 @@ pub struct PostcopyReport {
     pub recovery_bytes: Option<u64>,
     /// Source: page-frame bytes of request answers (preempt channel) for
     /// pages already sent, the push having taken them: a faulting vCPU
-    /// need not wait behind the push's bytes, at the cost of at most one
-    /// page per request. Whole postcopy, recoveries included; part of
-    /// `postcopy_bytes`.
+    /// need not wait behind the push's bytes, at the cost of at most what
+    /// the request asked for (one page, or one 2 MiB region). Whole
+    /// postcopy, recoveries included; part of `postcopy_bytes`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub postcopy_duplicate_bytes: Option<u64>,
     /// Source: the part of `postcopy_duplicate_bytes` sent after the

@@ -424,15 +424,8 @@ impl PostcopyDestination {
             // Runs of requested pages, each at most one request long.
             let mut runs: Vec<(u64, u64)> = Vec::new();
             for (p, st) in pages.iter().enumerate() {
-                if st.load(Ordering::Acquire) != REQUESTED {
-                    continue;
-                }
-                let p = p as u64;
-                match runs.last_mut() {
-                    Some((f, n)) if *f + *n == p && *n < u64::from(wire::MAX_REQUEST_PAGES) => {
-                        *n += 1
-                    }
-                    _ => runs.push((p, 1)),
+                if st.load(Ordering::Acquire) == REQUESTED {
+                    add_to_runs(&mut runs, p as u64, u64::from(wire::MAX_REQUEST_PAGES));
                 }
             }
             if let Err(e) = ask(&request, block, ps, &runs) {
@@ -738,12 +731,8 @@ fn claim_region(s: &Shared, block: usize, first: u64, page: u64) -> Vec<(u64, u6
             || s.states[block][p as usize]
                 .compare_exchange(MISSING, REQUESTED, Ordering::AcqRel, Ordering::Acquire)
                 .is_ok();
-        if !mine {
-            continue;
-        }
-        match runs.last_mut() {
-            Some((f, k)) if *f + *k == p => *k += 1,
-            _ => runs.push((p, 1)),
+        if mine {
+            add_to_runs(&mut runs, p, n);
         }
     }
     runs
@@ -840,16 +829,22 @@ fn check_names_dropped(
     Ok(())
 }
 
+/// Adds page `p` to `runs` (first page, pages; `p` after every page in
+/// them): it lengthens the last run if it follows it and that run has
+/// fewer than `max` pages, else it starts a run.
+fn add_to_runs(runs: &mut Vec<(u64, u64)>, p: u64, max: u64) {
+    match runs.last_mut() {
+        Some((first, n)) if *first + *n == p && *n < max => *n += 1,
+        _ => runs.push((p, 1)),
+    }
+}
+
 /// The runs (first page, pages) of the pages set in `d` and not in `skip`.
 fn stale_runs(d: &PageBitmap, skip: Option<&PageBitmap>) -> Vec<(u64, u64)> {
     let mut runs: Vec<(u64, u64)> = Vec::new();
     for p in d.iter_set() {
-        if skip.is_some_and(|s| s.test(p)) {
-            continue;
-        }
-        match runs.last_mut() {
-            Some((first, n)) if *first + *n == p => *n += 1,
-            _ => runs.push((p, 1)),
+        if !skip.is_some_and(|s| s.test(p)) {
+            add_to_runs(&mut runs, p, u64::MAX);
         }
     }
     runs
@@ -1170,7 +1165,7 @@ fn place_region(
     if u.can_move() && prevs.iter().all(Option::is_some) {
         let dst = b.page_addr(first).expect("the region lies in the block");
         let claimed: Vec<u8> = prevs.iter().map(|p| p.expect("all claimed")).collect();
-        record_reference(s, block, first, Some(buf.bytes_mut()));
+        record_reference(s, block, first, buf.bytes_mut());
         let src = buf.as_mut_ptr();
         // SAFETY: dst..dst + pages × ps is a huge-page-aligned region of a
         // block registered with `u` (can_move_region), every page of it
@@ -1305,7 +1300,7 @@ fn fill(
     };
     placed.map_err(|source| place_err("placing a page of", b.name(), page * ps, source))?;
     match src {
-        Some(src) => record_reference(s, block, page, Some(src)),
+        Some(src) => record_reference(s, block, page, src),
         None => zero_reference(s, block, page, n),
     }
     mark_placed(s, block, page, prevs);
@@ -1314,8 +1309,7 @@ fn fill(
 
 /// Copies pages placed from `src` into the reference
 /// ([`PostcopyDestination::keep_reference`]), if one is kept.
-fn record_reference(s: &Shared, block: usize, page: u64, src: Option<&[u8]>) {
-    let Some(src) = src else { return };
+fn record_reference(s: &Shared, block: usize, page: u64, src: &[u8]) {
     if let Some(r) = s.reference.lock().unwrap().as_mut() {
         let at = (page * u64::from(s.memory.blocks()[block].page_size())) as usize;
         r[block][at..at + src.len()].copy_from_slice(src);

@@ -9,8 +9,9 @@
 //! never waits behind the push's bytes. The destination places whichever
 //! copy comes first and skips the other ([`super::PostcopyDestination`]
 //! claims each page). Those second copies are counted apart
-//! ([`PageServer::duplicate_bytes`]); they are bounded by the requests,
-//! one page each, as the destination asks for a page at most once per
+//! ([`PageServer::duplicate_bytes`]); they are bounded by the requests
+//! (one page each, or one 2 MiB region for a fault in a region of which
+//! no page had come), as the destination asks for a page at most once per
 //! link.
 //!
 //! Without the preempt channel (`--no-postcopy-preempt`) a request is not
